@@ -1,0 +1,69 @@
+"""Typed configs of the evaluation stage: synthetic ground truth, the method comparison, probes."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+
+class GroundTruthConfig(BaseModel):
+    """Synthetic activations ``x = Σ a_i v_i + Σ_c b_c u_c·[all constituents of c fire] + noise``.
+
+    Base features fire independently with Zipf-like probabilities; each interaction group also has
+    its own co-firing event (probability ``group_prob``) that switches all its constituents on
+    together, so that triples and quadruples occur often enough to be learnable.  The
+    ``additive_only`` control keeps exactly the same firing (same co-occurrence statistics) and
+    drops the interaction terms, so any composition a model finds there is spurious.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    d_model: int = Field(64, ge=2)
+    n_features: int = Field(256, ge=4)
+    n_rows: int = Field(65_536, ge=1)
+    # interaction order -> how many interactions of that order (the curriculum raises order 2 -> 4)
+    n_interactions: dict[int, int] = Field(default_factory=lambda: {2: 32, 3: 16, 4: 8})
+    additive_only: bool = False
+    zipf_exponent: float = Field(1.0, ge=0.0)
+    mean_active: float = Field(6.0, gt=0.0)      # expected independent firings per token
+    max_prob: float = Field(0.5, gt=0.0, le=1.0)  # cap on a single feature's firing probability
+    group_prob: float = Field(0.02, ge=0.0, le=1.0)  # per-group co-firing event probability
+    magnitude: tuple[float, float] = (0.5, 1.5)   # a_i ~ Uniform(lo, hi) when feature i fires
+    interaction_scale: tuple[float, float] = (0.5, 1.5)  # b_c ~ Uniform(lo, hi), fixed per interaction
+    noise_std: float = Field(0.01, ge=0.0)
+    context: int = Field(128, ge=1)               # rows per synthetic "sequence" (seq_id / pos columns)
+    seed: int = 0
+    hook: str = "synthetic.hook_x"
+
+    @field_validator("n_interactions")
+    @classmethod
+    def _orders_valid(cls, v: dict[int, int]) -> dict[int, int]:
+        for order, count in v.items():
+            if order < 2:
+                raise ValueError(f"interaction order must be >= 2, got {order}")
+            if count < 0:
+                raise ValueError(f"interaction count must be >= 0, got {count} for order {order}")
+        return v
+
+    @field_validator("magnitude", "interaction_scale")
+    @classmethod
+    def _range_valid(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not 0 <= v[0] <= v[1]:
+            raise ValueError(f"range must satisfy 0 <= lo <= hi, got {v}")
+        return v
+
+
+class EvaluateConfig(BaseModel):
+    """The ``evaluate`` stage: score trained checkpoints on a ground-truth store."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # label -> checkpoint dir (relative paths are taken inside the train stage folder)
+    checkpoints: dict[str, str] = Field(default_factory=dict)
+    heldout_fraction: float = Field(0.05, ge=0.0, lt=1.0)
+    split_seed: int = 0
+    max_rows: int = Field(65_536, ge=1)           # rows of the held-out split used for the metrics
+    batch_size: int = Field(1024, ge=1)
+    pair_selection: str = Field("top", pattern="^(top|threshold)$")
+    pair_threshold: float = 0.0                   # used when pair_selection == "threshold"
+    min_match_cos: float = Field(0.5, ge=0.0, le=1.0)  # a latent only stands for a true feature above this
+    device: str = "cpu"
