@@ -221,6 +221,16 @@ def load_ground_truth(url: str) -> GroundTruth:
     return GroundTruth(dictionary=d, x=None, acts=acts, config=meta["config"])
 
 
+def _open_existing(url: str):
+    """The store at ``url`` if one exists (to resume an interrupted write), else None."""
+    from compsae.store import ActivationStore
+
+    try:
+        return ActivationStore.open(url)
+    except (FileNotFoundError, UserError):
+        return None
+
+
 def write_ground_truth_store(cfg: GroundTruthConfig, url: str, layout: object | None = None,
                              overwrite: bool = False) -> dict:
     """Write the synthetic rows as a regular activation store at ``url`` plus the ground truth beside it.
@@ -244,15 +254,10 @@ def write_ground_truth_store(cfg: GroundTruthConfig, url: str, layout: object | 
         "context": cfg.context, "prepend_bos": False, "bos_rule": "none (synthetic rows)",
         "synthetic": cfg.model_dump(mode="json"),
     }
-    try:
-        store = ActivationStore.open(url)
-        if store.manifest.get("synthetic") != manifest["synthetic"] and not overwrite:
-            raise UserError(f"{url} holds a different store: pass overwrite=True or choose another path")
-        if overwrite and store.manifest.get("synthetic") != manifest["synthetic"]:
-            raise FileNotFoundError  # fall through to create(overwrite=True)
-    except (FileNotFoundError, UserError) as e:
-        if isinstance(e, UserError) and not isinstance(e, FileNotFoundError) and "different store" in str(e):
-            raise
+    store = None if overwrite else _open_existing(url)
+    if store is not None and store.manifest.get("synthetic") != manifest["synthetic"]:
+        raise UserError(f"{url} holds a different store: pass overwrite=True or choose another path")
+    if store is None:
         store = ActivationStore.create(url, hooks={cfg.hook: cfg.d_model}, n_rows=cfg.n_rows, layout=layout,
                                        manifest=manifest, overwrite=overwrite)
     done = store.done_shards()

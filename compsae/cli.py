@@ -1,0 +1,128 @@
+"""The `compsae` command: parses arguments and calls the stages; no logic of its own."""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any, NoReturn
+
+from compsae.errors import UserError
+
+EXIT_USER = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (exit 2), like every other compsae error."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"error: {message} (see `{self.prog} --help`)", file=sys.stderr)
+        sys.exit(EXIT_USER)
+
+
+def _pipeline_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--pipeline", "-p", help="pipeline name in the config file (e.g. demo, pythia70m)")
+    p.add_argument("--config", "-c", default="pipelines.yaml", help="pipelines file (default: ./pipelines.yaml)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
+                   help="override a config value, relative to the pipeline (repeatable), e.g. train.k=16")
+
+
+def _stage_args(p: argparse.ArgumentParser) -> None:
+    _pipeline_args(p)
+    p.add_argument("--force", action="store_true", help="redo the stage even when its outputs are up to date")
+    p.add_argument("--workers", type=int, default=None, help="Dask workers for a LocalCluster (analyze)")
+    p.add_argument("--scheduler", default=None, help="address of an existing Dask scheduler, tcp://host:port")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every compsae command."""
+    parser = _Parser(prog="compsae", description="Harvest activations, train Compositional SAEs, analyse composition.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    for name, text in (
+        ("harvest", "run the LM and write hook activations into a Zarr v3 store"),
+        ("train", "train the CompSAE and baselines on a harvested store"),
+        ("analyze", "metrics, baselines, feature reuse and composition report"),
+        ("run", "every stage of the pipeline, reusing what is up to date"),
+    ):
+        _stage_args(sub.add_parser(name, help=text, description=text))
+    status = sub.add_parser("status", help="each stage: done, stale or missing, with its folder")
+    _pipeline_args(status)
+    verify = sub.add_parser("verify", help="check every shard checksum of a store")
+    verify.add_argument("store", help="store path or URL")
+    return parser
+
+
+def _load(args: argparse.Namespace) -> tuple[Any, Any, str]:
+    from compsae.config import load_pipeline, read_yaml
+
+    if not args.pipeline:
+        names = ", ".join(map(str, (read_yaml(args.config).get("pipelines") or {}))) if os.path.exists(args.config) else ""
+        raise UserError(f"choose a pipeline with --pipeline NAME{f' (one of: {names})' if names else ''}")
+    whole, pipe = load_pipeline(args.pipeline, args.config, args.overrides)
+    return whole, pipe, args.pipeline
+
+
+def _cmd_stage(args: argparse.Namespace) -> int:
+    from compsae.pipeline import run_pipeline, run_stage
+
+    whole, pipe, name = _load(args)
+    options = {"workers": args.workers, "scheduler": args.scheduler}
+    if args.command == "run":
+        run_pipeline(whole, pipe, name, force=args.force, options=options)
+    else:
+        run_stage(args.command, whole, pipe, name, force=args.force, options=options)
+    return 0
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from compsae.pipeline import plan
+
+    whole, pipe, name = _load(args)
+    for st in plan(whole, pipe, name):
+        where = st.path or "-"
+        note = f"  ({st.note})" if st.note else ""
+        print(f"{st.stage:<8} {st.state:<8} {where}{note}")
+    return 0
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from compsae.store import ActivationStore
+
+    store = ActivationStore.open(args.store)
+    problems = store.verify()
+    if problems:
+        for p in problems:
+            print(p)
+        print(f"{len(problems)} problem(s) in {args.store}", file=sys.stderr)
+        return 1
+    print(f"ok: {store.n_shards} shard(s), {store.n_rows} rows, hooks {', '.join(store.hooks)}")
+    return 0
+
+
+COMMANDS = {"harvest": _cmd_stage, "train": _cmd_stage, "analyze": _cmd_stage, "run": _cmd_stage,
+            "status": _cmd_status, "verify": _cmd_verify}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point: one-line errors with exit code 2 for anything the user can fix."""
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USER
+    except KeyboardInterrupt:
+        print("interrupted; rerun the same command to resume where it stopped", file=sys.stderr)
+        return 130
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            print(f"error: disk full while writing ({e.filename or 'output'}); free space and rerun the same "
+                  "command to resume", file=sys.stderr)
+            return EXIT_USER
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,141 @@
+"""The `pipelines.yaml` schema: one validated config per stage, composed per pipeline.
+
+Every stage owns its config model (`compsae/<stage>/config.py`); this module only composes them,
+reads YAML safely, applies `--set key.path=value` overrides and turns validation errors into
+one line that names the key path, what was wrong and what is allowed.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from compsae.analysis.config import AnalyzeConfig
+from compsae.errors import UserError
+from compsae.harvest.config import HarvestConfig
+from compsae.train.config import TrainStageConfig
+
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+DEFAULT_CONFIG = "pipelines.yaml"
+
+
+class PipelineConfig(BaseModel):
+    """One pipeline: the stages it runs, in data-flow order."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    description: str = ""
+    harvest: HarvestConfig
+    train: TrainStageConfig | None = None
+    analyze: AnalyzeConfig | None = None
+
+
+class PipelinesFile(BaseModel):
+    """The whole `pipelines.yaml`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    runs_root: str = Field("runs", description="where stage folders go: a local path or an fsspec URL")
+    pipelines: dict[str, PipelineConfig]
+
+    @field_validator("pipelines")
+    @classmethod
+    def _safe_names(cls, v: dict[str, PipelineConfig]) -> dict[str, PipelineConfig]:
+        for name in v:
+            if not re.match(NAME_PATTERN, name) or ".." in name:
+                raise ValueError(
+                    f"pipeline name {name!r} must be letters, digits, '_', '-', '.' (no '..', no '/')"
+                )
+        return v
+
+
+def format_validation_error(err: ValidationError, prefix: str = "") -> str:
+    """One line: where (key path), what was wrong, what is allowed; '(+N more)' when several."""
+    errors = err.errors(include_url=False)
+    first = errors[0]
+    loc = ".".join(str(p) for p in (prefix.split(".") if prefix else []) + list(first["loc"]) if str(p))
+    msg = first["msg"].replace("\n", " ")
+    if first["type"] == "extra_forbidden":
+        msg = "unknown key (check the spelling; see pipelines.yaml for the allowed keys)"
+    got = first.get("input")
+    got_txt = "" if first["type"] in ("missing", "extra_forbidden") or isinstance(got, (dict, list)) else f" (got {got!r:.60})"
+    more = f" (+{len(errors) - 1} more)" if len(errors) > 1 else ""
+    return f"config error at {loc or '<top>'}: {msg}{got_txt}{more}"
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`a.b.c=value` -> (["a", "b", "c"], value parsed as a YAML scalar or flow list/map)."""
+    if "=" not in text:
+        raise UserError(f"--set {text!r} needs the form key.path=value, e.g. --set train.k=16")
+    key, _, raw = text.partition("=")
+    parts = key.strip().split(".")
+    if not all(p and re.match(r"^[A-Za-z0-9_\-]+$", p) for p in parts):
+        raise UserError(f"--set key {key!r} is not a dotted key path like train.models.compsae.k")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return parts, value
+
+
+def _apply(doc: dict[str, Any], path: list[str], value: Any, shown: str) -> None:
+    node: Any = doc
+    for i, part in enumerate(path[:-1]):
+        if not isinstance(node, dict):
+            raise UserError(f"--set {shown}: {'.'.join(path[:i])} is not a mapping, cannot set a key inside it")
+        if node.get(part) is None:
+            node[part] = {}
+        node = node[part]
+    if not isinstance(node, dict):
+        raise UserError(f"--set {shown}: {'.'.join(path[:-1])} is not a mapping, cannot set a key inside it")
+    node[path[-1]] = value
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping with `yaml.safe_load`, as a one-line UserError when it is not one."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"config file {p} not found; run from the project folder or pass --config FILE")
+    try:
+        doc = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise UserError(f"config error: {p} is not valid YAML ({where.strip() or 'somewhere'}: {problem})") from None
+    except UnicodeDecodeError:
+        raise UserError(f"config error: {p} is not UTF-8 text") from None
+    if not isinstance(doc, dict):
+        raise UserError(f"config error: {p} must be a mapping with a 'pipelines' key, got {type(doc).__name__}")
+    return doc
+
+
+def load_pipeline(
+    pipeline: str, config_path: str | Path = DEFAULT_CONFIG, overrides: list[str] | None = None
+) -> tuple[PipelinesFile, PipelineConfig]:
+    """Load `config_path`, apply `overrides` to pipeline `pipeline`, validate, return both levels.
+
+    An override path starting with `runs_root` or `pipelines` is taken from the file's top level;
+    any other path is relative to the chosen pipeline (`train.k=16`)."""
+    doc = read_yaml(config_path)
+    pipes = doc.get("pipelines")
+    if not isinstance(pipes, dict) or not pipes:
+        raise UserError(f"config error at pipelines: {config_path} declares no pipelines (a mapping name -> stages)")
+    if pipeline not in pipes:
+        raise UserError(
+            f"no pipeline {pipeline!r} in {config_path}; choose one of: {', '.join(map(str, pipes))}"
+        )
+    for text in overrides or []:
+        path, value = parse_override(text)
+        if path[0] not in ("runs_root", "pipelines"):
+            path = ["pipelines", pipeline, *path]
+        _apply(doc, path, value, text)
+    try:
+        whole = PipelinesFile.model_validate(doc)
+    except ValidationError as e:
+        raise UserError(format_validation_error(e)) from None
+    return whole, whole.pipelines[pipeline]

@@ -1,0 +1,124 @@
+"""Run the stages of a pipeline in order, reusing every stage whose inputs and config are unchanged."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from compsae.config import PipelineConfig, PipelinesFile
+from compsae.errors import UserError
+from compsae.stages import (
+    STAGE_INPUTS,
+    STAGE_ORDER,
+    StageStatus,
+    done_folders,
+    make_record,
+    read_record,
+    stage_dir,
+    stage_hash,
+    stage_lock,
+    write_record,
+)
+
+
+def stage_config(pipe: PipelineConfig, stage: str) -> Any:
+    """The config of `stage` in `pipe`, or None when the pipeline does not run it."""
+    return getattr(pipe, stage, None)
+
+
+def plan(whole: PipelinesFile, pipe: PipelineConfig, name: str) -> list[StageStatus]:
+    """Where each stage of pipeline `name` stands: done, stale, missing, or waiting on an input."""
+    statuses: dict[str, StageStatus] = {}
+    for stage in STAGE_ORDER:
+        cfg = stage_config(pipe, stage)
+        if cfg is None:
+            continue
+        inputs = {}
+        waiting = [s for s in STAGE_INPUTS[stage] if s in statuses and statuses[s].state != "done"]
+        if waiting:
+            statuses[stage] = StageStatus(stage, "waiting", None, None, note=f"needs {', '.join(waiting)} first")
+            continue
+        for s in STAGE_INPUTS[stage]:
+            if s in statuses:
+                inputs[s] = {**statuses[s].record, "path": statuses[s].path}  # type: ignore[dict-item]
+        digest = stage_hash(stage, cfg, inputs)
+        folder = stage_dir(whole.runs_root, name, stage, digest)
+        record = read_record(folder)
+        if record is not None:
+            statuses[stage] = StageStatus(stage, "done", folder, digest, record)
+            continue
+        others = [f for f in done_folders(whole.runs_root, name, stage) if not f.rstrip("/").endswith(digest)]
+        state = "stale" if others else "missing"
+        note = f"last done: {others[0]}" if others else ""
+        statuses[stage] = StageStatus(stage, state, folder, digest, None, note)
+    return list(statuses.values())
+
+
+def run_stage(
+    stage: str,
+    whole: PipelinesFile,
+    pipe: PipelineConfig,
+    name: str,
+    force: bool = False,
+    options: dict[str, Any] | None = None,
+    say: Any = print,
+) -> StageStatus:
+    """Run one stage if its folder has no completion record (or `force`); return its status."""
+    cfg = stage_config(pipe, stage)
+    if cfg is None:
+        raise UserError(f"pipeline {name!r} has no {stage} stage; add a '{stage}:' section to it in pipelines.yaml")
+    by_stage = {s.stage: s for s in plan(whole, pipe, name)}
+    status = by_stage[stage]
+    if status.state == "waiting":
+        missing = [s for s in STAGE_INPUTS[stage] if by_stage.get(s) and by_stage[s].state != "done"]
+        raise UserError(
+            f"{stage} of pipeline {name!r} needs {', '.join(missing)} first: run `compsae {missing[0]} --pipeline {name}` "
+            f"or `compsae run --pipeline {name}`"
+        )
+    if status.state == "done" and not force:
+        say(f"{stage}: up to date, nothing to do ({status.path})")
+        return status
+    inputs = {s: {**by_stage[s].record, "path": by_stage[s].path} for s in STAGE_INPUTS[stage] if s in by_stage}
+    assert status.path is not None and status.hash is not None
+    say(f"{stage}: running into {status.path}")
+    with stage_lock(status.path, stage):
+        outputs = _call_stage(stage, cfg, status.path, inputs, force, options or {})
+        record = make_record(stage, status.hash, cfg, inputs, outputs)
+        write_record(status.path, record)
+    say(f"{stage}: done ({status.path})")
+    return StageStatus(stage, "done", status.path, status.hash, record)
+
+
+def _call_stage(stage: str, cfg: Any, out_dir: str, inputs: dict[str, dict[str, Any]], force: bool,
+                options: dict[str, Any]) -> dict[str, Any]:
+    # Imported here: each stage pulls in torch / transformer_lens / dask, which the CLI's
+    # `status` and error paths should not pay for.
+    if stage == "harvest":
+        from compsae.harvest.run import run_harvest
+
+        return run_harvest(cfg, out_dir, force=force)
+    if stage == "train":
+        from compsae.train.run import run_train
+
+        return run_train(cfg, inputs["harvest"]["outputs"]["store"], out_dir, force=force)
+    if stage == "analyze":
+        from compsae.analysis.run import run_analyze
+
+        return run_analyze(
+            cfg,
+            store_url=inputs["harvest"]["outputs"]["store"],
+            train_dir=inputs["train"]["path"],
+            out_dir=out_dir,
+            force=force,
+            **{k: v for k, v in options.items() if k in ("workers", "scheduler") and v is not None},
+        )
+    raise UserError(f"unknown stage {stage!r}; stages are {', '.join(STAGE_ORDER)}")
+
+
+def run_pipeline(whole: PipelinesFile, pipe: PipelineConfig, name: str, force: bool = False,
+                 options: dict[str, Any] | None = None, say: Any = print) -> list[StageStatus]:
+    """Run every stage of the pipeline in order; `force` redoes them all."""
+    done = []
+    for stage in STAGE_ORDER:
+        if stage_config(pipe, stage) is not None:
+            done.append(run_stage(stage, whole, pipe, name, force=force, options=options, say=say))
+    return done

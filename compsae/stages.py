@@ -1,0 +1,156 @@
+"""Stage folders, their hashes and completion records: what makes stages reusable.
+
+A stage writes into `<runs_root>/<pipeline>/<stage>-<hash12>/`.  The hash covers the stage's own
+config and the records of the stages it reads, so a changed train config reruns train and analyze
+but reuses the harvest.  `stage.json` is written last (atomically): its presence means *done*.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+from pydantic import BaseModel
+
+from compsae import __version__
+from compsae.errors import UserError
+
+STAGE_ORDER = ("harvest", "train", "analyze")
+STAGE_INPUTS: dict[str, tuple[str, ...]] = {"harvest": (), "train": ("harvest",), "analyze": ("harvest", "train")}
+RECORD = "stage.json"
+
+# Fields that change how fast a stage runs, never what it writes: left out of the hash.
+NON_SEMANTIC = {"device", "workers", "scheduler", "progress", "num_threads", "prefetch"}
+
+
+def config_for_hash(cfg: BaseModel) -> dict[str, Any]:
+    """The stage config as plain JSON data, without fields that cannot change its outputs."""
+    data = cfg.model_dump(mode="json")
+
+    def strip(node: Any) -> Any:
+        if isinstance(node, dict):
+            return {k: strip(v) for k, v in node.items() if k not in NON_SEMANTIC}
+        if isinstance(node, list):
+            return [strip(v) for v in node]
+        return node
+
+    return strip(data)
+
+
+def stage_hash(stage: str, cfg: BaseModel, inputs: dict[str, dict[str, Any]]) -> str:
+    """12-hex hash of the stage name, its config and its input records' hashes and digests."""
+    payload = {
+        "stage": stage,
+        "config": config_for_hash(cfg),
+        "inputs": {name: {"hash": rec["hash"], "digest": rec.get("outputs", {}).get("digest")}
+                   for name, rec in sorted(inputs.items())},
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def join(root: str, *parts: str) -> str:
+    """Join URL or path parts with '/'."""
+    return "/".join([root.rstrip("/"), *(p.strip("/") for p in parts)])
+
+
+def stage_dir(runs_root: str, pipeline: str, stage: str, digest: str) -> str:
+    """The folder of one stage run."""
+    return join(runs_root, pipeline, f"{stage}-{digest}")
+
+
+def read_record(folder: str) -> dict[str, Any] | None:
+    """The completion record of a stage folder, or None when the stage is not done there."""
+    fs, path = fsspec.core.url_to_fs(folder)
+    target = f"{path}/{RECORD}"
+    if not fs.exists(target):
+        return None
+    try:
+        return json.loads(fs.cat_file(target))
+    except (ValueError, OSError):
+        return None
+
+
+def write_record(folder: str, record: dict[str, Any]) -> None:
+    """Write `stage.json` atomically (temp file + rename where the filesystem has rename)."""
+    fs, path = fsspec.core.url_to_fs(folder)
+    fs.makedirs(path, exist_ok=True)
+    data = json.dumps(record, indent=2, sort_keys=True).encode()
+    if isinstance(fs, LocalFileSystem):
+        tmp = f"{path}/.{RECORD}.tmp"
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, f"{path}/{RECORD}")
+    else:
+        fs.pipe_file(f"{path}/{RECORD}", data)  # an object PUT is atomic
+
+
+def make_record(stage: str, digest: str, cfg: BaseModel, inputs: dict[str, dict[str, Any]],
+                outputs: dict[str, Any]) -> dict[str, Any]:
+    """The record a finished stage leaves behind."""
+    return {
+        "stage": stage,
+        "hash": digest,
+        "config": cfg.model_dump(mode="json"),
+        "inputs": {k: {"hash": v["hash"], "path": v.get("path")} for k, v in inputs.items()},
+        "outputs": outputs,
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "version": __version__,
+    }
+
+
+@dataclass
+class StageStatus:
+    """Where a stage of a pipeline stands."""
+
+    stage: str
+    state: Literal["done", "stale", "missing", "waiting"]
+    path: str | None
+    hash: str | None
+    record: dict[str, Any] | None = None
+    note: str = ""
+
+
+def done_folders(runs_root: str, pipeline: str, stage: str) -> list[str]:
+    """Folders of this stage (any hash) that hold a completion record, newest first."""
+    fs, path = fsspec.core.url_to_fs(join(runs_root, pipeline))
+    if not fs.exists(path):
+        return []
+    found = []
+    for entry in fs.ls(path, detail=True):
+        name = entry["name"].rstrip("/").rsplit("/", 1)[-1]
+        if entry["type"] == "directory" and name.startswith(f"{stage}-") and fs.exists(f"{entry['name']}/{RECORD}"):
+            found.append((entry.get("mtime", 0) or 0, entry["name"]))
+    return [name for _, name in sorted(found, reverse=True)]
+
+
+@contextmanager
+def stage_lock(folder: str, stage: str) -> Iterator[None]:
+    """Refuse a second run of the same stage folder while one is going (local folders)."""
+    fs, path = fsspec.core.url_to_fs(folder)
+    if not isinstance(fs, LocalFileSystem):
+        yield
+        return
+    import fcntl
+
+    os.makedirs(path, exist_ok=True)
+    handle = open(os.path.join(path, ".stage.lock"), "a+")  # noqa: SIM115 - held while the stage runs
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise UserError(f"another {stage} is running in {folder}; wait for it to finish") from None
+    try:
+        yield
+    finally:
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        handle.close()

@@ -1,0 +1,151 @@
+"""ActivationStore: round trips in every dtype and backend, statistics, checksums, resume, locking."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from compsae.errors import StoreCorruptError, UserError
+from compsae.store import ActivationStore, StoreLayout
+from compsae.store.activation_store import merge_moments, rounding_error, to_storage
+
+TOL = {"float16": 2e-3, "bfloat16": 1e-2, "float32": 0.0}
+
+
+def _fill(url: str, dtype: str = "float16", n: int = 1000, seed: int = 0) -> tuple[ActivationStore, np.ndarray, np.ndarray]:
+    layout = StoreLayout(chunk_rows=64, shard_rows=256, dtype=dtype)
+    st = ActivationStore.create(url, {"h.a": 16, "h.b": 8}, n, layout, {"config_hash": "abc"}, overwrite=True)
+    rng = np.random.default_rng(seed)
+    a = rng.normal(size=(n, 16)).astype(np.float32)
+    b = rng.normal(size=(n, 8)).astype(np.float32) * 3
+    for s in range(st.n_shards):
+        lo, hi = st.shard_range(s)
+        rows = np.arange(lo, hi)
+        st.write_shard(s, {"h.a": a[lo:hi], "h.b": b[lo:hi]}, rows % 50, rows // 10, rows % 10)
+    st.finalize()
+    return ActivationStore.open(url), a, b
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
+def test_round_trip_local(tmp_path, dtype):
+    st, a, b = _fill(str(tmp_path / "s.zarr"), dtype)
+    fast = np.concatenate([st.read_chunk("h.a", c) for c in range(st.n_chunks)])
+    assert fast.shape == a.shape
+    np.testing.assert_allclose(fast, a, rtol=TOL[dtype], atol=TOL[dtype])
+    np.testing.assert_array_equal(st.read_rows("h.a", 0, st.n_rows), fast)  # zarr path == raw path
+    np.testing.assert_allclose(st.read_rows("h.b", 100, 300), b[100:300], rtol=TOL[dtype], atol=3 * TOL[dtype])
+    np.testing.assert_array_equal(st.seq_id, np.arange(1000) // 10)
+    np.testing.assert_array_equal(st.pos, np.arange(1000) % 10)
+    assert st.complete and st.verify() == []
+
+
+def test_round_trip_memory_url():
+    st, a, _ = _fill("memory://compsae-test/s.zarr", "float16")
+    np.testing.assert_allclose(st.read_chunk("h.a", 3), a[192:256], rtol=2e-3, atol=2e-3)
+    assert st.verify() == []
+
+
+def test_stats_match_numpy(tmp_path):
+    st, _, _ = _fill(str(tmp_path / "s.zarr"), "float32")
+    s = st.stats("h.b")
+    x = st.read_rows("h.b", 0, st.n_rows).astype(np.float64)
+    np.testing.assert_allclose(s["mean"], x.mean(0), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(s["var"], x.var(0), rtol=1e-10)
+    assert s["count"] == 1000
+    assert s["mean_norm"] == pytest.approx(np.linalg.norm(x, axis=1).mean(), rel=1e-10)
+
+
+def test_merge_moments_equals_one_pass():
+    rng = np.random.default_rng(1)
+    parts = [rng.normal(loc=i, size=(n, 3)) for i, n in enumerate((5, 17, 1, 40))]
+    counts = np.array([len(p) for p in parts])
+    n, mean, m2 = merge_moments(counts, np.stack([p.mean(0) for p in parts]),
+                                np.stack([((p - p.mean(0)) ** 2).sum(0) for p in parts]))
+    allx = np.concatenate(parts)
+    assert n == len(allx)
+    np.testing.assert_allclose(mean, allx.mean(0))
+    np.testing.assert_allclose(m2 / n, allx.var(0))
+
+
+def test_float16_overflow_is_refused():
+    with pytest.raises(UserError, match="float16's range.*bfloat16 or float32"):
+        to_storage(np.array([[1e6]], dtype=np.float32), "float16", "blocks.0.hook_x")
+
+
+def test_rounding_error_is_small_and_ordered():
+    x = np.random.default_rng(0).normal(size=(256, 32)).astype(np.float32)
+    assert rounding_error(x, "float32") == 0.0
+    assert 0 < rounding_error(x, "float16") < rounding_error(x, "bfloat16") < 1e-2
+
+
+def test_corrupt_byte_names_shard_and_hook(tmp_path):
+    url = str(tmp_path / "s.zarr")
+    st, _, _ = _fill(url)
+    path = tmp_path / "s.zarr" / "acts" / "h.a" / "c" / "1" / "0"
+    data = bytearray(path.read_bytes())
+    data[100] ^= 0xFF
+    path.write_bytes(bytes(data))
+    st = ActivationStore.open(url)
+    with pytest.raises(StoreCorruptError, match="hook h.a, shard 1: chunk 4 fails its checksum"):
+        st.read_chunk("h.a", 4)
+    st.read_chunk("h.a", 5)  # the other chunks of the shard are intact
+    problems = st.verify()
+    assert any("shard 1" in p for p in problems)
+
+
+def test_missing_shard_file_is_an_error(tmp_path):
+    url = str(tmp_path / "s.zarr")
+    _fill(url)
+    (tmp_path / "s.zarr" / "acts" / "h.b" / "c" / "2" / "0").unlink()
+    st = ActivationStore.open(url)
+    with pytest.raises(StoreCorruptError, match="hook h.b, shard 2"):
+        st.read_chunk("h.b", 8)
+
+
+def test_resume_keeps_done_shards_and_refuses_other_config(tmp_path):
+    url = str(tmp_path / "s.zarr")
+    layout = StoreLayout(chunk_rows=64, shard_rows=256)
+    st = ActivationStore.create_or_resume(url, {"h": 4}, 600, layout, {"config_hash": "one"})
+    st.write_shard(0, {"h": np.ones((256, 4))}, np.zeros(256), np.zeros(256), np.zeros(256))
+    again = ActivationStore.create_or_resume(url, {"h": 4}, 600, layout, {"config_hash": "one"})
+    assert again.done_shards() == {0}
+    with pytest.raises(UserError, match="different config.*--force"):
+        ActivationStore.create_or_resume(url, {"h": 4}, 600, layout, {"config_hash": "two"})
+    assert ActivationStore.open(url).done_shards() == {0}  # nothing lost by the refusal
+    fresh = ActivationStore.create_or_resume(url, {"h": 4}, 600, layout, {"config_hash": "two"}, force=True)
+    assert fresh.done_shards() == set()
+
+
+def test_finalize_shrinks_and_refuses_gaps(tmp_path):
+    st = ActivationStore.create(str(tmp_path / "s.zarr"), {"h": 4}, 1000, StoreLayout(chunk_rows=64, shard_rows=256),
+                                {"config_hash": "a"})
+    with pytest.raises(StoreCorruptError, match="never written"):
+        st.finalize()
+    for s in range(2):
+        lo, hi = st.shard_range(s)
+        st.write_shard(s, {"h": np.full((hi - lo, 4), s + 1.0)}, np.zeros(hi - lo), np.zeros(hi - lo), np.zeros(hi - lo))
+    st.finalize(512)
+    st = ActivationStore.open(str(tmp_path / "s.zarr"))
+    assert (st.n_rows, st.n_chunks, st.n_shards) == (512, 8, 2)
+    assert st.read_chunk("h", 7)[0, 0] == 2.0
+
+
+def test_second_writer_is_refused(tmp_path):
+    st, _, _ = _fill(str(tmp_path / "s.zarr"))
+    other = ActivationStore.open(str(tmp_path / "s.zarr"), mode="r+")
+    with st.lock(), pytest.raises(UserError, match="another harvest is writing"):
+        with other.lock():
+            pass
+    with other.lock():  # released after the first writer is done
+        pass
+
+
+def test_unknown_hook_lists_the_stored_ones(tmp_path):
+    st, _, _ = _fill(str(tmp_path / "s.zarr"))
+    with pytest.raises(UserError, match="no hook 'h.c'; it holds h.a, h.b"):
+        st.read_chunk("h.c", 0)
+
+
+def test_open_missing_store(tmp_path):
+    with pytest.raises(UserError, match="no store at"):
+        ActivationStore.open(str(tmp_path / "nothing.zarr"))
