@@ -149,3 +149,14 @@ def test_unknown_hook_lists_the_stored_ones(tmp_path):
 def test_open_missing_store(tmp_path):
     with pytest.raises(UserError, match="no store at"):
         ActivationStore.open(str(tmp_path / "nothing.zarr"))
+
+
+def test_round_trip_s3(s3_bucket):
+    url = f"{s3_bucket}/s.zarr"
+    st, a, _ = _fill(url, "float16", n=600)
+    np.testing.assert_allclose(st.read_chunk("h.a", 9), a[576:600], rtol=2e-3, atol=2e-3)
+    assert st.verify() == []
+    with st.lock():
+        with pytest.raises(UserError, match="another harvest holds"):
+            with ActivationStore.open(url, mode="r+").lock():
+                pass

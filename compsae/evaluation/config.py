@@ -52,13 +52,22 @@ class GroundTruthConfig(BaseModel):
         return v
 
 
-class EvaluateConfig(BaseModel):
-    """The ``evaluate`` stage: score trained checkpoints on a ground-truth store."""
+class EvalRun(BaseModel):
+    """One row of the comparison: a checkpoint folder and the ground-truth store it is scored on."""
 
     model_config = ConfigDict(extra="forbid")
 
-    # label -> checkpoint dir (relative paths are taken inside the train stage folder)
-    checkpoints: dict[str, str] = Field(default_factory=dict)
+    label: str
+    checkpoint: str
+    store: str
+
+
+class EvaluateConfig(BaseModel):
+    """The ``evaluate`` stage: score trained checkpoints on ground-truth stores."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    runs: list[EvalRun] = Field(default_factory=list)
     heldout_fraction: float = Field(0.05, ge=0.0, lt=1.0)
     split_seed: int = 0
     max_rows: int = Field(65_536, ge=1)           # rows of the held-out split used for the metrics

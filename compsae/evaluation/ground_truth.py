@@ -15,6 +15,7 @@ the result does not depend on the store's shard size.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ from safetensors.numpy import save as st_save
 
 from compsae.errors import UserError
 from compsae.evaluation.config import GroundTruthConfig
+from compsae.store import ActivationStore, StoreLayout
 
 BLOCK_ROWS = 4096
 GT_FORMAT = "compsae-ground-truth/1"
@@ -221,17 +223,7 @@ def load_ground_truth(url: str) -> GroundTruth:
     return GroundTruth(dictionary=d, x=None, acts=acts, config=meta["config"])
 
 
-def _open_existing(url: str):
-    """The store at ``url`` if one exists (to resume an interrupted write), else None."""
-    from compsae.store import ActivationStore
-
-    try:
-        return ActivationStore.open(url)
-    except (FileNotFoundError, UserError):
-        return None
-
-
-def write_ground_truth_store(cfg: GroundTruthConfig, url: str, layout: object | None = None,
+def write_ground_truth_store(cfg: GroundTruthConfig, url: str, layout: StoreLayout | None = None,
                              overwrite: bool = False) -> dict:
     """Write the synthetic rows as a regular activation store at ``url`` plus the ground truth beside it.
 
@@ -240,10 +232,6 @@ def write_ground_truth_store(cfg: GroundTruthConfig, url: str, layout: object | 
     into sequences of ``cfg.context``.  Already-finished shards are skipped, so an interrupted write
     resumes.  Returns a summary dict (url, rows, number of interactions, mean L0).
     """
-    from tqdm.auto import tqdm
-
-    from compsae.store import ActivationStore, StoreLayout
-
     layout = layout if layout is not None else StoreLayout(dtype="float32")
     d = sample_dictionary(cfg)
     manifest = {
@@ -254,12 +242,21 @@ def write_ground_truth_store(cfg: GroundTruthConfig, url: str, layout: object | 
         "context": cfg.context, "prepend_bos": False, "bos_rule": "none (synthetic rows)",
         "synthetic": cfg.model_dump(mode="json"),
     }
-    store = None if overwrite else _open_existing(url)
-    if store is not None and store.manifest.get("synthetic") != manifest["synthetic"]:
-        raise UserError(f"{url} holds a different store: pass overwrite=True or choose another path")
-    if store is None:
-        store = ActivationStore.create(url, hooks={cfg.hook: cfg.d_model}, n_rows=cfg.n_rows, layout=layout,
-                                       manifest=manifest, overwrite=overwrite)
+    # The config hash lets an interrupted write resume and refuses to mix two different configs
+    manifest["config_hash"] = hashlib.sha256(json.dumps(manifest["synthetic"], sort_keys=True).encode()).hexdigest()[:12]
+    store = ActivationStore.create_or_resume(url, hooks={cfg.hook: cfg.d_model}, n_rows=cfg.n_rows,
+                                             layout=layout, manifest=manifest, force=overwrite)
+    with store.lock("ground-truth"):
+        acts = _write_rows(store, cfg, d)
+    save_ground_truth(url, d, acts, cfg)
+    return {"url": url, "n_rows": cfg.n_rows, "hook": cfg.hook, "n_interactions": len(d.C),
+            "n_groups": len(d.groups), "mean_l0": float(acts.getnnz() / cfg.n_rows)}
+
+
+def _write_rows(store: ActivationStore, cfg: GroundTruthConfig, d: GroundTruthDictionary) -> sp.csr_matrix:
+    """Fill every unfinished shard, finalize, and return the base activations of all rows (CSR)."""
+    from tqdm.auto import tqdm
+
     done = store.done_shards()
     acts_parts: list[sp.csr_matrix] = []
     n_shards = -(-cfg.n_rows // store.shard_rows)
@@ -278,7 +275,4 @@ def write_ground_truth_store(cfg: GroundTruthConfig, url: str, layout: object | 
                           seq_id=(rows // cfg.context).astype(np.int64),
                           pos=(rows % cfg.context).astype(np.int32))
     store.finalize(cfg.n_rows)
-    acts = sp.vstack(acts_parts, format="csr")
-    save_ground_truth(url, d, acts, cfg)
-    return {"url": url, "n_rows": cfg.n_rows, "hook": cfg.hook, "n_interactions": len(d.C),
-            "n_groups": len(d.groups), "mean_l0": float(acts.getnnz() / cfg.n_rows)}
+    return sp.vstack(acts_parts, format="csr")

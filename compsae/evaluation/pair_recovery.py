@@ -101,10 +101,8 @@ def pair_recovery(S: np.ndarray, C: Iterable[Iterable[int]], latent_to_true: dic
             mapped.add(pair)
     precision = tp / len(selected) if selected else float("nan")
     recall = tp / len(truth) if truth else float("nan")
-    if not truth:
-        f1 = float("nan")  # nothing to recover (additive-only control): report the composition share instead
-    else:
-        f1 = 2 * precision * recall / (precision + recall) if tp else 0.0
+    # Nothing to recover on the additive-only control: F1 is undefined there (report the composition share)
+    f1 = float("nan") if not truth else (2 * precision * recall / (precision + recall) if tp else 0.0)
     groups_hit = [all(p in mapped for p in true_pairs([c])) for c in C]
     group_recall = float(np.mean(groups_hit)) if groups_hit else float("nan")
     return PairRecovery(precision=precision, recall=recall, f1=f1, n_true_pairs=len(truth),

@@ -66,7 +66,7 @@ def top_k_features(features: np.ndarray, labels: np.ndarray, k: int) -> np.ndarr
 def _check_binary(labels: np.ndarray) -> np.ndarray:
     labels = np.asarray(labels)
     values = np.unique(labels)
-    if not set(values.tolist()) <= {0, 1, False, True}:
+    if not set(values.tolist()) <= {0, 1}:
         raise UserError(f"probe labels must be binary 0/1, got values {values[:5].tolist()}: "
                         "turn a multi-class label into one-vs-rest tasks first")
     return labels.astype(np.int64)

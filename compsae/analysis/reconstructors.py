@@ -1,0 +1,119 @@
+"""One interface over everything analysis evaluates: trained SAEs and fitted baselines.
+
+A reconstructor maps a block of activations `x: [b, d]` (original units) to a `Reconstruction`
+in original units.  Reconstructors are picklable and small when pickled: a trained model travels
+as its checkpoint folder and is loaded once per worker process, so a `distributed` cluster does
+not ship weights with every task.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+_MODEL_CACHE: dict[str, tuple[Any, dict[str, Any]]] = {}
+_CACHE_LOCK = threading.Lock()
+
+
+@dataclass
+class Reconstruction:
+    """What one block gives: `x_hat: [b, d]`, dense codes `z: [b, n]`, and for a CompSAE
+    `x_hat_off: [b, d]` (composition path off), `attn: [b, heads, k, k]`, `active_idx: [b, k]`,
+    `gate: [b, d]`."""
+
+    x_hat: np.ndarray
+    z: np.ndarray
+    x_hat_off: np.ndarray | None = None
+    attn: np.ndarray | None = None
+    active_idx: np.ndarray | None = None
+    gate: np.ndarray | None = None
+
+
+class Reconstructor(Protocol):
+    name: str
+    kind: str  # "compsae" | "topk" | "relu" | "pca" | "pca_topk" | "nmf"
+    n_latents: int
+
+    def __call__(self, x: np.ndarray) -> Reconstruction: ...
+
+
+def load_checkpoint(model_dir: str) -> tuple[Any, dict[str, Any]]:
+    """The model and meta of a checkpoint folder, loaded once per process."""
+    with _CACHE_LOCK:
+        if model_dir not in _MODEL_CACHE:
+            from compsae.train.checkpoint import load_model
+
+            _MODEL_CACHE[model_dir] = load_model(model_dir)
+        return _MODEL_CACHE[model_dir]
+
+
+class SAEReconstructor:
+    """A trained dictionary (any model of the train stage's interface), normalisation undone.
+
+    The model saw `x · scale`; its output is divided by `scale` again so every metric is in the
+    store's units."""
+
+    def __init__(self, name: str, kind: str, n_latents: int, scale: float = 1.0, model_dir: str | None = None,
+                 model: torch.nn.Module | None = None, batch_rows: int = 1024, meta: dict[str, Any] | None = None
+                 ) -> None:
+        if model_dir is None and model is None:
+            raise ValueError("SAEReconstructor needs a model or a checkpoint folder")
+        self.name, self.kind, self.n_latents = name, kind, n_latents
+        self.scale = float(scale)
+        self.model_dir = model_dir
+        self.batch_rows = batch_rows
+        self.meta = meta or {}
+        self._model = model
+
+    @classmethod
+    def from_checkpoint(cls, name: str, model_dir: str, batch_rows: int = 1024) -> SAEReconstructor:
+        """Load `model_dir` (a train-stage model folder) and describe it."""
+        model, meta = load_checkpoint(model_dir)
+        norm = meta.get("normalization") or {}
+        return cls(name, str(meta.get("type") or meta["model"]["type"]), int(meta["model"]["n_latents"]),
+                   scale=float(norm.get("scale", 1.0)), model_dir=model_dir, batch_rows=batch_rows, meta=meta)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        if self.model_dir is not None:
+            state["_model"] = None  # reloaded from the checkpoint in the worker
+        return state
+
+    @property
+    def model(self) -> torch.nn.Module:
+        if self._model is None:
+            assert self.model_dir is not None
+            self._model = load_checkpoint(self.model_dir)[0]
+        return self._model
+
+    @torch.no_grad()
+    def __call__(self, x: np.ndarray) -> Reconstruction:
+        parts = [self._run(x[i : i + self.batch_rows]) for i in range(0, max(len(x), 1), self.batch_rows)]
+        if len(parts) == 1:
+            return parts[0]
+        cat = {f: (None if getattr(parts[0], f) is None else np.concatenate([getattr(p, f) for p in parts]))
+               for f in Reconstruction.__dataclass_fields__}
+        return Reconstruction(**cat)
+
+    def _run(self, x: np.ndarray) -> Reconstruction:
+        xt = torch.as_tensor(np.ascontiguousarray(x, dtype=np.float32)) * self.scale
+        out = self.model(xt)
+        inv = 1.0 / self.scale
+        x_hat = out.x_hat.float() * inv
+        comp = out.extras.get("comp")
+        # one forward: x̂ with the path off is x̂ minus its gated composition term
+        x_hat_off = None if comp is None else x_hat - comp.float() * inv
+        idx = out.extras.get("active_idx")
+        gate = out.extras.get("gate")
+        return Reconstruction(
+            x_hat=x_hat.numpy(),
+            z=out.z.float().numpy() * inv,
+            x_hat_off=None if x_hat_off is None else x_hat_off.numpy(),
+            attn=None if out.attn is None else out.attn.float().numpy(),
+            active_idx=None if idx is None else idx.numpy(),
+            gate=None if gate is None else gate.float().numpy(),
+        )

@@ -1,0 +1,44 @@
+"""Aggregate repeated-seed runs of the ablation study into one mean ± sd table."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+
+
+def aggregate_seeds(rows: Sequence[dict], group_by: Sequence[str] = ("variant",),
+                    metrics: Sequence[str] | None = None, seed_key: str = "seed") -> pd.DataFrame:
+    """Mean, sample sd (ddof=1) and number of seeds of every metric per group.
+
+    ``rows``: one dict per (variant, seed) run, e.g. ``{"variant": "gate_off", "seed": 1, "fvu": ...}``.
+    ``metrics``: numeric columns to aggregate (default: every numeric column except the keys).
+    Returns a DataFrame indexed by ``group_by`` with columns ``<metric>_mean``, ``<metric>_sd``, ``n_seeds``.
+    """
+    df = pd.DataFrame(list(rows))
+    if df.empty:
+        return df
+    keys = list(group_by)
+    if metrics is None:
+        metrics = [c for c in df.columns if c not in (*keys, seed_key) and pd.api.types.is_numeric_dtype(df[c])]
+    g = df.groupby(keys, sort=False)
+    out = pd.DataFrame({"n_seeds": g[seed_key].nunique() if seed_key in df else g.size()})
+    for m in metrics:
+        out[f"{m}_mean"] = g[m].mean()
+        out[f"{m}_sd"] = g[m].std(ddof=1)
+    return out
+
+
+def mean_sd_table(agg: pd.DataFrame, metrics: Sequence[str], digits: int = 3) -> str:
+    """Markdown table with one "mean ± sd" cell per metric (sd "–" for a single seed)."""
+    header = [*agg.index.names, "seeds", *metrics]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for idx, row in agg.iterrows():
+        idx = idx if isinstance(idx, tuple) else (idx,)
+        cells = []
+        for m in metrics:
+            mean, sd = row[f"{m}_mean"], row[f"{m}_sd"]
+            cells.append(f"{mean:.{digits}f} ± {sd:.{digits}f}" if np.isfinite(sd) else f"{mean:.{digits}f} ± –")
+        lines.append("| " + " | ".join([*map(str, idx), str(int(row["n_seeds"])), *cells]) + " |")
+    return "\n".join(lines)

