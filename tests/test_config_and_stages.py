@@ -124,6 +124,7 @@ def test_stage_reuse_and_status(tmp_path, monkeypatch, capsys):
     # --force redoes one stage
     assert cli.main(["harvest", *base, "--force"]) == 0
     assert calls[5:] == ["harvest"]
+    capsys.readouterr()
     assert cli.main(["status", *base]) == 0
     assert all(" done " in line for line in capsys.readouterr().out.splitlines() if line.startswith(("harvest", "train")))
 

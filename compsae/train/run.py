@@ -101,6 +101,8 @@ def train_one(name: str, model_cfg: ModelConfig, train_cfg: TrainConfig, hook: s
             last = trainer.fit(batches, loader.state_dict)
         finally:
             batches.close()
+    if not last and trainer.metrics.lines:  # reused: report the last logged step
+        last = json.loads(trainer.metrics.lines[-1])
     trained, meta = load_model(folder, device=device)
     return {
         "path": folder,

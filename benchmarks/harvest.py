@@ -1,0 +1,105 @@
+"""Harvest throughput against the bare truncated forward pass, and bytes on disk against float32.
+
+Same model, same tokens, same batches: (a) `model(tokens, stop_at_layer=deepest hook + 1)` with
+the output discarded; (b) the full harvest loop into a fresh store (hooks, CPU copies, background
+shard writer, finalize).  Each is run `--repeats` times alternately; the best time of each counts
+(the machine is shared, the minimum is the least disturbed measurement).
+
+Default model: Pythia-70m-shaped GPT-NeoX (d_model 512, 6 layers, 8 heads) with random weights —
+the truncated forward costs the same as the real one; `--model smollm2-135m` uses the real LM.
+
+    python benchmarks/harvest.py --quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+
+import fsspec
+import numpy as np
+import torch
+
+from compsae.harvest.byte_tokenizer import VOCAB_SIZE, byte_tokenizer
+from compsae.harvest.config import HarvestConfig
+from compsae.harvest.models import LoadedModel, _bridge, check_hooks, load_model, stop_layer, tiny_neox_hf
+from compsae.harvest.run import _harvest_into, tokenize_all
+from compsae.store import ActivationStore
+
+
+def pythia70m_shaped() -> LoadedModel:
+    """Random-weight GPT-NeoX with Pythia-70m's dimensions (byte vocabulary: no unembed is run)."""
+    tok = byte_tokenizer()
+    model = _bridge("pythia70m-shaped", tiny_neox_hf(0, VOCAB_SIZE, d_model=512, n_layers=6, n_heads=8, n_ctx=2048), tok)
+    return LoadedModel(model=model.eval(), tokenizer=tok, n_layers=6, d_model=512, n_ctx=2048, bos_token_id=0,
+                       eos_token_id=0, device=torch.device("cpu"), info={"name": "pythia70m-shaped"})
+
+
+def bare_forward(loaded: LoadedModel, tokens: np.ndarray, batch_size: int, stop: int | None) -> float:
+    """Seconds for truncated forward passes over `tokens`, outputs discarded."""
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        for b in range(0, len(tokens), batch_size):
+            loaded.model(torch.from_numpy(tokens[b:b + batch_size]).long(), stop_at_layer=stop)
+    return time.perf_counter() - t0
+
+
+def full_harvest(cfg: HarvestConfig, loaded: LoadedModel, tokens: np.ndarray, widths: dict[str, int],
+                 stop: int | None, url: str) -> tuple[float, ActivationStore]:
+    """Seconds for the harvest loop into a fresh store at `url` (create, write, finalize)."""
+    with torch.inference_mode():
+        t0 = time.perf_counter()
+        store = ActivationStore.create(url, widths, tokens.size, cfg.layout(), {"config_hash": "bench"}, overwrite=True)
+        _harvest_into(store, cfg, loaded, tokens, widths, stop, None)
+        return time.perf_counter() - t0, store
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="small run, under a minute")
+    ap.add_argument("--model", default="pythia70m-shaped", help="pythia70m-shaped | tiny-neox | smollm2-135m")
+    ap.add_argument("--hook", action="append", help="hook(s) to harvest (default blocks.3.hook_resid_post)")
+    ap.add_argument("--tokens", type=int, help="tokens to harvest")
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
+    ap.add_argument("--compressor", default="none", choices=["none", "zstd"])
+    ap.add_argument("--repeats", type=int, default=2)
+    args = ap.parse_args()
+
+    n_tokens = args.tokens or (16_384 if args.quick else 131_072)
+    hooks = args.hook or ["blocks.3.hook_resid_post"]
+    shard_rows = 4096 if args.quick else 16_384
+    cfg = HarvestConfig(model="tiny-neox" if args.model == "pythia70m-shaped" else args.model, hooks=hooks,
+                        context=128, n_tokens=n_tokens, batch_size=args.batch_size, dtype=args.dtype,
+                        chunk_rows=1024, shard_rows=shard_rows, compressor=args.compressor, device="cpu",
+                        data={"source": "synthetic:mixed", "seed": 0})
+    torch.set_grad_enabled(False)
+    loaded = pythia70m_shaped() if args.model == "pythia70m-shaped" else load_model(cfg)
+    widths = check_hooks(loaded, hooks, cfg.context)
+    stop = stop_layer(hooks)
+    tokens = tokenize_all(cfg, loaded)
+    print(f"model {args.model}, hooks {hooks}, stop_at_layer {stop}, {tokens.size} tokens, batch {args.batch_size}, "
+          f"torch threads {torch.get_num_threads()}")
+    bare_forward(loaded, tokens[: args.batch_size], args.batch_size, stop)  # warm-up
+
+    forward_s, harvest_s = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        url = f"{tmp}/bench.zarr"
+        for _ in range(args.repeats):
+            forward_s.append(bare_forward(loaded, tokens, args.batch_size, stop))
+            seconds, store = full_harvest(cfg, loaded, tokens, widths, stop, url)
+            harvest_s.append(seconds)
+        fs, path = fsspec.core.url_to_fs(url)
+        act_bytes = fs.du(f"{path}/acts", total=True)
+        fp32_bytes = sum(store.n_rows * d * 4 for d in widths.values())
+    fwd_tps, hv_tps = tokens.size / min(forward_s), tokens.size / min(harvest_s)
+    print(f"bare truncated forward: {fwd_tps:,.0f} tokens/s (runs: {', '.join(f'{s:.2f}s' for s in forward_s)})")
+    print(f"full harvest:           {hv_tps:,.0f} tokens/s (runs: {', '.join(f'{s:.2f}s' for s in harvest_s)})")
+    print(f"activation bytes on disk: {act_bytes:,} vs float32 {fp32_bytes:,}")
+    print(f"RESULT harvest_vs_forward={hv_tps / fwd_tps:.3f}")
+    print(f"RESULT bytes_vs_fp32={act_bytes / fp32_bytes:.3f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,85 @@
+"""The statistics of one block of store rows, for every reconstructor at once.
+
+`block_partial` is the unit of work of both the Dask path and the plain reference loop: it takes a
+block of activations, keeps the held-out rows, runs each reconstructor once and returns one
+mergeable partial per model (see `reconstruction.merge_partials`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import reduce
+from typing import Any
+
+import numpy as np
+import torch
+
+from compsae.analysis.composition import GateSums, HeadSums, PairSums, active_ids
+from compsae.analysis.reconstruction import LatentSums, ReconSums, TopContexts, merge_partials
+from compsae.analysis.reconstructors import Reconstructor
+
+
+@dataclass
+class BlockSpec:
+    """What to compute per block.  `tracked[name]`: latent ids whose pair statistics are kept
+    (CompSAE-like models only); `contexts_for`: models whose top contexts are kept."""
+
+    top_k_contexts: int = 20
+    skip: frozenset[str] = frozenset()
+    tracked: dict[str, np.ndarray] = field(default_factory=dict)
+    contexts_for: frozenset[str] = frozenset()
+
+    def rows_map(self, name: str, n_latents: int) -> np.ndarray | None:
+        """`[n_latents]` latent -> tracked row (−1 untracked), or None when not tracked."""
+        ids = self.tracked.get(name)
+        if ids is None:
+            return None
+        rows = np.full(n_latents, -1, np.int64)
+        rows[ids] = np.arange(len(ids))
+        return rows
+
+
+def model_partial(rec_fn: Reconstructor, x: np.ndarray, pos: np.ndarray, rows: np.ndarray, spec: BlockSpec
+                  ) -> dict[str, Any]:
+    """Partials of one model on held-out rows `x: [b, d]` at positions `pos: [b]`, store rows `rows: [b]`."""
+    rec = rec_fn(x)
+    l0 = (rec.z != 0).sum(1)
+    bos = pos == 0
+    off = rec.x_hat_off
+    part: dict[str, Any] = {
+        "bos": ReconSums.from_batch(x[bos], rec.x_hat[bos], l0[bos], None if off is None else off[bos]),
+        "rest": ReconSums.from_batch(x[~bos], rec.x_hat[~bos], l0[~bos], None if off is None else off[~bos]),
+    }
+    if "latents" not in spec.skip:
+        part["latents"] = LatentSums.from_codes(rec.z)
+    if rec_fn.name in spec.contexts_for and "contexts" not in spec.skip and spec.top_k_contexts > 0:
+        part["top"] = TopContexts.from_codes(rec.z, rows, spec.top_k_contexts)
+    if rec.attn is not None and rec.active_idx is not None:
+        active = active_ids(rec.active_idx, rec.z)
+        if "heads" not in spec.skip:
+            part["heads"] = HeadSums.from_block(active, rec.attn)
+        rows_map = spec.rows_map(rec_fn.name, rec.z.shape[1])
+        if rows_map is not None and "pairs" not in spec.skip:
+            part["pairs"] = PairSums.from_block(active, rec.attn, rows_map, len(spec.tracked[rec_fn.name]))
+    if rec.gate is not None and "gate" not in spec.skip:
+        part["gate"] = GateSums.from_block(rec.gate)
+    return part
+
+
+def block_partial(x: np.ndarray, keep: np.ndarray, pos: np.ndarray, row0: int, recons: list[Reconstructor],
+                  spec: BlockSpec) -> dict[str, dict[str, Any]] | None:
+    """Partials of every model on one block: `x: [rows, d]` from store row `row0`, `keep: [rows]`
+    the held-out rows to evaluate, `pos: [rows]` their positions.  None when nothing is kept."""
+    idx = np.flatnonzero(keep)
+    if idx.size == 0:
+        return None
+    # One torch thread per task: parallelism comes from the scheduler, and a fixed thread count
+    # keeps every float identical whichever scheduler runs the block.
+    torch.set_num_threads(1)
+    x = np.asarray(x, np.float32)[idx]
+    return {r.name: model_partial(r, x, np.asarray(pos)[idx], row0 + idx, spec) for r in recons}
+
+
+def merge_many(parts: list[Any]) -> Any:
+    """Left fold of `merge_partials` over `parts` (in order)."""
+    return reduce(merge_partials, parts, None)

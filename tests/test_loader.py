@@ -1,0 +1,107 @@
+"""BatchLoader and the sequence split: exactly once per epoch, never a held-out row, reproducible."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from compsae.errors import UserError
+from compsae.store import ActivationStore, StoreLayout
+from compsae.store.loader import BatchLoader
+from compsae.store.split import heldout_mask
+
+HOOK = "h"
+N = 3000
+
+
+@pytest.fixture
+def store(tmp_path) -> ActivationStore:
+    """Row r holds r in column 0, so served batches say which rows they are; 20 rows per sequence."""
+    layout = StoreLayout(chunk_rows=64, shard_rows=256, dtype="float32")
+    st = ActivationStore.create(str(tmp_path / "s.zarr"), {HOOK: 4}, N, layout, {"config_hash": "t"})
+    x = np.ones((N, 4), np.float32)
+    x[:, 0] = np.arange(N)
+    for s in range(st.n_shards):
+        lo, hi = st.shard_range(s)
+        rows = np.arange(lo, hi)
+        st.write_shard(s, {HOOK: x[lo:hi]}, rows % 7, rows // 20, rows % 20)
+    st.finalize()
+    return ActivationStore.open(st.url)
+
+
+def _rows(loader: BatchLoader) -> list[np.ndarray]:
+    return [b[:, 0].numpy().astype(np.int64) for b in loader]
+
+
+def test_every_training_row_exactly_once_per_epoch_and_never_heldout(store):
+    loader = BatchLoader(store, HOOK, batch_size=100, heldout_fraction=0.2, seed=1, epochs=2, mix_chunks=5)
+    batches = _rows(loader)
+    held = heldout_mask(store.seq_id, 0.2)
+    train_rows = np.flatnonzero(~held)
+    assert 0 < held.sum() < N and len(batches) == 2 * len(loader)
+    for epoch in (batches[: len(loader)], batches[len(loader):]):
+        served = np.concatenate(epoch)
+        np.testing.assert_array_equal(np.sort(served), train_rows)
+    assert all(len(b) == 100 for b in batches[:-1])
+    first = np.concatenate(batches[: len(loader)])
+    assert not np.array_equal(first, np.concatenate(batches[len(loader):]))  # reshuffled per epoch
+    assert len(np.unique(first[:100] // 64)) > 3  # a batch mixes several chunks
+
+
+def test_heldout_split_is_by_sequence_and_disjoint(store):
+    held = heldout_mask(store.seq_id, 0.3, seed=0)
+    for s in np.unique(store.seq_id):
+        assert len(set(held[store.seq_id == s])) == 1
+    loader = BatchLoader(store, HOOK, batch_size=50, split="heldout", heldout_fraction=0.3, epochs=1, shuffle=False)
+    np.testing.assert_array_equal(np.concatenate(_rows(loader)), np.flatnonzero(held))
+
+
+def test_same_seed_same_order_other_seed_other_order(store):
+    kw = {"batch_size": 128, "heldout_fraction": 0.1, "epochs": 1}
+    a = np.concatenate(_rows(BatchLoader(store, HOOK, seed=7, num_threads=1, **kw)))
+    b = np.concatenate(_rows(BatchLoader(store, HOOK, seed=7, num_threads=3, prefetch=1, **kw)))
+    c = np.concatenate(_rows(BatchLoader(store, HOOK, seed=8, **kw)))
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+
+
+@pytest.mark.parametrize("stop_after", [1, 7, 11, 30])
+def test_resume_from_state_continues_the_same_stream(store, stop_after):
+    kw = {"batch_size": 100, "heldout_fraction": 0.1, "seed": 3, "epochs": 2, "mix_chunks": 4}
+    whole = _rows(BatchLoader(store, HOOK, **kw))
+    first = BatchLoader(store, HOOK, **kw)
+    it = iter(first)
+    head = [next(it)[:, 0].numpy().astype(np.int64) for _ in range(stop_after)]
+    state = first.state_dict()
+    it.close()
+    second = BatchLoader(store, HOOK, **kw)
+    second.load_state_dict(state)
+    got = np.concatenate(head + _rows(second))
+    np.testing.assert_array_equal(got, np.concatenate(whole))
+    other = BatchLoader(store, HOOK, **{**kw, "seed": 4})
+    with pytest.raises(UserError, match="seed"):
+        other.load_state_dict(state)
+
+
+def test_normalisation_reaches_sqrt_d_mean_norm(store):
+    loader = BatchLoader(store, HOOK, batch_size=N // 2, heldout_fraction=0.0, normalize=True, epochs=1)
+    x = np.concatenate([b.numpy() for b in loader])
+    assert np.linalg.norm(x, axis=1).mean() == pytest.approx(2.0, rel=1e-5)  # sqrt(d=4)
+    assert loader.scale == pytest.approx(2.0 / store.stats(HOOK)["mean_norm"])
+
+
+def test_bad_loader_input(store):
+    with pytest.raises(UserError, match="no hook 'other'"):
+        BatchLoader(store, "other")
+    with pytest.raises(UserError, match="batch_size 5000 is larger"):
+        BatchLoader(store, HOOK, batch_size=5000)
+
+
+def test_corrupt_chunk_is_reported_by_the_iterator(store):
+    path = f"{store.path}/acts/{HOOK}/c/1/0"
+    with open(path, "r+b") as f:
+        f.seek(100)
+        f.write(b"\xff\xfe\xfd")
+    fresh = ActivationStore.open(store.url)
+    with pytest.raises(UserError, match="shard 1"):
+        _rows(BatchLoader(fresh, HOOK, batch_size=100, epochs=1))
