@@ -64,12 +64,12 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
     ap.add_argument("--compressor", default="none", choices=["none", "zstd"])
-    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
 
-    n_tokens = args.tokens or (16_384 if args.quick else 131_072)
+    n_tokens = args.tokens or (6_144 if args.quick else 131_072)
     hooks = args.hook or ["blocks.3.hook_resid_post"]
-    shard_rows = 4096 if args.quick else 16_384
+    shard_rows = 2048 if args.quick else 16_384
     cfg = HarvestConfig(model="tiny-neox" if args.model == "pythia70m-shaped" else args.model, hooks=hooks,
                         context=128, n_tokens=n_tokens, batch_size=args.batch_size, dtype=args.dtype,
                         chunk_rows=1024, shard_rows=shard_rows, compressor=args.compressor, device="cpu",

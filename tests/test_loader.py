@@ -42,7 +42,7 @@ def test_every_training_row_exactly_once_per_epoch_and_never_heldout(store):
     for epoch in (batches[: len(loader)], batches[len(loader):]):
         served = np.concatenate(epoch)
         np.testing.assert_array_equal(np.sort(served), train_rows)
-    assert all(len(b) == 100 for b in batches[:-1])
+        assert all(len(b) == 100 for b in epoch[:-1])
     first = np.concatenate(batches[: len(loader)])
     assert not np.array_equal(first, np.concatenate(batches[len(loader):]))  # reshuffled per epoch
     assert len(np.unique(first[:100] // 64)) > 3  # a batch mixes several chunks

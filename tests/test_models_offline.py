@@ -14,7 +14,7 @@ from compsae.harvest.models import check_hooks, hook_layer, load_model, stop_lay
 def test_tiny_neox_weights_depend_only_on_seed() -> None:
     torch.manual_seed(123)
     a, b, c = tiny_neox_hf(1, 257), tiny_neox_hf(1, 257), tiny_neox_hf(2, 257)
-    for (name, pa), pb, pc in zip(a.state_dict().items(), b.state_dict().values(), c.state_dict().values(), strict=True):
+    for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
         assert torch.equal(pa, pb), name
     assert not torch.equal(a.gpt_neox.embed_in.weight, c.gpt_neox.embed_in.weight)
     # Pythia-shaped: parallel attention + MLP, rotary on a quarter of each head (transformers 5 moved

@@ -32,7 +32,7 @@ from compsae.errors import UserError
 from compsae.harvest.config import HarvestConfig
 from compsae.harvest.data import describe, packing_rule, token_sequences
 from compsae.harvest.models import LoadedModel, check_hooks, load_model, stop_layer
-from compsae.store import ActivationStore, manifest_digest, store_exists
+from compsae.store import ActivationStore, manifest_digest, store_exists, writer_lock
 from compsae.store.activation_store import rounding_error
 
 _QUEUE_SHARDS = 2  # shards buffered between the forward pass and the writer
@@ -165,7 +165,6 @@ def run_harvest(cfg: HarvestConfig, out_dir: str, force: bool = False,
             tqdm.write(f"harvest: {url} is complete for this config; nothing to do")
             return outputs_of(existing)
 
-    torch.set_grad_enabled(False)
     loaded = load_model(cfg)
     widths = check_hooks(loaded, cfg.hooks, cfg.context)
     stop = stop_layer(cfg.hooks)
@@ -183,8 +182,9 @@ def run_harvest(cfg: HarvestConfig, out_dir: str, force: bool = False,
         "harvest": {"stop_at_layer": stop, "batch_size": cfg.batch_size, "hooks_order": list(cfg.hooks)},
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    store = ActivationStore.create_or_resume(url, widths, n_rows, cfg.layout(), manifest, force=force)
-    with store.lock("harvest"):
+    # lock first: --force must not wipe a store another harvest is still writing
+    with writer_lock(url, "harvest"), torch.inference_mode():
+        store = ActivationStore.create_or_resume(url, widths, n_rows, cfg.layout(), manifest, force=force)
         _harvest_into(store, cfg, loaded, tokens, widths, stop, on_shard_written)
     return outputs_of(store)
 

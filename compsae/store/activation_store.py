@@ -11,6 +11,7 @@ The manifest lives in the group attributes.  Rows are in harvest order; the load
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import mmap
@@ -152,8 +153,7 @@ class ActivationStore:
         if store_exists(url) and not overwrite:
             raise UserError(f"a store already exists at {url}; pass --force to overwrite it")
         if overwrite and store_exists(url):
-            fs, path = fsspec.core.url_to_fs(url)
-            fs.rm(path, recursive=True)
+            _wipe(url)
         n_shards = max(1, -(-n_rows // layout.shard_rows))
         manifest = {
             **manifest,
@@ -165,7 +165,8 @@ class ActivationStore:
             "n_shards": n_shards,
             "complete": False,
         }
-        group = zarr.open_group(_zarr_store(url, read_only=False), mode="w", zarr_format=3)
+        # mode "a", not "w": "w" clears the folder, lock file included, while a writer holds it
+        group = zarr.open_group(_zarr_store(url, read_only=False), mode="a", zarr_format=3)
         inner = [Crc32cCodec()] if layout.checksum else []
         if layout.compressor == "zstd":
             inner = [ZstdCodec(level=3), *inner]
@@ -285,40 +286,9 @@ class ActivationStore:
 
     # -- writing --------------------------------------------------------------------------------
 
-    @contextmanager
-    def lock(self, what: str = "harvest") -> Iterator[None]:
+    def lock(self, what: str = "harvest") -> Any:
         """Hold the store's writer lock; a second writer is refused with a clear error."""
-        if self.is_local:
-            import fcntl
-
-            lock_path = os.path.join(self.path, _LOCK_NAME)
-            handle = open(lock_path, "a+")  # noqa: SIM115 - held for the lock's lifetime
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                handle.close()
-                raise UserError(
-                    f"another {what} is writing to {self.url} right now; wait for it to finish "
-                    "or choose another store"
-                ) from None
-            try:
-                yield
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
-                handle.close()
-        else:
-            # Object stores have no advisory locks: an exclusive marker object, removed on exit.
-            lock_path = f"{self.path}/{_LOCK_NAME}"
-            if self.fs.exists(lock_path):
-                raise UserError(
-                    f"another {what} holds {self.url}/{_LOCK_NAME}; if no writer is running, delete "
-                    "that object and retry"
-                )
-            self.fs.pipe_file(lock_path, json.dumps({"pid": os.getpid()}).encode())
-            try:
-                yield
-            finally:
-                self.fs.rm_file(lock_path)
+        return writer_lock(self.url, what)
 
     def done_shards(self) -> set[int]:
         """Indices of the shards completely written."""
@@ -535,11 +505,56 @@ class ActivationStore:
         with self._cache_lock:
             for buf in self._shard_cache.values():
                 if isinstance(buf, mmap.mmap):
-                    try:
+                    # arrays may still view the map; it then goes away with them
+                    with contextlib.suppress(BufferError):
                         buf.close()
-                    except BufferError:  # arrays still view it; the map goes with them
-                        pass
             self._shard_cache.clear()
+
+
+def _wipe(url: str) -> None:
+    """Remove a store's contents but not its lock file (a writer may hold it right now)."""
+    fs, path = fsspec.core.url_to_fs(url)
+    for entry in fs.ls(path, detail=False):
+        if entry.rstrip("/").rsplit("/", 1)[-1] != _LOCK_NAME:
+            fs.rm(entry, recursive=True)
+
+
+@contextmanager
+def writer_lock(url: str, what: str = "harvest") -> Iterator[None]:
+    """Exclusive writer lock on the store at `url` (which need not exist yet).
+
+    Local stores use an advisory `flock`, released by the kernel even on kill -9; object stores
+    have none, so there an exclusive marker object is written and removed on exit."""
+    fs, path = fsspec.core.url_to_fs(url)
+    path = path.rstrip("/")
+    if isinstance(fs, LocalFileSystem):
+        import fcntl
+
+        os.makedirs(path, exist_ok=True)
+        handle = open(os.path.join(path, _LOCK_NAME), "a+")  # noqa: SIM115 - held for the lock's lifetime
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            raise UserError(
+                f"another {what} is writing to {url} right now; wait for it to finish or choose another store"
+            ) from None
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+            handle.close()
+    else:
+        lock_path = f"{path}/{_LOCK_NAME}"
+        if fs.exists(lock_path):
+            raise UserError(
+                f"another {what} holds {url}/{_LOCK_NAME}; if no writer is running, delete that object and retry"
+            )
+        fs.pipe_file(lock_path, json.dumps({"pid": os.getpid()}).encode())
+        try:
+            yield
+        finally:
+            fs.rm_file(lock_path)
 
 
 def _shard_moments(x: np.ndarray) -> np.ndarray:

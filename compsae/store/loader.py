@@ -142,11 +142,16 @@ class BatchLoader:
 
     # -- reading ----------------------------------------------------------------------------------
 
-    def _gather(self, rows: np.ndarray, pool: ThreadPoolExecutor) -> np.ndarray:
-        """`rows: [r]` global ids -> float32 `[r, d]`, read chunk by chunk from raw chunk bytes."""
-        out = np.empty((len(rows), self.d_model), dtype=np.float32)
+    def _gather(self, rows: np.ndarray, pool: ThreadPoolExecutor, prefix: np.ndarray | None = None) -> np.ndarray:
+        """`rows: [r]` global ids -> float32 `[len(prefix) + r, d]` (already-read `prefix` rows first),
+        read chunk by chunk from raw chunk bytes."""
+        n_pre = 0 if prefix is None else len(prefix)
+        block = np.empty((n_pre + len(rows), self.d_model), dtype=np.float32)
+        if n_pre:
+            block[:n_pre] = prefix
+        out = block[n_pre:]
         if not len(rows):
-            return out
+            return block
         chunk_of = rows // self.chunk_rows
         order = np.argsort(chunk_of, kind="stable")
         bounds = np.flatnonzero(np.diff(chunk_of[order])) + 1
@@ -163,7 +168,7 @@ class BatchLoader:
         list(pool.map(fill, groups))
         if self.scale != 1.0:
             out *= np.float32(self.scale)
-        return out
+        return block
 
     def _epoch_blocks(self, epoch: int, skip: int, pool: ThreadPoolExecutor) -> Iterator[tuple[np.ndarray, int]]:
         """Yield (block `[r, d]`, n_batches) per window of `epoch`, already past the first `skip` batches;
@@ -187,7 +192,7 @@ class BatchLoader:
                 continue
             if carry_data is None:  # resuming inside this window: the carried rows are needed again
                 carry_data = self._gather(carry_rows, pool)
-            data = np.concatenate([carry_data, self._gather(rows, pool)])
+            data = self._gather(rows, pool, prefix=carry_data)  # carried rows first, no extra copy
             all_rows = np.concatenate([carry_rows, rows])
             first = max(0, skip - done)
             yield data[first * bs:used], n_batches - first

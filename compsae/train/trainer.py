@@ -210,7 +210,7 @@ class Trainer:
         if not torch.isfinite(loss):
             kept = (f"the last good checkpoint (step {self.last_saved_step}) is kept in {self.out_dir}"
                     if self.last_saved_step is not None else "no checkpoint was written yet")
-            raise UserError(f"{self.name}: loss is {float(loss)} at step {step + 1}; {kept}; "
+            raise UserError(f"{self.name}: loss is {float(loss.detach())} at step {step + 1}; {kept}; "
                             "lower train.lr or check the activations for inf/NaN")
         self.opt.zero_grad(set_to_none=True)
         loss.backward()

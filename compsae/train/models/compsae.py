@@ -2,7 +2,8 @@
 
     pre   = (x − b_dec) W_enc + b_enc,   (idx, z_idx) = TopK(pre)              # k active latents
     items = z_i · E[i]                   E: [n_latents, d_f]                    # feature-extractor stream
-    c     = CompositionNetwork(items)    attention across the k items of ONE token, pooled to [d_c]
+    c     = CompositionNetwork(items)    8-head attention across the k items of ONE token, mean-pooled,
+                                         feed-forward, projected to [d_c] (see composer.py)
     g     = σ(W_g c + b_g) ∈ [0, 1]^d     (gate off: g = 1)
     x̂     = W_dec z + b_dec + g ⊙ (W_comp c)
 
@@ -59,8 +60,8 @@ class CompSAE(TopKSAE):
         z = dense_codes(idx, vals, self.cfg.n_latents)
         if self.cfg.composer == "none":
             return pre, SAEOutput(x_hat=linear, z=z, attn=None, extras={"active_idx": idx})
-        items = vals.unsqueeze(-1) * self.E[idx]  # [b, k, d_f]
-        c, attn = self.composer(items, m=self.m, need_weights=need_weights)  # [b, d_c], [b, h, k, k]
+        # items z_i · E[i] go through attention within the token; c: [b, d_c], attn: [b, h, k, k]
+        c, attn, per_item = self.composer(idx, vals, self.E, m=self.m, need_weights=need_weights)
         comp = c @ self.W_comp  # [b, d]
         if self.cfg.gate:
             gate = torch.sigmoid(self.gate(c))  # [b, d]
@@ -68,7 +69,10 @@ class CompSAE(TopKSAE):
         else:
             gate = torch.ones_like(comp)
         x_hat = linear + comp if composition else linear
-        return pre, SAEOutput(x_hat=x_hat, z=z, attn=attn, extras={"gate": gate, "comp": comp, "active_idx": idx})
+        extras = {"gate": gate, "comp": comp, "active_idx": idx}
+        if per_item is not None:
+            extras["item_out"] = per_item  # [b, k, d_f]: each active latent's output of the attention block
+        return pre, SAEOutput(x_hat=x_hat, z=z, attn=attn, extras=extras)
 
     def compute_loss(self, x: torch.Tensor, dead_mask: torch.Tensor | None = None
                      ) -> tuple[dict[str, torch.Tensor], SAEOutput]:

@@ -1,0 +1,118 @@
+"""Benchmark of the analysis pass: the Dask path against a single-threaded numpy loop over the same
+store, and how the Dask path's time grows from N to 4N tokens.
+
+Both run the same per-block statistics (reconstruction sums, latent sums, top contexts, head and
+pair statistics of a CompSAE and a TopK SAE); the loop reads chunk after chunk in one thread, Dask
+runs one task per chunk on the threaded scheduler (one torch thread per task).
+
+    .venv/bin/python benchmarks/analyze.py --quick      # < 1 minute
+Ends with `RESULT dask_vs_numpy=<loop time / dask time>` (goal ≥ 1.5 on 2 cores) and
+`RESULT growth_4x=<time(4N) / (4 · time(N))>` (goal: within 20 % of 1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+from compsae.analysis.block_stats import BlockSpec
+from compsae.analysis.dask_path import (
+    BlockPlan,
+    acts_array,
+    build_graph,
+    compute,
+    open_store,
+    reference_partials,
+    torch_threads,
+)
+from compsae.analysis.reconstructors import SAEReconstructor
+from compsae.store import ActivationStore, StoreLayout
+from compsae.train.config import ModelConfig
+from compsae.train.models import build_model
+
+HOOK = "blocks.0.hook_resid_post"
+
+
+def make_store(url: str, n_rows: int, d: int, chunk_rows: int) -> None:
+    rng = np.random.default_rng(0)
+    shard_rows = chunk_rows * 8
+    st = ActivationStore.create(url, {HOOK: d}, n_rows, StoreLayout(chunk_rows=chunk_rows, shard_rows=shard_rows),
+                                {"config_hash": "bench", "context": 128}, overwrite=True)
+    for shard in range(-(-n_rows // shard_rows)):
+        lo, hi = shard * shard_rows, min((shard + 1) * shard_rows, n_rows)
+        rows = np.arange(lo, hi)
+        st.write_shard(shard, {HOOK: rng.normal(size=(hi - lo, d)).astype(np.float32)},
+                       tokens=rng.integers(0, 256, hi - lo), seq_id=rows // 128, pos=rows % 128)
+    st.finalize()
+
+
+def timed(fn) -> tuple[float, object]:
+    t0 = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - t0, out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="small sizes, under a minute")
+    ap.add_argument("--rows", type=int, default=None, help="N (tokens of the small run)")
+    ap.add_argument("--d", type=int, default=None)
+    ap.add_argument("--latents", type=int, default=None)
+    ap.add_argument("--repeats", type=int, default=None)
+    args = ap.parse_args()
+    n = args.rows or (8192 if args.quick else 65536)
+    d = args.d or (64 if args.quick else 256)
+    n_latents = args.latents or (512 if args.quick else 2048)
+    repeats = args.repeats or (2 if args.quick else 3)
+    chunk_rows = 1024
+    torch.manual_seed(0)
+    recons = [
+        SAEReconstructor("compsae", "compsae", n_latents, model=build_model(
+            ModelConfig(type="compsae", n_latents=n_latents, k=16, d_f=64, d_c=32, n_heads=4), d).eval()),
+        SAEReconstructor("topk", "topk", n_latents, model=build_model(
+            ModelConfig(type="topk", n_latents=n_latents, k=16), d).eval()),
+    ]
+    spec = BlockSpec(top_k_contexts=10, tracked={"compsae": np.arange(min(128, n_latents))},
+                     contexts_for=frozenset({"compsae", "topk"}))
+    with tempfile.TemporaryDirectory() as tmp:
+        url = os.path.join(tmp, "bench.zarr")
+        make_store(url, 4 * n, d, chunk_rows)
+        store = open_store(url)
+
+        def plan(rows: int) -> BlockPlan:
+            keep = np.zeros(store.n_rows, bool)
+            keep[:rows] = True
+            return BlockPlan(list(range(-(-rows // chunk_rows))), keep)
+
+        def dask_run(rows: int) -> object:
+            p = plan(rows)
+            return compute(build_graph(acts_array(store, HOOK), store.pos, p, recons, spec), None, progress=False)
+
+        def loop_run(rows: int) -> object:
+            return reference_partials(store, HOOK, store.pos, plan(rows), recons, spec)
+
+        dask_run(chunk_rows)  # warm-up: page cache, torch kernels
+        with torch_threads(1):
+            loop_run(chunk_rows)
+        t_loop = min(timed(lambda: loop_run(n))[0] for _ in range(repeats))
+        t_dask = min(timed(lambda: dask_run(n))[0] for _ in range(repeats))
+        t_dask4 = min(timed(lambda: dask_run(4 * n))[0] for _ in range(repeats))
+        a, b = loop_run(n), dask_run(n)
+        same = abs(a["compsae"]["rest"].sq_err - b["compsae"]["rest"].sq_err) <= 1e-9 * a["compsae"]["rest"].sq_err
+        store.close()
+    print(f"N={n} tokens, d={d}, {n_latents} latents, 2 models, {os.cpu_count()} cpus, torch threads per task 1")
+    print(f"numpy loop (1 thread): {t_loop:.3f} s  ({n / t_loop:,.0f} tokens/s)")
+    print(f"dask threaded:         {t_dask:.3f} s  ({n / t_dask:,.0f} tokens/s)")
+    print(f"dask at 4N:            {t_dask4:.3f} s  ({4 * n / t_dask4:,.0f} tokens/s)")
+    print(f"same numbers: {same}")
+    print(f"RESULT dask_vs_numpy={t_loop / t_dask:.3f}")
+    print(f"RESULT growth_4x={t_dask4 / (4 * t_dask):.3f}")
+
+
+if __name__ == "__main__":
+    main()

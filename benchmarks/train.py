@@ -1,0 +1,136 @@
+"""Train-stage benchmark, all in one run on one synthetic store (d_model 512, float16):
+
+(a) loader rows/s against reading the same bytes as a raw numpy memmap (random 512-row batches
+    converted to float32)                                     -> RESULT loader_vs_memmap (goal >= 0.8)
+(b) one training step of CompSAE against TopKSAE at the same n_latents and k
+    (time ratio, CompSAE with its final curriculum m)          -> RESULT compsae_step_vs_topk (goal <= 2)
+(c) loader rows/s against CompSAE training rows/s              -> RESULT loader_vs_train (must be > 1)
+
+Usage: python benchmarks/train.py [--quick] [--rows N] [--steps N] [--threads N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from compsae.store import ActivationStore, StoreLayout
+from compsae.store.loader import BatchLoader
+from compsae.train.config import ModelConfig
+from compsae.train.models import build_model
+
+HOOK = "blocks.3.hook_resid_post"
+D = 512
+BATCH = 512
+
+
+def make_store(root: Path, n_rows: int) -> tuple[ActivationStore, np.ndarray]:
+    rng = np.random.default_rng(0)
+    x = (rng.normal(size=(n_rows, D)) * 2).astype(np.float16)
+    layout = StoreLayout(chunk_rows=1024, shard_rows=16384, dtype="float16")
+    st = ActivationStore.create(str(root / "s.zarr"), {HOOK: D}, n_rows, layout, {"config_hash": "bench"})
+    for s in range(st.n_shards):
+        lo, hi = st.shard_range(s)
+        rows = np.arange(lo, hi)
+        st.write_shard(s, {HOOK: x[lo:hi]}, rows % 1000, rows // 128, rows % 128)
+    st.finalize()
+    return ActivationStore.open(st.url), x
+
+
+def loader_rows_per_s(store: ActivationStore, threads: int, repeats: int) -> float:
+    best = 0.0
+    for r in range(repeats):
+        loader = BatchLoader(store, HOOK, batch_size=BATCH, heldout_fraction=0.05, seed=r, epochs=1,
+                             num_threads=threads)
+        t = time.perf_counter()
+        n = sum(b.shape[0] for b in loader)
+        best = max(best, n / (time.perf_counter() - t))
+    return best
+
+
+def memmap_rows_per_s(x: np.ndarray, root: Path, repeats: int) -> float:
+    path = root / "raw.npy"
+    np.save(path, x)
+    mm = np.load(path, mmap_mode="r")
+    best = 0.0
+    for r in range(repeats):
+        perm = np.random.default_rng(r).permutation(len(mm))
+        t = time.perf_counter()
+        n = 0
+        for i in range(0, len(perm), BATCH):
+            n += torch.from_numpy(mm[perm[i:i + BATCH]].astype(np.float32)).shape[0]
+        best = max(best, n / (time.perf_counter() - t))
+    return best
+
+
+def step_seconds(cfgs: dict[str, ModelConfig], steps: int, x: torch.Tensor) -> dict[str, float]:
+    """Median seconds of one training step per model; the models' steps are interleaved so a busy
+    shared machine slows all of them alike."""
+    steppers = {}
+    for name, cfg in cfgs.items():
+        torch.manual_seed(0)
+        model = build_model(cfg, D)
+        model.init_b_dec(x)
+        opt = torch.optim.Adam(model.parameters(), lr=3e-4)
+        dead = torch.zeros(cfg.n_latents, dtype=torch.bool)
+        dead[: cfg.n_latents // 20] = True  # AuxK active, as in real training
+
+        def step(model=model, opt=opt, dead=dead) -> None:
+            opt.zero_grad(set_to_none=True)
+            model.loss(x, dead)["loss"].backward()
+            model.before_optimizer_step()
+            opt.step()
+            model.after_optimizer_step()
+
+        step()  # warm-up (allocations, lazy init)
+        steppers[name] = step
+    times: dict[str, list[float]] = {name: [] for name in cfgs}
+    for _ in range(steps):
+        for name, step in steppers.items():
+            t = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - t)
+    return {name: float(np.median(ts)) for name, ts in times.items()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="small store, few steps (< 1 min)")
+    ap.add_argument("--rows", type=int, default=None)
+    ap.add_argument("--steps", type=int, default=None)
+    ap.add_argument("--threads", type=int, default=2, help="loader decode threads")
+    args = ap.parse_args()
+    rows = args.rows or (32768 if args.quick else 262144)
+    steps = args.steps or (3 if args.quick else 10)
+    repeats = 2 if args.quick else 3
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        store, x = make_store(root, rows)
+        mem = memmap_rows_per_s(x, root, repeats)
+        load = loader_rows_per_s(store, args.threads, repeats)
+        print(f"(a) loader {load:,.0f} rows/s, raw memmap {mem:,.0f} rows/s")
+
+        batch = torch.from_numpy(x[:BATCH].astype(np.float32))
+        t = step_seconds({"topk": ModelConfig(type="topk"),
+                          "comp": ModelConfig(type="compsae"),  # curriculum on: its final m = 4
+                          "comp_all": ModelConfig(type="compsae", curriculum=False)}, steps, batch)
+        topk, comp, comp_all = t["topk"], t["comp"], t["comp_all"]
+        print(f"(b) step of {BATCH} rows, n_latents 4096, k 32: TopK {topk * 1e3:.0f} ms, CompSAE (m=4) "
+              f"{comp * 1e3:.0f} ms, CompSAE (all k, fused SDPA) {comp_all * 1e3:.0f} ms "
+              f"on {torch.get_num_threads()} threads")
+        train_rows = BATCH / comp
+        print(f"(c) loader {load:,.0f} rows/s vs CompSAE training {train_rows:,.0f} rows/s")
+
+    print(f"RESULT loader_vs_memmap={load / mem:.3f}")
+    print(f"RESULT compsae_step_vs_topk={comp / topk:.3f}")
+    print(f"RESULT loader_vs_train={load / train_rows:.1f}")
+
+
+if __name__ == "__main__":
+    main()

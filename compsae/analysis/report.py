@@ -1,0 +1,244 @@
+"""The analysis report: PNG figures, `report.html` (offline: no scripts, styles or fonts from the
+network; figures are relative PNGs next to it), `metrics.json` and `metrics.parquet`."""
+
+from __future__ import annotations
+
+import html
+import json
+import os
+from typing import Any
+
+import numpy as np
+
+from compsae.analysis.metrics import flat_rows, json_safe
+
+
+def fmt(v: Any) -> str:
+    """How every number appears in report.html (4 significant digits; '–' for missing)."""
+    if v is None or (isinstance(v, float) and not np.isfinite(v)):
+        return "–"
+    if isinstance(v, (int, np.integer)) and not isinstance(v, bool):
+        return str(int(v))
+    if isinstance(v, (float, np.floating)):
+        return f"{float(v):.4g}"
+    return html.escape(str(v))
+
+
+def table(rows: list[dict[str, Any]], columns: list[str], caption: str) -> str:
+    """An HTML table; each row's first column names it."""
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{fmt(r.get(c))}</td>" for c in columns) + "</tr>" for r in rows
+    )
+    return f"<table><caption>{html.escape(caption)}</caption><tr>{head}</tr>{body}</table>"
+
+
+# -- figures ---------------------------------------------------------------------------------------
+
+
+def _plt() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_density(metrics: dict[str, Any], path: str) -> None:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for name, m in metrics["models"].items():
+        hist = m.get("latents", {}).get("density_hist")
+        if not hist or m.get("kind") in ("pca", "pca_topk"):
+            continue
+        ax.stairs(hist["counts"], hist["bin_edges"], label=f"{name} ({hist['dead']} dead)")
+    ax.set_xlabel("log10 firing fraction")
+    ax.set_ylabel("latents")
+    ax.set_title(f"latent density ({metrics['n_tokens']} held-out tokens)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_fvu_vs_l0(metrics: dict[str, Any], path: str) -> None:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for name, m in metrics["models"].items():
+        a = m["all"]
+        if a.get("l0") is None or a.get("fvu") is None:
+            continue
+        ax.scatter([a["l0"]], [a["fvu"]], label=name)
+        if a.get("fvu_nocomp") is not None:
+            ax.scatter([a["l0"]], [a["fvu_nocomp"]], marker="x", label=f"{name} (composition off)")
+    ax.set_xscale("log")
+    ax.set_xlabel("L0")
+    ax.set_ylabel("FVU (held-out)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def cluster_order(mat: np.ndarray) -> np.ndarray:
+    """Leaf order of an average-linkage clustering of the rows of a symmetrised `mat` (NaN = 0)."""
+    from scipy.cluster.hierarchy import leaves_list, linkage
+    from scipy.spatial.distance import pdist
+
+    m = np.nan_to_num(mat)
+    m = (m + m.T) / 2
+    if len(m) < 3:
+        return np.arange(len(m))
+    return leaves_list(linkage(pdist(m), method="average"))
+
+
+def plot_heatmap(comp: np.ndarray, tracked: np.ndarray, name: str, path: str, limit: int = 128) -> None:
+    plt = _plt()
+    sub = comp[:limit, :limit]
+    order = cluster_order(sub)
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    im = ax.imshow(np.nan_to_num(sub[np.ix_(order, order)]), cmap="viridis", interpolation="nearest")
+    ax.set_title(f"{name}: mean attention i→j (top {len(sub)} latents, clustered)", fontsize=8)
+    ax.set_xlabel("key latent j")
+    ax.set_ylabel("query latent i")
+    fig.colorbar(im, ax=ax, shrink=0.8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_partners(partners: dict[str, np.ndarray], name: str, path: str) -> None:
+    plt = _plt()
+    counts = partners["n_partners"]
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    ax.hist(counts, bins=np.arange(counts.max(initial=0) + 2) - 0.5)
+    ax.set_xlabel("distinct partners (attention share ≥ threshold)")
+    ax.set_ylabel("latents")
+    ax.set_title(name)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_head_entropy(heads: dict[str, Any], name: str, path: str) -> None:
+    plt = _plt()
+    ent = heads["entropy_per_head"]
+    fig, ax = plt.subplots(figsize=(5, 3))
+    ax.bar(np.arange(len(ent)), ent)
+    ax.set_xlabel("head")
+    ax.set_ylabel("mean attention entropy (nats)")
+    ax.set_title(f"{name}: head agreement {fmt(heads['head_agreement'])}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_attention_example(ex: dict[str, Any], path: str) -> None:
+    plt = _plt()
+    attn = np.asarray(ex["attn"])
+    labels = [str(i) for i in ex["latents"]]
+    fig, ax = plt.subplots(figsize=(5, 4.6))
+    ax.imshow(attn, cmap="magma", vmin=0, vmax=max(float(attn.max(initial=0)), 1e-6))
+    ax.set_xticks(range(len(labels)), labels, rotation=90, fontsize=5)
+    ax.set_yticks(range(len(labels)), labels, fontsize=5)
+    ax.set_title(f"…{ex['context'][-60:]} [{ex['token']}]", fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def make_figures(metrics: dict[str, Any], arrays: dict[str, dict[str, Any]], examples: list[dict[str, Any]],
+                 fig_dir: str) -> list[tuple[str, str]]:
+    """Write every figure into `fig_dir`; returns (file name, caption) pairs in report order."""
+    os.makedirs(fig_dir, exist_ok=True)
+    figs: list[tuple[str, str]] = []
+
+    def add(fname: str, caption: str, fn: Any, *args: Any) -> None:
+        fn(*args, os.path.join(fig_dir, fname))
+        figs.append((fname, caption))
+
+    add("density_hist.png", "Latent firing density (held-out tokens)", plot_density, metrics)
+    add("fvu_vs_l0.png", "FVU against L0, every method", plot_fvu_vs_l0, metrics)
+    for name, arr in arrays.items():
+        if "comp" in arr:
+            add(f"composition_{name}.png", f"{name}: composition matrix, clustered", plot_heatmap,
+                arr["comp"], arr["tracked"], name)
+            add(f"partners_{name}.png", f"{name}: distinct partners per latent", plot_partners, arr["partners"], name)
+        heads = metrics["models"][name].get("heads")
+        if heads:
+            add(f"head_entropy_{name}.png", f"{name}: attention entropy per head", plot_head_entropy, heads, name)
+    for i, ex in enumerate(examples):
+        add(f"attention_example_{i}.png", f"{ex['model']}: attention among the active latents of one token",
+            plot_attention_example, ex)
+    return figs
+
+
+# -- the page --------------------------------------------------------------------------------------
+
+RECON_COLS = ["model", "kind", "l0", "fvu", "fve", "cosine", "l2_ratio", "fvu_nocomp", "comp_share", "n_tokens"]
+CSS = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}table{border-collapse:collapse;"
+       "margin:1em 0;font-size:13px}td,th{border:1px solid #bbb;padding:3px 7px;text-align:right}"
+       "caption{font-weight:bold;text-align:left}figure{display:inline-block;margin:.5em}img{max-width:520px}")
+
+
+def recon_rows(metrics: dict[str, Any], group: str) -> list[dict[str, Any]]:
+    rows = []
+    for name, m in metrics["models"].items():
+        rows.append({"model": name, "kind": m.get("kind"), **m[group]})
+    return sorted(rows, key=lambda r: (r.get("l0") is None, r.get("l0") or 0, r["model"]))
+
+
+def render_html(metrics: dict[str, Any], figures: list[tuple[str, str]]) -> str:
+    """report.html as a string (figures referenced by relative path)."""
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>compsae analysis</title>"
+             f"<style>{CSS}</style></head><body><h1>compsae analysis</h1>"]
+    parts.append(f"<p>hook <code>{html.escape(str(metrics['hook']))}</code>, {metrics['n_tokens']} held-out tokens "
+                 f"(held-out fraction {fmt(metrics['heldout_fraction'])}, seed {metrics['heldout_seed']}); "
+                 f"baselines at L0 = {metrics['baseline_k']}.</p>")
+    parts.append(table(recon_rows(metrics, "all"), RECON_COLS, "Comparison at matched L0 (all held-out tokens)"))
+    parts.append(table(recon_rows(metrics, "rest"), RECON_COLS, "Position > 0 only"))
+    parts.append(table(recon_rows(metrics, "bos"), RECON_COLS, "Position 0 (BOS) only"))
+    lat_rows = [{"model": n, **{k: v for k, v in m["latents"].items() if not isinstance(v, dict)}}
+                for n, m in metrics["models"].items() if "latents" in m]
+    if lat_rows:
+        cols = ["model", "n_latents", "dead_count", "dead_fraction"] + \
+            [c for c in lat_rows[0] if c.startswith("dense_fraction")] + ["dead_tokens_evaluated"]
+        parts.append(table(lat_rows, cols, "Latent health (dead = never fired on the evaluated tokens)"))
+    if metrics.get("ablations"):
+        cols = list(metrics["ablations"][0])
+        parts.append(table(metrics["ablations"], cols, "Ablations: every trained model"))
+    comp_rows = [{"model": n, **m["pairs"], **{k: v for k, v in m.get("gate", {}).items() if not isinstance(v, dict)},
+                  "head_agreement": m.get("heads", {}).get("head_agreement")}
+                 for n, m in metrics["models"].items() if "pairs" in m]
+    if comp_rows:
+        parts.append(table(comp_rows, list(comp_rows[0]), "Composition and co-occurrence"))
+    ce_rows = [{"model": n, **m["ce"]} for n, m in metrics["models"].items() if m.get("ce")]
+    if ce_rows:
+        parts.append(table(ce_rows, list(ce_rows[0]), "Next-token loss with x̂ spliced in"))
+    else:
+        parts.append(f"<p>CE evaluation: {html.escape(str(metrics.get('ce_note', 'not run')))}</p>")
+    for note in metrics.get("notes", []):
+        parts.append(f"<p class='note'>{html.escape(note)}</p>")
+    for fname, caption in figures:
+        parts.append(f"<figure><img src='figures/{html.escape(fname)}' alt='{html.escape(caption)}'>"
+                     f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def write_report(out_dir: str, metrics: dict[str, Any], arrays: dict[str, dict[str, Any]],
+                 examples: list[dict[str, Any]], plots: bool = True) -> dict[str, str]:
+    """Write metrics.json, metrics.parquet, figures/*.png and report.html into local `out_dir`."""
+    os.makedirs(out_dir, exist_ok=True)
+    safe = json_safe(metrics)
+    with open(os.path.join(out_dir, "metrics.json"), "w") as f:
+        json.dump(safe, f, indent=1, allow_nan=False)
+    flat_rows(safe).to_parquet(os.path.join(out_dir, "metrics.parquet"), index=False)
+    figures = make_figures(safe, arrays, examples, os.path.join(out_dir, "figures")) if plots else []
+    with open(os.path.join(out_dir, "report.html"), "w") as f:
+        f.write(render_html(safe, figures))
+    return {"report": "report.html", "metrics_json": "metrics.json", "metrics_parquet": "metrics.parquet"}
+
+
+__all__ = ["fmt", "make_figures", "render_html", "write_report"]

@@ -1,0 +1,334 @@
+"""`run_analyze`: every trained model and baseline of a pipeline, evaluated on held-out store rows
+with Dask, written up as one offline report.
+
+Order of work: open the store and the checkpoints → held-out rows (the split recorded in the
+checkpoints) → fit the baselines on training rows → choose the latents whose pair statistics are
+kept (most frequent on a pilot of blocks) → one Dask pass over the held-out blocks computing every
+statistic of every model → CE (where the LM loads) → metrics, top contexts, figures, report.html.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from typing import Any
+
+import fsspec
+import numpy as np
+import pandas as pd
+import torch
+from fsspec.implementations.local import LocalFileSystem
+
+from compsae.analysis.baselines import fit_baselines
+from compsae.analysis.block_stats import BlockSpec
+from compsae.analysis.ce import CEFn, ce_metrics
+from compsae.analysis.composition import active_ids
+from compsae.analysis.config import AnalyzeConfig
+from compsae.analysis.dask_path import (
+    acts_array,
+    build_graph,
+    compute,
+    dask_client,
+    open_store,
+    plan_blocks,
+    reference_partials,
+)
+from compsae.analysis.metrics import latent_table, model_metrics
+from compsae.analysis.reconstruction import TopContexts
+from compsae.analysis.reconstructors import Reconstructor, SAEReconstructor
+from compsae.analysis.report import write_report
+from compsae.errors import UserError
+from compsae.store import ActivationStore
+
+PILOT_BLOCKS = 8
+ABLATION_FIELDS = ("type", "n_latents", "k", "composer", "gate", "curriculum", "graduated_sparsity")
+
+
+def discover_models(train_dir: str) -> list[tuple[str, str]]:
+    """(name, folder) of every checkpoint folder (holding config.json) directly under `train_dir`."""
+    fs, path = fsspec.core.url_to_fs(train_dir)
+    if not fs.exists(path):
+        raise UserError(f"no train stage folder at {train_dir}; run `compsae train` first")
+    found = []
+    for entry in fs.ls(path, detail=True):
+        name = entry["name"].rstrip("/").rsplit("/", 1)[-1]
+        if entry["type"] == "directory" and fs.exists(f"{entry['name']}/config.json"):
+            prefix = "" if isinstance(fs, LocalFileSystem) else f"{fs.protocol[0] if isinstance(fs.protocol, tuple) else fs.protocol}://"
+            found.append((name, prefix + entry["name"]))
+    return sorted(found)
+
+
+def split_params(meta: dict[str, Any]) -> tuple[float, int]:
+    """(held-out fraction, seed) of the split a checkpoint was trained with."""
+    train = meta.get("train") or {}
+    split = meta.get("split") or {}
+    fraction = split.get("heldout_fraction", meta.get("heldout_fraction", train.get("heldout_fraction", 0.05)))
+    seed = split.get("seed", meta.get("split_seed", meta.get("seed", train.get("seed", 0))))
+    return float(fraction), int(seed)
+
+
+def token_decoder(manifest: dict[str, Any]) -> Callable[[int], str]:
+    """Token id -> text for the store's tokenizer where it can be loaded offline, else `<id>`."""
+    name = str((manifest.get("model") or {}).get("name", ""))
+    tok = None
+    try:
+        if name == "tiny-neox":
+            from compsae.harvest.byte_tokenizer import byte_tokenizer
+
+            tok = byte_tokenizer()
+        elif name == "smollm2-135m" or os.path.isdir(name):
+            from transformers import AutoTokenizer
+
+            if name == "smollm2-135m":
+                from compsae.harvest.offline_assets import smollm2_folder
+
+                name = str(smollm2_folder(download=False))
+            tok = AutoTokenizer.from_pretrained(name)
+    except Exception:  # noqa: BLE001 - token text is a convenience; ids are the fallback
+        tok = None
+    cache: dict[int, str] = {}
+
+    def decode(i: int) -> str:
+        if i not in cache:
+            cache[i] = tok.decode([i]) if tok is not None else f"<{i}>"
+        return cache[i]
+
+    return decode
+
+
+def fit_rows(store: ActivationStore, hook: str, train_mask: np.ndarray, n: int) -> np.ndarray:
+    """Up to `n` training rows `[m, d]`, from chunks spread evenly over the store."""
+    order = np.unique(np.linspace(0, store.n_chunks - 1, store.n_chunks).astype(int))
+    stride = max(1, store.n_chunks // max(1, -(-n // store.chunk_rows)))
+    order = np.concatenate([order[::stride], np.setdiff1d(order, order[::stride])])
+    got, total = [], 0
+    for c in order:
+        lo = c * store.chunk_rows
+        x = store.read_chunk(hook, int(c))
+        x = x[train_mask[lo : lo + len(x)]]
+        got.append(x)
+        total += len(x)
+        if total >= n:
+            break
+    if total == 0:
+        raise UserError("no training rows to fit the baselines on; lower heldout_fraction or skip baselines")
+    return np.concatenate(got)[:n].astype(np.float32)
+
+
+def choose_tracked(store: ActivationStore, hook: str, pos: np.ndarray, plan: Any, recons: list[Reconstructor],
+                   limit: int) -> dict[str, np.ndarray]:
+    """Latents whose pair statistics are kept, per CompSAE: all when they fit in `limit`, else the
+    `limit` most frequent on the first `PILOT_BLOCKS` planned blocks (ties to the lower index)."""
+    tracked, pilot = {}, []
+    for r in recons:
+        if r.kind != "compsae":
+            continue
+        if r.n_latents <= limit:
+            tracked[r.name] = np.arange(r.n_latents)
+        else:
+            pilot.append(r)
+    if pilot:
+        sub = type(plan)(plan.chunks[:PILOT_BLOCKS], plan.keep)
+        parts = reference_partials(store, hook, pos, sub, pilot,
+                                   BlockSpec(top_k_contexts=0, skip=frozenset({"pairs", "heads", "gate"})))
+        for r in pilot:
+            fire = parts[r.name]["latents"].fire
+            tracked[r.name] = np.sort(np.argsort(-fire, kind="stable")[:limit])
+    return tracked
+
+
+def top_context_table(name: str, top: TopContexts, store: ActivationStore, window: int,
+                      decode: Callable[[int], str]) -> pd.DataFrame:
+    """One row per (latent, rank): activation, store row, the token and its left context."""
+    lat, rank = np.nonzero(top.rows >= 0)
+    rows = top.rows[lat, rank]
+    tokens, seq, pos = store.tokens, store.seq_id, store.pos
+    cand = rows[:, None] + np.arange(-window, 1)[None, :]  # [m, window+1]
+    valid = (cand >= 0) & (seq[np.maximum(cand, 0)] == seq[rows][:, None])
+    ids = np.where(valid, tokens[np.maximum(cand, 0)], -1)
+    ctx_ids = [r[r >= 0].tolist() for r in ids]
+    return pd.DataFrame({
+        "model": name, "latent": lat, "rank": rank, "activation": top.values[lat, rank], "row": rows,
+        "seq_id": seq[rows], "pos": pos[rows], "token_id": tokens[rows],
+        "token_text": [decode(int(t)) for t in tokens[rows]],
+        "context_ids": ctx_ids, "context_text": ["".join(decode(i) for i in c) for c in ctx_ids],
+    })
+
+
+def attention_examples(rec: SAEReconstructor, store: ActivationStore, hook: str, plan: Any, n: int,
+                       decode: Callable[[int], str]) -> list[dict[str, Any]]:
+    """A few held-out tokens (position > 0) with the head-mean attention among their active latents."""
+    if n == 0:
+        return []
+    rows = np.flatnonzero(plan.keep & (store.pos > 0))
+    if rows.size == 0:
+        return []
+    picks = rows[np.linspace(0, rows.size - 1, n).astype(int)]
+    x = np.stack([store.read_rows(hook, int(r), int(r) + 1)[0] for r in picks])
+    out = rec(x)
+    if out.attn is None or out.active_idx is None:
+        return []
+    act = active_ids(out.active_idx, out.z)
+    examples = []
+    for i, r in enumerate(picks):
+        on = act[i] >= 0
+        w = out.attn[i].mean(0)[np.ix_(on, on)]
+        lo = max(int(r) - 12, 0)
+        ctx = [int(t) for t, s in zip(store.tokens[lo:r], store.seq_id[lo:r], strict=True) if s == store.seq_id[r]]
+        examples.append({"model": rec.name, "row": int(r), "token": decode(int(store.tokens[r])),
+                         "context": "".join(decode(t) for t in ctx), "latents": act[i][on].tolist(),
+                         "attn": w.tolist()})
+    return examples
+
+
+def heldout_sequences(store: ActivationStore, keep: np.ndarray, n: int) -> np.ndarray:
+    """`[≤n, ctx]` token ids of whole held-out sequences (rows of a sequence are contiguous)."""
+    ctx = int(store.manifest.get("context", 0))
+    seq, pos, tokens = store.seq_id, store.pos, store.tokens
+    starts = np.flatnonzero(keep & (pos == 0))
+    out = []
+    for s in starts:
+        if s + ctx <= len(seq) and seq[s + ctx - 1] == seq[s] and pos[s + ctx - 1] == ctx - 1:
+            out.append(tokens[s : s + ctx])
+        if len(out) >= n:
+            break
+    return np.asarray(out, dtype=np.int64).reshape(-1, ctx)
+
+
+def find_ce_fn(manifest: dict[str, Any], hook: str) -> tuple[CEFn | None, str]:
+    """The harvest stage's CE function for this store's LM, or (None, why not)."""
+    try:
+        from compsae.harvest.ce import make_ce_fn  # provided by the harvest stage
+    except ImportError:
+        return None, "skipped: the harvest stage provides no CE function (compsae.harvest.ce.make_ce_fn)"
+    try:
+        return make_ce_fn(manifest, hook), ""
+    except (UserError, OSError) as e:
+        return None, f"skipped: the LM could not be loaded ({e})"
+
+
+def run_analyze(cfg: AnalyzeConfig, store_url: str, train_dir: str, out_dir: str, force: bool = False,
+                workers: int | None = None, scheduler: str | None = None, processes: bool = True,
+                ce_fn: CEFn | None = None, decode: Callable[[int], str] | None = None) -> dict[str, Any]:
+    """Analyse every model under `train_dir` (one folder each) and the baselines on the store's
+    held-out rows; write report.html, metrics.json/.parquet, latents.parquet, top_contexts.parquet
+    and figures/ into `out_dir`.  `workers` / `scheduler` override the config's (CLI flags).
+    Returns the stage outputs (file names and headline numbers)."""
+    del force  # the stage record decides whether to rerun; a run always rewrites its folder
+    workers = cfg.workers if workers is None else workers
+    scheduler = cfg.scheduler if scheduler is None else scheduler
+    store = open_store(store_url)
+    found = discover_models(train_dir)
+    if not found:
+        raise UserError(f"no trained models under {train_dir} (expected one folder per model with config.json)")
+    recons: list[Reconstructor] = [SAEReconstructor.from_checkpoint(n, d, cfg.batch_rows) for n, d in found]
+    metas = {r.name: r.meta for r in recons}  # type: ignore[attr-defined]
+    hook = cfg.hook or metas[recons[0].name].get("hook") or store.hooks[0]
+    if hook not in store.hooks:
+        raise UserError(f"the store has no hook {hook!r}; it holds {', '.join(store.hooks)} (set analyze.hook)")
+    notes = []
+    other = [r.name for r in recons if metas[r.name].get("hook", hook) != hook]
+    if other:
+        notes.append(f"models trained on another hook left out: {', '.join(other)}")
+        recons = [r for r in recons if r.name not in other]
+    fraction, seed = split_params(metas[recons[0].name])
+    heldout = _heldout_mask(store.seq_id, fraction, seed)
+    plan = plan_blocks(heldout, store.chunk_rows, cfg.max_heldout_tokens)
+    pos = store.pos
+
+    compsae_k = [int(m["model"]["k"]) for m in metas.values() if m["model"].get("type") == "compsae"]
+    k = cfg.baseline_k or (compsae_k[0] if compsae_k else 32)
+    sae_names = frozenset(r.name for r in recons)
+    if "baselines" not in cfg.skip and cfg.baselines:
+        x_fit = fit_rows(store, hook, ~heldout, cfg.baseline_fit_tokens)
+        recons += fit_baselines(list(cfg.baselines), x_fit, k, cfg.nmf_components, cfg.seed)
+
+    tracked = choose_tracked(store, hook, pos, plan, recons, cfg.pair_latents) if "pairs" not in cfg.skip else {}
+    spec = BlockSpec(top_k_contexts=cfg.top_k_contexts, skip=frozenset(cfg.skip), tracked=tracked,
+                     contexts_for=sae_names)
+    graph = build_graph(acts_array(store, hook), pos, plan, recons, spec)
+    with dask_client(workers, scheduler, cfg.threads_per_worker, processes) as client:
+        partials = compute(graph, client, cfg.progress)
+
+    models: dict[str, Any] = {}
+    arrays: dict[str, dict[str, Any]] = {}
+    for r in recons:
+        m, arr = model_metrics(partials[r.name], cfg.dense_thresholds, cfg.partner_threshold, tracked.get(r.name))
+        m["kind"] = r.kind
+        models[r.name], arrays[r.name] = m, arr
+
+    ce_note = "off in the config"
+    if cfg.ce and "ce" not in cfg.skip:
+        fn, ce_note = (ce_fn, "") if ce_fn is not None else find_ce_fn(store.manifest, hook)
+        seqs = heldout_sequences(store, plan.keep, cfg.ce_sequences)
+        if fn is not None and len(seqs) == 0:
+            ce_note = "skipped: no whole held-out sequence in the evaluated rows"
+        elif fn is not None:
+            tok = torch.as_tensor(seqs)
+            for r in recons:
+                models[r.name]["ce"] = ce_metrics(fn, tok, _splice(r))
+            ce_note = f"{len(seqs)} held-out sequences"
+
+    ablations = []
+    for r in recons:
+        if r.name not in sae_names:
+            continue
+        mc, a = metas[r.name]["model"], models[r.name]["all"]
+        ablations.append({"model": r.name, **{f: mc.get(f) for f in ABLATION_FIELDS}, "l0": a["l0"], "fvu": a["fvu"],
+                          "fvu_nocomp": a.get("fvu_nocomp"), "comp_share": a.get("comp_share"),
+                          "dead_fraction": models[r.name].get("latents", {}).get("dead_fraction"),
+                          "ce_recovered": models[r.name].get("ce", {}).get("ce_recovered"),
+                          "tokens_seen": metas[r.name].get("tokens_seen")})
+    metrics = {"hook": hook, "store": store_url, "n_tokens": plan.n_tokens, "heldout_fraction": fraction,
+               "heldout_seed": seed, "baseline_k": k, "models": models, "ablations": ablations,
+               "ce_note": ce_note, "notes": notes, "scheduler": scheduler or (f"LocalCluster({workers})" if workers else "threads")}
+
+    decode = decode or token_decoder(store.manifest)
+    examples = []
+    for r in recons:
+        if r.kind == "compsae" and len(examples) == 0 and cfg.plots:
+            examples = attention_examples(r, store, hook, plan, cfg.n_attention_examples, decode)  # type: ignore[arg-type]
+
+    return _write_outputs(out_dir, cfg, metrics, arrays, examples, partials, store, decode)
+
+
+def _heldout_mask(seq_id: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    from compsae.store.split import heldout_mask
+
+    return heldout_mask(seq_id, fraction, seed)
+
+
+def _splice(rec: Reconstructor) -> Callable[[torch.Tensor], torch.Tensor]:
+    def replace(acts: torch.Tensor) -> torch.Tensor:  # [b, ctx, d] -> x̂ of the same shape
+        flat = acts.detach().float().cpu().reshape(-1, acts.shape[-1]).numpy()
+        x_hat = torch.as_tensor(rec(flat).x_hat).reshape(acts.shape)
+        return x_hat.to(acts.dtype).to(acts.device)
+
+    return replace
+
+
+def _write_outputs(out_dir: str, cfg: AnalyzeConfig, metrics: dict[str, Any], arrays: dict[str, dict[str, Any]],
+                   examples: list[dict[str, Any]], partials: dict[str, Any], store: ActivationStore,
+                   decode: Callable[[int], str]) -> dict[str, Any]:
+    fs, path = fsspec.core.url_to_fs(out_dir)
+    local = isinstance(fs, LocalFileSystem)
+    work = path if local else tempfile.mkdtemp(prefix="compsae-analyze-")
+    try:
+        files = write_report(work, metrics, arrays, examples, plots=cfg.plots)
+        lat = pd.concat([latent_table(n, a) for n, a in arrays.items()], ignore_index=True)
+        lat.to_parquet(os.path.join(work, "latents.parquet"), index=False)
+        files["latents"] = "latents.parquet"
+        tops = [top_context_table(n, p["top"], store, cfg.context_window, decode)
+                for n, p in partials.items() if p.get("top") is not None]
+        if tops:
+            pd.concat(tops, ignore_index=True).to_parquet(os.path.join(work, "top_contexts.parquet"), index=False)
+            files["top_contexts"] = "top_contexts.parquet"
+        if not local:
+            fs.put(work.rstrip("/") + "/", path, recursive=True)
+    finally:
+        if not local:
+            shutil.rmtree(work, ignore_errors=True)
+    headline = {n: {"fvu": m["all"]["fvu"], "l0": m["all"]["l0"]} for n, m in metrics["models"].items()}
+    return {"files": files, "n_tokens": metrics["n_tokens"], "hook": metrics["hook"], "headline": headline}
