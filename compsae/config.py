@@ -12,10 +12,11 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from compsae.analysis.config import AnalyzeConfig
 from compsae.errors import UserError
+from compsae.evaluation.config import EvaluateConfig, GroundTruthConfig
 from compsae.harvest.config import HarvestConfig
 from compsae.train.config import TrainStageConfig
 
@@ -29,9 +30,25 @@ class PipelineConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     description: str = ""
-    harvest: HarvestConfig
+    harvest: HarvestConfig | None = Field(None, description="run a language model and store its activations")
+    ground_truth: GroundTruthConfig | None = Field(
+        None, description="instead of harvest: synthetic activations with known features and compositions")
     train: TrainStageConfig | None = None
     analyze: AnalyzeConfig | None = None
+    evaluate: EvaluateConfig | None = Field(None, description="ground-truth scores (needs ground_truth)")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> PipelineConfig:
+        if (self.harvest is None) == (self.ground_truth is None):
+            raise ValueError("give exactly one of 'harvest' (a language model) or 'ground_truth' (synthetic data)")
+        if self.evaluate is not None and self.ground_truth is None:
+            raise ValueError("'evaluate' scores against known features: it needs a 'ground_truth' section")
+        return self
+
+    @property
+    def source(self) -> HarvestConfig | GroundTruthConfig:
+        """The config of the first stage, whichever kind it is."""
+        return self.harvest if self.harvest is not None else self.ground_truth  # type: ignore[return-value]
 
 
 class PipelinesFile(BaseModel):

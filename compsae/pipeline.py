@@ -21,7 +21,11 @@ from compsae.stages import (
 
 
 def stage_config(pipe: PipelineConfig, stage: str) -> Any:
-    """The config of `stage` in `pipe`, or None when the pipeline does not run it."""
+    """The config of `stage` in `pipe`, or None when the pipeline does not run it.
+
+    The first stage is called harvest whether it runs a model or writes ground-truth data."""
+    if stage == "harvest":
+        return pipe.source
     return getattr(pipe, stage, None)
 
 
@@ -93,6 +97,10 @@ def _call_stage(stage: str, cfg: Any, out_dir: str, inputs: dict[str, dict[str, 
     # Imported here: each stage pulls in torch / transformer_lens / dask, which the CLI's
     # `status` and error paths should not pay for.
     if stage == "harvest":
+        from compsae.evaluation.config import GroundTruthConfig
+
+        if isinstance(cfg, GroundTruthConfig):
+            return _write_ground_truth(cfg, out_dir, force)
         from compsae.harvest.run import run_harvest
 
         return run_harvest(cfg, out_dir, force=force)
@@ -111,7 +119,30 @@ def _call_stage(stage: str, cfg: Any, out_dir: str, inputs: dict[str, dict[str, 
             force=force,
             **{k: v for k, v in options.items() if k in ("workers", "scheduler") and v is not None},
         )
+    if stage == "evaluate":
+        from compsae.evaluation.config import EvalRun
+        from compsae.evaluation.stage import run_evaluate
+
+        train_out = inputs["train"]["outputs"]
+        train_cfg = inputs["train"]["config"]
+        runs = cfg.runs or [EvalRun(label=name, checkpoint=rec["path"], store=train_out["store"])
+                            for name, rec in train_out["models"].items()]
+        # score on the rows training never saw: the train stage's held-out split
+        cfg = cfg.model_copy(update={"runs": runs, "heldout_fraction": train_out["heldout_fraction"],
+                                     "split_seed": train_cfg.get("seed", 0)})
+        return run_evaluate(cfg, out_dir)
     raise UserError(f"unknown stage {stage!r}; stages are {', '.join(STAGE_ORDER)}")
+
+
+def _write_ground_truth(cfg: Any, out_dir: str, force: bool) -> dict[str, Any]:
+    from compsae.evaluation.ground_truth import write_ground_truth_store
+    from compsae.store import ActivationStore, manifest_digest
+    from compsae.stages import join
+
+    url = join(out_dir, "store.zarr")
+    summary = write_ground_truth_store(cfg, url, overwrite=force)
+    store = ActivationStore.open(url)
+    return {**summary, "store": url, "hooks": {cfg.hook: cfg.d_model}, "digest": manifest_digest(store.manifest)}
 
 
 def run_pipeline(whole: PipelinesFile, pipe: PipelineConfig, name: str, force: bool = False,

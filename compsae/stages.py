@@ -23,12 +23,13 @@ from pydantic import BaseModel
 from compsae import __version__
 from compsae.errors import UserError
 
-STAGE_ORDER = ("harvest", "train", "analyze")
-STAGE_INPUTS: dict[str, tuple[str, ...]] = {"harvest": (), "train": ("harvest",), "analyze": ("harvest", "train")}
+STAGE_ORDER = ("harvest", "train", "analyze", "evaluate")
+STAGE_INPUTS: dict[str, tuple[str, ...]] = {
+    "harvest": (), "train": ("harvest",), "analyze": ("harvest", "train"), "evaluate": ("harvest", "train")}
 RECORD = "stage.json"
 
 # Fields that change how fast a stage runs, never what it writes: left out of the hash.
-NON_SEMANTIC = {"device", "workers", "scheduler", "progress", "num_threads", "prefetch"}
+NON_SEMANTIC = {"device", "workers", "scheduler", "progress", "num_threads", "prefetch", "threads_per_worker"}
 
 
 def config_for_hash(cfg: BaseModel) -> dict[str, Any]:
