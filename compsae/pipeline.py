@@ -136,8 +136,8 @@ def _call_stage(stage: str, cfg: Any, out_dir: str, inputs: dict[str, dict[str, 
 
 def _write_ground_truth(cfg: Any, out_dir: str, force: bool) -> dict[str, Any]:
     from compsae.evaluation.ground_truth import write_ground_truth_store
-    from compsae.store import ActivationStore, manifest_digest
     from compsae.stages import join
+    from compsae.store import ActivationStore, manifest_digest
 
     url = join(out_dir, "store.zarr")
     summary = write_ground_truth_store(cfg, url, overwrite=force)

@@ -79,7 +79,8 @@ class CompositionNetwork(nn.Module):
         b, n_items = idx.shape
         if b * n_items > table.shape[0]:
             proj = table @ self.qkv.weight.t()  # [n, 3 d_f]: once per latent instead of once per item
-            return vals.unsqueeze(-1) * proj[idx] + self.qkv.bias
+            # F.embedding, not proj[idx]: its CPU backward sums rows in a fixed order (exact resume)
+            return vals.unsqueeze(-1) * F.embedding(idx, proj) + self.qkv.bias
         return self.qkv(vals.unsqueeze(-1) * table[idx])
 
     def forward(self, idx: torch.Tensor, vals: torch.Tensor, table: torch.Tensor, m: int | None = None,
