@@ -208,6 +208,9 @@ def render_html(metrics: dict[str, Any], figures: list[tuple[str, str]]) -> str:
     if metrics.get("ablations"):
         cols = list(metrics["ablations"][0])
         parts.append(table(metrics["ablations"], cols, "Ablations: every trained model"))
+    if metrics.get("ablations_by_variant"):
+        rows = metrics["ablations_by_variant"]
+        parts.append(table(rows, list(rows[0]), "Ablations: mean and sd over seeds (sd with ddof=1)"))
     comp_rows = [{"model": n, **m["pairs"], **{k: v for k, v in m.get("gate", {}).items() if not isinstance(v, dict)},
                   "head_agreement": m.get("heads", {}).get("head_agreement")}
                  for n, m in metrics["models"].items() if "pairs" in m]

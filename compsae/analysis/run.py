@@ -46,6 +46,29 @@ PILOT_BLOCKS = 8
 ABLATION_FIELDS = ("type", "n_latents", "k", "composer", "gate", "curriculum", "graduated_sparsity")
 
 
+ABLATION_METRICS = ("fvu", "fvu_nocomp", "comp_share", "l0", "dead_fraction", "ce_recovered")
+
+
+def ablations_by_variant(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Mean ± sd over seeds of every variant trained as `<variant>__s<seed>`; [] without repeats."""
+    from compsae.evaluation.ablations import aggregate_seeds
+    from compsae.train.config import split_seed_name
+
+    tagged = []
+    for row in rows:
+        variant, seed = split_seed_name(row["model"])
+        if seed is not None:
+            tagged.append({"variant": variant, "seed": seed,
+                           **{m: row.get(m) for m in ABLATION_METRICS if row.get(m) is not None}})
+    if not tagged:
+        return []
+    agg = aggregate_seeds(tagged, metrics=[m for m in ABLATION_METRICS if any(m in t for t in tagged)])
+    out = []
+    for variant, rec in agg.iterrows():
+        out.append({"variant": variant, **{c: (None if pd.isna(v) else float(v)) for c, v in rec.items()}})
+    return out
+
+
 def discover_models(train_dir: str) -> list[tuple[str, str]]:
     """(name, folder) of every checkpoint folder (holding config.json) directly under `train_dir`."""
     fs, path = fsspec.core.url_to_fs(train_dir)
@@ -283,6 +306,7 @@ def run_analyze(cfg: AnalyzeConfig, store_url: str, train_dir: str, out_dir: str
                           "tokens_seen": metas[r.name].get("tokens_seen")})
     metrics = {"hook": hook, "store": store_url, "n_tokens": plan.n_tokens, "heldout_fraction": fraction,
                "heldout_seed": seed, "baseline_k": k, "models": models, "ablations": ablations,
+               "ablations_by_variant": ablations_by_variant(ablations),
                "ce_note": ce_note, "notes": notes, "scheduler": scheduler or (f"LocalCluster({workers})" if workers else "threads")}
 
     decode = decode or token_decoder(store.manifest)

@@ -124,6 +124,17 @@ class TrainConfig(BaseModel):
         return -(-self.tokens // self.batch_size)
 
 
+SEED_SEPARATOR = "__s"  # model "<variant>__s<seed>" is one seed of a variant
+
+
+def split_seed_name(name: str) -> tuple[str, int | None]:
+    """`gate_off__s2` -> ("gate_off", 2); a name without a seed suffix -> (name, None)."""
+    variant, sep, seed = name.rpartition(SEED_SEPARATOR)
+    if sep and seed.isdigit():
+        return variant, int(seed)
+    return name, None
+
+
 class TrainStageConfig(TrainConfig):
     """`train:` of a pipeline: the hook, shared training settings and the models to train."""
 
@@ -136,9 +147,22 @@ class TrainStageConfig(TrainConfig):
         min_length=1,
     )
 
+    seeds: list[int] | None = Field(
+        None, min_length=1,
+        description="train every model once per seed; names become <model>__s<seed> (ablation studies)")
+
     @model_validator(mode="after")
     def _resolve_models(self) -> TrainStageConfig:
         import re
+
+        if self.seeds is not None:
+            if len(set(self.seeds)) != len(self.seeds):
+                raise ValueError(f"seeds are listed twice: {self.seeds}")
+            self.models = {
+                f"{name}{SEED_SEPARATOR}{seed}": cfg.model_copy(update={"train": {**cfg.train, "seed": seed}})
+                for name, cfg in self.models.items() if SEED_SEPARATOR not in name
+                for seed in self.seeds
+            } | {name: cfg for name, cfg in self.models.items() if SEED_SEPARATOR in name}
 
         for name in self.models:
             if not re.match(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$", name) or ".." in name:

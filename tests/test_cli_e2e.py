@@ -1,0 +1,107 @@
+"""`compsae run --pipeline tiny` end to end through the console entry point, then reuse and errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+# a smaller `tiny`: fewer tokens, smaller models, no CE (the LM reload is tested elsewhere)
+SMALL = [
+    "harvest.n_tokens=2048",
+    "train.tokens=4096",
+    "train.models.compsae.n_latents=64",
+    "train.models.topk.n_latents=64",
+    "train.models.relu.n_latents=64",
+    "analyze.baselines=[pca, pca_topk]",
+    "analyze.max_heldout_tokens=1024",
+    "analyze.baseline_fit_tokens=256",
+    "analyze.pair_latents=32",
+]
+
+
+def compsae(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
+    return subprocess.run([sys.executable, "-m", "compsae.cli", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str]]:
+    work = tmp_path_factory.mktemp("e2e")
+    base = ["--pipeline", "tiny", "--config", str(ROOT / "pipelines.yaml"), "--set", f"runs_root={work / 'runs'}"]
+    for s in SMALL:
+        base += ["--set", s]
+    res = compsae("run", *base, cwd=work)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return work, base
+
+
+def test_run_writes_every_stage(finished_run):
+    work, _ = finished_run
+    runs = work / "runs" / "tiny"
+    stages = sorted(p.name.split("-")[0] for p in runs.iterdir() if (p / "stage.json").exists())
+    assert stages == ["analyze", "harvest", "train"]
+    analyze = next(runs.glob("analyze-*"))
+    metrics = json.loads((analyze / "metrics.json").read_text())
+    assert set(metrics["models"]) >= {"compsae", "topk", "relu", "pca", "pca_topk"}
+    assert (analyze / "report.html").read_text().count("<img") >= 3
+    for model in ("compsae", "topk", "relu"):
+        folder = next(runs.glob("train-*")) / model
+        assert (folder / "model.safetensors").exists() and (folder / "config.json").exists()
+        assert 0 < metrics["models"][model]["all"]["fvu"] < 1.5
+
+
+def test_rerun_does_nothing_and_status_is_done(finished_run):
+    work, base = finished_run
+    res = compsae("run", *base, cwd=work)
+    assert res.returncode == 0
+    assert res.stdout.count("up to date, nothing to do") == 3
+    res = compsae("status", *base, cwd=work)
+    assert [line.split()[1] for line in res.stdout.splitlines()] == ["done", "done", "done"]
+
+
+def test_verify_the_store(finished_run):
+    work, _ = finished_run
+    store = next((work / "runs" / "tiny").glob("harvest-*")) / "store.zarr"
+    res = compsae("verify", str(store), cwd=work)
+    assert res.returncode == 0 and res.stdout.startswith("ok: ")
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--set", "harvest.model=no-such-model"], "no-such-model"),
+        (["--set", "harvest.hooks=[blocks.0.hook_nonsense]"], "blocks.0.hook_nonsense"),
+        (["--set", "harvest.hooks=[blocks.40.hook_resid_post]"], "layer 40"),
+        (["--set", "harvest.context=100000"], "context 100000"),
+        (["--set", "harvest.data.source=/no/such/file.txt"], "/no/such/file.txt"),
+        (["--set", "train.models.topk.k=999"], "k (999) must not exceed n_latents"),
+    ],
+)
+def test_bad_input_is_one_line_exit_2(finished_run, extra, message):
+    work, base = finished_run
+    before = sorted(str(p) for p in (work / "runs").rglob("*"))
+    res = compsae("run", *base, *extra, "--set", f"runs_root={work / 'bad-runs'}", cwd=work)
+    assert res.returncode == 2, res.stderr[-2000:]
+    err = [line for line in res.stderr.splitlines() if line.strip()]
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], res.stderr[-2000:]
+    assert sorted(str(p) for p in (work / "runs").rglob("*")) == before  # nothing written is lost
+
+
+def test_train_needs_harvest_first(tmp_path):
+    res = compsae("train", "--pipeline", "tiny", "--config", str(ROOT / "pipelines.yaml"),
+                  "--set", f"runs_root={tmp_path / 'runs'}", cwd=tmp_path)
+    assert res.returncode == 2
+    assert "needs harvest first" in res.stderr
+
+
+def test_help_lists_the_commands():
+    res = subprocess.run([sys.executable, "-m", "compsae.cli", "--help"], capture_output=True, text=True)
+    for cmd in ("harvest", "train", "analyze", "run", "status", "verify", "humaneval"):
+        assert cmd in res.stdout
