@@ -103,7 +103,10 @@ def _call_stage(stage: str, cfg: Any, out_dir: str, inputs: dict[str, dict[str, 
             return _write_ground_truth(cfg, out_dir, force)
         from compsae.harvest.run import run_harvest
 
-        return run_harvest(cfg, out_dir, force=force)
+        # workers / scheduler change only speed (the store is byte-identical), so they are CLI
+        # options, not config fields that would change the stage hash
+        return run_harvest(cfg, out_dir, force=force, workers=options.get("workers"),
+                           scheduler=options.get("scheduler"))
     if stage == "train":
         from compsae.train.run import run_train
 

@@ -158,3 +158,20 @@ def test_round_trip_s3(s3_bucket):
     other = ActivationStore.open(url, mode="r+")
     with st.lock(), pytest.raises(UserError, match="another harvest holds"), other.lock():
         pass
+
+
+def test_store_killed_while_being_laid_out_is_laid_out_again(tmp_path, monkeypatch):
+    url = str(tmp_path / "s.zarr")
+    layout = StoreLayout(chunk_rows=64, shard_rows=256)
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt  # stands for kill -9 between the group and its arrays
+
+    import zarr
+
+    monkeypatch.setattr(zarr.Group, "create_array", killed)
+    with pytest.raises(KeyboardInterrupt):
+        ActivationStore.create_or_resume(url, {"h": 4}, 600, layout, {"config_hash": "one"})
+    monkeypatch.undo()
+    st = ActivationStore.create_or_resume(url, {"h": 4}, 600, layout, {"config_hash": "one"})
+    assert st.done_shards() == set() and st.manifest["laid_out"] is True

@@ -24,6 +24,7 @@ from dask.diagnostics import ProgressBar
 
 from compsae.analysis.block_stats import BlockSpec, block_partial, merge_many
 from compsae.analysis.reconstructors import Reconstructor
+from compsae.dask_cluster import dask_client  # noqa: F401 - re-exported for callers
 from compsae.errors import UserError
 from compsae.store import ActivationStore
 
@@ -148,29 +149,6 @@ def torch_threads(n: int) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
-
-
-@contextlib.contextmanager
-def dask_client(workers: int = 0, scheduler: str | None = None, threads_per_worker: int = 1,
-                processes: bool = True) -> Iterator[Any]:
-    """None for the threaded scheduler (`workers=0`), else a `distributed.Client`: to the cluster at
-    `scheduler`, or to a fresh `LocalCluster` of `workers` workers (closed on exit)."""
-    if scheduler is None and workers == 0:
-        yield None
-        return
-    from distributed import Client, LocalCluster
-
-    if scheduler is not None:
-        try:
-            client = Client(scheduler, timeout="10s")
-        except OSError as e:
-            raise UserError(f"cannot reach the Dask scheduler at {scheduler} ({e}); start it or drop --scheduler") from None
-        with client:
-            yield client
-        return
-    with LocalCluster(n_workers=workers, threads_per_worker=threads_per_worker, processes=processes,
-                      dashboard_address=None) as cluster, Client(cluster) as client:
-        yield client
 
 
 def compute(root: Delayed, client: Any = None, progress: bool = True) -> Any:

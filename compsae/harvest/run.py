@@ -7,9 +7,11 @@ batch, rows gathered into shard buffers → a background thread writes each full
 `ActivationStore.write_shard` (bounded queue: the forward pass never waits on disk unless the disk
 is slower than the model) → finalize (merged statistics, rounding error, complete=True).
 
-Resuming: a shard is the unit of completion.  A rerun starts at the batch holding the first row
-of the first missing shard.  Batches are always the same sequence ranges, so a resumed run feeds
-the model exactly the batches an uninterrupted run does and writes bit-identical values.
+Resuming: a shard is the unit of completion.  A rerun harvests only the missing shards, each run
+of consecutive missing shards from the batch holding its first row.  Batches are always the same
+sequence ranges, so a resumed run feeds the model exactly the batches an uninterrupted run does
+and writes bit-identical values.  The same property lets `compsae.harvest.parallel` hand shard
+ranges to Dask workers (`workers` / `scheduler`): each range is `harvest_shards` on its own.
 """
 
 from __future__ import annotations
@@ -92,9 +94,10 @@ class ShardWriter:
     in the harvesting thread."""
 
     def __init__(self, store: ActivationStore, tokens: np.ndarray, context: int,
-                 on_written: Callable[[int], None] | None = None) -> None:
+                 on_written: Callable[[int], None] | None = None, first_seq: int = 0) -> None:
         self.store = store
-        self.flat_tokens = tokens.reshape(-1)  # [n_rows]
+        self.flat_tokens = tokens.reshape(-1)  # [n_seqs_held * context], row 0 = global row row0
+        self.row0 = first_seq * context
         self.context = context
         self.on_written = on_written
         self.queue: queue.Queue[tuple[int, dict[str, np.ndarray]] | None] = queue.Queue(maxsize=_QUEUE_SHARDS)
@@ -110,7 +113,7 @@ class ShardWriter:
             try:
                 start, stop = self.store.shard_range(shard)
                 rows = np.arange(start, stop, dtype=np.int64)
-                self.store.write_shard(shard, acts, tokens=self.flat_tokens[start:stop],
+                self.store.write_shard(shard, acts, tokens=self.flat_tokens[start - self.row0:stop - self.row0],
                                        seq_id=rows // self.context, pos=rows % self.context)
                 if self.on_written is not None:
                     self.on_written(shard)
@@ -148,11 +151,16 @@ def _forward(loaded: LoadedModel, seqs: np.ndarray, hooks: list[str], widths: di
 
 
 def run_harvest(cfg: HarvestConfig, out_dir: str, force: bool = False,
-                on_shard_written: Callable[[int], None] | None = None) -> dict[str, Any]:
+                on_shard_written: Callable[[int], None] | None = None, workers: int | None = None,
+                scheduler: str | None = None, processes: bool = True) -> dict[str, Any]:
     """Harvest `cfg.hooks` of `cfg.model` over `cfg.data` into a store; resume a partial one.
 
     Returns the stage outputs: `{"store", "n_rows", "hooks", "dtype", "digest"}`.
-    `on_shard_written(shard)` is called by the writer after each shard (tests use it to stop a run).
+    `on_shard_written(shard)` is called after each shard is written (tests use it to stop a run);
+    in a parallel harvest it runs in this process once the task holding the shard has finished.
+    `workers` (a LocalCluster of that many single-threaded workers, `processes=False` for threads)
+    or `scheduler` (an existing Dask cluster, tcp://host:port) harvest shard ranges in parallel into
+    the same store; the result is byte-identical to the single-process harvest (None / 0: no Dask).
     """
     url = store_url(cfg, out_dir)
     digest = config_hash(cfg)
@@ -185,37 +193,75 @@ def run_harvest(cfg: HarvestConfig, out_dir: str, force: bool = False,
     # lock first: --force must not wipe a store another harvest is still writing
     with writer_lock(url, "harvest"), torch.inference_mode():
         store = ActivationStore.create_or_resume(url, widths, n_rows, cfg.layout(), manifest, force=force)
-        _harvest_into(store, cfg, loaded, tokens, widths, stop, on_shard_written)
+        if workers or scheduler:
+            from compsae.harvest.parallel import harvest_parallel
+
+            harvest_parallel(store, cfg, loaded, tokens, widths, stop, workers=workers or 0, scheduler=scheduler,
+                             processes=processes, on_shard_written=on_shard_written)
+        else:
+            _harvest_into(store, cfg, loaded, tokens, widths, stop, on_shard_written)
     return outputs_of(store)
 
 
-def _harvest_into(store: ActivationStore, cfg: HarvestConfig, loaded: LoadedModel, tokens: np.ndarray,
-                  widths: dict[str, int], stop: int | None, on_shard_written: Callable[[int], None] | None) -> None:
-    hooks, context, bs, shard_rows = list(cfg.hooks), cfg.context, cfg.batch_size, store.shard_rows
-    n_rows = store.n_rows
-    missing = sorted(set(range(store.n_shards)) - store.done_shards())
-    start_row = missing[0] * shard_rows if missing else n_rows
-    first_batch = start_row // context // bs
-    n_batches = -(-tokens.shape[0] // bs)
+def missing_runs(missing: list[int]) -> list[range]:
+    """Sorted shard indices as runs of consecutive shards: [0, 1, 2, 5, 6] → [range(0, 3), range(5, 7)]."""
+    runs: list[range] = []
+    for shard in sorted(missing):
+        if runs and runs[-1].stop == shard:
+            runs[-1] = range(runs[-1].start, shard + 1)
+        else:
+            runs.append(range(shard, shard + 1))
+    return runs
 
-    # The rounding error is always measured on batch 0, so a resumed store records the same value.
-    sample = _forward(loaded, tokens[:bs], hooks, widths, stop)
-    rounding = {h: rounding_error(sample[h][:_SAMPLE_ROWS], cfg.dtype) for h in hooks}  # raises on overflow
 
-    writer = ShardWriter(store, tokens, context, on_shard_written)
+def batch_span(store: ActivationStore, shards: range, context: int, batch_size: int) -> range:
+    """The batches (fixed sequence ranges of `batch_size`) that hold the rows of `shards`."""
+    first_row = store.shard_range(shards.start)[0]
+    last_row = store.shard_range(shards.stop - 1)[1] - 1
+    return range(first_row // context // batch_size, last_row // context // batch_size + 1)
+
+
+def measure_rounding(cfg: HarvestConfig, loaded: LoadedModel, tokens: np.ndarray, widths: dict[str, int],
+                     stop: int | None) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+    """Rounding error of the storage dtype per hook, always on batch 0 (so a resumed or parallel
+    harvest records the same value); also returns batch 0's activations.  Raises on float16 overflow."""
+    hooks = list(cfg.hooks)
+    sample = _forward(loaded, tokens[:cfg.batch_size], hooks, widths, stop)
+    return {h: rounding_error(sample[h][:_SAMPLE_ROWS], cfg.dtype) for h in hooks}, sample
+
+
+def harvest_shards(store: ActivationStore, cfg: HarvestConfig, loaded: LoadedModel, tokens: np.ndarray,
+                   widths: dict[str, int], stop: int | None, shards: range, first_seq: int = 0,
+                   on_shard_written: Callable[[int], None] | None = None,
+                   batch0: dict[str, np.ndarray] | None = None, progress: bool = True) -> None:
+    """Run the model over the batches holding `shards` (consecutive) and write those shards.
+
+    `tokens: [n, context]` are sequences `first_seq .. first_seq + n` of the harvest and must cover
+    `batch_span(store, shards, ...)`.  A batch is computed whole even when a shard boundary cuts
+    it, so every row gets the value an uninterrupted single-process harvest gives it.  `batch0`:
+    batch 0's activations when already computed.  Does not finalize the store."""
+    hooks, context, bs = list(cfg.hooks), cfg.context, cfg.batch_size
+    start_row = store.shard_range(shards.start)[0]
+    stop_row = store.shard_range(shards.stop - 1)[1]
+    n_seqs = store.n_rows // context
+    writer = ShardWriter(store, tokens, context, on_shard_written, first_seq=first_seq)
     buffers: dict[str, np.ndarray] = {}
-    bar = tqdm(total=n_rows, initial=start_row, desc=f"harvest {loaded.info['name']}", unit="tok",
-               unit_scale=True, dynamic_ncols=True)
+    bar = tqdm(total=store.n_rows, initial=start_row, desc=f"harvest {loaded.info['name']}", unit="tok",
+               unit_scale=True, dynamic_ncols=True, disable=not progress)
     try:
-        for b in range(first_batch, n_batches):
-            seqs = tokens[b * bs:(b + 1) * bs]
-            acts = sample if b == 0 else _forward(loaded, seqs, hooks, widths, stop)
-            r0, r1 = b * bs * context, (b * bs + len(seqs)) * context
-            lo = max(r0, start_row)
-            while lo < r1:
-                shard = lo // shard_rows
+        for b in batch_span(store, shards, context, bs):
+            s0, s1 = b * bs, min((b + 1) * bs, n_seqs)  # global sequence range of batch b
+            if b == 0 and batch0 is not None:
+                acts = batch0
+            else:
+                acts = _forward(loaded, tokens[s0 - first_seq:s1 - first_seq], hooks, widths, stop)
+            r0, r1 = s0 * context, s1 * context
+            lo, hi = max(r0, start_row), min(r1, stop_row)
+            bar.update(hi - lo)
+            while lo < hi:
+                shard = lo // store.shard_rows
                 s_start, s_stop = store.shard_range(shard)
-                take = min(r1, s_stop) - lo
+                take = min(hi, s_stop) - lo
                 if not buffers:
                     buffers = {h: np.empty((s_stop - s_start, widths[h]), dtype=np.float32) for h in hooks}
                 for h in hooks:
@@ -224,8 +270,17 @@ def _harvest_into(store: ActivationStore, cfg: HarvestConfig, loaded: LoadedMode
                 if lo == s_stop:
                     writer.put(shard, buffers)
                     buffers = {}
-            bar.update(r1 - max(r0, start_row))
     finally:
         bar.close()
         writer.close()  # even on error: shards already queued are written, nothing is lost
+
+
+def _harvest_into(store: ActivationStore, cfg: HarvestConfig, loaded: LoadedModel, tokens: np.ndarray,
+                  widths: dict[str, int], stop: int | None, on_shard_written: Callable[[int], None] | None) -> None:
+    """Single-process harvest of every missing shard of `store`, then finalize."""
+    rounding, sample = measure_rounding(cfg, loaded, tokens, widths, stop)
+    missing = sorted(set(range(store.n_shards)) - store.done_shards())
+    for shards in missing_runs(missing):
+        harvest_shards(store, cfg, loaded, tokens, widths, stop, shards, on_shard_written=on_shard_written,
+                       batch0=sample)
     store.finalize(extra={"rounding_error": rounding})

@@ -165,8 +165,11 @@ class ActivationStore:
             "n_shards": n_shards,
             "complete": False,
         }
-        # mode "a", not "w": "w" clears the folder, lock file included, while a writer holds it
+        # mode "a", not "w": "w" clears the folder, lock file included, while a writer holds it.
+        # The manifest goes in first, marked unfinished, so a store killed while being laid out
+        # is recognised (and laid out again) instead of refused as "not a compsae store".
         group = zarr.open_group(_zarr_store(url, read_only=False), mode="a", zarr_format=3)
+        group.attrs["manifest"] = {**manifest, "laid_out": False}
         inner = [Crc32cCodec()] if layout.checksum else []
         if layout.compressor == "zstd":
             inner = [ZstdCodec(level=3), *inner]
@@ -195,7 +198,7 @@ class ActivationStore:
                            config={"write_empty_chunks": True})
         group.create_array("progress/shard_crc", shape=(n_shards,), dtype="<u4", chunks=(1,), fill_value=0,
                            config={"write_empty_chunks": True})
-        group.attrs["manifest"] = manifest
+        group.attrs["manifest"] = {**manifest, "laid_out": True}
         return cls(url, group, read_only=False)
 
     @classmethod
@@ -224,6 +227,8 @@ class ActivationStore:
                 existing = cls.open(url, mode="r+")
             except UserError:
                 existing = None
+            if existing is not None and existing.manifest.get("laid_out") is False:
+                return cls.create(url, hooks, n_rows, layout, manifest, overwrite=True)  # killed mid-layout
             if existing is not None and existing.manifest.get("config_hash") == manifest.get("config_hash"):
                 if force:
                     return cls.create(url, hooks, n_rows, layout, manifest, overwrite=True)

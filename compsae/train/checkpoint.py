@@ -1,14 +1,24 @@
-"""Checkpoints: `model.safetensors` + `config.json`, and `train_state.safetensors` + `.json` for
-resuming.  Never pickle.  Every file is written atomically (temp file + rename, or one object PUT)
-and carries the step, so a set of files from different steps is detected rather than trusted.
+"""Checkpoints: `model.safetensors` + `config.json` (the trained model, what other stages load) and
+`train_state.safetensors` (everything a resume needs).  Never pickle.
 
-`config.json` is written last: `{"model": ModelConfig, "normalization": {"scale"} | null, "hook",
-"store_manifest_hash", "step", "tokens_seen", "finished", "config_hash", "d_in", "type"}`."""
+Each file is written atomically (temp file + fsync + rename, or one object PUT), and each is
+self-contained, so a crash *between* two files is harmless too:
+- `train_state.safetensors` holds the weights as well as the optimizer state, dead-latent counters
+  and RNG, and carries the checkpoint's config and the loader position as JSON in its header.  It is
+  written first; a resume reads only it.
+- `model.safetensors` carries the checkpoint's config (with its step) in its header, so
+  `load_model` never pairs weights with a config.json of another step.
+- `config.json` (the same config, for people and for finding checkpoint folders) is written last.
+A kill at any instant leaves a folder that loads (the previous or the new model) and resumes.
+
+The config: `{"model": ModelConfig, "normalization": {"scale"} | null, "hook",
+"store_manifest_hash", "step", "tokens_seen", "finished", "config_hash", "d_in", "type", ...}`."""
 
 from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from typing import Any
 
 import fsspec
@@ -25,19 +35,33 @@ from compsae.train.models import SparseAutoencoder, build_model
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 STATE_FILE = "train_state.safetensors"
-STATE_JSON = "train_state.json"
+_WEIGHT_PREFIX = "model."  # weights inside the resume state: "model.<parameter name>"
+_HEADER_LIMIT = 100 * 2**20  # a safetensors header larger than this is not one we wrote
 
 
 def _write(fs: Any, path: str, data: bytes) -> None:
-    if isinstance(fs, LocalFileSystem):
-        tmp = f"{path}.tmp"
+    """Replace `path` by `data` atomically; on failure (disk full) the old file is untouched and no
+    temp file is left behind."""
+    if not isinstance(fs, LocalFileSystem):
+        fs.pipe_file(path, data)  # an object PUT is atomic
+        return
+    tmp = f"{path}.tmp"
+    try:
         with open(tmp, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-    else:
-        fs.pipe_file(path, data)  # an object PUT is atomic
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    os.replace(tmp, path)
+    # the rename itself must reach the disk too, or a power cut could bring the old file back
+    dir_fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
 
 
 def _read(fs: Any, path: str) -> bytes | None:
@@ -55,14 +79,35 @@ def _load_tensors(data: bytes, where: str) -> dict[str, torch.Tensor]:
         raise UserError(f"{where} is not a valid safetensors file ({str(e)[:80]}); delete it and retrain") from None
 
 
-def _metadata_step(data: bytes) -> int | None:
-    n = int.from_bytes(data[:8], "little")
+def _parse_header(raw: bytes) -> dict[str, Any] | None:
     try:
-        header = json.loads(data[8 : 8 + n])
+        header = json.loads(raw)
     except ValueError:
         return None
-    step = header.get("__metadata__", {}).get("step")
+    return header if isinstance(header, dict) else None
+
+
+def _header(data: bytes) -> dict[str, Any] | None:
+    """The JSON header of safetensors bytes (8-byte length, then JSON), or None when not safetensors."""
+    n = int.from_bytes(data[:8], "little") if len(data) >= 8 else -1
+    if not 0 < n <= min(_HEADER_LIMIT, len(data) - 8):
+        return None
+    return _parse_header(data[8 : 8 + n])
+
+
+def _metadata(data: bytes) -> dict[str, str]:
+    header = _header(data) or {}
+    meta = header.get("__metadata__") or {}
+    return meta if isinstance(meta, dict) else {}
+
+
+def _metadata_step(data: bytes) -> int | None:
+    step = _metadata(data).get("step")
     return int(step) if step is not None else None
+
+
+def _cpu(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
 
 
 def save_checkpoint(folder: str, model: SparseAutoencoder, meta: dict[str, Any],
@@ -70,17 +115,18 @@ def save_checkpoint(folder: str, model: SparseAutoencoder, meta: dict[str, Any],
                     train_json: dict[str, Any] | None = None) -> None:
     """Write a checkpoint of `model` into `folder`; `meta` becomes config.json (needs "step").
 
-    The resume state (optimizer tensors etc. and a JSON part) is written first and config.json last,
-    so a crash part-way leaves files whose steps disagree, which `load_train_state` refuses."""
+    With `train_tensors` (optimizer state etc.) the resume state is written first, holding the
+    weights, those tensors, `meta` and `train_json` (loader position etc.): see the module docstring."""
     fs, path = fsspec.core.url_to_fs(folder)
     fs.makedirs(path, exist_ok=True)
-    step = {"step": str(meta["step"])}
+    weights = _cpu(model.state_dict())
+    step = str(meta["step"])
     if train_tensors is not None:
-        _write(fs, f"{path}/{STATE_FILE}", st_save({k: v.detach().cpu().contiguous() for k, v in train_tensors.items()},
-                                                  metadata=step))
-        _write(fs, f"{path}/{STATE_JSON}", json.dumps({**(train_json or {}), "step": meta["step"]}).encode())
-    weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    _write(fs, f"{path}/{MODEL_FILE}", st_save(weights, metadata=step))
+        state = {f"{_WEIGHT_PREFIX}{k}": v for k, v in weights.items()} | _cpu(train_tensors)
+        header = {"step": step, "meta": json.dumps(meta, sort_keys=True),
+                  "state": json.dumps({**(train_json or {}), "step": meta["step"]}, sort_keys=True)}
+        _write(fs, f"{path}/{STATE_FILE}", st_save(state, metadata=header))
+    _write(fs, f"{path}/{MODEL_FILE}", st_save(weights, metadata={"step": step, "meta": json.dumps(meta, sort_keys=True)}))
     _write(fs, f"{path}/{CONFIG_FILE}", json.dumps(meta, indent=2, sort_keys=True).encode())
 
 
@@ -96,26 +142,52 @@ def read_meta(folder: str) -> dict[str, Any] | None:
         raise UserError(f"{folder}/{CONFIG_FILE} is not valid JSON; delete the folder and retrain") from None
 
 
-def load_model(folder: str, device: str | torch.device = "cpu") -> tuple[SparseAutoencoder, dict[str, Any]]:
-    """The model saved in `folder` (in eval mode, schedule at its final k and m) and its config.json."""
-    meta = read_meta(folder)
+def read_resume_meta(folder: str) -> dict[str, Any] | None:
+    """The config saved with the resume state (newer than config.json after a crash between the
+    two), else config.json's, else None.  Reads only the state file's header."""
+    fs, path = fsspec.core.url_to_fs(folder)
+    try:
+        with fs.open(f"{path}/{STATE_FILE}", "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            header = _parse_header(f.read(n)) if 0 < n <= _HEADER_LIMIT else None
+    except FileNotFoundError:
+        return read_meta(folder)
+    meta = ((header or {}).get("__metadata__") or {}).get("meta")
     if meta is None:
-        raise UserError(f"no checkpoint in {folder} (missing {CONFIG_FILE}); train first")
+        raise UserError(f"{folder}/{STATE_FILE} is not a valid safetensors resume state; delete the folder or pass --force")
+    return json.loads(meta)
+
+
+def load_model(folder: str, device: str | torch.device = "cpu") -> tuple[SparseAutoencoder, dict[str, Any]]:
+    """The model saved in `folder` (in eval mode, schedule at its final k and m) and its config
+    (the one stored with the weights; config.json for checkpoints written before that existed)."""
     fs, path = fsspec.core.url_to_fs(folder)
     data = _read(fs, f"{path}/{MODEL_FILE}")
     if data is None:
-        raise UserError(f"{folder} has {CONFIG_FILE} but no {MODEL_FILE}; delete the folder and retrain")
+        hint = "train first" if read_meta(folder) is None else "delete the folder and retrain"
+        raise UserError(f"no {MODEL_FILE} in {folder}; {hint}")
     weights = _load_tensors(data, f"{folder}/{MODEL_FILE}")
-    if _metadata_step(data) != meta.get("step"):
-        raise UserError(f"{folder}: {MODEL_FILE} and {CONFIG_FILE} are from different steps (interrupted write); "
-                        "rerun training to resume, or delete the folder")
+    embedded = _metadata(data).get("meta")
+    if embedded is not None:
+        meta = json.loads(embedded)
+    else:
+        meta = read_meta(folder)
+        if meta is None:
+            raise UserError(f"no checkpoint in {folder} (missing {CONFIG_FILE}); train first")
+        if _metadata_step(data) != meta.get("step"):
+            raise UserError(f"{folder}: {MODEL_FILE} and {CONFIG_FILE} are from different steps (interrupted "
+                            "write); rerun training to resume, or delete the folder")
+    return _build(weights, meta, folder).to(device).eval(), meta
+
+
+def _build(weights: dict[str, torch.Tensor], meta: dict[str, Any], where: str) -> SparseAutoencoder:
     model = build_model(ModelConfig.model_validate(meta["model"]), int(meta["d_in"]))
     try:
         model.load_state_dict(weights)
     except RuntimeError as e:
-        raise UserError(f"{folder}/{MODEL_FILE} does not fit its config ({str(e).splitlines()[0][:100]})") from None
+        raise UserError(f"{where}/{MODEL_FILE} does not fit its config ({str(e).splitlines()[0][:100]})") from None
     model.reset_schedule()
-    return model.to(device).eval(), meta
+    return model
 
 
 def load_weights(folder: str) -> dict[str, torch.Tensor]:
@@ -134,24 +206,32 @@ def remove_checkpoint(folder: str) -> None:
         fs.rm(path, recursive=True)
 
 
-def load_train_state(folder: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
-    """The resume state `(tensors, json)` of `folder`, or None when it has none.  Refuses a set of
-    files that do not all come from the same step."""
-    meta = read_meta(folder)
+@dataclass
+class ResumeState:
+    """Everything `train_state.safetensors` holds: weights, the other tensors (optimizer state,
+    dead-latent counters, RNG), the checkpoint's config (`meta`) and JSON state (loader position)."""
+
+    step: int
+    meta: dict[str, Any]
+    state: dict[str, Any]
+    weights: dict[str, torch.Tensor]
+    tensors: dict[str, torch.Tensor]
+
+
+def load_resume_state(folder: str) -> ResumeState | None:
+    """The resume state of `folder`, or None when it has none (never trained, or a checkpoint
+    written without optimizer state)."""
     fs, path = fsspec.core.url_to_fs(folder)
     data = _read(fs, f"{path}/{STATE_FILE}")
-    raw_json = _read(fs, f"{path}/{STATE_JSON}")
-    if meta is None or data is None or raw_json is None:
+    if data is None:
         return None
     tensors = _load_tensors(data, f"{folder}/{STATE_FILE}")
-    state = json.loads(raw_json)
-    model_data = _read(fs, f"{path}/{MODEL_FILE}")
-    steps = {meta.get("step"), state.get("step"), _metadata_step(data),
-             _metadata_step(model_data) if model_data is not None else None}
-    if len(steps) != 1:
-        raise UserError(f"the checkpoint in {folder} mixes files of different steps (interrupted write); "
-                        "delete the folder or pass --force to start over")
-    return tensors, state
+    header = _metadata(data)
+    if "meta" not in header or "state" not in header:
+        raise UserError(f"{folder}/{STATE_FILE} is not a valid safetensors resume state; delete the folder or pass --force")
+    weights = {k[len(_WEIGHT_PREFIX):]: v for k, v in tensors.items() if k.startswith(_WEIGHT_PREFIX)}
+    others = {k: v for k, v in tensors.items() if not k.startswith(_WEIGHT_PREFIX)}
+    return ResumeState(int(header["step"]), json.loads(header["meta"]), json.loads(header["state"]), weights, others)
 
 
 def optimizer_tensors(opt: torch.optim.Optimizer, names: dict[int, str]) -> dict[str, torch.Tensor]:

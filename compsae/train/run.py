@@ -1,27 +1,36 @@
 """The train stage: every model of `TrainStageConfig.models` trained on one store, each into
-`<out_dir>/<name>/`, resuming where a previous run of the same config stopped."""
+`<out_dir>/<name>/`, resuming where a previous run of the same config stopped.
+
+Launched by `torchrun --nproc-per-node N`, the same call trains data-parallel (see
+`distributed.py`): rank 0 holds the folder lock and writes, and every rank returns rank 0's outputs."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import fsspec
 import torch
+from fsspec.implementations.local import LocalFileSystem
 
 from compsae.errors import UserError
 from compsae.stages import config_for_hash, join
 from compsae.store import ActivationStore, manifest_digest
 from compsae.store.loader import BatchLoader
-from compsae.train.checkpoint import MODEL_FILE, load_model, read_meta, remove_checkpoint
+from compsae.train.checkpoint import MODEL_FILE, load_model, read_meta, read_resume_meta, remove_checkpoint
 from compsae.train.config import ModelConfig, TrainConfig, TrainStageConfig
+from compsae.train.distributed import DistContext, init_from_env
 from compsae.train.models import CompSAE, build_model
 from compsae.train.trainer import Trainer, batch_metrics, resolve_device
 
 # Settings that change how often things are written, never the weights: a resume may change them.
 _NOT_IN_RESUME_HASH = {"log_every", "checkpoint_every"}
 HELDOUT_EVAL_BATCHES = 20
+LOCK_FILE = ".train.lock"
 
 
 def training_hash(model_cfg: ModelConfig, train_cfg: TrainConfig, hook: str, store_hash: str) -> str:
@@ -42,45 +51,84 @@ def open_training_store(url: str, hook: str) -> ActivationStore:
     return store
 
 
+@contextmanager
+def training_lock(out_dir: str, ctx: DistContext | None = None) -> Iterator[None]:
+    """Refuse a second training into `out_dir` while one is running (local folders; an advisory
+    lock the OS drops when the holder dies, so a killed run never leaves a stale lock).  In a
+    data-parallel job rank 0 takes it and every rank gets the same verdict."""
+    ctx = ctx or DistContext()
+    fs, path = fsspec.core.url_to_fs(out_dir)
+    handle, error = None, None
+    if ctx.is_main and isinstance(fs, LocalFileSystem):
+        import fcntl
+
+        os.makedirs(path, exist_ok=True)
+        handle = open(os.path.join(path, LOCK_FILE), "a+")  # noqa: SIM115 - held while training runs
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            handle = None
+            error = f"another training is running in {out_dir}; wait for it to finish or use another runs folder"
+    error = ctx.broadcast(error)
+    if error is not None:
+        raise UserError(error)
+    try:
+        yield
+    finally:
+        if handle is not None:
+            handle.close()  # closing the file releases the lock
+
+
 def run_train(cfg: TrainStageConfig, store_url: str, out_dir: str, force: bool = False,
               progress: bool = True) -> dict[str, Any]:
     """Train every model of `cfg` on the store at `store_url` into `out_dir/<name>/`.
 
     Returns the stage outputs: per model its folder, final training metrics and held-out metrics,
     plus a digest of all weights.  A finished model of the same config is reused; an interrupted
-    one resumes; one of another config is refused unless `force` (which starts every model over)."""
+    one resumes; one of another config is refused unless `force` (which starts every model over).
+    A second training into the same `out_dir` at the same time is refused.  Under `torchrun` every
+    rank calls this with the same arguments and gets the same outputs; only rank 0 writes."""
+    ctx = init_from_env()
     store = open_training_store(store_url, cfg.hook)
     d_in = store.d_model(cfg.hook)
     store_hash = manifest_digest(store.manifest)
     outputs: dict[str, Any] = {"store": store_url, "hook": cfg.hook, "heldout_fraction": cfg.heldout_fraction,
                                "store_manifest_hash": store_hash, "models": {}}
     digest = hashlib.sha256()
-    for name in cfg.models:
-        model_cfg, train_cfg = cfg.model_for(name), cfg.train_for(name)
-        folder = join(out_dir, name)
-        record = train_one(name, model_cfg, train_cfg, cfg.hook, store, store_hash, d_in, folder, force, progress)
-        outputs["models"][name] = record
-        fs, path = fsspec.core.url_to_fs(folder)
-        digest.update(name.encode() + fs.cat_file(f"{path}/{MODEL_FILE}"))
+    with training_lock(out_dir, ctx):
+        for name in cfg.models:
+            model_cfg, train_cfg = cfg.model_for(name), cfg.train_for(name)
+            folder = join(out_dir, name)
+            record = train_one(name, model_cfg, train_cfg, cfg.hook, store, store_hash, d_in, folder, force,
+                               progress, ctx)
+            outputs["models"][name] = record
+            if ctx.is_main:
+                fs, path = fsspec.core.url_to_fs(folder)
+                digest.update(name.encode() + fs.cat_file(f"{path}/{MODEL_FILE}"))
     outputs["digest"] = digest.hexdigest()[:16]
-    return outputs
+    return ctx.broadcast(outputs)
 
 
 def train_one(name: str, model_cfg: ModelConfig, train_cfg: TrainConfig, hook: str, store: ActivationStore,
-              store_hash: str, d_in: int, folder: str, force: bool = False, progress: bool = True
-              ) -> dict[str, Any]:
-    """Train (or resume, or reuse) one model into `folder`; return its output record."""
+              store_hash: str, d_in: int, folder: str, force: bool = False, progress: bool = True,
+              ctx: DistContext | None = None) -> dict[str, Any]:
+    """Train (or resume, or reuse) one model into `folder`; return its output record (complete on
+    rank 0 of a data-parallel job; the other ranks skip the held-out evaluation)."""
+    ctx = ctx or DistContext()
     config_hash = training_hash(model_cfg, train_cfg, hook, store_hash)
-    existing = read_meta(folder)
+    existing = read_resume_meta(folder)
     if existing is not None and (force or existing.get("config_hash") != config_hash):
         if not force:
             raise UserError(
                 f"{folder} holds a checkpoint of another config ({existing.get('config_hash')} != {config_hash}); "
                 "pass --force to retrain it or use another runs folder")
-        remove_checkpoint(folder)
+        if ctx.is_main:
+            remove_checkpoint(folder)
+        ctx.barrier()
         existing = None
 
-    device = resolve_device(train_cfg.device)
+    device = ctx.device(resolve_device(train_cfg.device))
     loader = BatchLoader(store, hook, batch_size=train_cfg.batch_size, split="train",
                          heldout_fraction=train_cfg.heldout_fraction, seed=train_cfg.seed, device=device,
                          normalize=train_cfg.normalize, mix_chunks=train_cfg.mix_chunks,
@@ -90,12 +138,18 @@ def train_one(name: str, model_cfg: ModelConfig, train_cfg: TrainConfig, hook: s
     meta = {"config_hash": config_hash, "hook": hook, "store_manifest_hash": store_hash, "d_in": d_in,
             "normalization": {"scale": loader.scale} if train_cfg.normalize else None,
             "train": train_cfg.model_dump(mode="json"), "name": name}
-    trainer = Trainer(model, model_cfg, train_cfg, folder, meta, scale=loader.scale, name=name, progress=progress)
+    trainer = Trainer(model, model_cfg, train_cfg, folder, meta, scale=loader.scale, name=name, progress=progress,
+                      dist=ctx)
     loader_state = trainer.resume()
     if loader_state is not None:
         loader.load_state_dict(loader_state)
     last: dict[str, Any] = {}
-    if not (existing is not None and existing.get("finished")):
+    published = read_meta(folder)
+    # reuse only a finished run whose published files are complete; a crash while publishing the
+    # final checkpoint lands in fit(), which has no step left and just writes it again
+    reusable = (existing is not None and existing.get("finished") and published is not None
+                and published.get("step") == existing.get("step"))
+    if not reusable:
         batches = iter(loader)
         try:
             last = trainer.fit(batches, loader.state_dict)
@@ -103,10 +157,11 @@ def train_one(name: str, model_cfg: ModelConfig, train_cfg: TrainConfig, hook: s
             batches.close()
     if not last and trainer.metrics.lines:  # reused: report the last logged step
         last = json.loads(trainer.metrics.lines[-1])
+    record: dict[str, Any] = {"path": folder, "type": model_cfg.type}
+    if not ctx.is_main:
+        return record
     trained, meta = load_model(folder, device=device)
-    return {
-        "path": folder,
-        "type": model_cfg.type,
+    return record | {
         "step": meta["step"],
         "tokens_seen": meta["tokens_seen"],
         "finished": meta["finished"],

@@ -2,11 +2,17 @@
 composition curriculum, dead-latent tracking, metrics.jsonl, atomic checkpoints and exact resume.
 
 The trainer sees an iterator of activation batches `[batch, d]` and nothing of stores; the caller
-passes a callable giving the iterator's position, which goes into every checkpoint."""
+passes a callable giving the iterator's position, which goes into every checkpoint.
+
+Under `torchrun` every rank gets the same *global* batches and trains on its slice of each (see
+`distributed.py`); loss terms, fired latents and metrics are all-reduced so that every rank takes
+the same decisions, and only rank 0 writes checkpoints and metrics."""
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import time
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
@@ -20,14 +26,14 @@ from tqdm.auto import tqdm
 from compsae.errors import UserError
 from compsae.train.checkpoint import (
     load_optimizer_tensors,
-    load_train_state,
-    load_weights,
+    load_resume_state,
     optimizer_tensors,
     read_meta,
     save_checkpoint,
 )
 from compsae.train.config import ModelConfig, TrainConfig
 from compsae.train.dead_latents import DeadLatentTracker
+from compsae.train.distributed import DistContext, wrap_loss
 from compsae.train.models import SAEOutput, SparseAutoencoder
 from compsae.train.schedules import k_at, l1_scale_at, lr_at, m_at
 
@@ -44,67 +50,107 @@ def resolve_device(device: str) -> torch.device:
 
 
 @torch.no_grad()
-def batch_metrics(x: torch.Tensor, out: SAEOutput, scale: float) -> dict[str, float]:
-    """Reconstruction metrics of one batch in the data's original units (normalisation undone).
-
-    FVU = Σ‖x − x̂‖² / Σ‖x − μ‖² with μ the batch mean (scale-free); for CompSAE also the FVU with
-    the composition path switched off and the mean gate value."""
+def metric_sums(x: torch.Tensor, out: SAEOutput) -> torch.Tensor:
+    """What the batch metrics need from rows `x: [b, d]` and their reconstruction, as sums that add
+    up over ranks: `[Σ‖x − x̂‖², Σ L0, Σ‖x − x̂_linear‖², Σ gate]` (the last two 0 without composition)."""
     x = x.float()
     x_hat = out.x_hat.float()
-    total_var = (x - x.mean(0)).pow(2).sum().clamp_min(1e-12)
     sq_err = (x - x_hat).pow(2).sum()
-    metrics = {
-        "mse": float(sq_err / x.numel()) / scale**2,
-        "fvu": float(sq_err / total_var),
-        "l0": float((out.z != 0).sum(-1).float().mean()),
-    }
+    l0 = (out.z != 0).sum().float()
     if "comp" in out.extras:
-        linear = x_hat - out.extras["comp"].float()
-        metrics["fvu_no_comp"] = float((x - linear).pow(2).sum() / total_var)
-        metrics["gate_mean"] = float(out.extras["gate"].float().mean())
+        sq_err_linear = (x - (x_hat - out.extras["comp"].float())).pow(2).sum()
+        gate = out.extras["gate"].float().sum()
+    else:
+        sq_err_linear = gate = x.new_zeros(())
+    return torch.stack([sq_err, l0, sq_err_linear, gate])
+
+
+@torch.no_grad()
+def metrics_from_sums(sums: torch.Tensor, x: torch.Tensor, scale: float, composition: bool) -> dict[str, float]:
+    """Reconstruction metrics of the batch `x: [b, d]` in the data's original units (normalisation
+    undone) from `metric_sums` over all its rows.
+
+    FVU = Σ‖x − x̂‖² / Σ‖x − μ‖² with μ the batch mean (scale-free); with composition also the FVU
+    with the composition path switched off and the mean gate value."""
+    x = x.float()
+    total_var = (x - x.mean(0)).pow(2).sum().clamp_min(1e-12)
+    sq_err, l0, sq_err_linear, gate = (float(v) for v in sums)
+    metrics = {"mse": sq_err / x.numel() / scale**2, "fvu": sq_err / float(total_var), "l0": l0 / x.shape[0]}
+    if composition:
+        metrics["fvu_no_comp"] = sq_err_linear / float(total_var)
+        metrics["gate_mean"] = gate / x.numel()
     return metrics
 
 
-class MetricsLog:
-    """metrics.jsonl: appended line by line locally; rewritten whole on object stores."""
+@torch.no_grad()
+def batch_metrics(x: torch.Tensor, out: SAEOutput, scale: float) -> dict[str, float]:
+    """Reconstruction metrics (MSE in original units, FVU, L0; for CompSAE also FVU without the
+    composition path and the mean gate) of one batch `x` and its forward output `out`."""
+    return metrics_from_sums(metric_sums(x, out), x, scale, "comp" in out.extras)
 
-    def __init__(self, folder: str) -> None:
+
+def _step_of(line: str) -> int | None:
+    """The step of one metrics.jsonl line, or None for a line cut short by a kill."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    return int(record.get("step", 0)) if isinstance(record, dict) else None
+
+
+class MetricsLog:
+    """metrics.jsonl: appended line by line locally; rewritten whole on object stores.  A disabled
+    log (ranks other than 0) keeps the lines in memory and writes nothing."""
+
+    def __init__(self, folder: str, enabled: bool = True) -> None:
         self.fs, base = fsspec.core.url_to_fs(folder)
         self.path = f"{base}/{METRICS_FILE}"
         self.local = isinstance(self.fs, LocalFileSystem)
+        self.enabled = enabled
         self.lines: list[str] = []
 
     def truncate_after(self, step: int) -> None:
-        """Drop lines logged after `step` (a resumed run logs them again)."""
+        """Drop lines logged after `step` (a resumed run logs them again) and any line a kill cut short."""
+        kept: list[str] = []
         if self.fs.exists(self.path):
-            kept = [ln for ln in self.fs.cat_file(self.path).decode().splitlines()
-                    if ln.strip() and json.loads(ln).get("step", 0) <= step]
-        else:
-            kept = []
+            for ln in self.fs.cat_file(self.path).decode(errors="replace").splitlines():
+                line_step = _step_of(ln) if ln.strip() else None
+                if line_step is not None and line_step <= step:
+                    kept.append(ln)
         self.lines = [ln + "\n" for ln in kept]
         self.flush(force=True)
 
     def append(self, record: dict[str, Any]) -> None:
         line = json.dumps(record, sort_keys=True) + "\n"
         self.lines.append(line)
-        if self.local:
+        if self.local and self.enabled:
             with open(self.path, "a", encoding="utf-8") as f:
                 f.write(line)
 
     def flush(self, force: bool = False) -> None:
-        if force or not self.local:
-            self.fs.pipe_file(self.path, "".join(self.lines).encode())
+        if not self.enabled or not (force or not self.local):
+            return
+        data = "".join(self.lines).encode()
+        if self.local:  # temp file + rename: a kill mid-rewrite must not lose the kept lines
+            with open(f"{self.path}.tmp", "wb") as f:
+                f.write(data)
+            os.replace(f"{self.path}.tmp", self.path)
+        else:
+            self.fs.pipe_file(self.path, data)
 
 
 class Trainer:
     """Trains one model into `out_dir` (checkpoint files + metrics.jsonl).
 
     `meta` holds the checkpoint's fixed fields (model config, hook, normalization, config_hash, d_in,
-    store_manifest_hash); `scale` is the loader's normalisation factor, undone in the metrics."""
+    store_manifest_hash); `scale` is the loader's normalisation factor, undone in the metrics.
+    `dist` places this process in a data-parallel job (default: alone)."""
 
     def __init__(self, model: SparseAutoencoder, model_cfg: ModelConfig, cfg: TrainConfig, out_dir: str,
-                 meta: dict[str, Any], scale: float = 1.0, name: str = "", progress: bool = True) -> None:
-        self.device = resolve_device(cfg.device)
+                 meta: dict[str, Any], scale: float = 1.0, name: str = "", progress: bool = True,
+                 dist: DistContext | None = None) -> None:
+        self.dist = dist or DistContext()
+        self.device = self.dist.device(resolve_device(cfg.device))
         self.model = model.to(self.device)
         self.model_cfg = model_cfg
         self.cfg = cfg
@@ -112,47 +158,48 @@ class Trainer:
         self.meta = meta
         self.scale = scale
         self.name = name or model_cfg.type
-        self.progress = progress
+        self.progress = progress and self.dist.is_main
         self.total = cfg.total_steps
         self.step = 0
         self.tokens_seen = 0
         self.last_saved_step: int | None = None
+        self.loader_state: Callable[[], dict[str, Any]] | None = None
         self.opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=cfg.adam_betas)
         self.param_names = {id(p): n for n, p in model.named_parameters()}
         self.dead = DeadLatentTracker(model_cfg.n_latents, cfg.dead_window_tokens, self.device)
-        self.metrics = MetricsLog(self.out_dir)
-        fs, path = fsspec.core.url_to_fs(self.out_dir)
-        fs.makedirs(path, exist_ok=True)
+        self.metrics = MetricsLog(self.out_dir, enabled=self.dist.is_main)
+        if self.dist.is_main:
+            fs, path = fsspec.core.url_to_fs(self.out_dir)
+            fs.makedirs(path, exist_ok=True)
+        # compute_loss through DistributedDataParallel when there are several ranks
+        self.loss_module = wrap_loss(self.model, self.dist, self.device)
         self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
                          if cfg.bf16 and self.device.type == "cuda" else nullcontext())
 
     # -- resume -------------------------------------------------------------------------------------
 
     def resume(self) -> dict[str, Any] | None:
-        """Load the checkpoint in `out_dir` when there is one; return the saved loader state (or None
-        when starting fresh).  A checkpoint of another config is refused."""
-        meta = read_meta(self.out_dir)
-        if meta is None:
+        """Load the resume state in `out_dir` when there is one; return the saved loader state (or
+        None when starting fresh).  A checkpoint of another config is refused."""
+        saved = load_resume_state(self.out_dir)
+        if saved is None:
+            if read_meta(self.out_dir) is not None:
+                raise UserError(f"{self.out_dir} has a checkpoint without its resume state; pass --force to start over")
             self.metrics.truncate_after(0)
             return None
-        if meta.get("config_hash") != self.meta.get("config_hash"):
+        if saved.meta.get("config_hash") != self.meta.get("config_hash"):
             raise UserError(
-                f"{self.out_dir} holds a checkpoint of another config ({meta.get('config_hash')} != "
+                f"{self.out_dir} holds a checkpoint of another config ({saved.meta.get('config_hash')} != "
                 f"{self.meta.get('config_hash')}); pass --force to start over or choose another folder")
-        loaded = load_train_state(self.out_dir)
-        if loaded is None:
-            raise UserError(f"{self.out_dir} has a checkpoint without its resume state; pass --force to start over")
-        tensors, state = loaded
-        weights = load_weights(self.out_dir)
-        self.model.load_state_dict({k: v.to(self.device) for k, v in weights.items()})
-        load_optimizer_tensors(self.opt, self.param_names, tensors)
-        self.dead.load_state_dict({"since_fired": tensors["dead.since_fired"]})
-        torch.set_rng_state(tensors["rng.torch"])
-        self.step = int(state["step"])
-        self.tokens_seen = int(state["tokens_seen"])
+        self.model.load_state_dict({k: v.to(self.device) for k, v in saved.weights.items()})
+        load_optimizer_tensors(self.opt, self.param_names, saved.tensors)
+        self.dead.load_state_dict({"since_fired": saved.tensors["dead.since_fired"]})
+        torch.set_rng_state(saved.tensors["rng.torch"])
+        self.step = saved.step
+        self.tokens_seen = int(saved.state["tokens_seen"])
         self.last_saved_step = self.step
         self.metrics.truncate_after(self.step)
-        return state.get("loader")
+        return saved.state.get("loader")
 
     @property
     def finished(self) -> bool:
@@ -162,7 +209,9 @@ class Trainer:
 
     def fit(self, batches: Iterator[torch.Tensor], loader_state: Callable[[], dict[str, Any]] | None = None
             ) -> dict[str, Any]:
-        """Train until the token budget is spent (or `batches` runs out); return the last metrics."""
+        """Train until the token budget is spent (or `batches` runs out); return the last metrics.
+
+        `batches` yields global batches; in a data-parallel job every rank must get the same ones."""
         self.loader_state = loader_state
         last: dict[str, Any] = {}
         bar = tqdm(total=self.total, initial=self.step, desc=f"train {self.name}", disable=not self.progress,
@@ -174,17 +223,17 @@ class Trainer:
                     x = next(batches)
                 except StopIteration:
                     break
-                x = x.to(self.device, non_blocking=True)
+                x = x.to(self.device, non_blocking=True)  # [batch, d], the global batch
                 if self.step == 0:
-                    self.model.init_b_dec(x)
-                terms, out = self._train_step(x)
+                    self.model.init_b_dec(x)  # from the global batch: the same on every rank
+                terms, out, rows = self._train_step(x)
                 self.step += 1
                 self.tokens_seen += x.shape[0]
                 window_tokens += x.shape[0]
                 bar.update(1)
                 if self.step % self.cfg.log_every == 0 or self.step == self.total:
                     now = time.perf_counter()
-                    last = self._log(x, terms, out, window_tokens / max(now - window_start, 1e-9))
+                    last = self._log(x, rows, terms, out, window_tokens / max(now - window_start, 1e-9))
                     bar.set_postfix({k: f"{last[k]:.3g}" for k in ("loss", "fvu", "l0", "dead_fraction")}
                                     | {"k": last["k"], "m": last["m"]})
                     window_start, window_tokens = now, 0
@@ -196,8 +245,21 @@ class Trainer:
         self.save(finished=self.finished)
         return last
 
-    def _train_step(self, x: torch.Tensor) -> tuple[dict[str, torch.Tensor], SAEOutput]:
+    def _local_share(self, x: torch.Tensor) -> tuple[torch.Tensor, slice, float]:
+        """This rank's rows of the global batch `x: [n, d]`, their slice and their share of n.
+
+        A rank left without rows (n < world size) trains on one row with weight 0: it must still
+        take part in the gradient all-reduce."""
+        rows = self.dist.local_rows(x.shape[0])
+        if rows.stop > rows.start:
+            return x[rows], rows, (rows.stop - rows.start) / x.shape[0]
+        return x[:1], slice(0, 0), 0.0
+
+    def _train_step(self, x: torch.Tensor) -> tuple[dict[str, float], SAEOutput, slice]:
+        """One optimizer step on the global batch `x`; returns the global loss terms (batch means),
+        this rank's forward output and its rows of `x`."""
         step, total = self.step, self.total
+        x_local, rows, share = self._local_share(x)
         self.model.train()
         self.model.set_schedule(k=k_at(step, total, self.model_cfg), m=m_at(step, total, self.model_cfg),
                                 l1_scale=l1_scale_at(step, total, self.model_cfg))
@@ -205,26 +267,44 @@ class Trainer:
         for group in self.opt.param_groups:
             group["lr"] = lr
         with self.autocast:
-            terms, out = self.model.compute_loss(x, dead_mask=self.dead.dead_mask())
-        loss = terms["loss"]
-        if not torch.isfinite(loss):
+            terms, out = self.loss_module(x_local, self.dead.dead_mask())
+        names = sorted(terms)
+        fired = (out.z != 0).any(0) if share else torch.zeros(out.z.shape[1], dtype=torch.bool, device=out.z.device)
+        # One all-reduce: every term is a batch mean, so the share-weighted sum is the global mean;
+        # the fired counts tell every rank which latents fired anywhere in the global batch.
+        packed = torch.cat([torch.stack([terms[k].detach().float() for k in names]) * share, fired.float()])
+        self.dist.all_reduce_sum(packed)
+        global_terms = {k: float(v) for k, v in zip(names, packed[:len(names)], strict=True)}
+        if not torch.isfinite(packed[names.index("loss")]):  # the same verdict on every rank
             kept = (f"the last good checkpoint (step {self.last_saved_step}) is kept in {self.out_dir}"
                     if self.last_saved_step is not None else "no checkpoint was written yet")
-            raise UserError(f"{self.name}: loss is {float(loss.detach())} at step {step + 1}; {kept}; "
+            raise UserError(f"{self.name}: loss is {global_terms['loss']} at step {step + 1}; {kept}; "
                             "lower train.lr or check the activations for inf/NaN")
+        loss = terms["loss"]
+        if self.dist.enabled:
+            # DDP averages gradients over ranks; weighting by share·world makes that average the
+            # gradient of the global batch mean, also for uneven slices.
+            loss = loss * (share * self.dist.world_size)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.model.before_optimizer_step()
         self.opt.step()
         self.model.after_optimizer_step()
-        self.dead.update(out.z)
-        return terms, out
+        if self.dist.enabled:
+            fired_anywhere = packed[len(names):] > 0
+            self.dead.since_fired += x.shape[0]
+            self.dead.since_fired[fired_anywhere] = 0
+        else:
+            self.dead.update(out.z)
+        return global_terms, out, rows
 
-    def _log(self, x: torch.Tensor, terms: dict[str, torch.Tensor], out: SAEOutput, tokens_per_s: float
+    def _log(self, x: torch.Tensor, rows: slice, terms: dict[str, float], out: SAEOutput, tokens_per_s: float
              ) -> dict[str, Any]:
+        sums = metric_sums(x[rows], out) if rows.stop > rows.start else out.x_hat.new_zeros(4)
+        self.dist.all_reduce_sum(sums)
         record: dict[str, Any] = {"step": self.step, "tokens": self.tokens_seen}
-        record.update({k: float(v.detach()) for k, v in terms.items()})
-        record.update(batch_metrics(x, out, self.scale))
+        record.update(terms)
+        record.update(metrics_from_sums(sums, x, self.scale, "comp" in out.extras))
         record.update({
             "k": getattr(self.model, "k", None) if self.model_cfg.type != "relu" else None,
             "m": getattr(self.model, "m", None),
@@ -238,7 +318,25 @@ class Trainer:
     # -- checkpoints --------------------------------------------------------------------------------
 
     def save(self, finished: bool) -> None:
-        """Write the checkpoint (resume state first, config.json last) for the current step."""
+        """Write the checkpoint of the current step (rank 0; the others wait for its verdict).
+
+        A write that fails (disk full) leaves the previous checkpoint valid and stops training on
+        every rank with one line."""
+        error = None
+        if self.dist.is_main:
+            try:
+                self._write_checkpoint(finished)
+            except OSError as e:
+                what = ("disk full" if e.errno in (errno.ENOSPC, errno.EDQUOT)
+                        else f"{e.strerror or type(e).__name__}")
+                error = (f"{self.name}: {what} while writing the checkpoint of step {self.step} in {self.out_dir}; "
+                         "the previous checkpoint stays valid: free space and rerun the same command to resume")
+        error = self.dist.broadcast(error)
+        if error is not None:
+            raise UserError(error)
+        self.last_saved_step = self.step
+
+    def _write_checkpoint(self, finished: bool) -> None:
         tensors = optimizer_tensors(self.opt, self.param_names)
         tensors["dead.since_fired"] = self.dead.state_dict()["since_fired"]
         tensors["rng.torch"] = torch.get_rng_state()
@@ -247,5 +345,3 @@ class Trainer:
                 "type": self.model_cfg.type, "model": self.model_cfg.model_dump(mode="json")}
         self.metrics.flush()
         save_checkpoint(self.out_dir, self.model, meta, tensors, state)
-        self.last_saved_step = self.step
-

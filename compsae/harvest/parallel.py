@@ -1,0 +1,149 @@
+"""Parallel harvest on Dask: the missing shards cut into ranges, one task per range, one store.
+
+The client (the `compsae harvest` process) loads the model once to check hooks, tokenize and
+measure the rounding error, creates or resumes the store and holds its writer lock throughout.
+Each task runs `harvest_shards` for its range of consecutive shards on a worker, which keeps the
+model loaded between tasks; workers write their shards straight into the store (every shard is
+its own set of files, so independent writers never touch the same bytes) and never take the lock.
+When every task has finished the client calls `finalize`.
+
+Why the store is byte-identical to a single-process harvest: batches are fixed sequence ranges
+of the whole harvest, not of a task, and a task computes every batch that holds rows of its
+shards, so a batch cut by a range boundary is computed by both tasks with the same values.
+
+With `--scheduler`, every worker must reach the store: use an object store URL (s3://...) or a
+file system shared by all machines.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from compsae.dask_cluster import dask_client
+from compsae.errors import UserError
+from compsae.harvest.config import HarvestConfig
+from compsae.harvest.models import LoadedModel, load_model
+from compsae.harvest.run import batch_span, harvest_shards, measure_rounding, missing_runs
+from compsae.store import ActivationStore, store_exists
+
+TASKS_PER_WORKER = 4  # ranges per worker: balances uneven workers, bounds the work lost to one failure
+# Loaded models per (worker, model fields): a worker loads its model once for all its tasks.
+_MODELS: dict[tuple[str, str], LoadedModel] = {}
+_MODELS_LOCK = threading.Lock()
+_MODEL_FIELDS = {"model", "model_seed", "revision", "weight_processing", "device"}
+
+
+def shard_ranges(missing: list[int], n_ranges: int) -> list[range]:
+    """Cut the missing shards into about `n_ranges` ranges of consecutive shards of similar size.
+
+    Runs of consecutive missing shards are never merged across a done shard."""
+    if not missing:
+        return []
+    size = max(1, -(-len(missing) // max(1, n_ranges)))
+    out: list[range] = []
+    for run in missing_runs(missing):
+        out += [range(lo, min(lo + size, run.stop)) for lo in range(run.start, run.stop, size)]
+    return out
+
+
+@contextlib.contextmanager
+def harvest_client(workers: int = 0, scheduler: str | None = None, processes: bool = True) -> Iterator[Any]:
+    """A `distributed.Client` for a parallel harvest: to the cluster at `scheduler`, or to a fresh
+    `LocalCluster` of `workers` single-threaded workers (one range at a time each; torch's own
+    threads do the rest)."""
+    if scheduler is None and workers < 1:
+        raise UserError(f"--workers must be at least 1 for a parallel harvest (got {workers})")
+    with dask_client(workers, scheduler, threads_per_worker=1, processes=processes) as client:
+        yield client
+
+
+def _worker_id() -> str:
+    try:
+        from distributed import get_worker
+
+        return get_worker().address
+    except ValueError:  # not inside a Dask worker (a direct call)
+        return "local"
+
+
+def worker_model(cfg: HarvestConfig) -> LoadedModel:
+    """The model of `cfg`, loaded once per worker (threads of one process each get their own copy:
+    transformer_lens hooks on one model object are not safe to run from two threads)."""
+    key = (_worker_id(), cfg.model_dump_json(include=_MODEL_FIELDS))
+    with _MODELS_LOCK:
+        if key not in _MODELS:
+            _MODELS[key] = load_model(cfg)
+        return _MODELS[key]
+
+
+def forget_models() -> int:
+    """Drop the models this process holds (run on every worker after a harvest); returns how many."""
+    with _MODELS_LOCK:
+        n = len(_MODELS)
+        _MODELS.clear()
+    return n
+
+
+def harvest_range(cfg: HarvestConfig, url: str, tokens: np.ndarray, first_seq: int, widths: dict[str, int],
+                  stop: int | None, shards: range) -> int:
+    """Dask task: harvest `shards` into the store at `url`; returns the rows written.
+
+    `tokens: [n, context]` are the harvest's sequences `first_seq ..`, covering the range's batches."""
+    if not store_exists(url):
+        raise UserError(f"a Dask worker cannot see the store at {url}; with --scheduler use a store every worker "
+                        "can reach (s3://... or a shared file system)")
+    loaded = worker_model(cfg)
+    store = ActivationStore.open(url, mode="r+")
+    with torch.inference_mode():
+        harvest_shards(store, cfg, loaded, tokens, widths, stop, shards, first_seq=first_seq, progress=False)
+    return store.shard_range(shards.stop - 1)[1] - store.shard_range(shards.start)[0]
+
+
+def harvest_parallel(store: ActivationStore, cfg: HarvestConfig, loaded: LoadedModel, tokens: np.ndarray,
+                     widths: dict[str, int], stop: int | None, workers: int = 0, scheduler: str | None = None,
+                     processes: bool = True, on_shard_written: Callable[[int], None] | None = None) -> None:
+    """Harvest every missing shard of `store` on Dask workers, then finalize it.
+
+    `loaded` is the client's model (rounding error on batch 0); `tokens: [n_seqs, context]` the
+    whole harvest.  The caller holds the store's writer lock.  On the first failed task the others
+    are cancelled and its error is raised; shards already written stay done for a rerun."""
+    from distributed import as_completed
+
+    rounding, _ = measure_rounding(cfg, loaded, tokens, widths, stop)  # fails fast on float16 overflow
+    missing = sorted(set(range(store.n_shards)) - store.done_shards())
+    with harvest_client(workers, scheduler, processes) as client:
+        n_workers = max(1, len(client.scheduler_info().get("workers", {})))
+        ranges = shard_ranges(missing, n_workers * TASKS_PER_WORKER)
+        futures = {}
+        run_id = uuid.uuid4().hex[:8]  # task keys unique on a shared cluster
+        for shards in ranges:
+            batches = batch_span(store, shards, cfg.context, cfg.batch_size)
+            s0 = batches.start * cfg.batch_size
+            s1 = min(batches.stop * cfg.batch_size, tokens.shape[0])
+            future = client.submit(harvest_range, cfg, store.url, tokens[s0:s1], s0, widths, stop, shards,
+                                   key=f"compsae-harvest-{run_id}-shards-{shards.start}-{shards.stop}", pure=False)
+            futures[future] = shards
+        done_rows = store.n_rows - sum(store.shard_range(s.stop - 1)[1] - store.shard_range(s.start)[0]
+                                       for s in ranges)
+        bar = tqdm(total=store.n_rows, initial=done_rows, desc=f"harvest {loaded.info['name']} ({n_workers} workers)",
+                   unit="tok", unit_scale=True, dynamic_ncols=True)
+        try:
+            for future in as_completed(list(futures)):
+                bar.update(future.result())  # re-raises the task's error here
+                for shard in futures[future]:
+                    if on_shard_written is not None:
+                        on_shard_written(shard)
+        finally:
+            bar.close()
+            client.cancel(list(futures))
+            with contextlib.suppress(Exception):  # a worker that already left holds nothing
+                client.run(forget_models)
+    store.finalize(extra={"rounding_error": rounding})

@@ -1,0 +1,262 @@
+"""The train stage under faults: SIGKILL at random points, a full disk during a checkpoint write,
+two trainings into one folder, and a pickle where a checkpoint should be."""
+
+from __future__ import annotations
+
+import builtins
+import errno
+import json
+import multiprocessing as mp
+import os
+import pickle
+import random
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from compsae.errors import UserError
+from compsae.train import checkpoint
+from compsae.train.checkpoint import STATE_FILE, load_model, read_resume_meta
+from compsae.train.config import ModelConfig, TrainStageConfig
+from compsae.train.run import run_train, training_lock
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the shared store fixture
+from train_fixtures import HOOK, make_store  # noqa: E402
+
+pytestmark = pytest.mark.reliability
+
+SMALL = {"n_latents": 64, "k": 4, "d_f": 16, "d_c": 8, "n_heads": 4, "aux_k": 16}
+KILLS = 20
+
+
+def _cfg(steps: int, checkpoint_every: int, models: tuple[str, ...] = ("comp", "topk"), **over: Any
+         ) -> TrainStageConfig:
+    types = {"comp": "compsae", "topk": "topk", "relu": "relu"}
+    return TrainStageConfig(**{
+        "hook": HOOK, "batch_size": 64, "tokens": 64 * steps, "log_every": 5, "checkpoint_every": checkpoint_every,
+        "device": "cpu", "lr": 1e-3, "heldout_fraction": 0.1, "mix_chunks": 4, "num_threads": 1,
+        "dead_window_tokens": 640,
+        "models": {name: ModelConfig(type=types[name], **SMALL) for name in models}, **over})
+
+
+def _weights_equal(a: Path, b: Path) -> None:
+    wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    assert wa.keys() == wb.keys()
+    for key in wa:
+        assert torch.equal(wa[key], wb[key]), f"{a.name}.{key} differs"
+
+
+def _metrics(folder: Path) -> list[dict[str, Any]]:
+    rows = [json.loads(ln) for ln in (folder / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in rows]
+
+
+def _progress(out_dir: Path, names: tuple[str, ...]) -> tuple[int, ...]:
+    """The resumable step of every model (0 where none yet)."""
+    steps = []
+    for name in names:
+        try:
+            meta = read_resume_meta(str(out_dir / name))
+        except (UserError, OSError, ValueError):
+            meta = None
+        steps.append(int(meta["step"]) if meta else 0)
+    return tuple(steps)
+
+
+def _train(cfg: TrainStageConfig, store_url: str, out_dir: str) -> None:
+    """One training process: one torch thread (two threads that spin-wait on a shared, busy 2-core
+    machine make each step 10x slower) and a thread lock for tqdm instead of a multiprocessing one,
+    which a SIGKILL would leak."""
+    import threading
+
+    from tqdm.auto import tqdm
+
+    torch.set_num_threads(1)
+    tqdm.set_lock(threading.RLock())
+    run_train(cfg, store_url, out_dir, progress=False)
+
+
+def _forkserver() -> Any:
+    # Children fork from a server that has already imported torch and compsae (and torch._dynamo,
+    # which torch.optim imports on first use): a restart costs milliseconds instead of seconds,
+    # so 20+ kills fit in the test's time.
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["compsae.train.run", "compsae.evaluation.reconstruction", "torch._dynamo"])
+    return ctx
+
+
+def test_sigkill_at_random_points_then_resume_equals_uninterrupted(tmp_path):
+    store, _ = make_store(str(tmp_path / "s.zarr"), n=2048)
+    names = ("comp", "topk")
+    steps = 60
+    cfg = _cfg(steps, checkpoint_every=2, models=names)
+    ctx = _forkserver()
+    warm = ctx.Process(target=int)  # starts the fork server, so the timing below is training only
+    warm.start()
+    warm.join()
+
+    started = time.monotonic()
+    ref = ctx.Process(target=_train, args=(cfg, store.url, str(tmp_path / "ref")))
+    ref.start()
+    ref.join(300)
+    assert ref.exitcode == 0
+    # Random delays scaled to this machine's speed, so that the kills span most of both models'
+    # training whether a step takes 3 ms or 30 ms.
+    max_delay = (time.monotonic() - started) / 25
+
+    out = tmp_path / "killed"
+    rng = random.Random(20240607)
+    kills, seen, points = 0, (0, 0), []
+    deadline = time.monotonic() + 240
+    while kills < KILLS and time.monotonic() < deadline:
+        proc = ctx.Process(target=_train, args=(cfg, store.url, str(out)))
+        proc.start()
+        # wait until this run is training (a new checkpoint), then kill it after a random delay:
+        # the kill lands anywhere in the steps, checkpoint writes and metrics appends that follow
+        while proc.is_alive() and _progress(out, names) <= seen and time.monotonic() < deadline:
+            time.sleep(0.005)
+        time.sleep(rng.uniform(0.0, max_delay))
+        if not proc.is_alive():
+            break  # finished before the kill: too few steps for this machine's speed
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.join()
+        assert proc.exitcode == -signal.SIGKILL
+        kills += 1
+        seen = _progress(out, names)
+        points.append(seen)
+    print(f"training killed {kills} times with SIGKILL; resumable steps after each kill: {points}")
+    assert kills >= KILLS, f"only {kills} kills before training finished; raise `steps`"
+    assert points[-1] < (steps, steps), "the last kill came after training had finished"
+
+    final = ctx.Process(target=_train, args=(cfg, store.url, str(out)))
+    final.start()
+    final.join(300)
+    assert final.exitcode == 0
+    for name in names:
+        _weights_equal(tmp_path / "ref" / name, out / name)
+        assert _metrics(out / name) == _metrics(tmp_path / "ref" / name)  # every logged step, once
+        _, meta = load_model(str(out / name))
+        assert meta["finished"] and meta["step"] == steps
+        assert not list((out / name).glob("*.tmp"))
+
+
+class _FullDisk:
+    """A file that accepts `budget` bytes and then fails as a full disk does."""
+
+    def __init__(self, inner: Any, budget: int) -> None:
+        self.inner, self.budget = inner, budget
+
+    def write(self, data: bytes) -> int:
+        if len(data) > self.budget:
+            self.inner.write(data[: self.budget])
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self.budget -= len(data)
+        return self.inner.write(data)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def __enter__(self) -> _FullDisk:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.inner.close()
+
+
+@pytest.mark.parametrize("victim", ["train_state.safetensors", "model.safetensors", "config.json"])
+def test_disk_full_during_a_checkpoint_keeps_the_last_one_and_resumes(tmp_path, monkeypatch, victim):
+    store, _ = make_store(str(tmp_path / "s.zarr"), n=1024)
+    cfg = _cfg(30, checkpoint_every=10, models=("topk",))
+    run_train(cfg, store.url, str(tmp_path / "ref"), progress=False)
+
+    writes = {"n": 0}
+
+    def full_open(path: Any, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
+        f = builtins.open(path, mode, *args, **kwargs)  # noqa: SIM115 - handed to the caller
+        if "w" in mode and str(path).endswith(f"/{victim}.tmp"):
+            writes["n"] += 1
+            if writes["n"] == 2:  # the checkpoint of step 20
+                return _FullDisk(f, budget=100)
+        return f
+
+    monkeypatch.setattr(checkpoint, "open", full_open, raising=False)
+    folder = tmp_path / "run" / "topk"
+    with pytest.raises(UserError) as err:
+        run_train(cfg, store.url, str(tmp_path / "run"), progress=False)
+    message = str(err.value)
+    assert "disk full" in message and "step 20" in message and "rerun" in message and "\n" not in message
+    assert not list(folder.glob("*.tmp"))
+    model, meta = load_model(str(folder))  # the folder still holds a loadable model
+    assert meta["step"] in (10, 20) and not meta["finished"] and model.k == SMALL["k"]
+    assert read_resume_meta(str(folder))["step"] == (10 if victim == STATE_FILE else 20)
+
+    monkeypatch.setattr(checkpoint, "open", builtins.open, raising=False)  # space again
+    out = run_train(cfg, store.url, str(tmp_path / "run"), progress=False)
+    assert out["models"]["topk"]["finished"] and out["models"]["topk"]["step"] == 30
+    _weights_equal(tmp_path / "ref" / "topk", folder)
+    assert _metrics(folder) == _metrics(tmp_path / "ref" / "topk")
+
+
+def test_second_training_into_the_same_folder_refuses(tmp_path):
+    store, _ = make_store(str(tmp_path / "s.zarr"), n=1024)
+    cfg = _cfg(150, checkpoint_every=5, models=("topk",))
+    out = tmp_path / "run"
+    # in one process: the lock is held while run_train tries
+    with training_lock(str(out)), pytest.raises(UserError, match="another training is running"):
+        run_train(cfg, store.url, str(out), progress=False)
+
+    # across processes: a running training holds the lock; when it dies the lock dies with it
+    ctx = _forkserver()
+    first = ctx.Process(target=_train, args=(cfg, store.url, str(out)))
+    first.start()
+    deadline = time.monotonic() + 60
+    while first.is_alive() and _progress(out, ("topk",)) == (0,) and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert first.is_alive(), "the first training ended before the second one started"
+    with pytest.raises(UserError, match="another training is running"):
+        run_train(cfg, store.url, str(out), progress=False)
+    os.kill(first.pid, signal.SIGKILL)
+    first.join()
+    assert 0 < _progress(out, ("topk",))[0] < 150
+    result = run_train(cfg, store.url, str(out), progress=False)  # no stale lock: it resumes and finishes
+    assert result["models"]["topk"]["finished"] and result["models"]["topk"]["step"] == 150
+
+
+def test_pickle_where_a_checkpoint_should_be_is_refused_without_unpickling(tmp_path, monkeypatch):
+    store, _ = make_store(str(tmp_path / "s.zarr"), n=1024)
+    cfg = _cfg(6, checkpoint_every=3, models=("topk",))
+    run_train(cfg, store.url, str(tmp_path / "run"), progress=False)
+    folder = tmp_path / "run" / "topk"
+
+    def refuse(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("a checkpoint file was unpickled")
+
+    for name in ("load", "loads", "Unpickler"):
+        monkeypatch.setattr(pickle, name, refuse)
+    monkeypatch.setattr(torch, "load", refuse)
+
+    payload = pickle.dumps({"W_dec": np.zeros(3)})
+    state = (folder / STATE_FILE).read_bytes()
+    (folder / STATE_FILE).write_bytes(payload)  # the resume state
+    with pytest.raises(UserError, match="not a valid safetensors"):
+        run_train(cfg, store.url, str(tmp_path / "run"), force=False, progress=False)
+    (folder / STATE_FILE).write_bytes(state)
+
+    torch.save({"W_dec": torch.zeros(3)}, folder / "model.zip")  # torch's zip + pickle format
+    (folder / "model.safetensors").write_bytes((folder / "model.zip").read_bytes())
+    with pytest.raises(UserError, match="not a valid safetensors"):
+        load_model(str(folder))
+    (folder / "model.safetensors").write_bytes(payload)
+    with pytest.raises(UserError, match="not a valid safetensors"):
+        load_model(str(folder))
+    (folder / "model.safetensors").unlink()
+    (folder / "model.pt").write_bytes(payload)  # a pickle next to the config, under another name
+    with pytest.raises(UserError, match="no model.safetensors"):
+        load_model(str(folder))
