@@ -122,7 +122,7 @@ def main() -> None:
                           "comp_all": ModelConfig(type="compsae", curriculum=False)}, steps, batch)
         topk, comp, comp_all = t["topk"], t["comp"], t["comp_all"]
         print(f"(b) step of {BATCH} rows, n_latents 4096, k 32: TopK {topk * 1e3:.0f} ms, CompSAE (m=4) "
-              f"{comp * 1e3:.0f} ms, CompSAE (all k, fused SDPA) {comp_all * 1e3:.0f} ms "
+              f"{comp * 1e3:.0f} ms, CompSAE (all k) {comp_all * 1e3:.0f} ms "
               f"on {torch.get_num_threads()} threads")
         train_rows = BATCH / comp
         print(f"(c) loader {load:,.0f} rows/s vs CompSAE training {train_rows:,.0f} rows/s")

@@ -117,7 +117,8 @@ def train_one(name: str, model_cfg: ModelConfig, train_cfg: TrainConfig, hook: s
     rank 0 of a data-parallel job; the other ranks skip the held-out evaluation)."""
     ctx = ctx or DistContext()
     config_hash = training_hash(model_cfg, train_cfg, hook, store_hash)
-    existing = read_resume_meta(folder)
+    # rank 0 decides from what it reads, so no rank can see a folder another rank just changed
+    existing = ctx.broadcast(read_resume_meta(folder) if ctx.is_main else None)
     if existing is not None and (force or existing.get("config_hash") != config_hash):
         if not force:
             raise UserError(
@@ -147,8 +148,8 @@ def train_one(name: str, model_cfg: ModelConfig, train_cfg: TrainConfig, hook: s
     published = read_meta(folder)
     # reuse only a finished run whose published files are complete; a crash while publishing the
     # final checkpoint lands in fit(), which has no step left and just writes it again
-    reusable = (existing is not None and existing.get("finished") and published is not None
-                and published.get("step") == existing.get("step"))
+    reusable = ctx.broadcast(bool(existing is not None and existing.get("finished") and published is not None
+                                  and published.get("step") == existing.get("step")))
     if not reusable:
         batches = iter(loader)
         try:

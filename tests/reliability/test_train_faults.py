@@ -80,7 +80,21 @@ def _train(cfg: TrainStageConfig, store_url: str, out_dir: str) -> None:
 
     torch.set_num_threads(1)
     tqdm.set_lock(threading.RLock())
-    run_train(cfg, store_url, out_dir, progress=False)
+    try:
+        run_train(cfg, store_url, out_dir, progress=False)
+    except BaseException:
+        import traceback
+
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        Path(out_dir, "child-error.txt").write_text(traceback.format_exc())  # for the assertion message
+        raise
+
+
+def _join(proc: Any, out_dir: Path, timeout: float = 300) -> None:
+    """Wait for a training process and fail with its traceback when it failed."""
+    proc.join(timeout)
+    log = out_dir / "child-error.txt"
+    assert proc.exitcode == 0, log.read_text() if log.exists() else f"exit code {proc.exitcode}"
 
 
 def _forkserver() -> Any:
@@ -105,8 +119,7 @@ def test_sigkill_at_random_points_then_resume_equals_uninterrupted(tmp_path):
     started = time.monotonic()
     ref = ctx.Process(target=_train, args=(cfg, store.url, str(tmp_path / "ref")))
     ref.start()
-    ref.join(300)
-    assert ref.exitcode == 0
+    _join(ref, tmp_path / "ref")
     # Random delays scaled to this machine's speed, so that the kills span most of both models'
     # training whether a step takes 3 ms or 30 ms.
     max_delay = (time.monotonic() - started) / 25
@@ -137,8 +150,7 @@ def test_sigkill_at_random_points_then_resume_equals_uninterrupted(tmp_path):
 
     final = ctx.Process(target=_train, args=(cfg, store.url, str(out)))
     final.start()
-    final.join(300)
-    assert final.exitcode == 0
+    _join(final, out)
     for name in names:
         _weights_equal(tmp_path / "ref" / name, out / name)
         assert _metrics(out / name) == _metrics(tmp_path / "ref" / name)  # every logged step, once

@@ -49,6 +49,18 @@ def largest_along_keys(scores: torch.Tensor, m: int) -> list[torch.Tensor]:
     descending: a list of m tensors `[..., q]`.  An insertion network over the keys: each step is an
     elementwise max/min over `[..., q]` slices, much cheaper than a per-row sort when rows are short."""
     best: list[torch.Tensor] = []
+    # hundreds of small ops: run them on one thread, since a thread-pool barrier per op stalls
+    # whenever a core is busy elsewhere (and the slices are too small to gain from splitting)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        _insert_keys(scores, m, best)
+    finally:
+        torch.set_num_threads(threads)
+    return best
+
+
+def _insert_keys(scores: torch.Tensor, m: int, best: list[torch.Tensor]) -> None:
     for j in range(scores.shape[-2]):
         cur = scores[..., j, :]
         for level in range(m):
@@ -59,7 +71,6 @@ def largest_along_keys(scores: torch.Tensor, m: int) -> list[torch.Tensor]:
             if level + 1 < m:
                 cur = torch.minimum(best[level], cur)
             best[level] = hi
-    return best
 
 
 class _ReceivedAttention(torch.autograd.Function):

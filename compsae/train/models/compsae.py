@@ -49,8 +49,8 @@ class CompSAE(TopKSAE):
 
     def forward(self, x: torch.Tensor, composition: bool = True, need_weights: bool = True) -> SAEOutput:
         """`x: [b, d]` -> `SAEOutput`.  `composition=False` leaves the gated term out of `x_hat`
-        (extras "comp" still holds it, so x̂_on = x_hat + comp).  `need_weights=False` skips
-        materialising the attention weights (training uses the fused kernel then)."""
+        (extras "comp" still holds it, so x̂_on = x_hat + comp).  `need_weights=False` skips the
+        attention weights and "item_out" (training then takes the composer's pooled fast path)."""
         return self._forward(x, composition, need_weights)[1]
 
     def _forward(self, x: torch.Tensor, composition: bool, need_weights: bool
