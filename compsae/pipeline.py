@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Any
 
 from compsae.config import PipelineConfig, PipelinesFile
@@ -83,12 +84,20 @@ def run_stage(
         return status
     inputs = {s: {**by_stage[s].record, "path": by_stage[s].path} for s in STAGE_INPUTS[stage] if s in by_stage}
     assert status.path is not None and status.hash is not None
-    say(f"{stage}: running into {status.path}")
-    with stage_lock(status.path, stage):
+    from compsae.train.distributed import is_rank0, launched_world_size
+
+    if launched_world_size() > 1 and stage != "train":
+        raise UserError(f"only `compsae train` runs under torchrun; run `compsae {stage}` as one process")
+    main = is_rank0()  # under torchrun every rank trains; rank 0 alone locks, records and talks
+    if main:
+        say(f"{stage}: running into {status.path}")
+    with stage_lock(status.path, stage) if main else nullcontext():
         outputs = _call_stage(stage, cfg, status.path, inputs, force, options or {})
         record = make_record(stage, status.hash, cfg, inputs, outputs)
-        write_record(status.path, record)
-    say(f"{stage}: done ({status.path})")
+        if main:
+            write_record(status.path, record)
+    if main:
+        say(f"{stage}: done ({status.path})")
     return StageStatus(stage, "done", status.path, status.hash, record)
 
 

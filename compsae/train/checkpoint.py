@@ -102,8 +102,10 @@ def _metadata(data: bytes) -> dict[str, str]:
 
 
 def _metadata_step(data: bytes) -> int | None:
-    step = _metadata(data).get("step")
-    return int(step) if step is not None else None
+    header = _metadata(data)
+    if "meta" in header:
+        return int(json.loads(header["meta"])["step"])
+    return int(header["step"]) if "step" in header else None  # checkpoints of the first format
 
 
 def _cpu(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -120,13 +122,13 @@ def save_checkpoint(folder: str, model: SparseAutoencoder, meta: dict[str, Any],
     fs, path = fsspec.core.url_to_fs(folder)
     fs.makedirs(path, exist_ok=True)
     weights = _cpu(model.state_dict())
-    step = str(meta["step"])
+    # One metadata entry per file: safetensors writes several in no fixed order, and the files
+    # must be byte-for-byte reproducible (the stage digest hashes them).
     if train_tensors is not None:
         state = {f"{_WEIGHT_PREFIX}{k}": v for k, v in weights.items()} | _cpu(train_tensors)
-        header = {"step": step, "meta": json.dumps(meta, sort_keys=True),
-                  "state": json.dumps({**(train_json or {}), "step": meta["step"]}, sort_keys=True)}
-        _write(fs, f"{path}/{STATE_FILE}", st_save(state, metadata=header))
-    _write(fs, f"{path}/{MODEL_FILE}", st_save(weights, metadata={"step": step, "meta": json.dumps(meta, sort_keys=True)}))
+        resume = {"step": meta["step"], "meta": meta, "state": {**(train_json or {}), "step": meta["step"]}}
+        _write(fs, f"{path}/{STATE_FILE}", st_save(state, metadata={"resume": json.dumps(resume, sort_keys=True)}))
+    _write(fs, f"{path}/{MODEL_FILE}", st_save(weights, metadata={"meta": json.dumps(meta, sort_keys=True)}))
     _write(fs, f"{path}/{CONFIG_FILE}", json.dumps(meta, indent=2, sort_keys=True).encode())
 
 
@@ -152,10 +154,10 @@ def read_resume_meta(folder: str) -> dict[str, Any] | None:
             header = _parse_header(f.read(n)) if 0 < n <= _HEADER_LIMIT else None
     except FileNotFoundError:
         return read_meta(folder)
-    meta = ((header or {}).get("__metadata__") or {}).get("meta")
-    if meta is None:
+    resume = ((header or {}).get("__metadata__") or {}).get("resume")
+    if resume is None:
         raise UserError(f"{folder}/{STATE_FILE} is not a valid safetensors resume state; delete the folder or pass --force")
-    return json.loads(meta)
+    return json.loads(resume)["meta"]
 
 
 def load_model(folder: str, device: str | torch.device = "cpu") -> tuple[SparseAutoencoder, dict[str, Any]]:
@@ -226,12 +228,13 @@ def load_resume_state(folder: str) -> ResumeState | None:
     if data is None:
         return None
     tensors = _load_tensors(data, f"{folder}/{STATE_FILE}")
-    header = _metadata(data)
-    if "meta" not in header or "state" not in header:
+    resume = _metadata(data).get("resume")
+    if resume is None:
         raise UserError(f"{folder}/{STATE_FILE} is not a valid safetensors resume state; delete the folder or pass --force")
+    saved = json.loads(resume)
     weights = {k[len(_WEIGHT_PREFIX):]: v for k, v in tensors.items() if k.startswith(_WEIGHT_PREFIX)}
     others = {k: v for k, v in tensors.items() if not k.startswith(_WEIGHT_PREFIX)}
-    return ResumeState(int(header["step"]), json.loads(header["meta"]), json.loads(header["state"]), weights, others)
+    return ResumeState(int(saved["step"]), saved["meta"], saved["state"], weights, others)
 
 
 def optimizer_tensors(opt: torch.optim.Optimizer, names: dict[int, str]) -> dict[str, torch.Tensor]:

@@ -51,6 +51,8 @@ def _weights_equal(a: Path, b: Path) -> None:
     assert wa.keys() == wb.keys()
     for key in wa:
         assert torch.equal(wa[key], wb[key]), f"{a.name}.{key} differs"
+    # the whole file too: weights and the config stored with them (step, tokens, finished)
+    assert (a / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes()
 
 
 def _metrics(folder: Path) -> list[dict[str, Any]]:
