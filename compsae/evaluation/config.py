@@ -1,6 +1,8 @@
-"""Typed configs of the evaluation stage: synthetic ground truth, the method comparison, probes."""
+"""Typed configs of the evaluation stages: synthetic ground truth, the method comparison, task probes."""
 
 from __future__ import annotations
+
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -76,3 +78,41 @@ class EvaluateConfig(BaseModel):
     pair_threshold: float = 0.0                   # used when pair_selection == "threshold"
     min_match_cos: float = Field(0.5, ge=0.0, le=1.0)  # a latent only stands for a true feature above this
     device: str = "cpu"
+
+
+Family = Literal["arithmetic", "boolean", "grammar"]
+
+
+class ProbeConfig(BaseModel):
+    """The ``probe`` stage: the harvested LM's behaviour on the task families, then k-sparse probes
+    of their variables on every trained SAE, PCA / NMF components and raw residual channels, and
+    the conjunction test for CompSAE models (docs/evaluation.md section 2)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    n_items: int = Field(400, ge=20, description="examples per family")
+    families: list[Family] = Field(default_factory=lambda: ["arithmetic", "boolean", "grammar"], min_length=1)
+    ks: list[int] = Field(default_factory=lambda: [1, 2, 5], min_length=1)
+    seed: int = 0                                  # items, train/test split, PCA / NMF and the probes
+    batch_size: int = Field(32, ge=1)              # prompts per LM forward
+    pca_components: int = Field(64, ge=1)
+    nmf_components: int = Field(64, ge=1)
+    fit_rows: int = Field(8192, ge=16, description="training-split store rows PCA / NMF are fitted on")
+    test_fraction: float = Field(0.3, gt=0.0, lt=1.0)
+    # answer tasks (result, truth value): "auto" probes them only for families the LM solves
+    # significantly above chance (one-sided binomial test at `lm_alpha`)
+    answer_probes: Literal["auto", "always", "never"] = "auto"
+    lm_alpha: float = Field(0.01, gt=0.0, lt=1.0)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    @field_validator("ks")
+    @classmethod
+    def _ks_valid(cls, v: list[int]) -> list[int]:
+        if any(k < 1 for k in v):
+            raise ValueError(f"every k must be >= 1, got {v}")
+        return sorted(set(v))
+
+    @field_validator("families")
+    @classmethod
+    def _families_unique(cls, v: list[str]) -> list[str]:
+        return list(dict.fromkeys(v))

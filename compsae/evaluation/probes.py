@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from compsae.errors import UserError
 from compsae.evaluation.sparse_probing import conjunction_test, probe_sweep
 from compsae.harvest.synthetic_text import SyntheticExample, generate
 
@@ -90,6 +91,14 @@ TASKS: dict[str, dict[str, Label]] = {
     },
 }
 
+# Tasks that are (properties of) the answer rather than input variables: probed only when the LM
+# computes the answer, else a probe would read what is decodable, not what the model uses.
+ANSWER_TASKS: dict[str, frozenset[str]] = {
+    "arithmetic": frozenset({"result_negative", "result_even"}),
+    "boolean": frozenset({"value"}),
+    "grammar": frozenset(),
+}
+
 # Conjunctions A ∧ B for the conjunction test: name -> (label A, label B)
 CONJUNCTIONS: dict[str, dict[str, tuple[Label, Label]]] = {
     "arithmetic": {"a_big_and_b_big": (lambda e: int(e.fields["a"] >= 50), lambda e: int(e.fields["b"] >= 50))},
@@ -133,7 +142,7 @@ def continuation_logprob(lm: Any, prompts: list[str], continuations: list[str], 
     """Σ log p(continuation tokens | prompt) for each pair: [n]."""
     out = []
     device = getattr(lm, "device", "cpu")
-    for i in range(0, len(prompts), batch_size):
+    for i in tqdm(range(0, len(prompts), batch_size), desc="LM log-probs", unit="batch", leave=False):
         p_ids = [_encode(lm, p) for p in prompts[i:i + batch_size]]
         full = [_encode(lm, p + c) for p, c in zip(prompts[i:i + batch_size], continuations[i:i + batch_size],
                                                       strict=True)]
@@ -164,7 +173,7 @@ def decision_activations(lm: Any, hook: str, items: list[ProbeItem], batch_size:
     """The ``hook`` activation at the decision point (last prompt token) of every item: [n, d]."""
     out = []
     device = getattr(lm, "device", "cpu")
-    for i in range(0, len(items), batch_size):
+    for i in tqdm(range(0, len(items), batch_size), desc=f"activations {hook}", unit="batch", leave=False):
         seqs = [_encode(lm, it.prompt) for it in items[i:i + batch_size]]
         tokens, lengths = _pad(seqs, int(lm.bos_token_id))
         acts = lm.run_hooks(tokens.to(device), [hook], stop_at_layer)[hook]  # [b, s, d]
@@ -176,22 +185,30 @@ FeatureFn = Callable[[np.ndarray], np.ndarray]  # residual activations [n, d] ->
 
 
 def run_probes(acts: dict[str, np.ndarray], items: dict[str, list[ProbeItem]], features: dict[str, FeatureFn],
-               ks: tuple[int, ...] = (1, 2, 5), seed: int = 0) -> list[dict]:
+               ks: tuple[int, ...] = (1, 2, 5), seed: int = 0, test_fraction: float = 0.3,
+               tasks: dict[str, list[str]] | None = None) -> list[dict]:
     """Sparse probes for every family × task × feature method × k.
 
     ``acts``: family -> residual activations at the decision points [n, d]; ``items`` the matching
     items; ``features``: method name -> map from activations to its features (SAE encode, PCA, NMF,
-    identity for raw channels).  Returns one row per (family, task, method, k).
+    identity for raw channels); ``tasks``: family -> task names to run (default: all of ``TASKS``).
+    Returns one row per (family, task, method, k); a task whose labels (or training split) hold a
+    single class is left out.
     """
     rows = []
     for family, X in acts.items():
         feats = {m: fn(X) for m, fn in features.items()}
-        for task, label in tqdm(TASKS[family].items(), desc=f"probes {family}", unit="task"):
+        chosen = {t: f for t, f in TASKS[family].items() if tasks is None or t in tasks.get(family, ())}
+        for task, label in tqdm(chosen.items(), desc=f"probes {family}", unit="task"):
             y, keep = labels(items[family], label)
             if len(np.unique(y[keep])) < 2:
                 continue
             for method, Z in feats.items():
-                for r in probe_sweep(Z[keep], y[keep], ks=ks, seed=seed):
+                try:
+                    results = probe_sweep(Z[keep], y[keep], ks=ks, test_fraction=test_fraction, seed=seed)
+                except UserError:  # the random split left one class out of training: too few items
+                    break
+                for r in results:
                     rows.append({"family": family, "task": task, "method": method, "k": r.k,
                                  "accuracy": r.accuracy, "f1": r.f1, "majority": r.majority,
                                  "features": r.features})
@@ -199,11 +216,13 @@ def run_probes(acts: dict[str, np.ndarray], items: dict[str, list[ProbeItem]], f
 
 
 def run_conjunctions(acts: dict[str, np.ndarray], items: dict[str, list[ProbeItem]], latents: FeatureFn,
-                     composition: FeatureFn, control: FeatureFn, seed: int = 0) -> list[dict]:
+                     composition: FeatureFn, control: FeatureFn, seed: int = 0, test_fraction: float = 0.3,
+                     ) -> list[dict]:
     """The conjunction test for every family: does the composition output help an A∧B probe?
 
     ``latents``: CompSAE codes; ``composition``: its composition-path output; ``control``: an
     equally wide matrix without composition (e.g. the reconstruction with the path switched off).
+    A conjunction that never (or always) holds in the training split gets a row with ``skipped``.
     """
     rows = []
     for family, X in acts.items():
@@ -211,8 +230,13 @@ def run_conjunctions(acts: dict[str, np.ndarray], items: dict[str, list[ProbeIte
         for name, (la, lb) in CONJUNCTIONS[family].items():
             a, _ = labels(items[family], la)
             b, _ = labels(items[family], lb)
-            res = conjunction_test(Z, C, K, a, b, seed=seed)
-            rows.append({"family": family, "conjunction": name, **res.as_dict()})
+            try:
+                res = conjunction_test(Z, C, K, a, b, test_fraction=test_fraction, seed=seed)
+            except UserError as e:
+                rows.append({"family": family, "conjunction": name, "skipped": str(e)})
+                continue
+            rows.append({"family": family, "conjunction": name, "positive_rate": float((a & b).mean()),
+                         "majority": res.constituents.majority, **res.as_dict()})
     return rows
 
 
