@@ -45,6 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
         ("harvest", "run the LM and write hook activations into a Zarr v3 store"),
         ("train", "train the CompSAE and baselines on a harvested store"),
         ("analyze", "metrics, baselines, feature reuse and composition report"),
+        ("evaluate", "score trained models against a ground_truth pipeline's known features"),
+        ("probe", "task probes: the LM on arithmetic / boolean / grammar, k-sparse probes of every feature map"),
         ("run", "every stage of the pipeline, reusing what is up to date"),
     ):
         _stage_args(sub.add_parser(name, help=text, description=text))
@@ -214,6 +216,7 @@ def _cmd_humaneval(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"harvest": _cmd_stage, "train": _cmd_stage, "analyze": _cmd_stage, "run": _cmd_stage,
+            "evaluate": _cmd_stage, "probe": _cmd_stage,
             "status": _cmd_status, "verify": _cmd_verify,
             "fetch-assets": _cmd_fetch_assets, "humaneval": _cmd_humaneval, "compare": _cmd_compare,
             "export": _cmd_export}

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from compsae.analysis.config import AnalyzeConfig
 from compsae.errors import UserError
-from compsae.evaluation.config import EvaluateConfig, GroundTruthConfig
+from compsae.evaluation.config import EvaluateConfig, GroundTruthConfig, ProbeConfig
 from compsae.harvest.config import HarvestConfig
 from compsae.train.config import TrainStageConfig
 
@@ -36,6 +36,8 @@ class PipelineConfig(BaseModel):
     train: TrainStageConfig | None = None
     analyze: AnalyzeConfig | None = None
     evaluate: EvaluateConfig | None = Field(None, description="ground-truth scores (needs ground_truth)")
+    probe: ProbeConfig | None = Field(
+        None, description="task probes: the LM's behaviour and k-sparse probes of latents (needs harvest, train)")
 
     @model_validator(mode="after")
     def _one_source(self) -> PipelineConfig:
@@ -43,6 +45,8 @@ class PipelineConfig(BaseModel):
             raise ValueError("give exactly one of 'harvest' (a language model) or 'ground_truth' (synthetic data)")
         if self.evaluate is not None and self.ground_truth is None:
             raise ValueError("'evaluate' scores against known features: it needs a 'ground_truth' section")
+        if self.probe is not None and (self.harvest is None or self.train is None):
+            raise ValueError("'probe' reruns the harvested LM on task prompts: it needs 'harvest' and 'train' sections")
         return self
 
     @property

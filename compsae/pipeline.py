@@ -97,7 +97,9 @@ def run_stage(
         if main:
             write_record(status.path, record)
     if main:
-        say(f"{stage}: done ({status.path})")
+        from compsae.pipeline_report import write_pipeline_report
+
+        say(f"{stage}: done ({status.path}); pipeline report: {write_pipeline_report(whole, pipe, name)}")
     return StageStatus(stage, "done", status.path, status.hash, record)
 
 
@@ -143,6 +145,11 @@ def _call_stage(stage: str, cfg: Any, out_dir: str, inputs: dict[str, dict[str, 
         cfg = cfg.model_copy(update={"runs": runs, "heldout_fraction": train_out["heldout_fraction"],
                                      "split_seed": train_cfg.get("seed", 0)})
         return run_evaluate(cfg, out_dir)
+    if stage == "probe":
+        from compsae.evaluation.probe_stage import run_probe
+
+        return run_probe(cfg, inputs["harvest"]["outputs"]["store"], inputs["train"]["path"], out_dir,
+                         progress=print)
     raise UserError(f"unknown stage {stage!r}; stages are {', '.join(STAGE_ORDER)}")
 
 

@@ -23,9 +23,10 @@ from pydantic import BaseModel
 from compsae import __version__
 from compsae.errors import UserError
 
-STAGE_ORDER = ("harvest", "train", "analyze", "evaluate")
+STAGE_ORDER = ("harvest", "train", "analyze", "evaluate", "probe")
 STAGE_INPUTS: dict[str, tuple[str, ...]] = {
-    "harvest": (), "train": ("harvest",), "analyze": ("harvest", "train"), "evaluate": ("harvest", "train")}
+    "harvest": (), "train": ("harvest",), "analyze": ("harvest", "train"), "evaluate": ("harvest", "train"),
+    "probe": ("harvest", "train")}
 RECORD = "stage.json"
 
 # Fields that change how fast a stage runs, never what it writes: left out of the hash.

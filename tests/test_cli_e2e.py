@@ -22,6 +22,8 @@ SMALL = [
     "analyze.max_heldout_tokens=1024",
     "analyze.baseline_fit_tokens=256",
     "analyze.pair_latents=32",
+    "probe.n_items=40",
+    "probe.families=[boolean, grammar]",
 ]
 
 
@@ -46,7 +48,7 @@ def test_run_writes_every_stage(finished_run):
     work, _ = finished_run
     runs = work / "runs" / "tiny"
     stages = sorted(p.name.split("-")[0] for p in runs.iterdir() if (p / "stage.json").exists())
-    assert stages == ["analyze", "harvest", "train"]
+    assert stages == ["analyze", "harvest", "probe", "train"]
     analyze = next(runs.glob("analyze-*"))
     metrics = json.loads((analyze / "metrics.json").read_text())
     assert set(metrics["models"]) >= {"compsae", "topk", "relu", "pca", "pca_topk"}
@@ -55,15 +57,30 @@ def test_run_writes_every_stage(finished_run):
         folder = next(runs.glob("train-*")) / model
         assert (folder / "model.safetensors").exists() and (folder / "config.json").exists()
         assert 0 < metrics["models"][model]["all"]["fvu"] < 1.5
+    probe = next(runs.glob("probe-*"))
+    report = json.loads((probe / "probes.json").read_text())
+    assert set(report["behaviour"]) == {"boolean", "grammar"} and report["methods"][:3] == ["compsae", "relu", "topk"]
+
+
+def test_pipeline_report_gathers_the_stages(finished_run):
+    work, _ = finished_run
+    runs = work / "runs" / "tiny"
+    page = (runs / "report.html").read_text()
+    for stage in ("harvest", "train", "analyze", "probe"):
+        assert f"<h2>{stage}: done</h2>" in page
+    # the probe tables are rendered inline, the figures point into the stage folders
+    assert "LM behaviour" in page and page.count("<table>") >= 4
+    for src in [part.split("'")[0] for part in page.split("<img src='")[1:]]:
+        assert (runs / src).is_file(), src
 
 
 def test_rerun_does_nothing_and_status_is_done(finished_run):
     work, base = finished_run
     res = compsae("run", *base, cwd=work)
     assert res.returncode == 0
-    assert res.stdout.count("up to date, nothing to do") == 3
+    assert res.stdout.count("up to date, nothing to do") == 4
     res = compsae("status", *base, cwd=work)
-    assert [line.split()[1] for line in res.stdout.splitlines()] == ["done", "done", "done"]
+    assert [line.split()[1] for line in res.stdout.splitlines()] == ["done"] * 4
 
 
 def test_verify_the_store(finished_run):
@@ -103,5 +120,5 @@ def test_train_needs_harvest_first(tmp_path):
 
 def test_help_lists_the_commands():
     res = subprocess.run([sys.executable, "-m", "compsae.cli", "--help"], capture_output=True, text=True)
-    for cmd in ("harvest", "train", "analyze", "run", "status", "verify", "humaneval"):
+    for cmd in ("harvest", "train", "analyze", "evaluate", "probe", "run", "status", "verify", "humaneval"):
         assert cmd in res.stdout

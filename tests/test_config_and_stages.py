@@ -138,3 +138,37 @@ def test_device_does_not_change_the_hash(tmp_path):
     assert plan(w1, p1, "mini")[0].hash == plan(w2, p2, "mini")[0].hash
     w3, p3 = load_pipeline("mini", p, ["harvest.n_tokens=1024"])
     assert plan(w1, p1, "mini")[0].hash != plan(w3, p3, "mini")[0].hash
+
+
+def test_probe_stage_reuses_train_and_reruns_when_train_changes(tmp_path, monkeypatch, capsys):
+    calls: list[str] = []
+
+    def fake_stage(stage, cfg, out_dir, inputs, force, options):
+        calls.append(stage)
+        if stage == "probe":  # it reads the harvest's store and the train folder
+            assert inputs["harvest"]["outputs"]["store"].endswith("store.zarr") and "train-" in inputs["train"]["path"]
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        return {"store": f"{out_dir}/store.zarr", "digest": "d"} if stage == "harvest" else {}
+
+    monkeypatch.setattr(pipeline, "_call_stage", fake_stage)
+    doc = yaml.safe_load(yaml.safe_dump(MINI))
+    doc["pipelines"]["mini"]["probe"] = {"n_items": 40}
+    base = ["--pipeline", "mini", "--config", str(_write(tmp_path, doc))]
+    assert cli.main(["probe", *base]) == 2
+    assert "probe of pipeline 'mini' needs harvest, train first" in capsys.readouterr().err
+    assert cli.main(["run", *base]) == 0
+    assert calls == ["harvest", "train", "analyze", "probe"]
+    assert cli.main(["probe", *base, "--set", "probe.ks=[1, 3]"]) == 0
+    assert calls[4:] == ["probe"]
+    assert cli.main(["run", *base, "--set", "train.models.topk.k=8"]) == 0
+    assert calls[5:] == ["train", "analyze", "probe"]
+    assert "pipeline report:" in capsys.readouterr().out
+    assert (tmp_path / "runs" / "mini" / "report.html").exists()
+
+
+def test_probe_needs_a_language_model(tmp_path, capsys):
+    doc = {"runs_root": "RUNS", "pipelines": {"gt": {
+        "ground_truth": {"n_rows": 1024}, "train": {"hook": "synthetic.hook_x", "models": {"topk": {"type": "topk", "n_latents": 64, "k": 4}}},
+        "probe": {}}}}
+    assert cli.main(["status", "--pipeline", "gt", "--config", str(_write(tmp_path, doc))]) == 2
+    assert "'probe' reruns the harvested LM" in capsys.readouterr().err
