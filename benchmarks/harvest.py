@@ -8,7 +8,7 @@ shard writer, finalize).  Each is run `--repeats` times alternately; the best ti
 Default model: Pythia-70m-shaped GPT-NeoX (d_model 512, 6 layers, 8 heads) with random weights —
 the truncated forward costs the same as the real one; `--model smollm2-135m` uses the real LM.
 
-    python benchmarks/harvest.py --quick
+    python benchmarks/harvest.py --quick [--device cuda]
 """
 
 from __future__ import annotations
@@ -23,25 +23,43 @@ import torch
 
 from compsae.harvest.byte_tokenizer import VOCAB_SIZE, byte_tokenizer
 from compsae.harvest.config import HarvestConfig
-from compsae.harvest.models import LoadedModel, _bridge, check_hooks, load_model, stop_layer, tiny_neox_hf
+from compsae.harvest.models import (
+    LoadedModel,
+    _bridge,
+    check_hooks,
+    load_model,
+    resolve_device,
+    stop_layer,
+    tiny_neox_hf,
+)
 from compsae.harvest.run import _harvest_into, tokenize_all
 from compsae.store import ActivationStore
 
 
-def pythia70m_shaped() -> LoadedModel:
+def pythia70m_shaped(device: torch.device) -> LoadedModel:
     """Random-weight GPT-NeoX with Pythia-70m's dimensions (byte vocabulary: no unembed is run)."""
     tok = byte_tokenizer()
     model = _bridge("pythia70m-shaped", tiny_neox_hf(0, VOCAB_SIZE, d_model=512, n_layers=6, n_heads=8, n_ctx=2048), tok)
-    return LoadedModel(model=model.eval(), tokenizer=tok, n_layers=6, d_model=512, n_ctx=2048, bos_token_id=0,
-                       eos_token_id=0, device=torch.device("cpu"), info={"name": "pythia70m-shaped"})
+    return LoadedModel(model=model.to(device).eval(), tokenizer=tok, n_layers=6, d_model=512, n_ctx=2048,
+                       bos_token_id=0, eos_token_id=0, device=device, info={"name": "pythia70m-shaped"})
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued CUDA kernels, so a timer stops when the work is done, not when it is queued."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def bare_forward(loaded: LoadedModel, tokens: np.ndarray, batch_size: int, stop: int | None) -> float:
-    """Seconds for truncated forward passes over `tokens`, outputs discarded."""
+    """Seconds for truncated forward passes over `tokens` (host → device copy included, as in the
+    harvest), outputs discarded."""
+    synchronize(loaded.device)
     t0 = time.perf_counter()
     with torch.inference_mode():
         for b in range(0, len(tokens), batch_size):
-            loaded.model(torch.from_numpy(tokens[b:b + batch_size]).long(), stop_at_layer=stop)
+            batch = torch.from_numpy(tokens[b:b + batch_size]).to(device=loaded.device, dtype=torch.long)
+            loaded.model(batch, stop_at_layer=stop)
+    synchronize(loaded.device)
     return time.perf_counter() - t0
 
 
@@ -49,6 +67,7 @@ def full_harvest(cfg: HarvestConfig, loaded: LoadedModel, tokens: np.ndarray, wi
                  stop: int | None, url: str) -> tuple[float, ActivationStore]:
     """Seconds for the harvest loop into a fresh store at `url` (create, write, finalize)."""
     with torch.inference_mode():
+        synchronize(loaded.device)
         t0 = time.perf_counter()
         store = ActivationStore.create(url, widths, tokens.size, cfg.layout(), {"config_hash": "bench"}, overwrite=True)
         _harvest_into(store, cfg, loaded, tokens, widths, stop, None)
@@ -65,22 +84,26 @@ def main() -> None:
     ap.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
     ap.add_argument("--compressor", default="none", choices=["none", "zstd"])
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                    help="where the model runs (auto: CUDA when available)")
     args = ap.parse_args()
+    device = resolve_device(args.device)
 
     n_tokens = args.tokens or (6_144 if args.quick else 131_072)
     hooks = args.hook or ["blocks.3.hook_resid_post"]
     shard_rows = 2048 if args.quick else 16_384
     cfg = HarvestConfig(model="tiny-neox" if args.model == "pythia70m-shaped" else args.model, hooks=hooks,
                         context=128, n_tokens=n_tokens, batch_size=args.batch_size, dtype=args.dtype,
-                        chunk_rows=1024, shard_rows=shard_rows, compressor=args.compressor, device="cpu",
+                        chunk_rows=1024, shard_rows=shard_rows, compressor=args.compressor, device=device.type,
                         data={"source": "synthetic:mixed", "seed": 0})
     torch.set_grad_enabled(False)
-    loaded = pythia70m_shaped() if args.model == "pythia70m-shaped" else load_model(cfg)
+    loaded = pythia70m_shaped(device) if args.model == "pythia70m-shaped" else load_model(cfg)
     widths = check_hooks(loaded, hooks, cfg.context)
     stop = stop_layer(hooks)
     tokens = tokenize_all(cfg, loaded)
-    print(f"model {args.model}, hooks {hooks}, stop_at_layer {stop}, {tokens.size} tokens, batch {args.batch_size}, "
-          f"torch threads {torch.get_num_threads()}")
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
+    print(f"model {args.model} on {where}, hooks {hooks}, stop_at_layer {stop}, {tokens.size} tokens, "
+          f"batch {args.batch_size}")
     bare_forward(loaded, tokens[: args.batch_size], args.batch_size, stop)  # warm-up
 
     forward_s, harvest_s = [], []

@@ -6,7 +6,10 @@
     (time ratio, CompSAE with its final curriculum m)          -> RESULT compsae_step_vs_topk (goal <= 2)
 (c) loader rows/s against CompSAE training rows/s              -> RESULT loader_vs_train (must be > 1)
 
-Usage: python benchmarks/train.py [--quick] [--rows N] [--steps N] [--threads N]
+Usage: python benchmarks/train.py [--quick] [--rows N] [--steps N] [--threads N] [--device cuda]
+
+The loader always runs on the CPU (it feeds the trainer from there); `--device` is where the
+training steps in (b) and (c) run.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from compsae.store import ActivationStore, StoreLayout
 from compsae.store.loader import BatchLoader
 from compsae.train.config import ModelConfig
 from compsae.train.models import build_model
+from compsae.train.trainer import resolve_device
 
 HOOK = "blocks.3.hook_resid_post"
 D = 512
@@ -68,16 +72,23 @@ def memmap_rows_per_s(x: np.ndarray, root: Path, repeats: int) -> float:
     return best
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for queued CUDA kernels, so a timer stops when the work is done, not when it is queued."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def step_seconds(cfgs: dict[str, ModelConfig], steps: int, x: torch.Tensor) -> dict[str, float]:
-    """Median seconds of one training step per model; the models' steps are interleaved so a busy
-    shared machine slows all of them alike."""
+    """Median seconds of one training step per model on `x`'s device; the models' steps are
+    interleaved so a busy shared machine slows all of them alike."""
+    device = x.device
     steppers = {}
     for name, cfg in cfgs.items():
         torch.manual_seed(0)
-        model = build_model(cfg, D)
+        model = build_model(cfg, D).to(device)
         model.init_b_dec(x)
         opt = torch.optim.Adam(model.parameters(), lr=3e-4)
-        dead = torch.zeros(cfg.n_latents, dtype=torch.bool)
+        dead = torch.zeros(cfg.n_latents, dtype=torch.bool, device=device)
         dead[: cfg.n_latents // 20] = True  # AuxK active, as in real training
 
         def step(model=model, opt=opt, dead=dead) -> None:
@@ -87,13 +98,15 @@ def step_seconds(cfgs: dict[str, ModelConfig], steps: int, x: torch.Tensor) -> d
             opt.step()
             model.after_optimizer_step()
 
-        step()  # warm-up (allocations, lazy init)
+        step()  # warm-up (allocations, lazy init, CUDA kernels)
         steppers[name] = step
     times: dict[str, list[float]] = {name: [] for name in cfgs}
     for _ in range(steps):
         for name, step in steppers.items():
+            synchronize(device)
             t = time.perf_counter()
             step()
+            synchronize(device)
             times[name].append(time.perf_counter() - t)
     return {name: float(np.median(ts)) for name, ts in times.items()}
 
@@ -104,7 +117,10 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=None)
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--threads", type=int, default=2, help="loader decode threads")
+    ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                    help="where the training steps run (auto: CUDA when available)")
     args = ap.parse_args()
+    device = resolve_device(args.device)
     rows = args.rows or (32768 if args.quick else 262144)
     steps = args.steps or (3 if args.quick else 10)
     repeats = 2 if args.quick else 3
@@ -116,14 +132,15 @@ def main() -> None:
         load = loader_rows_per_s(store, args.threads, repeats)
         print(f"(a) loader {load:,.0f} rows/s, raw memmap {mem:,.0f} rows/s")
 
-        batch = torch.from_numpy(x[:BATCH].astype(np.float32))
+        batch = torch.from_numpy(x[:BATCH].astype(np.float32)).to(device)
         t = step_seconds({"topk": ModelConfig(type="topk"),
                           "comp": ModelConfig(type="compsae"),  # curriculum on: its final m = 4
                           "comp_all": ModelConfig(type="compsae", curriculum=False)}, steps, batch)
         topk, comp, comp_all = t["topk"], t["comp"], t["comp_all"]
         print(f"(b) step of {BATCH} rows, n_latents 4096, k 32: TopK {topk * 1e3:.0f} ms, CompSAE (m=4) "
               f"{comp * 1e3:.0f} ms, CompSAE (all k) {comp_all * 1e3:.0f} ms "
-              f"on {torch.get_num_threads()} threads")
+              + (f"on {torch.cuda.get_device_name(device)}" if device.type == "cuda"
+                 else f"on {torch.get_num_threads()} threads"))
         train_rows = BATCH / comp
         print(f"(c) loader {load:,.0f} rows/s vs CompSAE training {train_rows:,.0f} rows/s")
 
