@@ -10,7 +10,7 @@ from compsae.errors import UserError
 from compsae.train.config import ModelConfig, TrainStageConfig
 from compsae.train.models import CompSAE, ReLUSAE, TopKSAE, build_model
 from compsae.train.models.base import geometric_median
-from compsae.train.models.composer import CompositionNetwork, largest_along_keys, top_m_mask
+from compsae.train.models.composer import CompositionNetwork, largest_along_keys, select_top_keys, top_m_mask
 from compsae.train.models.topk import topk_codes
 
 SMALL = {"n_latents": 64, "k": 6, "d_f": 16, "d_c": 8, "n_heads": 4, "aux_k": 8}
@@ -124,6 +124,11 @@ def test_top_m_selection_counts_repeats_and_keeps_exactly_m():
     best = largest_along_keys(scores, 3)
     ref = torch.sort(scores, dim=-2, descending=True).values[..., :3, :]
     assert torch.equal(torch.stack(best, -2), ref)
+    # the CUDA path (torch.topk, no host sync) and the CPU path keep the same values, exactly m keys
+    for by_topk in (False, True):
+        top, drop = select_top_keys(scores, 3, by_topk=by_topk)
+        assert torch.equal(top, ref) and ((~drop).sum(-2) == 3).all()
+        assert torch.equal(torch.sort(scores.masked_fill(drop, float("-inf")), -2, descending=True).values[..., :3, :], ref)
     model = _model()
     model.set_schedule(m=2)
     x = torch.randn(10, D)

@@ -3,7 +3,9 @@
 Flow: check model, hooks and context (before touching any store) → tokenize and pack the data up
 front (so an empty data set is refused before anything is written, and the row count is exact)
 → open the store to continue it, or create it → forward passes up to the deepest hook, batch by
-batch, rows gathered into shard buffers → a background thread writes each full shard through
+batch, rows cast to the storage dtype and gathered into shard buffers on the model's device (on a
+GPU the shard's range check and statistics are computed there too, and the device → host copy
+moves half the bytes) → a background thread writes each full shard through
 `ActivationStore.write_shard` (bounded queue: the forward pass never waits on disk unless the disk
 is slower than the model) → finalize (merged statistics, rounding error, complete=True).
 
@@ -35,10 +37,11 @@ from compsae.harvest.config import HarvestConfig
 from compsae.harvest.data import describe, packing_rule, token_sequences
 from compsae.harvest.models import LoadedModel, check_hooks, load_model, stop_layer
 from compsae.store import ActivationStore, manifest_digest, store_exists, writer_lock
-from compsae.store.activation_store import rounding_error
+from compsae.store.activation_store import check_peak, rounding_error
 
 _QUEUE_SHARDS = 2  # shards buffered between the forward pass and the writer
 _SAMPLE_ROWS = 4096  # rows of the first batch used to measure the rounding error
+_TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 def store_url(cfg: HarvestConfig, out_dir: str) -> str:
@@ -100,7 +103,8 @@ class ShardWriter:
         self.row0 = first_seq * context
         self.context = context
         self.on_written = on_written
-        self.queue: queue.Queue[tuple[int, dict[str, np.ndarray]] | None] = queue.Queue(maxsize=_QUEUE_SHARDS)
+        self.queue: queue.Queue[tuple[int, dict[str, np.ndarray], dict[str, np.ndarray] | None] | None] = (
+            queue.Queue(maxsize=_QUEUE_SHARDS))
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._loop, name="compsae-shard-writer", daemon=True)
         self.thread.start()
@@ -109,12 +113,12 @@ class ShardWriter:
         while (item := self.queue.get()) is not None:
             if self.error is not None:
                 continue  # drain, so the harvesting thread never blocks on a dead writer
-            shard, acts = item
+            shard, acts, moments = item
             try:
                 start, stop = self.store.shard_range(shard)
                 rows = np.arange(start, stop, dtype=np.int64)
                 self.store.write_shard(shard, acts, tokens=self.flat_tokens[start - self.row0:stop - self.row0],
-                                       seq_id=rows // self.context, pos=rows % self.context)
+                                       seq_id=rows // self.context, pos=rows % self.context, moments=moments)
                 if self.on_written is not None:
                     self.on_written(shard)
             except OSError as e:
@@ -130,10 +134,11 @@ class ShardWriter:
         if self.error is not None:
             raise self.error
 
-    def put(self, shard: int, acts: dict[str, np.ndarray]) -> None:
-        """Queue a full shard (`acts[hook]: [rows, d]` float32) for writing."""
+    def put(self, shard: int, acts: dict[str, np.ndarray], moments: dict[str, np.ndarray] | None = None) -> None:
+        """Queue a full shard for writing: `acts[hook]: [rows, d]` (float, or already in the storage
+        dtype) and, when known, its `moments[hook]` (see `ActivationStore.write_shard`)."""
         self._raise()
-        self.queue.put((shard, acts))
+        self.queue.put((shard, acts, moments))
 
     def close(self) -> None:
         """Wait for every queued shard to be written; raise the writer's error if any."""
@@ -143,11 +148,59 @@ class ShardWriter:
 
 
 def _forward(loaded: LoadedModel, seqs: np.ndarray, hooks: list[str], widths: dict[str, int],
-             stop: int | None) -> dict[str, np.ndarray]:
-    """`{hook: [batch * context, width]}` float32 on the CPU for `seqs: [batch, context]`."""
+             stop: int | None) -> dict[str, torch.Tensor]:
+    """`{hook: [batch * context, width]}` float32 on the model's device for `seqs: [batch, context]`."""
     tokens = torch.from_numpy(seqs).to(device=loaded.device, dtype=torch.long)
     acts = loaded.run_hooks(tokens, hooks, stop)
-    return {h: acts[h].reshape(-1, widths[h]).to("cpu", torch.float32).numpy() for h in hooks}
+    return {h: acts[h].reshape(-1, widths[h]).float() for h in hooks}
+
+
+def device_moments(x: torch.Tensor) -> np.ndarray:
+    """`shard_moments` of `x: [rows, d]` computed where `x` lives: [count, mean (d), M2 (d), norm sum]
+    float64.  (Reductions on CUDA are deterministic, so a resumed harvest records the same bytes.)"""
+    x64 = x.double()
+    mean = x64.mean(dim=0)
+    m2 = (x64 - mean).square_().sum(dim=0)
+    norm_sum = torch.linalg.vector_norm(x64, dim=1).sum()
+    count = torch.tensor([x.shape[0]], dtype=torch.float64, device=x.device)
+    return torch.cat([count, mean, m2, norm_sum[None]]).cpu().numpy()
+
+
+class ShardBuffer:
+    """One shard of every hook, filled batch by batch on the model's device, in the storage dtype.
+
+    Casting on the device halves the bytes copied to the host; the running peak |x| catches float16
+    overflow and NaN without a host pass.  On a GPU the shard's statistics are computed there too
+    (a float64 pass over a shard costs the host more than writing it); on the CPU they are left to
+    the writer thread, where NumPy's blocked version runs beside the next forward pass."""
+
+    def __init__(self, rows: int, widths: dict[str, int], dtype: str, device: torch.device) -> None:
+        self.dtype = dtype
+        self.data = {h: torch.empty((rows, w), dtype=_TORCH_DTYPES[dtype], device=device) for h, w in widths.items()}
+        self.peak = {h: torch.zeros((), dtype=torch.float32, device=device) for h in widths}
+
+    def fill(self, at: int, acts: dict[str, torch.Tensor]) -> None:
+        """Put `acts[hook]: [n, width]` at rows `at .. at + n` of the shard."""
+        for h, x in acts.items():
+            lo, hi = torch.aminmax(x)  # NaN propagates through aminmax and maximum
+            self.peak[h] = torch.maximum(self.peak[h], torch.maximum(hi, -lo))
+            self.data[h][at:at + len(x)].copy_(x)
+
+    def finish(self) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray] | None]:
+        """Range-check the shard and bring it to the host: `({hook: [rows, width]} in the storage
+        dtype (bfloat16 as uint16 bits), {hook: moments} or None)`.  Raises on overflow/NaN."""
+        peaks = torch.stack(list(self.peak.values())).cpu().tolist()  # waits for the device, once
+        for h, peak in zip(self.data, peaks, strict=True):
+            check_peak(peak, self.dtype, h)
+        on_gpu = next(iter(self.data.values())).device.type != "cpu"
+        moments = {h: device_moments(x) for h, x in self.data.items()} if on_gpu else None
+        host = {}
+        for h, x in self.data.items():
+            if self.dtype == "bfloat16":  # NumPy has no bfloat16: its bits, as the store keeps them
+                host[h] = x.view(torch.int16).cpu().numpy().view(np.uint16)
+            else:
+                host[h] = x.cpu().numpy()
+        return host, moments
 
 
 def run_harvest(cfg: HarvestConfig, out_dir: str, force: bool = False,
@@ -227,13 +280,13 @@ def measure_rounding(cfg: HarvestConfig, loaded: LoadedModel, tokens: np.ndarray
     harvest records the same value); also returns batch 0's activations.  Raises on float16 overflow."""
     hooks = list(cfg.hooks)
     sample = _forward(loaded, tokens[:cfg.batch_size], hooks, widths, stop)
-    return {h: rounding_error(sample[h][:_SAMPLE_ROWS], cfg.dtype) for h in hooks}, sample
+    return {h: rounding_error(sample[h][:_SAMPLE_ROWS].cpu().numpy(), cfg.dtype) for h in hooks}, sample
 
 
 def harvest_shards(store: ActivationStore, cfg: HarvestConfig, loaded: LoadedModel, tokens: np.ndarray,
                    widths: dict[str, int], stop: int | None, shards: range, first_seq: int = 0,
                    on_shard_written: Callable[[int], None] | None = None,
-                   batch0: dict[str, np.ndarray] | None = None, progress: bool = True) -> None:
+                   batch0: dict[str, torch.Tensor] | None = None, progress: bool = True) -> None:
     """Run the model over the batches holding `shards` (consecutive) and write those shards.
 
     `tokens: [n, context]` are sequences `first_seq .. first_seq + n` of the harvest and must cover
@@ -245,7 +298,7 @@ def harvest_shards(store: ActivationStore, cfg: HarvestConfig, loaded: LoadedMod
     stop_row = store.shard_range(shards.stop - 1)[1]
     n_seqs = store.n_rows // context
     writer = ShardWriter(store, tokens, context, on_shard_written, first_seq=first_seq)
-    buffers: dict[str, np.ndarray] = {}
+    buffer: ShardBuffer | None = None
     bar = tqdm(total=store.n_rows, initial=start_row, desc=f"harvest {loaded.info['name']}", unit="tok",
                unit_scale=True, dynamic_ncols=True, disable=not progress)
     try:
@@ -262,14 +315,13 @@ def harvest_shards(store: ActivationStore, cfg: HarvestConfig, loaded: LoadedMod
                 shard = lo // store.shard_rows
                 s_start, s_stop = store.shard_range(shard)
                 take = min(hi, s_stop) - lo
-                if not buffers:
-                    buffers = {h: np.empty((s_stop - s_start, widths[h]), dtype=np.float32) for h in hooks}
-                for h in hooks:
-                    buffers[h][lo - s_start:lo - s_start + take] = acts[h][lo - r0:lo - r0 + take]
+                if buffer is None:
+                    buffer = ShardBuffer(s_stop - s_start, {h: widths[h] for h in hooks}, cfg.dtype, loaded.device)
+                buffer.fill(lo - s_start, {h: acts[h][lo - r0:lo - r0 + take] for h in hooks})
                 lo += take
                 if lo == s_stop:
-                    writer.put(shard, buffers)
-                    buffers = {}
+                    writer.put(shard, *buffer.finish())
+                    buffer = None
     finally:
         bar.close()
         writer.close()  # even on error: shards already queued are written, nothing is lost

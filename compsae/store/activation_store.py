@@ -11,12 +11,15 @@ The manifest lives in the group attributes.  Rows are in harvest order; the load
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import json
+import math
 import mmap
 import os
 import threading
+import uuid
 from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -28,6 +31,7 @@ import numpy as np
 import zarr
 from fsspec.implementations.local import LocalFileSystem
 from zarr.codecs import Crc32cCodec, ZstdCodec
+from zarr.core.sync import sync as zarr_sync
 from zarr.storage import FsspecStore, LocalStore
 
 from compsae.errors import StoreCorruptError, UserError
@@ -62,18 +66,37 @@ def manifest_digest(manifest: dict[str, Any]) -> str:
 # dtype conversion: numpy has no bfloat16, so bfloat16 is kept as its raw uint16 bits.
 
 
-def to_storage(x: np.ndarray, dtype: str, hook: str) -> np.ndarray:
-    """Convert float activations `x: [rows, d]` to the storage dtype, refusing float16 overflow."""
-    x = np.asarray(x, dtype=np.float32)
-    if not np.isfinite(x).all():
+def check_peak(peak: float, dtype: str, hook: str) -> None:
+    """Refuse activations whose largest magnitude `peak` is NaN/inf, or beyond float16's range."""
+    if not math.isfinite(peak):
         raise UserError(f"activations of {hook} contain NaN or inf; the model itself is unstable here")
+    if dtype == "float16" and peak > FLOAT16_MAX:
+        raise UserError(
+            f"activations of {hook} reach {peak:.4g}, beyond float16's range (65504); "
+            "set harvest.dtype=bfloat16 or float32"
+        )
+
+
+def to_storage(x: np.ndarray, dtype: str, hook: str) -> np.ndarray:
+    """Convert float activations `x: [rows, d]` to the storage dtype, refusing float16 overflow.
+
+    `x` already in the storage dtype (float16, bfloat16 bits as uint16, float32; e.g. cast on the
+    GPU by the harvest) is only checked for NaN/inf, which in float16 also catches an overflowed cast."""
+    x = np.asarray(x)
+    stored = _numpy_storage_dtype(dtype)
+    if x.dtype == stored and dtype != "float32":
+        # exponent bits all ones = inf or NaN; max over (bits & ~sign) checks that in one pass
+        magnitude = int(np.bitwise_and(x.view(np.uint16), np.uint16(0x7FFF)).max(initial=0))
+        if dtype == "float16" and magnitude >= 0x7C00:
+            raise UserError(f"activations of {hook} are inf or NaN in float16 (beyond its range of 65504, or the "
+                            "model is unstable); set harvest.dtype=bfloat16 or float32")
+        check_peak(0.0 if magnitude < 0x7F80 else math.nan, dtype, hook)
+        return x
+    x = np.asarray(x, dtype=np.float32)
+    if x.size:  # max and min, not abs().max(): no temporary array; NaN propagates through both
+        hi, lo = float(x.max()), float(x.min())
+        check_peak(max(hi, -lo) if math.isfinite(hi) and math.isfinite(lo) else math.nan, dtype, hook)
     if dtype == "float16":
-        peak = float(np.abs(x).max(initial=0.0))
-        if peak > FLOAT16_MAX:
-            raise UserError(
-                f"activations of {hook} reach {peak:.4g}, beyond float16's range (65504); "
-                "set harvest.dtype=bfloat16 or float32"
-            )
         return x.astype(np.float16)
     if dtype == "bfloat16":
         bits = x.view(np.uint32)
@@ -131,6 +154,7 @@ class ActivationStore:
         self._shard_cache: OrderedDict[tuple[str, int], Any] = OrderedDict()
         self._cache_lock = threading.Lock()
         self._columns: dict[str, np.ndarray] = {}
+        self._arrays: dict[str, zarr.Array] = {}
         self._lock_handle: Any = None
         self.manifest: dict[str, Any] = dict(group.attrs.get("manifest", {}))
         if self.manifest.get("format") != FORMAT:
@@ -307,30 +331,99 @@ class ActivationStore:
         tokens: np.ndarray,
         seq_id: np.ndarray,
         pos: np.ndarray,
+        moments: dict[str, np.ndarray] | None = None,
     ) -> None:
         """Write every row of one shard (all hooks), its statistics, and then its completion mark.
 
-        `acts[hook]: [rows, d_model]` float (any float dtype; converted and range-checked here).
-        The mark is written last, so a shard interrupted half-way is simply written again."""
+        `acts[hook]: [rows, d_model]` float (any float dtype, converted and range-checked here; or
+        already in the storage dtype, then only checked for NaN/inf).  `moments[hook]`: the shard's
+        `shard_moments` of the stored values when the caller has them (the harvest computes them
+        on the GPU); computed here otherwise.  The mark is written last, so a shard interrupted
+        half-way is simply written again."""
         start, stop = self.shard_range(shard)
         rows = stop - start
         digest = 0
+        small: list[tuple[zarr.Array, Any, np.ndarray]] = []  # written together once the shard files are
         for hook in self.hooks:
             x = np.asarray(acts[hook])
             if x.shape != (rows, self.d_model(hook)):
                 raise ValueError(f"shard {shard} of {hook}: expected {(rows, self.d_model(hook))}, got {x.shape}")
-            stored = to_storage(x, self.layout.dtype, hook)
-            self.group[f"acts/{hook}"][start:stop] = stored
-            digest = crc32c.crc32c(np.ascontiguousarray(stored).tobytes(), digest)
-            self.group[f"progress/stats/{hook}"][shard] = _shard_moments(from_storage(stored, self.layout.dtype))
-        for name, col, dt in (("tokens", tokens, np.int32), ("seq_id", seq_id, np.int64), ("pos", pos, np.int32)):
-            col = np.asarray(col, dtype=dt)
+            stored = np.ascontiguousarray(to_storage(x, self.layout.dtype, hook),
+                                          dtype=_numpy_storage_dtype(self.layout.dtype))
+            if self.layout.compressor == "none":
+                self._write_shard_file(hook, shard, stored)
+            else:
+                self._array(f"acts/{hook}")[start:stop] = stored
+            digest = crc32c.crc32c(stored, digest)
+            stats = moments[hook] if moments is not None else shard_moments(
+                stored if self.layout.dtype != "bfloat16" else from_storage(stored, "bfloat16"))
+            small.append((self._array(f"progress/stats/{hook}"), shard, np.asarray(stats, dtype=np.float64)))
+        for name, col, dt in (("tokens", tokens, "<i4"), ("seq_id", seq_id, "<i8"), ("pos", pos, "<i4")):
+            col = np.ascontiguousarray(col, dtype=dt)
             if col.shape != (rows,):
                 raise ValueError(f"shard {shard}: {name} has shape {col.shape}, expected ({rows},)")
-            self.group[name][start:stop] = col
-            digest = crc32c.crc32c(col.astype(col.dtype.newbyteorder("<")).tobytes(), digest)
-        self.group["progress/shard_crc"][shard] = np.uint32(digest)
-        self.group["progress/shard_done"][shard] = 1
+            small.append((self._array(name), slice(start, stop), col))
+            digest = crc32c.crc32c(col, digest)
+        small.append((self._array("progress/shard_crc"), shard, np.uint32(digest)))
+        self._set_all(small)
+        self._array("progress/shard_done")[shard] = 1
+
+    def _array(self, name: str) -> zarr.Array:
+        """A cached handle on one array of the group (a group lookup reads its metadata again)."""
+        if name not in self._arrays:
+            self._arrays[name] = self.group[name]
+        return self._arrays[name]
+
+    @staticmethod
+    def _set_all(items: list[tuple[zarr.Array, Any, Any]]) -> None:
+        """`array[selection] = value` for every item, concurrently (one trip through Zarr's event loop
+        instead of one per small write)."""
+
+        async def put_all() -> None:
+            await asyncio.gather(*(arr.async_array.setitem(sel, value) for arr, sel, value in items))
+
+        zarr_sync(put_all())
+
+    def _write_shard_file(self, hook: str, shard: int, stored: np.ndarray) -> None:
+        """Write one uncompressed shard of `hook` as a whole file, encoded as Zarr's sharding codec
+        does: each chunk's little-endian bytes then its crc32c, then the index of (offset, nbytes)
+        pairs and the index's crc32c.  Chunks wholly past the end of the array stay empty, as Zarr
+        leaves them.  Local files are written to a temporary name and renamed (as Zarr does)."""
+        chunk_rows, n_inner = self.chunk_rows, self.layout.chunks_per_shard
+        pieces: list[Any] = []
+        index = np.full((n_inner, 2), _EMPTY, dtype="<u8")
+        offset = 0
+        for inner in range(n_inner):
+            lo = inner * chunk_rows
+            if lo >= len(stored):
+                break
+            chunk = stored[lo:lo + chunk_rows]
+            if len(chunk) < chunk_rows:  # the array's last chunk: padded with the fill value
+                chunk = np.concatenate([chunk, np.zeros((chunk_rows - len(chunk), chunk.shape[1]), chunk.dtype)])
+            pieces.append(memoryview(chunk).cast("B"))
+            nbytes = chunk.nbytes
+            if self.layout.checksum:
+                pieces.append(crc32c.crc32c(chunk).to_bytes(4, "little"))
+                nbytes += 4
+            index[inner] = offset, nbytes
+            offset += nbytes
+        index_bytes = index.tobytes()
+        pieces += [index_bytes, crc32c.crc32c(index_bytes).to_bytes(4, "little")]
+        path = f"{self.path}/acts/{hook}/c/{shard}/0"
+        if not self.is_local:
+            self.fs.pipe_file(path, b"".join(pieces))
+            return
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.{uuid.uuid4().hex}.partial"
+        try:
+            with open(tmp, "wb") as f:
+                for piece in pieces:
+                    f.write(piece)
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
 
     def finalize(self, n_rows: int | None = None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
         """Mark the store complete: shrink it to `n_rows` when the data ran out early, merge the
@@ -345,6 +438,7 @@ class ActivationStore:
                 self.group[name].resize((n_rows,))
             self.manifest["n_rows"] = int(n_rows)
             self.manifest["n_shards"] = max(1, -(-n_rows // self.shard_rows))
+            self._arrays.clear()  # cached handles still have the old shape
         missing = sorted(set(range(self.n_shards)) - self.done_shards())
         if missing:
             raise StoreCorruptError(f"store {self.url}: shards {missing[:10]} were never written")
@@ -562,10 +656,22 @@ def writer_lock(url: str, what: str = "harvest") -> Iterator[None]:
             fs.rm_file(lock_path)
 
 
-def _shard_moments(x: np.ndarray) -> np.ndarray:
-    """[count, mean (d), M2 (d), norm sum] of `x: [rows, d]`, in float64."""
-    x = x.astype(np.float64)
-    mean = x.mean(axis=0)
-    m2 = ((x - mean) ** 2).sum(axis=0)
-    norms = np.linalg.norm(x, axis=1).sum()
-    return np.concatenate([[x.shape[0]], mean, m2, [norms]])
+def shard_moments(x: np.ndarray, block_rows: int = 1024) -> np.ndarray:
+    """[count, mean (d), M2 (d), norm sum] of `x: [rows, d]` (any float dtype), in float64.
+
+    Computed in blocks of `block_rows` (a float64 copy of the whole shard costs more than the rest
+    of the write path together), each block's mean and M2 merged with `merge_moments`."""
+    n, d = x.shape
+    counts, means, m2s, norm_sum = [], [], [], 0.0
+    for lo in range(0, n, block_rows):
+        block = x[lo:lo + block_rows].astype(np.float64)  # [b, d]
+        norm_sum += float(np.sqrt(np.einsum("ij,ij->i", block, block)).sum())
+        mean = block.mean(axis=0)
+        block -= mean
+        counts.append(len(block))
+        means.append(mean)
+        m2s.append(np.einsum("ij,ij->j", block, block))
+    if not counts:
+        return np.zeros(2 * d + 2)
+    count, mean, m2 = merge_moments(np.asarray(counts), np.stack(means), np.stack(m2s))
+    return np.concatenate([[count], mean, m2, [norm_sum]])

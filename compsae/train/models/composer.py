@@ -73,6 +73,25 @@ def _insert_keys(scores: torch.Tensor, m: int, best: list[torch.Tensor]) -> None
             best[level] = hi
 
 
+def select_top_keys(scores: torch.Tensor, m: int, by_topk: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each query's `m` highest keys of `scores: [..., keys, q]` -> (their values `[..., m, q]`,
+    descending; the mask `[..., keys, q]` of the keys NOT kept).  Exactly m are kept per query, ties
+    at the m-th value broken arbitrarily.  `by_topk` (default: on CUDA) picks torch.topk over the
+    insertion network."""
+    if scores.is_cuda if by_topk is None else by_topk:
+        # one top-k kernel and no host sync, where the insertion network would launch hundreds
+        top = torch.topk(scores, m, dim=-2)
+        keep = torch.zeros_like(scores, dtype=torch.bool).scatter_(-2, top.indices, True)
+        return top.values, ~keep
+    best = largest_along_keys(scores, m + 1)
+    drop = scores < best[m - 1].unsqueeze(-2)
+    tied = best[m] == best[m - 1]  # more than m keys reach the threshold: rare (z = 0 items)
+    if tied.any():
+        *lead, col = tied.nonzero(as_tuple=True)
+        drop[(*lead, slice(None), col)] = ~top_m_mask(scores[(*lead, slice(None), col)], m)
+    return torch.stack(best[:m], -2), drop
+
+
 class _ReceivedAttention(torch.autograd.Function):
     """Head-major queries and keys (`[H·b, k, d_head]`), `zz: [b, keys, q]` or None, `key_bias:
     [H, b, keys, 1]` -> Σ_q w_jq `[H, b, keys]`, w the softmax over each query's top-m keys (all
@@ -91,16 +110,10 @@ class _ReceivedAttention(torch.autograd.Function):
         else:
             torch.add(raw, key_bias, out=w)
         if m is not None and m < n_items:
-            # a GPU runs one top-k kernel faster than the insertion network's hundreds of tiny ones
-            best = list(torch.topk(w, m + 1, dim=-2).values.unbind(-2)) if w.is_cuda else largest_along_keys(w, m + 1)
-            drop = w < best[m - 1].unsqueeze(-2)
-            tied = best[m] == best[m - 1]  # more than m keys reach the threshold: rare (z = 0 items)
-            if tied.any():
-                *lead, col = tied.nonzero(as_tuple=True)
-                drop[(*lead, slice(None), col)] = ~top_m_mask(w[(*lead, slice(None), col)], m)
+            top, drop = select_top_keys(w, m)  # top: [H, b, m, q] descending
             # the normaliser Σ_kept exp(s − max) comes from the m selected values themselves
-            log_z = torch.stack(best[:m]).sub_(best[0]).exp_().sum(0).log_()
-            w.sub_((best[0] + log_z).unsqueeze(-2)).exp_().masked_fill_(drop, 0.0)
+            log_z = top.sub(top[..., :1, :]).exp_().sum(-2, keepdim=True).log_()
+            w.sub_(top[..., :1, :] + log_z).exp_().masked_fill_(drop, 0.0)
         else:
             w.sub_(w.amax(-2, keepdim=True)).exp_()
             w.div_(w.sum(-2, keepdim=True))
