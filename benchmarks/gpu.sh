@@ -103,13 +103,22 @@ print('torch', torch.__version__, 'cuda', torch.version.cuda, 'available', torch
       torch.cuda.get_device_name(0) if torch.cuda.is_available() else '')
 print('transformers', transformers.__version__, 'zarr', zarr.__version__, 'dask', dask.__version__,
       'pydantic', pydantic.__version__, 'datasets', datasets.__version__)"
-  # most wanted first: a late step is the one the budget cuts
-  step harvest_pythia70m_quick 120 "$PY" benchmarks/harvest.py --quick --device cuda
-  step train_quick 120 "$PY" benchmarks/train.py --quick --steps 10 --device cuda
-  step fvu_cpu_vs_cuda 150 "$PY" benchmarks/cuda_vs_cpu.py --steps 100 --devices cpu,cuda
+  # most wanted first: a late step is the one the budget cuts.  GPU_STEPS picks a subset.
+  wanted() { [ -z "${GPU_STEPS:-}" ] || [[ " $GPU_STEPS " == *" $1 "* ]]; }
+  wanted harvest_pythia70m_quick && step harvest_pythia70m_quick 120 "$PY" benchmarks/harvest.py --quick --device cuda
+  wanted train_quick && step train_quick 120 "$PY" benchmarks/train.py --quick --steps 10 --device cuda
+  wanted fvu_cpu_vs_cuda && step fvu_cpu_vs_cuda 150 "$PY" benchmarks/cuda_vs_cpu.py --steps 100 --devices cpu,cuda
   # a GPU-sized harvest (the quick one is mostly fixed costs on a GPU) and the test model
-  step harvest_pythia70m_64k 90 "$PY" benchmarks/harvest.py --device cuda --tokens 65536 --batch-size 64 --repeats 2
-  step harvest_tiny_neox_quick 60 "$PY" benchmarks/harvest.py --quick --device cuda --model tiny-neox
+  wanted harvest_pythia70m_64k && step harvest_pythia70m_64k 90 "$PY" benchmarks/harvest.py --device cuda --tokens 65536 --batch-size 64 --repeats 2
+  wanted harvest_tiny_neox_quick && step harvest_tiny_neox_quick 60 "$PY" benchmarks/harvest.py --quick --device cuda --model tiny-neox
+  # GPU_PIPELINES="ablations ...": run whole pipelines on the GPU; their outputs (stores and
+  # training states left out) come back as $out/pipelines.tar.gz
+  for p in ${GPU_PIPELINES:-}; do
+    step "pipeline_$p" "${GPU_PIPELINE_LIMIT:-480}" "$PY" -m compsae.cli run --pipeline "$p" --set runs_root=/tmp/gpuruns
+  done
+  if [ -n "${GPU_PIPELINES:-}" ] && [ -d /tmp/gpuruns ]; then
+    tar -C /tmp/gpuruns --exclude=store.zarr --exclude=train_state.safetensors -czf "$out/pipelines.tar.gz" .
+  fi
   date -u +"end %Y-%m-%dT%H:%M:%SZ"
 } 2>&1 | tee -a "$log"
 # RESULT lines tagged with their step (the harvest steps report the same names)

@@ -7,7 +7,7 @@ import pytest
 
 from compsae.errors import StoreCorruptError, UserError
 from compsae.store import ActivationStore, StoreLayout
-from compsae.store.activation_store import merge_moments, rounding_error, to_storage
+from compsae.store.activation_store import merge_moments, rounding_error, shard_moments, to_storage
 
 TOL = {"float16": 2e-3, "bfloat16": 1e-2, "float32": 0.0}
 
@@ -175,3 +175,62 @@ def test_store_killed_while_being_laid_out_is_laid_out_again(tmp_path, monkeypat
     monkeypatch.undo()
     st = ActivationStore.create_or_resume(url, {"h": 4}, 600, layout, {"config_hash": "one"})
     assert st.done_shards() == set() and st.manifest["laid_out"] is True
+
+
+@pytest.mark.parametrize(("dtype", "checksum"), [("float16", True), ("bfloat16", True), ("float32", True),
+                                               ("float16", False)])
+def test_written_files_are_the_bytes_zarr_writes(tmp_path, monkeypatch, dtype, checksum):
+    """write_shard encodes shard files and the small per-shard chunks itself; every file must equal
+    what Zarr writes for the same values, the last shard too (a partial chunk, and chunks wholly
+    past the end of the array left empty)."""
+    from compsae.store import activation_store
+
+    layout = StoreLayout(chunk_rows=64, shard_rows=256, dtype=dtype, checksum=checksum)
+    n = 800  # shard 3 holds rows 768..799: chunk 12 partial, chunks 13-15 past the end
+    ours = ActivationStore.create(str(tmp_path / "ours.zarr"), {"h": 8}, n, layout, {"config_hash": "a"})
+    ref = ActivationStore.create(str(tmp_path / "ref.zarr"), {"h": 8}, n, layout, {"config_hash": "a"})
+    x = np.random.default_rng(2).normal(size=(n, 8)).astype(np.float32)
+    rows = np.arange(n) + 1  # no all-zero column chunk: Zarr would skip writing it
+
+    def through_zarr(self, hook, shard, stored):
+        lo, hi = self.shard_range(shard)
+        self.zarr_array(hook)[lo:hi] = stored
+
+    for s in range(ours.n_shards):
+        lo, hi = ours.shard_range(s)
+        ours.write_shard(s, {"h": x[lo:hi]}, rows[lo:hi] % 50, rows[lo:hi], rows[lo:hi] % 32)
+        with monkeypatch.context() as m:
+            m.setattr(activation_store, "_plain_encoder", lambda arr: None)
+            m.setattr(ActivationStore, "_write_shard_file", through_zarr)
+            ref.write_shard(s, {"h": x[lo:hi]}, rows[lo:hi] % 50, rows[lo:hi], rows[lo:hi] % 32)
+    files = sorted(str(f.relative_to(tmp_path / "ref.zarr")) for f in (tmp_path / "ref.zarr").rglob("c/**/*")
+                   if f.is_file())
+    assert "acts/h/c/3/0" in files and "tokens/c/3" in files and "progress/stats/h/c/3/0" in files
+    got = sorted(str(f.relative_to(tmp_path / "ours.zarr")) for f in (tmp_path / "ours.zarr").rglob("c/**/*")
+                 if f.is_file())
+    assert got == files  # temporary files renamed, nothing extra
+    for name in files:
+        assert (tmp_path / "ours.zarr" / name).read_bytes() == (tmp_path / "ref.zarr" / name).read_bytes(), name
+    np.testing.assert_array_equal(ours.zarr_array("h")[:], to_storage(x, dtype, "h"))
+    assert ours.done_shards() == set(range(4)) and ours.verify() == []
+
+
+def test_values_already_in_the_storage_dtype_are_checked_not_converted():
+    h = np.array([[1.5, -2.0]], dtype=np.float16)
+    assert to_storage(h, "float16", "x") is h
+    with pytest.raises(UserError, match="inf or NaN in float16.*bfloat16 or float32"):
+        to_storage(np.array([[np.inf]], dtype=np.float16), "float16", "x")
+    nan_bits = np.array([[0x7FC0]], dtype=np.uint16)  # a bfloat16 NaN
+    with pytest.raises(UserError, match="NaN or inf"):
+        to_storage(nan_bits, "bfloat16", "x")
+    with pytest.raises(UserError, match="NaN or inf"):
+        to_storage(np.array([[1.0, np.nan]], dtype=np.float32), "float16", "x")
+
+
+def test_shard_moments_match_one_float64_pass():
+    x = np.random.default_rng(3).normal(loc=5.0, size=(2500, 7)).astype(np.float16)
+    got = shard_moments(x, block_rows=1024)  # blocks of 1024, 1024 and 452 rows
+    x64 = x.astype(np.float64)
+    np.testing.assert_allclose(got[1:8], x64.mean(0), rtol=1e-12)
+    np.testing.assert_allclose(got[8:15], ((x64 - x64.mean(0)) ** 2).sum(0), rtol=1e-10)
+    assert got[0] == 2500 and got[15] == pytest.approx(np.linalg.norm(x64, axis=1).sum(), rel=1e-12)

@@ -294,6 +294,7 @@ def harvest_shards(store: ActivationStore, cfg: HarvestConfig, loaded: LoadedMod
     it, so every row gets the value an uninterrupted single-process harvest gives it.  `batch0`:
     batch 0's activations when already computed.  Does not finalize the store."""
     hooks, context, bs = list(cfg.hooks), cfg.context, cfg.batch_size
+    hook_widths = {h: widths[h] for h in hooks}
     start_row = store.shard_range(shards.start)[0]
     stop_row = store.shard_range(shards.stop - 1)[1]
     n_seqs = store.n_rows // context
@@ -316,7 +317,7 @@ def harvest_shards(store: ActivationStore, cfg: HarvestConfig, loaded: LoadedMod
                 s_start, s_stop = store.shard_range(shard)
                 take = min(hi, s_stop) - lo
                 if buffer is None:
-                    buffer = ShardBuffer(s_stop - s_start, {h: widths[h] for h in hooks}, cfg.dtype, loaded.device)
+                    buffer = ShardBuffer(s_stop - s_start, hook_widths, cfg.dtype, loaded.device)
                 buffer.fill(lo - s_start, {h: acts[h][lo - r0:lo - r0 + take] for h in hooks})
                 lo += take
                 if lo == s_stop:

@@ -11,7 +11,6 @@ The manifest lives in the group attributes.  Rows are in harvest order; the load
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import hashlib
 import json
@@ -21,7 +20,7 @@ import os
 import threading
 import uuid
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -30,8 +29,8 @@ import fsspec
 import numpy as np
 import zarr
 from fsspec.implementations.local import LocalFileSystem
-from zarr.codecs import Crc32cCodec, ZstdCodec
-from zarr.core.sync import sync as zarr_sync
+from numcodecs import Zstd
+from zarr.codecs import BytesCodec, Crc32cCodec, ZstdCodec
 from zarr.storage import FsspecStore, LocalStore
 
 from compsae.errors import StoreCorruptError, UserError
@@ -41,6 +40,7 @@ FORMAT = "compsae-store/1"
 FLOAT16_MAX = 65504.0
 _EMPTY = np.uint64(2**64 - 1)  # sharding index entry of a chunk never written
 _LOCK_NAME = ".compsae.lock"
+_IOV_MAX = 1024  # buffers one writev call may take (Linux)
 
 
 def _zarr_store(url: str, read_only: bool) -> LocalStore | FsspecStore:
@@ -343,7 +343,7 @@ class ActivationStore:
         start, stop = self.shard_range(shard)
         rows = stop - start
         digest = 0
-        small: list[tuple[zarr.Array, Any, np.ndarray]] = []  # written together once the shard files are
+        small: list[tuple[str, tuple[int, ...], np.ndarray]] = []  # (array, chunk, values): written after the acts
         for hook in self.hooks:
             x = np.asarray(acts[hook])
             if x.shape != (rows, self.d_model(hook)):
@@ -357,16 +357,16 @@ class ActivationStore:
             digest = crc32c.crc32c(stored, digest)
             stats = moments[hook] if moments is not None else shard_moments(
                 stored if self.layout.dtype != "bfloat16" else from_storage(stored, "bfloat16"))
-            small.append((self._array(f"progress/stats/{hook}"), shard, np.asarray(stats, dtype=np.float64)))
+            small.append((f"progress/stats/{hook}", (shard, 0), np.asarray(stats, dtype="<f8")[None, :]))
         for name, col, dt in (("tokens", tokens, "<i4"), ("seq_id", seq_id, "<i8"), ("pos", pos, "<i4")):
             col = np.ascontiguousarray(col, dtype=dt)
             if col.shape != (rows,):
                 raise ValueError(f"shard {shard}: {name} has shape {col.shape}, expected ({rows},)")
-            small.append((self._array(name), slice(start, stop), col))
+            small.append((name, (shard,), col))
             digest = crc32c.crc32c(col, digest)
-        small.append((self._array("progress/shard_crc"), shard, np.uint32(digest)))
-        self._set_all(small)
-        self._array("progress/shard_done")[shard] = 1
+        small.append(("progress/shard_crc", (shard,), np.array([digest], dtype="<u4")))
+        self._put_chunks(small)
+        self._put_chunks([("progress/shard_done", (shard,), np.array([1], dtype="u1"))])
 
     def _array(self, name: str) -> zarr.Array:
         """A cached handle on one array of the group (a group lookup reads its metadata again)."""
@@ -374,15 +374,37 @@ class ActivationStore:
             self._arrays[name] = self.group[name]
         return self._arrays[name]
 
-    @staticmethod
-    def _set_all(items: list[tuple[zarr.Array, Any, Any]]) -> None:
-        """`array[selection] = value` for every item, concurrently (one trip through Zarr's event loop
-        instead of one per small write)."""
+    def _put_chunks(self, items: list[tuple[str, tuple[int, ...], np.ndarray]]) -> None:
+        """Write each `(array name, chunk index, values)` as that whole chunk of the array.
 
-        async def put_all() -> None:
-            await asyncio.gather(*(arr.async_array.setitem(sel, value) for arr, sel, value in items))
-
-        zarr_sync(put_all())
+        The small per-shard arrays (one chunk per shard) are encoded here and written as files:
+        through Zarr each write costs milliseconds of event-loop round trips, as much as the
+        shard's activations.  An array whose codecs are not plain bytes [+ zstd], or a write that
+        does not cover its chunk, goes through Zarr."""
+        files: dict[str, bytes] = {}
+        for name, chunk, values in items:
+            arr = self._array(name)
+            shape = arr.metadata.chunk_grid.chunk_shape
+            selection = tuple(slice(c * n, c * n + v) for c, n, v in zip(chunk, shape, values.shape, strict=True))
+            whole = all(sel.start == c * n and (v == n or sel.stop == size)
+                        for sel, c, n, v, size in zip(selection, chunk, shape, values.shape, arr.shape, strict=True))
+            encode = _plain_encoder(arr) if whole else None
+            if encode is None:
+                arr[selection] = values
+                continue
+            data = values
+            if values.shape != shape:  # the array's last chunk: padded with the fill value, as Zarr does
+                data = np.full(shape, arr.metadata.fill_value, dtype=values.dtype)
+                data[tuple(slice(0, v) for v in values.shape)] = values
+            files[f"{self.path}/{name}/{arr.metadata.encode_chunk_key(chunk)}"] = encode(
+                np.ascontiguousarray(data, dtype=np.dtype(arr.dtype).newbyteorder("<")).tobytes())
+        if not files:
+            return
+        if not self.is_local:
+            self.fs.pipe(files)  # object stores upload them concurrently
+            return
+        for path, data in files.items():
+            _write_file(path, [data])
 
     def _write_shard_file(self, hook: str, shard: int, stored: np.ndarray) -> None:
         """Write one uncompressed shard of `hook` as a whole file, encoded as Zarr's sharding codec
@@ -410,20 +432,10 @@ class ActivationStore:
         index_bytes = index.tobytes()
         pieces += [index_bytes, crc32c.crc32c(index_bytes).to_bytes(4, "little")]
         path = f"{self.path}/acts/{hook}/c/{shard}/0"
-        if not self.is_local:
+        if self.is_local:
+            _write_file(path, pieces)
+        else:
             self.fs.pipe_file(path, b"".join(pieces))
-            return
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.{uuid.uuid4().hex}.partial"
-        try:
-            with open(tmp, "wb") as f:
-                for piece in pieces:
-                    f.write(piece)
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
 
     def finalize(self, n_rows: int | None = None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
         """Mark the store complete: shrink it to `n_rows` when the data ran out early, merge the
@@ -616,6 +628,50 @@ def _wipe(url: str) -> None:
     for entry in fs.ls(path, detail=False):
         if entry.rstrip("/").rsplit("/", 1)[-1] != _LOCK_NAME:
             fs.rm(entry, recursive=True)
+
+
+def _plain_encoder(arr: zarr.Array) -> Callable[[bytes], bytes] | None:
+    """How to encode a chunk of `arr` when its codecs are little-endian bytes, optionally followed
+    by zstd (what `create` gives the small arrays); None for anything else."""
+    codecs = arr.metadata.codecs
+    if not codecs or not isinstance(codecs[0], BytesCodec) or getattr(codecs[0].endian, "value", None) not in (
+            None, "little"):
+        return None
+    if len(codecs) == 1:
+        return bytes
+    if len(codecs) == 2 and isinstance(codecs[1], ZstdCodec):
+        return Zstd(level=codecs[1].level, checksum=codecs[1].checksum).encode
+    return None
+
+
+def _write_file(path: str, pieces: list[Any]) -> None:
+    """Write a local file from `pieces` (buffers) as Zarr does: to a temporary name, then renamed,
+    so a reader never sees half a file."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.{uuid.uuid4().hex}.partial"
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            _write_all(fd, pieces)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def _write_all(fd: int, pieces: list[Any]) -> None:
+    """Write `pieces` (buffers) to `fd` back to back, with as few system calls as it takes."""
+    views = [memoryview(p).cast("B") for p in pieces]
+    while views:
+        done = os.writev(fd, views[:_IOV_MAX])
+        while views and done >= len(views[0]):  # drop what was written, keep the rest of a piece
+            done -= len(views[0])
+            views.pop(0)
+        if done:
+            views[0] = views[0][done:]
 
 
 @contextmanager

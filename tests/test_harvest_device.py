@@ -1,0 +1,96 @@
+"""Shard buffers on the model's device: the cast, the range check and the statistics made there
+equal the host's; on CUDA a harvest resumes to the same bytes and matches the CPU harvest."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from compsae.errors import UserError
+from compsae.harvest.config import HarvestConfig
+from compsae.harvest.run import ShardBuffer, run_harvest
+from compsae.store import ActivationStore
+from compsae.store.activation_store import from_storage, shard_moments, to_storage
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
+def test_buffer_gives_the_hosts_stored_values_and_moments(device: str, dtype: str) -> None:
+    x = torch.from_numpy(np.random.default_rng(0).normal(size=(300, 24)).astype(np.float32) * 4)
+    buf = ShardBuffer(300, {"h": 24}, dtype, torch.device(device))
+    buf.fill(0, {"h": x[:120].to(device)})  # two batches, the second cut by the shard's end
+    buf.fill(120, {"h": x[120:].to(device)})
+    host, moments = buf.finish()
+    expect = to_storage(x.numpy(), dtype, "h")
+    assert host["h"].dtype == expect.dtype
+    np.testing.assert_array_equal(host["h"], expect)
+    if device == "cpu":
+        assert moments is None  # left to the writer thread
+    else:
+        assert moments is not None
+        np.testing.assert_allclose(moments["h"], shard_moments(from_storage(expect, dtype)), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_buffer_refuses_float16_overflow_and_nan(device: str) -> None:
+    big = torch.zeros(8, 4)
+    big[5, 2] = -7e4
+    buf = ShardBuffer(8, {"blocks.0.hook_x": 4}, "float16", torch.device(device))
+    buf.fill(0, {"blocks.0.hook_x": big.to(device)})
+    with pytest.raises(UserError, match="blocks.0.hook_x reach 7e\\+04.*bfloat16 or float32"):
+        buf.finish()
+    nan = torch.ones(8, 4)
+    nan[1, 1] = float("nan")
+    buf = ShardBuffer(8, {"h": 4}, "bfloat16", torch.device(device))
+    buf.fill(0, {"h": nan.to(device)})
+    with pytest.raises(UserError, match="NaN or inf"):
+        buf.finish()
+
+
+def _cfg(device: str, **over: Any) -> HarvestConfig:
+    base: dict[str, Any] = dict(model="tiny-neox", hooks=["blocks.1.hook_resid_post", "blocks.2.hook_mlp_out"],
+                                context=32, n_tokens=2300, batch_size=6, chunk_rows=128, shard_rows=512,
+                                device=device, data={"source": "synthetic:mixed", "seed": 3})
+    return HarvestConfig(**{**base, **over})
+
+
+def _arrays(url: str) -> dict[str, np.ndarray]:
+    st = ActivationStore.open(url)
+    out = {f"acts/{h}": st.zarr_array(h)[:] for h in st.hooks}
+    out.update({f"stats/{h}": st.group[f"progress/stats/{h}"][:] for h in st.hooks})
+    out.update(tokens=st.tokens, seq_id=st.seq_id, pos=st.pos, crc=st.group["progress/shard_crc"][:])
+    return out
+
+
+@needs_cuda
+def test_cuda_harvest_resumes_to_the_same_bytes_and_matches_the_cpu(tmp_path: Path) -> None:
+    full = run_harvest(_cfg("cuda"), str(tmp_path / "full"))
+
+    def stop_after_shard_1(shard: int) -> None:
+        if shard == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_harvest(_cfg("cuda"), str(tmp_path / "resumed"), on_shard_written=stop_after_shard_1)
+    resumed = run_harvest(_cfg("cuda"), str(tmp_path / "resumed"))
+    a, b = _arrays(full["store"]), _arrays(resumed["store"])
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    assert ActivationStore.open(resumed["store"]).verify() == []
+
+    cpu = run_harvest(_cfg("cpu"), str(tmp_path / "cpu"))
+    gpu_st, cpu_st = ActivationStore.open(full["store"]), ActivationStore.open(cpu["store"])
+    for h in gpu_st.hooks:
+        g, c = gpu_st.read_rows(h, 0, gpu_st.n_rows), cpu_st.read_rows(h, 0, cpu_st.n_rows)
+        np.testing.assert_allclose(g, c, rtol=1e-2, atol=1e-2 * np.abs(c).max())
+        gs, cs = gpu_st.stats(h), cpu_st.stats(h)
+        np.testing.assert_allclose(gs["mean"], cs["mean"], atol=1e-3 * np.abs(c).max())
+        np.testing.assert_allclose(gs["var"], cs["var"], rtol=2e-2)
+        assert gs["count"] == cs["count"] and gs["mean_norm"] == pytest.approx(cs["mean_norm"], rel=1e-3)
