@@ -9,5 +9,6 @@ python3 -m venv "$venv"
 "$venv/bin/python" -m pip install -q --upgrade pip
 # shellcheck disable=SC2086
 "$venv/bin/pip" install -q $pip_extra "$torch_spec"
-"$venv/bin/pip" install -q -e ".[dev,s3]"
+# saelens / wandb: optional extras, installed here so CI runs the tests that use the real packages
+"$venv/bin/pip" install -q -e ".[dev,s3,saelens,wandb]"
 "$venv/bin/python" -c "import torch, zarr, transformer_lens; print('environment ready: torch', torch.__version__, 'zarr', zarr.__version__)"
