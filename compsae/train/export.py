@@ -1,4 +1,4 @@
-"""Export a trained TopK or ReLU SAE in SAELens' on-disk format: a folder with `cfg.json` and
+"""Export a trained TopK or ReLU SAE (or an imported JumpReLU one) in SAELens' on-disk format: a folder with `cfg.json` and
 `sae_weights.safetensors` (`W_enc [d_in, d_sae]`, `b_enc [d_sae]`, `W_dec [d_sae, d_in]`,
 `b_dec [d_in]`), which `sae_lens.SAE.load_from_disk(folder)` loads.
 
@@ -34,7 +34,7 @@ from safetensors.torch import save as st_save
 
 from compsae.errors import UserError
 from compsae.train.checkpoint import load_model
-from compsae.train.models import CompSAE, ReLUSAE, SparseAutoencoder, TopKSAE
+from compsae.train.models import CompSAE, JumpReLUSAE, ReLUSAE, SparseAutoencoder, TopKSAE
 
 CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"
@@ -51,12 +51,15 @@ def _architecture(model: SparseAutoencoder, as_topk: bool, where: str) -> str:
         return "topk"
     if isinstance(model, ReLUSAE):
         return "standard"
-    raise UserError(f"{where}: cannot export a {type(model).__name__} to SAELens (TopK and ReLU SAEs only)")
+    if isinstance(model, JumpReLUSAE):
+        return "jumprelu"
+    raise UserError(f"{where}: cannot export a {type(model).__name__} to SAELens (TopK, ReLU and JumpReLU SAEs only)")
 
 
 def saelens_weights(model: SparseAutoencoder, scale: float) -> dict[str, torch.Tensor]:
     """SAELens' tensors for `model`, with the input normalisation factor `scale` folded in:
-    `W_enc [d_in, d_sae]`, `b_enc [d_sae]`, `W_dec [d_sae, d_in]`, `b_dec [d_in]`, float32."""
+    `W_enc [d_in, d_sae]`, `b_enc [d_sae]`, `W_dec [d_sae, d_in]`, `b_dec [d_in]` (and `threshold
+    [d_sae]` for JumpReLU), float32."""
     with torch.no_grad():
         tensors = {
             "W_enc": model.W_enc.float() * scale,  # (s·x − b) W = (x − b/s)(s·W)
@@ -64,6 +67,8 @@ def saelens_weights(model: SparseAutoencoder, scale: float) -> dict[str, torch.T
             "W_dec": model.W_dec.float() / scale,  # x̂ = (z W_dec + b_dec) / s
             "b_dec": model.b_dec.float() / scale,
         }
+        if isinstance(model, JumpReLUSAE):
+            tensors["threshold"] = model.threshold.float().clone()  # pre-activations are unchanged by the fold
     return {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
 
 
@@ -141,7 +146,7 @@ def export_saelens(model_dir: str, out_dir: str, as_topk: bool = False, model_na
     """Write the model trained in `model_dir` (a checkpoint folder: `<train stage>/<model>/`) into
     `out_dir` as SAELens loads it: `cfg.json` + `sae_weights.safetensors`.
 
-    TopK and ReLU SAEs export as SAELens' "topk" and "standard" architectures; a CompSAE needs
+    TopK, ReLU and JumpReLU SAEs export as SAELens' "topk", "standard" and "jumprelu" architectures; a CompSAE needs
     `as_topk=True` (its TopK dictionary alone).  The input normalisation is folded into the weights
     (see the module docstring).  `model_name` overrides the LM name found in the run's store
     manifest.  Returns a summary: out_dir, files, architecture, d_in, d_sae, k, folded scale, step."""

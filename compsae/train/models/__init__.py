@@ -1,4 +1,5 @@
-"""The sparse dictionaries: `CompSAE` and the `TopKSAE` / `ReLUSAE` baselines, one interface."""
+"""The sparse dictionaries: `CompSAE` and the `TopKSAE` / `ReLUSAE` baselines, one interface
+(`JumpReLUSAE` too, for SAEs imported from SAELens)."""
 
 from __future__ import annotations
 
@@ -6,10 +7,12 @@ from compsae.errors import UserError
 from compsae.train.config import ModelConfig
 from compsae.train.models.base import SAEOutput, SparseAutoencoder
 from compsae.train.models.compsae import CompSAE
+from compsae.train.models.jumprelu import JumpReLUSAE
 from compsae.train.models.relu import ReLUSAE
 from compsae.train.models.topk import TopKSAE
 
-MODEL_TYPES: dict[str, type[SparseAutoencoder]] = {"compsae": CompSAE, "topk": TopKSAE, "relu": ReLUSAE}
+MODEL_TYPES: dict[str, type[SparseAutoencoder]] = {"compsae": CompSAE, "topk": TopKSAE, "relu": ReLUSAE,
+                                                   "jumprelu": JumpReLUSAE}
 
 
 def build_model(cfg: ModelConfig, d_in: int) -> SparseAutoencoder:
@@ -21,4 +24,4 @@ def build_model(cfg: ModelConfig, d_in: int) -> SparseAutoencoder:
     return MODEL_TYPES[cfg.type](cfg, d_in)
 
 
-__all__ = ["MODEL_TYPES", "CompSAE", "ReLUSAE", "SAEOutput", "SparseAutoencoder", "TopKSAE", "build_model"]
+__all__ = ["MODEL_TYPES", "CompSAE", "JumpReLUSAE", "ReLUSAE", "SAEOutput", "SparseAutoencoder", "TopKSAE", "build_model"]
