@@ -58,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     _pipeline_args(hexp)
     hexp.add_argument("--n", type=int, default=50, help="latents per method (default 50; see docs/evaluation.md)")
     hexp.add_argument("--raters", type=int, default=3, help="rater sheets, each in its own shuffled order")
-    hexp.add_argument("--rows", type=int, default=200_000, help="store rows the latents are computed on")
+    hexp.add_argument("--rows", type=int, default=200_000, help="held-out store rows the latents are computed on (the first ones, store order)")
     hexp.add_argument("--seed", type=int, default=0)
     hexp.add_argument("--method", action="append", default=[], metavar="NAME=CHECKPOINT_DIR",
                       help="instead of the pipeline's trained models (repeatable); needs --store")

@@ -138,13 +138,9 @@ def _call_stage(stage: str, cfg: Any, out_dir: str, inputs: dict[str, dict[str, 
         from compsae.evaluation.stage import run_evaluate
 
         train_out = inputs["train"]["outputs"]
-        train_cfg = inputs["train"]["config"]
         runs = cfg.runs or [EvalRun(label=name, checkpoint=rec["path"], store=train_out["store"])
                             for name, rec in train_out["models"].items()]
-        # score on the rows training never saw: the train stage's held-out split
-        cfg = cfg.model_copy(update={"runs": runs, "heldout_fraction": train_out["heldout_fraction"],
-                                     "split_seed": train_cfg.get("seed", 0)})
-        return run_evaluate(cfg, out_dir)
+        return run_evaluate(cfg.model_copy(update={"runs": runs}), out_dir)
     if stage == "probe":
         from compsae.evaluation.probe_stage import run_probe
 

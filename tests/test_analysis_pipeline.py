@@ -29,7 +29,7 @@ from compsae.analysis.reconstructors import SAEReconstructor
 from compsae.analysis.report import fmt
 from compsae.analysis.run import run_analyze
 from compsae.store import ActivationStore, StoreLayout
-from compsae.store.split import heldout_mask
+from compsae.store.split import HeldOutSplit, heldout_mask
 from compsae.train.checkpoint import save_checkpoint
 from compsae.train.config import ModelConfig
 from compsae.train.models import build_model
@@ -67,7 +67,7 @@ def make_models(train_dir) -> None:
         model = build_model(cfg, D)
         meta = {"model": cfg.model_dump(), "normalization": {"scale": 0.7}, "hook": HOOK, "step": 1,
                 "tokens_seen": 100, "finished": True, "d_in": D, "type": cfg.type,
-                "heldout_fraction": FRACTION, "split_seed": 0}
+                "split": HeldOutSplit(fraction=FRACTION).model_dump()}
         save_checkpoint(str(train_dir / name), model, meta)
 
 

@@ -13,6 +13,7 @@ from compsae.evaluation.config import EvaluateConfig, GroundTruthConfig
 from compsae.evaluation.ground_truth import load_ground_truth, write_ground_truth_store
 from compsae.evaluation.pair_recovery import true_pairs
 from compsae.store import ActivationStore, StoreLayout
+from compsae.store.split import HeldOutSplit
 
 
 @dataclass
@@ -58,14 +59,14 @@ def stores(tmp_path_factory):
 
 
 def test_oracle_scores(stores):
-    cfg = EvaluateConfig(heldout_fraction=0.5, max_rows=2048, batch_size=500)
+    cfg, split = EvaluateConfig(max_rows=2048, batch_size=500), HeldOutSplit(fraction=0.5)
     gt = load_ground_truth(stores["inter"])
     model = OracleComp(gt.V, gt.C)
-    res = evaluate_model(model, ActivationStore.open(stores["inter"]), "synthetic.hook_x", gt, cfg)
+    res = evaluate_model(model, ActivationStore.open(stores["inter"]), "synthetic.hook_x", gt, cfg, split)
     assert res["mcc"] == pytest.approx(1.0) and res["mmcs"] == pytest.approx(1.0)
     assert res["fvu"] == pytest.approx(0.0, abs=1e-9)
     store = ActivationStore.open(stores["inter"])
-    x = store.read_rows("synthetic.hook_x", 0, store.n_rows)[eval_rows(store, 0.5, 0, 2048)]
+    x = store.read_rows("synthetic.hook_x", 0, store.n_rows)[eval_rows(store, split, 2048)]
     expected = 0.04 * (x**2).sum() / ((x - x.mean(0)) ** 2).sum()   # ‖0.2 x‖² about the mean of x
     assert res["fvu_no_composition"] == pytest.approx(expected, rel=1e-5)
     assert res["composition_share"] == pytest.approx(expected, rel=1e-5)  # (FVE_on - FVE_off) / FVE_on
@@ -77,7 +78,7 @@ def test_oracle_scores(stores):
     # on the additive control the groups are scored as spurious pairs, not as recovered ones
     gta = load_ground_truth(stores["additive"])
     res_a = evaluate_model(OracleComp(gta.V, []), ActivationStore.open(stores["additive"]), "synthetic.hook_x",
-                           gta, cfg)
+                           gta, cfg, split)
     assert "pair_f1" not in res_a and res_a["spurious_pair_n_true_positive"] == 0
 
 

@@ -15,6 +15,7 @@ from compsae.evaluation.probe_stage import fmt, lm_computes, load_trained, probe
 from compsae.evaluation.probes import ANSWER_TASKS, TASKS
 from compsae.harvest.config import HarvestConfig
 from compsae.harvest.run import run_harvest
+from compsae.store.split import HeldOutSplit
 from compsae.train.checkpoint import save_checkpoint
 from compsae.train.config import ModelConfig
 from compsae.train.models import build_model
@@ -35,7 +36,7 @@ def make_models(train_dir: str) -> None:
     for name, cfg in MODELS.items():
         meta = {"model": cfg.model_dump(), "normalization": {"scale": SCALE}, "hook": HOOK, "step": 1,
                 "tokens_seen": 1, "finished": True, "d_in": D, "type": cfg.type,
-                "train": {"heldout_fraction": 0.1, "seed": 0}}
+                "split": HeldOutSplit(fraction=0.1).model_dump()}
         save_checkpoint(f"{train_dir}/{name}", build_model(cfg, D), meta)
 
 

@@ -41,6 +41,7 @@ from compsae.analysis.reconstructors import Reconstructor, SAEReconstructor
 from compsae.analysis.report import write_report
 from compsae.errors import UserError
 from compsae.store import ActivationStore
+from compsae.train.checkpoint import checkpoint_split
 
 PILOT_BLOCKS = 8
 ABLATION_FIELDS = ("type", "n_latents", "k", "composer", "gate", "curriculum", "graduated_sparsity")
@@ -81,15 +82,6 @@ def discover_models(train_dir: str) -> list[tuple[str, str]]:
             prefix = "" if isinstance(fs, LocalFileSystem) else f"{fs.protocol[0] if isinstance(fs.protocol, tuple) else fs.protocol}://"
             found.append((name, prefix + entry["name"]))
     return sorted(found)
-
-
-def split_params(meta: dict[str, Any]) -> tuple[float, int]:
-    """(held-out fraction, seed) of the split a checkpoint was trained with."""
-    train = meta.get("train") or {}
-    split = meta.get("split") or {}
-    fraction = split.get("heldout_fraction", meta.get("heldout_fraction", train.get("heldout_fraction", 0.05)))
-    seed = split.get("seed", meta.get("split_seed", meta.get("seed", train.get("seed", 0))))
-    return float(fraction), int(seed)
 
 
 def token_decoder(manifest: dict[str, Any]) -> Callable[[int], str]:
@@ -256,8 +248,13 @@ def run_analyze(cfg: AnalyzeConfig, store_url: str, train_dir: str, out_dir: str
     if other:
         notes.append(f"models trained on another hook left out: {', '.join(other)}")
         recons = [r for r in recons if r.name not in other]
-    fraction, seed = split_params(metas[recons[0].name])
-    heldout = _heldout_mask(store.seq_id, fraction, seed)
+    splits = {r.name: checkpoint_split(metas[r.name], f"model {r.name}") for r in recons}
+    split = splits[recons[0].name]
+    other = [r.name for r in recons if splits[r.name] != split]
+    if other:  # scored on another split, part of their held-out rows would be their training rows
+        notes.append(f"models trained with another held-out split left out: {', '.join(other)}")
+        recons = [r for r in recons if r.name not in other]
+    heldout = split.mask(store.seq_id)
     plan = plan_blocks(heldout, store.chunk_rows, cfg.max_heldout_tokens)
     pos = store.pos
 
@@ -304,8 +301,8 @@ def run_analyze(cfg: AnalyzeConfig, store_url: str, train_dir: str, out_dir: str
                           "dead_fraction": models[r.name].get("latents", {}).get("dead_fraction"),
                           "ce_recovered": models[r.name].get("ce", {}).get("ce_recovered"),
                           "tokens_seen": metas[r.name].get("tokens_seen")})
-    metrics = {"hook": hook, "store": store_url, "n_tokens": plan.n_tokens, "heldout_fraction": fraction,
-               "heldout_seed": seed, "baseline_k": k, "models": models, "ablations": ablations,
+    metrics = {"hook": hook, "store": store_url, "n_tokens": plan.n_tokens, "heldout_fraction": split.fraction,
+               "heldout_seed": split.seed, "baseline_k": k, "models": models, "ablations": ablations,
                "ablations_by_variant": ablations_by_variant(ablations),
                "ce_note": ce_note, "notes": notes, "scheduler": scheduler or (f"LocalCluster({workers})" if workers else "threads")}
 
@@ -316,12 +313,6 @@ def run_analyze(cfg: AnalyzeConfig, store_url: str, train_dir: str, out_dir: str
             examples = attention_examples(r, store, hook, plan, cfg.n_attention_examples, decode)  # type: ignore[arg-type]
 
     return _write_outputs(out_dir, cfg, metrics, arrays, examples, partials, store, decode)
-
-
-def _heldout_mask(seq_id: np.ndarray, fraction: float, seed: int) -> np.ndarray:
-    from compsae.store.split import heldout_mask
-
-    return heldout_mask(seq_id, fraction, seed)
 
 
 def _splice(rec: Reconstructor) -> Callable[[torch.Tensor], torch.Tensor]:

@@ -26,19 +26,13 @@ from compsae.evaluation.matching import hungarian_match, mmcs
 from compsae.evaluation.pair_recovery import pair_recovery
 from compsae.evaluation.reconstruction import FVUAccumulator
 from compsae.store import ActivationStore
+from compsae.store.split import HeldOutSplit
 
 
-def eval_rows(store: ActivationStore, heldout_fraction: float, seed: int, max_rows: int) -> np.ndarray:
-    """Row indices of the held-out split (sequence-level), capped at ``max_rows``: [n]."""
-    try:
-        from compsae.store.split import heldout_mask
-    except ImportError:  # split helper not available: fall back to the last sequences
-        heldout_mask = None
-    if heldout_mask is not None and heldout_fraction > 0:
-        rows = np.flatnonzero(heldout_mask(store.seq_id, heldout_fraction, seed))
-    else:
-        rows = np.arange(store.n_rows)[-max(1, int(round(store.n_rows * max(heldout_fraction, 1e-9)))):]
-    return rows[:max_rows]
+def eval_rows(store: ActivationStore, split: HeldOutSplit, max_rows: int) -> np.ndarray:
+    """Row indices of the ``split``'s held-out sequences (the ones the model never trained on),
+    capped at ``max_rows``: [n]."""
+    return np.flatnonzero(split.mask(store.seq_id))[:max_rows]
 
 
 def iter_batches(store: ActivationStore, hook: str, rows: np.ndarray, batch_size: int) -> Iterator[np.ndarray]:
@@ -82,14 +76,15 @@ def _has_composition(model: Any) -> bool:
 
 @torch.no_grad()
 def evaluate_model(model: Any, store: ActivationStore, hook: str, gt: GroundTruth, cfg: EvaluateConfig,
-                   scale: float = 1.0) -> dict[str, float]:
-    """All synthetic-ground-truth metrics of one trained model (``W_dec: [n, d]``, SAE interface)."""
+                   split: HeldOutSplit, scale: float = 1.0) -> dict[str, float]:
+    """All synthetic-ground-truth metrics of one trained model (``W_dec: [n, d]``, SAE interface),
+    on the held-out rows of ``split`` (the one it was trained with)."""
     model.eval()
     W_dec = model.W_dec.detach().float().cpu().numpy()   # [n_latents, d]
     match = hungarian_match(W_dec, gt.V)
     true_all = np.concatenate([gt.V, gt.U]) if len(gt.C) else gt.V
     comp = _has_composition(model)
-    rows = eval_rows(store, cfg.heldout_fraction, cfg.split_seed, cfg.max_rows)
+    rows = eval_rows(store, split, cfg.max_rows)
     fvu_on, fvu_off = FVUAccumulator(), FVUAccumulator()
     acc = CompositionAccumulator(W_dec.shape[0]) if comp else None
     l0, n_tok = 0.0, 0
@@ -125,7 +120,7 @@ def evaluate_model(model: Any, store: ActivationStore, hook: str, gt: GroundTrut
 
 def comparison_table(runs: list[dict[str, str]], cfg: EvaluateConfig) -> list[dict]:
     """One row per run ``{"label", "checkpoint", "store"}``: load, evaluate, tag with the data kind."""
-    from compsae.train.checkpoint import load_model
+    from compsae.train.checkpoint import checkpoint_split, load_model
 
     rows = []
     for run in runs:
@@ -136,7 +131,8 @@ def comparison_table(runs: list[dict[str, str]], cfg: EvaluateConfig) -> list[di
         store = ActivationStore.open(run["store"])
         gt = load_ground_truth(run["store"])
         norm = meta.get("normalization") or {}
-        res = evaluate_model(model, store, meta.get("hook") or store.hooks[0], gt, cfg, float(norm.get("scale", 1.0)))
+        res = evaluate_model(model, store, meta.get("hook") or store.hooks[0], gt, cfg,
+                             checkpoint_split(meta, run["checkpoint"]), float(norm.get("scale", 1.0)))
         rows.append({"label": run["label"], "model": type(model).__name__,
                      "data": "interactions" if gt.C else "additive-only", **res})
     return rows

@@ -69,9 +69,8 @@ class EvaluateConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
+    # each checkpoint is scored on the held-out rows of the split it records (its training's)
     runs: list[EvalRun] = Field(default_factory=list)
-    heldout_fraction: float = Field(0.05, ge=0.0, lt=1.0)
-    split_seed: int = 0
     max_rows: int = Field(65_536, ge=1)           # rows of the held-out split used for the metrics
     batch_size: int = Field(1024, ge=1)
     pair_selection: str = Field("top", pattern="^(top|threshold)$")

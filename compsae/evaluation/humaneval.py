@@ -285,8 +285,8 @@ def score_table(result: dict) -> str:
 # inputs from a store and checkpoints (what the CLI calls)
 
 
-def corpus_from_store(store_url: str, n_rows: int, vocab: list[str] | None = None) -> Corpus:
-    """The first ``n_rows`` rows of a store as a :class:`Corpus`.
+def corpus_from_store(store_url: str, rows: np.ndarray, vocab: list[str] | None = None) -> Corpus:
+    """The store rows ``rows`` (whole sequences, in store order) as a :class:`Corpus`.
 
     Token text: ``vocab`` if given; else the ground-truth vocabulary of a synthetic store; else the
     tokenizer of the harvested model (offline models only); else ``<id>`` placeholders.
@@ -294,10 +294,31 @@ def corpus_from_store(store_url: str, n_rows: int, vocab: list[str] | None = Non
     from compsae.store import ActivationStore
 
     store = ActivationStore.open(store_url)
-    n = min(n_rows, store.n_rows)
     if vocab is None:
         vocab = _store_vocab(store_url, store.manifest)
-    return Corpus(tokens=store.tokens[:n], seq_id=store.seq_id[:n], pos=store.pos[:n], vocab=vocab)
+    return Corpus(tokens=store.tokens[rows], seq_id=store.seq_id[rows], pos=store.pos[rows], vocab=vocab)
+
+
+def heldout_rows(checkpoints: dict[str, str], store_url: str, n_rows: int) -> np.ndarray:
+    """The first ``n_rows`` held-out rows ``[n]`` of the split the checkpoints were trained with:
+    cards show contexts no method trained on."""
+    from compsae.store import ActivationStore
+    from compsae.train.checkpoint import checkpoint_split, read_meta
+
+    splits = {}
+    for method, folder in checkpoints.items():
+        meta = read_meta(folder)
+        if meta is None:
+            raise UserError(f"no checkpoint in {folder} (method {method}); train it first")
+        splits[method] = checkpoint_split(meta, folder)
+    if len(set(splits.values())) > 1:
+        raise UserError("the checkpoints were trained with different held-out splits "
+                        f"({', '.join(f'{m}: {s.fraction}/{s.seed}' for m, s in splits.items())}); export them separately")
+    store = ActivationStore.open(store_url)
+    rows = np.flatnonzero(next(iter(splits.values())).mask(store.seq_id))[:n_rows]
+    if rows.size == 0:
+        raise UserError(f"the store at {store_url} has no held-out rows for these checkpoints (heldout_fraction 0?)")
+    return rows
 
 
 def _store_vocab(store_url: str, manifest: dict) -> list[str]:
@@ -316,14 +337,14 @@ def _store_vocab(store_url: str, manifest: dict) -> list[str]:
         return []
 
 
-def feature_source_from_checkpoint(store_url: str, checkpoint: str, n_rows: int, batch_size: int = 1024,
+def feature_source_from_checkpoint(store_url: str, checkpoint: str, rows: np.ndarray, batch_size: int = 1024,
                                    device: str = "cpu", n_partners: int = 5) -> FeatureSource:
-    """Encode the first ``n_rows`` rows of the store with a checkpoint; CompSAE also gets partners
+    """Encode the store rows ``rows`` with a checkpoint; CompSAE also gets partners
     (latents it attends to most, from :class:`compsae.evaluation.comparison.CompositionAccumulator`)."""
     import scipy.sparse as sp
     import torch
 
-    from compsae.evaluation.comparison import CompositionAccumulator, _has_composition
+    from compsae.evaluation.comparison import CompositionAccumulator, _has_composition, iter_batches
     from compsae.store import ActivationStore
     from compsae.train.checkpoint import load_model
 
@@ -334,13 +355,13 @@ def feature_source_from_checkpoint(store_url: str, checkpoint: str, n_rows: int,
     scale = float((meta.get("normalization") or {}).get("scale", 1.0))
     store = ActivationStore.open(store_url)
     hook = meta.get("hook") or store.hooks[0]
-    n = min(n_rows, store.n_rows)
     comp = _has_composition(model)
     acc = CompositionAccumulator(model.W_dec.shape[0]) if comp else None
     parts = []
     with torch.no_grad():
-        for start in tqdm(range(0, n, batch_size), desc=f"encode {checkpoint}", unit="batch"):
-            x = torch.from_numpy(store.read_rows(hook, start, min(n, start + batch_size))).to(device) * scale
+        for batch in tqdm(iter_batches(store, hook, rows, batch_size), total=-(-len(rows) // batch_size),
+                          desc=f"encode {checkpoint}", unit="batch"):
+            x = torch.from_numpy(batch).to(device) * scale
             out = model(x)
             parts.append(sp.csr_matrix(out.z.float().cpu().numpy()))
             if acc is not None and out.attn is not None and "active_idx" in out.extras:
@@ -356,7 +377,9 @@ def feature_source_from_checkpoint(store_url: str, checkpoint: str, n_rows: int,
 
 def export_from_checkpoints(checkpoints: dict[str, str], store_url: str, out_dir: str, n: int = 50,
                             n_rows: int = 200_000, n_raters: int = 3, seed: int = 0, device: str = "cpu") -> dict:
-    """``compsae humaneval export``: method name -> checkpoint folder, all encoded on the same store rows."""
-    corpus = corpus_from_store(store_url, n_rows)
-    methods = {m: feature_source_from_checkpoint(store_url, c, n_rows, device=device) for m, c in checkpoints.items()}
+    """``compsae humaneval export``: method name -> checkpoint folder, all encoded on the same
+    ``n_rows`` held-out store rows (of the split the checkpoints were trained with)."""
+    rows = heldout_rows(checkpoints, store_url, n_rows)
+    corpus = corpus_from_store(store_url, rows)
+    methods = {m: feature_source_from_checkpoint(store_url, c, rows, device=device) for m, c in checkpoints.items()}
     return export(methods, corpus, out_dir, n=n, n_raters=n_raters, seed=seed)

@@ -40,6 +40,8 @@ from compsae.evaluation.probes import (
     run_probes,
 )
 from compsae.store import ActivationStore
+from compsae.store.split import HeldOutSplit
+from compsae.train.checkpoint import checkpoint_split
 
 BASELINES = ("pca", "nmf", "raw")
 _SAE_BATCH = 1024  # rows per SAE forward
@@ -100,16 +102,16 @@ def load_trained(train_dir: str, device: torch.device) -> list[TrainedSAE]:
     return found
 
 
-def fit_sample(store: ActivationStore, hook: str, meta: dict[str, Any] | None, n: int, drop_bos: bool
+def fit_sample(store: ActivationStore, hook: str, splits: list[HeldOutSplit], n: int, drop_bos: bool
                ) -> np.ndarray:
-    """Up to ``n`` rows ``[m, d]`` of the store's training split (the split the SAEs were trained
-    on), BOS rows left out when ``drop_bos``: a decision point is never a BOS position, and BOS
+    """Up to ``n`` rows ``[m, d]`` that no model held out (``splits``: the ones the SAEs were trained
+    with), BOS rows left out when ``drop_bos``: a decision point is never a BOS position, and BOS
     rows are huge-norm outliers that would take the first PCA / NMF components."""
-    from compsae.analysis.run import fit_rows, split_params
-    from compsae.store.split import heldout_mask
+    from compsae.analysis.run import fit_rows
 
-    fraction, seed = split_params(meta or {})
-    keep = ~heldout_mask(store.seq_id, fraction, seed)
+    keep = np.ones(store.n_rows, dtype=bool)
+    for split in set(splits):
+        keep &= ~split.mask(store.seq_id)
     if drop_bos:
         keep &= store.pos != 0
     return fit_rows(store, hook, keep, n)
@@ -337,7 +339,8 @@ def run_probe(cfg: ProbeConfig, store_url: str, train_dir: str, out_dir: str,
     del lm  # free the LM before PCA / NMF and the probes
 
     say("fitting PCA / NMF on store rows")
-    x_fit = fit_sample(store, hook, saes[0].meta if saes else None, cfg.fit_rows, harvest_cfg.prepend_bos)
+    splits = [checkpoint_split(s.meta, f"model {s.name}") for s in saes]
+    x_fit = fit_sample(store, hook, splits, cfg.fit_rows, harvest_cfg.prepend_bos)
     maps = _feature_maps(saes, x_fit, cfg, notes)
     ks = tuple(cfg.ks)
     rows = run_probes(acts, items, maps, ks=ks, seed=cfg.seed, test_fraction=cfg.test_fraction, tasks=tasks)

@@ -25,7 +25,7 @@ import torch
 
 from compsae.errors import UserError
 from compsae.store.activation_store import ActivationStore, from_storage
-from compsae.store.split import heldout_mask
+from compsae.store.split import DEFAULT_SPLIT_SEED, heldout_mask
 
 Split = Literal["train", "heldout", "all"]
 _DONE = object()
@@ -38,7 +38,7 @@ class BatchLoader:
     every row.  `normalize` scales every row by one factor so the mean row norm becomes
     sqrt(d_model) (the factor is `self.scale`, from the store's statistics).  `epochs=None` cycles
     forever; the last batch of an epoch may be smaller unless `drop_last`.  `split_seed` picks the
-    held-out sequences (keep the default so every stage agrees on them)."""
+    held-out sequences (training records it with the checkpoint, as `HeldOutSplit`)."""
 
     def __init__(
         self,
@@ -56,7 +56,7 @@ class BatchLoader:
         prefetch: int = 2,
         epochs: int | None = None,
         drop_last: bool = False,
-        split_seed: int = 0,
+        split_seed: int = DEFAULT_SPLIT_SEED,
     ) -> None:
         self.store = ActivationStore.open(store) if isinstance(store, str) else store
         if hook not in self.store.hooks:

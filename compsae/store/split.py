@@ -4,7 +4,9 @@ on the same side and evaluation never sees a token of a training sequence."""
 from __future__ import annotations
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
 
+DEFAULT_SPLIT_SEED = 0  # the split's own seed: never the training seed, so every run agrees on it
 _MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
 
 
@@ -28,3 +30,17 @@ def heldout_mask(seq_id: np.ndarray, fraction: float, seed: int = 0) -> np.ndarr
     # top 53 bits -> uniform in [0, 1)
     u = (keyed >> np.uint64(11)).astype(np.float64) / float(1 << 53)
     return u < fraction
+
+
+class HeldOutSplit(BaseModel):
+    """Which sequences a model never trained on: `fraction` of them, chosen by `seed`.  Training
+    records it with the checkpoint; every later stage evaluates on `mask(seq_id)` of that record."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    fraction: float = Field(ge=0.0, lt=1.0)
+    seed: int = DEFAULT_SPLIT_SEED
+
+    def mask(self, seq_id: np.ndarray) -> np.ndarray:
+        """`bool[n]`: True for the held-out rows."""
+        return heldout_mask(seq_id, self.fraction, self.seed)

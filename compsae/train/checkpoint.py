@@ -12,7 +12,8 @@ self-contained, so a crash *between* two files is harmless too:
 A kill at any instant leaves a folder that loads (the previous or the new model) and resumes.
 
 The config: `{"model": ModelConfig, "normalization": {"scale"} | null, "hook",
-"store_manifest_hash", "step", "tokens_seen", "finished", "config_hash", "d_in", "type", ...}`."""
+"store_manifest_hash", "split": {"fraction", "seed"}, "step", "tokens_seen", "finished", "config_hash",
+"d_in", "type", ...}`."""
 
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from compsae.errors import UserError
+from compsae.store.split import DEFAULT_SPLIT_SEED, HeldOutSplit
 from compsae.train.config import ModelConfig
 from compsae.train.models import SparseAutoencoder, build_model
 
@@ -158,6 +160,19 @@ def read_resume_meta(folder: str) -> dict[str, Any] | None:
     if resume is None:
         raise UserError(f"{folder}/{STATE_FILE} is not a valid safetensors resume state; delete the folder or pass --force")
     return json.loads(resume)["meta"]
+
+
+def checkpoint_split(meta: dict[str, Any], where: str = "the checkpoint") -> HeldOutSplit:
+    """The held-out split the checkpoint was trained with: its `split` record.  Checkpoints written
+    before training recorded it held out `train.heldout_fraction` with the split's default seed
+    (training never passed another), which is what they map to."""
+    if meta.get("split") is not None:
+        return HeldOutSplit.model_validate(meta["split"])
+    fraction = (meta.get("train") or {}).get("heldout_fraction")
+    if fraction is None:
+        raise UserError(f"{where} records no held-out split (no 'split' or 'train.heldout_fraction' in its "
+                        f"{CONFIG_FILE}); retrain it with `compsae train`")
+    return HeldOutSplit(fraction=float(fraction), seed=DEFAULT_SPLIT_SEED)
 
 
 def load_model(folder: str, device: str | torch.device = "cpu") -> tuple[SparseAutoencoder, dict[str, Any]]:

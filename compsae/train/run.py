@@ -21,6 +21,7 @@ from compsae.errors import UserError
 from compsae.stages import config_for_hash, join
 from compsae.store import ActivationStore, manifest_digest
 from compsae.store.loader import BatchLoader
+from compsae.store.split import HeldOutSplit
 from compsae.train.checkpoint import MODEL_FILE, load_model, read_meta, read_resume_meta, remove_checkpoint
 from compsae.train.config import ModelConfig, TrainConfig, TrainStageConfig
 from compsae.train.distributed import DistContext, init_from_env
@@ -130,15 +131,18 @@ def train_one(name: str, model_cfg: ModelConfig, train_cfg: TrainConfig, hook: s
         existing = None
 
     device = ctx.device(resolve_device(train_cfg.device))
+    # the split has its own seed, not the training seed: it is recorded with the checkpoint and every
+    # later stage evaluates on exactly these held-out sequences
+    split = HeldOutSplit(fraction=train_cfg.heldout_fraction)
     loader = BatchLoader(store, hook, batch_size=train_cfg.batch_size, split="train",
-                         heldout_fraction=train_cfg.heldout_fraction, seed=train_cfg.seed, device=device,
+                         heldout_fraction=split.fraction, split_seed=split.seed, seed=train_cfg.seed, device=device,
                          normalize=train_cfg.normalize, mix_chunks=train_cfg.mix_chunks,
                          num_threads=train_cfg.num_threads, prefetch=train_cfg.prefetch)
     torch.manual_seed(train_cfg.seed)
     model = build_model(model_cfg, d_in)
     meta = {"config_hash": config_hash, "hook": hook, "store_manifest_hash": store_hash, "d_in": d_in,
             "normalization": {"scale": loader.scale} if train_cfg.normalize else None,
-            "train": train_cfg.model_dump(mode="json"), "name": name}
+            "train": train_cfg.model_dump(mode="json"), "name": name, "split": split.model_dump(mode="json")}
     trainer = Trainer(model, model_cfg, train_cfg, folder, meta, scale=loader.scale, name=name, progress=progress,
                       dist=ctx)
     loader_state = trainer.resume()
@@ -158,7 +162,7 @@ def train_one(name: str, model_cfg: ModelConfig, train_cfg: TrainConfig, hook: s
             batches.close()
     if not last and trainer.metrics.lines:  # reused: report the last logged step
         last = json.loads(trainer.metrics.lines[-1])
-    record: dict[str, Any] = {"path": folder, "type": model_cfg.type}
+    record: dict[str, Any] = {"path": folder, "type": model_cfg.type, "split": split.model_dump(mode="json")}
     if not ctx.is_main:
         return record
     trained, meta = load_model(folder, device=device)
@@ -167,20 +171,21 @@ def train_one(name: str, model_cfg: ModelConfig, train_cfg: TrainConfig, hook: s
         "tokens_seen": meta["tokens_seen"],
         "finished": meta["finished"],
         "final": last,
-        "heldout": heldout_metrics(trained, store, hook, train_cfg, loader.scale, device),
+        "heldout": heldout_metrics(trained, store, hook, train_cfg, split, loader.scale, device),
     }
 
 
 @torch.no_grad()
-def heldout_metrics(model: torch.nn.Module, store: ActivationStore, hook: str, cfg: TrainConfig, scale: float,
-                    device: torch.device) -> dict[str, float] | None:
+def heldout_metrics(model: torch.nn.Module, store: ActivationStore, hook: str, cfg: TrainConfig,
+                    split: HeldOutSplit, scale: float, device: torch.device) -> dict[str, float] | None:
     """FVU, MSE (original units), L0 and, for CompSAE, FVU without the composition path and the mean
-    gate, on up to `HELDOUT_EVAL_BATCHES` held-out batches; None when nothing is held out."""
-    if cfg.heldout_fraction <= 0:
+    gate, on up to `HELDOUT_EVAL_BATCHES` batches of the `split`'s held-out rows; None when nothing
+    is held out."""
+    if split.fraction <= 0:
         return None
     try:
         loader = BatchLoader(store, hook, batch_size=min(cfg.batch_size, 256), split="heldout",
-                             heldout_fraction=cfg.heldout_fraction, seed=cfg.seed, device=device,
+                             heldout_fraction=split.fraction, split_seed=split.seed, seed=cfg.seed, device=device,
                              normalize=cfg.normalize, shuffle=False, epochs=1, num_threads=cfg.num_threads)
     except UserError:
         return None  # fewer held-out rows than one batch: nothing worth reporting
