@@ -7,9 +7,7 @@ but reuses the harvest.  `stage.json` is written last (atomically): its presence
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -17,11 +15,9 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import fsspec
-from fsspec.implementations.local import LocalFileSystem
 from pydantic import BaseModel
 
-from compsae import __version__
-from compsae.errors import UserError
+from compsae import __version__, durable
 
 STAGE_ORDER = ("harvest", "train", "analyze", "evaluate", "probe")
 STAGE_INPUTS: dict[str, tuple[str, ...]] = {
@@ -55,7 +51,7 @@ def stage_hash(stage: str, cfg: BaseModel, inputs: dict[str, dict[str, Any]]) ->
         "inputs": {name: {"hash": rec["hash"], "digest": rec.get("outputs", {}).get("digest")}
                    for name, rec in sorted(inputs.items())},
     }
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
+    return durable.json_digest(payload, durable.NAME_DIGITS)
 
 
 def join(root: str, *parts: str) -> str:
@@ -81,19 +77,10 @@ def read_record(folder: str) -> dict[str, Any] | None:
 
 
 def write_record(folder: str, record: dict[str, Any]) -> None:
-    """Write `stage.json` atomically (temp file + rename where the filesystem has rename)."""
+    """Write `stage.json` atomically (see `durable.atomic_write`)."""
     fs, path = fsspec.core.url_to_fs(folder)
     fs.makedirs(path, exist_ok=True)
-    data = json.dumps(record, indent=2, sort_keys=True).encode()
-    if isinstance(fs, LocalFileSystem):
-        tmp = f"{path}/.{RECORD}.tmp"
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, f"{path}/{RECORD}")
-    else:
-        fs.pipe_file(f"{path}/{RECORD}", data)  # an object PUT is atomic
+    durable.atomic_write(f"{path}/{RECORD}", json.dumps(record, indent=2, sort_keys=True).encode(), fs=fs)
 
 
 def make_record(stage: str, digest: str, cfg: BaseModel, inputs: dict[str, dict[str, Any]],
@@ -138,21 +125,6 @@ def done_folders(runs_root: str, pipeline: str, stage: str) -> list[str]:
 @contextmanager
 def stage_lock(folder: str, stage: str) -> Iterator[None]:
     """Refuse a second run of the same stage folder while one is going (local folders)."""
-    fs, path = fsspec.core.url_to_fs(folder)
-    if not isinstance(fs, LocalFileSystem):
+    with durable.exclusive_lock(folder, ".stage.lock", f"another {stage} is running in {folder}; wait for it to finish",
+                                remote=False):
         yield
-        return
-    import fcntl
-
-    os.makedirs(path, exist_ok=True)
-    handle = open(os.path.join(path, ".stage.lock"), "a+")  # noqa: SIM115 - held while the stage runs
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.close()
-        raise UserError(f"another {stage} is running in {folder}; wait for it to finish") from None
-    try:
-        yield
-    finally:
-        fcntl.flock(handle, fcntl.LOCK_UN)
-        handle.close()

@@ -15,7 +15,6 @@ the result does not depend on the store's shard size.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -26,6 +25,7 @@ import scipy.sparse as sp
 from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
+from compsae import durable
 from compsae.errors import UserError
 from compsae.evaluation.config import GroundTruthConfig
 from compsae.store import ActivationStore, StoreLayout
@@ -242,8 +242,9 @@ def write_ground_truth_store(cfg: GroundTruthConfig, url: str, layout: StoreLayo
         "context": cfg.context, "prepend_bos": False, "bos_rule": "none (synthetic rows)",
         "synthetic": cfg.model_dump(mode="json"),
     }
-    # The config hash lets an interrupted write resume and refuses to mix two different configs
-    manifest["config_hash"] = hashlib.sha256(json.dumps(manifest["synthetic"], sort_keys=True).encode()).hexdigest()[:12]
+    # The config hash lets an interrupted write resume and refuses to mix two different configs.
+    # 12 digits, not 16: the ground-truth stores already written carry a 12-digit hash.
+    manifest["config_hash"] = durable.json_digest(manifest["synthetic"], durable.NAME_DIGITS)
     store = ActivationStore.create_or_resume(url, hooks={cfg.hook: cfg.d_model}, n_rows=cfg.n_rows,
                                              layout=layout, manifest=manifest, force=overwrite)
     with store.lock("ground-truth"):

@@ -19,8 +19,6 @@ ranges to Dask workers (`workers` / `scheduler`): each range is `harvest_shards`
 from __future__ import annotations
 
 import errno
-import hashlib
-import json
 import queue
 import threading
 import time
@@ -31,7 +29,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from compsae import __version__
+from compsae import __version__, durable
 from compsae.errors import UserError
 from compsae.harvest.config import HarvestConfig
 from compsae.harvest.data import describe, packing_rule, token_sequences
@@ -55,7 +53,7 @@ def config_hash(cfg: HarvestConfig) -> str:
 
     data = config_for_hash(cfg)
     data.pop("store", None)
-    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+    return durable.json_digest(data)
 
 
 def outputs_of(store: ActivationStore) -> dict[str, Any]:

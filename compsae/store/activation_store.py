@@ -7,21 +7,13 @@ Layout (see docs/architecture.md):
     progress/shard_crc     [n_shards]         crc32c of everything written for that shard
     progress/stats/<hook>  [n_shards, 2d+2]   per-shard count, mean, M2 and norm sum (float64)
 The manifest lives in the group attributes.  Rows are in harvest order; the loader shuffles.
+
+This class is the facade: the byte format is `store.format`, writing shards `store.writer`,
+reading chunks `store.reader`, statistics `store.moments`.
 """
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import json
-import math
-import mmap
-import os
-import threading
-import uuid
-from collections import OrderedDict
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import crc32c
@@ -29,18 +21,23 @@ import fsspec
 import numpy as np
 import zarr
 from fsspec.implementations.local import LocalFileSystem
-from numcodecs import Zstd
-from zarr.codecs import BytesCodec, Crc32cCodec, ZstdCodec
 from zarr.storage import FsspecStore, LocalStore
 
+from compsae import durable
 from compsae.errors import StoreCorruptError, UserError
+from compsae.store.format import (  # noqa: F401 - re-exported: the names stages import from here
+    FORMAT,
+    LOCK_NAME,
+    SIDE_ARRAYS,
+    check_peak,
+    from_storage,
+    rounding_error,
+    to_storage,
+)
 from compsae.store.layout import StoreLayout
-
-FORMAT = "compsae-store/1"
-FLOAT16_MAX = 65504.0
-_EMPTY = np.uint64(2**64 - 1)  # sharding index entry of a chunk never written
-_LOCK_NAME = ".compsae.lock"
-_IOV_MAX = 1024  # buffers one writev call may take (Linux)
+from compsae.store.moments import merge_moments, shard_moments, stats_from_shards  # noqa: F401 - re-exported
+from compsae.store.reader import ShardReader
+from compsae.store.writer import ShardWriter, lay_out, wipe
 
 
 def _zarr_store(url: str, read_only: bool) -> LocalStore | FsspecStore:
@@ -58,88 +55,15 @@ def store_exists(url: str) -> bool:
 
 def manifest_digest(manifest: dict[str, Any]) -> str:
     """Stable short digest of a manifest (what downstream stage hashes depend on)."""
-    keep = {k: v for k, v in manifest.items() if k not in ("stats", "shard_checksums", "created_at")}
-    return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return durable.json_digest({k: v for k, v in manifest.items()
+                                if k not in ("stats", "shard_checksums", "created_at")})
 
 
-# ---------------------------------------------------------------------------------------------
-# dtype conversion: numpy has no bfloat16, so bfloat16 is kept as its raw uint16 bits.
-
-
-def check_peak(peak: float, dtype: str, hook: str) -> None:
-    """Refuse activations whose largest magnitude `peak` is NaN/inf, or beyond float16's range."""
-    if not math.isfinite(peak):
-        raise UserError(f"activations of {hook} contain NaN or inf; the model itself is unstable here")
-    if dtype == "float16" and peak > FLOAT16_MAX:
-        raise UserError(
-            f"activations of {hook} reach {peak:.4g}, beyond float16's range (65504); "
-            "set harvest.dtype=bfloat16 or float32"
-        )
-
-
-def to_storage(x: np.ndarray, dtype: str, hook: str) -> np.ndarray:
-    """Convert float activations `x: [rows, d]` to the storage dtype, refusing float16 overflow.
-
-    `x` already in the storage dtype (float16, bfloat16 bits as uint16, float32; e.g. cast on the
-    GPU by the harvest) is only checked for NaN/inf, which in float16 also catches an overflowed cast."""
-    x = np.asarray(x)
-    stored = _numpy_storage_dtype(dtype)
-    if x.dtype == stored and dtype != "float32":
-        # exponent bits all ones = inf or NaN; max over (bits & ~sign) checks that in one pass
-        magnitude = int(np.bitwise_and(x.view(np.uint16), np.uint16(0x7FFF)).max(initial=0))
-        if dtype == "float16" and magnitude >= 0x7C00:
-            raise UserError(f"activations of {hook} are inf or NaN in float16 (beyond its range of 65504, or the "
-                            "model is unstable); set harvest.dtype=bfloat16 or float32")
-        check_peak(0.0 if magnitude < 0x7F80 else math.nan, dtype, hook)
-        return x
-    x = np.asarray(x, dtype=np.float32)
-    if x.size:  # max and min, not abs().max(): no temporary array; NaN propagates through both
-        hi, lo = float(x.max()), float(x.min())
-        check_peak(max(hi, -lo) if math.isfinite(hi) and math.isfinite(lo) else math.nan, dtype, hook)
-    if dtype == "float16":
-        return x.astype(np.float16)
-    if dtype == "bfloat16":
-        bits = x.view(np.uint32)
-        # round to nearest even on the 16 dropped bits
-        rounded = bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))
-        return (rounded >> np.uint32(16)).astype(np.uint16)
-    return x
-
-
-def from_storage(raw: np.ndarray, dtype: str) -> np.ndarray:
-    """Stored values back to float32."""
-    if dtype == "bfloat16":
-        return (raw.astype(np.uint32) << np.uint32(16)).view(np.float32)
-    return raw.astype(np.float32)
-
-
-def _numpy_storage_dtype(dtype: str) -> np.dtype:
-    return np.dtype({"float16": "<f2", "bfloat16": "<u2", "float32": "<f4"}[dtype])
-
-
-def rounding_error(x: np.ndarray, dtype: str) -> float:
-    """Relative L2 error ‖x − q(x)‖ / ‖x‖ of storing `x` in `dtype`."""
-    x = np.asarray(x, dtype=np.float64)
-    q = from_storage(to_storage(x.astype(np.float32), dtype, "sample"), dtype).astype(np.float64)
-    denom = float(np.linalg.norm(x)) or 1.0
-    return float(np.linalg.norm(x - q) / denom)
-
-
-def merge_moments(counts: np.ndarray, means: np.ndarray, m2s: np.ndarray) -> tuple[int, np.ndarray, np.ndarray]:
-    """Merge per-shard (count, mean [d], M2 [d]) into totals with Chan et al.'s parallel formula."""
-    n_tot, mean_tot, m2_tot = 0, np.zeros(means.shape[1]), np.zeros(means.shape[1])
-    for n, mean, m2 in zip(counts, means, m2s, strict=True):
-        if n == 0:
-            continue
-        delta = mean - mean_tot
-        new_n = n_tot + n
-        mean_tot = mean_tot + delta * (n / new_n)
-        m2_tot = m2_tot + m2 + delta**2 * (n_tot * n / new_n)
-        n_tot = int(new_n)
-    return n_tot, mean_tot, m2_tot
-
-
-# ---------------------------------------------------------------------------------------------
+def writer_lock(url: str, what: str = "harvest") -> Any:
+    """Exclusive writer lock on the store at `url` (which need not exist yet): a second writer is
+    refused with a clear error (see `durable.exclusive_lock`)."""
+    return durable.exclusive_lock(
+        url, LOCK_NAME, f"another {what} is writing to {url} right now; wait for it to finish or choose another store")
 
 
 class ActivationStore:
@@ -151,15 +75,13 @@ class ActivationStore:
         self.read_only = read_only
         self.fs, self.path = fsspec.core.url_to_fs(self.url)
         self.is_local = isinstance(self.fs, LocalFileSystem)
-        self._shard_cache: OrderedDict[tuple[str, int], Any] = OrderedDict()
-        self._cache_lock = threading.Lock()
         self._columns: dict[str, np.ndarray] = {}
-        self._arrays: dict[str, zarr.Array] = {}
-        self._lock_handle: Any = None
         self.manifest: dict[str, Any] = dict(group.attrs.get("manifest", {}))
         if self.manifest.get("format") != FORMAT:
             raise UserError(f"{url} is not a compsae store (no compsae manifest); harvest into it first")
         self.layout = StoreLayout(**self.manifest["layout"])
+        self._reader = ShardReader(self.url, self.fs, self.path, self.is_local, self.layout)
+        self._writer = ShardWriter(self)
 
     # -- creation -------------------------------------------------------------------------------
 
@@ -177,7 +99,7 @@ class ActivationStore:
         if store_exists(url) and not overwrite:
             raise UserError(f"a store already exists at {url}; pass --force to overwrite it")
         if overwrite and store_exists(url):
-            _wipe(url)
+            wipe(url)
         n_shards = max(1, -(-n_rows // layout.shard_rows))
         manifest = {
             **manifest,
@@ -194,34 +116,7 @@ class ActivationStore:
         # is recognised (and laid out again) instead of refused as "not a compsae store".
         group = zarr.open_group(_zarr_store(url, read_only=False), mode="a", zarr_format=3)
         group.attrs["manifest"] = {**manifest, "laid_out": False}
-        inner = [Crc32cCodec()] if layout.checksum else []
-        if layout.compressor == "zstd":
-            inner = [ZstdCodec(level=3), *inner]
-        for hook, d_model in hooks.items():
-            group.create_array(
-                f"acts/{hook}",
-                shape=(n_rows, d_model),
-                dtype=_numpy_storage_dtype(layout.dtype),
-                chunks=(layout.chunk_rows, d_model),
-                shards=(layout.shard_rows, d_model),
-                compressors=inner,
-                fill_value=0,
-                config={"write_empty_chunks": True},
-                attributes={"compsae_dtype": layout.dtype, "hook": hook},
-            )
-            group.create_array(
-                f"progress/stats/{hook}",
-                shape=(n_shards, 2 * d_model + 2),
-                dtype="<f8",
-                chunks=(1, 2 * d_model + 2),
-                fill_value=0,
-            )
-        for name, dt in (("tokens", "<i4"), ("seq_id", "<i8"), ("pos", "<i4")):
-            group.create_array(name, shape=(n_rows,), dtype=dt, chunks=(layout.shard_rows,), fill_value=0)
-        group.create_array("progress/shard_done", shape=(n_shards,), dtype="u1", chunks=(1,), fill_value=0,
-                           config={"write_empty_chunks": True})
-        group.create_array("progress/shard_crc", shape=(n_shards,), dtype="<u4", chunks=(1,), fill_value=0,
-                           config={"write_empty_chunks": True})
+        lay_out(group, hooks, n_rows, n_shards, layout)
         group.attrs["manifest"] = {**manifest, "laid_out": True}
         return cls(url, group, read_only=False)
 
@@ -340,102 +235,7 @@ class ActivationStore:
         `shard_moments` of the stored values when the caller has them (the harvest computes them
         on the GPU); computed here otherwise.  The mark is written last, so a shard interrupted
         half-way is simply written again."""
-        start, stop = self.shard_range(shard)
-        rows = stop - start
-        digest = 0
-        small: list[tuple[str, tuple[int, ...], np.ndarray]] = []  # (array, chunk, values): written after the acts
-        for hook in self.hooks:
-            x = np.asarray(acts[hook])
-            if x.shape != (rows, self.d_model(hook)):
-                raise ValueError(f"shard {shard} of {hook}: expected {(rows, self.d_model(hook))}, got {x.shape}")
-            stored = np.ascontiguousarray(to_storage(x, self.layout.dtype, hook),
-                                          dtype=_numpy_storage_dtype(self.layout.dtype))
-            if self.layout.compressor == "none":
-                self._write_shard_file(hook, shard, stored)
-            else:
-                self._array(f"acts/{hook}")[start:stop] = stored
-            digest = crc32c.crc32c(stored, digest)
-            stats = moments[hook] if moments is not None else shard_moments(
-                stored if self.layout.dtype != "bfloat16" else from_storage(stored, "bfloat16"))
-            small.append((f"progress/stats/{hook}", (shard, 0), np.asarray(stats, dtype="<f8")[None, :]))
-        for name, col, dt in (("tokens", tokens, "<i4"), ("seq_id", seq_id, "<i8"), ("pos", pos, "<i4")):
-            col = np.ascontiguousarray(col, dtype=dt)
-            if col.shape != (rows,):
-                raise ValueError(f"shard {shard}: {name} has shape {col.shape}, expected ({rows},)")
-            small.append((name, (shard,), col))
-            digest = crc32c.crc32c(col, digest)
-        small.append(("progress/shard_crc", (shard,), np.array([digest], dtype="<u4")))
-        self._put_chunks(small)
-        self._put_chunks([("progress/shard_done", (shard,), np.array([1], dtype="u1"))])
-
-    def _array(self, name: str) -> zarr.Array:
-        """A cached handle on one array of the group (a group lookup reads its metadata again)."""
-        if name not in self._arrays:
-            self._arrays[name] = self.group[name]
-        return self._arrays[name]
-
-    def _put_chunks(self, items: list[tuple[str, tuple[int, ...], np.ndarray]]) -> None:
-        """Write each `(array name, chunk index, values)` as that whole chunk of the array.
-
-        The small per-shard arrays (one chunk per shard) are encoded here and written as files:
-        through Zarr each write costs milliseconds of event-loop round trips, as much as the
-        shard's activations.  An array whose codecs are not plain bytes [+ zstd], or a write that
-        does not cover its chunk, goes through Zarr."""
-        files: dict[str, bytes] = {}
-        for name, chunk, values in items:
-            arr = self._array(name)
-            shape = arr.metadata.chunk_grid.chunk_shape
-            selection = tuple(slice(c * n, c * n + v) for c, n, v in zip(chunk, shape, values.shape, strict=True))
-            whole = all(sel.start == c * n and (v == n or sel.stop == size)
-                        for sel, c, n, v, size in zip(selection, chunk, shape, values.shape, arr.shape, strict=True))
-            encode = _plain_encoder(arr) if whole else None
-            if encode is None:
-                arr[selection] = values
-                continue
-            data = values
-            if values.shape != shape:  # the array's last chunk: padded with the fill value, as Zarr does
-                data = np.full(shape, arr.metadata.fill_value, dtype=values.dtype)
-                data[tuple(slice(0, v) for v in values.shape)] = values
-            files[f"{self.path}/{name}/{arr.metadata.encode_chunk_key(chunk)}"] = encode(
-                np.ascontiguousarray(data, dtype=np.dtype(arr.dtype).newbyteorder("<")).tobytes())
-        if not files:
-            return
-        if not self.is_local:
-            self.fs.pipe(files)  # object stores upload them concurrently
-            return
-        for path, data in files.items():
-            _write_file(path, [data])
-
-    def _write_shard_file(self, hook: str, shard: int, stored: np.ndarray) -> None:
-        """Write one uncompressed shard of `hook` as a whole file, encoded as Zarr's sharding codec
-        does: each chunk's little-endian bytes then its crc32c, then the index of (offset, nbytes)
-        pairs and the index's crc32c.  Chunks wholly past the end of the array stay empty, as Zarr
-        leaves them.  Local files are written to a temporary name and renamed (as Zarr does)."""
-        chunk_rows, n_inner = self.chunk_rows, self.layout.chunks_per_shard
-        pieces: list[Any] = []
-        index = np.full((n_inner, 2), _EMPTY, dtype="<u8")
-        offset = 0
-        for inner in range(n_inner):
-            lo = inner * chunk_rows
-            if lo >= len(stored):
-                break
-            chunk = stored[lo:lo + chunk_rows]
-            if len(chunk) < chunk_rows:  # the array's last chunk: padded with the fill value
-                chunk = np.concatenate([chunk, np.zeros((chunk_rows - len(chunk), chunk.shape[1]), chunk.dtype)])
-            pieces.append(memoryview(chunk).cast("B"))
-            nbytes = chunk.nbytes
-            if self.layout.checksum:
-                pieces.append(crc32c.crc32c(chunk).to_bytes(4, "little"))
-                nbytes += 4
-            index[inner] = offset, nbytes
-            offset += nbytes
-        index_bytes = index.tobytes()
-        pieces += [index_bytes, crc32c.crc32c(index_bytes).to_bytes(4, "little")]
-        path = f"{self.path}/acts/{hook}/c/{shard}/0"
-        if self.is_local:
-            _write_file(path, pieces)
-        else:
-            self.fs.pipe_file(path, b"".join(pieces))
+        self._writer.write_shard(shard, acts, tokens, seq_id, pos, moments)
 
     def finalize(self, n_rows: int | None = None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
         """Mark the store complete: shrink it to `n_rows` when the data ran out early, merge the
@@ -450,7 +250,7 @@ class ActivationStore:
                 self.group[name].resize((n_rows,))
             self.manifest["n_rows"] = int(n_rows)
             self.manifest["n_shards"] = max(1, -(-n_rows // self.shard_rows))
-            self._arrays.clear()  # cached handles still have the old shape
+            self._writer.forget_arrays()  # cached handles still have the old shape
         missing = sorted(set(range(self.n_shards)) - self.done_shards())
         if missing:
             raise StoreCorruptError(f"store {self.url}: shards {missing[:10]} were never written")
@@ -470,17 +270,7 @@ class ActivationStore:
         self.group.attrs["manifest"] = self.manifest
 
     def _merged_stats(self, hook: str) -> dict[str, Any]:
-        d = self.d_model(hook)
-        per_shard = self.group[f"progress/stats/{hook}"][: self.n_shards]
-        counts = per_shard[:, 0]
-        n, mean, m2 = merge_moments(counts, per_shard[:, 1 : 1 + d], per_shard[:, 1 + d : 1 + 2 * d])
-        norm_sum = float(per_shard[:, 1 + 2 * d].sum())
-        return {
-            "count": n,
-            "mean": mean.tolist(),
-            "var": (m2 / max(n, 1)).tolist(),
-            "mean_norm": norm_sum / max(n, 1),
-        }
+        return stats_from_shards(self.group[f"progress/stats/{hook}"][: self.n_shards], self.d_model(hook))
 
     # -- reading --------------------------------------------------------------------------------
 
@@ -529,60 +319,7 @@ class ActivationStore:
         stop = min(start + self.chunk_rows, self.n_rows)
         if self.layout.compressor != "none":
             return self.zarr_array(hook)[start:stop]
-        shard, inner = divmod(chunk, self.layout.chunks_per_shard)
-        buf = self._shard_bytes(hook, shard)
-        d = self.d_model(hook)
-        dt = _numpy_storage_dtype(self.layout.dtype)
-        n_inner = self.layout.chunks_per_shard
-        index_bytes = n_inner * 16
-        where = f"store {self.url}, hook {hook}, shard {shard}"
-        if len(buf) < index_bytes + 4:
-            raise StoreCorruptError(f"{where}: shard file is truncated ({len(buf)} bytes)")
-        index_raw = buf[len(buf) - index_bytes - 4 : len(buf) - 4]
-        if crc32c.crc32c(index_raw) != int.from_bytes(buf[len(buf) - 4 :], "little"):
-            raise StoreCorruptError(f"{where}: shard index checksum mismatch; run `compsae verify` and re-harvest")
-        offset, nbytes = np.frombuffer(index_raw, dtype="<u8").reshape(n_inner, 2)[inner]
-        if offset == _EMPTY:
-            return np.zeros((stop - start, d), dtype=dt)
-        payload = self.chunk_rows * d * dt.itemsize
-        expect = payload + (4 if self.layout.checksum else 0)
-        if nbytes != expect or offset + nbytes > len(buf) - index_bytes - 4:
-            raise StoreCorruptError(f"{where}: chunk {chunk} has a bad index entry")
-        data = memoryview(buf)[offset : offset + payload]
-        if self.layout.checksum:
-            stored_crc = int.from_bytes(buf[offset + payload : offset + payload + 4], "little")
-            if crc32c.crc32c(data) != stored_crc:
-                raise StoreCorruptError(
-                    f"{where}: chunk {chunk} fails its checksum (corrupt bytes); run `compsae verify` and re-harvest"
-                )
-        arr = np.frombuffer(data, dtype=dt).reshape(self.chunk_rows, d)
-        return arr[: stop - start]
-
-    def _shard_bytes(self, hook: str, shard: int) -> Any:
-        key = (hook, shard)
-        with self._cache_lock:
-            if key in self._shard_cache:
-                self._shard_cache.move_to_end(key)
-                return self._shard_cache[key]
-        path = f"{self.path}/acts/{hook}/c/{shard}/0"
-        try:
-            if self.is_local:
-                with open(path, "rb") as f:
-                    buf: Any = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-            else:
-                buf = self.fs.cat_file(path)
-        except (FileNotFoundError, ValueError) as e:
-            raise StoreCorruptError(
-                f"store {self.url}, hook {hook}, shard {shard}: shard file missing or empty ({e.__class__.__name__}); "
-                "re-run the harvest to rewrite it"
-            ) from None
-        with self._cache_lock:
-            self._shard_cache[key] = buf
-            # local maps cost only address space; remote shards cost memory
-            limit = 4096 if self.is_local else 4
-            while len(self._shard_cache) > limit:
-                self._shard_cache.popitem(last=False)
-        return buf
+        return self._reader.chunk(hook, chunk, self.d_model(hook), stop - start)
 
     def verify(self) -> list[str]:
         """Check every chunk checksum and every shard digest; return the problems found."""
@@ -613,121 +350,4 @@ class ActivationStore:
 
     def close(self) -> None:
         """Drop cached shard maps."""
-        with self._cache_lock:
-            for buf in self._shard_cache.values():
-                if isinstance(buf, mmap.mmap):
-                    # arrays may still view the map; it then goes away with them
-                    with contextlib.suppress(BufferError):
-                        buf.close()
-            self._shard_cache.clear()
-
-
-def _wipe(url: str) -> None:
-    """Remove a store's contents but not its lock file (a writer may hold it right now)."""
-    fs, path = fsspec.core.url_to_fs(url)
-    for entry in fs.ls(path, detail=False):
-        if entry.rstrip("/").rsplit("/", 1)[-1] != _LOCK_NAME:
-            fs.rm(entry, recursive=True)
-
-
-def _plain_encoder(arr: zarr.Array) -> Callable[[bytes], bytes] | None:
-    """How to encode a chunk of `arr` when its codecs are little-endian bytes, optionally followed
-    by zstd (what `create` gives the small arrays); None for anything else."""
-    codecs = arr.metadata.codecs
-    if not codecs or not isinstance(codecs[0], BytesCodec) or getattr(codecs[0].endian, "value", None) not in (
-            None, "little"):
-        return None
-    if len(codecs) == 1:
-        return bytes
-    if len(codecs) == 2 and isinstance(codecs[1], ZstdCodec):
-        return Zstd(level=codecs[1].level, checksum=codecs[1].checksum).encode
-    return None
-
-
-def _write_file(path: str, pieces: list[Any]) -> None:
-    """Write a local file from `pieces` (buffers) as Zarr does: to a temporary name, then renamed,
-    so a reader never sees half a file."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.{uuid.uuid4().hex}.partial"
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        try:
-            _write_all(fd, pieces)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
-def _write_all(fd: int, pieces: list[Any]) -> None:
-    """Write `pieces` (buffers) to `fd` back to back, with as few system calls as it takes."""
-    views = [memoryview(p).cast("B") for p in pieces]
-    while views:
-        done = os.writev(fd, views[:_IOV_MAX])
-        while views and done >= len(views[0]):  # drop what was written, keep the rest of a piece
-            done -= len(views[0])
-            views.pop(0)
-        if done:
-            views[0] = views[0][done:]
-
-
-@contextmanager
-def writer_lock(url: str, what: str = "harvest") -> Iterator[None]:
-    """Exclusive writer lock on the store at `url` (which need not exist yet).
-
-    Local stores use an advisory `flock`, released by the kernel even on kill -9; object stores
-    have none, so there an exclusive marker object is written and removed on exit."""
-    fs, path = fsspec.core.url_to_fs(url)
-    path = path.rstrip("/")
-    if isinstance(fs, LocalFileSystem):
-        import fcntl
-
-        os.makedirs(path, exist_ok=True)
-        handle = open(os.path.join(path, _LOCK_NAME), "a+")  # noqa: SIM115 - held for the lock's lifetime
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.close()
-            raise UserError(
-                f"another {what} is writing to {url} right now; wait for it to finish or choose another store"
-            ) from None
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-            handle.close()
-    else:
-        lock_path = f"{path}/{_LOCK_NAME}"
-        if fs.exists(lock_path):
-            raise UserError(
-                f"another {what} holds {url}/{_LOCK_NAME}; if no writer is running, delete that object and retry"
-            )
-        fs.pipe_file(lock_path, json.dumps({"pid": os.getpid()}).encode())
-        try:
-            yield
-        finally:
-            fs.rm_file(lock_path)
-
-
-def shard_moments(x: np.ndarray, block_rows: int = 1024) -> np.ndarray:
-    """[count, mean (d), M2 (d), norm sum] of `x: [rows, d]` (any float dtype), in float64.
-
-    Computed in blocks of `block_rows` (a float64 copy of the whole shard costs more than the rest
-    of the write path together), each block's mean and M2 merged with `merge_moments`."""
-    n, d = x.shape
-    counts, means, m2s, norm_sum = [], [], [], 0.0
-    for lo in range(0, n, block_rows):
-        block = x[lo:lo + block_rows].astype(np.float64)  # [b, d]
-        norm_sum += float(np.sqrt(np.einsum("ij,ij->i", block, block)).sum())
-        mean = block.mean(axis=0)
-        block -= mean
-        counts.append(len(block))
-        means.append(mean)
-        m2s.append(np.einsum("ij,ij->j", block, block))
-    if not counts:
-        return np.zeros(2 * d + 2)
-    count, mean, m2 = merge_moments(np.asarray(counts), np.stack(means), np.stack(m2s))
-    return np.concatenate([[count], mean, m2, [norm_sum]])
+        self._reader.close()

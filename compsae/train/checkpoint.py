@@ -18,17 +18,16 @@ The config: `{"model": ModelConfig, "normalization": {"scale"} | null, "hook",
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from typing import Any
 
 import fsspec
 import torch
-from fsspec.implementations.local import LocalFileSystem
 from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from compsae import durable
 from compsae.errors import UserError
 from compsae.store.split import DEFAULT_SPLIT_SEED, HeldOutSplit
 from compsae.train.config import ModelConfig
@@ -42,28 +41,8 @@ _HEADER_LIMIT = 100 * 2**20  # a safetensors header larger than this is not one 
 
 
 def _write(fs: Any, path: str, data: bytes) -> None:
-    """Replace `path` by `data` atomically; on failure (disk full) the old file is untouched and no
-    temp file is left behind."""
-    if not isinstance(fs, LocalFileSystem):
-        fs.pipe_file(path, data)  # an object PUT is atomic
-        return
-    tmp = f"{path}.tmp"
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    os.replace(tmp, path)
-    # the rename itself must reach the disk too, or a power cut could bring the old file back
-    dir_fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    """Replace `path` by `data` atomically; on failure (disk full) the old file is untouched."""
+    durable.atomic_write(path, data, fs=fs)
 
 
 def _read(fs: Any, path: str) -> bytes | None:

@@ -17,6 +17,7 @@ import fsspec
 import torch
 from fsspec.implementations.local import LocalFileSystem
 
+from compsae import durable
 from compsae.errors import UserError
 from compsae.stages import config_for_hash, join
 from compsae.store import ActivationStore, manifest_digest
@@ -38,7 +39,7 @@ def training_hash(model_cfg: ModelConfig, train_cfg: TrainConfig, hook: str, sto
     """What a checkpoint must match to be resumed: model, weight-relevant training settings, data."""
     train = {k: v for k, v in config_for_hash(train_cfg).items() if k not in _NOT_IN_RESUME_HASH}
     payload = {"model": model_cfg.model_dump(mode="json"), "train": train, "hook": hook, "store": store_hash}
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+    return durable.json_digest(payload)
 
 
 def open_training_store(url: str, hook: str) -> ActivationStore:
@@ -107,7 +108,7 @@ def run_train(cfg: TrainStageConfig, store_url: str, out_dir: str, force: bool =
             if ctx.is_main:
                 fs, path = fsspec.core.url_to_fs(folder)
                 digest.update(name.encode() + fs.cat_file(f"{path}/{MODEL_FILE}"))
-    outputs["digest"] = digest.hexdigest()[:16]
+    outputs["digest"] = digest.hexdigest()[:durable.DIGEST_DIGITS]
     return ctx.broadcast(outputs)
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import errno
 import json
-import os
 import time
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
@@ -23,6 +22,7 @@ import torch
 from fsspec.implementations.local import LocalFileSystem
 from tqdm.auto import tqdm
 
+from compsae import durable
 from compsae.errors import UserError
 from compsae.train.checkpoint import (
     load_optimizer_tensors,
@@ -131,12 +131,7 @@ class MetricsLog:
         if not self.enabled or not (force or not self.local):
             return
         data = "".join(self.lines).encode()
-        if self.local:  # temp file + rename: a kill mid-rewrite must not lose the kept lines
-            with open(f"{self.path}.tmp", "wb") as f:
-                f.write(data)
-            os.replace(f"{self.path}.tmp", self.path)
-        else:
-            self.fs.pipe_file(self.path, data)
+        durable.atomic_write(self.path, data, fs=self.fs)  # a kill mid-rewrite must not lose the kept lines
 
 
 class Trainer:

@@ -1,0 +1,168 @@
+"""The byte format of a store: storage dtypes, and the encoding of one shard file.
+
+An uncompressed activation shard is one file, `acts/<hook>/c/<shard>/0`, laid out as Zarr v3's
+sharding codec writes it: each chunk's little-endian bytes then (with `checksum`) its crc32c, then
+the index of (offset, nbytes) pairs, one per chunk, then the index's crc32c.  `encode_shard` and
+`decode_chunk` are the two directions of that layout, side by side, so they cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import crc32c
+import numpy as np
+import zarr
+from numcodecs import Zstd
+from zarr.codecs import BytesCodec, ZstdCodec
+
+from compsae.errors import StoreCorruptError, UserError
+from compsae.store.layout import StoreLayout
+
+FORMAT = "compsae-store/1"
+FLOAT16_MAX = 65504.0
+EMPTY = np.uint64(2**64 - 1)  # sharding index entry of a chunk never written
+LOCK_NAME = ".compsae.lock"
+SIDE_ARRAYS = (("tokens", "<i4"), ("seq_id", "<i8"), ("pos", "<i4"))  # (name, dtype): one value per row
+
+
+def shard_file(hook: str, shard: int) -> str:
+    """Path of a hook's shard file, relative to the store root."""
+    return f"acts/{hook}/c/{shard}/0"
+
+
+# ---------------------------------------------------------------------------------------------
+# dtype conversion: numpy has no bfloat16, so bfloat16 is kept as its raw uint16 bits.
+
+
+def storage_dtype(dtype: str) -> np.dtype:
+    """The numpy dtype a storage dtype is kept in (bfloat16 as its uint16 bits)."""
+    return np.dtype({"float16": "<f2", "bfloat16": "<u2", "float32": "<f4"}[dtype])
+
+
+def check_peak(peak: float, dtype: str, hook: str) -> None:
+    """Refuse activations whose largest magnitude `peak` is NaN/inf, or beyond float16's range."""
+    if not math.isfinite(peak):
+        raise UserError(f"activations of {hook} contain NaN or inf; the model itself is unstable here")
+    if dtype == "float16" and peak > FLOAT16_MAX:
+        raise UserError(
+            f"activations of {hook} reach {peak:.4g}, beyond float16's range (65504); "
+            "set harvest.dtype=bfloat16 or float32"
+        )
+
+
+def to_storage(x: np.ndarray, dtype: str, hook: str) -> np.ndarray:
+    """Convert float activations `x: [rows, d]` to the storage dtype, refusing float16 overflow.
+
+    `x` already in the storage dtype (float16, bfloat16 bits as uint16, float32; e.g. cast on the
+    GPU by the harvest) is only checked for NaN/inf, which in float16 also catches an overflowed cast."""
+    x = np.asarray(x)
+    stored = storage_dtype(dtype)
+    if x.dtype == stored and dtype != "float32":
+        # exponent bits all ones = inf or NaN; max over (bits & ~sign) checks that in one pass
+        magnitude = int(np.bitwise_and(x.view(np.uint16), np.uint16(0x7FFF)).max(initial=0))
+        if dtype == "float16" and magnitude >= 0x7C00:
+            raise UserError(f"activations of {hook} are inf or NaN in float16 (beyond its range of 65504, or the "
+                            "model is unstable); set harvest.dtype=bfloat16 or float32")
+        check_peak(0.0 if magnitude < 0x7F80 else math.nan, dtype, hook)
+        return x
+    x = np.asarray(x, dtype=np.float32)
+    if x.size:  # max and min, not abs().max(): no temporary array; NaN propagates through both
+        hi, lo = float(x.max()), float(x.min())
+        check_peak(max(hi, -lo) if math.isfinite(hi) and math.isfinite(lo) else math.nan, dtype, hook)
+    if dtype == "float16":
+        return x.astype(np.float16)
+    if dtype == "bfloat16":
+        bits = x.view(np.uint32)
+        # round to nearest even on the 16 dropped bits
+        rounded = bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))
+        return (rounded >> np.uint32(16)).astype(np.uint16)
+    return x
+
+
+def from_storage(raw: np.ndarray, dtype: str) -> np.ndarray:
+    """Stored values back to float32."""
+    if dtype == "bfloat16":
+        return (raw.astype(np.uint32) << np.uint32(16)).view(np.float32)
+    return raw.astype(np.float32)
+
+
+def rounding_error(x: np.ndarray, dtype: str) -> float:
+    """Relative L2 error ‖x − q(x)‖ / ‖x‖ of storing `x` in `dtype`."""
+    x = np.asarray(x, dtype=np.float64)
+    q = from_storage(to_storage(x.astype(np.float32), dtype, "sample"), dtype).astype(np.float64)
+    denom = float(np.linalg.norm(x)) or 1.0
+    return float(np.linalg.norm(x - q) / denom)
+
+
+# ---------------------------------------------------------------------------------------------
+# shard files
+
+
+def encode_shard(stored: np.ndarray, layout: StoreLayout) -> list[Any]:
+    """The buffers of one uncompressed shard file holding `stored: [rows, d]` (storage dtype).
+
+    A last chunk shorter than `chunk_rows` is padded with the fill value (0); chunks wholly past
+    the end of the array stay empty (index entry EMPTY), as Zarr leaves them."""
+    chunk_rows, n_inner = layout.chunk_rows, layout.chunks_per_shard
+    pieces: list[Any] = []
+    index = np.full((n_inner, 2), EMPTY, dtype="<u8")
+    offset = 0
+    for inner in range(n_inner):
+        lo = inner * chunk_rows
+        if lo >= len(stored):
+            break
+        chunk = stored[lo:lo + chunk_rows]
+        if len(chunk) < chunk_rows:
+            chunk = np.concatenate([chunk, np.zeros((chunk_rows - len(chunk), chunk.shape[1]), chunk.dtype)])
+        pieces.append(memoryview(chunk).cast("B"))
+        nbytes = chunk.nbytes
+        if layout.checksum:
+            pieces.append(crc32c.crc32c(chunk).to_bytes(4, "little"))
+            nbytes += 4
+        index[inner] = offset, nbytes
+        offset += nbytes
+    index_bytes = index.tobytes()
+    return [*pieces, index_bytes, crc32c.crc32c(index_bytes).to_bytes(4, "little")]
+
+
+def decode_chunk(buf: Any, inner: int, layout: StoreLayout, d: int, where: str, chunk: int) -> memoryview | None:
+    """The data bytes of chunk `inner` (`chunk_rows * d` values, padding included) of a shard file
+    `buf`, its own crc32c checked; None when the chunk was never written.  `where` names the store,
+    hook and shard in the error, `chunk` is the chunk's index in the whole array."""
+    n_inner = layout.chunks_per_shard
+    index_bytes = n_inner * 16
+    if len(buf) < index_bytes + 4:
+        raise StoreCorruptError(f"{where}: shard file is truncated ({len(buf)} bytes)")
+    index_raw = buf[len(buf) - index_bytes - 4 : len(buf) - 4]
+    if crc32c.crc32c(index_raw) != int.from_bytes(buf[len(buf) - 4 :], "little"):
+        raise StoreCorruptError(f"{where}: shard index checksum mismatch; run `compsae verify` and re-harvest")
+    offset, nbytes = np.frombuffer(index_raw, dtype="<u8").reshape(n_inner, 2)[inner]
+    if offset == EMPTY:
+        return None
+    payload = layout.chunk_rows * d * storage_dtype(layout.dtype).itemsize
+    expect = payload + (4 if layout.checksum else 0)
+    if nbytes != expect or offset + nbytes > len(buf) - index_bytes - 4:
+        raise StoreCorruptError(f"{where}: chunk {chunk} has a bad index entry")
+    data = memoryview(buf)[offset : offset + payload]
+    if layout.checksum:
+        stored_crc = int.from_bytes(buf[offset + payload : offset + payload + 4], "little")
+        if crc32c.crc32c(data) != stored_crc:
+            raise StoreCorruptError(f"{where}: chunk {chunk} fails its checksum (corrupt bytes); run `compsae verify` and re-harvest")
+    return data
+
+
+def plain_encoder(arr: zarr.Array) -> Callable[[bytes], bytes] | None:
+    """How to encode a chunk of `arr` when its codecs are little-endian bytes, optionally followed
+    by zstd (what a store gives its small arrays); None for anything else."""
+    codecs = arr.metadata.codecs
+    if not codecs or not isinstance(codecs[0], BytesCodec) or getattr(codecs[0].endian, "value", None) not in (
+            None, "little"):
+        return None
+    if len(codecs) == 1:
+        return bytes
+    if len(codecs) == 2 and isinstance(codecs[1], ZstdCodec):
+        return Zstd(level=codecs[1].level, checksum=codecs[1].checksum).encode
+    return None

@@ -1,0 +1,165 @@
+"""Writing a store: laying its arrays out, then one shard at a time (activations, statistics,
+side arrays, and last the shard's completion mark)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import crc32c
+import fsspec
+import numpy as np
+import zarr
+from zarr.codecs import Crc32cCodec, ZstdCodec
+
+from compsae import durable
+from compsae.store.format import (
+    LOCK_NAME,
+    SIDE_ARRAYS,
+    encode_shard,
+    from_storage,
+    plain_encoder,
+    shard_file,
+    storage_dtype,
+    to_storage,
+)
+from compsae.store.layout import StoreLayout
+from compsae.store.moments import shard_moments
+
+if TYPE_CHECKING:
+    from compsae.store.activation_store import ActivationStore
+
+
+def lay_out(group: zarr.Group, hooks: dict[str, int], n_rows: int, n_shards: int, layout: StoreLayout) -> None:
+    """Create every array of an empty store in `group`."""
+    inner = [Crc32cCodec()] if layout.checksum else []
+    if layout.compressor == "zstd":
+        inner = [ZstdCodec(level=3), *inner]
+    for hook, d_model in hooks.items():
+        group.create_array(
+            f"acts/{hook}",
+            shape=(n_rows, d_model),
+            dtype=storage_dtype(layout.dtype),
+            chunks=(layout.chunk_rows, d_model),
+            shards=(layout.shard_rows, d_model),
+            compressors=inner,
+            fill_value=0,
+            config={"write_empty_chunks": True},
+            attributes={"compsae_dtype": layout.dtype, "hook": hook},
+        )
+        group.create_array(
+            f"progress/stats/{hook}",
+            shape=(n_shards, 2 * d_model + 2),
+            dtype="<f8",
+            chunks=(1, 2 * d_model + 2),
+            fill_value=0,
+        )
+    for name, dt in SIDE_ARRAYS:
+        group.create_array(name, shape=(n_rows,), dtype=dt, chunks=(layout.shard_rows,), fill_value=0)
+    group.create_array("progress/shard_done", shape=(n_shards,), dtype="u1", chunks=(1,), fill_value=0,
+                       config={"write_empty_chunks": True})
+    group.create_array("progress/shard_crc", shape=(n_shards,), dtype="<u4", chunks=(1,), fill_value=0,
+                       config={"write_empty_chunks": True})
+
+
+def wipe(url: str) -> None:
+    """Remove a store's contents but not its lock file (a writer may hold it right now)."""
+    fs, path = fsspec.core.url_to_fs(url)
+    for entry in fs.ls(path, detail=False):
+        if entry.rstrip("/").rsplit("/", 1)[-1] != LOCK_NAME:
+            fs.rm(entry, recursive=True)
+
+
+class ShardWriter:
+    """Writes whole shards of `store` (all hooks and side arrays of one row range at once)."""
+
+    def __init__(self, store: ActivationStore) -> None:
+        self.store = store
+        self._arrays: dict[str, zarr.Array] = {}
+
+    def forget_arrays(self) -> None:
+        """Drop cached array handles (after a resize they hold the old shape)."""
+        self._arrays.clear()
+
+    def write_shard(
+        self,
+        shard: int,
+        acts: dict[str, np.ndarray],
+        tokens: np.ndarray,
+        seq_id: np.ndarray,
+        pos: np.ndarray,
+        moments: dict[str, np.ndarray] | None = None,
+    ) -> None:
+        """See `ActivationStore.write_shard`."""
+        store, layout = self.store, self.store.layout
+        start, stop = store.shard_range(shard)
+        rows = stop - start
+        digest = 0
+        small: list[tuple[str, tuple[int, ...], np.ndarray]] = []  # (array, chunk, values): written after the acts
+        for hook in store.hooks:
+            x = np.asarray(acts[hook])
+            if x.shape != (rows, store.d_model(hook)):
+                raise ValueError(f"shard {shard} of {hook}: expected {(rows, store.d_model(hook))}, got {x.shape}")
+            stored = np.ascontiguousarray(to_storage(x, layout.dtype, hook), dtype=storage_dtype(layout.dtype))
+            if layout.compressor == "none":
+                self._write_shard_file(hook, shard, stored)
+            else:
+                self._array(f"acts/{hook}")[start:stop] = stored
+            digest = crc32c.crc32c(stored, digest)
+            stats = moments[hook] if moments is not None else shard_moments(
+                stored if layout.dtype != "bfloat16" else from_storage(stored, "bfloat16"))
+            small.append((f"progress/stats/{hook}", (shard, 0), np.asarray(stats, dtype="<f8")[None, :]))
+        for (name, dt), col in zip(SIDE_ARRAYS, (tokens, seq_id, pos), strict=True):
+            col = np.ascontiguousarray(col, dtype=dt)
+            if col.shape != (rows,):
+                raise ValueError(f"shard {shard}: {name} has shape {col.shape}, expected ({rows},)")
+            small.append((name, (shard,), col))
+            digest = crc32c.crc32c(col, digest)
+        small.append(("progress/shard_crc", (shard,), np.array([digest], dtype="<u4")))
+        self._put_chunks(small)
+        self._put_chunks([("progress/shard_done", (shard,), np.array([1], dtype="u1"))])
+
+    def _array(self, name: str) -> zarr.Array:
+        """A cached handle on one array of the group (a group lookup reads its metadata again)."""
+        if name not in self._arrays:
+            self._arrays[name] = self.store.group[name]
+        return self._arrays[name]
+
+    def _put_chunks(self, items: list[tuple[str, tuple[int, ...], np.ndarray]]) -> None:
+        """Write each `(array name, chunk index, values)` as that whole chunk of the array.
+
+        The small per-shard arrays (one chunk per shard) are encoded here and written as files:
+        through Zarr each write costs milliseconds of event-loop round trips, as much as the
+        shard's activations.  An array whose codecs are not plain bytes [+ zstd], or a write that
+        does not cover its chunk, goes through Zarr."""
+        files: dict[str, bytes] = {}
+        for name, chunk, values in items:
+            arr = self._array(name)
+            shape = arr.metadata.chunk_grid.chunk_shape
+            selection = tuple(slice(c * n, c * n + v) for c, n, v in zip(chunk, shape, values.shape, strict=True))
+            whole = all(sel.start == c * n and (v == n or sel.stop == size)
+                        for sel, c, n, v, size in zip(selection, chunk, shape, values.shape, arr.shape, strict=True))
+            encode = plain_encoder(arr) if whole else None
+            if encode is None:
+                arr[selection] = values
+                continue
+            data = values
+            if values.shape != shape:  # the array's last chunk: padded with the fill value, as Zarr does
+                data = np.full(shape, arr.metadata.fill_value, dtype=values.dtype)
+                data[tuple(slice(0, v) for v in values.shape)] = values
+            files[f"{self.store.path}/{name}/{arr.metadata.encode_chunk_key(chunk)}"] = encode(
+                np.ascontiguousarray(data, dtype=np.dtype(arr.dtype).newbyteorder("<")).tobytes())
+        if not files:
+            return
+        if not self.store.is_local:
+            self.store.fs.pipe(files)  # object stores upload them concurrently
+            return
+        for path, data in files.items():
+            durable.atomic_write(path, data, fs=self.store.fs, sync=False)  # see _write_shard_file
+
+    def _write_shard_file(self, hook: str, shard: int, stored: np.ndarray) -> None:
+        """Write one uncompressed shard of `hook` as a whole file (see `format.encode_shard`).
+
+        Not flushed file by file (a harvest writes thousands): a shard a power cut leaves half on
+        the disk fails its checksums on the next read, and `compsae verify` names it."""
+        durable.atomic_write(f"{self.store.path}/{shard_file(hook, shard)}", encode_shard(stored, self.store.layout),
+                             fs=self.store.fs, sync=False)
