@@ -227,3 +227,47 @@ def test_export_then_saelens_load_is_equal(tmp_path, architecture):
     assert ((z != 0) == (ref.z != 0)).float().mean() > 0.999
     np.testing.assert_allclose(z.numpy(), ref.z.numpy(), rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(x_hat.numpy(), ref.x_hat.numpy() / scale, rtol=1e-4, atol=1e-4)
+
+
+def test_pipeline_lists_imported_saes_beside_trained_ones(tmp_path):
+    """`train.imported`: the train stage imports the SAE into its folder; analyze scores it with
+    the trained model, on the trained model's held-out split, with the same metrics."""
+    from train_fixtures import HOOK as STORE_HOOK
+    from train_fixtures import make_store
+
+    from compsae.analysis.config import AnalyzeConfig
+    from compsae.analysis.run import run_analyze
+    from compsae.train.run import run_train
+
+    store, x = make_store(str(tmp_path / "s.zarr"), n=1024)
+    d = x.shape[1]
+    cfg = saelens_cfg("jumprelu", d_in=d) | {"metadata": {"hook_name": "blocks.0.hook_resid_post.renamed"}}
+    g = torch.Generator().manual_seed(0)
+    w = {"W_enc": torch.randn(d, N, generator=g), "b_enc": torch.zeros(N), "W_dec": torch.randn(N, d, generator=g) / 4,
+         "b_dec": torch.from_numpy(x.mean(0)), "threshold": torch.full((N,), 0.5)}
+    src = write_folder(tmp_path / "sl", cfg, w)
+    stage = {"hook": STORE_HOOK, "batch_size": 64, "tokens": 64 * 5, "device": "cpu", "heldout_fraction": 0.25,
+             "mix_chunks": 4, "models": {"topk": {"type": "topk", "n_latents": 32, "k": 4, "aux_k": 8}},
+             "imported": {"gemma_like": {"path": src}}}
+    with pytest.raises(UserError, match="reads hook .*renamed.*give the import a `hook:`"):
+        run_train(TrainStageConfig.model_validate(stage), store.url, str(tmp_path / "train_bad"), progress=False)
+    stage["imported"]["gemma_like"]["hook"] = STORE_HOOK
+    out = run_train(TrainStageConfig.model_validate(stage), store.url, str(tmp_path / "train"), progress=False)
+    rec = out["models"]["gemma_like"]
+    assert rec["type"] == "jumprelu" and rec["imported"]["source"] == src and rec["heldout"]["fvu"] > 0
+
+    result = run_analyze(AnalyzeConfig(baselines=[], ce=False, plots=False, progress=False, max_heldout_tokens=512),
+                         store.url, str(tmp_path / "train"), str(tmp_path / "analyze"))
+    metrics = json.loads((tmp_path / "analyze" / "metrics.json").read_text())
+    assert set(result["headline"]) == {"topk", "gemma_like"}
+    assert metrics["heldout_fraction"] == 0.25  # the trained model's split, not a default
+    imported = metrics["models"]["gemma_like"]
+    assert imported["kind"] == "jumprelu" and 0 < imported["all"]["l0"] < N
+    # the same FVU as the SAE itself gives on those rows (raw activations in)
+    from compsae.store.split import heldout_mask
+
+    keep = np.flatnonzero(heldout_mask(store.seq_id, 0.25, metrics["heldout_seed"]))[:512]
+    rows = store.read_rows(STORE_HOOK, 0, store.n_rows)[keep].astype(np.float64)
+    _, x_ref = reference_forward(rows, w, cfg)
+    fvu = ((rows - x_ref) ** 2).sum() / ((rows - rows.mean(0)) ** 2).sum()
+    assert imported["all"]["fvu"] == pytest.approx(fvu, rel=1e-3)

@@ -248,9 +248,12 @@ def run_analyze(cfg: AnalyzeConfig, store_url: str, train_dir: str, out_dir: str
     if other:
         notes.append(f"models trained on another hook left out: {', '.join(other)}")
         recons = [r for r in recons if r.name not in other]
-    splits = {r.name: checkpoint_split(metas[r.name], f"model {r.name}") for r in recons}
-    split = splits[recons[0].name]
-    other = [r.name for r in recons if splits[r.name] != split]
+    # an imported SAE never saw this store: any split holds out rows it did not train on, so it is
+    # scored on the split of the models trained here
+    trained = [r for r in recons if "imported" not in metas[r.name]] or recons
+    splits = {r.name: checkpoint_split(metas[r.name], f"model {r.name}") for r in trained}
+    split = splits[trained[0].name]
+    other = [name for name, s in splits.items() if s != split]
     if other:  # scored on another split, part of their held-out rows would be their training rows
         notes.append(f"models trained with another held-out split left out: {', '.join(other)}")
         recons = [r for r in recons if r.name not in other]

@@ -141,12 +141,17 @@ def read_resume_meta(folder: str) -> dict[str, Any] | None:
     return json.loads(resume)["meta"]
 
 
+DEFAULT_IMPORTED_FRACTION = 0.05  # held-out share for an imported SAE scored on its own (`compsae import`)
+
+
 def checkpoint_split(meta: dict[str, Any], where: str = "the checkpoint") -> HeldOutSplit:
     """The held-out split the checkpoint was trained with: its `split` record.  Checkpoints written
     before training recorded it held out `train.heldout_fraction` with the split's default seed
     (training never passed another), which is what they map to."""
     if meta.get("split") is not None:
         return HeldOutSplit.model_validate(meta["split"])
+    if meta.get("imported"):  # trained elsewhere: no row of the store was seen, any split holds out unseen rows
+        return HeldOutSplit(fraction=DEFAULT_IMPORTED_FRACTION)
     fraction = (meta.get("train") or {}).get("heldout_fraction")
     if fraction is None:
         raise UserError(f"{where} records no held-out split (no 'split' or 'train.heldout_fraction' in its "

@@ -135,6 +135,17 @@ def split_seed_name(name: str) -> tuple[str, int | None]:
     return name, None
 
 
+class ImportedSAE(BaseModel):
+    """An SAE trained elsewhere, listed in a pipeline beside the trained models: the train stage
+    imports it into its folder, so analyze, probe and humaneval score it like the others."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    format: Literal["saelens"] = "saelens"
+    path: str = Field(..., min_length=1, description="the SAE's folder (SAELens: cfg.json + sae_weights.safetensors)")
+    hook: str | None = Field(None, description="store hook it reads, when its own hook name differs (other model wrapper)")
+
+
 class TrainStageConfig(TrainConfig):
     """`train:` of a pipeline: the hook, shared training settings and the models to train."""
 
@@ -144,8 +155,9 @@ class TrainStageConfig(TrainConfig):
     models: dict[str, ModelConfig] = Field(
         default_factory=lambda: {"compsae": ModelConfig(type="compsae"), "topk": ModelConfig(type="topk"),
                                  "relu": ModelConfig(type="relu")},
-        min_length=1,
     )
+    imported: dict[str, ImportedSAE] = Field(
+        default_factory=dict, description="SAEs trained elsewhere, imported beside the trained models (name -> source)")
 
     seeds: list[int] | None = Field(
         None, min_length=1,
@@ -164,7 +176,12 @@ class TrainStageConfig(TrainConfig):
                 for seed in self.seeds
             } | {name: cfg for name, cfg in self.models.items() if SEED_SEPARATOR in name}
 
-        for name in self.models:
+        if not self.models and not self.imported:
+            raise ValueError("models: list at least one model to train (or an SAE under imported)")
+        for name in self.imported:
+            if name in self.models:
+                raise ValueError(f"imported.{name}: a trained model has the same name; rename one of them")
+        for name in [*self.models, *self.imported]:
             if not re.match(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$", name) or ".." in name:
                 raise ValueError(f"model name {name!r} must be letters, digits, '_', '-', '.'")
         for name, model in self.models.items():

@@ -24,7 +24,7 @@ from compsae.store import ActivationStore, manifest_digest
 from compsae.store.loader import BatchLoader
 from compsae.store.split import HeldOutSplit
 from compsae.train.checkpoint import MODEL_FILE, load_model, read_meta, read_resume_meta, remove_checkpoint
-from compsae.train.config import ModelConfig, TrainConfig, TrainStageConfig
+from compsae.train.config import ImportedSAE, ModelConfig, TrainConfig, TrainStageConfig
 from compsae.train.distributed import DistContext, init_from_env
 from compsae.train.models import CompSAE, build_model
 from compsae.train.trainer import Trainer, batch_metrics, resolve_device
@@ -108,6 +108,12 @@ def run_train(cfg: TrainStageConfig, store_url: str, out_dir: str, force: bool =
             if ctx.is_main:
                 fs, path = fsspec.core.url_to_fs(folder)
                 digest.update(name.encode() + fs.cat_file(f"{path}/{MODEL_FILE}"))
+        if ctx.is_main:
+            for name, source in cfg.imported.items():
+                folder = join(out_dir, name)
+                outputs["models"][name] = import_one(name, source, cfg, store, d_in, folder)
+                fs, path = fsspec.core.url_to_fs(folder)
+                digest.update(name.encode() + fs.cat_file(f"{path}/{MODEL_FILE}"))
     outputs["digest"] = digest.hexdigest()[:durable.DIGEST_DIGITS]
     return ctx.broadcast(outputs)
 
@@ -174,6 +180,22 @@ def train_one(name: str, model_cfg: ModelConfig, train_cfg: TrainConfig, hook: s
         "final": last,
         "heldout": heldout_metrics(trained, store, hook, train_cfg, split, loader.scale, device),
     }
+
+
+def import_one(name: str, source: ImportedSAE, cfg: TrainStageConfig, store: ActivationStore, d_in: int,
+               folder: str) -> dict[str, Any]:
+    """Import an SAE trained elsewhere into `folder` (beside the trained models); return its output
+    record, with held-out metrics on the raw activations it takes."""
+    from compsae.train.saelens_import import import_saelens
+
+    split = HeldOutSplit(fraction=cfg.heldout_fraction)  # the trained models' split
+    summary = import_saelens(source.path, folder, name=name, hook=source.hook, expect_hook=cfg.hook,
+                             expect_d_in=d_in, split=split.model_dump(mode="json"))
+    model, meta = load_model(folder)
+    raw = TrainConfig.model_validate({**{f: getattr(cfg, f) for f in TrainConfig.model_fields}, "normalize": False})
+    return {"path": folder, "type": summary["type"], "imported": {"format": source.format, "source": source.path},
+            "split": split.model_dump(mode="json"), "step": meta["step"], "tokens_seen": None, "finished": True,
+            "final": {}, "heldout": heldout_metrics(model, store, cfg.hook, raw, split, 1.0, torch.device("cpu"))}
 
 
 @torch.no_grad()

@@ -144,13 +144,15 @@ def model_config(cfg: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Model
                        unit_norm_decoder=unit, aux_k=min(256, n))
 
 
-def import_saelens(folder: str, out_dir: str, name: str | None = None, hook: str | None = None
-                   ) -> dict[str, Any]:
+def import_saelens(folder: str, out_dir: str, name: str | None = None, hook: str | None = None,
+                   expect_hook: str | None = None, expect_d_in: int | None = None,
+                   split: dict[str, Any] | None = None) -> dict[str, Any]:
     """Read the SAELens SAE in `folder` and write it to `out_dir` as a compsae checkpoint
     (`model.safetensors` + `config.json`), which `load_model` and every analysis stage read.
 
-    `hook` overrides the hook name of the SAE's cfg (the store hook it reads).  Returns a summary:
-    out_dir, type, architecture, d_in, d_sae, k, hook, folds."""
+    `hook` overrides the hook name of the SAE's cfg (the store hook it reads).  `expect_hook` /
+    `expect_d_in` (a pipeline's store) refuse, before anything is written, an SAE of another hook or
+    width.  `split` (a pipeline's held-out split) is recorded as the split it is scored on.  Returns a summary: out_dir, type, architecture, d_in, d_sae, k, hook, folds."""
     cfg, weights = _read(folder)
     where = folder.rstrip("/")
     architecture = architecture_of(cfg)
@@ -158,11 +160,17 @@ def import_saelens(folder: str, out_dir: str, name: str | None = None, hook: str
     for key in ("d_in", "d_sae"):
         if not isinstance(cfg.get(key), int) or cfg[key] < 1:
             raise UserError(f"{where}/{CFG_FILE}: {key} must be a positive integer, got {cfg.get(key)!r}")
+    hook_name = hook or _field(cfg, "hook_name", "hook_point") or expect_hook or ""
+    if expect_hook is not None and hook_name != expect_hook:
+        raise UserError(f"{where} reads hook {hook_name!r}, the pipeline's store hook is {expect_hook!r}; give "
+                        "the import a `hook:` when they are the same activations under another name")
+    if expect_d_in is not None and cfg["d_in"] != expect_d_in:
+        raise UserError(f"{where} takes d_in = {cfg['d_in']} activations, the store's {hook_name!r} has "
+                        f"{expect_d_in} dimensions")
     tensors, folds = compsae_weights(cfg, weights, where)
     mcfg = model_config(cfg, tensors)
     model = build_model(mcfg, int(cfg["d_in"]))
     model.load_state_dict(tensors)
-    hook_name = hook or _field(cfg, "hook_name", "hook_point") or ""
     digest = hashlib.sha256(b"".join(t.numpy().tobytes() for _, t in sorted(tensors.items()))).hexdigest()[:16]
     meta = {
         "type": mcfg.type, "model": mcfg.model_dump(mode="json"), "d_in": int(cfg["d_in"]), "hook": hook_name,
@@ -173,6 +181,8 @@ def import_saelens(folder: str, out_dir: str, name: str | None = None, hook: str
                      "model_name": _field(cfg, "model_name"), "sae_lens_version": _field(cfg, "sae_lens_version"),
                      "dataset_path": _field(cfg, "dataset_path"), "folds": folds},
     }
+    if split is not None:
+        meta["split"] = split
     save_checkpoint(out_dir, model, meta)
     return {"out_dir": out_dir, "type": mcfg.type, "architecture": architecture, "d_in": int(cfg["d_in"]),
             "d_sae": int(cfg["d_sae"]), "k": mcfg.k if mcfg.type == "topk" else None, "hook": hook_name,
