@@ -7,6 +7,7 @@ wrote, never recomputes anything.
 
 from __future__ import annotations
 
+import contextlib
 import html
 from typing import Any
 
@@ -21,7 +22,7 @@ REPORT = "report.html"
 # Per stage: (markdown file rendered inline, figures shown, a page linked), relative to the stage folder.
 STAGE_FILES: dict[str, tuple[str | None, tuple[str, ...], str | None]] = {
     "harvest": (None, (), None),
-    "train": (None, (), None),
+    "train": (None, ("training_curves.png",), None),
     "analyze": (None, ("figures/fvu_vs_l0.png", "figures/density_hist.png"), "report.html"),
     "evaluate": ("comparison.md", (), None),
     "probe": ("probes.md", ("probes.png",), None),
@@ -49,6 +50,8 @@ def _stage_section(fs: Any, root: str, st: StageStatus) -> str:
     if page and fs.exists(f"{root}/{rel}/{page}"):
         parts.append(f"; full report: <a href='{html.escape(rel)}/{page}'>{html.escape(page)}</a>")
     parts.append("</p>")
+    if st.stage == "train" and st.record is not None:
+        parts.append(_train_summary(fs, root, rel, st.record))
     if md_file and fs.exists(f"{root}/{rel}/{md_file}"):
         parts.append(_markdown_html(fs.cat_file(f"{root}/{rel}/{md_file}").decode()))
     for fig in figures:
@@ -56,6 +59,31 @@ def _stage_section(fs: Any, root: str, st: StageStatus) -> str:
             src = html.escape(f"{rel}/{fig}")
             parts.append(f"<figure><img src='{src}' alt='{src}'><figcaption>{src}</figcaption></figure>")
     return "\n".join(parts)
+
+
+def _train_summary(fs: Any, root: str, rel: str, record: dict[str, Any]) -> str:
+    """Per model: where training ended and its held-out numbers; draws the training curves when
+    the stage folder has none yet (stages finished before the train stage drew them)."""
+    from compsae.analysis.report import table
+    from compsae.train.curves import CURVES_FILE, write_training_curves
+
+    models = (record.get("outputs") or {}).get("models") or {}
+    if not fs.exists(f"{root}/{rel}/{CURVES_FILE}") and models:
+        # a figure is a convenience: the table below still says where training ended
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            write_training_curves(f"{fs.unstrip_protocol(root)}/{rel}", {n: m["path"] for n, m in models.items()})
+    rows = []
+    for name, m in sorted(models.items()):
+        final, held = m.get("final") or {}, m.get("heldout") or {}
+        rows.append({"model": name, "type": m.get("type") + (" (imported)" if m.get("imported") else ""),
+                     "tokens trained": m.get("tokens_seen"), "train FVU (last batch)": final.get("fvu"),
+                     "train L0": final.get("l0"), "dead fraction": final.get("dead_fraction"),
+                     "held-out FVU": held.get("fvu"), "held-out L0": held.get("l0"),
+                     "held-out tokens": held.get("tokens")})
+    cols = ["model", "type", "tokens trained", "train FVU (last batch)", "train L0", "dead fraction", "held-out FVU",
+            "held-out L0", "held-out tokens"]
+    return table(rows, cols, "Training: FVU = Σ‖x − x̂‖² / Σ‖x − μ‖² (README definition); L0 in active latents "
+                 "per token; dead = not fired in the last dead_window_tokens tokens")
 
 
 def render_pipeline_report(name: str, pipe: PipelineConfig, statuses: list[StageStatus], fs: Any, root: str) -> str:

@@ -114,6 +114,9 @@ def run_train(cfg: TrainStageConfig, store_url: str, out_dir: str, force: bool =
                 outputs["models"][name] = import_one(name, source, cfg, store, d_in, folder)
                 fs, path = fsspec.core.url_to_fs(folder)
                 digest.update(name.encode() + fs.cat_file(f"{path}/{MODEL_FILE}"))
+            from compsae.train.curves import write_training_curves
+
+            outputs["curves"] = write_training_curves(out_dir, {n: r["path"] for n, r in outputs["models"].items()})
     outputs["digest"] = digest.hexdigest()[:durable.DIGEST_DIGITS]
     return ctx.broadcast(outputs)
 
