@@ -12,6 +12,7 @@ from compsae.stages import (
     STAGE_ORDER,
     StageStatus,
     done_folders,
+    invalidate_record,
     make_record,
     read_record,
     stage_dir,
@@ -92,6 +93,8 @@ def run_stage(
     if main:
         say(f"{stage}: running into {status.path}")
     with stage_lock(status.path, stage) if main else nullcontext():
+        if main:
+            invalidate_record(status.path)  # a redo killed half-way must not look done
         outputs = _call_stage(stage, cfg, status.path, inputs, force, options or {})
         record = make_record(stage, status.hash, cfg, inputs, outputs)
         if main:

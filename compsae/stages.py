@@ -83,6 +83,12 @@ def write_record(folder: str, record: dict[str, Any]) -> None:
     durable.atomic_write(f"{path}/{RECORD}", json.dumps(record, indent=2, sort_keys=True).encode(), fs=fs)
 
 
+def invalidate_record(folder: str) -> None:
+    """Remove a stage's completion record (durably) before its outputs are redone, so a redo killed
+    half-way leaves a stage that is not done instead of a record over half-written outputs."""
+    durable.remove(join(folder, RECORD))
+
+
 def make_record(stage: str, digest: str, cfg: BaseModel, inputs: dict[str, dict[str, Any]],
                 outputs: dict[str, Any]) -> dict[str, Any]:
     """The record a finished stage leaves behind."""

@@ -172,3 +172,25 @@ def test_probe_needs_a_language_model(tmp_path, capsys):
         "probe": {}}}}
     assert cli.main(["status", "--pipeline", "gt", "--config", str(_write(tmp_path, doc))]) == 2
     assert "'probe' reruns the harvested LM" in capsys.readouterr().err
+
+
+def test_a_forced_redo_that_dies_leaves_the_stage_not_done(tmp_path, monkeypatch, capsys):
+    """--force removes the completion record before touching the outputs: a redo that dies half-way
+    must leave `status` saying missing, never done over half-written outputs."""
+    seen: dict[str, bool] = {}
+
+    def fake_stage(stage, cfg, out_dir, inputs, force, options):
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        seen[stage] = (Path(out_dir) / "stage.json").exists()
+        if force and stage == "harvest":
+            raise UserError("died half-way")
+        return {"store": f"{out_dir}/store.zarr", "digest": "d"} if stage == "harvest" else {}
+
+    monkeypatch.setattr(pipeline, "_call_stage", fake_stage)
+    base = ["--pipeline", "mini", "--config", str(_write(tmp_path, MINI))]
+    assert cli.main(["run", *base]) == 0
+    assert cli.main(["harvest", *base, "--force"]) == 2
+    assert seen["harvest"] is False  # the record was already gone when the stage started writing
+    capsys.readouterr()
+    assert cli.main(["status", *base]) == 0
+    assert "harvest  missing" in capsys.readouterr().out

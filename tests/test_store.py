@@ -234,3 +234,26 @@ def test_shard_moments_match_one_float64_pass():
     np.testing.assert_allclose(got[1:8], x64.mean(0), rtol=1e-12)
     np.testing.assert_allclose(got[8:15], ((x64 - x64.mean(0)) ** 2).sum(0), rtol=1e-10)
     assert got[0] == 2500 and got[15] == pytest.approx(np.linalg.norm(x64, axis=1).sum(), rel=1e-12)
+
+
+def test_force_never_replaces_a_folder_that_holds_no_store(tmp_path):
+    """A store pointed at a user's folder is refused, --force or not, and nothing in it is touched;
+    an empty folder, or one with only the remains of a store killed at creation, is fine."""
+    from compsae.store import refuse_foreign_folder
+
+    mine = tmp_path / "photos"
+    mine.mkdir()
+    (mine / "holiday.jpg").write_bytes(b"\xff\xd8 precious")
+    layout = StoreLayout(chunk_rows=64, shard_rows=256)
+    for overwrite in (False, True):
+        with pytest.raises(UserError, match="not empty .*holiday.jpg.* holds no compsae store"):
+            ActivationStore.create(str(mine), {"h": 4}, 100, layout, {"config_hash": "a"}, overwrite=overwrite)
+        with pytest.raises(UserError, match="holds no compsae store"):
+            ActivationStore.create_or_resume(str(mine), {"h": 4}, 100, layout, {"config_hash": "a"}, force=True)
+    assert sorted(p.name for p in mine.iterdir()) == ["holiday.jpg"]
+    assert (mine / "holiday.jpg").read_bytes() == b"\xff\xd8 precious"
+    (tmp_path / "empty").mkdir()
+    refuse_foreign_folder(str(tmp_path / "empty"))
+    store = ActivationStore.create(str(tmp_path / "s.zarr"), {"h": 4}, 100, layout, {"config_hash": "a"})
+    refuse_foreign_folder(store.url)  # a compsae store may be replaced
+    ActivationStore.create_or_resume(store.url, {"h": 4}, 100, layout, {"config_hash": "b"}, force=True)

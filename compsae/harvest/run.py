@@ -34,7 +34,7 @@ from compsae.errors import UserError
 from compsae.harvest.config import HarvestConfig
 from compsae.harvest.data import describe, packing_rule, token_sequences
 from compsae.harvest.models import LoadedModel, check_hooks, load_model, stop_layer
-from compsae.store import ActivationStore, manifest_digest, store_exists, writer_lock
+from compsae.store import ActivationStore, manifest_digest, refuse_foreign_folder, store_exists, writer_lock
 from compsae.store.activation_store import check_peak, rounding_error
 
 _QUEUE_SHARDS = 2  # shards buffered between the forward pass and the writer
@@ -214,6 +214,7 @@ def run_harvest(cfg: HarvestConfig, out_dir: str, force: bool = False,
     the same store; the result is byte-identical to the single-process harvest (None / 0: no Dask).
     """
     url = store_url(cfg, out_dir)
+    refuse_foreign_folder(url)  # before the lock file goes in, and whatever the flags
     digest = config_hash(cfg)
     if not force and store_exists(url):
         try:

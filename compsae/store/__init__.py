@@ -1,6 +1,12 @@
 """The only code that knows the on-disk format: Zarr v3 activation stores and their loader."""
 
-from compsae.store.activation_store import ActivationStore, manifest_digest, store_exists, writer_lock
+from compsae.store.activation_store import (
+    ActivationStore,
+    manifest_digest,
+    refuse_foreign_folder,
+    store_exists,
+    writer_lock,
+)
 from compsae.store.layout import StoreLayout
 
-__all__ = ["ActivationStore", "StoreLayout", "manifest_digest", "store_exists", "writer_lock"]
+__all__ = ["ActivationStore", "StoreLayout", "manifest_digest", "refuse_foreign_folder", "store_exists", "writer_lock"]

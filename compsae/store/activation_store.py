@@ -14,6 +14,7 @@ reading chunks `store.reader`, statistics `store.moments`.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import crc32c
@@ -28,6 +29,7 @@ from compsae.errors import StoreCorruptError, UserError
 from compsae.store.format import (  # noqa: F401 - re-exported: the names stages import from here
     FORMAT,
     LOCK_NAME,
+    READABLE_FORMATS,
     SIDE_ARRAYS,
     check_peak,
     from_storage,
@@ -59,6 +61,34 @@ def manifest_digest(manifest: dict[str, Any]) -> str:
                                 if k not in ("stats", "shard_checksums", "created_at")})
 
 
+def refuse_foreign_folder(url: str) -> None:
+    """Refuse to write a store into a folder that holds anything but a compsae store (or the
+    leftovers of one killed while being created): `--force` replaces a store, never a user's files."""
+    fs, path = fsspec.core.url_to_fs(url)
+    path = path.rstrip("/")
+    if not fs.exists(path):
+        return
+    if not fs.isdir(path):
+        raise UserError(f"{url} is a file, not a folder; point harvest.store at a new or empty folder")
+    names = {entry.rstrip("/").rsplit("/", 1)[-1] for entry in fs.ls(path, detail=False)} - {LOCK_NAME}
+    if not names:
+        return
+    if "zarr.json" in names:
+        try:
+            attrs = json.loads(fs.cat_file(f"{path}/zarr.json")).get("attributes") or {}
+        except (ValueError, OSError, AttributeError):
+            attrs = None
+        if isinstance(attrs, dict):
+            manifest = attrs.get("manifest")
+            if isinstance(manifest, dict) and manifest.get("format") in READABLE_FORMATS:
+                return
+            if not attrs and names == {"zarr.json"}:
+                return  # a store killed between creating its group and writing its manifest
+    shown = ", ".join(sorted(names)[:3]) + (", ..." if len(names) > 3 else "")
+    raise UserError(f"{url} is not empty ({shown}) and holds no compsae store; compsae never overwrites "
+                    "other files, even with --force: point harvest.store at a new or empty folder")
+
+
 def writer_lock(url: str, what: str = "harvest") -> Any:
     """Exclusive writer lock on the store at `url` (which need not exist yet): a second writer is
     refused with a clear error (see `durable.exclusive_lock`)."""
@@ -77,7 +107,7 @@ class ActivationStore:
         self.is_local = isinstance(self.fs, LocalFileSystem)
         self._columns: dict[str, np.ndarray] = {}
         self.manifest: dict[str, Any] = dict(group.attrs.get("manifest", {}))
-        if self.manifest.get("format") != FORMAT:
+        if self.manifest.get("format") not in READABLE_FORMATS:
             raise UserError(f"{url} is not a compsae store (no compsae manifest); harvest into it first")
         self.layout = StoreLayout(**self.manifest["layout"])
         self._reader = ShardReader(self.url, self.fs, self.path, self.is_local, self.layout)
@@ -98,6 +128,7 @@ class ActivationStore:
         """Create an empty store for `n_rows` rows of every hook in `hooks` (name -> d_model)."""
         if store_exists(url) and not overwrite:
             raise UserError(f"a store already exists at {url}; pass --force to overwrite it")
+        refuse_foreign_folder(url)
         if overwrite and store_exists(url):
             wipe(url)
         n_shards = max(1, -(-n_rows // layout.shard_rows))
@@ -141,6 +172,7 @@ class ActivationStore:
     ) -> ActivationStore:
         """Open the store at `url` to continue it when it was made with the same config hash,
         else create it.  A store of another config is refused unless `force`."""
+        refuse_foreign_folder(url)
         if store_exists(url):
             try:
                 existing = cls.open(url, mode="r+")

@@ -22,6 +22,7 @@ from compsae.errors import StoreCorruptError, UserError
 from compsae.store.layout import StoreLayout
 
 FORMAT = "compsae-store/1"
+READABLE_FORMATS = (FORMAT,)
 FLOAT16_MAX = 65504.0
 EMPTY = np.uint64(2**64 - 1)  # sharding index entry of a chunk never written
 LOCK_NAME = ".compsae.lock"
