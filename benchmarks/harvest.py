@@ -35,6 +35,7 @@ from compsae.harvest.models import (
     LoadedModel,
     _bridge,
     check_hooks,
+    eager_attention,
     load_model,
     resolve_device,
     stop_layer,
@@ -47,9 +48,10 @@ from compsae.store import ActivationStore
 def pythia70m_shaped(device: torch.device) -> LoadedModel:
     """Random-weight GPT-NeoX with Pythia-70m's dimensions (byte vocabulary: no unembed is run)."""
     tok = byte_tokenizer()
-    model = _bridge("pythia70m-shaped", tiny_neox_hf(0, VOCAB_SIZE, d_model=512, n_layers=6, n_heads=8, n_ctx=2048), tok)
-    return LoadedModel(model=model.to(device).eval(), tokenizer=tok, n_layers=6, d_model=512, n_ctx=2048,
-                       bos_token_id=0, eos_token_id=0, device=device, info={"name": "pythia70m-shaped"})
+    hf = eager_attention(tiny_neox_hf(0, VOCAB_SIZE, d_model=512, n_layers=6, n_heads=8, n_ctx=2048).to(device))
+    return LoadedModel(tokenizer=tok, n_layers=6, d_model=512, n_ctx=2048, bos_token_id=0, eos_token_id=0,
+                       device=device, info={"name": "pythia70m-shaped"}, hf_model=hf,
+                       wrap=lambda: _bridge("pythia70m-shaped", hf, tok).to(device).eval())
 
 
 def synchronize(device: torch.device) -> None:
@@ -126,7 +128,7 @@ def main() -> None:
     loaded = pythia70m_shaped(device) if args.model == "pythia70m-shaped" else load_model(cfg)
     widths = check_hooks(loaded, hooks, cfg.context)
     stop = stop_layer(hooks)
-    tokens = tokenize_all(cfg, loaded)
+    tokens = tokenize_all(cfg, loaded.tokenizer)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
     print(f"model {args.model} on {where}, hooks {hooks}, stop_at_layer {stop}, {tokens.size} tokens, "
           f"batch {args.batch_size}")

@@ -238,11 +238,23 @@ COMMANDS = {"harvest": _cmd_stage, "train": _cmd_stage, "analyze": _cmd_stage, "
             "export": _cmd_export, "import": _cmd_import}
 
 
+def _exit_now(code: int) -> NoReturn:
+    """End the process without the interpreter's teardown.  A single-process harvest has written,
+    closed and recorded everything when it returns (its writer thread is joined, no child process
+    exists); tearing down torch and transformers' modules then only costs seconds."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: one-line errors with exit code 2 for anything the user can fix."""
     args = build_parser().parse_args(argv)
     try:
-        return COMMANDS[args.command](args)
+        code = COMMANDS[args.command](args)
+        if argv is None and args.command == "harvest" and not (args.workers or args.scheduler):
+            _exit_now(code)
+        return code
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USER

