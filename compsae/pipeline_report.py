@@ -50,6 +50,11 @@ def _stage_section(fs: Any, root: str, st: StageStatus) -> str:
     if page and fs.exists(f"{root}/{rel}/{page}"):
         parts.append(f"; full report: <a href='{html.escape(rel)}/{page}'>{html.escape(page)}</a>")
     parts.append("</p>")
+    browsers = ((st.record or {}).get("outputs") or {}).get("files", {}).get("browsers") or {}
+    if browsers:
+        links = ", ".join(f"<a href='{html.escape(rel)}/{html.escape(page)}'>{html.escape(name)}</a>"
+                          for name, page in browsers.items() if fs.exists(f"{root}/{rel}/{page}"))
+        parts.append(f"<p>Feature browser, one page per model: {links}</p>")
     if st.stage == "train" and st.record is not None:
         parts.append(_train_summary(fs, root, rel, st.record))
     if md_file and fs.exists(f"{root}/{rel}/{md_file}"):

@@ -40,6 +40,10 @@ class AnalyzeConfig(BaseModel):
     plots: bool = Field(True, description="write PNG figures and embed them in report.html")
     n_attention_examples: int = Field(3, ge=0, description="token-level attention examples in the report")
 
+    browser: bool = Field(True, description="write browser/<model>.html, a feature browser per trained model")
+    browser_contexts: int = Field(5, ge=1, description="top contexts per latent shown (shaded) in the browser")
+    browser_hist_rows: int = Field(8192, ge=1, description="held-out rows the browser's activation histograms use")
+
     ce: bool = Field(True, description="CE / KL with x_hat spliced in (needs the LM; skipped when not loadable)")
     ce_sequences: int = Field(32, ge=1, description="held-out sequences for the CE evaluation")
     batch_rows: int = Field(1024, ge=1, description="rows per model call inside a block (bounds memory)")

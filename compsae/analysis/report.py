@@ -199,6 +199,9 @@ def render_html(metrics: dict[str, Any], figures: list[tuple[str, str]]) -> str:
     parts.append(f"<p>hook <code>{html.escape(str(metrics['hook']))}</code>, {metrics['n_tokens']} held-out tokens "
                  f"(held-out fraction {fmt(metrics['heldout_fraction'])}, seed {metrics['heldout_seed']}); "
                  f"baselines at L0 = {metrics['baseline_k']}.</p>")
+    if metrics.get("browsers"):
+        links = ", ".join(f"<a href='{html.escape(rel)}'>{html.escape(name)}</a>" for name, rel in metrics["browsers"].items())
+        parts.append(f"<p>Feature browser (every latent: top contexts, histogram, logit effect, partners): {links}</p>")
     parts.append(table(recon_rows(metrics, "all"), RECON_COLS, "Comparison at matched L0 (all held-out tokens)"))
     parts.append(table(recon_rows(metrics, "rest"), RECON_COLS, "Position > 0 only"))
     parts.append(table(recon_rows(metrics, "bos"), RECON_COLS, "Position 0 (BOS) only"))

@@ -315,7 +315,8 @@ def run_analyze(cfg: AnalyzeConfig, store_url: str, train_dir: str, out_dir: str
         if r.kind == "compsae" and len(examples) == 0 and cfg.plots:
             examples = attention_examples(r, store, hook, plan, cfg.n_attention_examples, decode)  # type: ignore[arg-type]
 
-    return _write_outputs(out_dir, cfg, metrics, arrays, examples, partials, store, decode)
+    saes = [r for r in recons if r.name in sae_names]
+    return _write_outputs(out_dir, cfg, metrics, arrays, examples, partials, store, decode, saes, plan.keep)
 
 
 def _splice(rec: Reconstructor) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -329,20 +330,30 @@ def _splice(rec: Reconstructor) -> Callable[[torch.Tensor], torch.Tensor]:
 
 def _write_outputs(out_dir: str, cfg: AnalyzeConfig, metrics: dict[str, Any], arrays: dict[str, dict[str, Any]],
                    examples: list[dict[str, Any]], partials: dict[str, Any], store: ActivationStore,
-                   decode: Callable[[int], str]) -> dict[str, Any]:
+                   decode: Callable[[int], str], saes: list[Reconstructor] | None = None,
+                   keep: np.ndarray | None = None) -> dict[str, Any]:
     fs, path = fsspec.core.url_to_fs(out_dir)
     local = isinstance(fs, LocalFileSystem)
     work = path if local else tempfile.mkdtemp(prefix="compsae-analyze-")
     try:
-        files = write_report(work, metrics, arrays, examples, plots=cfg.plots)
+        files: dict[str, Any] = {}
+        os.makedirs(work, exist_ok=True)
         lat = pd.concat([latent_table(n, a) for n, a in arrays.items()], ignore_index=True)
         lat.to_parquet(os.path.join(work, "latents.parquet"), index=False)
         files["latents"] = "latents.parquet"
         tops = [top_context_table(n, p["top"], store, cfg.context_window, decode)
                 for n, p in partials.items() if p.get("top") is not None]
+        top_df = pd.concat(tops, ignore_index=True) if tops else pd.DataFrame()
         if tops:
-            pd.concat(tops, ignore_index=True).to_parquet(os.path.join(work, "top_contexts.parquet"), index=False)
+            top_df.to_parquet(os.path.join(work, "top_contexts.parquet"), index=False)
             files["top_contexts"] = "top_contexts.parquet"
+        if cfg.browser and saes and keep is not None and len(lat):
+            from compsae.analysis.browser import write_browsers
+
+            metrics["browsers"] = files["browsers"] = write_browsers(
+                work, saes, lat, top_df, arrays, store, metrics["hook"], keep, decode, cfg.browser_contexts,
+                cfg.context_window, cfg.browser_hist_rows)
+        files.update(write_report(work, metrics, arrays, examples, plots=cfg.plots))
         if not local:
             fs.put(work.rstrip("/") + "/", path, recursive=True)
     finally:

@@ -10,12 +10,18 @@ import html
 
 RATING_COLUMNS = ("rater", "card_id", "interpretable", "confidence", "detection", "description")
 
-_CSS = """
-body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#222}
-.card{border:1px solid #bbb;border-radius:6px;padding:1em;margin:1.5em 0}
+# How a context line looks, here and in the feature browser: tokens shaded by activation in
+# rgba(SHADE_RGB, act / max), the token the context is centred on outlined.
+SHADE_RGB = "255,120,0"
+CONTEXT_CSS = """
 .ctx{font-family:ui-monospace,monospace;font-size:13px;margin:2px 0;white-space:pre-wrap}
 .tok{padding:1px 0;border-radius:2px}
 .centre{outline:1px solid #999}
+"""
+
+_CSS = CONTEXT_CSS + """
+body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#222}
+.card{border:1px solid #bbb;border-radius:6px;padding:1em;margin:1.5em 0}
 h3{margin:.6em 0 .2em} .muted{color:#777;font-size:12px}
 .det label{display:block;font-family:ui-monospace,monospace;font-size:13px;margin:3px 0}
 """
@@ -45,7 +51,7 @@ def _token_span(text: str, act: float, scale: float, is_centre: bool) -> str:
     alpha = 0.0 if scale <= 0 else min(1.0, max(0.0, act / scale))
     shown = html.escape(text.replace("\n", "⏎"))
     cls = "tok centre" if is_centre else "tok"
-    style = f' style="background:rgba(255,120,0,{alpha:.2f})"' if alpha > 0 else ""
+    style = f' style="background:rgba({SHADE_RGB},{alpha:.2f})"' if alpha > 0 else ""
     title = f' title="{act:.3g}"' if act else ""
     return f'<span class="{cls}"{style}{title}>{shown}</span>'
 
