@@ -26,7 +26,8 @@ STAGE_INPUTS: dict[str, tuple[str, ...]] = {
 RECORD = "stage.json"
 
 # Fields that change how fast a stage runs, never what it writes: left out of the hash.
-NON_SEMANTIC = {"device", "workers", "scheduler", "progress", "num_threads", "prefetch", "threads_per_worker"}
+NON_SEMANTIC = {"device", "workers", "scheduler", "progress", "num_threads", "prefetch", "threads_per_worker",
+                "log", "wandb_project", "wandb_entity"}
 
 
 def config_for_hash(cfg: BaseModel) -> dict[str, Any]:

@@ -112,6 +112,10 @@ class TrainConfig(BaseModel):
     mix_chunks: int = Field(16, ge=1, description="store chunks mixed per shuffle window")
     num_threads: int = Field(2, ge=1, description="loader decode threads")
     prefetch: int = Field(2, ge=1, description="shuffle windows decoded ahead")
+    # experiment tracking: where metrics go besides metrics.jsonl (never what is trained: not hashed)
+    log: Literal["none", "wandb"] = Field("none", description="wandb: also log the metrics to Weights & Biases")
+    wandb_project: str | None = Field(None, description="W&B project; default compsae-<pipeline>")
+    wandb_entity: str | None = Field(None, description="W&B entity (team); default your own")
 
     @model_validator(mode="after")
     def _fractions(self) -> TrainConfig:

@@ -165,11 +165,14 @@ def train_one(name: str, model_cfg: ModelConfig, train_cfg: TrainConfig, hook: s
     reusable = ctx.broadcast(bool(existing is not None and existing.get("finished") and published is not None
                                   and published.get("step") == existing.get("step")))
     if not reusable:
+        trainer.tracker = _tracker(train_cfg, name, folder, hook, d_in, model_cfg, config_hash) if ctx.is_main else None
         batches = iter(loader)
         try:
             last = trainer.fit(batches, loader.state_dict)
         finally:
             batches.close()
+            if trainer.tracker is not None:
+                trainer.tracker.finish()
     if not last and trainer.metrics.lines:  # reused: report the last logged step
         last = json.loads(trainer.metrics.lines[-1])
     record: dict[str, Any] = {"path": folder, "type": model_cfg.type, "split": split.model_dump(mode="json")}
@@ -183,6 +186,23 @@ def train_one(name: str, model_cfg: ModelConfig, train_cfg: TrainConfig, hook: s
         "final": last,
         "heldout": heldout_metrics(trained, store, hook, train_cfg, split, loader.scale, device),
     }
+
+
+def _tracker(cfg: TrainConfig, name: str, folder: str, hook: str, d_in: int, model_cfg: ModelConfig,
+             config_hash: str) -> Any:
+    """The experiment tracker `cfg.log` asks for (None for "none"): project compsae-<pipeline> (from
+    the folder layout `<runs_root>/<pipeline>/train-<hash>/<model>`), grouped by the stage folder."""
+    if cfg.log == "none":
+        return None
+    from compsae.train.tracking import make_tracker
+
+    stage_dir = folder.rstrip("/").rsplit("/", 1)[0]
+    parts = stage_dir.rsplit("/", 2)
+    pipeline = parts[-2] if len(parts) >= 2 else "runs"
+    config = {"model": model_cfg.model_dump(mode="json"), "train": cfg.model_dump(mode="json"), "hook": hook,
+              "d_in": d_in}
+    return make_tracker(cfg.log, cfg.wandb_project or f"compsae-{pipeline}", name, parts[-1], config,
+                        f"{name}-{config_hash}", stage_dir, cfg.wandb_entity)
 
 
 def import_one(name: str, source: ImportedSAE, cfg: TrainStageConfig, store: ActivationStore, d_in: int,

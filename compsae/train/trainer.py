@@ -139,12 +139,14 @@ class Trainer:
 
     `meta` holds the checkpoint's fixed fields (model config, hook, normalization, config_hash, d_in,
     store_manifest_hash); `scale` is the loader's normalisation factor, undone in the metrics.
-    `dist` places this process in a data-parallel job (default: alone)."""
+    `dist` places this process in a data-parallel job (default: alone); `tracker` (rank 0) receives
+    every metrics record too (experiment tracking, `tracking.py`)."""
 
     def __init__(self, model: SparseAutoencoder, model_cfg: ModelConfig, cfg: TrainConfig, out_dir: str,
                  meta: dict[str, Any], scale: float = 1.0, name: str = "", progress: bool = True,
-                 dist: DistContext | None = None) -> None:
+                 dist: DistContext | None = None, tracker: Any = None) -> None:
         self.dist = dist or DistContext()
+        self.tracker = tracker if self.dist.is_main else None  # e.g. a WandbTracker: gets every metrics record
         self.device = self.dist.device(resolve_device(cfg.device))
         self.model = model.to(self.device)
         self.model_cfg = model_cfg
@@ -308,6 +310,8 @@ class Trainer:
             "tokens_per_s": tokens_per_s,
         })
         self.metrics.append(record)
+        if self.tracker is not None:
+            self.tracker.log(record)
         return record
 
     # -- checkpoints --------------------------------------------------------------------------------
