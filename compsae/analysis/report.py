@@ -12,25 +12,59 @@ import numpy as np
 
 from compsae.analysis.metrics import flat_rows, json_safe
 
+FVU_DEFINITION = "FVU = Σ‖x − x̂‖² / Σ‖x − μ‖² over the evaluated tokens and dimensions (the README's definition)"
+
+# Column name -> header with its unit ("" = a ratio or count that needs none).
+LABELS = {
+    "l0": "L0 (latents / token)", "fvu": "FVU", "fve": "FVE", "cosine": "cos(x, x̂)", "l2_ratio": "‖x̂‖/‖x‖",
+    "fvu_nocomp": "FVU, composition off", "comp_share": "composition share of expl. var.", "n_tokens": "tokens",
+    "dead_fraction": "dead (fraction of latents)", "dead_count": "dead (latents)", "n_latents": "latents",
+    "dead_tokens_evaluated": "tokens evaluated", "ce_clean": "CE clean (nats)", "ce_zero": "CE zero-ablated (nats)",
+    "ce_recon": "CE with x̂ (nats)", "delta_ce": "ΔCE (nats)", "kl_zero": "KL zero-ablated (nats)",
+    "kl_recon": "KL with x̂ (nats)", "ce_recovered": "CE recovered", "kl_score": "KL score",
+    "tokens_seen": "tokens trained", "gate_mean": "gate mean", "gate_std": "gate sd",
+    "partners_mean": "partners / latent (mean)", "partners_median": "partners / latent (median)",
+    "partner_entropy_mean": "partner entropy (nats)", "mean_npmi": "mean NPMI", "mean_jaccard": "mean Jaccard",
+    "n_tracked": "latents tracked", "pairs_cooccurring": "pairs co-firing",
+}
+
+
+class NotApplicable:
+    """A table cell for a field the row's model kind does not have (shown empty)."""
+
+
+NA = NotApplicable()
+
 
 def fmt(v: Any) -> str:
-    """How every number appears in report.html (4 significant digits; '–' for missing)."""
+    """How every number appears in the reports (3 significant digits; whole numbers in full;
+    '–' for missing, '' for a field that does not apply)."""
+    if isinstance(v, NotApplicable):
+        return ""
     if v is None or (isinstance(v, float) and not np.isfinite(v)):
         return "–"
     if isinstance(v, (int, np.integer)) and not isinstance(v, bool):
         return str(int(v))
     if isinstance(v, (float, np.floating)):
-        return f"{float(v):.4g}"
+        f = float(v)
+        return str(int(f)) if f.is_integer() and abs(f) >= 100 else f"{f:.3g}"
     return html.escape(str(v))
 
 
+def label(column: str) -> str:
+    """The header of a column: its unit spelled out where it has one."""
+    if column.startswith("dense_fraction_"):
+        return f"dense > {column.rsplit('_', 1)[1]} (fraction of latents)"
+    return LABELS.get(column, column)
+
+
 def table(rows: list[dict[str, Any]], columns: list[str], caption: str) -> str:
-    """An HTML table; each row's first column names it."""
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
+    """An HTML table (scrolls sideways when wider than the page); each row's first column names it."""
+    head = "".join(f"<th>{html.escape(label(c))}</th>" for c in columns)
     body = "".join(
         "<tr>" + "".join(f"<td>{fmt(r.get(c))}</td>" for c in columns) + "</tr>" for r in rows
     )
-    return f"<table><caption>{html.escape(caption)}</caption><tr>{head}</tr>{body}</table>"
+    return f"<div class='scroll'><table><caption>{html.escape(caption)}</caption><tr>{head}</tr>{body}</table></div>"
 
 
 # -- figures ---------------------------------------------------------------------------------------
@@ -182,7 +216,8 @@ def make_figures(metrics: dict[str, Any], arrays: dict[str, dict[str, Any]], exa
 RECON_COLS = ["model", "kind", "l0", "fvu", "fve", "cosine", "l2_ratio", "fvu_nocomp", "comp_share", "n_tokens"]
 CSS = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}table{border-collapse:collapse;"
        "margin:1em 0;font-size:13px}td,th{border:1px solid #bbb;padding:3px 7px;text-align:right}"
-       "caption{font-weight:bold;text-align:left}figure{display:inline-block;margin:.5em}img{max-width:520px}")
+       "caption{font-weight:bold;text-align:left}figure{display:inline-block;margin:.5em}img{max-width:100%}"
+       ".scroll{overflow-x:auto;max-width:100%}")
 
 
 def recon_rows(metrics: dict[str, Any], group: str) -> list[dict[str, Any]]:
@@ -190,6 +225,28 @@ def recon_rows(metrics: dict[str, Any], group: str) -> list[dict[str, Any]]:
     for name, m in metrics["models"].items():
         rows.append({"model": name, "kind": m.get("kind"), **m[group]})
     return sorted(rows, key=lambda r: (r.get("l0") is None, r.get("l0") or 0, r["model"]))
+
+
+# The settings of the ablation table that mean something for each kind of model.
+_COMPOSITION = ("composer", "gate", "curriculum")
+APPLICABLE = {"compsae": ("type", "n_latents", "k", *_COMPOSITION, "graduated_sparsity"),
+              "topk": ("type", "n_latents", "k", "graduated_sparsity"),
+              "relu": ("type", "n_latents"), "jumprelu": ("type", "n_latents")}
+
+
+def ablation_table(rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[str]]:
+    """The ablation rows with each model kind's inapplicable settings blanked (a CompSAE with
+    composer "none" has no gate or curriculum either), and the columns that apply to some row."""
+    out = []
+    for row in rows:
+        kind = row.get("type")
+        keep = set(APPLICABLE.get(str(kind), row))
+        if kind == "compsae" and row.get("composer") == "none":
+            keep -= {"gate", "curriculum"}
+        settings = {f for f in row if f in {c for cols in APPLICABLE.values() for c in cols}}
+        out.append({k: (NA if k in settings and k not in keep else v) for k, v in row.items()})
+    cols = [c for c in rows[0] if any(not isinstance(r.get(c), NotApplicable) and r.get(c) is not None for r in out)]
+    return out, cols
 
 
 def render_html(metrics: dict[str, Any], figures: list[tuple[str, str]]) -> str:
@@ -202,29 +259,35 @@ def render_html(metrics: dict[str, Any], figures: list[tuple[str, str]]) -> str:
     if metrics.get("browsers"):
         links = ", ".join(f"<a href='{html.escape(rel)}'>{html.escape(name)}</a>" for name, rel in metrics["browsers"].items())
         parts.append(f"<p>Feature browser (every latent: top contexts, histogram, logit effect, partners): {links}</p>")
-    parts.append(table(recon_rows(metrics, "all"), RECON_COLS, "Comparison at matched L0 (all held-out tokens)"))
-    parts.append(table(recon_rows(metrics, "rest"), RECON_COLS, "Position > 0 only"))
-    parts.append(table(recon_rows(metrics, "bos"), RECON_COLS, "Position 0 (BOS) only"))
+    parts.append(f"<p class='note'>{html.escape(FVU_DEFINITION)}; composition share = (FVU with the path off − FVU) / "
+                 "(1 − FVU); numbers rounded to 3 significant digits.</p>")
+    parts.append(table(recon_rows(metrics, "all"), RECON_COLS,
+                       f"Comparison at matched L0 (all {metrics['n_tokens']} held-out tokens)"))
+    parts.append(table(recon_rows(metrics, "rest"), RECON_COLS, "Position > 0 only (tokens per row)"))
+    parts.append(table(recon_rows(metrics, "bos"), RECON_COLS, "Position 0 (BOS) only (tokens per row)"))
     lat_rows = [{"model": n, **{k: v for k, v in m["latents"].items() if not isinstance(v, dict)}}
                 for n, m in metrics["models"].items() if "latents" in m]
     if lat_rows:
         cols = ["model", "n_latents", "dead_count", "dead_fraction"] + \
             [c for c in lat_rows[0] if c.startswith("dense_fraction")] + ["dead_tokens_evaluated"]
-        parts.append(table(lat_rows, cols, "Latent health (dead = never fired on the evaluated tokens)"))
+        parts.append(table(lat_rows, cols, f"Latent health on {metrics['n_tokens']} held-out tokens "
+                           "(dead = never fired on them)"))
     if metrics.get("ablations"):
-        cols = list(metrics["ablations"][0])
-        parts.append(table(metrics["ablations"], cols, "Ablations: every trained model"))
+        rows, cols = ablation_table(metrics["ablations"])
+        parts.append(table(rows, cols, f"Ablations: every trained model, on {metrics['n_tokens']} held-out tokens "
+                           "(empty cells: the setting does not apply to that kind of model)"))
     if metrics.get("ablations_by_variant"):
         rows = metrics["ablations_by_variant"]
-        parts.append(table(rows, list(rows[0]), "Ablations: mean and sd over seeds (sd with ddof=1)"))
+        parts.append(table(rows, list(rows[0]), f"Ablations: mean and sd over seeds (sd with ddof=1), on "
+                           f"{metrics['n_tokens']} held-out tokens"))
     comp_rows = [{"model": n, **m["pairs"], **{k: v for k, v in m.get("gate", {}).items() if not isinstance(v, dict)},
                   "head_agreement": m.get("heads", {}).get("head_agreement")}
                  for n, m in metrics["models"].items() if "pairs" in m]
     if comp_rows:
-        parts.append(table(comp_rows, list(comp_rows[0]), "Composition and co-occurrence"))
+        parts.append(table(comp_rows, list(comp_rows[0]), "Composition and co-occurrence (n_tokens: tokens behind each row)"))
     ce_rows = [{"model": n, **m["ce"]} for n, m in metrics["models"].items() if m.get("ce")]
     if ce_rows:
-        parts.append(table(ce_rows, list(ce_rows[0]), "Next-token loss with x̂ spliced in"))
+        parts.append(table(ce_rows, list(ce_rows[0]), f"Next-token loss with x̂ spliced in ({metrics.get('ce_note', '')})"))
     else:
         parts.append(f"<p>CE evaluation: {html.escape(str(metrics.get('ce_note', 'not run')))}</p>")
     for note in metrics.get("notes", []):
@@ -250,4 +313,4 @@ def write_report(out_dir: str, metrics: dict[str, Any], arrays: dict[str, dict[s
     return {"report": "report.html", "metrics_json": "metrics.json", "metrics_parquet": "metrics.parquet"}
 
 
-__all__ = ["fmt", "make_figures", "render_html", "write_report"]
+__all__ = ["FVU_DEFINITION", "ablation_table", "fmt", "label", "make_figures", "render_html", "table", "write_report"]

@@ -139,7 +139,7 @@ def comparison_table(runs: list[dict[str, str]], cfg: EvaluateConfig) -> list[di
 
 
 def markdown_table(rows: list[dict], columns: list[str] | None = None) -> str:
-    """A markdown table of result rows (floats to 3 decimals, missing as "–")."""
+    """A markdown table of result rows (floats to 3 significant digits, missing as "–")."""
     columns = columns or ["label", "model", "data", "mcc", "mmcs", "fvu", "fvu_no_composition",
                           "composition_share", "pair_f1", "pair_precision", "pair_recall", "spurious_pair_precision", "l0"]
     columns = [c for c in columns if any(c in r for r in rows)]
@@ -148,7 +148,7 @@ def markdown_table(rows: list[dict], columns: list[str] | None = None) -> str:
         if v is None:
             return "–"
         if isinstance(v, float):
-            return "–" if np.isnan(v) else f"{v:.3f}"
+            return "–" if np.isnan(v) else f"{v:.3g}"
         return str(v)
 
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]

@@ -155,9 +155,9 @@ def summary(rows: list[dict], families: list[str], methods: list[str], ks: list[
 
 
 def fmt(v: Any) -> str:
-    """How every number appears in probes.md (the tests parse it back)."""
+    """How every number appears in probes.md (3 significant digits, as every report; the tests parse it back)."""
     if isinstance(v, float):
-        return f"{v:.3f}"
+        return f"{v:.3g}"
     return str(v)
 
 
