@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from typing import Any, NoReturn
 
 from compsae.errors import UserError
+from compsae.files import COMPARISON_JSON
 
 EXIT_USER = 2
 
@@ -153,7 +154,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         ev = {st.stage: st for st in plan(whole, pipe, name)}.get("evaluate")
         if ev is None or ev.state != "done" or ev.path is None:
             raise UserError(f"pipeline {name!r} has no finished evaluate stage; run `compsae run --pipeline {name}` first")
-        with fsspec.open(f"{ev.path}/comparison.json", "r") as f:
+        with fsspec.open(f"{ev.path}/{COMPARISON_JSON}", "r") as f:
             rows += [{"pipeline": name, **r} for r in json.load(f)]
     text = markdown_table(rows, ["pipeline", "label", "data", "mcc", "mmcs", "fvu", "fvu_no_composition",
                                  "composition_share", "pair_f1", "spurious_pair_precision", "l0"])
@@ -219,9 +220,11 @@ def _cmd_humaneval(args: argparse.Namespace) -> int:
         train = by_stage.get("train")
         if train is None or train.state != "done" or train.record is None:
             raise UserError(f"humaneval export needs the train stage of {name!r} done: run `compsae run --pipeline {name}`")
-        out_rec = train.record["outputs"]
-        checkpoints = checkpoints or {m: rec["path"] for m, rec in out_rec["models"].items()}
-        store = store or out_rec["store"]
+        from compsae.train.records import TrainOutputs
+
+        out_rec = TrainOutputs.model_validate(train.record["outputs"])
+        checkpoints = checkpoints or {m: rec.path for m, rec in out_rec.models.items()}
+        store = store or out_rec.store
         out = out or join(whole.runs_root, name, "humaneval")
     summary = humaneval.export_from_checkpoints(checkpoints, store, out, n=args.n, n_rows=args.rows,
                                                 n_raters=args.raters, seed=args.seed)

@@ -7,6 +7,7 @@ from typing import Any
 
 from compsae.config import PipelineConfig, PipelinesFile
 from compsae.errors import UserError
+from compsae.files import STORE_DIR
 from compsae.stages import (
     STAGE_INPUTS,
     STAGE_ORDER,
@@ -121,16 +122,19 @@ def _call_stage(stage: str, cfg: Any, out_dir: str, inputs: dict[str, dict[str, 
         # options, not config fields that would change the stage hash
         return run_harvest(cfg, out_dir, force=force, workers=options.get("workers"),
                            scheduler=options.get("scheduler"))
+    from compsae.harvest.records import HarvestOutputs
+
+    data = HarvestOutputs.model_validate(inputs["harvest"]["outputs"])
     if stage == "train":
         from compsae.train.run import run_train
 
-        return run_train(cfg, inputs["harvest"]["outputs"]["store"], out_dir, force=force)
+        return run_train(cfg, data.store, out_dir, force=force)
     if stage == "analyze":
         from compsae.analysis.run import run_analyze
 
         return run_analyze(
             cfg,
-            store_url=inputs["harvest"]["outputs"]["store"],
+            store_url=data.store,
             train_dir=inputs["train"]["path"],
             out_dir=out_dir,
             force=force,
@@ -139,28 +143,31 @@ def _call_stage(stage: str, cfg: Any, out_dir: str, inputs: dict[str, dict[str, 
     if stage == "evaluate":
         from compsae.evaluation.config import EvalRun
         from compsae.evaluation.stage import run_evaluate
+        from compsae.train.records import TrainOutputs
 
-        train_out = inputs["train"]["outputs"]
-        runs = cfg.runs or [EvalRun(label=name, checkpoint=rec["path"], store=train_out["store"])
-                            for name, rec in train_out["models"].items()]
+        train_out = TrainOutputs.model_validate(inputs["train"]["outputs"])
+        runs = cfg.runs or [EvalRun(label=name, checkpoint=rec.path, store=train_out.store)
+                            for name, rec in train_out.models.items()]
         return run_evaluate(cfg.model_copy(update={"runs": runs}), out_dir)
     if stage == "probe":
         from compsae.evaluation.probe_stage import run_probe
 
-        return run_probe(cfg, inputs["harvest"]["outputs"]["store"], inputs["train"]["path"], out_dir,
+        return run_probe(cfg, data.store, inputs["train"]["path"], out_dir,
                          progress=print)
     raise UserError(f"unknown stage {stage!r}; stages are {', '.join(STAGE_ORDER)}")
 
 
 def _write_ground_truth(cfg: Any, out_dir: str, force: bool) -> dict[str, Any]:
     from compsae.evaluation.ground_truth import write_ground_truth_store
+    from compsae.harvest.records import HarvestOutputs
     from compsae.stages import join
     from compsae.store import ActivationStore, manifest_digest
 
-    url = join(out_dir, "store.zarr")
+    url = join(out_dir, STORE_DIR)
     summary = write_ground_truth_store(cfg, url, overwrite=force)
     store = ActivationStore.open(url)
-    return {**summary, "store": url, "hooks": {cfg.hook: cfg.d_model}, "digest": manifest_digest(store.manifest)}
+    return HarvestOutputs.model_validate({**summary, "store": url, "hooks": {cfg.hook: cfg.d_model},
+                                         "digest": manifest_digest(store.manifest)}).model_dump(mode="json")
 
 
 def run_pipeline(whole: PipelinesFile, pipe: PipelineConfig, name: str, force: bool = False,

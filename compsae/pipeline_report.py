@@ -15,17 +15,26 @@ import fsspec
 
 from compsae.analysis.report import CSS
 from compsae.config import PipelineConfig, PipelinesFile
+from compsae.files import (
+    ANALYSIS_REPORT,
+    COMPARISON_MD,
+    FIGURES_DIR,
+    PIPELINE_REPORT,
+    PROBES_MD,
+    PROBES_PNG,
+    TRAINING_CURVES,
+)
 from compsae.stages import StageStatus, join
 
-REPORT = "report.html"
+REPORT = PIPELINE_REPORT
 
 # Per stage: (markdown file rendered inline, figures shown, a page linked), relative to the stage folder.
 STAGE_FILES: dict[str, tuple[str | None, tuple[str, ...], str | None]] = {
     "harvest": (None, (), None),
-    "train": (None, ("training_curves.png",), None),
-    "analyze": (None, ("figures/fvu_vs_l0.png", "figures/density_hist.png"), "report.html"),
-    "evaluate": ("comparison.md", (), None),
-    "probe": ("probes.md", ("probes.png",), None),
+    "train": (None, (TRAINING_CURVES,), None),
+    "analyze": (None, (f"{FIGURES_DIR}/fvu_vs_l0.png", f"{FIGURES_DIR}/density_hist.png"), ANALYSIS_REPORT),
+    "evaluate": (COMPARISON_MD, (), None),
+    "probe": (PROBES_MD, (PROBES_PNG,), None),
 }
 
 

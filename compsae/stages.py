@@ -18,12 +18,13 @@ import fsspec
 from pydantic import BaseModel
 
 from compsae import __version__, durable
+from compsae.files import STAGE_LOCK, STAGE_RECORD
 
 STAGE_ORDER = ("harvest", "train", "analyze", "evaluate", "probe")
 STAGE_INPUTS: dict[str, tuple[str, ...]] = {
     "harvest": (), "train": ("harvest",), "analyze": ("harvest", "train"), "evaluate": ("harvest", "train"),
     "probe": ("harvest", "train")}
-RECORD = "stage.json"
+RECORD = STAGE_RECORD
 
 # Fields that change how fast a stage runs, never what it writes: left out of the hash.
 NON_SEMANTIC = {"device", "workers", "scheduler", "progress", "num_threads", "prefetch", "threads_per_worker",
@@ -132,6 +133,6 @@ def done_folders(runs_root: str, pipeline: str, stage: str) -> list[str]:
 @contextmanager
 def stage_lock(folder: str, stage: str) -> Iterator[None]:
     """Refuse a second run of the same stage folder while one is going (local folders)."""
-    with durable.exclusive_lock(folder, ".stage.lock", f"another {stage} is running in {folder}; wait for it to finish",
+    with durable.exclusive_lock(folder, STAGE_LOCK, f"another {stage} is running in {folder}; wait for it to finish",
                                 remote=False):
         yield

@@ -33,6 +33,7 @@ from compsae.store.split import HeldOutSplit, heldout_mask
 from compsae.train.checkpoint import save_checkpoint
 from compsae.train.config import ModelConfig
 from compsae.train.models import build_model
+from compsae.train.records import CheckpointMeta, Normalization
 
 HOOK = "blocks.0.hook_resid_post"
 D, CTX, N_ROWS, FRACTION = 16, 32, 4096, 0.25
@@ -65,10 +66,9 @@ def make_models(train_dir) -> None:
     }
     for name, cfg in configs.items():
         model = build_model(cfg, D)
-        meta = {"model": cfg.model_dump(), "normalization": {"scale": 0.7}, "hook": HOOK, "step": 1,
-                "tokens_seen": 100, "finished": True, "d_in": D, "type": cfg.type,
-                "split": HeldOutSplit(fraction=FRACTION).model_dump()}
-        save_checkpoint(str(train_dir / name), model, meta)
+        meta = CheckpointMeta(type=cfg.type, model=cfg, d_in=D, hook=HOOK, normalization=Normalization(scale=0.7),
+                              split=HeldOutSplit(fraction=FRACTION), step=1, tokens_seen=100, finished=True)
+        save_checkpoint(str(train_dir / name), model, meta.model_dump(mode="json"))
 
 
 @pytest.fixture(scope="module")

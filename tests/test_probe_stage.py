@@ -19,6 +19,7 @@ from compsae.store.split import HeldOutSplit
 from compsae.train.checkpoint import save_checkpoint
 from compsae.train.config import ModelConfig
 from compsae.train.models import build_model
+from compsae.train.records import CheckpointMeta, Normalization
 
 HOOK = "blocks.1.hook_resid_post"
 D = 64  # tiny-neox width
@@ -34,10 +35,9 @@ SCALE = 3.0
 def make_models(train_dir: str) -> None:
     torch.manual_seed(0)
     for name, cfg in MODELS.items():
-        meta = {"model": cfg.model_dump(), "normalization": {"scale": SCALE}, "hook": HOOK, "step": 1,
-                "tokens_seen": 1, "finished": True, "d_in": D, "type": cfg.type,
-                "split": HeldOutSplit(fraction=0.1).model_dump()}
-        save_checkpoint(f"{train_dir}/{name}", build_model(cfg, D), meta)
+        meta = CheckpointMeta(type=cfg.type, model=cfg, d_in=D, hook=HOOK, normalization=Normalization(scale=SCALE),
+                              split=HeldOutSplit(fraction=0.1), step=1, tokens_seen=1, finished=True)
+        save_checkpoint(f"{train_dir}/{name}", build_model(cfg, D), meta.model_dump(mode="json"))
 
 
 @pytest.fixture(scope="module")

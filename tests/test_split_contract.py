@@ -136,13 +136,19 @@ def test_evaluate_uses_the_rows_training_held_out(tmp_path: Path, spy: SplitSpy)
 
 
 def test_checkpoints_without_a_split_record_map_to_what_training_did() -> None:
-    from compsae.errors import UserError
-    from compsae.store.split import HeldOutSplit
-    from compsae.train.checkpoint import checkpoint_split
+    from compsae.store.split import HeldOutSplit, shared_split
+    from compsae.train.records import CheckpointMeta
 
+    base = {"type": "topk", "model": {"type": "topk", "n_latents": 8, "k": 2}, "d_in": 4}
     # written before the split was recorded: training held out train.heldout_fraction with seed 0,
     # whatever its own seed was
-    assert checkpoint_split({"train": {"heldout_fraction": 0.2, "seed": 7}}) == HeldOutSplit(fraction=0.2, seed=0)
-    assert checkpoint_split({"split": {"fraction": 0.1, "seed": 5}}) == HeldOutSplit(fraction=0.1, seed=5)
-    with pytest.raises(UserError, match="records no held-out split"):
-        checkpoint_split({"model": {}})
+    old = CheckpointMeta.model_validate({**base, "train": {"heldout_fraction": 0.2, "seed": 7}})
+    assert old.split == HeldOutSplit(fraction=0.2, seed=0)
+    new = CheckpointMeta.model_validate({**base, "split": {"fraction": 0.1, "seed": 5}})
+    assert new.split == HeldOutSplit(fraction=0.1, seed=5)
+    imported = CheckpointMeta.model_validate(base)  # trained elsewhere: no split
+    assert imported.split is None
+    # models are evaluated on one split; an imported one fits any, another split is named
+    split, other = shared_split({"imported": None, "a": old.split, "b": new.split, "c": old.split})
+    assert split == old.split and other == ["b"]
+    assert shared_split({"imported": None}) == (HeldOutSplit(), [])

@@ -12,9 +12,8 @@ import pandas as pd
 
 from compsae.analysis.browser_data import browser_data
 from compsae.analysis.browser_page import render_browser
+from compsae.files import BROWSER_DIR
 from compsae.store import ActivationStore
-
-BROWSER_DIR = "browser"
 
 
 def load_unembedding(manifest: dict[str, Any], hook: str) -> tuple[np.ndarray | None, str]:

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from compsae.analysis.metrics import flat_rows, json_safe
+from compsae.files import ANALYSIS_METRICS, ANALYSIS_METRICS_TABLE, ANALYSIS_REPORT
 
 FVU_DEFINITION = "FVU = Σ‖x − x̂‖² / Σ‖x − μ‖² over the evaluated tokens and dimensions (the README's definition)"
 
@@ -304,13 +305,13 @@ def write_report(out_dir: str, metrics: dict[str, Any], arrays: dict[str, dict[s
     """Write metrics.json, metrics.parquet, figures/*.png and report.html into local `out_dir`."""
     os.makedirs(out_dir, exist_ok=True)
     safe = json_safe(metrics)
-    with open(os.path.join(out_dir, "metrics.json"), "w") as f:
+    with open(os.path.join(out_dir, ANALYSIS_METRICS), "w") as f:
         json.dump(safe, f, indent=1, allow_nan=False)
-    flat_rows(safe).to_parquet(os.path.join(out_dir, "metrics.parquet"), index=False)
+    flat_rows(safe).to_parquet(os.path.join(out_dir, ANALYSIS_METRICS_TABLE), index=False)
     figures = make_figures(safe, arrays, examples, os.path.join(out_dir, "figures")) if plots else []
-    with open(os.path.join(out_dir, "report.html"), "w") as f:
+    with open(os.path.join(out_dir, ANALYSIS_REPORT), "w") as f:
         f.write(render_html(safe, figures))
-    return {"report": "report.html", "metrics_json": "metrics.json", "metrics_parquet": "metrics.parquet"}
+    return {"report": ANALYSIS_REPORT, "metrics_json": ANALYSIS_METRICS, "metrics_parquet": ANALYSIS_METRICS_TABLE}
 
 
 __all__ = ["FVU_DEFINITION", "ablation_table", "fmt", "label", "make_figures", "render_html", "table", "write_report"]

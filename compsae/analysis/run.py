@@ -40,8 +40,10 @@ from compsae.analysis.reconstruction import TopContexts
 from compsae.analysis.reconstructors import Reconstructor, SAEReconstructor
 from compsae.analysis.report import write_report
 from compsae.errors import UserError
+from compsae.files import CONFIG_FILE, LATENTS_TABLE, TOP_CONTEXTS_TABLE
 from compsae.store import ActivationStore
-from compsae.train.checkpoint import checkpoint_split
+from compsae.store.split import shared_split
+from compsae.train.checkpoint import parse_meta
 
 PILOT_BLOCKS = 8
 ABLATION_FIELDS = ("type", "n_latents", "k", "composer", "gate", "curriculum", "graduated_sparsity")
@@ -78,7 +80,7 @@ def discover_models(train_dir: str) -> list[tuple[str, str]]:
     found = []
     for entry in fs.ls(path, detail=True):
         name = entry["name"].rstrip("/").rsplit("/", 1)[-1]
-        if entry["type"] == "directory" and fs.exists(f"{entry['name']}/config.json"):
+        if entry["type"] == "directory" and fs.exists(f"{entry['name']}/{CONFIG_FILE}"):
             prefix = "" if isinstance(fs, LocalFileSystem) else f"{fs.protocol[0] if isinstance(fs.protocol, tuple) else fs.protocol}://"
             found.append((name, prefix + entry["name"]))
     return sorted(found)
@@ -237,7 +239,7 @@ def run_analyze(cfg: AnalyzeConfig, store_url: str, train_dir: str, out_dir: str
     store = open_store(store_url)
     found = discover_models(train_dir)
     if not found:
-        raise UserError(f"no trained models under {train_dir} (expected one folder per model with config.json)")
+        raise UserError(f"no trained models under {train_dir} (expected one folder per model with {CONFIG_FILE})")
     recons: list[Reconstructor] = [SAEReconstructor.from_checkpoint(n, d, cfg.batch_rows) for n, d in found]
     metas = {r.name: r.meta for r in recons}  # type: ignore[attr-defined]
     hook = cfg.hook or metas[recons[0].name].get("hook") or store.hooks[0]
@@ -248,12 +250,7 @@ def run_analyze(cfg: AnalyzeConfig, store_url: str, train_dir: str, out_dir: str
     if other:
         notes.append(f"models trained on another hook left out: {', '.join(other)}")
         recons = [r for r in recons if r.name not in other]
-    # an imported SAE never saw this store: any split holds out rows it did not train on, so it is
-    # scored on the split of the models trained here
-    trained = [r for r in recons if "imported" not in metas[r.name]] or recons
-    splits = {r.name: checkpoint_split(metas[r.name], f"model {r.name}") for r in trained}
-    split = splits[trained[0].name]
-    other = [name for name, s in splits.items() if s != split]
+    split, other = shared_split({r.name: parse_meta(metas[r.name], f"model {r.name}").split for r in recons})
     if other:  # scored on another split, part of their held-out rows would be their training rows
         notes.append(f"models trained with another held-out split left out: {', '.join(other)}")
         recons = [r for r in recons if r.name not in other]
@@ -339,14 +336,14 @@ def _write_outputs(out_dir: str, cfg: AnalyzeConfig, metrics: dict[str, Any], ar
         files: dict[str, Any] = {}
         os.makedirs(work, exist_ok=True)
         lat = pd.concat([latent_table(n, a) for n, a in arrays.items()], ignore_index=True)
-        lat.to_parquet(os.path.join(work, "latents.parquet"), index=False)
-        files["latents"] = "latents.parquet"
+        lat.to_parquet(os.path.join(work, LATENTS_TABLE), index=False)
+        files["latents"] = LATENTS_TABLE
         tops = [top_context_table(n, p["top"], store, cfg.context_window, decode)
                 for n, p in partials.items() if p.get("top") is not None]
         top_df = pd.concat(tops, ignore_index=True) if tops else pd.DataFrame()
         if tops:
-            top_df.to_parquet(os.path.join(work, "top_contexts.parquet"), index=False)
-            files["top_contexts"] = "top_contexts.parquet"
+            top_df.to_parquet(os.path.join(work, TOP_CONTEXTS_TABLE), index=False)
+            files["top_contexts"] = TOP_CONTEXTS_TABLE
         if cfg.browser and saes and keep is not None and len(lat):
             from compsae.analysis.browser import write_browsers
 

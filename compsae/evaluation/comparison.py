@@ -120,7 +120,7 @@ def evaluate_model(model: Any, store: ActivationStore, hook: str, gt: GroundTrut
 
 def comparison_table(runs: list[dict[str, str]], cfg: EvaluateConfig) -> list[dict]:
     """One row per run ``{"label", "checkpoint", "store"}``: load, evaluate, tag with the data kind."""
-    from compsae.train.checkpoint import checkpoint_split, load_model
+    from compsae.train.checkpoint import load_model, parse_meta
 
     rows = []
     for run in runs:
@@ -132,7 +132,7 @@ def comparison_table(runs: list[dict[str, str]], cfg: EvaluateConfig) -> list[di
         gt = load_ground_truth(run["store"])
         norm = meta.get("normalization") or {}
         res = evaluate_model(model, store, meta.get("hook") or store.hooks[0], gt, cfg,
-                             checkpoint_split(meta, run["checkpoint"]), float(norm.get("scale", 1.0)))
+                             parse_meta(meta, run["checkpoint"]).split or HeldOutSplit(), float(norm.get("scale", 1.0)))
         rows.append({"label": run["label"], "model": type(model).__name__,
                      "data": "interactions" if gt.C else "additive-only", **res})
     return rows

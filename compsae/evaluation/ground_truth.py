@@ -28,12 +28,13 @@ from safetensors.numpy import save as st_save
 from compsae import durable
 from compsae.errors import UserError
 from compsae.evaluation.config import GroundTruthConfig
+from compsae.files import GROUND_TRUTH_JSON, GROUND_TRUTH_TENSORS
 from compsae.store import ActivationStore, StoreLayout
 
 BLOCK_ROWS = 4096
 GT_FORMAT = "compsae-ground-truth/1"
-GT_JSON = "ground_truth.json"
-GT_TENSORS = "ground_truth.safetensors"
+GT_JSON = GROUND_TRUTH_JSON
+GT_TENSORS = GROUND_TRUTH_TENSORS
 MAX_ORDER = 4  # widest interaction stored (members padded with -1 up to this width)
 
 

@@ -37,6 +37,7 @@ from compsae.evaluation.feature_cards import (
     build_card,
     stratified_sample,
 )
+from compsae.files import GROUND_TRUTH_JSON
 
 KEY_FORMAT = "compsae-humaneval-key/1"
 
@@ -303,19 +304,21 @@ def heldout_rows(checkpoints: dict[str, str], store_url: str, n_rows: int) -> np
     """The first ``n_rows`` held-out rows ``[n]`` of the split the checkpoints were trained with:
     cards show contexts no method trained on."""
     from compsae.store import ActivationStore
-    from compsae.train.checkpoint import checkpoint_split, read_meta
+    from compsae.store.split import shared_split
+    from compsae.train.checkpoint import parse_meta, read_meta
 
     splits = {}
     for method, folder in checkpoints.items():
         meta = read_meta(folder)
         if meta is None:
             raise UserError(f"no checkpoint in {folder} (method {method}); train it first")
-        splits[method] = checkpoint_split(meta, folder)
-    if len(set(splits.values())) > 1:
-        raise UserError("the checkpoints were trained with different held-out splits "
-                        f"({', '.join(f'{m}: {s.fraction}/{s.seed}' for m, s in splits.items())}); export them separately")
+        splits[method] = parse_meta(meta, folder).split
+    split, other = shared_split(splits)
+    if other:
+        raise UserError(f"{', '.join(other)} were trained with another held-out split than the other checkpoints; "
+                        "export them separately")
     store = ActivationStore.open(store_url)
-    rows = np.flatnonzero(next(iter(splits.values())).mask(store.seq_id))[:n_rows]
+    rows = np.flatnonzero(split.mask(store.seq_id))[:n_rows]
     if rows.size == 0:
         raise UserError(f"the store at {store_url} has no held-out rows for these checkpoints (heldout_fraction 0?)")
     return rows
@@ -323,7 +326,7 @@ def heldout_rows(checkpoints: dict[str, str], store_url: str, n_rows: int) -> np
 
 def _store_vocab(store_url: str, manifest: dict) -> list[str]:
     try:
-        with fsspec.open(f"{store_url.rstrip('/')}/ground_truth.json", "r") as f:
+        with fsspec.open(f"{store_url.rstrip('/')}/{GROUND_TRUTH_JSON}", "r") as f:
             return json.load(f)["vocab"]
     except FileNotFoundError:
         pass

@@ -39,9 +39,10 @@ from compsae.evaluation.probes import (
     run_conjunctions,
     run_probes,
 )
+from compsae.files import PROBES_JSON, PROBES_MD, PROBES_PNG
 from compsae.store import ActivationStore
 from compsae.store.split import HeldOutSplit
-from compsae.train.checkpoint import checkpoint_split
+from compsae.train.checkpoint import parse_meta
 
 BASELINES = ("pca", "nmf", "raw")
 _SAE_BATCH = 1024  # rows per SAE forward
@@ -105,7 +106,7 @@ def load_trained(train_dir: str, device: torch.device) -> list[TrainedSAE]:
 def fit_sample(store: ActivationStore, hook: str, splits: list[HeldOutSplit], n: int, drop_bos: bool
                ) -> np.ndarray:
     """Up to ``n`` rows ``[m, d]`` that no model held out (``splits``: the ones the SAEs were trained
-    with), BOS rows left out when ``drop_bos``: a decision point is never a BOS position, and BOS
+    with; none for SAEs trained elsewhere), BOS rows left out when ``drop_bos``: a decision point is never a BOS position, and BOS
     rows are huge-norm outliers that would take the first PCA / NMF components."""
     from compsae.analysis.run import fit_rows
 
@@ -257,10 +258,10 @@ def _feature_maps(saes: list[TrainedSAE], x_fit: np.ndarray, cfg: ProbeConfig, n
 def _write(out_dir: str, report: dict) -> list[str]:
     fs, root = fsspec.core.url_to_fs(out_dir)
     fs.makedirs(root, exist_ok=True)
-    files = [f"{out_dir}/probes.json", f"{out_dir}/probes.md", f"{out_dir}/probes.png"]
-    with fs.open(f"{root}/probes.json", "w") as fh:
+    files = [f"{out_dir}/{PROBES_JSON}", f"{out_dir}/{PROBES_MD}", f"{out_dir}/{PROBES_PNG}"]
+    with fs.open(f"{root}/{PROBES_JSON}", "w") as fh:
         json.dump(report, fh, indent=1, default=float)
-    with fs.open(f"{root}/probes.md", "w") as fh:
+    with fs.open(f"{root}/{PROBES_MD}", "w") as fh:
         fh.write(markdown(report))
     figure(report, files[2])
     return files
@@ -339,7 +340,7 @@ def run_probe(cfg: ProbeConfig, store_url: str, train_dir: str, out_dir: str,
     del lm  # free the LM before PCA / NMF and the probes
 
     say("fitting PCA / NMF on store rows")
-    splits = [checkpoint_split(s.meta, f"model {s.name}") for s in saes]
+    splits = [sp for s in saes if (sp := parse_meta(s.meta, f"model {s.name}").split) is not None]
     x_fit = fit_sample(store, hook, splits, cfg.fit_rows, harvest_cfg.prepend_bos)
     maps = _feature_maps(saes, x_fit, cfg, notes)
     ks = tuple(cfg.ks)

@@ -10,6 +10,7 @@ import fsspec
 from compsae.errors import UserError
 from compsae.evaluation.comparison import comparison_table, markdown_table
 from compsae.evaluation.config import EvaluateConfig
+from compsae.files import COMPARISON_JSON, COMPARISON_MD
 
 
 def run_evaluate(cfg: EvaluateConfig, out_dir: str, ctx: Any = None) -> dict:
@@ -23,8 +24,8 @@ def run_evaluate(cfg: EvaluateConfig, out_dir: str, ctx: Any = None) -> dict:
     rows = comparison_table([r.model_dump() for r in cfg.runs], cfg)
     fs, root = fsspec.core.url_to_fs(out_dir)
     fs.makedirs(root, exist_ok=True)
-    with fs.open(f"{root}/comparison.json", "w") as f:
+    with fs.open(f"{root}/{COMPARISON_JSON}", "w") as f:
         json.dump(rows, f, indent=1, default=float)
-    with fs.open(f"{root}/comparison.md", "w") as f:
+    with fs.open(f"{root}/{COMPARISON_MD}", "w") as f:
         f.write(markdown_table(rows) + "\n")
-    return {"rows": rows, "outputs": [f"{out_dir}/comparison.json", f"{out_dir}/comparison.md"]}
+    return {"rows": rows, "outputs": [f"{out_dir}/{COMPARISON_JSON}", f"{out_dir}/{COMPARISON_MD}"]}

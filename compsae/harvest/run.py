@@ -33,9 +33,11 @@ from transformers import PreTrainedTokenizerBase
 
 from compsae import __version__, durable
 from compsae.errors import UserError
+from compsae.files import STORE_DIR
 from compsae.harvest.config import HarvestConfig
 from compsae.harvest.data import describe, packing_rule, token_sequences
 from compsae.harvest.models import LoadedModel, check_hooks, load_model, special_ids, stop_layer
+from compsae.harvest.records import HarvestOutputs
 from compsae.store import ActivationStore, manifest_digest, refuse_foreign_folder, store_exists, writer_lock
 from compsae.store.activation_store import check_peak, rounding_error
 
@@ -46,7 +48,7 @@ _TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32"
 
 def store_url(cfg: HarvestConfig, out_dir: str) -> str:
     """Where the store of this harvest lives: `cfg.store`, else `<out_dir>/store.zarr`."""
-    return cfg.store or f"{out_dir.rstrip('/')}/store.zarr"
+    return cfg.store or f"{out_dir.rstrip('/')}/{STORE_DIR}"
 
 
 def config_hash(cfg: HarvestConfig) -> str:
@@ -59,14 +61,9 @@ def config_hash(cfg: HarvestConfig) -> str:
 
 
 def outputs_of(store: ActivationStore) -> dict[str, Any]:
-    """What `stage.json` records about a finished harvest."""
-    return {
-        "store": store.url,
-        "n_rows": store.n_rows,
-        "hooks": dict(store.manifest["hooks"]),
-        "dtype": store.layout.dtype,
-        "digest": manifest_digest(store.manifest),
-    }
+    """What `stage.json` records about a finished harvest (a `HarvestOutputs`)."""
+    return HarvestOutputs(store=store.url, n_rows=store.n_rows, hooks=dict(store.manifest["hooks"]),
+                          dtype=store.layout.dtype, digest=manifest_digest(store.manifest)).model_dump(mode="json")
 
 
 def tokenize_all(cfg: HarvestConfig, tokenizer: PreTrainedTokenizerBase,

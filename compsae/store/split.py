@@ -7,6 +7,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 DEFAULT_SPLIT_SEED = 0  # the split's own seed: never the training seed, so every run agrees on it
+DEFAULT_HELDOUT_FRACTION = 0.05
 _MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
 
 
@@ -38,9 +39,20 @@ class HeldOutSplit(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    fraction: float = Field(ge=0.0, lt=1.0)
+    fraction: float = Field(DEFAULT_HELDOUT_FRACTION, ge=0.0, lt=1.0)
     seed: int = DEFAULT_SPLIT_SEED
 
     def mask(self, seq_id: np.ndarray) -> np.ndarray:
         """`bool[n]`: True for the held-out rows."""
         return heldout_mask(seq_id, self.fraction, self.seed)
+
+
+def shared_split(splits: dict[str, HeldOutSplit | None]) -> tuple[HeldOutSplit, list[str]]:
+    """The one split several models are evaluated on, and the names of those trained with another
+    (evaluated on it, part of their "held-out" rows would be their training rows).  A model
+    without a split (trained elsewhere) fits any; with none recorded at all, the default split."""
+    recorded = [s for s in splits.values() if s is not None]
+    if not recorded:
+        return HeldOutSplit(), []
+    first = recorded[0]
+    return first, [name for name, s in splits.items() if s is not None and s != first]

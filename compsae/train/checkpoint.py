@@ -23,19 +23,18 @@ from typing import Any
 
 import fsspec
 import torch
+from pydantic import ValidationError
 from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from compsae import durable
 from compsae.errors import UserError
-from compsae.store.split import DEFAULT_SPLIT_SEED, HeldOutSplit
+from compsae.files import CONFIG_FILE, MODEL_FILE, STATE_FILE
 from compsae.train.config import ModelConfig
 from compsae.train.models import SparseAutoencoder, build_model
+from compsae.train.records import CheckpointMeta
 
-MODEL_FILE = "model.safetensors"
-CONFIG_FILE = "config.json"
-STATE_FILE = "train_state.safetensors"
 _WEIGHT_PREFIX = "model."  # weights inside the resume state: "model.<parameter name>"
 _HEADER_LIMIT = 100 * 2**20  # a safetensors header larger than this is not one we wrote
 
@@ -141,22 +140,15 @@ def read_resume_meta(folder: str) -> dict[str, Any] | None:
     return json.loads(resume)["meta"]
 
 
-DEFAULT_IMPORTED_FRACTION = 0.05  # held-out share for an imported SAE scored on its own (`compsae import`)
-
-
-def checkpoint_split(meta: dict[str, Any], where: str = "the checkpoint") -> HeldOutSplit:
-    """The held-out split the checkpoint was trained with: its `split` record.  Checkpoints written
-    before training recorded it held out `train.heldout_fraction` with the split's default seed
-    (training never passed another), which is what they map to."""
-    if meta.get("split") is not None:
-        return HeldOutSplit.model_validate(meta["split"])
-    if meta.get("imported"):  # trained elsewhere: no row of the store was seen, any split holds out unseen rows
-        return HeldOutSplit(fraction=DEFAULT_IMPORTED_FRACTION)
-    fraction = (meta.get("train") or {}).get("heldout_fraction")
-    if fraction is None:
-        raise UserError(f"{where} records no held-out split (no 'split' or 'train.heldout_fraction' in its "
-                        f"{CONFIG_FILE}); retrain it with `compsae train`")
-    return HeldOutSplit(fraction=float(fraction), seed=DEFAULT_SPLIT_SEED)
+def parse_meta(meta: dict[str, Any], where: str = "the checkpoint") -> CheckpointMeta:
+    """A checkpoint's metadata (config.json) as a `CheckpointMeta`; one line when it is not one."""
+    try:
+        return CheckpointMeta.model_validate(meta)
+    except ValidationError as e:
+        first = e.errors(include_url=False)[0]
+        field = ".".join(str(p) for p in first["loc"]) or "metadata"
+        raise UserError(f"{where}: {CONFIG_FILE} is not compsae checkpoint metadata ({field}: {first['msg']}); "
+                        "retrain or re-import it") from None
 
 
 def load_model(folder: str, device: str | torch.device = "cpu") -> tuple[SparseAutoencoder, dict[str, Any]]:

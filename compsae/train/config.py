@@ -11,6 +11,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from compsae.store.split import DEFAULT_HELDOUT_FRACTION
+
 ModelType = Literal["compsae", "topk", "relu", "jumprelu"]  # jumprelu: imported SAEs only
 
 
@@ -106,7 +108,8 @@ class TrainConfig(BaseModel):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     bf16: bool = Field(False, description="bf16 autocast (CUDA only; ignored on CPU)")
     normalize: bool = Field(True, description="scale activations to mean norm sqrt(d_model), as SAELens")
-    heldout_fraction: float = Field(0.05, ge=0.0, lt=1.0, description="sequences kept out of training")
+    heldout_fraction: float = Field(DEFAULT_HELDOUT_FRACTION, ge=0.0, lt=1.0,
+                                    description="sequences kept out of training (split seed: its own, 0)")
     dead_window_tokens: int = Field(
         1_000_000, ge=1, description="a latent not fired in this many tokens is dead (AuxK and metrics)")
     mix_chunks: int = Field(16, ge=1, description="store chunks mixed per shuffle window")

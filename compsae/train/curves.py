@@ -15,9 +15,10 @@ from typing import Any
 import fsspec
 import pandas as pd
 
+from compsae.files import TRAINING_CURVES
 from compsae.train.trainer import METRICS_FILE
 
-CURVES_FILE = "training_curves.png"
+CURVES_FILE = TRAINING_CURVES
 # logged keys that are not loss terms
 _NOT_LOSS = {"step", "tokens", "mse", "fvu", "l0", "fvu_no_comp", "gate_mean", "k", "m", "dead_fraction", "lr",
              "tokens_per_s", "loss"}

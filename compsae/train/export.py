@@ -33,6 +33,7 @@ import torch
 from safetensors.torch import save as st_save
 
 from compsae.errors import UserError
+from compsae.files import STAGE_RECORD
 from compsae.train.checkpoint import load_model
 from compsae.train.models import CompSAE, JumpReLUSAE, ReLUSAE, SparseAutoencoder, TopKSAE
 
@@ -82,10 +83,11 @@ def _harvest_manifest(model_dir: str) -> dict[str, Any]:
     one folder up), or {} when that cannot be found: the model name and context are then unknown."""
     try:
         fs, path = fsspec.core.url_to_fs(model_dir.rstrip("/"))
-        record = json.loads(fs.cat_file(f"{path.rsplit('/', 1)[0]}/stage.json"))
+        record = json.loads(fs.cat_file(f"{path.rsplit('/', 1)[0]}/{STAGE_RECORD}"))
         from compsae.store import ActivationStore
+        from compsae.train.records import TrainOutputs
 
-        return dict(ActivationStore.open(record["outputs"]["store"]).manifest)
+        return dict(ActivationStore.open(TrainOutputs.model_validate(record["outputs"]).store).manifest)
     except Exception:  # noqa: BLE001 - best effort: metadata only, never the weights
         return {}
 

@@ -19,20 +19,28 @@ from fsspec.implementations.local import LocalFileSystem
 
 from compsae import durable
 from compsae.errors import UserError
+from compsae.files import TRAIN_LOCK
 from compsae.stages import config_for_hash, join
 from compsae.store import ActivationStore, manifest_digest
 from compsae.store.loader import BatchLoader
 from compsae.store.split import HeldOutSplit
-from compsae.train.checkpoint import MODEL_FILE, load_model, read_meta, read_resume_meta, remove_checkpoint
+from compsae.train.checkpoint import (
+    MODEL_FILE,
+    load_model,
+    parse_meta,
+    read_meta,
+    read_resume_meta,
+    remove_checkpoint,
+)
 from compsae.train.config import ImportedSAE, ModelConfig, TrainConfig, TrainStageConfig
 from compsae.train.distributed import DistContext, init_from_env
 from compsae.train.models import CompSAE, build_model
+from compsae.train.records import CheckpointMeta, Normalization, TrainedModelRecord, TrainOutputs
 from compsae.train.trainer import Trainer, batch_metrics, resolve_device
 
 # Settings that change how often things are written, never the weights: a resume may change them.
 _NOT_IN_RESUME_HASH = {"log_every", "checkpoint_every"}
 HELDOUT_EVAL_BATCHES = 20
-LOCK_FILE = ".train.lock"
 
 
 def training_hash(model_cfg: ModelConfig, train_cfg: TrainConfig, hook: str, store_hash: str) -> str:
@@ -65,7 +73,7 @@ def training_lock(out_dir: str, ctx: DistContext | None = None) -> Iterator[None
         import fcntl
 
         os.makedirs(path, exist_ok=True)
-        handle = open(os.path.join(path, LOCK_FILE), "a+")  # noqa: SIM115 - held while training runs
+        handle = open(os.path.join(path, TRAIN_LOCK), "a+")  # noqa: SIM115 - held while training runs
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -95,8 +103,8 @@ def run_train(cfg: TrainStageConfig, store_url: str, out_dir: str, force: bool =
     store = open_training_store(store_url, cfg.hook)
     d_in = store.d_model(cfg.hook)
     store_hash = manifest_digest(store.manifest)
-    outputs: dict[str, Any] = {"store": store_url, "hook": cfg.hook, "heldout_fraction": cfg.heldout_fraction,
-                               "store_manifest_hash": store_hash, "models": {}}
+    models: dict[str, TrainedModelRecord] = {}
+    curves: str | None = None
     digest = hashlib.sha256()
     with training_lock(out_dir, ctx):
         for name in cfg.models:
@@ -104,26 +112,28 @@ def run_train(cfg: TrainStageConfig, store_url: str, out_dir: str, force: bool =
             folder = join(out_dir, name)
             record = train_one(name, model_cfg, train_cfg, cfg.hook, store, store_hash, d_in, folder, force,
                                progress, ctx)
-            outputs["models"][name] = record
+            models[name] = record
             if ctx.is_main:
                 fs, path = fsspec.core.url_to_fs(folder)
                 digest.update(name.encode() + fs.cat_file(f"{path}/{MODEL_FILE}"))
         if ctx.is_main:
             for name, source in cfg.imported.items():
                 folder = join(out_dir, name)
-                outputs["models"][name] = import_one(name, source, cfg, store, d_in, folder)
+                models[name] = import_one(name, source, cfg, store, d_in, folder)
                 fs, path = fsspec.core.url_to_fs(folder)
                 digest.update(name.encode() + fs.cat_file(f"{path}/{MODEL_FILE}"))
             from compsae.train.curves import write_training_curves
 
-            outputs["curves"] = write_training_curves(out_dir, {n: r["path"] for n, r in outputs["models"].items()})
-    outputs["digest"] = digest.hexdigest()[:durable.DIGEST_DIGITS]
-    return ctx.broadcast(outputs)
+            curves = write_training_curves(out_dir, {n: r.path for n, r in models.items()})
+    outputs = TrainOutputs(store=store_url, hook=cfg.hook, heldout_fraction=cfg.heldout_fraction,
+                           store_manifest_hash=store_hash, models=models, curves=curves,
+                           digest=digest.hexdigest()[:durable.DIGEST_DIGITS])
+    return ctx.broadcast(outputs.model_dump(mode="json"))
 
 
 def train_one(name: str, model_cfg: ModelConfig, train_cfg: TrainConfig, hook: str, store: ActivationStore,
               store_hash: str, d_in: int, folder: str, force: bool = False, progress: bool = True,
-              ctx: DistContext | None = None) -> dict[str, Any]:
+              ctx: DistContext | None = None) -> TrainedModelRecord:
     """Train (or resume, or reuse) one model into `folder`; return its output record (complete on
     rank 0 of a data-parallel job; the other ranks skip the held-out evaluation)."""
     ctx = ctx or DistContext()
@@ -150,9 +160,11 @@ def train_one(name: str, model_cfg: ModelConfig, train_cfg: TrainConfig, hook: s
                          num_threads=train_cfg.num_threads, prefetch=train_cfg.prefetch)
     torch.manual_seed(train_cfg.seed)
     model = build_model(model_cfg, d_in)
-    meta = {"config_hash": config_hash, "hook": hook, "store_manifest_hash": store_hash, "d_in": d_in,
-            "normalization": {"scale": loader.scale} if train_cfg.normalize else None,
-            "train": train_cfg.model_dump(mode="json"), "name": name, "split": split.model_dump(mode="json")}
+    # step, tokens_seen and finished are the trainer's to fill in at every checkpoint
+    meta = CheckpointMeta(type=model_cfg.type, model=model_cfg, d_in=d_in, hook=hook, split=split,
+                          normalization=Normalization(scale=loader.scale) if train_cfg.normalize else None,
+                          config_hash=config_hash, store_manifest_hash=store_hash, name=name,
+                          train=train_cfg.model_dump(mode="json")).model_dump(mode="json")
     trainer = Trainer(model, model_cfg, train_cfg, folder, meta, scale=loader.scale, name=name, progress=progress,
                       dist=ctx)
     loader_state = trainer.resume()
@@ -175,17 +187,14 @@ def train_one(name: str, model_cfg: ModelConfig, train_cfg: TrainConfig, hook: s
                 trainer.tracker.finish()
     if not last and trainer.metrics.lines:  # reused: report the last logged step
         last = json.loads(trainer.metrics.lines[-1])
-    record: dict[str, Any] = {"path": folder, "type": model_cfg.type, "split": split.model_dump(mode="json")}
+    record = TrainedModelRecord(path=folder, type=model_cfg.type, split=split)
     if not ctx.is_main:
         return record
-    trained, meta = load_model(folder, device=device)
-    return record | {
-        "step": meta["step"],
-        "tokens_seen": meta["tokens_seen"],
-        "finished": meta["finished"],
-        "final": last,
-        "heldout": heldout_metrics(trained, store, hook, train_cfg, split, loader.scale, device),
-    }
+    trained, saved = load_model(folder, device=device)
+    done = parse_meta(saved, folder)
+    return record.model_copy(update={
+        "step": done.step, "tokens_seen": done.tokens_seen, "finished": done.finished, "final": last,
+        "heldout": heldout_metrics(trained, store, hook, train_cfg, split, loader.scale, device)})
 
 
 def _tracker(cfg: TrainConfig, name: str, folder: str, hook: str, d_in: int, model_cfg: ModelConfig,
@@ -206,7 +215,7 @@ def _tracker(cfg: TrainConfig, name: str, folder: str, hook: str, d_in: int, mod
 
 
 def import_one(name: str, source: ImportedSAE, cfg: TrainStageConfig, store: ActivationStore, d_in: int,
-               folder: str) -> dict[str, Any]:
+               folder: str) -> TrainedModelRecord:
     """Import an SAE trained elsewhere into `folder` (beside the trained models); return its output
     record, with held-out metrics on the raw activations it takes."""
     from compsae.train.saelens_import import import_saelens
@@ -216,9 +225,9 @@ def import_one(name: str, source: ImportedSAE, cfg: TrainStageConfig, store: Act
                              expect_d_in=d_in, split=split.model_dump(mode="json"))
     model, meta = load_model(folder)
     raw = TrainConfig.model_validate({**{f: getattr(cfg, f) for f in TrainConfig.model_fields}, "normalize": False})
-    return {"path": folder, "type": summary["type"], "imported": {"format": source.format, "source": source.path},
-            "split": split.model_dump(mode="json"), "step": meta["step"], "tokens_seen": None, "finished": True,
-            "final": {}, "heldout": heldout_metrics(model, store, cfg.hook, raw, split, 1.0, torch.device("cpu"))}
+    return TrainedModelRecord(path=folder, type=summary["type"], imported={"format": source.format, "source": source.path},
+                              split=split, step=meta["step"], tokens_seen=None, finished=True, final={},
+                              heldout=heldout_metrics(model, store, cfg.hook, raw, split, 1.0, torch.device("cpu")))
 
 
 @torch.no_grad()

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from compsae import durable
 from compsae.errors import UserError
+from compsae.files import TRAIN_METRICS
 from compsae.train.checkpoint import (
     load_optimizer_tensors,
     load_resume_state,
@@ -37,7 +38,7 @@ from compsae.train.distributed import DistContext, wrap_loss
 from compsae.train.models import SAEOutput, SparseAutoencoder
 from compsae.train.schedules import k_at, l1_scale_at, lr_at, m_at
 
-METRICS_FILE = "metrics.jsonl"
+METRICS_FILE = TRAIN_METRICS
 
 
 def resolve_device(device: str) -> torch.device:
