@@ -13,6 +13,7 @@ from typing import Any
 
 import fsspec
 
+from compsae.analysis.records import AnalyzeOutputs
 from compsae.analysis.report import CSS
 from compsae.config import PipelineConfig, PipelinesFile
 from compsae.files import (
@@ -59,7 +60,9 @@ def _stage_section(fs: Any, root: str, st: StageStatus) -> str:
     if page and fs.exists(f"{root}/{rel}/{page}"):
         parts.append(f"; full report: <a href='{html.escape(rel)}/{page}'>{html.escape(page)}</a>")
     parts.append("</p>")
-    browsers = ((st.record or {}).get("outputs") or {}).get("files", {}).get("browsers") or {}
+    browsers = {}
+    if st.stage == "analyze" and st.record is not None:
+        browsers = AnalyzeOutputs.model_validate(st.record["outputs"]).browsers
     if browsers:
         links = ", ".join(f"<a href='{html.escape(rel)}/{html.escape(page)}'>{html.escape(name)}</a>"
                           for name, page in browsers.items() if fs.exists(f"{root}/{rel}/{page}"))

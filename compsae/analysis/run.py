@@ -38,6 +38,7 @@ from compsae.analysis.dask_path import (
 from compsae.analysis.metrics import latent_table, model_metrics
 from compsae.analysis.reconstruction import TopContexts
 from compsae.analysis.reconstructors import Reconstructor, SAEReconstructor
+from compsae.analysis.records import AnalyzeOutputs
 from compsae.analysis.report import write_report
 from compsae.errors import UserError
 from compsae.files import CONFIG_FILE, LATENTS_TABLE, TOP_CONTEXTS_TABLE
@@ -357,4 +358,5 @@ def _write_outputs(out_dir: str, cfg: AnalyzeConfig, metrics: dict[str, Any], ar
         if not local:
             shutil.rmtree(work, ignore_errors=True)
     headline = {n: {"fvu": m["all"]["fvu"], "l0": m["all"]["l0"]} for n, m in metrics["models"].items()}
-    return {"files": files, "n_tokens": metrics["n_tokens"], "hook": metrics["hook"], "headline": headline}
+    return AnalyzeOutputs(files=files, n_tokens=metrics["n_tokens"], hook=metrics["hook"],
+                          headline=headline).model_dump(mode="json")
