@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class GroundTruthConfig(BaseModel):
@@ -32,9 +32,30 @@ class GroundTruthConfig(BaseModel):
     magnitude: tuple[float, float] = (0.5, 1.5)   # a_i ~ Uniform(lo, hi) when feature i fires
     interaction_scale: tuple[float, float] = (0.5, 1.5)  # b_c ~ Uniform(lo, hi), fixed per interaction
     noise_std: float = Field(0.01, ge=0.0)
+    # "direction": each group in n_interactions adds its own fixed direction u_c (a TopK with spare
+    # latents can learn it as a conjunction latent).  "bilinear": a `composing_fraction` of the
+    # features compose (in a random set of slots of two features adjacent in firing rate, one at
+    # random); every pair of composing features that fires together adds a_i a_j B(v_i, v_j), B a
+    # shared rank-`bilinear_rank` bilinear map, so interacting pairs outnumber any dictionary's spare
+    # latents.  `n_pairs` interacting pairs (both composing) and as many co-firing-only twins (their
+    # slot partners: non-composing, matched firing rates) also fire together with probability
+    # `group_prob`: the labelled pairs of the pair scores.
+    interaction: Literal["direction", "bilinear"] = "direction"
+    bilinear_rank: int = Field(8, ge=1)
+    composing_fraction: float = Field(0.25, gt=0.0, le=0.5)
+    n_pairs: int = Field(32, ge=1, description="bilinear: labelled interacting pairs (and as many twins)")
+    interaction_norm: float = Field(0.3, ge=0.0, description="bilinear: mean ‖B(v_i, v_j)‖ over composing pairs")
     context: int = Field(128, ge=1)               # rows per synthetic "sequence" (seq_id / pos columns)
     seed: int = 0
     hook: str = "synthetic.hook_x"
+
+    @model_validator(mode="after")
+    def _pairs_fit(self) -> GroundTruthConfig:
+        if self.interaction == "bilinear":
+            if 2 * self.n_pairs > round(self.composing_fraction * self.n_features):
+                raise ValueError(f"n_pairs {self.n_pairs} needs {2 * self.n_pairs} composing features, more than "
+                                 "composing_fraction * n_features; lower n_pairs or raise composing_fraction")
+        return self
 
     @field_validator("n_interactions")
     @classmethod

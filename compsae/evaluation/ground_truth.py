@@ -1,10 +1,14 @@
 """Synthetic activations with known features and known compositions.
 
-``x = Σ_i a_i v_i + Σ_{c∈C} b_c u_c·[all constituents of c fire] + noise``
+``x = Σ_i a_i v_i + Σ_{c∈C} b_c u_c·[all constituents of c fire] + noise``   (interaction "direction")
+``x = Σ_i a_i v_i + Σ_{i<j firing, both composing} a_i a_j B(v_i, v_j) + noise``   (interaction "bilinear")
 
 Base features ``v_i`` fire with Zipf-like probabilities; an interaction ``c`` (a pair, triple or
 quadruple of base features) adds its own direction ``u_c`` only on tokens where every constituent
-fires.  The additive-only control uses the same seed, the same dictionary and the same firing
+fires.  In the bilinear design the interaction of two composing features is a shared low-rank
+bilinear function ``B(v, w) = ((A v) ⊙ (A w)) W_B`` of their directions, scaled by both magnitudes;
+labelled interacting pairs and their co-firing-only twins (non-composing, same firing rates) are the
+positives and negatives of the pair scores.  The additive-only control uses the same seed, the same dictionary and the same firing
 (interaction groups still co-fire), but no interaction term, so the two datasets differ only in
 whether composition exists.
 
@@ -48,11 +52,38 @@ class GroundTruthDictionary:
     probs: np.ndarray          # [n_features] independent firing probabilities
     groups: list[tuple[int, ...]]  # constituents of each group, sorted feature ids
     interacting: bool          # False for the additive-only control
+    kind: str = "direction"    # "direction" | "bilinear"
+    composing: np.ndarray | None = None  # bilinear: [n_features] bool
+    A: np.ndarray | None = None          # bilinear: [rank, d]
+    W_B: np.ndarray | None = None        # bilinear: [rank, d]
+    n_pairs: int = 0                     # bilinear: groups[:n_pairs] interact, groups[n_pairs:] are twins
 
     @property
     def C(self) -> list[tuple[int, ...]]:
-        """The interactions that exist in the data (empty for the additive-only control)."""
-        return list(self.groups) if self.interacting else []
+        """The labelled interactions that exist in the data (empty for the additive-only control)."""
+        if not self.interacting:
+            return []
+        return list(self.groups[:self.n_pairs]) if self.kind == "bilinear" else list(self.groups)
+
+    @property
+    def twins(self) -> list[tuple[int, ...]]:
+        """Bilinear design: the co-firing-only pairs (same firing as the interacting pairs, no term)."""
+        return list(self.groups[self.n_pairs:]) if self.kind == "bilinear" else []
+
+    def would_interact(self, i: int, j: int) -> bool:
+        """Bilinear design: whether features i and j add a term when they fire together (ignores the
+        additive control's switch, so the control is scored against what *would* interact)."""
+        return bool(self.composing is not None and self.composing[i] and self.composing[j] and i != j)
+
+    def bilinear(self, a: np.ndarray) -> np.ndarray:
+        """Σ_{i<j} a_i a_j B(v_i, v_j) over composing features for magnitudes `a: [rows, n_features]`
+        -> `[rows, d]`, through the O(n·r) identity Σ_{i<j} p_i ⊙ p_j = ((Σ p)² − Σ p²) / 2."""
+        assert self.A is not None and self.W_B is not None and self.composing is not None
+        proj = self.V[self.composing] @ self.A.T            # [n_composing, r]: A v_i
+        ac = a[:, self.composing]                           # [rows, n_composing]
+        p = ac @ proj
+        q = (ac * ac) @ (proj * proj)
+        return (((p * p - q) / 2) @ self.W_B).astype(np.float32)
 
     @property
     def membership(self) -> np.ndarray:
@@ -100,6 +131,8 @@ def sample_dictionary(cfg: GroundTruthConfig) -> GroundTruthDictionary:
     """Draw V, U, b, the firing probabilities and the interaction groups from ``cfg.seed``."""
     rng = np.random.default_rng([cfg.seed, 0])
     V = _unit_rows(rng.standard_normal((cfg.n_features, cfg.d_model)))
+    if cfg.interaction == "bilinear":
+        return _sample_bilinear(cfg, V, rng)
     groups: list[tuple[int, ...]] = []
     seen: set[tuple[int, ...]] = set()
     for order in sorted(cfg.n_interactions):
@@ -124,6 +157,35 @@ def sample_dictionary(cfg: GroundTruthConfig) -> GroundTruthDictionary:
                                  probs=probs, groups=groups, interacting=not cfg.additive_only)
 
 
+def _sample_bilinear(cfg: GroundTruthConfig, V: np.ndarray, rng: np.random.Generator) -> GroundTruthDictionary:
+    """The bilinear design: composing half, labelled pairs and twins, the shared map B."""
+    probs = zipf_probs(cfg.n_features, cfg.zipf_exponent, cfg.mean_active, cfg.max_prob)  # decreasing
+    # features 2t and 2t+1 fire at nearly the same rate; in a random set of these slots one of the
+    # two (at random) composes and the other does not
+    n_two = cfg.n_features // 2
+    slots = rng.permutation(n_two)[:round(cfg.composing_fraction * cfg.n_features)]
+    first = rng.random(len(slots)) < 0.5
+    comp_ids = np.where(first, 2 * slots, 2 * slots + 1)
+    other_ids = np.where(first, 2 * slots + 1, 2 * slots)
+    composing = np.zeros(cfg.n_features, dtype=bool)
+    composing[comp_ids] = True
+    # labelled pair t: composing (c[s], c[s']) and its twin (o[s], o[s']) from the same slots
+    chosen = rng.permutation(len(slots))[:2 * cfg.n_pairs].reshape(cfg.n_pairs, 2)
+    pairs = [tuple(sorted((int(comp_ids[s]), int(comp_ids[t])))) for s, t in chosen]
+    twins = [tuple(sorted((int(other_ids[s]), int(other_ids[t])))) for s, t in chosen]
+    A = rng.standard_normal((cfg.bilinear_rank, cfg.d_model)) / np.sqrt(cfg.d_model)
+    W_B = rng.standard_normal((cfg.bilinear_rank, cfg.d_model))
+    # scale W_B so that the mean ‖B(v_i, v_j)‖ over composing pairs is interaction_norm
+    proj = V[composing] @ A.T
+    iu, ju = np.triu_indices(len(proj), k=1)
+    mean_norm = np.linalg.norm((proj[iu] * proj[ju]) @ W_B, axis=1).mean()
+    W_B *= cfg.interaction_norm / max(mean_norm, 1e-12)
+    return GroundTruthDictionary(
+        V=V.astype(np.float32), U=np.zeros((0, cfg.d_model), np.float32), b=np.zeros(0, np.float32),
+        probs=probs, groups=pairs + twins, interacting=not cfg.additive_only, kind="bilinear",
+        composing=composing, A=A.astype(np.float32), W_B=W_B.astype(np.float32), n_pairs=cfg.n_pairs)
+
+
 def _sample_block(cfg: GroundTruthConfig, d: GroundTruthDictionary, block: int, membership: np.ndarray,
                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One block of BLOCK_ROWS rows: (x [r, d], a [r, n_features], interaction_active [r, n_groups])."""
@@ -138,7 +200,9 @@ def _sample_block(cfg: GroundTruthConfig, d: GroundTruthDictionary, block: int, 
     x = a @ d.V + noise
     order = membership.sum(axis=1)                                # [n_groups]
     active = (fire.astype(np.int32) @ membership.T.astype(np.int32)) == order  # [r, n_groups]
-    if d.interacting and len(d.groups):
+    if d.interacting and d.kind == "bilinear":
+        x += d.bilinear(a)
+    elif d.interacting and len(d.groups):
         x += (active * d.b).astype(np.float32) @ d.U
     return x.astype(np.float32), a, active
 
@@ -194,10 +258,13 @@ def save_ground_truth(url: str, d: GroundTruthDictionary, acts: sp.csr_matrix, c
         "acts_indptr": acts.indptr.astype(np.int64), "acts_indices": acts.indices.astype(np.int64),
         "acts_data": acts.data.astype(np.float32),
     }
+    if d.kind == "bilinear":
+        tensors.update(A=d.A, W_B=d.W_B, composing=d.composing.astype(np.int8))
     meta = {
         "format": GT_FORMAT, "config": cfg.model_dump(mode="json"), "hook": cfg.hook,
         "interacting": d.interacting, "groups": [list(g) for g in d.groups],
         "C": [list(c) for c in d.C], "n_rows": int(acts.shape[0]), "vocab": vocab(cfg.n_features),
+        "kind": d.kind, "n_pairs": d.n_pairs, "twins": [list(t) for t in d.twins],
     }
     with fsspec.open(_join(url, GT_TENSORS), "wb") as f:
         f.write(st_save({k: np.ascontiguousarray(v) for k, v in tensors.items()}))
@@ -217,8 +284,11 @@ def load_ground_truth(url: str) -> GroundTruth:
     if meta.get("format") != GT_FORMAT:
         raise UserError(f"{url}/{GT_JSON} has format {meta.get('format')!r}, expected {GT_FORMAT!r}")
     groups = [tuple(int(i) for i in row if i >= 0) for row in t["group_members"]]
+    bilinear = meta.get("kind") == "bilinear"
     d = GroundTruthDictionary(V=t["V"], U=t["U"], b=t["b"], probs=t["probs"], groups=groups,
-                              interacting=bool(meta["interacting"]))
+                              interacting=bool(meta["interacting"]), kind=meta.get("kind", "direction"),
+                              composing=t["composing"].astype(bool) if bilinear else None,
+                              A=t.get("A"), W_B=t.get("W_B"), n_pairs=int(meta.get("n_pairs", 0)))
     n_rows, n_f = int(meta["n_rows"]), t["V"].shape[0]
     acts = sp.csr_matrix((t["acts_data"], t["acts_indices"], t["acts_indptr"]), shape=(n_rows, n_f))
     return GroundTruth(dictionary=d, x=None, acts=acts, config=meta["config"])

@@ -18,6 +18,7 @@ Mapping rule (one definition, used everywhere):
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 from dataclasses import dataclass
 from itertools import combinations
 
@@ -124,3 +125,108 @@ def _matched_average_precision(S: np.ndarray, truth: set[tuple[int, int]],
     if not labels.any():
         return 0.0
     return float(average_precision_score(labels, sub[iu, ju]))
+
+
+# -- scores of measured pair effects against labelled pairs (bilinear ground truth) -------------------
+
+def _latent_pair_score(S: np.ndarray, true_to_latent: dict[int, int], pairs: Iterable[tuple[int, int]]) -> np.ndarray:
+    """`S[l_i, l_j]` of the latents matched to each true pair (i, j); 0 where either is unmatched."""
+    out = []
+    for i, j in pairs:
+        li, lj = true_to_latent.get(i), true_to_latent.get(j)
+        out.append(0.0 if li is None or lj is None else float(max(S[li, lj], S[lj, li])))
+    return np.asarray(out, dtype=np.float64)
+
+
+def labelled_auc(S: np.ndarray, latent_to_true: dict[int, int], positives: list[tuple[int, int]],
+                 negatives: list[tuple[int, int]]) -> tuple[float, float]:
+    """(ROC AUC, average precision) of the pair score `S [n, n]` separating the `positives` from the
+    `negatives` (true feature pairs, scored through the matched latents; unmatched pairs score 0).
+    Ties count half, so a score that is 0 everywhere gives AUC 0.5."""
+    from sklearn.metrics import roc_auc_score
+
+    inv = {t: lat for lat, t in latent_to_true.items()}
+    pos, neg = _latent_pair_score(S, inv, positives), _latent_pair_score(S, inv, negatives)
+    if not len(pos) or not len(neg):
+        return float("nan"), float("nan")
+    y = np.r_[np.ones(len(pos)), np.zeros(len(neg))]
+    s = np.r_[pos, neg]
+    return float(roc_auc_score(y, s)), float(average_precision_score(y, s))
+
+
+@dataclass
+class ThresholdedPairs:
+    """Pairs called composing at a threshold chosen on a validation half of the candidate pairs,
+    scored on the other half."""
+
+    threshold: float
+    precision: float
+    recall: float
+    f1: float
+    n_candidates: int   # test-half candidate pairs (both latents matched, enough co-firing support)
+    n_true: int         # of which truly interacting
+    n_found: int        # of which called composing
+
+    def as_dict(self) -> dict[str, float]:
+        return dict(self.__dict__)
+
+
+def _halves(pairs: list[tuple[int, int]], seed: int = 0) -> np.ndarray:
+    """A fixed validation (True) / test (False) split of true feature pairs, by a hash of the pair."""
+    h = np.array([(i * 1_000_003 + j * 7_919 + seed) * 2_654_435_761 % 2**32 for i, j in pairs], dtype=np.uint64)
+    return (h >> np.uint64(16)) % np.uint64(2) == 0
+
+
+def _prf(called: np.ndarray, labels: np.ndarray) -> tuple[float, float, float]:
+    tp = int((called & labels).sum())
+    precision = tp / int(called.sum()) if called.any() else float("nan")
+    recall = tp / int(labels.sum()) if labels.any() else float("nan")
+    f1 = 2 * tp / (int(called.sum()) + int(labels.sum())) if (called.any() or labels.any()) else float("nan")
+    return precision, recall, f1
+
+
+def thresholded_pairs(S: np.ndarray, support: np.ndarray, latent_to_true: dict[int, int],
+                      interacts: Any, min_support: int = 5, min_score: float = 0.0) -> ThresholdedPairs:
+    """Call a latent pair composing when its score `S[i, j]` is at least a threshold chosen to
+    maximise F1 on the validation half of the candidates (never below `min_score`, a floor in the
+    units of `S`), and score the calls on the test half.
+
+    Candidates: latent pairs whose latents both match true features and that co-fire on at least
+    `min_support` tokens (`support [n, n]`); `interacts(ti, tj) -> bool` says whether the true
+    features interact (on the additive control: whether they would)."""
+    lat = sorted(latent_to_true)
+    cand, scores, labels = [], [], []
+    for a_pos, li in enumerate(lat):
+        for lj in lat[a_pos + 1:]:
+            if max(support[li, lj], support[lj, li]) < min_support:
+                continue
+            ti, tj = latent_to_true[li], latent_to_true[lj]
+            cand.append((min(ti, tj), max(ti, tj)))
+            scores.append(max(S[li, lj], S[lj, li]))
+            labels.append(bool(interacts(ti, tj)))
+    if not cand:
+        return ThresholdedPairs(float("nan"), float("nan"), float("nan"), float("nan"), 0, 0, 0)
+    s, y = np.asarray(scores), np.asarray(labels)
+    val = _halves(cand)
+    options = np.unique(np.r_[s[val], min_score])
+    options = options[options >= min_score]
+    best, best_f1 = max(min_score, float(s.max()) + 1.0), -1.0  # default: call nothing
+    for t in options:
+        f1 = _prf(s[val] >= t, y[val])[2] if val.any() else float("nan")
+        if np.isfinite(f1) and f1 > best_f1:
+            best, best_f1 = float(t), f1
+    test = ~val
+    called = (s[test] >= best) & (s[test] > 0)
+    p, r, f = _prf(called, y[test])
+    return ThresholdedPairs(best, p, r, f if np.isfinite(f) else 0.0, int(test.sum()), int(y[test].sum()),
+                            int(called.sum()))
+
+
+def conjunction_latent_score(z_active: np.ndarray, conj: np.ndarray) -> np.ndarray:
+    """Per labelled pair, the best F1 of any single latent's firing as a detector of "both
+    constituents fire": `z_active [T, n]` bool, `conj [T, P]` bool -> `[P]`.  Near 1 means the
+    dictionary spent a latent on the conjunction instead of composing two."""
+    zf, cf = z_active.astype(np.float64), conj.astype(np.float64)
+    both = zf.T @ cf  # [n, P]
+    f1 = 2 * both / np.maximum(zf.sum(0)[:, None] + cf.sum(0)[None, :], 1)
+    return f1.max(0) if f1.size else np.zeros(conj.shape[1])

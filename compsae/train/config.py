@@ -26,13 +26,22 @@ class ModelConfig(BaseModel):
     k: int = Field(32, ge=1, description="active latents per token (top-k models)")
 
     # CompSAE composition network (ignored by topk / relu)
-    composer: Literal["attention", "mlp", "none"] = Field(
-        "attention", description="none gives exactly a TopK SAE; mlp ablates the attention")
+    composer: Literal["pair", "attention", "mlp", "none"] = Field(
+        "attention", description="pair: explicit low-rank sum over pairs of active latents; attention / mlp: "
+        "pooled composition network (mlp ablates the attention); none gives exactly a TopK SAE")
     d_f: int = Field(256, ge=1, description="feature-extractor width: item z_i * E[i] lives in R^d_f")
     d_c: int = Field(128, ge=1, description="composition width: the attended items are projected to R^d_c")
     n_heads: int = Field(8, ge=1)
     ffn_mult: int = Field(2, ge=1, description="hidden width of the composer's feed-forward, in units of d_f")
     gate: bool = Field(True, description="learned per-dimension gate g in [0,1]; off = g fixed to 1")
+
+    # composer "pair": x̂ += Σ_{i<j active} s_ij z_i z_j (E_i ⊙ E_j) W_out
+    pair_rank: int = Field(64, ge=1, description="r: width of the pair embedding E [n_latents, r]")
+    pair_selection: Literal["all", "top_m"] = Field(
+        "all", description="all: every pair of active latents (s_ij = 1); top_m: each latent's top-m partners "
+        "by a learned score (the curriculum moves m)")
+    pair_l1: float = Field(0.0, ge=0.0, description="penalty on an upper bound of Σ_pairs ‖z_i z_j R_ij‖")
+    pair_l1_warmup_fraction: float = Field(0.2, ge=0.0, le=1.0, description="pair penalty ramps in over this")
 
     # composition curriculum: each active latent attends to at most its top-m partners
     curriculum: bool = Field(True, description="off = every active latent attends to all k")
@@ -98,6 +107,7 @@ class TrainConfig(BaseModel):
 
     lr: float = Field(3e-4, gt=0.0)
     adam_betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float | None = Field(None, gt=0.0, description="clip the global gradient norm to this (None: off)")
     batch_size: int = Field(512, ge=1)
     tokens: int = Field(10_000_000, ge=1, description="token budget: steps = ceil(tokens / batch_size)")
     warmup_fraction: float = Field(0.01, ge=0.0, le=1.0, description="linear lr warm-up from 0")

@@ -43,3 +43,9 @@ def l1_scale_at(step: int, total: int, cfg: ModelConfig) -> float:
     """Factor on the L1 coefficient: 0 → 1 linearly over the first `l1_warmup_fraction`."""
     warm = int(cfg.l1_warmup_fraction * total)
     return 1.0 if warm == 0 else min(1.0, (step + 1) / warm)
+
+
+def pair_scale_at(step: int, total: int, cfg: ModelConfig) -> float:
+    """Factor on the pair penalty: 0 → 1 linearly over the first `pair_l1_warmup_fraction`."""
+    warm = int(cfg.pair_l1_warmup_fraction * total)
+    return 1.0 if warm == 0 else min(1.0, (step + 1) / warm)

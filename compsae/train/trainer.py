@@ -36,7 +36,7 @@ from compsae.train.config import ModelConfig, TrainConfig
 from compsae.train.dead_latents import DeadLatentTracker
 from compsae.train.distributed import DistContext, wrap_loss
 from compsae.train.models import SAEOutput, SparseAutoencoder
-from compsae.train.schedules import k_at, l1_scale_at, lr_at, m_at
+from compsae.train.schedules import k_at, l1_scale_at, lr_at, m_at, pair_scale_at
 
 METRICS_FILE = TRAIN_METRICS
 
@@ -60,7 +60,7 @@ def metric_sums(x: torch.Tensor, out: SAEOutput) -> torch.Tensor:
     l0 = (out.z != 0).sum().float()
     if "comp" in out.extras:
         sq_err_linear = (x - (x_hat - out.extras["comp"].float())).pow(2).sum()
-        gate = out.extras["gate"].float().sum()
+        gate = out.extras["gate"].float().sum() if "gate" in out.extras else x.new_tensor(float(x.numel()))
     else:
         sq_err_linear = gate = x.new_zeros(())
     return torch.stack([sq_err, l0, sq_err_linear, gate])
@@ -259,8 +259,11 @@ class Trainer:
         step, total = self.step, self.total
         x_local, rows, share = self._local_share(x)
         self.model.train()
-        self.model.set_schedule(k=k_at(step, total, self.model_cfg), m=m_at(step, total, self.model_cfg),
-                                l1_scale=l1_scale_at(step, total, self.model_cfg))
+        schedule: dict[str, Any] = {"k": k_at(step, total, self.model_cfg), "m": m_at(step, total, self.model_cfg),
+                                    "l1_scale": l1_scale_at(step, total, self.model_cfg)}
+        if self.model_cfg.type == "compsae":
+            schedule["pair_scale"] = pair_scale_at(step, total, self.model_cfg)
+        self.model.set_schedule(**schedule)
         lr = lr_at(step, total, self.cfg)
         for group in self.opt.param_groups:
             group["lr"] = lr
@@ -286,6 +289,8 @@ class Trainer:
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.model.before_optimizer_step()
+        if self.cfg.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
         self.opt.step()
         self.model.after_optimizer_step()
         if self.dist.enabled:

@@ -7,6 +7,8 @@
     g     = σ(W_g c + b_g) ∈ [0, 1]^d     (gate off: g = 1)
     x̂     = W_dec z + b_dec + g ⊙ (W_comp c)
 
+Composer "pair" replaces that path by an explicit low-rank sum over pairs of active latents
+(`pair_composer.py`): `x̂ = W_dec z + b_dec + Σ_{i<j} s_ij z_i z_j R_ij`, no pooled network, no gate.
 With composer "none" the composition path does not exist and the model is exactly `TopKSAE`."""
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from torch import nn
 from compsae.train.config import ModelConfig
 from compsae.train.models.base import SAEOutput
 from compsae.train.models.composer import CompositionNetwork
+from compsae.train.models.pair_composer import PairComposer
 from compsae.train.models.topk import TopKSAE, dense_codes, sparse_decode
 
 
@@ -28,7 +31,11 @@ class CompSAE(TopKSAE):
     def __init__(self, cfg: ModelConfig, d_in: int) -> None:
         super().__init__(cfg, d_in)
         self.m = cfg.final_m  # partners per latent; the trainer runs the curriculum
+        self.pair_scale = 1.0  # warm-up factor of the pair penalty (composer "pair")
         if cfg.composer == "none":
+            return
+        if cfg.composer == "pair":
+            self.pair = PairComposer(cfg.n_latents, d_in, cfg.pair_rank, cfg.pair_selection)
             return
         self.E = nn.Parameter(torch.randn(cfg.n_latents, cfg.d_f) / math.sqrt(cfg.d_f))  # [n, d_f]
         self.composer = CompositionNetwork(cfg.d_f, cfg.d_c, cfg.n_heads, cfg.ffn_mult, cfg.composer)
@@ -38,14 +45,18 @@ class CompSAE(TopKSAE):
             self.gate = nn.Linear(cfg.d_c, d_in)
             nn.init.zeros_(self.gate.bias)  # g starts near 1/2 in every dimension
 
-    def set_schedule(self, k: int | None = None, m: int | None = None, l1_scale: float | None = None) -> None:
+    def set_schedule(self, k: int | None = None, m: int | None = None, l1_scale: float | None = None,
+                     pair_scale: float | None = None) -> None:
         super().set_schedule(k=k, l1_scale=l1_scale)
         if m is not None:
             self.m = int(m)
+        if pair_scale is not None:
+            self.pair_scale = float(pair_scale)
 
     def reset_schedule(self) -> None:
         super().reset_schedule()
         self.m = self.cfg.final_m
+        self.pair_scale = 1.0
 
     def forward(self, x: torch.Tensor, composition: bool = True, need_weights: bool = True) -> SAEOutput:
         """`x: [b, d]` -> `SAEOutput`.  `composition=False` leaves the gated term out of `x_hat`
@@ -53,13 +64,25 @@ class CompSAE(TopKSAE):
         attention weights and "item_out" (training then takes the composer's pooled fast path)."""
         return self._forward(x, composition, need_weights)[1]
 
+    def decode_active(self, idx: torch.Tensor, vals: torch.Tensor, composition: bool = True) -> torch.Tensor:
+        """`x̂: [b, d]` from a token's active latents (`idx`, `vals`: `[b, k]`), without encoding:
+        what interventions on codes (a latent's value set to 0) are measured with."""
+        return self._decode(idx, vals, composition, need_weights=False).x_hat
+
     def _forward(self, x: torch.Tensor, composition: bool, need_weights: bool
                  ) -> tuple[torch.Tensor, SAEOutput]:
         pre, idx, vals = self.active(x)
+        return pre, self._decode(idx, vals, composition, need_weights)
+
+    def _decode(self, idx: torch.Tensor, vals: torch.Tensor, composition: bool, need_weights: bool) -> SAEOutput:
         linear = sparse_decode(self.W_dec, idx, vals) + self.b_dec  # [b, d]
         z = dense_codes(idx, vals, self.cfg.n_latents)
         if self.cfg.composer == "none":
-            return pre, SAEOutput(x_hat=linear, z=z, attn=None, extras={"active_idx": idx})
+            return SAEOutput(x_hat=linear, z=z, attn=None, extras={"active_idx": idx})
+        if self.cfg.composer == "pair":
+            comp = self.pair(idx, vals, self.m)  # [b, d]
+            x_hat = linear + comp if composition else linear
+            return SAEOutput(x_hat=x_hat, z=z, attn=None, extras={"comp": comp, "active_idx": idx})
         # items z_i · E[i] go through attention within the token; c: [b, d_c], attn: [b, h, k, k]
         c, attn, per_item = self.composer(idx, vals, self.E, m=self.m, need_weights=need_weights)
         comp = c @ self.W_comp  # [b, d]
@@ -72,9 +95,15 @@ class CompSAE(TopKSAE):
         extras = {"gate": gate, "comp": comp, "active_idx": idx}
         if per_item is not None:
             extras["item_out"] = per_item  # [b, k, d_f]: each active latent's output of the attention block
-        return pre, SAEOutput(x_hat=x_hat, z=z, attn=attn, extras=extras)
+        return SAEOutput(x_hat=x_hat, z=z, attn=attn, extras=extras)
 
     def compute_loss(self, x: torch.Tensor, dead_mask: torch.Tensor | None = None
                      ) -> tuple[dict[str, torch.Tensor], SAEOutput]:
         pre, out = self._forward(x, composition=True, need_weights=False)
-        return self._terms(x, pre, out, dead_mask), out
+        terms = self._terms(x, pre, out, dead_mask)
+        if self.cfg.composer == "pair" and self.cfg.pair_l1 > 0:
+            idx = out.extras["active_idx"]
+            penalty = self.pair.penalty(idx, out.z.gather(1, idx))
+            terms["pair_l1"] = penalty
+            terms["loss"] = terms["loss"] + self.cfg.pair_l1 * self.pair_scale * penalty
+        return terms, out

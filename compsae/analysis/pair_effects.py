@@ -1,0 +1,128 @@
+"""Composition measured by intervention: the mixed difference of the reconstruction for a pair.
+
+For a token with active latents (idx, vals) and two of them, i and j,
+
+    Δ_ij = x̂(z) − x̂(z∖i) − x̂(z∖j) + x̂(z∖ij)          (z∖i: latent i's code set to 0)
+
+is what i and j do together beyond what each does alone.  A purely additive decoder gives exactly
+0; the pairwise decoder gives exactly its pair term `s_ij z_i z_j R_ij` (with s = 1), which is why
+its effects can be read off the term without the four decodes (`pair_terms`, tested equal).
+
+`PairEffectSums` accumulates, per latent pair and over the tokens where both fire: the count, the
+summed ‖Δ_ij‖ and the summed reconstruction gain of keeping the pair's term,
+`‖x − (x̂ − Δ_ij)‖² − ‖x − x̂‖²`.  The composition matrix and every "partners" statistic are built
+from these sums; attention weights are a secondary view.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+# Token rows per chunk of the explicit intervention: [rows, pairs, d] tensors stay small.
+INTERVENTION_ROWS = 64
+
+
+def pair_positions(k: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions (a, b), a < b, of every pair among k items: two `[k(k-1)/2]` tensors."""
+    a, b = torch.triu_indices(k, k, offset=1, device=device)
+    return a, b
+
+
+def exact_pair_terms(model: Any) -> bool:
+    """Whether `model`'s mixed differences equal its pair terms exactly (pairwise decoder, all pairs)."""
+    cfg = getattr(model, "cfg", None)
+    return bool(cfg is not None and getattr(cfg, "composer", None) == "pair" and cfg.pair_selection == "all")
+
+
+@torch.no_grad()
+def mixed_differences(model: Any, idx: torch.Tensor, vals: torch.Tensor) -> torch.Tensor:
+    """Δ for every pair of positions of every token, by intervention: `idx`, `vals: [b, k]` ->
+    `[b, k(k-1)/2, d]` (pairs in `pair_positions` order).  Four decodes per pair, through
+    `model.decode_active`; pairs where either code is 0 come out as 0 up to rounding."""
+    b, k = idx.shape
+    pa, pb = pair_positions(k, idx.device)
+    n_pairs = pa.shape[0]
+    out = []
+    for lo in range(0, b, INTERVENTION_ROWS):
+        i_rows, v_rows = idx[lo:lo + INTERVENTION_ROWS], vals[lo:lo + INTERVENTION_ROWS]
+        r = i_rows.shape[0]
+        full = model.decode_active(i_rows, v_rows)  # [r, d]
+        eye = torch.eye(k, dtype=torch.bool, device=idx.device)
+        keep_a, keep_b = ~eye[pa], ~eye[pb]  # [P, k]
+        variants = torch.stack([keep_a, keep_b, keep_a & keep_b])  # [3, P, k]
+        v = (v_rows[:, None, None, :] * variants[None]).reshape(-1, k)  # [r·3·P, k]
+        i = i_rows[:, None, None, :].expand(r, 3, n_pairs, k).reshape(-1, k)
+        dec = model.decode_active(i, v).view(r, 3, n_pairs, -1)
+        out.append(full[:, None] - dec[:, 0] - dec[:, 1] + dec[:, 2])
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def pair_terms(model: Any, idx: torch.Tensor, vals: torch.Tensor) -> torch.Tensor:
+    """The pairwise decoder's terms `z_i z_j R_ij` for every pair of positions: `[b, k(k-1)/2, d]`."""
+    pa, pb = pair_positions(idx.shape[1], idx.device)
+    u = model.pair.items(idx, vals)  # [b, k, r]
+    return (u[:, pa] * u[:, pb]) @ model.pair.W_out
+
+
+def effects(model: Any, idx: torch.Tensor, vals: torch.Tensor) -> torch.Tensor:
+    """Δ of every pair of active positions `[b, k(k-1)/2, d]`: read off the terms where that is exact."""
+    return pair_terms(model, idx, vals) if exact_pair_terms(model) else mixed_differences(model, idx, vals)
+
+
+@dataclass
+class PairEffectSums:
+    """Sums over tokens for latent pairs (i < j), both firing: `count`, `norm` (Σ‖Δ‖), `gain`
+    (Σ reconstruction gain of keeping the pair's term), each `[n, n]` upper-triangular float64, and
+    the totals that put them in units of the data (`n_tokens`, `sq_dev`: Σ‖x − μ_batch‖²)."""
+
+    count: np.ndarray
+    norm: np.ndarray
+    gain: np.ndarray
+    n_tokens: int = 0
+    sq_dev: float = 0.0
+
+    @classmethod
+    def empty(cls, n_latents: int) -> PairEffectSums:
+        z = np.zeros((n_latents, n_latents))
+        return cls(z.copy(), z.copy(), z.copy())
+
+    @torch.no_grad()
+    def update(self, model: Any, x: torch.Tensor, x_hat: torch.Tensor, idx: torch.Tensor, vals: torch.Tensor) -> None:
+        """Add a batch: rows `x`, their reconstruction `x_hat` (`[b, d]`) and active latents (`[b, k]`)."""
+        delta = effects(model, idx, vals).float()  # [b, P, d]
+        pa, pb = pair_positions(idx.shape[1], idx.device)
+        both = (vals[:, pa] > 0) & (vals[:, pb] > 0)  # [b, P]
+        resid = (x - x_hat).float()  # [b, d]
+        # ‖r + Δ‖² − ‖r‖² = 2 r·Δ + ‖Δ‖²: the error without the pair's term minus the error with it
+        gain = 2 * torch.einsum("bd,bpd->bp", resid, delta) + delta.square().sum(-1)
+        norm = delta.norm(dim=-1)
+        li, lj = idx[:, pa], idx[:, pb]
+        lo, hi = torch.minimum(li, lj)[both].cpu().numpy(), torch.maximum(li, lj)[both].cpu().numpy()
+        n = self.count.shape[0]
+        flat = lo.astype(np.int64) * n + hi
+        self.count += np.bincount(flat, minlength=n * n).reshape(n, n)
+        self.norm += np.bincount(flat, weights=norm[both].double().cpu().numpy(), minlength=n * n).reshape(n, n)
+        self.gain += np.bincount(flat, weights=gain[both].double().cpu().numpy(), minlength=n * n).reshape(n, n)
+        self.n_tokens += x.shape[0]
+        self.sq_dev += float((x - x.mean(0)).double().square().sum())
+
+    def merge(self, other: PairEffectSums) -> PairEffectSums:
+        return PairEffectSums(self.count + other.count, self.norm + other.norm, self.gain + other.gain,
+                              self.n_tokens + other.n_tokens, self.sq_dev + other.sq_dev)
+
+    def mean_effect(self, min_support: int = 1) -> np.ndarray:
+        """`[n, n]` symmetric: mean ‖Δ_ij‖ over the tokens where both fire, relative to the RMS row
+        deviation sqrt(Σ‖x − μ‖² / n_tokens); 0 below `min_support` co-firing tokens."""
+        rms = np.sqrt(self.sq_dev / max(self.n_tokens, 1)) or 1.0
+        m = np.where(self.count >= max(min_support, 1), self.norm / np.maximum(self.count, 1), 0.0) / rms
+        return m + m.T
+
+    def gain_share(self) -> np.ndarray:
+        """`[n, n]` symmetric: each pair's reconstruction gain as a share of the total variance."""
+        g = self.gain / max(self.sq_dev, 1e-30)
+        return g + g.T

@@ -1,0 +1,166 @@
+"""The pairwise composition decoder and the intervention-based pair scores built on it."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from compsae.analysis.pair_effects import PairEffectSums, mixed_differences, pair_positions, pair_terms
+from compsae.evaluation.config import GroundTruthConfig
+from compsae.evaluation.ground_truth import generate
+from compsae.evaluation.pair_recovery import labelled_auc, thresholded_pairs
+from compsae.train.config import ModelConfig
+from compsae.train.models import build_model
+from compsae.train.models.pair_composer import pair_sum, pair_sum_loop
+
+D = 12
+
+
+def _pair_model(selection: str = "all", **over) -> torch.nn.Module:
+    torch.manual_seed(0)
+    cfg = ModelConfig(type="compsae", composer="pair", n_latents=48, k=6, pair_rank=8, pair_selection=selection,
+                      **over)
+    model = build_model(cfg, D).double()
+    with torch.no_grad():
+        model.pair.E.mul_(10)  # terms well above rounding
+    return model
+
+
+def test_closed_form_equals_double_loop():
+    u = torch.randn(7, 9, 5, dtype=torch.float64)
+    torch.testing.assert_close(pair_sum(u), pair_sum_loop(u), rtol=1e-12, atol=1e-12)
+
+
+def test_mixed_difference_equals_the_pair_term():
+    model = _pair_model()
+    x = torch.randn(20, D, dtype=torch.float64) * 3
+    _, idx, vals = model.active(x)
+    delta = mixed_differences(model, idx, vals)  # four decodes per pair
+    terms = pair_terms(model, idx, vals)  # z_i z_j (E_i ⊙ E_j) W_out
+    assert terms.abs().max() > 1e-2
+    torch.testing.assert_close(delta, terms, rtol=1e-9, atol=1e-9)
+    # and the model's composition term is their sum over pairs
+    comp = model(x).extras["comp"]
+    torch.testing.assert_close(comp, terms.sum(1), rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("selection", ["all", "top_m"])
+def test_term_is_zero_with_one_active_latent(selection):
+    model = _pair_model(selection)
+    idx = torch.arange(6).repeat(4, 1)
+    vals = torch.zeros(4, 6, dtype=torch.float64)
+    vals[:, 2] = torch.tensor([0.5, 1.0, 2.0, 3.0])  # one firing latent per token
+    assert model.pair(idx, vals, m=2).abs().max() == 0
+    vals[:, 4] = 1.0  # a second one: now there is a term
+    assert model.pair(idx, vals, m=2).abs().max() > 0
+
+
+def test_top_m_selection_keeps_the_partners_it_chose():
+    model = _pair_model("top_m")
+    idx = torch.randint(0, 48, (5, 6))
+    s = model.pair.pair_weights(idx, m=2)
+    assert s is not None and torch.equal(s, s.transpose(1, 2)) and (s.diagonal(dim1=1, dim2=2) == 0).all()
+    assert ((s > 0).sum(-1) >= 2).all()  # every latent keeps at least its own top-2
+    assert model.pair.pair_weights(idx, m=None) is None  # m = None: all pairs
+
+
+def test_gradients_reach_every_pair_parameter_and_the_penalty_counts():
+    model = _pair_model("top_m", pair_l1=0.5)
+    model.set_schedule(m=2, pair_scale=1.0)
+    terms = model.loss(torch.randn(16, D, dtype=torch.float64) * 3, torch.ones(48, dtype=torch.bool))
+    assert terms["pair_l1"] > 0
+    assert torch.isclose(terms["loss"], terms["recon"] + model.cfg.aux_coef * terms["auxk"] + 0.5 * terms["pair_l1"])
+    terms["loss"].backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, f"no gradient reaches {name}"
+
+
+def test_penalty_bounds_the_pair_norms():
+    model = _pair_model()
+    x = torch.randn(30, D, dtype=torch.float64) * 3
+    _, idx, vals = model.active(x)
+    norms = pair_terms(model, idx, vals).norm(dim=-1).sum(1).mean()
+    assert model.pair.penalty(idx, vals) >= norms - 1e-9
+
+
+def test_pair_scores_invariant_to_batch_order_and_latent_labels():
+    model = _pair_model()
+    x = torch.randn(40, D, dtype=torch.float64) * 3
+
+    def scores(m, rows):
+        out = m(rows)
+        idx = out.extras["active_idx"]
+        acc = PairEffectSums.empty(48)
+        acc.update(m, rows, out.x_hat, idx, out.z.gather(1, idx))
+        return acc.mean_effect(), acc.count
+
+    base, count = scores(model, x)
+    perm = torch.randperm(40)
+    shuffled, _ = scores(model, x[perm])
+    np.testing.assert_allclose(shuffled, base, rtol=1e-9, atol=1e-12)
+    # relabel the latents: permute every per-latent parameter the same way
+    relabel = torch.randperm(48)
+    other = _pair_model()
+    with torch.no_grad():
+        other.W_enc.copy_(model.W_enc[:, relabel])
+        other.b_enc.copy_(model.b_enc[relabel])
+        other.W_dec.copy_(model.W_dec[relabel])
+        other.b_dec.copy_(model.b_dec)
+        other.pair.E.copy_(model.pair.E[relabel])
+        other.pair.W_out.copy_(model.pair.W_out)
+    moved, _ = scores(other, x)
+    inv = relabel.numpy()
+    np.testing.assert_allclose(moved, base[np.ix_(inv, inv)], rtol=1e-9, atol=1e-12)
+    assert count.sum() > 0
+
+
+def test_pair_positions_cover_each_pair_once():
+    a, b = pair_positions(5)
+    assert sorted(zip(a.tolist(), b.tolist(), strict=True)) == [(i, j) for i in range(5) for j in range(i + 1, 5)]
+
+
+def test_labelled_auc_and_threshold_on_a_known_matrix():
+    S = np.zeros((6, 6))
+    S[0, 1] = S[2, 3] = 1.0  # the two interacting pairs score high; the twin (4, 5) scores 0
+    l2t = {i: i for i in range(6)}
+    auc, ap = labelled_auc(S, l2t, [(0, 1), (2, 3)], [(4, 5)])
+    assert auc == 1.0 and ap == 1.0
+    assert labelled_auc(np.zeros((6, 6)), l2t, [(0, 1)], [(4, 5)])[0] == 0.5  # no signal: chance
+
+
+def test_threshold_chosen_on_validation_pairs_scores_the_test_pairs():
+    rng = np.random.default_rng(0)
+    n = 24
+    interacts = lambda i, j: (i + j) % 3 == 0  # noqa: E731
+    S = np.array([[interacts(i, j) + 0.1 * rng.random() for j in range(n)] for i in range(n)], dtype=float)
+    support = np.full((n, n), 10)
+    l2t = {i: i for i in range(n)}
+    res = thresholded_pairs(S, support, l2t, interacts, min_support=5)
+    assert res.f1 == 1.0 and res.n_found == res.n_true > 0 and res.n_candidates < n * (n - 1) // 2
+    # a floor above every score calls nothing: F1 0, nothing found
+    none = thresholded_pairs(S, support, l2t, interacts, min_support=5, min_score=5.0)
+    assert none.n_found == 0 and none.f1 == 0.0
+    # pairs below the support are not candidates
+    assert thresholded_pairs(S, np.zeros((n, n)), l2t, interacts).n_candidates == 0
+
+
+def test_bilinear_ground_truth_is_the_stated_sum_and_twins_cofire_alike():
+    cfg = GroundTruthConfig(interaction="bilinear", d_model=16, n_features=64, n_rows=20_000, n_pairs=4,
+                            noise_std=0.0, group_prob=0.05)
+    g = generate(cfg)
+    d = g.dictionary
+    a = g.acts.toarray()
+    # the explicit double sum over firing composing pairs
+    proj = d.V @ d.A.T
+    row = 7
+    on = [i for i in np.flatnonzero(a[row]) if d.composing[i]]
+    ref = sum(a[row, i] * a[row, j] * (proj[i] * proj[j]) @ d.W_B for n, i in enumerate(on) for j in on[n + 1:])
+    np.testing.assert_allclose(g.x[row], a[row] @ d.V + (ref if len(on) > 1 else 0), atol=1e-4)
+    assert all(d.would_interact(i, j) for i, j in d.C) and not any(d.would_interact(i, j) for i, j in d.twins)
+    both = lambda p: ((a[:, p[0]] > 0) & (a[:, p[1]] > 0)).mean()  # noqa: E731
+    rates_c, rates_t = np.array([both(p) for p in d.C]), np.array([both(p) for p in d.twins])
+    assert abs(rates_c.mean() - rates_t.mean()) < 0.01
+    control = generate(cfg.model_copy(update={"additive_only": True}))
+    np.testing.assert_allclose(control.x, a @ d.V, atol=1e-4)
+    assert control.dictionary.C == [] and control.dictionary.twins == d.twins
