@@ -40,9 +40,16 @@ class OracleComp(torch.nn.Module):
     def forward(self, x: torch.Tensor, composition: bool = True) -> Out:
         score = x @ self.W_dec.T
         idx = score.topk(self.k, dim=-1).indices                          # [b, k]
-        z = torch.zeros_like(score).scatter(1, idx, score.gather(1, idx))
+        z = torch.zeros_like(score).scatter(1, idx, score.gather(1, idx).clamp_min(0))
         attn = self.pair[idx[:, :, None], idx[:, None, :]][:, None]       # [b, 1, k, k]
-        return Out(x if composition else 0.8 * x, z, attn, {"active_idx": idx})
+        return Out(x if composition else 0.8 * x, z, attn, {"active_idx": idx, "comp": 0.2 * x})
+
+    def decode_active(self, idx: torch.Tensor, vals: torch.Tensor) -> torch.Tensor:
+        """Linear part plus one unit term per true pair among the active latents (what the
+        intervention-based pair scores measure)."""
+        linear = (vals[..., None] * self.W_dec[idx]).sum(1)
+        both = vals[:, :, None] * vals[:, None, :] * self.pair[idx[:, :, None], idx[:, None, :]]  # [b, k, k]
+        return linear + both.triu(1).sum((1, 2))[:, None]
 
 
 @pytest.fixture(scope="module")
@@ -71,15 +78,46 @@ def test_oracle_scores(stores):
     assert res["fvu_no_composition"] == pytest.approx(expected, rel=1e-5)
     assert res["composition_share"] == pytest.approx(expected, rel=1e-5)  # (FVE_on - FVE_off) / FVE_on
     assert 6.0 < res["l0"] <= 8.0  # rows where nothing fires are all-zero
-    assert res["pair_precision"] == 1.0 and res["pair_f1"] > 0.8
+    # pair effects measured by intervention: exactly the true pairs compose
+    assert res["pair_precision"] == 1.0 and res["pair_f1"] > 0.8 and res["pair_n_found"] > 0
     text = markdown_table([{"label": "oracle", **res}])
-    assert "| oracle | 1 | 1 |" in text  # 3 significant digits
+    assert "| oracle | 1 | 0 |" in text  # 3 significant digits: MCC 1, FVU 0
 
     # on the additive control the groups are scored as spurious pairs, not as recovered ones
     gta = load_ground_truth(stores["additive"])
     res_a = evaluate_model(OracleComp(gta.V, []), ActivationStore.open(stores["additive"]), "synthetic.hook_x",
                            gta, cfg, split)
-    assert "pair_f1" not in res_a and res_a["spurious_pair_n_true_positive"] == 0
+    assert "pair_f1" not in res_a and res_a["spurious_pair_n_found"] == 0 and res_a["spurious_pair_f1"] == 0.0
+
+
+class OracleBilinear(OracleComp):
+    """The bilinear ground truth's own decoder: composing pairs add a_i a_j B(v_i, v_j)."""
+
+    def __init__(self, gt, k: int = 8) -> None:
+        super().__init__(gt.V, [], k)
+        d = gt.dictionary
+        self.B = torch.from_numpy(((d.V @ d.A.T)[:, None, :] * (d.V @ d.A.T)[None]) @ d.W_B).float()  # [n, n, d]
+        self.comp = torch.from_numpy(d.composing)
+
+    def decode_active(self, idx: torch.Tensor, vals: torch.Tensor) -> torch.Tensor:
+        linear = (vals[..., None] * self.W_dec[idx]).sum(1)
+        on = (vals * self.comp[idx]).float()
+        w = (on[:, :, None] * on[:, None, :]).triu(1)  # [b, k, k]
+        return linear + torch.einsum("bij,bijd->bd", w, self.B[idx[:, :, None], idx[:, None, :]])
+
+
+def test_bilinear_labelled_pairs_scored_by_effects_not_cooccurrence(tmp_path):
+    cfg = GroundTruthConfig(interaction="bilinear", d_model=32, n_features=64, n_rows=8192, n_pairs=6,
+                            noise_std=0.0, group_prob=0.1, mean_active=2.0)
+    write_ground_truth_store(cfg, str(tmp_path / "bl"), layout=StoreLayout(dtype="float32", chunk_rows=512,
+                                                                          shard_rows=4096))
+    gt = load_ground_truth(str(tmp_path / "bl"))
+    res = evaluate_model(OracleBilinear(gt), ActivationStore.open(str(tmp_path / "bl")), "synthetic.hook_x", gt,
+                         EvaluateConfig(max_rows=4096, batch_size=512, min_pair_effect=0.0),
+                         HeldOutSplit(fraction=0.5))
+    assert res["pair_auc"] == 1.0  # every interacting pair above every twin
+    assert res["pmi_auc"] < 0.9    # co-firing alone cannot tell them apart
+    assert res["pair_f1"] > 0.9 and 0 <= res["conjunction_latent_f1"] <= 1
 
 
 def test_composition_accumulator_means_over_coactive_tokens():

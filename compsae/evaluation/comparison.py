@@ -20,10 +20,17 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from compsae.analysis.pair_effects import PairEffectSums
 from compsae.evaluation.config import EvaluateConfig
 from compsae.evaluation.ground_truth import GroundTruth, load_ground_truth
 from compsae.evaluation.matching import hungarian_match, mmcs
-from compsae.evaluation.pair_recovery import pair_recovery
+from compsae.evaluation.pair_recovery import (
+    conjunction_latent_score,
+    labelled_auc,
+    pair_recovery,
+    thresholded_pairs,
+    true_pairs,
+)
 from compsae.evaluation.reconstruction import FVUAccumulator
 from compsae.store import ActivationStore
 from compsae.store.split import HeldOutSplit
@@ -74,47 +81,134 @@ def _has_composition(model: Any) -> bool:
     return "composition" in inspect.signature(model.forward).parameters
 
 
+def interaction_terms(gt: GroundTruth, acts: np.ndarray, would: bool = False) -> np.ndarray:
+    """The interaction part of each row, `acts: [rows, n_features]` -> `[rows, d]` (what the
+    generator added; with `would`, what it would have added on the additive control)."""
+    d = gt.dictionary
+    if not (d.interacting or would) or not len(d.groups):
+        return np.zeros((acts.shape[0], d.V.shape[1]), dtype=np.float32)
+    if d.kind == "bilinear":
+        return d.bilinear(acts)
+    member = d.membership
+    active = ((acts > 0).astype(np.int32) @ member.T.astype(np.int32)) == member.sum(1)
+    return (active * d.b).astype(np.float32) @ d.U
+
+
+def _interacts(gt: GroundTruth) -> Any:
+    """`(i, j) -> bool`: whether two true features interact in (or, on the control, would interact in) the data."""
+    d = gt.dictionary
+    if d.kind == "bilinear":
+        return d.would_interact
+    pairs = true_pairs(d.groups)
+    return lambda i, j: (min(i, j), max(i, j)) in pairs
+
+
+def _labelled_pairs(gt: GroundTruth) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    """(interacting, co-firing-only) labelled pairs: the bilinear design's pairs and twins."""
+    d = gt.dictionary
+    if d.kind != "bilinear":
+        return [], []
+    return [tuple(p) for p in d.groups[:d.n_pairs]], [tuple(p) for p in d.twins]  # type: ignore[misc]
+
+
+def pmi_matrix(count: np.ndarray, fired: np.ndarray, n_tokens: int, min_support: int) -> np.ndarray:
+    """Pointwise mutual information of latent co-firing `[n, n]` (0 below `min_support`), shifted to be
+    non-negative so it ranks like a score: `count` (upper-triangular pair counts), `fired: [n]` counts."""
+    both = count + count.T
+    p_i = fired / max(n_tokens, 1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        pmi = np.log(both / max(n_tokens, 1) / np.outer(p_i, p_i))
+    pmi = np.where((both >= min_support) & np.isfinite(pmi), pmi, np.nan)
+    lowest = np.nanmin(pmi) if np.isfinite(pmi).any() else 0.0
+    return np.nan_to_num(pmi - lowest + 1e-9, nan=0.0)
+
+
 @torch.no_grad()
 def evaluate_model(model: Any, store: ActivationStore, hook: str, gt: GroundTruth, cfg: EvaluateConfig,
                    split: HeldOutSplit, scale: float = 1.0) -> dict[str, float]:
     """All synthetic-ground-truth metrics of one trained model (``W_dec: [n, d]``, SAE interface),
-    on the held-out rows of ``split`` (the one it was trained with)."""
+    on the held-out rows of ``split`` (the one it was trained with).
+
+    Composition is scored from measured pair effects (``PairEffectSums``: the mixed difference of
+    the reconstruction over the tokens where both latents fire), never from attention weights; the
+    attention-weight matrix is reported beside it as ``attn_*``, a secondary view."""
     model.eval()
     W_dec = model.W_dec.detach().float().cpu().numpy()   # [n_latents, d]
+    n_latents = W_dec.shape[0]
     match = hungarian_match(W_dec, gt.V)
-    true_all = np.concatenate([gt.V, gt.U]) if len(gt.C) else gt.V
+    latent_to_true = match.latent_to_true(cfg.min_match_cos)
+    true_all = np.concatenate([gt.V, gt.U]) if len(gt.U) else gt.V
     comp = _has_composition(model)
     rows = eval_rows(store, split, cfg.max_rows)
+    acts = gt.acts[rows].toarray()  # [rows, n_features] true magnitudes of the evaluated rows
+    inter = interaction_terms(gt, acts) * scale  # [rows, d] in the model's units
+    positives, negatives = _labelled_pairs(gt)
+    conj = np.stack([(acts[:, i] > 0) & (acts[:, j] > 0) for i, j in positives], 1) if positives else None
     fvu_on, fvu_off = FVUAccumulator(), FVUAccumulator()
-    acc = CompositionAccumulator(W_dec.shape[0]) if comp else None
-    l0, n_tok = 0.0, 0
-    for batch in tqdm(iter_batches(store, hook, rows, cfg.batch_size), total=-(-len(rows) // cfg.batch_size),
-                      desc="evaluate", unit="batch"):
+    attn_acc = CompositionAccumulator(n_latents) if comp else None
+    effects = PairEffectSums.empty(n_latents) if comp else None
+    cofire = np.zeros((n_latents, n_latents))
+    fired = np.zeros(n_latents)
+    left, inter_energy, l0, n_tok = 0.0, 0.0, 0.0, 0
+    z_fired = []
+    for lo, batch in enumerate(tqdm(iter_batches(store, hook, rows, cfg.batch_size),
+                                    total=-(-len(rows) // cfg.batch_size), desc="evaluate", unit="batch")):
         x = torch.from_numpy(batch).to(cfg.device) * scale
         out = _forward(model, x, True if comp else None)
         fvu_on.update(x, out.x_hat)
-        l0 += float((out.z != 0).sum())
+        active = (out.z != 0).cpu().numpy()
+        l0 += float(active.sum())
         n_tok += x.shape[0]
+        fired += active.sum(0)
+        cofire += np.triu(active.T.astype(np.float64) @ active.astype(np.float64), 1)
+        if conj is not None:
+            z_fired.append(active)
+        # interaction energy the model leaves in its residual: (⟨x − x̂, t⟩ / ‖t‖)² summed over rows
+        t = torch.from_numpy(inter[lo * cfg.batch_size:lo * cfg.batch_size + x.shape[0]]).to(x)
+        t_sq = t.square().sum(-1)
+        has = t_sq > 0
+        left += float((((x - out.x_hat) * t).sum(-1)[has]).square().div(t_sq[has]).sum())
+        inter_energy += float(t_sq.sum())
         if comp:
             fvu_off.update(x, _forward(model, x, False).x_hat)
-            if out.attn is not None and "active_idx" in out.extras:
-                acc.update(out.attn, out.extras["active_idx"])
+            idx = out.extras["active_idx"]
+            effects.update(model, x, out.x_hat, idx, out.z.gather(1, idx))  # type: ignore[union-attr]
+            if out.attn is not None:
+                attn_acc.update(out.attn, idx)  # type: ignore[union-attr]
     res: dict[str, float] = {
         "mcc": match.mcc, "mmcs": mmcs(W_dec, gt.V), "mcc_with_interactions": hungarian_match(W_dec, true_all).mcc,
         "fvu": fvu_on.fvu, "l0": l0 / max(n_tok, 1), "n_eval_rows": int(n_tok),
     }
-    if comp:
-        fve_on, fve_off = 1 - fvu_on.fvu, 1 - fvu_off.fvu
-        res.update(fvu_no_composition=fvu_off.fvu,
-                   composition_share=(fve_on - fve_off) / fve_on if fve_on > 0 else float("nan"))
-        if acc is not None and len(gt.dictionary.groups):
-            # On the additive control C is empty: score against the co-firing groups instead, which
-            # measures how many spurious "compositions" the model reports where none exist.
-            C = gt.C if gt.C else gt.dictionary.groups
-            pr = pair_recovery(acc.matrix(), C, match.latent_to_true(cfg.min_match_cos),
-                               selection=cfg.pair_selection, threshold=cfg.pair_threshold)
-            prefix = "pair_" if gt.C else "spurious_pair_"
-            res.update({prefix + k: v for k, v in pr.as_dict().items()})
+    if inter_energy > 0:
+        res["interaction_left"] = left / inter_energy
+    if conj is not None:
+        res["conjunction_latent_f1"] = float(conjunction_latent_score(np.concatenate(z_fired), conj).mean())
+    if positives:
+        pmi = pmi_matrix(cofire, fired, n_tok, cfg.min_pair_support)
+        res["pmi_auc"] = labelled_auc(pmi, latent_to_true, positives, negatives)[0]
+    if not comp:
+        return res
+    fve_on, fve_off = 1 - fvu_on.fvu, 1 - fvu_off.fvu
+    res.update(fvu_no_composition=fvu_off.fvu,
+               composition_share=(fve_on - fve_off) / fve_on if fve_on > 0 else float("nan"))
+    S = effects.mean_effect(cfg.min_pair_support)  # type: ignore[union-attr]
+    prefix = "pair_" if gt.C else "spurious_pair_"
+    if positives:
+        res[prefix + "auc"], res[prefix + "ap"] = labelled_auc(S, latent_to_true, positives, negatives)
+    if len(gt.dictionary.groups):
+        # On the additive control nothing interacts: every pair called composing is false, scored
+        # against what would interact, so its F1 measures the spurious compositions.
+        called = thresholded_pairs(S, effects.count, latent_to_true, _interacts(gt),  # type: ignore[union-attr]
+                                   cfg.min_pair_support, cfg.min_pair_effect)
+        res.update({prefix + k: v for k, v in called.as_dict().items()})
+        if attn_acc is not None and attn_acc.count.sum() > 0:
+            A = attn_acc.matrix()
+            if positives:
+                res["attn_" + prefix + "auc"] = labelled_auc(A, latent_to_true, positives, negatives)[0]
+            else:
+                pr = pair_recovery(A, gt.C or gt.dictionary.groups, latent_to_true,
+                                   selection=cfg.pair_selection, threshold=cfg.pair_threshold)
+                res["attn_" + prefix + "f1"] = pr.f1
     return res
 
 
@@ -140,8 +234,9 @@ def comparison_table(runs: list[dict[str, str]], cfg: EvaluateConfig) -> list[di
 
 def markdown_table(rows: list[dict], columns: list[str] | None = None) -> str:
     """A markdown table of result rows (floats to 3 significant digits, missing as "–")."""
-    columns = columns or ["label", "model", "data", "mcc", "mmcs", "fvu", "fvu_no_composition",
-                          "composition_share", "pair_f1", "pair_precision", "pair_recall", "spurious_pair_precision", "l0"]
+    columns = columns or ["label", "model", "data", "mcc", "fvu", "fvu_no_composition", "composition_share",
+                          "pair_auc", "pmi_auc", "pair_f1", "pair_precision", "pair_recall", "spurious_pair_f1",
+                          "spurious_pair_n_found", "conjunction_latent_f1", "interaction_left", "l0"]
     columns = [c for c in columns if any(c in r for r in rows)]
 
     def fmt(v: Any) -> str:

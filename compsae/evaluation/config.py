@@ -51,10 +51,9 @@ class GroundTruthConfig(BaseModel):
 
     @model_validator(mode="after")
     def _pairs_fit(self) -> GroundTruthConfig:
-        if self.interaction == "bilinear":
-            if 2 * self.n_pairs > round(self.composing_fraction * self.n_features):
-                raise ValueError(f"n_pairs {self.n_pairs} needs {2 * self.n_pairs} composing features, more than "
-                                 "composing_fraction * n_features; lower n_pairs or raise composing_fraction")
+        if self.interaction == "bilinear" and 2 * self.n_pairs > round(self.composing_fraction * self.n_features):
+            raise ValueError(f"n_pairs {self.n_pairs} needs {2 * self.n_pairs} composing features, more than "
+                             "composing_fraction * n_features; lower n_pairs or raise composing_fraction")
         return self
 
     @field_validator("n_interactions")
@@ -97,6 +96,9 @@ class EvaluateConfig(BaseModel):
     pair_selection: str = Field("top", pattern="^(top|threshold)$")
     pair_threshold: float = 0.0                   # used when pair_selection == "threshold"
     min_match_cos: float = Field(0.5, ge=0.0, le=1.0)  # a latent only stands for a true feature above this
+    min_pair_support: int = Field(5, ge=1, description="co-firing tokens a latent pair needs to be scored")
+    min_pair_effect: float = Field(
+        0.01, ge=0.0, description="smallest mean pair effect (‖Δ‖ / RMS row deviation) ever called composing")
     device: str = "cpu"
 
 

@@ -18,9 +18,9 @@ Mapping rule (one definition, used everywhere):
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
 from dataclasses import dataclass
 from itertools import combinations
+from typing import Any
 
 import numpy as np
 from sklearn.metrics import average_precision_score

@@ -80,11 +80,8 @@ class PairComposer(nn.Module):
         """Composition term `[b, d]` of the active latents (`idx`, `vals`: `[b, k]`)."""
         u = self.items(idx, vals)  # [b, k, r]
         s = self.pair_weights(idx, m)
-        if s is None:
-            c = pair_sum(u)  # [b, r]
-        else:
-            # Σ_{i<j} s_ij u_i ⊙ u_j = ½ Σ_i u_i ⊙ (Σ_j s_ij u_j), s symmetric with zero diagonal
-            c = (u * (s @ u)).sum(1) / 2
+        # with s: Σ_{i<j} s_ij u_i ⊙ u_j = ½ Σ_i u_i ⊙ (Σ_j s_ij u_j), s symmetric with zero diagonal
+        c = pair_sum(u) if s is None else (u * (s @ u)).sum(1) / 2  # [b, r]
         return c @ self.W_out
 
     def penalty(self, idx: torch.Tensor, vals: torch.Tensor) -> torch.Tensor:
