@@ -259,6 +259,8 @@ def run_harvest(cfg: HarvestConfig, out_dir: str, force: bool = False,
     # lock first: --force must not wipe a store another harvest is still writing
     with writer_lock(url, "harvest"), torch.inference_mode():
         store = ActivationStore.create_or_resume(url, widths, n_rows, cfg.layout(), manifest, force=force)
+        todo = store.n_rows - sum(hi - lo for lo, hi in map(store.shard_range, store.done_shards()))  # rows to harvest
+        t0 = time.perf_counter()
         if workers or scheduler:
             from compsae.harvest.parallel import harvest_parallel
 
@@ -266,6 +268,10 @@ def run_harvest(cfg: HarvestConfig, out_dir: str, force: bool = False,
                              processes=processes, on_shard_written=on_shard_written)
         else:
             _harvest_into(store, cfg, loaded, tokens, widths, stop, on_shard_written)
+        seconds = time.perf_counter() - t0
+    # what start-up costs is the process's time minus this line's (benchmarks/peer_saelens.py reads it)
+    tqdm.write(f"harvest: {todo:,} tokens in {seconds:.2f} s ({todo / max(seconds, 1e-9):,.0f} tokens/s: forward "
+               "passes, writes and finalize; loading and tokenizing not included)")
     return outputs_of(store)
 
 
