@@ -22,7 +22,7 @@ finalize included) and of its loop alone, bytes per token on disk, and the measu
 what SAELens cannot do here (resume after `kill -9`, store exactly the tokens asked for, several
 hooks in one pass).
 
-    python benchmarks/peer_saelens.py --quick [--device cuda]   # under two minutes on 2 cores
+    python benchmarks/peer_saelens.py --quick [--device cuda]   # 9 processes of ~8-20 s each
     python benchmarks/peer_saelens.py --tokens 102400 --rounds 2
 
 Ends with RESULT lines: compsae_vs_saelens (whole-process tokens/s, compsae / SAELens float16),
@@ -133,7 +133,8 @@ def saelens_child(args: argparse.Namespace) -> None:
     t0 = time.perf_counter()
     dataset = runner.run()
     loop = time.perf_counter() - t0
-    print("CHILD " + json.dumps({"loop_s": loop, "tokens": len(dataset)}), flush=True)
+    tokens = len(dataset) * cfg.sliced_context_size  # a row of its dataset is one sequence
+    print("CHILD " + json.dumps({"loop_s": loop, "tokens": tokens}), flush=True)
 
 
 def bare_child(args: argparse.Namespace) -> None:
@@ -300,8 +301,8 @@ def saelens_capabilities(work: Path, env: dict[str, str], args: argparse.Namespa
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="16,384 tokens, one round, small capability runs (< 2 min)")
-    ap.add_argument("--tokens", type=int, help="tokens asked of each tool (default 102,400; --quick 16,384)")
+    ap.add_argument("--quick", action="store_true", help="8,192 tokens, one round, small capability runs")
+    ap.add_argument("--tokens", type=int, help="tokens asked of each tool (default 102,400; --quick 8,192)")
     ap.add_argument("--rounds", type=int, help="alternating rounds (default 2; --quick 1)")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -321,7 +322,7 @@ def main() -> None:
         import sae_lens  # noqa: F401  (the check only; children import it)
     except ImportError:
         sys.exit("SAELens is not installed: pip install -e '.[bench]' (this script installs nothing)")
-    args.tokens = args.tokens or (16_384 if args.quick else 102_400)
+    args.tokens = args.tokens or (8_192 if args.quick else 102_400)
     rounds = args.rounds or (1 if args.quick else 2)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.work or tmp)
@@ -352,7 +353,7 @@ def main() -> None:
                     print(f"round {r} {name}: FAILED: {res['error']}", flush=True)
         caps: dict[str, dict[str, str]] = {}
         if not args.no_capabilities:
-            small = 3 * 4096 + 1000 if args.quick else 8 * 4096 + 1000  # not a whole number of batches
+            small = 2 * 4096 + 1024 if args.quick else 8 * 4096 + 1024  # whole sequences, not whole batches
             caps["compsae"] = compsae_capabilities(work, env, args, small)
             caps["saelens"] = saelens_capabilities(work, env, args, small)
 
