@@ -12,46 +12,87 @@ import torch
 
 from compsae.errors import UserError
 from compsae.harvest.config import HarvestConfig
-from compsae.harvest.run import ShardBuffer, run_harvest
-from compsae.store import ActivationStore
+from compsae.harvest.run import HostShard, HostStaging, ShardBuffer, ShardWriter, run_harvest
+from compsae.store import ActivationStore, StoreLayout
 from compsae.store.activation_store import from_storage, shard_moments, to_storage
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
+def _finish(buf: ShardBuffer, staging: HostStaging | None) -> HostShard:
+    host = buf.finish(staging)
+    host.wait()
+    return host
+
+
+STAGINGS = ["views", "staged"]  # the CPU's zero-copy views; host slots (pinned and async on CUDA)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
-def test_buffer_gives_the_hosts_stored_values_and_moments(device: str, dtype: str) -> None:
+@pytest.mark.parametrize("how", STAGINGS)
+def test_buffer_gives_the_hosts_stored_values_and_moments(device: str, dtype: str, how: str) -> None:
     x = torch.from_numpy(np.random.default_rng(0).normal(size=(300, 24)).astype(np.float32) * 4)
+    staging = HostStaging(512, {"h": 24}, dtype, torch.device(device), slots=1) if how == "staged" else None
     buf = ShardBuffer(300, {"h": 24}, dtype, torch.device(device))
     buf.fill(0, {"h": x[:120].to(device)})  # two batches, the second cut by the shard's end
     buf.fill(120, {"h": x[120:].to(device)})
-    host, moments = buf.finish()
+    host = _finish(buf, staging)
+    host.check()
     expect = to_storage(x.numpy(), dtype, "h")
-    assert host["h"].dtype == expect.dtype
-    np.testing.assert_array_equal(host["h"], expect)
+    assert host.acts["h"].dtype == expect.dtype
+    np.testing.assert_array_equal(host.acts["h"], expect)
     if device == "cpu":
-        assert moments is None  # left to the writer thread
+        assert host.moments is None  # left to the writer thread
     else:
-        assert moments is not None
-        np.testing.assert_allclose(moments["h"], shard_moments(from_storage(expect, dtype)), rtol=1e-12, atol=1e-12)
+        assert host.moments is not None
+        np.testing.assert_allclose(host.moments["h"], shard_moments(from_storage(expect, dtype)), rtol=1e-12, atol=1e-12)
+    if staging is not None:  # one slot: the next shard gets it back only once this one is released
+        assert staging.free.empty()
+        host.release()
+        assert staging.free.qsize() == 1
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_buffer_refuses_float16_overflow_and_nan(device: str) -> None:
+@pytest.mark.parametrize("how", STAGINGS)
+def test_buffer_refuses_float16_overflow_and_nan(device: str, how: str) -> None:
+    def staging(dtype: str) -> HostStaging | None:
+        return HostStaging(8, {"h": 4}, dtype, torch.device(device), slots=1) if how == "staged" else None
+
     big = torch.zeros(8, 4)
     big[5, 2] = -7e4
     buf = ShardBuffer(8, {"blocks.0.hook_x": 4}, "float16", torch.device(device))
     buf.fill(0, {"blocks.0.hook_x": big.to(device)})
+    host = _finish(buf, None if how == "views" else HostStaging(8, {"blocks.0.hook_x": 4}, "float16",
+                                                                   torch.device(device), slots=1))
     with pytest.raises(UserError, match="blocks.0.hook_x reach 7e\\+04.*bfloat16 or float32"):
-        buf.finish()
+        host.check()
     nan = torch.ones(8, 4)
     nan[1, 1] = float("nan")
     buf = ShardBuffer(8, {"h": 4}, "bfloat16", torch.device(device))
     buf.fill(0, {"h": nan.to(device)})
     with pytest.raises(UserError, match="NaN or inf"):
-        buf.finish()
+        _finish(buf, staging("bfloat16")).check()
+
+
+def test_writer_hands_back_every_slot_after_an_error(tmp_path: Path) -> None:
+    """A float16 overflow stops the writer; shards queued after it are drained and their host
+    slots released, so the harvesting thread never waits forever for a slot."""
+    store = ActivationStore.create(str(tmp_path / "s.zarr"), {"h": 4}, 32, StoreLayout(chunk_rows=8, shard_rows=8),
+                                   {"config_hash": "t"})
+    staging = HostStaging(8, {"h": 4}, "float16", torch.device("cpu"), slots=2)
+    writer = ShardWriter(store, np.zeros((4, 8), np.int32), 8)
+    for shard in range(4):
+        buf = ShardBuffer(8, {"h": 4}, "float16", torch.device("cpu"))
+        buf.fill(0, {"h": torch.full((8, 4), 7e4 if shard == 1 else 1.0)})
+        try:
+            writer.put(shard, buf.finish(staging))  # blocks while both slots are taken
+        except UserError:
+            break
+    with pytest.raises(UserError, match="reach 7e\\+04"):
+        writer.close()
+    assert staging.free.qsize() == 2 and store.done_shards() == {0}
 
 
 def _cfg(device: str, **over: Any) -> HarvestConfig:

@@ -18,12 +18,14 @@ ranges to Dask workers (`workers` / `scheduler`): each range is `harvest_shards`
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import queue
 import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -103,6 +105,84 @@ def load_and_tokenize(cfg: HarvestConfig) -> tuple[LoadedModel, np.ndarray]:
         pool.shutdown(wait=True)
 
 
+@dataclass
+class HostShard:
+    """A shard on its way to the host (see `HostStaging.stage`).  The writer thread calls `wait`
+    (the device → host copy is done), `check` (float16 overflow / NaN), reads `acts` and
+    `moments`, then `release` (the host buffers go back to the pool)."""
+
+    acts: dict[str, np.ndarray]  # {hook: [rows, width]} in the storage dtype (bfloat16 as uint16 bits)
+    moments: dict[str, np.ndarray] | None  # {hook: shard moments} when computed on the device
+    peaks: np.ndarray  # [n_hooks] float32: max |x| per hook, NaN when a value was NaN
+    dtype: str
+    done: Any = None  # torch.cuda.Event of the copy, None when the data is already on the host
+    release: Callable[[], None] = lambda: None
+
+    def wait(self) -> None:
+        """Block until the copy to the host has finished (releases the GIL meanwhile)."""
+        if self.done is not None:
+            self.done.synchronize()
+
+    def check(self) -> None:
+        """Raise a UserError when a hook overflows the storage dtype or holds NaN / inf."""
+        for h, peak in zip(self.acts, self.peaks.tolist(), strict=True):
+            check_peak(peak, self.dtype, h)
+
+
+def _numpy(x: torch.Tensor, dtype: str) -> np.ndarray:
+    """A host tensor in the storage dtype as NumPy, without a copy (bfloat16 as its uint16 bits)."""
+    return x.view(torch.int16).numpy().view(np.uint16) if dtype == "bfloat16" else x.numpy()
+
+
+class HostStaging:
+    """Host buffers for shards leaving a GPU, reused from a pool of `slots`, and the side CUDA stream
+    that copies into them.
+
+    The copy waits (on the GPU) for the kernels that filled the shard, runs beside the next batches'
+    forward passes and signals an event the writer thread waits on: the harvesting thread never
+    waits for the device.  Buffers are pinned when CUDA is there (pinned memory is what lets a copy
+    run asynchronously); when every slot is still being written, `stage` blocks, which bounds the
+    host memory.  Without CUDA the same code copies synchronously into ordinary memory (tests)."""
+
+    def __init__(self, shard_rows: int, widths: dict[str, int], dtype: str, device: torch.device,
+                 slots: int = _QUEUE_SHARDS + 2) -> None:
+        self.dtype, self.device = dtype, device
+        cuda = device.type == "cuda"
+        self.stream = torch.cuda.Stream(device) if cuda else None
+        self.free: queue.Queue[dict[str, Any]] = queue.Queue()
+        for _ in range(slots):
+            self.free.put({
+                "acts": {h: torch.empty((shard_rows, w), dtype=_TORCH_DTYPES[dtype], pin_memory=cuda)
+                         for h, w in widths.items()},
+                "moments": {h: torch.empty(2 * w + 2, dtype=torch.float64, pin_memory=cuda) for h, w in widths.items()},
+                "peaks": torch.empty(len(widths), dtype=torch.float32, pin_memory=cuda),
+            })
+
+    def stage(self, data: dict[str, torch.Tensor], peaks: torch.Tensor,
+              moments: dict[str, torch.Tensor] | None) -> HostShard:
+        """Start copying a shard (`data[hook]: [rows, width]`, `peaks: [n_hooks]`, `moments[hook]`,
+        all on the device) into a free host slot; returns at once on a GPU."""
+        slot = self.free.get()
+        rows = next(iter(data.values())).shape[0]
+        done = None
+        if self.stream is not None:
+            self.stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext():
+            sources = [(slot["acts"][h][:rows], x) for h, x in data.items()] + [(slot["peaks"], peaks)]
+            sources += [(slot["moments"][h], m) for h, m in (moments or {}).items()]
+            for dst, src in sources:
+                dst.copy_(src, non_blocking=self.stream is not None)
+                if self.stream is not None:
+                    src.record_stream(self.stream)  # the allocator must not reuse it before the copy ends
+            if self.stream is not None:
+                done = torch.cuda.Event()
+                done.record(self.stream)
+        return HostShard(acts={h: _numpy(slot["acts"][h][:rows], self.dtype) for h in data},
+                         moments={h: slot["moments"][h].numpy() for h in moments} if moments is not None else None,
+                         peaks=slot["peaks"].numpy(), dtype=self.dtype, done=done,
+                         release=lambda: self.free.put(slot))
+
+
 class ShardWriter:
     """A background thread that writes full shards to the store from a bounded queue.
 
@@ -116,22 +196,23 @@ class ShardWriter:
         self.row0 = first_seq * context
         self.context = context
         self.on_written = on_written
-        self.queue: queue.Queue[tuple[int, dict[str, np.ndarray], dict[str, np.ndarray] | None] | None] = (
-            queue.Queue(maxsize=_QUEUE_SHARDS))
+        self.queue: queue.Queue[tuple[int, HostShard] | None] = queue.Queue(maxsize=_QUEUE_SHARDS)
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._loop, name="compsae-shard-writer", daemon=True)
         self.thread.start()
 
     def _loop(self) -> None:
         while (item := self.queue.get()) is not None:
-            if self.error is not None:
-                continue  # drain, so the harvesting thread never blocks on a dead writer
-            shard, acts, moments = item
+            shard, host = item
             try:
+                if self.error is not None:
+                    continue  # drain, so the harvesting thread never blocks on a dead writer
+                host.wait()
+                host.check()
                 start, stop = self.store.shard_range(shard)
                 rows = np.arange(start, stop, dtype=np.int64)
-                self.store.write_shard(shard, acts, tokens=self.flat_tokens[start - self.row0:stop - self.row0],
-                                       seq_id=rows // self.context, pos=rows % self.context, moments=moments)
+                self.store.write_shard(shard, host.acts, tokens=self.flat_tokens[start - self.row0:stop - self.row0],
+                                       seq_id=rows // self.context, pos=rows % self.context, moments=host.moments)
                 if self.on_written is not None:
                     self.on_written(shard)
             except OSError as e:
@@ -142,16 +223,20 @@ class ShardWriter:
                     self.error = e
             except BaseException as e:  # noqa: BLE001 - handed to the harvesting thread
                 self.error = e
+            finally:
+                host.release()
 
     def _raise(self) -> None:
         if self.error is not None:
             raise self.error
 
-    def put(self, shard: int, acts: dict[str, np.ndarray], moments: dict[str, np.ndarray] | None = None) -> None:
-        """Queue a full shard for writing: `acts[hook]: [rows, d]` (float, or already in the storage
-        dtype) and, when known, its `moments[hook]` (see `ActivationStore.write_shard`)."""
-        self._raise()
-        self.queue.put((shard, acts, moments))
+    def put(self, shard: int, host: HostShard) -> None:
+        """Queue a full shard for writing (see `HostShard`); raises the writer's error, if any,
+        instead (handing the shard's host buffers back)."""
+        if self.error is not None:
+            host.release()
+            raise self.error
+        self.queue.put((shard, host))
 
     def close(self) -> None:
         """Wait for every queued shard to be written; raise the writer's error if any."""
@@ -168,15 +253,16 @@ def _forward(loaded: LoadedModel, seqs: np.ndarray, hooks: list[str], widths: di
     return {h: acts[h].reshape(-1, widths[h]).float() for h in hooks}
 
 
-def device_moments(x: torch.Tensor) -> np.ndarray:
+def device_moments(x: torch.Tensor) -> torch.Tensor:
     """`shard_moments` of `x: [rows, d]` computed where `x` lives: [count, mean (d), M2 (d), norm sum]
-    float64.  (Reductions on CUDA are deterministic, so a resumed harvest records the same bytes.)"""
+    float64, on `x`'s device.  (Reductions on CUDA are deterministic, so a resumed harvest records
+    the same bytes.)"""
     x64 = x.double()
     mean = x64.mean(dim=0)
     m2 = (x64 - mean).square_().sum(dim=0)
     norm_sum = torch.linalg.vector_norm(x64, dim=1).sum()
     count = torch.tensor([x.shape[0]], dtype=torch.float64, device=x.device)
-    return torch.cat([count, mean, m2, norm_sum[None]]).cpu().numpy()
+    return torch.cat([count, mean, m2, norm_sum[None]])
 
 
 class ShardBuffer:
@@ -199,21 +285,16 @@ class ShardBuffer:
             self.peak[h] = torch.maximum(self.peak[h], torch.maximum(hi, -lo))
             self.data[h][at:at + len(x)].copy_(x)
 
-    def finish(self) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray] | None]:
-        """Range-check the shard and bring it to the host: `({hook: [rows, width]} in the storage
-        dtype (bfloat16 as uint16 bits), {hook: moments} or None)`.  Raises on overflow/NaN."""
-        peaks = torch.stack(list(self.peak.values())).cpu().tolist()  # waits for the device, once
-        for h, peak in zip(self.data, peaks, strict=True):
-            check_peak(peak, self.dtype, h)
-        on_gpu = next(iter(self.data.values())).device.type != "cpu"
-        moments = {h: device_moments(x) for h, x in self.data.items()} if on_gpu else None
-        host = {}
-        for h, x in self.data.items():
-            if self.dtype == "bfloat16":  # NumPy has no bfloat16: its bits, as the store keeps them
-                host[h] = x.view(torch.int16).cpu().numpy().view(np.uint16)
-            else:
-                host[h] = x.cpu().numpy()
-        return host, moments
+    def finish(self, staging: HostStaging | None = None) -> HostShard:
+        """Hand the shard to the host: through `staging` (a GPU: asynchronous, statistics computed
+        on the device), else as views of the buffer itself (the CPU: no copy, statistics left to
+        the writer).  Nothing here waits for the device; the range check is `HostShard.check`."""
+        peaks = torch.stack(list(self.peak.values()))
+        if staging is None:
+            return HostShard(acts={h: _numpy(x, self.dtype) for h, x in self.data.items()}, moments=None,
+                             peaks=peaks.cpu().numpy(), dtype=self.dtype)
+        moments = {h: device_moments(x) for h, x in self.data.items()} if staging.stream is not None else None
+        return staging.stage(self.data, peaks, moments)
 
 
 def run_harvest(cfg: HarvestConfig, out_dir: str, force: bool = False,
@@ -318,6 +399,8 @@ def harvest_shards(store: ActivationStore, cfg: HarvestConfig, loaded: LoadedMod
     stop_row = store.shard_range(shards.stop - 1)[1]
     n_seqs = store.n_rows // context
     writer = ShardWriter(store, tokens, context, on_shard_written, first_seq=first_seq)
+    # a GPU's shards reach the host through pinned buffers on a side stream; a CPU's are on it already
+    staging = HostStaging(store.shard_rows, hook_widths, cfg.dtype, loaded.device) if loaded.device.type == "cuda" else None
     buffer: ShardBuffer | None = None
     bar = tqdm(total=store.n_rows, initial=start_row, desc=f"harvest {loaded.info['name']}", unit="tok",
                unit_scale=True, dynamic_ncols=True, disable=not progress)
@@ -340,7 +423,7 @@ def harvest_shards(store: ActivationStore, cfg: HarvestConfig, loaded: LoadedMod
                 buffer.fill(lo - s_start, {h: acts[h][lo - r0:lo - r0 + take] for h in hooks})
                 lo += take
                 if lo == s_stop:
-                    writer.put(shard, *buffer.finish())
+                    writer.put(shard, buffer.finish(staging))
                     buffer = None
     finally:
         bar.close()
