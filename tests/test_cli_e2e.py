@@ -72,6 +72,14 @@ def test_pipeline_report_gathers_the_stages(finished_run):
     assert "LM behaviour" in page and page.count("<table>") >= 4
     for src in [part.split("'")[0] for part in page.split("<img src='")[1:]]:
         assert (runs / src).is_file(), src
+    # the training curves and one feature browser per trained model
+    assert "training_curves.png" in page
+    links = [part.split("'")[0] for part in page.split("<a href='")[1:] if "/browser/" in part.split("'")[0]]
+    assert sorted(p.rsplit("/", 1)[-1] for p in links) == ["compsae.html", "relu.html", "topk.html"]
+    for link in links:
+        assert (runs / link).is_file(), link
+    browser = (runs / links[0]).read_text()
+    assert '"logits":{"0":' in browser  # tiny-neox reloads offline: logit effects through its W_U
 
 
 def test_rerun_does_nothing_and_status_is_done(finished_run):

@@ -47,7 +47,8 @@ const el=(tag,attrs,...kids)=>{const e=document.createElement(tag);for(const[k,v
   for(const k of kids){if(k!=null)e.append(k);}return e;};
 const fmt=v=>v==null?'–':(Number.isInteger(v)?String(v):Number(v).toPrecision(3));
 const tokText=id=>(D.vocab[id]??('<'+id+'>')).replace(/\n/g,'⏎');
-const topTok=l=>(D.top_tokens[l]||[]).map(([t,c])=>tokText(t)).join(' · ');
+const tokLabel=id=>{const t=tokText(id);return t.trim()===''?t.replace(/ /g,'␣'):t;};  // a lone space stays visible
+const topTok=l=>(D.top_tokens[l]||[]).map(([t,c])=>tokLabel(t)).join(' · ');
 const partnersOf=l=>(D.partners[l]||[]);
 const SHOWN=[['latent','latent',''],['frequency','freq (% tokens)','%'],['mean_activation','mean act',''],
   ['max_activation','max act',''],['n_partners','partners','']].filter(([c])=>c in col);
@@ -99,7 +100,7 @@ function show(l){
   det.append(el('h2',{text:`latent ${l}`}));
   det.append(el('p',{text:`fires on ${fmt(cell(r,'frequency'))} % of ${D.n_tokens} held-out tokens; mean activation ${fmt(r[col.mean_activation])}, max ${fmt(r[col.max_activation])} (store units)`}));
   const tt=D.top_tokens[l]||[];
-  if(tt.length)det.append(el('p',{},'top tokens (count among its top contexts): ',...tt.map(([t,c])=>el('span',{class:'pill',text:`${tokText(t)} ×${c}`}))));
+  if(tt.length)det.append(el('p',{},'top tokens (count among its top contexts): ',...tt.map(([t,c])=>el('span',{class:'pill',text:`${tokLabel(t)} ×${c}`}))));
   const ctxs=D.contexts[l]||[];
   det.append(el('h2',{text:'top-activating contexts'}));
   if(!ctxs.length)det.append(el('p',{class:'muted',text:'none: it never fired on the evaluated tokens'}));
@@ -108,7 +109,7 @@ function show(l){
   const cols=el('div',{class:'cols'});
   if(D.hist[l]){cols.append(el('div',{},el('h2',{text:`activation histogram (${D.hist_rows} held-out tokens)`}),histogram(D.hist[l])));}
   const lg=D.logits[l];
-  if(lg){const side=(title,xs)=>el('div',{},el('h2',{text:title}),...xs.map(([t,v])=>el('div',{},el('span',{class:'pill',text:tokText(t)}),' '+fmt(v))));
+  if(lg){const side=(title,xs)=>el('div',{},el('h2',{text:title}),...xs.map(([t,v])=>el('div',{},el('span',{class:'pill',text:tokLabel(t)}),' '+fmt(v))));
     cols.append(side('promotes (logit per unit activation)',lg.up),side('suppresses',lg.down));}
   det.append(cols);
   const ps=partnersOf(l);

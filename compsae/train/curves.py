@@ -59,6 +59,7 @@ def plot_training_curves(logs: dict[str, pd.DataFrame], path: str) -> list[str]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     logs = {n: df for n, df in logs.items() if not df.empty and "tokens" in df}
     panels: list[tuple[str, str, bool]] = [("fvu", "FVU (training batch)", True), ("l0", "L0 (active latents / token)", True),
@@ -78,6 +79,9 @@ def plot_training_curves(logs: dict[str, pd.DataFrame], path: str) -> list[str]:
                 ax.plot(df["tokens"][ok], df[key][ok], label=name, color=colours[i % len(colours)], lw=1.2)
         if log_y and all((df[key].dropna() > 0).all() for df in logs.values() if key in df):
             ax.set_yscale("log")
+            plain = matplotlib.ticker.FormatStrFormatter("%.3g")  # 0.6, not 6×10⁻¹
+            ax.yaxis.set_major_formatter(plain)
+            ax.yaxis.set_minor_formatter(plain)
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("tokens seen", fontsize=8)
         ax.tick_params(labelsize=7)
