@@ -1,8 +1,9 @@
 """Harvest throughput against the bare truncated forward pass, and bytes on disk against float32.
 
-Same model, same tokens, same batches: (a) `model(tokens, stop_at_layer=deepest hook + 1)` with
-the output discarded; (b) the same forward through `run_hooks` (what the harvest runs: the hooks'
-activations captured, then discarded), the ceiling of a harvest limited by the model; (c) the full
+Same model, same tokens, same batches: (a) the transformers model's own forward over its layers up
+to the deepest hook, no hook of any kind, output discarded; (b) the same forward through
+`run_hooks` (what the harvest runs: the hooks' activations captured, then discarded), the ceiling
+of a harvest limited by the model; (c) the full
 harvest loop into a fresh store (device-side cast and statistics, device → host copies,
 background shard writer, finalize).  Each is run `--repeats` times alternately; the best time of
 each counts (the machine is shared, the minimum is the least disturbed measurement).
@@ -14,7 +15,9 @@ default 4 of 16,384 rows) that unoverlapped tail is a large part of the run: use
 see the steady state of a long harvest.
 
 Default model: Pythia-70m-shaped GPT-NeoX (d_model 512, 6 layers, 8 heads) with random weights —
-the truncated forward costs the same as the real one; `--model smollm2-135m` uses the real LM.
+the truncated forward costs the same as the real one; `--model smollm2-135m-shaped` is the offline
+demo model's shape (random weights, nothing fetched), `--model smollm2-135m` the real LM.
+`--batch-size auto` picks the batch as `harvest.batch_size: auto` does.
 
     python benchmarks/harvest.py --quick [--device cuda]
 """
@@ -24,11 +27,13 @@ from __future__ import annotations
 import argparse
 import tempfile
 import time
+from typing import Any
 
 import fsspec
 import numpy as np
 import torch
 
+from compsae.harvest.batch_size import auto_batch_size
 from compsae.harvest.byte_tokenizer import VOCAB_SIZE, byte_tokenizer
 from compsae.harvest.config import HarvestConfig
 from compsae.harvest.models import (
@@ -45,13 +50,38 @@ from compsae.harvest.run import _harvest_into, tokenize_all
 from compsae.store import ActivationStore
 
 
-def pythia70m_shaped(device: torch.device) -> LoadedModel:
-    """Random-weight GPT-NeoX with Pythia-70m's dimensions (byte vocabulary: no unembed is run)."""
+def shaped(hf: Any, name: str, device: torch.device) -> LoadedModel:
+    """A random-weight transformers model as a LoadedModel with the byte tokenizer (byte ids are
+    valid in any vocabulary, and no unembedding is run)."""
     tok = byte_tokenizer()
-    hf = eager_attention(tiny_neox_hf(0, VOCAB_SIZE, d_model=512, n_layers=6, n_heads=8, n_ctx=2048).to(device))
-    return LoadedModel(tokenizer=tok, n_layers=6, d_model=512, n_ctx=2048, bos_token_id=0, eos_token_id=0,
-                       device=device, info={"name": "pythia70m-shaped"}, hf_model=hf,
-                       wrap=lambda: _bridge("pythia70m-shaped", hf, tok).to(device).eval())
+    hf = eager_attention(hf.to(device).eval())
+    c = hf.config
+    return LoadedModel(tokenizer=tok, n_layers=c.num_hidden_layers, d_model=c.hidden_size,
+                       n_ctx=c.max_position_embeddings, bos_token_id=0, eos_token_id=0, device=device,
+                       info={"name": name}, hf_model=hf, wrap=lambda: _bridge(name, hf, tok).to(device).eval())
+
+
+def pythia70m_shaped(device: torch.device) -> LoadedModel:
+    """Random-weight GPT-NeoX with Pythia-70m's dimensions."""
+    return shaped(tiny_neox_hf(0, VOCAB_SIZE, d_model=512, n_layers=6, n_heads=8, n_ctx=2048), "pythia70m-shaped",
+                  device)
+
+
+def smollm2_shaped(device: torch.device) -> LoadedModel:
+    """Random-weight Llama with SmolLM2-135M's dimensions (576 wide, 30 layers, 9 heads, 3 key-value
+    heads): the offline demo model's cost without its 240 MB of wheels."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                         num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
+                         rope_theta=100000.0, rms_norm_eps=1e-5, tie_word_embeddings=True)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        hf = LlamaForCausalLM(config)
+    return shaped(hf, "smollm2-135m-shaped", device)
+
+
+SHAPED = {"pythia70m-shaped": pythia70m_shaped, "smollm2-135m-shaped": smollm2_shaped}
 
 
 def synchronize(device: torch.device) -> None:
@@ -62,14 +92,26 @@ def synchronize(device: torch.device) -> None:
 
 def bare_forward(loaded: LoadedModel, tokens: np.ndarray, batch_size: int, stop: int | None) -> float:
     """Seconds for truncated forward passes over `tokens` (host → device copy included, as in the
-    harvest), outputs discarded."""
+    harvest), outputs discarded: the transformers model's own forward over its first `stop`
+    layers, no hook of any kind (the wrapper's forward when there is no transformers model)."""
+    base = loaded.hf_model.base_model if loaded.hf_model is not None else None
+    layers = base.layers if base is not None else None
     synchronize(loaded.device)
     t0 = time.perf_counter()
-    with torch.inference_mode():
-        for b in range(0, len(tokens), batch_size):
-            batch = torch.from_numpy(tokens[b:b + batch_size]).to(device=loaded.device, dtype=torch.long)
-            loaded.model(batch, stop_at_layer=stop)
-    synchronize(loaded.device)
+    try:
+        if base is not None and stop is not None:
+            base.layers = layers[:stop]
+        with torch.inference_mode():
+            for b in range(0, len(tokens), batch_size):
+                batch = torch.from_numpy(tokens[b:b + batch_size]).to(device=loaded.device, dtype=torch.long)
+                if base is not None:
+                    base(input_ids=batch)
+                else:
+                    loaded.model(batch, stop_at_layer=stop)
+        synchronize(loaded.device)
+    finally:
+        if base is not None:
+            base.layers = layers
     return time.perf_counter() - t0
 
 
@@ -104,10 +146,11 @@ def full_harvest(cfg: HarvestConfig, loaded: LoadedModel, tokens: np.ndarray, wi
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small run, under a minute")
-    ap.add_argument("--model", default="pythia70m-shaped", help="pythia70m-shaped | tiny-neox | smollm2-135m")
+    ap.add_argument("--model", default="pythia70m-shaped",
+                    help="pythia70m-shaped | smollm2-135m-shaped (random weights) | tiny-neox | smollm2-135m")
     ap.add_argument("--hook", action="append", help="hook(s) to harvest (default blocks.3.hook_resid_post)")
     ap.add_argument("--tokens", type=int, help="tokens to harvest")
-    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--batch-size", default="16", help="sequences per forward pass, or auto")
     ap.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
     ap.add_argument("--compressor", default="none", choices=["none", "zstd"])
     ap.add_argument("--repeats", type=int, help="runs of each measurement (default 2 with --quick, else 3)")
@@ -120,18 +163,22 @@ def main() -> None:
     repeats = args.repeats or (2 if args.quick else 3)
     hooks = args.hook or ["blocks.3.hook_resid_post"]
     shard_rows = 2048 if args.quick else 16_384
-    cfg = HarvestConfig(model="tiny-neox" if args.model == "pythia70m-shaped" else args.model, hooks=hooks,
-                        context=128, n_tokens=n_tokens, batch_size=args.batch_size, dtype=args.dtype,
+    cfg = HarvestConfig(model="tiny-neox" if args.model in SHAPED else args.model, hooks=hooks,
+                        context=128, n_tokens=n_tokens, batch_size=16, dtype=args.dtype,
                         chunk_rows=1024, shard_rows=shard_rows, compressor=args.compressor, device=device.type,
                         data={"source": "synthetic:mixed", "seed": 0})
     torch.set_grad_enabled(False)
-    loaded = pythia70m_shaped(device) if args.model == "pythia70m-shaped" else load_model(cfg)
+    loaded = SHAPED[args.model](device) if args.model in SHAPED else load_model(cfg)
     widths = check_hooks(loaded, hooks, cfg.context)
     stop = stop_layer(hooks)
     tokens = tokenize_all(cfg, loaded.tokenizer)
+    if args.batch_size == "auto":
+        args.batch_size = auto_batch_size(loaded, hooks, tokens, stop)
+    args.batch_size = int(args.batch_size)
+    cfg = cfg.model_copy(update={"batch_size": args.batch_size})
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
     print(f"model {args.model} on {where}, hooks {hooks}, stop_at_layer {stop}, {tokens.size} tokens, "
-          f"batch {args.batch_size}")
+          f"batch {args.batch_size}, capture {'forward hooks' if loaded.captures(hooks) else 'transformer_lens'}")
     bare_forward(loaded, tokens[: args.batch_size], args.batch_size, stop)  # warm-up
 
     forward_s, hooked_s, create_s, harvest_s = [], [], [], []

@@ -64,3 +64,29 @@ def test_other_hooks_go_through_the_bridge(loaded) -> None:
     assert widths == {"blocks.1.hook_resid_post": loaded.d_model} and loaded.wrapper is None
     assert check_hooks(loaded, ["blocks.1.mlp.hook_post"], 16) == {"blocks.1.mlp.hook_post": 4 * loaded.d_model}
     assert loaded.wrapper is not None
+
+
+def test_llama_layers_are_captured_and_cut() -> None:
+    """A Llama-architecture model (SmolLM2's): same hooks, values equal its own hidden states
+    (whose last entry is after the final norm, so only inner layers are compared)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from compsae.harvest.capture import ResidCapture, decoder_layers
+    from compsae.harvest.models import eager_attention
+
+    torch.manual_seed(0)
+    hf = eager_attention(LlamaForCausalLM(LlamaConfig(
+        vocab_size=300, hidden_size=48, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64)).eval())
+    capture = ResidCapture(hf, decoder_layers(hf))
+    calls: list[int] = []
+    handles = [layer.register_forward_hook(lambda m, a, r, i=i: calls.append(i)) for i, layer in enumerate(capture.layers)]
+    tokens = torch.randint(0, 300, (2, 17))
+    with torch.inference_mode():
+        got = capture.run(tokens, ["blocks.1.hook_resid_post", "blocks.1.hook_resid_pre"])
+        for h in handles:
+            h.remove()
+        hidden = hf(tokens, output_hidden_states=True).hidden_states
+    assert calls == [0, 1]
+    assert torch.equal(got["blocks.1.hook_resid_pre"], hidden[1])
+    assert torch.equal(got["blocks.1.hook_resid_post"], hidden[2])

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -58,7 +58,9 @@ class HarvestConfig(BaseModel):
     context: int = Field(128, ge=2, description="tokens per sequence, BOS included")
     prepend_bos: bool = True
     n_tokens: int = Field(100_000, ge=1, description="rows to harvest (rounded up to whole sequences)")
-    batch_size: int = Field(32, ge=1, description="sequences per forward pass")
+    batch_size: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
+        32, description="sequences per forward pass; auto: the largest that fits the GPU (32 on the CPU), "
+        "recorded in the manifest and kept when the harvest resumes")
     dtype: StorageDtype = "float16"
     chunk_rows: int = Field(DEFAULT_CHUNK_ROWS, ge=1)
     shard_rows: int = Field(DEFAULT_SHARD_ROWS, ge=1)

@@ -36,6 +36,7 @@ from transformers import PreTrainedTokenizerBase
 from compsae import __version__, durable
 from compsae.errors import UserError
 from compsae.files import STORE_DIR
+from compsae.harvest.batch_size import auto_batch_size
 from compsae.harvest.config import HarvestConfig
 from compsae.harvest.data import describe, packing_rule, token_sequences
 from compsae.harvest.models import LoadedModel, check_hooks, load_model, special_ids, stop_layer
@@ -312,6 +313,7 @@ def run_harvest(cfg: HarvestConfig, out_dir: str, force: bool = False,
     url = store_url(cfg, out_dir)
     refuse_foreign_folder(url)  # before the lock file goes in, and whatever the flags
     digest = config_hash(cfg)
+    existing = None
     if not force and store_exists(url):
         try:
             existing = ActivationStore.open(url)
@@ -324,6 +326,12 @@ def run_harvest(cfg: HarvestConfig, out_dir: str, force: bool = False,
     loaded, tokens = load_and_tokenize(cfg)  # tokens: [n_seqs, context]
     widths = check_hooks(loaded, cfg.hooks, cfg.context)
     stop = stop_layer(cfg.hooks)
+    if cfg.batch_size == "auto":
+        # a resumed harvest keeps the batches it started with (same batches, same bytes)
+        same = existing is not None and existing.manifest.get("config_hash") == digest
+        earlier = (existing.manifest.get("harvest") or {}).get("batch_size") if same else None  # type: ignore[union-attr]
+        cfg = cfg.model_copy(update={"batch_size": int(earlier or auto_batch_size(loaded, cfg.hooks, tokens, stop))})
+        tqdm.write(f"harvest: batch size auto -> {cfg.batch_size} sequences")
     n_seqs = tokens.shape[0]
     n_rows = n_seqs * cfg.context
     manifest = {

@@ -1,0 +1,52 @@
+"""`harvest.batch_size: auto`: on a GPU, the largest batch whose forward pass fits in half the free
+memory (a power of two, at most 1024 sequences); on the CPU, 32 (larger batches do not run faster
+there).
+
+The memory one sequence needs is measured, not modelled: one forward pass of a small probe batch
+with the harvest's own hooks and truncation, its peak allocation above what was allocated before.
+Half the free memory leaves room for the shard buffers, the allocator's fragmentation and
+whatever else shares the GPU.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from compsae.harvest.models import LoadedModel
+
+CPU_BATCH = 32
+MAX_BATCH = 1024
+MEMORY_SHARE = 0.5
+_PROBE = 4  # sequences in the measuring forward pass
+
+
+def choose_batch(free_bytes: float, bytes_per_seq: float, n_seqs: int) -> int:
+    """Largest power of two `b` with `b * bytes_per_seq <= MEMORY_SHARE * free_bytes`, within
+    [1, MAX_BATCH] and no larger than the power of two that covers `n_seqs`."""
+    fit = int(MEMORY_SHARE * free_bytes // max(bytes_per_seq, 1.0))
+    cover = 1 << max(0, int(n_seqs) - 1).bit_length()
+    return max(1, min(1 << max(fit, 1).bit_length() - 1, MAX_BATCH, cover))
+
+
+def bytes_per_sequence(loaded: LoadedModel, hooks: list[str], tokens: np.ndarray, stop: int | None) -> float:
+    """Peak CUDA memory of one harvest forward pass per sequence, from `tokens[:_PROBE]`."""
+    device = loaded.device
+    seqs = torch.from_numpy(tokens[:_PROBE]).to(device=device, dtype=torch.long)
+    torch.cuda.synchronize(device)
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    with torch.inference_mode():
+        acts = loaded.run_hooks(seqs, hooks, stop)
+        del acts
+    torch.cuda.synchronize(device)
+    return (torch.cuda.max_memory_allocated(device) - before) / len(seqs)
+
+
+def auto_batch_size(loaded: LoadedModel, hooks: list[str], tokens: np.ndarray, stop: int | None) -> int:
+    """The batch size `auto` stands for, for `tokens: [n_seqs, context]` on the model's device."""
+    if loaded.device.type != "cuda":
+        return min(CPU_BATCH, len(tokens))
+    per_seq = bytes_per_sequence(loaded, hooks, tokens, stop)
+    free, _total = torch.cuda.mem_get_info(loaded.device)
+    return choose_batch(free, per_seq, len(tokens))
