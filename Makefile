@@ -17,6 +17,7 @@ venv: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(VENV)/bin/ruff check compsae tests benchmarks
+	$(VENV)/bin/lint-imports
 	$(VENV)/bin/pytest -q
 	$(VENV)/bin/pytest -q -m reliability
 
@@ -35,6 +36,7 @@ bench: $(VENV)/.installed
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports
 
 clean-runs:
 	rm -rf runs

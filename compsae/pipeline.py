@@ -103,7 +103,8 @@ def run_stage(
     if main:
         from compsae.pipeline_report import write_pipeline_report
 
-        say(f"{stage}: done ({status.path}); pipeline report: {write_pipeline_report(whole, pipe, name)}")
+        report = write_pipeline_report(whole, pipe, name, plan(whole, pipe, name))
+        say(f"{stage}: done ({status.path}); pipeline report: {report}")
     return StageStatus(stage, "done", status.path, status.hash, record)
 
 

@@ -114,13 +114,12 @@ def render_pipeline_report(name: str, pipe: PipelineConfig, statuses: list[Stage
     return "\n".join(parts)
 
 
-def write_pipeline_report(whole: PipelinesFile, pipe: PipelineConfig, name: str) -> str:
-    """Write `<runs_root>/<name>/report.html` from the stages done so far; return its path."""
-    from compsae.pipeline import plan
-
+def write_pipeline_report(whole: PipelinesFile, pipe: PipelineConfig, name: str, statuses: list[StageStatus]) -> str:
+    """Write `<runs_root>/<name>/report.html` from `statuses` (where every stage stands: the
+    pipeline's plan); return its path."""
     url = join(whole.runs_root, name)
     fs, root = fsspec.core.url_to_fs(url)
     fs.makedirs(root, exist_ok=True)
-    page = render_pipeline_report(name, pipe, plan(whole, pipe, name), fs, root)
+    page = render_pipeline_report(name, pipe, statuses, fs, root)
     fs.pipe_file(f"{root}/{REPORT}", page.encode())
     return join(url, REPORT)

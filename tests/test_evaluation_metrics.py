@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from compsae.evaluation.pair_recovery import pair_recovery, select_pairs, true_pairs
-from compsae.evaluation.reconstruction import FVUAccumulator, fvu
+from compsae.variance import FVUAccumulator, fvu
 
 
 def _true_matrix(n: int, C) -> np.ndarray:

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from compsae.errors import UserError
-from compsae.harvest import run as harvest_run
+from compsae.harvest import shards as harvest_shards
 from compsae.harvest.byte_tokenizer import byte_tokenizer
 from compsae.harvest.config import HarvestConfig
 from compsae.harvest.models import load_model
@@ -126,12 +126,12 @@ def test_memory_url_store() -> None:
 
 
 def test_float16_overflow_stops_with_advice(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    real = harvest_run._forward
+    real = harvest_shards._forward
 
     def huge(*args: Any) -> dict[str, np.ndarray]:
         return {h: a * 1e6 for h, a in real(*args).items()}
 
-    monkeypatch.setattr(harvest_run, "_forward", huge)
+    monkeypatch.setattr(harvest_shards, "_forward", huge)
     with pytest.raises(UserError, match="float16.*bfloat16 or float32"):
         run_harvest(small_cfg(n_tokens=512), str(tmp_path))
     out = run_harvest(small_cfg(n_tokens=512, dtype="float32", store=str(tmp_path / "f32.zarr")), str(tmp_path))

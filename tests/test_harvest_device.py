@@ -12,7 +12,8 @@ import torch
 
 from compsae.errors import UserError
 from compsae.harvest.config import HarvestConfig
-from compsae.harvest.run import HostShard, HostStaging, ShardBuffer, ShardWriter, run_harvest
+from compsae.harvest.run import run_harvest
+from compsae.harvest.shards import HostShard, HostStaging, ShardBuffer, ShardWriter
 from compsae.store import ActivationStore, StoreLayout
 from compsae.store.activation_store import from_storage, shard_moments, to_storage
 

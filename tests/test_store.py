@@ -7,7 +7,8 @@ import pytest
 
 from compsae.errors import StoreCorruptError, UserError
 from compsae.store import ActivationStore, StoreLayout
-from compsae.store.activation_store import merge_moments, rounding_error, shard_moments, to_storage
+from compsae.store.activation_store import rounding_error, shard_moments, to_storage
+from compsae.variance import merge_moment_list
 
 TOL = {"float16": 2e-3, "bfloat16": 1e-2, "float32": 0.0}
 
@@ -59,7 +60,7 @@ def test_merge_moments_equals_one_pass():
     rng = np.random.default_rng(1)
     parts = [rng.normal(loc=i, size=(n, 3)) for i, n in enumerate((5, 17, 1, 40))]
     counts = np.array([len(p) for p in parts])
-    n, mean, m2 = merge_moments(counts, np.stack([p.mean(0) for p in parts]),
+    n, mean, m2 = merge_moment_list(counts, np.stack([p.mean(0) for p in parts]),
                                 np.stack([((p - p.mean(0)) ** 2).sum(0) for p in parts]))
     allx = np.concatenate(parts)
     assert n == len(allx)

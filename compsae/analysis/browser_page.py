@@ -16,7 +16,7 @@ import html
 import json
 from typing import Any
 
-from compsae.evaluation.card_html import CONTEXT_CSS, SHADE_RGB
+from compsae.analysis.context_style import CONTEXT_CSS, SHADE_RGB
 
 _CSS = CONTEXT_CSS + """
 body{font-family:system-ui,sans-serif;margin:1.2em;color:#222;font-size:14px}

@@ -1,4 +1,4 @@
-"""Streaming reconstruction metrics (docs/science.md definitions), as mergeable partial sums.
+"""Streaming reconstruction metrics (definitions in docs/metrics.md), as mergeable partial sums.
 
 Every statistic is a small dataclass built from one block of rows (`from_batch`) and merged with
 another (`merge`), so a Dask reduction, a plain loop and one big batch give the same numbers.
@@ -14,20 +14,10 @@ from typing import Any
 
 import numpy as np
 
+from compsae.variance import merge_moments
+
 # log10 firing-density bins of the density histogram: 1e-8 .. 1 in quarter decades
 DENSITY_BINS = np.linspace(-8.0, 0.0, 33)
-
-
-def merge_moments(n_a: int, mean_a: np.ndarray, m2_a: np.ndarray, n_b: int, mean_b: np.ndarray,
-                  m2_b: np.ndarray) -> tuple[int, np.ndarray, np.ndarray]:
-    """Merge two (count, mean [d], M2 [d]) summaries (Chan, Golub & LeVeque 1979)."""
-    if n_a == 0:
-        return n_b, mean_b, m2_b
-    if n_b == 0:
-        return n_a, mean_a, m2_a
-    n = n_a + n_b
-    delta = mean_b - mean_a
-    return n, mean_a + delta * (n_b / n), m2_a + m2_b + delta**2 * (n_a * n_b / n)
 
 
 @dataclass
@@ -225,5 +215,5 @@ def merge_partials(a: Any, b: Any) -> Any:
     return a.merge(b)
 
 
-__all__ = ["DENSITY_BINS", "LatentSums", "ReconSums", "TopContexts", "density_histogram", "merge_moments",
+__all__ = ["DENSITY_BINS", "LatentSums", "ReconSums", "TopContexts", "density_histogram",
            "merge_partials"]

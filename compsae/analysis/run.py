@@ -40,37 +40,16 @@ from compsae.analysis.reconstruction import TopContexts
 from compsae.analysis.reconstructors import Reconstructor, SAEReconstructor
 from compsae.analysis.records import AnalyzeOutputs
 from compsae.analysis.report import write_report
+from compsae.analysis.seeds import ablations_by_variant
 from compsae.errors import UserError
 from compsae.files import CONFIG_FILE, LATENTS_TABLE, TOP_CONTEXTS_TABLE
 from compsae.store import ActivationStore
+from compsae.store.sample import spread_rows
 from compsae.store.split import shared_split
 from compsae.train.checkpoint import parse_meta
 
 PILOT_BLOCKS = 8
 ABLATION_FIELDS = ("type", "n_latents", "k", "composer", "gate", "curriculum", "graduated_sparsity")
-
-
-ABLATION_METRICS = ("fvu", "fvu_nocomp", "comp_share", "l0", "dead_fraction", "ce_recovered")
-
-
-def ablations_by_variant(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Mean ± sd over seeds of every variant trained as `<variant>__s<seed>`; [] without repeats."""
-    from compsae.evaluation.ablations import aggregate_seeds
-    from compsae.train.config import split_seed_name
-
-    tagged = []
-    for row in rows:
-        variant, seed = split_seed_name(row["model"])
-        if seed is not None:
-            tagged.append({"variant": variant, "seed": seed,
-                           **{m: row.get(m) for m in ABLATION_METRICS if row.get(m) is not None}})
-    if not tagged:
-        return []
-    agg = aggregate_seeds(tagged, metrics=[m for m in ABLATION_METRICS if any(m in t for t in tagged)])
-    out = []
-    for variant, rec in agg.iterrows():
-        out.append({"variant": variant, **{c: (None if pd.isna(v) else float(v)) for c, v in rec.items()}})
-    return out
 
 
 def discover_models(train_dir: str) -> list[tuple[str, str]]:
@@ -118,21 +97,10 @@ def token_decoder(manifest: dict[str, Any]) -> Callable[[int], str]:
 
 def fit_rows(store: ActivationStore, hook: str, train_mask: np.ndarray, n: int) -> np.ndarray:
     """Up to `n` training rows `[m, d]`, from chunks spread evenly over the store."""
-    order = np.unique(np.linspace(0, store.n_chunks - 1, store.n_chunks).astype(int))
-    stride = max(1, store.n_chunks // max(1, -(-n // store.chunk_rows)))
-    order = np.concatenate([order[::stride], np.setdiff1d(order, order[::stride])])
-    got, total = [], 0
-    for c in order:
-        lo = c * store.chunk_rows
-        x = store.read_chunk(hook, int(c))
-        x = x[train_mask[lo : lo + len(x)]]
-        got.append(x)
-        total += len(x)
-        if total >= n:
-            break
-    if total == 0:
+    rows = spread_rows(store, hook, train_mask, n)
+    if len(rows) == 0:
         raise UserError("no training rows to fit the baselines on; lower heldout_fraction or skip baselines")
-    return np.concatenate(got)[:n].astype(np.float32)
+    return rows
 
 
 def choose_tracked(store: ActivationStore, hook: str, pos: np.ndarray, plan: Any, recons: list[Reconstructor],

@@ -8,17 +8,11 @@ from __future__ import annotations
 
 import html
 
+from compsae.analysis.context_style import CONTEXT_CSS, SHADE_RGB
+
 RATING_COLUMNS = ("rater", "card_id", "interpretable", "confidence", "detection", "description")
 
-# How a context line looks, here and in the feature browser: tokens shaded by activation in
-# rgba(SHADE_RGB, act / max), the token the context is centred on outlined.
-SHADE_RGB = "255,120,0"
-CONTEXT_CSS = """
-.ctx{font-family:ui-monospace,monospace;font-size:13px;margin:2px 0;white-space:pre-wrap}
-.tok{padding:1px 0;border-radius:2px}
-.centre{outline:1px solid #999}
-"""
-
+# context lines look as in the feature browser (compsae.analysis.context_style)
 _CSS = CONTEXT_CSS + """
 body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#222}
 .card{border:1px solid #bbb;border-radius:6px;padding:1em;margin:1.5em 0}

@@ -31,9 +31,9 @@ from compsae.evaluation.pair_recovery import (
     thresholded_pairs,
     true_pairs,
 )
-from compsae.evaluation.reconstruction import FVUAccumulator
 from compsae.store import ActivationStore
 from compsae.store.split import HeldOutSplit
+from compsae.variance import FVUAccumulator
 
 
 def eval_rows(store: ActivationStore, split: HeldOutSplit, max_rows: int) -> np.ndarray:

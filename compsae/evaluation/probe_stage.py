@@ -41,6 +41,7 @@ from compsae.evaluation.probes import (
 )
 from compsae.files import PROBES_JSON, PROBES_MD, PROBES_PNG
 from compsae.store import ActivationStore
+from compsae.store.sample import spread_rows
 from compsae.store.split import HeldOutSplit
 from compsae.train.checkpoint import parse_meta
 
@@ -108,14 +109,15 @@ def fit_sample(store: ActivationStore, hook: str, splits: list[HeldOutSplit], n:
     """Up to ``n`` rows ``[m, d]`` that no model held out (``splits``: the ones the SAEs were trained
     with; none for SAEs trained elsewhere), BOS rows left out when ``drop_bos``: a decision point is never a BOS position, and BOS
     rows are huge-norm outliers that would take the first PCA / NMF components."""
-    from compsae.analysis.run import fit_rows
-
     keep = np.ones(store.n_rows, dtype=bool)
     for split in set(splits):
         keep &= ~split.mask(store.seq_id)
     if drop_bos:
         keep &= store.pos != 0
-    return fit_rows(store, hook, keep, n)
+    rows = spread_rows(store, hook, keep, n)
+    if len(rows) == 0:
+        raise UserError(f"the store at {store.url} has no row outside the held-out split to fit PCA / NMF on")
+    return rows
 
 
 def lm_computes(behaviour: dict[str, float], alpha: float) -> tuple[float, bool]:

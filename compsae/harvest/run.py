@@ -6,7 +6,7 @@ front (so an empty data set is refused before anything is written, and the row c
 batch, rows cast to the storage dtype and gathered into shard buffers on the model's device (on a
 GPU the shard's range check and statistics are computed there too, and the device → host copy
 moves half the bytes) → a background thread writes each full shard through
-`ActivationStore.write_shard` (bounded queue: the forward pass never waits on disk unless the disk
+`ActivationStore.write_shard` (`compsae.harvest.shards`; bounded queue: the forward pass never waits on disk unless the disk
 is slower than the model) → finalize (merged statistics, rounding error, complete=True).
 
 Resuming: a shard is the unit of completion.  A rerun harvests only the missing shards, each run
@@ -18,14 +18,10 @@ ranges to Dask workers (`workers` / `scheduler`): each range is `harvest_shards`
 
 from __future__ import annotations
 
-import contextlib
-import errno
-import queue
 import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -41,12 +37,8 @@ from compsae.harvest.config import HarvestConfig
 from compsae.harvest.data import describe, packing_rule, token_sequences
 from compsae.harvest.models import LoadedModel, check_hooks, load_model, special_ids, stop_layer
 from compsae.harvest.records import HarvestOutputs
+from compsae.harvest.shards import harvest_shards, measure_rounding, missing_runs
 from compsae.store import ActivationStore, manifest_digest, refuse_foreign_folder, store_exists, writer_lock
-from compsae.store.activation_store import check_peak, rounding_error
-
-_QUEUE_SHARDS = 2  # shards buffered between the forward pass and the writer
-_SAMPLE_ROWS = 4096  # rows of the first batch used to measure the rounding error
-_TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 def store_url(cfg: HarvestConfig, out_dir: str) -> str:
@@ -104,198 +96,6 @@ def load_and_tokenize(cfg: HarvestConfig) -> tuple[LoadedModel, np.ndarray]:
     finally:
         cancel.set()  # only matters when loading failed: the result was taken otherwise
         pool.shutdown(wait=True)
-
-
-@dataclass
-class HostShard:
-    """A shard on its way to the host (see `HostStaging.stage`).  The writer thread calls `wait`
-    (the device → host copy is done), `check` (float16 overflow / NaN), reads `acts` and
-    `moments`, then `release` (the host buffers go back to the pool)."""
-
-    acts: dict[str, np.ndarray]  # {hook: [rows, width]} in the storage dtype (bfloat16 as uint16 bits)
-    moments: dict[str, np.ndarray] | None  # {hook: shard moments} when computed on the device
-    peaks: np.ndarray  # [n_hooks] float32: max |x| per hook, NaN when a value was NaN
-    dtype: str
-    done: Any = None  # torch.cuda.Event of the copy, None when the data is already on the host
-    release: Callable[[], None] = lambda: None
-
-    def wait(self) -> None:
-        """Block until the copy to the host has finished (releases the GIL meanwhile)."""
-        if self.done is not None:
-            self.done.synchronize()
-
-    def check(self) -> None:
-        """Raise a UserError when a hook overflows the storage dtype or holds NaN / inf."""
-        for h, peak in zip(self.acts, self.peaks.tolist(), strict=True):
-            check_peak(peak, self.dtype, h)
-
-
-def _numpy(x: torch.Tensor, dtype: str) -> np.ndarray:
-    """A host tensor in the storage dtype as NumPy, without a copy (bfloat16 as its uint16 bits)."""
-    return x.view(torch.int16).numpy().view(np.uint16) if dtype == "bfloat16" else x.numpy()
-
-
-class HostStaging:
-    """Host buffers for shards leaving a GPU, reused from a pool of `slots`, and the side CUDA stream
-    that copies into them.
-
-    The copy waits (on the GPU) for the kernels that filled the shard, runs beside the next batches'
-    forward passes and signals an event the writer thread waits on: the harvesting thread never
-    waits for the device.  Buffers are pinned when CUDA is there (pinned memory is what lets a copy
-    run asynchronously); when every slot is still being written, `stage` blocks, which bounds the
-    host memory.  Without CUDA the same code copies synchronously into ordinary memory (tests)."""
-
-    def __init__(self, shard_rows: int, widths: dict[str, int], dtype: str, device: torch.device,
-                 slots: int = _QUEUE_SHARDS + 2) -> None:
-        self.dtype, self.device = dtype, device
-        cuda = device.type == "cuda"
-        self.stream = torch.cuda.Stream(device) if cuda else None
-        self.free: queue.Queue[dict[str, Any]] = queue.Queue()
-        for _ in range(slots):
-            self.free.put({
-                "acts": {h: torch.empty((shard_rows, w), dtype=_TORCH_DTYPES[dtype], pin_memory=cuda)
-                         for h, w in widths.items()},
-                "moments": {h: torch.empty(2 * w + 2, dtype=torch.float64, pin_memory=cuda) for h, w in widths.items()},
-                "peaks": torch.empty(len(widths), dtype=torch.float32, pin_memory=cuda),
-            })
-
-    def stage(self, data: dict[str, torch.Tensor], peaks: torch.Tensor,
-              moments: dict[str, torch.Tensor] | None) -> HostShard:
-        """Start copying a shard (`data[hook]: [rows, width]`, `peaks: [n_hooks]`, `moments[hook]`,
-        all on the device) into a free host slot; returns at once on a GPU."""
-        slot = self.free.get()
-        rows = next(iter(data.values())).shape[0]
-        done = None
-        if self.stream is not None:
-            self.stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext():
-            sources = [(slot["acts"][h][:rows], x) for h, x in data.items()] + [(slot["peaks"], peaks)]
-            sources += [(slot["moments"][h], m) for h, m in (moments or {}).items()]
-            for dst, src in sources:
-                dst.copy_(src, non_blocking=self.stream is not None)
-                if self.stream is not None:
-                    src.record_stream(self.stream)  # the allocator must not reuse it before the copy ends
-            if self.stream is not None:
-                done = torch.cuda.Event()
-                done.record(self.stream)
-        return HostShard(acts={h: _numpy(slot["acts"][h][:rows], self.dtype) for h in data},
-                         moments={h: slot["moments"][h].numpy() for h in moments} if moments is not None else None,
-                         peaks=slot["peaks"].numpy(), dtype=self.dtype, done=done,
-                         release=lambda: self.free.put(slot))
-
-
-class ShardWriter:
-    """A background thread that writes full shards to the store from a bounded queue.
-
-    The first error (e.g. float16 overflow, disk full) stops the writer; `put` and `close` raise it
-    in the harvesting thread."""
-
-    def __init__(self, store: ActivationStore, tokens: np.ndarray, context: int,
-                 on_written: Callable[[int], None] | None = None, first_seq: int = 0) -> None:
-        self.store = store
-        self.flat_tokens = tokens.reshape(-1)  # [n_seqs_held * context], row 0 = global row row0
-        self.row0 = first_seq * context
-        self.context = context
-        self.on_written = on_written
-        self.queue: queue.Queue[tuple[int, HostShard] | None] = queue.Queue(maxsize=_QUEUE_SHARDS)
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._loop, name="compsae-shard-writer", daemon=True)
-        self.thread.start()
-
-    def _loop(self) -> None:
-        while (item := self.queue.get()) is not None:
-            shard, host = item
-            try:
-                if self.error is not None:
-                    continue  # drain, so the harvesting thread never blocks on a dead writer
-                host.wait()
-                host.check()
-                start, stop = self.store.shard_range(shard)
-                rows = np.arange(start, stop, dtype=np.int64)
-                self.store.write_shard(shard, host.acts, tokens=self.flat_tokens[start - self.row0:stop - self.row0],
-                                       seq_id=rows // self.context, pos=rows % self.context, moments=host.moments)
-                if self.on_written is not None:
-                    self.on_written(shard)
-            except OSError as e:
-                if e.errno == errno.ENOSPC:
-                    self.error = UserError(f"disk full while writing shard {shard} of {self.store.url}; "
-                                           "free space and rerun the same command to resume")
-                else:
-                    self.error = e
-            except BaseException as e:  # noqa: BLE001 - handed to the harvesting thread
-                self.error = e
-            finally:
-                host.release()
-
-    def _raise(self) -> None:
-        if self.error is not None:
-            raise self.error
-
-    def put(self, shard: int, host: HostShard) -> None:
-        """Queue a full shard for writing (see `HostShard`); raises the writer's error, if any,
-        instead (handing the shard's host buffers back)."""
-        if self.error is not None:
-            host.release()
-            raise self.error
-        self.queue.put((shard, host))
-
-    def close(self) -> None:
-        """Wait for every queued shard to be written; raise the writer's error if any."""
-        self.queue.put(None)
-        self.thread.join()
-        self._raise()
-
-
-def _forward(loaded: LoadedModel, seqs: np.ndarray, hooks: list[str], widths: dict[str, int],
-             stop: int | None) -> dict[str, torch.Tensor]:
-    """`{hook: [batch * context, width]}` float32 on the model's device for `seqs: [batch, context]`."""
-    tokens = torch.from_numpy(seqs).to(device=loaded.device, dtype=torch.long)
-    acts = loaded.run_hooks(tokens, hooks, stop)
-    return {h: acts[h].reshape(-1, widths[h]).float() for h in hooks}
-
-
-def device_moments(x: torch.Tensor) -> torch.Tensor:
-    """`shard_moments` of `x: [rows, d]` computed where `x` lives: [count, mean (d), M2 (d), norm sum]
-    float64, on `x`'s device.  (Reductions on CUDA are deterministic, so a resumed harvest records
-    the same bytes.)"""
-    x64 = x.double()
-    mean = x64.mean(dim=0)
-    m2 = (x64 - mean).square_().sum(dim=0)
-    norm_sum = torch.linalg.vector_norm(x64, dim=1).sum()
-    count = torch.tensor([x.shape[0]], dtype=torch.float64, device=x.device)
-    return torch.cat([count, mean, m2, norm_sum[None]])
-
-
-class ShardBuffer:
-    """One shard of every hook, filled batch by batch on the model's device, in the storage dtype.
-
-    Casting on the device halves the bytes copied to the host; the running peak |x| catches float16
-    overflow and NaN without a host pass.  On a GPU the shard's statistics are computed there too
-    (a float64 pass over a shard costs the host more than writing it); on the CPU they are left to
-    the writer thread, where NumPy's blocked version runs beside the next forward pass."""
-
-    def __init__(self, rows: int, widths: dict[str, int], dtype: str, device: torch.device) -> None:
-        self.dtype = dtype
-        self.data = {h: torch.empty((rows, w), dtype=_TORCH_DTYPES[dtype], device=device) for h, w in widths.items()}
-        self.peak = {h: torch.zeros((), dtype=torch.float32, device=device) for h in widths}
-
-    def fill(self, at: int, acts: dict[str, torch.Tensor]) -> None:
-        """Put `acts[hook]: [n, width]` at rows `at .. at + n` of the shard."""
-        for h, x in acts.items():
-            lo, hi = torch.aminmax(x)  # NaN propagates through aminmax and maximum
-            self.peak[h] = torch.maximum(self.peak[h], torch.maximum(hi, -lo))
-            self.data[h][at:at + len(x)].copy_(x)
-
-    def finish(self, staging: HostStaging | None = None) -> HostShard:
-        """Hand the shard to the host: through `staging` (a GPU: asynchronous, statistics computed
-        on the device), else as views of the buffer itself (the CPU: no copy, statistics left to
-        the writer).  Nothing here waits for the device; the range check is `HostShard.check`."""
-        peaks = torch.stack(list(self.peak.values()))
-        if staging is None:
-            return HostShard(acts={h: _numpy(x, self.dtype) for h, x in self.data.items()}, moments=None,
-                             peaks=peaks.cpu().numpy(), dtype=self.dtype)
-        moments = {h: device_moments(x) for h, x in self.data.items()} if staging.stream is not None else None
-        return staging.stage(self.data, peaks, moments)
 
 
 def run_harvest(cfg: HarvestConfig, out_dir: str, force: bool = False,
@@ -362,80 +162,6 @@ def run_harvest(cfg: HarvestConfig, out_dir: str, force: bool = False,
     tqdm.write(f"harvest: {todo:,} tokens in {seconds:.2f} s ({todo / max(seconds, 1e-9):,.0f} tokens/s: forward "
                "passes, writes and finalize; loading and tokenizing not included)")
     return outputs_of(store)
-
-
-def missing_runs(missing: list[int]) -> list[range]:
-    """Sorted shard indices as runs of consecutive shards: [0, 1, 2, 5, 6] → [range(0, 3), range(5, 7)]."""
-    runs: list[range] = []
-    for shard in sorted(missing):
-        if runs and runs[-1].stop == shard:
-            runs[-1] = range(runs[-1].start, shard + 1)
-        else:
-            runs.append(range(shard, shard + 1))
-    return runs
-
-
-def batch_span(store: ActivationStore, shards: range, context: int, batch_size: int) -> range:
-    """The batches (fixed sequence ranges of `batch_size`) that hold the rows of `shards`."""
-    first_row = store.shard_range(shards.start)[0]
-    last_row = store.shard_range(shards.stop - 1)[1] - 1
-    return range(first_row // context // batch_size, last_row // context // batch_size + 1)
-
-
-def measure_rounding(cfg: HarvestConfig, loaded: LoadedModel, tokens: np.ndarray, widths: dict[str, int],
-                     stop: int | None) -> tuple[dict[str, float], dict[str, np.ndarray]]:
-    """Rounding error of the storage dtype per hook, always on batch 0 (so a resumed or parallel
-    harvest records the same value); also returns batch 0's activations.  Raises on float16 overflow."""
-    hooks = list(cfg.hooks)
-    sample = _forward(loaded, tokens[:cfg.batch_size], hooks, widths, stop)
-    return {h: rounding_error(sample[h][:_SAMPLE_ROWS].cpu().numpy(), cfg.dtype) for h in hooks}, sample
-
-
-def harvest_shards(store: ActivationStore, cfg: HarvestConfig, loaded: LoadedModel, tokens: np.ndarray,
-                   widths: dict[str, int], stop: int | None, shards: range, first_seq: int = 0,
-                   on_shard_written: Callable[[int], None] | None = None,
-                   batch0: dict[str, torch.Tensor] | None = None, progress: bool = True) -> None:
-    """Run the model over the batches holding `shards` (consecutive) and write those shards.
-
-    `tokens: [n, context]` are sequences `first_seq .. first_seq + n` of the harvest and must cover
-    `batch_span(store, shards, ...)`.  A batch is computed whole even when a shard boundary cuts
-    it, so every row gets the value an uninterrupted single-process harvest gives it.  `batch0`:
-    batch 0's activations when already computed.  Does not finalize the store."""
-    hooks, context, bs = list(cfg.hooks), cfg.context, cfg.batch_size
-    hook_widths = {h: widths[h] for h in hooks}
-    start_row = store.shard_range(shards.start)[0]
-    stop_row = store.shard_range(shards.stop - 1)[1]
-    n_seqs = store.n_rows // context
-    writer = ShardWriter(store, tokens, context, on_shard_written, first_seq=first_seq)
-    # a GPU's shards reach the host through pinned buffers on a side stream; a CPU's are on it already
-    staging = HostStaging(store.shard_rows, hook_widths, cfg.dtype, loaded.device) if loaded.device.type == "cuda" else None
-    buffer: ShardBuffer | None = None
-    bar = tqdm(total=store.n_rows, initial=start_row, desc=f"harvest {loaded.info['name']}", unit="tok",
-               unit_scale=True, dynamic_ncols=True, disable=not progress)
-    try:
-        for b in batch_span(store, shards, context, bs):
-            s0, s1 = b * bs, min((b + 1) * bs, n_seqs)  # global sequence range of batch b
-            if b == 0 and batch0 is not None:
-                acts = batch0
-            else:
-                acts = _forward(loaded, tokens[s0 - first_seq:s1 - first_seq], hooks, widths, stop)
-            r0, r1 = s0 * context, s1 * context
-            lo, hi = max(r0, start_row), min(r1, stop_row)
-            bar.update(hi - lo)
-            while lo < hi:
-                shard = lo // store.shard_rows
-                s_start, s_stop = store.shard_range(shard)
-                take = min(hi, s_stop) - lo
-                if buffer is None:
-                    buffer = ShardBuffer(s_stop - s_start, hook_widths, cfg.dtype, loaded.device)
-                buffer.fill(lo - s_start, {h: acts[h][lo - r0:lo - r0 + take] for h in hooks})
-                lo += take
-                if lo == s_stop:
-                    writer.put(shard, buffer.finish(staging))
-                    buffer = None
-    finally:
-        bar.close()
-        writer.close()  # even on error: shards already queued are written, nothing is lost
 
 
 def _harvest_into(store: ActivationStore, cfg: HarvestConfig, loaded: LoadedModel, tokens: np.ndarray,

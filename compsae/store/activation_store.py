@@ -37,7 +37,7 @@ from compsae.store.format import (  # noqa: F401 - re-exported: the names stages
     to_storage,
 )
 from compsae.store.layout import StoreLayout
-from compsae.store.moments import merge_moments, shard_moments, stats_from_shards  # noqa: F401 - re-exported
+from compsae.store.moments import shard_moments, stats_from_shards  # noqa: F401 - re-exported
 from compsae.store.reader import ShardReader
 from compsae.store.writer import ShardWriter, lay_out, wipe
 

@@ -37,6 +37,7 @@ from compsae.train.distributed import DistContext, init_from_env
 from compsae.train.models import CompSAE, build_model
 from compsae.train.records import CheckpointMeta, Normalization, TrainedModelRecord, TrainOutputs
 from compsae.train.trainer import Trainer, batch_metrics, resolve_device
+from compsae.variance import FVUAccumulator
 
 # Settings that change how often things are written, never the weights: a resume may change them.
 _NOT_IN_RESUME_HASH = {"log_every", "checkpoint_every"}
@@ -244,8 +245,6 @@ def heldout_metrics(model: torch.nn.Module, store: ActivationStore, hook: str, c
                              normalize=cfg.normalize, shuffle=False, epochs=1, num_threads=cfg.num_threads)
     except UserError:
         return None  # fewer held-out rows than one batch: nothing worth reporting
-    from compsae.evaluation.reconstruction import FVUAccumulator
-
     full, linear = FVUAccumulator(), FVUAccumulator()
     l0, n, sums = 0.0, 0, {"gate_mean": 0.0}
     batches = iter(loader)

@@ -104,7 +104,7 @@ def _forkserver() -> Any:
     # which torch.optim imports on first use): a restart costs milliseconds instead of seconds,
     # so 20+ kills fit in the test's time.
     ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(["compsae.train.run", "compsae.evaluation.reconstruction", "torch._dynamo"])
+    ctx.set_forkserver_preload(["compsae.train.run", "compsae.variance", "torch._dynamo"])
     return ctx
 
 

@@ -1,11 +1,15 @@
-"""Aggregate repeated-seed runs of the ablation study into one mean ± sd table."""
+"""Aggregate repeated-seed runs of the ablation study (models named `<variant>__s<seed>`) into one
+mean ± sd table."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
+
+from compsae.train.config import split_seed_name
 
 
 def aggregate_seeds(rows: Sequence[dict], group_by: Sequence[str] = ("variant",),
@@ -42,3 +46,23 @@ def mean_sd_table(agg: pd.DataFrame, metrics: Sequence[str], digits: int = 3) ->
             cells.append(f"{mean:.{digits}f} ± {sd:.{digits}f}" if np.isfinite(sd) else f"{mean:.{digits}f} ± –")
         lines.append("| " + " | ".join([*map(str, idx), str(int(row["n_seeds"])), *cells]) + " |")
     return "\n".join(lines)
+
+
+ABLATION_METRICS = ("fvu", "fvu_nocomp", "comp_share", "l0", "dead_fraction", "ce_recovered")
+
+
+def ablations_by_variant(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Mean ± sd over seeds of every variant trained as `<variant>__s<seed>`; [] without repeats."""
+    tagged = []
+    for row in rows:
+        variant, seed = split_seed_name(row["model"])
+        if seed is not None:
+            tagged.append({"variant": variant, "seed": seed,
+                           **{m: row.get(m) for m in ABLATION_METRICS if row.get(m) is not None}})
+    if not tagged:
+        return []
+    agg = aggregate_seeds(tagged, metrics=[m for m in ABLATION_METRICS if any(m in t for t in tagged)])
+    out = []
+    for variant, rec in agg.iterrows():
+        out.append({"variant": variant, **{c: (None if pd.isna(v) else float(v)) for c, v in rec.items()}})
+    return out

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from compsae.evaluation.ablations import aggregate_seeds, mean_sd_table
+from compsae.analysis.seeds import aggregate_seeds, mean_sd_table
 
 
 def test_aggregate_seeds_mean_sd():
