@@ -117,8 +117,24 @@ def folder_bytes(path: Path, sub: str = "") -> int:
 # The measured processes
 
 
+def _without_wandb() -> None:
+    """SAELens imports wandb at import time for its training loop; caching never calls it.  Where
+    wandb is not installed (the GPU machine: 20 MB of wheels and their own dependencies), an empty
+    module stands in for it."""
+    try:
+        import wandb  # noqa: F401
+    except ImportError:
+        import importlib.machinery
+        import types
+
+        stub = types.ModuleType("wandb")
+        stub.__spec__ = importlib.machinery.ModuleSpec("wandb", None)
+        sys.modules["wandb"] = stub
+
+
 def saelens_child(args: argparse.Namespace) -> None:
     """Run SAELens' CacheActivationsRunner once (in a fresh process); print a JSON result line."""
+    _without_wandb()
     from sae_lens import CacheActivationsRunner, CacheActivationsRunnerConfig
 
     bytes_per_token = 512 * (4 if args.dtype == "float32" else 2)
@@ -319,6 +335,7 @@ def main() -> None:
         (saelens_child if args.child == "saelens" else bare_child)(args)
         return
     try:
+        _without_wandb()
         import sae_lens  # noqa: F401  (the check only; children import it)
     except ImportError:
         sys.exit("SAELens is not installed: pip install -e '.[bench]' (this script installs nothing)")
