@@ -33,6 +33,7 @@ bench: $(VENV)/.installed
 	$(PY) benchmarks/harvest.py --quick
 	$(PY) benchmarks/train.py --quick
 	$(PY) benchmarks/analyze.py --quick
+	$(PY) benchmarks/browser.py --quick
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .

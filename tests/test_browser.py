@@ -129,3 +129,14 @@ def test_page_runs_in_headless_chromium(analysed, tmp_path):
     (tmp_path / "broken.html").write_text(render_browser(broken))
     dom = _chromium(["--dump-dom", (tmp_path / "broken.html").as_uri()]).stdout
     assert "data-errors=" in dom and "null" in dom.split("data-errors=")[1][:200] and 'data-ready="1"' not in dom
+
+
+def test_fast_codes_equal_the_full_forward(analysed):
+    from compsae.analysis.browser import codes_fn
+    from compsae.analysis.reconstructors import SAEReconstructor
+
+    tmp, _ = analysed
+    x = np.random.default_rng(0).normal(size=(64, 16)).astype(np.float32)
+    for name in ("comp", "topk"):
+        rec = SAEReconstructor.from_checkpoint(name, str(tmp / "train" / name))
+        np.testing.assert_allclose(codes_fn(rec)(x), rec(x).z, rtol=1e-5, atol=1e-6)

@@ -26,6 +26,30 @@ def load_unembedding(manifest: dict[str, Any], hook: str) -> tuple[np.ndarray | 
         return None, f"logit effects left out: {str(e).splitlines()[0][:160] if str(e) else type(e).__name__}"
 
 
+def codes_fn(rec: Any) -> Callable[[np.ndarray], np.ndarray]:
+    """`x [m, d]` (store units) -> the dictionary codes `z [m, n]` (store units) of an SAE
+    reconstructor.  For top-k models (CompSAE included) only the top-k step runs: the codes do not
+    depend on the composition path, which would cost most of a CompSAE forward."""
+    import torch
+
+    from compsae.train.models import TopKSAE
+    from compsae.train.models.topk import dense_codes
+
+    model, scale = rec.model, float(rec.scale)
+
+    @torch.no_grad()
+    def encode(x: np.ndarray) -> np.ndarray:
+        xt = torch.as_tensor(np.ascontiguousarray(x, dtype=np.float32)) * scale
+        if isinstance(model, TopKSAE):
+            _, idx, vals = model.active(xt)
+            z = dense_codes(idx, vals, model.cfg.n_latents)
+        else:
+            z = model(xt).z
+        return z.float().numpy() / scale
+
+    return encode
+
+
 def sample_heldout(keep: np.ndarray, n: int) -> np.ndarray:
     """Up to `n` evaluated rows (`keep: [n_rows]` bool), spread evenly over them."""
     rows = np.flatnonzero(keep)
@@ -53,7 +77,7 @@ def write_browsers(work: str, saes: list[Any], latents: pd.DataFrame, tops: pd.D
             notes.append(f"logit effects left out: decoder width {w_dec.shape[1]} is not the LM's d_model {w_u.shape[0]}")
             w_dec = None
         data = browser_data(
-            rec.name, rec.kind, lambda x, rec=rec: rec(x).z, store, hook,
+            rec.name, rec.kind, codes_fn(rec), store, hook,
             latents[latents["model"] == rec.name] if len(latents) else latents,
             tops[tops["model"] == rec.name] if len(tops) else tops,
             arrays.get(rec.name, {}), decode, sample, w_dec=w_dec, w_u=w_u, per_latent=per_latent, window=window,
