@@ -27,6 +27,9 @@ LABELS = {
     "partners_mean": "partners / latent (mean)", "partners_median": "partners / latent (median)",
     "partner_entropy_mean": "partner entropy (nats)", "mean_npmi": "mean NPMI", "mean_jaccard": "mean Jaccard",
     "n_tracked": "latents tracked", "pairs_cooccurring": "pairs co-firing",
+    "spearman_comp_vs_cooccurrence": "Spearman(composition, co-firing)",
+    "spearman_comp_vs_npmi": "Spearman(composition, NPMI)", "attn_gini_mean": "attention Gini (mean)",
+    "head_agreement": "head agreement (cos)", "fvu_nocomp_mean": "FVU, composition off (mean)",
 }
 
 
