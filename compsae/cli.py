@@ -34,7 +34,7 @@ def _pipeline_args(p: argparse.ArgumentParser) -> None:
 def _stage_args(p: argparse.ArgumentParser) -> None:
     _pipeline_args(p)
     p.add_argument("--force", action="store_true", help="redo the stage even when its outputs are up to date")
-    p.add_argument("--workers", type=int, default=None, help="Dask workers for a LocalCluster (harvest, analyze)")
+    p.add_argument("--workers", type=int, default=None, help="Dask workers for a LocalCluster (harvest, analyze); models trained at once, one process each (train)")
     p.add_argument("--scheduler", default=None, help="address of an existing Dask scheduler, tcp://host:port")
 
 

@@ -129,7 +129,7 @@ def _call_stage(stage: str, cfg: Any, out_dir: str, inputs: dict[str, dict[str, 
     if stage == "train":
         from compsae.train.run import run_train
 
-        return run_train(cfg, data.store, out_dir, force=force)
+        return run_train(cfg, data.store, out_dir, force=force, workers=options.get("workers"))
     if stage == "analyze":
         from compsae.analysis.run import run_analyze
 

@@ -28,12 +28,13 @@ def _fvu(model: torch.nn.Module, x: torch.Tensor) -> float:
     return float((x - x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum())
 
 
-@pytest.mark.parametrize("kind", ["compsae", "topk", "relu"])
+@pytest.mark.parametrize("kind", ["compsae", "pair", "topk", "relu"])
 def test_training_lowers_fvu_on_known_directions(tmp_path, kind):
     x, _ = sparse_mixture(8192, d=16, seed=1)
     data = torch.from_numpy(x)
     held = data[-512:]
-    mcfg = ModelConfig(type=kind, **SMALL, l1_coef=0.02)
+    extra = {"type": "compsae", "composer": "pair", "pair_l1": 0.1} if kind == "pair" else {"type": kind}
+    mcfg = ModelConfig(**{**SMALL, **extra}, l1_coef=0.02)
     tcfg = TrainConfig(lr=3e-3, batch_size=128, tokens=128 * 250, log_every=50, checkpoint_every=1000,
                        device="cpu", warmup_fraction=0.02)
     torch.manual_seed(0)
@@ -155,3 +156,17 @@ def test_schedules():
     assert lr_at(90, 100, t) == pytest.approx(0.5) and lr_at(99, 100, t) == pytest.approx(0.05)
     r = ModelConfig(type="relu", l1_warmup_fraction=0.1)
     assert l1_scale_at(0, 100, r) == pytest.approx(0.1) and l1_scale_at(50, 100, r) == 1.0
+
+
+def test_models_trained_in_parallel_processes_match_one_at_a_time(tmp_path):
+    store, _ = make_store(str(tmp_path / "store"))
+    cfg = _stage(seeds=[0, 1])
+    one = run_train(cfg, store.url, str(tmp_path / "one"), progress=False)
+    two = run_train(cfg, store.url, str(tmp_path / "two"), progress=False, workers=2)
+    assert set(one["models"]) == set(two["models"]) == {"comp__s0", "comp__s1", "topk__s0", "topk__s1"}
+    for name in one["models"]:
+        a = load_file(str(tmp_path / "one" / name / "model.safetensors"))
+        b = load_file(str(tmp_path / "two" / name / "model.safetensors"))
+        for key in a:  # thread counts differ between the two runs: equal up to float reordering
+            torch.testing.assert_close(a[key], b[key], rtol=1e-3, atol=1e-4)
+        assert two["models"][name]["step"] == one["models"][name]["step"] == 30

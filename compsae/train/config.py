@@ -44,7 +44,7 @@ class ModelConfig(BaseModel):
     pair_l1_warmup_fraction: float = Field(0.2, ge=0.0, le=1.0, description="pair penalty ramps in over this")
 
     # composition curriculum: each active latent attends to at most its top-m partners
-    curriculum: bool = Field(True, description="off = every active latent attends to all k")
+    curriculum: bool = Field(True, description="off = attention: every active latent attends to all k; pair top_m: the final m from the start")
     curriculum_m: list[int] = Field([2, 3, 4], min_length=1, description="m values, in order")
     curriculum_at: list[float] = Field(
         [0.2, 0.4], description="fractions of training where m moves to the next value")
@@ -96,8 +96,11 @@ class ModelConfig(BaseModel):
 
     @property
     def final_m(self) -> int | None:
-        """Partners each latent may attend to once the curriculum is over (None = all k)."""
-        return self.curriculum_m[-1] if self.curriculum else None
+        """Partners each latent may attend to once the curriculum is over (None = all k).  The pair
+        composer's top-m selection keeps its final m from the start when the curriculum is off."""
+        if self.curriculum or (self.composer == "pair" and self.pair_selection == "top_m"):
+            return self.curriculum_m[-1]
+        return None
 
 
 class TrainConfig(BaseModel):

@@ -92,14 +92,16 @@ def training_lock(out_dir: str, ctx: DistContext | None = None) -> Iterator[None
 
 
 def run_train(cfg: TrainStageConfig, store_url: str, out_dir: str, force: bool = False,
-              progress: bool = True) -> dict[str, Any]:
+              progress: bool = True, workers: int | None = None) -> dict[str, Any]:
     """Train every model of `cfg` on the store at `store_url` into `out_dir/<name>/`.
 
     Returns the stage outputs: per model its folder, final training metrics and held-out metrics,
     plus a digest of all weights.  A finished model of the same config is reused; an interrupted
     one resumes; one of another config is refused unless `force` (which starts every model over).
     A second training into the same `out_dir` at the same time is refused.  Under `torchrun` every
-    rank calls this with the same arguments and gets the same outputs; only rank 0 writes."""
+    rank calls this with the same arguments and gets the same outputs; only rank 0 writes.
+    `workers` > 1 trains that many models at once, each in its own process (an ablation grid on a
+    many-core machine); each model's result is that of training it alone."""
     ctx = init_from_env()
     store = open_training_store(store_url, cfg.hook)
     d_in = store.d_model(cfg.hook)
@@ -108,11 +110,14 @@ def run_train(cfg: TrainStageConfig, store_url: str, out_dir: str, force: bool =
     curves: str | None = None
     digest = hashlib.sha256()
     with training_lock(out_dir, ctx):
+        parallel = bool(workers and workers > 1 and not ctx.enabled and len(cfg.models) > 1)
+        records = (train_in_processes(cfg, store_url, store_hash, d_in, out_dir, force, workers or 1) if parallel
+                   else {})
         for name in cfg.models:
             model_cfg, train_cfg = cfg.model_for(name), cfg.train_for(name)
             folder = join(out_dir, name)
-            record = train_one(name, model_cfg, train_cfg, cfg.hook, store, store_hash, d_in, folder, force,
-                               progress, ctx)
+            record = records.get(name) or train_one(name, model_cfg, train_cfg, cfg.hook, store, store_hash, d_in,
+                                                    folder, force, progress, ctx)
             models[name] = record
             if ctx.is_main:
                 fs, path = fsspec.core.url_to_fs(folder)
@@ -130,6 +135,35 @@ def run_train(cfg: TrainStageConfig, store_url: str, out_dir: str, force: bool =
                            store_manifest_hash=store_hash, models=models, curves=curves,
                            digest=digest.hexdigest()[:durable.DIGEST_DIGITS])
     return ctx.broadcast(outputs.model_dump(mode="json"))
+
+
+def _train_worker(cfg_json: dict[str, Any], name: str, store_url: str, store_hash: str, d_in: int, folder: str,
+                  force: bool, threads: int) -> TrainedModelRecord:
+    torch.set_num_threads(threads)
+    cfg = TrainStageConfig.model_validate(cfg_json)
+    store = open_training_store(store_url, cfg.hook)
+    return train_one(name, cfg.model_for(name), cfg.train_for(name), cfg.hook, store, store_hash, d_in, folder,
+                     force, progress=False)
+
+
+def train_in_processes(cfg: TrainStageConfig, store_url: str, store_hash: str, d_in: int, out_dir: str,
+                       force: bool, workers: int) -> dict[str, TrainedModelRecord]:
+    """Train every model of `cfg`, `workers` at a time, each in a fresh process; name -> record."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    from tqdm.auto import tqdm
+
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    cfg_json = cfg.model_dump(mode="json")
+    cfg_json.pop("seeds", None)  # models are already expanded per seed
+    records: dict[str, TrainedModelRecord] = {}
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {pool.submit(_train_worker, cfg_json, name, store_url, store_hash, d_in, join(out_dir, name),
+                               force, threads): name for name in cfg.models}
+        for fut in tqdm(futures, desc=f"train ({workers} at a time)", unit="model"):
+            records[futures[fut]] = fut.result()
+    return records
 
 
 def train_one(name: str, model_cfg: ModelConfig, train_cfg: TrainConfig, hook: str, store: ActivationStore,

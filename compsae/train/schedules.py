@@ -34,7 +34,7 @@ def m_at(step: int, total: int, cfg: ModelConfig) -> int | None:
     """Composition curriculum: `curriculum_m[j]` partners per latent once training has passed
     `curriculum_at[j-1]`; None (all k) when the curriculum is off."""
     if not cfg.curriculum:
-        return None
+        return cfg.final_m
     frac = step / max(1, total)
     return cfg.curriculum_m[bisect.bisect_right(cfg.curriculum_at, frac)]
 

@@ -51,10 +51,12 @@ class PairComposer(nn.Module):
     def __init__(self, n_latents: int, d_in: int, rank: int, selection: str = "all", score_dim: int = 16) -> None:
         super().__init__()
         self.selection = selection
-        # Small E and W_out: the term (bilinear in E) starts near zero, so training begins as a
-        # TopK SAE and the path grows only where pairs pay for it.
-        self.E = nn.Parameter(torch.randn(n_latents, rank) * 0.1)  # [n, r]
-        self.W_out = nn.Parameter(torch.randn(rank, d_in) * (0.1 / math.sqrt(rank)))  # [r, d]
+        # W_out starts at zero, so training begins exactly as a TopK SAE and the path grows only where
+        # pairs pay for it.  E's scale (codes are O(1) on normalised inputs) was chosen on the
+        # bilinear ground truth: std 1 let the early path disturb the dictionary (MCC 0.70-0.82
+        # against 0.95 for TopK), 0.1 with a small random W_out sat long near the saddle at zero.
+        self.E = nn.Parameter(torch.randn(n_latents, rank) * 0.3)  # [n, r]
+        self.W_out = nn.Parameter(torch.zeros(rank, d_in))  # [r, d]
         if selection == "top_m":
             self.W_q = nn.Parameter(torch.randn(rank, score_dim) / math.sqrt(rank))
             self.W_k = nn.Parameter(torch.randn(rank, score_dim) / math.sqrt(rank))
