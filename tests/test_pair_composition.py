@@ -165,3 +165,17 @@ def test_bilinear_ground_truth_is_the_stated_sum_and_twins_cofire_alike():
     control = generate(cfg.model_copy(update={"additive_only": True}))
     np.testing.assert_allclose(control.x, a @ d.V, atol=1e-4)
     assert control.dictionary.C == [] and control.dictionary.twins == d.twins
+
+
+def test_closed_form_norms_and_gains_equal_the_intervention():
+    from compsae.analysis.pair_effects import norms_and_gains
+
+    model = _pair_model()
+    x = torch.randn(25, D, dtype=torch.float64) * 3
+    _, idx, vals = model.active(x)
+    resid = torch.randn(25, D, dtype=torch.float64)
+    norm, gain = norms_and_gains(model, idx, vals, resid)
+    delta = mixed_differences(model, idx, vals).float()
+    torch.testing.assert_close(norm, delta.norm(dim=-1), rtol=1e-4, atol=1e-4)
+    ref = (resid.float()[:, None] + delta).square().sum(-1) - resid.float().square().sum(-1)[:, None]
+    torch.testing.assert_close(gain, ref, rtol=1e-3, atol=1e-3)

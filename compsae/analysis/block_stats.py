@@ -54,13 +54,18 @@ def model_partial(rec_fn: Reconstructor, x: np.ndarray, pos: np.ndarray, rows: n
         part["latents"] = LatentSums.from_codes(rec.z)
     if rec_fn.name in spec.contexts_for and "contexts" not in spec.skip and spec.top_k_contexts > 0:
         part["top"] = TopContexts.from_codes(rec.z, rows, spec.top_k_contexts)
+    rows_map = spec.rows_map(rec_fn.name, rec.z.shape[1])
     if rec.attn is not None and rec.active_idx is not None:
         active = active_ids(rec.active_idx, rec.z)
         if "heads" not in spec.skip:
             part["heads"] = HeadSums.from_block(active, rec.attn)
-        rows_map = spec.rows_map(rec_fn.name, rec.z.shape[1])
         if rows_map is not None and "pairs" not in spec.skip:
             part["pairs"] = PairSums.from_block(active, rec.attn, rows_map, len(spec.tracked[rec_fn.name]))
+    if rows_map is not None and "pairs" not in spec.skip and hasattr(rec_fn, "pair_effects"):
+        # composition measured by intervention (mixed differences), for every composition model
+        effects = rec_fn.pair_effects(x, rows_map, len(spec.tracked[rec_fn.name]))
+        if effects is not None:
+            part["effects"] = effects
     if rec.gate is not None and "gate" not in spec.skip:
         part["gate"] = GateSums.from_block(rec.gate)
     return part

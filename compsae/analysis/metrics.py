@@ -7,9 +7,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from compsae.analysis.composition import composition_matrix, partner_stats, rank_correlation
+from compsae.analysis.composition import PairSums, composition_matrix, partner_stats, rank_correlation
 from compsae.analysis.cooccurrence import jaccard, npmi, pmi
+from compsae.analysis.pair_effects import PairEffectSums
 from compsae.analysis.reconstruction import LatentSums
+
+TOP_PAIRS = 20  # composing pairs listed in metrics.json and the report
 
 
 def _finite(v: Any) -> Any:
@@ -48,31 +51,75 @@ def model_metrics(part: dict[str, Any], dense_thresholds: list[float], partner_t
         m["heads"] = part["heads"].summary()
     if part.get("gate") is not None:
         m["gate"] = part["gate"].summary()
-    pairs = part.get("pairs")
-    if pairs is not None and tracked is not None:
-        single = np.diag(pairs.co).astype(np.float64)
-        comp = composition_matrix(pairs, tracked)
-        co = pairs.co.astype(np.float64)
-        off = ~np.eye(len(tracked), dtype=bool)
-        co_nan = np.where(co > 0, co, np.nan)
-        npmi_m = np.where(co > 0, npmi(single, co, pairs.n_tokens), np.nan)
-        ps = partner_stats(pairs.attn_to, tracked, partner_threshold)
-        m["pairs"] = {
-            "n_tracked": len(tracked),
-            "n_tokens": pairs.n_tokens,
-            "pairs_cooccurring": int((co[off] > 0).sum()),
-            "mean_npmi": float(np.nanmean(npmi_m[off])) if np.isfinite(npmi_m[off]).any() else float("nan"),
-            "mean_jaccard": float(jaccard(single, co)[off].mean()) if off.any() else float("nan"),
-            "spearman_comp_vs_cooccurrence": rank_correlation(comp, co_nan),
-            "spearman_comp_vs_npmi": rank_correlation(comp, npmi_m),
-            "partners_mean": float(np.mean(ps["n_partners"])),
-            "partners_median": float(np.median(ps["n_partners"])),
-            "partner_entropy_mean": float(np.nanmean(ps["partner_entropy"])) if np.isfinite(ps["partner_entropy"]).any() else float("nan"),
-            "attn_gini_mean": float(np.nanmean(ps["attn_gini"])) if np.isfinite(ps["attn_gini"]).any() else float("nan"),
-        }
-        arrays.update(comp=comp, cooccurrence=co, npmi=npmi_m, pmi=pmi(single, co, pairs.n_tokens),
-                      jaccard=jaccard(single, co), partners=ps, tracked=tracked)
+    pairs, effects = part.get("pairs"), part.get("effects")
+    if tracked is not None and (pairs is not None or effects is not None):
+        m["pairs"], pair_arrays = pair_metrics(pairs, effects, lat, tracked, partner_threshold)
+        arrays.update(pair_arrays)
     return m, arrays
+
+
+def pair_metrics(pairs: PairSums | None, effects: PairEffectSums | None, lat: LatentSums | None,
+                 tracked: np.ndarray, partner_threshold: float) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Pair summaries and arrays over the tracked latents.  The composition matrix is the mean
+    pair effect (mixed difference, `PairEffectSums`) where it was measured; attention weights stay a
+    secondary view (`comp_attention`).  Partners and their statistics come from the same matrix."""
+    off = ~np.eye(len(tracked), dtype=bool)
+    arrays: dict[str, Any] = {"tracked": tracked}
+    if effects is not None:
+        co = (effects.count + effects.count.T).astype(np.float64)
+        single = (lat.fire[tracked] if lat is not None else co.max(1)).astype(np.float64)
+        np.fill_diagonal(co, single)
+        n_tokens = effects.n_tokens
+        comp = np.where(co > 0, effects.mean_effect(), np.nan)
+        np.fill_diagonal(comp, np.nan)
+        ps = partner_stats(effects.norm + effects.norm.T, np.arange(len(tracked)), partner_threshold)
+        gain = effects.gain_share()
+        arrays.update(pair_effect=comp, pair_gain=gain)
+        source = "pair effects (mixed differences)"
+    else:
+        assert pairs is not None
+        co, single, n_tokens = pairs.co.astype(np.float64), np.diag(pairs.co).astype(np.float64), pairs.n_tokens
+        comp = composition_matrix(pairs, tracked)
+        ps = partner_stats(pairs.attn_to, tracked, partner_threshold)
+        gain = None
+        source = "attention weights"
+    co_nan = np.where(co > 0, co, np.nan)
+    npmi_m = np.where(co > 0, npmi(single, co, n_tokens), np.nan)
+    pmi_m = np.where(co > 0, pmi(single, co, n_tokens), np.nan)
+    summary: dict[str, Any] = {
+        "matrix": source,
+        "n_tracked": len(tracked),
+        "n_tokens": n_tokens,
+        "pairs_cooccurring": int((co[off] > 0).sum()),
+        "mean_npmi": float(np.nanmean(npmi_m[off])) if np.isfinite(npmi_m[off]).any() else float("nan"),
+        "mean_jaccard": float(jaccard(single, co)[off].mean()) if off.any() else float("nan"),
+        "spearman_comp_vs_cooccurrence": rank_correlation(comp, co_nan),
+        "spearman_comp_vs_npmi": rank_correlation(comp, npmi_m),
+        "spearman_comp_vs_pmi": rank_correlation(comp, pmi_m),
+        "partners_mean": float(np.mean(ps["n_partners"])),
+        "partners_median": float(np.median(ps["n_partners"])),
+        "partner_entropy_mean": _nanmean(ps["partner_entropy"]),
+        "partner_gini_mean": _nanmean(ps["attn_gini"]),
+    }
+    if gain is not None:
+        iu = np.triu_indices(len(tracked), k=1)
+        summary["pair_gain_total"] = float(gain[iu].sum())  # share of the variance the pair terms explain
+        order = np.argsort(-gain[iu])[:TOP_PAIRS]
+        summary["top_pairs"] = [
+            {"i": int(tracked[iu[0][o]]), "j": int(tracked[iu[1][o]]), "tokens": int(co[iu[0][o], iu[1][o]]),
+             "mean_effect": float(comp[iu[0][o], iu[1][o]]), "gain_share": float(gain[iu][o])}
+            for o in order if gain[iu][o] > 0]
+    if pairs is not None and effects is not None:
+        comp_attention = composition_matrix(pairs, tracked)
+        arrays["comp_attention"] = comp_attention
+        summary["spearman_attention_vs_effect"] = rank_correlation(comp_attention, comp)
+        summary["spearman_attention_vs_pmi"] = rank_correlation(comp_attention, pmi_m)
+    arrays.update(comp=comp, cooccurrence=co, npmi=npmi_m, pmi=pmi_m, jaccard=jaccard(single, co), partners=ps)
+    return summary, arrays
+
+
+def _nanmean(a: np.ndarray) -> float:
+    return float(np.nanmean(a)) if np.isfinite(a).any() else float("nan")
 
 
 def latent_table(name: str, arrays: dict[str, Any]) -> pd.DataFrame:

@@ -74,6 +74,24 @@ def effects(model: Any, idx: torch.Tensor, vals: torch.Tensor) -> torch.Tensor:
     return pair_terms(model, idx, vals) if exact_pair_terms(model) else mixed_differences(model, idx, vals)
 
 
+@torch.no_grad()
+def norms_and_gains(model: Any, idx: torch.Tensor, vals: torch.Tensor, resid: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per token and pair of positions: ‖Δ‖ and the gain of keeping the pair's term,
+    `‖r + Δ‖² − ‖r‖² = 2 r·Δ + ‖Δ‖²` with `resid: [b, d]` = x − x̂; two `[b, k(k-1)/2]` tensors.
+    For the pairwise decoder the `[b, P, d]` effects are never formed: with c = u_a ⊙ u_b,
+    ‖Δ‖² = c G cᵀ (G = W_out W_outᵀ) and r·Δ = c · (W_out r)."""
+    if exact_pair_terms(model):
+        pa, pb = pair_positions(idx.shape[1], idx.device)
+        u = model.pair.items(idx, vals).float()  # [b, k, r]
+        c = u[:, pa] * u[:, pb]  # [b, P, r]
+        w_out = model.pair.W_out.float()
+        sq = ((c @ (w_out @ w_out.T)) * c).sum(-1).clamp_min(0)
+        return sq.sqrt(), 2 * (c * (resid.float() @ w_out.T)[:, None]).sum(-1) + sq
+    delta = mixed_differences(model, idx, vals).float()  # [b, P, d]
+    return delta.norm(dim=-1), 2 * torch.einsum("bd,bpd->bp", resid.float(), delta) + delta.square().sum(-1)
+
+
 @dataclass
 class PairEffectSums:
     """Sums over tokens for latent pairs (i < j), both firing: `count`, `norm` (Σ‖Δ‖), `gain`
@@ -92,22 +110,25 @@ class PairEffectSums:
         return cls(z.copy(), z.copy(), z.copy())
 
     @torch.no_grad()
-    def update(self, model: Any, x: torch.Tensor, x_hat: torch.Tensor, idx: torch.Tensor, vals: torch.Tensor) -> None:
-        """Add a batch: rows `x`, their reconstruction `x_hat` (`[b, d]`) and active latents (`[b, k]`)."""
-        delta = effects(model, idx, vals).float()  # [b, P, d]
+    def update(self, model: Any, x: torch.Tensor, x_hat: torch.Tensor, idx: torch.Tensor, vals: torch.Tensor,
+               rows: np.ndarray | None = None) -> None:
+        """Add a batch: rows `x`, their reconstruction `x_hat` (`[b, d]`) and active latents (`[b, k]`).
+        `rows: [n_latents]` maps latents to the rows of the sums (−1: not tracked); default identity."""
         pa, pb = pair_positions(idx.shape[1], idx.device)
-        both = (vals[:, pa] > 0) & (vals[:, pb] > 0)  # [b, P]
-        resid = (x - x_hat).float()  # [b, d]
-        # ‖r + Δ‖² − ‖r‖² = 2 r·Δ + ‖Δ‖²: the error without the pair's term minus the error with it
-        gain = 2 * torch.einsum("bd,bpd->bp", resid, delta) + delta.square().sum(-1)
-        norm = delta.norm(dim=-1)
-        li, lj = idx[:, pa], idx[:, pb]
-        lo, hi = torch.minimum(li, lj)[both].cpu().numpy(), torch.maximum(li, lj)[both].cpu().numpy()
-        n = self.count.shape[0]
-        flat = lo.astype(np.int64) * n + hi
-        self.count += np.bincount(flat, minlength=n * n).reshape(n, n)
-        self.norm += np.bincount(flat, weights=norm[both].double().cpu().numpy(), minlength=n * n).reshape(n, n)
-        self.gain += np.bincount(flat, weights=gain[both].double().cpu().numpy(), minlength=n * n).reshape(n, n)
+        m = self.count.shape[0]
+        lut = torch.as_tensor(np.arange(m) if rows is None else rows, device=idx.device)
+        for lo in range(0, x.shape[0], INTERVENTION_ROWS):
+            sl = slice(lo, lo + INTERVENTION_ROWS)
+            i_rows, v_rows = idx[sl], vals[sl]
+            norm, gain = norms_and_gains(model, i_rows, v_rows, x[sl] - x_hat[sl])
+            ri, rj = lut[i_rows[:, pa]], lut[i_rows[:, pb]]  # [b, P] tracked rows
+            keep = (v_rows[:, pa] > 0) & (v_rows[:, pb] > 0) & (ri >= 0) & (rj >= 0)
+            lo_r = torch.minimum(ri, rj)[keep].cpu().numpy().astype(np.int64)
+            hi_r = torch.maximum(ri, rj)[keep].cpu().numpy().astype(np.int64)
+            flat = lo_r * m + hi_r
+            self.count += np.bincount(flat, minlength=m * m).reshape(m, m)
+            self.norm += np.bincount(flat, weights=norm[keep].double().cpu().numpy(), minlength=m * m).reshape(m, m)
+            self.gain += np.bincount(flat, weights=gain[keep].double().cpu().numpy(), minlength=m * m).reshape(m, m)
         self.n_tokens += x.shape[0]
         self.sq_dev += float((x - x.mean(0)).double().square().sum())
 

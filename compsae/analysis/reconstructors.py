@@ -99,6 +99,24 @@ class SAEReconstructor:
                for f in Reconstruction.__dataclass_fields__}
         return Reconstruction(**cat)
 
+    @torch.no_grad()
+    def pair_effects(self, x: np.ndarray, rows: np.ndarray, m: int) -> Any:
+        """`PairEffectSums` over the `m` tracked latents (`rows: [n_latents]` latent -> row, −1
+        untracked) on `x: [b, d]`, or None for a model without a composition path."""
+        from compsae.analysis.pair_effects import PairEffectSums
+
+        model = self.model
+        cfg = getattr(model, "cfg", None)
+        if not hasattr(model, "decode_active") or getattr(cfg, "composer", "none") == "none":
+            return None
+        acc = PairEffectSums.empty(m)
+        for i in range(0, len(x), self.batch_rows):
+            xt = torch.as_tensor(np.ascontiguousarray(x[i:i + self.batch_rows], dtype=np.float32)) * self.scale
+            out = model(xt, need_weights=False)
+            idx = out.extras["active_idx"]
+            acc.update(model, xt, out.x_hat, idx, out.z.gather(1, idx), rows)
+        return acc
+
     def _run(self, x: np.ndarray) -> Reconstruction:
         xt = torch.as_tensor(np.ascontiguousarray(x, dtype=np.float32)) * self.scale
         out = self.model(xt)

@@ -203,7 +203,8 @@ def make_figures(metrics: dict[str, Any], arrays: dict[str, dict[str, Any]], exa
     add("fvu_vs_l0.png", "FVU against L0, every method", plot_fvu_vs_l0, metrics)
     for name, arr in arrays.items():
         if "comp" in arr:
-            add(f"composition_{name}.png", f"{name}: composition matrix, clustered", plot_heatmap,
+            source = "mean pair effect (intervention)" if "pair_effect" in arr else "mean attention weight"
+            add(f"composition_{name}.png", f"{name}: composition matrix ({source}), clustered", plot_heatmap,
                 arr["comp"], arr["tracked"], name)
             add(f"partners_{name}.png", f"{name}: distinct partners per latent", plot_partners, arr["partners"], name)
         heads = metrics["models"][name].get("heads")
@@ -284,11 +285,24 @@ def render_html(metrics: dict[str, Any], figures: list[tuple[str, str]]) -> str:
         rows = metrics["ablations_by_variant"]
         parts.append(table(rows, list(rows[0]), f"Ablations: mean and sd over seeds (sd with ddof=1), on "
                            f"{metrics['n_tokens']} held-out tokens"))
-    comp_rows = [{"model": n, **m["pairs"], **{k: v for k, v in m.get("gate", {}).items() if not isinstance(v, dict)},
+    comp_rows = [{"model": n, **{k: v for k, v in m["pairs"].items() if k != "top_pairs"},
+                  **{k: v for k, v in m.get("gate", {}).items() if not isinstance(v, dict)},
                   "head_agreement": m.get("heads", {}).get("head_agreement")}
                  for n, m in metrics["models"].items() if "pairs" in m]
     if comp_rows:
         parts.append(table(comp_rows, list(comp_rows[0]), "Composition and co-occurrence (n_tokens: tokens behind each row)"))
+    for n, m in metrics["models"].items():
+        top = m.get("pairs", {}).get("top_pairs")
+        if top:
+            rows = [{"latents": f"{p['i']} + {p['j']}", "tokens": p["tokens"], "mean_effect": p["mean_effect"],
+                     "gain_share": p["gain_share"],
+                     "where both fire": " | ".join(f"{e['context']}[{e['token']}]" for e in p.get("examples", []))}
+                    for p in top]
+            parts.append(table(rows, list(rows[0]), (
+                f"{n}: the composing pairs that explain most variance, measured by intervention (mean_effect: mean "
+                "‖x̂(z) − x̂(z∖i) − x̂(z∖j) + x̂(z∖ij)‖ over the tokens where both fire, relative to the RMS "
+                "activation deviation; gain_share: reconstruction gain of keeping the pair's term, share of the "
+                "total variance; tokens: held-out tokens where both fire)")))
     ce_rows = [{"model": n, **m["ce"]} for n, m in metrics["models"].items() if m.get("ce")]
     if ce_rows:
         parts.append(table(ce_rows, list(ce_rows[0]), f"Next-token loss with x̂ spliced in ({metrics.get('ce_note', '')})"))

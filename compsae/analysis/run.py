@@ -49,6 +49,7 @@ from compsae.store.split import shared_split
 from compsae.train.checkpoint import parse_meta
 
 PILOT_BLOCKS = 8
+TOP_PAIR_EXAMPLES = 10  # composing pairs shown with example tokens
 ABLATION_FIELDS = ("type", "n_latents", "k", "composer", "gate", "curriculum", "graduated_sparsity")
 
 
@@ -169,6 +170,26 @@ def attention_examples(rec: SAEReconstructor, store: ActivationStore, hook: str,
     return examples
 
 
+def pair_examples(rec: SAEReconstructor, store: ActivationStore, hook: str, plan: Any, pairs: list[dict[str, Any]],
+                  decode: Callable[[int], str], per_pair: int = 3, max_rows: int = 4096) -> None:
+    """Add to each of `pairs` (dicts with latents "i", "j") up to `per_pair` held-out tokens where
+    both fire, as {"token", "context"}, from the first `max_rows` evaluated rows."""
+    rows = np.flatnonzero(plan.keep)[:max_rows]
+    if rows.size == 0 or not pairs:
+        return
+    lo, hi = int(rows.min()), int(rows.max()) + 1
+    z = rec(store.read_rows(hook, lo, hi)[rows - lo]).z  # [rows, n]
+    for pair in pairs:
+        both = np.flatnonzero((z[:, pair["i"]] > 0) & (z[:, pair["j"]] > 0))[:per_pair]
+        pair["examples"] = []
+        for r in rows[both]:
+            start = max(int(r) - 12, 0)
+            ctx = [int(t) for t, q in zip(store.tokens[start:r], store.seq_id[start:r], strict=True)
+                   if q == store.seq_id[r]]
+            pair["examples"].append({"token": decode(int(store.tokens[r])),
+                                     "context": "".join(decode(t) for t in ctx)})
+
+
 def heldout_sequences(store: ActivationStore, keep: np.ndarray, n: int) -> np.ndarray:
     """`[≤n, ctx]` token ids of whole held-out sequences (rows of a sequence are contiguous)."""
     ctx = int(store.manifest.get("context", 0))
@@ -276,6 +297,10 @@ def run_analyze(cfg: AnalyzeConfig, store_url: str, train_dir: str, out_dir: str
                "ce_note": ce_note, "notes": notes, "scheduler": scheduler or (f"LocalCluster({workers})" if workers else "threads")}
 
     decode = decode or token_decoder(store.manifest)
+    for r in recons:
+        top = models[r.name].get("pairs", {}).get("top_pairs")
+        if top and isinstance(r, SAEReconstructor):
+            pair_examples(r, store, hook, plan, top[:TOP_PAIR_EXAMPLES], decode)
     examples = []
     for r in recons:
         if r.kind == "compsae" and len(examples) == 0 and cfg.plots:
