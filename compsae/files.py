@@ -5,7 +5,7 @@ from __future__ import annotations
 
 # a stage folder <runs_root>/<pipeline>/<stage>-<hash>/
 STAGE_RECORD = "stage.json"        # written last: its presence means the stage is done
-STAGE_LOCK = ".stage.lock"
+STAGE_LOCK = ".stage.lock"         # the one lock of a stage folder (the train stage takes it itself)
 PIPELINE_REPORT = "report.html"    # <runs_root>/<pipeline>/report.html, over every stage
 
 # harvest (and the ground-truth data source)
@@ -18,7 +18,6 @@ MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"        # the checkpoint's metadata; its presence marks a model folder
 STATE_FILE = "train_state.safetensors"
 TRAIN_METRICS = "metrics.jsonl"
-TRAIN_LOCK = ".train.lock"
 TRAINING_CURVES = "training_curves.png"  # in the train stage folder, every model on one figure
 
 # analyze

@@ -7,10 +7,8 @@ from typing import Any
 
 from compsae.config import PipelineConfig, PipelinesFile
 from compsae.errors import UserError
-from compsae.files import STORE_DIR
+from compsae.registry import STAGE_INPUTS, STAGE_ORDER, STAGES, StageContext
 from compsae.stages import (
-    STAGE_INPUTS,
-    STAGE_ORDER,
     StageStatus,
     done_folders,
     invalidate_record,
@@ -24,12 +22,10 @@ from compsae.stages import (
 
 
 def stage_config(pipe: PipelineConfig, stage: str) -> Any:
-    """The config of `stage` in `pipe`, or None when the pipeline does not run it.
-
-    The first stage is called harvest whether it runs a model or writes ground-truth data."""
-    if stage == "harvest":
-        return pipe.source
-    return getattr(pipe, stage, None)
+    """The config of `stage` in `pipe`, or None when the pipeline does not run it."""
+    if stage not in STAGES:
+        raise UserError(f"unknown stage {stage!r}; stages are {', '.join(STAGE_ORDER)}")
+    return STAGES[stage].config(pipe)
 
 
 def plan(whole: PipelinesFile, pipe: PipelineConfig, name: str) -> list[StageStatus]:
@@ -88,12 +84,15 @@ def run_stage(
     assert status.path is not None and status.hash is not None
     from compsae.train.distributed import is_rank0, launched_world_size
 
-    if launched_world_size() > 1 and stage != "train":
-        raise UserError(f"only `compsae train` runs under torchrun; run `compsae {stage}` as one process")
-    main = is_rank0()  # under torchrun every rank trains; rank 0 alone locks, records and talks
+    spec = STAGES[stage]
+    if launched_world_size() > 1 and not spec.distributed:
+        runs = ", ".join(f"`compsae {s.name}`" for s in STAGES.values() if s.distributed)
+        raise UserError(f"only {runs} runs under torchrun; run `compsae {stage}` as one process")
+    main = is_rank0()  # under torchrun every rank runs the stage; rank 0 alone locks, records and talks
     if main:
         say(f"{stage}: running into {status.path}")
-    with stage_lock(status.path, stage) if main else nullcontext():
+    # a distributed stage takes its folder's lock itself, so that every rank gets the verdict
+    with stage_lock(status.path, stage) if main and not spec.distributed else nullcontext():
         if main:
             invalidate_record(status.path)  # a redo killed half-way must not look done
         outputs = _call_stage(stage, cfg, status.path, inputs, force, options or {})
@@ -109,66 +108,9 @@ def run_stage(
 
 
 def _call_stage(stage: str, cfg: Any, out_dir: str, inputs: dict[str, dict[str, Any]], force: bool,
-                options: dict[str, Any]) -> dict[str, Any]:
-    # Imported here: each stage pulls in torch / transformer_lens / dask, which the CLI's
-    # `status` and error paths should not pay for.
-    if stage == "harvest":
-        from compsae.evaluation.config import GroundTruthConfig
-
-        if isinstance(cfg, GroundTruthConfig):
-            return _write_ground_truth(cfg, out_dir, force)
-        from compsae.harvest.run import run_harvest
-
-        # workers / scheduler change only speed (the store is byte-identical), so they are CLI
-        # options, not config fields that would change the stage hash
-        return run_harvest(cfg, out_dir, force=force, workers=options.get("workers"),
-                           scheduler=options.get("scheduler"))
-    from compsae.harvest.records import HarvestOutputs
-
-    data = HarvestOutputs.model_validate(inputs["harvest"]["outputs"])
-    if stage == "train":
-        from compsae.train.run import run_train
-
-        return run_train(cfg, data.store, out_dir, force=force, workers=options.get("workers"))
-    if stage == "analyze":
-        from compsae.analysis.run import run_analyze
-
-        return run_analyze(
-            cfg,
-            store_url=data.store,
-            train_dir=inputs["train"]["path"],
-            out_dir=out_dir,
-            force=force,
-            **{k: v for k, v in options.items() if k in ("workers", "scheduler") and v is not None},
-        )
-    if stage == "evaluate":
-        from compsae.evaluation.config import EvalRun
-        from compsae.evaluation.stage import run_evaluate
-        from compsae.train.records import TrainOutputs
-
-        train_out = TrainOutputs.model_validate(inputs["train"]["outputs"])
-        runs = cfg.runs or [EvalRun(label=name, checkpoint=rec.path, store=train_out.store)
-                            for name, rec in train_out.models.items()]
-        return run_evaluate(cfg.model_copy(update={"runs": runs}), out_dir)
-    if stage == "probe":
-        from compsae.evaluation.probe_stage import run_probe
-
-        return run_probe(cfg, data.store, inputs["train"]["path"], out_dir,
-                         progress=print)
-    raise UserError(f"unknown stage {stage!r}; stages are {', '.join(STAGE_ORDER)}")
-
-
-def _write_ground_truth(cfg: Any, out_dir: str, force: bool) -> dict[str, Any]:
-    from compsae.evaluation.ground_truth import write_ground_truth_store
-    from compsae.harvest.records import HarvestOutputs
-    from compsae.stages import join
-    from compsae.store import ActivationStore, manifest_digest
-
-    url = join(out_dir, STORE_DIR)
-    summary = write_ground_truth_store(cfg, url, overwrite=force)
-    store = ActivationStore.open(url)
-    return HarvestOutputs.model_validate({**summary, "store": url, "hooks": {cfg.hook: cfg.d_model},
-                                         "digest": manifest_digest(store.manifest)}).model_dump(mode="json")
+                options: dict[str, Any]) -> Any:
+    """Run `stage` through its registered runner; returns its outputs record."""
+    return STAGES[stage].runner(cfg)(cfg, StageContext(out_dir, inputs, force, options))
 
 
 def run_pipeline(whole: PipelinesFile, pipe: PipelineConfig, name: str, force: bool = False,

@@ -20,10 +20,6 @@ from pydantic import BaseModel
 from compsae import __version__, durable
 from compsae.files import STAGE_LOCK, STAGE_RECORD
 
-STAGE_ORDER = ("harvest", "train", "analyze", "evaluate", "probe")
-STAGE_INPUTS: dict[str, tuple[str, ...]] = {
-    "harvest": (), "train": ("harvest",), "analyze": ("harvest", "train"), "evaluate": ("harvest", "train"),
-    "probe": ("harvest", "train")}
 RECORD = STAGE_RECORD
 
 # Fields that change how fast a stage runs, never what it writes: left out of the hash.
@@ -92,14 +88,14 @@ def invalidate_record(folder: str) -> None:
 
 
 def make_record(stage: str, digest: str, cfg: BaseModel, inputs: dict[str, dict[str, Any]],
-                outputs: dict[str, Any]) -> dict[str, Any]:
+                outputs: BaseModel | dict[str, Any]) -> dict[str, Any]:
     """The record a finished stage leaves behind."""
     return {
         "stage": stage,
         "hash": digest,
         "config": cfg.model_dump(mode="json"),
         "inputs": {k: {"hash": v["hash"], "path": v.get("path")} for k, v in inputs.items()},
-        "outputs": outputs,
+        "outputs": outputs.model_dump(mode="json") if isinstance(outputs, BaseModel) else outputs,
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "version": __version__,
     }

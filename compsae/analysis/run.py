@@ -216,14 +216,13 @@ def find_ce_fn(manifest: dict[str, Any], hook: str) -> tuple[CEFn | None, str]:
         return None, f"skipped: the LM could not be loaded ({e})"
 
 
-def run_analyze(cfg: AnalyzeConfig, store_url: str, train_dir: str, out_dir: str, force: bool = False,
+def run_analyze(cfg: AnalyzeConfig, store_url: str, train_dir: str, out_dir: str,
                 workers: int | None = None, scheduler: str | None = None, processes: bool = True,
                 ce_fn: CEFn | None = None, decode: Callable[[int], str] | None = None) -> dict[str, Any]:
     """Analyse every model under `train_dir` (one folder each) and the baselines on the store's
     held-out rows; write report.html, metrics.json/.parquet, latents.parquet, top_contexts.parquet
     and figures/ into `out_dir`.  `workers` / `scheduler` override the config's (CLI flags).
     Returns the stage outputs (file names and headline numbers)."""
-    del force  # the stage record decides whether to rerun; a run always rewrites its folder
     workers = cfg.workers if workers is None else workers
     scheduler = cfg.scheduler if scheduler is None else scheduler
     store = open_store(store_url)

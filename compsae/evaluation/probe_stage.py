@@ -39,7 +39,10 @@ from compsae.evaluation.probes import (
     run_conjunctions,
     run_probes,
 )
+from compsae.evaluation.records import ProbeOutputs
 from compsae.files import PROBES_JSON, PROBES_MD, PROBES_PNG
+from compsae.harvest.records import HarvestOutputs
+from compsae.registry import StageContext
 from compsae.store import ActivationStore
 from compsae.store.sample import spread_rows
 from compsae.store.split import HeldOutSplit
@@ -285,6 +288,12 @@ def headline(report: dict) -> dict[str, Any]:
         if "skipped" not in r:
             out[f"{r['model']}/{r['conjunction']}_gain_over_control"] = r["gain_over_control"]
     return out
+
+
+def run(cfg: ProbeConfig, ctx: StageContext) -> ProbeOutputs:
+    """The stage (`compsae.registry`): the LM of the harvest's store and the train stage's models."""
+    return ProbeOutputs.model_validate(run_probe(cfg, ctx.outputs("harvest", HarvestOutputs).store, ctx.folder("train"),
+                                                 ctx.out_dir, progress=print))
 
 
 def run_probe(cfg: ProbeConfig, store_url: str, train_dir: str, out_dir: str,

@@ -1,22 +1,30 @@
-"""The ``evaluate`` stage entry: score checkpoints on ground-truth stores, write the table."""
+"""The ``evaluate`` stage (`compsae.registry`): score checkpoints on ground-truth stores, write the table."""
 
 from __future__ import annotations
 
 import json
-from typing import Any
 
 import fsspec
 
 from compsae.errors import UserError
 from compsae.evaluation.comparison import comparison_table, markdown_table
-from compsae.evaluation.config import EvaluateConfig
+from compsae.evaluation.config import EvalRun, EvaluateConfig
+from compsae.evaluation.records import EvaluateOutputs
 from compsae.files import COMPARISON_JSON, COMPARISON_MD
+from compsae.registry import StageContext
+from compsae.train.records import TrainOutputs
 
 
-def run_evaluate(cfg: EvaluateConfig, out_dir: str, ctx: Any = None) -> dict:
+def run(cfg: EvaluateConfig, ctx: StageContext) -> EvaluateOutputs:
+    """The stage: without ``cfg.runs``, every model of the train stage on the store it was trained on."""
+    train = ctx.outputs("train", TrainOutputs)
+    runs = cfg.runs or [EvalRun(label=name, checkpoint=rec.path, store=train.store) for name, rec in train.models.items()]
+    return EvaluateOutputs.model_validate(run_evaluate(cfg.model_copy(update={"runs": runs}), ctx.out_dir))
+
+
+def run_evaluate(cfg: EvaluateConfig, out_dir: str) -> dict:
     """Evaluate every ``cfg.runs`` entry and write ``comparison.json`` + ``comparison.md`` in ``out_dir``.
 
-    ``ctx`` (the stage context) is accepted for the common stage signature and not needed here.
     Returns ``{"rows": [...], "outputs": [paths]}``.
     """
     if not cfg.runs:

@@ -10,16 +10,15 @@ import hashlib
 import json
 import os
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import Any
 
 import fsspec
 import torch
-from fsspec.implementations.local import LocalFileSystem
 
 from compsae import durable
 from compsae.errors import UserError
-from compsae.files import TRAIN_LOCK
+from compsae.files import STAGE_LOCK
 from compsae.stages import config_for_hash, join
 from compsae.store import ActivationStore, manifest_digest
 from compsae.store.loader import BatchLoader
@@ -64,31 +63,23 @@ def open_training_store(url: str, hook: str) -> ActivationStore:
 
 @contextmanager
 def training_lock(out_dir: str, ctx: DistContext | None = None) -> Iterator[None]:
-    """Refuse a second training into `out_dir` while one is running (local folders; an advisory
-    lock the OS drops when the holder dies, so a killed run never leaves a stale lock).  In a
-    data-parallel job rank 0 takes it and every rank gets the same verdict."""
+    """Refuse a second training into `out_dir` while one is running: the stage folder's one lock
+    (`durable.exclusive_lock`; the OS drops it when the holder dies).  The train stage takes it here
+    rather than in the pipeline because in a data-parallel job rank 0 takes it and every rank must
+    get the same verdict."""
     ctx = ctx or DistContext()
-    fs, path = fsspec.core.url_to_fs(out_dir)
-    handle, error = None, None
-    if ctx.is_main and isinstance(fs, LocalFileSystem):
-        import fcntl
-
-        os.makedirs(path, exist_ok=True)
-        handle = open(os.path.join(path, TRAIN_LOCK), "a+")  # noqa: SIM115 - held while training runs
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.close()
-            handle = None
-            error = f"another training is running in {out_dir}; wait for it to finish or use another runs folder"
-    error = ctx.broadcast(error)
-    if error is not None:
-        raise UserError(error)
-    try:
+    with ExitStack() as held:
+        error = None
+        if ctx.is_main:
+            busy = f"another training is running in {out_dir}; wait for it to finish or use another runs folder"
+            try:
+                held.enter_context(durable.exclusive_lock(out_dir, STAGE_LOCK, busy, remote=False))
+            except UserError as e:
+                error = str(e)
+        error = ctx.broadcast(error)
+        if error is not None:
+            raise UserError(error)
         yield
-    finally:
-        if handle is not None:
-            handle.close()  # closing the file releases the lock
 
 
 def run_train(cfg: TrainStageConfig, store_url: str, out_dir: str, force: bool = False,
