@@ -34,7 +34,8 @@ def _pipeline_args(p: argparse.ArgumentParser) -> None:
 def _stage_args(p: argparse.ArgumentParser) -> None:
     _pipeline_args(p)
     p.add_argument("--force", action="store_true", help="redo the stage even when its outputs are up to date")
-    p.add_argument("--workers", type=int, default=None, help="Dask workers for a LocalCluster (harvest, analyze); models trained at once, one process each (train)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="Dask workers for a LocalCluster (harvest, analyze); models trained at once, one process each (train)")
     p.add_argument("--scheduler", default=None, help="address of an existing Dask scheduler, tcp://host:port")
 
 
@@ -59,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     _pipeline_args(hexp)
     hexp.add_argument("--n", type=int, default=50, help="latents per method (default 50; see docs/evaluation.md)")
     hexp.add_argument("--raters", type=int, default=3, help="rater sheets, each in its own shuffled order")
-    hexp.add_argument("--rows", type=int, default=200_000, help="held-out store rows the latents are computed on (the first ones, store order)")
+    hexp.add_argument("--rows", type=int, default=200_000,
+                      help="held-out store rows the latents are computed on (the first ones, store order)")
     hexp.add_argument("--seed", type=int, default=0)
     hexp.add_argument("--method", action="append", default=[], metavar="NAME=CHECKPOINT_DIR",
                       help="instead of the pipeline's trained models (repeatable); needs --store")
@@ -71,7 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     hscore.add_argument("--out", help="also write the scores as JSON here")
     compare = sub.add_parser("compare", help="one ground-truth table across pipelines (e.g. synthetic vs its additive control)")
     compare.add_argument("--pipeline", "-p", dest="pipelines", action="append", required=True,
-                         help="a pipeline with a finished evaluate stage (repeat: --pipeline synthetic --pipeline synthetic_additive)")
+                         help="a pipeline with a finished evaluate stage "
+                              "(repeat: --pipeline synthetic --pipeline synthetic_additive)")
     compare.add_argument("--config", "-c", default="pipelines.yaml")
     compare.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
                          help="override applied to every pipeline compared (e.g. runs_root=/data/runs)")

@@ -62,7 +62,8 @@ def test_override_applies_to_the_pipeline(tmp_path):
     ("override", "expect"),
     [
         ("harvest.n_tokens=-5", "config error at pipelines.mini.harvest.n_tokens: "),
-        ("harvest.dtype=float8", "config error at pipelines.mini.harvest.dtype: Input should be 'float16', 'bfloat16' or 'float32'"),
+        ("harvest.dtype=float8",
+         "config error at pipelines.mini.harvest.dtype: Input should be 'float16', 'bfloat16' or 'float32'"),
         ("harvest.colour=red", "config error at pipelines.mini.harvest.colour: unknown key"),
         ("train.models.topk.type=nope", "config error at pipelines.mini.train.models.topk"),
     ],
@@ -168,7 +169,8 @@ def test_probe_stage_reuses_train_and_reruns_when_train_changes(tmp_path, monkey
 
 def test_probe_needs_a_language_model(tmp_path, capsys):
     doc = {"runs_root": "RUNS", "pipelines": {"gt": {
-        "ground_truth": {"n_rows": 1024}, "train": {"hook": "synthetic.hook_x", "models": {"topk": {"type": "topk", "n_latents": 64, "k": 4}}},
+        "ground_truth": {"n_rows": 1024},
+        "train": {"hook": "synthetic.hook_x", "models": {"topk": {"type": "topk", "n_latents": 64, "k": 4}}},
         "probe": {}}}}
     assert cli.main(["status", "--pipeline", "gt", "--config", str(_write(tmp_path, doc))]) == 2
     assert "'probe' reruns the harvested LM" in capsys.readouterr().err

@@ -57,6 +57,6 @@ def test_offline_hellaswag_is_english() -> None:
     from compsae.harvest.offline_assets import cache_dir
 
     if not (cache_dir() / "wheels").exists():
-        pytest.skip("offline assets not fetched (scripts/fetch_offline_assets.py)")
+        pytest.skip("offline assets not fetched (compsae fetch-assets)")
     docs = list(itertools.islice(iter_documents(DataConfig(source="offline:hellaswag")), 100))
     assert len(docs) == 100 and all(len(d.split()) > 5 for d in docs)

@@ -72,7 +72,7 @@ def test_smollm2_offline_loads_and_matches_hf() -> None:
     from compsae.harvest.offline_assets import cache_dir
 
     if not (cache_dir() / "wheels").exists():
-        pytest.skip("offline assets not fetched (scripts/fetch_offline_assets.py)")
+        pytest.skip("offline assets not fetched (compsae fetch-assets)")
     loaded = load_model(HarvestConfig(model="smollm2-135m"))
     assert loaded.n_layers == 30 and loaded.d_model == 576 and loaded.bos_token_id == 1
     tokens = torch.tensor([loaded.tokenizer("The keys to the cabinet are")["input_ids"]])

@@ -38,7 +38,8 @@ def test_offline_wandb_run_gets_the_logged_keys(tmp_path, monkeypatch):
     stage = tmp_path / "runs" / "mypipe" / "train-abc"
     out = run_train(stage_cfg(log="wandb"), store.url, str(stage), progress=False)
     runs = list((stage / "wandb").glob("offline-run-*"))
-    assert len(runs) == 1 and runs[0].name.endswith(f"topk-{json.loads((stage / 'topk' / 'config.json').read_text())['config_hash']}")
+    config_hash = json.loads((stage / "topk" / "config.json").read_text())["config_hash"]
+    assert len(runs) == 1 and runs[0].name.endswith(f"topk-{config_hash}")
     data = next(runs[0].glob("run-*.wandb")).read_bytes()
     logged = [json.loads(line) for line in (stage / "topk" / "metrics.jsonl").read_text().splitlines()]
     assert len(logged) == 3

@@ -1,4 +1,4 @@
-"""Downstream faithfulness: next-token loss with the hook's activation replaced (docs/science.md).
+"""Downstream faithfulness: next-token loss with the hook's activation replaced (docs/metrics.md).
 
 The LM is not analysis's business: the harvest stage provides
     `ce_fn(tokens: LongTensor [b, ctx], replace: Callable[[Tensor [b, ctx, d]], Tensor] | None)

@@ -1,7 +1,7 @@
 """Pair statistics of latents from co-occurrence counts: PMI, normalised PMI, Jaccard.
 
 Inputs are counts over the same `n_tokens` tokens: `single: [m]` tokens where each latent fires and
-`pair: [m, m]` tokens where both fire (its diagonal equals `single`).  Definitions (docs/science.md):
+`pair: [m, m]` tokens where both fire (its diagonal equals `single`).  Definitions (docs/metrics.md):
 `PMI = log P(i,j) / (P(i) P(j))`, normalised PMI = PMI / (−log P(i,j)), Jaccard = |A_i ∩ A_j| / |A_i ∪ A_j|.
 Pairs never seen together get PMI −inf, NPMI −1 and Jaccard 0.
 """

@@ -206,10 +206,8 @@ def heldout_sequences(store: ActivationStore, keep: np.ndarray, n: int) -> np.nd
 
 def find_ce_fn(manifest: dict[str, Any], hook: str) -> tuple[CEFn | None, str]:
     """The harvest stage's CE function for this store's LM, or (None, why not)."""
-    try:
-        from compsae.harvest.ce import make_ce_fn  # provided by the harvest stage
-    except ImportError:
-        return None, "skipped: the harvest stage provides no CE function (compsae.harvest.ce.make_ce_fn)"
+    from compsae.harvest.ce import make_ce_fn  # here: it loads the LM stack only when CE is asked for
+
     try:
         return make_ce_fn(manifest, hook), ""
     except (UserError, OSError) as e:
@@ -293,7 +291,8 @@ def run_analyze(cfg: AnalyzeConfig, store_url: str, train_dir: str, out_dir: str
     metrics = {"hook": hook, "store": store_url, "n_tokens": plan.n_tokens, "heldout_fraction": split.fraction,
                "heldout_seed": split.seed, "baseline_k": k, "models": models, "ablations": ablations,
                "ablations_by_variant": ablations_by_variant(ablations),
-               "ce_note": ce_note, "notes": notes, "scheduler": scheduler or (f"LocalCluster({workers})" if workers else "threads")}
+               "ce_note": ce_note, "notes": notes,
+               "scheduler": scheduler or (f"LocalCluster({workers})" if workers else "threads")}
 
     decode = decode or token_decoder(store.manifest)
     for r in recons:

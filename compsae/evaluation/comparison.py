@@ -7,7 +7,7 @@ of explained variance, and recovery of the interaction set C from its compositio
 
 Composition matrix (CompSAE): ``S[i, j]`` = mean attention weight from active latent i to active
 latent j over the held-out tokens where both are active (heads averaged).  Attention is only a
-proxy (docs/science.md: evidence needs an intervention), so the table reports it next to the
+proxy (docs/metrics.md: evidence needs an intervention), so the table reports it next to the
 composition share, and the additive-only control is the check that it does not invent pairs.
 """
 

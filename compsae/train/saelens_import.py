@@ -152,7 +152,8 @@ def import_saelens(folder: str, out_dir: str, name: str | None = None, hook: str
 
     `hook` overrides the hook name of the SAE's cfg (the store hook it reads).  `expect_hook` /
     `expect_d_in` (a pipeline's store) refuse, before anything is written, an SAE of another hook or
-    width.  `split` (a pipeline's held-out split) is recorded as the split it is scored on.  Returns a summary: out_dir, type, architecture, d_in, d_sae, k, hook, folds."""
+    width.  `split` (a pipeline's held-out split) is recorded as the split it is scored on.  Returns a
+    summary: out_dir, type, architecture, d_in, d_sae, k, hook, folds."""
     cfg, weights = _read(folder)
     where = folder.rstrip("/")
     architecture = architecture_of(cfg)

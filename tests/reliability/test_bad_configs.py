@@ -94,7 +94,8 @@ def broken_documents(draw: st.DrawFn) -> str:
             return broken
         assume(False)  # the cut happened to leave valid YAML
     else:
-        return yaml.safe_dump(draw(st.one_of(st.lists(SCALARS, max_size=3), st.integers(), st.text(max_size=5).map(lambda s: s + "x"))))
+        value = st.one_of(st.lists(SCALARS, max_size=3), st.integers(), st.text(max_size=5).map(lambda s: s + "x"))
+        return yaml.safe_dump(draw(value))
     return yaml.safe_dump(doc)
 
 

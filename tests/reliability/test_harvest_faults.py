@@ -108,7 +108,8 @@ def assert_same_as_reference(url: str, ref_url: str) -> None:
 
 def _driver() -> None:
     """Read `{"argv": [...], "log": path, "kill_after": seconds | null}` lines; run each as `compsae`
-    (or, for `["threads", out_dir]`, a harvest on two Dask thread workers) in a forked child, SIGKILL it after `kill_after` seconds if it is still running, and report
+    (or, for `["threads", out_dir]`, a harvest on two Dask thread workers) in a forked child, SIGKILL
+    it after `kill_after` seconds if it is still running, and report
     `{"status"}`: its exit code, or -9 when killed.  The driver kills its own unreaped child, so
     the pid cannot belong to another process by then."""
     import transformer_lens.model_bridge  # noqa: F401 - the imports a harvest needs, paid once
@@ -208,10 +209,8 @@ def test_kill9_at_random_points_then_resume_equals_uninterrupted(tmp_path: Path)
         plan = list(ROUNDS)
         for rounds, (how, round_kills) in enumerate(iter(plan), start=1):  # may grow below
             folder = tmp_path / f"round{rounds}"
-            if how == "cli":
-                argv = ["harvest", "-p", "k", "-c", str(pipelines_file(folder))]
-            else:
-                argv = ["threads", str(folder)]
+            cli = ["harvest", "-p", "k", "-c", str(pipelines_file(folder))]
+            argv = cli if how == "cli" else ["threads", str(folder)]
             for _ in range(round_kills):
                 assert time.monotonic() - t0 < TIME_LIMIT_S, f"only {kills} kills in {TIME_LIMIT_S} s"
                 status = driver.run(argv, log, kill_after=rng.uniform(0.05, 1.1 * t_ref))
