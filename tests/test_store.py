@@ -190,6 +190,7 @@ def test_written_files_are_the_bytes_zarr_writes(tmp_path, monkeypatch, dtype, c
     n = 800  # shard 3 holds rows 768..799: chunk 12 partial, chunks 13-15 past the end
     ours = ActivationStore.create(str(tmp_path / "ours.zarr"), {"h": 8}, n, layout, {"config_hash": "a"})
     ref = ActivationStore.create(str(tmp_path / "ref.zarr"), {"h": 8}, n, layout, {"config_hash": "a"})
+    ref.manifest["store_id"] = ours.store_id  # the bound checksums then agree too
     x = np.random.default_rng(2).normal(size=(n, 8)).astype(np.float32)
     rows = np.arange(n) + 1  # no all-zero column chunk: Zarr would skip writing it
 

@@ -15,6 +15,7 @@ reading chunks `store.reader`, statistics `store.moments`.
 from __future__ import annotations
 
 import json
+import uuid
 from typing import Any
 
 import crc32c
@@ -26,14 +27,20 @@ from zarr.storage import FsspecStore, LocalStore
 
 from compsae import durable
 from compsae.errors import StoreCorruptError, UserError
+from compsae.store import integrity
 from compsae.store.format import (  # noqa: F401 - re-exported: the names stages import from here
     FORMAT,
+    LEGACY_FORMAT,
     LOCK_NAME,
     READABLE_FORMATS,
     SIDE_ARRAYS,
+    SIDE_TABLE,
+    bound_crc,
     check_peak,
+    chunk_table,
     from_storage,
     rounding_error,
+    storage_dtype,
     to_storage,
 )
 from compsae.store.layout import StoreLayout
@@ -58,7 +65,7 @@ def store_exists(url: str) -> bool:
 def manifest_digest(manifest: dict[str, Any]) -> str:
     """Stable short digest of a manifest (what downstream stage hashes depend on)."""
     return durable.json_digest({k: v for k, v in manifest.items()
-                                if k not in ("stats", "shard_checksums", "created_at")})
+                                if k not in ("stats", "shard_checksums", "created_at", "store_id", integrity.INTEGRITY)})
 
 
 def refuse_foreign_folder(url: str) -> None:
@@ -106,10 +113,23 @@ class ActivationStore:
         self.fs, self.path = fsspec.core.url_to_fs(self.url)
         self.is_local = isinstance(self.fs, LocalFileSystem)
         self._columns: dict[str, np.ndarray] = {}
-        self.manifest: dict[str, Any] = dict(group.attrs.get("manifest", {}))
-        if self.manifest.get("format") not in READABLE_FORMATS:
+        self._tables: dict[str, np.ndarray] = {}
+        manifest = group.attrs.get("manifest", {})
+        if not isinstance(manifest, dict) or manifest.get("format") not in READABLE_FORMATS:
             raise UserError(f"{url} is not a compsae store (no compsae manifest); harvest into it first")
-        self.layout = StoreLayout(**self.manifest["layout"])
+        self.manifest: dict[str, Any] = dict(manifest)
+        try:
+            self.layout = StoreLayout(**self.manifest["layout"])
+            for hook, d in self.manifest["hooks"].items():
+                if not (isinstance(hook, str) and isinstance(d, int) and d > 0):
+                    raise ValueError(f"hook {hook!r}: width {d!r}")
+            if not (isinstance(self.manifest["n_rows"], int) and isinstance(self.manifest["n_shards"], int)):
+                raise ValueError("n_rows / n_shards are not integers")
+            if self.manifest["format"] != LEGACY_FORMAT and not isinstance(self.manifest.get("store_id"), str):
+                raise ValueError("no store_id")
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise StoreCorruptError(f"store {url}: its manifest (zarr.json) is incomplete or invalid "
+                                    f"({str(e).splitlines()[0][:80]}); restore it or re-harvest") from None
         self._reader = ShardReader(self.url, self.fs, self.path, self.is_local, self.layout)
         self._writer = ShardWriter(self)
 
@@ -135,6 +155,7 @@ class ActivationStore:
         manifest = {
             **manifest,
             "format": FORMAT,
+            "store_id": uuid.uuid4().hex,  # what its checksums are bound to: see store.integrity
             "hooks": dict(hooks),
             "layout": layout.model_dump(),
             "dtype": layout.dtype,
@@ -157,8 +178,17 @@ class ActivationStore:
         if not store_exists(url):
             raise UserError(f"no store at {url}; run `compsae harvest` first or check the path")
         read_only = mode == "r"
-        group = zarr.open_group(_zarr_store(url, read_only=read_only), mode=mode, zarr_format=3)
-        return cls(url, group, read_only=read_only)
+        try:
+            group = zarr.open_group(_zarr_store(url, read_only=read_only), mode=mode, zarr_format=3)
+        except (ValueError, TypeError, KeyError, OSError) as e:
+            raise StoreCorruptError(f"store {url}: zarr.json cannot be read ({e.__class__.__name__}: "
+                                    f"{str(e).splitlines()[0][:80] if str(e) else ''}); restore it or re-harvest") from None
+        store = cls(url, group, read_only=read_only)
+        if read_only and store.complete and not store.legacy:
+            problems = integrity.metadata_problems(store)
+            if problems:
+                raise StoreCorruptError(problems[0])
+        return store
 
     @classmethod
     def create_or_resume(
@@ -220,6 +250,15 @@ class ActivationStore:
         return -(-self.n_rows // self.chunk_rows)
 
     @property
+    def legacy(self) -> bool:
+        """True for a store of format 1 (no bound checksums, no metadata digests)."""
+        return self.manifest.get("format") == LEGACY_FORMAT
+
+    @property
+    def store_id(self) -> str:
+        return str(self.manifest.get("store_id", ""))
+
+    @property
     def complete(self) -> bool:
         return bool(self.manifest.get("complete"))
 
@@ -248,7 +287,7 @@ class ActivationStore:
 
     def done_shards(self) -> set[int]:
         """Indices of the shards completely written."""
-        done = self.group["progress/shard_done"][:]
+        done = self._read_array("progress/shard_done")
         return {int(i) for i in np.flatnonzero(done == 1)}
 
     def write_shard(
@@ -273,8 +312,8 @@ class ActivationStore:
         """Mark the store complete: shrink it to `n_rows` when the data ran out early, merge the
         per-shard statistics and write the final manifest.  Returns the manifest."""
         if n_rows is not None and n_rows != self.n_rows:
-            if n_rows > self.n_rows:
-                raise ValueError("finalize cannot grow a store")
+            if n_rows > self.n_rows or n_rows % self.shard_rows:
+                raise ValueError("finalize can only drop whole shards")
             for hook in self.hooks:
                 arr = self.group[f"acts/{hook}"]
                 arr.resize((n_rows, arr.shape[1]))
@@ -293,6 +332,9 @@ class ActivationStore:
         self.manifest["shard_checksums"] = [int(c) for c in self.group["progress/shard_crc"][: self.n_shards]]
         self.manifest.update(extra or {})
         self.manifest["complete"] = True
+        self.manifest.pop(integrity.INTEGRITY, None)
+        if not self.legacy:
+            self.manifest[integrity.INTEGRITY] = integrity.metadata_digests(self)
         self.group.attrs["manifest"] = self.manifest
         return self.manifest
 
@@ -308,9 +350,29 @@ class ActivationStore:
         return {"count": s["count"], "mean": np.asarray(s["mean"]), "var": np.asarray(s["var"]),
                 "mean_norm": s["mean_norm"]}
 
+    def _read_array(self, name: str, stop: int | None = None) -> np.ndarray:
+        """Rows [0, stop) of a small array through Zarr, any failure to decode it one line."""
+        try:
+            return self.group[name][:stop]
+        except Exception as e:  # noqa: BLE001 - a decompressor or codec error on corrupt bytes, whatever its type
+            raise StoreCorruptError(f"store {self.url}, {name}: cannot be read ({e.__class__.__name__}: "
+                                    f"{str(e).splitlines()[0][:80] if str(e) else 'corrupt bytes'}); "
+                                    "run `compsae verify` and re-harvest") from None
+
+    def _table(self, name: str) -> np.ndarray:
+        """A bound-checksum table (read once)."""
+        if name not in self._tables:
+            self._tables[name] = self._read_array(name, self.n_shards)
+        return self._tables[name]
+
     def _column(self, name: str) -> np.ndarray:
         if name not in self._columns:
-            self._columns[name] = self.group[name][: self.n_rows]
+            values = self._read_array(name, self.n_rows)
+            if len(values) != self.n_rows:
+                raise StoreCorruptError(f"store {self.url}, {name}: holds {len(values)} rows, not {self.n_rows}")
+            if not self.legacy:
+                integrity.check_side_column(self, name, values, self._table(SIDE_TABLE))
+            self._columns[name] = values
         return self._columns[name]
 
     @property
@@ -325,9 +387,21 @@ class ActivationStore:
     def pos(self) -> np.ndarray:
         return self._column("pos")
 
+    def read_rows_raw(self, hook: str, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) of a hook in the storage dtype, every chunk's checksums checked."""
+        self._check_hook(hook)
+        start, stop = max(0, start), min(stop, self.n_rows)
+        if stop <= start:
+            return np.zeros((0, self.d_model(hook)), dtype=storage_dtype(self.layout.dtype))
+        c0, c1 = start // self.chunk_rows, -(-stop // self.chunk_rows)
+        parts = [self.read_chunk_raw(hook, c) for c in range(c0, c1)]
+        block = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        off = c0 * self.chunk_rows
+        return block[start - off : stop - off]
+
     def read_rows(self, hook: str, start: int, stop: int) -> np.ndarray:
-        """Rows [start, stop) of a hook as float32, through the Zarr API."""
-        return from_storage(self.zarr_array(hook)[start:stop], self.layout.dtype)
+        """Rows [start, stop) of a hook as float32, every chunk's checksums checked."""
+        return from_storage(self.read_rows_raw(hook, start, stop), self.layout.dtype)
 
     def read_chunk(self, hook: str, chunk: int) -> np.ndarray:
         """One chunk of a hook as float32 `[rows_in_chunk, d_model]`, checksum verified.
@@ -338,42 +412,79 @@ class ActivationStore:
         return from_storage(raw, self.layout.dtype)
 
     def read_chunk_raw(self, hook: str, chunk: int) -> np.ndarray:
-        """One chunk in the storage dtype (a read-only view into the mapped shard when possible)."""
+        """One chunk in the storage dtype (a read-only view into the mapped shard when possible),
+        checked against its checksum bound to (store, hook, chunk index) (format 2), else its own crc32c."""
         self._check_hook(hook)
         if not 0 <= chunk < self.n_chunks:
             raise IndexError(f"chunk {chunk} outside 0..{self.n_chunks - 1}")
         start = chunk * self.chunk_rows
         stop = min(start + self.chunk_rows, self.n_rows)
+        shard, inner = divmod(chunk, self.layout.chunks_per_shard)
         if self.layout.compressor != "none":
-            return self.zarr_array(hook)[start:stop]
-        return self._reader.chunk(hook, chunk, self.d_model(hook), stop - start)
+            data = self._read_acts_zarr(hook, start, stop)
+        else:
+            data = self._reader.chunk(hook, chunk, self.d_model(hook), stop - start, own_crc=self.legacy)
+        if not self.legacy:
+            expect = int(self._table(chunk_table(hook))[shard, inner])
+            if data is None or bound_crc(np.ascontiguousarray(data), self.store_id, hook, chunk) != expect:
+                raise StoreCorruptError(
+                    f"store {self.url}, hook {hook}, shard {shard}: chunk {chunk} fails its checksum (corrupt, "
+                    "moved or from another store); run `compsae verify` and re-harvest")
+        if data is None:
+            return np.zeros((stop - start, self.d_model(hook)), dtype=storage_dtype(self.layout.dtype))
+        return data
 
-    def verify(self) -> list[str]:
-        """Check every chunk checksum and every shard digest; return the problems found."""
+    def _read_acts_zarr(self, hook: str, start: int, stop: int) -> np.ndarray:
+        try:
+            return self.zarr_array(hook)[start:stop]
+        except Exception as e:  # noqa: BLE001 - a decompressor or codec error on corrupt bytes, whatever its type
+            shard = start // self.shard_rows
+            raise StoreCorruptError(f"store {self.url}, hook {hook}, shard {shard}: cannot be read "
+                                    f"({e.__class__.__name__}); run `compsae verify` and re-harvest") from None
+
+    def verify(self, deep: bool = False) -> list[str]:
+        """Check every chunk checksum, every shard digest and (format 2) the side arrays and the
+        metadata digests; `deep` also recomputes the statistics.  Returns one line per problem."""
         problems: list[str] = []
-        done = self.done_shards()
-        recorded = self.group["progress/shard_crc"][: self.n_shards]
+        if self.complete and not self.legacy:
+            problems += integrity.metadata_problems(self)
+        try:
+            done = self.done_shards()
+            recorded = self._read_array("progress/shard_crc", self.n_shards)
+        except StoreCorruptError as e:
+            return [*problems, str(e)]
+        columns: dict[str, np.ndarray | None] = {}
+        for name, _ in SIDE_ARRAYS:
+            try:
+                columns[name] = self._column(name) if done == set(range(self.n_shards)) else None
+            except StoreCorruptError as e:
+                problems.append(str(e))
+                columns[name] = None
         for shard in range(self.n_shards):
             if shard not in done:
-                problems.append(f"shard {shard}: not completely written")
+                problems.append(f"store {self.url}, shard {shard}: not completely written")
                 continue
             start, stop = self.shard_range(shard)
-            digest = 0
+            digest, unreadable = 0, False
             for hook in self.hooks:
-                c0 = start // self.chunk_rows
-                c1 = -(-stop // self.chunk_rows)
                 try:
-                    parts = [self.read_chunk_raw(hook, c) for c in range(c0, c1)]
+                    digest = crc32c.crc32c(np.ascontiguousarray(self.read_rows_raw(hook, start, stop)), digest)
                 except StoreCorruptError as e:
                     problems.append(str(e))
-                    continue
-                digest = crc32c.crc32c(np.ascontiguousarray(np.concatenate(parts)).tobytes(), digest)
-            for name in ("tokens", "seq_id", "pos"):
-                col = self.group[name][start:stop]
-                digest = crc32c.crc32c(col.astype(col.dtype.newbyteorder("<")).tobytes(), digest)
-            if digest != int(recorded[shard]):
-                problems.append(f"shard {shard}: content does not match its recorded checksum")
-        return problems
+                    unreadable = True
+            for name, dt in SIDE_ARRAYS:
+                col = columns[name]
+                if col is None:
+                    try:
+                        col = self._read_array(name, self.n_rows)
+                    except StoreCorruptError:
+                        continue  # reported above
+                digest = crc32c.crc32c(np.ascontiguousarray(col[start:stop], dtype=dt), digest)
+            if not unreadable and digest != int(recorded[shard]):
+                problems.append(f"store {self.url}, shard {shard}: content does not match its recorded checksum")
+        if deep and not problems:
+            problems += integrity.deep_stats_problems(self)
+        return list(dict.fromkeys(problems))  # a problem found twice is said once
 
     def close(self) -> None:
         """Drop cached shard maps."""

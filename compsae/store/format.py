@@ -21,12 +21,31 @@ from zarr.codecs import BytesCodec, ZstdCodec
 from compsae.errors import StoreCorruptError, UserError
 from compsae.store.layout import StoreLayout
 
-FORMAT = "compsae-store/1"
-READABLE_FORMATS = (FORMAT,)
+# Format 2 added checksums bound to their place (store id, array, chunk index) and a digest of all
+# metadata; stores of format 1 are still read, with the checks format 1 had.
+FORMAT = "compsae-store/2"
+LEGACY_FORMAT = "compsae-store/1"
+READABLE_FORMATS = (LEGACY_FORMAT, FORMAT)
 FLOAT16_MAX = 65504.0
 EMPTY = np.uint64(2**64 - 1)  # sharding index entry of a chunk never written
 LOCK_NAME = ".compsae.lock"
 SIDE_ARRAYS = (("tokens", "<i4"), ("seq_id", "<i8"), ("pos", "<i4"))  # (name, dtype): one value per row
+
+
+def bound_crc(data: Any, store_id: str, name: str, index: int) -> int:
+    """crc32c of `data` bound to its place: the crc of (store id, array name, chunk index, data).
+
+    A chunk moved to another index, another array or another store fails this check as loudly as
+    a flipped bit (the chunks' own crc32c, which Zarr keeps, covers only their bytes)."""
+    return crc32c.crc32c(data, crc32c.crc32c(f"{store_id}/{name}/{index}".encode()))
+
+
+def chunk_table(hook: str) -> str:
+    """Array of a hook's bound chunk checksums, `[n_shards, chunks_per_shard]` uint32."""
+    return f"progress/chunk_crc/{hook}"
+
+
+SIDE_TABLE = "progress/side_crc"  # bound checksums of the side arrays, [n_shards, 3] uint32
 
 
 def shard_file(hook: str, shard: int) -> str:
@@ -129,10 +148,12 @@ def encode_shard(stored: np.ndarray, layout: StoreLayout) -> list[Any]:
     return [*pieces, index_bytes, crc32c.crc32c(index_bytes).to_bytes(4, "little")]
 
 
-def decode_chunk(buf: Any, inner: int, layout: StoreLayout, d: int, where: str, chunk: int) -> memoryview | None:
+def decode_chunk(buf: Any, inner: int, layout: StoreLayout, d: int, where: str, chunk: int,
+                 own_crc: bool = True) -> memoryview | None:
     """The data bytes of chunk `inner` (`chunk_rows * d` values, padding included) of a shard file
     `buf`, its own crc32c checked; None when the chunk was never written.  `where` names the store,
-    hook and shard in the error, `chunk` is the chunk's index in the whole array."""
+    hook and shard in the error, `chunk` is the chunk's index in the whole array.  `own_crc=False`
+    skips the chunk's own crc32c (the caller checks a bound one)."""
     n_inner = layout.chunks_per_shard
     index_bytes = n_inner * 16
     if len(buf) < index_bytes + 4:
@@ -148,7 +169,7 @@ def decode_chunk(buf: Any, inner: int, layout: StoreLayout, d: int, where: str, 
     if nbytes != expect or offset + nbytes > len(buf) - index_bytes - 4:
         raise StoreCorruptError(f"{where}: chunk {chunk} has a bad index entry")
     data = memoryview(buf)[offset : offset + payload]
-    if layout.checksum:
+    if layout.checksum and own_crc:
         stored_crc = int.from_bytes(buf[offset + payload : offset + payload + 4], "little")
         if crc32c.crc32c(data) != stored_crc:
             raise StoreCorruptError(

@@ -24,16 +24,16 @@ class ShardReader:
         self._cache: OrderedDict[tuple[str, int], Any] = OrderedDict()
         self._lock = threading.Lock()
 
-    def chunk(self, hook: str, chunk: int, d: int, rows: int) -> np.ndarray:
+    def chunk(self, hook: str, chunk: int, d: int, rows: int, own_crc: bool = True) -> np.ndarray | None:
         """The first `rows` rows of chunk `chunk` of `hook`, `[rows, d]` in the storage dtype (a
-        read-only view into the mapped shard when possible); zeros for a chunk never written."""
+        read-only view into the mapped shard when possible); None for a chunk never written.
+        `own_crc=False` skips the chunk's own crc32c, for a caller that checks a stronger one."""
         shard, inner = divmod(chunk, self.layout.chunks_per_shard)
         where = f"store {self.url}, hook {hook}, shard {shard}"
-        data = decode_chunk(self._shard_bytes(hook, shard), inner, self.layout, d, where, chunk)
-        dt = storage_dtype(self.layout.dtype)
+        data = decode_chunk(self._shard_bytes(hook, shard), inner, self.layout, d, where, chunk, own_crc)
         if data is None:
-            return np.zeros((rows, d), dtype=dt)
-        return np.frombuffer(data, dtype=dt).reshape(self.layout.chunk_rows, d)[:rows]
+            return None
+        return np.frombuffer(data, dtype=storage_dtype(self.layout.dtype)).reshape(self.layout.chunk_rows, d)[:rows]
 
     def _shard_bytes(self, hook: str, shard: int) -> Any:
         key = (hook, shard)

@@ -15,6 +15,9 @@ from compsae import durable
 from compsae.store.format import (
     LOCK_NAME,
     SIDE_ARRAYS,
+    SIDE_TABLE,
+    bound_crc,
+    chunk_table,
     encode_shard,
     from_storage,
     plain_encoder,
@@ -53,6 +56,10 @@ def lay_out(group: zarr.Group, hooks: dict[str, int], n_rows: int, n_shards: int
             chunks=(1, 2 * d_model + 2),
             fill_value=0,
         )
+        group.create_array(chunk_table(hook), shape=(n_shards, layout.chunks_per_shard), dtype="<u4",
+                           chunks=(1, layout.chunks_per_shard), fill_value=0, config={"write_empty_chunks": True})
+    group.create_array(SIDE_TABLE, shape=(n_shards, len(SIDE_ARRAYS)), dtype="<u4", chunks=(1, len(SIDE_ARRAYS)),
+                       fill_value=0, config={"write_empty_chunks": True})
     for name, dt in SIDE_ARRAYS:
         group.create_array(name, shape=(n_rows,), dtype=dt, chunks=(layout.shard_rows,), fill_value=0)
     group.create_array("progress/shard_done", shape=(n_shards,), dtype="u1", chunks=(1,), fill_value=0,
@@ -105,18 +112,34 @@ class ShardWriter:
             else:
                 self._array(f"acts/{hook}")[start:stop] = stored
             digest = crc32c.crc32c(stored, digest)
+            if not store.legacy:
+                small.append((chunk_table(hook), (shard, 0), self._chunk_crcs(hook, shard, stored)[None, :]))
             stats = moments[hook] if moments is not None else shard_moments(
                 stored if layout.dtype != "bfloat16" else from_storage(stored, "bfloat16"))
             small.append((f"progress/stats/{hook}", (shard, 0), np.asarray(stats, dtype="<f8")[None, :]))
-        for (name, dt), col in zip(SIDE_ARRAYS, (tokens, seq_id, pos), strict=True):
+        side = np.zeros(len(SIDE_ARRAYS), dtype="<u4")
+        for i, ((name, dt), col) in enumerate(zip(SIDE_ARRAYS, (tokens, seq_id, pos), strict=True)):
             col = np.ascontiguousarray(col, dtype=dt)
             if col.shape != (rows,):
                 raise ValueError(f"shard {shard}: {name} has shape {col.shape}, expected ({rows},)")
             small.append((name, (shard,), col))
             digest = crc32c.crc32c(col, digest)
+            side[i] = bound_crc(col, store.store_id, name, shard)
+        if not store.legacy:
+            small.append((SIDE_TABLE, (shard, 0), side[None, :]))
         small.append(("progress/shard_crc", (shard,), np.array([digest], dtype="<u4")))
         self._put_chunks(small)
         self._put_chunks([("progress/shard_done", (shard,), np.array([1], dtype="u1"))])
+
+    def _chunk_crcs(self, hook: str, shard: int, stored: np.ndarray) -> np.ndarray:
+        """Bound checksums `[chunks_per_shard]` of the chunks of one shard (`stored: [rows, d]`);
+        0 for chunks past the end of the array."""
+        chunk_rows, per_shard = self.store.chunk_rows, self.store.layout.chunks_per_shard
+        out = np.zeros(per_shard, dtype="<u4")
+        for inner in range(min(per_shard, -(-len(stored) // chunk_rows))):
+            out[inner] = bound_crc(stored[inner * chunk_rows:(inner + 1) * chunk_rows], self.store.store_id, hook,
+                                   shard * per_shard + inner)
+        return out
 
     def _array(self, name: str) -> zarr.Array:
         """A cached handle on one array of the group (a group lookup reads its metadata again)."""
