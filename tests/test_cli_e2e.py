@@ -91,11 +91,14 @@ def test_rerun_does_nothing_and_status_is_done(finished_run):
     assert [line.split()[1] for line in res.stdout.splitlines()] == ["done"] * 4
 
 
-def test_verify_the_store(finished_run):
+def test_verify_the_store_and_the_whole_run(finished_run):
     work, _ = finished_run
     store = next((work / "runs" / "tiny").glob("harvest-*")) / "store.zarr"
     res = compsae("verify", str(store), cwd=work)
-    assert res.returncode == 0 and res.stdout.startswith("ok: ")
+    assert res.returncode == 0 and res.stdout.startswith("ok: ") and "1 stores" in res.stdout
+    res = compsae("verify", str(work / "runs" / "tiny"), "--deep", cwd=work)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "1 stores, 3 checkpoints, 5 records" in res.stdout
 
 
 @pytest.mark.parametrize(

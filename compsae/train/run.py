@@ -112,13 +112,17 @@ def run_train(cfg: TrainStageConfig, store_url: str, out_dir: str, force: bool =
             models[name] = record
             if ctx.is_main:
                 fs, path = fsspec.core.url_to_fs(folder)
-                digest.update(name.encode() + fs.cat_file(f"{path}/{MODEL_FILE}"))
+                weights = fs.cat_file(f"{path}/{MODEL_FILE}")
+                digest.update(name.encode() + weights)
+                record["model_digest"] = durable.digest(weights)  # what `compsae verify` checks the file against
         if ctx.is_main:
             for name, source in cfg.imported.items():
                 folder = join(out_dir, name)
                 models[name] = import_one(name, source, cfg, store, d_in, folder)
                 fs, path = fsspec.core.url_to_fs(folder)
-                digest.update(name.encode() + fs.cat_file(f"{path}/{MODEL_FILE}"))
+                weights = fs.cat_file(f"{path}/{MODEL_FILE}")
+                digest.update(name.encode() + weights)
+                outputs["models"][name]["model_digest"] = durable.digest(weights)
             from compsae.train.curves import write_training_curves
 
             curves = write_training_curves(out_dir, {n: r.path for n, r in models.items()})
