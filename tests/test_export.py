@@ -104,3 +104,37 @@ def test_saelens_itself_loads_the_export(trained):
     with torch.no_grad():
         np.testing.assert_allclose(sae(torch.from_numpy(x)).numpy(), model(torch.from_numpy(x) * scale).x_hat.numpy()
                                    / scale, rtol=1e-4, atol=1e-4)
+
+
+def test_an_existing_export_is_never_overwritten(trained):
+    tmp, _ = trained
+    out = tmp / "sl_twice"
+    export_saelens(str(tmp / "train" / "topk"), str(out))
+    before = (out / "sae_weights.safetensors").read_bytes()
+    with pytest.raises(UserError, match="already holds cfg.json.*another --out"):
+        export_saelens(str(tmp / "train" / "relu"), str(out))
+    assert (out / "sae_weights.safetensors").read_bytes() == before
+    (tmp / "a_file").write_text("x")
+    with pytest.raises(UserError, match="another --out"):
+        export_saelens(str(tmp / "train" / "topk"), str(tmp / "a_file"))
+
+
+def test_non_finite_weights_are_refused_on_load_and_export(trained):
+    import shutil
+
+    from safetensors.torch import load as st_load
+    from safetensors.torch import save as st_save
+
+    tmp, _ = trained
+    bad = tmp / "nan_model"
+    shutil.copytree(tmp / "train" / "topk", bad)
+    data = (bad / "model.safetensors").read_bytes()
+    header = json.loads(data[8:8 + int.from_bytes(data[:8], "little")])
+    weights = st_load(data)
+    weights["W_dec"][3, 1] = float("nan")
+    (bad / "model.safetensors").write_bytes(st_save(weights, metadata=header["__metadata__"]))
+    with pytest.raises(UserError, match="weight W_dec holds NaN or inf"):
+        load_model(str(bad))
+    with pytest.raises(UserError, match="NaN or inf"):
+        export_saelens(str(bad), str(tmp / "sl_nan"))
+    assert not (tmp / "sl_nan").exists()

@@ -135,9 +135,11 @@ def read_resume_meta(folder: str) -> dict[str, Any] | None:
     except FileNotFoundError:
         return read_meta(folder)
     resume = ((header or {}).get("__metadata__") or {}).get("resume")
-    if resume is None:
-        raise UserError(f"{folder}/{STATE_FILE} is not a valid safetensors resume state; delete the folder or pass --force")
-    return json.loads(resume)["meta"]
+    try:
+        return json.loads(resume)["meta"]
+    except (TypeError, ValueError, KeyError):
+        raise UserError(f"{folder}/{STATE_FILE} is not a valid safetensors resume state; delete the folder or "
+                        "pass --force") from None
 
 
 def parse_meta(meta: dict[str, Any], where: str = "the checkpoint") -> CheckpointMeta:
@@ -162,7 +164,10 @@ def load_model(folder: str, device: str | torch.device = "cpu") -> tuple[SparseA
     weights = _load_tensors(data, f"{folder}/{MODEL_FILE}")
     embedded = _metadata(data).get("meta")
     if embedded is not None:
-        meta = json.loads(embedded)
+        try:
+            meta = json.loads(embedded)
+        except ValueError:
+            raise UserError(f"{folder}/{MODEL_FILE}: its header metadata is not valid JSON; retrain or re-import it") from None
     else:
         meta = read_meta(folder)
         if meta is None:
@@ -174,7 +179,20 @@ def load_model(folder: str, device: str | torch.device = "cpu") -> tuple[SparseA
 
 
 def _build(weights: dict[str, torch.Tensor], meta: dict[str, Any], where: str) -> SparseAutoencoder:
-    model = build_model(ModelConfig.model_validate(meta["model"]), int(meta["d_in"]))
+    try:
+        model_cfg, d_in = ModelConfig.model_validate(meta["model"]), int(meta["d_in"])
+        if d_in <= 0:
+            raise ValueError(f"d_in {d_in}")
+    except (KeyError, TypeError, ValueError) as e:  # pydantic's ValidationError is a ValueError
+        first = str(e).splitlines()[0][:100] if str(e) else e.__class__.__name__
+        raise UserError(f"{where}/{MODEL_FILE}: its metadata is not a compsae checkpoint's ({first}); "
+                        "retrain or re-import it") from None
+    for name, t in weights.items():
+        # a diverged training must not be analysed or exported as if it were a model
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise UserError(f"{where}/{MODEL_FILE}: weight {name} holds NaN or inf (training diverged?); "
+                            "retrain it, e.g. with a lower lr")
+    model = build_model(model_cfg, d_in)
     try:
         model.load_state_dict(weights)
     except RuntimeError as e:

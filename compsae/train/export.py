@@ -32,6 +32,7 @@ import fsspec
 import torch
 from safetensors.torch import save as st_save
 
+from compsae import durable
 from compsae.errors import UserError
 from compsae.files import STAGE_RECORD
 from compsae.train.checkpoint import load_model
@@ -152,6 +153,11 @@ def export_saelens(model_dir: str, out_dir: str, as_topk: bool = False, model_na
     `as_topk=True` (its TopK dictionary alone).  The input normalisation is folded into the weights
     (see the module docstring).  `model_name` overrides the LM name found in the run's store
     manifest.  Returns a summary: out_dir, files, architecture, d_in, d_sae, k, folded scale, step."""
+    fs, path = fsspec.core.url_to_fs(out_dir.rstrip("/"))
+    taken = [f for f in (CFG_FILE, WEIGHTS_FILE) if fs.exists(f"{path}/{f}")]
+    if taken or (fs.exists(path) and not fs.isdir(path)):
+        raise UserError(f"{out_dir} already holds {taken[0] if taken else 'a file of that name'}; compsae does not "
+                        "overwrite an export: remove it or choose another --out")
     model, meta = load_model(model_dir)
     architecture = _architecture(model, as_topk, model_dir)
     scale = float((meta.get("normalization") or {}).get("scale") or 1.0)
@@ -163,10 +169,13 @@ def export_saelens(model_dir: str, out_dir: str, as_topk: bool = False, model_na
         "part": "topk dictionary (composition network left out)" if isinstance(model, CompSAE)
         and model.cfg.composer != "none" else "whole model",
     }
-    fs, path = fsspec.core.url_to_fs(out_dir.rstrip("/"))
-    fs.makedirs(path, exist_ok=True)
-    fs.pipe_file(f"{path}/{WEIGHTS_FILE}", st_save(tensors))
-    fs.pipe_file(f"{path}/{CFG_FILE}", json.dumps(cfg, indent=2, sort_keys=True).encode())
+    try:
+        fs.makedirs(path, exist_ok=True)
+        durable.atomic_write(f"{path}/{WEIGHTS_FILE}", st_save(tensors), fs=fs)
+        durable.atomic_write(f"{path}/{CFG_FILE}", json.dumps(cfg, indent=2, sort_keys=True).encode(), fs=fs)
+    except (PermissionError, NotADirectoryError, FileExistsError, IsADirectoryError) as e:
+        raise UserError(f"cannot write the export into {out_dir} ({e.__class__.__name__}: {e.strerror or e}); "
+                        "choose another --out") from None
     return {"out_dir": out_dir, "files": [CFG_FILE, WEIGHTS_FILE], "architecture": architecture,
             "d_in": cfg["d_in"], "d_sae": cfg["d_sae"], "k": cfg.get("k"), "normalization_scale": scale,
             "step": meta.get("step")}

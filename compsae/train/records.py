@@ -68,6 +68,7 @@ class TrainedModelRecord(BaseModel):
     final: dict[str, Any] | None = None     # the last logged training metrics
     heldout: dict[str, Any] | None = None   # FVU / MSE / L0 on held-out batches
     imported: dict[str, Any] | None = None  # {format, source} of an SAE trained elsewhere
+    model_digest: str | None = None  # sha256 of model.safetensors: what `compsae verify` checks the file against
 
 
 class TrainOutputs(BaseModel):

@@ -114,7 +114,7 @@ def run_train(cfg: TrainStageConfig, store_url: str, out_dir: str, force: bool =
                 fs, path = fsspec.core.url_to_fs(folder)
                 weights = fs.cat_file(f"{path}/{MODEL_FILE}")
                 digest.update(name.encode() + weights)
-                record["model_digest"] = durable.digest(weights)  # what `compsae verify` checks the file against
+                record.model_digest = durable.digest(weights)
         if ctx.is_main:
             for name, source in cfg.imported.items():
                 folder = join(out_dir, name)
@@ -122,7 +122,7 @@ def run_train(cfg: TrainStageConfig, store_url: str, out_dir: str, force: bool =
                 fs, path = fsspec.core.url_to_fs(folder)
                 weights = fs.cat_file(f"{path}/{MODEL_FILE}")
                 digest.update(name.encode() + weights)
-                outputs["models"][name]["model_digest"] = durable.digest(weights)
+                models[name].model_digest = durable.digest(weights)
             from compsae.train.curves import write_training_curves
 
             curves = write_training_curves(out_dir, {n: r.path for n, r in models.items()})
