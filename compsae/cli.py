@@ -269,6 +269,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; rerun the same command to resume where it stopped", file=sys.stderr)
         return 130
+    except ValueError as e:
+        if str(e).startswith("Protocol not known"):  # fsspec, for a path given on the command line
+            print(f"error: {e}; use a local path or a URL of a known protocol (file, s3, gs, ...)", file=sys.stderr)
+            return EXIT_USER
+        raise
     except OSError as e:
         if e.errno == errno.ENOSPC:
             print(f"error: disk full while writing ({e.filename or 'output'}); free space and rerun the same "

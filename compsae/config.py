@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from compsae.analysis.config import AnalyzeConfig
+from compsae.durable import check_url
 from compsae.errors import UserError
 from compsae.evaluation.config import EvaluateConfig, GroundTruthConfig, ProbeConfig
 from compsae.harvest.config import HarvestConfig
@@ -43,6 +44,9 @@ class PipelineConfig(BaseModel):
     def _one_source(self) -> PipelineConfig:
         if (self.harvest is None) == (self.ground_truth is None):
             raise ValueError("give exactly one of 'harvest' (a language model) or 'ground_truth' (synthetic data)")
+        for stage in ("analyze", "evaluate", "probe"):
+            if getattr(self, stage) is not None and self.train is None:
+                raise ValueError(f"'{stage}' works on trained models: it needs a 'train' section")
         if self.evaluate is not None and self.ground_truth is None:
             raise ValueError("'evaluate' scores against known features: it needs a 'ground_truth' section")
         if self.probe is not None and (self.harvest is None or self.train is None):
@@ -62,6 +66,17 @@ class PipelinesFile(BaseModel):
 
     runs_root: str = Field("runs", description="where stage folders go: a local path or an fsspec URL")
     pipelines: dict[str, PipelineConfig]
+
+    @field_validator("runs_root")
+    @classmethod
+    def _usable_root(cls, v: str) -> str:
+        v = v.strip()
+        if not v:
+            raise ValueError("runs_root is empty: give a folder (e.g. runs) or an fsspec URL")
+        if not v.rstrip("/"):
+            raise ValueError("runs_root is the file-system root: give a folder (e.g. runs)")
+        check_url(v)
+        return v
 
     @field_validator("pipelines")
     @classmethod
@@ -88,6 +103,45 @@ def format_validation_error(err: ValidationError, prefix: str = "") -> str:
     return f"config error at {loc or '<top>'}: {msg}{got_txt}{more}"
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """`yaml.SafeLoader` that refuses a key given twice in one mapping (almost always a mistake:
+    PyYAML would keep the last one silently)."""
+
+
+def _no_duplicate_keys(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+    seen: dict[Any, Any] = {}
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *defaults`: its keys may be overridden here
+            continue
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            mark = key_node.start_mark
+            raise yaml.constructor.ConstructorError(
+                None, None, f"key {key!r} is given twice in one mapping (line {seen[key] + 1} and line "
+                f"{mark.line + 1}); keep one", mark)
+        seen[key] = key_node.start_mark.line
+    loader.flatten_mapping(node)
+    return loader.construct_mapping(node, deep=deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _no_duplicate_keys)
+MAX_YAML_BYTES = 10 * 2**20  # a pipelines file is a few kB; this bounds what a mistaken path costs
+
+
+def safe_yaml(text: str, where: str) -> Any:
+    """Parse YAML `text` safely (no tags that build objects, no duplicate keys), as a one-line
+    UserError naming `where` when it cannot be parsed."""
+    try:
+        return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "somewhere"
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise UserError(f"config error: {where} is not valid YAML ({at}: {problem})") from None
+    except RecursionError:
+        raise UserError(f"config error: {where} is nested too deeply to be a pipelines file") from None
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """`a.b.c=value` -> (["a", "b", "c"], value parsed as a YAML scalar or flow list/map)."""
     if "=" not in text:
@@ -97,9 +151,11 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not all(p and re.match(r"^[A-Za-z0-9_\-]+$", p) for p in parts):
         raise UserError(f"--set key {key!r} is not a dotted key path like train.models.compsae.k")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = yaml.load(raw, Loader=_StrictLoader) if raw.strip() else ""  # noqa: S506 - a SafeLoader
     except yaml.YAMLError:
-        value = raw
+        value = raw  # not YAML: the text itself
+    except RecursionError:
+        raise UserError(f"--set {key}: the value is nested too deeply") from None
     return parts, value
 
 
@@ -121,15 +177,13 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
         raise UserError(f"config file {p} not found; run from the project folder or pass --config FILE")
+    if p.stat().st_size > MAX_YAML_BYTES:
+        raise UserError(f"config error: {p} is {p.stat().st_size / 2**20:.0f} MiB, not a pipelines file; check --config")
     try:
-        doc = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise UserError(f"config error: {p} is not valid YAML ({where.strip() or 'somewhere'}: {problem})") from None
+        text = p.read_text(encoding="utf-8")
     except UnicodeDecodeError:
         raise UserError(f"config error: {p} is not UTF-8 text") from None
+    doc = safe_yaml(text, str(p))
     if not isinstance(doc, dict):
         raise UserError(f"config error: {p} must be a mapping with a 'pipelines' key, got {type(doc).__name__}")
     return doc

@@ -52,6 +52,17 @@ def is_local(url: str) -> bool:
     return isinstance(fs, LocalFileSystem)
 
 
+def check_url(url: str) -> None:
+    """Raise ValueError when `url` names a protocol fsspec does not know (a typo like `s4://`)."""
+    if "://" not in url:
+        return
+    protocol = url.split("://", 1)[0]
+    known = set(fsspec.available_protocols())
+    if any(p not in known for p in protocol.replace("::", "+").split("+")):
+        raise ValueError(f"unknown URL protocol {protocol!r} in {url!r}; use a local path or one of file, "
+                         "memory, s3, gs, az, http(s) (with its fsspec package installed)")
+
+
 def _pieces(data: Buffers) -> list[memoryview]:
     if isinstance(data, bytes | bytearray | memoryview):
         return [memoryview(data).cast("B")]

@@ -46,7 +46,7 @@ class GroundTruthConfig(BaseModel):
     n_pairs: int = Field(32, ge=1, description="bilinear: labelled interacting pairs (and as many twins)")
     interaction_norm: float = Field(0.3, ge=0.0, description="bilinear: mean ‖B(v_i, v_j)‖ over composing pairs")
     context: int = Field(128, ge=1)               # rows per synthetic "sequence" (seq_id / pos columns)
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=2**32 - 1)
     hook: str = "synthetic.hook_x"
 
     @model_validator(mode="after")
@@ -115,7 +115,7 @@ class ProbeConfig(BaseModel):
     n_items: int = Field(400, ge=20, description="examples per family")
     families: list[Family] = Field(default_factory=lambda: ["arithmetic", "boolean", "grammar"], min_length=1)
     ks: list[int] = Field(default_factory=lambda: [1, 2, 5], min_length=1)
-    seed: int = 0                                  # items, train/test split, PCA / NMF and the probes
+    seed: int = Field(0, ge=0, le=2**32 - 1)       # items, train/test split, PCA / NMF and the probes
     batch_size: int = Field(32, ge=1)              # prompts per LM forward
     pca_components: int = Field(64, ge=1)
     nmf_components: int = Field(64, ge=1)

@@ -6,6 +6,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from compsae.durable import check_url
 from compsae.store.layout import DEFAULT_CHUNK_ROWS, DEFAULT_SHARD_ROWS, StorageDtype, StoreLayout
 
 
@@ -66,7 +67,15 @@ class HarvestConfig(BaseModel):
     shard_rows: int = Field(DEFAULT_SHARD_ROWS, ge=1)
     compressor: Literal["none", "zstd"] = "none"
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    store: str | None = Field(None, description="explicit store path/URL instead of <stage folder>/store.zarr")
+    store: str | None = Field(None, min_length=1,
+                              description="explicit store path/URL instead of <stage folder>/store.zarr")
+
+    @field_validator("store")
+    @classmethod
+    def _known_protocol(cls, v: str | None) -> str | None:
+        if v is not None:
+            check_url(v)
+        return v
 
     @field_validator("hooks")
     @classmethod

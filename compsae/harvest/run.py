@@ -38,6 +38,7 @@ from compsae.harvest.data import describe, packing_rule, token_sequences
 from compsae.harvest.models import LoadedModel, check_hooks, load_model, special_ids, stop_layer
 from compsae.harvest.records import HarvestOutputs
 from compsae.harvest.shards import harvest_shards, measure_rounding, missing_runs
+from compsae.resources import check_disk, check_memory
 from compsae.store import ActivationStore, manifest_digest, refuse_foreign_folder, store_exists, writer_lock
 
 
@@ -123,8 +124,15 @@ def run_harvest(cfg: HarvestConfig, out_dir: str, force: bool = False,
             tqdm.write(f"harvest: {url} is complete for this config; nothing to do")
             return outputs_of(existing)
 
+    check_memory(cfg.n_seqs * cfg.context * 4, f"tokenizing {cfg.n_tokens:,} tokens",
+                 "lower harvest.n_tokens or harvest in several stores")
     loaded, tokens = load_and_tokenize(cfg)  # tokens: [n_seqs, context]
     widths = check_hooks(loaded, cfg.hooks, cfg.context)
+    itemsize = 4 if cfg.dtype == "float32" else 2
+    row_bytes = sum(widths.values()) * itemsize + 16  # the activations, tokens (4), seq_id (8), pos (4)
+    if force or not store_exists(url):  # a resume has part of it on the disk already
+        check_disk(url, tokens.size * row_bytes, f"a store of {tokens.size:,} tokens of {', '.join(widths)}",
+                   "lower harvest.n_tokens, harvest fewer hooks, or point harvest.store at a larger disk")
     stop = stop_layer(cfg.hooks)
     if cfg.batch_size == "auto":
         # a resumed harvest keeps the batches it started with (same batches, same bytes)

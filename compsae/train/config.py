@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from compsae.store.split import DEFAULT_HELDOUT_FRACTION
 
@@ -110,13 +110,13 @@ class TrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     lr: float = Field(3e-4, gt=0.0)
-    adam_betas: tuple[float, float] = (0.9, 0.999)
+    adam_betas: tuple[float, float] = Field((0.9, 0.999), description="Adam's (beta1, beta2), each in [0, 1)")
     grad_clip: float | None = Field(None, gt=0.0, description="clip the global gradient norm to this (None: off)")
     batch_size: int = Field(512, ge=1)
     tokens: int = Field(10_000_000, ge=1, description="token budget: steps = ceil(tokens / batch_size)")
     warmup_fraction: float = Field(0.01, ge=0.0, le=1.0, description="linear lr warm-up from 0")
     decay_fraction: float = Field(0.2, ge=0.0, le=1.0, description="linear lr decay to 0 at the end")
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="initialisation and shuffling (0 .. 2^32-1)")
     log_every: int = Field(50, ge=1, description="steps between metrics.jsonl lines")
     checkpoint_every: int = Field(1000, ge=1, description="steps between checkpoints (one at the end too)")
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -143,6 +143,13 @@ class TrainConfig(BaseModel):
     @property
     def total_steps(self) -> int:
         return -(-self.tokens // self.batch_size)
+
+    @field_validator("adam_betas")
+    @classmethod
+    def _betas_in_range(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not all(0.0 <= b < 1.0 for b in v):
+            raise ValueError(f"Adam's betas must each be in [0, 1), got {list(v)}")
+        return v
 
 
 SEED_SEPARATOR = "__s"  # model "<variant>__s<seed>" is one seed of a variant

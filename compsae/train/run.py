@@ -19,6 +19,7 @@ import torch
 from compsae import durable
 from compsae.errors import UserError
 from compsae.files import STAGE_LOCK
+from compsae.resources import check_memory
 from compsae.stages import config_for_hash, join
 from compsae.store import ActivationStore, manifest_digest
 from compsae.store.loader import BatchLoader
@@ -161,6 +162,18 @@ def train_in_processes(cfg: TrainStageConfig, store_url: str, store_hash: str, d
     return records
 
 
+def check_training_memory(name: str, model_cfg: ModelConfig, train_cfg: TrainConfig, d_in: int,
+                          device: torch.device | str) -> None:
+    """Refuse, before allocating anything, a model whose training cannot fit in `device`'s memory:
+    weights, gradients and Adam's two moments (4 copies of every parameter, float32) plus a batch's
+    dense latents (a few `[batch, n_latents]` float32 tensors)."""
+    with torch.device("meta"):  # shapes only, no memory
+        n_params = sum(p.numel() for p in build_model(model_cfg, d_in).parameters())
+    need = 4 * 4 * n_params + 4 * 4 * train_cfg.batch_size * model_cfg.n_latents
+    check_memory(need, f"training model {name!r} ({n_params:,} parameters, n_latents {model_cfg.n_latents:,})",
+                 "lower n_latents or batch_size", device=str(device))
+
+
 def train_one(name: str, model_cfg: ModelConfig, train_cfg: TrainConfig, hook: str, store: ActivationStore,
               store_hash: str, d_in: int, folder: str, force: bool = False, progress: bool = True,
               ctx: DistContext | None = None) -> TrainedModelRecord:
@@ -188,6 +201,7 @@ def train_one(name: str, model_cfg: ModelConfig, train_cfg: TrainConfig, hook: s
                          heldout_fraction=split.fraction, split_seed=split.seed, seed=train_cfg.seed, device=device,
                          normalize=train_cfg.normalize, mix_chunks=train_cfg.mix_chunks,
                          num_threads=train_cfg.num_threads, prefetch=train_cfg.prefetch)
+    check_training_memory(name, model_cfg, train_cfg, d_in, device)
     torch.manual_seed(train_cfg.seed)
     model = build_model(model_cfg, d_in)
     # step, tokens_seen and finished are the trainer's to fill in at every checkpoint
