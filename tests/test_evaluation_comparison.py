@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import numpy as np
 import pytest
 import torch
@@ -14,19 +12,14 @@ from compsae.evaluation.ground_truth import load_ground_truth, write_ground_trut
 from compsae.evaluation.pair_recovery import true_pairs
 from compsae.store import ActivationStore, StoreLayout
 from compsae.store.split import HeldOutSplit
-
-
-@dataclass
-class Out:
-    x_hat: torch.Tensor
-    z: torch.Tensor
-    attn: torch.Tensor | None = None
-    extras: dict = field(default_factory=dict)
+from compsae.train.models.base import SAEOutput
 
 
 class OracleComp(torch.nn.Module):
     """Decoder = the true V; reconstructs perfectly with the composition path, 80 % without;
     attends between co-active latents exactly when they form a true pair."""
+
+    has_composition = True
 
     def __init__(self, V: np.ndarray, C, k: int = 8) -> None:
         super().__init__()
@@ -37,12 +30,12 @@ class OracleComp(torch.nn.Module):
         for a, b in true_pairs(C):
             self.pair[a, b] = self.pair[b, a] = 1.0
 
-    def forward(self, x: torch.Tensor, composition: bool = True) -> Out:
+    def forward(self, x: torch.Tensor, composition: bool = True) -> SAEOutput:
         score = x @ self.W_dec.T
         idx = score.topk(self.k, dim=-1).indices                          # [b, k]
         z = torch.zeros_like(score).scatter(1, idx, score.gather(1, idx).clamp_min(0))
         attn = self.pair[idx[:, :, None], idx[:, None, :]][:, None]       # [b, 1, k, k]
-        return Out(x if composition else 0.8 * x, z, attn, {"active_idx": idx, "comp": 0.2 * x})
+        return SAEOutput(x if composition else 0.8 * x, z, attn, active_idx=idx, comp=0.2 * x)
 
     def decode_active(self, idx: torch.Tensor, vals: torch.Tensor) -> torch.Tensor:
         """Linear part plus one unit term per true pair among the active latents (what the

@@ -89,7 +89,7 @@ def test_compsae_needs_the_explicit_topk_flag(trained):
     scale = meta["normalization"]["scale"]
     with torch.no_grad():
         out = model(torch.from_numpy(x) * scale)
-    linear = (out.x_hat - out.extras["comp"]).numpy() / scale  # compsae without its composition term
+    linear = (out.x_hat - out.comp).numpy() / scale  # compsae without its composition term
     _, x_hat = saelens_forward(x, load_file(tmp / "sl_comp" / "sae_weights.safetensors"), cfg)
     np.testing.assert_allclose(x_hat, linear, rtol=1e-4, atol=1e-4)
 

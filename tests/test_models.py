@@ -74,10 +74,10 @@ def test_attention_weights_shape_and_top_m():
     model.set_schedule(m=2)
     out = model(torch.randn(10, D))
     assert out.attn.shape == (10, SMALL["n_heads"], SMALL["k"], SMALL["k"])
-    assert out.extras["active_idx"].shape == (10, SMALL["k"])
+    assert out.active_idx.shape == (10, SMALL["k"])
     torch.testing.assert_close(out.attn.sum(-1), torch.ones(10, SMALL["n_heads"], SMALL["k"]))
     assert ((out.attn > 0).sum(-1) <= 2).all()
-    assert out.extras["gate"].shape == (10, D) and (out.extras["gate"] >= 0).all() and (out.extras["gate"] <= 1).all()
+    assert out.gate.shape == (10, D) and (out.gate >= 0).all() and (out.gate <= 1).all()
 
 
 def test_top_m_mask_keeps_exactly_m_even_with_ties():
@@ -141,7 +141,7 @@ def test_composition_switch_and_training_path_agree():
     model = _model().eval()
     x = torch.randn(8, D)
     on, off = model(x), model(x, composition=False)
-    torch.testing.assert_close(off.x_hat + on.extras["comp"], on.x_hat)
+    torch.testing.assert_close(off.x_hat + on.comp, on.x_hat)
     model.set_schedule(m=SMALL["k"])  # all partners
     fused = model(x, need_weights=False)
     torch.testing.assert_close(fused.x_hat, model(x).x_hat, rtol=1e-5, atol=1e-5)

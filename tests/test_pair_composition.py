@@ -42,7 +42,7 @@ def test_mixed_difference_equals_the_pair_term():
     assert terms.abs().max() > 1e-2
     torch.testing.assert_close(delta, terms, rtol=1e-9, atol=1e-9)
     # and the model's composition term is their sum over pairs
-    comp = model(x).extras["comp"]
+    comp = model(x).comp
     torch.testing.assert_close(comp, terms.sum(1), rtol=1e-9, atol=1e-9)
 
 
@@ -91,7 +91,7 @@ def test_pair_scores_invariant_to_batch_order_and_latent_labels():
 
     def scores(m, rows):
         out = m(rows)
-        idx = out.extras["active_idx"]
+        idx = out.active_idx
         acc = PairEffectSums.empty(48)
         acc.update(m, rows, out.x_hat, idx, out.z.gather(1, idx))
         return acc.mean_effect(), acc.count

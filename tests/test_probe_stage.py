@@ -11,7 +11,7 @@ import torch
 
 from compsae.errors import UserError
 from compsae.evaluation.config import ProbeConfig
-from compsae.evaluation.probe_stage import fmt, lm_computes, load_trained, probed_tasks, run_probe
+from compsae.evaluation.probe_stage import fmt, lm_computes, load_trained, probed_tasks, run_probe, sae_outputs
 from compsae.evaluation.probes import ANSWER_TASKS, TASKS
 from compsae.harvest.config import HarvestConfig
 from compsae.harvest.run import run_harvest
@@ -130,7 +130,7 @@ def test_saes_see_activations_scaled_as_in_training(probed):
         assert s.scale == SCALE
         with torch.no_grad():
             expected = s.model(torch.from_numpy(x) * SCALE)
-        got = s.outputs(x)
+        got = sae_outputs(s, x)
         np.testing.assert_allclose(got["z"], expected.z.numpy(), rtol=1e-5, atol=1e-6)
         if s.has_composition:  # comp + linear = the full reconstruction
             np.testing.assert_allclose(got["comp"] + got["linear"], expected.x_hat.numpy(), rtol=1e-5, atol=1e-5)
@@ -149,5 +149,5 @@ def test_answer_policy_and_significance():
 
 
 def test_missing_train_dir_is_a_user_error(probed, tmp_path):
-    with pytest.raises(UserError, match="no train output"):
+    with pytest.raises(UserError, match="no train stage folder"):
         run_probe(probed["cfg"], probed["store"], str(tmp_path / "nope"), str(tmp_path / "out"))

@@ -15,7 +15,10 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-_MODEL_CACHE: dict[str, tuple[Any, dict[str, Any]]] = {}
+from compsae.train.records import CheckpointMeta
+from compsae.train.trained import TrainedSAE
+
+_MODEL_CACHE: dict[str, TrainedSAE] = {}
 _CACHE_LOCK = threading.Lock()
 
 
@@ -41,13 +44,11 @@ class Reconstructor(Protocol):
     def __call__(self, x: np.ndarray) -> Reconstruction: ...
 
 
-def load_checkpoint(model_dir: str) -> tuple[Any, dict[str, Any]]:
-    """The model and meta of a checkpoint folder, loaded once per process."""
+def load_checkpoint(model_dir: str) -> TrainedSAE:
+    """A checkpoint folder, loaded once per process."""
     with _CACHE_LOCK:
         if model_dir not in _MODEL_CACHE:
-            from compsae.train.checkpoint import load_model
-
-            _MODEL_CACHE[model_dir] = load_model(model_dir)
+            _MODEL_CACHE[model_dir] = TrainedSAE.load(model_dir)
         return _MODEL_CACHE[model_dir]
 
 
@@ -58,7 +59,7 @@ class SAEReconstructor:
     store's units."""
 
     def __init__(self, name: str, kind: str, n_latents: int, scale: float = 1.0, model_dir: str | None = None,
-                 model: torch.nn.Module | None = None, batch_rows: int = 1024, meta: dict[str, Any] | None = None
+                 model: torch.nn.Module | None = None, batch_rows: int = 1024, meta: CheckpointMeta | None = None
                  ) -> None:
         if model_dir is None and model is None:
             raise ValueError("SAEReconstructor needs a model or a checkpoint folder")
@@ -66,16 +67,15 @@ class SAEReconstructor:
         self.scale = float(scale)
         self.model_dir = model_dir
         self.batch_rows = batch_rows
-        self.meta = meta or {}
+        self.meta = meta  # None for a model given directly
         self._model = model
 
     @classmethod
     def from_checkpoint(cls, name: str, model_dir: str, batch_rows: int = 1024) -> SAEReconstructor:
         """Load `model_dir` (a train-stage model folder) and describe it."""
-        model, meta = load_checkpoint(model_dir)
-        norm = meta.get("normalization") or {}
-        return cls(name, str(meta.get("type") or meta["model"]["type"]), int(meta["model"]["n_latents"]),
-                   scale=float(norm.get("scale", 1.0)), model_dir=model_dir, batch_rows=batch_rows, meta=meta)
+        sae = load_checkpoint(model_dir)
+        return cls(name, sae.kind, sae.n_latents, scale=sae.scale, model_dir=model_dir, batch_rows=batch_rows,
+                   meta=sae.meta)
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
@@ -87,7 +87,7 @@ class SAEReconstructor:
     def model(self) -> torch.nn.Module:
         if self._model is None:
             assert self.model_dir is not None
-            self._model = load_checkpoint(self.model_dir)[0]
+            self._model = load_checkpoint(self.model_dir).model
         return self._model
 
     @torch.no_grad()
@@ -106,14 +106,13 @@ class SAEReconstructor:
         from compsae.analysis.pair_effects import PairEffectSums
 
         model = self.model
-        cfg = getattr(model, "cfg", None)
-        if not hasattr(model, "decode_active") or getattr(cfg, "composer", "none") == "none":
+        if not getattr(model, "has_composition", False) or not hasattr(model, "decode_active"):
             return None
         acc = PairEffectSums.empty(m)
         for i in range(0, len(x), self.batch_rows):
             xt = torch.as_tensor(np.ascontiguousarray(x[i:i + self.batch_rows], dtype=np.float32)) * self.scale
             out = model(xt, need_weights=False)
-            idx = out.extras["active_idx"]
+            idx = out.active_idx
             acc.update(model, xt, out.x_hat, idx, out.z.gather(1, idx), rows)
         return acc
 
@@ -122,11 +121,10 @@ class SAEReconstructor:
         out = self.model(xt)
         inv = 1.0 / self.scale
         x_hat = out.x_hat.float() * inv
-        comp = out.extras.get("comp")
+        comp = out.comp
         # one forward: x̂ with the path off is x̂ minus its gated composition term
         x_hat_off = None if comp is None else x_hat - comp.float() * inv
-        idx = out.extras.get("active_idx")
-        gate = out.extras.get("gate")
+        idx, gate = out.active_idx, out.gate
         return Reconstruction(
             x_hat=x_hat.numpy(),
             z=out.z.float().numpy() * inv,

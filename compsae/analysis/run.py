@@ -46,25 +46,12 @@ from compsae.files import CONFIG_FILE, LATENTS_TABLE, TOP_CONTEXTS_TABLE
 from compsae.store import ActivationStore
 from compsae.store.sample import spread_rows
 from compsae.store.split import shared_split
-from compsae.train.checkpoint import parse_meta
+from compsae.train.records import CheckpointMeta
+from compsae.train.trained import model_folders
 
 PILOT_BLOCKS = 8
 TOP_PAIR_EXAMPLES = 10  # composing pairs shown with example tokens
 ABLATION_FIELDS = ("type", "n_latents", "k", "composer", "gate", "curriculum", "graduated_sparsity")
-
-
-def discover_models(train_dir: str) -> list[tuple[str, str]]:
-    """(name, folder) of every checkpoint folder (holding config.json) directly under `train_dir`."""
-    fs, path = fsspec.core.url_to_fs(train_dir)
-    if not fs.exists(path):
-        raise UserError(f"no train stage folder at {train_dir}; run `compsae train` first")
-    found = []
-    for entry in fs.ls(path, detail=True):
-        name = entry["name"].rstrip("/").rsplit("/", 1)[-1]
-        if entry["type"] == "directory" and fs.exists(f"{entry['name']}/{CONFIG_FILE}"):
-            prefix = "" if isinstance(fs, LocalFileSystem) else f"{fs.protocol[0] if isinstance(fs.protocol, tuple) else fs.protocol}://"
-            found.append((name, prefix + entry["name"]))
-    return sorted(found)
 
 
 def token_decoder(manifest: dict[str, Any]) -> Callable[[int], str]:
@@ -224,20 +211,20 @@ def run_analyze(cfg: AnalyzeConfig, store_url: str, train_dir: str, out_dir: str
     workers = cfg.workers if workers is None else workers
     scheduler = cfg.scheduler if scheduler is None else scheduler
     store = open_store(store_url)
-    found = discover_models(train_dir)
+    found = model_folders(train_dir)
     if not found:
         raise UserError(f"no trained models under {train_dir} (expected one folder per model with {CONFIG_FILE})")
     recons: list[Reconstructor] = [SAEReconstructor.from_checkpoint(n, d, cfg.batch_rows) for n, d in found]
-    metas = {r.name: r.meta for r in recons}  # type: ignore[attr-defined]
-    hook = cfg.hook or metas[recons[0].name].get("hook") or store.hooks[0]
+    metas: dict[str, CheckpointMeta] = {r.name: r.meta for r in recons}  # type: ignore[attr-defined]
+    hook = cfg.hook or metas[recons[0].name].hook or store.hooks[0]
     if hook not in store.hooks:
         raise UserError(f"the store has no hook {hook!r}; it holds {', '.join(store.hooks)} (set analyze.hook)")
     notes = []
-    other = [r.name for r in recons if metas[r.name].get("hook", hook) != hook]
+    other = [r.name for r in recons if metas[r.name].hook not in ("", hook)]
     if other:
         notes.append(f"models trained on another hook left out: {', '.join(other)}")
         recons = [r for r in recons if r.name not in other]
-    split, other = shared_split({r.name: parse_meta(metas[r.name], f"model {r.name}").split for r in recons})
+    split, other = shared_split({r.name: metas[r.name].split for r in recons})
     if other:  # scored on another split, part of their held-out rows would be their training rows
         notes.append(f"models trained with another held-out split left out: {', '.join(other)}")
         recons = [r for r in recons if r.name not in other]
@@ -245,7 +232,7 @@ def run_analyze(cfg: AnalyzeConfig, store_url: str, train_dir: str, out_dir: str
     plan = plan_blocks(heldout, store.chunk_rows, cfg.max_heldout_tokens)
     pos = store.pos
 
-    compsae_k = [int(m["model"]["k"]) for m in metas.values() if m["model"].get("type") == "compsae"]
+    compsae_k = [m.model.k for m in metas.values() if m.model.type == "compsae"]
     k = cfg.baseline_k or (compsae_k[0] if compsae_k else 32)
     sae_names = frozenset(r.name for r in recons)
     if "baselines" not in cfg.skip and cfg.baselines:
@@ -282,12 +269,12 @@ def run_analyze(cfg: AnalyzeConfig, store_url: str, train_dir: str, out_dir: str
     for r in recons:
         if r.name not in sae_names:
             continue
-        mc, a = metas[r.name]["model"], models[r.name]["all"]
+        mc, a = metas[r.name].model.model_dump(), models[r.name]["all"]
         ablations.append({"model": r.name, **{f: mc.get(f) for f in ABLATION_FIELDS}, "l0": a["l0"], "fvu": a["fvu"],
                           "fvu_nocomp": a.get("fvu_nocomp"), "comp_share": a.get("comp_share"),
                           "dead_fraction": models[r.name].get("latents", {}).get("dead_fraction"),
                           "ce_recovered": models[r.name].get("ce", {}).get("ce_recovered"),
-                          "tokens_seen": metas[r.name].get("tokens_seen")})
+                          "tokens_seen": metas[r.name].tokens_seen})
     metrics = {"hook": hook, "store": store_url, "n_tokens": plan.n_tokens, "heldout_fraction": split.fraction,
                "heldout_seed": split.seed, "baseline_k": k, "models": models, "ablations": ablations,
                "ablations_by_variant": ablations_by_variant(ablations),

@@ -75,12 +75,6 @@ def _forward(model: Any, x: torch.Tensor, composition: bool | None) -> Any:
     return model(x) if composition is None else model(x, composition=composition)
 
 
-def _has_composition(model: Any) -> bool:
-    import inspect
-
-    return "composition" in inspect.signature(model.forward).parameters
-
-
 def interaction_terms(gt: GroundTruth, acts: np.ndarray, would: bool = False) -> np.ndarray:
     """The interaction part of each row, `acts: [rows, n_features]` -> `[rows, d]` (what the
     generator added; with `would`, what it would have added on the additive control)."""
@@ -138,7 +132,7 @@ def evaluate_model(model: Any, store: ActivationStore, hook: str, gt: GroundTrut
     match = hungarian_match(W_dec, gt.V)
     latent_to_true = match.latent_to_true(cfg.min_match_cos)
     true_all = np.concatenate([gt.V, gt.U]) if len(gt.U) else gt.V
-    comp = _has_composition(model)
+    comp = bool(model.has_composition)
     rows = eval_rows(store, split, cfg.max_rows)
     acts = gt.acts[rows].toarray()  # [rows, n_features] true magnitudes of the evaluated rows
     inter = interaction_terms(gt, acts) * scale  # [rows, d] in the model's units
@@ -171,7 +165,7 @@ def evaluate_model(model: Any, store: ActivationStore, hook: str, gt: GroundTrut
         inter_energy += float(t_sq.sum())
         if comp:
             fvu_off.update(x, _forward(model, x, False).x_hat)
-            idx = out.extras["active_idx"]
+            idx = out.active_idx
             effects.update(model, x, out.x_hat, idx, out.z.gather(1, idx))  # type: ignore[union-attr]
             if out.attn is not None:
                 attn_acc.update(out.attn, idx)  # type: ignore[union-attr]
@@ -214,20 +208,16 @@ def evaluate_model(model: Any, store: ActivationStore, hook: str, gt: GroundTrut
 
 def comparison_table(runs: list[dict[str, str]], cfg: EvaluateConfig) -> list[dict]:
     """One row per run ``{"label", "checkpoint", "store"}``: load, evaluate, tag with the data kind."""
-    from compsae.train.checkpoint import load_model, parse_meta
+    from compsae.train.trained import TrainedSAE
 
     rows = []
     for run in runs:
-        model, meta = load_model(run["checkpoint"])
-        model.to(cfg.device)
-        if hasattr(model, "reset_schedule"):
-            model.reset_schedule()
+        sae = TrainedSAE.load(run["checkpoint"], cfg.device)
         store = ActivationStore.open(run["store"])
         gt = load_ground_truth(run["store"])
-        norm = meta.get("normalization") or {}
-        res = evaluate_model(model, store, meta.get("hook") or store.hooks[0], gt, cfg,
-                             parse_meta(meta, run["checkpoint"]).split or HeldOutSplit(), float(norm.get("scale", 1.0)))
-        rows.append({"label": run["label"], "model": type(model).__name__,
+        res = evaluate_model(sae.model, store, sae.hook or store.hooks[0], gt, cfg, sae.split or HeldOutSplit(),
+                             sae.scale)
+        rows.append({"label": run["label"], "model": type(sae.model).__name__,
                      "data": "interactions" if gt.C else "additive-only", **res})
     return rows
 

@@ -347,28 +347,22 @@ def feature_source_from_checkpoint(store_url: str, checkpoint: str, rows: np.nda
     import scipy.sparse as sp
     import torch
 
-    from compsae.evaluation.comparison import CompositionAccumulator, _has_composition, iter_batches
+    from compsae.evaluation.comparison import CompositionAccumulator, iter_batches
     from compsae.store import ActivationStore
-    from compsae.train.checkpoint import load_model
+    from compsae.train.trained import TrainedSAE
 
-    model, meta = load_model(checkpoint, device)
-    model.eval()
-    if hasattr(model, "reset_schedule"):
-        model.reset_schedule()
-    scale = float((meta.get("normalization") or {}).get("scale", 1.0))
+    sae = TrainedSAE.load(checkpoint, device)
     store = ActivationStore.open(store_url)
-    hook = meta.get("hook") or store.hooks[0]
-    comp = _has_composition(model)
-    acc = CompositionAccumulator(model.W_dec.shape[0]) if comp else None
+    hook = sae.hook or store.hooks[0]
+    acc = CompositionAccumulator(sae.n_latents) if sae.has_composition else None
     parts = []
     with torch.no_grad():
         for batch in tqdm(iter_batches(store, hook, rows, batch_size), total=-(-len(rows) // batch_size),
                           desc=f"encode {checkpoint}", unit="batch"):
-            x = torch.from_numpy(batch).to(device) * scale
-            out = model(x)
+            out = sae.forward(batch)
             parts.append(sp.csr_matrix(out.z.float().cpu().numpy()))
-            if acc is not None and out.attn is not None and "active_idx" in out.extras:
-                acc.update(out.attn, out.extras["active_idx"])
+            if acc is not None and out.attn is not None and out.active_idx is not None:
+                acc.update(out.attn, out.active_idx)
     partners = None
     if acc is not None:
         S = acc.matrix()

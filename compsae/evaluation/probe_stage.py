@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import fsspec
@@ -46,65 +45,29 @@ from compsae.registry import StageContext
 from compsae.store import ActivationStore
 from compsae.store.sample import spread_rows
 from compsae.store.split import HeldOutSplit
-from compsae.train.checkpoint import parse_meta
+from compsae.train.trained import TrainedSAE, load_trained
 
 BASELINES = ("pca", "nmf", "raw")
 _SAE_BATCH = 1024  # rows per SAE forward
 
 
-@dataclass
-class TrainedSAE:
-    """One checkpoint of the train stage, ready to encode residual activations."""
-
-    name: str
-    model: torch.nn.Module
-    meta: dict[str, Any]
-    scale: float          # the loader's normalisation: the model saw x * scale during training
-    device: torch.device
-
-    @property
-    def kind(self) -> str:
-        return str(self.meta.get("type") or self.meta["model"]["type"])
-
-    @property
-    def has_composition(self) -> bool:
-        return self.kind == "compsae" and self.meta["model"].get("composer", "attention") != "none"
-
-    @torch.no_grad()
-    def outputs(self, x: np.ndarray) -> dict[str, np.ndarray]:
-        """``x: [n, d]`` -> latents ``z: [n, m]`` and, with a composition path, ``comp: [n, d]``
-        (its gated output) and ``linear: [n, d]`` (the reconstruction with the path off)."""
-        parts: dict[str, list[np.ndarray]] = {"z": [], "comp": [], "linear": []}
-        for i in range(0, len(x), _SAE_BATCH):
-            xb = torch.from_numpy(np.ascontiguousarray(x[i:i + _SAE_BATCH], dtype=np.float32)).to(self.device)
-            out = self.model(xb * self.scale)
-            parts["z"].append(out.z.float().cpu().numpy())
-            if self.has_composition:
-                comp = out.extras["comp"]
-                parts["comp"].append(comp.float().cpu().numpy())
-                parts["linear"].append((out.x_hat - comp).float().cpu().numpy())  # x_hat holds the path
-        return {k: np.concatenate(v) for k, v in parts.items() if v}
-
-    def feature(self, key: str) -> FeatureFn:
-        return lambda x: self.outputs(x)[key]
+@torch.no_grad()
+def sae_outputs(sae: TrainedSAE, x: np.ndarray) -> dict[str, np.ndarray]:
+    """``x: [n, d]`` (store units) -> latents ``z: [n, m]`` and, with a composition path, ``comp: [n, d]``
+    (its gated output) and ``linear: [n, d]`` (the reconstruction with the path off)."""
+    parts: dict[str, list[np.ndarray]] = {"z": [], "comp": [], "linear": []}
+    for i in range(0, len(x), _SAE_BATCH):
+        out = sae.forward(x[i:i + _SAE_BATCH])
+        parts["z"].append(out.z.float().cpu().numpy())
+        if out.comp is not None:
+            parts["comp"].append(out.comp.float().cpu().numpy())
+            parts["linear"].append((out.x_hat - out.comp).float().cpu().numpy())  # x_hat holds the path
+    return {k: np.concatenate(v) for k, v in parts.items() if v}
 
 
-def load_trained(train_dir: str, device: torch.device) -> list[TrainedSAE]:
-    """Every model folder (a sub-folder with config.json) of a train-stage output, sorted by name."""
-    from compsae.train.checkpoint import load_model, read_meta
-
-    fs, root = fsspec.core.url_to_fs(train_dir)
-    if not fs.isdir(root):
-        raise UserError(f"no train output at {train_dir}; run the train stage first")
-    found = []
-    for sub in sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(root, detail=False) if fs.isdir(p)):
-        folder = f"{train_dir.rstrip('/')}/{sub}"
-        if read_meta(folder) is None:
-            continue
-        model, meta = load_model(folder, device)
-        scale = float((meta.get("normalization") or {}).get("scale") or 1.0)
-        found.append(TrainedSAE(sub, model, meta, scale, device))
-    return found
+def sae_feature(sae: TrainedSAE, key: str) -> FeatureFn:
+    """One output of `sae_outputs` as a feature map."""
+    return lambda x: sae_outputs(sae, x)[key]
 
 
 def fit_sample(store: ActivationStore, hook: str, splits: list[HeldOutSplit], n: int, drop_bos: bool
@@ -253,7 +216,7 @@ def _feature_maps(saes: list[TrainedSAE], x_fit: np.ndarray, cfg: ProbeConfig, n
         notes.append(f"PCA / NMF components capped at {n_pca} / {n_nmf} by the {n} fit rows of width {d}")
     maps: dict[str, FeatureFn] = {}
     for s in saes:
-        maps[s.name if s.name not in BASELINES else f"{s.name}-sae"] = s.feature("z")
+        maps[s.name if s.name not in BASELINES else f"{s.name}-sae"] = sae_feature(s, "z")
     maps["pca"] = pca_features(x_fit, n_pca, cfg.seed)
     maps["nmf"] = nmf_features(x_fit, n_nmf, cfg.seed)
     maps["raw"] = lambda x: x
@@ -312,8 +275,8 @@ def run_probe(cfg: ProbeConfig, store_url: str, train_dir: str, out_dir: str,
     notes: list[str] = []
     saes = load_trained(train_dir, device)
     if saes:
-        hook = str(saes[0].meta.get("hook") or store.hooks[0])
-        other = [s.name for s in saes if s.meta.get("hook", hook) != hook]
+        hook = saes[0].hook or store.hooks[0]
+        other = [s.name for s in saes if s.hook not in ("", hook)]
         if other:
             notes.append(f"models trained on another hook than {hook} left out: {', '.join(other)}")
             saes = [s for s in saes if s.name not in other]
@@ -351,7 +314,7 @@ def run_probe(cfg: ProbeConfig, store_url: str, train_dir: str, out_dir: str,
     del lm  # free the LM before PCA / NMF and the probes
 
     say("fitting PCA / NMF on store rows")
-    splits = [sp for s in saes if (sp := parse_meta(s.meta, f"model {s.name}").split) is not None]
+    splits = [s.split for s in saes if s.split is not None]
     x_fit = fit_sample(store, hook, splits, cfg.fit_rows, harvest_cfg.prepend_bos)
     maps = _feature_maps(saes, x_fit, cfg, notes)
     ks = tuple(cfg.ks)
@@ -363,14 +326,14 @@ def run_probe(cfg: ProbeConfig, store_url: str, train_dir: str, out_dir: str,
     for s in saes:
         if s.has_composition:
             say(f"conjunction test on {s.name}")
-            for r in run_conjunctions(acts, items, s.feature("z"), s.feature("comp"), s.feature("linear"),
+            for r in run_conjunctions(acts, items, sae_feature(s, "z"), sae_feature(s, "comp"), sae_feature(s, "linear"),
                                       seed=cfg.seed, test_fraction=cfg.test_fraction):
                 conjunctions.append({"model": s.name, **r})
 
     report = {
         "hook": hook, "store": store_url, "train_dir": train_dir, "lm": harvest_cfg.model,
         "config": cfg.model_dump(mode="json"),
-        "models": {s.name: {"type": s.kind, "n_latents": int(s.meta["model"]["n_latents"]), "scale": s.scale,
+        "models": {s.name: {"type": s.kind, "n_latents": s.n_latents, "scale": s.scale,
                             "composition": s.has_composition} for s in saes},
         "methods": list(maps), "fit_rows": int(len(x_fit)), "notes": notes,
         "behaviour": behaviour, "tasks": tasks, "probes": rows,

@@ -26,16 +26,15 @@ from compsae.store.loader import BatchLoader
 from compsae.store.split import HeldOutSplit
 from compsae.train.checkpoint import (
     MODEL_FILE,
-    load_model,
-    parse_meta,
     read_meta,
     read_resume_meta,
     remove_checkpoint,
 )
 from compsae.train.config import ImportedSAE, ModelConfig, TrainConfig, TrainStageConfig
 from compsae.train.distributed import DistContext, init_from_env
-from compsae.train.models import CompSAE, build_model
+from compsae.train.models import build_model
 from compsae.train.records import CheckpointMeta, Normalization, TrainedModelRecord, TrainOutputs
+from compsae.train.trained import TrainedSAE
 from compsae.train.trainer import Trainer, batch_metrics, resolve_device
 from compsae.variance import FVUAccumulator
 
@@ -234,11 +233,11 @@ def train_one(name: str, model_cfg: ModelConfig, train_cfg: TrainConfig, hook: s
     record = TrainedModelRecord(path=folder, type=model_cfg.type, split=split)
     if not ctx.is_main:
         return record
-    trained, saved = load_model(folder, device=device)
-    done = parse_meta(saved, folder)
+    trained = TrainedSAE.load(folder, device, name)
+    done = trained.meta
     return record.model_copy(update={
         "step": done.step, "tokens_seen": done.tokens_seen, "finished": done.finished, "final": last,
-        "heldout": heldout_metrics(trained, store, hook, train_cfg, split, loader.scale, device)})
+        "heldout": heldout_metrics(trained, store, hook, train_cfg)})
 
 
 def _tracker(cfg: TrainConfig, name: str, folder: str, hook: str, d_in: int, model_cfg: ModelConfig,
@@ -267,25 +266,27 @@ def import_one(name: str, source: ImportedSAE, cfg: TrainStageConfig, store: Act
     split = HeldOutSplit(fraction=cfg.heldout_fraction)  # the trained models' split
     summary = import_saelens(source.path, folder, name=name, hook=source.hook, expect_hook=cfg.hook,
                              expect_d_in=d_in, split=split.model_dump(mode="json"))
-    model, meta = load_model(folder)
-    raw = TrainConfig.model_validate({**{f: getattr(cfg, f) for f in TrainConfig.model_fields}, "normalize": False})
+    sae = TrainedSAE.load(folder, "cpu", name)
+    shared = TrainConfig.model_validate({f: getattr(cfg, f) for f in TrainConfig.model_fields})
     return TrainedModelRecord(path=folder, type=summary["type"], imported={"format": source.format, "source": source.path},
-                              split=split, step=meta["step"], tokens_seen=None, finished=True, final={},
-                              heldout=heldout_metrics(model, store, cfg.hook, raw, split, 1.0, torch.device("cpu")))
+                              split=split, step=sae.meta.step, tokens_seen=None, finished=True, final={},
+                              heldout=heldout_metrics(sae, store, cfg.hook, shared))
 
 
 @torch.no_grad()
-def heldout_metrics(model: torch.nn.Module, store: ActivationStore, hook: str, cfg: TrainConfig,
-                    split: HeldOutSplit, scale: float, device: torch.device) -> dict[str, float] | None:
+def heldout_metrics(sae: TrainedSAE, store: ActivationStore, hook: str, cfg: TrainConfig) -> dict[str, float] | None:
     """FVU, MSE (original units), L0 and, for CompSAE, FVU without the composition path and the mean
-    gate, on up to `HELDOUT_EVAL_BATCHES` batches of the `split`'s held-out rows; None when nothing
-    is held out."""
-    if split.fraction <= 0:
+    gate, on up to `HELDOUT_EVAL_BATCHES` batches of the held-out rows of the split `sae` records;
+    None when nothing is held out."""
+    split = sae.split
+    if split is None or split.fraction <= 0:
         return None
+    scale = sae.scale
     try:
+        # store units in, the model's scale applied as in training
         loader = BatchLoader(store, hook, batch_size=min(cfg.batch_size, 256), split="heldout",
-                             heldout_fraction=split.fraction, split_seed=split.seed, seed=cfg.seed, device=device,
-                             normalize=cfg.normalize, shuffle=False, epochs=1, num_threads=cfg.num_threads)
+                             heldout_fraction=split.fraction, split_seed=split.seed, seed=cfg.seed, device=sae.device,
+                             normalize=False, shuffle=False, epochs=1, num_threads=cfg.num_threads)
     except UserError:
         return None  # fewer held-out rows than one batch: nothing worth reporting
     full, linear = FVUAccumulator(), FVUAccumulator()
@@ -295,10 +296,11 @@ def heldout_metrics(model: torch.nn.Module, store: ActivationStore, hook: str, c
         for i, x in enumerate(batches):
             if i == HELDOUT_EVAL_BATCHES:
                 break
-            out = model(x)
+            x = x * scale
+            out = sae.model(x)
             full.update(x / scale, out.x_hat / scale)
-            if isinstance(model, CompSAE) and "comp" in out.extras:
-                linear.update(x / scale, (out.x_hat - out.extras["comp"]) / scale)
+            if out.comp is not None:
+                linear.update(x / scale, (out.x_hat - out.comp) / scale)
             m = batch_metrics(x, out, scale)
             l0 += m["l0"] * x.shape[0]
             sums["gate_mean"] += m.get("gate_mean", 0.0) * x.shape[0]

@@ -58,9 +58,9 @@ def metric_sums(x: torch.Tensor, out: SAEOutput) -> torch.Tensor:
     x_hat = out.x_hat.float()
     sq_err = (x - x_hat).pow(2).sum()
     l0 = (out.z != 0).sum().float()
-    if "comp" in out.extras:
-        sq_err_linear = (x - (x_hat - out.extras["comp"].float())).pow(2).sum()
-        gate = out.extras["gate"].float().sum() if "gate" in out.extras else x.new_tensor(float(x.numel()))
+    if out.comp is not None:
+        sq_err_linear = (x - (x_hat - out.comp.float())).pow(2).sum()
+        gate = out.gate.float().sum() if out.gate is not None else x.new_tensor(float(x.numel()))
     else:
         sq_err_linear = gate = x.new_zeros(())
     return torch.stack([sq_err, l0, sq_err_linear, gate])
@@ -87,7 +87,7 @@ def metrics_from_sums(sums: torch.Tensor, x: torch.Tensor, scale: float, composi
 def batch_metrics(x: torch.Tensor, out: SAEOutput, scale: float) -> dict[str, float]:
     """Reconstruction metrics (MSE in original units, FVU, L0; for CompSAE also FVU without the
     composition path and the mean gate) of one batch `x` and its forward output `out`."""
-    return metrics_from_sums(metric_sums(x, out), x, scale, "comp" in out.extras)
+    return metrics_from_sums(metric_sums(x, out), x, scale, out.has_composition)
 
 
 def _step_of(line: str) -> int | None:
@@ -307,7 +307,7 @@ class Trainer:
         self.dist.all_reduce_sum(sums)
         record: dict[str, Any] = {"step": self.step, "tokens": self.tokens_seen}
         record.update(terms)
-        record.update(metrics_from_sums(sums, x, self.scale, "comp" in out.extras))
+        record.update(metrics_from_sums(sums, x, self.scale, out.has_composition))
         record.update({
             "k": getattr(self.model, "k", None) if self.model_cfg.type != "relu" else None,
             "m": getattr(self.model, "m", None),

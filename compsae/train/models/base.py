@@ -3,7 +3,7 @@ decoder constraint and the schedule knobs the trainer turns."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -13,13 +13,25 @@ from compsae.train.config import ModelConfig
 
 @dataclass
 class SAEOutput:
-    """One forward pass.  `x_hat: [b, d]`, `z: [b, n]` (dense, zeros where inactive),
-    `attn: [b, heads, k, k]` between a token's active latents (CompSAE only), `extras` per model."""
+    """One forward pass.  `x_hat: [b, d]`, `z: [b, n]` (dense, zeros where inactive); the rest is
+    None where a model has no such thing:
+    `active_idx: [b, k]` the active latents (top-k models), `comp: [b, d]` the composition term
+    (gated; in `x_hat` unless the path was switched off, so x̂_on = x̂_off + comp), `gate: [b, d]`
+    the gate in [0, 1], `attn: [b, heads, k, k]` attention between a token's active latents and
+    `item_out: [b, k, d_f]` each active latent's output of the attention block (attention composer)."""
 
     x_hat: torch.Tensor
     z: torch.Tensor
     attn: torch.Tensor | None = None
-    extras: dict[str, torch.Tensor] = field(default_factory=dict)
+    active_idx: torch.Tensor | None = None
+    comp: torch.Tensor | None = None
+    gate: torch.Tensor | None = None
+    item_out: torch.Tensor | None = None
+
+    @property
+    def has_composition(self) -> bool:
+        """Whether this output carries a composition term."""
+        return self.comp is not None
 
 
 def geometric_median(points: torch.Tensor, iters: int = 100, eps: float = 1e-6) -> torch.Tensor:
@@ -107,6 +119,11 @@ class SparseAutoencoder(nn.Module):
     def reset_schedule(self) -> None:
         """Back to the final values (what evaluation uses)."""
         self.set_schedule(k=self.cfg.k, l1_scale=1.0)
+
+    @property
+    def has_composition(self) -> bool:
+        """Whether the model has a composition path (its outputs then carry `comp`)."""
+        return False
 
     # -- the interface ------------------------------------------------------------------------------
 

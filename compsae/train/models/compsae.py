@@ -45,6 +45,10 @@ class CompSAE(TopKSAE):
             self.gate = nn.Linear(cfg.d_c, d_in)
             nn.init.zeros_(self.gate.bias)  # g starts near 1/2 in every dimension
 
+    @property
+    def has_composition(self) -> bool:
+        return self.cfg.composer != "none"
+
     def set_schedule(self, k: int | None = None, m: int | None = None, l1_scale: float | None = None,
                      pair_scale: float | None = None) -> None:
         super().set_schedule(k=k, l1_scale=l1_scale)
@@ -60,8 +64,8 @@ class CompSAE(TopKSAE):
 
     def forward(self, x: torch.Tensor, composition: bool = True, need_weights: bool = True) -> SAEOutput:
         """`x: [b, d]` -> `SAEOutput`.  `composition=False` leaves the gated term out of `x_hat`
-        (extras "comp" still holds it, so x̂_on = x_hat + comp).  `need_weights=False` skips the
-        attention weights and "item_out" (training then takes the composer's pooled fast path)."""
+        (`comp` still holds it, so x̂_on = x_hat + comp).  `need_weights=False` skips the
+        attention weights and `item_out` (training then takes the composer's pooled fast path)."""
         return self._forward(x, composition, need_weights)[1]
 
     def decode_active(self, idx: torch.Tensor, vals: torch.Tensor, composition: bool = True) -> torch.Tensor:
@@ -78,11 +82,11 @@ class CompSAE(TopKSAE):
         linear = sparse_decode(self.W_dec, idx, vals) + self.b_dec  # [b, d]
         z = dense_codes(idx, vals, self.cfg.n_latents)
         if self.cfg.composer == "none":
-            return SAEOutput(x_hat=linear, z=z, attn=None, extras={"active_idx": idx})
+            return SAEOutput(x_hat=linear, z=z, active_idx=idx)
         if self.cfg.composer == "pair":
             comp = self.pair(idx, vals, self.m)  # [b, d]
             x_hat = linear + comp if composition else linear
-            return SAEOutput(x_hat=x_hat, z=z, attn=None, extras={"comp": comp, "active_idx": idx})
+            return SAEOutput(x_hat=x_hat, z=z, active_idx=idx, comp=comp)
         # items z_i · E[i] go through attention within the token; c: [b, d_c], attn: [b, h, k, k]
         c, attn, per_item = self.composer(idx, vals, self.E, m=self.m, need_weights=need_weights)
         comp = c @ self.W_comp  # [b, d]
@@ -92,17 +96,15 @@ class CompSAE(TopKSAE):
         else:
             gate = torch.ones_like(comp)
         x_hat = linear + comp if composition else linear
-        extras = {"gate": gate, "comp": comp, "active_idx": idx}
-        if per_item is not None:
-            extras["item_out"] = per_item  # [b, k, d_f]: each active latent's output of the attention block
-        return SAEOutput(x_hat=x_hat, z=z, attn=attn, extras=extras)
+        return SAEOutput(x_hat=x_hat, z=z, attn=attn, active_idx=idx, comp=comp, gate=gate, item_out=per_item)
 
     def compute_loss(self, x: torch.Tensor, dead_mask: torch.Tensor | None = None
                      ) -> tuple[dict[str, torch.Tensor], SAEOutput]:
         pre, out = self._forward(x, composition=True, need_weights=False)
         terms = self._terms(x, pre, out, dead_mask)
         if self.cfg.composer == "pair" and self.cfg.pair_l1 > 0:
-            idx = out.extras["active_idx"]
+            idx = out.active_idx
+            assert idx is not None
             penalty = self.pair.penalty(idx, out.z.gather(1, idx))
             terms["pair_l1"] = penalty
             terms["loss"] = terms["loss"] + self.cfg.pair_l1 * self.pair_scale * penalty

@@ -23,7 +23,7 @@ class JumpReLUSAE(SparseAutoencoder):
     def forward(self, x: torch.Tensor) -> SAEOutput:
         pre = self.pre_activations(x)  # [b, n]
         z = F.relu(pre) * (pre > self.threshold)
-        return SAEOutput(x_hat=self.decode(z), z=z, attn=None, extras={})
+        return SAEOutput(x_hat=self.decode(z), z=z)
 
     def compute_loss(self, x: torch.Tensor, dead_mask: torch.Tensor | None = None
                      ) -> tuple[dict[str, torch.Tensor], SAEOutput]:

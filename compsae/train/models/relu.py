@@ -14,7 +14,7 @@ class ReLUSAE(SparseAutoencoder):
 
     def forward(self, x: torch.Tensor) -> SAEOutput:
         z = F.relu(self.pre_activations(x))
-        return SAEOutput(x_hat=self.decode(z), z=z, attn=None, extras={})
+        return SAEOutput(x_hat=self.decode(z), z=z)
 
     def compute_loss(self, x: torch.Tensor, dead_mask: torch.Tensor | None = None
                      ) -> tuple[dict[str, torch.Tensor], SAEOutput]:

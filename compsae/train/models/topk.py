@@ -55,13 +55,13 @@ class TopKSAE(SparseAutoencoder):
         _, idx, vals = self.active(x)
         x_hat = sparse_decode(self.W_dec, idx, vals) + self.b_dec
         z = dense_codes(idx, vals, self.cfg.n_latents)
-        return SAEOutput(x_hat=x_hat, z=z, attn=None, extras={"active_idx": idx})
+        return SAEOutput(x_hat=x_hat, z=z, active_idx=idx)
 
     def compute_loss(self, x: torch.Tensor, dead_mask: torch.Tensor | None = None
                      ) -> tuple[dict[str, torch.Tensor], SAEOutput]:
         pre, idx, vals = self.active(x)
         x_hat = sparse_decode(self.W_dec, idx, vals) + self.b_dec
-        out = SAEOutput(x_hat=x_hat, z=dense_codes(idx, vals, self.cfg.n_latents), extras={"active_idx": idx})
+        out = SAEOutput(x_hat=x_hat, z=dense_codes(idx, vals, self.cfg.n_latents), active_idx=idx)
         return self._terms(x, pre, out, dead_mask), out
 
     def _terms(self, x: torch.Tensor, pre: torch.Tensor, out: SAEOutput, dead_mask: torch.Tensor | None
