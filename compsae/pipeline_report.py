@@ -13,6 +13,7 @@ from typing import Any
 
 import fsspec
 
+from compsae import durable
 from compsae.analysis.records import AnalyzeOutputs
 from compsae.analysis.report import CSS
 from compsae.config import PipelineConfig, PipelinesFile
@@ -42,8 +43,10 @@ STAGE_FILES: dict[str, tuple[str | None, tuple[str, ...], str | None]] = {
 def _markdown_html(text: str) -> str:
     import markdown
 
-    # the stages' own headings start at h1; inside this page they sit under a stage's h2
-    body = markdown.markdown(text, extensions=["tables"])
+    # Markdown passes raw HTML through, and these tables hold labels and names from data and config:
+    # escaped first, a `<script>` in a label is shown, not run.  The stages write no HTML of their own.
+    # The stages' own headings start at h1; inside this page they sit under a stage's h2.
+    body = markdown.markdown(html.escape(text, quote=False), extensions=["tables"])
     for level in (3, 2, 1):
         body = body.replace(f"<h{level}>", f"<h{level + 2}>").replace(f"</h{level}>", f"</h{level + 2}>")
     return body
@@ -121,5 +124,5 @@ def write_pipeline_report(whole: PipelinesFile, pipe: PipelineConfig, name: str,
     fs, root = fsspec.core.url_to_fs(url)
     fs.makedirs(root, exist_ok=True)
     page = render_pipeline_report(name, pipe, statuses, fs, root)
-    fs.pipe_file(f"{root}/{REPORT}", page.encode())
+    durable.atomic_write(f"{root}/{REPORT}", page.encode(), fs=fs)
     return join(url, REPORT)

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from compsae.analysis.metrics import flat_rows, json_safe
+from compsae.figures import plain_text, pyplot
 from compsae.files import ANALYSIS_METRICS, ANALYSIS_METRICS_TABLE, ANALYSIS_REPORT
 
 FVU_DEFINITION = "FVU = Σ‖x − x̂‖² / Σ‖x − μ‖² over the evaluated tokens and dimensions (the README's definition)"
@@ -75,14 +76,10 @@ def table(rows: list[dict[str, Any]], columns: list[str], caption: str) -> str:
 
 
 def _plt() -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+    return pyplot()
 
 
+@plain_text
 def plot_density(metrics: dict[str, Any], path: str) -> None:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 3.5))
@@ -100,6 +97,7 @@ def plot_density(metrics: dict[str, Any], path: str) -> None:
     plt.close(fig)
 
 
+@plain_text
 def plot_fvu_vs_l0(metrics: dict[str, Any], path: str) -> None:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(5, 3.5))
@@ -131,6 +129,7 @@ def cluster_order(mat: np.ndarray) -> np.ndarray:
     return leaves_list(linkage(pdist(m), method="average"))
 
 
+@plain_text
 def plot_heatmap(comp: np.ndarray, tracked: np.ndarray, name: str, path: str, limit: int = 128) -> None:
     plt = _plt()
     sub = comp[:limit, :limit]
@@ -146,6 +145,7 @@ def plot_heatmap(comp: np.ndarray, tracked: np.ndarray, name: str, path: str, li
     plt.close(fig)
 
 
+@plain_text
 def plot_partners(partners: dict[str, np.ndarray], name: str, path: str) -> None:
     plt = _plt()
     counts = partners["n_partners"]
@@ -159,6 +159,7 @@ def plot_partners(partners: dict[str, np.ndarray], name: str, path: str) -> None
     plt.close(fig)
 
 
+@plain_text
 def plot_head_entropy(heads: dict[str, Any], name: str, path: str) -> None:
     plt = _plt()
     ent = heads["entropy_per_head"]
@@ -172,6 +173,7 @@ def plot_head_entropy(heads: dict[str, Any], name: str, path: str) -> None:
     plt.close(fig)
 
 
+@plain_text
 def plot_attention_example(ex: dict[str, Any], path: str) -> None:
     plt = _plt()
     attn = np.asarray(ex["attn"])

@@ -39,6 +39,7 @@ from compsae.evaluation.probes import (
     run_probes,
 )
 from compsae.evaluation.records import ProbeOutputs
+from compsae.figures import plain_text, pyplot
 from compsae.files import PROBES_JSON, PROBES_MD, PROBES_PNG
 from compsae.harvest.records import HarvestOutputs
 from compsae.registry import StageContext
@@ -179,12 +180,10 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+@plain_text
 def figure(report: dict, path: str) -> None:
     """Accuracy vs k per feature map, one panel per family, the majority baseline dashed."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     families = [f for f in report["config"]["families"] if any(s["family"] == f for s in report["summary"])]
     fig, axes = plt.subplots(1, max(1, len(families)), figsize=(4.2 * max(1, len(families)), 3.6), squeeze=False)

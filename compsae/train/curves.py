@@ -15,6 +15,7 @@ from typing import Any
 import fsspec
 import pandas as pd
 
+from compsae.figures import plain_text, pyplot
 from compsae.files import TRAINING_CURVES
 from compsae.train.trainer import METRICS_FILE
 
@@ -52,14 +53,13 @@ def loss_terms(logs: dict[str, pd.DataFrame]) -> list[str]:
     return sorted({c for df in logs.values() for c in df.columns if c not in _NOT_LOSS and c != "comp_share"})
 
 
+@plain_text
 def plot_training_curves(logs: dict[str, pd.DataFrame], path: str) -> list[str]:
     """One PNG at local `path` with a panel per quantity and a line per model (name -> its log);
     returns the panels drawn.  Models without a log are left out."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import matplotlib.ticker
+
+    plt = pyplot()
 
     logs = {n: df for n, df in logs.items() if not df.empty and "tokens" in df}
     panels: list[tuple[str, str, bool]] = [("fvu", "FVU (training batch)", True), ("l0", "L0 (active latents / token)", True),
