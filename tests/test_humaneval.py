@@ -118,3 +118,33 @@ def test_detection_f1_and_bootstrap():
 
 def test_card_config_min_fires():
     assert CardConfig().min_fires == 10 + 4 * 2 + 5
+
+
+def test_a_second_export_never_replaces_the_answer_key(tmp_path):
+    corpus, methods = _toy()
+    export(methods, corpus, str(tmp_path / "kit"), n=5, n_raters=1, seed=1)
+    key = (tmp_path / "kit" / "answer_key.json").read_bytes()
+    with pytest.raises(UserError, match="already holds a kit .*unscorable"):
+        export(methods, corpus, str(tmp_path / "kit"), n=5, n_raters=1, seed=2)
+    assert (tmp_path / "kit" / "answer_key.json").read_bytes() == key
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    (None, "not found"),
+    (b"\x89PNG\r\n\x1a\n\x00\xff\xfe binary", "not a ratings CSV"),
+    (b"rater,card_id\nr0,C1\n", "missing column"),
+    (b"rater,card_id,interpretable\nr0\n", "not in the key|interpretable"),
+])
+def test_bad_ratings_and_key_files_are_one_line_errors(tmp_path, content, message):
+    corpus, methods = _toy()
+    export(methods, corpus, str(tmp_path / "kit"), n=5, n_raters=1)
+    ratings = tmp_path / "ratings.csv"
+    if content is not None:
+        ratings.write_bytes(content)
+    with pytest.raises(UserError, match=message):
+        score(str(ratings), str(tmp_path / "kit" / "answer_key.json"))
+    (tmp_path / "key.json").write_bytes(b"\x00\x01binary")
+    with pytest.raises(UserError, match="not a humaneval answer key"):
+        score(str(ratings), str(tmp_path / "key.json"))
+    with pytest.raises(UserError, match="answer key .* not found"):
+        score(str(ratings), str(tmp_path / "nokey.json"))

@@ -26,6 +26,7 @@ import fsspec
 import numpy as np
 from tqdm.auto import tqdm
 
+from compsae import durable
 from compsae.errors import UserError
 from compsae.evaluation.agreement import krippendorff_alpha
 from compsae.evaluation.card_html import RATING_COLUMNS, render_page
@@ -54,6 +55,18 @@ def _card_record(card: Card, card_id: str) -> dict:
     }
 
 
+KEY_FILE = "answer_key.json"
+
+
+def refuse_existing_kit(out_dir: str) -> None:
+    """Refuse to export into a folder that holds an answer key already: replacing it would make the
+    ratings collected against it unscorable."""
+    fs, root = fsspec.core.url_to_fs(out_dir)
+    if fs.exists(f"{root}/{KEY_FILE}"):
+        raise UserError(f"{out_dir} already holds a kit ({KEY_FILE}); ratings collected against it would become "
+                        "unscorable: pass another --out, or move that kit away first")
+
+
 def export(methods: dict[str, FeatureSource], corpus: Corpus, out_dir: str, n: int = 50, n_raters: int = 3,
            n_strata: int = 5, seed: int = 0, card_cfg: CardConfig | None = None) -> dict:
     """Write the blinded kit for ``n`` latents of every method to ``out_dir``; returns a summary.
@@ -64,6 +77,7 @@ def export(methods: dict[str, FeatureSource], corpus: Corpus, out_dir: str, n: i
     """
     if n_raters < 1 or n < 1:
         raise UserError("humaneval export needs --n >= 1 and --raters >= 1")
+    refuse_existing_kit(out_dir)
     card_cfg = card_cfg or CardConfig()
     rng = np.random.default_rng(seed)
     cards: list[tuple[Card, int]] = []
@@ -102,8 +116,8 @@ def export(methods: dict[str, FeatureSource], corpus: Corpus, out_dir: str, n: i
         pages.append(path)
     with fs.open(f"{root}/ratings_template.csv", "w") as f:
         f.write(",".join(RATING_COLUMNS) + "\n")
-    with fs.open(f"{root}/answer_key.json", "w") as f:
-        json.dump(key, f, indent=1)
+    # last, and never over an earlier key (refused above): the kit is complete once its key exists
+    durable.atomic_write(f"{root}/{KEY_FILE}", json.dumps(key, indent=1).encode(), fs=fs)
     return {"out_dir": out_dir, "n_cards": len(records), "pages": pages, "key": f"{root}/answer_key.json"}
 
 
@@ -136,23 +150,37 @@ def read_ratings(paths: list[str] | str) -> list[Rating]:
     paths = [paths] if isinstance(paths, str | os.PathLike) else paths
     out: list[Rating] = []
     for path in paths:
-        with fsspec.open(path, "r") as f:
-            reader = csv.DictReader(f)
-            missing = {"rater", "card_id", "interpretable"} - set(reader.fieldnames or [])
-            if missing:
-                raise UserError(f"{path}: missing column(s) {sorted(missing)}; start from ratings_template.csv")
-            for i, row in enumerate(reader, start=2):
-                where = f"{path} line {i}"
-                conf = (row.get("confidence") or "").strip()
-                det = (row.get("detection") or "").strip()
-                try:
-                    marks = {int(x) for x in det.replace(",", ";").split(";") if x.strip()}
-                    confidence = int(conf) if conf else None
-                except ValueError as e:
-                    raise UserError(f"{where}: detection must be ';'-separated numbers, confidence 1-5") from e
-                out.append(Rating(rater=row["rater"].strip(), card_id=row["card_id"].strip(),
-                                  interpretable=_parse_bool(row["interpretable"], where),
-                                  confidence=confidence, detection=marks))
+        try:
+            out += _read_rating_file(path)
+        except FileNotFoundError:
+            raise UserError(f"ratings file {path} not found; check the path") from None
+        except (UnicodeDecodeError, csv.Error) as e:
+            raise UserError(f"{path} is not a ratings CSV ({e.__class__.__name__}); start from ratings_template.csv"
+                            ) from None
+        except IsADirectoryError:
+            raise UserError(f"{path} is a folder, not a ratings CSV") from None
+    return out
+
+
+def _read_rating_file(path: str) -> list[Rating]:
+    out: list[Rating] = []
+    with fsspec.open(path, "r", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        missing = {"rater", "card_id", "interpretable"} - set(reader.fieldnames or [])
+        if missing:
+            raise UserError(f"{path}: missing column(s) {sorted(missing)}; start from ratings_template.csv")
+        for i, row in enumerate(reader, start=2):
+            where = f"{path} line {i}"
+            conf = (row.get("confidence") or "").strip()
+            det = (row.get("detection") or "").strip()
+            try:
+                marks = {int(x) for x in det.replace(",", ";").split(";") if x.strip()}
+                confidence = int(conf) if conf else None
+            except ValueError:
+                raise UserError(f"{where}: detection must be ';'-separated numbers, confidence 1-5") from None
+            out.append(Rating(rater=(row.get("rater") or "").strip(), card_id=(row.get("card_id") or "").strip(),
+                              interpretable=_parse_bool(row.get("interpretable") or "", where),
+                              confidence=confidence, detection=marks))
     return out
 
 
@@ -193,10 +221,15 @@ def bootstrap_diff_ci(a: np.ndarray, b: np.ndarray, n_boot: int = 2000, seed: in
 
 def load_key(path: str) -> dict:
     """Read an answer key written by :func:`export`."""
-    with fsspec.open(path, "r") as f:
-        key = json.load(f)
-    if key.get("format") != KEY_FORMAT:
-        raise UserError(f"{path} is not a humaneval answer key (format {key.get('format')!r})")
+    try:
+        with fsspec.open(path, "r", encoding="utf-8") as f:
+            key = json.load(f)
+    except FileNotFoundError:
+        raise UserError(f"answer key {path} not found; give the answer_key.json that `humaneval export` wrote") from None
+    except (UnicodeDecodeError, ValueError, IsADirectoryError):
+        raise UserError(f"{path} is not a humaneval answer key (not JSON)") from None
+    if not isinstance(key, dict) or key.get("format") != KEY_FORMAT:
+        raise UserError(f"{path} is not a humaneval answer key (format {key.get('format') if isinstance(key, dict) else None!r})")
     return key
 
 
@@ -376,6 +409,7 @@ def export_from_checkpoints(checkpoints: dict[str, str], store_url: str, out_dir
                             n_rows: int = 200_000, n_raters: int = 3, seed: int = 0, device: str = "cpu") -> dict:
     """``compsae humaneval export``: method name -> checkpoint folder, all encoded on the same
     ``n_rows`` held-out store rows (of the split the checkpoints were trained with)."""
+    refuse_existing_kit(out_dir)  # before the minutes of encoding, not after
     rows = heldout_rows(checkpoints, store_url, n_rows)
     corpus = corpus_from_store(store_url, rows)
     methods = {m: feature_source_from_checkpoint(store_url, c, rows, device=device) for m, c in checkpoints.items()}
