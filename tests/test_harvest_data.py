@@ -60,3 +60,13 @@ def test_offline_hellaswag_is_english() -> None:
         pytest.skip("offline assets not fetched (compsae fetch-assets)")
     docs = list(itertools.islice(iter_documents(DataConfig(source="offline:hellaswag")), 100))
     assert len(docs) == 100 and all(len(d.split()) > 5 for d in docs)
+
+
+def test_a_folder_of_non_data_files_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "a.jpg").write_bytes(b"\xff\xd8\xff\xe0 not text")
+    (tmp_path / "photos" / "b.bin").write_bytes(bytes(range(256)))
+    with pytest.raises(UserError, match="holds no data files"):
+        list(iter_documents(DataConfig(source=str(tmp_path / "photos"))))
+    (tmp_path / "photos" / "c.txt").write_text("one document\nanother\n")
+    assert "one document" in list(iter_documents(DataConfig(source=str(tmp_path / "photos"))))

@@ -82,7 +82,18 @@ def _dataset_rows(data: DataConfig) -> Iterable[dict[str, Any]]:
                     raise UserError(f"data set {source} has no split {data.split!r}; it has {', '.join(ds)}")
                 ds = ds[data.split]
             return ds
-        return datasets.load_dataset(source, data.name, split=data.split, streaming=True)
+        # a folder of files: only data files of one kind, never whatever else is there (a folder of
+        # images or binaries would otherwise reach a builder that fails half-way with a traceback)
+        found = sorted(os.path.join(root, f) for root, _, names in os.walk(source) for f in names
+                       if not f.startswith("."))
+        kinds = {os.path.splitext(f)[1].lower() for f in found} & set(_BUILDERS)
+        if len(kinds) != 1:
+            what = f"files of several kinds ({', '.join(sorted(kinds))})" if kinds else "no data files"
+            raise UserError(f"data.source folder {source} holds {what}: it needs files of one of the kinds "
+                            f"{', '.join(_BUILDERS)}, or a data set saved with save_to_disk")
+        ext = kinds.pop()
+        return datasets.load_dataset(_BUILDERS[ext], data_files=[f for f in found if f.lower().endswith(ext)],
+                                     split="train", streaming=True)
     if source.startswith(("/", ".", "~")) or os.path.splitext(source)[1].lower() in _BUILDERS:
         raise UserError(f"data file {source} not found; check the path (or use synthetic:<task>, offline:hellaswag)")
     try:
