@@ -1,0 +1,92 @@
+"""Peak resident memory of harvest, train and analyze at N and 4N tokens: streaming stages must stay
+flat (ratio <= 1.1).
+
+Each stage runs as its own `compsae` process (the `tiny` pipeline's shape: tiny-neox, synthetic
+text, small CompSAE / TopK / ReLU models), first over N tokens, then over 4N; its peak resident
+set is the child's own `ru_maxrss`, read with `os.wait4` (so neither this process nor the other
+stages count).  Training is one epoch of the harvested tokens; analyze evaluates every held-out
+row and fits its baselines on a share of the store that grows with it, so every stage's work grows
+4x with the tokens.
+
+    python benchmarks/memory.py --quick        # N = 16,384 tokens
+    python benchmarks/memory.py                # N = 65,536 tokens
+
+Ends with `RESULT rss_growth_4x_<stage>=<peak RSS at 4N / peak RSS at N>` for harvest, train and
+analyze, and each peak in MB.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+STAGES = ("harvest", "train", "analyze")
+
+
+def pipeline(root: Path, tokens: int) -> dict:
+    """The `tiny` pipeline's shape, sized so every stage's work is proportional to `tokens`."""
+    hook = "blocks.1.hook_resid_post"
+    small = {"n_latents": 256, "k": 8}
+    return {"runs_root": str(root / "runs"), "pipelines": {"mem": {
+        "harvest": {"model": "tiny-neox", "hooks": [hook], "data": {"source": "synthetic:mixed", "seed": 0},
+                    "context": 32, "n_tokens": tokens, "batch_size": 16, "chunk_rows": 256, "shard_rows": 2048},
+        "train": {"hook": hook, "tokens": tokens, "batch_size": 256, "lr": 1e-3, "log_every": 10,
+                  "checkpoint_every": 10_000,
+                  "models": {"compsae": {"type": "compsae", "d_f": 32, "d_c": 16, "n_heads": 2, **small},
+                             "topk": {"type": "topk", **small}, "relu": {"type": "relu", "n_latents": 256}}},
+        "analyze": {"max_heldout_tokens": tokens, "baseline_fit_tokens": max(1024, tokens // 8),
+                    "nmf_components": 32, "pair_latents": 64, "ce_sequences": 4, "progress": False},
+    }}}
+
+
+def peak_rss_mb(cmd: list[str], env: dict[str, str]) -> tuple[float, float, int]:
+    """(peak RSS in MB, wall seconds, exit code) of one child process."""
+    with tempfile.TemporaryFile() as err:  # a file, not a pipe: nothing blocks while the child runs
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=err)
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - t0
+        proc.returncode = rc = os.waitstatus_to_exitcode(status)
+        if rc != 0:
+            err.seek(0)
+            print(err.read().decode(errors="replace")[-2000:], file=sys.stderr)
+    return usage.ru_maxrss / 1024, wall, rc  # ru_maxrss: KB on Linux
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="N = 16,384 tokens")
+    ap.add_argument("--tokens", type=int, help="N (default 65,536; --quick 16,384)")
+    args = ap.parse_args()
+    n = args.tokens or (16_384 if args.quick else 65_536)
+    root_dir = str(Path(__file__).resolve().parents[1])
+    env = dict(os.environ, TQDM_DISABLE="1", PYTHONUNBUFFERED="1",
+               PYTHONPATH=os.pathsep.join(p for p in (root_dir, os.environ.get("PYTHONPATH", "")) if p))
+    peaks: dict[str, dict[int, float]] = {s: {} for s in STAGES}
+    with tempfile.TemporaryDirectory() as tmp:
+        for tokens in (n, 4 * n):
+            root = Path(tmp) / f"n{tokens}"
+            root.mkdir()
+            cfg = root / "pipelines.yaml"
+            cfg.write_text(yaml.safe_dump(pipeline(root, tokens)))
+            for stage in STAGES:
+                mb, wall, rc = peak_rss_mb([sys.executable, "-m", "compsae.cli", stage, "-c", str(cfg), "-p", "mem"], env)
+                status = "" if rc == 0 else f"  FAILED (exit {rc})"
+                print(f"{stage:<8} {tokens:>9,} tokens: peak RSS {mb:7.1f} MB, {wall:5.1f} s{status}", flush=True)
+                if rc == 0:
+                    peaks[stage][tokens] = mb
+    for stage in STAGES:
+        if len(peaks[stage]) == 2:
+            print(f"RESULT rss_growth_4x_{stage}={peaks[stage][4 * n] / peaks[stage][n]:.3f}")
+            print(f"RESULT rss_peak_mb_{stage}_4n={peaks[stage][4 * n]:.0f}")
+
+
+if __name__ == "__main__":
+    main()
