@@ -263,7 +263,7 @@ def run_analyze(cfg: AnalyzeConfig, store_url: str, train_dir: str, out_dir: str
             tok = torch.as_tensor(seqs)
             for r in recons:
                 models[r.name]["ce"] = ce_metrics(fn, tok, _splice(r))
-            ce_note = f"{len(seqs)} held-out sequences"
+            ce_note = f"{len(seqs)} held-out sequences, {int(seqs.size)} tokens"
 
     ablations = []
     for r in recons:
