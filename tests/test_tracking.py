@@ -47,6 +47,7 @@ def test_offline_wandb_run_gets_the_logged_keys(tmp_path, monkeypatch):
         if key not in ("step", "k", "m") and logged[0][key] is not None:
             assert f"train/{key}".encode() in data, key
     assert b"compsae-mypipe" in data and b"train-abc" in data  # project from the pipeline, group = stage folder
+    assert b"heldout/fvu" in data  # the held-out metrics as the run's summary
     assert set(out["models"]) == {"topk"}  # the wandb folder is not taken for a model
     # a rerun reuses the finished model and opens no second run
     run_train(stage_cfg(log="wandb"), store.url, str(stage), progress=False)

@@ -219,25 +219,32 @@ def train_one(name: str, model_cfg: ModelConfig, train_cfg: TrainConfig, hook: s
     # final checkpoint lands in fit(), which has no step left and just writes it again
     reusable = ctx.broadcast(bool(existing is not None and existing.get("finished") and published is not None
                                   and published.get("step") == existing.get("step")))
-    if not reusable:
-        trainer.tracker = _tracker(train_cfg, name, folder, hook, d_in, model_cfg, config_hash) if ctx.is_main else None
-        batches = iter(loader)
-        try:
-            last = trainer.fit(batches, loader.state_dict)
-        finally:
-            batches.close()
-            if trainer.tracker is not None:
-                trainer.tracker.finish()
-    if not last and trainer.metrics.lines:  # reused: report the last logged step
-        last = json.loads(trainer.metrics.lines[-1])
-    record = TrainedModelRecord(path=folder, type=model_cfg.type, split=split)
-    if not ctx.is_main:
-        return record
-    trained = TrainedSAE.load(folder, device, name)
-    done = trained.meta
+    tracker = None
+    if not reusable and ctx.is_main:
+        tracker = trainer.tracker = _tracker(train_cfg, name, folder, hook, d_in, model_cfg, config_hash)
+    try:
+        if not reusable:
+            batches = iter(loader)
+            try:
+                last = trainer.fit(batches, loader.state_dict)
+            finally:
+                batches.close()
+        if not last and trainer.metrics.lines:  # reused: report the last logged step
+            last = json.loads(trainer.metrics.lines[-1])
+        record = TrainedModelRecord(path=folder, type=model_cfg.type, split=split)
+        if not ctx.is_main:
+            return record
+        trained = TrainedSAE.load(folder, device, name)
+        done = trained.meta
+        heldout = heldout_metrics(trained, store, hook, train_cfg)
+        if tracker is not None and heldout is not None:
+            tracker.summary(heldout)
+    finally:
+        if tracker is not None:
+            tracker.finish()
     return record.model_copy(update={
         "step": done.step, "tokens_seen": done.tokens_seen, "finished": done.finished, "final": last,
-        "heldout": heldout_metrics(trained, store, hook, train_cfg)})
+        "heldout": heldout})
 
 
 def _tracker(cfg: TrainConfig, name: str, folder: str, hook: str, d_in: int, model_cfg: ModelConfig,

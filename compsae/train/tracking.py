@@ -32,6 +32,12 @@ class WandbTracker:
                   if k != "step" and isinstance(v, numbers.Real) and not isinstance(v, bool)}
         self.run.log(values, step=int(record["step"]))
 
+    def summary(self, heldout: dict[str, Any]) -> None:
+        """The held-out metrics of the finished model, as the run's summary `heldout/<key>`."""
+        for k, v in heldout.items():
+            if isinstance(v, numbers.Real) and not isinstance(v, bool):
+                self.run.summary[f"heldout/{k}"] = v
+
     def finish(self) -> None:
         self.run.finish()
 
