@@ -140,3 +140,26 @@ def test_fast_codes_equal_the_full_forward(analysed):
     for name in ("comp", "topk"):
         rec = SAEReconstructor.from_checkpoint(name, str(tmp / "train" / name))
         np.testing.assert_allclose(codes_fn(rec)(x), rec(x).z, rtol=1e-5, atol=1e-6)
+
+
+def test_contexts_do_not_depend_on_the_group_size(analysed, monkeypatch):
+    import pandas as pd
+
+    from compsae.analysis import browser_data as bd
+    from compsae.analysis.browser import codes_fn
+    from compsae.analysis.reconstructors import SAEReconstructor
+    from compsae.store import ActivationStore
+
+    tmp, _ = analysed
+    store = ActivationStore.open(str(tmp / "s.zarr"))
+    lat = pd.read_parquet(tmp / "analyze" / "latents.parquet").query("model == 'topk'")
+    tops = pd.read_parquet(tmp / "analyze" / "top_contexts.parquet").query("model == 'topk'")
+    encode = codes_fn(SAEReconstructor.from_checkpoint("topk", str(tmp / "train" / "topk")))
+
+    def build():
+        return bd.browser_data("topk", "topk", encode, store, HOOK, lat, tops, {}, str, np.arange(0, 2048, 7),
+                               per_latent=3, window=4)["contexts"]
+
+    whole = build()
+    monkeypatch.setattr(bd, "CONTEXT_GROUP", 5)
+    assert build() == whole and len(whole) > 5

@@ -26,6 +26,7 @@ HIST_BINS = 20
 TOP_TOKENS = 8
 LOGIT_TOKENS = 8
 PARTNERS = 6
+CONTEXT_GROUP = 1024  # contexts encoded together (≈ 13k rows with a 12-token window)
 # per-pair matrices over the tracked latents that rank partners, in order of preference (the first
 # present is used): an intervention-based pair effect where analysis computes one, else attention
 PARTNER_MATRICES = ("pair_effect", "pair_score", "comp")
@@ -175,17 +176,19 @@ def browser_data(name: str, kind: str, encode: Callable[[np.ndarray], np.ndarray
         top_tokens[int(latent)] = [[tok(t), c] for t, c in counts.most_common(TOP_TOKENS)]
 
     contexts: dict[int, list[dict[str, Any]]] = {}
-    sel, needed = context_windows(tops, store, per_latent, window)
-    if len(sel):
-        x = read_rows(store, hook, needed)
-        where = {int(r): i for i, r in enumerate(needed)}
-        pair_rows = np.concatenate([[where[int(r)] for r in rows] for rows in sel["rows"]]).astype(np.int64)
-        pair_lat = np.repeat(sel["latent"].to_numpy(), [len(r) for r in sel["rows"]])
-        centre = np.array([where[int(r)] for r in sel["row"]], dtype=np.int64)
+    sel, _ = context_windows(tops, store, per_latent, window)
+    tokens = store.tokens
+    # a group of contexts at a time: the rows read stay small whatever the dictionary size
+    for lo in range(0, len(sel), CONTEXT_GROUP):
+        part = sel.iloc[lo : lo + CONTEXT_GROUP]
+        needed = np.unique(np.concatenate(list(part["rows"])))
+        x = read_rows(store, hook, needed)  # [m, d]
+        pair_rows = np.searchsorted(needed, np.concatenate(list(part["rows"]))).astype(np.int64)
+        pair_lat = np.repeat(part["latent"].to_numpy(), [len(r) for r in part["rows"]])
+        centre = np.searchsorted(needed, part["row"].to_numpy()).astype(np.int64)
         vals, active = encode_pairs(encode, x, pair_rows, pair_lat, centre)
-        tokens = store.tokens
         at = 0
-        for i, (latent, rows) in enumerate(zip(sel["latent"], sel["rows"], strict=True)):
+        for i, (latent, rows) in enumerate(zip(part["latent"], part["rows"], strict=True)):
             acts = vals[at : at + len(rows)]
             at += len(rows)
             mine = {p for p, _ in partners.get(int(latent), [])}
