@@ -59,7 +59,7 @@ def make_store(url: str) -> ActivationStore:
 def make_models(train_dir) -> None:
     torch.manual_seed(0)
     configs = {
-        "compsae": ModelConfig(type="compsae", n_latents=48, k=4, d_f=16, d_c=8, n_heads=2),
+        "compsae": ModelConfig(type="compsae", n_latents=48, k=4, d_f=16, d_c=8, n_heads=2, composer="attention"),
         "compsae_mlp": ModelConfig(type="compsae", n_latents=48, k=4, d_f=16, d_c=8, n_heads=2, composer="mlp"),
         "topk": ModelConfig(type="topk", n_latents=48, k=4),
         "relu": ModelConfig(type="relu", n_latents=48),

@@ -30,7 +30,7 @@ def analysed(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("browser")
     store, _ = make_store(str(tmp / "s.zarr"), n=2048)
     torch.manual_seed(0)
-    for name, cfg in {"comp": ModelConfig(type="compsae", n_latents=32, k=4, d_f=8, d_c=4, n_heads=2),
+    for name, cfg in {"comp": ModelConfig(type="compsae", n_latents=32, k=4, d_f=8, d_c=4, n_heads=2, composer="attention"),
                       "topk": ModelConfig(type="topk", n_latents=32, k=4)}.items():
         model = build_model(cfg, 16)
         save_checkpoint(str(tmp / "train" / name), model, {

@@ -13,7 +13,7 @@ from compsae.train.models.base import geometric_median
 from compsae.train.models.composer import CompositionNetwork, largest_along_keys, select_top_keys, top_m_mask
 from compsae.train.models.topk import topk_codes
 
-SMALL = {"n_latents": 64, "k": 6, "d_f": 16, "d_c": 8, "n_heads": 4, "aux_k": 8}
+SMALL = {"n_latents": 64, "k": 6, "d_f": 16, "d_c": 8, "n_heads": 4, "aux_k": 8, "composer": "attention"}
 D = 12
 
 

@@ -27,7 +27,7 @@ class ModelConfig(BaseModel):
 
     # CompSAE composition network (ignored by topk / relu)
     composer: Literal["pair", "attention", "mlp", "none"] = Field(
-        "attention", description="pair: explicit low-rank sum over pairs of active latents; attention / mlp: "
+        "pair", description="pair: explicit low-rank sum over pairs of active latents; attention / mlp: "
         "pooled composition network (mlp ablates the attention); none gives exactly a TopK SAE")
     d_f: int = Field(256, ge=1, description="feature-extractor width: item z_i * E[i] lives in R^d_f")
     d_c: int = Field(128, ge=1, description="composition width: the attended items are projected to R^d_c")
@@ -40,7 +40,7 @@ class ModelConfig(BaseModel):
     pair_selection: Literal["all", "top_m"] = Field(
         "all", description="all: every pair of active latents (s_ij = 1); top_m: each latent's top-m partners "
         "by a learned score (the curriculum moves m)")
-    pair_l1: float = Field(0.0, ge=0.0, description="penalty on an upper bound of Σ_pairs ‖z_i z_j R_ij‖")
+    pair_l1: float = Field(0.1, ge=0.0, description="penalty on an upper bound of Σ_pairs ‖z_i z_j R_ij‖")
     pair_l1_warmup_fraction: float = Field(0.2, ge=0.0, le=1.0, description="pair penalty ramps in over this")
 
     # composition curriculum: each active latent attends to at most its top-m partners
