@@ -161,8 +161,10 @@ def _cmd_compare(args: argparse.Namespace) -> int:
             raise UserError(f"pipeline {name!r} has no finished evaluate stage; run `compsae run --pipeline {name}` first")
         with fsspec.open(f"{ev.path}/{COMPARISON_JSON}", "r") as f:
             rows += [{"pipeline": name, **r} for r in json.load(f)]
-    text = markdown_table(rows, ["pipeline", "label", "data", "mcc", "mmcs", "fvu", "fvu_no_composition",
-                                 "composition_share", "pair_f1", "spurious_pair_precision", "l0"])
+    text = markdown_table(rows, ["pipeline", "label", "data", "mcc", "fvu", "fvu_no_composition",
+                                 "composition_share", "pair_auc", "pmi_auc", "pair_f1", "pair_precision",
+                                 "pair_recall", "spurious_pair_f1", "spurious_pair_n_found",
+                                 "conjunction_latent_f1", "interaction_left", "l0"])
     print(text)
     if args.out:
         with open(args.out, "w", encoding="utf-8") as f:

@@ -49,3 +49,8 @@ def pair_scale_at(step: int, total: int, cfg: ModelConfig) -> float:
     """Factor on the pair penalty: 0 → 1 linearly over the first `pair_l1_warmup_fraction`."""
     warm = int(cfg.pair_l1_warmup_fraction * total)
     return 1.0 if warm == 0 else min(1.0, (step + 1) / warm)
+
+
+def pair_on_at(step: int, total: int, cfg: ModelConfig) -> bool:
+    """Whether the pair term is part of the reconstruction at `step` (after `pair_start_fraction`)."""
+    return step >= int(cfg.pair_start_fraction * total)

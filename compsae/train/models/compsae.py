@@ -32,6 +32,7 @@ class CompSAE(TopKSAE):
         super().__init__(cfg, d_in)
         self.m = cfg.final_m  # partners per latent; the trainer runs the curriculum
         self.pair_scale = 1.0  # warm-up factor of the pair penalty (composer "pair")
+        self.pair_on = True  # off while the dictionary trains alone (pair_start_fraction)
         if cfg.composer == "none":
             return
         if cfg.composer == "pair":
@@ -50,17 +51,20 @@ class CompSAE(TopKSAE):
         return self.cfg.composer != "none"
 
     def set_schedule(self, k: int | None = None, m: int | None = None, l1_scale: float | None = None,
-                     pair_scale: float | None = None) -> None:
+                     pair_scale: float | None = None, pair_on: bool | None = None) -> None:
         super().set_schedule(k=k, l1_scale=l1_scale)
         if m is not None:
             self.m = int(m)
         if pair_scale is not None:
             self.pair_scale = float(pair_scale)
+        if pair_on is not None:
+            self.pair_on = bool(pair_on)
 
     def reset_schedule(self) -> None:
         super().reset_schedule()
         self.m = self.cfg.final_m
         self.pair_scale = 1.0
+        self.pair_on = True
 
     def forward(self, x: torch.Tensor, composition: bool = True, need_weights: bool = True) -> SAEOutput:
         """`x: [b, d]` -> `SAEOutput`.  `composition=False` leaves the gated term out of `x_hat`
@@ -84,7 +88,7 @@ class CompSAE(TopKSAE):
         if self.cfg.composer == "none":
             return SAEOutput(x_hat=linear, z=z, active_idx=idx)
         if self.cfg.composer == "pair":
-            comp = self.pair(idx, vals, self.m)  # [b, d]
+            comp = self.pair(idx, vals, self.m) if self.pair_on else torch.zeros_like(linear)  # [b, d]
             x_hat = linear + comp if composition else linear
             return SAEOutput(x_hat=x_hat, z=z, active_idx=idx, comp=comp)
         # items z_i · E[i] go through attention within the token; c: [b, d_c], attn: [b, h, k, k]
@@ -102,7 +106,7 @@ class CompSAE(TopKSAE):
                      ) -> tuple[dict[str, torch.Tensor], SAEOutput]:
         pre, out = self._forward(x, composition=True, need_weights=False)
         terms = self._terms(x, pre, out, dead_mask)
-        if self.cfg.composer == "pair" and self.cfg.pair_l1 > 0:
+        if self.cfg.composer == "pair" and self.cfg.pair_l1 > 0 and self.pair_on:
             idx = out.active_idx
             assert idx is not None
             penalty = self.pair.penalty(idx, out.z.gather(1, idx))
