@@ -179,3 +179,19 @@ def test_closed_form_norms_and_gains_equal_the_intervention():
     torch.testing.assert_close(norm, delta.norm(dim=-1), rtol=1e-4, atol=1e-4)
     ref = (resid.float()[:, None] + delta).square().sum(-1) - resid.float().square().sum(-1)[:, None]
     torch.testing.assert_close(gain, ref, rtol=1e-3, atol=1e-3)
+
+
+def test_pair_term_joins_after_the_start_fraction():
+    from compsae.train.schedules import pair_on_at, pair_scale_at
+
+    cfg = ModelConfig(type="compsae", composer="pair", n_latents=48, k=6, pair_start_fraction=0.3,
+                      pair_l1_warmup_fraction=0.5)
+    assert not pair_on_at(29, 100, cfg) and pair_on_at(30, 100, cfg)
+    assert pair_scale_at(0, 100, cfg) == pytest.approx(1 / 50) and pair_scale_at(60, 100, cfg) == 1.0
+    model = _pair_model(pair_l1=0.5)
+    x = torch.randn(8, D, dtype=torch.float64) * 3
+    model.set_schedule(pair_on=False)
+    terms, out = model.compute_loss(x)
+    assert out.extras["comp"].abs().max() == 0 and "pair_l1" not in terms
+    model.reset_schedule()  # evaluation always has the path on
+    assert model(x).extras["comp"].abs().max() > 0

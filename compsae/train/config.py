@@ -43,8 +43,8 @@ class ModelConfig(BaseModel):
     pair_l1: float = Field(0.1, ge=0.0, description="penalty on an upper bound of Σ_pairs ‖z_i z_j R_ij‖")
     pair_l1_warmup_fraction: float = Field(0.2, ge=0.0, le=1.0, description="pair penalty ramps in over this")
     pair_start_fraction: float = Field(
-        0.0, ge=0.0, lt=1.0, description="the pair term joins the reconstruction after this fraction of training "
-        "(the dictionary first learns alone)")
+        0.3, ge=0.0, lt=1.0, description="the pair term joins the reconstruction after this fraction of training "
+        "(the dictionary first learns alone, as graduated sparsity ends; 0: from the start)")
 
     # composition curriculum: each active latent attends to at most its top-m partners
     curriculum: bool = Field(
