@@ -192,6 +192,6 @@ def test_pair_term_joins_after_the_start_fraction():
     x = torch.randn(8, D, dtype=torch.float64) * 3
     model.set_schedule(pair_on=False)
     terms, out = model.compute_loss(x)
-    assert out.extras["comp"].abs().max() == 0 and "pair_l1" not in terms
+    assert out.comp.abs().max() == 0 and "pair_l1" not in terms
     model.reset_schedule()  # evaluation always has the path on
-    assert model(x).extras["comp"].abs().max() > 0
+    assert model(x).comp.abs().max() > 0
