@@ -271,3 +271,20 @@ def test_pipeline_lists_imported_saes_beside_trained_ones(tmp_path):
     _, x_ref = reference_forward(rows, w, cfg)
     fvu = ((rows - x_ref) ** 2).sum() / ((rows - rows.mean(0)) ** 2).sum()
     assert imported["all"]["fvu"] == pytest.approx(fvu, rel=1e-3)
+
+
+def test_import_never_writes_over_a_trained_model_or_other_files(tmp_path):
+    src = write_folder(tmp_path / "sl", saelens_cfg("topk"), random_saelens_weights("topk"))
+    model = build_model(ModelConfig(type="topk", n_latents=N, k=K), D)
+    save_checkpoint(str(tmp_path / "trained"), model, {"step": 3, "type": "topk", "d_in": D,
+                                                       "model": model.cfg.model_dump(mode="json")})
+    before = (tmp_path / "trained" / "model.safetensors").read_bytes()
+    with pytest.raises(UserError, match="holds a trained compsae model"):
+        import_saelens(src, str(tmp_path / "trained"))
+    assert (tmp_path / "trained" / "model.safetensors").read_bytes() == before
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match="not an imported checkpoint"):
+        import_saelens(src, str(tmp_path / "other"))
+    import_saelens(src, str(tmp_path / "ck"))
+    import_saelens(src, str(tmp_path / "ck"))  # importing again over an import is fine

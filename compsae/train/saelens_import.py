@@ -31,7 +31,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 
 from compsae.errors import UserError
-from compsae.train.checkpoint import save_checkpoint
+from compsae.train.checkpoint import read_meta, save_checkpoint
 from compsae.train.config import ModelConfig
 from compsae.train.export import CFG_FILE, WEIGHTS_FILE
 from compsae.train.models import build_model
@@ -144,6 +144,19 @@ def model_config(cfg: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Model
                        unit_norm_decoder=unit, aux_k=min(256, n))
 
 
+def _check_target(out_dir: str) -> None:
+    """Refuse to write over anything but an earlier import: a trained model or other files there
+    would be lost."""
+    existing = read_meta(out_dir)
+    if existing is not None:
+        if not existing.get("imported"):
+            raise UserError(f"{out_dir} holds a trained compsae model; import into another folder (--out)")
+        return
+    fs, path = fsspec.core.url_to_fs(out_dir.rstrip("/"))
+    if fs.exists(path) and (not fs.isdir(path) or fs.ls(path)):
+        raise UserError(f"{out_dir} exists and is not an imported checkpoint; import into a new folder (--out)")
+
+
 def import_saelens(folder: str, out_dir: str, name: str | None = None, hook: str | None = None,
                    expect_hook: str | None = None, expect_d_in: int | None = None,
                    split: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -168,6 +181,7 @@ def import_saelens(folder: str, out_dir: str, name: str | None = None, hook: str
     if expect_d_in is not None and cfg["d_in"] != expect_d_in:
         raise UserError(f"{where} takes d_in = {cfg['d_in']} activations, the store's {hook_name!r} has "
                         f"{expect_d_in} dimensions")
+    _check_target(out_dir)
     tensors, folds = compsae_weights(cfg, weights, where)
     mcfg = model_config(cfg, tensors)
     model = build_model(mcfg, int(cfg["d_in"]))
