@@ -224,7 +224,9 @@ RECON_COLS = ["model", "kind", "l0", "fvu", "fve", "cosine", "l2_ratio", "fvu_no
 CSS = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}table{border-collapse:collapse;"
        "margin:1em 0;font-size:13px}td,th{border:1px solid #bbb;padding:3px 7px;text-align:right}"
        "caption{font-weight:bold;text-align:left}figure{display:inline-block;margin:.5em}img{max-width:100%}"
-       ".scroll{overflow-x:auto;max-width:100%}")
+       ".scroll{overflow-x:auto;max-width:100%}"
+       # tables rendered from the stages' markdown have no wrapper: they scroll themselves
+       "body>table{display:block;overflow-x:auto;max-width:100%}")
 
 
 def recon_rows(metrics: dict[str, Any], group: str) -> list[dict[str, Any]]:
