@@ -62,8 +62,12 @@ def plot_training_curves(logs: dict[str, pd.DataFrame], path: str) -> list[str]:
     plt = pyplot()
 
     logs = {n: df for n, df in logs.items() if not df.empty and "tokens" in df}
-    panels: list[tuple[str, str, bool]] = [("fvu", "FVU (training batch)", True), ("l0", "L0 (active latents / token)", True),
-                                           ("dead_fraction", "dead fraction", False), ("loss", "total loss", True)]
+    panels: list[tuple[str, str, bool]] = [
+        ("fvu", "FVU (README definition; μ = training-batch mean)", True),
+        ("l0", "L0 (active latents / token)", True),
+        ("dead_fraction", "dead fraction", False),
+        ("loss", "total loss", True),
+    ]
     panels += [(t, f"loss term: {t}", True) for t in loss_terms(logs)]
     if any("comp_share" in df for df in logs.values()):
         panels.append(("comp_share", "composition share of explained variance", False))
