@@ -384,6 +384,12 @@ def main() -> None:
 
     c, s16, s32, bare = best("compsae"), best("saelens_fp16"), best("saelens_fp32"), best("bare", "loop_s")
     c_loop = best("compsae", "loop_s")
+    for name, tool in (("compsae", "compsae"), ("saelens_fp16", "saelens")):  # from the timed runs too
+        cached = sorted({r["tokens"] for r in runs[name] if r["ok"]})
+        if cached and "exact_token_count" not in caps.get(tool, {}):
+            exact = "yes" if cached == [args.tokens] else "no"
+            caps.setdefault(tool, {})["exact_token_count"] = f"{exact} ({', '.join(f'{c:,}' for c in cached)} "\
+                                                             f"stored for {args.tokens:,} asked)"
     for tool, found in caps.items():
         for what, value in found.items():
             print(f"capability {tool} {what}: {value}")
