@@ -32,7 +32,7 @@ from compsae.analysis.dask_path import (
 )
 from compsae.analysis.reconstructors import SAEReconstructor
 from compsae.store import ActivationStore, StoreLayout
-from compsae.train.config import ModelConfig
+from compsae.train.config import make_model_config
 from compsae.train.models import build_model
 
 HOOK = "blocks.0.hook_resid_post"
@@ -80,9 +80,9 @@ def main() -> None:
     torch.manual_seed(0)
     recons = [
         SAEReconstructor("compsae", "compsae", n_latents, model=build_model(
-            ModelConfig(type="compsae", n_latents=n_latents, k=16, d_f=64, d_c=32, n_heads=4), d).eval()),
+            make_model_config(type="compsae", n_latents=n_latents, k=16, d_f=64, d_c=32, n_heads=4), d).eval()),
         SAEReconstructor("topk", "topk", n_latents, model=build_model(
-            ModelConfig(type="topk", n_latents=n_latents, k=16), d).eval()),
+            make_model_config(type="topk", n_latents=n_latents, k=16), d).eval()),
     ]
     spec = BlockSpec(top_k_contexts=10, tracked={"compsae": np.arange(min(128, n_latents))},
                      contexts_for=frozenset({"compsae", "topk"}))

@@ -23,7 +23,7 @@ from compsae.analysis.browser import write_browsers
 from compsae.analysis.reconstructors import SAEReconstructor
 from compsae.store import ActivationStore, StoreLayout
 from compsae.train.checkpoint import save_checkpoint
-from compsae.train.config import ModelConfig
+from compsae.train.config import make_model_config
 from compsae.train.models import build_model
 
 HOOK = "blocks.6.hook_resid_post"
@@ -51,7 +51,7 @@ def main() -> None:
     torch.set_num_threads(os.cpu_count() or 1)
     tmp = tempfile.mkdtemp(prefix="bench-browser-")
     store = make_store(f"{tmp}/s.zarr", n_rows, d)
-    cfg = ModelConfig(type="compsae", n_latents=n_latents, k=32)
+    cfg = make_model_config(type="compsae", n_latents=n_latents, k=32)
     torch.manual_seed(0)
     save_checkpoint(f"{tmp}/train/compsae", build_model(cfg, d), {
         "model": cfg.model_dump(), "normalization": {"scale": 1.0}, "hook": HOOK, "step": 1, "d_in": d,

@@ -12,11 +12,12 @@ import argparse
 import json
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
-from compsae.train.config import ModelConfig, TrainConfig
+from compsae.train.config import TrainConfig, make_model_config
 from compsae.train.models import build_model
 from compsae.train.trainer import Trainer
 
@@ -33,7 +34,7 @@ def synthetic_batches(n_batches: int, batch: int, d: int, n_true: int, seed: int
     return out
 
 
-def fvu_curve(model_cfg: ModelConfig, device: str, batches: list[torch.Tensor], seed: int) -> list[float]:
+def fvu_curve(model_cfg: Any, device: str, batches: list[torch.Tensor], seed: int) -> list[float]:
     cfg = TrainConfig(lr=1e-3, batch_size=batches[0].shape[0], tokens=len(batches) * batches[0].shape[0],
                       log_every=5, checkpoint_every=10_000, device=device, seed=seed, normalize=False)
     torch.manual_seed(seed)
@@ -58,8 +59,8 @@ def main() -> None:
         return
     batches = synthetic_batches(args.steps, 512, args.d, 4 * args.d, seed=0)
     models = {
-        "topk": ModelConfig(type="topk", n_latents=8 * args.d, k=32),
-        "compsae": ModelConfig(type="compsae", n_latents=8 * args.d, k=32),
+        "topk": make_model_config(type="topk", n_latents=8 * args.d, k=32),
+        "compsae": make_model_config(type="compsae", n_latents=8 * args.d, k=32),
     }
     for name, mcfg in models.items():
         cpu = np.array(fvu_curve(mcfg, first, batches, 0))

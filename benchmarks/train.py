@@ -21,13 +21,14 @@ import tempfile
 import time
 import typing
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from compsae.store import ActivationStore, StoreLayout
 from compsae.store.loader import BatchLoader
-from compsae.train.config import ModelConfig
+from compsae.train.config import CompSAEConfig, make_model_config
 from compsae.train.models import build_model
 from compsae.train.trainer import resolve_device
 
@@ -81,7 +82,7 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def step_seconds(cfgs: dict[str, ModelConfig], steps: int, x: torch.Tensor) -> dict[str, float]:
+def step_seconds(cfgs: dict[str, Any], steps: int, x: torch.Tensor) -> dict[str, float]:
     """Median seconds of one training step per model on `x`'s device; the models' steps are
     interleaved so a busy shared machine slows all of them alike."""
     device = x.device
@@ -117,7 +118,7 @@ def step_seconds(cfgs: dict[str, ModelConfig], steps: int, x: torch.Tensor) -> d
 def composer_kinds() -> list[str]:
     """Every CompSAE composer kind the config schema allows, `none` (= TopK) left out: a kind
     added to the schema is benchmarked without editing this file."""
-    fields = ModelConfig.model_fields
+    fields = CompSAEConfig.model_fields
     return [k for k in typing.get_args(fields["composer"].annotation) if k != "none"]
 
 
@@ -144,9 +145,9 @@ def main() -> None:
 
         batch = torch.from_numpy(x[:BATCH].astype(np.float32)).to(device)
         kinds = composer_kinds()
-        cfgs = {"topk": ModelConfig(type="topk")}
-        cfgs.update({kind: ModelConfig(type="compsae", composer=kind) for kind in kinds})  # curriculum on
-        cfgs["attention_all"] = ModelConfig(type="compsae", composer="attention", curriculum=False)
+        cfgs = {"topk": make_model_config(type="topk")}
+        cfgs.update({kind: make_model_config(type="compsae", composer=kind) for kind in kinds})  # curriculum on
+        cfgs["attention_all"] = make_model_config(type="compsae", composer="attention", curriculum=False)
         t = step_seconds(cfgs, steps, batch)
         topk = t["topk"]
         where = (f"on {torch.cuda.get_device_name(device)}" if device.type == "cuda"
@@ -154,7 +155,7 @@ def main() -> None:
         print(f"(b) step of {BATCH} rows, n_latents 4096, k 32 {where}: TopK {topk * 1e3:.1f} ms, "
               + ", ".join(f"CompSAE {name} {t[name] * 1e3:.1f} ms" for name in t if name != "topk")
               + " (attention: final curriculum m = 4; attention_all: every active latent)")
-        default = ModelConfig(type="compsae").composer
+        default = make_model_config(type="compsae").composer
         train_rows = BATCH / t[default]
         print(f"(c) loader {load:,.0f} rows/s vs CompSAE ({default}) training {train_rows:,.0f} rows/s")
 

@@ -19,7 +19,7 @@ from compsae.durable import check_url
 from compsae.errors import UserError
 from compsae.evaluation.config import EvaluateConfig, GroundTruthConfig, ProbeConfig
 from compsae.harvest.config import HarvestConfig
-from compsae.train.config import TrainStageConfig
+from compsae.train.config import MODEL_CONFIGS, TrainStageConfig
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 DEFAULT_CONFIG = "pipelines.yaml"
@@ -93,10 +93,16 @@ def format_validation_error(err: ValidationError, prefix: str = "") -> str:
     """One line: where (key path), what was wrong, what is allowed; '(+N more)' when several."""
     errors = err.errors(include_url=False)
     first = errors[0]
-    loc = ".".join(str(p) for p in (prefix.split(".") if prefix else []) + list(first["loc"]) if str(p))
+    parts = [str(p) for p in first["loc"]]
+    # a model config is a union tagged by its type: pydantic puts the tag in the path; leave it out
+    parts = [p for i, p in enumerate(parts) if not (i >= 2 and parts[i - 2] == "models" and p in MODEL_CONFIGS)]
+    loc = ".".join(p for p in (prefix.split(".") if prefix else []) + parts if p)
     msg = first["msg"].replace("\n", " ")
     if first["type"] == "extra_forbidden":
         msg = "unknown key (check the spelling; see pipelines.yaml for the allowed keys)"
+        if len(parts) >= 3 and parts[-3] == "models":  # a setting of another kind of model, most likely
+            msg = ("unknown key for this model type (each type has only its own settings: "
+                   "compsae / topk / relu; see pipelines.yaml)")
     got = first.get("input")
     got_txt = "" if first["type"] in ("missing", "extra_forbidden") or isinstance(got, (dict, list)) else f" (got {got!r:.60})"
     more = f" (+{len(errors) - 1} more)" if len(errors) > 1 else ""

@@ -31,7 +31,7 @@ from compsae.analysis.run import run_analyze
 from compsae.store import ActivationStore, StoreLayout
 from compsae.store.split import HeldOutSplit, heldout_mask
 from compsae.train.checkpoint import save_checkpoint
-from compsae.train.config import ModelConfig
+from compsae.train.config import make_model_config
 from compsae.train.models import build_model
 from compsae.train.records import CheckpointMeta, Normalization
 
@@ -59,10 +59,10 @@ def make_store(url: str) -> ActivationStore:
 def make_models(train_dir) -> None:
     torch.manual_seed(0)
     configs = {
-        "compsae": ModelConfig(type="compsae", n_latents=48, k=4, d_f=16, d_c=8, n_heads=2, composer="attention"),
-        "compsae_mlp": ModelConfig(type="compsae", n_latents=48, k=4, d_f=16, d_c=8, n_heads=2, composer="mlp"),
-        "topk": ModelConfig(type="topk", n_latents=48, k=4),
-        "relu": ModelConfig(type="relu", n_latents=48),
+        "compsae": make_model_config(type="compsae", n_latents=48, k=4, d_f=16, d_c=8, n_heads=2, composer="attention"),
+        "compsae_mlp": make_model_config(type="compsae", n_latents=48, k=4, d_f=16, d_c=8, n_heads=2, composer="mlp"),
+        "topk": make_model_config(type="topk", n_latents=48, k=4),
+        "relu": make_model_config(type="relu", n_latents=48),
     }
     for name, cfg in configs.items():
         model = build_model(cfg, D)

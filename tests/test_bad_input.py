@@ -79,12 +79,12 @@ def test_a_harvest_too_large_for_memory_is_refused_up_front(tmp_path, capsys):
 
 
 def test_a_dictionary_too_large_for_memory_is_refused_up_front():
-    from compsae.train.config import ModelConfig, TrainConfig
+    from compsae.train.config import TrainConfig, make_model_config
     from compsae.train.run import check_training_memory
 
     with pytest.raises(UserError, match=r"n_latents 100,000,000\) needs .* of memory.*lower n_latents"):
-        check_training_memory("big", ModelConfig(type="topk", n_latents=10**8, k=4), TrainConfig(), 512, "cpu")
-    check_training_memory("small", ModelConfig(type="topk", n_latents=64, k=4), TrainConfig(), 512, "cpu")
+        check_training_memory("big", make_model_config(type="topk", n_latents=10**8, k=4), TrainConfig(), 512, "cpu")
+    check_training_memory("small", make_model_config(type="topk", n_latents=64, k=4), TrainConfig(), 512, "cpu")
 
 
 def test_unknown_protocol_and_missing_paths_on_the_command_line(tmp_path, capsys):

@@ -18,7 +18,7 @@ from compsae.analysis.browser_page import render_browser
 from compsae.analysis.config import AnalyzeConfig
 from compsae.analysis.run import run_analyze
 from compsae.train.checkpoint import save_checkpoint
-from compsae.train.config import ModelConfig
+from compsae.train.config import make_model_config
 from compsae.train.models import build_model
 
 CHROMIUM = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome", "chrome")
@@ -30,8 +30,8 @@ def analysed(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("browser")
     store, _ = make_store(str(tmp / "s.zarr"), n=2048)
     torch.manual_seed(0)
-    for name, cfg in {"comp": ModelConfig(type="compsae", n_latents=32, k=4, d_f=8, d_c=4, n_heads=2, composer="attention"),
-                      "topk": ModelConfig(type="topk", n_latents=32, k=4)}.items():
+    for name, cfg in {"comp": make_model_config(type="compsae", n_latents=32, k=4, d_f=8, d_c=4, n_heads=2, composer="attention"),
+                      "topk": make_model_config(type="topk", n_latents=32, k=4)}.items():
         model = build_model(cfg, 16)
         save_checkpoint(str(tmp / "train" / name), model, {
             "model": cfg.model_dump(), "normalization": {"scale": 0.8}, "hook": HOOK, "step": 1, "tokens_seen": 10,

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 from safetensors.numpy import load_file
-from train_fixtures import HOOK, make_store
+from train_fixtures import HOOK, make_store, model_cfg
 
 from compsae.errors import UserError
 from compsae.train.checkpoint import load_model
-from compsae.train.config import ModelConfig, TrainStageConfig
+from compsae.train.config import TrainStageConfig
 from compsae.train.export import export_saelens
 from compsae.train.run import run_train
 
@@ -41,8 +41,8 @@ def trained(tmp_path_factory):
     cfg = TrainStageConfig(
         hook=HOOK, batch_size=64, tokens=64 * 20, log_every=10, checkpoint_every=100, device="cpu", lr=1e-3,
         heldout_fraction=0.1, mix_chunks=4, normalize=True,
-        models={"topk": ModelConfig(type="topk", **SMALL), "relu": ModelConfig(type="relu", **SMALL),
-                "comp": ModelConfig(type="compsae", **SMALL)})
+        models={"topk": model_cfg("topk", **SMALL), "relu": model_cfg("relu", **SMALL),
+                "comp": model_cfg("compsae", **SMALL)})
     run_train(cfg, store.url, str(tmp / "train"), progress=False)
     return tmp, x[:256] * 3.0  # raw activations, off the training scale
 

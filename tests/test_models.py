@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 from pydantic import ValidationError
+from train_fixtures import model_cfg
 
 from compsae.errors import UserError
-from compsae.train.config import ModelConfig, TrainStageConfig
+from compsae.train.config import CompSAEConfig, TrainStageConfig, make_model_config
 from compsae.train.models import CompSAE, ReLUSAE, TopKSAE, build_model
 from compsae.train.models.base import geometric_median
 from compsae.train.models.composer import CompositionNetwork, largest_along_keys, select_top_keys, top_m_mask
@@ -17,9 +18,9 @@ SMALL = {"n_latents": 64, "k": 6, "d_f": 16, "d_c": 8, "n_heads": 4, "aux_k": 8,
 D = 12
 
 
-def _model(**over) -> torch.nn.Module:
+def _model(type: str = "compsae", **over) -> torch.nn.Module:
     torch.manual_seed(0)
-    return build_model(ModelConfig(**{"type": "compsae", **SMALL, **over}), D)
+    return build_model(model_cfg(type, **{**SMALL, **over}), D)
 
 
 def test_topk_is_exact():
@@ -29,7 +30,7 @@ def test_topk_is_exact():
     got = torch.gather(pre, 1, idx)
     torch.testing.assert_close(torch.sort(got, dim=-1, descending=True).values, ref, rtol=0, atol=0)
     torch.testing.assert_close(vals, torch.relu(got), rtol=0, atol=0)
-    z = TopKSAE(ModelConfig(type="topk", **SMALL), D)(torch.randn(9, D)).z
+    z = TopKSAE(model_cfg("topk", **SMALL), D)(torch.randn(9, D)).z
     assert ((z != 0).sum(-1) <= SMALL["k"]).all() and (z >= 0).all()
 
 
@@ -187,20 +188,21 @@ def test_relu_l1_scales_with_warmup():
 
 def test_bad_model_configs_are_refused():
     with pytest.raises(ValidationError, match="k .* must not exceed n_latents"):
-        ModelConfig(n_latents=16, k=32)
+        make_model_config(n_latents=16, k=32)
     with pytest.raises(ValidationError):
-        ModelConfig(type="gated")
+        make_model_config(type="gated")
     with pytest.raises(ValidationError, match="models.a"):
-        TrainStageConfig(hook="h", n_latents=8, models={"a": ModelConfig(n_latents=64, k=16)})
+        TrainStageConfig(hook="h", n_latents=8, models={"a": make_model_config(n_latents=64, k=16)})
     with pytest.raises(ValidationError, match="unknown training setting"):
-        ModelConfig(train={"learning_rate": 1.0})
+        make_model_config(train={"learning_rate": 1.0})
     with pytest.raises(UserError, match="larger than n_latents"):
-        build_model(ModelConfig.model_construct(**{**ModelConfig().model_dump(), "k": 99, "n_latents": 8}), D)
+        build_model(CompSAEConfig.model_construct(**{**make_model_config().model_dump(), "k": 99, "n_latents": 8}), D)
 
 
 def test_stage_config_overrides():
     cfg = TrainStageConfig(hook="h", k=8, lr=1e-3,
-                           models={"c": ModelConfig(type="compsae"), "t": ModelConfig(type="topk", train={"lr": 5e-4})})
+                           models={"c": make_model_config(type="compsae"),
+                                   "t": make_model_config(type="topk", train={"lr": 5e-4})})
     assert cfg.model_for("c").k == 8 and cfg.model_for("t").k == 8
     assert cfg.train_for("c").lr == 1e-3 and cfg.train_for("t").lr == 5e-4
     assert isinstance(build_model(cfg.model_for("c"), D), CompSAE)

@@ -10,7 +10,7 @@ from compsae.analysis.pair_effects import PairEffectSums, mixed_differences, pai
 from compsae.evaluation.config import GroundTruthConfig
 from compsae.evaluation.ground_truth import generate
 from compsae.evaluation.pair_recovery import labelled_auc, thresholded_pairs
-from compsae.train.config import ModelConfig
+from compsae.train.config import make_model_config
 from compsae.train.models import build_model
 from compsae.train.models.pair_composer import pair_sum, pair_sum_loop
 
@@ -19,7 +19,7 @@ D = 12
 
 def _pair_model(selection: str = "all", **over) -> torch.nn.Module:
     torch.manual_seed(0)
-    cfg = ModelConfig(type="compsae", composer="pair", n_latents=48, k=6, pair_rank=8, pair_selection=selection,
+    cfg = make_model_config(type="compsae", composer="pair", n_latents=48, k=6, pair_rank=8, pair_selection=selection,
                       **over)
     model = build_model(cfg, D).double()
     with torch.no_grad():
@@ -184,7 +184,7 @@ def test_closed_form_norms_and_gains_equal_the_intervention():
 def test_pair_term_joins_after_the_start_fraction():
     from compsae.train.schedules import pair_on_at, pair_scale_at
 
-    cfg = ModelConfig(type="compsae", composer="pair", n_latents=48, k=6, pair_start_fraction=0.3,
+    cfg = make_model_config(type="compsae", composer="pair", n_latents=48, k=6, pair_start_fraction=0.3,
                       pair_l1_warmup_fraction=0.5)
     assert not pair_on_at(29, 100, cfg) and pair_on_at(30, 100, cfg)
     assert pair_scale_at(0, 100, cfg) == pytest.approx(1 / 50) and pair_scale_at(60, 100, cfg) == 1.0

@@ -17,17 +17,17 @@ from compsae.harvest.config import HarvestConfig
 from compsae.harvest.run import run_harvest
 from compsae.store.split import HeldOutSplit
 from compsae.train.checkpoint import save_checkpoint
-from compsae.train.config import ModelConfig
+from compsae.train.config import make_model_config
 from compsae.train.models import build_model
 from compsae.train.records import CheckpointMeta, Normalization
 
 HOOK = "blocks.1.hook_resid_post"
 D = 64  # tiny-neox width
 MODELS = {
-    "compsae": ModelConfig(type="compsae", n_latents=64, k=4, d_f=16, d_c=8, n_heads=2),
-    "compsae_none": ModelConfig(type="compsae", n_latents=64, k=4, composer="none"),
-    "topk": ModelConfig(type="topk", n_latents=64, k=4),
-    "relu": ModelConfig(type="relu", n_latents=64),
+    "compsae": make_model_config(type="compsae", n_latents=64, k=4, d_f=16, d_c=8, n_heads=2),
+    "compsae_none": make_model_config(type="compsae", n_latents=64, k=4, composer="none"),
+    "topk": make_model_config(type="topk", n_latents=64, k=4),
+    "relu": make_model_config(type="relu", n_latents=64),
 }
 SCALE = 3.0
 

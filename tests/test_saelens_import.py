@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 from compsae.cli import main
 from compsae.errors import UserError
 from compsae.train.checkpoint import load_model, save_checkpoint
-from compsae.train.config import ModelConfig, TrainStageConfig
+from compsae.train.config import TrainStageConfig, make_model_config
 from compsae.train.export import export_saelens
 from compsae.train.models import build_model
 from compsae.train.saelens_import import import_saelens
@@ -138,13 +138,13 @@ def test_cli_import_and_its_errors(tmp_path, capsys):
 
 def test_jumprelu_is_not_trainable():
     with pytest.raises(ValueError, match="imported.*not trained"):
-        TrainStageConfig(hook=HOOK, models={"j": ModelConfig(type="jumprelu", n_latents=8, k=2)})
+        TrainStageConfig(hook=HOOK, models={"j": make_model_config(type="jumprelu", n_latents=8, k=2)})
 
 
 def test_compsae_round_trip_export_then_import(tmp_path):
     """export (scale folded into the weights) then import: the same reconstruction of raw inputs."""
     torch.manual_seed(0)
-    model = build_model(ModelConfig(type="topk", n_latents=N, k=K), D)
+    model = build_model(make_model_config(type="topk", n_latents=N, k=K), D)
     with torch.no_grad():
         model.b_enc.normal_(0, 0.1)
         model.b_dec.normal_()
@@ -206,7 +206,7 @@ def test_export_then_saelens_load_is_equal(tmp_path, architecture):
     sae_lens = _saelens()
     torch.manual_seed(1)
     mtype = {"standard": "relu", "topk": "topk", "jumprelu": "jumprelu"}[architecture]
-    model = build_model(ModelConfig(type=mtype, n_latents=N, k=K), D)
+    model = build_model(make_model_config(type=mtype, n_latents=N, k=K), D)
     with torch.no_grad():
         model.b_enc.normal_(0, 0.1)
         model.b_dec.normal_()
@@ -275,7 +275,7 @@ def test_pipeline_lists_imported_saes_beside_trained_ones(tmp_path):
 
 def test_import_never_writes_over_a_trained_model_or_other_files(tmp_path):
     src = write_folder(tmp_path / "sl", saelens_cfg("topk"), random_saelens_weights("topk"))
-    model = build_model(ModelConfig(type="topk", n_latents=N, k=K), D)
+    model = build_model(make_model_config(type="topk", n_latents=N, k=K), D)
     save_checkpoint(str(tmp_path / "trained"), model, {"step": 3, "type": "topk", "d_in": D,
                                                        "model": model.cfg.model_dump(mode="json")})
     before = (tmp_path / "trained" / "model.safetensors").read_bytes()

@@ -11,14 +11,14 @@ from train_fixtures import HOOK, make_store
 
 from compsae.errors import UserError
 from compsae.stages import stage_hash
-from compsae.train.config import ModelConfig, TrainStageConfig
+from compsae.train.config import TrainStageConfig, make_model_config
 from compsae.train.run import run_train, training_hash
 
 
 def stage_cfg(**extra) -> TrainStageConfig:
     return TrainStageConfig(hook=HOOK, batch_size=64, tokens=64 * 6, log_every=2, checkpoint_every=100, device="cpu",
                             heldout_fraction=0.1, mix_chunks=4,
-                            models={"topk": ModelConfig(type="topk", n_latents=32, k=4, aux_k=8)}, **extra)
+                            models={"topk": make_model_config(type="topk", n_latents=32, k=4, aux_k=8)}, **extra)
 
 
 def test_logging_choice_is_not_part_of_the_hashes():

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
-from train_fixtures import HOOK, make_store, sparse_mixture
+from train_fixtures import HOOK, make_store, model_cfg, sparse_mixture
 
 from compsae.errors import UserError
 from compsae.train.checkpoint import load_model
-from compsae.train.config import ModelConfig, TrainConfig, TrainStageConfig
+from compsae.train.config import TrainConfig, TrainStageConfig, make_model_config
 from compsae.train.models import build_model
 from compsae.train.run import run_train
 from compsae.train.schedules import k_at, l1_scale_at, lr_at, m_at
@@ -33,8 +33,8 @@ def test_training_lowers_fvu_on_known_directions(tmp_path, kind):
     x, _ = sparse_mixture(8192, d=16, seed=1)
     data = torch.from_numpy(x)
     held = data[-512:]
-    extra = {"type": "compsae", "composer": "pair", "pair_l1": 0.1} if kind == "pair" else {"type": kind}
-    mcfg = ModelConfig(**{**SMALL, **extra}, l1_coef=0.02)
+    extra = {"composer": "pair", "pair_l1": 0.1} if kind == "pair" else {}
+    mcfg = model_cfg("compsae" if kind == "pair" else kind, **SMALL, **extra, l1_coef=0.02)
     tcfg = TrainConfig(lr=3e-3, batch_size=128, tokens=128 * 250, log_every=50, checkpoint_every=1000,
                        device="cpu", warmup_fraction=0.02)
     torch.manual_seed(0)
@@ -54,7 +54,7 @@ def test_training_lowers_fvu_on_known_directions(tmp_path, kind):
 def _stage(**over) -> TrainStageConfig:
     base = {"hook": HOOK, "batch_size": 64, "tokens": 64 * 30, "log_every": 5, "checkpoint_every": 10,
             "device": "cpu", "lr": 1e-3, "heldout_fraction": 0.1, "mix_chunks": 4,
-            "models": {"comp": ModelConfig(type="compsae", **SMALL), "topk": ModelConfig(type="topk", **SMALL)}}
+            "models": {"comp": model_cfg("compsae", **SMALL), "topk": model_cfg("topk", **SMALL)}}
     return TrainStageConfig(**{**base, **over})
 
 
@@ -92,7 +92,7 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path, monkeypatch):
 
 
 def test_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tmp_path):
-    mcfg = ModelConfig(type="topk", **SMALL)
+    mcfg = model_cfg("topk", **SMALL)
     tcfg = TrainConfig(batch_size=32, tokens=32 * 20, checkpoint_every=5, device="cpu")
     model = build_model(mcfg, 16)
     trainer = Trainer(model, mcfg, tcfg, str(tmp_path / "m"), {"config_hash": "x", "d_in": 16}, progress=False)
@@ -146,7 +146,7 @@ def test_bad_input_is_one_line_and_leaves_no_complete_checkpoint(tmp_path):
 
 
 def test_schedules():
-    m = ModelConfig(k=8, n_latents=64, k_anneal_fraction=0.5, curriculum_m=[2, 3, 4], curriculum_at=[0.2, 0.4])
+    m = make_model_config(k=8, n_latents=64, k_anneal_fraction=0.5, curriculum_m=[2, 3, 4], curriculum_at=[0.2, 0.4])
     assert k_at(0, 100, m) == 32 and k_at(25, 100, m) == 20 and k_at(50, 100, m) == 8 and k_at(99, 100, m) == 8
     assert [m_at(s, 100, m) for s in (0, 19, 20, 39, 40, 99)] == [2, 2, 3, 3, 4, 4]
     assert m_at(0, 100, m.model_copy(update={"curriculum": False})) is None
@@ -154,7 +154,7 @@ def test_schedules():
     t = TrainConfig(lr=1.0, warmup_fraction=0.1, decay_fraction=0.2)
     assert lr_at(0, 100, t) == pytest.approx(0.1) and lr_at(50, 100, t) == 1.0
     assert lr_at(90, 100, t) == pytest.approx(0.5) and lr_at(99, 100, t) == pytest.approx(0.05)
-    r = ModelConfig(type="relu", l1_warmup_fraction=0.1)
+    r = make_model_config(type="relu", l1_warmup_fraction=0.1)
     assert l1_scale_at(0, 100, r) == pytest.approx(0.1) and l1_scale_at(50, 100, r) == 1.0
 
 

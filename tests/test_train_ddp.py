@@ -14,9 +14,9 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
-from train_fixtures import HOOK, make_store
+from train_fixtures import HOOK, make_store, model_cfg
 
-from compsae.train.config import ModelConfig, TrainStageConfig
+from compsae.train.config import TrainStageConfig
 from compsae.train.distributed import DistContext, is_rank0
 from compsae.train.run import run_train
 
@@ -29,8 +29,8 @@ def _cfg() -> TrainStageConfig:
     return TrainStageConfig(
         hook=HOOK, batch_size=49, tokens=49 * 24, log_every=6, checkpoint_every=12, device="cpu", lr=1e-3,
         heldout_fraction=0.1, mix_chunks=4, dead_window_tokens=100, num_threads=1,
-        models={"comp": ModelConfig(type="compsae", **SMALL), "topk": ModelConfig(type="topk", **SMALL),
-                "relu": ModelConfig(type="relu", **SMALL, l1_coef=0.05)})
+        models={"comp": model_cfg("compsae", **SMALL), "topk": model_cfg("topk", **SMALL),
+                "relu": model_cfg("relu", **SMALL, l1_coef=0.05)})
 
 
 def _free_port() -> int:
@@ -106,7 +106,7 @@ with open(os.path.join(sys.argv[4], f"rank{os.environ['RANK']}.json"), "w") as f
 def test_torchrun_launch(tmp_path):
     """The real launcher: `torchrun --nproc-per-node 2` (env:// rendezvous, gloo) around run_train."""
     store, _ = make_store(str(tmp_path / "s.zarr"), n=1024)
-    cfg = _cfg().model_copy(update={"models": {"topk": ModelConfig(type="topk", **SMALL)}})
+    cfg = _cfg().model_copy(update={"models": {"topk": model_cfg("topk", **SMALL)}})
     script = tmp_path / "train.py"
     script.write_text(_TORCHRUN_SCRIPT)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()),

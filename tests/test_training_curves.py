@@ -6,9 +6,9 @@ import json
 
 import numpy as np
 import pytest
-from train_fixtures import HOOK, make_store
+from train_fixtures import HOOK, make_store, model_cfg
 
-from compsae.train.config import ModelConfig, TrainStageConfig
+from compsae.train.config import TrainStageConfig, make_model_config
 from compsae.train.curves import CURVES_FILE, final_values, plot_training_curves, read_metrics_log
 from compsae.train.run import run_train
 
@@ -21,8 +21,9 @@ def trained(tmp_path_factory):
     store, _ = make_store(str(tmp / "s.zarr"), n=1024)
     cfg = TrainStageConfig(hook=HOOK, batch_size=64, tokens=64 * 12, log_every=3, checkpoint_every=100, device="cpu",
                            lr=1e-3, heldout_fraction=0.1, mix_chunks=4,
-                           models={"comp": ModelConfig(type="compsae", **SMALL), "topk": ModelConfig(type="topk", **SMALL),
-                                   "relu": ModelConfig(type="relu", n_latents=32)})
+                           models={"comp": model_cfg("compsae", **SMALL),
+                                   "topk": model_cfg("topk", **SMALL),
+                                   "relu": make_model_config(type="relu", n_latents=32)})
     out = run_train(cfg, store.url, str(tmp / "train"), progress=False)
     return tmp, out
 

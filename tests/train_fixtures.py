@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from compsae.store import ActivationStore, StoreLayout
@@ -34,3 +36,11 @@ def make_store(url: str, n: int = 2048, d: int = 16, seq_len: int = 16, chunk_ro
         st.write_shard(s, {HOOK: x[lo:hi]}, rows % 100, rows // seq_len, rows % seq_len)
     st.finalize()
     return ActivationStore.open(url), x
+
+
+def model_cfg(kind: str, **fields: Any) -> Any:
+    """A model config of `kind` from a settings dict shared by several kinds (each keeps its own)."""
+    from compsae.train.config import MODEL_CONFIGS, make_model_config
+
+    own = MODEL_CONFIGS[kind].model_fields
+    return make_model_config(type=kind, **{k: v for k, v in fields.items() if k in own})

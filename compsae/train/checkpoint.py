@@ -31,7 +31,7 @@ from safetensors.torch import save as st_save
 from compsae import durable
 from compsae.errors import UserError
 from compsae.files import CONFIG_FILE, MODEL_FILE, STATE_FILE
-from compsae.train.config import ModelConfig
+from compsae.train.config import legacy_model_config
 from compsae.train.models import SparseAutoencoder, build_model
 from compsae.train.records import CheckpointMeta
 
@@ -180,7 +180,7 @@ def load_model(folder: str, device: str | torch.device = "cpu") -> tuple[SparseA
 
 def _build(weights: dict[str, torch.Tensor], meta: dict[str, Any], where: str) -> SparseAutoencoder:
     try:
-        model_cfg, d_in = ModelConfig.model_validate(meta["model"]), int(meta["d_in"])
+        model_cfg, d_in = legacy_model_config(meta["model"]), int(meta["d_in"])
         if d_in <= 0:
             raise ValueError(f"d_in {d_in}")
     except (KeyError, TypeError, ValueError) as e:  # pydantic's ValidationError is a ValueError

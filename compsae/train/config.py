@@ -7,25 +7,92 @@ name -> `ModelConfig`.  A model may override shared settings with `train: {lr: 1
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from compsae.store.split import DEFAULT_HELDOUT_FRACTION
 
 ModelType = Literal["compsae", "topk", "relu", "jumprelu"]  # jumprelu: imported SAEs only
 
 
-class ModelConfig(BaseModel):
-    """One sparse dictionary: its type, width, sparsity and (for CompSAE) composition network."""
+class _DictionaryConfig(BaseModel):
+    """What every sparse dictionary has: its type, width, sparsity, decoder settings and training
+    overrides.  Each kind adds only its own settings (`extra="forbid"`: a TopK config cannot carry a
+    composer)."""
 
     model_config = ConfigDict(extra="forbid")
 
-    type: ModelType = "compsae"
     n_latents: int = Field(4096, ge=1, description="dictionary size (8 x d_model for Pythia-70m)")
     k: int = Field(32, ge=1, description="active latents per token (top-k models)")
+    b_dec_init: Literal["geometric_median", "mean", "zeros"] = "geometric_median"
+    unit_norm_decoder: bool = True
+    train: dict[str, Any] = Field(
+        default_factory=dict, description="overrides of the shared training settings for this model")
 
-    # CompSAE composition network (ignored by topk / relu)
+    @model_validator(mode="after")
+    def _consistent(self) -> _DictionaryConfig:
+        if self.k > self.n_latents:
+            raise ValueError(f"k ({self.k}) must not exceed n_latents ({self.n_latents})")
+        bad = set(self.train) - set(TrainConfig.model_fields)
+        if bad:
+            raise ValueError(f"unknown training setting(s) {sorted(bad)} in train overrides")
+        return self
+
+    @property
+    def first_k(self) -> int:
+        """k at step 0 (only top-k models anneal it)."""
+        return self.k
+
+    @property
+    def has_curriculum(self) -> bool:
+        """Whether training moves a partner count m (CompSAE only)."""
+        return False
+
+
+class TopKConfig(_DictionaryConfig):
+    """TopK SAE (Gao et al. 2024): graduated sparsity and AuxK for dead latents."""
+
+    type: Literal["topk"] = "topk"
+
+    # graduated sparsity (topk and compsae)
+    graduated_sparsity: bool = Field(True, description="anneal k from k_start down to k")
+    k_start: int | None = Field(None, ge=1, description="first k of the anneal; default 4 * k")
+    k_anneal_fraction: float = Field(0.3, gt=0.0, le=1.0, description="fraction of training the anneal takes")
+
+    # dead latents (topk and compsae): AuxK of Gao et al. (2024)
+    aux_k: int = Field(256, ge=0, description="dead latents used by the AuxK loss (0 = off)")
+    aux_coef: float = Field(1 / 32, ge=0.0)
+
+    @model_validator(mode="after")
+    def _anneal(self) -> TopKConfig:
+        if self.k_start is not None and self.k_start < self.k:
+            raise ValueError(f"k_start ({self.k_start}) must be >= k ({self.k})")
+        return self
+
+    @property
+    def first_k(self) -> int:
+        """k at step 0 (k_start when graduated sparsity is on)."""
+        if not self.graduated_sparsity:
+            return self.k
+        return min(self.k_start or 4 * self.k, self.n_latents)
+
+
+class CompSAEConfig(TopKConfig):
+    """CompSAE: a TopK dictionary plus a composition network over each token's active latents."""
+
+    type: Literal["compsae"] = "compsae"  # type: ignore[assignment]
+
     composer: Literal["pair", "attention", "mlp", "none"] = Field(
         "pair", description="pair: explicit low-rank sum over pairs of active latents; attention / mlp: "
         "pooled composition network (mlp ablates the attention); none gives exactly a TopK SAE")
@@ -53,30 +120,9 @@ class ModelConfig(BaseModel):
     curriculum_at: list[float] = Field(
         [0.2, 0.4], description="fractions of training where m moves to the next value")
 
-    # graduated sparsity (topk and compsae)
-    graduated_sparsity: bool = Field(True, description="anneal k from k_start down to k")
-    k_start: int | None = Field(None, ge=1, description="first k of the anneal; default 4 * k")
-    k_anneal_fraction: float = Field(0.3, gt=0.0, le=1.0, description="fraction of training the anneal takes")
-
-    # dead latents (topk and compsae): AuxK of Gao et al. (2024)
-    aux_k: int = Field(256, ge=0, description="dead latents used by the AuxK loss (0 = off)")
-    aux_coef: float = Field(1 / 32, ge=0.0)
-
-    # relu: L1 penalty on z_i * ||W_dec[i]||, ramped in linearly
-    l1_coef: float = Field(5.0, ge=0.0, description="with inputs normalised to mean norm sqrt(d)")
-    l1_warmup_fraction: float = Field(0.05, ge=0.0, le=1.0)
-
-    b_dec_init: Literal["geometric_median", "mean", "zeros"] = "geometric_median"
-    unit_norm_decoder: bool = True
-
-    train: dict[str, Any] = Field(
-        default_factory=dict, description="overrides of the shared training settings for this model")
-
     @model_validator(mode="after")
-    def _consistent(self) -> ModelConfig:
-        if self.k > self.n_latents:
-            raise ValueError(f"k ({self.k}) must not exceed n_latents ({self.n_latents})")
-        if self.type == "compsae" and self.composer == "attention" and self.d_f % self.n_heads:
+    def _composition(self) -> CompSAEConfig:
+        if self.composer == "attention" and self.d_f % self.n_heads:
             raise ValueError(f"d_f ({self.d_f}) must be a multiple of n_heads ({self.n_heads})")
         if len(self.curriculum_at) != len(self.curriculum_m) - 1:
             raise ValueError("curriculum_at needs one switch point fewer than curriculum_m has values")
@@ -84,19 +130,11 @@ class ModelConfig(BaseModel):
             raise ValueError("curriculum_at must be increasing fractions in (0, 1)")
         if any(m < 1 for m in self.curriculum_m):
             raise ValueError("curriculum_m values must be >= 1")
-        if self.k_start is not None and self.k_start < self.k:
-            raise ValueError(f"k_start ({self.k_start}) must be >= k ({self.k})")
-        bad = set(self.train) - set(TrainConfig.model_fields)
-        if bad:
-            raise ValueError(f"unknown training setting(s) {sorted(bad)} in train overrides")
         return self
 
     @property
-    def first_k(self) -> int:
-        """k at step 0 (k_start when graduated sparsity is on)."""
-        if not self.graduated_sparsity or self.type == "relu":
-            return self.k
-        return min(self.k_start or 4 * self.k, self.n_latents)
+    def has_curriculum(self) -> bool:
+        return True
 
     @property
     def final_m(self) -> int | None:
@@ -105,6 +143,57 @@ class ModelConfig(BaseModel):
         if self.curriculum or (self.composer == "pair" and self.pair_selection == "top_m"):
             return self.curriculum_m[-1]
         return None
+
+
+class ReLUConfig(_DictionaryConfig):
+    """ReLU SAE: an L1 penalty on z_i * ||W_dec[i]||, ramped in linearly."""
+
+    type: Literal["relu"] = "relu"
+
+    l1_coef: float = Field(5.0, ge=0.0, description="with inputs normalised to mean norm sqrt(d)")
+    l1_warmup_fraction: float = Field(0.05, ge=0.0, le=1.0)
+
+
+class JumpReLUConfig(_DictionaryConfig):
+    """JumpReLU SAE: imported only (`compsae import --format saelens`), never trained here."""
+
+    type: Literal["jumprelu"] = "jumprelu"
+
+
+def _model_type(data: Any) -> str:
+    # a config without `type` is a CompSAE, as it always was
+    return str(data.get("type", "compsae") if isinstance(data, dict) else getattr(data, "type", "compsae"))
+
+
+ModelConfig = Annotated[
+    Annotated[CompSAEConfig, Tag("compsae")] | Annotated[TopKConfig, Tag("topk")]
+    | Annotated[ReLUConfig, Tag("relu")] | Annotated[JumpReLUConfig, Tag("jumprelu")],
+    Discriminator(_model_type),
+]
+"""One sparse dictionary's config: the class its `type` names."""
+
+MODEL_CONFIGS: dict[str, type[_DictionaryConfig]] = {
+    "compsae": CompSAEConfig, "topk": TopKConfig, "relu": ReLUConfig, "jumprelu": JumpReLUConfig}
+_ADAPTER: TypeAdapter[Any] = TypeAdapter(ModelConfig)
+
+
+def parse_model_config(data: Any) -> ModelConfig:
+    """A model config from JSON-like data (type-checked against its kind)."""
+    return _ADAPTER.validate_python(data)
+
+
+def make_model_config(**fields: Any) -> ModelConfig:
+    """`make_model_config(type="topk", n_latents=64)`: the config class of `type` (default compsae)."""
+    return parse_model_config(fields)
+
+
+def legacy_model_config(data: dict[str, Any]) -> ModelConfig:
+    """A model config written when every kind carried every setting (checkpoints before the
+    per-kind configs): the settings its kind does not have are dropped."""
+    cls = MODEL_CONFIGS.get(_model_type(data))
+    if cls is None:
+        return parse_model_config(data)
+    return parse_model_config({k: v for k, v in data.items() if k in cls.model_fields})
 
 
 class TrainConfig(BaseModel):
@@ -184,8 +273,7 @@ class TrainStageConfig(TrainConfig):
     n_latents: int | None = Field(None, ge=1, description="when set, every model uses this width")
     k: int | None = Field(None, ge=1, description="when set, every model uses this k (compare at equal k)")
     models: dict[str, ModelConfig] = Field(
-        default_factory=lambda: {"compsae": ModelConfig(type="compsae"), "topk": ModelConfig(type="topk"),
-                                 "relu": ModelConfig(type="relu")},
+        default_factory=lambda: {"compsae": CompSAEConfig(), "topk": TopKConfig(), "relu": ReLUConfig()},
     )
     imported: dict[str, ImportedSAE] = Field(
         default_factory=dict, description="SAEs trained elsewhere, imported beside the trained models (name -> source)")
@@ -234,7 +322,7 @@ class TrainStageConfig(TrainConfig):
         changes = {f: getattr(self, f) for f in ("n_latents", "k") if getattr(self, f) is not None}
         if not changes:
             return cfg
-        return ModelConfig.model_validate({**cfg.model_dump(), **changes})
+        return parse_model_config({**cfg.model_dump(), **changes})
 
     def train_for(self, name: str) -> TrainConfig:
         """Shared training settings with the model's own overrides applied."""

@@ -9,7 +9,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, model_validator
 
 from compsae.store.split import DEFAULT_SPLIT_SEED, HeldOutSplit
-from compsae.train.config import ModelConfig
+from compsae.train.config import ModelConfig, legacy_model_config
 
 
 class Normalization(BaseModel):
@@ -48,6 +48,9 @@ class CheckpointMeta(BaseModel):
             fraction = (data.get("train") or {}).get("heldout_fraction")
             if fraction is not None:
                 data = {**data, "split": {"fraction": fraction, "seed": DEFAULT_SPLIT_SEED}}
+        # Before the per-kind configs every kind carried every setting: drop the ones it lacks.
+        if isinstance(data, dict) and isinstance(data.get("model"), dict):
+            data = {**data, "model": legacy_model_config(data["model"])}
         return data
 
     @property

@@ -32,7 +32,7 @@ from safetensors.torch import load as st_load
 
 from compsae.errors import UserError
 from compsae.train.checkpoint import read_meta, save_checkpoint
-from compsae.train.config import ModelConfig
+from compsae.train.config import ModelConfig, make_model_config
 from compsae.train.export import CFG_FILE, WEIGHTS_FILE
 from compsae.train.models import build_model
 
@@ -139,9 +139,11 @@ def model_config(cfg: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Model
     k = cfg.get("k") or (cfg.get("activation_fn_kwargs") or {}).get("k")
     norms = torch.linalg.vector_norm(tensors["W_dec"], dim=-1)
     unit = bool(((norms - 1).abs() < UNIT_NORM_TOLERANCE).all())
-    return ModelConfig(type=ARCHITECTURES[architecture], n_latents=n,  # type: ignore[arg-type]
-                       k=int(k) if architecture == "topk" else min(32, n), graduated_sparsity=False,
-                       unit_norm_decoder=unit, aux_k=min(256, n))
+    kind = ARCHITECTURES[architecture]
+    if kind == "topk":
+        return make_model_config(type=kind, n_latents=n, k=int(k), graduated_sparsity=False, unit_norm_decoder=unit,
+                                 aux_k=min(256, n))
+    return make_model_config(type=kind, n_latents=n, k=min(32, n), unit_norm_decoder=unit)
 
 
 def _check_target(out_dir: str) -> None:

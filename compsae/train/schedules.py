@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import bisect
 
-from compsae.train.config import ModelConfig, TrainConfig
+from compsae.train.config import CompSAEConfig, ModelConfig, ReLUConfig, TopKConfig, TrainConfig
 
 
 def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
@@ -24,6 +24,8 @@ def k_at(step: int, total: int, cfg: ModelConfig) -> int:
     """Graduated sparsity: k falls linearly from `first_k` to `k` over the first
     `k_anneal_fraction` of training, then stays at k (so all later metrics are at the final k)."""
     start = cfg.first_k
+    if not isinstance(cfg, TopKConfig) or start == cfg.k:
+        return cfg.k
     span = max(1, int(cfg.k_anneal_fraction * total))
     if start == cfg.k or step >= span:
         return cfg.k
@@ -32,7 +34,9 @@ def k_at(step: int, total: int, cfg: ModelConfig) -> int:
 
 def m_at(step: int, total: int, cfg: ModelConfig) -> int | None:
     """Composition curriculum: `curriculum_m[j]` partners per latent once training has passed
-    `curriculum_at[j-1]`; None (all k) when the curriculum is off."""
+    `curriculum_at[j-1]`; None (all k) when the curriculum is off or the model has no partners."""
+    if not isinstance(cfg, CompSAEConfig):
+        return None
     if not cfg.curriculum:
         return cfg.final_m
     frac = step / max(1, total)
@@ -40,13 +44,17 @@ def m_at(step: int, total: int, cfg: ModelConfig) -> int | None:
 
 
 def l1_scale_at(step: int, total: int, cfg: ModelConfig) -> float:
-    """Factor on the L1 coefficient: 0 → 1 linearly over the first `l1_warmup_fraction`."""
+    """Factor on the L1 coefficient: 0 → 1 linearly over the first `l1_warmup_fraction` (ReLU)."""
+    if not isinstance(cfg, ReLUConfig):
+        return 1.0
     warm = int(cfg.l1_warmup_fraction * total)
     return 1.0 if warm == 0 else min(1.0, (step + 1) / warm)
 
 
 def pair_scale_at(step: int, total: int, cfg: ModelConfig) -> float:
     """Factor on the pair penalty: 0 → 1 linearly over the first `pair_l1_warmup_fraction`."""
+    if not isinstance(cfg, CompSAEConfig):
+        return 1.0
     warm = int(cfg.pair_l1_warmup_fraction * total)
     return 1.0 if warm == 0 else min(1.0, (step + 1) / warm)
 

@@ -24,11 +24,11 @@ from safetensors.torch import load_file
 from compsae.errors import UserError
 from compsae.train import checkpoint
 from compsae.train.checkpoint import STATE_FILE, load_model, read_resume_meta
-from compsae.train.config import ModelConfig, TrainStageConfig
+from compsae.train.config import TrainStageConfig
 from compsae.train.run import run_train, training_lock
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the shared store fixture
-from train_fixtures import HOOK, make_store  # noqa: E402
+from train_fixtures import HOOK, make_store, model_cfg  # noqa: E402
 
 pytestmark = pytest.mark.reliability
 
@@ -43,7 +43,7 @@ def _cfg(steps: int, checkpoint_every: int, models: tuple[str, ...] = ("comp", "
         "hook": HOOK, "batch_size": 64, "tokens": 64 * steps, "log_every": 5, "checkpoint_every": checkpoint_every,
         "device": "cpu", "lr": 1e-3, "heldout_fraction": 0.1, "mix_chunks": 4, "num_threads": 1,
         "dead_window_tokens": 640,
-        "models": {name: ModelConfig(type=types[name], **SMALL) for name in models}, **over})
+        "models": {name: model_cfg(types[name], **SMALL) for name in models}, **over})
 
 
 def _weights_equal(a: Path, b: Path) -> None:
