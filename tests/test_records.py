@@ -37,8 +37,8 @@ def test_each_kind_has_only_its_own_settings() -> None:
 @pytest.mark.parametrize("kind", ["topk", "relu", "compsae"])
 def test_a_checkpoint_of_the_old_format_loads(tmp_path, kind) -> None:
     torch.manual_seed(0)
-    cfg = make_model_config(type=kind, n_latents=16, k=2, d_f=8, d_c=4, n_heads=2) if kind == "compsae" \
-        else make_model_config(type=kind, n_latents=16, k=2)
+    comp = {"d_f": 8, "d_c": 4, "n_heads": 2, "composer": "attention"} if kind == "compsae" else {}
+    cfg = make_model_config(type=kind, n_latents=16, k=2, **comp)
     model = build_model(cfg, D)
     old_meta = {"model": {**OLD_FIELDS, "type": kind}, "type": kind, "d_in": D, "hook": "h", "step": 3,
                 "tokens_seen": 30, "finished": True, "normalization": {"scale": 2.0},
