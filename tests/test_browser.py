@@ -17,9 +17,11 @@ from compsae.analysis.browser_data import logit_effects, partner_table
 from compsae.analysis.browser_page import render_browser
 from compsae.analysis.config import AnalyzeConfig
 from compsae.analysis.run import run_analyze
+from compsae.store.split import HeldOutSplit
 from compsae.train.checkpoint import save_checkpoint
 from compsae.train.config import make_model_config
 from compsae.train.models import build_model
+from compsae.train.records import CheckpointMeta, Normalization
 
 CHROMIUM = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome", "chrome")
                  if shutil.which(n)), None)
@@ -33,9 +35,9 @@ def analysed(tmp_path_factory):
     for name, cfg in {"comp": make_model_config(type="compsae", n_latents=32, k=4, d_f=8, d_c=4, n_heads=2, composer="attention"),
                       "topk": make_model_config(type="topk", n_latents=32, k=4)}.items():
         model = build_model(cfg, 16)
-        save_checkpoint(str(tmp / "train" / name), model, {
-            "model": cfg.model_dump(), "normalization": {"scale": 0.8}, "hook": HOOK, "step": 1, "tokens_seen": 10,
-            "finished": True, "d_in": 16, "type": cfg.type, "split": {"fraction": 0.25, "seed": 0}})
+        meta = CheckpointMeta(type=cfg.type, model=cfg, d_in=16, hook=HOOK, normalization=Normalization(scale=0.8),
+                              split=HeldOutSplit(fraction=0.25), step=1, tokens_seen=10, finished=True)
+        save_checkpoint(str(tmp / "train" / name), model, meta.model_dump(mode="json"))
     cfg = AnalyzeConfig(baselines=["pca"], ce=False, plots=False, progress=False, max_heldout_tokens=512,
                         baseline_fit_tokens=256, browser_contexts=3, browser_hist_rows=300, context_window=4)
     out = run_analyze(cfg, store.url, str(tmp / "train"), str(tmp / "analyze"), decode=lambda i: f"t{i}")
