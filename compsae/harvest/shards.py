@@ -218,7 +218,8 @@ class ShardBuffer:
         the writer).  Nothing here waits for the device; the range check is `HostShard.check`."""
         peaks = torch.stack(list(self.peak.values()))
         if staging is None:
-            return HostShard(acts={h: _numpy(x, self.dtype) for h, x in self.data.items()}, moments=None,
+            # x.cpu() is the buffer itself on the CPU; a GPU buffer without staging is copied (synchronously)
+            return HostShard(acts={h: _numpy(x.cpu(), self.dtype) for h, x in self.data.items()}, moments=None,
                              peaks=peaks.cpu().numpy(), dtype=self.dtype)
         moments = {h: device_moments(x) for h, x in self.data.items()} if staging.stream is not None else None
         return staging.stage(self.data, peaks, moments)
