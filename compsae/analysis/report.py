@@ -236,23 +236,29 @@ def recon_rows(metrics: dict[str, Any], group: str) -> list[dict[str, Any]]:
     return sorted(rows, key=lambda r: (r.get("l0") is None, r.get("l0") or 0, r["model"]))
 
 
-# The settings of the ablation table that mean something for each kind of model.
-_COMPOSITION = ("composer", "gate", "curriculum")
-APPLICABLE = {"compsae": ("type", "n_latents", "k", *_COMPOSITION, "graduated_sparsity"),
-              "topk": ("type", "n_latents", "k", "graduated_sparsity"),
-              "relu": ("type", "n_latents"), "jumprelu": ("type", "n_latents")}
+def applicable(kind: Any, settings: Any) -> set[str]:
+    """The settings (of `settings`) a model of `kind` has: the fields of its config class in the
+    ModelConfig union; a CompSAE with composer "none" has no gate or curriculum either.  An unknown
+    kind keeps every setting."""
+    from compsae.train.config import MODEL_CONFIGS, TopKConfig
+
+    cls = MODEL_CONFIGS.get(str(kind))
+    if cls is None:
+        return set(settings)
+    have = {f for f in settings if f in cls.model_fields or f == "type"}
+    # every config carries k (it bounds the dictionary), but only top-k models select k latents
+    return have if issubclass(cls, TopKConfig) else have - {"k"}
 
 
-def ablation_table(rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[str]]:
-    """The ablation rows with each model kind's inapplicable settings blanked (a CompSAE with
-    composer "none" has no gate or curriculum either), and the columns that apply to some row."""
+def ablation_table(rows: list[dict[str, Any]], settings: tuple[str, ...] = ("type", "n_latents", "k", "composer",
+                   "gate", "curriculum", "graduated_sparsity")) -> tuple[list[dict[str, Any]], list[str]]:
+    """The ablation rows with the `settings` a row's model kind does not have blanked, and the
+    columns that apply to some row."""
     out = []
     for row in rows:
-        kind = row.get("type")
-        keep = set(APPLICABLE.get(str(kind), row))
-        if kind == "compsae" and row.get("composer") == "none":
+        keep = applicable(row.get("type"), settings)
+        if row.get("type") == "compsae" and row.get("composer") == "none":
             keep -= {"gate", "curriculum"}
-        settings = {f for f in row if f in {c for cols in APPLICABLE.values() for c in cols}}
         out.append({k: (NA if k in settings and k not in keep else v) for k, v in row.items()})
     cols = [c for c in rows[0] if any(not isinstance(r.get(c), NotApplicable) and r.get(c) is not None for r in out)]
     return out, cols
@@ -335,4 +341,5 @@ def write_report(out_dir: str, metrics: dict[str, Any], arrays: dict[str, dict[s
     return {"report": ANALYSIS_REPORT, "metrics_json": ANALYSIS_METRICS, "metrics_parquet": ANALYSIS_METRICS_TABLE}
 
 
-__all__ = ["FVU_DEFINITION", "ablation_table", "fmt", "label", "make_figures", "render_html", "table", "write_report"]
+__all__ = ["FVU_DEFINITION", "ablation_table", "applicable", "fmt", "label", "make_figures", "render_html", "table",
+           "write_report"]
