@@ -12,7 +12,7 @@ from safetensors.numpy import load_file
 from train_fixtures import HOOK, make_store, model_cfg
 
 from compsae.errors import UserError
-from compsae.train.checkpoint import load_model
+from compsae.train.checkpoint import DIGEST_KEY, content_digest, load_model
 from compsae.train.config import TrainStageConfig
 from compsae.train.export import export_saelens
 from compsae.train.run import run_train
@@ -131,8 +131,12 @@ def test_non_finite_weights_are_refused_on_load_and_export(trained):
     data = (bad / "model.safetensors").read_bytes()
     header = json.loads(data[8:8 + int.from_bytes(data[:8], "little")])
     weights = st_load(data)
-    weights["W_dec"][3, 1] = float("nan")
-    (bad / "model.safetensors").write_bytes(st_save(weights, metadata=header["__metadata__"]))
+    weights["W_dec"][3, 1] = float("nan")  # as a diverged training saves it: with a matching digest
+    meta = json.loads(header["__metadata__"]["meta"][64:])  # after its content digest
+    packed = content_digest(weights, meta) + json.dumps(meta, sort_keys=True)
+    (bad / "model.safetensors").write_bytes(st_save(weights, metadata={"meta": packed}))
+    published = json.loads((bad / "config.json").read_text())
+    (bad / "config.json").write_text(json.dumps({**published, DIGEST_KEY: packed[:64]}))
     with pytest.raises(UserError, match="weight W_dec holds NaN or inf"):
         load_model(str(bad))
     with pytest.raises(UserError, match="NaN or inf"):

@@ -17,6 +17,7 @@ The config: `{"model": ModelConfig, "normalization": {"scale"} | null, "hook",
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from typing import Any
@@ -36,6 +37,8 @@ from compsae.train.models import SparseAutoencoder, build_model
 from compsae.train.records import CheckpointMeta
 
 _WEIGHT_PREFIX = "model."  # weights inside the resume state: "model.<parameter name>"
+DIGEST_KEY = "content_sha256"  # in config.json: the content digest of model.safetensors (see `_pack`)
+STATE_DIGEST_KEY = "state_sha256"  # in config.json: the digest of the resume state written with it
 _HEADER_LIMIT = 100 * 2**20  # a safetensors header larger than this is not one we wrote
 
 
@@ -84,8 +87,63 @@ def _metadata(data: bytes) -> dict[str, str]:
 def _metadata_step(data: bytes) -> int | None:
     header = _metadata(data)
     if "meta" in header:
-        return int(json.loads(header["meta"])["step"])
+        return int(_unpack(header["meta"], MODEL_FILE)[0]["step"])
     return int(header["step"]) if "step" in header else None  # checkpoints of the first format
+
+
+def content_digest(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> str:
+    """sha256 of a checkpoint file's content: `meta` and every tensor's name, dtype, shape and bytes.
+    Kept inside the file's JSON metadata: a flipped or swapped byte of a weight, or an edited field
+    of the metadata, is then refused on load instead of used."""
+    h = hashlib.sha256(json.dumps(meta, sort_keys=True).encode())
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+_DIGEST_LEN = 64  # hex digits of a sha256
+
+
+def _pack(obj: dict[str, Any], tensors: dict[str, torch.Tensor]) -> str:
+    """A file's JSON metadata prefixed by its content digest (no separator: the JSON starts with
+    `{`, which no single bit flip makes of a hex digit, so a damaged prefix cannot pass for an old
+    file written without one)."""
+    return content_digest(tensors, obj) + json.dumps(obj, sort_keys=True)
+
+
+def _unpack(text: str, where: str) -> tuple[dict[str, Any], str | None]:
+    """(metadata, digest) of a `_pack`ed string; digest None for files written before digests."""
+    digest, body = (None, text) if text.startswith("{") else (text[:_DIGEST_LEN], text[_DIGEST_LEN:])
+    try:
+        obj = json.loads(body)
+    except ValueError:
+        obj = None
+    if not isinstance(obj, dict):
+        raise UserError(f"{where}: its header metadata is not valid JSON; restore it or retrain")
+    return obj, digest
+
+
+def _check_digest(tensors: dict[str, torch.Tensor], text: str, where: str) -> tuple[dict[str, Any], str | None]:
+    """The metadata of a `_pack`ed string, after checking its digest against `tensors`."""
+    obj, digest = _unpack(text, where)
+    if digest is not None and digest != content_digest(tensors, obj):
+        raise UserError(f"{where}: its content does not match the digest it was written with (corrupt or edited "
+                        "bytes); restore it or retrain")
+    return obj, digest
+
+
+def _same_checkpoint(folder: str, step: Any, digest: Any, key: str, file: str) -> None:
+    """Refuse `file` when config.json was written at the same step with another digest for it: the
+    file was replaced by another checkpoint's.  A different step is a write interrupted between the
+    two files (the module docstring): the file is then newer than config.json, and fine."""
+    published = read_meta(folder)
+    if not isinstance(published, dict) or digest is None or published.get(key) is None:
+        return
+    if published.get("step") == step and published.get(key) != digest:
+        raise UserError(f"{folder}/{file} is not the file {CONFIG_FILE} was written with (replaced by another "
+                        "checkpoint's?); restore it or retrain")
 
 
 def _cpu(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -107,9 +165,15 @@ def save_checkpoint(folder: str, model: SparseAutoencoder, meta: dict[str, Any],
     if train_tensors is not None:
         state = {f"{_WEIGHT_PREFIX}{k}": v for k, v in weights.items()} | _cpu(train_tensors)
         resume = {"step": meta["step"], "meta": meta, "state": {**(train_json or {}), "step": meta["step"]}}
-        _write(fs, f"{path}/{STATE_FILE}", st_save(state, metadata={"resume": json.dumps(resume, sort_keys=True)}))
-    _write(fs, f"{path}/{MODEL_FILE}", st_save(weights, metadata={"meta": json.dumps(meta, sort_keys=True)}))
-    _write(fs, f"{path}/{CONFIG_FILE}", json.dumps(meta, indent=2, sort_keys=True).encode())
+        packed_state = _pack(resume, state)
+        _write(fs, f"{path}/{STATE_FILE}", st_save(state, metadata={"resume": packed_state}))
+    packed = _pack(meta, weights)
+    _write(fs, f"{path}/{MODEL_FILE}", st_save(weights, metadata={"meta": packed}))
+    # config.json names the digests of the files it was written with: a file of the same step
+    # replaced by another checkpoint's is refused on load (see `_same_checkpoint`)
+    published = {**meta, DIGEST_KEY: packed[:_DIGEST_LEN],
+                 **({STATE_DIGEST_KEY: packed_state[:_DIGEST_LEN]} if train_tensors is not None else {})}
+    _write(fs, f"{path}/{CONFIG_FILE}", json.dumps(published, indent=2, sort_keys=True).encode())
 
 
 def read_meta(folder: str) -> dict[str, Any] | None:
@@ -136,7 +200,7 @@ def read_resume_meta(folder: str) -> dict[str, Any] | None:
         return read_meta(folder)
     resume = ((header or {}).get("__metadata__") or {}).get("resume")
     try:
-        return json.loads(resume)["meta"]
+        return _unpack(resume, f"{folder}/{STATE_FILE}")[0]["meta"]
     except (TypeError, ValueError, KeyError):
         raise UserError(f"{folder}/{STATE_FILE} is not a valid safetensors resume state; delete the folder or "
                         "pass --force") from None
@@ -164,10 +228,8 @@ def load_model(folder: str, device: str | torch.device = "cpu") -> tuple[SparseA
     weights = _load_tensors(data, f"{folder}/{MODEL_FILE}")
     embedded = _metadata(data).get("meta")
     if embedded is not None:
-        try:
-            meta = json.loads(embedded)
-        except ValueError:
-            raise UserError(f"{folder}/{MODEL_FILE}: its header metadata is not valid JSON; retrain or re-import it") from None
+        meta, digest = _check_digest(weights, embedded, f"{folder}/{MODEL_FILE}")
+        _same_checkpoint(folder, meta.get("step"), digest, DIGEST_KEY, MODEL_FILE)
     else:
         meta = read_meta(folder)
         if meta is None:
@@ -231,7 +293,8 @@ def load_resume_state(folder: str) -> ResumeState | None:
     resume = _metadata(data).get("resume")
     if resume is None:
         raise UserError(f"{folder}/{STATE_FILE} is not a valid safetensors resume state; delete the folder or pass --force")
-    saved = json.loads(resume)
+    saved, digest = _check_digest(tensors, resume, f"{folder}/{STATE_FILE}")
+    _same_checkpoint(folder, saved.get("step"), digest, STATE_DIGEST_KEY, STATE_FILE)
     weights = {k[len(_WEIGHT_PREFIX):]: v for k, v in tensors.items() if k.startswith(_WEIGHT_PREFIX)}
     others = {k: v for k, v in tensors.items() if not k.startswith(_WEIGHT_PREFIX)}
     return ResumeState(int(saved["step"]), saved["meta"], saved["state"], weights, others)
