@@ -288,3 +288,13 @@ def test_import_never_writes_over_a_trained_model_or_other_files(tmp_path):
         import_saelens(src, str(tmp_path / "other"))
     import_saelens(src, str(tmp_path / "ck"))
     import_saelens(src, str(tmp_path / "ck"))  # importing again over an import is fine
+
+
+def test_a_pipeline_may_only_import():
+    only = TrainStageConfig.model_validate({"hook": HOOK, "models": {}, "imported": {"gs": {"path": "/x"}}})
+    assert only.models == {} and only.imported["gs"].format == "saelens"
+    with pytest.raises(ValueError, match="list at least one model"):
+        TrainStageConfig.model_validate({"hook": HOOK, "models": {}})
+    with pytest.raises(ValueError, match="same name"):
+        TrainStageConfig.model_validate({"hook": HOOK, "models": {"gs": {"type": "topk"}},
+                                         "imported": {"gs": {"path": "/x"}}})
