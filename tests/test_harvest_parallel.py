@@ -146,7 +146,7 @@ def test_cli_workers_reach_run_harvest(tmp_path: Path, monkeypatch: pytest.Monke
         seen.update(kw)
         return {"store": f"{out_dir}/store.zarr", "n_rows": 0, "hooks": {}, "dtype": "float16", "digest": "x"}
 
-    monkeypatch.setattr("compsae.harvest.run.run_harvest", fake)
+    monkeypatch.setattr("compsae.harvest.stage.run_harvest", fake)  # where the harvest stage calls it
     cfg = tmp_path / "p.yaml"
     cfg.write_text(f"runs_root: {tmp_path}/runs\npipelines:\n  t:\n    harvest: {{model: tiny-neox, n_tokens: 64}}\n")
     assert cli.main(["harvest", "-p", "t", "-c", str(cfg), "--workers", "3"]) == 0
