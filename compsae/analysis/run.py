@@ -1,10 +1,11 @@
 """`run_analyze`: every trained model and baseline of a pipeline, evaluated on held-out store rows
 with Dask, written up as one offline report.
 
-Order of work: open the store and the checkpoints → held-out rows (the split recorded in the
-checkpoints) → fit the baselines on training rows → choose the latents whose pair statistics are
-kept (most frequent on a pilot of blocks) → one Dask pass over the held-out blocks computing every
-statistic of every model → CE (where the LM loads) → metrics, top contexts, figures, report.html.
+Order of work, one function each: plan (`plan_analysis`: open the store and the checkpoints,
+held-out rows of the split recorded in the checkpoints, baselines fitted on training rows, the
+latents whose pair statistics are kept) → graph (`compute_partials`: one Dask pass over the
+held-out blocks computing every statistic of every model) → metrics (`analysis_metrics`: per
+model, CE where the LM loads, the ablation table) → write (top contexts, figures, report.html).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import fsspec
@@ -45,7 +47,7 @@ from compsae.errors import UserError
 from compsae.files import CONFIG_FILE, LATENTS_TABLE, TOP_CONTEXTS_TABLE
 from compsae.store import ActivationStore
 from compsae.store.sample import spread_rows
-from compsae.store.split import shared_split
+from compsae.store.split import HeldOutSplit, shared_split
 from compsae.train.records import CheckpointMeta
 from compsae.train.trained import model_folders
 
@@ -201,15 +203,27 @@ def find_ce_fn(manifest: dict[str, Any], hook: str) -> tuple[CEFn | None, str]:
         return None, f"skipped: the LM could not be loaded ({e})"
 
 
-def run_analyze(cfg: AnalyzeConfig, store_url: str, train_dir: str, out_dir: str,
-                workers: int | None = None, scheduler: str | None = None, processes: bool = True,
-                ce_fn: CEFn | None = None, decode: Callable[[int], str] | None = None) -> dict[str, Any]:
-    """Analyse every model under `train_dir` (one folder each) and the baselines on the store's
-    held-out rows; write report.html, metrics.json/.parquet, latents.parquet, top_contexts.parquet
-    and figures/ into `out_dir`.  `workers` / `scheduler` override the config's (CLI flags).
-    Returns the stage outputs (file names and headline numbers)."""
-    workers = cfg.workers if workers is None else workers
-    scheduler = cfg.scheduler if scheduler is None else scheduler
+@dataclass
+class AnalysisPlan:
+    """What one analysis evaluates: the models (and fitted baselines) on the held-out blocks of one
+    hook, and the latents whose pair statistics are kept."""
+
+    store: ActivationStore
+    hook: str
+    split: HeldOutSplit
+    blocks: Any                      # the planned held-out blocks (`plan_blocks`)
+    recons: list[Reconstructor]      # trained models first, then the baselines
+    sae_names: frozenset[str]        # the trained (or imported) models among `recons`
+    metas: dict[str, CheckpointMeta]
+    baseline_k: int
+    tracked: dict[str, np.ndarray]
+    notes: list[str]
+
+
+def plan_analysis(cfg: AnalyzeConfig, store_url: str, train_dir: str) -> AnalysisPlan:
+    """Open the store and the checkpoints, keep the models of one hook and one held-out split (the
+    split recorded in the checkpoints), plan the held-out blocks, fit the baselines on training
+    rows and choose the tracked latents."""
     store = open_store(store_url)
     found = model_folders(train_dir)
     if not found:
@@ -229,8 +243,7 @@ def run_analyze(cfg: AnalyzeConfig, store_url: str, train_dir: str, out_dir: str
         notes.append(f"models trained with another held-out split left out: {', '.join(other)}")
         recons = [r for r in recons if r.name not in other]
     heldout = split.mask(store.seq_id)
-    plan = plan_blocks(heldout, store.chunk_rows, cfg.max_heldout_tokens)
-    pos = store.pos
+    blocks = plan_blocks(heldout, store.chunk_rows, cfg.max_heldout_tokens)
 
     compsae_k = [m.model.k for m in metas.values() if m.model.type == "compsae"]
     k = cfg.baseline_k or (compsae_k[0] if compsae_k else 32)
@@ -238,61 +251,88 @@ def run_analyze(cfg: AnalyzeConfig, store_url: str, train_dir: str, out_dir: str
     if "baselines" not in cfg.skip and cfg.baselines:
         x_fit = fit_rows(store, hook, ~heldout, cfg.baseline_fit_tokens)
         recons += fit_baselines(list(cfg.baselines), x_fit, k, cfg.nmf_components, cfg.seed)
+    tracked = (choose_tracked(store, hook, store.pos, blocks, recons, cfg.pair_latents)
+               if "pairs" not in cfg.skip else {})
+    return AnalysisPlan(store, hook, split, blocks, recons, sae_names, metas, k, tracked, notes)
 
-    tracked = choose_tracked(store, hook, pos, plan, recons, cfg.pair_latents) if "pairs" not in cfg.skip else {}
-    spec = BlockSpec(top_k_contexts=cfg.top_k_contexts, skip=frozenset(cfg.skip), tracked=tracked,
-                     contexts_for=sae_names)
-    graph = build_graph(acts_array(store, hook), pos, plan, recons, spec)
+
+def compute_partials(ap: AnalysisPlan, cfg: AnalyzeConfig, workers: int, scheduler: str | None,
+                     processes: bool) -> dict[str, Any]:
+    """One Dask pass over the held-out blocks: every statistic of every model, merged per model."""
+    spec = BlockSpec(top_k_contexts=cfg.top_k_contexts, skip=frozenset(cfg.skip), tracked=ap.tracked,
+                     contexts_for=ap.sae_names)
+    graph = build_graph(acts_array(ap.store, ap.hook), ap.store.pos, ap.blocks, ap.recons, spec)
     with dask_client(workers, scheduler, cfg.threads_per_worker, processes) as client:
-        partials = compute(graph, client, cfg.progress)
+        return compute(graph, client, cfg.progress)
 
+
+def analysis_metrics(ap: AnalysisPlan, cfg: AnalyzeConfig, partials: dict[str, Any], ce_fn: CEFn | None
+                     ) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """metrics.json's content (per model, CE where the LM loads, the ablation table) and the arrays
+    the figures and tables are drawn from."""
     models: dict[str, Any] = {}
     arrays: dict[str, dict[str, Any]] = {}
-    for r in recons:
-        m, arr = model_metrics(partials[r.name], cfg.dense_thresholds, cfg.partner_threshold, tracked.get(r.name))
+    for r in ap.recons:
+        m, arr = model_metrics(partials[r.name], cfg.dense_thresholds, cfg.partner_threshold, ap.tracked.get(r.name))
         m["kind"] = r.kind
         models[r.name], arrays[r.name] = m, arr
 
     ce_note = "off in the config"
     if cfg.ce and "ce" not in cfg.skip:
-        fn, ce_note = (ce_fn, "") if ce_fn is not None else find_ce_fn(store.manifest, hook)
-        seqs = heldout_sequences(store, plan.keep, cfg.ce_sequences)
+        fn, ce_note = (ce_fn, "") if ce_fn is not None else find_ce_fn(ap.store.manifest, ap.hook)
+        seqs = heldout_sequences(ap.store, ap.blocks.keep, cfg.ce_sequences)
         if fn is not None and len(seqs) == 0:
             ce_note = "skipped: no whole held-out sequence in the evaluated rows"
         elif fn is not None:
             tok = torch.as_tensor(seqs)
-            for r in recons:
+            for r in ap.recons:
                 models[r.name]["ce"] = ce_metrics(fn, tok, _splice(r))
             ce_note = f"{len(seqs)} held-out sequences, {int(seqs.size)} tokens"
 
     ablations = []
-    for r in recons:
-        if r.name not in sae_names:
+    for r in ap.recons:
+        if r.name not in ap.sae_names:
             continue
-        mc, a = metas[r.name].model.model_dump(), models[r.name]["all"]
+        mc, a = ap.metas[r.name].model.model_dump(), models[r.name]["all"]
         ablations.append({"model": r.name, **{f: mc.get(f) for f in ABLATION_FIELDS}, "l0": a["l0"], "fvu": a["fvu"],
                           "fvu_nocomp": a.get("fvu_nocomp"), "comp_share": a.get("comp_share"),
                           "dead_fraction": models[r.name].get("latents", {}).get("dead_fraction"),
                           "ce_recovered": models[r.name].get("ce", {}).get("ce_recovered"),
-                          "tokens_seen": metas[r.name].tokens_seen})
-    metrics = {"hook": hook, "store": store_url, "n_tokens": plan.n_tokens, "heldout_fraction": split.fraction,
-               "heldout_seed": split.seed, "baseline_k": k, "models": models, "ablations": ablations,
-               "ablations_by_variant": ablations_by_variant(ablations),
-               "ce_note": ce_note, "notes": notes,
-               "scheduler": scheduler or (f"LocalCluster({workers})" if workers else "threads")}
+                          "tokens_seen": ap.metas[r.name].tokens_seen})
+    metrics = {"hook": ap.hook, "store": ap.store.url, "n_tokens": ap.blocks.n_tokens,
+               "heldout_fraction": ap.split.fraction, "heldout_seed": ap.split.seed, "baseline_k": ap.baseline_k,
+               "models": models, "ablations": ablations, "ablations_by_variant": ablations_by_variant(ablations),
+               "ce_note": ce_note, "notes": ap.notes}
+    return metrics, arrays
 
-    decode = decode or token_decoder(store.manifest)
-    for r in recons:
-        top = models[r.name].get("pairs", {}).get("top_pairs")
+
+def run_analyze(cfg: AnalyzeConfig, store_url: str, train_dir: str, out_dir: str,
+                workers: int | None = None, scheduler: str | None = None, processes: bool = True,
+                ce_fn: CEFn | None = None, decode: Callable[[int], str] | None = None) -> dict[str, Any]:
+    """Analyse every model under `train_dir` (one folder each) and the baselines on the store's
+    held-out rows; write report.html, metrics.json/.parquet, latents.parquet, top_contexts.parquet
+    and figures/ into `out_dir`.  `workers` / `scheduler` override the config's (CLI flags).
+    Returns the stage outputs (file names and headline numbers)."""
+    workers = cfg.workers if workers is None else workers
+    scheduler = cfg.scheduler if scheduler is None else scheduler
+    ap = plan_analysis(cfg, store_url, train_dir)
+    partials = compute_partials(ap, cfg, workers, scheduler, processes)
+    metrics, arrays = analysis_metrics(ap, cfg, partials, ce_fn)
+    metrics["store"] = store_url
+    metrics["scheduler"] = scheduler or (f"LocalCluster({workers})" if workers else "threads")
+
+    decode = decode or token_decoder(ap.store.manifest)
+    for r in ap.recons:
+        top = metrics["models"][r.name].get("pairs", {}).get("top_pairs")
         if top and isinstance(r, SAEReconstructor):
-            pair_examples(r, store, hook, plan, top[:TOP_PAIR_EXAMPLES], decode)
+            pair_examples(r, ap.store, ap.hook, ap.blocks, top[:TOP_PAIR_EXAMPLES], decode)
     examples = []
-    for r in recons:
+    for r in ap.recons:
         if r.kind == "compsae" and len(examples) == 0 and cfg.plots:
-            examples = attention_examples(r, store, hook, plan, cfg.n_attention_examples, decode)  # type: ignore[arg-type]
-
-    saes = [r for r in recons if r.name in sae_names]
-    return _write_outputs(out_dir, cfg, metrics, arrays, examples, partials, store, decode, saes, plan.keep)
+            examples = attention_examples(r, ap.store, ap.hook, ap.blocks, cfg.n_attention_examples,  # type: ignore[arg-type]
+                                          decode)
+    saes = [r for r in ap.recons if r.name in ap.sae_names]
+    return _write_outputs(out_dir, cfg, metrics, arrays, examples, partials, ap.store, decode, saes, ap.blocks.keep)
 
 
 def _splice(rec: Reconstructor) -> Callable[[torch.Tensor], torch.Tensor]:
