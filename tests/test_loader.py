@@ -105,3 +105,28 @@ def test_corrupt_chunk_is_reported_by_the_iterator(store):
     fresh = ActivationStore.open(store.url)
     with pytest.raises(UserError, match="shard 1"):
         _rows(BatchLoader(fresh, HOOK, batch_size=100, epochs=1))
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_parts_read_their_share_of_the_same_batches(tmp_path, world: int) -> None:
+    """A data-parallel rank's loader yields its contiguous share of each global batch, also for the
+    epoch's shorter last batch and after a resume in the middle of an epoch."""
+    n, d = 1000, 6
+    st = ActivationStore.create(str(tmp_path / "s.zarr"), {"h": d}, n, StoreLayout(chunk_rows=64, shard_rows=256),
+                                {"config_hash": "t"})
+    x = np.random.default_rng(0).normal(size=(n, d)).astype(np.float32)
+    for s in range(st.n_shards):
+        lo, hi = st.shard_range(s)
+        rows = np.arange(lo, hi)
+        st.write_shard(s, {"h": x[lo:hi]}, rows % 7, rows // 50, rows % 50)
+    st.finalize()
+    kw = dict(batch_size=49, heldout_fraction=0.1, seed=3, mix_chunks=3, epochs=2, num_threads=1)
+    whole = [b.numpy() for b in BatchLoader(st.url, "h", **kw)]
+    parts = [[b.numpy() for b in BatchLoader(st.url, "h", part=(r, world), **kw)] for r in range(world)]
+    assert all(len(p) == len(whole) for p in parts)
+    for i, batch in enumerate(whole):
+        np.testing.assert_array_equal(np.concatenate([p[i] for p in parts]), batch)
+        assert max(len(p[i]) for p in parts) - min(len(p[i]) for p in parts) <= 1
+    resumed = BatchLoader(st.url, "h", part=(1, world), **kw)
+    resumed.load_state_dict({**resumed.state_dict(), "batch": 7})
+    np.testing.assert_array_equal(next(iter(resumed)).numpy(), parts[1][7])

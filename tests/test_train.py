@@ -65,10 +65,10 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path, monkeypatch):
 
     real_step = Trainer._train_step
 
-    def dying_step(self, x):
+    def dying_step(self, *args):
         if self.step == 23:
             raise KeyboardInterrupt  # the process is killed between checkpoints
-        return real_step(self, x)
+        return real_step(self, *args)
 
     monkeypatch.setattr(Trainer, "_train_step", dying_step)
     with pytest.raises(KeyboardInterrupt):

@@ -38,7 +38,11 @@ class BatchLoader:
     every row.  `normalize` scales every row by one factor so the mean row norm becomes
     sqrt(d_model) (the factor is `self.scale`, from the store's statistics).  `epochs=None` cycles
     forever; the last batch of an epoch may be smaller unless `drop_last`.  `split_seed` picks the
-    held-out sequences (training records it with the checkpoint, as `HeldOutSplit`)."""
+    held-out sequences (training records it with the checkpoint, as `HeldOutSplit`).
+
+    `part=(rank, world)` (a data-parallel job): the global batches stay the same, but only rank's
+    contiguous share of each is read and yielded (sizes differ by at most one, rank order, as
+    `DistContext.local_rows`; a share can be empty when a batch has fewer rows than ranks)."""
 
     def __init__(
         self,
@@ -57,6 +61,7 @@ class BatchLoader:
         epochs: int | None = None,
         drop_last: bool = False,
         split_seed: int = DEFAULT_SPLIT_SEED,
+        part: tuple[int, int] = (0, 1),
     ) -> None:
         self.store = ActivationStore.open(store) if isinstance(store, str) else store
         if hook not in self.store.hooks:
@@ -66,6 +71,9 @@ class BatchLoader:
             raise UserError(f"split must be train, heldout or all, not {split!r}")
         self.hook = hook
         self.batch_size = batch_size
+        self.rank, self.world = part
+        if not 0 <= self.rank < self.world:
+            raise ValueError(f"part {part} is not (rank, world size) with 0 <= rank < world size")
         self.split = split
         self.heldout_fraction = heldout_fraction
         self.seed = seed
@@ -170,9 +178,19 @@ class BatchLoader:
             out *= np.float32(self.scale)
         return block
 
-    def _epoch_blocks(self, epoch: int, skip: int, pool: ThreadPoolExecutor) -> Iterator[tuple[np.ndarray, int]]:
-        """Yield (block `[r, d]`, n_batches) per window of `epoch`, already past the first `skip` batches;
-        a block holds exactly the rows of its batches, in order."""
+    def _share(self, n: int) -> slice:
+        """This part's rows of a batch of `n` rows."""
+        base, extra = divmod(n, self.world)
+        start = self.rank * base + min(self.rank, extra)
+        return slice(start, start + base + (1 if self.rank < extra else 0))
+
+    def _epoch_blocks(self, epoch: int, skip: int, pool: ThreadPoolExecutor) -> Iterator[tuple[np.ndarray, list[int]]]:
+        """Yield (block `[r, d]`, rows of each batch in it) per window of `epoch`, already past the
+        first `skip` batches; a block holds exactly the rows of its batches (this part's share of
+        each), in order."""
+        if self.world > 1:
+            yield from self._epoch_shares(epoch, skip, pool)
+            return
         bs = self.batch_size
         windows = self._windows(epoch)
         carry_rows = np.empty(0, dtype=np.int64)
@@ -195,8 +213,31 @@ class BatchLoader:
             data = self._gather(rows, pool, prefix=carry_data)  # carried rows first, no extra copy
             all_rows = np.concatenate([carry_rows, rows])
             first = max(0, skip - done)
-            yield data[first * bs:used], n_batches - first
+            yield data[first * bs:used], [min(bs, used - j * bs) for j in range(first, n_batches)]
             carry_rows, carry_data = all_rows[used:], data[used:]
+            done += n_batches
+
+    def _epoch_shares(self, epoch: int, skip: int, pool: ThreadPoolExecutor) -> Iterator[tuple[np.ndarray, list[int]]]:
+        """`_epoch_blocks` of one part: the same batches planned, only this part's rows of each read."""
+        bs = self.batch_size
+        windows = self._windows(epoch)
+        carry_rows = np.empty(0, dtype=np.int64)  # planned rows of the next window's first batch
+        done = 0
+        for w, chunks in enumerate(windows):
+            all_rows = np.concatenate([carry_rows, self._window_rows(epoch, w, chunks)])
+            n_batches = len(all_rows) // bs
+            if w == len(windows) - 1 and len(all_rows) % bs and not self.drop_last:
+                n_batches += 1
+            used = min(n_batches * bs, len(all_rows))
+            if done + n_batches > skip:
+                picks, lengths = [], []
+                for j in range(max(0, skip - done), n_batches):
+                    lo = j * bs
+                    share = self._share(min(bs, used - lo))
+                    picks.append(all_rows[lo + share.start:lo + share.stop])
+                    lengths.append(share.stop - share.start)
+                yield self._gather(np.concatenate(picks), pool), lengths
+            carry_rows = all_rows[used:]
             done += n_batches
 
     # -- iteration --------------------------------------------------------------------------------
@@ -207,13 +248,13 @@ class BatchLoader:
             with ThreadPoolExecutor(self.num_threads, thread_name_prefix="compsae-loader") as pool:
                 epoch, skip = self._epoch, self._batch
                 while self.epochs is None or epoch < self.epochs:
-                    for block, n_batches in self._epoch_blocks(epoch, skip, pool):
+                    for block, lengths in self._epoch_blocks(epoch, skip, pool):
                         tensor = torch.from_numpy(block)
                         if pin:
                             tensor = tensor.pin_memory()
                         while not stop.is_set():
                             try:
-                                out.put((epoch, tensor, n_batches), timeout=0.1)
+                                out.put((epoch, tensor, lengths), timeout=0.1)
                                 break
                             except queue.Full:
                                 continue
@@ -221,9 +262,9 @@ class BatchLoader:
                             return
                     epoch, skip = epoch + 1, 0
         except BaseException as e:  # noqa: BLE001 - handed to the consumer, which re-raises it
-            out.put((None, e, 0))
+            out.put((None, e, []))
             return
-        out.put((None, _DONE, 0))
+        out.put((None, _DONE, []))
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         blocks: queue.Queue = queue.Queue(maxsize=self.prefetch)
@@ -231,18 +272,19 @@ class BatchLoader:
         producer = threading.Thread(target=self._produce, args=(blocks, stop), daemon=True,
                                     name="compsae-loader-producer")
         producer.start()
-        bs = self.batch_size
         try:
             while True:
-                epoch, block, n_batches = blocks.get()
+                epoch, block, lengths = blocks.get()
                 if epoch is None:
                     if block is _DONE:
                         return
                     raise block
                 if epoch != self._epoch:
                     self._epoch, self._batch = epoch, 0
-                for j in range(n_batches):
-                    batch = block[j * bs:(j + 1) * bs]
+                at = 0
+                for n in lengths:
+                    batch = block[at:at + n]
+                    at += n
                     if self.device.type != "cpu":
                         batch = batch.to(self.device, non_blocking=True)
                     self._batch += 1  # counted before the yield: a checkpoint taken now resumes after it

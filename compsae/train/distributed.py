@@ -1,8 +1,9 @@
 """Data-parallel training across processes (`torchrun`): who is who, and the few collectives the
 trainer needs.
 
-Every rank runs the same loader with the same seed, so all ranks see the same global batch; rank r
-trains on the r-th contiguous slice of it (`local_rows`).  Gradients are averaged by
+Every rank plans the same global batches (same loader, same seed) and reads only the r-th
+contiguous slice of each (`local_rows`; `BatchLoader(part=(rank, world))`), which rank r trains on;
+the global batch is gathered once, at step 0, for the decoder bias' initialisation.  Gradients are averaged by
 DistributedDataParallel; the trainer weights each rank's loss by its share of the batch, so the
 averaged gradient is exactly the gradient of the global batch mean (also when the last batch of an
 epoch does not split evenly).  Everything that decides what happens next (loss terms, the latents
@@ -82,6 +83,15 @@ class DistContext:
         if self.enabled:
             dist.all_reduce(t, op=dist.ReduceOp.SUM)
         return t
+
+    def gather_rows(self, t: torch.Tensor) -> torch.Tensor:
+        """Every rank's rows `t: [n_rank, ...]` concatenated in rank order (the global batch when each
+        rank holds its `local_rows` share); `t` itself for one process."""
+        if not self.enabled:
+            return t
+        parts: list[Any] = [None] * self.world_size
+        dist.all_gather_object(parts, t.detach().cpu())
+        return torch.cat(parts).to(t.device)
 
     def barrier(self) -> None:
         if self.enabled:

@@ -199,7 +199,8 @@ def train_one(name: str, model_cfg: ModelConfig, train_cfg: TrainConfig, hook: s
     loader = BatchLoader(store, hook, batch_size=train_cfg.batch_size, split="train",
                          heldout_fraction=split.fraction, split_seed=split.seed, seed=train_cfg.seed, device=device,
                          normalize=train_cfg.normalize, mix_chunks=train_cfg.mix_chunks,
-                         num_threads=train_cfg.num_threads, prefetch=train_cfg.prefetch)
+                         num_threads=train_cfg.num_threads, prefetch=train_cfg.prefetch,
+                         part=(ctx.rank, ctx.world_size))  # each rank reads only its share of a batch
     check_training_memory(name, model_cfg, train_cfg, d_in, device)
     torch.manual_seed(train_cfg.seed)
     model = build_model(model_cfg, d_in)

@@ -74,12 +74,19 @@ def metrics_from_sums(sums: torch.Tensor, x: torch.Tensor, scale: float, composi
     FVU = Σ‖x − x̂‖² / Σ‖x − μ‖² with μ the batch mean (scale-free); with composition also the FVU
     with the composition path switched off and the mean gate value."""
     x = x.float()
-    total_var = (x - x.mean(0)).pow(2).sum().clamp_min(1e-12)
+    total_var = float((x - x.mean(0)).pow(2).sum().clamp_min(1e-12))
+    return metrics_from_totals(sums, total_var, x.shape[0], x.shape[1], scale, composition)
+
+
+def metrics_from_totals(sums: torch.Tensor, total_var: float, n: int, d: int, scale: float,
+                        composition: bool) -> dict[str, float]:
+    """`metrics_from_sums` of a batch of `n` rows of width `d` known by its total variance
+    Σ‖x − μ‖² only (a batch spread over data-parallel ranks)."""
     sq_err, l0, sq_err_linear, gate = (float(v) for v in sums)
-    metrics = {"mse": sq_err / x.numel() / scale**2, "fvu": sq_err / float(total_var), "l0": l0 / x.shape[0]}
+    metrics = {"mse": sq_err / (n * d) / scale**2, "fvu": sq_err / total_var, "l0": l0 / n}
     if composition:
-        metrics["fvu_no_comp"] = sq_err_linear / float(total_var)
-        metrics["gate_mean"] = gate / x.numel()
+        metrics["fvu_no_comp"] = sq_err_linear / total_var
+        metrics["gate_mean"] = gate / (n * d)
     return metrics
 
 
@@ -209,7 +216,8 @@ class Trainer:
             ) -> dict[str, Any]:
         """Train until the token budget is spent (or `batches` runs out); return the last metrics.
 
-        `batches` yields global batches; in a data-parallel job every rank must get the same ones."""
+        `batches` yields this rank's share of each global batch (the whole batch for one process;
+        in a data-parallel job the `local_rows` share, as `BatchLoader(part=(rank, world))` reads it)."""
         self.loader_state = loader_state
         last: dict[str, Any] = {}
         bar = tqdm(total=self.total, initial=self.step, desc=f"train {self.name}", disable=not self.progress,
@@ -221,17 +229,19 @@ class Trainer:
                     x = next(batches)
                 except StopIteration:
                     break
-                x = x.to(self.device, non_blocking=True)  # [batch, d], the global batch
+                x = x.to(self.device, non_blocking=True)  # [rows, d]: this rank's share of the global batch
+                n = self._global_rows(x)
                 if self.step == 0:
-                    self.model.init_b_dec(x)  # from the global batch: the same on every rank
-                terms, out, rows = self._train_step(x)
+                    # from the global batch: the same on every rank
+                    self.model.init_b_dec(self.dist.gather_rows(x))
+                terms, out = self._train_step(x, n)
                 self.step += 1
-                self.tokens_seen += x.shape[0]
-                window_tokens += x.shape[0]
+                self.tokens_seen += n
+                window_tokens += n
                 bar.update(1)
                 if self.step % self.cfg.log_every == 0 or self.step == self.total:
                     now = time.perf_counter()
-                    last = self._log(x, rows, terms, out, window_tokens / max(now - window_start, 1e-9))
+                    last = self._log(x, n, terms, out, window_tokens / max(now - window_start, 1e-9))
                     bar.set_postfix({k: f"{last[k]:.3g}" for k in ("loss", "fvu", "l0", "dead_fraction")}
                                     | {"k": last["k"], "m": last["m"]})
                     window_start, window_tokens = now, 0
@@ -243,21 +253,21 @@ class Trainer:
         self.save(finished=self.finished)
         return last
 
-    def _local_share(self, x: torch.Tensor) -> tuple[torch.Tensor, slice, float]:
-        """This rank's rows of the global batch `x: [n, d]`, their slice and their share of n.
+    def _global_rows(self, x: torch.Tensor) -> int:
+        """Rows of the global batch whose share `x` is (one all-reduce in a data-parallel job)."""
+        if not self.dist.enabled:
+            return x.shape[0]
+        return int(self.dist.all_reduce_sum(torch.tensor([x.shape[0]], dtype=torch.int64, device=x.device)).item())
 
-        A rank left without rows (n < world size) trains on one row with weight 0: it must still
-        take part in the gradient all-reduce."""
-        rows = self.dist.local_rows(x.shape[0])
-        if rows.stop > rows.start:
-            return x[rows], rows, (rows.stop - rows.start) / x.shape[0]
-        return x[:1], slice(0, 0), 0.0
+    def _train_step(self, x: torch.Tensor, n: int) -> tuple[dict[str, float], SAEOutput]:
+        """One optimizer step on the global batch of `n` rows whose share on this rank is `x`;
+        returns the global loss terms (batch means) and this rank's forward output.
 
-    def _train_step(self, x: torch.Tensor) -> tuple[dict[str, float], SAEOutput, slice]:
-        """One optimizer step on the global batch `x`; returns the global loss terms (batch means),
-        this rank's forward output and its rows of `x`."""
+        A rank left without rows (n < world size) trains on one zero row with weight 0: it must
+        still take part in the gradient all-reduce."""
         step, total = self.step, self.total
-        x_local, rows, share = self._local_share(x)
+        share = x.shape[0] / n
+        x_local = x if x.shape[0] else x.new_zeros((1, x.shape[1]))
         self.model.train()
         schedule: dict[str, Any] = {"k": k_at(step, total, self.model_cfg), "m": m_at(step, total, self.model_cfg),
                                     "l1_scale": l1_scale_at(step, total, self.model_cfg)}
@@ -296,19 +306,28 @@ class Trainer:
         self.model.after_optimizer_step()
         if self.dist.enabled:
             fired_anywhere = packed[len(names):] > 0
-            self.dead.since_fired += x.shape[0]
+            self.dead.since_fired += n
             self.dead.since_fired[fired_anywhere] = 0
         else:
             self.dead.update(out.z)
-        return global_terms, out, rows
+        return global_terms, out
 
-    def _log(self, x: torch.Tensor, rows: slice, terms: dict[str, float], out: SAEOutput, tokens_per_s: float
+    def _log(self, x: torch.Tensor, n: int, terms: dict[str, float], out: SAEOutput, tokens_per_s: float
              ) -> dict[str, Any]:
-        sums = metric_sums(x[rows], out) if rows.stop > rows.start else out.x_hat.new_zeros(4)
-        self.dist.all_reduce_sum(sums)
+        """Log the metrics of the step just taken: `x` this rank's share of the global batch of `n` rows."""
+        if not self.dist.enabled:
+            metrics = metrics_from_sums(metric_sums(x, out), x, self.scale, out.has_composition)
+        else:
+            # the global batch's variance from sums over ranks: Σ‖x − μ‖² = Σ‖x‖² − ‖Σx‖² / n
+            x64 = x.double()
+            local = torch.cat([metric_sums(x, out).double() if x.shape[0] else x64.new_zeros(4),
+                               x64.sum(0), x64.pow(2).sum()[None]])
+            self.dist.all_reduce_sum(local)
+            total_var = max(float(local[-1] - local[4:-1].pow(2).sum() / n), 1e-12)
+            metrics = metrics_from_totals(local[:4], total_var, n, x.shape[1], self.scale, out.has_composition)
         record: dict[str, Any] = {"step": self.step, "tokens": self.tokens_seen}
         record.update(terms)
-        record.update(metrics_from_sums(sums, x, self.scale, out.has_composition))
+        record.update(metrics)
         record.update({
             "k": getattr(self.model, "k", None) if self.model_cfg.type != "relu" else None,
             "m": getattr(self.model, "m", None),
