@@ -16,11 +16,18 @@ from compsae.files import COMPARISON_JSON
 EXIT_USER = 2
 
 
+def one_line(text: str) -> str:
+    """`text` with every character that would break or hide a line (newline, carriage return, other
+    control characters, Unicode line separators) written as its escape: an error stays one line
+    even when it quotes a path or value the user typed."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse with one-line errors (exit 2), like every other compsae error."""
 
     def error(self, message: str) -> NoReturn:
-        print(f"error: {message} (see `{self.prog} --help`)", file=sys.stderr)
+        print(one_line(f"error: {message} (see `{self.prog} --help`)"), file=sys.stderr)
         sys.exit(EXIT_USER)
 
 
@@ -139,8 +146,8 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     checked = ", ".join(f"{n} {what}" for what, n in counts.items())
     if problems:
         for p in problems:
-            print(p)
-        print(f"error: {len(problems)} problem(s) in {args.path} (checked {checked})", file=sys.stderr)
+            print(one_line(p))
+        print(one_line(f"error: {len(problems)} problem(s) in {args.path} (checked {checked})"), file=sys.stderr)
         return EXIT_USER
     print(f"ok: {args.path}: checked {checked}{' (statistics recomputed)' if args.deep else ''}")
     return 0
@@ -266,7 +273,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             _exit_now(code)
         return code
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {one_line(str(e))}", file=sys.stderr)
         return EXIT_USER
     except KeyboardInterrupt:
         print("interrupted; rerun the same command to resume where it stopped", file=sys.stderr)
@@ -281,7 +288,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"error: disk full while writing ({e.filename or 'output'}); free space and rerun the same "
                   "command to resume", file=sys.stderr)
             return EXIT_USER
+        if e.errno in _PATH_ERRORS:  # a path given by the user that is not what the command needs
+            print(one_line(f"error: {e.strerror or e.__class__.__name__}: {e.filename or 'a path given'}; check the "
+                           "paths and permissions"), file=sys.stderr)
+            return EXIT_USER
         raise
+
+
+_PATH_ERRORS = {errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENAMETOOLONG,
+                errno.EEXIST, errno.ENOTEMPTY, errno.ELOOP}
 
 
 if __name__ == "__main__":

@@ -29,8 +29,9 @@ TEXT = st.one_of(
 )
 NUMBER = st.sampled_from(["-1", "0", "1", "2", "2147483648", "9223372036854775808", "1000000000000", "1e999",
                           "nan", "-0", "0x10", "1.5", "", "inf"])
+# no URL of a real remote protocol (s3, gs, http): tests never touch the network
 URL = st.sampled_from(["s4://bucket/x", "nope://x", "memory://fuzz/x.zarr", "file:///nonexistent/x", "zip://",
-                       "::", "s3://", "gs://", "a::b://c"])
+                       "::", "a::b://c", "memory://", "file://"])
 
 
 def _paths(tmp: Path) -> st.SearchStrategy[str]:
