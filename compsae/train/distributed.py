@@ -151,4 +151,6 @@ def wrap_loss(model: nn.Module, ctx: DistContext, device: torch.device) -> nn.Mo
     from torch.nn.parallel import DistributedDataParallel
 
     # the models have no buffers, so DDP's buffer sync has nothing to do
-    return DistributedDataParallel(adapter, device_ids=[device.index] if device.type == "cuda" else None)
+    # the pairwise composer's parameters sit out the steps before its term joins the reconstruction
+    return DistributedDataParallel(adapter, device_ids=[device.index] if device.type == "cuda" else None,
+                                   find_unused_parameters=True)

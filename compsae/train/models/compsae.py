@@ -88,11 +88,9 @@ class CompSAE(TopKSAE):
         if self.cfg.composer == "none":
             return SAEOutput(x_hat=linear, z=z, active_idx=idx)
         if self.cfg.composer == "pair":
-            comp = self.pair(idx, vals, self.m)  # [b, d]
-            if not self.pair_on:
-                # before the path joins: no contribution, but still in the graph (zero gradients),
-                # so DistributedDataParallel sees every parameter used on every step
-                comp = comp * 0.0
+            # before the path joins its parameters get no gradient at all (Adam starts them fresh
+            # when it joins); DistributedDataParallel is told that parameters may go unused
+            comp = self.pair(idx, vals, self.m) if self.pair_on else torch.zeros_like(linear)  # [b, d]
             x_hat = linear + comp if composition else linear
             return SAEOutput(x_hat=x_hat, z=z, active_idx=idx, comp=comp)
         # items z_i · E[i] go through attention within the token; c: [b, d_c], attn: [b, h, k, k]
