@@ -40,7 +40,7 @@ def test_capture_equals_bridge(loaded, hooks: list[str]) -> None:
 
 def test_capture_stops_after_the_deepest_hook(loaded) -> None:
     calls: list[int] = []
-    handles = [layer.register_forward_hook(lambda m, a, r, i=i: calls.append(i))
+    handles = [layer.register_forward_pre_hook(lambda m, a, i=i: calls.append(i))  # layers that start
                for i, layer in enumerate(loaded.capture.layers)]
     try:
         with torch.inference_mode():
