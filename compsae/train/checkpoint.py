@@ -200,6 +200,8 @@ def read_resume_meta(folder: str) -> dict[str, Any] | None:
         return read_meta(folder)
     resume = ((header or {}).get("__metadata__") or {}).get("resume")
     try:
+        if not isinstance(resume, str):  # not a safetensors file of ours (a pickle, say)
+            raise ValueError("no resume metadata")
         return _unpack(resume, f"{folder}/{STATE_FILE}")[0]["meta"]
     except (TypeError, ValueError, KeyError):
         raise UserError(f"{folder}/{STATE_FILE} is not a valid safetensors resume state; delete the folder or "

@@ -310,7 +310,9 @@ def _mount_tmpfs(where: Path, size: str) -> bool:
 @pytest.mark.reliability
 def test_disk_full_on_a_real_small_tmpfs(tmp_path: Path, reference_store: str,
                                          capsys: pytest.CaptureFixture[str]) -> None:
-    """A 1 MiB tmpfs (the store needs ~3.4 MiB) runs out of space for real; grown, the rerun completes."""
+    """A 1 MiB tmpfs (the store needs ~3.4 MiB): the harvest checks the disk up front and refuses in one
+    line naming what it needs; grown, the rerun completes.  (A disk that fills mid-write is the
+    simulated test's: with the up-front check a real small disk no longer gets that far.)"""
     from compsae import cli
 
     disk = tmp_path / "small_disk"
@@ -320,9 +322,7 @@ def test_disk_full_on_a_real_small_tmpfs(tmp_path: Path, reference_store: str,
         config = pipelines_file(tmp_path, store=str(disk / "store.zarr"))
         assert cli.main(["harvest", "-p", "k", "-c", str(config)]) == 2
         lines = error_lines(capsys.readouterr().err)
-        assert len(lines) == 1 and "disk full" in lines[0], lines
-        done = only_unwritten_problems(str(disk / "store.zarr"))
-        assert 0 < len(done) < 24
+        assert len(lines) == 1 and "of disk" in lines[0] and "free" in lines[0], lines
 
         subprocess.run(["mount", "-o", "remount,size=16m", str(disk)], check=True)
         assert cli.main(["harvest", "-p", "k", "-c", str(config)]) == 0

@@ -3,7 +3,6 @@ two trainings into one folder, and a pickle where a checkpoint should be."""
 
 from __future__ import annotations
 
-import builtins
 import errno
 import json
 import multiprocessing as mp
@@ -21,8 +20,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from compsae import durable
 from compsae.errors import UserError
-from compsae.train import checkpoint
 from compsae.train.checkpoint import STATE_FILE, load_model, read_resume_meta
 from compsae.train.config import TrainStageConfig
 from compsae.train.run import run_train, training_lock
@@ -111,7 +110,7 @@ def _forkserver() -> Any:
 def test_sigkill_at_random_points_then_resume_equals_uninterrupted(tmp_path):
     store, _ = make_store(str(tmp_path / "s.zarr"), n=2048)
     names = ("comp", "topk")
-    steps = 60
+    steps = 240
     cfg = _cfg(steps, checkpoint_every=2, models=names)
     ctx = _forkserver()
     warm = ctx.Process(target=int)  # starts the fork server, so the timing below is training only
@@ -191,27 +190,29 @@ def test_disk_full_during_a_checkpoint_keeps_the_last_one_and_resumes(tmp_path, 
     run_train(cfg, store.url, str(tmp_path / "ref"), progress=False)
 
     writes = {"n": 0}
+    real_write = durable.write_all
 
-    def full_open(path: Any, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
-        f = builtins.open(path, mode, *args, **kwargs)  # noqa: SIM115 - handed to the caller
-        if "w" in mode and str(path).endswith(f"/{victim}.tmp"):
+    def full_write(fd: int, data: Any) -> None:
+        # every checkpoint file is written to "<name>.<id>.partial", then renamed (compsae.durable)
+        name = os.path.basename(os.readlink(f"/proc/self/fd/{fd}"))
+        if name.startswith(f"{victim}.") and name.endswith(".partial"):
             writes["n"] += 1
             if writes["n"] == 2:  # the checkpoint of step 20
-                return _FullDisk(f, budget=100)
-        return f
+                raise OSError(errno.ENOSPC, "No space left on device")
+        real_write(fd, data)
 
-    monkeypatch.setattr(checkpoint, "open", full_open, raising=False)
+    monkeypatch.setattr(durable, "write_all", full_write)
     folder = tmp_path / "run" / "topk"
     with pytest.raises(UserError) as err:
         run_train(cfg, store.url, str(tmp_path / "run"), progress=False)
     message = str(err.value)
     assert "disk full" in message and "step 20" in message and "rerun" in message and "\n" not in message
-    assert not list(folder.glob("*.tmp"))
+    assert not list(folder.glob("*.tmp")) and not list(folder.glob("*.partial"))
     model, meta = load_model(str(folder))  # the folder still holds a loadable model
     assert meta["step"] in (10, 20) and not meta["finished"] and model.k == SMALL["k"]
     assert read_resume_meta(str(folder))["step"] == (10 if victim == STATE_FILE else 20)
 
-    monkeypatch.setattr(checkpoint, "open", builtins.open, raising=False)  # space again
+    monkeypatch.setattr(durable, "write_all", real_write)  # space again
     out = run_train(cfg, store.url, str(tmp_path / "run"), progress=False)
     assert out["models"]["topk"]["finished"] and out["models"]["topk"]["step"] == 30
     _weights_equal(tmp_path / "ref" / "topk", folder)
