@@ -69,11 +69,6 @@ def pair_terms(model: Any, idx: torch.Tensor, vals: torch.Tensor) -> torch.Tenso
     return (u[:, pa] * u[:, pb]) @ model.pair.W_out
 
 
-def effects(model: Any, idx: torch.Tensor, vals: torch.Tensor) -> torch.Tensor:
-    """Δ of every pair of active positions `[b, k(k-1)/2, d]`: read off the terms where that is exact."""
-    return pair_terms(model, idx, vals) if exact_pair_terms(model) else mixed_differences(model, idx, vals)
-
-
 @torch.no_grad()
 def norms_and_gains(model: Any, idx: torch.Tensor, vals: torch.Tensor, resid: torch.Tensor
                     ) -> tuple[torch.Tensor, torch.Tensor]:
