@@ -6,6 +6,8 @@ pair statistics of a CompSAE and a TopK SAE); the loop reads chunk after chunk i
 runs one task per chunk on the threaded scheduler (one torch thread per task).
 
     .venv/bin/python benchmarks/analyze.py --quick      # < 1 minute
+A watchdog (`--budget` seconds) ends a run that stalls with every thread's stack printed, so a
+hang shows where it is instead of running on.
 Ends with `RESULT dask_vs_numpy=<loop time / dask time>` (goal ≥ 1.5 on 2 cores) and
 `RESULT growth_4x=<time(4N) / (4 · time(N))>` (goal: within 20 % of 1).
 """
@@ -13,7 +15,9 @@ Ends with `RESULT dask_vs_numpy=<loop time / dask time>` (goal ≥ 1.5 on 2 core
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import os
+import sys
 import tempfile
 import time
 
@@ -71,7 +75,10 @@ def main() -> None:
     ap.add_argument("--d", type=int, default=None)
     ap.add_argument("--latents", type=int, default=None)
     ap.add_argument("--repeats", type=int, default=None)
+    ap.add_argument("--budget", type=float, default=None,
+                    help="seconds before the watchdog dumps every thread's stack and exits (default 120 quick, 1800)")
     args = ap.parse_args()
+    faulthandler.dump_traceback_later(args.budget or (120 if args.quick else 1800), exit=True, file=sys.stderr)
     n = args.rows or (8192 if args.quick else 65536)
     d = args.d or (64 if args.quick else 256)
     n_latents = args.latents or (512 if args.quick else 2048)

@@ -233,3 +233,15 @@ def test_nmf_baseline_sign_split_and_top_k():
     out = nmf(x)
     assert ((out.z > 0).sum(1) <= 4).all() and (out.z >= 0).all()
     assert ReconSums.from_batch(x, out.x_hat, np.zeros(300)).summary()["fvu"] < 1.0
+
+
+def test_top_contexts_ties_go_to_the_lower_row_whatever_the_block_order():
+    # every code equal: the k kept must be the k lowest store rows, however the rows are ordered
+    rng = np.random.default_rng(2)
+    rows = rng.permutation(np.arange(1000, 1064))
+    z = np.ones((64, 2), np.float32)
+    z[::2, 1] = 0  # latent 1 fires on every other row only
+    top = TopContexts.from_codes(z, rows, 5)
+    assert top.rows[0].tolist() == sorted(rows)[:5]
+    assert top.rows[1].tolist() == sorted(rows[1::2])[:5]
+    assert (top.values == 1).all()

@@ -42,7 +42,14 @@ class BlockSpec:
 def model_partial(rec_fn: Reconstructor, x: np.ndarray, pos: np.ndarray, rows: np.ndarray, spec: BlockSpec
                   ) -> dict[str, Any]:
     """Partials of one model on held-out rows `x: [b, d]` at positions `pos: [b]`, store rows `rows: [b]`."""
-    rec = rec_fn(x)
+    rows_map = spec.rows_map(rec_fn.name, rec_fn.n_latents)
+    effects = None
+    if rows_map is not None and "pairs" not in spec.skip and hasattr(rec_fn, "reconstruct"):
+        # composition measured by intervention (mixed differences), for every composition model,
+        # from the same forward as the reconstruction
+        rec, effects = rec_fn.reconstruct(x, rows_map, len(spec.tracked[rec_fn.name]))
+    else:
+        rec = rec_fn(x)
     l0 = (rec.z != 0).sum(1)
     bos = pos == 0
     off = rec.x_hat_off
@@ -54,18 +61,14 @@ def model_partial(rec_fn: Reconstructor, x: np.ndarray, pos: np.ndarray, rows: n
         part["latents"] = LatentSums.from_codes(rec.z)
     if rec_fn.name in spec.contexts_for and "contexts" not in spec.skip and spec.top_k_contexts > 0:
         part["top"] = TopContexts.from_codes(rec.z, rows, spec.top_k_contexts)
-    rows_map = spec.rows_map(rec_fn.name, rec.z.shape[1])
     if rec.attn is not None and rec.active_idx is not None:
         active = active_ids(rec.active_idx, rec.z)
         if "heads" not in spec.skip:
             part["heads"] = HeadSums.from_block(active, rec.attn)
         if rows_map is not None and "pairs" not in spec.skip:
             part["pairs"] = PairSums.from_block(active, rec.attn, rows_map, len(spec.tracked[rec_fn.name]))
-    if rows_map is not None and "pairs" not in spec.skip and hasattr(rec_fn, "pair_effects"):
-        # composition measured by intervention (mixed differences), for every composition model
-        effects = rec_fn.pair_effects(x, rows_map, len(spec.tracked[rec_fn.name]))
-        if effects is not None:
-            part["effects"] = effects
+    if effects is not None:
+        part["effects"] = effects
     if rec.gate is not None and "gate" not in spec.skip:
         part["gate"] = GateSums.from_block(rec.gate)
     return part

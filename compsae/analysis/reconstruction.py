@@ -177,22 +177,25 @@ class TopContexts:
 
     @classmethod
     def from_codes(cls, z: np.ndarray, rows: np.ndarray, k: int) -> TopContexts:
-        """Top `k` of one block: `z: [b, n]` codes of store rows `rows: [b]` (only where z > 0)."""
+        """Top `k` of one block: `z: [b, n]` codes of store rows `rows: [b]` (only where z > 0).
+
+        Works on the firing entries only (a TopK code has k of n per row): one sort of those by
+        (latent, value descending, row ascending), then each latent's first `k`."""
         z = np.asarray(z, dtype=np.float32)
         n = z.shape[1]
         out = cls.empty(n, k)
         if z.shape[0] == 0 or k == 0:
             return out
-        vals = np.where(z > 0, z, -np.inf).T  # [n, b]
         rows = np.asarray(rows, np.int64)
-        if vals.shape[1] > k:  # cut each latent to its k best of this block before the exact sort
-            keep = np.argpartition(-vals, k - 1, axis=1)[:, :k]
-            vals = np.take_along_axis(vals, keep, 1)
-            rr = rows[keep]
-        else:
-            rr = np.broadcast_to(rows, vals.shape)
-        rr = np.where(np.isfinite(vals), rr, -1)
-        return out.merge(cls(vals, rr), k)
+        r, lat = np.nonzero(z > 0)  # [nnz] each
+        vals, rr = z[r, lat], rows[r]
+        order = np.lexsort((rr, -vals.astype(np.float64), lat))
+        lat, vals, rr = lat[order], vals[order], rr[order]
+        rank = np.arange(lat.size) - np.searchsorted(lat, lat)  # place within its latent's run
+        sel = rank < k
+        out.values[lat[sel], rank[sel]] = vals[sel]
+        out.rows[lat[sel], rank[sel]] = rr[sel]
+        return out
 
     def merge(self, other: TopContexts, k: int | None = None) -> TopContexts:
         k = self.values.shape[1] if k is None else k

@@ -90,35 +90,37 @@ class SAEReconstructor:
             self._model = load_checkpoint(self.model_dir).model
         return self._model
 
-    @torch.no_grad()
     def __call__(self, x: np.ndarray) -> Reconstruction:
-        parts = [self._run(x[i : i + self.batch_rows]) for i in range(0, max(len(x), 1), self.batch_rows)]
-        if len(parts) == 1:
-            return parts[0]
-        cat = {f: (None if getattr(parts[0], f) is None else np.concatenate([getattr(p, f) for p in parts]))
-               for f in Reconstruction.__dataclass_fields__}
-        return Reconstruction(**cat)
+        return self.reconstruct(x)[0]
 
     @torch.no_grad()
-    def pair_effects(self, x: np.ndarray, rows: np.ndarray, m: int) -> Any:
-        """`PairEffectSums` over the `m` tracked latents (`rows: [n_latents]` latent -> row, −1
-        untracked) on `x: [b, d]`, or None for a model without a composition path."""
+    def reconstruct(self, x: np.ndarray, rows: np.ndarray | None = None, m: int = 0
+                    ) -> tuple[Reconstruction, Any]:
+        """The reconstruction of `x: [b, d]` and, when `rows` is given (`[n_latents]` latent -> row
+        of the `m` tracked latents, −1 untracked) and the model has a composition path, its
+        `PairEffectSums` over those latents (else None).  One forward per `batch_rows` rows serves
+        both: the effects are measured on the same codes and x̂ the reconstruction reports."""
         from compsae.analysis.pair_effects import PairEffectSums
 
         model = self.model
-        if not getattr(model, "has_composition", False) or not hasattr(model, "decode_active"):
-            return None
-        acc = PairEffectSums.empty(m)
-        for i in range(0, len(x), self.batch_rows):
-            xt = torch.as_tensor(np.ascontiguousarray(x[i:i + self.batch_rows], dtype=np.float32)) * self.scale
-            out = model(xt, need_weights=False)
-            idx = out.active_idx
-            acc.update(model, xt, out.x_hat, idx, out.z.gather(1, idx), rows)
-        return acc
+        composes = getattr(model, "has_composition", False) and hasattr(model, "decode_active")
+        acc = PairEffectSums.empty(m) if rows is not None and composes else None
+        parts = []
+        for i in range(0, max(len(x), 1), self.batch_rows):
+            xt = torch.as_tensor(np.ascontiguousarray(x[i : i + self.batch_rows], dtype=np.float32)) * self.scale
+            out = model(xt)
+            parts.append(self._numpy(out))
+            if acc is not None and len(xt):
+                idx = out.active_idx
+                acc.update(model, xt, out.x_hat, idx, out.z.gather(1, idx), rows)
+        if len(parts) == 1:
+            return parts[0], acc
+        cat = {f: (None if getattr(parts[0], f) is None else np.concatenate([getattr(p, f) for p in parts]))
+               for f in Reconstruction.__dataclass_fields__}
+        return Reconstruction(**cat), acc
 
-    def _run(self, x: np.ndarray) -> Reconstruction:
-        xt = torch.as_tensor(np.ascontiguousarray(x, dtype=np.float32)) * self.scale
-        out = self.model(xt)
+    def _numpy(self, out: Any) -> Reconstruction:
+        """A model's output on scaled rows, back in store units as numpy."""
         inv = 1.0 / self.scale
         x_hat = out.x_hat.float() * inv
         comp = out.comp
