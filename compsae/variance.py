@@ -10,8 +10,12 @@ large mean, and streaming in batches gives the same number as one pass.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
+
+if TYPE_CHECKING:  # torch only where tensors exist: `compsae status` and the store need no torch
+    import torch
 
 
 def merge_moments(n_a: int, mean_a: np.ndarray, m2_a: np.ndarray, n_b: int, mean_b: np.ndarray,
@@ -70,8 +74,8 @@ class FVUAccumulator:
 
 
 def _np64(a: torch.Tensor | np.ndarray) -> np.ndarray:
-    if isinstance(a, torch.Tensor):
-        a = a.detach().to("cpu", torch.float64).numpy()
+    if hasattr(a, "detach"):  # a torch tensor
+        a = a.detach().cpu().double().numpy()
     return np.asarray(a, dtype=np.float64)
 
 

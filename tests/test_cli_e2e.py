@@ -134,3 +134,19 @@ def test_help_lists_the_commands():
     res = subprocess.run([sys.executable, "-m", "compsae.cli", "--help"], capture_output=True, text=True)
     for cmd in ("harvest", "train", "analyze", "evaluate", "probe", "run", "status", "verify", "humaneval"):
         assert cmd in res.stdout
+
+
+def test_help_and_status_import_no_torch(tmp_path):
+    # the commands that only read configs and records start in well under a second: no torch,
+    # transformers or dask behind them (status of a pipeline with nothing run yet)
+    code = ("import sys\nfrom compsae.cli import main\n"
+            "args = ['--help'] if sys.argv[1] == 'help' else ['status', '--pipeline', 'tiny', '--config', sys.argv[2], "
+            "'--set', 'runs_root=' + sys.argv[3]]\n"
+            "try:\n    main(args)\nexcept SystemExit:\n    pass\n"
+            "print(sorted(m for m in ('torch', 'transformers', 'dask', 'scipy') if m in sys.modules))")
+    for what in ("help", "status"):
+        res = subprocess.run([sys.executable, "-c", code, what, str(ROOT / "pipelines.yaml"), str(tmp_path / "runs")],
+                             capture_output=True, text=True, cwd=tmp_path)
+        assert res.returncode == 0, res.stderr[-1000:]
+        assert "harvest" in res.stdout
+        assert res.stdout.strip().splitlines()[-1] == "[]", (what, res.stdout[-500:])

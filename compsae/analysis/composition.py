@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from scipy.stats import spearmanr
 
 from compsae.analysis.cooccurrence import pair_counts
 
@@ -161,4 +160,6 @@ def rank_correlation(comp: np.ndarray, other: np.ndarray) -> float:
     ok = np.isfinite(comp) & np.isfinite(other) & ~np.eye(comp.shape[0], dtype=bool)
     if ok.sum() < 3 or np.ptp(comp[ok]) == 0 or np.ptp(other[ok]) == 0:
         return float("nan")
+    from scipy.stats import spearmanr  # scipy.stats takes ~1.7 s to import: only when a matrix is compared
+
     return float(spearmanr(comp[ok], other[ok]).statistic)
