@@ -53,13 +53,6 @@ def assert_same_store(a_url: str, b_url: str) -> None:
     assert ActivationStore.open(a_url).verify() == [] and ActivationStore.open(b_url).verify() == []
 
 
-# Known bug (README, Status): since the harvest reads residual hooks by forward hooks, a harvest on
-# Dask *thread* workers is not always bitwise equal to the single-process one (shard checksums differ on
-# some runs, more often on a loaded machine).  Kept running, reported as xfail until it is fixed.
-THREAD_WORKERS_NOT_BITWISE = pytest.mark.xfail(
-    reason="parallel harvest on thread workers is not always bitwise equal to one process (known bug)", strict=False)
-
-
 @pytest.fixture(scope="module")
 def single(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     return run_harvest(small_cfg(), str(tmp_path_factory.mktemp("single")))
@@ -81,7 +74,6 @@ def test_shard_ranges_cover_missing_shards_in_consecutive_runs() -> None:
     assert shard_ranges([], 4) == [] and shard_ranges([7], 8) == [range(7, 8)]
 
 
-@THREAD_WORKERS_NOT_BITWISE
 def test_two_workers_give_the_single_process_store(tmp_path: Path, single: dict[str, Any],
                                                    monkeypatch: pytest.MonkeyPatch, client: Any) -> None:
     monkeypatch.setattr("compsae.harvest.parallel.TASKS_PER_WORKER", 2)  # 4 ranges for 5 shards: cut batches
@@ -92,7 +84,6 @@ def test_two_workers_give_the_single_process_store(tmp_path: Path, single: dict[
     assert out["digest"] == single["digest"]
 
 
-@THREAD_WORKERS_NOT_BITWISE
 def test_parallel_resume_fills_holes_only(tmp_path: Path, single: dict[str, Any], client: Any) -> None:
     out = run_harvest(small_cfg(), str(tmp_path))
     group = zarr.open_group(out["store"], mode="r+")
@@ -123,7 +114,6 @@ def test_client_holds_the_writer_lock_while_workers_write(tmp_path: Path, client
     assert len(refused) == 2 and ActivationStore.open(out["store"]).complete
 
 
-@THREAD_WORKERS_NOT_BITWISE
 def test_local_cluster_of_thread_workers(tmp_path: Path, single: dict[str, Any]) -> None:
     out = run_harvest(small_cfg(), str(tmp_path), workers=2, processes=False)
     assert_same_store(out["store"], single["store"])

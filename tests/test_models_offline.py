@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 
@@ -29,6 +31,30 @@ def test_caller_rng_untouched() -> None:
     torch.manual_seed(5)
     tiny_neox_hf(0, 257)
     assert torch.equal(torch.rand(3), expected)
+
+
+def test_tiny_neox_weights_ignore_the_process_wide_rng_and_init_patches(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another thread drawing from torch's default generator during construction (as a Dask thread
+    worker building its TransformerBridge did), or `from_pretrained` in another thread swapping
+    `torch.nn.init` for no-ops, must not change the weights."""
+    from transformers import GPTNeoXModel
+    from transformers.initialization import no_init_weights
+
+    expected = tiny_neox_hf(1, 257).state_dict()
+    post_init = GPTNeoXModel.post_init  # the decoder's weights are initialised there
+
+    def another_thread_draws(self: Any) -> None:
+        torch.rand(7)  # a draw from the default generator in the middle of construction
+        post_init(self)
+
+    monkeypatch.setattr(GPTNeoXModel, "post_init", another_thread_draws)
+    shifted = tiny_neox_hf(1, 257).state_dict()
+    monkeypatch.undo()
+    with no_init_weights():
+        unpatched_init = tiny_neox_hf(1, 257).state_dict()
+    for name, value in expected.items():
+        assert torch.equal(shifted[name], value) and torch.equal(unpatched_init[name], value), name
+    assert expected["gpt_neox.embed_in.weight"].std() > 0.01  # drawn, not left at zero
 
 
 def test_byte_tokenizer_round_trip_and_bos_zero() -> None:

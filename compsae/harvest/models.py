@@ -117,10 +117,33 @@ def tiny_neox_hf(seed: int, vocab_size: int, d_model: int = 64, n_layers: int = 
         use_parallel_residual=True, hidden_act="gelu", bos_token_id=0, eos_token_id=0,
         tie_word_embeddings=False,
     )
-    with torch.random.fork_rng(devices=[]):  # leave the caller's RNG untouched
-        torch.manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):  # construction's default init draws from it: leave the caller's RNG as it was
         model = GPTNeoXForCausalLM(config)
+    seeded_init(model, seed, config.initializer_range)
     return model.eval()
+
+
+def seeded_init(model: torch.nn.Module, seed: int, std: float) -> None:
+    """Overwrite every parameter of `model` from a private generator seeded with `seed`, as
+    transformers initialises a GPT-NeoX: Linear and Embedding weights ~ N(0, std), biases 0,
+    LayerNorm weights 1.
+
+    Not `torch.manual_seed` + the model's own init: torch's default generator is one per process,
+    so another thread drawing from it meanwhile shifts the draws (a harvest on Dask thread workers
+    gave one worker different weights while the other built its TransformerBridge, whose new
+    modules draw from it), and `from_pretrained` in another thread swaps `torch.nn.init` for no-ops
+    process-wide while it loads.  Tensor methods with an explicit generator depend on neither."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    with torch.no_grad():
+        for name, module in model.named_modules():  # a fixed order: the draws depend on `seed` only
+            for pname, p in module.named_parameters(recurse=False):
+                if isinstance(module, torch.nn.LayerNorm):
+                    p.fill_(1.0 if pname == "weight" else 0.0)
+                elif isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
+                    p.zero_() if pname == "bias" else p.normal_(0.0, std, generator=gen)
+                else:  # a new kind of parameter (another transformers version): never leave it unseeded
+                    raise RuntimeError(f"seeded_init does not know how to initialise {name}.{pname} "
+                                       f"({type(module).__name__})")
 
 
 def eager_attention(hf_model: Any) -> Any:

@@ -31,9 +31,7 @@ import pytest
 KILL_SEED = 6
 # (how the harvest runs, kills in that round): the CLI twice, then a parallel harvest on two
 # thread workers (a LocalCluster of processes would pay 10+ s of imports per worker and run).
-# The round on two Dask thread workers ("threads", 4) is left out while a parallel harvest on thread
-# workers is not always bitwise equal to one process (README, Status: known bug).
-ROUNDS = [("cli", 10), ("cli", 10), ("cli", 4)]
+ROUNDS = [("cli", 10), ("cli", 10), ("threads", 4)]
 TIME_LIMIT_S = 240  # guard against an endless loop on a very loaded machine, not a timing assertion
 HOOKS = ["blocks.0.hook_resid_post", "blocks.1.hook_mlp_out"]
 # 36,864 rows in 72 shards of 512; a batch (12 sequences, 384 rows) straddles shards.
