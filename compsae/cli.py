@@ -278,21 +278,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; rerun the same command to resume where it stopped", file=sys.stderr)
         return 130
-    except ValueError as e:
-        if str(e).startswith("Protocol not known"):  # fsspec, for a path given on the command line
-            print(f"error: {e}; use a local path or a URL of a known protocol (file, s3, gs, ...)", file=sys.stderr)
-            return EXIT_USER
-        raise
-    except OSError as e:
-        if e.errno == errno.ENOSPC:
-            print(f"error: disk full while writing ({e.filename or 'output'}); free space and rerun the same "
-                  "command to resume", file=sys.stderr)
-            return EXIT_USER
-        if e.errno in _PATH_ERRORS:  # a path given by the user that is not what the command needs
-            print(one_line(f"error: {e.strerror or e.__class__.__name__}: {e.filename or 'a path given'}; check the "
-                           "paths and permissions"), file=sys.stderr)
-            return EXIT_USER
-        raise
+    except Exception as e:  # noqa: BLE001 - those a user can fix become one line; the rest stay tracebacks
+        message = _user_message(e)
+        if message is None:
+            raise
+        print(one_line(f"error: {message}"), file=sys.stderr)
+        return EXIT_USER
+
+
+def _user_message(e: Exception) -> str | None:
+    """The one-line message for an error from a library that the user can fix (an unknown URL
+    protocol, a full disk, a wrong path, an object store without credentials); None otherwise."""
+    from compsae.object_store import object_store_error
+
+    store_error = object_store_error(e)
+    if store_error is not None:
+        return str(store_error)
+    if isinstance(e, ValueError) and str(e).startswith("Protocol not known"):  # fsspec, for a path given by the user
+        return f"{e}; use a local path or a URL of a known protocol (file, s3, gs, ...)"
+    if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+        return f"disk full while writing ({e.filename or 'output'}); free space and rerun the same command to resume"
+    if isinstance(e, OSError) and e.errno in _PATH_ERRORS:  # a path given by the user that is not what the command needs
+        return f"{e.strerror or e.__class__.__name__}: {e.filename or 'a path given'}; check the paths and permissions"
+    return None
 
 
 _PATH_ERRORS = {errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENAMETOOLONG,

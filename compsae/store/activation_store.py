@@ -27,6 +27,7 @@ from zarr.storage import FsspecStore, LocalStore
 
 from compsae import durable
 from compsae.errors import StoreCorruptError, UserError
+from compsae.object_store import object_store_error
 from compsae.store import integrity
 from compsae.store.format import (  # noqa: F401 - re-exported: the names stages import from here
     FORMAT,
@@ -47,6 +48,14 @@ from compsae.store.layout import StoreLayout
 from compsae.store.moments import shard_moments, stats_from_shards  # noqa: F401 - re-exported
 from compsae.store.reader import ShardReader
 from compsae.store.writer import ShardWriter, lay_out, wipe
+
+
+def _raise_unless_corrupt(error: Exception) -> None:
+    """Raise the object store's one-line error when a read failed for want of credentials or a
+    network, not because the bytes are corrupt (re-harvesting would not help)."""
+    store_error = object_store_error(error)
+    if store_error is not None:
+        raise store_error from None
 
 
 def _zarr_store(url: str, read_only: bool) -> LocalStore | FsspecStore:
@@ -355,6 +364,7 @@ class ActivationStore:
         try:
             return self.group[name][:stop]
         except Exception as e:  # noqa: BLE001 - a decompressor or codec error on corrupt bytes, whatever its type
+            _raise_unless_corrupt(e)
             raise StoreCorruptError(f"store {self.url}, {name}: cannot be read ({e.__class__.__name__}: "
                                     f"{str(e).splitlines()[0][:80] if str(e) else 'corrupt bytes'}); "
                                     "run `compsae verify` and re-harvest") from None
@@ -438,6 +448,7 @@ class ActivationStore:
         try:
             return self.zarr_array(hook)[start:stop]
         except Exception as e:  # noqa: BLE001 - a decompressor or codec error on corrupt bytes, whatever its type
+            _raise_unless_corrupt(e)
             shard = start // self.shard_rows
             raise StoreCorruptError(f"store {self.url}, hook {hook}, shard {shard}: cannot be read "
                                     f"({e.__class__.__name__}); run `compsae verify` and re-harvest") from None
