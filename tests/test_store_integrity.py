@@ -147,7 +147,29 @@ def test_stores_of_format_1_are_still_read(tmp_path):
         m.pop("store_id"), m.pop("integrity")
 
     _edit_json(tmp_path / "s.zarr/zarr.json", as_format_1)
+    with pytest.raises(StoreCorruptError, match=r"says compsae-store/1 but .*progress/side_crc.*format was edited"):
+        ActivationStore.open(st.url)  # format 1 never had the bound-checksum tables
+    for table in ("progress/side_crc", "progress/chunk_crc"):
+        shutil.rmtree(tmp_path / "s.zarr" / table)
     old = ActivationStore.open(st.url)
     assert old.legacy
     np.testing.assert_array_equal(old.read_chunk("h.a", 3), want)
     assert old.verify() == []
+
+
+@pytest.mark.parametrize("also_drop", [(), ("store_id", "integrity")])
+def test_a_format_edited_back_to_1_is_refused(tmp_path, also_drop):
+    """Format 1 has none of format 2's checks: a manifest edited to say format 1 must not switch them off."""
+    st = _fill(str(tmp_path / "s.zarr"))
+
+    def downgrade(d):  # noqa: ANN001, ANN202
+        m = d["attributes"]["manifest"]
+        m["format"] = "compsae-store/1"
+        for key in also_drop:
+            m.pop(key)
+
+    _edit_json(tmp_path / "s.zarr/zarr.json", downgrade)
+    for mode in ("r", "r+"):
+        with pytest.raises(StoreCorruptError, match=f"store {st.url}: its manifest says compsae-store/1") as info:
+            ActivationStore.open(st.url, mode=mode)
+        assert "\n" not in str(info.value)

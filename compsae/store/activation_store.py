@@ -139,8 +139,22 @@ class ActivationStore:
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise StoreCorruptError(f"store {url}: its manifest (zarr.json) is incomplete or invalid "
                                     f"({str(e).splitlines()[0][:80]}); restore it or re-harvest") from None
+        if self.legacy:
+            self._refuse_downgrade()
         self._reader = ShardReader(self.url, self.fs, self.path, self.is_local, self.layout)
         self._writer = ShardWriter(self)
+
+    def _refuse_downgrade(self) -> None:
+        """A manifest saying format 1 over a store with format-2 artefacts (a store id, metadata
+        digests, bound-checksum tables) had its format edited: reading it as format 1 would switch
+        off every check format 2 added, so it is refused."""
+        found = [key for key in ("store_id", integrity.INTEGRITY) if key in self.manifest]
+        found += [name for name in (SIDE_TABLE, *(chunk_table(h) for h in self.manifest["hooks"]))
+                  if self.fs.exists(f"{self.path}/{name}/zarr.json")]
+        if found:
+            raise StoreCorruptError(
+                f"store {self.url}: its manifest says {LEGACY_FORMAT} but the store has what only {FORMAT} writes "
+                f"({', '.join(found[:3])}); the format was edited: restore it to {FORMAT} or re-harvest")
 
     # -- creation -------------------------------------------------------------------------------
 

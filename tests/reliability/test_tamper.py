@@ -25,6 +25,7 @@ from hypothesis import strategies as st
 
 from compsae.errors import UserError
 from compsae.store import ActivationStore, StoreLayout
+from compsae.store.activation_store import FORMAT, LEGACY_FORMAT
 from compsae.train.checkpoint import load_model, load_resume_state, save_checkpoint
 from compsae.train.config import make_model_config
 from compsae.train.models import build_model
@@ -124,7 +125,8 @@ def _other_valid(value: Any, choice: int) -> Any:
         return [value * 2, value + 1.0, value / 2, -value][choice % 4]
     if isinstance(value, str):
         swaps = {"float16": "bfloat16", "bfloat16": "float16", "float32": "float16", "int32": "int64",
-                 "int64": "int32", "little": "big", "zstd": "blosc", "uint8": "int8", "float64": "float32"}
+                 "int64": "int32", "little": "big", "zstd": "blosc", "uint8": "int8", "float64": "float32",
+                 FORMAT: LEGACY_FORMAT}  # a store's format edited back to 1, whose checks are fewer
         return swaps.get(value, value + "x")
     return 0 if value is None else None
 
@@ -242,6 +244,38 @@ def test_tampered_checkpoint_files(pristine: dict[str, Any], tmp_path_factory: p
         return
     _count("checkpoint", _judge(f"{kind} {rel}", lambda: checkpoint_result(str(work)), pristine["ckpt_result"],
                                 [str(work)]))
+
+
+@pytest.mark.parametrize("drop", [(), ("store_id",), ("store_id", "integrity"),
+                                  ("store_id", "integrity", "progress/side_crc"),
+                                  ("store_id", "integrity", "progress/side_crc", "progress/chunk_crc")])
+def test_format_edited_back_to_1(pristine: dict[str, Any], tmp_path_factory: pytest.TempPathFactory,
+                                 drop: tuple[str, ...]) -> None:
+    """The manifest's format edited from 2 to 1 (format 1 has fewer checks), alone or with format 2's
+    other traces removed from the manifest and the folder, and two shard files of a hook swapped
+    (format 1 reads them without noticing; format 2 refuses them).  With every trace gone the store
+    is a valid format-1 store (nothing inside it can tell): then the data is left as it was and the
+    results must be identical."""
+    root: Path = pristine["root"]
+    work = tmp_path_factory.mktemp("f") / "a.zarr"
+    shutil.copytree(root / "a.zarr", work)
+    every_trace = "progress/chunk_crc" in drop
+    if not every_trace:
+        a, b = work / "acts/h.a/c/0/0", work / "acts/h.a/c/1/0"
+        data_a, data_b = a.read_bytes(), b.read_bytes()
+        a.write_bytes(data_b), b.write_bytes(data_a)
+    doc = json.loads((work / "zarr.json").read_text())
+    manifest = doc["attributes"]["manifest"]
+    manifest["format"] = LEGACY_FORMAT
+    for name in drop:
+        if name in manifest:
+            manifest.pop(name)
+        else:
+            shutil.rmtree(work / name)
+    (work / "zarr.json").write_text(json.dumps(doc))
+    outcome = _judge(f"format 1 without {drop}", lambda: store_result(str(work)), pristine["store_result"], [str(work)])
+    assert outcome == ("identical" if every_trace else "caught")
+    _count("store", outcome)
 
 
 def test_tamper_counts(capsys: pytest.CaptureFixture[str]) -> None:
