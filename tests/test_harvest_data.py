@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import itertools
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -70,3 +72,18 @@ def test_a_folder_of_non_data_files_is_refused(tmp_path: Path) -> None:
         list(iter_documents(DataConfig(source=str(tmp_path / "photos"))))
     (tmp_path / "photos" / "c.txt").write_text("one document\nanother\n")
     assert "one document" in list(iter_documents(DataConfig(source=str(tmp_path / "photos"))))
+
+
+def test_line_files_read_without_datasets_and_bad_lines_are_one_line_errors(tmp_path):
+    docs = tmp_path / "d.jsonl"
+    docs.write_text('{"text": "one"}\n\n{"text": "two", "n": 2}\r\n')
+    code = ("import sys\nfrom compsae.harvest.config import DataConfig\nfrom compsae.harvest.data import iter_documents\n"
+            "print(list(iter_documents(DataConfig(source=sys.argv[1]))), 'datasets' in sys.modules)")
+    res = subprocess.run([sys.executable, "-c", code, str(docs)], capture_output=True, text=True)
+    assert res.stdout.strip() == "['one', 'two'] False", res.stderr[-1000:]
+    docs.write_text('{"text": "one"}\n{"text": oops}\n')
+    with pytest.raises(UserError, match=r"d\.jsonl line 2 is not JSON"):
+        list(iter_documents(DataConfig(source=str(docs))))
+    docs.write_text('["a list"]\n')
+    with pytest.raises(UserError, match="line 1 is a JSON list"):
+        list(iter_documents(DataConfig(source=str(docs))))

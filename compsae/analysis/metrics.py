@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
 
 from compsae.analysis.composition import PairSums, composition_matrix, partner_stats, rank_correlation
 from compsae.analysis.cooccurrence import jaccard, npmi, pmi
 from compsae.analysis.pair_effects import PairEffectSums
 from compsae.analysis.reconstruction import LatentSums
+
+if TYPE_CHECKING:  # pandas is imported where a table is built: every stage's pipeline report imports this module
+    import pandas as pd
 
 TOP_PAIRS = 20  # composing pairs listed in metrics.json and the report
 
@@ -125,6 +127,8 @@ def _nanmean(a: np.ndarray) -> float:
 def latent_table(name: str, arrays: dict[str, Any]) -> pd.DataFrame:
     """One row per latent: frequency, mean / max activation and (tracked latents of a CompSAE)
     distinct partners, partner entropy, attention Gini."""
+    import pandas as pd
+
     lat: LatentSums | None = arrays.get("latents")
     if lat is None:
         return pd.DataFrame()
@@ -144,6 +148,8 @@ def latent_table(name: str, arrays: dict[str, Any]) -> pd.DataFrame:
 
 def flat_rows(metrics: dict[str, Any]) -> pd.DataFrame:
     """Every scalar of `metrics` as one (model, group, metric, value) row (for metrics.parquet)."""
+    import pandas as pd
+
     rows = []
     for model, groups in metrics.get("models", {}).items():
         for group, vals in groups.items():

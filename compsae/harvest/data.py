@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import glob
 import itertools
+import json
 import os
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -25,6 +26,9 @@ from compsae.harvest.synthetic_text import TASKS, iter_examples
 
 _BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet", ".arrow": "arrow",
              ".csv": "csv"}
+# read here line by line, as the `datasets` text / json builders read them: importing `datasets`
+# (with pandas and pyarrow) costs seconds of a harvest's start-up
+_LINE_FORMATS = (".txt", ".jsonl")
 _TOKENIZE_BATCH = 256  # documents per tokenizer call: the fast tokenizer parallelises a batch
 
 
@@ -62,18 +66,51 @@ def _hellaswag_docs() -> Iterator[str]:
         yield f"{row['ctx']} {row['endings'][int(row['label'])]}"
 
 
-def _dataset_rows(data: DataConfig) -> Iterable[dict[str, Any]]:
+def _line_rows(files: list[str], ext: str) -> Iterator[dict[str, Any]]:
+    """Rows of `.txt` files (each line, line break removed, is `{"text": line}`) or `.jsonl` files
+    (each non-blank line a JSON object), file after file, as `datasets` gives them."""
+    for path in files:
+        with open(path, encoding="utf-8") as f:  # universal newlines: "\r\n" ends a line as "\n" does
+            for number, line in enumerate(f, 1):
+                line = line.rstrip("\n")
+                if ext == ".txt":
+                    yield {"text": line}
+                    continue
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise UserError(f"{path} line {number} is not JSON ({e.msg}); a .jsonl file holds one JSON "
+                                    "object per line") from None
+                if not isinstance(row, dict):
+                    raise UserError(f"{path} line {number} is a JSON {type(row).__name__}, not an object with a "
+                                    "text field")
+                yield row
+
+
+def _files_rows(files: list[str]) -> Iterable[dict[str, Any]]:
+    """Rows of local data files of one kind."""
+    exts = {os.path.splitext(f)[1].lower() for f in files}
+    if len(exts) != 1 or next(iter(exts)) not in _BUILDERS:
+        raise UserError(f"data files {files[:3]} must share one of the extensions {', '.join(_BUILDERS)}")
+    ext = exts.pop()
+    if ext in _LINE_FORMATS:
+        return _line_rows(files, ext)
     import datasets
 
+    return datasets.load_dataset(_BUILDERS[ext], data_files=files, split="train", streaming=True)
+
+
+def _dataset_rows(data: DataConfig) -> Iterable[dict[str, Any]]:
     source = data.source
     files = _local_files(source)
     if files is not None:
-        exts = {os.path.splitext(f)[1].lower() for f in files}
-        if len(exts) != 1 or next(iter(exts)) not in _BUILDERS:
-            raise UserError(f"data files {files[:3]} must share one of the extensions {', '.join(_BUILDERS)}")
-        return datasets.load_dataset(_BUILDERS[exts.pop()], data_files=files, split="train", streaming=True)
+        return _files_rows(files)
     if isinstance(source, list):
         raise UserError(f"data.source files not found: {source}")
+    import datasets
+
     if os.path.isdir(source):
         if os.path.exists(os.path.join(source, "state.json")) or os.path.exists(os.path.join(source, "dataset_dict.json")):
             ds = datasets.load_from_disk(source)
@@ -92,8 +129,7 @@ def _dataset_rows(data: DataConfig) -> Iterable[dict[str, Any]]:
             raise UserError(f"data.source folder {source} holds {what}: it needs files of one of the kinds "
                             f"{', '.join(_BUILDERS)}, or a data set saved with save_to_disk")
         ext = kinds.pop()
-        return datasets.load_dataset(_BUILDERS[ext], data_files=[f for f in found if f.lower().endswith(ext)],
-                                     split="train", streaming=True)
+        return _files_rows([f for f in found if f.lower().endswith(ext)])
     if source.startswith(("/", ".", "~")) or os.path.splitext(source)[1].lower() in _BUILDERS:
         raise UserError(f"data file {source} not found; check the path (or use synthetic:<task>, offline:hellaswag)")
     try:
