@@ -22,7 +22,7 @@ finalize included) and of its loop alone, bytes per token on disk, and the measu
 what SAELens cannot do here (resume after `kill -9`, store exactly the tokens asked for, several
 hooks in one pass).
 
-    python benchmarks/peer_saelens.py --quick [--device cuda]   # 9 processes of ~8-20 s each
+    python benchmarks/peer_saelens.py --quick [--device cuda]   # 16,384 tokens: 9 processes of ~10-30 s each
     python benchmarks/peer_saelens.py --tokens 102400 --rounds 2
 
 Ends with RESULT lines: compsae_vs_saelens (whole-process tokens/s, compsae / SAELens float16),
@@ -305,11 +305,14 @@ def saelens_capabilities(work: Path, env: dict[str, str], args: argparse.Namespa
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     killed = kill_when(proc, lambda: any((out_dir / ".tmp_shards").glob("shard_*/dataset_info.json")), args.timeout)
     _, out, rc = timed(cmd, env, args.timeout)
-    resumed = killed and rc == 0 and child_result(out)["tokens"] >= tokens
+    stored = child_result(out)["tokens"] if rc == 0 else 0
+    resumed = killed and rc == 0 and stored >= tokens
     two = run_saelens(work, env, args, "float16", "two-hooks", hooks=f"{HOOK},{HOOK2}", tokens=tokens)
     shutil.rmtree(work / "saelens", ignore_errors=True)
-    return {"resume_after_kill9": "yes" if resumed else "no",
-            "hooks_in_one_pass": "2" if two["ok"] else "1"}
+    found = {"resume_after_kill9": "yes" if resumed else "no", "hooks_in_one_pass": "2" if two["ok"] else "1"}
+    if rc == 0:  # asked for a count that is not a whole number of its buffers
+        found["exact_token_count"] = f"{'yes' if stored == tokens else 'no'} ({stored:,} stored for {tokens:,} asked)"
+    return found
 
 
 # ---------------------------------------------------------------------------------------------
@@ -317,8 +320,8 @@ def saelens_capabilities(work: Path, env: dict[str, str], args: argparse.Namespa
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="8,192 tokens, one round, small capability runs")
-    ap.add_argument("--tokens", type=int, help="tokens asked of each tool (default 102,400; --quick 8,192)")
+    ap.add_argument("--quick", action="store_true", help="16,384 tokens, one round, small capability runs")
+    ap.add_argument("--tokens", type=int, help="tokens asked of each tool (default 102,400; --quick 16,384)")
     ap.add_argument("--rounds", type=int, help="alternating rounds (default 2; --quick 1)")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -339,7 +342,9 @@ def main() -> None:
         import sae_lens  # noqa: F401  (the check only; children import it)
     except ImportError:
         sys.exit("SAELens is not installed: pip install -e '.[bench]' (this script installs nothing)")
-    args.tokens = args.tokens or (8_192 if args.quick else 102_400)
+    # quick: one SAELens buffer as configured here (it stores whole buffers), so both tools store
+    # the same count and neither spreads its start-up over more tokens than the other
+    args.tokens = args.tokens or (16_384 if args.quick else 102_400)
     rounds = args.rounds or (1 if args.quick else 2)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.work or tmp)
