@@ -76,11 +76,18 @@ def _worker_id() -> str:
 
 def worker_model(cfg: HarvestConfig) -> LoadedModel:
     """The model of `cfg`, loaded once per worker (threads of one process each get their own copy:
-    transformer_lens hooks on one model object are not safe to run from two threads)."""
+    transformer_lens hooks on one model object are not safe to run from two threads).
+
+    The transformer_lens wrapper, when `cfg.hooks` need it, is built here too, under the same lock:
+    building it draws from torch's process-wide generator and `from_pretrained` swaps
+    `torch.nn.init` process-wide, so neither may overlap another thread worker's model load."""
     key = (_worker_id(), cfg.model_dump_json(include=_MODEL_FIELDS))
     with _MODELS_LOCK:
         if key not in _MODELS:
-            _MODELS[key] = load_model(cfg)
+            loaded = load_model(cfg)
+            if not loaded.captures(list(cfg.hooks)):
+                _ = loaded.model  # built now, not lazily at the first forward
+            _MODELS[key] = loaded
         return _MODELS[key]
 
 
