@@ -2,8 +2,9 @@
 store, and how the Dask path's time grows from N to 4N tokens.
 
 Both run the same per-block statistics (reconstruction sums, latent sums, top contexts, head and
-pair statistics of a CompSAE and a TopK SAE); the loop reads chunk after chunk in one thread, Dask
-runs one task per chunk on the threaded scheduler (one torch thread per task).
+pair statistics of a CompSAE and a TopK SAE); the loop reads chunk after chunk in one thread (one
+torch and one BLAS thread: a single-threaded baseline), Dask runs one task per chunk on the
+threaded scheduler (one torch and one BLAS thread per task, one task per core).
 
     .venv/bin/python benchmarks/analyze.py --quick      # < 1 minute
 A watchdog (`--budget` seconds) ends a run that stalls with every thread's stack printed, so a

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from dask.delayed import Delayed
 from dask.diagnostics import ProgressBar
+from threadpoolctl import threadpool_limits
 
 from compsae.analysis.block_stats import BlockSpec, block_partial, merge_many
 from compsae.analysis.reconstructors import Reconstructor
@@ -132,7 +133,7 @@ def reference_partials(store: ActivationStore, hook: str, pos: np.ndarray, plan:
     """The same statistics by a plain single-threaded loop over the chunks (the reference)."""
     rows = store.chunk_rows
     total = None
-    with torch_threads(1):
+    with torch_threads(1), threadpool_limits(1, user_api="blas"):
         for c in plan.chunks:
             lo, hi = c * rows, min((c + 1) * rows, store.n_rows)
             part = block_partial(store.read_chunk(hook, c), plan.keep[lo:hi], pos[lo:hi], lo, recons, spec)
@@ -156,7 +157,9 @@ def compute(root: Delayed, client: Any = None, progress: bool = True) -> Any:
     with torch_threads(torch.get_num_threads()):  # tasks pin torch to 1 thread; give the count back
         if client is None:
             bar = ProgressBar(minimum=1.0) if progress else contextlib.nullcontext()
-            with bar:
+            # one BLAS thread per task, as torch: the threads are the scheduler's, one per core
+            # (numpy's BLAS pool is process-wide, so it is set here, around the whole run)
+            with bar, threadpool_limits(1, user_api="blas"):
                 return root.compute(scheduler="threads")
         future = client.compute(root)
         if progress:
