@@ -34,6 +34,7 @@ bench: $(VENV)/.installed
 	$(PY) benchmarks/train.py --quick
 	$(PY) benchmarks/analyze.py --quick
 	$(PY) benchmarks/browser.py --quick
+	$(PY) benchmarks/startup.py --quick
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
