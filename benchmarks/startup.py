@@ -4,15 +4,18 @@ What a short harvest spends outside its loop is mostly importing torch and trans
 code, which any tool that runs a `transformers` model pays.  This measures that floor next to
 compsae's own commands, each in a fresh interpreter (the best of `--repeats`):
 
-- `import torch`; then `import transformers`; then the GPT-NeoX modeling module (what loading a
-  Pythia-shaped model imports), each timed inside the process after the previous ones;
+- `import torch`; then `tokenizers` and `safetensors` (all a forward of the residual stream over
+  the weights would need beside torch); then `import transformers`; then the GPT-NeoX modeling
+  module (what loading a Pythia-shaped model imports), each timed inside the process after the
+  previous ones;
 - `compsae --help` and `compsae status -p tiny` (nothing run yet), whole processes: neither
   imports torch;
 - `compsae harvest -p tiny` (tiny-neox, synthetic text), whole process, and its time outside the
   harvest loop (the process's wall time minus the loop's own line).
 
     python benchmarks/startup.py --quick     # ~1 minute
-Ends with RESULT lines: startup_import_torch_s, startup_import_transformers_s,
+Ends with RESULT lines: startup_import_torch_s, startup_import_tokenizers_safetensors_s,
+startup_import_transformers_s,
 startup_import_neox_modeling_s, startup_help_s, startup_status_s, startup_harvest_tiny_s and
 startup_harvest_tiny_outside_loop_s (goal for the harvest's outside-the-loop time: 3 s).
 """
@@ -34,11 +37,14 @@ import json, time
 t0 = time.perf_counter()
 import torch
 t1 = time.perf_counter()
-import transformers
+import safetensors.torch, tokenizers
 t2 = time.perf_counter()
-from transformers.models.gpt_neox import modeling_gpt_neox
+import transformers
 t3 = time.perf_counter()
-print("CHILD " + json.dumps({"torch": t1 - t0, "transformers": t2 - t1, "neox_modeling": t3 - t2}))
+from transformers.models.gpt_neox import modeling_gpt_neox
+t4 = time.perf_counter()
+print("CHILD " + json.dumps({"torch": t1 - t0, "tokenizers_safetensors": t2 - t1, "transformers": t3 - t2,
+                             "neox_modeling": t4 - t3}))
 """
 
 
@@ -89,8 +95,8 @@ def main() -> None:
             print(f"round {r}: " + ", ".join(f"{k} {v:.2f} s" for k, v in got.items()), flush=True)
             best = {k: min(v, best.get(k, float("inf"))) for k, v in got.items()}
     print(f"best of {repeats} fresh processes each; {os.cpu_count()} cpus, load average {os.getloadavg()[0]:.1f}")
-    for name in ("import_torch", "import_transformers", "import_neox_modeling", "help", "status", "harvest_tiny",
-                 "harvest_tiny_outside_loop"):
+    for name in ("import_torch", "import_tokenizers_safetensors", "import_transformers", "import_neox_modeling",
+                 "help", "status", "harvest_tiny", "harvest_tiny_outside_loop"):
         print(f"RESULT startup_{name}_s={best[name]:.2f}")
 
 
