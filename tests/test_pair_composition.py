@@ -6,7 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from compsae.analysis.pair_effects import PairEffectSums, mixed_differences, pair_positions, pair_terms
+from compsae.analysis.pair_effects import (
+    PairEffectSums,
+    mixed_differences,
+    pair_positions,
+    pair_terms,
+    typical_code_effects,
+)
 from compsae.evaluation.config import GroundTruthConfig
 from compsae.evaluation.ground_truth import generate
 from compsae.evaluation.pair_recovery import labelled_auc, thresholded_pairs
@@ -83,6 +89,53 @@ def test_penalty_bounds_the_pair_norms():
     _, idx, vals = model.active(x)
     norms = pair_terms(model, idx, vals).norm(dim=-1).sum(1).mean()
     assert model.pair.penalty(idx, vals) >= norms - 1e-9
+
+
+def test_group_penalty_is_invariant_to_the_pair_rescaling_and_counts_in_the_loss():
+    model = _pair_model(pair_l1=0.0, pair_group_l1=0.3)
+    x = torch.randn(30, D, dtype=torch.float64) * 3
+    _, idx, vals = model.active(x)
+    before = model.pair.item_penalty(idx, vals)
+    assert before > 0
+    with torch.no_grad():  # E -> 2E, W_out -> W_out / 4 leaves every pair term unchanged
+        model.pair.E.mul_(2.0)
+        model.pair.W_out.div_(4.0)
+    assert torch.isclose(model.pair.item_penalty(idx, vals), before)
+    terms = model.loss(x, torch.ones(48, dtype=torch.bool))
+    assert torch.isclose(terms["loss"], terms["recon"] + model.cfg.aux_coef * terms["auxk"] + 0.3 * terms["pair_group_l1"])
+
+
+def test_residual_fit_trains_the_dictionary_exactly_as_topk():
+    """`pair_fit: residual`: the dictionary's gradients are a TopK SAE's with the same weights, and the
+    pair parameters get gradient only from what the dictionary leaves."""
+    model = _pair_model(pair_l1=0.0, pair_fit="residual")
+    topk = build_model(make_model_config(type="topk", n_latents=48, k=6), D).double()
+    topk.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("pair.")})
+    x = torch.randn(32, D, dtype=torch.float64) * 3
+    dead = torch.ones(48, dtype=torch.bool)
+    model.loss(x, dead)["loss"].backward()
+    topk.loss(x, dead)["loss"].backward()
+    for name, p in topk.named_parameters():
+        assert torch.allclose(dict(model.named_parameters())[name].grad, p.grad), name
+    assert model.pair.W_out.grad.abs().sum() > 0 and model.pair.E.grad.abs().sum() > 0
+    with torch.no_grad():  # the pair term fits the dictionary's residual: the reported recon is the full model's
+        out = model(x)
+        assert torch.isclose(model.loss(x, dead)["recon"].double(), ((out.x_hat - x) ** 2).sum(-1).mean())
+
+
+def test_typical_code_effects_are_the_two_latent_intervention():
+    model = _pair_model()
+    codes = torch.rand(48, dtype=torch.float64) * 2
+    codes[5] = 0.0  # a latent that never fired has no effect with anyone
+    S = typical_code_effects(model, codes, rms=2.0)
+    assert S.shape == (48, 48) and np.allclose(S, S.T) and np.all(np.diag(S) == 0) and np.all(S[5] == 0)
+    i, j = torch.tensor([3, 7, 40]), torch.tensor([11, 8, 41])
+    idx = torch.stack([i, j], 1)
+    direct = mixed_differences(model, idx, codes[idx])[:, 0].norm(dim=-1) / 2.0  # four decodes each
+    assert np.allclose(S[i.numpy(), j.numpy()], direct.numpy())
+    mlp = build_model(make_model_config(type="compsae", composer="mlp", n_latents=48, k=6, d_f=8, d_c=8), D).double()
+    S_mlp = typical_code_effects(mlp, codes)  # the generic path: four decodes per pair
+    assert np.allclose(S_mlp, S_mlp.T) and np.isfinite(S_mlp).all() and S_mlp[np.triu_indices(48, 1)].max() > 0
 
 
 def test_pair_scores_invariant_to_batch_order_and_latent_labels():

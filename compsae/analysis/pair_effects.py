@@ -87,6 +87,38 @@ def norms_and_gains(model: Any, idx: torch.Tensor, vals: torch.Tensor, resid: to
     return delta.norm(dim=-1), 2 * torch.einsum("bd,bpd->bp", resid.float(), delta) + delta.square().sum(-1)
 
 
+@torch.no_grad()
+def typical_code_effects(model: Any, codes: torch.Tensor, rms: float = 1.0, block: int = 64) -> np.ndarray:
+    """`[n, n]` symmetric, zero diagonal: ‖Δ_ij‖ / `rms` with only latents i and j active, at their
+    typical codes `codes: [n]` (e.g. each latent's mean code when it fires; 0 for a latent that never
+    fires gives 0).  The same intervention as in context, outside any context: it is defined for
+    every pair, including pairs whose latents seldom fire together, and carries no noise from the
+    other active latents.  Exact closed form for the pairwise decoder (‖c_i c_j (E_i ⊙ E_j) W_out‖);
+    four decodes per pair otherwise."""
+    n = codes.shape[0]
+    out = torch.zeros(n, n, dtype=torch.float64)
+    codes = codes.float()
+    if exact_pair_terms(model):
+        u = codes[:, None].to(model.pair.E.device) * model.pair.E.float()  # [n, r]
+        w_out = model.pair.W_out.float()
+        gram = w_out @ w_out.T  # [r, r]
+        for lo in range(0, n, block):
+            c = u[lo:lo + block, None, :] * u[None, :, :]  # [blk, n, r]
+            out[lo:lo + block] = ((c @ gram) * c).sum(-1).clamp_min(0).sqrt().double().cpu()
+    else:
+        a, b = pair_positions(n)
+        dev = next(model.parameters()).device
+        for lo in range(0, a.shape[0], block * INTERVENTION_ROWS):
+            ia, ib = a[lo:lo + block * INTERVENTION_ROWS], b[lo:lo + block * INTERVENTION_ROWS]
+            idx = torch.stack([ia, ib], 1).to(dev)  # [p, 2]: one "token" per pair
+            vals = codes[idx.cpu()].to(dev)
+            norms = mixed_differences(model, idx, vals)[:, 0].norm(dim=-1).double().cpu()  # [p]
+            out[ia, ib] = norms
+            out[ib, ia] = norms
+    out.fill_diagonal_(0)
+    return (out / (rms or 1.0)).numpy()
+
+
 @dataclass
 class PairEffectSums:
     """Sums over tokens for latent pairs (i < j), both firing: `count`, `norm` (Σ‖Δ‖), `gain`
@@ -134,9 +166,13 @@ class PairEffectSums:
     def mean_effect(self, min_support: int = 1) -> np.ndarray:
         """`[n, n]` symmetric: mean ‖Δ_ij‖ over the tokens where both fire, relative to the RMS row
         deviation sqrt(Σ‖x − μ‖² / n_tokens); 0 below `min_support` co-firing tokens."""
-        rms = np.sqrt(self.sq_dev / max(self.n_tokens, 1)) or 1.0
-        m = np.where(self.count >= max(min_support, 1), self.norm / np.maximum(self.count, 1), 0.0) / rms
+        m = np.where(self.count >= max(min_support, 1), self.norm / np.maximum(self.count, 1), 0.0) / self.rms
         return m + m.T
+
+    @property
+    def rms(self) -> float:
+        """RMS row deviation sqrt(Σ‖x − μ‖² / n_tokens): the unit every effect is given in."""
+        return float(np.sqrt(self.sq_dev / max(self.n_tokens, 1))) or 1.0
 
     def gain_share(self) -> np.ndarray:
         """`[n, n]` symmetric: each pair's reconstruction gain as a share of the total variance."""

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from compsae.analysis.pair_effects import PairEffectSums
+from compsae.analysis.pair_effects import PairEffectSums, typical_code_effects
 from compsae.evaluation.config import EvaluateConfig
 from compsae.evaluation.ground_truth import GroundTruth, load_ground_truth
 from compsae.evaluation.matching import hungarian_match, mmcs
@@ -143,6 +143,7 @@ def evaluate_model(model: Any, store: ActivationStore, hook: str, gt: GroundTrut
     effects = PairEffectSums.empty(n_latents) if comp else None
     cofire = np.zeros((n_latents, n_latents))
     fired = np.zeros(n_latents)
+    code_sum = torch.zeros(n_latents, dtype=torch.float64)
     left, inter_energy, l0, n_tok = 0.0, 0.0, 0.0, 0
     z_fired = []
     for lo, batch in enumerate(tqdm(iter_batches(store, hook, rows, cfg.batch_size),
@@ -154,6 +155,7 @@ def evaluate_model(model: Any, store: ActivationStore, hook: str, gt: GroundTrut
         l0 += float(active.sum())
         n_tok += x.shape[0]
         fired += active.sum(0)
+        code_sum += out.z.double().sum(0).cpu()
         cofire += np.triu(active.T.astype(np.float64) @ active.astype(np.float64), 1)
         if conj is not None:
             z_fired.append(active)
@@ -185,16 +187,26 @@ def evaluate_model(model: Any, store: ActivationStore, hook: str, gt: GroundTrut
     fve_on, fve_off = 1 - fvu_on.fvu, 1 - fvu_off.fvu
     res.update(fvu_no_composition=fvu_off.fvu,
                composition_share=(fve_on - fve_off) / fve_on if fve_on > 0 else float("nan"))
-    S = effects.mean_effect(cfg.min_pair_support)  # type: ignore[union-attr]
+    # The headline pair score: each pair's mixed difference with only its two latents active, at
+    # their typical (mean firing) codes; the same effect averaged over the tokens where both fire
+    # is reported beside it ("in_context"): it is 0 for pairs that seldom fire together and carries
+    # the other active latents' noise.
+    codes = code_sum / torch.from_numpy(np.maximum(fired, 1))
+    S = typical_code_effects(model, codes, effects.rms)  # type: ignore[union-attr]
+    S_ctx = effects.mean_effect(cfg.min_pair_support)  # type: ignore[union-attr]
     prefix = "pair_" if gt.C else "spurious_pair_"
     if positives:
         res[prefix + "auc"], res[prefix + "ap"] = labelled_auc(S, latent_to_true, positives, negatives)
+        res[prefix + "auc_in_context"] = labelled_auc(S_ctx, latent_to_true, positives, negatives)[0]
     if len(gt.dictionary.groups):
         # On the additive control nothing interacts: every pair called composing is false, scored
         # against what would interact, so its F1 measures the spurious compositions.
         called = thresholded_pairs(S, effects.count, latent_to_true, _interacts(gt),  # type: ignore[union-attr]
                                    cfg.min_pair_support, cfg.min_pair_effect)
         res.update({prefix + k: v for k, v in called.as_dict().items()})
+        in_ctx = thresholded_pairs(S_ctx, effects.count, latent_to_true, _interacts(gt),  # type: ignore[union-attr]
+                                   cfg.min_pair_support, cfg.min_pair_effect)
+        res[prefix + "f1_in_context"] = in_ctx.f1
         if attn_acc is not None and attn_acc.count.sum() > 0:
             A = attn_acc.matrix()
             if positives:

@@ -108,6 +108,13 @@ class CompSAEConfig(TopKConfig):
         "all", description="all: every pair of active latents (s_ij = 1); top_m: each latent's top-m partners "
         "by a learned score (the curriculum moves m)")
     pair_l1: float = Field(0.1, ge=0.0, description="penalty on an upper bound of Σ_pairs ‖z_i z_j R_ij‖")
+    pair_group_l1: float = Field(
+        0.0, ge=0.0, description="group lasso on each latent's pair embedding (rows of E), token-weighted")
+    pair_group_warmup_fraction: float = Field(
+        0.3, ge=0.0, le=1.0, description="the group lasso ramps in over this fraction, counted from when the path joins")
+    pair_fit: Literal["joint", "residual"] = Field(
+        "joint", description="joint: dictionary and pair term trained on one reconstruction; residual: the "
+        "dictionary as a TopK SAE, the pair term on its residual (codes held fixed)")
     pair_l1_warmup_fraction: float = Field(0.2, ge=0.0, le=1.0, description="pair penalty ramps in over this")
     pair_start_fraction: float = Field(
         0.3, ge=0.0, lt=1.0, description="the pair term joins the reconstruction after this fraction of training "

@@ -36,7 +36,7 @@ from compsae.train.config import ModelConfig, TrainConfig
 from compsae.train.dead_latents import DeadLatentTracker
 from compsae.train.distributed import DistContext, wrap_loss
 from compsae.train.models import SAEOutput, SparseAutoencoder
-from compsae.train.schedules import k_at, l1_scale_at, lr_at, m_at, pair_on_at, pair_scale_at
+from compsae.train.schedules import k_at, l1_scale_at, lr_at, m_at, pair_group_scale_at, pair_on_at, pair_scale_at
 
 METRICS_FILE = TRAIN_METRICS
 
@@ -274,6 +274,7 @@ class Trainer:
         if self.model_cfg.type == "compsae":
             schedule["pair_scale"] = pair_scale_at(step, total, self.model_cfg)
             schedule["pair_on"] = pair_on_at(step, total, self.model_cfg)
+            schedule["group_scale"] = pair_group_scale_at(step, total, self.model_cfg)
         self.model.set_schedule(**schedule)
         lr = lr_at(step, total, self.cfg)
         for group in self.opt.param_groups:

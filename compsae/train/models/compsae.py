@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from compsae.train.config import ModelConfig
-from compsae.train.models.base import SAEOutput
+from compsae.train.models.base import SAEOutput, reconstruction_loss
 from compsae.train.models.composer import CompositionNetwork
 from compsae.train.models.pair_composer import PairComposer
 from compsae.train.models.topk import TopKSAE, dense_codes, sparse_decode
@@ -33,6 +33,7 @@ class CompSAE(TopKSAE):
         self.m = cfg.final_m  # partners per latent; the trainer runs the curriculum
         self.pair_scale = 1.0  # warm-up factor of the pair penalty (composer "pair")
         self.pair_on = True  # off while the dictionary trains alone (pair_start_fraction)
+        self.group_scale = 1.0  # warm-up factor of the pair embeddings' group lasso
         if cfg.composer == "none":
             return
         if cfg.composer == "pair":
@@ -51,7 +52,8 @@ class CompSAE(TopKSAE):
         return self.cfg.composer != "none"
 
     def set_schedule(self, k: int | None = None, m: int | None = None, l1_scale: float | None = None,
-                     pair_scale: float | None = None, pair_on: bool | None = None) -> None:
+                     pair_scale: float | None = None, pair_on: bool | None = None,
+                     group_scale: float | None = None) -> None:
         super().set_schedule(k=k, l1_scale=l1_scale)
         if m is not None:
             self.m = int(m)
@@ -59,12 +61,15 @@ class CompSAE(TopKSAE):
             self.pair_scale = float(pair_scale)
         if pair_on is not None:
             self.pair_on = bool(pair_on)
+        if group_scale is not None:
+            self.group_scale = float(group_scale)
 
     def reset_schedule(self) -> None:
         super().reset_schedule()
         self.m = self.cfg.final_m
         self.pair_scale = 1.0
         self.pair_on = True
+        self.group_scale = 1.0
 
     def forward(self, x: torch.Tensor, composition: bool = True, need_weights: bool = True) -> SAEOutput:
         """`x: [b, d]` -> `SAEOutput`.  `composition=False` leaves the gated term out of `x_hat`
@@ -107,6 +112,8 @@ class CompSAE(TopKSAE):
     def compute_loss(self, x: torch.Tensor, dead_mask: torch.Tensor | None = None
                      ) -> tuple[dict[str, torch.Tensor], SAEOutput]:
         pre, out = self._forward(x, composition=True, need_weights=False)
+        if self.cfg.composer == "pair" and self.cfg.pair_fit == "residual":
+            return self._residual_fit_loss(x, pre, out, dead_mask), out
         terms = self._terms(x, pre, out, dead_mask)
         if self.cfg.composer == "pair" and self.cfg.pair_l1 > 0 and self.pair_on:
             idx = out.active_idx
@@ -114,4 +121,35 @@ class CompSAE(TopKSAE):
             penalty = self.pair.penalty(idx, out.z.gather(1, idx))
             terms["pair_l1"] = penalty
             terms["loss"] = terms["loss"] + self.cfg.pair_l1 * self.pair_scale * penalty
+        if self.cfg.composer == "pair" and self.cfg.pair_group_l1 > 0 and self.pair_on:
+            idx = out.active_idx
+            assert idx is not None
+            group = self.pair.item_penalty(idx, out.z.gather(1, idx))
+            terms["pair_group_l1"] = group
+            terms["loss"] = terms["loss"] + self.cfg.pair_group_l1 * self.group_scale * group
         return terms, out
+
+    def _residual_fit_loss(self, x: torch.Tensor, pre: torch.Tensor, out: SAEOutput,
+                           dead_mask: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """`pair_fit: residual`: the dictionary is trained exactly as a TopK SAE (on its own
+        reconstruction), and the pair term only on what the dictionary leaves, with the codes and the
+        dictionary's output held fixed: the path cannot take over variance the dictionary could
+        explain, and the dictionary never leans on the path."""
+        idx = out.active_idx
+        assert idx is not None and out.comp is not None
+        linear = out.x_hat - out.comp  # [b, d] dictionary alone
+        terms = self._terms(x, pre, SAEOutput(x_hat=linear, z=out.z, active_idx=idx), dead_mask)
+        terms["recon_dictionary"] = terms["recon"]
+        if not self.pair_on:
+            return terms
+        vals = out.z.gather(1, idx).detach()  # [b, k]
+        comp = self.pair(idx, vals, self.m)  # [b, d]
+        pair_recon = reconstruction_loss(x, linear.detach() + comp)
+        terms["recon"] = pair_recon.detach()
+        terms["loss"] = terms["loss"] + pair_recon
+        for name, coef, fn in (("pair_l1", self.cfg.pair_l1 * self.pair_scale, self.pair.penalty),
+                               ("pair_group_l1", self.cfg.pair_group_l1 * self.group_scale, self.pair.item_penalty)):
+            if coef > 0:
+                terms[name] = fn(idx, vals)
+                terms["loss"] = terms["loss"] + coef * terms[name]
+        return terms
