@@ -91,16 +91,19 @@ def test_penalty_bounds_the_pair_norms():
     assert model.pair.penalty(idx, vals) >= norms - 1e-9
 
 
-def test_group_penalty_is_invariant_to_the_pair_rescaling_and_counts_in_the_loss():
+def test_group_penalty_pulls_rows_of_e_and_counts_in_the_loss():
     model = _pair_model(pair_l1=0.0, pair_group_l1=0.3)
     x = torch.randn(30, D, dtype=torch.float64) * 3
     _, idx, vals = model.active(x)
-    before = model.pair.item_penalty(idx, vals)
-    assert before > 0
-    with torch.no_grad():  # E -> 2E, W_out -> W_out / 4 leaves every pair term unchanged
-        model.pair.E.mul_(2.0)
-        model.pair.W_out.div_(4.0)
-    assert torch.isclose(model.pair.item_penalty(idx, vals), before)
+    pen = model.pair.item_penalty(idx, vals)
+    w = model.pair.W_out.norm(dim=-1)
+    by_hand = torch.stack([(vals[b, a] * model.pair.E[idx[b, a]] * w).norm() for b in range(30) for a in range(6)])
+    assert torch.isclose(pen, by_hand.sum() / 30)
+    pen.backward()  # only E is pulled: the weights w are held fixed
+    assert model.pair.E.grad.abs().sum() > 0 and model.pair.W_out.grad is None
+    with torch.no_grad():
+        model.pair.E[idx[0, 0]] = 0.0  # a latent with no pair row adds nothing to it
+    assert model.pair.item_penalty(idx[:1, :1], vals[:1, :1]) == 0
     terms = model.loss(x, torch.ones(48, dtype=torch.bool))
     assert torch.isclose(terms["loss"], terms["recon"] + model.cfg.aux_coef * terms["auxk"] + 0.3 * terms["pair_group_l1"])
 
@@ -281,6 +284,7 @@ def test_training_on_tiny_bilinear_data_raises_the_pair_auc(tmp_path):
     acc.update(model, held, out.x_hat, out.active_idx, out.z.gather(1, out.active_idx))
     l2t = hungarian_match(model.W_dec.detach().numpy(), g.V).latent_to_true(0.5)
     d = g.dictionary
-    auc, _ = labelled_auc(acc.mean_effect(5), l2t, d.C, d.twins)
+    codes = out.z.sum(0) / (out.z > 0).sum(0).clamp_min(1)
+    auc, _ = labelled_auc(typical_code_effects(model, codes, acc.rms), l2t, d.C, d.twins)
     pmi_auc, _ = labelled_auc(pmi_matrix(acc.count, (out.z > 0).sum(0).numpy(), len(held), 5), l2t, d.C, d.twins)
     assert auc >= 0.8 and auc >= pmi_auc + 0.2, (auc, pmi_auc)

@@ -237,7 +237,8 @@ def comparison_table(runs: list[dict[str, str]], cfg: EvaluateConfig) -> list[di
 def markdown_table(rows: list[dict], columns: list[str] | None = None) -> str:
     """A markdown table of result rows (floats to 3 significant digits, missing as "–")."""
     columns = columns or ["label", "model", "data", "mcc", "fvu", "fvu_no_composition", "composition_share",
-                          "pair_auc", "pmi_auc", "pair_f1", "pair_precision", "pair_recall", "spurious_pair_f1",
+                          "pair_auc", "pair_auc_in_context", "pmi_auc", "pair_f1", "pair_precision", "pair_recall",
+                          "pair_f1_in_context", "spurious_pair_f1",
                           "spurious_pair_n_found", "conjunction_latent_f1", "interaction_left", "l0"]
     columns = [c for c in columns if any(c in r for r in rows)]
 

@@ -109,7 +109,8 @@ class CompSAEConfig(TopKConfig):
         "by a learned score (the curriculum moves m)")
     pair_l1: float = Field(0.1, ge=0.0, description="penalty on an upper bound of Σ_pairs ‖z_i z_j R_ij‖")
     pair_group_l1: float = Field(
-        0.0, ge=0.0, description="group lasso on each latent's pair embedding (rows of E), token-weighted")
+        0.03, ge=0.0, description="group lasso on each latent's pair embedding (rows of E), token-weighted: a latent "
+        "that composes with nothing gets no pair term with any partner")
     pair_group_warmup_fraction: float = Field(
         0.3, ge=0.0, le=1.0, description="the group lasso ramps in over this fraction, counted from when the path joins")
     pair_fit: Literal["joint", "residual"] = Field(

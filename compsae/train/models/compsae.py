@@ -95,7 +95,9 @@ class CompSAE(TopKSAE):
         if self.cfg.composer == "pair":
             # before the path joins its parameters get no gradient at all (Adam starts them fresh
             # when it joins); DistributedDataParallel is told that parameters may go unused
-            comp = self.pair(idx, vals, self.m) if self.pair_on else torch.zeros_like(linear)  # [b, d]
+            # residual fit: the codes reach the pair term as fixed inputs (no gradient to the encoder)
+            pair_vals = vals.detach() if self.cfg.pair_fit == "residual" else vals
+            comp = self.pair(idx, pair_vals, self.m) if self.pair_on else torch.zeros_like(linear)  # [b, d]
             x_hat = linear + comp if composition else linear
             return SAEOutput(x_hat=x_hat, z=z, active_idx=idx, comp=comp)
         # items z_i · E[i] go through attention within the token; c: [b, d_c], attn: [b, h, k, k]
@@ -143,8 +145,7 @@ class CompSAE(TopKSAE):
         if not self.pair_on:
             return terms
         vals = out.z.gather(1, idx).detach()  # [b, k]
-        comp = self.pair(idx, vals, self.m)  # [b, d]
-        pair_recon = reconstruction_loss(x, linear.detach() + comp)
+        pair_recon = reconstruction_loss(x, linear.detach() + out.comp)  # out.comp saw the codes detached
         terms["recon"] = pair_recon.detach()
         terms["loss"] = terms["loss"] + pair_recon
         for name, coef, fn in (("pair_l1", self.cfg.pair_l1 * self.pair_scale, self.pair.penalty),

@@ -93,13 +93,14 @@ class PairComposer(nn.Module):
         return (pair_sum(a) @ self.W_out.norm(dim=-1)).mean()
 
     def item_penalty(self, idx: torch.Tensor, vals: torch.Tensor) -> torch.Tensor:
-        """Batch mean of `Σ_i ‖u_i ⊙ √‖W_out‖‖₂`: a group lasso over the latents' pair embeddings,
-        token-weighted.  Unlike the pair bound (quadratic in E near 0, so it leaves many small
-        rows), it pulls a latent's whole row to zero unless its pairs pay for it: a latent that
-        composes with nothing should have no pair term with any partner.  The weights √‖W_out[l]‖
-        make it invariant to the rescaling E → αE, W_out → W_out / α²."""
-        s = self.W_out.norm(dim=-1).clamp_min(1e-12).sqrt().detach()  # [r]
-        return (self.items(idx, vals) * s).norm(dim=-1).sum(1).mean()
+        """Batch mean of `Σ_i ‖u_i ⊙ w‖₂` over the active latents, `w_l = ‖W_out[l]‖` held fixed: a
+        group lasso over the latents' pair embeddings, measured in output units.  It pulls a
+        latent's whole row toward zero unless its pairs pay for it (a latent that composes with
+        nothing should have no pair term with any partner).  Its pull grows with W_out as the
+        reconstruction's does (both ∝ ‖W_out‖ near zero), so it cannot switch off a path that is
+        still growing; only E gets its gradient."""
+        w = self.W_out.norm(dim=-1).detach()  # [r]
+        return (self.items(idx, vals) * w).norm(dim=-1).sum(1).mean()
 
     def pair_term(self, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
         """`R_ij = (E[i] ⊙ E[j]) W_out` for latent ids `i`, `j: [p]` -> `[p, d]` (unit codes, s = 1)."""
