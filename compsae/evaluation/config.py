@@ -98,7 +98,7 @@ class EvaluateConfig(BaseModel):
     min_match_cos: float = Field(0.5, ge=0.0, le=1.0)  # a latent only stands for a true feature above this
     min_pair_support: int = Field(5, ge=1, description="co-firing tokens a latent pair needs to be scored")
     min_pair_effect: float = Field(
-        0.001, ge=0.0, description="smallest pair effect (‖Δ‖ / RMS row deviation) ever called composing")
+        0.003, ge=0.0, description="smallest pair effect (‖Δ‖ / RMS row deviation) ever called composing")
     device: str = "cpu"
 
 
