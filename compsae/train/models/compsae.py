@@ -117,19 +117,26 @@ class CompSAE(TopKSAE):
         if self.cfg.composer == "pair" and self.cfg.pair_fit == "residual":
             return self._residual_fit_loss(x, pre, out, dead_mask), out
         terms = self._terms(x, pre, out, dead_mask)
-        if self.cfg.composer == "pair" and self.cfg.pair_l1 > 0 and self.pair_on:
+        if self.cfg.composer == "pair":
             idx = out.active_idx
             assert idx is not None
-            penalty = self.pair.penalty(idx, out.z.gather(1, idx))
-            terms["pair_l1"] = penalty
-            terms["loss"] = terms["loss"] + self.cfg.pair_l1 * self.pair_scale * penalty
-        if self.cfg.composer == "pair" and self.cfg.pair_group_l1 > 0 and self.pair_on:
-            idx = out.active_idx
-            assert idx is not None
-            group = self.pair.item_penalty(idx, out.z.gather(1, idx))
-            terms["pair_group_l1"] = group
-            terms["loss"] = terms["loss"] + self.cfg.pair_group_l1 * self.group_scale * group
+            self._add_pair_penalties(terms, idx, out.z.gather(1, idx))
         return terms, out
+
+    def _add_pair_penalties(self, terms: dict[str, torch.Tensor], idx: torch.Tensor, vals: torch.Tensor) -> None:
+        """Add the pair penalties of the active latents (`idx`, `vals`: `[b, k]`) to `terms`, in place:
+        the bound on the pair terms' norms and the group lasso on E, each with its warm-up."""
+        if not self.pair_on:
+            return
+        bound_coef = self.cfg.pair_l1 * self.pair_scale
+        group_coef = self.cfg.pair_group_l1 * self.group_scale
+        if bound_coef <= 0 and group_coef <= 0:
+            return
+        bound, group = self.pair.penalties(idx, vals)
+        for name, coef, value in (("pair_l1", bound_coef, bound), ("pair_group_l1", group_coef, group)):
+            if coef > 0:
+                terms[name] = value
+                terms["loss"] = terms["loss"] + coef * value
 
     def _residual_fit_loss(self, x: torch.Tensor, pre: torch.Tensor, out: SAEOutput,
                            dead_mask: torch.Tensor | None) -> dict[str, torch.Tensor]:
@@ -144,13 +151,8 @@ class CompSAE(TopKSAE):
         terms["recon_dictionary"] = terms["recon"]
         if not self.pair_on:
             return terms
-        vals = out.z.gather(1, idx).detach()  # [b, k]
         pair_recon = reconstruction_loss(x, linear.detach() + out.comp)  # out.comp saw the codes detached
         terms["recon"] = pair_recon.detach()
         terms["loss"] = terms["loss"] + pair_recon
-        for name, coef, fn in (("pair_l1", self.cfg.pair_l1 * self.pair_scale, self.pair.penalty),
-                               ("pair_group_l1", self.cfg.pair_group_l1 * self.group_scale, self.pair.item_penalty)):
-            if coef > 0:
-                terms[name] = fn(idx, vals)
-                terms["loss"] = terms["loss"] + coef * terms[name]
+        self._add_pair_penalties(terms, idx, out.z.gather(1, idx).detach())
         return terms

@@ -89,8 +89,7 @@ class PairComposer(nn.Module):
     def penalty(self, idx: torch.Tensor, vals: torch.Tensor) -> torch.Tensor:
         """Batch mean of `Σ_l ‖W_out[l]‖ Σ_{i<j} |u_il u_jl|`, an upper bound on the summed norms of
         the token's pair terms (all pairs, whatever the selection)."""
-        a = self.items(idx, vals).abs()  # [b, k, r]
-        return (pair_sum(a) @ self.W_out.norm(dim=-1)).mean()
+        return self.penalties(idx, vals)[0]
 
     def item_penalty(self, idx: torch.Tensor, vals: torch.Tensor) -> torch.Tensor:
         """Batch mean of `Σ_i ‖u_i ⊙ w‖₂` over the active latents, `w_l = ‖W_out[l]‖` held fixed: a
@@ -99,8 +98,15 @@ class PairComposer(nn.Module):
         nothing should have no pair term with any partner).  Its pull grows with W_out as the
         reconstruction's does (both ∝ ‖W_out‖ near zero), so it cannot switch off a path that is
         still growing; only E gets its gradient."""
-        w = self.W_out.norm(dim=-1).detach()  # [r]
-        return (self.items(idx, vals) * w).norm(dim=-1).sum(1).mean()
+        return self.penalties(idx, vals)[1]
+
+    def penalties(self, idx: torch.Tensor, vals: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(`penalty`, `item_penalty`) from one gather of the items."""
+        u = self.items(idx, vals)  # [b, k, r]
+        w = self.W_out.norm(dim=-1)  # [r]
+        bound = (pair_sum(u.abs()) @ w).mean()
+        group = (u * w.detach()).norm(dim=-1).sum(1).mean()
+        return bound, group
 
     def pair_term(self, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
         """`R_ij = (E[i] ⊙ E[j]) W_out` for latent ids `i`, `j: [p]` -> `[p, d]` (unit codes, s = 1)."""
