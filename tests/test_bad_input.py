@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from cli_checks import one_line_error
 
 from compsae import cli
 from compsae.errors import UserError
@@ -31,27 +32,17 @@ def _config(tmp_path: Path, text: str | None = None) -> Path:
     return p
 
 
-def _one_line(capsys: pytest.CaptureFixture[str], argv: list[str], *expect: str) -> str:
-    assert cli.main(argv) == 2
-    err = capsys.readouterr().err
-    lines = [ln for ln in err.splitlines() if ln.strip()]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    for e in expect:
-        assert e in lines[0], lines[0]
-    return lines[0]
-
-
 def test_duplicate_keys_are_refused(tmp_path, capsys):
     text = _config(tmp_path).read_text().replace("  mini:\n", "  mini:\n    description: a\n    description: b\n", 1)
     p = _config(tmp_path, text)
-    _one_line(capsys, ["status", "-p", "mini", "-c", str(p)], "key 'description' is given twice")
+    one_line_error(capsys, ["status", "-p", "mini", "-c", str(p)], "key 'description' is given twice")
 
 
 def test_deeply_nested_yaml_and_override(tmp_path, capsys):
     p = _config(tmp_path, "pipelines: " + "[" * 50_000 + "]" * 50_000 + "\n")
-    _one_line(capsys, ["status", "-p", "mini", "-c", str(p)], "nested too deeply")
+    one_line_error(capsys, ["status", "-p", "mini", "-c", str(p)], "nested too deeply")
     p = _config(tmp_path)
-    _one_line(capsys, ["status", "-p", "mini", "-c", str(p), "--set", "train.lr=" + "[" * 50_000],
+    one_line_error(capsys, ["status", "-p", "mini", "-c", str(p), "--set", "train.lr=" + "[" * 50_000],
               "nested too deeply")
 
 
@@ -67,13 +58,13 @@ def test_deeply_nested_yaml_and_override(tmp_path, capsys):
 ])
 def test_values_that_validate_in_isolation(tmp_path, capsys, override, expect):
     p = _config(tmp_path)
-    _one_line(capsys, ["status", "-p", "mini", "-c", str(p), "--set", override], expect)
+    one_line_error(capsys, ["status", "-p", "mini", "-c", str(p), "--set", override], expect)
     assert not (tmp_path / "runs").exists()
 
 
 def test_a_harvest_too_large_for_memory_is_refused_up_front(tmp_path, capsys):
     p = _config(tmp_path)
-    line = _one_line(capsys, ["harvest", "-p", "mini", "-c", str(p), "--set", "harvest.n_tokens=1000000000000"],
+    line = one_line_error(capsys, ["harvest", "-p", "mini", "-c", str(p), "--set", "harvest.n_tokens=1000000000000"],
                      "needs", "of memory", "harvest.n_tokens")
     assert "TiB" in line
 
@@ -88,13 +79,13 @@ def test_a_dictionary_too_large_for_memory_is_refused_up_front():
 
 
 def test_unknown_protocol_and_missing_paths_on_the_command_line(tmp_path, capsys):
-    _one_line(capsys, ["verify", "s4://bucket/store.zarr"], "s4")
-    _one_line(capsys, ["verify", str(tmp_path / "nothing")], "nothing at")
+    one_line_error(capsys, ["verify", "s4://bucket/store.zarr"], "s4")
+    one_line_error(capsys, ["verify", str(tmp_path / "nothing")], "nothing at")
     (tmp_path / "empty").mkdir()
-    _one_line(capsys, ["verify", str(tmp_path / "empty")], "holds no compsae store")
+    one_line_error(capsys, ["verify", str(tmp_path / "empty")], "holds no compsae store")
 
 
-def test_invalid_json_in_a_store_is_one_line(tmp_path, capsys):
+def test_invalid_json_in_a_store_isone_line_error(tmp_path, capsys):
     from compsae.store import ActivationStore, StoreLayout
 
     url = str(tmp_path / "s.zarr")

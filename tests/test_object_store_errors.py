@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 import yaml
+from cli_checks import one_line_error
 
 from compsae import cli
 from compsae.errors import StoreCorruptError, UserError
@@ -43,16 +44,6 @@ def no_credentials(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Any:
     _forget_sessions()
 
 
-def _one_line(capsys: pytest.CaptureFixture[str], argv: list[str], *expect: str) -> str:
-    assert cli.main(argv) == 2
-    err = capsys.readouterr().err
-    lines = [ln for ln in err.splitlines() if ln.strip()]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    for e in expect:
-        assert e in lines[0], lines[0]
-    return lines[0]
-
-
 def _pipelines(tmp_path: Path, runs_root: str, store: str | None = None) -> Path:
     harvest: dict[str, Any] = {"model": "tiny-neox", "hooks": ["blocks.1.hook_resid_post"], "n_tokens": 512,
                                "context": 16, "chunk_rows": 128, "shard_rows": 256,
@@ -74,17 +65,17 @@ def _pipelines(tmp_path: Path, runs_root: str, store: str | None = None) -> Path
 def test_a_run_root_on_s3_without_credentials(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                               no_credentials: None, command: str) -> None:
     cfg = _pipelines(tmp_path, "s3://compsae-no-credentials/runs")
-    _one_line(capsys, [command, "-p", "mini", "-c", str(cfg)], "no usable credentials", "NoCredentialsError", *HOW)
+    one_line_error(capsys, [command, "-p", "mini", "-c", str(cfg)], "no usable credentials", "NoCredentialsError", *HOW)
 
 
 def test_a_store_on_s3_without_credentials(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                            no_credentials: None, monkeypatch: pytest.MonkeyPatch) -> None:
     cfg = _pipelines(tmp_path, str(tmp_path / "runs"), store="s3://compsae-no-credentials/mini/store.zarr")
-    _one_line(capsys, ["harvest", "-p", "mini", "-c", str(cfg)], "no usable credentials", *HOW)
-    _one_line(capsys, ["verify", "s3://compsae-no-credentials/mini/store.zarr"], "no usable credentials", *HOW)
+    one_line_error(capsys, ["harvest", "-p", "mini", "-c", str(cfg)], "no usable credentials", *HOW)
+    one_line_error(capsys, ["verify", "s3://compsae-no-credentials/mini/store.zarr"], "no usable credentials", *HOW)
     monkeypatch.setenv("AWS_PROFILE", "no-such-profile")
     _forget_sessions()
-    _one_line(capsys, ["verify", "s3://compsae-no-credentials/mini/store.zarr"], "ProfileNotFound", *HOW)
+    one_line_error(capsys, ["verify", "s3://compsae-no-credentials/mini/store.zarr"], "ProfileNotFound", *HOW)
 
 
 def test_stages_that_open_an_existing_s3_store_without_credentials(
@@ -105,7 +96,7 @@ def test_stages_that_open_an_existing_s3_store_without_credentials(
         # (harvest itself is up to date by its record, which it checks without opening the store)
         for argv in (["analyze", "-p", "mini", "-c", str(cfg)], ["verify", str(tmp_path / "runs" / "mini")],
                      ["verify", store], ["train", "-p", "mini", "-c", str(cfg), "--force"]):
-            _one_line(capsys, argv, "no usable credentials", *HOW)
+            one_line_error(capsys, argv, "no usable credentials", *HOW)
     finally:
         _forget_sessions()
     assert not list((tmp_path / "runs" / "mini").glob("analyze*/stage.json"))  # nothing recorded as done
