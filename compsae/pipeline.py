@@ -96,7 +96,7 @@ def run_stage(
         if main:
             invalidate_record(status.path)  # a redo killed half-way must not look done
         outputs = _call_stage(stage, cfg, status.path, inputs, force, options or {})
-        record = make_record(stage, status.hash, cfg, inputs, outputs)
+        record = make_record(stage, status.hash, cfg, inputs, outputs, folder=status.path)
         if main:
             write_record(status.path, record)
     if main:

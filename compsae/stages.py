@@ -69,9 +69,40 @@ def read_record(folder: str) -> dict[str, Any] | None:
     if not fs.exists(target):
         return None
     try:
-        return json.loads(fs.cat_file(target))
+        record = json.loads(fs.cat_file(target))
     except (ValueError, OSError):
         return None
+    return relocated(record, folder) if isinstance(record, dict) else None
+
+
+def relocated(record: dict[str, Any], folder: str) -> dict[str, Any]:
+    """`record` as seen from `folder`, where it now lies: a runs root moved or copied elsewhere (to
+    another disk, another machine) keeps its stages reusable.  Paths under the runs root the record
+    was written in are rewritten under the one it is read from; paths outside it (a store the user
+    placed elsewhere, s3) stay as they are."""
+    written_in = record.get("folder")
+    if not isinstance(written_in, str) or written_in.rstrip("/") == folder.rstrip("/"):
+        return record
+    old_root, new_root = _runs_root_of(written_in), _runs_root_of(folder)
+    if old_root is None or new_root is None:
+        return record
+
+    def move(v: Any) -> Any:
+        if isinstance(v, str) and (v == old_root or v.startswith(old_root + "/")):
+            return new_root + v[len(old_root):]
+        if isinstance(v, dict):
+            return {k: move(x) for k, x in v.items()}
+        if isinstance(v, list):
+            return [move(x) for x in v]
+        return v
+
+    return {**move(record), "folder": folder}
+
+
+def _runs_root_of(folder: str) -> str | None:
+    """The runs root of a stage folder `<runs_root>/<pipeline>/<stage>-<hash>`."""
+    parts = folder.rstrip("/").rsplit("/", 2)
+    return parts[0] if len(parts) == 3 and parts[0] else None
 
 
 def write_record(folder: str, record: dict[str, Any]) -> None:
@@ -88,11 +119,13 @@ def invalidate_record(folder: str) -> None:
 
 
 def make_record(stage: str, digest: str, cfg: BaseModel, inputs: dict[str, dict[str, Any]],
-                outputs: BaseModel | dict[str, Any]) -> dict[str, Any]:
-    """The record a finished stage leaves behind."""
+                outputs: BaseModel | dict[str, Any], folder: str | None = None) -> dict[str, Any]:
+    """The record a finished stage leaves behind (`folder`: where it is written, so that a moved
+    runs root can be recognised, see `relocated`)."""
     return {
         "stage": stage,
         "hash": digest,
+        "folder": folder,
         "config": cfg.model_dump(mode="json"),
         "inputs": {k: {"hash": v["hash"], "path": v.get("path")} for k, v in inputs.items()},
         "outputs": outputs.model_dump(mode="json") if isinstance(outputs, BaseModel) else outputs,

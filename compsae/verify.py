@@ -115,7 +115,7 @@ def _read_json(fs: Any, path: str) -> Any:
 
 def record_problems(folder: str) -> tuple[list[str], str | None]:
     """Problems of the stage record in `folder`, and the URL of the store it names (harvest)."""
-    from compsae.stages import RECORD, read_record
+    from compsae.stages import RECORD, read_record, relocated
 
     fs, path = fsspec.core.url_to_fs(folder)
     where = f"{folder}/{RECORD}"
@@ -125,6 +125,7 @@ def record_problems(folder: str) -> tuple[list[str], str | None]:
         return [f"{where} is not valid JSON ({e.__class__.__name__}); rerun the stage with --force"], None
     if not isinstance(record, dict) or not isinstance(record.get("outputs"), dict) or "hash" not in record:
         return [f"{where} is not a stage record (no hash or outputs); rerun the stage with --force"], None
+    record = relocated(record, folder)  # a runs root moved elsewhere is checked where it is now
     problems = []
     stage, digest, outputs = record.get("stage"), str(record["hash"]), record["outputs"]
     if _name(folder) != f"{stage}-{digest}":

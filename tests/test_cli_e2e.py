@@ -102,6 +102,30 @@ def test_verify_the_store_and_the_whole_run(finished_run):
     assert n_records >= 3 and f"1 stores, 3 checkpoints, {n_records} records" in res.stdout
 
 
+def test_a_moved_runs_root_is_reused_where_it_lies(finished_run):
+    """Copy the runs root elsewhere and hide the original: every stage is still done, verify passes,
+    and a redone analysis reads the store and checkpoints from the new place."""
+    import shutil
+
+    work, base = finished_run
+    moved = work / "moved-runs"
+    shutil.copytree(work / "runs", moved)
+    at_moved = [*base, "--set", f"runs_root={moved}"]
+    hidden = work / "runs-hidden"
+    (work / "runs").rename(hidden)
+    try:
+        res = compsae("status", *at_moved, cwd=work)
+        assert res.returncode == 0 and "missing" not in res.stdout and "stale" not in res.stdout, res.stdout
+        res = compsae("verify", str(moved / "tiny"), cwd=work)
+        assert res.returncode == 0, res.stdout + res.stderr
+        res = compsae("analyze", *at_moved, "--force", cwd=work)
+        assert res.returncode == 0, res.stderr[-3000:]
+        record = json.loads(next((moved / "tiny").glob("analyze-*/stage.json")).read_text())
+        assert str(work / "runs") + "/" not in json.dumps(record)
+    finally:
+        hidden.rename(work / "runs")
+
+
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
