@@ -169,8 +169,9 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         with fsspec.open(f"{ev.path}/{COMPARISON_JSON}", "r") as f:
             rows += [{"pipeline": name, **r} for r in json.load(f)]
     text = markdown_table(rows, ["pipeline", "label", "data", "mcc", "fvu", "fvu_no_composition",
-                                 "composition_share", "pair_auc", "pmi_auc", "pair_f1", "pair_precision",
-                                 "pair_recall", "spurious_pair_f1", "spurious_pair_n_found",
+                                 "composition_share", "pair_auc", "pair_auc_in_context", "pmi_auc", "pair_f1",
+                                 "pair_precision", "pair_recall", "pair_f1_in_context", "spurious_pair_f1",
+                                 "spurious_pair_n_found",
                                  "conjunction_latent_f1", "interaction_left", "l0"])
     print(text)
     if args.out:
