@@ -32,6 +32,7 @@ BROWSER_DIR = "browser"            # browser/<model>.html: the feature browser
 # evaluate
 COMPARISON_JSON = "comparison.json"
 COMPARISON_MD = "comparison.md"
+PAIR_SCORES_PNG = "pair_scores.png"
 
 # probe
 PROBES_JSON = "probes.json"

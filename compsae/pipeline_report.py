@@ -21,6 +21,7 @@ from compsae.files import (
     ANALYSIS_REPORT,
     COMPARISON_MD,
     FIGURES_DIR,
+    PAIR_SCORES_PNG,
     PIPELINE_REPORT,
     PROBES_MD,
     PROBES_PNG,
@@ -35,7 +36,7 @@ STAGE_FILES: dict[str, tuple[str | None, tuple[str, ...], str | None]] = {
     "harvest": (None, (), None),
     "train": (None, (TRAINING_CURVES,), None),
     "analyze": (None, (f"{FIGURES_DIR}/fvu_vs_l0.png", f"{FIGURES_DIR}/density_hist.png"), ANALYSIS_REPORT),
-    "evaluate": (COMPARISON_MD, (), None),
+    "evaluate": (COMPARISON_MD, (PAIR_SCORES_PNG,), None),
     "probe": (PROBES_MD, (PROBES_PNG,), None),
 }
 

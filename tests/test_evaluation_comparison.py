@@ -121,3 +121,16 @@ def test_composition_accumulator_means_over_coactive_tokens():
     S = acc.matrix()
     assert S[0, 1] == pytest.approx(0.5) and S[1, 0] == pytest.approx(0.2)
     assert S[0, 2] == pytest.approx(0.1) and S[0, 0] == 0.0 and S[3, 3] == 0.0
+
+
+def test_pair_score_figure_draws_labelled_scores_and_skips_rows_without(tmp_path):
+    from compsae.evaluation.comparison import pair_score_figure
+
+    rows = [{"label": "costs $5 or $^$", "pair_auc": 0.9, "pair_threshold": 0.003,
+             "pair_scores": {"interacting": [0.02, 0.0, 0.01], "co_firing_only": [1e-4, 0.0, 2e-3]}},
+            {"label": "topk", "mcc": 0.95}]
+    out = tmp_path / "pair_scores.png"
+    assert pair_score_figure(rows, str(out))
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not pair_score_figure([{"label": "topk", "mcc": 0.95}], str(tmp_path / "none.png"))
+    assert not (tmp_path / "none.png").exists()

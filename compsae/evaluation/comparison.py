@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
+import fsspec
 import numpy as np
 import torch
 from tqdm.auto import tqdm
@@ -27,10 +28,12 @@ from compsae.evaluation.matching import hungarian_match, mmcs
 from compsae.evaluation.pair_recovery import (
     conjunction_latent_score,
     labelled_auc,
+    labelled_scores,
     pair_recovery,
     thresholded_pairs,
     true_pairs,
 )
+from compsae.figures import plain_text, pyplot
 from compsae.store import ActivationStore
 from compsae.store.split import HeldOutSplit
 from compsae.variance import FVUAccumulator
@@ -198,6 +201,8 @@ def evaluate_model(model: Any, store: ActivationStore, hook: str, gt: GroundTrut
     if positives:
         res[prefix + "auc"], res[prefix + "ap"] = labelled_auc(S, latent_to_true, positives, negatives)
         res[prefix + "auc_in_context"] = labelled_auc(S_ctx, latent_to_true, positives, negatives)[0]
+        pos_s, neg_s = labelled_scores(S, latent_to_true, positives, negatives)
+        res[prefix + "scores"] = {"interacting": pos_s.tolist(), "co_firing_only": neg_s.tolist()}
     if len(gt.dictionary.groups):
         # On the additive control nothing interacts: every pair called composing is false, scored
         # against what would interact, so its F1 measures the spurious compositions.
@@ -216,6 +221,44 @@ def evaluate_model(model: Any, store: ActivationStore, hook: str, gt: GroundTrut
                                    selection=cfg.pair_selection, threshold=cfg.pair_threshold)
                 res["attn_" + prefix + "f1"] = pr.f1
     return res
+
+
+@plain_text
+def pair_score_figure(rows: list[dict], path: str) -> bool:
+    """Strip plot of the headline pair score of the labelled interacting pairs and of their
+    co-firing-only twins, one column pair per composition model, with the call threshold; written
+    to `path` (PNG).  False (nothing written) when no row has labelled pair scores."""
+    scored = [r for r in rows if isinstance(r.get("pair_scores"), dict)]
+    if not scored:
+        return False
+    plt = pyplot()
+    from matplotlib.ticker import FuncFormatter, LogLocator
+
+    fig, ax = plt.subplots(figsize=(max(4.8, 1.6 + 1.4 * len(scored)), 3.8))
+    floor = 1e-5  # log axis: a score of 0 (unmatched or no effect) is drawn at the floor
+    rng = np.random.default_rng(0)
+    for i, r in enumerate(scored):
+        for dx, key, color in ((-0.18, "interacting", "tab:red"), (0.18, "co_firing_only", "tab:gray")):
+            y = np.maximum(np.asarray(r["pair_scores"][key], dtype=float), floor)
+            ax.scatter(i + dx + rng.uniform(-0.07, 0.07, len(y)), y, s=12, color=color, alpha=0.8,
+                       label=key.replace("_", "-") if i == 0 else None)
+        t = r.get("pair_threshold")
+        if isinstance(t, float) and np.isfinite(t):
+            ax.hlines(max(t, floor), i - 0.35, i + 0.35, colors="k", linestyles="dashed", linewidth=1)
+    ax.set_yscale("log")
+    # plain tick labels: the default log labels are TeX, which compsae's figures do not parse
+    ax.yaxis.set_major_locator(LogLocator(base=10))
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
+    ax.set_xticks(range(len(scored)), [f"{r['label']}\nAUC {r.get('pair_auc', float('nan')):.3f}" for r in scored])
+    ax.set_ylabel("pair effect / RMS (two latents, typical codes)")
+    ax.set_title("labelled pairs (dashed: call threshold)", fontsize=9)
+    ax.legend(fontsize=8, loc="upper right")
+    fig.tight_layout()
+    with fsspec.open(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=110)
+    plt.close(fig)
+    return True
 
 
 def comparison_table(runs: list[dict[str, str]], cfg: EvaluateConfig) -> list[dict]:

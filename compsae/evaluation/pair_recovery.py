@@ -138,6 +138,14 @@ def _latent_pair_score(S: np.ndarray, true_to_latent: dict[int, int], pairs: Ite
     return np.asarray(out, dtype=np.float64)
 
 
+def labelled_scores(S: np.ndarray, latent_to_true: dict[int, int], positives: list[tuple[int, int]],
+                    negatives: list[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:
+    """The pair score `S [n, n]` of each labelled true pair, through the matched latents (0 where
+    either is unmatched): `([len(positives)], [len(negatives)])`."""
+    inv = {t: lat for lat, t in latent_to_true.items()}
+    return _latent_pair_score(S, inv, positives), _latent_pair_score(S, inv, negatives)
+
+
 def labelled_auc(S: np.ndarray, latent_to_true: dict[int, int], positives: list[tuple[int, int]],
                  negatives: list[tuple[int, int]]) -> tuple[float, float]:
     """(ROC AUC, average precision) of the pair score `S [n, n]` separating the `positives` from the
@@ -145,8 +153,7 @@ def labelled_auc(S: np.ndarray, latent_to_true: dict[int, int], positives: list[
     Ties count half, so a score that is 0 everywhere gives AUC 0.5."""
     from sklearn.metrics import roc_auc_score
 
-    inv = {t: lat for lat, t in latent_to_true.items()}
-    pos, neg = _latent_pair_score(S, inv, positives), _latent_pair_score(S, inv, negatives)
+    pos, neg = labelled_scores(S, latent_to_true, positives, negatives)
     if not len(pos) or not len(neg):
         return float("nan"), float("nan")
     y = np.r_[np.ones(len(pos)), np.zeros(len(neg))]

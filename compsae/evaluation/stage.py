@@ -7,10 +7,10 @@ import json
 import fsspec
 
 from compsae.errors import UserError
-from compsae.evaluation.comparison import comparison_table, markdown_table
+from compsae.evaluation.comparison import comparison_table, markdown_table, pair_score_figure
 from compsae.evaluation.config import EvalRun, EvaluateConfig
 from compsae.evaluation.records import EvaluateOutputs
-from compsae.files import COMPARISON_JSON, COMPARISON_MD
+from compsae.files import COMPARISON_JSON, COMPARISON_MD, PAIR_SCORES_PNG
 from compsae.registry import StageContext
 from compsae.train.records import TrainOutputs
 
@@ -36,4 +36,7 @@ def run_evaluate(cfg: EvaluateConfig, out_dir: str) -> dict:
         json.dump(rows, f, indent=1, default=float)
     with fs.open(f"{root}/{COMPARISON_MD}", "w") as f:
         f.write(markdown_table(rows) + "\n")
-    return {"rows": rows, "outputs": [f"{out_dir}/{COMPARISON_JSON}", f"{out_dir}/{COMPARISON_MD}"]}
+    outputs = [f"{out_dir}/{COMPARISON_JSON}", f"{out_dir}/{COMPARISON_MD}"]
+    if pair_score_figure(rows, f"{out_dir}/{PAIR_SCORES_PNG}"):
+        outputs.append(f"{out_dir}/{PAIR_SCORES_PNG}")
+    return {"rows": rows, "outputs": outputs}
