@@ -8,22 +8,12 @@ from pathlib import Path
 import pytest
 import yaml
 from cli_checks import one_line_error
+from mini_pipeline import MINI
 
 from compsae import cli
 from compsae.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
-MINI = {
-    "runs_root": "RUNS",
-    "pipelines": {
-        "mini": {
-            "harvest": {"model": "tiny-neox", "hooks": ["blocks.1.hook_resid_post"], "n_tokens": 256,
-                        "context": 16, "data": {"source": "synthetic:arithmetic"}},
-            "train": {"hook": "blocks.1.hook_resid_post", "models": {"topk": {"type": "topk", "n_latents": 64, "k": 4}}},
-            "analyze": {},
-        }
-    },
-}
 
 
 def _config(tmp_path: Path, text: str | None = None) -> Path:

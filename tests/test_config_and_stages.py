@@ -7,24 +7,13 @@ from typing import Any
 
 import pytest
 import yaml
+from mini_pipeline import MINI
 
 from compsae import cli, pipeline
 from compsae.config import load_pipeline, parse_override
 from compsae.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
-
-MINI = {
-    "runs_root": "RUNS",
-    "pipelines": {
-        "mini": {
-            "harvest": {"model": "tiny-neox", "hooks": ["blocks.1.hook_resid_post"], "n_tokens": 256,
-                        "context": 16, "data": {"source": "synthetic:arithmetic"}},
-            "train": {"hook": "blocks.1.hook_resid_post", "models": {"topk": {"type": "topk", "n_latents": 64, "k": 4}}},
-            "analyze": {},
-        }
-    },
-}
 
 
 def _write(tmp_path: Path, doc: dict[str, Any] | str) -> Path:

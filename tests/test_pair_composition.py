@@ -88,14 +88,14 @@ def test_penalty_bounds_the_pair_norms():
     x = torch.randn(30, D, dtype=torch.float64) * 3
     _, idx, vals = model.active(x)
     norms = pair_terms(model, idx, vals).norm(dim=-1).sum(1).mean()
-    assert model.pair.penalty(idx, vals) >= norms - 1e-9
+    assert model.pair.penalties(idx, vals)[0] >= norms - 1e-9
 
 
 def test_group_penalty_pulls_rows_of_e_and_counts_in_the_loss():
     model = _pair_model(pair_l1=0.0, pair_group_l1=0.3)
     x = torch.randn(30, D, dtype=torch.float64) * 3
     _, idx, vals = model.active(x)
-    pen = model.pair.item_penalty(idx, vals)
+    pen = model.pair.penalties(idx, vals)[1]
     w = model.pair.W_out.norm(dim=-1)
     by_hand = torch.stack([(vals[b, a] * model.pair.E[idx[b, a]] * w).norm() for b in range(30) for a in range(6)])
     assert torch.isclose(pen, by_hand.sum() / 30)
@@ -103,7 +103,7 @@ def test_group_penalty_pulls_rows_of_e_and_counts_in_the_loss():
     assert model.pair.E.grad.abs().sum() > 0 and model.pair.W_out.grad is None
     with torch.no_grad():
         model.pair.E[idx[0, 0]] = 0.0  # a latent with no pair row adds nothing to it
-    assert model.pair.item_penalty(idx[:1, :1], vals[:1, :1]) == 0
+    assert model.pair.penalties(idx[:1, :1], vals[:1, :1])[1] == 0
     terms = model.loss(x, torch.ones(48, dtype=torch.bool))
     assert torch.isclose(terms["loss"], terms["recon"] + model.cfg.aux_coef * terms["auxk"] + 0.3 * terms["pair_group_l1"])
 

@@ -210,6 +210,21 @@ def _count(family: str, outcome: str) -> None:
     COUNTS[family]["tried"] = COUNTS[family].get("tried", 0) + 1
 
 
+def _tampered_copy(pristine: dict[str, Any], tmp_path_factory: pytest.TempPathFactory, data: st.DataObject,
+                   files: str, name: str, sibling: str) -> tuple[Path, str, str] | None:
+    """A fresh copy of the pristine `name` (store or checkpoint folder) with one drawn file mutated
+    by one drawn kind (`sibling`: the same-shaped other one, for swaps); (copy, file, kind), or None
+    when the mutation does not apply to that file."""
+    root: Path = pristine["root"]
+    rel = data.draw(st.sampled_from(pristine[files]), label="file")
+    kind = data.draw(st.sampled_from(KINDS), label="mutation")
+    work = tmp_path_factory.mktemp(name.split(".")[0]) / name
+    shutil.copytree(root / name, work)
+    if not mutate(work / rel, kind, work, root / sibling / rel, data):
+        return None
+    return work, rel, kind
+
+
 # -- the tests -----------------------------------------------------------------------------------------
 
 
@@ -218,13 +233,10 @@ def _count(family: str, outcome: str) -> None:
 @given(data=st.data())
 def test_tampered_store_files(pristine: dict[str, Any], tmp_path_factory: pytest.TempPathFactory,
                               data: st.DataObject) -> None:
-    root: Path = pristine["root"]
-    rel = data.draw(st.sampled_from(pristine["store_files"]), label="file")
-    kind = data.draw(st.sampled_from(KINDS), label="mutation")
-    work = tmp_path_factory.mktemp("s") / "a.zarr"
-    shutil.copytree(root / "a.zarr", work)
-    if not mutate(work / rel, kind, work, root / "b.zarr" / rel, data):
+    drawn = _tampered_copy(pristine, tmp_path_factory, data, "store_files", "a.zarr", "b.zarr")
+    if drawn is None:
         return
+    work, rel, kind = drawn
     hook = _hook_of(rel)
     names = [str(work)] + ([hook] if hook else [])
     _count("store", _judge(f"{kind} {rel}", lambda: store_result(str(work)), pristine["store_result"], names))
@@ -235,13 +247,10 @@ def test_tampered_store_files(pristine: dict[str, Any], tmp_path_factory: pytest
 @given(data=st.data())
 def test_tampered_checkpoint_files(pristine: dict[str, Any], tmp_path_factory: pytest.TempPathFactory,
                                    data: st.DataObject) -> None:
-    root: Path = pristine["root"]
-    rel = data.draw(st.sampled_from(pristine["ckpt_files"]), label="file")
-    kind = data.draw(st.sampled_from(KINDS), label="mutation")
-    work = tmp_path_factory.mktemp("c") / "ckpt_a"
-    shutil.copytree(root / "ckpt_a", work)
-    if not mutate(work / rel, kind, work, root / "ckpt_b" / rel, data):
+    drawn = _tampered_copy(pristine, tmp_path_factory, data, "ckpt_files", "ckpt_a", "ckpt_b")
+    if drawn is None:
         return
+    work, rel, kind = drawn
     _count("checkpoint", _judge(f"{kind} {rel}", lambda: checkpoint_result(str(work)), pristine["ckpt_result"],
                                 [str(work)]))
 

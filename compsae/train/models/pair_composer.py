@@ -86,22 +86,16 @@ class PairComposer(nn.Module):
         c = pair_sum(u) if s is None else (u * (s @ u)).sum(1) / 2  # [b, r]
         return c @ self.W_out
 
-    def penalty(self, idx: torch.Tensor, vals: torch.Tensor) -> torch.Tensor:
-        """Batch mean of `Σ_l ‖W_out[l]‖ Σ_{i<j} |u_il u_jl|`, an upper bound on the summed norms of
-        the token's pair terms (all pairs, whatever the selection)."""
-        return self.penalties(idx, vals)[0]
-
-    def item_penalty(self, idx: torch.Tensor, vals: torch.Tensor) -> torch.Tensor:
-        """Batch mean of `Σ_i ‖u_i ⊙ w‖₂` over the active latents, `w_l = ‖W_out[l]‖` held fixed: a
-        group lasso over the latents' pair embeddings, measured in output units.  It pulls a
-        latent's whole row toward zero unless its pairs pay for it (a latent that composes with
-        nothing should have no pair term with any partner).  Its pull grows with W_out as the
-        reconstruction's does (both ∝ ‖W_out‖ near zero), so it cannot switch off a path that is
-        still growing; only E gets its gradient."""
-        return self.penalties(idx, vals)[1]
-
     def penalties(self, idx: torch.Tensor, vals: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(`penalty`, `item_penalty`) from one gather of the items."""
+        """The two penalties of the active latents (`idx`, `vals`: `[b, k]`), from one gather of the items:
+
+        - the bound: batch mean of `Σ_l ‖W_out[l]‖ Σ_{i<j} |u_il u_jl|`, an upper bound on the summed
+          norms of the token's pair terms (all pairs, whatever the selection);
+        - the group lasso: batch mean of `Σ_i ‖u_i ⊙ w‖₂`, `w_l = ‖W_out[l]‖` held fixed, over the
+          latents' pair embeddings in output units.  It pulls a latent's whole row toward zero unless
+          its pairs pay for it (a latent that composes with nothing should have no pair term with any
+          partner).  Its pull grows with W_out as the reconstruction's does (both ∝ ‖W_out‖ near
+          zero), so it cannot switch off a path that is still growing; only E gets its gradient."""
         u = self.items(idx, vals)  # [b, k, r]
         w = self.W_out.norm(dim=-1)  # [r]
         bound = (pair_sum(u.abs()) @ w).mean()
