@@ -24,7 +24,7 @@ RECORD = STAGE_RECORD
 
 # Fields that change how fast a stage runs, never what it writes: left out of the hash.
 NON_SEMANTIC = {"device", "workers", "scheduler", "progress", "num_threads", "prefetch", "threads_per_worker",
-                "log", "wandb_project", "wandb_entity"}
+                "log", "wandb_project", "wandb_entity", "compile"}
 
 
 def config_for_hash(cfg: BaseModel) -> dict[str, Any]:

@@ -221,6 +221,9 @@ class TrainConfig(BaseModel):
     checkpoint_every: int = Field(1000, ge=1, description="steps between checkpoints (one at the end too)")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     bf16: bool = Field(False, description="bf16 autocast (CUDA only; ignored on CPU)")
+    compile: bool = Field(
+        False, description="torch.compile each step's loss and its backward (CUDA graphs on CUDA; CPU needs g++): "
+        "changes results only by float rounding, as the device does, so it is not part of the config hash")
     normalize: bool = Field(True, description="scale activations to mean norm sqrt(d_model), as SAELens")
     heldout_fraction: float = Field(DEFAULT_HELDOUT_FRACTION, ge=0.0, lt=1.0,
                                     description="sequences kept out of training (split seed: its own, 0)")

@@ -32,6 +32,7 @@ from compsae.train.checkpoint import (
     read_meta,
     save_checkpoint,
 )
+from compsae.train.compiled import loss_step
 from compsae.train.config import ModelConfig, TrainConfig
 from compsae.train.dead_latents import DeadLatentTracker
 from compsae.train.distributed import DistContext, wrap_loss
@@ -178,6 +179,8 @@ class Trainer:
             fs.makedirs(path, exist_ok=True)
         # compute_loss through DistributedDataParallel when there are several ranks
         self.loss_module = wrap_loss(self.model, self.dist, self.device)
+        # train.compile: the same loss, compiled (the model is not wrapped: checkpoint keys unchanged)
+        self.loss_step = loss_step(self.loss_module, self.device, cfg.compile)
         self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
                          if cfg.bf16 and self.device.type == "cuda" else nullcontext())
 
@@ -280,7 +283,7 @@ class Trainer:
         for group in self.opt.param_groups:
             group["lr"] = lr
         with self.autocast:
-            terms, out = self.loss_module(x_local, self.dead.dead_mask())
+            terms, out = self.loss_step(x_local, self.dead.dead_mask())
         names = sorted(terms)
         fired = (out.z != 0).any(0) if share else torch.zeros(out.z.shape[1], dtype=torch.bool, device=out.z.device)
         # One all-reduce: every term is a batch mean, so the share-weighted sum is the global mean;

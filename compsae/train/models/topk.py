@@ -33,6 +33,8 @@ def auxk_loss(pre: torch.Tensor, residual: torch.Tensor, w_dec: torch.Tensor, de
     zero = pre.new_zeros(())
     if dead_mask is None or aux_k == 0:
         return zero
+    if torch.compiler.is_compiling():
+        return _auxk_loss_static(pre, residual, w_dec, dead_mask, aux_k)
     n_dead = int(dead_mask.sum())
     if n_dead == 0:
         return zero
@@ -40,6 +42,18 @@ def auxk_loss(pre: torch.Tensor, residual: torch.Tensor, w_dec: torch.Tensor, de
     idx, vals = topk_codes(masked, min(aux_k, n_dead))
     e_hat = sparse_decode(w_dec, idx, vals)
     return reconstruction_loss(residual, e_hat)
+
+
+def _auxk_loss_static(pre: torch.Tensor, residual: torch.Tensor, w_dec: torch.Tensor, dead_mask: torch.Tensor,
+                      aux_k: int) -> torch.Tensor:
+    """`auxk_loss` without reading the dead count on the host: a compiled step then has no graph
+    break, no host sync and one shape whatever the count.  The top `aux_k` of the masked
+    pre-activations take every dead latent the eager form takes; the live ones among them sit at
+    −inf, which the ReLU makes 0 (no term, no gradient).  With no dead latent the loss is 0."""
+    masked = pre.masked_fill(~dead_mask, float("-inf"))
+    idx, vals = topk_codes(masked, min(aux_k, pre.shape[1]))
+    e_hat = sparse_decode(w_dec, idx, vals)
+    return reconstruction_loss(residual, e_hat) * dead_mask.any()
 
 
 class TopKSAE(SparseAutoencoder):

@@ -1,0 +1,117 @@
+"""`train.compile`: the compiled step trains like the eager one (same losses up to float rounding),
+its checkpoints load without compile, the setting is not hashed, and AuxK's compile form equals
+the eager one."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from train_fixtures import HOOK, model_cfg, sparse_mixture
+
+from compsae.stages import stage_hash
+from compsae.train.checkpoint import load_model
+from compsae.train.compiled import CompiledLoss, compile_mode
+from compsae.train.config import TrainConfig, TrainStageConfig
+from compsae.train.models import build_model
+from compsae.train.models.topk import _auxk_loss_static, auxk_loss
+from compsae.train.run import training_hash
+from compsae.train.trainer import Trainer
+
+SMALL = {"n_latents": 64, "k": 4, "d_f": 16, "d_c": 8, "n_heads": 4, "aux_k": 16, "pair_rank": 8}
+
+
+def test_compile_setting_round_trips_and_leaves_the_hashes_alone():
+    base = TrainStageConfig(hook=HOOK, models={"comp": model_cfg("compsae", **SMALL)})
+    on = TrainStageConfig.model_validate({**base.model_dump(), "compile": True})
+    assert on.compile and on.train_for("comp").compile and not base.compile
+    assert TrainStageConfig.model_validate_json(on.model_dump_json()) == on
+    # a per-model override works like any other training setting
+    mixed = TrainStageConfig(hook=HOOK, models={"comp": model_cfg("compsae", **SMALL, train={"compile": True})})
+    assert mixed.train_for("comp").compile
+    assert stage_hash("train", on, {}) == stage_hash("train", base, {})
+    mcfg = base.model_for("comp")
+    assert training_hash(mcfg, on.train_for("comp"), HOOK, "s") == training_hash(mcfg, base.train_for("comp"), HOOK, "s")
+    assert compile_mode(torch.device("cuda")) == "reduce-overhead" and compile_mode(torch.device("cpu")) == "default"
+
+
+@pytest.mark.parametrize("n_dead", [0, 5, 16, 40])
+def test_auxk_compile_form_equals_the_eager_one(n_dead):
+    torch.manual_seed(n_dead)
+    pre = torch.randn(32, 64, requires_grad=True)
+    w_dec = torch.randn(64, 16, requires_grad=True)
+    residual = torch.randn(32, 16)
+    dead = torch.zeros(64, dtype=torch.bool)
+    dead[torch.randperm(64)[:n_dead]] = True
+    losses, grads = [], []
+    for fn in (auxk_loss, _auxk_loss_static):
+        loss = fn(pre, residual, w_dec, dead, 16)
+        losses.append(loss.detach())
+        if loss.requires_grad:
+            grads.append(torch.autograd.grad(loss, [pre, w_dec], allow_unused=True, materialize_grads=True))
+        else:  # the eager form's constant 0 (no dead latent)
+            grads.append((torch.zeros_like(pre), torch.zeros_like(w_dec)))
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-6, atol=1e-6)
+    assert (losses[0] == 0) == (n_dead == 0)
+    for a, b in zip(grads[0], grads[1], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_compiled_trainer_keeps_the_models_checkpoint_keys(tmp_path):
+    mcfg = model_cfg("compsae", **SMALL, composer="pair")
+    model = build_model(mcfg, 16)
+    names = set(model.state_dict())
+    tcfg = TrainConfig(batch_size=32, tokens=64, device="cpu", compile=True)
+    trainer = Trainer(model, mcfg, tcfg, str(tmp_path / "m"), {"config_hash": "x", "d_in": 16}, progress=False)
+    assert isinstance(trainer.loss_step, CompiledLoss)  # compiles lazily: nothing is built before a step
+    trainer.save(finished=False)
+    assert set(load_file(tmp_path / "m" / "model.safetensors")) == names
+    loaded, _ = load_model(str(tmp_path / "m"))
+    assert set(loaded.state_dict()) == names
+
+
+def _train(folder, compile: bool, kind: str):
+    # 24 steps cover every schedule change: k anneals 16 -> 4, the curriculum moves m 2 -> 3 -> 4,
+    # the pair term joins and its penalties warm up; AuxK sees a dead mask that changes (small
+    # window) and the last batch of the data is smaller (an odd batch size).
+    x, _ = sparse_mixture(1000, d=16, seed=3)
+    data = torch.from_numpy(x)
+    extra = {"composer": "pair", "pair_selection": "top_m", "curriculum_m": [1, 2, 3]} if kind == "pair" else {}
+    mcfg = model_cfg("compsae" if kind == "pair" else kind, **SMALL, **extra)
+    tcfg = TrainConfig(lr=3e-3, batch_size=45, tokens=45 * 24, log_every=1, checkpoint_every=1000, device="cpu",
+                       dead_window_tokens=200, compile=compile)
+    torch.manual_seed(0)
+    model = build_model(mcfg, 16)
+    trainer = Trainer(model, mcfg, tcfg, str(folder), {"config_hash": "x", "d_in": 16}, progress=False)
+    batches = [data[i:i + 45] for i in range(0, 990, 45)] + [data[990:], data[:45]]  # step 23 has 10 rows
+    trainer.fit(iter(batches))
+    return [json.loads(ln) for ln in (folder / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["pair", "topk"])
+def test_compiled_training_matches_eager(tmp_path, kind):
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    eager = _train(tmp_path / "eager", False, kind)
+    compiled = _train(tmp_path / "compiled", True, kind)
+    assert [r["step"] for r in compiled] == list(range(1, 25))
+    for name in ("loss", "recon", "auxk", "fvu"):
+        # not bitwise: inductor fuses and reorders float sums
+        a, b = [r[name] for r in eager], [r[name] for r in compiled]
+        assert a == pytest.approx(b, rel=1e-4, abs=1e-6), name
+    assert any(r["auxk"] > 0 for r in eager) and len({r["k"] for r in eager}) > 2
+    if kind == "pair":
+        assert len({r["m"] for r in eager}) == 3 and any("pair_l1" in r for r in eager)
+    # schedule changes recompile a bounded number of times, never once per step
+    assert 1 <= counters["stats"]["unique_graphs"] <= 10, dict(counters["stats"])
+    assert counters["frames"]["ok"] == counters["frames"]["total"] > 0, dict(counters["frames"])
+    # the compiled run's checkpoint loads into a plain model and equals the eager weights
+    a, _ = load_model(str(tmp_path / "eager"))
+    b, _ = load_model(str(tmp_path / "compiled"))
+    for key, value in a.state_dict().items():
+        torch.testing.assert_close(b.state_dict()[key], value, rtol=1e-3, atol=1e-5)
