@@ -20,7 +20,8 @@
 #   harvest_pythia70m_262k / _4m    harvest vs the bare truncated forward, batch size auto
 #   harvest_smollm2_262k / _4m      the same for the offline demo model's shape (blocks.6)
 #   peer_saelens          compsae vs SAELens' CacheActivationsRunner as whole processes, on CUDA
-#   train_quick           loader vs training, the CompSAE step per composer kind vs TopK
+#   train_quick           loader vs training, the CompSAE step per composer kind vs TopK, eager and
+#                         then compiled (train.compile: CUDA graphs; the eager lines print first)
 #   fvu_cpu_vs_cuda       training on CUDA gives the CPU's FVU curve
 # Each step has its own time limit and a failed step does not stop the others.  Everything goes to
 # $OUT/gpu_bench.txt (or ./gpu-results/); at the end every RESULT line, tagged with its step and
@@ -138,7 +139,8 @@ print('transformers', transformers.__version__, 'zarr', zarr.__version__, 'dask'
   wanted harvest_smollm2_4m && step harvest_smollm2_4m 120 $H $S --tokens 4194304 --repeats 1
   wanted peer_saelens && step peer_saelens 120 env COMPSAE_CACHE="$PWD/.whl/assets" "$PY" benchmarks/peer_saelens.py \
     --device cuda --tokens 262144 --rounds 1 --batch-size 64 --work /tmp/peer --no-capabilities
-  wanted train_quick && step train_quick 75 "$PY" benchmarks/train.py --quick --steps 10 --device cuda
+  # --compile: compiling the five models (forward + backward) takes most of this step's time
+  wanted train_quick && step train_quick 150 "$PY" benchmarks/train.py --quick --steps 10 --device cuda --compile
   wanted fvu_cpu_vs_cuda && step fvu_cpu_vs_cuda 120 "$PY" benchmarks/cuda_vs_cpu.py --steps 100 --devices cpu,cuda
   # GPU_PIPELINES="ablations ...": run whole pipelines on the GPU; their outputs (stores and
   # training states left out) come back as $out/pipelines.tar.gz

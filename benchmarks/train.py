@@ -7,8 +7,13 @@
                                  -> RESULT compsae_step_vs_topk_<kind> (goal <= 1.5); compsae_step_vs_topk
                                     is the default composer's
 (c) loader rows/s against CompSAE training rows/s              -> RESULT loader_vs_train (must be > 1)
+(d) with --compile: (b) again with every step compiled as `train.compile` does it (CUDA graphs on
+    CUDA), compiled CompSAE against compiled TopK    -> RESULT compsae_step_vs_topk_compiled_<kind>
+    and each model's eager step time over its compiled one -> RESULT step_eager_vs_compiled_<model>;
+    the first step's loss compiled against eager, same weights -> RESULT compiled_vs_eager_loss_max_rel_diff
+    (compilation and CUDA-graph recording are warm-up steps, not timed)
 
-Usage: python benchmarks/train.py [--quick] [--rows N] [--steps N] [--threads N] [--device cuda]
+Usage: python benchmarks/train.py [--quick] [--rows N] [--steps N] [--threads N] [--device cuda] [--compile]
 
 The loader always runs on the CPU (it feeds the trainer from there); `--device` is where the
 training steps in (b) and (c) run.
@@ -26,9 +31,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from compsae.errors import UserError
 from compsae.store import ActivationStore, StoreLayout
 from compsae.store.loader import BatchLoader
+from compsae.train.compiled import compile_mode, loss_step
 from compsae.train.config import CompSAEConfig, make_model_config
+from compsae.train.distributed import DistContext, wrap_loss
 from compsae.train.models import build_model
 from compsae.train.trainer import resolve_device
 
@@ -82,11 +90,18 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def step_seconds(cfgs: dict[str, Any], steps: int, x: torch.Tensor) -> dict[str, float]:
-    """Median seconds of one training step per model on `x`'s device; the models' steps are
-    interleaved so a busy shared machine slows all of them alike."""
+COMPILED = "+compiled"  # suffix of a model's name whose step runs compiled (train.compile)
+COMPILE_WARMUP = 3  # compile; on CUDA a first run and the CUDA graph's recording, then replays
+
+
+def step_seconds(cfgs: dict[str, Any], steps: int, x: torch.Tensor) -> tuple[dict[str, float], dict[str, float]]:
+    """Median seconds of one training step per model on `x`'s device, and each model's loss at
+    its first step; the models' steps are interleaved so a busy shared machine slows all of them
+    alike.  A name ending in `COMPILED` runs its loss as the trainer does with `train.compile`
+    (compilation left out: warm-up steps), from the same initial weights as its eager twin."""
     device = x.device
     steppers = {}
+    first_loss: dict[str, float] = {}
     for name, cfg in cfgs.items():
         torch.manual_seed(0)
         model = build_model(cfg, D).to(device)
@@ -94,15 +109,22 @@ def step_seconds(cfgs: dict[str, Any], steps: int, x: torch.Tensor) -> dict[str,
         opt = torch.optim.Adam(model.parameters(), lr=3e-4)
         dead = torch.zeros(cfg.n_latents, dtype=torch.bool, device=device)
         dead[: cfg.n_latents // 20] = True  # AuxK active, as in real training
+        compiled = name.endswith(COMPILED)
+        loss_fn = loss_step(wrap_loss(model, DistContext(), device), device, compiled)
 
-        def step(model=model, opt=opt, dead=dead) -> None:
+        def step(model=model, opt=opt, dead=dead, loss_fn=loss_fn) -> torch.Tensor:
             opt.zero_grad(set_to_none=True)
-            model.loss(x, dead)["loss"].backward()
+            terms, _ = loss_fn(x, dead)
+            terms["loss"].backward()
             model.before_optimizer_step()
             opt.step()
             model.after_optimizer_step()
+            return terms["loss"].detach()
 
-        step()  # warm-up (allocations, lazy init, CUDA kernels)
+        first_loss[name] = float(step())  # warm-up (allocations, lazy init, CUDA kernels; compilation)
+        for _ in range(COMPILE_WARMUP - 1 if compiled else 0):
+            step()
+        synchronize(device)
         steppers[name] = step
     times: dict[str, list[float]] = {name: [] for name in cfgs}
     for _ in range(steps):
@@ -112,7 +134,7 @@ def step_seconds(cfgs: dict[str, Any], steps: int, x: torch.Tensor) -> dict[str,
             step()
             synchronize(device)
             times[name].append(time.perf_counter() - t)
-    return {name: float(np.median(ts)) for name, ts in times.items()}
+    return {name: float(np.median(ts)) for name, ts in times.items()}, first_loss
 
 
 def composer_kinds() -> list[str]:
@@ -130,6 +152,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2, help="loader decode threads")
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                     help="where the training steps run (auto: CUDA when available)")
+    ap.add_argument("--compile", action="store_true",
+                    help="also time every model's step compiled (train.compile) beside eager, after the eager results")
     args = ap.parse_args()
     device = resolve_device(args.device)
     rows = args.rows or (32768 if args.quick else 262144)
@@ -148,7 +172,7 @@ def main() -> None:
         cfgs = {"topk": make_model_config(type="topk")}
         cfgs.update({kind: make_model_config(type="compsae", composer=kind) for kind in kinds})  # curriculum on
         cfgs["attention_all"] = make_model_config(type="compsae", composer="attention", curriculum=False)
-        t = step_seconds(cfgs, steps, batch)
+        t, _ = step_seconds(cfgs, steps, batch)
         topk = t["topk"]
         where = (f"on {torch.cuda.get_device_name(device)}" if device.type == "cuda"
                  else f"on {torch.get_num_threads()} threads")
@@ -163,7 +187,31 @@ def main() -> None:
     print(f"RESULT compsae_step_vs_topk={t[default] / topk:.3f}")
     for kind in kinds:
         print(f"RESULT compsae_step_vs_topk_{kind}={t[kind] / topk:.3f}")
-    print(f"RESULT loader_vs_train={load / train_rows:.1f}")
+    print(f"RESULT loader_vs_train={load / train_rows:.1f}", flush=True)
+    if args.compile:
+        try:
+            compiled_steps(cfgs, kinds, steps, batch, where)
+        except UserError as e:  # no compiler for this device: the eager results above stand
+            print(f"(d) not measured: {e}")
+
+
+def compiled_steps(cfgs: dict[str, Any], kinds: list[str], steps: int, batch: torch.Tensor, where: str) -> None:
+    """(d): every model's step compiled (train.compile) and eager, interleaved in one round, after
+    the eager results are printed (a run cut short by a time limit keeps those)."""
+    both = cfgs | {name + COMPILED: cfg for name, cfg in cfgs.items()}
+    t0 = time.perf_counter()
+    t, loss = step_seconds(both, steps, batch)
+    setup = time.perf_counter() - t0 - steps * sum(t.values())
+    # the same weights and batch: the compiled loss must be the eager one up to float rounding
+    diff = {name: abs(loss[name + COMPILED] - loss[name]) / max(abs(loss[name]), 1e-12) for name in cfgs}
+    print(f"(d) compiled ({compile_mode(batch.device)}; about {setup:.0f} s to compile and warm up) {where}: "
+          + ", ".join(f"{name} {t[name + COMPILED] * 1e3:.1f} ms (eager {t[name] * 1e3:.1f})" for name in cfgs))
+    topk = t["topk" + COMPILED]
+    for kind in kinds:
+        print(f"RESULT compsae_step_vs_topk_compiled_{kind}={t[kind + COMPILED] / topk:.3f}")
+    for name in cfgs:
+        print(f"RESULT step_eager_vs_compiled_{name}={t[name] / t[name + COMPILED]:.3f}")
+    print(f"RESULT compiled_vs_eager_loss_max_rel_diff={max(diff.values()):.2e}")
 
 
 if __name__ == "__main__":

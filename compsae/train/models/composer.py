@@ -135,7 +135,8 @@ class _ReceivedAttention(torch.autograd.Function):
             for h in range(1, ds.shape[0]):
                 grad_zz.addcmul_(ds[h], raw[h])
             ds.mul_(zz)
-        d_raw = ds.view(k.shape[0], k.shape[1], q.shape[1])  # [H·b, key, query]
+        # reshape, not view: a view here (eager) but a copy where torch.compile lays ds out otherwise
+        d_raw = ds.reshape(k.shape[0], k.shape[1], q.shape[1])  # [H·b, key, query]
         return torch.bmm(d_raw.transpose(1, 2), k), torch.bmm(d_raw, q), grad_zz, grad_bias, None
 
 
