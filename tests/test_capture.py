@@ -39,16 +39,39 @@ def test_capture_equals_bridge(loaded, hooks: list[str]) -> None:
 
 
 def test_capture_stops_after_the_deepest_hook(loaded) -> None:
+    from compsae.harvest.capture import ResidCapture, decoder_layers
+
+    hf = loaded.transformers_model()
+    capture = ResidCapture(hf, decoder_layers(hf))
     calls: list[int] = []
     handles = [layer.register_forward_pre_hook(lambda m, a, i=i: calls.append(i))  # layers that start
-               for i, layer in enumerate(loaded.capture.layers)]
+               for i, layer in enumerate(capture.layers)]
     try:
         with torch.inference_mode():
-            loaded.run_hooks(torch.randint(1, 257, (1, 8)), ["blocks.1.hook_resid_post"], 2)
+            capture.run(torch.randint(1, 257, (1, 8)), ["blocks.1.hook_resid_post"])
     finally:
         for h in handles:
             h.remove()
     assert calls == [0, 1]
+
+
+def test_native_forward_stops_after_the_deepest_hook(loaded, monkeypatch: pytest.MonkeyPatch) -> None:
+    from compsae.harvest.neox import NeoxResidual
+
+    blocks_run: list[int] = []
+    block = NeoxResidual._block
+
+    def counted(self, w, x, n_pos):  # noqa: ANN001, ANN202
+        blocks_run.append(next(i for i, b in enumerate(self.blocks) if b is w))
+        return block(self, w, x, n_pos)
+
+    monkeypatch.setattr(NeoxResidual, "_block", counted)
+    with torch.inference_mode():
+        loaded.run_hooks(torch.randint(1, 257, (1, 8)), ["blocks.1.hook_resid_post"], 2)
+        assert blocks_run == [0, 1]
+        blocks_run.clear()
+        out = loaded.run_hooks(torch.randint(1, 257, (2, 8)), ["blocks.2.hook_resid_pre", "blocks.0.hook_resid_pre"], 2)
+    assert blocks_run == [0, 1] and list(out) == ["blocks.2.hook_resid_pre", "blocks.0.hook_resid_pre"]
 
 
 def test_dimensions_equal_the_bridge_config(loaded) -> None:

@@ -7,13 +7,14 @@ the GPT-2 byte-to-unicode alphabet.  There are no merges, so every byte is one t
 from __future__ import annotations
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
+
+from compsae.harvest.text_tokenizer import TextTokenizer
 
 ENDOFTEXT = "<|endoftext|>"
 VOCAB_SIZE = 257
 
 
-def byte_tokenizer() -> PreTrainedTokenizerFast:
+def byte_tokenizer() -> TextTokenizer:
     """The 257-token byte-level tokenizer of `tiny-neox` (BOS = EOS = id 0)."""
     vocab = {ENDOFTEXT: 0}
     for ch in sorted(pre_tokenizers.ByteLevel.alphabet()):
@@ -23,7 +24,5 @@ def byte_tokenizer() -> PreTrainedTokenizerFast:
     core.decoder = decoders.ByteLevel()
     # name_or_path and add_bos_token keep transformer_lens from re-loading the tokenizer by name
     # (TransformerBridge rebuilds tokenizers without add_bos_token from the hub).
-    return PreTrainedTokenizerFast(
-        tokenizer_object=core, name_or_path="compsae/byte-tokenizer", add_bos_token=True,
-        bos_token=ENDOFTEXT, eos_token=ENDOFTEXT, pad_token=ENDOFTEXT,
-    )
+    return TextTokenizer(core, ENDOFTEXT, ENDOFTEXT, "compsae/byte-tokenizer",
+                         extra={"add_bos_token": True, "pad_token": ENDOFTEXT})

@@ -18,7 +18,6 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 import numpy as np
-from transformers import PreTrainedTokenizerBase
 
 from compsae.errors import UserError
 from compsae.harvest.config import DataConfig
@@ -186,7 +185,7 @@ def pack_tokens(
             del buf[:window]
 
 
-def tokenize_docs(docs: Iterable[str], tokenizer: PreTrainedTokenizerBase) -> Iterator[list[int]]:
+def tokenize_docs(docs: Iterable[str], tokenizer: Any) -> Iterator[list[int]]:
     """Token ids of each non-empty document, without special tokens, tokenized in batches."""
     it = iter(docs)
     while batch := [d for d in itertools.islice(it, _TOKENIZE_BATCH)]:
@@ -196,7 +195,7 @@ def tokenize_docs(docs: Iterable[str], tokenizer: PreTrainedTokenizerBase) -> It
 
 
 def token_sequences(
-    data: DataConfig, tokenizer: PreTrainedTokenizerBase, context: int, prepend_bos: bool, bos_id: int, eos_id: int
+    data: DataConfig, tokenizer: Any, context: int, prepend_bos: bool, bos_id: int, eos_id: int
 ) -> Iterator[np.ndarray]:
     """Deterministic stream of `[context]` token sequences from `data`."""
     return pack_tokens(tokenize_docs(iter_documents(data), tokenizer), context, prepend_bos, bos_id, eos_id)

