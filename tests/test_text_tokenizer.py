@@ -54,3 +54,13 @@ def test_the_gpt_neox_20b_tokenizer_matches_transformers(tmp_path: Path, tokeniz
     config = json.loads((tmp_path / "tokenizer_config.json").read_text())
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({**config, "tokenizer_class": tokenizer_class}))
     same_as_transformers(TextTokenizer.from_folder(tmp_path), AutoTokenizer.from_pretrained(tmp_path))
+
+
+def test_offsets_match_transformers() -> None:
+    tok = byte_tokenizer()
+    theirs = tok.to_transformers()
+    for text in TEXTS:
+        ours = tok(text, return_offsets_mapping=True)
+        expected = theirs(text, add_special_tokens=False, return_offsets_mapping=True)
+        assert ours["input_ids"] == expected["input_ids"]
+        assert [tuple(o) for o in ours["offset_mapping"]] == [tuple(o) for o in expected["offset_mapping"]]

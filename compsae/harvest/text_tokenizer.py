@@ -60,13 +60,18 @@ class TextTokenizer:
         core = Tokenizer.from_file(str(folder / TOKENIZER_FILE))
         return cls(core, _token_text(special.get("bos_token")), _token_text(special.get("eos_token")), str(folder))
 
-    def __call__(self, text: str | list[str], add_special_tokens: bool = False) -> dict[str, Any]:
-        """`{"input_ids": ids}` of one text or `[ids, ...]` of a batch; special tokens are never added."""
+    def __call__(self, text: str | list[str], add_special_tokens: bool = False,
+                 return_offsets_mapping: bool = False) -> dict[str, Any]:
+        """`{"input_ids": ids}` of one text or `[ids, ...]` of a batch (and `offset_mapping`, the
+        character span of each token, when asked); special tokens are never added."""
         if add_special_tokens:
             raise ValueError("TextTokenizer encodes without special tokens only (add_special_tokens=False)")
-        if isinstance(text, str):
-            return {"input_ids": self.core.encode(text, add_special_tokens=False).ids}
-        return {"input_ids": [e.ids for e in self.core.encode_batch(text, add_special_tokens=False)]}
+        one = isinstance(text, str)
+        encodings = self.core.encode_batch([text] if one else text, add_special_tokens=False)
+        out: dict[str, Any] = {"input_ids": [e.ids for e in encodings]}
+        if return_offsets_mapping:
+            out["offset_mapping"] = [list(e.offsets) for e in encodings]
+        return {k: v[0] for k, v in out.items()} if one else out
 
     def decode(self, ids: list[int]) -> str:
         """The text of token ids (special tokens kept, as transformers' default decode does)."""
