@@ -130,7 +130,7 @@ print('transformers', transformers.__version__, 'zarr', zarr.__version__, 'dask'
   # most wanted first: a late step is the one the budget cuts.  GPU_STEPS picks a subset.
   wanted() { [ -z "${GPU_STEPS:-}" ] || [[ " $GPU_STEPS " == *" $1 "* ]]; }
   wanted tests_cuda && step tests_cuda 90 "$PY" -m pytest -q -x -p no:cacheprovider \
-    tests/test_harvest_device.py tests/test_capture.py tests/test_harvest_batch_size.py
+    tests/test_harvest_device.py tests/test_capture.py tests/test_neox.py tests/test_harvest_batch_size.py
   H="$PY benchmarks/harvest.py --device cuda --batch-size auto"
   wanted harvest_pythia70m_262k && step harvest_pythia70m_262k 75 $H --tokens 262144 --repeats 2
   wanted harvest_pythia70m_4m && step harvest_pythia70m_4m 110 $H --tokens 4194304 --repeats 1

@@ -1,9 +1,10 @@
 """Harvest throughput against the bare truncated forward pass, and bytes on disk against float32.
 
 Same model, same tokens, same batches: (a) the transformers model's own forward over its layers up
-to the deepest hook, no hook of any kind, output discarded; (b) the same forward through
-`run_hooks` (what the harvest runs: the hooks' activations captured, then discarded), the ceiling
-of a harvest limited by the model; (c) the full
+to the deepest hook, no hook of any kind, output discarded; (b) the harvest's own forward,
+`run_hooks` (compsae's GPT-NeoX forward for a GPT-NeoX, `--forward transformers` for forward hooks
+on the transformers model as for any other architecture; the hooks' activations captured, then
+discarded), the ceiling of a harvest limited by the model; (c) the full
 harvest loop into a fresh store (device-side cast and statistics, device → host copies,
 background shard writer, finalize).  Each is run `--repeats` times alternately; the best time of
 each counts (the machine is shared, the minimum is the least disturbed measurement).
@@ -45,31 +46,37 @@ from compsae.harvest.models import (
     resolve_device,
     stop_layer,
     tiny_neox_hf,
+    tiny_neox_residual,
 )
 from compsae.harvest.run import _harvest_into, tokenize_all
 from compsae.store import ActivationStore
 
 
-def shaped(hf: Any, name: str, device: torch.device) -> LoadedModel:
+def shaped(hf: Any, name: str, device: torch.device, capture: Any = None) -> LoadedModel:
     """A random-weight transformers model as a LoadedModel with the byte tokenizer (byte ids are
-    valid in any vocabulary, and no unembedding is run)."""
+    valid in any vocabulary, and no unembedding is run); `capture` reads the residual hooks (None:
+    forward hooks on `hf`)."""
     tok = byte_tokenizer()
     hf = eager_attention(hf.to(device).eval())
     c = hf.config
     return LoadedModel(tokenizer=tok, n_layers=c.num_hidden_layers, d_model=c.hidden_size,
                        n_ctx=c.max_position_embeddings, bos_token_id=0, eos_token_id=0, device=device,
-                       info={"name": name}, hf_model=hf, wrap=lambda: _bridge(name, hf, tok).to(device).eval())
+                       info={"name": name}, hf_model=hf, wrap=lambda: _bridge(name, hf, tok).to(device).eval(),
+                       capture=capture, n_heads=c.num_attention_heads)
 
 
-def pythia70m_shaped(device: torch.device) -> LoadedModel:
-    """Random-weight GPT-NeoX with Pythia-70m's dimensions."""
-    return shaped(tiny_neox_hf(0, VOCAB_SIZE, d_model=512, n_layers=6, n_heads=8, n_ctx=2048), "pythia70m-shaped",
-                  device)
+def pythia70m_shaped(device: torch.device, forward: str = "compsae") -> LoadedModel:
+    """Random-weight GPT-NeoX with Pythia-70m's dimensions; residual hooks read by compsae's own
+    forward (as a harvest of a GPT-NeoX folder does) or by forward hooks on the transformers model."""
+    dims = {"d_model": 512, "n_layers": 6, "n_heads": 8, "n_ctx": 2048}
+    native = tiny_neox_residual(0, VOCAB_SIZE, device, **dims) if forward == "compsae" else None
+    return shaped(tiny_neox_hf(0, VOCAB_SIZE, **dims), "pythia70m-shaped", device, capture=native)
 
 
-def smollm2_shaped(device: torch.device) -> LoadedModel:
+def smollm2_shaped(device: torch.device, forward: str = "compsae") -> LoadedModel:
     """Random-weight Llama with SmolLM2-135M's dimensions (576 wide, 30 layers, 9 heads, 3 key-value
-    heads): the offline demo model's cost without its 240 MB of wheels."""
+    heads): the offline demo model's cost without its 240 MB of wheels (forward hooks: compsae has
+    no Llama forward of its own)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
@@ -94,7 +101,8 @@ def bare_forward(loaded: LoadedModel, tokens: np.ndarray, batch_size: int, stop:
     """Seconds for truncated forward passes over `tokens` (host → device copy included, as in the
     harvest), outputs discarded: the transformers model's own forward over its first `stop`
     layers, no hook of any kind (the wrapper's forward when there is no transformers model)."""
-    base = loaded.hf_model.base_model if loaded.hf_model is not None else None
+    has_hf = loaded.hf_model is not None or loaded.load_hf is not None
+    base = loaded.transformers_model().base_model if has_hf else None
     layers = base.layers if base is not None else None
     synchronize(loaded.device)
     t0 = time.perf_counter()
@@ -154,6 +162,9 @@ def main() -> None:
     ap.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
     ap.add_argument("--compressor", default="none", choices=["none", "zstd"])
     ap.add_argument("--repeats", type=int, help="runs of each measurement (default 2 with --quick, else 3)")
+    ap.add_argument("--forward", default="compsae", choices=["compsae", "transformers"],
+                    help="what reads the residual hooks of pythia70m-shaped: compsae's GPT-NeoX forward (as a "
+                         "harvest does) or forward hooks on the transformers model")
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                     help="where the model runs (auto: CUDA when available)")
     args = ap.parse_args()
@@ -168,7 +179,7 @@ def main() -> None:
                         chunk_rows=1024, shard_rows=shard_rows, compressor=args.compressor, device=device.type,
                         data={"source": "synthetic:mixed", "seed": 0})
     torch.set_grad_enabled(False)
-    loaded = SHAPED[args.model](device) if args.model in SHAPED else load_model(cfg)
+    loaded = SHAPED[args.model](device, args.forward) if args.model in SHAPED else load_model(cfg)
     widths = check_hooks(loaded, hooks, cfg.context)
     stop = stop_layer(hooks)
     tokens = tokenize_all(cfg, loaded.tokenizer)
@@ -178,7 +189,8 @@ def main() -> None:
     cfg = cfg.model_copy(update={"batch_size": args.batch_size})
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
     print(f"model {args.model} on {where}, hooks {hooks}, stop_at_layer {stop}, {tokens.size} tokens, "
-          f"batch {args.batch_size}, capture {'forward hooks' if loaded.captures(hooks) else 'transformer_lens'}")
+          f"batch {args.batch_size}, hooks read by "
+          f"{type(loaded.capture).__name__ if loaded.captures(hooks) else 'transformer_lens'}")
     bare_forward(loaded, tokens[: args.batch_size], args.batch_size, stop)  # warm-up
 
     forward_s, hooked_s, create_s, harvest_s = [], [], [], []

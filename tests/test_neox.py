@@ -46,16 +46,20 @@ def test_seeded_weights_equal_the_transformers_init() -> None:
         assert torch.equal(value, hf[name]), name
 
 
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])  # benchmarks/gpu.sh runs this file on a GPU
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("parallel", [True, False])
-def test_forward_is_bit_equal_to_transformers_eager(parallel: bool) -> None:
+def test_forward_is_bit_equal_to_transformers_eager(parallel: bool, device: str) -> None:
     config = {**tiny_neox_config(300, d_model=48, n_layers=4, n_heads=3), "use_parallel_residual": parallel}
-    hf = transformers_twin(config, seed=2)
+    hf = transformers_twin(config, seed=2).to(device)
     shape = NeoxShape.from_config(config)
-    ours = NeoxResidual(shape, seeded_weights(shape, 2, TINY_NEOX_STD), torch.device("cpu"))
+    ours = NeoxResidual(shape, seeded_weights(shape, 2, TINY_NEOX_STD), torch.device(device))
     theirs = ResidCapture(hf, decoder_layers(hf))
     assert shape.rotary_dims == 4 and shape.parallel_residual is parallel
     for batch, n_pos in ((1, 1), (1, 7), (3, 33), (2, 128)):
-        tokens = torch.randint(0, 300, (batch, n_pos), generator=torch.Generator().manual_seed(n_pos))
+        tokens = torch.randint(0, 300, (batch, n_pos), generator=torch.Generator().manual_seed(n_pos)).to(device)
         with torch.inference_mode():
             a, b = ours.run(tokens, HOOKS), theirs.run(tokens, HOOKS)
         for h in HOOKS:
