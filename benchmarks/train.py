@@ -25,6 +25,7 @@ import argparse
 import tempfile
 import time
 import typing
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -94,39 +95,44 @@ COMPILED = "+compiled"  # suffix of a model's name whose step runs compiled (tra
 COMPILE_WARMUP = 3  # compile; on CUDA a first run and the CUDA graph's recording, then replays
 
 
-def step_seconds(cfgs: dict[str, Any], steps: int, x: torch.Tensor) -> tuple[dict[str, float], dict[str, float]]:
-    """Median seconds of one training step per model on `x`'s device, and each model's loss at
-    its first step; the models' steps are interleaved so a busy shared machine slows all of them
-    alike.  A name ending in `COMPILED` runs its loss as the trainer does with `train.compile`
-    (compilation left out: warm-up steps), from the same initial weights as its eager twin."""
+Stepper = Callable[[], torch.Tensor]
+
+
+def make_stepper(name: str, cfg: Any, x: torch.Tensor) -> tuple[Stepper, float]:
+    """One training step of a fresh model of `cfg` on `x` (returns the step's loss), warmed up, and
+    the loss of its first step.  A name ending in `COMPILED` runs its loss as the trainer does with
+    `train.compile` (compilation left out: warm-up steps), from the same initial weights as its
+    eager twin (seed 0)."""
     device = x.device
-    steppers = {}
-    first_loss: dict[str, float] = {}
-    for name, cfg in cfgs.items():
-        torch.manual_seed(0)
-        model = build_model(cfg, D).to(device)
-        model.init_b_dec(x)
-        opt = torch.optim.Adam(model.parameters(), lr=3e-4)
-        dead = torch.zeros(cfg.n_latents, dtype=torch.bool, device=device)
-        dead[: cfg.n_latents // 20] = True  # AuxK active, as in real training
-        compiled = name.endswith(COMPILED)
-        loss_fn = loss_step(wrap_loss(model, DistContext(), device), device, compiled)
+    torch.manual_seed(0)
+    model = build_model(cfg, D).to(device)
+    model.init_b_dec(x)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-4)
+    dead = torch.zeros(cfg.n_latents, dtype=torch.bool, device=device)
+    dead[: cfg.n_latents // 20] = True  # AuxK active, as in real training
+    compiled = name.endswith(COMPILED)
+    loss_fn = loss_step(wrap_loss(model, DistContext(), device), device, compiled)
 
-        def step(model=model, opt=opt, dead=dead, loss_fn=loss_fn) -> torch.Tensor:
-            opt.zero_grad(set_to_none=True)
-            terms, _ = loss_fn(x, dead)
-            terms["loss"].backward()
-            model.before_optimizer_step()
-            opt.step()
-            model.after_optimizer_step()
-            return terms["loss"].detach()
+    def step() -> torch.Tensor:
+        opt.zero_grad(set_to_none=True)
+        terms, _ = loss_fn(x, dead)
+        terms["loss"].backward()
+        model.before_optimizer_step()
+        opt.step()
+        model.after_optimizer_step()
+        return terms["loss"].detach()
 
-        first_loss[name] = float(step())  # warm-up (allocations, lazy init, CUDA kernels; compilation)
-        for _ in range(COMPILE_WARMUP - 1 if compiled else 0):
-            step()
-        synchronize(device)
-        steppers[name] = step
-    times: dict[str, list[float]] = {name: [] for name in cfgs}
+    first_loss = float(step())  # warm-up (allocations, lazy init, CUDA kernels; compilation)
+    for _ in range(COMPILE_WARMUP - 1 if compiled else 0):
+        step()
+    synchronize(device)
+    return step, first_loss
+
+
+def time_steppers(steppers: dict[str, Stepper], steps: int, device: torch.device) -> dict[str, float]:
+    """Median seconds of one step of each stepper; their steps are interleaved so a busy shared
+    machine slows all of them alike."""
+    times: dict[str, list[float]] = {name: [] for name in steppers}
     for _ in range(steps):
         for name, step in steppers.items():
             synchronize(device)
@@ -134,7 +140,12 @@ def step_seconds(cfgs: dict[str, Any], steps: int, x: torch.Tensor) -> tuple[dic
             step()
             synchronize(device)
             times[name].append(time.perf_counter() - t)
-    return {name: float(np.median(ts)) for name, ts in times.items()}, first_loss
+    return {name: float(np.median(ts)) for name, ts in times.items()}
+
+
+def step_seconds(cfgs: dict[str, Any], steps: int, x: torch.Tensor) -> dict[str, float]:
+    """Median seconds of one training step per model on `x`'s device, steps interleaved."""
+    return time_steppers({name: make_stepper(name, cfg, x)[0] for name, cfg in cfgs.items()}, steps, x.device)
 
 
 def composer_kinds() -> list[str]:
@@ -172,7 +183,7 @@ def main() -> None:
         cfgs = {"topk": make_model_config(type="topk")}
         cfgs.update({kind: make_model_config(type="compsae", composer=kind) for kind in kinds})  # curriculum on
         cfgs["attention_all"] = make_model_config(type="compsae", composer="attention", curriculum=False)
-        t, _ = step_seconds(cfgs, steps, batch)
+        t = step_seconds(cfgs, steps, batch)
         topk = t["topk"]
         where = (f"on {torch.cuda.get_device_name(device)}" if device.type == "cuda"
                  else f"on {torch.get_num_threads()} threads")
@@ -196,22 +207,30 @@ def main() -> None:
 
 
 def compiled_steps(cfgs: dict[str, Any], kinds: list[str], steps: int, batch: torch.Tensor, where: str) -> None:
-    """(d): every model's step compiled (train.compile) and eager, interleaved in one round, after
-    the eager results are printed (a run cut short by a time limit keeps those)."""
-    both = cfgs | {name + COMPILED: cfg for name, cfg in cfgs.items()}
+    """(d): each model's step compiled (train.compile) and eager, timed interleaved with TopK's
+    compiled and eager steps, one model per round and its RESULT lines printed as soon as they are
+    known (a run cut short by a time limit keeps what it measured; the eager (b) lines come first)."""
+    device = batch.device
+    print(f"(d) compiled ({compile_mode(device)}) {where}; compilation and warm-up are not timed", flush=True)
     t0 = time.perf_counter()
-    t, loss = step_seconds(both, steps, batch)
-    setup = time.perf_counter() - t0 - steps * sum(t.values())
-    # the same weights and batch: the compiled loss must be the eager one up to float rounding
-    diff = {name: abs(loss[name + COMPILED] - loss[name]) / max(abs(loss[name]), 1e-12) for name in cfgs}
-    print(f"(d) compiled ({compile_mode(batch.device)}; about {setup:.0f} s to compile and warm up) {where}: "
-          + ", ".join(f"{name} {t[name + COMPILED] * 1e3:.1f} ms (eager {t[name] * 1e3:.1f})" for name in cfgs))
-    topk = t["topk" + COMPILED]
-    for kind in kinds:
-        print(f"RESULT compsae_step_vs_topk_compiled_{kind}={t[kind + COMPILED] / topk:.3f}")
-    for name in cfgs:
-        print(f"RESULT step_eager_vs_compiled_{name}={t[name] / t[name + COMPILED]:.3f}")
-    print(f"RESULT compiled_vs_eager_loss_max_rel_diff={max(diff.values()):.2e}")
+    topk = {name: make_stepper(name, cfgs["topk"], batch) for name in ("topk", "topk" + COMPILED)}
+    worst = 0.0
+    for name, cfg in cfgs.items():
+        if name != "topk":
+            t0 = time.perf_counter()
+        own = {} if name == "topk" else {n: make_stepper(n, cfg, batch) for n in (name, name + COMPILED)}
+        setup = time.perf_counter() - t0
+        runs = topk | own
+        t = time_steppers({n: step for n, (step, _) in runs.items()}, steps, device)
+        # the same weights and batch: the compiled loss must be the eager one up to float rounding
+        eager_loss, compiled_loss = runs[name][1], runs[name + COMPILED][1]
+        worst = max(worst, abs(compiled_loss - eager_loss) / max(abs(eager_loss), 1e-12))
+        print(f"    {name}: compiled {t[name + COMPILED] * 1e3:.1f} ms, eager {t[name] * 1e3:.1f} ms "
+              f"(TopK compiled {t['topk' + COMPILED] * 1e3:.1f}, eager {t['topk'] * 1e3:.1f}; {setup:.0f} s to compile)")
+        if name in kinds:
+            print(f"RESULT compsae_step_vs_topk_compiled_{name}={t[name + COMPILED] / t['topk' + COMPILED]:.3f}")
+        print(f"RESULT step_eager_vs_compiled_{name}={t[name] / t[name + COMPILED]:.3f}", flush=True)
+    print(f"RESULT compiled_vs_eager_loss_max_rel_diff={worst:.2e}")
 
 
 if __name__ == "__main__":
