@@ -35,6 +35,7 @@ def test_compile_setting_round_trips_and_leaves_the_hashes_alone():
     mcfg = base.model_for("comp")
     assert training_hash(mcfg, on.train_for("comp"), HOOK, "s") == training_hash(mcfg, base.train_for("comp"), HOOK, "s")
     assert compile_mode(torch.device("cuda")) == "reduce-overhead" and compile_mode(torch.device("cpu")) == "default"
+    assert compile_mode(torch.device("cuda"), data_parallel=True) == "default"  # no CUDA graphs around DDP's hooks
 
 
 @pytest.mark.parametrize("n_dead", [0, 5, 16, 40])

@@ -35,10 +35,12 @@ from compsae.errors import UserError
 RECOMPILE_LIMIT = 32  # per compiled frame; a full run needs about ten (see the module docstring)
 
 
-def compile_mode(device: torch.device) -> str:
+def compile_mode(device: torch.device, data_parallel: bool = False) -> str:
     """The torch.compile mode for `device`: CUDA graphs on CUDA (the step is launch-bound), the
-    default inductor mode elsewhere."""
-    return "reduce-overhead" if device.type == "cuda" else "default"
+    default inductor mode elsewhere and in a data-parallel job (DistributedDataParallel's
+    gradient all-reduce runs from autograd hooks between the compiled pieces, which a captured
+    graph would not replay)."""
+    return "reduce-overhead" if device.type == "cuda" and not data_parallel else "default"
 
 
 def check_compiler(device: torch.device) -> None:
@@ -60,9 +62,9 @@ class CompiledLoss:
     Outputs of a CUDA-graph replay live in memory the next replay overwrites: use them (backward,
     metrics, dead-latent counts) before the next call, as the trainer does."""
 
-    def __init__(self, module: nn.Module, device: torch.device) -> None:
+    def __init__(self, module: nn.Module, device: torch.device, data_parallel: bool = False) -> None:
         check_compiler(device)
-        self.mode = compile_mode(device)
+        self.mode = compile_mode(device, data_parallel)
         self.cuda_graphs = self.mode == "reduce-overhead"
         self.fn = torch.compile(module, mode=self.mode, dynamic=None)
 
@@ -74,6 +76,8 @@ class CompiledLoss:
             return self.fn(x, dead_mask)
 
 
-def loss_step(module: nn.Module, device: torch.device, compile: bool) -> Callable[..., Any]:
-    """The function a trainer calls for a step's loss: `module` itself, or compiled (`compile`)."""
-    return CompiledLoss(module, device) if compile else module
+def loss_step(module: nn.Module, device: torch.device, compile: bool, data_parallel: bool = False
+              ) -> Callable[..., Any]:
+    """The function a trainer calls for a step's loss: `module` itself, or compiled (`compile`;
+    `data_parallel`: `module` is a DistributedDataParallel wrapper)."""
+    return CompiledLoss(module, device, data_parallel) if compile else module

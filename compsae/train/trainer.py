@@ -180,7 +180,7 @@ class Trainer:
         # compute_loss through DistributedDataParallel when there are several ranks
         self.loss_module = wrap_loss(self.model, self.dist, self.device)
         # train.compile: the same loss, compiled (the model is not wrapped: checkpoint keys unchanged)
-        self.loss_step = loss_step(self.loss_module, self.device, cfg.compile)
+        self.loss_step = loss_step(self.loss_module, self.device, cfg.compile, data_parallel=self.dist.enabled)
         self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
                          if cfg.bf16 and self.device.type == "cuda" else nullcontext())
 
