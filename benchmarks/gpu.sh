@@ -22,6 +22,8 @@
 #   peer_saelens          compsae vs SAELens' CacheActivationsRunner as whole processes, on CUDA
 #   train_quick           loader vs training, the CompSAE step per composer kind vs TopK, eager and
 #                         then compiled (train.compile: CUDA graphs; the eager lines print first)
+#   tests_compile_cuda    train.compile on CUDA (CUDA graphs): 24 training steps through every
+#                         schedule change give the eager losses (tests/test_train_compile.py)
 #   fvu_cpu_vs_cuda       training on CUDA gives the CPU's FVU curve
 # Each step has its own time limit and a failed step does not stop the others.  Everything goes to
 # $OUT/gpu_bench.txt (or ./gpu-results/); at the end every RESULT line, tagged with its step and
@@ -141,6 +143,8 @@ print('transformers', transformers.__version__, 'zarr', zarr.__version__, 'dask'
     --device cuda --tokens 262144 --rounds 1 --batch-size 64 --work /tmp/peer --no-capabilities
   # --compile: compiling the five models (forward + backward) takes most of this step's time
   wanted train_quick && step train_quick 150 "$PY" benchmarks/train.py --quick --steps 10 --device cuda --compile
+  wanted tests_compile_cuda && step tests_compile_cuda 150 "$PY" -m pytest -q -x -p no:cacheprovider \
+    tests/test_train_compile.py -k cuda
   wanted fvu_cpu_vs_cuda && step fvu_cpu_vs_cuda 120 "$PY" benchmarks/cuda_vs_cpu.py --steps 100 --devices cpu,cuda
   # GPU_PIPELINES="ablations ...": run whole pipelines on the GPU; their outputs (stores and
   # training states left out) come back as $out/pipelines.tar.gz

@@ -73,7 +73,7 @@ def test_compiled_trainer_keeps_the_models_checkpoint_keys(tmp_path):
     assert set(loaded.state_dict()) == names
 
 
-def _train(folder, compile: bool, kind: str):
+def _train(folder, compile: bool, kind: str, device: str = "cpu"):
     # 24 steps cover every schedule change: k anneals 16 -> 4, the curriculum moves m 2 -> 3 -> 4,
     # the pair term joins and its penalties warm up; AuxK sees a dead mask that changes (small
     # window) and the last batch of the data is smaller (an odd batch size).
@@ -81,7 +81,7 @@ def _train(folder, compile: bool, kind: str):
     data = torch.from_numpy(x)
     extra = {"composer": "pair", "pair_selection": "top_m", "curriculum_m": [1, 2, 3]} if kind == "pair" else {}
     mcfg = model_cfg("compsae" if kind == "pair" else kind, **SMALL, **extra)
-    tcfg = TrainConfig(lr=3e-3, batch_size=45, tokens=45 * 24, log_every=1, checkpoint_every=1000, device="cpu",
+    tcfg = TrainConfig(lr=3e-3, batch_size=45, tokens=45 * 24, log_every=1, checkpoint_every=1000, device=device,
                        dead_window_tokens=200, compile=compile)
     torch.manual_seed(0)
     model = build_model(mcfg, 16)
@@ -91,20 +91,27 @@ def _train(folder, compile: bool, kind: str):
     return [json.loads(ln) for ln in (folder / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("kind", ["pair", "topk"])
-def test_compiled_training_matches_eager(tmp_path, kind):
+_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+
+
+@pytest.mark.parametrize(("kind", "device"), [
+    pytest.param("pair", "cpu", marks=pytest.mark.slow), pytest.param("topk", "cpu", marks=pytest.mark.slow),
+    # CUDA graphs (reduce-overhead): benchmarks/gpu.sh runs these where a GPU is lent
+    pytest.param("pair", "cuda", marks=_CUDA), pytest.param("topk", "cuda", marks=_CUDA),
+])
+def test_compiled_training_matches_eager(tmp_path, kind, device):
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()
     counters.clear()
-    eager = _train(tmp_path / "eager", False, kind)
-    compiled = _train(tmp_path / "compiled", True, kind)
+    eager = _train(tmp_path / "eager", False, kind, device)
+    compiled = _train(tmp_path / "compiled", True, kind, device)
     assert [r["step"] for r in compiled] == list(range(1, 25))
+    # not bitwise: inductor fuses and reorders float sums (CUDA: other reduction orders again)
+    rel = 1e-4 if device == "cpu" else 1e-3
     for name in ("loss", "recon", "auxk", "fvu"):
-        # not bitwise: inductor fuses and reorders float sums
         a, b = [r[name] for r in eager], [r[name] for r in compiled]
-        assert a == pytest.approx(b, rel=1e-4, abs=1e-6), name
+        assert a == pytest.approx(b, rel=rel, abs=1e-6), name
     assert any(r["auxk"] > 0 for r in eager) and len({r["k"] for r in eager}) > 2
     if kind == "pair":
         assert len({r["m"] for r in eager}) == 3 and any("pair_l1" in r for r in eager)
@@ -115,7 +122,7 @@ def test_compiled_training_matches_eager(tmp_path, kind):
     a, _ = load_model(str(tmp_path / "eager"))
     b, _ = load_model(str(tmp_path / "compiled"))
     for key, value in a.state_dict().items():
-        torch.testing.assert_close(b.state_dict()[key], value, rtol=1e-3, atol=1e-5)
+        torch.testing.assert_close(b.state_dict()[key], value, rtol=10 * rel, atol=1e-5)
 
 
 @pytest.mark.slow
