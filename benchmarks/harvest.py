@@ -9,6 +9,10 @@ harvest loop into a fresh store (device-side cast and statistics, device → hos
 background shard writer, finalize).  Each is run `--repeats` times alternately; the best time of
 each counts (the machine is shared, the minimum is the least disturbed measurement).
 
+Then the writer side alone: host shards of 16,384 rows stored by 1, 2 and `writer_threads` (auto
+on this device) shard writer threads, in MB/s of activations and against what a harvest at the
+bare forward's pace must store (RESULT shard_writes_mb_s_1thread, shard_writes_2threads_vs_1).
+
 Creating the empty store (Zarr metadata, a fixed cost a long harvest pays once) is timed on its
 own line and left out of `harvest_vs_forward`; everything paid per token or per shard is in,
 including the last shard's write that nothing overlaps and `finalize`.  With few shards (the
@@ -49,6 +53,7 @@ from compsae.harvest.models import (
     tiny_neox_residual,
 )
 from compsae.harvest.run import _harvest_into, tokenize_all
+from compsae.harvest.shards import writer_threads
 from compsae.store import ActivationStore
 
 
@@ -151,6 +156,28 @@ def full_harvest(cfg: HarvestConfig, loaded: LoadedModel, tokens: np.ndarray, wi
         return t1 - t0, time.perf_counter() - t1, store
 
 
+def shard_write_rate(widths: dict[str, int], dtype: str, shard_rows: int, n_shards: int, threads: int,
+                     tmp: str) -> float:
+    """Bytes of activations per second that `threads` shard writers store (host data, no model):
+    the ceiling the writer side puts on a harvest."""
+    from compsae.harvest.shards import HostShard, ShardWriter
+
+    rng = np.random.default_rng(0)
+    acts = {h: rng.normal(size=(shard_rows, w)).astype(np.float16 if dtype == "float16" else np.float32)
+            for h, w in widths.items()}
+    layout = HarvestConfig(shard_rows=shard_rows, chunk_rows=min(1024, shard_rows), dtype=dtype).layout()
+    store = ActivationStore.create(f"{tmp}/writes.zarr", widths, shard_rows * n_shards, layout,
+                                   {"config_hash": "bench"}, overwrite=True)
+    tokens = np.zeros((shard_rows * n_shards // 128, 128), dtype=np.int32)
+    t0 = time.perf_counter()
+    writer = ShardWriter(store, tokens, 128, threads=threads)
+    for shard in range(n_shards):
+        writer.put(shard, HostShard(acts=acts, moments=None, peaks=np.zeros(len(acts), np.float32), dtype=dtype))
+    writer.close()
+    seconds = time.perf_counter() - t0
+    return sum(a.nbytes for a in acts.values()) * n_shards / seconds
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small run, under a minute")
@@ -162,6 +189,7 @@ def main() -> None:
     ap.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
     ap.add_argument("--compressor", default="none", choices=["none", "zstd"])
     ap.add_argument("--repeats", type=int, help="runs of each measurement (default 2 with --quick, else 3)")
+    ap.add_argument("--writer-threads", default="auto", help="threads writing shards (harvest.writer_threads)")
     ap.add_argument("--forward", default="compsae", choices=["compsae", "transformers"],
                     help="what reads the residual hooks of pythia70m-shaped: compsae's GPT-NeoX forward (as a "
                          "harvest does) or forward hooks on the transformers model")
@@ -177,6 +205,7 @@ def main() -> None:
     cfg = HarvestConfig(model="tiny-neox" if args.model in SHAPED else args.model, hooks=hooks,
                         context=128, n_tokens=n_tokens, batch_size=16, dtype=args.dtype,
                         chunk_rows=1024, shard_rows=shard_rows, compressor=args.compressor, device=device.type,
+                        writer_threads=args.writer_threads if args.writer_threads == "auto" else int(args.writer_threads),
                         data={"source": "synthetic:mixed", "seed": 0})
     torch.set_grad_enabled(False)
     loaded = SHAPED[args.model](device, args.forward) if args.model in SHAPED else load_model(cfg)
@@ -189,7 +218,7 @@ def main() -> None:
     cfg = cfg.model_copy(update={"batch_size": args.batch_size})
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
     print(f"model {args.model} on {where}, hooks {hooks}, stop_at_layer {stop}, {tokens.size} tokens, "
-          f"batch {args.batch_size}, hooks read by "
+          f"batch {args.batch_size}, {writer_threads(cfg, device)} writer thread(s), hooks read by "
           f"{type(loaded.capture).__name__ if loaded.captures(hooks) else 'transformer_lens'}")
     bare_forward(loaded, tokens[: args.batch_size], args.batch_size, stop)  # warm-up
 
@@ -205,6 +234,8 @@ def main() -> None:
         fs, path = fsspec.core.url_to_fs(url)
         act_bytes = fs.du(f"{path}/acts", total=True)
         fp32_bytes = sum(store.n_rows * d * 4 for d in widths.values())
+        write_rates = {n: max(shard_write_rate(widths, args.dtype, 16_384, 8, n, tmp) for _ in range(repeats))
+                       for n in sorted({1, 2, writer_threads(cfg, device)})}
     fwd_tps, hooked_tps, hv_tps = (tokens.size / min(t) for t in (forward_s, hooked_s, harvest_s))
     itemsize = 4 if args.dtype == "float32" else 2
     stored_mb_s = tokens.size * sum(widths.values()) * itemsize / min(harvest_s) / 1e6
@@ -218,6 +249,12 @@ def main() -> None:
           f"{stored_mb_s:,.0f} MB/s of activations stored")
     print(f"store creation (once per harvest, not in the ratios): {min(create_s) * 1e3:.0f} ms")
     print(f"activation bytes on disk: {act_bytes:,} vs float32 {fp32_bytes:,}")
+    needed = fwd_tps * sum(widths.values()) * itemsize  # bytes/s a harvest at the bare forward's pace stores
+    for n, rate in write_rates.items():
+        print(f"shard writers, {n} thread(s): {rate / 1e6:,.0f} MB/s of activations "
+              f"({rate / needed:.2f}x what the bare forward's pace needs)")
+    print(f"RESULT shard_writes_mb_s_1thread={write_rates[1] / 1e6:.0f}")
+    print(f"RESULT shard_writes_2threads_vs_1={write_rates[2] / write_rates[1]:.2f}")
     print(f"RESULT harvest_vs_forward={hv_tps / fwd_tps:.3f}")
     print(f"RESULT harvest_vs_hooked_forward={hv_tps / hooked_tps:.3f}")
     print(f"RESULT bytes_vs_fp32={act_bytes / fp32_bytes:.3f}")

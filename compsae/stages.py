@@ -23,7 +23,7 @@ from compsae.files import STAGE_LOCK, STAGE_RECORD
 RECORD = STAGE_RECORD
 
 # Fields that change how fast a stage runs, never what it writes: left out of the hash.
-NON_SEMANTIC = {"device", "workers", "scheduler", "progress", "num_threads", "prefetch", "threads_per_worker",
+NON_SEMANTIC = {"device", "writer_threads", "workers", "scheduler", "progress", "num_threads", "prefetch", "threads_per_worker",
                 "log", "wandb_project", "wandb_entity", "compile"}
 
 

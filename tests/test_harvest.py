@@ -92,6 +92,28 @@ def test_interrupted_then_resumed_equals_uninterrupted(tmp_path: Path, full_run:
     assert out["digest"] == full_run["digest"]
 
 
+def test_several_writer_threads_write_the_same_store(tmp_path: Path, full_run: dict[str, Any]) -> None:
+    """Shards written side by side (as on a GPU) finish in any order; the store is the same bytes,
+    its config hash too (the thread count cannot change what is stored)."""
+    written: list[int] = []
+    out = run_harvest(small_cfg(writer_threads=3), str(tmp_path / "a"), on_shard_written=written.append)
+    assert sorted(written) == [0, 1, 2, 3, 4]
+    a, b = read_all(out["store"]), read_all(full_run["store"])
+    for k in b:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    assert out["digest"] == full_run["digest"]
+
+    def die_at_two(shard: int) -> None:
+        if shard == 2:
+            raise RuntimeError("writer died")
+
+    with pytest.raises(RuntimeError, match="writer died"):  # a writer thread's error reaches the caller
+        run_harvest(small_cfg(writer_threads=3), str(tmp_path / "b"), on_shard_written=die_at_two)
+    assert 2 in ActivationStore.open(str(tmp_path / "b" / "store.zarr")).done_shards()
+    resumed = run_harvest(small_cfg(writer_threads=2), str(tmp_path / "b"))
+    assert resumed["digest"] == full_run["digest"]
+
+
 def test_complete_store_is_not_redone(full_run: dict[str, Any], tmp_path: Path) -> None:
     out = run_harvest(small_cfg(store=full_run["store"]), str(tmp_path))
     assert out == full_run

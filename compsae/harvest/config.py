@@ -67,6 +67,10 @@ class HarvestConfig(BaseModel):
     shard_rows: int = Field(DEFAULT_SHARD_ROWS, ge=1)
     compressor: Literal["none", "zstd"] = "none"
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    writer_threads: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
+        "auto", description="threads writing full shards beside the forward passes (each shard is its own "
+        "files); auto: 1 on the CPU, where the forward needs the cores, and on a GPU a quarter of the CPU "
+        "cores, at most 4 (one thread writes ~0.5 GB/s, less than a GPU harvests)")
     store: str | None = Field(None, min_length=1,
                               description="explicit store path/URL instead of <stage folder>/store.zarr")
 
