@@ -305,11 +305,14 @@ def saelens_capabilities(work: Path, env: dict[str, str], args: argparse.Namespa
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     killed = kill_when(proc, lambda: any((out_dir / ".tmp_shards").glob("shard_*/dataset_info.json")), args.timeout)
     _, out, rc = timed(cmd, env, args.timeout)
-    # the rerun starts over (nothing of the killed run is kept), so it is also what a fresh run of a
-    # count that is no whole number of buffers stores
+    # a rerun that succeeds starts over (nothing of the killed run is kept), so it is also what a
+    # fresh run of a count that is no whole number of buffers stores
     stored = child_result(out)["tokens"] if rc == 0 else None
     resumed = killed and stored is not None and stored >= tokens
     two = run_saelens(work, env, args, "float16", "two-hooks", hooks=f"{HOOK},{HOOK2}", tokens=tokens)
+    if stored is None:  # the rerun failed (it refuses the killed run's folder): a fresh run of that count
+        one = run_saelens(work, env, args, "float16", "exact", tokens=tokens)
+        stored = one["tokens"] if one["ok"] else None
     shutil.rmtree(work / "saelens", ignore_errors=True)
     found = {"resume_after_kill9": "yes" if resumed else "no", "hooks_in_one_pass": "2" if two["ok"] else "1"}
     if stored is not None:
