@@ -205,3 +205,14 @@ def test_data_running_out_stores_what_there_is(tmp_path: Path) -> None:
     out = run_harvest(small_cfg(data={"source": str(docs)}, hooks=HOOKS[:1]), str(tmp_path))
     assert out["n_rows"] == 6 * 32
     assert ActivationStore.open(out["store"]).manifest["data"]["n_seqs"] == 6
+
+
+def test_writer_threads_auto(monkeypatch: pytest.MonkeyPatch) -> None:
+    from compsae.harvest.shards import writer_threads
+
+    monkeypatch.setattr("os.sched_getaffinity", lambda _pid: set(range(16)), raising=False)
+    assert writer_threads(small_cfg(), torch.device("cpu")) == 1  # the forward needs the cores
+    assert writer_threads(small_cfg(), torch.device("cuda")) == 4
+    assert writer_threads(small_cfg(writer_threads=2), torch.device("cuda")) == 2
+    monkeypatch.setattr("os.sched_getaffinity", lambda _pid: set(range(7)), raising=False)  # a pinned job
+    assert writer_threads(small_cfg(), torch.device("cuda")) == 1

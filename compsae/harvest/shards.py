@@ -115,7 +115,9 @@ def writer_threads(cfg: HarvestConfig, device: torch.device) -> int:
     """How many threads write shards (`harvest.writer_threads`; see its description for auto)."""
     if cfg.writer_threads != "auto":
         return int(cfg.writer_threads)
-    return 1 if device.type != "cuda" else max(1, min(4, (os.cpu_count() or 1) // 4))
+    # the cores this process may run on (a job pinned to some of a machine's cores has fewer than cpu_count)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return 1 if device.type != "cuda" else max(1, min(4, cores // 4))
 
 
 class ShardWriter:
