@@ -75,6 +75,10 @@ def test_unsupported_models_are_left_to_transformers(tmp_path: Path) -> None:
     assert NeoxShape.from_config({**base, "rope_scaling": {"type": "linear", "factor": 2.0}}) is None
     assert NeoxShape.from_config({**base, "rope_parameters": {"rope_type": "dynamic", "factor": 2.0}}) is None
     assert NeoxShape.from_config({**base, "attention_bias": False}) is None
+    assert NeoxShape.from_config({k: v for k, v in base.items() if k != "intermediate_size"}) is None
+    # values a config.json may leave out are transformers' GPT-NeoX defaults
+    sparse = NeoxShape.from_config({k: v for k, v in base.items() if k not in ("rotary_pct", "use_parallel_residual")})
+    assert sparse == NeoxShape.from_config(base) and sparse.rotary_dims == 4
     (tmp_path / "config.json").write_text(json.dumps(base))
     assert NeoxShape.from_folder(tmp_path) is None  # no model.safetensors (a pickled checkpoint: transformers)
 

@@ -29,6 +29,8 @@ from compsae.harvest.capture import resid_hook
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 _PREFIX = "gpt_neox."
+_REQUIRED = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+             "max_position_embeddings")
 # per block: (name under gpt_neox.layers.N., kind); the order is transformers' parameter order
 _BLOCK_PARAMS = (
     ("input_layernorm.weight", "ln_weight"), ("input_layernorm.bias", "bias"),
@@ -68,12 +70,13 @@ class NeoxShape:
         rope = dict(config.get("rope_parameters") or {})
         if (rope.get("rope_type") or "default") != "default" or config.get("rope_scaling"):
             return None
-        if not config.get("attention_bias", True):
+        if not config.get("attention_bias", True) or any(k not in config for k in _REQUIRED):
             return None
         d_model, n_heads = int(config["hidden_size"]), int(config["num_attention_heads"])
-        fraction = float(rope.get("partial_rotary_factor", config.get("rotary_pct", 1.0)))
+        # defaults as transformers' GPTNeoXConfig has them (a config.json may leave out default values)
+        fraction = float(rope.get("partial_rotary_factor", config.get("rotary_pct", 0.25)))
         return cls(vocab_size=int(config["vocab_size"]), d_model=d_model, n_layers=int(config["num_hidden_layers"]),
-                   n_heads=n_heads, d_mlp=int(config.get("intermediate_size", 4 * d_model)),
+                   n_heads=n_heads, d_mlp=int(config["intermediate_size"]),
                    n_ctx=int(config["max_position_embeddings"]), rotary_dims=int(d_model // n_heads * fraction),
                    rotary_base=float(rope.get("rope_theta", config.get("rotary_emb_base", 10000))),
                    ln_eps=float(config.get("layer_norm_eps", 1e-5)),
