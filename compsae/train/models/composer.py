@@ -135,9 +135,16 @@ class _ReceivedAttention(torch.autograd.Function):
             for h in range(1, ds.shape[0]):
                 grad_zz.addcmul_(ds[h], raw[h])
             ds.mul_(zz)
-        # reshape, not view: a view here (eager) but a copy where torch.compile lays ds out otherwise
-        d_raw = ds.reshape(k.shape[0], k.shape[1], q.shape[1])  # [H·b, key, query]
+        d_raw = ds.view(k.shape[0], k.shape[1], q.shape[1])  # [H·b, key, query]
         return torch.bmm(d_raw.transpose(1, 2), k), torch.bmm(d_raw, q), grad_zz, grad_bias, None
+
+
+@torch.compiler.disable
+def _received_attention_eager(q: torch.Tensor, k: torch.Tensor, zz: torch.Tensor | None, key_bias: torch.Tensor,
+                              m: int | None) -> torch.Tensor:
+    """`_ReceivedAttention`, run eagerly inside a compiled step (train.compile): its hand-written
+    backward views buffers whose layout inductor may change, and it is one fused node already."""
+    return _ReceivedAttention.apply(q, k, zz, key_bias, m)
 
 
 def received_attention(q: torch.Tensor, k: torch.Tensor, zz: torch.Tensor | None, key_bias: torch.Tensor,
@@ -147,7 +154,7 @@ def received_attention(q: torch.Tensor, k: torch.Tensor, zz: torch.Tensor | None
     (`Σ_q w_jq`: `[H, b, keys]`, the attention each key receives; the weights `w: [H, b, keys, q]`
     when `need_weights`, else None)."""
     if not need_weights:
-        return _ReceivedAttention.apply(q, k, zz, key_bias, m), None
+        return _received_attention_eager(q, k, zz, key_bias, m), None
     # analysis: plain ops, so gradients reach the weights too
     raw = torch.bmm(k, q.transpose(1, 2)).view(key_bias.shape[0], key_bias.shape[1], k.shape[1], q.shape[1])
     scores = torch.addcmul(key_bias, raw, zz) if zz is not None else raw + key_bias
