@@ -70,7 +70,7 @@ class HarvestConfig(BaseModel):
     writer_threads: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
         "auto", description="threads writing full shards beside the forward passes (each shard is its own "
         "files); auto: 1 on the CPU, where the forward needs the cores, and on a GPU a quarter of the CPU "
-        "cores, at most 4 (one thread writes ~0.5 GB/s, less than a GPU harvests)")
+        "cores, at most 4 (one thread stored ~0.6 GB/s on a GPU machine, less than its forward made)")
     store: str | None = Field(None, min_length=1,
                               description="explicit store path/URL instead of <stage folder>/store.zarr")
 
