@@ -14,7 +14,11 @@ What the schedule changes between steps must not recompile every step:
 - the batch size of an epoch's last batch becomes symbolic the same way, after one recompile.
 - AuxK's dead count, read on the host in eager mode, is not read at all here (`auxk_loss` takes its
   fixed-shape form while compiling): no graph break, no host sync.
-`RECOMPILE_LIMIT` bounds what is left; past it dynamo runs the step eagerly (same results).
+Models trained one after another in one process share dynamo's cache (it is kept per code
+object): a model whose config matches an earlier one's reuses its graphs (a seed grid compiles
+once), and each other config adds its recompiles to the same count.  `RECOMPILE_LIMIT` bounds
+that count; past it dynamo warns and runs the step eagerly (same results, no speed-up): measured,
+six models of four kinds in a row (pair, topk, relu, compsae, pair, topk) made 10 graphs.
 
 The model itself is not wrapped: its state dict keeps its own names (no `_orig_mod.` prefix), so
 checkpoints written with and without compile are the same files."""
