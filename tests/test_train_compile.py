@@ -5,12 +5,14 @@ the eager one."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
 from safetensors.torch import load_file
 from train_fixtures import HOOK, model_cfg, sparse_mixture
 
+from compsae.errors import UserError
 from compsae.stages import stage_hash
 from compsae.train.checkpoint import load_model
 from compsae.train.compiled import CompiledLoss, compile_mode
@@ -60,6 +62,18 @@ def test_auxk_compile_form_equals_the_eager_one(n_dead):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+def test_compile_without_a_cpp_compiler_is_one_line(tmp_path, monkeypatch):
+    import compsae.train.compiled as compiled
+
+    monkeypatch.setattr(compiled.shutil, "which", lambda name: None)
+    mcfg = model_cfg("topk", **SMALL)
+    tcfg = TrainConfig(batch_size=32, tokens=64, device="cpu", compile=True)
+    with pytest.raises(UserError, match="needs a C\\+\\+ compiler.*train.compile=false") as err:
+        Trainer(build_model(mcfg, 16), mcfg, tcfg, str(tmp_path / "m"), {"config_hash": "x", "d_in": 16}, progress=False)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("clang++") is None, reason="no C++ compiler")
 def test_compiled_trainer_keeps_the_models_checkpoint_keys(tmp_path):
     mcfg = model_cfg("compsae", **SMALL, composer="pair")
     model = build_model(mcfg, 16)
