@@ -14,6 +14,9 @@ What the schedule changes between steps must not recompile every step:
 - the batch size of an epoch's last batch becomes symbolic the same way, after one recompile.
 - AuxK's dead count, read on the host in eager mode, is not read at all here (`auxk_loss` takes its
   fixed-shape form while compiling): no graph break, no host sync.
+With CUDA graphs a symbolic size still records one graph per value it takes (each k of the anneal
+once, then replays), which costs a warm-up run and a capture, not a compilation.  The attention
+composer's fused node runs eagerly between compiled pieces (`composer._received_attention_eager`).
 Models trained one after another in one process share dynamo's cache (it is kept per code
 object): a model whose config matches an earlier one's reuses its graphs (a seed grid compiles
 once), and each other config adds its recompiles to the same count.  `RECOMPILE_LIMIT` bounds
