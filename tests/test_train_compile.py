@@ -88,9 +88,10 @@ def test_compiled_trainer_keeps_the_models_checkpoint_keys(tmp_path):
 
 
 def _train(folder, compile: bool, kind: str, device: str = "cpu"):
-    # 24 steps cover every schedule change: k anneals 16 -> 4, the curriculum moves m 2 -> 3 -> 4,
-    # the pair term joins and its penalties warm up; AuxK sees a dead mask that changes (small
-    # window) and the last batch of the data is smaller (an odd batch size).
+    # 24 steps cover every schedule change: k anneals 16 -> 4, the curriculum moves m through its
+    # three values (pair: 1 -> 2 -> 3, top-m selection), the pair term joins and its penalties warm
+    # up; AuxK sees a dead mask that changes (small window) and the last batch of the data is
+    # smaller (an odd batch size).
     x, _ = sparse_mixture(1000, d=16, seed=3)
     data = torch.from_numpy(x)
     extra = {"pair": {"composer": "pair", "pair_selection": "top_m", "curriculum_m": [1, 2, 3]},
@@ -114,6 +115,7 @@ _CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device
     pytest.param("attention", "cpu", marks=pytest.mark.slow),
     # CUDA graphs (reduce-overhead): benchmarks/gpu.sh runs these where a GPU is lent
     pytest.param("pair", "cuda", marks=_CUDA), pytest.param("topk", "cuda", marks=_CUDA),
+    pytest.param("attention", "cuda", marks=_CUDA),
 ])
 def test_compiled_training_matches_eager(tmp_path, kind, device):
     from torch._dynamo.utils import counters
