@@ -148,10 +148,7 @@ def test_compiled_training_matches_eager(tmp_path, kind, device):
 def test_compiled_data_parallel_training_matches_one_eager_process(tmp_path):
     """`torchrun --nproc-per-node 2` with train.compile (the DistributedDataParallel module compiled)
     trains the weights one eager process does."""
-    import subprocess
-    import sys
-
-    from test_train_ddp import _TORCHRUN_SCRIPT, _cfg, _free_port
+    from test_train_ddp import _cfg, torchrun
     from train_fixtures import make_store
 
     from compsae.train.run import run_train
@@ -159,12 +156,7 @@ def test_compiled_data_parallel_training_matches_one_eager_process(tmp_path):
     store, _ = make_store(str(tmp_path / "s.zarr"), n=1024)
     models = {"topk": model_cfg("topk", **SMALL), "pair": model_cfg("compsae", **SMALL, composer="pair")}
     cfg = _cfg().model_copy(update={"models": models, "compile": True})
-    script = tmp_path / "train.py"
-    script.write_text(_TORCHRUN_SCRIPT)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()),
-           str(script), cfg.model_dump_json(), store.url, str(tmp_path / "ddp"), str(tmp_path)]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-2000:]
+    torchrun(cfg, store.url, tmp_path, timeout=600)
     torch.set_num_threads(1)
     run_train(cfg.model_copy(update={"compile": False}), store.url, str(tmp_path / "single"), progress=False)
     for name in models:

@@ -102,17 +102,23 @@ with open(os.path.join(sys.argv[4], f"rank{os.environ['RANK']}.json"), "w") as f
 """
 
 
+def torchrun(cfg: TrainStageConfig, store_url: str, tmp_path: Path, timeout: float) -> None:
+    """`torchrun --nproc-per-node 2` around run_train into `tmp_path/ddp` (each rank's metrics in
+    `tmp_path/rank<N>.json`)."""
+    script = tmp_path / "train.py"
+    script.write_text(_TORCHRUN_SCRIPT)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()),
+           str(script), cfg.model_dump_json(), store_url, str(tmp_path / "ddp"), str(tmp_path)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
 @pytest.mark.slow
 def test_torchrun_launch(tmp_path):
     """The real launcher: `torchrun --nproc-per-node 2` (env:// rendezvous, gloo) around run_train."""
     store, _ = make_store(str(tmp_path / "s.zarr"), n=1024)
     cfg = _cfg().model_copy(update={"models": {"topk": model_cfg("topk", **SMALL)}})
-    script = tmp_path / "train.py"
-    script.write_text(_TORCHRUN_SCRIPT)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()),
-           str(script), cfg.model_dump_json(), store.url, str(tmp_path / "ddp"), str(tmp_path)]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
+    torchrun(cfg, store.url, tmp_path, timeout=300)
     rank0 = json.loads((tmp_path / "rank0.json").read_text())
     assert json.loads((tmp_path / "rank1.json").read_text()) == rank0
     torch.set_num_threads(1)
