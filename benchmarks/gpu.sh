@@ -19,9 +19,9 @@
 #   tests_cuda            the harvest's device path (pinned staging, side stream) and capture on CUDA
 #   harvest_pythia70m_262k / _4m    harvest vs the bare truncated forward, batch size auto
 #   harvest_smollm2_262k / _4m      the same for the offline demo model's shape (blocks.6)
-#   peer_saelens          compsae vs SAELens' CacheActivationsRunner as whole processes, on CUDA
 #   train_quick           loader vs training, the CompSAE step per composer kind vs TopK, eager and
 #                         then compiled (train.compile: CUDA graphs; the eager lines print first)
+#   peer_saelens          compsae vs SAELens' CacheActivationsRunner as whole processes, on CUDA
 #   tests_compile_cuda    train.compile on CUDA (CUDA graphs): 24 training steps through every
 #                         schedule change give the eager losses (tests/test_train_compile.py)
 #   fvu_cpu_vs_cuda       training on CUDA gives the CPU's FVU curve
@@ -131,7 +131,7 @@ print('transformers', transformers.__version__, 'zarr', zarr.__version__, 'dask'
       'pydantic', pydantic.__version__, 'datasets', datasets.__version__)"
   # most wanted first: a late step is the one the budget cuts.  GPU_STEPS picks a subset.
   wanted() { [ -z "${GPU_STEPS:-}" ] || [[ " $GPU_STEPS " == *" $1 "* ]]; }
-  wanted tests_cuda && step tests_cuda 90 "$PY" -m pytest -q -x -p no:cacheprovider \
+  wanted tests_cuda && step tests_cuda 90 "$PY" -m pytest -q -p no:cacheprovider \
     tests/test_harvest_device.py tests/test_capture.py tests/test_neox.py tests/test_harvest_batch_size.py
   H="$PY benchmarks/harvest.py --device cuda --batch-size auto"
   wanted harvest_pythia70m_262k && step harvest_pythia70m_262k 75 $H --tokens 262144 --repeats 2
@@ -139,10 +139,10 @@ print('transformers', transformers.__version__, 'zarr', zarr.__version__, 'dask'
   S="--model smollm2-135m-shaped --hook blocks.6.hook_resid_post"
   wanted harvest_smollm2_262k && step harvest_smollm2_262k 75 $H $S --tokens 262144 --repeats 2
   wanted harvest_smollm2_4m && step harvest_smollm2_4m 120 $H $S --tokens 4194304 --repeats 1
-  wanted peer_saelens && step peer_saelens 120 env COMPSAE_CACHE="$PWD/.whl/assets" "$PY" benchmarks/peer_saelens.py \
-    --device cuda --tokens 262144 --rounds 1 --batch-size 64 --work /tmp/peer --no-capabilities
   # --compile: compiling the five models (forward + backward) takes most of this step's time
   wanted train_quick && step train_quick 150 "$PY" benchmarks/train.py --quick --steps 10 --device cuda --compile
+  wanted peer_saelens && step peer_saelens 120 env COMPSAE_CACHE="$PWD/.whl/assets" "$PY" benchmarks/peer_saelens.py \
+    --device cuda --tokens 262144 --rounds 1 --batch-size 64 --work /tmp/peer --no-capabilities
   wanted tests_compile_cuda && step tests_compile_cuda 150 "$PY" -m pytest -q -x -p no:cacheprovider \
     tests/test_train_compile.py -k cuda
   wanted fvu_cpu_vs_cuda && step fvu_cpu_vs_cuda 120 "$PY" benchmarks/cuda_vs_cpu.py --steps 100 --devices cpu,cuda
