@@ -48,7 +48,7 @@ class HarvestConfig(BaseModel):
         "| a local Hugging Face model folder",
     )
     model_seed: int = Field(0, description="weights seed of tiny-neox")
-    revision: str | None = Field(None, description="hub revision (transformer_lens names only)")
+    revision: str | None = Field(None, description="hub revision of a hub model (a branch, tag or commit: step143000)")
     weight_processing: bool = Field(
         False,
         description="apply transformer_lens' weight processing (fold LN, center); off keeps activations "
