@@ -123,6 +123,18 @@ def test_a_folder_with_other_weight_names_is_read_by_transformers(neox_folder: P
     assert shape is not None and NeoxResidual.from_folder(tmp_path, shape, torch.device("cpu")) is None
 
 
+def test_weights_of_another_shape_are_one_line(neox_folder: Path, tmp_path: Path) -> None:
+    from compsae.errors import UserError
+
+    for f in neox_folder.iterdir():
+        (tmp_path / f.name).write_bytes(f.read_bytes())
+    config = json.loads((neox_folder / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "intermediate_size": 128}))
+    with pytest.raises(UserError, match=r"mlp.dense_h_to_4h.weight in .* is \[256, 64\] but its config.json asks "
+                                        r"for \[128, 64\]"):
+        load_model(HarvestConfig(model=str(tmp_path), device="cpu"))
+
+
 def test_a_harvest_of_tiny_neox_and_of_a_neox_folder_imports_no_transformers(neox_folder: Path, tmp_path: Path) -> None:
     """Importing transformers' model code was most of a short harvest's start-up."""
     code = (

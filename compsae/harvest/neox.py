@@ -24,6 +24,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from compsae.errors import UserError
 from compsae.harvest.capture import resid_hook
 
 WEIGHTS_FILE = "model.safetensors"
@@ -149,7 +150,7 @@ class NeoxResidual:
                        for i in range(shape.n_layers)]
         dim = shape.rotary_dims
         self.inv_freq = (1.0 / (shape.rotary_base ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))).to(device)
-        self._rotary: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self._positions: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
     @classmethod
     def from_folder(cls, folder: str | Path, shape: NeoxShape, device: torch.device) -> NeoxResidual | None:
@@ -158,11 +159,16 @@ class NeoxResidual:
         from safetensors import safe_open
 
         # the embedding and the blocks: a residual hook needs neither the final norm nor the unembedding
-        wanted = {name for name, _, _ in shape.parameter_shapes()
+        wanted = {name: size for name, size, _ in shape.parameter_shapes()
                   if name.startswith((f"{_PREFIX}embed_in.", f"{_PREFIX}layers."))}
         with safe_open(str(Path(folder) / WEIGHTS_FILE), framework="pt") as f:
-            if not wanted <= set(f.keys()):
+            if not set(wanted) <= set(f.keys()):
                 return None  # another naming (an old checkpoint layout): transformers knows it
+            for name, size in wanted.items():
+                found = tuple(f.get_slice(name).get_shape())
+                if found != size:
+                    raise UserError(f"{name} in {folder} is {list(found)} but its config.json asks for {list(size)}; "
+                                    "the weights and config.json are of different models")
             weights = {n: f.get_tensor(n) for n in wanted}
         return cls(shape, weights, device)
 
@@ -173,15 +179,15 @@ class NeoxResidual:
 
     def _position_terms(self, n_pos: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(cos, sin) `[1, 1, pos, rotary_dims]` and the additive causal mask `[1, 1, pos, pos]`."""
-        if n_pos not in self._rotary:
+        if n_pos not in self._positions:
             positions = torch.arange(n_pos, device=self.device)[None]  # [1, pos]
             freqs = positions[..., None].float() * self.inv_freq  # [1, pos, rotary_dims / 2]
             emb = torch.cat((freqs, freqs), dim=-1)
             cos, sin = (emb.cos() * 1.0)[:, None], (emb.sin() * 1.0)[:, None]
             above = torch.ones(n_pos, n_pos, dtype=torch.bool, device=self.device).triu(1)
             mask = torch.zeros(n_pos, n_pos, device=self.device).masked_fill(above, torch.finfo(torch.float32).min)
-            self._rotary[n_pos] = (cos, sin, mask[None, None])
-        return self._rotary[n_pos]
+            self._positions[n_pos] = (cos, sin, mask[None, None])
+        return self._positions[n_pos]
 
     def _attention(self, w: dict[str, torch.Tensor], h: torch.Tensor, n_pos: int) -> torch.Tensor:
         """Causal self-attention of `h: [batch, pos, d_model]` (already normalised)."""
