@@ -6,10 +6,11 @@ nothing.  Same model, text, hook, context and batch for both:
 
 - model: a random-weight GPT-NeoX with Pythia-70m-deduped's exact shape (d_model 512, 6 layers, 8
   heads, rotary on 1/4 of each head, vocabulary 50,304) and the GPT-NeoX-20B tokenizer (from the
-  offline assets), written once as a local Hugging Face folder (compsae reads it as `model:`) and
-  as a hub-style cache entry of `EleutherAI/pythia-70m-deduped` (`refs/main` + `snapshots/<rev>/`)
-  that SAELens loads through transformer_lens with `HF_HUB_OFFLINE=1`: no hub is reached.  Random
-  weights cost the same forward as the real ones.
+  offline assets), written once as a local Hugging Face folder and as a hub-style cache entry of
+  `EleutherAI/pythia-70m-deduped` (`refs/main` + `snapshots/<rev>/`) that both tools load by the
+  name a user gives them (`pythia-70m-deduped`: SAELens through transformer_lens, compsae from the
+  snapshot's safetensors) with `HF_HUB_OFFLINE=1`: no hub is reached.  Random weights cost the
+  same forward as the real ones.
 - text: HellaSwag's validation split (offline assets) as a local JSONL file with a `text` field.
 - `blocks.3.hook_resid_post`, context 128, batch 32 sequences.
 
@@ -181,7 +182,7 @@ def compsae_config(work: Path, tokens: int, batch_size: int, device: str, hooks:
 
     path = work / f"pipelines-{len(hooks)}.yaml"
     path.write_text(yaml.safe_dump({"runs_root": str(work / "runs"), "pipelines": {"peer": {"harvest": {
-        "model": str(work / "model"), "hooks": hooks, "data": {"source": str(work / "data" / "hellaswag.jsonl")},
+        "model": TL_NAME, "hooks": hooks, "data": {"source": str(work / "data" / "hellaswag.jsonl")},
         "context": CONTEXT, "n_tokens": tokens, "batch_size": batch_size, "dtype": "float16", "device": device,
     }}}}))
     return path
