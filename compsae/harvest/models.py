@@ -7,15 +7,15 @@ Sources:
     `offline_assets`), for the offline demo.
   - a local Hugging Face model folder.
   - any transformer_lens name (`pythia-70m-deduped`), loaded from the hub the real way.
-Residual hooks (`blocks.N.hook_resid_{pre,post}`) of the first three are read without
-transformer_lens: for a GPT-NeoX with a `tokenizer.json` (tiny-neox, Pythia-shaped folders) by
-compsae's own forward over the safetensors weights (`neox`, the same bits as transformers' eager
-forward, and no transformers import: that is most of a short harvest's start-up), for any other
-transformers model by plain forward hooks (`capture`).  Any other hook goes through
-`TransformerBridge` (which needs no hub and leaves the weights untouched, so hook values equal the
-HF hidden states), built on first use, over the transformers model, loaded then if not before;
-hub names go through `HookedTransformer.from_pretrained_no_processing` (or `from_pretrained` when
-weight processing is asked for).
+Residual hooks (`blocks.N.hook_resid_{pre,post}`) are read without transformer_lens: of a GPT-NeoX
+with safetensors weights and a `tokenizer.json` (tiny-neox, Pythia-shaped folders, a Pythia's hub
+snapshot) by compsae's own forward (`neox`, the same bits as transformers' eager forward, and no
+transformers import: that is most of a short harvest's start-up), of any other transformers model
+by plain forward hooks (`capture`).  Any other hook goes through `TransformerBridge` (which needs
+no hub and leaves the weights untouched, so hook values equal the HF hidden states), built on
+first use over the transformers model, loaded then if not before.  Other hub names (and a Pythia
+without safetensors weights, or with weight processing) go through
+`HookedTransformer.from_pretrained_no_processing` (`from_pretrained` for weight processing).
 """
 
 from __future__ import annotations
