@@ -16,7 +16,8 @@
 # pure wheels.
 #
 # `run`, in order of importance (a late step is the one the budget cuts; GPU_STEPS="a b" picks):
-#   tests_cuda            the harvest's device path (pinned staging, side stream) and capture on CUDA
+#   tests_cuda            the harvest's device path (pinned staging, side stream), capture, compsae's
+#                         GPT-NeoX forward (bits) and sync-free training steps on CUDA
 #   harvest_pythia70m_262k / _4m    harvest vs the bare truncated forward, batch size auto
 #   harvest_smollm2_262k / _4m      the same for the offline demo model's shape (blocks.6)
 #   train_quick           loader vs training, the CompSAE step per composer kind vs TopK, eager and
@@ -132,7 +133,8 @@ print('transformers', transformers.__version__, 'zarr', zarr.__version__, 'dask'
   # most wanted first: a late step is the one the budget cuts.  GPU_STEPS picks a subset.
   wanted() { [ -z "${GPU_STEPS:-}" ] || [[ " $GPU_STEPS " == *" $1 "* ]]; }
   wanted tests_cuda && step tests_cuda 90 "$PY" -m pytest -q -p no:cacheprovider \
-    tests/test_harvest_device.py tests/test_capture.py tests/test_neox.py tests/test_harvest_batch_size.py
+    tests/test_harvest_device.py tests/test_capture.py tests/test_neox.py tests/test_harvest_batch_size.py \
+    tests/test_train_device_sync.py
   H="$PY benchmarks/harvest.py --device cuda --batch-size auto"
   wanted harvest_pythia70m_262k && step harvest_pythia70m_262k 75 $H --tokens 262144 --repeats 2
   wanted harvest_pythia70m_4m && step harvest_pythia70m_4m 110 $H --tokens 4194304 --repeats 1

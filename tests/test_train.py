@@ -110,6 +110,35 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tmp_path):
     assert meta["step"] == 5 and meta["finished"] is False
 
 
+def test_a_non_finite_loss_is_noted_on_the_device_and_read_at_the_next_check(tmp_path):
+    """No host read per step: the first bad step is kept on the device and raised at the next log
+    step or checkpoint, here the last step's, before the final checkpoint is written."""
+    from compsae.train.device_values import FirstNonFinite
+
+    first = FirstNonFinite("cpu")
+    first.note(torch.tensor(1.5), 1)
+    assert first.read() is None
+    first.note(torch.tensor(float("inf")), 3)
+    first.note(torch.tensor(float("nan")), 5)
+    assert first.read() == (3, float("inf"))
+
+    mcfg = model_cfg("topk", **SMALL)
+    tcfg = TrainConfig(batch_size=32, tokens=32 * 6, checkpoint_every=100, log_every=100, device="cpu")
+    trainer = Trainer(build_model(mcfg, 16), mcfg, tcfg, str(tmp_path / "m"), {"config_hash": "x", "d_in": 16},
+                      progress=False)
+
+    def batches():
+        for i in range(6):
+            x = torch.randn(32, 16)
+            if i == 3:
+                x[0, 0] = float("nan")
+            yield x
+
+    with pytest.raises(UserError, match="loss is nan at step 4; no checkpoint was written yet"):
+        trainer.fit(batches())
+    assert trainer.step == 6 and not (tmp_path / "m" / "config.json").exists()
+
+
 def test_load_model_refuses_pickle(tmp_path):
     store, _ = make_store(str(tmp_path / "s.zarr"), n=512)
     run_train(_stage(tokens=64 * 3), store.url, str(tmp_path / "t"), progress=False)

@@ -16,9 +16,14 @@ class DeadLatentTracker:
     @torch.no_grad()
     def update(self, z: torch.Tensor) -> None:
         """Account for one batch of codes `z: [b, n]`."""
-        fired = (z != 0).any(0)
-        self.since_fired += z.shape[0]
-        self.since_fired[fired] = 0
+        self.reset_fired((z != 0).any(0), z.shape[0])
+
+    @torch.no_grad()
+    def reset_fired(self, fired: torch.Tensor, rows: int) -> None:
+        """Count `rows` more tokens and zero the latents that `fired: [n]` (bool) marks.  A masked
+        fill, not boolean indexing: that reads the mask's size on the host, a sync per step on a GPU."""
+        self.since_fired += rows
+        self.since_fired.masked_fill_(fired, 0)
 
     def dead_mask(self) -> torch.Tensor:
         """`[n]` bool: True where the latent has been silent for `window` tokens."""

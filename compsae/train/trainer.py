@@ -35,6 +35,7 @@ from compsae.train.checkpoint import (
 from compsae.train.compiled import loss_step
 from compsae.train.config import ModelConfig, TrainConfig
 from compsae.train.dead_latents import DeadLatentTracker
+from compsae.train.device_values import FirstNonFinite, StepTerms
 from compsae.train.distributed import DistContext, wrap_loss
 from compsae.train.models import SAEOutput, SparseAutoencoder
 from compsae.train.schedules import k_at, l1_scale_at, lr_at, m_at, pair_group_scale_at, pair_on_at, pair_scale_at
@@ -173,6 +174,7 @@ class Trainer:
         self.opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=cfg.adam_betas)
         self.param_names = {id(p): n for n, p in model.named_parameters()}
         self.dead = DeadLatentTracker(model_cfg.n_latents, cfg.dead_window_tokens, self.device)
+        self.first_bad = FirstNonFinite(self.device)
         self.metrics = MetricsLog(self.out_dir, enabled=self.dist.is_main)
         if self.dist.is_main:
             fs, path = fsspec.core.url_to_fs(self.out_dir)
@@ -243,8 +245,9 @@ class Trainer:
                 window_tokens += n
                 bar.update(1)
                 if self.step % self.cfg.log_every == 0 or self.step == self.total:
+                    self.check_finite()
                     now = time.perf_counter()
-                    last = self._log(x, n, terms, out, window_tokens / max(now - window_start, 1e-9))
+                    last = self._log(x, n, terms.floats(), out, window_tokens / max(now - window_start, 1e-9))
                     bar.set_postfix({k: f"{last[k]:.3g}" for k in ("loss", "fvu", "l0", "dead_fraction")}
                                     | {"k": last["k"], "m": last["m"]})
                     window_start, window_tokens = now, 0
@@ -256,15 +259,29 @@ class Trainer:
         self.save(finished=self.finished)
         return last
 
+    def check_finite(self) -> None:
+        """Raise when a step since the last check had a non-finite loss (before anything is logged
+        or saved from it: the last checkpoint written stays the last good one)."""
+        bad = self.first_bad.read()
+        if bad is not None:
+            step, loss = bad
+            kept = (f"the last good checkpoint (step {self.last_saved_step}) is kept in {self.out_dir}"
+                    if self.last_saved_step is not None else "no checkpoint was written yet")
+            raise UserError(f"{self.name}: loss is {loss} at step {step}; {kept}; "
+                            "lower train.lr or check the activations for inf/NaN")
+
     def _global_rows(self, x: torch.Tensor) -> int:
         """Rows of the global batch whose share `x` is (one all-reduce in a data-parallel job)."""
         if not self.dist.enabled:
             return x.shape[0]
         return int(self.dist.all_reduce_sum(torch.tensor([x.shape[0]], dtype=torch.int64, device=x.device)).item())
 
-    def _train_step(self, x: torch.Tensor, n: int) -> tuple[dict[str, float], SAEOutput]:
+    def _train_step(self, x: torch.Tensor, n: int) -> tuple[StepTerms, SAEOutput]:
         """One optimizer step on the global batch of `n` rows whose share on this rank is `x`;
-        returns the global loss terms (batch means) and this rank's forward output.
+        returns the global loss terms (batch means, still on the device) and this rank's forward
+        output.  Nothing here reads a value back to the host: on a GPU the host queues the next
+        steps while this one runs; a non-finite loss is noted on the device and raised by
+        `check_finite` at the next log step or checkpoint.
 
         A rank left without rows (n < world size) trains on one zero row with weight 0: it must
         still take part in the gradient all-reduce."""
@@ -290,12 +307,7 @@ class Trainer:
         # the fired counts tell every rank which latents fired anywhere in the global batch.
         packed = torch.cat([torch.stack([terms[k].detach().float() for k in names]) * share, fired.float()])
         self.dist.all_reduce_sum(packed)
-        global_terms = {k: float(v) for k, v in zip(names, packed[:len(names)], strict=True)}
-        if not torch.isfinite(packed[names.index("loss")]):  # the same verdict on every rank
-            kept = (f"the last good checkpoint (step {self.last_saved_step}) is kept in {self.out_dir}"
-                    if self.last_saved_step is not None else "no checkpoint was written yet")
-            raise UserError(f"{self.name}: loss is {global_terms['loss']} at step {step + 1}; {kept}; "
-                            "lower train.lr or check the activations for inf/NaN")
+        self.first_bad.note(packed[names.index("loss")], step + 1)  # the same on every rank
         loss = terms["loss"]
         if self.dist.enabled:
             # DDP averages gradients over ranks; weighting by share·world makes that average the
@@ -309,12 +321,10 @@ class Trainer:
         self.opt.step()
         self.model.after_optimizer_step()
         if self.dist.enabled:
-            fired_anywhere = packed[len(names):] > 0
-            self.dead.since_fired += n
-            self.dead.since_fired[fired_anywhere] = 0
+            self.dead.reset_fired(packed[len(names):] > 0, n)
         else:
             self.dead.update(out.z)
-        return global_terms, out
+        return StepTerms(names, packed[:len(names)]), out
 
     def _log(self, x: torch.Tensor, n: int, terms: dict[str, float], out: SAEOutput, tokens_per_s: float
              ) -> dict[str, Any]:
@@ -350,7 +360,8 @@ class Trainer:
         """Write the checkpoint of the current step (rank 0; the others wait for its verdict).
 
         A write that fails (disk full) leaves the previous checkpoint valid and stops training on
-        every rank with one line."""
+        every rank with one line; so does a non-finite loss since the last check (nothing is saved)."""
+        self.check_finite()
         error = None
         if self.dist.is_main:
             try:

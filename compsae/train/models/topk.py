@@ -33,7 +33,7 @@ def auxk_loss(pre: torch.Tensor, residual: torch.Tensor, w_dec: torch.Tensor, de
     zero = pre.new_zeros(())
     if dead_mask is None or aux_k == 0:
         return zero
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or pre.is_cuda:  # no read of the dead count: no host sync per step
         return _auxk_loss_static(pre, residual, w_dec, dead_mask, aux_k)
     n_dead = int(dead_mask.sum())
     if n_dead == 0:
