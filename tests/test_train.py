@@ -91,21 +91,27 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path, monkeypatch):
     assert again["digest"] == ref["digest"] and again["models"]["topk"]["step"] == 30
 
 
-def test_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tmp_path):
+def _poisoned_run(tmp_path, n_batches: int, bad_batch: int, value: float, **train: int):
+    """A TopK trainer on `n_batches` random batches of 32 rows, one of which holds `value`."""
     mcfg = model_cfg("topk", **SMALL)
-    tcfg = TrainConfig(batch_size=32, tokens=32 * 20, checkpoint_every=5, device="cpu")
-    model = build_model(mcfg, 16)
-    trainer = Trainer(model, mcfg, tcfg, str(tmp_path / "m"), {"config_hash": "x", "d_in": 16}, progress=False)
+    tcfg = TrainConfig(batch_size=32, tokens=32 * n_batches, device="cpu", **train)
+    trainer = Trainer(build_model(mcfg, 16), mcfg, tcfg, str(tmp_path / "m"), {"config_hash": "x", "d_in": 16},
+                      progress=False)
 
     def batches():
-        for i in range(20):
+        for i in range(n_batches):
             x = torch.randn(32, 16)
-            if i == 7:
-                x[0, 0] = float("inf")
+            if i == bad_batch:
+                x[0, 0] = value
             yield x
 
+    return trainer, batches()
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tmp_path):
+    trainer, batches = _poisoned_run(tmp_path, 20, 7, float("inf"), checkpoint_every=5)
     with pytest.raises(UserError, match="at step 8.*checkpoint \\(step 5\\)"):
-        trainer.fit(batches())
+        trainer.fit(batches)
     _, meta = load_model(str(tmp_path / "m"))
     assert meta["step"] == 5 and meta["finished"] is False
 
@@ -122,20 +128,9 @@ def test_a_non_finite_loss_is_noted_on_the_device_and_read_at_the_next_check(tmp
     first.note(torch.tensor(float("nan")), 5)
     assert first.read() == (3, float("inf"))
 
-    mcfg = model_cfg("topk", **SMALL)
-    tcfg = TrainConfig(batch_size=32, tokens=32 * 6, checkpoint_every=100, log_every=100, device="cpu")
-    trainer = Trainer(build_model(mcfg, 16), mcfg, tcfg, str(tmp_path / "m"), {"config_hash": "x", "d_in": 16},
-                      progress=False)
-
-    def batches():
-        for i in range(6):
-            x = torch.randn(32, 16)
-            if i == 3:
-                x[0, 0] = float("nan")
-            yield x
-
+    trainer, batches = _poisoned_run(tmp_path, 6, 3, float("nan"), checkpoint_every=100, log_every=100)
     with pytest.raises(UserError, match="loss is nan at step 4; no checkpoint was written yet"):
-        trainer.fit(batches())
+        trainer.fit(batches)
     assert trainer.step == 6 and not (tmp_path / "m" / "config.json").exists()
 
 
