@@ -7,6 +7,11 @@
                                  -> RESULT compsae_step_vs_topk_<kind> (goal <= 1.5); compsae_step_vs_topk
                                     is the default composer's
 (c) loader rows/s against CompSAE training rows/s              -> RESULT loader_vs_train (must be > 1)
+(e) the trainer's own step (`Trainer._train_step`: schedules, loss terms, dead-latent counts,
+    the optimizer) against the bare step of (b), each run back to back with one wait for the device
+    at the end, as training runs between log steps: what the trainer's bookkeeping costs, and on a
+    GPU whether it lets the host queue ahead      -> RESULT trainer_vs_bare_step_<model> (topk, the
+    default composer)
 (d) with --compile: (b) again with every step compiled as `train.compile` does it (CUDA graphs on
     CUDA), compiled CompSAE against compiled TopK    -> RESULT compsae_step_vs_topk_compiled_<kind>
     and each model's eager step time over its compiled one -> RESULT step_eager_vs_compiled_<model>;
@@ -36,10 +41,10 @@ from compsae.errors import UserError
 from compsae.store import ActivationStore, StoreLayout
 from compsae.store.loader import BatchLoader
 from compsae.train.compiled import compile_mode, loss_step
-from compsae.train.config import CompSAEConfig, make_model_config
+from compsae.train.config import CompSAEConfig, TrainConfig, make_model_config
 from compsae.train.distributed import DistContext, wrap_loss
 from compsae.train.models import build_model
-from compsae.train.trainer import resolve_device
+from compsae.train.trainer import Trainer, resolve_device
 
 HOOK = "blocks.3.hook_resid_post"
 D = 512
@@ -148,6 +153,46 @@ def step_seconds(cfgs: dict[str, Any], steps: int, x: torch.Tensor) -> dict[str,
     return time_steppers({name: make_stepper(name, cfg, x)[0] for name, cfg in cfgs.items()}, steps, x.device)
 
 
+def back_to_back_seconds(step: Callable[[], Any], steps: int, device: torch.device) -> float:
+    """Seconds per step of `steps` calls queued back to back, one wait for the device at the end."""
+    synchronize(device)
+    t = time.perf_counter()
+    for _ in range(steps):
+        step()
+    synchronize(device)
+    return (time.perf_counter() - t) / steps
+
+
+def trainer_vs_bare(name: str, cfg: Any, x: torch.Tensor, steps: int, repeats: int) -> float:
+    """(e): seconds per `Trainer._train_step` over seconds per bare step, both back to back on `x`,
+    the schedules at their final values (the bare step's), best of `repeats` alternating rounds."""
+    device = x.device
+    bare, _ = make_stepper(name, cfg, x)
+    with tempfile.TemporaryDirectory() as tmp:
+        total = 10_000
+        tcfg = TrainConfig(batch_size=BATCH, tokens=BATCH * total, device=device.type, log_every=total,
+                           checkpoint_every=total)
+        torch.manual_seed(0)
+        trainer = Trainer(build_model(cfg, D), cfg, tcfg, tmp, {"config_hash": "bench", "d_in": D}, progress=False)
+        trainer.model.init_b_dec(x)
+        trainer.step = total - 10 * (steps + 1) * repeats  # late in training: k and m at their final values
+        dead = torch.zeros(cfg.n_latents, dtype=torch.bool, device=device)
+        dead[: cfg.n_latents // 20] = True  # the bare step's AuxK mask (the counts are still kept, not used)
+        trainer.dead.dead_mask = lambda: dead
+
+        def train_step() -> None:
+            trainer._train_step(x, x.shape[0])
+            trainer.step += 1
+
+        train_step()  # warm-up
+        best_trainer = best_bare = float("inf")
+        for _ in range(repeats):
+            best_trainer = min(best_trainer, back_to_back_seconds(train_step, steps, device))
+            best_bare = min(best_bare, back_to_back_seconds(bare, steps, device))
+        trainer.check_finite()
+    return best_trainer / best_bare
+
+
 def composer_kinds() -> list[str]:
     """Every CompSAE composer kind the config schema allows, `none` (= TopK) left out: a kind
     added to the schema is benchmarked without editing this file."""
@@ -199,6 +244,10 @@ def main() -> None:
     for kind in kinds:
         print(f"RESULT compsae_step_vs_topk_{kind}={t[kind] / topk:.3f}")
     print(f"RESULT loader_vs_train={load / train_rows:.1f}", flush=True)
+    for name in ("topk", default):
+        ratio = trainer_vs_bare(name, cfgs[name], batch, steps * 3, repeats)
+        print(f"(e) {name}: the trainer's step back to back {ratio:.3f}x the bare step's")
+        print(f"RESULT trainer_vs_bare_step_{name}={ratio:.3f}", flush=True)
     if args.compile:
         try:
             compiled_steps(cfgs, kinds, steps, batch, where)
