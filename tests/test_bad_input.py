@@ -44,6 +44,7 @@ def test_deeply_nested_yaml_and_override(tmp_path, capsys):
     ("runs_root=/", "file-system root"),
     ("runs_root=s4://bucket/runs", "unknown URL protocol 's4'"),
     ("harvest.store=nope://x/store.zarr", "unknown URL protocol 'nope'"),
+    ("harvest.writer_threads=0", "harvest.writer_threads"),
     ("train=null", "'analyze' works on trained models: it needs a 'train' section"),
 ])
 def test_values_that_validate_in_isolation(tmp_path, capsys, override, expect):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_train import SMALL
 from train_fixtures import model_cfg
 
 from compsae.train.config import TrainConfig
@@ -13,7 +14,6 @@ from compsae.train.models import build_model
 from compsae.train.trainer import Trainer
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-SMALL = {"n_latents": 64, "k": 4, "d_f": 16, "d_c": 8, "n_heads": 4, "aux_k": 16}
 
 
 @pytest.mark.parametrize("kind", ["topk", "compsae"])

@@ -183,7 +183,7 @@ class NeoxResidual:
             positions = torch.arange(n_pos, device=self.device)[None]  # [1, pos]
             freqs = positions[..., None].float() * self.inv_freq  # [1, pos, rotary_dims / 2]
             emb = torch.cat((freqs, freqs), dim=-1)
-            cos, sin = (emb.cos() * 1.0)[:, None], (emb.sin() * 1.0)[:, None]
+            cos, sin = emb.cos()[:, None], emb.sin()[:, None]
             above = torch.ones(n_pos, n_pos, dtype=torch.bool, device=self.device).triu(1)
             mask = torch.zeros(n_pos, n_pos, device=self.device).masked_fill(above, torch.finfo(torch.float32).min)
             self._positions[n_pos] = (cos, sin, mask[None, None])
@@ -203,8 +203,7 @@ class NeoxResidual:
         scores = torch.matmul(q, k.transpose(2, 3)) * (s.d_head ** -0.5) + mask  # [batch, heads, pos, pos]
         pattern = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
         z = torch.matmul(pattern, v).transpose(1, 2).contiguous()  # [batch, pos, heads, d_head]
-        z = z.reshape(batch, n_pos, -1).contiguous()
-        return F.linear(z, w["attention.dense.weight"], w["attention.dense.bias"])
+        return F.linear(z.view(batch, n_pos, -1), w["attention.dense.weight"], w["attention.dense.bias"])
 
     def _mlp(self, w: dict[str, torch.Tensor], h: torch.Tensor) -> torch.Tensor:
         h = F.gelu(F.linear(h, w["mlp.dense_h_to_4h.weight"], w["mlp.dense_h_to_4h.bias"]))

@@ -123,8 +123,9 @@ def writer_threads(cfg: HarvestConfig, device: torch.device) -> int:
 class ShardWriter:
     """Background threads that write full shards to the store from a bounded queue.
 
-    One thread stored about 0.6 GB/s of activations on a GPU machine (mostly the kernel's copy in `writev`,
-    which releases the GIL); a GPU harvests a small model faster than that, so `threads` writers
+    One thread stored about 0.6 GB/s of activations on a GPU machine, and a profile here puts most
+    of a writer's time in the kernel's copy in `writev`, which releases the GIL; a GPU harvests a
+    small model faster than one writer stores it, so `threads` writers
     can take shards side by side: every shard is its own files and completion mark, so the order
     they finish in does not matter (a resumed harvest writes whatever is missing).  The first error
     (e.g. float16 overflow, disk full) stops the writers; `put` and `close` raise it in the
