@@ -18,8 +18,11 @@
 # `run`, in order of importance (a late step is the one the budget cuts; GPU_STEPS="a b" picks):
 #   tests_cuda            the harvest's device path (pinned staging, side stream), capture, compsae's
 #                         GPT-NeoX forward (bits) and sync-free training steps on CUDA
-#   harvest_pythia70m_262k / _4m    harvest vs the bare truncated forward, batch size auto
-#   harvest_smollm2_262k / _4m      the same for the offline demo model's shape (blocks.6)
+#   harvest_pythia70m_4m / _262k    harvest vs the bare truncated forward, batch size auto (and
+#                         the shard writers' own rates)
+#   harvest_smollm2_4m / _262k      the same for the offline demo model's shape (blocks.6)
+#   harvest_pythia70m_4m_b1024      the same at 1,024 sequences a batch (auto's choice before it
+#                         was capped at one shard): what the smaller batch costs the forward
 #   train_quick           loader vs training, the CompSAE step per composer kind vs TopK, eager and
 #                         then compiled (train.compile: CUDA graphs; the eager lines print first)
 #   peer_saelens          compsae vs SAELens' CacheActivationsRunner as whole processes, on CUDA
@@ -135,12 +138,18 @@ print('transformers', transformers.__version__, 'zarr', zarr.__version__, 'dask'
   wanted tests_cuda && step tests_cuda 90 "$PY" -m pytest -q -p no:cacheprovider \
     tests/test_harvest_device.py tests/test_capture.py tests/test_neox.py tests/test_harvest_batch_size.py \
     tests/test_train_device_sync.py
-  H="$PY benchmarks/harvest.py --device cuda --batch-size auto"
-  wanted harvest_pythia70m_262k && step harvest_pythia70m_262k 75 $H --tokens 262144 --repeats 2
-  wanted harvest_pythia70m_4m && step harvest_pythia70m_4m 110 $H --tokens 4194304 --repeats 1
-  S="--model smollm2-135m-shaped --hook blocks.6.hook_resid_post"
-  wanted harvest_smollm2_262k && step harvest_smollm2_262k 75 $H $S --tokens 262144 --repeats 2
-  wanted harvest_smollm2_4m && step harvest_smollm2_4m 120 $H $S --tokens 4194304 --repeats 1
+  H="$PY benchmarks/harvest.py --device cuda"
+  # the shard writers' own rates once (they do not depend on the model)
+  wanted harvest_pythia70m_4m && step harvest_pythia70m_4m 110 $H --batch-size auto --tokens 4194304 --repeats 1
+  wanted harvest_pythia70m_262k && step harvest_pythia70m_262k 75 $H --batch-size auto --tokens 262144 --repeats 2 \
+    --no-writer-rates
+  S="--model smollm2-135m-shaped --hook blocks.6.hook_resid_post --no-writer-rates"
+  wanted harvest_smollm2_4m && step harvest_smollm2_4m 120 $H --batch-size auto $S --tokens 4194304 --repeats 1
+  wanted harvest_smollm2_262k && step harvest_smollm2_262k 75 $H --batch-size auto $S --tokens 262144 --repeats 2
+  # auto takes at most one shard of sequences (128 here); 1,024 was its choice before: the bare
+  # forward's rate at both says what the smaller batch costs the GPU
+  wanted harvest_pythia70m_4m_b1024 && step harvest_pythia70m_4m_b1024 110 $H --batch-size 1024 --tokens 4194304 \
+    --repeats 1 --no-writer-rates
   # --compile: compiling the five models (forward + backward) takes most of this step's time
   wanted train_quick && step train_quick 150 "$PY" benchmarks/train.py --quick --steps 10 --device cuda --compile
   wanted peer_saelens && step peer_saelens 120 env COMPSAE_CACHE="$PWD/.whl/assets" "$PY" benchmarks/peer_saelens.py \

@@ -146,15 +146,19 @@ def hooked_forward(loaded: LoadedModel, tokens: np.ndarray, batch_size: int, hoo
 def full_harvest(cfg: HarvestConfig, loaded: LoadedModel, tokens: np.ndarray, widths: dict[str, int],
                  stop: int | None, url: str) -> tuple[float, float, ActivationStore]:
     """Seconds to create an empty store at `url`, and seconds for the harvest loop into it (write
-    every shard, finalize)."""
+    every shard, finalize); prints where the loop's time went besides the forward passes."""
     with torch.inference_mode():
         synchronize(loaded.device)
         t0 = time.perf_counter()
         store = ActivationStore.create(url, widths, tokens.size, cfg.layout(), {"config_hash": "bench"}, overwrite=True)
         t1 = time.perf_counter()
-        _harvest_into(store, cfg, loaded, tokens, widths, stop, None)
+        [waits] = _harvest_into(store, cfg, loaded, tokens, widths, stop, None)
         synchronize(loaded.device)
-        return t1 - t0, time.perf_counter() - t1, store
+        t2 = time.perf_counter()
+    print(f"  harvest {t2 - t1:.3f} s: shard loop {waits.total:.3f} s (handing shards to the writers blocked "
+          f"{waits.waited:.3f} s, the last shards' writes after the last forward {waits.tail:.3f} s), "
+          f"before and after the loop (rounding sample, finalize) {t2 - t1 - waits.total:.3f} s")
+    return t1 - t0, t2 - t1, store
 
 
 def shard_write_rate(widths: dict[str, int], dtype: str, shard_rows: int, n_shards: int, threads: int,
@@ -196,6 +200,8 @@ def main() -> None:
     ap.add_argument("--forward", default="compsae", choices=["compsae", "transformers"],
                     help="what reads the residual hooks of pythia70m-shaped: compsae's GPT-NeoX forward (as a "
                          "harvest does) or forward hooks on the transformers model")
+    ap.add_argument("--no-writer-rates", action="store_true",
+                    help="skip the shard writers' own rates (shard_writes_* lines)")
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                     help="where the model runs (auto: CUDA when available)")
     args = ap.parse_args()
@@ -216,7 +222,7 @@ def main() -> None:
     stop = stop_layer(hooks)
     tokens = tokenize_all(cfg, loaded.tokenizer)
     if args.batch_size == "auto":
-        args.batch_size = auto_batch_size(loaded, hooks, tokens, stop)
+        args.batch_size = auto_batch_size(loaded, hooks, tokens, stop, cfg.shard_rows)
     args.batch_size = int(args.batch_size)
     cfg = cfg.model_copy(update={"batch_size": args.batch_size})
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
@@ -238,7 +244,8 @@ def main() -> None:
         act_bytes = fs.du(f"{path}/acts", total=True)
         fp32_bytes = sum(store.n_rows * d * 4 for d in widths.values())
         write_rates = dict.fromkeys(sorted({1, 2, writer_threads(cfg, device)}), 0.0)
-        for _ in range(max(3, repeats)):  # alternating, best of each: the page cache makes single runs erratic
+        # alternating, best of each: the page cache makes single runs erratic
+        for _ in range(0 if args.no_writer_rates else max(3, repeats)):
             for n in write_rates:
                 write_rates[n] = max(write_rates[n], shard_write_rate(widths, args.dtype, 16_384, 16, n, tmp))
     fwd_tps, hooked_tps, hv_tps = (tokens.size / min(t) for t in (forward_s, hooked_s, harvest_s))
@@ -255,11 +262,12 @@ def main() -> None:
     print(f"store creation (once per harvest, not in the ratios): {min(create_s) * 1e3:.0f} ms")
     print(f"activation bytes on disk: {act_bytes:,} vs float32 {fp32_bytes:,}")
     needed = fwd_tps * sum(widths.values()) * itemsize  # bytes/s a harvest at the bare forward's pace stores
-    for n, rate in write_rates.items():
-        print(f"shard writers, {n} thread(s): {rate / 1e6:,.0f} MB/s of activations "
-              f"({rate / needed:.2f}x what the bare forward's pace needs)")
-    print(f"RESULT shard_writes_mb_s_1thread={write_rates[1] / 1e6:.0f}")
-    print(f"RESULT shard_writes_2threads_vs_1={write_rates[2] / write_rates[1]:.2f}")
+    if not args.no_writer_rates:
+        for n, rate in write_rates.items():
+            print(f"shard writers, {n} thread(s): {rate / 1e6:,.0f} MB/s of activations "
+                  f"({rate / needed:.2f}x what the bare forward's pace needs)")
+        print(f"RESULT shard_writes_mb_s_1thread={write_rates[1] / 1e6:.0f}")
+        print(f"RESULT shard_writes_2threads_vs_1={write_rates[2] / write_rates[1]:.2f}")
     print(f"RESULT harvest_vs_forward={hv_tps / fwd_tps:.3f}")
     print(f"RESULT harvest_vs_hooked_forward={hv_tps / hooked_tps:.3f}")
     print(f"RESULT bytes_vs_fp32={act_bytes / fp32_bytes:.3f}")

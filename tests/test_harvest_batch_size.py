@@ -60,3 +60,17 @@ def test_auto_is_recorded_and_kept_on_resume(tmp_path: Path, monkeypatch: pytest
 def test_auto_on_the_cpu_is_32(tmp_path: Path) -> None:
     out = run_harvest(_cfg(), str(tmp_path))  # 64 sequences
     assert ActivationStore.open(out["store"]).manifest["harvest"]["batch_size"] == 32
+
+
+def test_auto_is_at_most_one_shard_of_sequences() -> None:
+    gib = 1 << 30
+    assert choose_batch(80 * gib, 1e6, 10**6, max_seqs=128) == 128  # 16,384-row shards of 128 tokens
+    assert choose_batch(80 * gib, 1e6, 10**6, max_seqs=100) == 64  # a power of two, no more than one shard
+    assert choose_batch(80 * gib, 1e6, 10**6, max_seqs=0) == 1
+
+
+def test_the_writer_queue_holds_two_batches_of_shards() -> None:
+    from compsae.harvest.shards import queue_depth
+
+    assert queue_depth(4096, 16_384) == 4  # a batch within one shard can still end two
+    assert queue_depth(131_072, 16_384) == 18  # 1,024 sequences of 128: 8 shards a batch, 9 when straddling

@@ -4,6 +4,7 @@ forward, used for GPT-NeoX folders and tiny-neox, and a harvest that never impor
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -135,6 +136,13 @@ def test_weights_of_another_shape_are_one_line(neox_folder: Path, tmp_path: Path
         load_model(HarvestConfig(model=str(tmp_path), device="cpu"))
 
 
+def _subprocess_env() -> dict[str, str]:
+    """This process's environment with the repository first on PYTHONPATH (kept: the GPU machine
+    finds its extra packages there)."""
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    return {**os.environ, "PYTHONPATH": path, "TQDM_DISABLE": "1"}
+
+
 def test_a_harvest_of_tiny_neox_and_of_a_neox_folder_imports_no_transformers(neox_folder: Path, tmp_path: Path) -> None:
     """Importing transformers' model code was most of a short harvest's start-up."""
     code = (
@@ -148,8 +156,7 @@ def test_a_harvest_of_tiny_neox_and_of_a_neox_folder_imports_no_transformers(neo
         "print(sorted(m for m in sys.modules if m.split('.')[0] in ('transformers', 'transformer_lens')))\n"
     )
     res = subprocess.run([sys.executable, "-c", code, str(tmp_path), "tiny-neox", str(neox_folder)],
-                         capture_output=True, text=True, cwd=tmp_path, env={**__import__("os").environ,
-                                                                           "PYTHONPATH": str(ROOT), "TQDM_DISABLE": "1"})
+                         capture_output=True, text=True, cwd=tmp_path, env=_subprocess_env())
     assert res.returncode == 0, res.stderr[-2000:]
     assert res.stdout.strip().splitlines()[-1] == "[]", res.stdout[-1000:]
 

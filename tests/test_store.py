@@ -259,3 +259,40 @@ def test_force_never_replaces_a_folder_that_holds_no_store(tmp_path):
     store = ActivationStore.create(str(tmp_path / "s.zarr"), {"h": 4}, 100, layout, {"config_hash": "a"})
     refuse_foreign_folder(store.url)  # a compsae store may be replaced
     ActivationStore.create_or_resume(store.url, {"h": 4}, 100, layout, {"config_hash": "b"}, force=True)
+
+
+@pytest.mark.parametrize("compressors", [None, "zstd", "crc32c"])
+def test_chunk_files_read_directly_equal_zarrs_read(tmp_path, compressors):
+    """The per-shard arrays are read from their chunk files, not through Zarr's event loop: the
+    values must be Zarr's, missing chunks as the fill value, any stop; other codecs go through Zarr."""
+    import zarr
+    from zarr.codecs import Crc32cCodec, ZstdCodec
+
+    from compsae.store.format import read_row_chunks
+
+    codecs = {None: None, "zstd": [ZstdCodec(level=1)], "crc32c": [Crc32cCodec()]}[compressors]
+    group = zarr.open_group(str(tmp_path / "g.zarr"), mode="w")
+    arr = group.create_array("t", shape=(10, 3), dtype="<f8", chunks=(4, 3), fill_value=-1.0,
+                             **({} if codecs is None else {"compressors": codecs}))
+    values = np.arange(30, dtype=np.float64).reshape(10, 3)
+    arr[0:4] = values[0:4]
+    arr[8:10] = values[8:10]  # chunk 1 (rows 4-7) never written
+    for stop in (10, 9, 5, 1, 12):
+        got = read_row_chunks(arr, str(tmp_path / "g.zarr" / "t"), stop)
+        if compressors == "crc32c":
+            assert got is None
+            continue
+        np.testing.assert_array_equal(got, arr[:stop])
+        assert got.dtype == arr.dtype
+
+
+def test_a_store_reads_its_progress_arrays_without_zarr(tmp_path, monkeypatch):
+    store = ActivationStore.create(str(tmp_path / "s.zarr"), {"h": 4}, 96, StoreLayout(chunk_rows=16, shard_rows=32),
+                                   {"config_hash": "a"})
+    x = np.random.default_rng(0).normal(size=(96, 4)).astype(np.float32)
+    for s in (0, 2):
+        lo, hi = store.shard_range(s)
+        store.write_shard(s, {"h": x[lo:hi]}, np.arange(lo, hi), np.arange(lo, hi) // 8, np.arange(lo, hi) % 8)
+    expect_done = {int(i) for i in np.flatnonzero(store.group["progress/shard_done"][:])}
+    monkeypatch.setattr("zarr.Array.__getitem__", lambda *a: pytest.fail("read through Zarr"))
+    assert store.done_shards() == expect_done == {0, 2}

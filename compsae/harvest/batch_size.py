@@ -1,6 +1,10 @@
 """`harvest.batch_size: auto`: on a GPU, the largest batch whose forward pass fits in half the free
-memory (a power of two, at most 1024 sequences); on the CPU, 32 (larger batches do not run faster
-there).
+memory (a power of two, at most 1024 sequences and at most one shard's rows); on the CPU, 32
+(larger batches do not run faster there).
+
+At most one shard: the shards a batch ends are written only once its forward pass is done, so a
+batch of several shards makes the writers wait for it at the start and the harvest wait for them
+at the end, and a 16,384-token batch already keeps a GPU busy for a model of Pythia-70m's size.
 
 The memory one sequence needs is measured, not modelled: one forward pass of a small probe batch
 with the harvest's own hooks and truncation, its peak allocation above what was allocated before.
@@ -21,12 +25,12 @@ MEMORY_SHARE = 0.5
 _PROBE = 4  # sequences in the measuring forward pass
 
 
-def choose_batch(free_bytes: float, bytes_per_seq: float, n_seqs: int) -> int:
+def choose_batch(free_bytes: float, bytes_per_seq: float, n_seqs: int, max_seqs: int = MAX_BATCH) -> int:
     """Largest power of two `b` with `b * bytes_per_seq <= MEMORY_SHARE * free_bytes`, within
-    [1, MAX_BATCH] and no larger than the power of two that covers `n_seqs`."""
+    [1, min(MAX_BATCH, max_seqs)] and no larger than the power of two that covers `n_seqs`."""
     fit = int(MEMORY_SHARE * free_bytes // max(bytes_per_seq, 1.0))
     cover = 1 << max(0, int(n_seqs) - 1).bit_length()
-    return max(1, min(1 << max(fit, 1).bit_length() - 1, MAX_BATCH, cover))
+    return max(1, min(1 << max(fit, 1).bit_length() - 1, MAX_BATCH, 1 << max(max_seqs, 1).bit_length() - 1, cover))
 
 
 def bytes_per_sequence(loaded: LoadedModel, hooks: list[str], tokens: np.ndarray, stop: int | None) -> float:
@@ -43,10 +47,13 @@ def bytes_per_sequence(loaded: LoadedModel, hooks: list[str], tokens: np.ndarray
     return (torch.cuda.max_memory_allocated(device) - before) / len(seqs)
 
 
-def auto_batch_size(loaded: LoadedModel, hooks: list[str], tokens: np.ndarray, stop: int | None) -> int:
-    """The batch size `auto` stands for, for `tokens: [n_seqs, context]` on the model's device."""
+def auto_batch_size(loaded: LoadedModel, hooks: list[str], tokens: np.ndarray, stop: int | None,
+                    shard_rows: int | None = None) -> int:
+    """The batch size `auto` stands for, for `tokens: [n_seqs, context]` on the model's device and
+    shards of `shard_rows` rows (None: no cap from the shards)."""
     if loaded.device.type != "cuda":
         return min(CPU_BATCH, len(tokens))
     per_seq = bytes_per_sequence(loaded, hooks, tokens, stop)
     free, _total = torch.cuda.mem_get_info(loaded.device)
-    return choose_batch(free, per_seq, len(tokens))
+    max_seqs = MAX_BATCH if shard_rows is None else max(1, shard_rows // tokens.shape[1])
+    return choose_batch(free, per_seq, len(tokens), max_seqs)

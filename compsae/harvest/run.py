@@ -36,7 +36,7 @@ from compsae.harvest.config import HarvestConfig
 from compsae.harvest.data import describe, packing_rule, token_sequences
 from compsae.harvest.models import LoadedModel, check_hooks, load_model, special_ids, stop_layer
 from compsae.harvest.records import HarvestOutputs
-from compsae.harvest.shards import harvest_shards, measure_rounding, missing_runs
+from compsae.harvest.shards import WriterWaits, harvest_shards, measure_rounding, missing_runs
 from compsae.resources import check_disk, check_memory
 from compsae.store import ActivationStore, manifest_digest, refuse_foreign_folder, store_exists, writer_lock
 
@@ -137,7 +137,8 @@ def run_harvest(cfg: HarvestConfig, out_dir: str, force: bool = False,
         # a resumed harvest keeps the batches it started with (same batches, same bytes)
         same = existing is not None and existing.manifest.get("config_hash") == digest
         earlier = (existing.manifest.get("harvest") or {}).get("batch_size") if same else None  # type: ignore[union-attr]
-        cfg = cfg.model_copy(update={"batch_size": int(earlier or auto_batch_size(loaded, cfg.hooks, tokens, stop))})
+        chosen = earlier or auto_batch_size(loaded, cfg.hooks, tokens, stop, cfg.shard_rows)
+        cfg = cfg.model_copy(update={"batch_size": int(chosen)})
         tqdm.write(f"harvest: batch size auto -> {cfg.batch_size} sequences")
     n_seqs = tokens.shape[0]
     n_rows = n_seqs * cfg.context
@@ -172,11 +173,13 @@ def run_harvest(cfg: HarvestConfig, out_dir: str, force: bool = False,
 
 
 def _harvest_into(store: ActivationStore, cfg: HarvestConfig, loaded: LoadedModel, tokens: np.ndarray,
-                  widths: dict[str, int], stop: int | None, on_shard_written: Callable[[int], None] | None) -> None:
-    """Single-process harvest of every missing shard of `store`, then finalize."""
+                  widths: dict[str, int], stop: int | None,
+                  on_shard_written: Callable[[int], None] | None) -> list[WriterWaits]:
+    """Single-process harvest of every missing shard of `store`, then finalize.  Returns each
+    run of shards' waits for the writers."""
     rounding, sample = measure_rounding(cfg, loaded, tokens, widths, stop)
     missing = sorted(set(range(store.n_shards)) - store.done_shards())
-    for shards in missing_runs(missing):
-        harvest_shards(store, cfg, loaded, tokens, widths, stop, shards, on_shard_written=on_shard_written,
-                       batch0=sample)
+    waits = [harvest_shards(store, cfg, loaded, tokens, widths, stop, shards, on_shard_written=on_shard_written,
+                            batch0=sample) for shards in missing_runs(missing)]
     store.finalize(extra={"rounding_error": rounding})
+    return waits

@@ -13,6 +13,7 @@ import errno
 import os
 import queue
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -132,13 +133,14 @@ class ShardWriter:
     harvesting thread."""
 
     def __init__(self, store: ActivationStore, tokens: np.ndarray, context: int,
-                 on_written: Callable[[int], None] | None = None, first_seq: int = 0, threads: int = 1) -> None:
+                 on_written: Callable[[int], None] | None = None, first_seq: int = 0, threads: int = 1,
+                 depth: int = _QUEUE_SHARDS) -> None:
         self.store = store
         self.flat_tokens = tokens.reshape(-1)  # [n_seqs_held * context], row 0 = global row row0
         self.row0 = first_seq * context
         self.context = context
         self.on_written = on_written
-        self.queue: queue.Queue[tuple[int, HostShard] | None] = queue.Queue(maxsize=_QUEUE_SHARDS)
+        self.queue: queue.Queue[tuple[int, HostShard] | None] = queue.Queue(maxsize=depth)
         self.error: BaseException | None = None
         self._lock = threading.Lock()  # the first error, and one on_written call at a time
         self.threads = [threading.Thread(target=self._loop, name=f"compsae-shard-writer-{i}", daemon=True)
@@ -206,6 +208,16 @@ def _forward(loaded: LoadedModel, seqs: np.ndarray, hooks: list[str], widths: di
     return {h: acts[h].reshape(-1, widths[h]).float() for h in hooks}
 
 
+@dataclass(frozen=True)
+class WriterWaits:
+    """Seconds of a `harvest_shards` call: `waited` blocked handing shards to busy writers, `tail`
+    writing the last shards after the last forward pass, `total` the whole call."""
+
+    waited: float
+    tail: float
+    total: float
+
+
 def device_moments(x: torch.Tensor) -> torch.Tensor:
     """`shard_moments` of `x: [rows, d]` computed where `x` lives: [count, mean (d), M2 (d), norm sum]
     float64, on `x`'s device.  (Reductions on CUDA are deterministic, so a resumed harvest records
@@ -243,12 +255,23 @@ class ShardBuffer:
         on the device), else as views of the buffer itself (the CPU: no copy, statistics left to
         the writer).  Nothing here waits for the device; the range check is `HostShard.check`."""
         peaks = torch.stack(list(self.peak.values()))
+        on_gpu = next(iter(self.data.values())).device.type == "cuda"
+        moments = {h: device_moments(x) for h, x in self.data.items()} if on_gpu else None
         if staging is None:
             # x.cpu() is the buffer itself on the CPU; a GPU buffer without staging is copied (synchronously)
-            return HostShard(acts={h: _numpy(x.cpu(), self.dtype) for h, x in self.data.items()}, moments=None,
+            return HostShard(acts={h: _numpy(x.cpu(), self.dtype) for h, x in self.data.items()},
+                             moments={h: m.cpu().numpy() for h, m in moments.items()} if moments is not None else None,
                              peaks=peaks.cpu().numpy(), dtype=self.dtype)
-        moments = {h: device_moments(x) for h, x in self.data.items()} if staging.stream is not None else None
         return staging.stage(self.data, peaks, moments)
+
+
+def queue_depth(batch_rows: int, shard_rows: int) -> int:
+    """Shards queued between the forward passes and the writers: two batches' worth, at least
+    `_QUEUE_SHARDS`.  A batch that ends several shards must hand them all over without waiting
+    for a writer, or the GPU idles while the host writes (on an H200, a 1,024-sequence batch
+    ending 8 shards held the harvest to 0.4-0.64 of the bare forward with a queue of 2)."""
+    per_batch = -(-batch_rows // shard_rows) + 1  # a batch can straddle one more shard boundary
+    return max(_QUEUE_SHARDS, 2 * per_batch)
 
 
 def missing_runs(missing: list[int]) -> list[range]:
@@ -281,25 +304,29 @@ def measure_rounding(cfg: HarvestConfig, loaded: LoadedModel, tokens: np.ndarray
 def harvest_shards(store: ActivationStore, cfg: HarvestConfig, loaded: LoadedModel, tokens: np.ndarray,
                    widths: dict[str, int], stop: int | None, shards: range, first_seq: int = 0,
                    on_shard_written: Callable[[int], None] | None = None,
-                   batch0: dict[str, torch.Tensor] | None = None, progress: bool = True) -> None:
+                   batch0: dict[str, torch.Tensor] | None = None, progress: bool = True) -> WriterWaits:
     """Run the model over the batches holding `shards` (consecutive) and write those shards.
 
     `tokens: [n, context]` are sequences `first_seq .. first_seq + n` of the harvest and must cover
     `batch_span(store, shards, ...)`.  A batch is computed whole even when a shard boundary cuts
     it, so every row gets the value an uninterrupted single-process harvest gives it.  `batch0`:
-    batch 0's activations when already computed.  Does not finalize the store."""
+    batch 0's activations when already computed.  Does not finalize the store.  Returns how long
+    the loop waited for the shard writers."""
     hooks, context, bs = list(cfg.hooks), cfg.context, cfg.batch_size
     hook_widths = {h: widths[h] for h in hooks}
     start_row = store.shard_range(shards.start)[0]
     stop_row = store.shard_range(shards.stop - 1)[1]
     n_seqs = store.n_rows // context
     threads = writer_threads(cfg, loaded.device)
-    writer = ShardWriter(store, tokens, context, on_shard_written, first_seq=first_seq, threads=threads)
+    depth = queue_depth(bs * context, store.shard_rows)
+    writer = ShardWriter(store, tokens, context, on_shard_written, first_seq=first_seq, threads=threads, depth=depth)
     # a GPU's shards reach the host through pinned buffers on a side stream; a CPU's are on it already
     # (a slot per writer thread, per queued shard, and one being filled)
-    staging = (HostStaging(store.shard_rows, hook_widths, cfg.dtype, loaded.device, slots=_QUEUE_SHARDS + threads + 1)
+    staging = (HostStaging(store.shard_rows, hook_widths, cfg.dtype, loaded.device, slots=depth + threads + 1)
                if loaded.device.type == "cuda" else None)
     buffer: ShardBuffer | None = None
+    waited = 0.0  # seconds the harvesting thread spent blocked handing shards over (writers behind)
+    t_start = time.perf_counter()
     bar = tqdm(total=store.n_rows, initial=start_row, desc=f"harvest {loaded.info['name']}", unit="tok",
                unit_scale=True, dynamic_ncols=True, disable=not progress)
     try:
@@ -321,8 +348,18 @@ def harvest_shards(store: ActivationStore, cfg: HarvestConfig, loaded: LoadedMod
                 buffer.fill(lo - s_start, {h: acts[h][lo - r0:lo - r0 + take] for h in hooks})
                 lo += take
                 if lo == s_stop:
+                    t0 = time.perf_counter()
                     writer.put(shard, buffer.finish(staging))
+                    waited += time.perf_counter() - t0
                     buffer = None
     finally:
         bar.close()
+        t0 = time.perf_counter()
         writer.close()  # even on error: shards already queued are written, nothing is lost
+        tail = time.perf_counter() - t0
+    timing = WriterWaits(waited, tail, time.perf_counter() - t_start)
+    if progress and timing.waited + timing.tail > 0.1 * timing.total and timing.total > 1.0:
+        tqdm.write(f"harvest: the forward passes waited {waited:.1f} s of {timing.total:.1f} s for the shard "
+                   f"writers, and the last shards took {tail:.1f} s more to write: the disk or "
+                   f"harvest.writer_threads ({threads}) limits this harvest")
+    return timing

@@ -40,6 +40,7 @@ from compsae.store.format import (  # noqa: F401 - re-exported: the names stages
     check_peak,
     chunk_table,
     from_storage,
+    read_row_chunks,
     rounding_error,
     storage_dtype,
     to_storage,
@@ -352,7 +353,7 @@ class ActivationStore:
         for hook in self.hooks:
             stats[hook] = self._merged_stats(hook)
         self.manifest["stats"] = stats
-        self.manifest["shard_checksums"] = [int(c) for c in self.group["progress/shard_crc"][: self.n_shards]]
+        self.manifest["shard_checksums"] = [int(c) for c in self._read_array("progress/shard_crc", self.n_shards)]
         self.manifest.update(extra or {})
         self.manifest["complete"] = True
         self.manifest.pop(integrity.INTEGRITY, None)
@@ -362,7 +363,7 @@ class ActivationStore:
         return self.manifest
 
     def _merged_stats(self, hook: str) -> dict[str, Any]:
-        return stats_from_shards(self.group[f"progress/stats/{hook}"][: self.n_shards], self.d_model(hook))
+        return stats_from_shards(self._read_array(f"progress/stats/{hook}", self.n_shards), self.d_model(hook))
 
     # -- reading --------------------------------------------------------------------------------
 
@@ -374,9 +375,15 @@ class ActivationStore:
                 "mean_norm": s["mean_norm"]}
 
     def _read_array(self, name: str, stop: int | None = None) -> np.ndarray:
-        """Rows [0, stop) of a small array through Zarr, any failure to decode it one line."""
+        """Rows [0, stop) of a small array (its chunk files read directly when local, else through
+        Zarr), any failure to decode it one line."""
         try:
-            return self.group[name][:stop]
+            arr = self._writer.array(name)
+            if self.is_local:
+                rows = read_row_chunks(arr, f"{self.path}/{name}", arr.shape[0] if stop is None else stop)
+                if rows is not None:
+                    return rows
+            return arr[:stop]
         except Exception as e:  # noqa: BLE001 - a decompressor or codec error on corrupt bytes, whatever its type
             _raise_unless_corrupt(e)
             raise StoreCorruptError(f"store {self.url}, {name}: cannot be read ({e.__class__.__name__}: "

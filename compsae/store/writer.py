@@ -110,7 +110,7 @@ class ShardWriter:
             if layout.compressor == "none":
                 self._write_shard_file(hook, shard, stored)
             else:
-                self._array(f"acts/{hook}")[start:stop] = stored
+                self.array(f"acts/{hook}")[start:stop] = stored
             digest = crc32c.crc32c(stored, digest)
             if not store.legacy:
                 small.append((chunk_table(hook), (shard, 0), self._chunk_crcs(hook, shard, stored)[None, :]))
@@ -141,7 +141,7 @@ class ShardWriter:
                                    shard * per_shard + inner)
         return out
 
-    def _array(self, name: str) -> zarr.Array:
+    def array(self, name: str) -> zarr.Array:
         """A cached handle on one array of the group (a group lookup reads its metadata again)."""
         if name not in self._arrays:
             self._arrays[name] = self.store.group[name]
@@ -156,7 +156,7 @@ class ShardWriter:
         does not cover its chunk, goes through Zarr."""
         files: dict[str, bytes] = {}
         for name, chunk, values in items:
-            arr = self._array(name)
+            arr = self.array(name)
             shape = arr.metadata.chunk_grid.chunk_shape
             selection = tuple(slice(c * n, c * n + v) for c, n, v in zip(chunk, shape, values.shape, strict=True))
             whole = all(sel.start == c * n and (v == n or sel.stop == size)
