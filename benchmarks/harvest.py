@@ -54,7 +54,7 @@ from compsae.harvest.models import (
     tiny_neox_residual,
 )
 from compsae.harvest.run import _harvest_into, tokenize_all
-from compsae.harvest.shards import writer_threads
+from compsae.harvest.shards import device_tokens, writer_threads
 from compsae.store import ActivationStore
 
 
@@ -104,7 +104,7 @@ def synchronize(device: torch.device) -> None:
 
 
 def bare_forward(loaded: LoadedModel, tokens: np.ndarray, batch_size: int, stop: int | None) -> float:
-    """Seconds for truncated forward passes over `tokens` (host → device copy included, as in the
+    """Seconds for truncated forward passes over `tokens` (host → device copy included, made as the
     harvest), outputs discarded: the transformers model's own forward over its first `stop`
     layers, no hook of any kind (the wrapper's forward when there is no transformers model)."""
     has_hf = loaded.hf_model is not None or loaded.load_hf is not None
@@ -117,7 +117,7 @@ def bare_forward(loaded: LoadedModel, tokens: np.ndarray, batch_size: int, stop:
             base.layers = layers[:stop]
         with torch.inference_mode():
             for b in range(0, len(tokens), batch_size):
-                batch = torch.from_numpy(tokens[b:b + batch_size]).to(device=loaded.device, dtype=torch.long)
+                batch = device_tokens(tokens[b:b + batch_size], loaded.device)
                 if base is not None:
                     base(input_ids=batch)
                 else:
@@ -137,7 +137,7 @@ def hooked_forward(loaded: LoadedModel, tokens: np.ndarray, batch_size: int, hoo
     t0 = time.perf_counter()
     with torch.inference_mode():
         for b in range(0, len(tokens), batch_size):
-            batch = torch.from_numpy(tokens[b:b + batch_size]).to(device=loaded.device, dtype=torch.long)
+            batch = device_tokens(tokens[b:b + batch_size], loaded.device)
             loaded.run_hooks(batch, hooks, stop)
     synchronize(loaded.device)
     return time.perf_counter() - t0
@@ -155,8 +155,8 @@ def full_harvest(cfg: HarvestConfig, loaded: LoadedModel, tokens: np.ndarray, wi
         [waits] = _harvest_into(store, cfg, loaded, tokens, widths, stop, None)
         synchronize(loaded.device)
         t2 = time.perf_counter()
-    print(f"  harvest {t2 - t1:.3f} s: shard loop {waits.total:.3f} s (handing shards to the writers blocked "
-          f"{waits.waited:.3f} s, the last shards' writes after the last forward {waits.tail:.3f} s), "
+    print(f"  harvest {t2 - t1:.3f} s: shard loop {waits.total:.3f} s (handing shards over blocked {waits.blocked:.3f} s, "
+          f"the last shards' writes after the last forward {waits.tail:.3f} s, writers busy {waits.writer_busy:.0%}), "
           f"before and after the loop (rounding sample, finalize) {t2 - t1 - waits.total:.3f} s")
     return t1 - t0, t2 - t1, store
 

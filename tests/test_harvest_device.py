@@ -13,7 +13,7 @@ import torch
 from compsae.errors import UserError
 from compsae.harvest.config import HarvestConfig
 from compsae.harvest.run import run_harvest
-from compsae.harvest.shards import HostShard, HostStaging, ShardBuffer, ShardWriter
+from compsae.harvest.shards import HostShard, HostStaging, ShardBuffer, ShardWriter, rounding_error
 from compsae.store import ActivationStore, StoreLayout
 from compsae.store.activation_store import from_storage, shard_moments, to_storage
 
@@ -136,3 +136,15 @@ def test_cuda_harvest_resumes_to_the_same_bytes_and_matches_the_cpu(tmp_path: Pa
         np.testing.assert_allclose(gs["mean"], cs["mean"], atol=1e-3 * np.abs(c).max())
         np.testing.assert_allclose(gs["var"], cs["var"], rtol=2e-2)
         assert gs["count"] == cs["count"] and gs["mean_norm"] == pytest.approx(cs["mean_norm"], rel=1e-3)
+
+
+def test_rounding_error_is_small_and_ordered():
+    x = torch.from_numpy(np.random.default_rng(0).normal(size=(256, 32)).astype(np.float32))
+    assert rounding_error(x, "float32", "h") == 0.0
+    assert 0 < rounding_error(x, "float16", "h") < rounding_error(x, "bfloat16", "h") < 1e-2
+    # the same error as storing the values and reading them back
+    q = from_storage(to_storage(x.numpy(), "bfloat16", "h"), "bfloat16").astype(np.float64)
+    expect = np.linalg.norm(x.numpy().astype(np.float64) - q) / np.linalg.norm(x.numpy().astype(np.float64))
+    assert rounding_error(x, "bfloat16", "h") == pytest.approx(expect, rel=1e-12)
+    with pytest.raises(UserError, match="float16's range"):
+        rounding_error(x * 1e5, "float16", "h")

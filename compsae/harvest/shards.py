@@ -26,7 +26,7 @@ from compsae.errors import UserError
 from compsae.harvest.config import HarvestConfig
 from compsae.harvest.models import LoadedModel
 from compsae.store import ActivationStore
-from compsae.store.activation_store import check_peak, rounding_error
+from compsae.store.activation_store import check_peak
 
 _QUEUE_SHARDS = 2  # shards buffered between the forward pass and the writer
 _SAMPLE_ROWS = 4096  # rows of the first batch used to measure the rounding error
@@ -142,7 +142,8 @@ class ShardWriter:
         self.on_written = on_written
         self.queue: queue.Queue[tuple[int, HostShard] | None] = queue.Queue(maxsize=depth)
         self.error: BaseException | None = None
-        self._lock = threading.Lock()  # the first error, and one on_written call at a time
+        self.busy_s = 0.0  # seconds the threads spent writing (not waiting for shards or the GPU)
+        self._lock = threading.Lock()  # the first error, busy_s, and one on_written call at a time
         self.threads = [threading.Thread(target=self._loop, name=f"compsae-shard-writer-{i}", daemon=True)
                         for i in range(threads)]
         for thread in self.threads:
@@ -155,13 +156,15 @@ class ShardWriter:
                 if self.error is not None:
                     continue  # drain, so the harvesting thread never blocks on a dead writer
                 host.wait()
+                t0 = time.perf_counter()
                 host.check()
                 start, stop = self.store.shard_range(shard)
                 rows = np.arange(start, stop, dtype=np.int64)
                 self.store.write_shard(shard, host.acts, tokens=self.flat_tokens[start - self.row0:stop - self.row0],
                                        seq_id=rows // self.context, pos=rows % self.context, moments=host.moments)
-                if self.on_written is not None:
-                    with self._lock:
+                with self._lock:
+                    self.busy_s += time.perf_counter() - t0
+                    if self.on_written is not None:
                         self.on_written(shard)
             except OSError as e:
                 if e.errno == errno.ENOSPC:
@@ -200,22 +203,35 @@ class ShardWriter:
         self._raise()
 
 
+def device_tokens(seqs: np.ndarray, device: torch.device) -> torch.Tensor:
+    """`seqs: [batch, context]` as int64 on `device`.  To a GPU through pinned memory, without
+    waiting: a copy from pageable memory first waits for the GPU's queue to drain, so every batch
+    left the GPU idle while the harvesting thread (sharing the GIL with the writers) launched the
+    next one."""
+    ids = torch.from_numpy(np.ascontiguousarray(seqs))
+    if device.type != "cuda":
+        return ids.to(dtype=torch.long)
+    return ids.pin_memory().to(device, non_blocking=True).long()
+
+
 def _forward(loaded: LoadedModel, seqs: np.ndarray, hooks: list[str], widths: dict[str, int],
              stop: int | None) -> dict[str, torch.Tensor]:
     """`{hook: [batch * context, width]}` float32 on the model's device for `seqs: [batch, context]`."""
-    tokens = torch.from_numpy(seqs).to(device=loaded.device, dtype=torch.long)
-    acts = loaded.run_hooks(tokens, hooks, stop)
+    acts = loaded.run_hooks(device_tokens(seqs, loaded.device), hooks, stop)
     return {h: acts[h].reshape(-1, widths[h]).float() for h in hooks}
 
 
 @dataclass(frozen=True)
 class WriterWaits:
-    """Seconds of a `harvest_shards` call: `waited` blocked handing shards to busy writers, `tail`
-    writing the last shards after the last forward pass, `total` the whole call."""
+    """Seconds of a `harvest_shards` call: `blocked` handing shards over to a full queue (the
+    harvesting thread is ahead of the GPU or of the writers), `tail` writing the last shards after
+    the last forward pass, `total` the whole call; `writer_busy` the share of the writer threads'
+    time spent writing (near 1: the disk or their number limits the harvest)."""
 
-    waited: float
+    blocked: float
     tail: float
     total: float
+    writer_busy: float
 
 
 def device_moments(x: torch.Tensor) -> torch.Tensor:
@@ -298,7 +314,17 @@ def measure_rounding(cfg: HarvestConfig, loaded: LoadedModel, tokens: np.ndarray
     harvest records the same value); also returns batch 0's activations.  Raises on float16 overflow."""
     hooks = list(cfg.hooks)
     sample = _forward(loaded, tokens[:cfg.batch_size], hooks, widths, stop)
-    return {h: rounding_error(sample[h][:_SAMPLE_ROWS].cpu().numpy(), cfg.dtype) for h in hooks}, sample
+    return {h: rounding_error(sample[h][:_SAMPLE_ROWS], cfg.dtype, h) for h in hooks}, sample
+
+
+def rounding_error(x: torch.Tensor, dtype: str, hook: str) -> float:
+    """Relative L2 error ‖x − q(x)‖ / ‖x‖ of storing `x: [rows, d]` in `dtype`, cast as the shard
+    buffer casts it, where `x` lives (a host pass over the sample cost a short GPU harvest 5-10 %).
+    Raises the one-line error when `x` overflows float16 or holds NaN / inf."""
+    check_peak(float(x.abs().max()) if x.numel() else 0.0, dtype, hook)
+    x64 = x.double()
+    error = torch.linalg.vector_norm(x64 - x.to(_TORCH_DTYPES[dtype]).double())
+    return float(error) / (float(torch.linalg.vector_norm(x64)) or 1.0)
 
 
 def harvest_shards(store: ActivationStore, cfg: HarvestConfig, loaded: LoadedModel, tokens: np.ndarray,
@@ -325,7 +351,7 @@ def harvest_shards(store: ActivationStore, cfg: HarvestConfig, loaded: LoadedMod
     staging = (HostStaging(store.shard_rows, hook_widths, cfg.dtype, loaded.device, slots=depth + threads + 1)
                if loaded.device.type == "cuda" else None)
     buffer: ShardBuffer | None = None
-    waited = 0.0  # seconds the harvesting thread spent blocked handing shards over (writers behind)
+    blocked = 0.0  # seconds the harvesting thread spent blocked handing shards over
     t_start = time.perf_counter()
     bar = tqdm(total=store.n_rows, initial=start_row, desc=f"harvest {loaded.info['name']}", unit="tok",
                unit_scale=True, dynamic_ncols=True, disable=not progress)
@@ -350,16 +376,16 @@ def harvest_shards(store: ActivationStore, cfg: HarvestConfig, loaded: LoadedMod
                 if lo == s_stop:
                     t0 = time.perf_counter()
                     writer.put(shard, buffer.finish(staging))
-                    waited += time.perf_counter() - t0
+                    blocked += time.perf_counter() - t0
                     buffer = None
     finally:
         bar.close()
         t0 = time.perf_counter()
         writer.close()  # even on error: shards already queued are written, nothing is lost
         tail = time.perf_counter() - t0
-    timing = WriterWaits(waited, tail, time.perf_counter() - t_start)
-    if progress and timing.waited + timing.tail > 0.1 * timing.total and timing.total > 1.0:
-        tqdm.write(f"harvest: the forward passes waited {waited:.1f} s of {timing.total:.1f} s for the shard "
-                   f"writers, and the last shards took {tail:.1f} s more to write: the disk or "
+    total = time.perf_counter() - t_start
+    timing = WriterWaits(blocked, tail, total, writer.busy_s / (threads * total) if total > 0 else 0.0)
+    if progress and timing.writer_busy > 0.8 and total > 1.0:
+        tqdm.write(f"harvest: the shard writers were busy {timing.writer_busy:.0%} of the time: the disk or "
                    f"harvest.writer_threads ({threads}) limits this harvest")
     return timing

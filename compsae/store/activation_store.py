@@ -41,7 +41,6 @@ from compsae.store.format import (  # noqa: F401 - re-exported: the names stages
     chunk_table,
     from_storage,
     read_row_chunks,
-    rounding_error,
     storage_dtype,
     to_storage,
 )

@@ -109,14 +109,6 @@ def from_storage(raw: np.ndarray, dtype: str) -> np.ndarray:
     return raw.astype(np.float32)
 
 
-def rounding_error(x: np.ndarray, dtype: str) -> float:
-    """Relative L2 error ‖x − q(x)‖ / ‖x‖ of storing `x` in `dtype`."""
-    x = np.asarray(x, dtype=np.float64)
-    q = from_storage(to_storage(x.astype(np.float32), dtype, "sample"), dtype).astype(np.float64)
-    denom = float(np.linalg.norm(x)) or 1.0
-    return float(np.linalg.norm(x - q) / denom)
-
-
 # ---------------------------------------------------------------------------------------------
 # shard files
 
