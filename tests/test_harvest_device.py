@@ -138,6 +138,33 @@ def test_cuda_harvest_resumes_to_the_same_bytes_and_matches_the_cpu(tmp_path: Pa
         assert gs["count"] == cs["count"] and gs["mean_norm"] == pytest.approx(cs["mean_norm"], rel=1e-3)
 
 
+@needs_cuda
+def test_the_harvest_loop_never_waits_for_the_gpu(tmp_path: Path) -> None:
+    """The harvesting thread only launches work: a read of a CUDA value, or a copy from pageable
+    memory (which first drains the GPU's queue), would leave the GPU idle at every batch."""
+    from compsae.harvest.models import check_hooks, load_model, stop_layer
+    from compsae.harvest.run import tokenize_all
+    from compsae.harvest.shards import harvest_shards, measure_rounding
+
+    cfg = _cfg("cuda", hooks=["blocks.1.hook_resid_post", "blocks.2.hook_resid_pre"])  # compsae's own forward
+    loaded = load_model(cfg)
+    widths = check_hooks(loaded, list(cfg.hooks), cfg.context)
+    stop = stop_layer(list(cfg.hooks))
+    tokens = tokenize_all(cfg, loaded.tokenizer)
+    store = ActivationStore.create(str(tmp_path / "s.zarr"), widths, tokens.size, cfg.layout(), {"config_hash": "x"})
+    with torch.inference_mode():
+        _rounding, batch0 = measure_rounding(cfg, loaded, tokens, widths, stop)  # reads values back on purpose
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            harvest_shards(store, cfg, loaded, tokens, widths, stop, range(store.n_shards), batch0=batch0,
+                           progress=False)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    store.finalize()
+    assert store.verify() == []
+
+
 def test_rounding_error_is_small_and_ordered():
     x = torch.from_numpy(np.random.default_rng(0).normal(size=(256, 32)).astype(np.float32))
     assert rounding_error(x, "float32", "h") == 0.0

@@ -242,7 +242,9 @@ def device_moments(x: torch.Tensor) -> torch.Tensor:
     mean = x64.mean(dim=0)
     m2 = (x64 - mean).square_().sum(dim=0)
     norm_sum = torch.linalg.vector_norm(x64, dim=1).sum()
-    count = torch.tensor([x.shape[0]], dtype=torch.float64, device=x.device)
+    # filled on the device: torch.tensor([...], device=cuda) copies from pageable memory, which
+    # first waits for everything queued on the GPU
+    count = torch.full((1,), float(x.shape[0]), dtype=torch.float64, device=x.device)
     return torch.cat([count, mean, m2, norm_sum[None]])
 
 
