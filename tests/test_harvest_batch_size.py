@@ -41,7 +41,7 @@ def test_config_accepts_auto_or_a_positive_int() -> None:
 
 def test_auto_is_recorded_and_kept_on_resume(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     choices = iter([4, 16])  # what `auto` would pick in the first run, then on the rerun
-    monkeypatch.setattr(harvest_run, "auto_batch_size", lambda *a: next(choices))
+    monkeypatch.setattr(harvest_run, "auto_batch_size", lambda *a, **k: next(choices))
 
     def die(shard: int) -> None:
         if shard == 1:

@@ -22,7 +22,7 @@ from compsae.harvest.models import LoadedModel
 CPU_BATCH = 32
 MAX_BATCH = 1024
 MEMORY_SHARE = 0.5
-_PROBE = 4  # sequences in the measuring forward pass
+PROBE_SEQS = 4  # sequences in the measuring forward pass
 
 
 def choose_batch(free_bytes: float, bytes_per_seq: float, n_seqs: int, max_seqs: int = MAX_BATCH) -> int:
@@ -34,9 +34,9 @@ def choose_batch(free_bytes: float, bytes_per_seq: float, n_seqs: int, max_seqs:
 
 
 def bytes_per_sequence(loaded: LoadedModel, hooks: list[str], tokens: np.ndarray, stop: int | None) -> float:
-    """Peak CUDA memory of one harvest forward pass per sequence, from `tokens[:_PROBE]`."""
+    """Peak CUDA memory of one harvest forward pass per sequence, from `tokens[:PROBE_SEQS]`."""
     device = loaded.device
-    seqs = torch.from_numpy(tokens[:_PROBE]).to(device=device, dtype=torch.long)
+    seqs = torch.from_numpy(tokens[:PROBE_SEQS]).to(device=device, dtype=torch.long)
     torch.cuda.synchronize(device)
     before = torch.cuda.memory_allocated(device)
     torch.cuda.reset_peak_memory_stats(device)
@@ -48,12 +48,14 @@ def bytes_per_sequence(loaded: LoadedModel, hooks: list[str], tokens: np.ndarray
 
 
 def auto_batch_size(loaded: LoadedModel, hooks: list[str], tokens: np.ndarray, stop: int | None,
-                    shard_rows: int | None = None) -> int:
-    """The batch size `auto` stands for, for `tokens: [n_seqs, context]` on the model's device and
-    shards of `shard_rows` rows (None: no cap from the shards)."""
+                    shard_rows: int | None = None, n_seqs: int | None = None) -> int:
+    """The batch size `auto` stands for, for the harvest's `tokens: [n_seqs, context]` (at least
+    their first `PROBE_SEQS`; `n_seqs` when not all of them are there yet) on the model's device
+    and shards of `shard_rows` rows (None: no cap from the shards)."""
+    n_seqs = len(tokens) if n_seqs is None else n_seqs
     if loaded.device.type != "cuda":
-        return min(CPU_BATCH, len(tokens))
+        return min(CPU_BATCH, n_seqs)
     per_seq = bytes_per_sequence(loaded, hooks, tokens, stop)
     free, _total = torch.cuda.mem_get_info(loaded.device)
     max_seqs = MAX_BATCH if shard_rows is None else max(1, shard_rows // tokens.shape[1])
-    return choose_batch(free, per_seq, len(tokens), max_seqs)
+    return choose_batch(free, per_seq, n_seqs, max_seqs)

@@ -1,8 +1,9 @@
 """`run_harvest`: run the model over the data once and write every hook's activations to a store.
 
-Flow: check model, hooks and context (before touching any store) → tokenize and pack the data up
-front (so an empty data set is refused before anything is written, and the row count is exact)
-→ open the store to continue it, or create it → forward passes up to the deepest hook, batch by
+Flow: load the model while a `TokenFeed` thread tokenizes and packs the data → check hooks and
+context, and that the data holds at least one sequence (before touching any store) → open the
+store to continue it, or create it for the sequences asked (the data still being tokenized; if it
+runs out early the store shrinks to the last whole sequence) → forward passes up to the deepest hook, batch by
 batch, rows cast to the storage dtype and gathered into shard buffers on the model's device (on a
 GPU the shard's range check and statistics are computed there too, and the device → host copy
 moves half the bytes) → a background thread writes each full shard through
@@ -18,10 +19,8 @@ ranges to Dask workers (`workers` / `scheduler`): each range is `harvest_shards`
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -31,12 +30,13 @@ from tqdm.auto import tqdm
 from compsae import __version__, durable
 from compsae.errors import UserError
 from compsae.files import STORE_DIR
-from compsae.harvest.batch_size import auto_batch_size
+from compsae.harvest.batch_size import PROBE_SEQS, auto_batch_size
 from compsae.harvest.config import HarvestConfig
-from compsae.harvest.data import describe, packing_rule, token_sequences
-from compsae.harvest.models import LoadedModel, check_hooks, load_model, special_ids, stop_layer
+from compsae.harvest.data import describe, packing_rule
+from compsae.harvest.models import LoadedModel, check_hooks, load_model, stop_layer
 from compsae.harvest.records import HarvestOutputs
 from compsae.harvest.shards import WriterWaits, harvest_shards, measure_rounding, missing_runs
+from compsae.harvest.token_feed import TokenFeed
 from compsae.resources import check_disk, check_memory
 from compsae.store import ActivationStore, manifest_digest, refuse_foreign_folder, store_exists, writer_lock
 
@@ -61,41 +61,23 @@ def outputs_of(store: ActivationStore) -> dict[str, Any]:
                           dtype=store.layout.dtype, digest=manifest_digest(store.manifest)).model_dump(mode="json")
 
 
-def tokenize_all(cfg: HarvestConfig, tokenizer: Any,
-                 cancel: threading.Event | None = None) -> np.ndarray:
-    """The harvest's token sequences `[n_seqs, context]` int32 (fewer if the data runs out).
-    Setting `cancel` stops it early (the model failed to load: its tokens are not needed)."""
-    bos, eos = special_ids(tokenizer, cfg.model)
-    stream = token_sequences(cfg.data, tokenizer, cfg.context, cfg.prepend_bos, bos, eos)
-    out = np.empty((cfg.n_seqs, cfg.context), dtype=np.int32)
-    n = 0
-    with tqdm(total=cfg.n_seqs, desc="tokenize", unit="seq", leave=False) as bar:
-        for seq in stream:
-            out[n] = seq
-            n += 1
-            bar.update(1)
-            if n == cfg.n_seqs or (cancel is not None and cancel.is_set()):
-                break
-    if n == 0:
-        raise UserError(f"data set {cfg.data.source!r} is empty or shorter than one sequence of {cfg.context} "
-                        "tokens; check data.source / data.text_field or lower harvest.context")
-    if n < cfg.n_seqs:
-        tqdm.write(f"harvest: the data ran out after {n * cfg.context} of {cfg.n_tokens} tokens; storing those")
-    return out[:n]
+def tokenize_all(cfg: HarvestConfig, tokenizer: Any) -> np.ndarray:
+    """The harvest's token sequences `[n_seqs, context]` int32 (fewer if the data runs out), all
+    of them before returning."""
+    return TokenFeed.start(cfg, tokenizer, progress=True).result(cfg.data.source, cfg.n_tokens)
 
 
-def load_and_tokenize(cfg: HarvestConfig) -> tuple[LoadedModel, np.ndarray]:
-    """Load the model and tokenize the data (`[n_seqs, context]` int32); the text is tokenized in a
-    thread while the weights load (the fast tokenizer and safetensors both release the GIL)."""
-    pool = ThreadPoolExecutor(1, thread_name_prefix="compsae-tokenize")
-    cancel = threading.Event()
-    pending: list[Future[np.ndarray]] = []
+def load_with_feed(cfg: HarvestConfig) -> tuple[LoadedModel, TokenFeed]:
+    """Load the model, the data being tokenized meanwhile by a `TokenFeed` (the fast tokenizer
+    and safetensors both release the GIL) that goes on beside the forward passes."""
+    feeds: list[TokenFeed] = []
     try:
-        loaded = load_model(cfg, on_tokenizer=lambda tok: pending.append(pool.submit(tokenize_all, cfg, tok, cancel)))
-        return loaded, pending[0].result()
-    finally:
-        cancel.set()  # only matters when loading failed: the result was taken otherwise
-        pool.shutdown(wait=True)
+        loaded = load_model(cfg, on_tokenizer=lambda tok: feeds.append(TokenFeed.start(cfg, tok)))
+    except BaseException:
+        for feed in feeds:
+            feed.cancel()  # its tokens are not needed
+        raise
+    return loaded, feeds[0]
 
 
 def run_harvest(cfg: HarvestConfig, out_dir: str, force: bool = False,
@@ -125,23 +107,41 @@ def run_harvest(cfg: HarvestConfig, out_dir: str, force: bool = False,
 
     check_memory(cfg.n_seqs * cfg.context * 4, f"tokenizing {cfg.n_tokens:,} tokens",
                  "lower harvest.n_tokens or harvest in several stores")
-    loaded, tokens = load_and_tokenize(cfg)  # tokens: [n_seqs, context]
+    loaded, feed = load_with_feed(cfg)
+    try:
+        return _harvest_with_feed(cfg, url, digest, existing, loaded, feed, force, on_shard_written, workers,
+                                  scheduler, processes)
+    finally:
+        feed.cancel()  # an error before the last batch: stop tokenizing
+
+
+def _harvest_with_feed(cfg: HarvestConfig, url: str, digest: str, existing: ActivationStore | None,
+                       loaded: LoadedModel, feed: TokenFeed, force: bool,
+                       on_shard_written: Callable[[int], None] | None, workers: int | None, scheduler: str | None,
+                       processes: bool) -> dict[str, Any]:
+    """`run_harvest` once the model is loaded and its data is being tokenized into `feed`."""
     widths = check_hooks(loaded, cfg.hooks, cfg.context)
+    feed.check_not_empty(cfg.data.source)  # before anything is written
+    parallel = bool(workers or scheduler)
+    if parallel:  # the workers are handed their sequences whole
+        feed = TokenFeed.of(feed.result(cfg.data.source, cfg.n_tokens))
+    # the sequences asked; fewer when the data runs out, found by the harvest loop (the store shrinks then)
+    n_seqs = feed.ready if feed.done else feed.n_seqs
     itemsize = 4 if cfg.dtype == "float32" else 2
     row_bytes = sum(widths.values()) * itemsize + 16  # the activations, tokens (4), seq_id (8), pos (4)
     if force or not store_exists(url):  # a resume has part of it on the disk already
-        check_disk(url, tokens.size * row_bytes, f"a store of {tokens.size:,} tokens of {', '.join(widths)}",
+        check_disk(url, n_seqs * cfg.context * row_bytes,
+                   f"a store of {n_seqs * cfg.context:,} tokens of {', '.join(widths)}",
                    "lower harvest.n_tokens, harvest fewer hooks, or point harvest.store at a larger disk")
     stop = stop_layer(cfg.hooks)
     if cfg.batch_size == "auto":
         # a resumed harvest keeps the batches it started with (same batches, same bytes)
         same = existing is not None and existing.manifest.get("config_hash") == digest
         earlier = (existing.manifest.get("harvest") or {}).get("batch_size") if same else None  # type: ignore[union-attr]
-        chosen = earlier or auto_batch_size(loaded, cfg.hooks, tokens, stop, cfg.shard_rows)
+        chosen = earlier or auto_batch_size(loaded, cfg.hooks, feed.array[:feed.wait_for(PROBE_SEQS)], stop,
+                                            cfg.shard_rows, n_seqs=n_seqs)
         cfg = cfg.model_copy(update={"batch_size": int(chosen)})
         tqdm.write(f"harvest: batch size auto -> {cfg.batch_size} sequences")
-    n_seqs = tokens.shape[0]
-    n_rows = n_seqs * cfg.context
     manifest = {
         "model": loaded.info,
         "data": {**describe(cfg.data), "n_seqs": n_seqs},
@@ -155,31 +155,43 @@ def run_harvest(cfg: HarvestConfig, out_dir: str, force: bool = False,
     }
     # lock first: --force must not wipe a store another harvest is still writing
     with writer_lock(url, "harvest"), torch.inference_mode():
-        store = ActivationStore.create_or_resume(url, widths, n_rows, cfg.layout(), manifest, force=force)
-        todo = store.n_rows - sum(hi - lo for lo, hi in map(store.shard_range, store.done_shards()))  # rows to harvest
+        store = ActivationStore.create_or_resume(url, widths, n_seqs * cfg.context, cfg.layout(), manifest,
+                                                 force=force)
+        done_before = sum(hi - lo for lo, hi in map(store.shard_range, store.done_shards()))
         t0 = time.perf_counter()
-        if workers or scheduler:
+        if parallel:
             from compsae.harvest.parallel import harvest_parallel
 
-            harvest_parallel(store, cfg, loaded, tokens, widths, stop, workers=workers or 0, scheduler=scheduler,
+            harvest_parallel(store, cfg, loaded, feed.array, widths, stop, workers=workers or 0, scheduler=scheduler,
                              processes=processes, on_shard_written=on_shard_written)
         else:
-            _harvest_into(store, cfg, loaded, tokens, widths, stop, on_shard_written)
+            _harvest_into(store, cfg, loaded, feed, widths, stop, on_shard_written)
         seconds = time.perf_counter() - t0
+        todo = store.n_rows - done_before  # rows harvested now (the store shrinks when the data ran out)
     # what start-up costs is the process's time minus this line's (benchmarks/peer_saelens.py reads it)
     tqdm.write(f"harvest: {todo:,} tokens in {seconds:.2f} s ({todo / max(seconds, 1e-9):,.0f} tokens/s: forward "
-               "passes, writes and finalize; loading and tokenizing not included)")
+               "passes, writes, finalize and any wait for tokens; loading not included)")
     return outputs_of(store)
 
 
-def _harvest_into(store: ActivationStore, cfg: HarvestConfig, loaded: LoadedModel, tokens: np.ndarray,
+def _harvest_into(store: ActivationStore, cfg: HarvestConfig, loaded: LoadedModel, feed: TokenFeed | np.ndarray,
                   widths: dict[str, int], stop: int | None,
                   on_shard_written: Callable[[int], None] | None) -> list[WriterWaits]:
-    """Single-process harvest of every missing shard of `store`, then finalize.  Returns each
-    run of shards' waits for the writers."""
-    rounding, sample = measure_rounding(cfg, loaded, tokens, widths, stop)
-    missing = sorted(set(range(store.n_shards)) - store.done_shards())
-    waits = [harvest_shards(store, cfg, loaded, tokens, widths, stop, shards, on_shard_written=on_shard_written,
-                            batch0=sample) for shards in missing_runs(missing)]
+    """Single-process harvest of every missing shard of `store`, then finalize; the tokens may
+    still be arriving (`feed`).  Returns each run of shards' waits for the writers."""
+    feed = feed if isinstance(feed, TokenFeed) else TokenFeed.of(feed)
+    rounding, sample = measure_rounding(cfg, loaded, feed.array[:feed.wait_for(cfg.batch_size)], widths, stop)
+    waits: list[WriterWaits] = []
+    while missing := sorted(set(range(store.n_shards)) - store.done_shards()):
+        n_shards = store.n_shards
+        for shards in missing_runs(missing):
+            if shards.start < store.n_shards:  # the data may have run out (and the store shrunk) meanwhile
+                waits.append(harvest_shards(store, cfg, loaded, feed, widths, stop,
+                                            range(shards.start, min(shards.stop, store.n_shards)),
+                                            on_shard_written=on_shard_written, batch0=sample))
+        if store.n_shards == n_shards:
+            break  # every missing shard was written
+    if feed.ready < feed.n_seqs:
+        tqdm.write(f"harvest: the data ran out after {store.n_rows} of {cfg.n_tokens} tokens; storing those")
     store.finalize(extra={"rounding_error": rounding})
     return waits

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from compsae.errors import UserError
 from compsae.harvest.config import HarvestConfig
 from compsae.harvest.models import LoadedModel
+from compsae.harvest.token_feed import TokenFeed
 from compsae.store import ActivationStore
 from compsae.store.activation_store import check_peak
 
@@ -268,6 +269,10 @@ class ShardBuffer:
             self.peak[h] = torch.maximum(self.peak[h], torch.maximum(hi, -lo))
             self.data[h][at:at + len(x)].copy_(x)
 
+    def cut(self, rows: int) -> None:
+        """Keep only the first `rows` rows (the shard turned out shorter: the data ran out)."""
+        self.data = {h: x[:rows] for h, x in self.data.items()}
+
     def finish(self, staging: HostStaging | None = None) -> HostShard:
         """Hand the shard to the host: through `staging` (a GPU: asynchronous, statistics computed
         on the device), else as views of the buffer itself (the CPU: no copy, statistics left to
@@ -329,17 +334,20 @@ def rounding_error(x: torch.Tensor, dtype: str, hook: str) -> float:
     return float(error) / (float(torch.linalg.vector_norm(x64)) or 1.0)
 
 
-def harvest_shards(store: ActivationStore, cfg: HarvestConfig, loaded: LoadedModel, tokens: np.ndarray,
+def harvest_shards(store: ActivationStore, cfg: HarvestConfig, loaded: LoadedModel, tokens: TokenFeed | np.ndarray,
                    widths: dict[str, int], stop: int | None, shards: range, first_seq: int = 0,
                    on_shard_written: Callable[[int], None] | None = None,
                    batch0: dict[str, torch.Tensor] | None = None, progress: bool = True) -> WriterWaits:
     """Run the model over the batches holding `shards` (consecutive) and write those shards.
 
     `tokens: [n, context]` are sequences `first_seq .. first_seq + n` of the harvest and must cover
-    `batch_span(store, shards, ...)`.  A batch is computed whole even when a shard boundary cuts
-    it, so every row gets the value an uninterrupted single-process harvest gives it.  `batch0`:
-    batch 0's activations when already computed.  Does not finalize the store.  Returns how long
-    the loop waited for the shard writers."""
+    `batch_span(store, shards, ...)`; a `TokenFeed` (first_seq 0) may still be filling, and each
+    batch waits for its sequences.  When the feed's data runs out before the store's rows, the
+    store shrinks to the last whole sequence and the shard holding it is written partial.  A batch
+    is computed whole even when a shard boundary cuts it, so every row gets the value an
+    uninterrupted single-process harvest gives it.  `batch0`: batch 0's activations when already
+    computed.  Does not finalize the store.  Returns how long the loop waited for the writers."""
+    feed = tokens if isinstance(tokens, TokenFeed) else TokenFeed.of(tokens)
     hooks, context, bs = list(cfg.hooks), cfg.context, cfg.batch_size
     hook_widths = {h: widths[h] for h in hooks}
     start_row = store.shard_range(shards.start)[0]
@@ -347,12 +355,14 @@ def harvest_shards(store: ActivationStore, cfg: HarvestConfig, loaded: LoadedMod
     n_seqs = store.n_rows // context
     threads = writer_threads(cfg, loaded.device)
     depth = queue_depth(bs * context, store.shard_rows)
-    writer = ShardWriter(store, tokens, context, on_shard_written, first_seq=first_seq, threads=threads, depth=depth)
+    writer = ShardWriter(store, feed.array, context, on_shard_written, first_seq=first_seq, threads=threads,
+                         depth=depth)
     # a GPU's shards reach the host through pinned buffers on a side stream; a CPU's are on it already
     # (a slot per writer thread, per queued shard, and one being filled)
     staging = (HostStaging(store.shard_rows, hook_widths, cfg.dtype, loaded.device, slots=depth + threads + 1)
                if loaded.device.type == "cuda" else None)
     buffer: ShardBuffer | None = None
+    buffer_shard = -1
     blocked = 0.0  # seconds the harvesting thread spent blocked handing shards over
     t_start = time.perf_counter()
     bar = tqdm(total=store.n_rows, initial=start_row, desc=f"harvest {loaded.info['name']}", unit="tok",
@@ -360,10 +370,26 @@ def harvest_shards(store: ActivationStore, cfg: HarvestConfig, loaded: LoadedMod
     try:
         for b in batch_span(store, shards, context, bs):
             s0, s1 = b * bs, min((b + 1) * bs, n_seqs)  # global sequence range of batch b
+            if s0 >= n_seqs:
+                break  # the data ran out in an earlier batch
+            ready = feed.wait_for(s1 - first_seq) + first_seq
+            if ready < s1:  # the data ran out: the store ends with its last whole sequence
+                n_seqs = s1 = ready
+                store.shrink(n_seqs * context, {"data": {**store.manifest.get("data", {}), "n_seqs": n_seqs}})
+                stop_row = min(stop_row, store.n_rows)
+                bar.total = store.n_rows
+                if buffer is not None:
+                    b_start, b_stop = store.shard_range(buffer_shard)
+                    buffer.cut(b_stop - b_start)
+                    if s0 * context == b_stop:  # the shard being filled ends where the data does
+                        writer.put(buffer_shard, buffer.finish(staging))
+                        buffer = None
+                if s0 >= s1:
+                    break
             if b == 0 and batch0 is not None:
                 acts = batch0
             else:
-                acts = _forward(loaded, tokens[s0 - first_seq:s1 - first_seq], hooks, widths, stop)
+                acts = _forward(loaded, feed.array[s0 - first_seq:s1 - first_seq], hooks, widths, stop)
             r0, r1 = s0 * context, s1 * context
             lo, hi = max(r0, start_row), min(r1, stop_row)
             bar.update(hi - lo)
@@ -373,6 +399,7 @@ def harvest_shards(store: ActivationStore, cfg: HarvestConfig, loaded: LoadedMod
                 take = min(hi, s_stop) - lo
                 if buffer is None:
                     buffer = ShardBuffer(s_stop - s_start, hook_widths, cfg.dtype, loaded.device)
+                    buffer_shard = shard
                 buffer.fill(lo - s_start, {h: acts[h][lo - r0:lo - r0 + take] for h in hooks})
                 lo += take
                 if lo == s_stop:

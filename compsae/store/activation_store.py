@@ -337,14 +337,7 @@ class ActivationStore:
         if n_rows is not None and n_rows != self.n_rows:
             if n_rows > self.n_rows or n_rows % self.shard_rows:
                 raise ValueError("finalize can only drop whole shards")
-            for hook in self.hooks:
-                arr = self.group[f"acts/{hook}"]
-                arr.resize((n_rows, arr.shape[1]))
-            for name in ("tokens", "seq_id", "pos"):
-                self.group[name].resize((n_rows,))
-            self.manifest["n_rows"] = int(n_rows)
-            self.manifest["n_shards"] = max(1, -(-n_rows // self.shard_rows))
-            self._writer.forget_arrays()  # cached handles still have the old shape
+            self.shrink(n_rows)
         missing = sorted(set(range(self.n_shards)) - self.done_shards())
         if missing:
             raise StoreCorruptError(f"store {self.url}: shards {missing[:10]} were never written")
@@ -360,6 +353,30 @@ class ActivationStore:
             self.manifest[integrity.INTEGRITY] = integrity.metadata_digests(self)
         self.group.attrs["manifest"] = self.manifest
         return self.manifest
+
+    def shrink(self, n_rows: int, extra: dict[str, Any] | None = None) -> None:
+        """Drop every row from `n_rows` on, before the store is finalized (the data ran out before
+        the rows it was laid out for); `extra` goes into the manifest, which is saved, so a resumed
+        writer sees the new size.  The shard now holding the last row may be partial; shards
+        already written must end at or before `n_rows`."""
+        if not 0 < n_rows <= self.n_rows:
+            raise ValueError(f"cannot shrink a store of {self.n_rows} rows to {n_rows}")
+        cut = sorted(s for s in self.done_shards() if self.shard_range(s)[1] > n_rows)
+        if cut:
+            raise UserError(f"store {self.url}: the data now ends at row {n_rows:,}, inside shards {cut[:5]} "
+                            "written by an earlier run (the data changed since); rerun with --force")
+        for hook in self.hooks:
+            arr = self.group[f"acts/{hook}"]
+            arr.resize((n_rows, arr.shape[1]))
+        for name, _ in SIDE_ARRAYS:
+            self.group[name].resize((n_rows,))
+        self.manifest.update(extra or {})
+        self.manifest["n_rows"] = int(n_rows)
+        self.manifest["n_shards"] = max(1, -(-n_rows // self.shard_rows))
+        self._writer.forget_arrays()  # cached handles still have the old shape
+        self._columns.clear()
+        self._tables.clear()
+        self.group.attrs["manifest"] = self.manifest
 
     def _merged_stats(self, hook: str) -> dict[str, Any]:
         return stats_from_shards(self._read_array(f"progress/stats/{hook}", self.n_shards), self.d_model(hook))

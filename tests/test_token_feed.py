@@ -1,0 +1,165 @@
+"""Tokenizing beside the forward passes: a harvest whose tokens arrive while it runs stores the
+same bytes as one that had them all first, also when the data runs out part-way (the store then
+shrinks to the last whole sequence), and resumes after a stop there."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from compsae.errors import UserError
+from compsae.harvest import token_feed
+from compsae.harvest.byte_tokenizer import byte_tokenizer
+from compsae.harvest.config import HarvestConfig
+from compsae.harvest.run import run_harvest, tokenize_all
+from compsae.harvest.token_feed import TokenFeed
+from compsae.store import ActivationStore
+from compsae.store.activation_store import ActivationStore as StoreClass
+
+HOOKS = ["blocks.1.hook_resid_post"]
+
+
+def _cfg(**over: Any) -> HarvestConfig:
+    base: dict[str, Any] = dict(model="tiny-neox", hooks=HOOKS, context=32, n_tokens=2300, batch_size=4,
+                                chunk_rows=128, shard_rows=512, data={"source": "synthetic:mixed", "seed": 3})
+    return HarvestConfig(**{**base, **over})
+
+
+def _arrays(url: str) -> dict[str, Any]:
+    st = ActivationStore.open(url)
+    out: dict[str, Any] = {f"acts/{h}": st.zarr_array(h)[:] for h in st.hooks}
+    out.update(tokens=st.tokens, seq_id=st.seq_id, pos=st.pos, n_rows=st.n_rows, n_seqs=st.manifest["data"]["n_seqs"],
+               stats=st.manifest["stats"], rounding=st.manifest["rounding_error"])
+    return out
+
+
+def _assert_same(a: dict[str, Any], b: dict[str, Any]) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        if isinstance(a[k], np.ndarray):
+            np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+        else:
+            assert a[k] == b[k], k
+
+
+def _tokens_after_store_creation(m: pytest.MonkeyPatch) -> dict[str, Any]:
+    """Sequences after the first 5 arrive only once the store is opened: the harvest must lay the
+    store out for the sequences asked and wait for the rest batch by batch.  Returns the rows each
+    `shrink` was asked for."""
+    created = threading.Event()
+    seen: dict[str, Any] = {"shrinks": []}
+    real_sequences, real_shrink = token_feed.token_sequences, StoreClass.shrink
+    real_open = StoreClass.create_or_resume.__func__
+
+    def gated(*args: Any, **kwargs: Any) -> Iterator[np.ndarray]:
+        for i, seq in enumerate(real_sequences(*args, **kwargs)):
+            if i == 5:
+                assert created.wait(60), "the store was never opened"
+            yield seq
+
+    def create_or_resume(cls: type, *args: Any, **kwargs: Any) -> ActivationStore:
+        store = real_open(cls, *args, **kwargs)
+        created.set()
+        return store
+
+    def shrink(self: ActivationStore, n_rows: int, extra: dict[str, Any] | None = None) -> None:
+        seen["shrinks"].append(n_rows)
+        real_shrink(self, n_rows, extra)
+
+    m.setattr(token_feed, "token_sequences", gated)
+    m.setattr(StoreClass, "create_or_resume", classmethod(create_or_resume))
+    m.setattr(StoreClass, "shrink", shrink)
+    return seen
+
+
+def _all_tokens_first(m: pytest.MonkeyPatch) -> None:
+    """The harvest gets every sequence before it lays the store out (as before the feed)."""
+    start = TokenFeed.start
+
+    def whole(cls: type, cfg: HarvestConfig, tokenizer: Any, progress: bool = False) -> TokenFeed:
+        return TokenFeed.of(start(cfg, tokenizer).result(cfg.data.source, cfg.n_tokens))
+
+    m.setattr(TokenFeed, "start", classmethod(whole))
+
+
+def _harvest(cfg: HarvestConfig, out: Path, how: Any) -> tuple[dict[str, Any], Any]:
+    with pytest.MonkeyPatch.context() as m:
+        seen = how(m)
+        return run_harvest(cfg, str(out)), seen
+
+
+def test_a_feed_gives_the_sequences_tokenize_all_gives() -> None:
+    cfg = _cfg()
+    tokens = tokenize_all(cfg, byte_tokenizer())
+    feed = TokenFeed.start(cfg, byte_tokenizer())
+    assert feed.wait_for(3) == 3
+    np.testing.assert_array_equal(feed.result(cfg.data.source, cfg.n_tokens), tokens)
+    assert feed.wait_for(10**6) == len(tokens) == cfg.n_seqs
+    assert TokenFeed.of(tokens[:7]).wait_for(10) == 7
+
+
+def test_the_harvest_runs_while_tokens_arrive_and_stores_the_same_bytes(tmp_path: Path) -> None:
+    streamed, seen = _harvest(_cfg(), tmp_path / "streamed", _tokens_after_store_creation)
+    assert seen["shrinks"] == []
+    reference, _ = _harvest(_cfg(), tmp_path / "reference", _all_tokens_first)
+    _assert_same(_arrays(streamed["store"]), _arrays(reference["store"]))
+    assert ActivationStore.open(streamed["store"]).verify() == []
+
+
+# 23 sequences: the data ends inside a batch of 4; 30: exactly where a batch of 5 would start
+@pytest.mark.parametrize(("max_docs", "batch_size"), [(30, 4), (40, 5)])
+def test_data_running_out_mid_harvest_shrinks_the_store_to_what_there_was(
+        tmp_path: Path, max_docs: int, batch_size: int, capsys: pytest.CaptureFixture[str]) -> None:
+    """The store ends with the last whole sequence (inside a shard: a partial last shard), and
+    equals a harvest that knew the count before laying the store out."""
+    cfg = _cfg(n_tokens=10_000, batch_size=batch_size, data={"source": "synthetic:mixed", "seed": 3,
+                                                             "max_docs": max_docs})
+    n_seqs = len(tokenize_all(cfg, byte_tokenizer()))
+    assert 5 < n_seqs < cfg.n_seqs and (n_seqs * cfg.context) % cfg.shard_rows  # runs out after the gate opens
+    known, _ = _harvest(cfg, tmp_path / "known", _all_tokens_first)
+    capsys.readouterr()
+    streamed, seen = _harvest(cfg, tmp_path / "streamed", _tokens_after_store_creation)
+    assert seen["shrinks"] == [n_seqs * cfg.context]
+    assert f"the data ran out after {n_seqs * cfg.context} of 10000 tokens" in capsys.readouterr().out
+    a, b = _arrays(streamed["store"]), _arrays(known["store"])
+    assert a["n_rows"] == n_seqs * cfg.context and a["n_seqs"] == n_seqs
+    _assert_same(a, b)
+    assert ActivationStore.open(streamed["store"]).verify() == []
+
+
+def test_a_stop_after_the_store_shrank_resumes_to_the_same_bytes(tmp_path: Path) -> None:
+    cfg = _cfg(n_tokens=10_000, data={"source": "synthetic:mixed", "seed": 3, "max_docs": 30})
+    n_rows = len(tokenize_all(cfg, byte_tokenizer())) * cfg.context
+    last = (n_rows - 1) // cfg.shard_rows
+    real_write = StoreClass.write_shard
+
+    def stop_at_the_last_shard(m: pytest.MonkeyPatch) -> dict[str, Any]:
+        def write_shard(self: ActivationStore, shard: int, *args: Any, **kwargs: Any) -> None:
+            if shard == last:
+                raise KeyboardInterrupt  # stopped before the partial last shard is written
+            real_write(self, shard, *args, **kwargs)
+
+        m.setattr(StoreClass, "write_shard", write_shard)
+        return _tokens_after_store_creation(m)
+
+    with pytest.raises(KeyboardInterrupt):
+        _harvest(cfg, tmp_path / "run", stop_at_the_last_shard)
+    st = ActivationStore.open(str(tmp_path / "run" / "store.zarr"))
+    assert not st.complete and st.n_rows == n_rows and last not in st.done_shards() and last - 1 in st.done_shards()
+    resumed, seen = _harvest(cfg, tmp_path / "run", _tokens_after_store_creation)
+    assert seen["shrinks"] == []  # resumed at its shrunk size, where the data ends
+    known, _ = _harvest(cfg, tmp_path / "known", _all_tokens_first)
+    _assert_same(_arrays(resumed["store"]), _arrays(known["store"]))
+
+
+def test_an_empty_data_set_is_refused_before_anything_is_written(tmp_path: Path) -> None:
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    with pytest.raises(UserError, match="empty or shorter than one sequence"):
+        run_harvest(_cfg(data={"source": str(empty)}), str(tmp_path / "out"))
+    assert not (tmp_path / "out" / "store.zarr").exists()
