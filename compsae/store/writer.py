@@ -142,10 +142,12 @@ class ShardWriter:
         return out
 
     def array(self, name: str) -> zarr.Array:
-        """A cached handle on one array of the group (a group lookup reads its metadata again)."""
-        if name not in self._arrays:
-            self._arrays[name] = self.store.group[name]
-        return self._arrays[name]
+        """A cached handle on one array of the group (a group lookup reads its metadata again).
+        Safe beside `forget_arrays` in another thread (writer threads run while a store shrinks)."""
+        arr = self._arrays.get(name)
+        if arr is None:
+            arr = self._arrays[name] = self.store.group[name]
+        return arr
 
     def _put_chunks(self, items: list[tuple[str, tuple[int, ...], np.ndarray]]) -> None:
         """Write each `(array name, chunk index, values)` as that whole chunk of the array.
