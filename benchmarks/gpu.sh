@@ -21,14 +21,14 @@
 #   harvest_pythia70m_4m / _262k    harvest vs the bare truncated forward, batch size auto (and
 #                         the shard writers' own rates)
 #   harvest_smollm2_4m / _262k      the same for the offline demo model's shape (blocks.6)
-#   harvest_pythia70m_4m_b1024      the same at 1,024 sequences a batch (auto's choice before it
-#                         was capped at one shard): what the smaller batch costs the forward
+#   fvu_cpu_vs_cuda       training on CUDA gives the CPU's FVU curve
+#   tests_compile_cuda    train.compile on CUDA (CUDA graphs): 24 training steps through every
+#                         schedule change give the eager losses (tests/test_train_compile.py)
 #   train_quick           loader vs training, the CompSAE step per composer kind vs TopK, eager and
 #                         then compiled (train.compile: CUDA graphs; the eager lines print first)
 #   peer_saelens          compsae vs SAELens' CacheActivationsRunner as whole processes, on CUDA
-#   tests_compile_cuda    train.compile on CUDA (CUDA graphs): 24 training steps through every
-#                         schedule change give the eager losses (tests/test_train_compile.py)
-#   fvu_cpu_vs_cuda       training on CUDA gives the CPU's FVU curve
+#   harvest_pythia70m_4m_b1024      the harvest at 1,024 sequences a batch (auto's choice before it
+#                         was capped at one shard): what the smaller batch costs the forward
 # Each step has its own time limit and a failed step does not stop the others.  Everything goes to
 # $OUT/gpu_bench.txt (or ./gpu-results/); at the end every RESULT line, tagged with its step and
 # the card's name.  The whole run is cut at $GPU_BENCH_BUDGET seconds (default 470: with the
@@ -146,17 +146,18 @@ print('transformers', transformers.__version__, 'zarr', zarr.__version__, 'dask'
   S="--model smollm2-135m-shaped --hook blocks.6.hook_resid_post --no-writer-rates"
   wanted harvest_smollm2_4m && step harvest_smollm2_4m 120 $H --batch-size auto $S --tokens 4194304 --repeats 1
   wanted harvest_smollm2_262k && step harvest_smollm2_262k 75 $H --batch-size auto $S --tokens 262144 --repeats 2
-  # auto takes at most one shard of sequences (128 here); 1,024 was its choice before: the bare
-  # forward's rate at both says what the smaller batch costs the GPU
-  wanted harvest_pythia70m_4m_b1024 && step harvest_pythia70m_4m_b1024 110 $H --batch-size 1024 --tokens 4194304 \
-    --repeats 1 --no-writer-rates
+  wanted fvu_cpu_vs_cuda && step fvu_cpu_vs_cuda 120 "$PY" benchmarks/cuda_vs_cpu.py --steps 100 --devices cpu,cuda
+  # about 50 s per model (eager and compiled runs through every schedule change)
+  wanted tests_compile_cuda && step tests_compile_cuda 180 "$PY" -m pytest -q -p no:cacheprovider \
+    tests/test_train_compile.py -k cuda
   # --compile: compiling the five models (forward + backward) takes most of this step's time
   wanted train_quick && step train_quick 150 "$PY" benchmarks/train.py --quick --steps 10 --device cuda --compile
   wanted peer_saelens && step peer_saelens 120 env COMPSAE_CACHE="$PWD/.whl/assets" "$PY" benchmarks/peer_saelens.py \
     --device cuda --tokens 262144 --rounds 1 --batch-size 64 --work /tmp/peer --no-capabilities
-  wanted tests_compile_cuda && step tests_compile_cuda 150 "$PY" -m pytest -q -x -p no:cacheprovider \
-    tests/test_train_compile.py -k cuda
-  wanted fvu_cpu_vs_cuda && step fvu_cpu_vs_cuda 120 "$PY" benchmarks/cuda_vs_cpu.py --steps 100 --devices cpu,cuda
+  # auto takes at most one shard of sequences (128 here); 1,024 was its choice before: the bare
+  # forward's rate at both says what the smaller batch costs the GPU
+  wanted harvest_pythia70m_4m_b1024 && step harvest_pythia70m_4m_b1024 110 $H --batch-size 1024 --tokens 4194304 \
+    --repeats 1 --no-writer-rates
   # GPU_PIPELINES="ablations ...": run whole pipelines on the GPU; their outputs (stores and
   # training states left out) come back as $out/pipelines.tar.gz
   for p in ${GPU_PIPELINES:-}; do
