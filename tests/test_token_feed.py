@@ -163,3 +163,30 @@ def test_an_empty_data_set_is_refused_before_anything_is_written(tmp_path: Path)
     with pytest.raises(UserError, match="empty or shorter than one sequence"):
         run_harvest(_cfg(data={"source": str(empty)}), str(tmp_path / "out"))
     assert not (tmp_path / "out" / "store.zarr").exists()
+
+
+def test_an_error_while_tokenizing_stops_the_harvest_in_one_line_and_keeps_what_was_written(tmp_path: Path) -> None:
+    """A document the tokenizer cannot read, after the store is laid out: the harvest stops with
+    the tokenizer's error, the shards written stay, and a rerun (data fixed) resumes."""
+    cfg = _cfg()
+
+    def breaks_after_40(m: pytest.MonkeyPatch) -> dict[str, Any]:
+        seen = _tokens_after_store_creation(m)
+        gated = token_feed.token_sequences
+
+        def failing(*args: Any, **kwargs: Any) -> Iterator[np.ndarray]:
+            for i, seq in enumerate(gated(*args, **kwargs)):
+                if i == 40:
+                    raise UserError("data: document 40 cannot be decoded; fix the file and rerun")
+                yield seq
+
+        m.setattr(token_feed, "token_sequences", failing)
+        return seen
+
+    with pytest.raises(UserError, match="document 40 cannot be decoded"):
+        _harvest(cfg, tmp_path / "run", breaks_after_40)
+    st = ActivationStore.open(str(tmp_path / "run" / "store.zarr"))
+    assert not st.complete and st.done_shards() == {0, 1}  # sequences 0-39: rows 0-1279, shards 0 and 1
+    resumed, _ = _harvest(cfg, tmp_path / "run", _tokens_after_store_creation)
+    known, _ = _harvest(cfg, tmp_path / "known", _all_tokens_first)
+    _assert_same(_arrays(resumed["store"]), _arrays(known["store"]))

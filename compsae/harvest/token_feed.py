@@ -82,10 +82,11 @@ class TokenFeed:
 
     def wait_for(self, n: int) -> int:
         """Wait until the first `n` sequences are tokenized; returns how many of them there are
-        (fewer than `n` only when the data ran out)."""
+        (fewer than `n` only when the data ran out).  Raises the tokenizing thread's error only
+        when it stopped before `n`: the sequences before it are harvested."""
         with self._cond:
             self._cond.wait_for(lambda: self.ready >= n or self.done)
-        if self.error is not None:
+        if self.ready < n and self.error is not None:
             raise self.error
         return min(n, self.ready)
 
