@@ -63,6 +63,11 @@ def test_auto_on_the_cpu_is_32(tmp_path: Path) -> None:
 
 
 def test_auto_is_at_most_one_shard_of_sequences() -> None:
+    from compsae.harvest.batch_size import shard_cap
+
+    assert shard_cap(16_384, 128) == 128 and shard_cap(65_536, 2048) == 32
+    assert shard_cap(1024, 128) == 128  # small shards do not make the batch smaller than 16,384 tokens
+    assert shard_cap(16_384, 32_768) == 1
     gib = 1 << 30
     assert choose_batch(80 * gib, 1e6, 10**6, max_seqs=128) == 128  # 16,384-row shards of 128 tokens
     assert choose_batch(80 * gib, 1e6, 10**6, max_seqs=100) == 64  # a power of two, no more than one shard

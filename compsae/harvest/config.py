@@ -61,7 +61,7 @@ class HarvestConfig(BaseModel):
     n_tokens: int = Field(100_000, ge=1, description="rows to harvest (rounded up to whole sequences)")
     batch_size: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
         32, description="sequences per forward pass; auto: the largest that fits the GPU, at most one shard's "
-        "rows (32 on the CPU), recorded in the manifest and kept when the harvest resumes")
+        "rows or 16,384 tokens if more (32 on the CPU), recorded in the manifest and kept when the harvest resumes")
     dtype: StorageDtype = "float16"
     chunk_rows: int = Field(DEFAULT_CHUNK_ROWS, ge=1)
     shard_rows: int = Field(DEFAULT_SHARD_ROWS, ge=1)
