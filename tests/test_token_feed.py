@@ -5,6 +5,7 @@ shrinks to the last whole sequence), and resumes after a stop there."""
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -190,3 +191,19 @@ def test_an_error_while_tokenizing_stops_the_harvest_in_one_line_and_keeps_what_
     resumed, _ = _harvest(cfg, tmp_path / "run", _tokens_after_store_creation)
     known, _ = _harvest(cfg, tmp_path / "known", _all_tokens_first)
     _assert_same(_arrays(resumed["store"]), _arrays(known["store"]))
+
+
+def test_a_harvest_held_up_by_the_tokenizer_says_so(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    def slow_tokens(m: pytest.MonkeyPatch) -> None:
+        real = token_feed.token_sequences
+
+        def slow(*args: Any, **kwargs: Any) -> Iterator[np.ndarray]:
+            for i, seq in enumerate(real(*args, **kwargs)):
+                if i >= 8:
+                    time.sleep(0.02)  # 64 sequences after the first 8: ~1.3 s, far slower than tiny-neox
+                yield seq
+
+        m.setattr(token_feed, "token_sequences", slow)
+
+    _harvest(_cfg(), tmp_path / "run", slow_tokens)
+    assert "waiting for the tokenizer: tokenizing (one thread) limits this harvest" in capsys.readouterr().out

@@ -158,7 +158,7 @@ def _harvest_with_feed(cfg: HarvestConfig, url: str, digest: str, existing: Acti
         store = ActivationStore.create_or_resume(url, widths, n_seqs * cfg.context, cfg.layout(), manifest,
                                                  force=force)
         done_before = sum(hi - lo for lo, hi in map(store.shard_range, store.done_shards()))
-        t0 = time.perf_counter()
+        t0, waited_before = time.perf_counter(), feed.waited_s
         if parallel:
             from compsae.harvest.parallel import harvest_parallel
 
@@ -171,6 +171,10 @@ def _harvest_with_feed(cfg: HarvestConfig, url: str, digest: str, existing: Acti
     # what start-up costs is the process's time minus this line's (benchmarks/peer_saelens.py reads it)
     tqdm.write(f"harvest: {todo:,} tokens in {seconds:.2f} s ({todo / max(seconds, 1e-9):,.0f} tokens/s: forward "
                "passes, writes, finalize and any wait for tokens; loading not included)")
+    waited = feed.waited_s - waited_before
+    if waited > 0.1 * seconds and seconds > 1.0:
+        tqdm.write(f"harvest: {waited:.1f} s of it waiting for the tokenizer: tokenizing (one thread) limits "
+                   "this harvest")
     return outputs_of(store)
 
 

@@ -11,6 +11,7 @@ or late, so the sequences, and the batches made of them, are the ones `tokenize_
 from __future__ import annotations
 
 import threading
+import time
 from typing import Any
 
 import numpy as np
@@ -33,6 +34,7 @@ class TokenFeed:
         self.ready = ready
         self.done = done
         self.error: BaseException | None = None
+        self.waited_s = 0.0  # seconds readers spent waiting for sequences not yet tokenized
         self._cond = threading.Condition()
         self._cancel = threading.Event()
         self._thread: threading.Thread | None = None
@@ -85,7 +87,10 @@ class TokenFeed:
         (fewer than `n` only when the data ran out).  Raises the tokenizing thread's error only
         when it stopped before `n`: the sequences before it are harvested."""
         with self._cond:
-            self._cond.wait_for(lambda: self.ready >= n or self.done)
+            if self.ready < n and not self.done:
+                t0 = time.perf_counter()
+                self._cond.wait_for(lambda: self.ready >= n or self.done)
+                self.waited_s += time.perf_counter() - t0
         if self.ready < n and self.error is not None:
             raise self.error
         return min(n, self.ready)
