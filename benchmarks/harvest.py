@@ -175,11 +175,12 @@ def shard_write_rate(widths: dict[str, int], dtype: str, shard_rows: int, n_shar
     layout = HarvestConfig(shard_rows=shard_rows, chunk_rows=min(1024, shard_rows), dtype=dtype).layout()
     store = ActivationStore.create(f"{tmp}/writes.zarr", widths, shard_rows * n_shards, layout,
                                    {"config_hash": "bench"}, overwrite=True)
-    tokens = np.zeros((shard_rows * n_shards // 128, 128), dtype=np.int32)
+    tokens = np.zeros(shard_rows, dtype=np.int32)
     t0 = time.perf_counter()
-    writer = ShardWriter(store, tokens, 128, threads=threads)
+    writer = ShardWriter(store, 128, threads=threads)
     for shard in range(n_shards):
-        writer.put(shard, HostShard(acts=acts, moments=moments, peaks=np.zeros(len(acts), np.float32), dtype=dtype))
+        writer.put(shard, HostShard(acts=acts, moments=moments, peaks=np.zeros(len(acts), np.float32), dtype=dtype),
+                   tokens)
     writer.close()
     seconds = time.perf_counter() - t0
     return sum(a.nbytes for a in acts.values()) * n_shards / seconds

@@ -83,12 +83,12 @@ def test_writer_hands_back_every_slot_after_an_error(tmp_path: Path) -> None:
     store = ActivationStore.create(str(tmp_path / "s.zarr"), {"h": 4}, 32, StoreLayout(chunk_rows=8, shard_rows=8),
                                    {"config_hash": "t"})
     staging = HostStaging(8, {"h": 4}, "float16", torch.device("cpu"), slots=2)
-    writer = ShardWriter(store, np.zeros((4, 8), np.int32), 8)
+    writer = ShardWriter(store, 8)
     for shard in range(4):
         buf = ShardBuffer(8, {"h": 4}, "float16", torch.device("cpu"))
         buf.fill(0, {"h": torch.full((8, 4), 7e4 if shard == 1 else 1.0)})
         try:
-            writer.put(shard, buf.finish(staging))  # blocks while both slots are taken
+            writer.put(shard, buf.finish(staging), np.zeros(8, np.int32))  # blocks while both slots are taken
         except UserError:
             break
     with pytest.raises(UserError, match="reach 7e\\+04"):

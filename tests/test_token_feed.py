@@ -82,7 +82,8 @@ def _all_tokens_first(m: pytest.MonkeyPatch) -> None:
     """The harvest gets every sequence before it lays the store out (as before the feed)."""
     start = TokenFeed.start
 
-    def whole(cls: type, cfg: HarvestConfig, tokenizer: Any, progress: bool = False) -> TokenFeed:
+    def whole(cls: type, cfg: HarvestConfig, tokenizer: Any, window: int | None = None,
+              progress: bool = False) -> TokenFeed:
         return TokenFeed.of(start(cfg, tokenizer).result(cfg.data.source, cfg.n_tokens))
 
     m.setattr(TokenFeed, "start", classmethod(whole))
@@ -207,3 +208,73 @@ def test_a_harvest_held_up_by_the_tokenizer_says_so(tmp_path: Path, capsys: pyte
 
     _harvest(_cfg(), tmp_path / "run", slow_tokens)
     assert "waiting for the tokenizer: tokenizing (one thread) limits this harvest" in capsys.readouterr().out
+
+
+def test_a_ring_of_a_few_sequences_gives_them_all_in_order() -> None:
+    cfg = _cfg()
+    tokens = tokenize_all(cfg, byte_tokenizer())
+    feed = TokenFeed.start(cfg, byte_tokenizer(), window=5)
+    assert feed.window == 5
+    got, a = [], 0
+    while a < len(tokens):
+        b = min(a + 3, len(tokens))
+        assert feed.wait_for(b) == b
+        got.append(feed.seqs(a, b).copy())  # across the ring's end every other time
+        assert feed.ready <= a + 5  # the tokenizer waits for room
+        feed.release(b)
+        a = b
+    np.testing.assert_array_equal(np.concatenate(got), tokens)
+    with pytest.raises(ValueError, match="not held"):
+        feed.seqs(0, 2)  # released
+    ring = TokenFeed.start(cfg, byte_tokenizer(), window=5)
+    ring.wait_for(5)
+    ring.release(3)
+    assert ring.wait_for(8) == 8  # sequences 3-7 sit in slots 3, 4, 0, 1, 2
+    np.testing.assert_array_equal(ring.token_rows(3 * 32 + 5, 7 * 32 + 7), tokens[3:8].reshape(-1)[5:135])
+
+
+def test_a_reader_asking_past_the_window_is_told_so() -> None:
+    feed = TokenFeed.start(_cfg(), byte_tokenizer(), window=4)
+    with pytest.raises(ValueError, match="beyond the feed's window"):
+        feed.wait_for(10)
+    feed.cancel()
+
+
+@pytest.mark.parametrize("late", [False, True])
+def test_a_harvest_holding_a_window_of_tokens_stores_the_same_bytes(tmp_path: Path, late: bool) -> None:
+    """The feed holds two batches plus a shard of sequences (42 of the 72), so the tokenizer waits
+    for the harvest and sequences are overwritten once their shards are handed over; also when
+    the data runs out and after a stop and resume."""
+    ran_out = _cfg(n_tokens=10_000, data={"source": "synthetic:mixed", "seed": 3, "max_docs": 80})
+    for cfg in (_cfg(), ran_out):
+        known, _ = _harvest(cfg, tmp_path / f"known{cfg.n_tokens}", _all_tokens_first)
+
+        def small_window(m: pytest.MonkeyPatch) -> dict[str, Any]:
+            m.setattr(token_feed, "WINDOW_TOKENS", 0)
+            return _tokens_after_store_creation(m) if late else {}
+
+        windowed, _ = _harvest(cfg, tmp_path / f"windowed{cfg.n_tokens}", small_window)
+        _assert_same(_arrays(windowed["store"]), _arrays(known["store"]))
+    assert token_feed.window_seqs(_cfg(), 4, 512) == 2 ** 24 // 32
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(token_feed, "WINDOW_TOKENS", 0)
+        assert token_feed.window_seqs(_cfg(), 4, 512) == 42 < _cfg().n_seqs
+
+
+def test_a_windowed_harvest_resumes_in_the_middle(tmp_path: Path) -> None:
+    """Shards 1 and 3 missing: the resumed run skips the sequences it does not need, which the
+    tokenizer overwrites to reach the later ones."""
+    cfg = _cfg()
+    known, _ = _harvest(cfg, tmp_path / "known", _all_tokens_first)
+    run, _ = _harvest(cfg, tmp_path / "run", _all_tokens_first)
+    st = ActivationStore.open(run["store"], mode="r+")
+    for shard in (1, 3):
+        st.group["progress/shard_done"][shard] = 0
+    st.group.attrs["manifest"] = {**st.manifest, "complete": False}
+
+    def small_window(m: pytest.MonkeyPatch) -> dict[str, Any]:
+        m.setattr(token_feed, "WINDOW_TOKENS", 0)
+        return _tokens_after_store_creation(m)
+
+    resumed, _ = _harvest(cfg, tmp_path / "run", small_window)
+    _assert_same(_arrays(resumed["store"]), _arrays(known["store"]))

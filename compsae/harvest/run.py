@@ -30,13 +30,13 @@ from tqdm.auto import tqdm
 from compsae import __version__, durable
 from compsae.errors import UserError
 from compsae.files import STORE_DIR
-from compsae.harvest.batch_size import PROBE_SEQS, auto_batch_size
+from compsae.harvest.batch_size import MAX_BATCH, PROBE_SEQS, auto_batch_size
 from compsae.harvest.config import HarvestConfig
 from compsae.harvest.data import describe, packing_rule
 from compsae.harvest.models import LoadedModel, check_hooks, load_model, stop_layer
 from compsae.harvest.records import HarvestOutputs
 from compsae.harvest.shards import WriterWaits, harvest_shards, measure_rounding, missing_runs
-from compsae.harvest.token_feed import TokenFeed
+from compsae.harvest.token_feed import TokenFeed, window_seqs
 from compsae.resources import check_disk, check_memory
 from compsae.store import ActivationStore, manifest_digest, refuse_foreign_folder, store_exists, writer_lock
 
@@ -67,12 +67,13 @@ def tokenize_all(cfg: HarvestConfig, tokenizer: Any) -> np.ndarray:
     return TokenFeed.start(cfg, tokenizer, progress=True).result(cfg.data.source, cfg.n_tokens)
 
 
-def load_with_feed(cfg: HarvestConfig) -> tuple[LoadedModel, TokenFeed]:
-    """Load the model, the data being tokenized meanwhile by a `TokenFeed` (the fast tokenizer
-    and safetensors both release the GIL) that goes on beside the forward passes."""
+def load_with_feed(cfg: HarvestConfig, window: int | None) -> tuple[LoadedModel, TokenFeed]:
+    """Load the model, the data being tokenized meanwhile by a `TokenFeed` of `window` sequences
+    (None: all; the fast tokenizer and safetensors both release the GIL) that goes on beside the
+    forward passes."""
     feeds: list[TokenFeed] = []
     try:
-        loaded = load_model(cfg, on_tokenizer=lambda tok: feeds.append(TokenFeed.start(cfg, tok)))
+        loaded = load_model(cfg, on_tokenizer=lambda tok: feeds.append(TokenFeed.start(cfg, tok, window)))
     except BaseException:
         for feed in feeds:
             feed.cancel()  # its tokens are not needed
@@ -105,9 +106,13 @@ def run_harvest(cfg: HarvestConfig, out_dir: str, force: bool = False,
             tqdm.write(f"harvest: {url} is complete for this config; nothing to do")
             return outputs_of(existing)
 
-    check_memory(cfg.n_seqs * cfg.context * 4, f"tokenizing {cfg.n_tokens:,} tokens",
+    # a single-process harvest holds a window of token ids; parallel workers are handed theirs whole
+    window = None if workers or scheduler else window_seqs(
+        cfg, cfg.batch_size if isinstance(cfg.batch_size, int) else MAX_BATCH, cfg.shard_rows)
+    held = min(window or cfg.n_seqs, cfg.n_seqs)
+    check_memory(held * cfg.context * 4, f"tokenizing {held * cfg.context:,} tokens at a time",
                  "lower harvest.n_tokens or harvest in several stores")
-    loaded, feed = load_with_feed(cfg)
+    loaded, feed = load_with_feed(cfg, window)
     try:
         return _harvest_with_feed(cfg, url, digest, existing, loaded, feed, force, on_shard_written, workers,
                                   scheduler, processes)
@@ -125,6 +130,7 @@ def _harvest_with_feed(cfg: HarvestConfig, url: str, digest: str, existing: Acti
     parallel = bool(workers or scheduler)
     if parallel:  # the workers are handed their sequences whole
         feed = TokenFeed.of(feed.result(cfg.data.source, cfg.n_tokens))
+        tokens = feed.seqs(0, feed.ready)
     # the sequences asked; fewer when the data runs out, found by the harvest loop (the store shrinks then)
     n_seqs = feed.ready if feed.done else feed.n_seqs
     itemsize = 4 if cfg.dtype == "float32" else 2
@@ -138,7 +144,7 @@ def _harvest_with_feed(cfg: HarvestConfig, url: str, digest: str, existing: Acti
         # a resumed harvest keeps the batches it started with (same batches, same bytes)
         same = existing is not None and existing.manifest.get("config_hash") == digest
         earlier = (existing.manifest.get("harvest") or {}).get("batch_size") if same else None  # type: ignore[union-attr]
-        chosen = earlier or auto_batch_size(loaded, cfg.hooks, feed.array[:feed.wait_for(PROBE_SEQS)], stop,
+        chosen = earlier or auto_batch_size(loaded, cfg.hooks, feed.seqs(0, feed.wait_for(PROBE_SEQS)), stop,
                                             cfg.shard_rows, n_seqs=n_seqs)
         cfg = cfg.model_copy(update={"batch_size": int(chosen)})
         tqdm.write(f"harvest: batch size auto -> {cfg.batch_size} sequences")
@@ -162,7 +168,7 @@ def _harvest_with_feed(cfg: HarvestConfig, url: str, digest: str, existing: Acti
         if parallel:
             from compsae.harvest.parallel import harvest_parallel
 
-            harvest_parallel(store, cfg, loaded, feed.array, widths, stop, workers=workers or 0, scheduler=scheduler,
+            harvest_parallel(store, cfg, loaded, tokens, widths, stop, workers=workers or 0, scheduler=scheduler,
                              processes=processes, on_shard_written=on_shard_written)
         else:
             _harvest_into(store, cfg, loaded, feed, widths, stop, on_shard_written)
@@ -184,7 +190,7 @@ def _harvest_into(store: ActivationStore, cfg: HarvestConfig, loaded: LoadedMode
     """Single-process harvest of every missing shard of `store`, then finalize; the tokens may
     still be arriving (`feed`).  Returns each run of shards' waits for the writers."""
     feed = feed if isinstance(feed, TokenFeed) else TokenFeed.of(feed)
-    rounding, sample = measure_rounding(cfg, loaded, feed.array[:feed.wait_for(cfg.batch_size)], widths, stop)
+    rounding, sample = measure_rounding(cfg, loaded, feed.seqs(0, feed.wait_for(cfg.batch_size)), widths, stop)
     waits: list[WriterWaits] = []
     while missing := sorted(set(range(store.n_shards)) - store.done_shards()):
         n_shards = store.n_shards

@@ -133,15 +133,12 @@ class ShardWriter:
     (e.g. float16 overflow, disk full) stops the writers; `put` and `close` raise it in the
     harvesting thread."""
 
-    def __init__(self, store: ActivationStore, tokens: np.ndarray, context: int,
-                 on_written: Callable[[int], None] | None = None, first_seq: int = 0, threads: int = 1,
-                 depth: int = _QUEUE_SHARDS) -> None:
+    def __init__(self, store: ActivationStore, context: int, on_written: Callable[[int], None] | None = None,
+                 threads: int = 1, depth: int = _QUEUE_SHARDS) -> None:
         self.store = store
-        self.flat_tokens = tokens.reshape(-1)  # [n_seqs_held * context], row 0 = global row row0
-        self.row0 = first_seq * context
         self.context = context
         self.on_written = on_written
-        self.queue: queue.Queue[tuple[int, HostShard] | None] = queue.Queue(maxsize=depth)
+        self.queue: queue.Queue[tuple[int, HostShard, np.ndarray] | None] = queue.Queue(maxsize=depth)
         self.error: BaseException | None = None
         self.busy_s = 0.0  # seconds the threads spent writing (not waiting for shards or the GPU)
         self._lock = threading.Lock()  # the first error, busy_s, and one on_written call at a time
@@ -152,7 +149,7 @@ class ShardWriter:
 
     def _loop(self) -> None:
         while (item := self.queue.get()) is not None:
-            shard, host = item
+            shard, host, tokens = item
             try:
                 if self.error is not None:
                     continue  # drain, so the harvesting thread never blocks on a dead writer
@@ -161,8 +158,8 @@ class ShardWriter:
                 host.check()
                 start, stop = self.store.shard_range(shard)
                 rows = np.arange(start, stop, dtype=np.int64)
-                self.store.write_shard(shard, host.acts, tokens=self.flat_tokens[start - self.row0:stop - self.row0],
-                                       seq_id=rows // self.context, pos=rows % self.context, moments=host.moments)
+                self.store.write_shard(shard, host.acts, tokens=tokens, seq_id=rows // self.context,
+                                       pos=rows % self.context, moments=host.moments)
                 with self._lock:
                     self.busy_s += time.perf_counter() - t0
                     if self.on_written is not None:
@@ -187,13 +184,13 @@ class ShardWriter:
         if self.error is not None:
             raise self.error
 
-    def put(self, shard: int, host: HostShard) -> None:
-        """Queue a full shard for writing (see `HostShard`); raises the writer's error, if any,
-        instead (handing the shard's host buffers back)."""
+    def put(self, shard: int, host: HostShard, tokens: np.ndarray) -> None:
+        """Queue a full shard for writing (see `HostShard`; `tokens: [rows]` its token ids);
+        raises the writer's error, if any, instead (handing the shard's host buffers back)."""
         if self.error is not None:
             host.release()
             raise self.error
-        self.queue.put((shard, host))
+        self.queue.put((shard, host, tokens))
 
     def close(self) -> None:
         """Wait for every queued shard to be written; raise the writers' first error if any."""
@@ -342,7 +339,8 @@ def harvest_shards(store: ActivationStore, cfg: HarvestConfig, loaded: LoadedMod
 
     `tokens: [n, context]` are sequences `first_seq .. first_seq + n` of the harvest and must cover
     `batch_span(store, shards, ...)`; a `TokenFeed` (first_seq 0) may still be filling, and each
-    batch waits for its sequences.  When the feed's data runs out before the store's rows, the
+    batch waits for its sequences (and releases those no shard still needs).  When the feed's
+    data runs out before the store's rows, the
     store shrinks to the last whole sequence and the shard holding it is written partial.  A batch
     is computed whole even when a shard boundary cuts it, so every row gets the value an
     uninterrupted single-process harvest gives it.  `batch0`: batch 0's activations when already
@@ -355,8 +353,8 @@ def harvest_shards(store: ActivationStore, cfg: HarvestConfig, loaded: LoadedMod
     n_seqs = store.n_rows // context
     threads = writer_threads(cfg, loaded.device)
     depth = queue_depth(bs * context, store.shard_rows)
-    writer = ShardWriter(store, feed.array, context, on_shard_written, first_seq=first_seq, threads=threads,
-                         depth=depth)
+    writer = ShardWriter(store, context, on_shard_written, threads=threads, depth=depth)
+    row0 = first_seq * context  # the feed's row 0 in the store
     # a GPU's shards reach the host through pinned buffers on a side stream; a CPU's are on it already
     # (a slot per writer thread, per queued shard, and one being filled)
     staging = (HostStaging(store.shard_rows, hook_widths, cfg.dtype, loaded.device, slots=depth + threads + 1)
@@ -365,6 +363,15 @@ def harvest_shards(store: ActivationStore, cfg: HarvestConfig, loaded: LoadedMod
     buffer_shard = -1
     blocked = 0.0  # seconds the harvesting thread spent blocked handing shards over
     t_start = time.perf_counter()
+
+    def hand_over(shard: int, buffer: ShardBuffer) -> float:
+        """Queue a filled shard with its token ids; returns the seconds `put` blocked."""
+        lo_row, hi_row = store.shard_range(shard)
+        host, tokens_of_shard = buffer.finish(staging), feed.token_rows(lo_row - row0, hi_row - row0)
+        t0 = time.perf_counter()
+        writer.put(shard, host, tokens_of_shard)
+        return time.perf_counter() - t0
+
     bar = tqdm(total=store.n_rows, initial=start_row, desc=f"harvest {loaded.info['name']}", unit="tok",
                unit_scale=True, dynamic_ncols=True, disable=not progress)
     try:
@@ -372,6 +379,9 @@ def harvest_shards(store: ActivationStore, cfg: HarvestConfig, loaded: LoadedMod
             s0, s1 = b * bs, min((b + 1) * bs, n_seqs)  # global sequence range of batch b
             if s0 >= n_seqs:
                 break  # the data ran out in an earlier batch
+            # what is still needed starts at this batch, or at the shard being filled
+            held = s0 if buffer is None else min(s0, store.shard_range(buffer_shard)[0] // context)
+            feed.release(held - first_seq)
             ready = feed.wait_for(s1 - first_seq) + first_seq
             if ready < s1:  # the data ran out: the store ends with its last whole sequence
                 n_seqs = s1 = ready
@@ -382,14 +392,14 @@ def harvest_shards(store: ActivationStore, cfg: HarvestConfig, loaded: LoadedMod
                     b_start, b_stop = store.shard_range(buffer_shard)
                     buffer.cut(b_stop - b_start)
                     if s0 * context == b_stop:  # the shard being filled ends where the data does
-                        writer.put(buffer_shard, buffer.finish(staging))
+                        blocked += hand_over(buffer_shard, buffer)
                         buffer = None
                 if s0 >= s1:
                     break
             if b == 0 and batch0 is not None:
                 acts = batch0
             else:
-                acts = _forward(loaded, feed.array[s0 - first_seq:s1 - first_seq], hooks, widths, stop)
+                acts = _forward(loaded, feed.seqs(s0 - first_seq, s1 - first_seq), hooks, widths, stop)
             r0, r1 = s0 * context, s1 * context
             lo, hi = max(r0, start_row), min(r1, stop_row)
             bar.update(hi - lo)
@@ -403,9 +413,7 @@ def harvest_shards(store: ActivationStore, cfg: HarvestConfig, loaded: LoadedMod
                 buffer.fill(lo - s_start, {h: acts[h][lo - r0:lo - r0 + take] for h in hooks})
                 lo += take
                 if lo == s_stop:
-                    t0 = time.perf_counter()
-                    writer.put(shard, buffer.finish(staging))
-                    blocked += time.perf_counter() - t0
+                    blocked += hand_over(shard, buffer)
                     buffer = None
     finally:
         bar.close()
