@@ -216,3 +216,23 @@ def test_writer_threads_auto(monkeypatch: pytest.MonkeyPatch) -> None:
     assert writer_threads(small_cfg(writer_threads=2), torch.device("cuda")) == 2
     monkeypatch.setattr("os.sched_getaffinity", lambda _pid: set(range(7)), raising=False)  # a pinned job
     assert writer_threads(small_cfg(), torch.device("cuda")) == 1
+
+
+def test_a_harvest_held_up_by_its_shard_writers_says_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """A slow disk (each shard takes 0.3 s to store) keeps the writer busy nearly all the time."""
+    import time
+
+    real_write = ActivationStore.write_shard
+
+    def slow_write(self: ActivationStore, *args: Any, **kwargs: Any) -> None:
+        time.sleep(0.3)
+        real_write(self, *args, **kwargs)
+
+    monkeypatch.setattr(ActivationStore, "write_shard", slow_write)
+    run_harvest(small_cfg(), str(tmp_path))
+    out = capsys.readouterr().out
+    assert "the shard writers were busy" in out and "limits this harvest" in out
+    monkeypatch.setattr(ActivationStore, "write_shard", real_write)
+    run_harvest(small_cfg(), str(tmp_path / "fast"))
+    assert "the shard writers were busy" not in capsys.readouterr().out  # under a second: no verdict

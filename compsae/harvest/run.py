@@ -130,7 +130,6 @@ def _harvest_with_feed(cfg: HarvestConfig, url: str, digest: str, existing: Acti
     parallel = bool(workers or scheduler)
     if parallel:  # the workers are handed their sequences whole
         feed = TokenFeed.of(feed.result(cfg.data.source, cfg.n_tokens))
-        tokens = feed.seqs(0, feed.ready)
     # the sequences asked; fewer when the data runs out, found by the harvest loop (the store shrinks then)
     n_seqs = feed.ready if feed.done else feed.n_seqs
     itemsize = 4 if cfg.dtype == "float32" else 2
@@ -168,8 +167,8 @@ def _harvest_with_feed(cfg: HarvestConfig, url: str, digest: str, existing: Acti
         if parallel:
             from compsae.harvest.parallel import harvest_parallel
 
-            harvest_parallel(store, cfg, loaded, tokens, widths, stop, workers=workers or 0, scheduler=scheduler,
-                             processes=processes, on_shard_written=on_shard_written)
+            harvest_parallel(store, cfg, loaded, feed.seqs(0, feed.ready), widths, stop, workers=workers or 0,
+                             scheduler=scheduler, processes=processes, on_shard_written=on_shard_written)
         else:
             _harvest_into(store, cfg, loaded, feed, widths, stop, on_shard_written)
         seconds = time.perf_counter() - t0
@@ -192,15 +191,11 @@ def _harvest_into(store: ActivationStore, cfg: HarvestConfig, loaded: LoadedMode
     feed = feed if isinstance(feed, TokenFeed) else TokenFeed.of(feed)
     rounding, sample = measure_rounding(cfg, loaded, feed.seqs(0, feed.wait_for(cfg.batch_size)), widths, stop)
     waits: list[WriterWaits] = []
-    while missing := sorted(set(range(store.n_shards)) - store.done_shards()):
-        n_shards = store.n_shards
-        for shards in missing_runs(missing):
-            if shards.start < store.n_shards:  # the data may have run out (and the store shrunk) meanwhile
-                waits.append(harvest_shards(store, cfg, loaded, feed, widths, stop,
-                                            range(shards.start, min(shards.stop, store.n_shards)),
-                                            on_shard_written=on_shard_written, batch0=sample))
-        if store.n_shards == n_shards:
-            break  # every missing shard was written
+    for shards in missing_runs(sorted(set(range(store.n_shards)) - store.done_shards())):
+        if shards.start < store.n_shards:  # past the end when the data ran out (and the store shrank) earlier
+            waits.append(harvest_shards(store, cfg, loaded, feed, widths, stop,
+                                        range(shards.start, min(shards.stop, store.n_shards)),
+                                        on_shard_written=on_shard_written, batch0=sample))
     if feed.ready < feed.n_seqs:
         tqdm.write(f"harvest: the data ran out after {store.n_rows} of {cfg.n_tokens} tokens; storing those")
     store.finalize(extra={"rounding_error": rounding})

@@ -339,12 +339,12 @@ def harvest_shards(store: ActivationStore, cfg: HarvestConfig, loaded: LoadedMod
 
     `tokens: [n, context]` are sequences `first_seq .. first_seq + n` of the harvest and must cover
     `batch_span(store, shards, ...)`; a `TokenFeed` (first_seq 0) may still be filling, and each
-    batch waits for its sequences (and releases those no shard still needs).  When the feed's
-    data runs out before the store's rows, the
-    store shrinks to the last whole sequence and the shard holding it is written partial.  A batch
-    is computed whole even when a shard boundary cuts it, so every row gets the value an
-    uninterrupted single-process harvest gives it.  `batch0`: batch 0's activations when already
-    computed.  Does not finalize the store.  Returns how long the loop waited for the writers."""
+    batch waits for its sequences (and releases those no shard still needs).  When the feed's data
+    runs out before the store's rows, the store shrinks to the last whole sequence and the shard
+    holding it is written partial.  A batch is computed whole even when a shard boundary cuts it,
+    so every row gets the value an uninterrupted single-process harvest gives it.  `batch0`: batch
+    0's activations when already computed.  Does not finalize the store.  Returns how long the loop
+    waited for the writers."""
     feed = tokens if isinstance(tokens, TokenFeed) else TokenFeed.of(tokens)
     hooks, context, bs = list(cfg.hooks), cfg.context, cfg.batch_size
     hook_widths = {h: widths[h] for h in hooks}
@@ -364,10 +364,10 @@ def harvest_shards(store: ActivationStore, cfg: HarvestConfig, loaded: LoadedMod
     blocked = 0.0  # seconds the harvesting thread spent blocked handing shards over
     t_start = time.perf_counter()
 
-    def hand_over(shard: int, buffer: ShardBuffer) -> float:
+    def hand_over(shard: int, filled: ShardBuffer) -> float:
         """Queue a filled shard with its token ids; returns the seconds `put` blocked."""
         lo_row, hi_row = store.shard_range(shard)
-        host, tokens_of_shard = buffer.finish(staging), feed.token_rows(lo_row - row0, hi_row - row0)
+        host, tokens_of_shard = filled.finish(staging), feed.token_rows(lo_row - row0, hi_row - row0)
         t0 = time.perf_counter()
         writer.put(shard, host, tokens_of_shard)
         return time.perf_counter() - t0
