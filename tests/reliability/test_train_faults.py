@@ -147,7 +147,10 @@ def test_sigkill_at_random_points_then_resume_equals_uninterrupted(tmp_path):
         points.append(seen)
     print(f"training killed {kills} times with SIGKILL; resumable steps after each kill: {points}")
     assert kills >= KILLS, f"only {kills} kills before training finished; raise `steps`"
-    assert points[-1] < (steps, steps), "the last kill came after training had finished"
+    # a kill may also land after the last step, while the run writes its final files (a point worth
+    # testing too); the guard is that most kills came while the models were still training
+    during = sum(p < (steps, steps) for p in points)
+    assert during >= KILLS // 2, f"only {during} kills came during training; raise `steps`"
 
     final = ctx.Process(target=_train, args=(cfg, store.url, str(out)))
     final.start()
