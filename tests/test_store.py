@@ -188,7 +188,7 @@ def test_written_files_are_the_bytes_zarr_writes(tmp_path, monkeypatch, dtype, c
     x = np.random.default_rng(2).normal(size=(n, 8)).astype(np.float32)
     rows = np.arange(n) + 1  # no all-zero column chunk: Zarr would skip writing it
 
-    def through_zarr(self, hook, shard, stored):
+    def through_zarr(self, hook, shard, stored, crcs):
         lo, hi = self.store.shard_range(shard)
         self.store.zarr_array(hook)[lo:hi] = stored
 
@@ -209,6 +209,28 @@ def test_written_files_are_the_bytes_zarr_writes(tmp_path, monkeypatch, dtype, c
         assert (tmp_path / "ours.zarr" / name).read_bytes() == (tmp_path / "ref.zarr" / name).read_bytes(), name
     np.testing.assert_array_equal(ours.zarr_array("h")[:], to_storage(x, dtype, "h"))
     assert ours.done_shards() == set(range(4)) and ours.verify() == []
+
+
+@pytest.mark.parametrize("len_a", [0, 1, 7, 4096])
+@pytest.mark.parametrize("len_b", [0, 1, 13, 1 << 20])
+def test_crc_of_joined_bytes_from_the_parts(len_a, len_b):
+    import crc32c
+
+    from compsae.store.crc import crc32c_concat
+
+    rng = np.random.default_rng(len_a * 31 + len_b)
+    a, b = rng.bytes(len_a), rng.bytes(len_b)
+    assert crc32c_concat(crc32c.crc32c(a), crc32c.crc32c(b), len_b) == crc32c.crc32c(a + b)
+
+
+def test_bound_checksum_from_the_chunks_own_crc():
+    import crc32c
+
+    from compsae.store.format import bind_crc, bound_crc
+
+    chunk = np.random.default_rng(0).normal(size=(64, 8)).astype(np.float16)
+    assert bind_crc(crc32c.crc32c(chunk), chunk.nbytes, "id", "h", 5) == bound_crc(chunk, "id", "h", 5)
+    assert bind_crc(crc32c.crc32c(chunk), chunk.nbytes, "id", "h", 6) != bound_crc(chunk, "id", "h", 5)
 
 
 def test_values_already_in_the_storage_dtype_are_checked_not_converted():

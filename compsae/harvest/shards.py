@@ -159,7 +159,7 @@ class ShardWriter:
                 start, stop = self.store.shard_range(shard)
                 rows = np.arange(start, stop, dtype=np.int64)
                 self.store.write_shard(shard, host.acts, tokens=tokens, seq_id=rows // self.context,
-                                       pos=rows % self.context, moments=host.moments)
+                                       pos=rows % self.context, moments=host.moments, checked=True)
                 with self._lock:
                     self.busy_s += time.perf_counter() - t0
                     if self.on_written is not None:

@@ -321,15 +321,17 @@ class ActivationStore:
         seq_id: np.ndarray,
         pos: np.ndarray,
         moments: dict[str, np.ndarray] | None = None,
+        checked: bool = False,
     ) -> None:
         """Write every row of one shard (all hooks), its statistics, and then its completion mark.
 
         `acts[hook]: [rows, d_model]` float (any float dtype, converted and range-checked here; or
-        already in the storage dtype, then only checked for NaN/inf).  `moments[hook]`: the shard's
-        `shard_moments` of the stored values when the caller has them (the harvest computes them
-        on the GPU); computed here otherwise.  The mark is written last, so a shard interrupted
-        half-way is simply written again."""
-        self._writer.write_shard(shard, acts, tokens, seq_id, pos, moments)
+        already in the storage dtype, then only checked for NaN/inf; `checked`: in the storage
+        dtype and already range-checked by the caller, as the harvest does on the device).
+        `moments[hook]`: the shard's `shard_moments` of the stored values when the caller has them
+        (the harvest computes them on the GPU); computed here otherwise.  The mark is written
+        last, so a shard interrupted half-way is simply written again."""
+        self._writer.write_shard(shard, acts, tokens, seq_id, pos, moments, checked)
 
     def finalize(self, n_rows: int | None = None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
         """Mark the store complete: shrink it to `n_rows` when the data ran out early, merge the

@@ -19,6 +19,7 @@ from numcodecs import Zstd
 from zarr.codecs import BytesCodec, ZstdCodec
 
 from compsae.errors import StoreCorruptError, UserError
+from compsae.store.crc import crc32c_concat
 from compsae.store.layout import StoreLayout
 
 # Format 2 added checksums bound to their place (store id, array, chunk index) and a digest of all
@@ -37,7 +38,16 @@ def bound_crc(data: Any, store_id: str, name: str, index: int) -> int:
 
     A chunk moved to another index, another array or another store fails this check as loudly as
     a flipped bit (the chunks' own crc32c, which Zarr keeps, covers only their bytes)."""
-    return crc32c.crc32c(data, crc32c.crc32c(f"{store_id}/{name}/{index}".encode()))
+    return crc32c.crc32c(data, _place_crc(store_id, name, index))
+
+
+def _place_crc(store_id: str, name: str, index: int) -> int:
+    return crc32c.crc32c(f"{store_id}/{name}/{index}".encode())
+
+
+def bind_crc(crc: int, nbytes: int, store_id: str, name: str, index: int) -> int:
+    """`bound_crc` of `nbytes` bytes whose own crc32c is `crc`, without reading them again."""
+    return crc32c_concat(_place_crc(store_id, name, index), crc, nbytes)
 
 
 def chunk_table(hook: str) -> str:
@@ -113,11 +123,12 @@ def from_storage(raw: np.ndarray, dtype: str) -> np.ndarray:
 # shard files
 
 
-def encode_shard(stored: np.ndarray, layout: StoreLayout) -> list[Any]:
+def encode_shard(stored: np.ndarray, layout: StoreLayout, chunk_crcs: list[int] | None = None) -> list[Any]:
     """The buffers of one uncompressed shard file holding `stored: [rows, d]` (storage dtype).
 
     A last chunk shorter than `chunk_rows` is padded with the fill value (0); chunks wholly past
-    the end of the array stay empty (index entry EMPTY), as Zarr leaves them."""
+    the end of the array stay empty (index entry EMPTY), as Zarr leaves them.  `chunk_crcs`: the
+    crc32c of each chunk's rows when the caller has them (whole chunks then are not read again)."""
     chunk_rows, n_inner = layout.chunk_rows, layout.chunks_per_shard
     pieces: list[Any] = []
     index = np.full((n_inner, 2), EMPTY, dtype="<u8")
@@ -127,12 +138,14 @@ def encode_shard(stored: np.ndarray, layout: StoreLayout) -> list[Any]:
         if lo >= len(stored):
             break
         chunk = stored[lo:lo + chunk_rows]
+        crc = chunk_crcs[inner] if chunk_crcs is not None else None
         if len(chunk) < chunk_rows:
             chunk = np.concatenate([chunk, np.zeros((chunk_rows - len(chunk), chunk.shape[1]), chunk.dtype)])
+            crc = None  # the padding is part of the chunk's bytes
         pieces.append(memoryview(chunk).cast("B"))
         nbytes = chunk.nbytes
         if layout.checksum:
-            pieces.append(crc32c.crc32c(chunk).to_bytes(4, "little"))
+            pieces.append((crc32c.crc32c(chunk) if crc is None else crc).to_bytes(4, "little"))
             nbytes += 4
         index[inner] = offset, nbytes
         offset += nbytes

@@ -12,10 +12,12 @@ import zarr
 from zarr.codecs import Crc32cCodec, ZstdCodec
 
 from compsae import durable
+from compsae.store.crc import crc32c_concat
 from compsae.store.format import (
     LOCK_NAME,
     SIDE_ARRAYS,
     SIDE_TABLE,
+    bind_crc,
     bound_crc,
     chunk_table,
     encode_shard,
@@ -95,6 +97,7 @@ class ShardWriter:
         seq_id: np.ndarray,
         pos: np.ndarray,
         moments: dict[str, np.ndarray] | None = None,
+        checked: bool = False,
     ) -> None:
         """See `ActivationStore.write_shard`."""
         store, layout = self.store, self.store.layout
@@ -106,14 +109,19 @@ class ShardWriter:
             x = np.asarray(acts[hook])
             if x.shape != (rows, store.d_model(hook)):
                 raise ValueError(f"shard {shard} of {hook}: expected {(rows, store.d_model(hook))}, got {x.shape}")
-            stored = np.ascontiguousarray(to_storage(x, layout.dtype, hook), dtype=storage_dtype(layout.dtype))
+            stored = x if checked and x.dtype == storage_dtype(layout.dtype) else to_storage(x, layout.dtype, hook)
+            stored = np.ascontiguousarray(stored)
+            # the one pass over the shard's bytes besides writing them: the codec's, the bound and the
+            # digest's checksums all follow from each chunk's crc32c
+            crcs = self._chunk_crcs(stored)
             if layout.compressor == "none":
-                self._write_shard_file(hook, shard, stored)
+                self._write_shard_file(hook, shard, stored, crcs)
             else:
                 self.array(f"acts/{hook}")[start:stop] = stored
-            digest = crc32c.crc32c(stored, digest)
+            for crc, nbytes in crcs:
+                digest = crc32c_concat(digest, crc, nbytes)
             if not store.legacy:
-                small.append((chunk_table(hook), (shard, 0), self._chunk_crcs(hook, shard, stored)[None, :]))
+                small.append((chunk_table(hook), (shard, 0), self._bound_crcs(hook, shard, crcs)[None, :]))
             stats = moments[hook] if moments is not None else shard_moments(
                 stored if layout.dtype != "bfloat16" else from_storage(stored, "bfloat16"))
             small.append((f"progress/stats/{hook}", (shard, 0), np.asarray(stats, dtype="<f8")[None, :]))
@@ -131,14 +139,20 @@ class ShardWriter:
         self._put_chunks(small)
         self._put_chunks([("progress/shard_done", (shard,), np.array([1], dtype="u1"))])
 
-    def _chunk_crcs(self, hook: str, shard: int, stored: np.ndarray) -> np.ndarray:
-        """Bound checksums `[chunks_per_shard]` of the chunks of one shard (`stored: [rows, d]`);
-        0 for chunks past the end of the array."""
-        chunk_rows, per_shard = self.store.chunk_rows, self.store.layout.chunks_per_shard
+    def _chunk_crcs(self, stored: np.ndarray) -> list[tuple[int, int]]:
+        """(crc32c, bytes) of each chunk's rows of one shard (`stored: [rows, d]`, the last chunk
+        possibly short)."""
+        chunk_rows = self.store.chunk_rows
+        return [(crc32c.crc32c(part), part.nbytes)
+                for part in (stored[lo:lo + chunk_rows] for lo in range(0, len(stored), chunk_rows))]
+
+    def _bound_crcs(self, hook: str, shard: int, crcs: list[tuple[int, int]]) -> np.ndarray:
+        """Bound checksums `[chunks_per_shard]` of one shard's chunks (`format.bound_crc`), from
+        their crc32c; 0 for chunks past the end of the array."""
+        per_shard = self.store.layout.chunks_per_shard
         out = np.zeros(per_shard, dtype="<u4")
-        for inner in range(min(per_shard, -(-len(stored) // chunk_rows))):
-            out[inner] = bound_crc(stored[inner * chunk_rows:(inner + 1) * chunk_rows], self.store.store_id, hook,
-                                   shard * per_shard + inner)
+        for inner, (crc, nbytes) in enumerate(crcs):
+            out[inner] = bind_crc(crc, nbytes, self.store.store_id, hook, shard * per_shard + inner)
         return out
 
     def array(self, name: str) -> zarr.Array:
@@ -181,10 +195,10 @@ class ShardWriter:
         for path, data in files.items():
             durable.atomic_write(path, data, fs=self.store.fs, sync=False)  # see _write_shard_file
 
-    def _write_shard_file(self, hook: str, shard: int, stored: np.ndarray) -> None:
+    def _write_shard_file(self, hook: str, shard: int, stored: np.ndarray, crcs: list[tuple[int, int]]) -> None:
         """Write one uncompressed shard of `hook` as a whole file (see `format.encode_shard`).
 
         Not flushed file by file (a harvest writes thousands): a shard a power cut leaves half on
         the disk fails its checksums on the next read, and `compsae verify` names it."""
-        durable.atomic_write(f"{self.store.path}/{shard_file(hook, shard)}", encode_shard(stored, self.store.layout),
-                             fs=self.store.fs, sync=False)
+        data = encode_shard(stored, self.store.layout, [c for c, _ in crcs])
+        durable.atomic_write(f"{self.store.path}/{shard_file(hook, shard)}", data, fs=self.store.fs, sync=False)
