@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from compsae.errors import UserError
 from compsae.harvest.config import HarvestConfig
@@ -163,6 +164,86 @@ def test_the_harvest_loop_never_waits_for_the_gpu(tmp_path: Path) -> None:
             torch.cuda.set_sync_debug_mode("default")
     store.finalize()
     assert store.verify() == []
+
+
+class HostReads(TorchDispatchMode):
+    """Records, in the thread that enters it, every op that on a GPU would make the host wait for
+    the device: a value read back (`float(t)`, `.item()`, `if t:`, boolean-mask indexing,
+    nonzero) or a tensor made from host data other than a batch's token ids (`torch.tensor(...,
+    device=cuda)` copies from pageable memory, which first drains the GPU's queue)."""
+
+    READS = {"aten.item.default", "aten._local_scalar_dense.default", "aten.is_nonzero.default",
+             "aten.nonzero.default", "aten.masked_select.default", "aten.equal.default"}
+
+    def __init__(self, token_shape: tuple[int, ...] | None = None) -> None:
+        super().__init__()
+        self.token_shape = token_shape
+        self.found: list[str] = []
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        name = str(func)
+        if name in self.READS or (name.startswith("aten.index.Tensor") and any(
+                isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1])):
+            self.found.append(name)
+        elif name == "aten.lift_fresh.default" and not (
+                out.dtype in (torch.int32, torch.int64) and out.dim() == 2 and out.shape[1:] == self.token_shape[1:]
+                if self.token_shape else False):
+            self.found.append(f"{name} {tuple(out.shape)} {out.dtype}")
+        return out
+
+
+def test_shard_buffers_and_device_statistics_read_nothing_back() -> None:
+    """The CPU stand-in for the CUDA test below, run everywhere: filling a shard, its device-side
+    statistics and handing it to the host staging never read a value back nor upload host data
+    (a row count made with torch.tensor once drained the GPU's queue at every shard)."""
+    from compsae.harvest.shards import device_moments
+
+    x = torch.randn(300, 24)
+    staging = HostStaging(512, {"h": 24}, "float16", torch.device("cpu"), slots=1)
+    with torch.inference_mode(), HostReads() as reads:
+        buf = ShardBuffer(300, {"h": 24}, "float16", torch.device("cpu"))
+        buf.fill(0, {"h": x[:120]})
+        buf.fill(120, {"h": x[120:]})
+        moments = device_moments(buf.data["h"])
+        host = buf.finish(staging)
+    assert reads.found == []
+    host.check()
+    np.testing.assert_allclose(moments.numpy(), shard_moments(host.acts["h"]), rtol=1e-12, atol=1e-12)
+
+
+def test_the_harvest_loop_reads_nothing_back_on_any_device(tmp_path: Path) -> None:
+    """The harvesting thread's torch ops over a whole CPU harvest (compsae's own forward, two hooks,
+    batches straddling shards): none would make a GPU's host wait (`HostReads`)."""
+    from compsae.harvest.models import check_hooks, load_model, stop_layer
+    from compsae.harvest.run import tokenize_all
+    from compsae.harvest.shards import harvest_shards, measure_rounding
+
+    cfg = _cfg("cpu", hooks=["blocks.1.hook_resid_post", "blocks.2.hook_resid_pre"])
+    loaded = load_model(cfg)
+    widths = check_hooks(loaded, list(cfg.hooks), cfg.context)
+    stop = stop_layer(list(cfg.hooks))
+    tokens = tokenize_all(cfg, loaded.tokenizer)
+    store = ActivationStore.create(str(tmp_path / "s.zarr"), widths, tokens.size, cfg.layout(), {"config_hash": "x"})
+    with torch.inference_mode():
+        _rounding, batch0 = measure_rounding(cfg, loaded, tokens, widths, stop)  # reads values back on purpose
+        with HostReads(token_shape=(cfg.batch_size, cfg.context)) as reads:
+            harvest_shards(store, cfg, loaded, tokens, widths, stop, range(store.n_shards), batch0=batch0,
+                           progress=False)
+    assert reads.found == []
+    store.finalize()
+    assert store.verify() == []
+
+
+def test_the_host_read_recorder_sees_what_it_looks_for() -> None:
+    """`HostReads` is not blind: each kind of host wait it names is caught."""
+    x = torch.randn(8)
+    with HostReads(token_shape=(2, 4)) as reads:
+        float(x.max())
+        _ = x[x > 0]
+        _ = torch.tensor([3.0])
+        _ = torch.from_numpy(np.zeros((2, 4), dtype=np.int64))  # token ids: allowed
+    assert len(reads.found) == 3 and "aten.lift_fresh.default (1,) torch.float32" in reads.found
 
 
 def test_rounding_error_is_small_and_ordered():
