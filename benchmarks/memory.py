@@ -13,6 +13,13 @@ row and fits its baselines on a share of the store that grows with it, so every 
 
 Ends with `RESULT rss_growth_4x_<stage>=<peak RSS at 4N / peak RSS at N>` for harvest, train and
 analyze, and each peak in MB.
+
+Those runs are small: at N = 65,536 a stage's fixed cost (torch, the model) hides anything the
+stage keeps per row.  So the training loader is also measured on its own over a store with many
+rows of a narrow hook (4 wide, M and 4M rows; M = 1M, --quick 256k): the peak RSS of a process
+that opens it and takes one batch, `RESULT rss_growth_4x_loader=<ratio>` and
+`RESULT loader_bytes_per_row=<(peak at 4M - peak at M) / 3M>` (what it keeps per row of the store,
+however wide the hook).
 """
 
 from __future__ import annotations
@@ -60,17 +67,59 @@ def peak_rss_mb(cmd: list[str], env: dict[str, str]) -> tuple[float, float, int]
     return usage.ru_maxrss / 1024, wall, rc  # ru_maxrss: KB on Linux
 
 
+LOADER_CHILD = """
+import sys
+from compsae.store.loader import BatchLoader
+loader = BatchLoader(sys.argv[1], "h", batch_size=512, split="train", epochs=1)
+next(iter(loader))
+"""
+
+
+def narrow_store(url: str, n_rows: int) -> None:
+    """A store of `n_rows` rows of one 4-wide hook, 128-token sequences, written shard by shard."""
+    import numpy as np
+
+    from compsae.store import ActivationStore, StoreLayout
+
+    layout = StoreLayout(chunk_rows=1024, shard_rows=16_384)
+    store = ActivationStore.create(url, {"h": 4}, n_rows, layout, {"config_hash": "memory-bench"})
+    rng = np.random.default_rng(0)
+    for shard in range(store.n_shards):
+        lo, hi = store.shard_range(shard)
+        rows = np.arange(lo, hi)
+        store.write_shard(shard, {"h": rng.normal(size=(hi - lo, 4)).astype(np.float32)}, tokens=rows % 50_000,
+                          seq_id=rows // 128, pos=rows % 128)
+    store.finalize()
+
+
+def loader_rss(tmp: str, m: int, env: dict[str, str]) -> dict[int, float]:
+    """Peak RSS (MB) of a process that opens the training loader over M and 4M rows."""
+    peaks: dict[int, float] = {}
+    for rows in (m, 4 * m):
+        url = f"{tmp}/narrow{rows}.zarr"
+        narrow_store(url, rows)
+        mb, wall, rc = peak_rss_mb([sys.executable, "-c", LOADER_CHILD, url], env)
+        print(f"loader   {rows:>9,} rows:   peak RSS {mb:7.1f} MB, {wall:5.1f} s{'' if rc == 0 else f'  FAILED (exit {rc})'}",
+              flush=True)
+        if rc == 0:
+            peaks[rows] = mb
+    return peaks
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="N = 16,384 tokens")
     ap.add_argument("--tokens", type=int, help="N (default 65,536; --quick 16,384)")
+    ap.add_argument("--loader-rows", type=int, help="M for the loader alone (default 1M; --quick 256k; 0 skips it)")
     args = ap.parse_args()
     n = args.tokens or (16_384 if args.quick else 65_536)
+    m = args.loader_rows if args.loader_rows is not None else (262_144 if args.quick else 1_048_576)
     root_dir = str(Path(__file__).resolve().parents[1])
     env = dict(os.environ, TQDM_DISABLE="1", PYTHONUNBUFFERED="1",
                PYTHONPATH=os.pathsep.join(p for p in (root_dir, os.environ.get("PYTHONPATH", "")) if p))
     peaks: dict[str, dict[int, float]] = {s: {} for s in STAGES}
     with tempfile.TemporaryDirectory() as tmp:
+        loader = loader_rss(tmp, m, env) if m else {}
         for tokens in (n, 4 * n):
             root = Path(tmp) / f"n{tokens}"
             root.mkdir()
@@ -86,6 +135,9 @@ def main() -> None:
         if len(peaks[stage]) == 2:
             print(f"RESULT rss_growth_4x_{stage}={peaks[stage][4 * n] / peaks[stage][n]:.3f}")
             print(f"RESULT rss_peak_mb_{stage}_4n={peaks[stage][4 * n]:.0f}")
+    if len(loader) == 2:
+        print(f"RESULT rss_growth_4x_loader={loader[4 * m] / loader[m]:.3f}")
+        print(f"RESULT loader_bytes_per_row={(loader[4 * m] - loader[m]) * 2**20 / (3 * m):.2f}")
 
 
 if __name__ == "__main__":

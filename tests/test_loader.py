@@ -130,3 +130,27 @@ def test_parts_read_their_share_of_the_same_batches(tmp_path, world: int) -> Non
     resumed = BatchLoader(st.url, "h", part=(1, world), **kw)
     resumed.load_state_dict({**resumed.state_dict(), "batch": 7})
     np.testing.assert_array_equal(next(iter(resumed)).numpy(), parts[1][7])
+
+
+@pytest.mark.parametrize(("chunk_rows", "shard_rows", "n"), [(3, 9, 100), (5, 5, 37), (64, 256, 3000)])
+@pytest.mark.parametrize("split", ["train", "heldout", "all"])
+def test_split_read_shard_by_shard_serves_the_rows_of_the_whole_column(tmp_path, chunk_rows, shard_rows, n, split):
+    """The loader keeps one bit per row, read shard by shard: with shards and chunks not a whole
+    number of bytes of bits and a partial last chunk, it serves exactly the rows the mask over
+    the whole column selects, in store order when not shuffled."""
+    layout = StoreLayout(chunk_rows=chunk_rows, shard_rows=shard_rows, dtype="float32")
+    st = ActivationStore.create(str(tmp_path / "s.zarr"), {HOOK: 2}, n, layout, {"config_hash": "t"})
+    x = np.stack([np.arange(n), np.zeros(n)], axis=1).astype(np.float32)
+    for s in range(st.n_shards):
+        lo, hi = st.shard_range(s)
+        rows = np.arange(lo, hi)
+        st.write_shard(s, {HOOK: x[lo:hi]}, rows % 7, rows // 4, rows % 4)
+    st.finalize()
+    st = ActivationStore.open(st.url)
+    held = heldout_mask(st.seq_id, 0.4, seed=2)
+    expect = {"train": np.flatnonzero(~held), "heldout": np.flatnonzero(held), "all": np.arange(n)}[split]
+    assert 0 < held.sum() < n
+    loader = BatchLoader(st, HOOK, batch_size=4, split=split, heldout_fraction=0.4, split_seed=2, epochs=1,
+                         shuffle=False, mix_chunks=3)
+    assert loader.n_rows == len(expect)
+    np.testing.assert_array_equal(np.concatenate(_rows(loader)), expect)

@@ -62,10 +62,28 @@ def _run(stage: str, whole: PipelinesFile, name: str):
     return run_stage(stage, whole, whole.pipelines[name], name, say=lambda *_: None)
 
 
+def _whole_masks(calls: list[tuple[float, int, np.ndarray]], n_rows: int) -> list[tuple[float, int, np.ndarray]]:
+    """The calls as masks over the whole store: the training loader draws its split shard by shard
+    (consecutive calls, same arguments), the other stages over the whole column at once."""
+    out: list[tuple[float, int, np.ndarray]] = []
+    parts: list[np.ndarray] = []
+    for fraction, seed, mask in calls:
+        if parts:
+            assert (fraction, seed) == out[-1][:2], "a split drawn in parts changed its arguments"
+        else:
+            out.append((fraction, seed, mask))
+        parts.append(mask)
+        if sum(len(p) for p in parts) == n_rows:
+            out[-1] = (fraction, seed, np.concatenate(parts))
+            parts = []
+    assert not parts, "a split drawn in parts did not cover the store"
+    return out
+
+
 def _training_split(spy: SplitSpy, n_rows: int) -> np.ndarray:
     """The held-out mask training used (every training call must agree), and it must hold some
     rows out and keep some in: otherwise the comparison below proves nothing."""
-    calls = spy.take()
+    calls = _whole_masks(spy.take(), n_rows)
     assert calls, "training drew no split"
     held = calls[0][2]
     for _, _, mask in calls:
@@ -75,7 +93,7 @@ def _training_split(spy: SplitSpy, n_rows: int) -> np.ndarray:
 
 
 def _assert_same_split(spy: SplitSpy, held: np.ndarray, stage: str) -> None:
-    calls = spy.take()
+    calls = _whole_masks(spy.take(), len(held))
     assert calls, f"{stage} drew no split"
     for fraction, seed, mask in calls:
         assert np.array_equal(mask, held), (

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 import crc32c
@@ -392,16 +393,16 @@ class ActivationStore:
         return {"count": s["count"], "mean": np.asarray(s["mean"]), "var": np.asarray(s["var"]),
                 "mean_norm": s["mean_norm"]}
 
-    def _read_array(self, name: str, stop: int | None = None) -> np.ndarray:
-        """Rows [0, stop) of a small array (its chunk files read directly when local, else through
-        Zarr), any failure to decode it one line."""
+    def _read_array(self, name: str, stop: int | None = None, start: int = 0) -> np.ndarray:
+        """Rows [start, stop) of a small array (its chunk files read directly when local, else
+        through Zarr), any failure to decode it one line."""
         try:
             arr = self._writer.array(name)
             if self.is_local:
-                rows = read_row_chunks(arr, f"{self.path}/{name}", arr.shape[0] if stop is None else stop)
+                rows = read_row_chunks(arr, f"{self.path}/{name}", arr.shape[0] if stop is None else stop, start)
                 if rows is not None:
                     return rows
-            return arr[:stop]
+            return arr[start:stop]
         except Exception as e:  # noqa: BLE001 - a decompressor or codec error on corrupt bytes, whatever its type
             _raise_unless_corrupt(e)
             raise StoreCorruptError(f"store {self.url}, {name}: cannot be read ({e.__class__.__name__}: "
@@ -420,9 +421,30 @@ class ActivationStore:
             if len(values) != self.n_rows:
                 raise StoreCorruptError(f"store {self.url}, {name}: holds {len(values)} rows, not {self.n_rows}")
             if not self.legacy:
-                integrity.check_side_column(self, name, values, self._table(SIDE_TABLE))
+                for shard in range(self.n_shards):
+                    lo, hi = self.shard_range(shard)
+                    integrity.check_side_part(self, name, shard, values[lo:hi], self._table(SIDE_TABLE))
             self._columns[name] = values
         return self._columns[name]
+
+    def column_parts(self, name: str) -> Iterator[tuple[int, np.ndarray]]:
+        """A side column ("tokens", "seq_id" or "pos") one shard at a time: (first row, values),
+        each part checked against its bound checksum.  Holds one shard's values, however large
+        the store (the whole column is 4-8 bytes per row: gigabytes at a billion tokens)."""
+        if name not in dict(SIDE_ARRAYS):
+            raise ValueError(f"{name!r} is not a side column ({', '.join(n for n, _ in SIDE_ARRAYS)})")
+        for shard in range(self.n_shards):
+            lo, hi = self.shard_range(shard)
+            if name in self._columns:
+                yield lo, self._columns[name][lo:hi]
+                continue
+            values = self._read_array(name, hi, lo)
+            if len(values) != hi - lo:
+                raise StoreCorruptError(f"store {self.url}, {name}: shard {shard} holds {len(values)} rows, "
+                                        f"not {hi - lo}; run `compsae verify` and re-harvest")
+            if not self.legacy:
+                integrity.check_side_part(self, name, shard, values, self._table(SIDE_TABLE))
+            yield lo, values
 
     @property
     def tokens(self) -> np.ndarray:

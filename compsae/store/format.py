@@ -203,9 +203,9 @@ def plain_encoder(arr: zarr.Array) -> Callable[[bytes], bytes] | None:
     return None if codec is False else bytes if codec is None else codec.encode
 
 
-def read_row_chunks(arr: zarr.Array, folder: str, stop: int) -> np.ndarray | None:
-    """Rows [0, stop) of a local array chunked along its first axis only, read straight from its
-    chunk files in `folder` (a missing chunk is the fill value); None when its codecs are not
+def read_row_chunks(arr: zarr.Array, folder: str, stop: int, start: int = 0) -> np.ndarray | None:
+    """Rows [start, stop) of a local array chunked along its first axis only, read straight from
+    its chunk files in `folder` (a missing chunk is the fill value); None when its codecs are not
     `plain_encoder`'s.  Zarr reads each chunk through its event loop, milliseconds apiece: a
     store's per-shard arrays (one chunk per shard) would cost seconds per thousand shards."""
     codec = _plain_codec(arr)
@@ -213,15 +213,18 @@ def read_row_chunks(arr: zarr.Array, folder: str, stop: int) -> np.ndarray | Non
     if codec is False or tuple(shape[1:]) != tuple(arr.shape[1:]):
         return None
     dtype = np.dtype(arr.dtype).newbyteorder("<")
-    n_chunks = -(-min(stop, arr.shape[0]) // shape[0])
-    out = np.full((n_chunks * shape[0], *shape[1:]), arr.metadata.fill_value, dtype=dtype)
+    stop = min(stop, arr.shape[0])
+    start = min(start, stop)
+    c0, c1 = start // shape[0], -(-stop // shape[0])
+    out = np.full(((c1 - c0) * shape[0], *shape[1:]), arr.metadata.fill_value, dtype=dtype)
     tail = (0,) * (len(shape) - 1)
-    for c in range(n_chunks):
+    for c in range(c0, c1):
         try:
             with open(f"{folder}/{arr.metadata.encode_chunk_key((c, *tail))}", "rb") as f:
                 raw = f.read()
         except FileNotFoundError:
             continue
-        out[c * shape[0]:(c + 1) * shape[0]] = np.frombuffer(raw if codec is None else codec.decode(raw),
-                                                             dtype=dtype).reshape(shape)
-    return out[:min(stop, arr.shape[0])].astype(arr.dtype, copy=False)
+        out[(c - c0) * shape[0]:(c - c0 + 1) * shape[0]] = np.frombuffer(
+            raw if codec is None else codec.decode(raw), dtype=dtype).reshape(shape)
+    off = c0 * shape[0]
+    return out[start - off:stop - off].astype(arr.dtype, copy=False)

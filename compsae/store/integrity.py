@@ -73,18 +73,16 @@ def metadata_problems(store: ActivationStore) -> list[str]:
     return problems
 
 
-def check_side_column(store: ActivationStore, name: str, values: np.ndarray, table: np.ndarray) -> None:
-    """Raise when a shard of side array `name` (`values: [n_rows]`) fails its bound checksum."""
+def check_side_part(store: ActivationStore, name: str, shard: int, values: np.ndarray, table: np.ndarray) -> None:
+    """Raise when shard `shard` of side array `name` (`values`: that shard's rows) fails its bound
+    checksum (`table`: the store's side checksum table)."""
     dt = dict(SIDE_ARRAYS)[name]
     col = SIDE_ARRAYS.index((name, dt))
-    store_id = store.manifest["store_id"]
-    for shard in range(store.n_shards):
-        lo, hi = store.shard_range(shard)
-        got = bound_crc(np.ascontiguousarray(values[lo:hi], dtype=dt), store_id, name, shard)
-        if got != int(table[shard, col]):
-            raise StoreCorruptError(
-                f"store {store.url}, {name}, shard {shard}: fails its checksum (corrupt, moved or from another "
-                "store); run `compsae verify` and re-harvest")
+    got = bound_crc(np.ascontiguousarray(values, dtype=dt), store.manifest["store_id"], name, shard)
+    if got != int(table[shard, col]):
+        raise StoreCorruptError(
+            f"store {store.url}, {name}, shard {shard}: fails its checksum (corrupt, moved or from another "
+            "store); run `compsae verify` and re-harvest")
 
 
 def deep_stats_problems(store: ActivationStore) -> list[str]:

@@ -87,18 +87,10 @@ class BatchLoader:
         self.d_model = self.store.d_model(hook)
         self.chunk_rows = self.store.chunk_rows
 
-        seq_id = self.store.seq_id
-        if split == "all":
-            keep = np.ones(len(seq_id), dtype=bool)
-        else:
-            # The split has its own seed (not the shuffle seed): training and evaluation runs with
-            # different seeds must still agree on which sequences are held out.
-            held = heldout_mask(seq_id, heldout_fraction, seed=split_seed)
-            keep = held if split == "heldout" else ~held
-        # local row offsets of the selected rows of every chunk: list over chunks of int arrays
-        self._chunk_sel = [np.flatnonzero(keep[c * self.chunk_rows:(c + 1) * self.chunk_rows])
-                           for c in range(self.store.n_chunks)]
-        self.n_rows = int(keep.sum())
+        # The split has its own seed (not the shuffle seed): training and evaluation runs with
+        # different seeds must still agree on which sequences are held out.
+        self._keep_bits, self._chunk_counts = self._selection(split, heldout_fraction, split_seed)
+        self.n_rows = int(self._chunk_counts.sum())
         if self.n_rows < batch_size:
             raise UserError(
                 f"batch_size {batch_size} is larger than the {self.n_rows} {split} rows of {self.store.url}; "
@@ -134,16 +126,56 @@ class BatchLoader:
 
     # -- planning (indices only, no data) ---------------------------------------------------------
 
+    def _selection(self, split: Split, fraction: float, split_seed: int) -> tuple[np.ndarray | None, np.ndarray]:
+        """Which rows `split` serves: one bit per row of the store (`[ceil(n_rows / 8)]` uint8,
+        packed big-endian as `np.packbits`; None for "all") and the count per chunk `[n_chunks]`.
+
+        Read shard by shard: a bit per row is what a billion-row store costs here (125 MB), where
+        its sequence ids alone are 8 GB."""
+        n_rows, cr, n_chunks = self.store.n_rows, self.chunk_rows, self.store.n_chunks
+        if split == "all":
+            counts = np.full(n_chunks, cr, dtype=np.int64)
+            counts[-1] = n_rows - (n_chunks - 1) * cr
+            return None, counts
+        bits = np.zeros(-(-n_rows // 8), dtype=np.uint8)
+        counts = np.zeros(n_chunks, dtype=np.int64)
+        pending = np.zeros(0, dtype=bool)  # rows after the last whole byte written
+        for lo, seq_id in self.store.column_parts("seq_id"):
+            held = heldout_mask(seq_id, fraction, seed=split_seed)
+            keep = held if split == "heldout" else ~held
+            # a shard is whole chunks (the store's last one may end inside its last chunk)
+            padded = np.zeros(-(-len(keep) // cr) * cr, dtype=np.int64)
+            padded[:len(keep)] = keep
+            counts[lo // cr:lo // cr + len(padded) // cr] = padded.reshape(-1, cr).sum(axis=1)
+            joined = np.concatenate([pending, keep])
+            whole = len(joined) // 8 * 8
+            first_byte = (lo - len(pending)) // 8
+            bits[first_byte:first_byte + whole // 8] = np.packbits(joined[:whole])
+            pending = joined[whole:]
+        if len(pending):
+            bits[-1] = np.packbits(pending)[0]
+        return bits, counts
+
+    def _selected(self, chunk: int) -> np.ndarray:
+        """Row offsets within `chunk` of the rows this loader serves."""
+        lo = chunk * self.chunk_rows
+        hi = min(lo + self.chunk_rows, self.store.n_rows)
+        if self._keep_bits is None:
+            return np.arange(hi - lo)
+        first_byte = lo // 8
+        keep = np.unpackbits(self._keep_bits[first_byte:-(-hi // 8)])
+        return np.flatnonzero(keep[lo - 8 * first_byte:hi - 8 * first_byte])
+
     def _windows(self, epoch: int) -> list[np.ndarray]:
         """Chunk ids of each window of `epoch`, in serving order (chunks without selected rows dropped)."""
-        chunks = np.array([c for c, sel in enumerate(self._chunk_sel) if len(sel)], dtype=np.int64)
+        chunks = np.flatnonzero(self._chunk_counts).astype(np.int64)
         if self.shuffle:
             chunks = np.random.default_rng([self.seed, epoch]).permutation(chunks)
         return [chunks[i:i + self.mix_chunks] for i in range(0, len(chunks), self.mix_chunks)]
 
     def _window_rows(self, epoch: int, w: int, chunks: np.ndarray) -> np.ndarray:
         """Global row ids of window `w`, in serving order."""
-        rows = np.concatenate([c * self.chunk_rows + self._chunk_sel[c] for c in chunks])
+        rows = np.concatenate([c * self.chunk_rows + self._selected(c) for c in chunks])
         if self.shuffle:
             rows = np.random.default_rng([self.seed, epoch, w]).permutation(rows)
         return rows
