@@ -154,3 +154,13 @@ def test_split_read_shard_by_shard_serves_the_rows_of_the_whole_column(tmp_path,
                          shuffle=False, mix_chunks=3)
     assert loader.n_rows == len(expect)
     np.testing.assert_array_equal(np.concatenate(_rows(loader)), expect)
+
+
+def test_store_mask_read_shard_by_shard_equals_the_mask_of_the_whole_column(store):
+    from compsae.store.split import HeldOutSplit
+
+    split = HeldOutSplit(fraction=0.3, seed=5)
+    fresh = ActivationStore.open(store.url)  # no column cached: read part by part
+    got = split.store_mask(fresh)
+    np.testing.assert_array_equal(got, split.mask(store.seq_id))
+    assert 0 < got.sum() < N and store.n_shards > 1

@@ -242,7 +242,7 @@ def plan_analysis(cfg: AnalyzeConfig, store_url: str, train_dir: str) -> Analysi
     if other:  # scored on another split, part of their held-out rows would be their training rows
         notes.append(f"models trained with another held-out split left out: {', '.join(other)}")
         recons = [r for r in recons if r.name not in other]
-    heldout = split.mask(store.seq_id)
+    heldout = split.store_mask(store)
     blocks = plan_blocks(heldout, store.chunk_rows, cfg.max_heldout_tokens)
 
     compsae_k = [m.model.k for m in metas.values() if m.model.type == "compsae"]

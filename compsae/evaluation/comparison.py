@@ -42,7 +42,7 @@ from compsae.variance import FVUAccumulator
 def eval_rows(store: ActivationStore, split: HeldOutSplit, max_rows: int) -> np.ndarray:
     """Row indices of the ``split``'s held-out sequences (the ones the model never trained on),
     capped at ``max_rows``: [n]."""
-    return np.flatnonzero(split.mask(store.seq_id))[:max_rows]
+    return np.flatnonzero(split.store_mask(store))[:max_rows]
 
 
 def iter_batches(store: ActivationStore, hook: str, rows: np.ndarray, batch_size: int) -> Iterator[np.ndarray]:

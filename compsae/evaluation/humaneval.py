@@ -351,7 +351,7 @@ def heldout_rows(checkpoints: dict[str, str], store_url: str, n_rows: int) -> np
         raise UserError(f"{', '.join(other)} were trained with another held-out split than the other checkpoints; "
                         "export them separately")
     store = ActivationStore.open(store_url)
-    rows = np.flatnonzero(split.mask(store.seq_id))[:n_rows]
+    rows = np.flatnonzero(split.store_mask(store))[:n_rows]
     if rows.size == 0:
         raise UserError(f"the store at {store_url} has no held-out rows for these checkpoints (heldout_fraction 0?)")
     return rows

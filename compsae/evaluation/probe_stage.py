@@ -78,7 +78,7 @@ def fit_sample(store: ActivationStore, hook: str, splits: list[HeldOutSplit], n:
     rows are huge-norm outliers that would take the first PCA / NMF components."""
     keep = np.ones(store.n_rows, dtype=bool)
     for split in set(splits):
-        keep &= ~split.mask(store.seq_id)
+        keep &= ~split.store_mask(store)
     if drop_bos:
         keep &= store.pos != 0
     rows = spread_rows(store, hook, keep, n)

@@ -3,8 +3,13 @@ on the same side and evaluation never sees a token of a training sequence."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
+
+if TYPE_CHECKING:
+    from compsae.store.activation_store import ActivationStore
 
 DEFAULT_SPLIT_SEED = 0  # the split's own seed: never the training seed, so every run agrees on it
 DEFAULT_HELDOUT_FRACTION = 0.05
@@ -45,6 +50,14 @@ class HeldOutSplit(BaseModel):
     def mask(self, seq_id: np.ndarray) -> np.ndarray:
         """`bool[n]`: True for the held-out rows."""
         return heldout_mask(seq_id, self.fraction, self.seed)
+
+    def store_mask(self, store: ActivationStore) -> np.ndarray:
+        """`bool[n_rows]`: True for the held-out rows of `store`, its sequence ids read shard by
+        shard (the whole column and the hash's temporaries would peak at ~40 bytes a row)."""
+        out = np.zeros(store.n_rows, dtype=bool)
+        for lo, seq_id in store.column_parts("seq_id"):
+            out[lo:lo + len(seq_id)] = self.mask(seq_id)
+        return out
 
 
 def shared_split(splits: dict[str, HeldOutSplit | None]) -> tuple[HeldOutSplit, list[str]]:
