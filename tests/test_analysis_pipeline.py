@@ -93,6 +93,20 @@ def _summaries(parts, tracked):
     return {n: model_metrics(p, [0.01, 0.1], 0.05, tracked.get(n))[0] for n, p in parts.items()}
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_the_cap_keeps_the_first_held_out_rows_in_store_order(seed: int) -> None:
+    """plan_blocks counts per chunk, then inside the chunk where the cap falls: the rows kept are
+    the first `max_tokens` held-out rows, and the blocks are the chunks holding them."""
+    rng = np.random.default_rng(seed)
+    n, chunk_rows = int(rng.integers(50, 400)), int(rng.integers(1, 40))
+    held = rng.random(n) < rng.uniform(0.1, 0.9)
+    for cap in (1, int(held.sum()) // 2 + 1, int(held.sum()), n):
+        plan = plan_blocks(held, chunk_rows, max_tokens=cap)
+        first = np.flatnonzero(held)[:cap]
+        np.testing.assert_array_equal(np.flatnonzero(plan.keep), first)
+        assert plan.chunks == sorted({int(r) // chunk_rows for r in first})
+
+
 def test_dask_equals_numpy_loop_with_any_scheduler(setup):
     url, root = setup
     store = open_store(url)

@@ -312,3 +312,35 @@ def test_a_store_reads_its_progress_arrays_without_zarr(tmp_path, monkeypatch):
     expect_done = {int(i) for i in np.flatnonzero(store.group["progress/shard_done"][:])}
     monkeypatch.setattr("zarr.Array.__getitem__", lambda *a: pytest.fail("read through Zarr"))
     assert store.done_shards() == expect_done == {0, 2}
+
+
+def test_a_side_column_read_on_demand_gives_the_whole_columns_values(tmp_path):
+    layout = StoreLayout(chunk_rows=8, shard_rows=32, dtype="float32")
+    n = 150  # 5 shards, the last partial
+    st = ActivationStore.create(str(tmp_path / "s.zarr"), {"h": 2}, n, layout, {"config_hash": "a"})
+    for s in range(st.n_shards):
+        lo, hi = st.shard_range(s)
+        rows = np.arange(lo, hi)
+        st.write_shard(s, {"h": np.zeros((hi - lo, 2), np.float32)}, rows * 3 % 101, rows // 10, rows % 10)
+    st.finalize()
+    whole = ActivationStore.open(st.url).seq_id
+    view = ActivationStore.open(st.url).column_view("seq_id")
+    view.keep_shards = 2  # shards dropped and read again
+    assert len(view) == n and view[0] == whole[0] and view[-1] == whole[-1] and view[149] == whole[149]
+    for key in (slice(None), slice(30, 70), slice(140, 500), slice(5, 5), np.array([149, 0, 33, 33, 64]),
+                np.array([[1, 2], [140, 3]]), np.zeros(0, dtype=np.int64)):
+        np.testing.assert_array_equal(view[key], whole[key])
+    with pytest.raises(IndexError):
+        view[np.array([n])]
+    tokens = ActivationStore.open(st.url).column_view("tokens")
+    np.testing.assert_array_equal(tokens[np.arange(n)], np.arange(n) * 3 % 101)
+    # a corrupt part is refused when read, naming the column and shard
+    path = tmp_path / "s.zarr" / "pos" / "c" / "2"
+    assert path.is_file()
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    pos = ActivationStore.open(st.url).column_view("pos")
+    assert pos[5] == 5  # shard 0 reads fine
+    with pytest.raises(StoreCorruptError, match="pos"):
+        pos[70]

@@ -53,7 +53,7 @@ def context_windows(tops: pd.DataFrame, store: ActivationStore, per_latent: int,
     """The first `per_latent` top contexts of each latent, each as its store rows (`rows`: the
     centre row and up to `window` rows before it in the same sequence); and all rows needed, sorted."""
     sel = tops[tops["rank"] < per_latent].sort_values(["latent", "rank"]).reset_index(drop=True)
-    seq = store.seq_id
+    seq = store.column_view("seq_id")
     ctx_rows = []
     for r in sel["row"].to_numpy():
         lo = max(int(r) - window, 0)
@@ -177,7 +177,7 @@ def browser_data(name: str, kind: str, encode: Callable[[np.ndarray], np.ndarray
 
     contexts: dict[int, list[dict[str, Any]]] = {}
     sel, _ = context_windows(tops, store, per_latent, window)
-    tokens = store.tokens
+    tokens = store.column_view("tokens")
     # a group of contexts at a time: the rows read stay small whatever the dictionary size
     for lo in range(0, len(sel), CONTEXT_GROUP):
         part = sel.iloc[lo : lo + CONTEXT_GROUP]

@@ -94,13 +94,22 @@ class BlockPlan:
 def plan_blocks(heldout: np.ndarray, chunk_rows: int, max_tokens: int) -> BlockPlan:
     """The evaluated rows: held-out (`heldout: [n_rows]` bool) rows in store order, capped at `max_tokens`."""
     keep = np.asarray(heldout, dtype=bool).copy()
-    over = np.flatnonzero(np.cumsum(keep) > max_tokens)
-    keep[over] = False
+    n_chunks = -(-len(keep) // chunk_rows)
+    # counted per chunk, then row by row inside the chunk where the cap falls: a running count over
+    # every row would cost 8 bytes a row of the store
+    per_chunk = np.add.reduceat(keep, np.arange(0, n_chunks * chunk_rows, chunk_rows)[:n_chunks], dtype=np.int64)
+    total = np.cumsum(per_chunk)
+    if n_chunks and total[-1] > max_tokens:
+        c = int(np.searchsorted(total, max_tokens, side="right"))  # the chunk holding the first row past the cap
+        lo = c * chunk_rows
+        before = int(total[c - 1]) if c else 0
+        keep[lo + np.flatnonzero(keep[lo:lo + chunk_rows])[max_tokens - before:]] = False
+        keep[lo + chunk_rows:] = False
+        per_chunk[c] = max_tokens - before
+        per_chunk[c + 1:] = 0
     if not keep.any():
         raise UserError("no held-out rows to evaluate: the store's sequences all fall in the training split; "
                         "use a larger store or heldout_fraction")
-    n_chunks = -(-len(keep) // chunk_rows)
-    per_chunk = np.add.reduceat(keep, np.arange(0, n_chunks * chunk_rows, chunk_rows)[:n_chunks])
     return BlockPlan([int(c) for c in np.flatnonzero(per_chunk)], keep)
 
 

@@ -120,7 +120,7 @@ def top_context_table(name: str, top: TopContexts, store: ActivationStore, windo
     """One row per (latent, rank): activation, store row, the token and its left context."""
     lat, rank = np.nonzero(top.rows >= 0)
     rows = top.rows[lat, rank]
-    tokens, seq, pos = store.tokens, store.seq_id, store.pos
+    tokens, seq, pos = (store.column_view(c) for c in ("tokens", "seq_id", "pos"))
     cand = rows[:, None] + np.arange(-window, 1)[None, :]  # [m, window+1]
     valid = (cand >= 0) & (seq[np.maximum(cand, 0)] == seq[rows][:, None])
     ids = np.where(valid, tokens[np.maximum(cand, 0)], -1)
@@ -138,7 +138,9 @@ def attention_examples(rec: SAEReconstructor, store: ActivationStore, hook: str,
     """A few held-out tokens (position > 0) with the head-mean attention among their active latents."""
     if n == 0:
         return []
-    rows = np.flatnonzero(plan.keep & (store.pos > 0))
+    tokens, seq = store.column_view("tokens"), store.column_view("seq_id")
+    rows = np.flatnonzero(plan.keep)
+    rows = rows[store.column_view("pos")[rows] > 0]
     if rows.size == 0:
         return []
     picks = rows[np.linspace(0, rows.size - 1, n).astype(int)]
@@ -152,8 +154,8 @@ def attention_examples(rec: SAEReconstructor, store: ActivationStore, hook: str,
         on = act[i] >= 0
         w = out.attn[i].mean(0)[np.ix_(on, on)]
         lo = max(int(r) - 12, 0)
-        ctx = [int(t) for t, s in zip(store.tokens[lo:r], store.seq_id[lo:r], strict=True) if s == store.seq_id[r]]
-        examples.append({"model": rec.name, "row": int(r), "token": decode(int(store.tokens[r])),
+        ctx = [int(t) for t, s in zip(tokens[lo:r], seq[lo:r], strict=True) if s == seq[r]]
+        examples.append({"model": rec.name, "row": int(r), "token": decode(int(tokens[r])),
                          "context": "".join(decode(t) for t in ctx), "latents": act[i][on].tolist(),
                          "attn": w.tolist()})
     return examples
@@ -168,22 +170,23 @@ def pair_examples(rec: SAEReconstructor, store: ActivationStore, hook: str, plan
         return
     lo, hi = int(rows.min()), int(rows.max()) + 1
     z = rec(store.read_rows(hook, lo, hi)[rows - lo]).z  # [rows, n]
+    tokens, seq = store.column_view("tokens"), store.column_view("seq_id")
     for pair in pairs:
         both = np.flatnonzero((z[:, pair["i"]] > 0) & (z[:, pair["j"]] > 0))[:per_pair]
         pair["examples"] = []
         for r in rows[both]:
             start = max(int(r) - 12, 0)
-            ctx = [int(t) for t, q in zip(store.tokens[start:r], store.seq_id[start:r], strict=True)
-                   if q == store.seq_id[r]]
-            pair["examples"].append({"token": decode(int(store.tokens[r])),
+            ctx = [int(t) for t, q in zip(tokens[start:r], seq[start:r], strict=True) if q == seq[r]]
+            pair["examples"].append({"token": decode(int(tokens[r])),
                                      "context": "".join(decode(t) for t in ctx)})
 
 
 def heldout_sequences(store: ActivationStore, keep: np.ndarray, n: int) -> np.ndarray:
     """`[≤n, ctx]` token ids of whole held-out sequences (rows of a sequence are contiguous)."""
     ctx = int(store.manifest.get("context", 0))
-    seq, pos, tokens = store.seq_id, store.pos, store.tokens
-    starts = np.flatnonzero(keep & (pos == 0))
+    seq, pos, tokens = (store.column_view(c) for c in ("seq_id", "pos", "tokens"))
+    starts = np.flatnonzero(keep)
+    starts = starts[pos[starts] == 0]
     out = []
     for s in starts:
         if s + ctx <= len(seq) and seq[s + ctx - 1] == seq[s] and pos[s + ctx - 1] == ctx - 1:
@@ -251,7 +254,7 @@ def plan_analysis(cfg: AnalyzeConfig, store_url: str, train_dir: str) -> Analysi
     if "baselines" not in cfg.skip and cfg.baselines:
         x_fit = fit_rows(store, hook, ~heldout, cfg.baseline_fit_tokens)
         recons += fit_baselines(list(cfg.baselines), x_fit, k, cfg.nmf_components, cfg.seed)
-    tracked = (choose_tracked(store, hook, store.pos, blocks, recons, cfg.pair_latents)
+    tracked = (choose_tracked(store, hook, store.column_view("pos"), blocks, recons, cfg.pair_latents)
                if "pairs" not in cfg.skip else {})
     return AnalysisPlan(store, hook, split, blocks, recons, sae_names, metas, k, tracked, notes)
 
@@ -261,7 +264,7 @@ def compute_partials(ap: AnalysisPlan, cfg: AnalyzeConfig, workers: int, schedul
     """One Dask pass over the held-out blocks: every statistic of every model, merged per model."""
     spec = BlockSpec(top_k_contexts=cfg.top_k_contexts, skip=frozenset(cfg.skip), tracked=ap.tracked,
                      contexts_for=ap.sae_names)
-    graph = build_graph(acts_array(ap.store, ap.hook), ap.store.pos, ap.blocks, ap.recons, spec)
+    graph = build_graph(acts_array(ap.store, ap.hook), ap.store.column_view("pos"), ap.blocks, ap.recons, spec)
     with dask_client(workers, scheduler, cfg.threads_per_worker, processes) as client:
         return compute(graph, client, cfg.progress)
 

@@ -431,20 +431,28 @@ class ActivationStore:
         """A side column ("tokens", "seq_id" or "pos") one shard at a time: (first row, values),
         each part checked against its bound checksum.  Holds one shard's values, however large
         the store (the whole column is 4-8 bytes per row: gigabytes at a billion tokens)."""
+        for shard in range(self.n_shards):
+            yield self.shard_range(shard)[0], self.column_part(name, shard)
+
+    def column_part(self, name: str, shard: int) -> np.ndarray:
+        """The rows of side column `name` in `shard`, checked against their bound checksum."""
         if name not in dict(SIDE_ARRAYS):
             raise ValueError(f"{name!r} is not a side column ({', '.join(n for n, _ in SIDE_ARRAYS)})")
-        for shard in range(self.n_shards):
-            lo, hi = self.shard_range(shard)
-            if name in self._columns:
-                yield lo, self._columns[name][lo:hi]
-                continue
-            values = self._read_array(name, hi, lo)
-            if len(values) != hi - lo:
-                raise StoreCorruptError(f"store {self.url}, {name}: shard {shard} holds {len(values)} rows, "
-                                        f"not {hi - lo}; run `compsae verify` and re-harvest")
-            if not self.legacy:
-                integrity.check_side_part(self, name, shard, values, self._table(SIDE_TABLE))
-            yield lo, values
+        lo, hi = self.shard_range(shard)
+        if name in self._columns:
+            return self._columns[name][lo:hi]
+        values = self._read_array(name, hi, lo)
+        if len(values) != hi - lo:
+            raise StoreCorruptError(f"store {self.url}, {name}: shard {shard} holds {len(values)} rows, "
+                                    f"not {hi - lo}; run `compsae verify` and re-harvest")
+        if not self.legacy:
+            integrity.check_side_part(self, name, shard, values, self._table(SIDE_TABLE))
+        return values
+
+    def column_view(self, name: str) -> SideColumn:
+        """Side column `name` read on demand (`SideColumn`): for stages that look up some rows of
+        a store too large to hold the whole column."""
+        return SideColumn(self, name)
 
     @property
     def tokens(self) -> np.ndarray:
@@ -561,3 +569,55 @@ class ActivationStore:
     def close(self) -> None:
         """Drop cached shard maps."""
         self._reader.close()
+
+
+class SideColumn:
+    """One side column of a store ("tokens", "seq_id" or "pos"), read on demand.
+
+    `col[rows]` (an int, a slice without step, or an int array of any shape) reads only the
+    shards holding those rows, each checked against its bound checksum; the last `keep_shards`
+    are kept, so nearby lookups read nothing again.  The whole column (4-8 bytes a row) is never
+    in memory unless the store had already loaded it."""
+
+    def __init__(self, store: ActivationStore, name: str, keep_shards: int = 16) -> None:
+        self.store, self.name, self.keep_shards = store, name, keep_shards
+        self._parts: dict[int, np.ndarray] = {}  # shard -> values, oldest first
+
+    def __len__(self) -> int:
+        return self.store.n_rows
+
+    def _part(self, shard: int) -> np.ndarray:
+        part = self._parts.pop(shard, None)
+        if part is None:
+            part = self.store.column_part(self.name, shard)
+            while len(self._parts) >= self.keep_shards:
+                self._parts.pop(next(iter(self._parts)))
+        self._parts[shard] = part  # now the newest
+        return part
+
+    def __getitem__(self, key: int | slice | np.ndarray) -> Any:
+        n, per = self.store.n_rows, self.store.shard_rows
+        if isinstance(key, slice):
+            if key.step not in (None, 1):
+                raise ValueError("a side column is sliced without a step")
+            lo, hi, _ = key.indices(n)
+            rows = np.arange(lo, max(lo, hi))
+        elif np.ndim(key) == 0:
+            row = int(key)
+            row = row + n if row < 0 else row
+            if not 0 <= row < n:
+                raise IndexError(f"row {int(key)} outside a store of {n} rows")
+            return self._part(row // per)[row % per]
+        else:
+            rows = np.asarray(key, dtype=np.int64)
+            if rows.size and (rows.min() < 0 or rows.max() >= n):
+                raise IndexError(f"rows outside a store of {n} rows")
+        flat = rows.ravel()
+        out = np.empty(flat.shape, dtype=dict(SIDE_ARRAYS)[self.name])
+        shard_of = flat // per
+        order = np.argsort(shard_of, kind="stable")
+        bounds = np.flatnonzero(np.diff(shard_of[order])) + 1
+        for group in np.split(order, bounds) if flat.size else []:
+            shard = int(shard_of[group[0]])
+            out[group] = self._part(shard)[flat[group] - shard * per]
+        return out.reshape(rows.shape)

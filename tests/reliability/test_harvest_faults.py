@@ -25,7 +25,6 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 
 KILL_SEED = 6
@@ -272,17 +271,17 @@ def test_disk_full_mid_shard_is_one_line_exit_2_and_resumes(tmp_path: Path, refe
     from compsae import cli
     from compsae.store import writer
 
-    real = writer.to_storage
+    real = writer.encode_shard
     calls = {"n": 0}
 
-    def fills_up(x: np.ndarray, dtype: str, hook: str) -> np.ndarray:
+    def fills_up(*args: Any, **kwargs: Any) -> Any:
         calls["n"] += 1
-        # calls: one per hook and shard; shard 7's first hook is written, its second fails
+        # calls: one per hook and shard file; shard 7's first hook is written, its second fails
         if calls["n"] > 7 * len(HOOKS) + 1:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        return real(x, dtype, hook)
+        return real(*args, **kwargs)
 
-    monkeypatch.setattr(writer, "to_storage", fills_up)
+    monkeypatch.setattr(writer, "encode_shard", fills_up)
     config = pipelines_file(tmp_path)
     assert cli.main(["harvest", "-p", "k", "-c", str(config)]) == 2
     lines = error_lines(capsys.readouterr().err)
@@ -291,7 +290,7 @@ def test_disk_full_mid_shard_is_one_line_exit_2_and_resumes(tmp_path: Path, refe
     assert stage is not None and not (stage / "stage.json").exists()
     assert only_unwritten_problems(str(stage / "store.zarr")) == set(range(7))
 
-    monkeypatch.setattr(writer, "to_storage", real)  # space again
+    monkeypatch.setattr(writer, "encode_shard", real)  # space again
     assert cli.main(["harvest", "-p", "k", "-c", str(config)]) == 0
     assert (stage / "stage.json").exists()
     assert_same_as_reference(str(stage / "store.zarr"), reference_store)
