@@ -19,7 +19,8 @@ stage keeps per row.  So the training loader is also measured on its own over a 
 rows of a narrow hook (4 wide, M and 4M rows; M = 1M, --quick 256k): the peak RSS of a process
 that opens it and takes one batch, `RESULT rss_growth_4x_loader=<ratio>` and
 `RESULT loader_bytes_per_row=<(peak at 4M - peak at M) / 3M>` (what it keeps per row of the store,
-however wide the hook).
+however wide the hook); and the same for what analyze draws before its Dask pass (the held-out
+split, the capped evaluation plan, the positions of its rows): `RESULT analyze_plan_bytes_per_row`.
 """
 
 from __future__ import annotations
@@ -75,6 +76,19 @@ next(iter(loader))
 """
 
 
+PLAN_CHILD = """
+import sys
+import numpy as np
+from compsae.analysis.dask_path import plan_blocks
+from compsae.store import ActivationStore
+from compsae.store.split import HeldOutSplit
+store = ActivationStore.open(sys.argv[1])
+plan = plan_blocks(HeldOutSplit().store_mask(store), store.chunk_rows, 65_536)
+rows = np.flatnonzero(plan.keep)
+rows = rows[store.column_view("pos")[rows] > 0]
+"""
+
+
 def narrow_store(url: str, n_rows: int) -> None:
     """A store of `n_rows` rows of one 4-wide hook, 128-token sequences, written shard by shard."""
     import numpy as np
@@ -92,17 +106,19 @@ def narrow_store(url: str, n_rows: int) -> None:
     store.finalize()
 
 
-def loader_rss(tmp: str, m: int, env: dict[str, str]) -> dict[int, float]:
-    """Peak RSS (MB) of a process that opens the training loader over M and 4M rows."""
-    peaks: dict[int, float] = {}
+def per_row_rss(tmp: str, m: int, env: dict[str, str]) -> dict[str, dict[int, float]]:
+    """Peak RSS (MB) of a process that opens the training loader ("loader"), and of one that draws
+    analyze's split and plan ("plan"), over narrow stores of M and 4M rows."""
+    peaks: dict[str, dict[int, float]] = {"loader": {}, "plan": {}}
     for rows in (m, 4 * m):
         url = f"{tmp}/narrow{rows}.zarr"
         narrow_store(url, rows)
-        mb, wall, rc = peak_rss_mb([sys.executable, "-c", LOADER_CHILD, url], env)
-        print(f"loader   {rows:>9,} rows:   peak RSS {mb:7.1f} MB, {wall:5.1f} s{'' if rc == 0 else f'  FAILED (exit {rc})'}",
-              flush=True)
-        if rc == 0:
-            peaks[rows] = mb
+        for what, child in (("loader", LOADER_CHILD), ("plan", PLAN_CHILD)):
+            mb, wall, rc = peak_rss_mb([sys.executable, "-c", child, url], env)
+            status = "" if rc == 0 else f"  FAILED (exit {rc})"
+            print(f"{what:<8} {rows:>9,} rows:   peak RSS {mb:7.1f} MB, {wall:5.1f} s{status}", flush=True)
+            if rc == 0:
+                peaks[what][rows] = mb
     return peaks
 
 
@@ -119,7 +135,7 @@ def main() -> None:
                PYTHONPATH=os.pathsep.join(p for p in (root_dir, os.environ.get("PYTHONPATH", "")) if p))
     peaks: dict[str, dict[int, float]] = {s: {} for s in STAGES}
     with tempfile.TemporaryDirectory() as tmp:
-        loader = loader_rss(tmp, m, env) if m else {}
+        narrow = per_row_rss(tmp, m, env) if m else {"loader": {}, "plan": {}}
         for tokens in (n, 4 * n):
             root = Path(tmp) / f"n{tokens}"
             root.mkdir()
@@ -135,9 +151,12 @@ def main() -> None:
         if len(peaks[stage]) == 2:
             print(f"RESULT rss_growth_4x_{stage}={peaks[stage][4 * n] / peaks[stage][n]:.3f}")
             print(f"RESULT rss_peak_mb_{stage}_4n={peaks[stage][4 * n]:.0f}")
+    loader, plan = narrow["loader"], narrow["plan"]
     if len(loader) == 2:
         print(f"RESULT rss_growth_4x_loader={loader[4 * m] / loader[m]:.3f}")
         print(f"RESULT loader_bytes_per_row={(loader[4 * m] - loader[m]) * 2**20 / (3 * m):.2f}")
+    if len(plan) == 2:
+        print(f"RESULT analyze_plan_bytes_per_row={(plan[4 * m] - plan[m]) * 2**20 / (3 * m):.2f}")
 
 
 if __name__ == "__main__":

@@ -97,7 +97,10 @@ def plan_blocks(heldout: np.ndarray, chunk_rows: int, max_tokens: int) -> BlockP
     n_chunks = -(-len(keep) // chunk_rows)
     # counted per chunk, then row by row inside the chunk where the cap falls: a running count over
     # every row would cost 8 bytes a row of the store
-    per_chunk = np.add.reduceat(keep, np.arange(0, n_chunks * chunk_rows, chunk_rows)[:n_chunks], dtype=np.int64)
+    whole = len(keep) // chunk_rows  # the summing is buffered: no int copy of the rows is made
+    per_chunk = np.zeros(n_chunks, dtype=np.int64)
+    per_chunk[:whole] = keep[:whole * chunk_rows].reshape(whole, chunk_rows).sum(axis=1)
+    per_chunk[whole:] = keep[whole * chunk_rows:].sum()
     total = np.cumsum(per_chunk)
     if n_chunks and total[-1] > max_tokens:
         c = int(np.searchsorted(total, max_tokens, side="right"))  # the chunk holding the first row past the cap
