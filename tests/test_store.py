@@ -332,6 +332,8 @@ def test_a_side_column_read_on_demand_gives_the_whole_columns_values(tmp_path):
         np.testing.assert_array_equal(view[key], whole[key])
     with pytest.raises(IndexError):
         view[np.array([n])]
+    with pytest.raises(TypeError, match="mask"):
+        view[np.ones(n, dtype=bool)]
     tokens = ActivationStore.open(st.url).column_view("tokens")
     np.testing.assert_array_equal(tokens[np.arange(n)], np.arange(n) * 3 % 101)
     # a corrupt part is refused when read, naming the column and shard

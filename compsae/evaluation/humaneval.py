@@ -330,7 +330,8 @@ def corpus_from_store(store_url: str, rows: np.ndarray, vocab: list[str] | None 
     store = ActivationStore.open(store_url)
     if vocab is None:
         vocab = _store_vocab(store_url, store.manifest)
-    return Corpus(tokens=store.tokens[rows], seq_id=store.seq_id[rows], pos=store.pos[rows], vocab=vocab)
+    tokens, seq_id, pos = (store.column_view(c)[rows] for c in ("tokens", "seq_id", "pos"))
+    return Corpus(tokens=tokens, seq_id=seq_id, pos=pos, vocab=vocab)
 
 
 def heldout_rows(checkpoints: dict[str, str], store_url: str, n_rows: int) -> np.ndarray:

@@ -80,7 +80,8 @@ def fit_sample(store: ActivationStore, hook: str, splits: list[HeldOutSplit], n:
     for split in set(splits):
         keep &= ~split.store_mask(store)
     if drop_bos:
-        keep &= store.pos != 0
+        for lo, pos in store.column_parts("pos"):  # shard by shard: never the whole column
+            keep[lo:lo + len(pos)] &= pos != 0
     rows = spread_rows(store, hook, keep, n)
     if len(rows) == 0:
         raise UserError(f"the store at {store.url} has no row outside the held-out split to fit PCA / NMF on")

@@ -609,6 +609,8 @@ class SideColumn:
                 raise IndexError(f"row {int(key)} outside a store of {n} rows")
             return self._part(row // per)[row % per]
         else:
+            if np.asarray(key).dtype == bool:
+                raise TypeError("a side column is indexed by row numbers, not by a mask (use np.flatnonzero)")
             rows = np.asarray(key, dtype=np.int64)
             if rows.size and (rows.min() < 0 or rows.max() >= n):
                 raise IndexError(f"rows outside a store of {n} rows")
