@@ -150,6 +150,12 @@ def test_round_trip_s3(s3_bucket):
     st, a, _ = _fill(url, "float16", n=600)
     np.testing.assert_allclose(st.read_chunk("h.a", 9), a[576:600], rtol=2e-3, atol=2e-3)
     assert st.verify() == []
+    # side columns read in parts from the object store: the same values as the whole column
+    fresh = ActivationStore.open(url)
+    parts = list(fresh.column_parts("seq_id"))
+    assert [lo for lo, _ in parts] == [0, 256, 512]
+    np.testing.assert_array_equal(np.concatenate([p for _, p in parts]), np.arange(600) // 10)
+    np.testing.assert_array_equal(fresh.column_view("pos")[np.array([599, 3, 300])], [9, 3, 0])
     other = ActivationStore.open(url, mode="r+")
     with st.lock(), pytest.raises(UserError, match="another harvest is writing to .* delete .*lock"), other.lock():
         pass

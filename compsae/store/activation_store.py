@@ -50,6 +50,8 @@ from compsae.store.moments import shard_moments, stats_from_shards  # noqa: F401
 from compsae.store.reader import ShardReader
 from compsae.store.writer import ShardWriter, lay_out, wipe
 
+_SHARDS_PER_READ = 64  # side-column shards read at once: 8 MB of sequence ids at 16,384 rows a shard
+
 
 def _raise_unless_corrupt(error: Exception) -> None:
     """Raise the object store's one-line error when a read failed for want of credentials or a
@@ -429,23 +431,34 @@ class ActivationStore:
 
     def column_parts(self, name: str) -> Iterator[tuple[int, np.ndarray]]:
         """A side column ("tokens", "seq_id" or "pos") one shard at a time: (first row, values),
-        each part checked against its bound checksum.  Holds one shard's values, however large
-        the store (the whole column is 4-8 bytes per row: gigabytes at a billion tokens)."""
-        for shard in range(self.n_shards):
-            yield self.shard_range(shard)[0], self.column_part(name, shard)
+        each part checked against its bound checksum.  Holds a few shards' values, however large
+        the store (the whole column is 4-8 bytes per row: gigabytes at a billion tokens); they are
+        read `_SHARDS_PER_READ` at a time, which an object store serves concurrently."""
+        for first in range(0, self.n_shards, _SHARDS_PER_READ):
+            last = min(first + _SHARDS_PER_READ, self.n_shards)
+            lo, hi = self.shard_range(first)[0], self.shard_range(last - 1)[1]
+            values = self._columns[name][lo:hi] if name in self._columns else self._read_side(name, lo, hi)
+            for shard in range(first, last):
+                s_lo, s_hi = self.shard_range(shard)
+                yield s_lo, self._checked_part(name, shard, values[s_lo - lo:s_hi - lo])
 
     def column_part(self, name: str, shard: int) -> np.ndarray:
         """The rows of side column `name` in `shard`, checked against their bound checksum."""
+        lo, hi = self.shard_range(shard)
+        values = self._columns[name][lo:hi] if name in self._columns else self._read_side(name, lo, hi)
+        return self._checked_part(name, shard, values)
+
+    def _read_side(self, name: str, lo: int, hi: int) -> np.ndarray:
         if name not in dict(SIDE_ARRAYS):
             raise ValueError(f"{name!r} is not a side column ({', '.join(n for n, _ in SIDE_ARRAYS)})")
-        lo, hi = self.shard_range(shard)
-        if name in self._columns:
-            return self._columns[name][lo:hi]
         values = self._read_array(name, hi, lo)
         if len(values) != hi - lo:
-            raise StoreCorruptError(f"store {self.url}, {name}: shard {shard} holds {len(values)} rows, "
-                                    f"not {hi - lo}; run `compsae verify` and re-harvest")
-        if not self.legacy:
+            raise StoreCorruptError(f"store {self.url}, {name}: rows {lo}..{hi} hold {len(values)} values; run "
+                                    "`compsae verify` and re-harvest")
+        return values
+
+    def _checked_part(self, name: str, shard: int, values: np.ndarray) -> np.ndarray:
+        if not self.legacy and name not in self._columns:  # a loaded column was checked whole
             integrity.check_side_part(self, name, shard, values, self._table(SIDE_TABLE))
         return values
 
