@@ -8,10 +8,11 @@ from typing import Any
 
 import pytest
 import zarr
+from test_token_feed import _tokens_after_store_creation
 
 from compsae.errors import UserError
 from compsae.harvest.config import HarvestConfig
-from compsae.harvest.parallel import harvest_client, shard_ranges
+from compsae.harvest.parallel import harvest_client, harvest_range, shard_ranges
 from compsae.harvest.run import run_harvest
 from compsae.store import ActivationStore, writer_lock
 
@@ -82,6 +83,44 @@ def test_two_workers_give_the_single_process_store(tmp_path: Path, single: dict[
     assert st.complete and st.verify() == []
     assert_same_store(out["store"], single["store"])
     assert out["digest"] == single["digest"]
+
+
+_TASKS: list[tuple[range, int]] = []  # (shards, sequences handed over) of each task
+_REAL_RANGE = harvest_range
+
+
+def _recorded_range(cfg: HarvestConfig, url: str, seqs: Any, first_seq: int, *rest: Any) -> int:
+    """harvest_range, recording its task (module level: Dask pickles it by reference, so the thread
+    workers append to this module's list)."""
+    _TASKS.append((rest[-1], len(seqs)))
+    return _REAL_RANGE(cfg, url, seqs, first_seq, *rest)
+
+
+@pytest.mark.parametrize("ran_out", [False, True])
+def test_a_parallel_harvest_holding_a_window_of_tokens_gives_the_single_process_store(
+        tmp_path: Path, client: Any, monkeypatch: pytest.MonkeyPatch, ran_out: bool) -> None:
+    """The client's feed holds 40 sequences (two batches plus a shard), fewer than the harvest's;
+    tasks, capped at the 2 shards the window holds, go out as it fills, each with a copy of its
+    sequences.  Also when the data runs out part-way: the store shrinks before the last task."""
+    from compsae.harvest import parallel, token_feed
+
+    cfg = small_cfg(n_tokens=10_000, data={"source": "synthetic:mixed", "seed": 3, "max_docs": 30}) if ran_out \
+        else small_cfg()
+    one = run_harvest(cfg, str(tmp_path / "one"))
+    monkeypatch.setattr(token_feed, "WINDOW_TOKENS", 0)
+    monkeypatch.setattr(parallel, "TASKS_PER_WORKER", 1)  # ranges of 3 shards before the cap
+    assert token_feed.window_seqs(cfg, cfg.batch_size, cfg.shard_rows) == 40 < cfg.n_seqs
+    _TASKS.clear()
+    monkeypatch.setattr(parallel, "harvest_range", _recorded_range)
+    seen = _tokens_after_store_creation(monkeypatch)  # the store is laid out before the data is known to end
+    out = run_harvest(cfg, str(tmp_path / "two"), scheduler=client.scheduler.address)
+    tasks = list(_TASKS)
+    assert_same_store(out["store"], one["store"])
+    st = ActivationStore.open(out["store"])
+    assert st.n_rows % cfg.shard_rows  # a partial last shard
+    assert seen["shrinks"] == ([st.n_rows] if ran_out else []) and (st.n_rows < cfg.n_tokens) == ran_out
+    assert sorted(s for r, _ in tasks for s in r) == list(range(st.n_shards))
+    assert all(len(r) <= 2 and n <= 40 for r, n in tasks) and any(len(r) == 2 for r, _ in tasks)
 
 
 def test_parallel_resume_fills_holes_only(tmp_path: Path, single: dict[str, Any], client: Any) -> None:

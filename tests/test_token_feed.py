@@ -36,6 +36,8 @@ def _arrays(url: str) -> dict[str, Any]:
     out: dict[str, Any] = {f"acts/{h}": st.zarr_array(h)[:] for h in st.hooks}
     out.update(tokens=st.tokens, seq_id=st.seq_id, pos=st.pos, n_rows=st.n_rows, n_seqs=st.manifest["data"]["n_seqs"],
                stats=st.manifest["stats"], rounding=st.manifest["rounding_error"])
+    # the per-shard arrays of a shrunk store are sized for its shards, as if laid out for them
+    out.update({name: st.group[name][:] for name in ("progress/shard_done", "progress/shard_crc")})
     return out
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import uuid
+from collections import deque
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -32,22 +33,27 @@ from compsae.errors import UserError
 from compsae.harvest.config import HarvestConfig
 from compsae.harvest.models import LoadedModel, load_model
 from compsae.harvest.shards import batch_span, harvest_shards, measure_rounding, missing_runs
+from compsae.harvest.token_feed import TokenFeed
 from compsae.store import ActivationStore, store_exists
 
 TASKS_PER_WORKER = 4  # ranges per worker: balances uneven workers, bounds the work lost to one failure
+IN_FLIGHT_PER_WORKER = 2  # tasks submitted ahead per worker: each holds a copy of its token ids
 # Loaded models per (worker, model fields): a worker loads its model once for all its tasks.
 _MODELS: dict[tuple[str, str], LoadedModel] = {}
 _MODELS_LOCK = threading.Lock()
 _MODEL_FIELDS = {"model", "model_seed", "revision", "weight_processing", "device"}
 
 
-def shard_ranges(missing: list[int], n_ranges: int) -> list[range]:
-    """Cut the missing shards into about `n_ranges` ranges of consecutive shards of similar size.
+def shard_ranges(missing: list[int], n_ranges: int, max_size: int | None = None) -> list[range]:
+    """Cut the missing shards into about `n_ranges` ranges of consecutive shards of similar size,
+    at most `max_size` shards each.
 
     Runs of consecutive missing shards are never merged across a done shard."""
     if not missing:
         return []
     size = max(1, -(-len(missing) // max(1, n_ranges)))
+    if max_size is not None:
+        size = max(1, min(size, max_size))
     out: list[range] = []
     for run in missing_runs(missing):
         out += [range(lo, min(lo + size, run.stop)) for lo in range(run.start, run.stop, size)]
@@ -114,43 +120,76 @@ def harvest_range(cfg: HarvestConfig, url: str, tokens: np.ndarray, first_seq: i
     return store.shard_range(shards.stop - 1)[1] - store.shard_range(shards.start)[0]
 
 
-def harvest_parallel(store: ActivationStore, cfg: HarvestConfig, loaded: LoadedModel, tokens: np.ndarray,
+def harvest_parallel(store: ActivationStore, cfg: HarvestConfig, loaded: LoadedModel, tokens: TokenFeed | np.ndarray,
                      widths: dict[str, int], stop: int | None, workers: int = 0, scheduler: str | None = None,
                      processes: bool = True, on_shard_written: Callable[[int], None] | None = None) -> None:
     """Harvest every missing shard of `store` on Dask workers, then finalize it.
 
-    `loaded` is the client's model (rounding error on batch 0); `tokens: [n_seqs, context]` the
-    whole harvest.  The caller holds the store's writer lock.  On the first failed task the others
-    are cancelled and its error is raised; shards already written stay done for a rerun."""
+    `loaded` is the client's model (rounding error on batch 0); `tokens` the harvest's sequences,
+    `[n_seqs, context]` or a `TokenFeed` still filling its window.  Each task is handed a copy of
+    the sequences its batches need, and tasks are submitted as the feed fills (at most
+    `IN_FLIGHT_PER_WORKER` per worker, none larger than the feed's window holds), so the client
+    holds a bounded window of token ids however long the harvest.  When the data runs out the
+    store shrinks to its last whole sequence, as in one process.  The caller holds the store's
+    writer lock.  On the first failed task the others are cancelled and its error is raised;
+    shards already written stay done for a rerun."""
     from distributed import as_completed
 
-    rounding, _ = measure_rounding(cfg, loaded, tokens, widths, stop)  # fails fast on float16 overflow
+    feed = tokens if isinstance(tokens, TokenFeed) else TokenFeed.of(tokens)
+    context, bs = cfg.context, cfg.batch_size
+    rounding, _ = measure_rounding(cfg, loaded, feed.seqs(0, feed.wait_for(bs)), widths, stop)  # fails fast
     missing = sorted(set(range(store.n_shards)) - store.done_shards())
+    # a range's batches must fit in the window beside one batch on each side that a boundary cuts
+    max_shards = max(1, (feed.window - 2 * bs - 2) * context // store.shard_rows)
     with harvest_client(workers, scheduler, processes) as client:
         n_workers = max(1, len(client.scheduler_info().get("workers", {})))
-        ranges = shard_ranges(missing, n_workers * TASKS_PER_WORKER)
-        futures = {}
+        todo = deque(shard_ranges(missing, n_workers * TASKS_PER_WORKER, max_shards))
         run_id = uuid.uuid4().hex[:8]  # task keys unique on a shared cluster
-        for shards in ranges:
-            batches = batch_span(store, shards, cfg.context, cfg.batch_size)
-            s0 = batches.start * cfg.batch_size
-            s1 = min(batches.stop * cfg.batch_size, tokens.shape[0])
-            future = client.submit(harvest_range, cfg, store.url, tokens[s0:s1], s0, widths, stop, shards,
-                                   key=f"compsae-harvest-{run_id}-shards-{shards.start}-{shards.stop}", pure=False)
-            futures[future] = shards
-        done_rows = store.n_rows - sum(store.shard_range(s.stop - 1)[1] - store.shard_range(s.start)[0]
-                                       for s in ranges)
+        futures: dict[Any, range] = {}
+        done_rows = store.n_rows - sum(hi - lo for lo, hi in map(store.shard_range, missing))
         bar = tqdm(total=store.n_rows, initial=done_rows, desc=f"harvest {loaded.info['name']} ({n_workers} workers)",
                    unit="tok", unit_scale=True, dynamic_ncols=True)
+
+        def submit(shards: range) -> Any:
+            """Hand `shards` to a worker with their sequences; None when the data ended before them."""
+            batches = batch_span(store, shards, context, bs)
+            s0 = batches.start * bs
+            s1 = min(batches.stop * bs, store.n_rows // context)
+            feed.release(s0)  # earlier tasks took copies of theirs
+            ready = feed.wait_for(s1)
+            if ready < s1:  # the data ran out: the store ends with its last whole sequence
+                store.shrink(ready * context, {"data": {**store.manifest.get("data", {}), "n_seqs": ready}})
+                bar.total = store.n_rows
+                bar.refresh()
+                todo.clear()  # later ranges hold no data
+                shards = range(shards.start, min(shards.stop, store.n_shards))
+                s1 = ready
+                if not shards:
+                    return None
+            seqs = np.array(feed.seqs(s0, s1))  # a copy: the feed's slots are reused once released
+            future = client.submit(harvest_range, cfg, store.url, seqs, s0, widths, stop, shards,
+                                   key=f"compsae-harvest-{run_id}-shards-{shards.start}-{shards.stop}", pure=False)
+            futures[future] = shards
+            return future
+
+        running = as_completed()
         try:
-            for future in as_completed(list(futures)):
+            while todo and running.count() < IN_FLIGHT_PER_WORKER * n_workers:
+                if (future := submit(todo.popleft())) is not None:
+                    running.add(future)
+            for future in running:
                 bar.update(future.result())  # re-raises the task's error here
                 for shard in futures[future]:
                     if on_shard_written is not None:
                         on_shard_written(shard)
+                while todo and running.count() < IN_FLIGHT_PER_WORKER * n_workers:
+                    if (nxt := submit(todo.popleft())) is not None:
+                        running.add(nxt)
         finally:
             bar.close()
             client.cancel(list(futures))
             with contextlib.suppress(Exception):  # a worker that already left holds nothing
                 client.run(forget_models)
+    if feed.ready < feed.n_seqs:
+        tqdm.write(f"harvest: the data ran out after {store.n_rows} of {cfg.n_tokens} tokens; storing those")
     store.finalize(extra={"rounding_error": rounding})

@@ -106,9 +106,8 @@ def run_harvest(cfg: HarvestConfig, out_dir: str, force: bool = False,
             tqdm.write(f"harvest: {url} is complete for this config; nothing to do")
             return outputs_of(existing)
 
-    # a single-process harvest holds a window of token ids; parallel workers are handed theirs whole
-    window = None if workers or scheduler else window_seqs(
-        cfg, cfg.batch_size if isinstance(cfg.batch_size, int) else MAX_BATCH, cfg.shard_rows)
+    # the harvest holds a window of token ids (a parallel one hands each task a copy of its own)
+    window = window_seqs(cfg, cfg.batch_size if isinstance(cfg.batch_size, int) else MAX_BATCH, cfg.shard_rows)
     held = min(window or cfg.n_seqs, cfg.n_seqs)
     check_memory(held * cfg.context * 4, f"tokenizing {held * cfg.context:,} tokens at a time",
                  "lower harvest.n_tokens or harvest in several stores")
@@ -128,8 +127,6 @@ def _harvest_with_feed(cfg: HarvestConfig, url: str, digest: str, existing: Acti
     widths = check_hooks(loaded, cfg.hooks, cfg.context)
     feed.check_not_empty(cfg.data.source)  # before anything is written
     parallel = bool(workers or scheduler)
-    if parallel:  # the workers are handed their sequences whole
-        feed = TokenFeed.of(feed.result(cfg.data.source, cfg.n_tokens))
     # the sequences asked; fewer when the data runs out, found by the harvest loop (the store shrinks then)
     n_seqs = feed.ready if feed.done else feed.n_seqs
     itemsize = 4 if cfg.dtype == "float32" else 2
@@ -167,7 +164,7 @@ def _harvest_with_feed(cfg: HarvestConfig, url: str, digest: str, existing: Acti
         if parallel:
             from compsae.harvest.parallel import harvest_parallel
 
-            harvest_parallel(store, cfg, loaded, feed.seqs(0, feed.ready), widths, stop, workers=workers or 0,
+            harvest_parallel(store, cfg, loaded, feed, widths, stop, workers=workers or 0,
                              scheduler=scheduler, processes=processes, on_shard_written=on_shard_written)
         else:
             _harvest_into(store, cfg, loaded, feed, widths, stop, on_shard_written)

@@ -375,9 +375,17 @@ class ActivationStore:
             arr.resize((n_rows, arr.shape[1]))
         for name, _ in SIDE_ARRAYS:
             self.group[name].resize((n_rows,))
+        n_shards = max(1, -(-n_rows // self.shard_rows))
+        # the per-shard arrays too: a shrunk store is the one laid out for its rows from the start
+        per_shard = ["progress/shard_done", "progress/shard_crc"] + [f"progress/stats/{h}" for h in self.hooks]
+        if not self.legacy:
+            per_shard += [SIDE_TABLE] + [chunk_table(h) for h in self.hooks]
+        for name in per_shard:
+            arr = self.group[name]
+            arr.resize((n_shards, *arr.shape[1:]))
         self.manifest.update(extra or {})
         self.manifest["n_rows"] = int(n_rows)
-        self.manifest["n_shards"] = max(1, -(-n_rows // self.shard_rows))
+        self.manifest["n_shards"] = n_shards
         self._writer.forget_arrays()  # cached handles still have the old shape
         self._columns.clear()
         self._tables.clear()
