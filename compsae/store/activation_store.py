@@ -30,6 +30,7 @@ from compsae import durable
 from compsae.errors import StoreCorruptError, UserError
 from compsae.object_store import object_store_error
 from compsae.store import integrity
+from compsae.store.crc import crc32c_concat
 from compsae.store.format import (  # noqa: F401 - re-exported: the names stages import from here
     FORMAT,
     LEGACY_FORMAT,
@@ -37,6 +38,7 @@ from compsae.store.format import (  # noqa: F401 - re-exported: the names stages
     READABLE_FORMATS,
     SIDE_ARRAYS,
     SIDE_TABLE,
+    bind_crc,
     bound_crc,
     check_peak,
     chunk_table,
@@ -514,6 +516,11 @@ class ActivationStore:
     def read_chunk_raw(self, hook: str, chunk: int) -> np.ndarray:
         """One chunk in the storage dtype (a read-only view into the mapped shard when possible),
         checked against its checksum bound to (store, hook, chunk index) (format 2), else its own crc32c."""
+        return self._checked_chunk(hook, chunk)[0]
+
+    def _checked_chunk(self, hook: str, chunk: int) -> tuple[np.ndarray, int | None]:
+        """`read_chunk_raw` and the crc32c of the chunk's bytes (the pass that checks the bound
+        checksum; None for a format-1 store, whose chunks Zarr's own crc checked)."""
         self._check_hook(hook)
         if not 0 <= chunk < self.n_chunks:
             raise IndexError(f"chunk {chunk} outside 0..{self.n_chunks - 1}")
@@ -524,15 +531,17 @@ class ActivationStore:
             data = self._read_acts_zarr(hook, start, stop)
         else:
             data = self._reader.chunk(hook, chunk, self.d_model(hook), stop - start, own_crc=self.legacy)
-        if not self.legacy:
-            expect = int(self._table(chunk_table(hook))[shard, inner])
-            if data is None or bound_crc(np.ascontiguousarray(data), self.store_id, hook, chunk) != expect:
-                raise StoreCorruptError(
-                    f"store {self.url}, hook {hook}, shard {shard}: chunk {chunk} fails its checksum (corrupt, "
-                    "moved or from another store); run `compsae verify` and re-harvest")
-        if data is None:
-            return np.zeros((stop - start, self.d_model(hook)), dtype=storage_dtype(self.layout.dtype))
-        return data
+        if self.legacy:
+            if data is None:
+                data = np.zeros((stop - start, self.d_model(hook)), dtype=storage_dtype(self.layout.dtype))
+            return data, None
+        expect = int(self._table(chunk_table(hook))[shard, inner])
+        crc = crc32c.crc32c(np.ascontiguousarray(data)) if data is not None else None
+        if crc is None or bind_crc(crc, data.nbytes, self.store_id, hook, chunk) != expect:
+            raise StoreCorruptError(
+                f"store {self.url}, hook {hook}, shard {shard}: chunk {chunk} fails its checksum (corrupt, "
+                "moved or from another store); run `compsae verify` and re-harvest")
+        return data, crc
 
     def _read_acts_zarr(self, hook: str, start: int, stop: int) -> np.ndarray:
         try:
@@ -568,8 +577,12 @@ class ActivationStore:
             start, stop = self.shard_range(shard)
             digest, unreadable = 0, False
             for hook in self.hooks:
-                try:
-                    digest = crc32c.crc32c(np.ascontiguousarray(self.read_rows_raw(hook, start, stop)), digest)
+                try:  # the shard's digest from its chunks' crcs: each chunk's bytes are read once
+                    for chunk in range(start // self.chunk_rows, -(-stop // self.chunk_rows)):
+                        data, crc = self._checked_chunk(hook, chunk)
+                        if crc is None:
+                            crc = crc32c.crc32c(np.ascontiguousarray(data))
+                        digest = crc32c_concat(digest, crc, data.nbytes)
                 except StoreCorruptError as e:
                     problems.append(str(e))
                     unreadable = True
