@@ -139,22 +139,33 @@ def test_cuda_harvest_resumes_to_the_same_bytes_and_matches_the_cpu(tmp_path: Pa
         assert gs["count"] == cs["count"] and gs["mean_norm"] == pytest.approx(cs["mean_norm"], rel=1e-3)
 
 
-@needs_cuda
-def test_the_harvest_loop_never_waits_for_the_gpu(tmp_path: Path) -> None:
-    """The harvesting thread only launches work: a read of a CUDA value, or a copy from pageable
-    memory (which first drains the GPU's queue), would leave the GPU idle at every batch."""
+def _loop_inputs(device: str, tmp_path: Path) -> tuple[Any, ...]:
+    """What `harvest_shards` takes, for a two-hook harvest read by compsae's own forward: (cfg,
+    loaded, widths, stop, tokens, an empty store, batch 0's activations, which the rounding
+    sample reads back on purpose)."""
     from compsae.harvest.models import check_hooks, load_model, stop_layer
     from compsae.harvest.run import tokenize_all
-    from compsae.harvest.shards import harvest_shards, measure_rounding
+    from compsae.harvest.shards import measure_rounding
 
-    cfg = _cfg("cuda", hooks=["blocks.1.hook_resid_post", "blocks.2.hook_resid_pre"])  # compsae's own forward
+    cfg = _cfg(device, hooks=["blocks.1.hook_resid_post", "blocks.2.hook_resid_pre"])
     loaded = load_model(cfg)
     widths = check_hooks(loaded, list(cfg.hooks), cfg.context)
     stop = stop_layer(list(cfg.hooks))
     tokens = tokenize_all(cfg, loaded.tokenizer)
     store = ActivationStore.create(str(tmp_path / "s.zarr"), widths, tokens.size, cfg.layout(), {"config_hash": "x"})
     with torch.inference_mode():
-        _rounding, batch0 = measure_rounding(cfg, loaded, tokens, widths, stop)  # reads values back on purpose
+        _rounding, batch0 = measure_rounding(cfg, loaded, tokens, widths, stop)
+    return cfg, loaded, widths, stop, tokens, store, batch0
+
+
+@needs_cuda
+def test_the_harvest_loop_never_waits_for_the_gpu(tmp_path: Path) -> None:
+    """The harvesting thread only launches work: a read of a CUDA value, or a copy from pageable
+    memory (which first drains the GPU's queue), would leave the GPU idle at every batch."""
+    from compsae.harvest.shards import harvest_shards
+
+    cfg, loaded, widths, stop, tokens, store, batch0 = _loop_inputs("cuda", tmp_path)
+    with torch.inference_mode():
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")
         try:
@@ -215,21 +226,12 @@ def test_shard_buffers_and_device_statistics_read_nothing_back() -> None:
 def test_the_harvest_loop_reads_nothing_back_on_any_device(tmp_path: Path) -> None:
     """The harvesting thread's torch ops over a whole CPU harvest (compsae's own forward, two hooks,
     batches straddling shards): none would make a GPU's host wait (`HostReads`)."""
-    from compsae.harvest.models import check_hooks, load_model, stop_layer
-    from compsae.harvest.run import tokenize_all
-    from compsae.harvest.shards import harvest_shards, measure_rounding
+    from compsae.harvest.shards import harvest_shards
 
-    cfg = _cfg("cpu", hooks=["blocks.1.hook_resid_post", "blocks.2.hook_resid_pre"])
-    loaded = load_model(cfg)
-    widths = check_hooks(loaded, list(cfg.hooks), cfg.context)
-    stop = stop_layer(list(cfg.hooks))
-    tokens = tokenize_all(cfg, loaded.tokenizer)
-    store = ActivationStore.create(str(tmp_path / "s.zarr"), widths, tokens.size, cfg.layout(), {"config_hash": "x"})
-    with torch.inference_mode():
-        _rounding, batch0 = measure_rounding(cfg, loaded, tokens, widths, stop)  # reads values back on purpose
-        with HostReads(token_shape=(cfg.batch_size, cfg.context)) as reads:
-            harvest_shards(store, cfg, loaded, tokens, widths, stop, range(store.n_shards), batch0=batch0,
-                           progress=False)
+    cfg, loaded, widths, stop, tokens, store, batch0 = _loop_inputs("cpu", tmp_path)
+    with torch.inference_mode(), HostReads(token_shape=(cfg.batch_size, cfg.context)) as reads:
+        harvest_shards(store, cfg, loaded, tokens, widths, stop, range(store.n_shards), batch0=batch0,
+                       progress=False)
     assert reads.found == []
     store.finalize()
     assert store.verify() == []
