@@ -29,6 +29,9 @@
 #   peer_saelens          compsae vs SAELens' CacheActivationsRunner as whole processes, on CUDA
 #   harvest_pythia70m_4m_b1024      the harvest at 1,024 sequences a batch (auto's choice before it
 #                         was capped at one shard): what the smaller batch costs the forward
+#   harvest_6hooks_w4 / _w8         all six residual streams of the Pythia-70m shape in one pass
+#                         (6 KB a token to write), with 4 writer threads (auto's cap) and with 8:
+#                         whether auto should grow with the hooks
 # Each step has its own time limit and a failed step does not stop the others.  Everything goes to
 # $OUT/gpu_bench.txt (or ./gpu-results/); at the end every RESULT line, tagged with its step and
 # the card's name.  The whole run is cut at $GPU_BENCH_BUDGET seconds (default 470: with the
@@ -158,6 +161,12 @@ print('transformers', transformers.__version__, 'zarr', zarr.__version__, 'dask'
   # forward's rate at both says what the smaller batch costs the GPU
   wanted harvest_pythia70m_4m_b1024 && step harvest_pythia70m_4m_b1024 110 $H --batch-size 1024 --tokens 4194304 \
     --repeats 1 --no-writer-rates
+  SIX="--hook blocks.0.hook_resid_post --hook blocks.1.hook_resid_post --hook blocks.2.hook_resid_post \
+    --hook blocks.3.hook_resid_post --hook blocks.4.hook_resid_post --hook blocks.5.hook_resid_post"
+  for w in 4 8; do
+    wanted "harvest_6hooks_w$w" && step "harvest_6hooks_w$w" 75 $H --batch-size auto $SIX --tokens 1048576 \
+      --repeats 2 --writer-threads "$w" --no-writer-rates
+  done
   # GPU_PIPELINES="ablations ...": run whole pipelines on the GPU; their outputs (stores and
   # training states left out) come back as $out/pipelines.tar.gz
   for p in ${GPU_PIPELINES:-}; do
