@@ -1,8 +1,9 @@
 """Parallel harvest on Dask: the missing shards cut into ranges, one task per range, one store.
 
-The client (the `compsae harvest` process) loads the model once to check hooks, tokenize and
-measure the rounding error, creates or resumes the store and holds its writer lock throughout.
-Each task runs `harvest_shards` for its range of consecutive shards on a worker, which keeps the
+The client (the `compsae harvest` process) loads the model once to check hooks and measure the
+rounding error, creates or resumes the store and holds its writer lock throughout; its token feed
+tokenizes beside the workers, and each task goes out, with a copy of its sequences, once the feed
+has them (a bounded window of token ids, as in one process).  Each task runs `harvest_shards` for its range of consecutive shards on a worker, which keeps the
 model loaded between tasks; workers write their shards straight into the store (every shard is
 its own set of files, so independent writers never touch the same bytes) and never take the lock.
 When every task has finished the client calls `finalize`.
@@ -173,18 +174,20 @@ def harvest_parallel(store: ActivationStore, cfg: HarvestConfig, loaded: LoadedM
             return future
 
         running = as_completed()
-        try:
+
+        def top_up() -> None:
             while todo and running.count() < IN_FLIGHT_PER_WORKER * n_workers:
                 if (future := submit(todo.popleft())) is not None:
                     running.add(future)
+
+        try:
+            top_up()
             for future in running:
                 bar.update(future.result())  # re-raises the task's error here
                 for shard in futures[future]:
                     if on_shard_written is not None:
                         on_shard_written(shard)
-                while todo and running.count() < IN_FLIGHT_PER_WORKER * n_workers:
-                    if (nxt := submit(todo.popleft())) is not None:
-                        running.add(nxt)
+                top_up()
         finally:
             bar.close()
             client.cancel(list(futures))
