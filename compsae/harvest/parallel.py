@@ -3,9 +3,10 @@
 The client (the `compsae harvest` process) loads the model once to check hooks and measure the
 rounding error, creates or resumes the store and holds its writer lock throughout; its token feed
 tokenizes beside the workers, and each task goes out, with a copy of its sequences, once the feed
-has them (a bounded window of token ids, as in one process).  Each task runs `harvest_shards` for its range of consecutive shards on a worker, which keeps the
-model loaded between tasks; workers write their shards straight into the store (every shard is
-its own set of files, so independent writers never touch the same bytes) and never take the lock.
+has them (a bounded window of token ids, as in one process).  Each task runs `harvest_shards` for
+its range of consecutive shards on a worker, which keeps the model loaded between tasks; workers
+write their shards straight into the store (every shard is its own set of files, so independent
+writers never touch the same bytes) and never take the lock.
 When every task has finished the client calls `finalize`.
 
 Why the store is byte-identical to a single-process harvest: batches are fixed sequence ranges

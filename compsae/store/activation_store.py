@@ -429,13 +429,9 @@ class ActivationStore:
 
     def _column(self, name: str) -> np.ndarray:
         if name not in self._columns:
-            values = self._read_array(name, self.n_rows)
-            if len(values) != self.n_rows:
-                raise StoreCorruptError(f"store {self.url}, {name}: holds {len(values)} rows, not {self.n_rows}")
-            if not self.legacy:
-                for shard in range(self.n_shards):
-                    lo, hi = self.shard_range(shard)
-                    integrity.check_side_part(self, name, shard, values[lo:hi], self._table(SIDE_TABLE))
+            values = np.empty(self.n_rows, dtype=dict(SIDE_ARRAYS)[name])
+            for lo, part in self.column_parts(name):
+                values[lo:lo + len(part)] = part
             self._columns[name] = values
         return self._columns[name]
 
