@@ -320,7 +320,7 @@ def test_a_store_reads_its_progress_arrays_without_zarr(tmp_path, monkeypatch):
     assert store.done_shards() == expect_done == {0, 2}
 
 
-def test_a_side_column_read_on_demand_gives_the_whole_columns_values(tmp_path):
+def test_a_side_column_read_on_demand_gives_the_whole_columns_values(tmp_path, monkeypatch):
     layout = StoreLayout(chunk_rows=8, shard_rows=32, dtype="float32")
     n = 150  # 5 shards, the last partial
     st = ActivationStore.create(str(tmp_path / "s.zarr"), {"h": 2}, n, layout, {"config_hash": "a"})
@@ -330,6 +330,12 @@ def test_a_side_column_read_on_demand_gives_the_whole_columns_values(tmp_path):
         st.write_shard(s, {"h": np.zeros((hi - lo, 2), np.float32)}, rows * 3 % 101, rows // 10, rows % 10)
     st.finalize()
     whole = ActivationStore.open(st.url).seq_id
+    from compsae.store import activation_store
+
+    monkeypatch.setattr(activation_store, "_SHARDS_PER_READ", 2)  # parts read two shards at a time
+    parts = list(ActivationStore.open(st.url).column_parts("seq_id"))
+    assert [lo for lo, _ in parts] == [0, 32, 64, 96, 128]
+    np.testing.assert_array_equal(np.concatenate([p for _, p in parts]), whole)
     view = ActivationStore.open(st.url).column_view("seq_id")
     view.keep_shards = 2  # shards dropped and read again
     assert len(view) == n and view[0] == whole[0] and view[-1] == whole[-1] and view[149] == whole[149]

@@ -52,7 +52,7 @@ from compsae.store.moments import shard_moments, stats_from_shards  # noqa: F401
 from compsae.store.reader import ShardReader
 from compsae.store.writer import ShardWriter, lay_out, wipe
 
-_SHARDS_PER_READ = 64  # side-column shards read at once: 8 MB of sequence ids at 16,384 rows a shard
+_SHARDS_PER_READ = 16  # side-column shards read at once: 2 MB of sequence ids at 16,384 rows a shard
 
 
 def _raise_unless_corrupt(error: Exception) -> None:
