@@ -67,10 +67,10 @@ def tokenize_all(cfg: HarvestConfig, tokenizer: Any) -> np.ndarray:
     return TokenFeed.start(cfg, tokenizer, progress=True).result(cfg.data.source, cfg.n_tokens)
 
 
-def load_with_feed(cfg: HarvestConfig, window: int | None) -> tuple[LoadedModel, TokenFeed]:
+def load_with_feed(cfg: HarvestConfig, window: int) -> tuple[LoadedModel, TokenFeed]:
     """Load the model, the data being tokenized meanwhile by a `TokenFeed` of `window` sequences
-    (None: all; the fast tokenizer and safetensors both release the GIL) that goes on beside the
-    forward passes."""
+    (the fast tokenizer and safetensors both release the GIL) that goes on beside the forward
+    passes."""
     feeds: list[TokenFeed] = []
     try:
         loaded = load_model(cfg, on_tokenizer=lambda tok: feeds.append(TokenFeed.start(cfg, tok, window)))
@@ -108,7 +108,7 @@ def run_harvest(cfg: HarvestConfig, out_dir: str, force: bool = False,
 
     # the harvest holds a window of token ids (a parallel one hands each task a copy of its own)
     window = window_seqs(cfg, cfg.batch_size if isinstance(cfg.batch_size, int) else MAX_BATCH, cfg.shard_rows)
-    held = min(window or cfg.n_seqs, cfg.n_seqs)
+    held = min(window, cfg.n_seqs)
     check_memory(held * cfg.context * 4, f"tokenizing {held * cfg.context:,} tokens at a time",
                  "lower harvest.n_tokens or harvest in several stores")
     loaded, feed = load_with_feed(cfg, window)

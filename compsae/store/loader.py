@@ -25,7 +25,7 @@ import torch
 
 from compsae.errors import UserError
 from compsae.store.activation_store import ActivationStore, from_storage
-from compsae.store.split import DEFAULT_SPLIT_SEED, heldout_mask
+from compsae.store.split import DEFAULT_SPLIT_SEED, heldout_parts
 
 Split = Literal["train", "heldout", "all"]
 _DONE = object()
@@ -140,8 +140,7 @@ class BatchLoader:
         bits = np.zeros(-(-n_rows // 8), dtype=np.uint8)
         counts = np.zeros(n_chunks, dtype=np.int64)
         pending = np.zeros(0, dtype=bool)  # rows after the last whole byte written
-        for lo, seq_id in self.store.column_parts("seq_id"):
-            held = heldout_mask(seq_id, fraction, seed=split_seed)
+        for lo, held in heldout_parts(self.store, fraction, split_seed):
             keep = held if split == "heldout" else ~held
             # a shard is whole chunks (the store's last one may end inside its last chunk)
             padded = np.zeros(-(-len(keep) // cr) * cr, dtype=np.int64)

@@ -3,6 +3,7 @@ on the same side and evaluation never sees a token of a training sequence."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -38,6 +39,13 @@ def heldout_mask(seq_id: np.ndarray, fraction: float, seed: int = 0) -> np.ndarr
     return u < fraction
 
 
+def heldout_parts(store: ActivationStore, fraction: float, seed: int = 0) -> Iterator[tuple[int, np.ndarray]]:
+    """`heldout_mask` of a store's sequence ids one shard at a time: (first row, `bool[rows]`).
+    The whole column and the hash's temporaries would peak at ~40 bytes a row of the store."""
+    for lo, seq_id in store.column_parts("seq_id"):
+        yield lo, heldout_mask(seq_id, fraction, seed)
+
+
 class HeldOutSplit(BaseModel):
     """Which sequences a model never trained on: `fraction` of them, chosen by `seed`.  Training
     records it with the checkpoint; every later stage evaluates on `mask(seq_id)` of that record."""
@@ -52,11 +60,10 @@ class HeldOutSplit(BaseModel):
         return heldout_mask(seq_id, self.fraction, self.seed)
 
     def store_mask(self, store: ActivationStore) -> np.ndarray:
-        """`bool[n_rows]`: True for the held-out rows of `store`, its sequence ids read shard by
-        shard (the whole column and the hash's temporaries would peak at ~40 bytes a row)."""
+        """`bool[n_rows]`: True for the held-out rows of `store` (`heldout_parts`)."""
         out = np.zeros(store.n_rows, dtype=bool)
-        for lo, seq_id in store.column_parts("seq_id"):
-            out[lo:lo + len(seq_id)] = self.mask(seq_id)
+        for lo, held in heldout_parts(store, self.fraction, self.seed):
+            out[lo:lo + len(held)] = held
         return out
 
 
