@@ -19,11 +19,9 @@
 #   tests_cuda            the harvest's device path (pinned staging, side stream), capture, compsae's
 #                         GPT-NeoX forward (bits) and sync-free training steps on CUDA
 #   harvest_pythia70m_4m / _262k    harvest vs the bare truncated forward, batch size auto (and
-#                         the shard writers' own rates)
+#                         the shard writers' own rates; at 262k a profile of where the GPU idles)
 #   harvest_smollm2_4m / _262k      the same for the offline demo model's shape (blocks.6)
 #   fvu_cpu_vs_cuda       training on CUDA gives the CPU's FVU curve
-#   tests_compile_cuda    train.compile on CUDA (CUDA graphs): 24 training steps through every
-#                         schedule change give the eager losses (tests/test_train_compile.py)
 #   train_quick           loader vs training, the CompSAE step per composer kind vs TopK, eager and
 #                         then compiled (train.compile: CUDA graphs; the eager lines print first)
 #   peer_saelens          compsae vs SAELens' CacheActivationsRunner as whole processes, on CUDA
@@ -32,6 +30,8 @@
 #   harvest_6hooks_w4 / _w8         all six residual streams of the Pythia-70m shape in one pass
 #                         (6 KB a token to write), with 4 writer threads (auto's cap) and with 8:
 #                         whether auto should grow with the hooks
+#   tests_compile_cuda    train.compile on CUDA (CUDA graphs): 24 training steps through every
+#                         schedule change give the eager losses (tests/test_train_compile.py)
 # Each step has its own time limit and a failed step does not stop the others.  Everything goes to
 # $OUT/gpu_bench.txt (or ./gpu-results/); at the end every RESULT line, tagged with its step and
 # the card's name.  The whole run is cut at $GPU_BENCH_BUDGET seconds (default 470: with the
@@ -143,16 +143,15 @@ print('transformers', transformers.__version__, 'zarr', zarr.__version__, 'dask'
     tests/test_train_device_sync.py
   H="$PY benchmarks/harvest.py --device cuda"
   # the shard writers' own rates once (they do not depend on the model)
-  wanted harvest_pythia70m_4m && step harvest_pythia70m_4m 110 $H --batch-size auto --tokens 4194304 --repeats 1
+  # two repeats at 4M too: a process's first harvest pays one-time costs (pinned host buffers)
+  wanted harvest_pythia70m_4m && step harvest_pythia70m_4m 110 $H --batch-size auto --tokens 4194304 --repeats 2
+  # --profile: one more bare forward and harvest under torch.profiler (GPU idle time by harvest phase)
   wanted harvest_pythia70m_262k && step harvest_pythia70m_262k 75 $H --batch-size auto --tokens 262144 --repeats 2 \
-    --no-writer-rates
+    --no-writer-rates --profile
   S="--model smollm2-135m-shaped --hook blocks.6.hook_resid_post --no-writer-rates"
   wanted harvest_smollm2_4m && step harvest_smollm2_4m 120 $H --batch-size auto $S --tokens 4194304 --repeats 1
   wanted harvest_smollm2_262k && step harvest_smollm2_262k 75 $H --batch-size auto $S --tokens 262144 --repeats 2
   wanted fvu_cpu_vs_cuda && step fvu_cpu_vs_cuda 120 "$PY" benchmarks/cuda_vs_cpu.py --steps 100 --devices cpu,cuda
-  # about 50 s per model (eager and compiled runs through every schedule change)
-  wanted tests_compile_cuda && step tests_compile_cuda 180 "$PY" -m pytest -q -p no:cacheprovider \
-    tests/test_train_compile.py -k cuda
   # --compile: compiling the five models (forward + backward) takes most of this step's time
   wanted train_quick && step train_quick 150 "$PY" benchmarks/train.py --quick --steps 10 --device cuda --compile
   wanted peer_saelens && step peer_saelens 120 env COMPSAE_CACHE="$PWD/.whl/assets" "$PY" benchmarks/peer_saelens.py \
@@ -167,6 +166,10 @@ print('transformers', transformers.__version__, 'zarr', zarr.__version__, 'dask'
     wanted "harvest_6hooks_w$w" && step "harvest_6hooks_w$w" 75 $H --batch-size auto $SIX --tokens 1048576 \
       --repeats 2 --writer-threads "$w" --no-writer-rates
   done
+  # about 50 s per model (eager and compiled runs through every schedule change): last of the
+  # measurements, since the three minutes it may take would cut every step after it
+  wanted tests_compile_cuda && step tests_compile_cuda 200 "$PY" -m pytest -v -p no:cacheprovider \
+    tests/test_train_compile.py -k cuda
   # GPU_PIPELINES="ablations ...": run whole pipelines on the GPU; their outputs (stores and
   # training states left out) come back as $out/pipelines.tar.gz
   for p in ${GPU_PIPELINES:-}; do

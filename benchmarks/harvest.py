@@ -38,6 +38,8 @@ from typing import Any
 import fsspec
 import numpy as np
 import torch
+from gpu_timeline import profile_region
+from torch.profiler import ProfilerActivity, profile, record_function
 
 from compsae.harvest.batch_size import auto_batch_size
 from compsae.harvest.byte_tokenizer import VOCAB_SIZE, byte_tokenizer
@@ -115,14 +117,14 @@ def bare_forward(loaded: LoadedModel, tokens: np.ndarray, batch_size: int, stop:
     try:
         if base is not None and stop is not None:
             base.layers = layers[:stop]
-        with torch.inference_mode():
+        with torch.inference_mode(), record_function("bench.forward"):
             for b in range(0, len(tokens), batch_size):
                 batch = device_tokens(tokens[b:b + batch_size], loaded.device)
                 if base is not None:
                     base(input_ids=batch)
                 else:
                     loaded.model(batch, stop_at_layer=stop)
-        synchronize(loaded.device)
+            synchronize(loaded.device)
     finally:
         if base is not None:
             base.layers = layers
@@ -152,8 +154,9 @@ def full_harvest(cfg: HarvestConfig, loaded: LoadedModel, tokens: np.ndarray, wi
         t0 = time.perf_counter()
         store = ActivationStore.create(url, widths, tokens.size, cfg.layout(), {"config_hash": "bench"}, overwrite=True)
         t1 = time.perf_counter()
-        [waits] = _harvest_into(store, cfg, loaded, tokens, widths, stop, None)
-        synchronize(loaded.device)
+        with record_function("bench.harvest"):
+            [waits] = _harvest_into(store, cfg, loaded, tokens, widths, stop, None)
+            synchronize(loaded.device)
         t2 = time.perf_counter()
     print(f"  harvest {t2 - t1:.3f} s: shard loop {waits.total:.3f} s (handing shards over blocked {waits.blocked:.3f} s, "
           f"the last shards' writes after the last forward {waits.tail:.3f} s, writers busy {waits.writer_busy:.0%}), "
@@ -186,6 +189,17 @@ def shard_write_rate(widths: dict[str, int], dtype: str, shard_rows: int, n_shar
     return sum(a.nbytes for a in acts.values()) * n_shards / seconds
 
 
+def profiled(cfg: HarvestConfig, loaded: LoadedModel, tokens: np.ndarray, widths: dict[str, int],
+             stop: int | None, url: str, tmp: str) -> str:
+    """One bare forward and one harvest under torch.profiler: where each one's GPU time went."""
+    trace = f"{tmp}/trace.json"
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        bare_forward(loaded, tokens, cfg.batch_size, stop)
+        full_harvest(cfg, loaded, tokens, widths, stop, url)
+    prof.export_chrome_trace(trace)
+    return "\n".join([profile_region(trace, "bench.forward"), profile_region(trace, "bench.harvest")])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small run, under a minute")
@@ -203,6 +217,9 @@ def main() -> None:
                          "harvest does) or forward hooks on the transformers model")
     ap.add_argument("--no-writer-rates", action="store_true",
                     help="skip the shard writers' own rates (shard_writes_* lines)")
+    ap.add_argument("--profile", action="store_true",
+                    help="after the timed runs, one bare forward and one harvest under torch.profiler: the GPU's "
+                         "busy and idle time, and the harvest phase behind each idle gap (on a CPU: the host phases only)")
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                     help="where the model runs (auto: CUDA when available)")
     args = ap.parse_args()
@@ -241,6 +258,8 @@ def main() -> None:
             created, seconds, store = full_harvest(cfg, loaded, tokens, widths, stop, url)
             create_s.append(created)
             harvest_s.append(seconds)
+        if args.profile:
+            print(profiled(cfg, loaded, tokens, widths, stop, url, tmp))
         fs, path = fsspec.core.url_to_fs(url)
         act_bytes = fs.du(f"{path}/acts", total=True)
         fp32_bytes = sum(store.n_rows * d * 4 for d in widths.values())

@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.profiler import record_function
 from tqdm.auto import tqdm
 
 from compsae import __version__, durable
@@ -186,7 +187,8 @@ def _harvest_into(store: ActivationStore, cfg: HarvestConfig, loaded: LoadedMode
     """Single-process harvest of every missing shard of `store`, then finalize; the tokens may
     still be arriving (`feed`).  Returns each run of shards' waits for the writers."""
     feed = feed if isinstance(feed, TokenFeed) else TokenFeed.of(feed)
-    rounding, sample = measure_rounding(cfg, loaded, feed.seqs(0, feed.wait_for(cfg.batch_size)), widths, stop)
+    with record_function("harvest.rounding"):
+        rounding, sample = measure_rounding(cfg, loaded, feed.seqs(0, feed.wait_for(cfg.batch_size)), widths, stop)
     waits: list[WriterWaits] = []
     for shards in missing_runs(sorted(set(range(store.n_shards)) - store.done_shards())):
         if shards.start < store.n_shards:  # past the end when the data ran out (and the store shrank) earlier
@@ -195,5 +197,6 @@ def _harvest_into(store: ActivationStore, cfg: HarvestConfig, loaded: LoadedMode
                                         on_shard_written=on_shard_written, batch0=sample))
     if feed.ready < feed.n_seqs:
         tqdm.write(f"harvest: the data ran out after {store.n_rows} of {cfg.n_tokens} tokens; storing those")
-    store.finalize(extra={"rounding_error": rounding})
+    with record_function("harvest.finalize"):
+        store.finalize(extra={"rounding_error": rounding})
     return waits

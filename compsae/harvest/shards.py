@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.profiler import record_function
 from tqdm.auto import tqdm
 
 from compsae.errors import UserError
@@ -353,12 +354,15 @@ def harvest_shards(store: ActivationStore, cfg: HarvestConfig, loaded: LoadedMod
     n_seqs = store.n_rows // context
     threads = writer_threads(cfg, loaded.device)
     depth = queue_depth(bs * context, store.shard_rows)
-    writer = ShardWriter(store, context, on_shard_written, threads=threads, depth=depth)
+    # the phases are named for torch.profiler (benchmarks/harvest.py --profile charges the GPU's idle
+    # time to them); a name costs microseconds when no profiler runs
+    with record_function("harvest.setup"):
+        writer = ShardWriter(store, context, on_shard_written, threads=threads, depth=depth)
+        # a GPU's shards reach the host through pinned buffers on a side stream; a CPU's are on it
+        # already (a slot per writer thread, per queued shard, and one being filled)
+        staging = (HostStaging(store.shard_rows, hook_widths, cfg.dtype, loaded.device, slots=depth + threads + 1)
+                   if loaded.device.type == "cuda" else None)
     row0 = first_seq * context  # the feed's row 0 in the store
-    # a GPU's shards reach the host through pinned buffers on a side stream; a CPU's are on it already
-    # (a slot per writer thread, per queued shard, and one being filled)
-    staging = (HostStaging(store.shard_rows, hook_widths, cfg.dtype, loaded.device, slots=depth + threads + 1)
-               if loaded.device.type == "cuda" else None)
     buffer: ShardBuffer | None = None
     buffer_shard = -1
     blocked = 0.0  # seconds the harvesting thread spent blocked handing shards over
@@ -367,9 +371,11 @@ def harvest_shards(store: ActivationStore, cfg: HarvestConfig, loaded: LoadedMod
     def hand_over(shard: int, filled: ShardBuffer) -> float:
         """Queue a filled shard with its token ids; returns the seconds `put` blocked."""
         lo_row, hi_row = store.shard_range(shard)
-        host, tokens_of_shard = filled.finish(staging), feed.token_rows(lo_row - row0, hi_row - row0)
+        with record_function("harvest.finish"):
+            host, tokens_of_shard = filled.finish(staging), feed.token_rows(lo_row - row0, hi_row - row0)
         t0 = time.perf_counter()
-        writer.put(shard, host, tokens_of_shard)
+        with record_function("harvest.put"):
+            writer.put(shard, host, tokens_of_shard)
         return time.perf_counter() - t0
 
     bar = tqdm(total=store.n_rows, initial=start_row, desc=f"harvest {loaded.info['name']}", unit="tok",
@@ -382,7 +388,8 @@ def harvest_shards(store: ActivationStore, cfg: HarvestConfig, loaded: LoadedMod
             # what is still needed starts at this batch, or at the shard being filled
             held = s0 if buffer is None else min(s0, store.shard_range(buffer_shard)[0] // context)
             feed.release(held - first_seq)
-            ready = feed.wait_for(s1 - first_seq) + first_seq
+            with record_function("harvest.wait_tokens"):
+                ready = feed.wait_for(s1 - first_seq) + first_seq
             if ready < s1:  # the data ran out: the store ends with its last whole sequence
                 n_seqs = s1 = ready
                 store.shrink(n_seqs * context, {"data": {**store.manifest.get("data", {}), "n_seqs": n_seqs}})
@@ -399,7 +406,8 @@ def harvest_shards(store: ActivationStore, cfg: HarvestConfig, loaded: LoadedMod
             if b == 0 and batch0 is not None:
                 acts = batch0
             else:
-                acts = _forward(loaded, feed.seqs(s0 - first_seq, s1 - first_seq), hooks, widths, stop)
+                with record_function("harvest.forward"):
+                    acts = _forward(loaded, feed.seqs(s0 - first_seq, s1 - first_seq), hooks, widths, stop)
             r0, r1 = s0 * context, s1 * context
             lo, hi = max(r0, start_row), min(r1, stop_row)
             bar.update(hi - lo)
@@ -410,7 +418,8 @@ def harvest_shards(store: ActivationStore, cfg: HarvestConfig, loaded: LoadedMod
                 if buffer is None:
                     buffer = ShardBuffer(s_stop - s_start, hook_widths, cfg.dtype, loaded.device)
                     buffer_shard = shard
-                buffer.fill(lo - s_start, {h: acts[h][lo - r0:lo - r0 + take] for h in hooks})
+                with record_function("harvest.fill"):
+                    buffer.fill(lo - s_start, {h: acts[h][lo - r0:lo - r0 + take] for h in hooks})
                 lo += take
                 if lo == s_stop:
                     blocked += hand_over(shard, buffer)
@@ -418,7 +427,8 @@ def harvest_shards(store: ActivationStore, cfg: HarvestConfig, loaded: LoadedMod
     finally:
         bar.close()
         t0 = time.perf_counter()
-        writer.close()  # even on error: shards already queued are written, nothing is lost
+        with record_function("harvest.last_writes"):
+            writer.close()  # even on error: shards already queued are written, nothing is lost
         tail = time.perf_counter() - t0
     total = time.perf_counter() - t_start
     timing = WriterWaits(blocked, tail, total, writer.busy_s / (threads * total) if total > 0 else 0.0)
