@@ -20,6 +20,10 @@ including the last shard's write that nothing overlaps and `finalize`.  With few
 default 4 of 16,384 rows) that unoverlapped tail is a large part of the run: use `--tokens` to
 see the steady state of a long harvest.
 
+`--profile` (after the timed runs): one bare forward and one harvest under torch.profiler; on a
+GPU it prints how busy each kept the device and charges every idle stretch of at least 50 µs to
+the harvest phase the host was in (`gpu_timeline.py`); on a CPU, the host time of each phase.
+
 Default model: Pythia-70m-shaped GPT-NeoX (d_model 512, 6 layers, 8 heads) with random weights —
 the truncated forward costs the same as the real one; `--model smollm2-135m-shaped` is the offline
 demo model's shape (random weights, nothing fetched), `--model smollm2-135m` the real LM.
