@@ -139,7 +139,8 @@ print('transformers', transformers.__version__, 'zarr', zarr.__version__, 'dask'
       'pydantic', pydantic.__version__, 'datasets', datasets.__version__)"
   # most wanted first: a late step is the one the budget cuts.  GPU_STEPS picks a subset; the
   # steps in EXTRA answered their question already and run only when GPU_STEPS names them (the
-  # default set's steps add up to about 7.9 minutes on an H200, timed over three calls)
+  # default set's steps took about 8 minutes on an H200, summed over three calls; the compile
+  # tests' two default cases counted as two thirds of the three cases' 160 s)
   EXTRA=" harvest_pythia70m_4m_b1024 harvest_6hooks_w8 tests_compile_cuda_attention "
   wanted() {
     if [ -z "${GPU_STEPS:-}" ]; then [[ "$EXTRA" != *" $1 "* ]]; else [[ " $GPU_STEPS " == *" $1 "* ]]; fi

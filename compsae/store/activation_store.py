@@ -443,7 +443,7 @@ class ActivationStore:
         for first in range(0, self.n_shards, _SHARDS_PER_READ):
             last = min(first + _SHARDS_PER_READ, self.n_shards)
             lo, hi = self.shard_range(first)[0], self.shard_range(last - 1)[1]
-            values = self._columns[name][lo:hi] if name in self._columns else self._read_side(name, lo, hi)
+            values = self._side_rows(name, lo, hi)
             for shard in range(first, last):
                 s_lo, s_hi = self.shard_range(shard)
                 yield s_lo, self._checked_part(name, shard, values[s_lo - lo:s_hi - lo])
@@ -451,8 +451,11 @@ class ActivationStore:
     def column_part(self, name: str, shard: int) -> np.ndarray:
         """The rows of side column `name` in `shard`, checked against their bound checksum."""
         lo, hi = self.shard_range(shard)
-        values = self._columns[name][lo:hi] if name in self._columns else self._read_side(name, lo, hi)
-        return self._checked_part(name, shard, values)
+        return self._checked_part(name, shard, self._side_rows(name, lo, hi))
+
+    def _side_rows(self, name: str, lo: int, hi: int) -> np.ndarray:
+        """Rows `lo .. hi` of side column `name`: from the loaded column if there is one, else read."""
+        return self._columns[name][lo:hi] if name in self._columns else self._read_side(name, lo, hi)
 
     def _read_side(self, name: str, lo: int, hi: int) -> np.ndarray:
         if name not in dict(SIDE_ARRAYS):
