@@ -103,6 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     grid.add_argument("name", nargs="?", default="default", help="default (>= 24 cells) or quick (a few small cells)")
     grid.add_argument("--runs", default="runs", help="runs root; the grid goes to RUNS/grid-NAME")
     grid.add_argument("--split", default="all", choices=["all", "validation", "test"])
+    grid.add_argument("--composer", action="append", default=[], metavar="FIELD=VALUE",
+                      help="override a field of the composer in every cell, e.g. --composer pair_l1=0 (repeatable)")
     verify = sub.add_parser("verify", help="check a store, a checkpoint or a whole run folder: one line per problem")
     verify.add_argument("path", help="a store, a checkpoint folder, or a run folder (e.g. runs/demo) to check all of it")
     verify.add_argument("--deep", action="store_true",
@@ -254,10 +256,25 @@ def _cmd_humaneval(args: argparse.Namespace) -> int:
 
 
 def _cmd_grid(args: argparse.Namespace) -> int:
-    from compsae.evaluation.composition_grid.report import write_grid_report
+    import yaml
+    from pydantic import ValidationError
 
+    from compsae.evaluation.composition_grid.report import write_grid_report
+    from compsae.train.config import CompSAEConfig
+
+    composer: dict[str, Any] = {}
+    for item in args.composer:
+        key, sep, value = item.partition("=")
+        if not sep or key not in CompSAEConfig.model_fields:
+            raise UserError(f"--composer {item!r}: use FIELD=VALUE with a CompSAE field (e.g. pair_l1=0)")
+        composer[key] = yaml.safe_load(value)
+    try:
+        CompSAEConfig(composer="pair", **composer)
+    except ValidationError as e:
+        first = e.errors()[0]
+        raise UserError(f"--composer {'.'.join(map(str, first['loc']))}: {first['msg']}") from None
     folder = os.path.join(args.runs, f"grid-{args.name}")
-    summary = write_grid_report(args.name, folder, args.split)
+    summary = write_grid_report(args.name, folder, args.split, composer=composer)
     print(f"grid {args.name}: {summary['line']}\nreport: {summary['report']}")
     return 0
 

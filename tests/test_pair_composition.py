@@ -288,3 +288,18 @@ def test_training_on_tiny_bilinear_data_raises_the_pair_auc(tmp_path):
     auc, _ = labelled_auc(typical_code_effects(model, codes, acc.rms), l2t, d.C, d.twins)
     pmi_auc, _ = labelled_auc(pmi_matrix(acc.count, (out.z > 0).sum(0).numpy(), len(held), 5), l2t, d.C, d.twins)
     assert auc >= 0.8 and auc >= pmi_auc + 0.2, (auc, pmi_auc)
+
+
+def test_the_polysae_form_is_half_the_square_of_the_summed_embeddings() -> None:
+    """`pair_diagonal`: c = ½ (Σ_i z_i E_i)², PolySAE's quadratic term with one shared embedding."""
+    import torch
+
+    from compsae.train.models.pair_composer import PairComposer
+
+    torch.manual_seed(0)
+    comp = PairComposer(32, 8, 4, diagonal=True)
+    torch.nn.init.normal_(comp.W_out)
+    idx = torch.randint(0, 32, (5, 6))
+    vals = torch.rand(5, 6)
+    u = comp.items(idx, vals)
+    torch.testing.assert_close(comp(idx, vals), (u.sum(1).square() / 2) @ comp.W_out)

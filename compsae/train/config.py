@@ -104,12 +104,17 @@ class CompSAEConfig(TopKConfig):
 
     # composer "pair": x̂ += Σ_{i<j active} s_ij z_i z_j (E_i ⊙ E_j) W_out
     pair_rank: int = Field(64, ge=1, description="r: width of the pair embedding E [n_latents, r]")
+    pair_diagonal: bool = Field(
+        False, description="PolySAE's quadratic form: also each latent's square z_i² (E_i ⊙ E_i) W_out, i.e. "
+        "½ (zE ⊙ zE) W_out with one shared embedding (pair effects are unchanged: a square has no mixed difference)")
     pair_selection: Literal["all", "top_m"] = Field(
         "all", description="all: every pair of active latents (s_ij = 1); top_m: each latent's top-m partners "
         "by a learned score (the curriculum moves m)")
-    pair_l1: float = Field(0.1, ge=0.0, description="penalty on an upper bound of Σ_pairs ‖z_i z_j R_ij‖")
+    # Both pair penalties default to off: chosen on the composition grid's validation cells, where
+    # they suppressed real pairs (docs/composition_grid.md); calls come from the label-free test.
+    pair_l1: float = Field(0.0, ge=0.0, description="penalty on an upper bound of Σ_pairs ‖z_i z_j R_ij‖")
     pair_group_l1: float = Field(
-        0.03, ge=0.0, description="group lasso on each latent's pair embedding (rows of E), token-weighted: a latent "
+        0.0, ge=0.0, description="group lasso on each latent's pair embedding (rows of E), token-weighted: a latent "
         "that composes with nothing gets no pair term with any partner")
     pair_group_warmup_fraction: float = Field(
         0.3, ge=0.0, le=1.0, description="the group lasso ramps in over this fraction, counted from when the path joins")

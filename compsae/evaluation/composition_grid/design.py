@@ -31,12 +31,18 @@ class PairGraphDesign(BaseModel):
 
     d_model: int = Field(64, ge=4)
     n_features: int = Field(256, ge=8)
-    pair_fraction: float = Field(0.5, gt=0.0, le=1.0, description="share of features in any pair")
-    degree: int = Field(1, ge=1, description="interacting edges (and as many twin edges) per paired feature")
-    strength: float = Field(0.03, ge=0.0, lt=1.0, description="share of variance in interaction terms")
+    pair_fraction: float = Field(1.0, gt=0.0, le=1.0, description="share of features in any pair")
+    degree: int = Field(
+        2, ge=1, description="interacting edges (and as many twin edges) per paired feature"
+    )
+    strength: float = Field(
+        0.03, ge=0.0, lt=1.0, description="share of variance in interaction terms"
+    )
     rank: int = Field(8, ge=1, description="rank of the shared bilinear map B")
-    cofire_prob: float = Field(0.01, gt=0.0, le=1.0, description="per-edge co-firing event probability")
-    mean_active: float = Field(4.0, gt=0.0, description="expected independent firings per row")
+    cofire_prob: float = Field(
+        0.002, gt=0.0, le=1.0, description="per-edge co-firing event probability"
+    )
+    mean_active: float = Field(3.0, gt=0.0, description="expected independent firings per row")
     max_prob: float = Field(0.1, gt=0.0, le=1.0)
     zipf_exponent: float = Field(0.5, ge=0.0)
     magnitude_law: Literal["product", "constant"] = "product"
@@ -49,8 +55,10 @@ class PairGraphDesign(BaseModel):
     def _graph_fits(self) -> PairGraphDesign:
         paired = self.n_paired
         if paired < 4 or 2 * self.degree >= paired:
-            raise ValueError(f"{paired} paired features cannot carry {2 * self.degree} edges each: "
-                             "raise pair_fraction or lower degree")
+            raise ValueError(
+                f"{paired} paired features cannot carry {2 * self.degree} edges each: "
+                "raise pair_fraction or lower degree"
+            )
         return self
 
     @property
@@ -63,12 +71,12 @@ class PairGraphDesign(BaseModel):
 class PairGraph:
     """The fixed parts of one design: directions, firing probabilities, the pair graph, B."""
 
-    V: np.ndarray            # [n_features, d] unit feature directions
-    probs: np.ndarray        # [n_features] independent firing probabilities
-    pairs: np.ndarray        # [n_pairs, 2] interacting edges (i < j)
-    twins: np.ndarray        # [n_twins, 2] co-firing-only edges (i < j)
-    A: np.ndarray            # [rank, d]
-    W_B: np.ndarray          # [rank, d], scaled to the design's strength
+    V: np.ndarray  # [n_features, d] unit feature directions
+    probs: np.ndarray  # [n_features] independent firing probabilities
+    pairs: np.ndarray  # [n_pairs, 2] interacting edges (i < j)
+    twins: np.ndarray  # [n_twins, 2] co-firing-only edges (i < j)
+    A: np.ndarray  # [rank, d]
+    W_B: np.ndarray  # [rank, d], scaled to the design's strength
     interacting: bool
 
     @property
@@ -83,12 +91,13 @@ class PairGraph:
 
     def pair_terms(self, edges: np.ndarray) -> np.ndarray:
         """B(v_i, v_j) for `edges: [p, 2]` -> `[p, d]` (unit magnitudes)."""
-        proj = self.V @ self.A.T                               # [n_features, r]
+        proj = self.V @ self.A.T  # [n_features, r]
         return (proj[edges[:, 0]] * proj[edges[:, 1]]) @ self.W_B
 
 
-def _matchings(ids: np.ndarray, count: int, rng: np.random.Generator, taken: set[tuple[int, int]]
-               ) -> list[np.ndarray]:
+def _matchings(
+    ids: np.ndarray, count: int, rng: np.random.Generator, taken: set[tuple[int, int]]
+) -> list[np.ndarray]:
     """`count` random perfect matchings of `ids` sharing no edge with each other or with `taken`."""
     out: list[np.ndarray] = []
     for _ in range(count):
@@ -99,7 +108,9 @@ def _matchings(ids: np.ndarray, count: int, rng: np.random.Generator, taken: set
             if not edges & taken:
                 break
         else:
-            raise ValueError("could not draw disjoint matchings: lower degree or raise pair_fraction")
+            raise ValueError(
+                "could not draw disjoint matchings: lower degree or raise pair_fraction"
+            )
         taken |= edges
         out.append(perm)
     return out
@@ -110,8 +121,10 @@ def _raw_graph(design: PairGraphDesign) -> PairGraph:
     V = rng.standard_normal((design.n_features, design.d_model))
     V /= np.linalg.norm(V, axis=1, keepdims=True)
     p = np.arange(1, design.n_features + 1, dtype=np.float64) ** (-design.zipf_exponent)
-    probs = np.minimum(p * design.mean_active / p.sum(), design.max_prob)[rng.permutation(design.n_features)]
-    paired = rng.permutation(design.n_features)[:design.n_paired]
+    probs = np.minimum(p * design.mean_active / p.sum(), design.max_prob)[
+        rng.permutation(design.n_features)
+    ]
+    paired = rng.permutation(design.n_features)[: design.n_paired]
     # 2·degree matchings, dealt alternately to P and T: every paired feature gets `degree` of each
     taken: set[tuple[int, int]] = set()
     ms = _matchings(paired, 2 * design.degree, rng, taken)
@@ -119,8 +132,15 @@ def _raw_graph(design: PairGraphDesign) -> PairGraph:
     twins = np.concatenate(ms[1::2]).astype(np.int64)
     A = rng.standard_normal((design.rank, design.d_model)) / np.sqrt(design.d_model)
     W_B = rng.standard_normal((design.rank, design.d_model))
-    return PairGraph(V=V.astype(np.float32), probs=probs, pairs=pairs, twins=twins, A=A.astype(np.float32),
-                     W_B=W_B, interacting=not design.additive)
+    return PairGraph(
+        V=V.astype(np.float32),
+        probs=probs,
+        pairs=pairs,
+        twins=twins,
+        A=A.astype(np.float32),
+        W_B=W_B,
+        interacting=not design.additive,
+    )
 
 
 def sample_graph(design: PairGraphDesign) -> PairGraph:
@@ -131,7 +151,9 @@ def sample_graph(design: PairGraphDesign) -> PairGraph:
         a, fire_pair = _firing(design, g, 0)
         base = a @ g.V
         inter = _interactions(design, g, a, fire_pair)
-        v_base = float(((base - base.mean(0)) ** 2).sum(1).mean()) + design.noise_std**2 * design.d_model
+        v_base = (
+            float(((base - base.mean(0)) ** 2).sum(1).mean()) + design.noise_std**2 * design.d_model
+        )
         v_int = float(((inter - inter.mean(0)) ** 2).sum(1).mean())
         # shares add up when the two parts are uncorrelated (checked in the tests)
         scale = np.sqrt(design.strength * v_base / ((1 - design.strength) * max(v_int, 1e-30)))
@@ -147,32 +169,43 @@ def _firing(design: PairGraphDesign, g: PairGraph, block: int) -> tuple[np.ndarr
     rng = np.random.default_rng([design.seed, 1, block])
     rows, edges = BLOCK_ROWS, g.edges
     fire = rng.random((rows, design.n_features)) < g.probs
-    event = rng.random((rows, len(edges))) < design.cofire_prob       # [rows, n_edges]
+    event = rng.random((rows, len(edges))) < design.cofire_prob  # [rows, n_edges]
     r, e = np.nonzero(event)
     fire[r, edges[e, 0]] = True
     fire[r, edges[e, 1]] = True
     a = np.where(fire, rng.uniform(*design.magnitude, size=fire.shape), 0.0).astype(np.float32)
-    both = fire[:, g.pairs[:, 0]] & fire[:, g.pairs[:, 1]]           # [rows, n_pairs]
+    both = fire[:, g.pairs[:, 0]] & fire[:, g.pairs[:, 1]]  # [rows, n_pairs]
     return a, both
 
 
-def _interactions(design: PairGraphDesign, g: PairGraph, a: np.ndarray, both: np.ndarray) -> np.ndarray:
+def _interactions(
+    design: PairGraphDesign, g: PairGraph, a: np.ndarray, both: np.ndarray
+) -> np.ndarray:
     """Σ over fired interacting pairs of m(a_i, a_j) B(v_i, v_j) -> `[rows, d]`."""
-    mag = (a[:, g.pairs[:, 0]] * a[:, g.pairs[:, 1]] if design.magnitude_law == "product"
-           else np.ones_like(both, dtype=np.float32))
+    mag = (
+        a[:, g.pairs[:, 0]] * a[:, g.pairs[:, 1]]
+        if design.magnitude_law == "product"
+        else np.ones_like(both, dtype=np.float32)
+    )
     return ((mag * both) @ g.pair_terms(g.pairs)).astype(np.float32)
 
 
-def generate(design: PairGraphDesign, g: PairGraph, start_block: int, n_blocks: int
-             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def generate(
+    design: PairGraphDesign, g: PairGraph, start_block: int, n_blocks: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Rows of blocks `[start_block, start_block + n_blocks)`: `x: [rows, d]`, the true magnitudes
     `a: [rows, n_features]` and the interaction part `inter: [rows, d]` (zeros on the additive twin)."""
     xs, As, inters = [], [], []
     for block in range(start_block, start_block + n_blocks):
         a, both = _firing(design, g, block)
-        inter = (_interactions(design, g, a, both) if g.interacting
-                 else np.zeros((len(a), design.d_model), np.float32))
-        noise = np.random.default_rng([design.seed, 2, block]).standard_normal((len(a), design.d_model))
+        inter = (
+            _interactions(design, g, a, both)
+            if g.interacting
+            else np.zeros((len(a), design.d_model), np.float32)
+        )
+        noise = np.random.default_rng([design.seed, 2, block]).standard_normal(
+            (len(a), design.d_model)
+        )
         xs.append((a @ g.V + inter + design.noise_std * noise).astype(np.float32))
         As.append(a)
         inters.append(inter)

@@ -31,10 +31,11 @@ AXES: dict[str, list[Any]] = {
     "design.n_features": [512, 1024],
     "dict_ratio": [0.5, 2.0],
     "k": [4, 16],
-    "design.degree": [2, 4],
+    "design.degree": [1, 4],
+    "design.pair_fraction": [0.5],
     "design.strength": [0.0, 0.005, 0.1],
     "design.rank": [2, 32],
-    "design.cofire_prob": [0.005, 0.03],
+    "design.cofire_prob": [0.001, 0.005],
     "design.magnitude_law": ["constant"],
 }
 
@@ -49,7 +50,9 @@ class Cell:
 
     @property
     def key(self) -> str:
-        return durable.json_digest({"format": GRID_FORMAT, "spec": self.spec.model_dump(mode="json")})
+        return durable.json_digest(
+            {"format": GRID_FORMAT, "spec": self.spec.model_dump(mode="json")}
+        )
 
 
 def _with(base: CellSpec, axis: str, value: Any, seed: int) -> CellSpec:
@@ -65,19 +68,27 @@ def _with(base: CellSpec, axis: str, value: Any, seed: int) -> CellSpec:
     return CellSpec(design=PairGraphDesign(**design), **cell)
 
 
-def grid_cells(name: str) -> list[Cell]:
+def grid_cells(name: str, composer: dict[str, Any] | None = None) -> list[Cell]:
     """The cells of grid `name` ("default": base + every axis value, both splits; "quick": three
-    small cells at few tokens, for tests and a first look)."""
+    small cells at few tokens, for tests and a first look); `composer` fields override the shipped
+    composer's in every cell (a changed field makes new cells, so both stay on disk)."""
     if name == "quick":
-        base = CellSpec(design=PairGraphDesign(d_model=32, n_features=128), tokens=131_072, train_blocks=8,
-                        heldout_blocks=4)
+        base = CellSpec(
+            design=PairGraphDesign(d_model=32, n_features=128),
+            tokens=131_072,
+            train_blocks=8,
+            heldout_blocks=4,
+        )
         points = [("base", "", None), ("strength=0", "design.strength", 0.0), ("k=4", "k", 4)]
     elif name == "default":
         base = CellSpec()
-        points = [("base", "", None)] + [(f"{axis.split('.')[-1]}={v}", axis, v)
-                                         for axis, values in AXES.items() for v in values]
+        points = [("base", "", None)] + [
+            (f"{axis.split('.')[-1]}={v}", axis, v) for axis, values in AXES.items() for v in values
+        ]
     else:
         raise UserError(f"unknown grid {name!r}: use default or quick")
+    if composer:
+        base = base.model_copy(update={"composer": dict(composer)})
     cells = []
     for i, (label, axis, value) in enumerate(points):
         if i % 2 == 0:
@@ -88,7 +99,8 @@ def grid_cells(name: str) -> list[Cell]:
 
 def _record_path(folder: str, cell: Cell) -> str:
     safe = cell.name.replace("=", "-").replace(".", "_")
-    return os.path.join(folder, f"{cell.split}-{safe}")
+    variant = f"-{durable.json_digest(cell.spec.composer)[:8]}" if cell.spec.composer else ""
+    return os.path.join(folder, f"{cell.split}-{safe}{variant}")
 
 
 def cell_result(folder: str, cell: Cell, progress: bool = False) -> tuple[dict[str, Any], bool]:
@@ -100,15 +112,27 @@ def cell_result(folder: str, cell: Cell, progress: bool = False) -> tuple[dict[s
         if record.get("key") == cell.key:
             return record, True
     result = run_cell(cell.spec, _record_path(folder, cell), progress)
-    record = {"format": GRID_FORMAT, "key": cell.key, "name": cell.name, "split": cell.split,
-              "spec": cell.spec.model_dump(mode="json"), "result": result}
+    record = {
+        "format": GRID_FORMAT,
+        "key": cell.key,
+        "name": cell.name,
+        "split": cell.split,
+        "spec": cell.spec.model_dump(mode="json"),
+        "result": result,
+    }
     durable.atomic_write_json(path, record)
     return record, False
 
 
-def run_grid(name: str, folder: str, split: str = "all", progress: bool = True) -> Iterator[dict[str, Any]]:
+def run_grid(
+    name: str,
+    folder: str,
+    split: str = "all",
+    progress: bool = True,
+    composer: dict[str, Any] | None = None,
+) -> Iterator[dict[str, Any]]:
     """Run (or reuse) every cell of grid `name` in `split` under `folder`, yielding the records."""
-    cells = [c for c in grid_cells(name) if split in ("all", c.split)]
+    cells = [c for c in grid_cells(name, composer) if split in ("all", c.split)]
     if not cells:
         raise UserError(f"grid {name!r} has no {split} cells: use validation, test or all")
     os.makedirs(folder, exist_ok=True)

@@ -10,20 +10,37 @@ from compsae.evaluation.composition_grid.grid import run_grid
 from compsae.evaluation.composition_grid.summary import grid_figure, grid_table, worst_identifiable
 
 
-def write_grid_report(name: str, folder: str, split: str = "all", progress: bool = True) -> dict[str, Any]:
+def write_grid_report(
+    name: str,
+    folder: str,
+    split: str = "all",
+    progress: bool = True,
+    composer: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """Run (or reuse) the cells, write the report files into `folder`; return the headline summary."""
-    records = list(run_grid(name, folder, split, progress))
+    records = list(run_grid(name, folder, split, progress, composer))
     reused = sum(r.pop("reused") for r in records)
-    summary = {split_name: worst_identifiable(records, split_name) for split_name in ("validation", "test")
-               if any(r["split"] == split_name for r in records)}
-    durable.atomic_write_json(os.path.join(folder, "grid.json"), {"summary": summary, "cells": records})
-    durable.atomic_write_text(os.path.join(folder, "grid.md"), grid_table(records))
+    summary = {
+        split_name: worst_identifiable(records, split_name)
+        for split_name in ("validation", "test")
+        if any(r["split"] == split_name for r in records)
+    }
+    tag = f"-{durable.json_digest(composer)[:8]}" if composer else ""
+    durable.atomic_write_json(
+        os.path.join(folder, f"grid{tag}.json"),
+        {"summary": summary, "composer": composer or {}, "cells": records},
+    )
+    durable.atomic_write_text(os.path.join(folder, f"grid{tag}.md"), grid_table(records))
     shown = "test" if "test" in summary else next(iter(summary))
-    grid_figure(records, os.path.join(folder, "grid.png"), shown)
+    grid_figure(records, os.path.join(folder, f"grid{tag}.png"), shown)
     head = summary[shown]
-    line = (f"{len(records)} cells ({reused} reused); {shown}: {head['identifiable_cells']}/{head['cells']} "
-            "identifiable")
+    line = (
+        f"{len(records)} cells ({reused} reused); {shown}: {head['identifiable_cells']}/{head['cells']} "
+        "identifiable"
+    )
     if head["identifiable_cells"]:
-        line += (f", worst AUC oracle {head['oracle']['worst_auc']:.3f}, TopK post-hoc {head['topk']['worst_auc']:.3f}, "
-                 f"CompSAE {head['compsae']['worst_auc']:.3f}; CompSAE beats TopK in {head['compsae_beats_topk']}")
-    return {"line": line, "report": os.path.join(folder, "grid.md"), "summary": summary}
+        line += (
+            f", worst AUC oracle {head['oracle']['worst_auc']:.3f}, TopK post-hoc {head['topk']['worst_auc']:.3f}, "
+            f"CompSAE {head['compsae']['worst_auc']:.3f}; CompSAE beats TopK in {head['compsae_beats_topk']}"
+        )
+    return {"line": line, "report": os.path.join(folder, f"grid{tag}.md"), "summary": summary}

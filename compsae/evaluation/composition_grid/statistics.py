@@ -26,9 +26,9 @@ from sklearn.metrics import roc_auc_score
 class PairTests:
     """Per candidate pair: effect size (score), p-value and co-firing support."""
 
-    score: np.ndarray      # [p] in-context effect norm
-    pvalue: np.ndarray     # [p]
-    support: np.ndarray    # [p] rows where both fire
+    score: np.ndarray  # [p] in-context effect norm
+    pvalue: np.ndarray  # [p]
+    support: np.ndarray  # [p] rows where both fire
     statistic: np.ndarray  # [p] the test statistic the p-value is read from (larger: more evidence)
 
 
@@ -42,20 +42,27 @@ def pair_design(codes: np.ndarray, pairs: np.ndarray) -> sp.csc_matrix:
         cols.append(np.full(len(nz), p))
         vals.append(zz[nz])
     r, c, v = (np.concatenate(a) if a else np.zeros(0) for a in (rows, cols, vals))
-    return sp.csc_matrix((v, (r.astype(np.int64), c.astype(np.int64))), shape=(len(codes), len(pairs)))
+    return sp.csc_matrix(
+        (v, (r.astype(np.int64), c.astype(np.int64))), shape=(len(codes), len(pairs))
+    )
 
 
-def residual_pair_tests(codes: np.ndarray, resid: np.ndarray, pairs: np.ndarray, min_support: int = 5,
-                        ridge: float = 1e-6) -> PairTests:
+def residual_pair_tests(
+    codes: np.ndarray,
+    resid: np.ndarray,
+    pairs: np.ndarray,
+    min_support: int = 5,
+    ridge: float = 1e-6,
+) -> PairTests:
     """Joint least-squares pair terms of `resid: [rows, d]` on the candidate `pairs: [p, 2]` of the
     columns of `codes: [rows, n]`; χ²_d p-values (exact for the oracle, see the module docstring)."""
-    X = pair_design(codes.astype(np.float64), pairs)             # [rows, p]
+    X = pair_design(codes.astype(np.float64), pairs)  # [rows, p]
     support = np.asarray((X != 0).sum(0)).ravel().astype(np.int64)
     ok = support >= min_support
-    G = (X.T @ X).tocsc()                                          # [p, p], sparse: pairs rarely co-fire
+    G = (X.T @ X).tocsc()  # [p, p], sparse: pairs rarely co-fire
     diag = G.diagonal()
     G = G + sp.identity(len(pairs), format="csc") * (ridge * max(float(diag.mean()), 1e-30) + 1e-30)
-    rhs = np.asarray(X.T @ resid.astype(np.float64))               # [p, d]
+    rhs = np.asarray(X.T @ resid.astype(np.float64))  # [p, d]
     solve = factorized(G)
     U = np.stack([solve(rhs[:, c]) for c in range(rhs.shape[1])], axis=1)  # [p, d]
     err = resid - X @ U
@@ -63,9 +70,12 @@ def residual_pair_tests(codes: np.ndarray, resid: np.ndarray, pairs: np.ndarray,
     norm = np.linalg.norm(U, axis=1)
     rms = np.sqrt(diag / np.maximum(support, 1))
     t = norm**2 * diag / sigma2
-    return PairTests(score=np.where(ok, norm * rms, 0.0),
-                     pvalue=np.where(ok, stats.chi2.sf(t, resid.shape[1]), 1.0),
-                     support=support, statistic=np.where(ok, t, 0.0))
+    return PairTests(
+        score=np.where(ok, norm * rms, 0.0),
+        pvalue=np.where(ok, stats.chi2.sf(t, resid.shape[1]), 1.0),
+        support=support,
+        statistic=np.where(ok, t, 0.0),
+    )
 
 
 def null_pvalues(statistic: np.ndarray, null: np.ndarray) -> np.ndarray:
@@ -96,7 +106,7 @@ def benjamini_hochberg(pvalue: np.ndarray, q: float = 0.05) -> np.ndarray:
     passed = p[order] <= q * np.arange(1, p.size + 1) / p.size
     keep = np.zeros(p.size, dtype=bool)
     if passed.any():
-        keep[order[:np.nonzero(passed)[0].max() + 1]] = True
+        keep[order[: np.nonzero(passed)[0].max() + 1]] = True
     return keep
 
 
@@ -107,8 +117,9 @@ def auc(score: np.ndarray, labels: np.ndarray) -> float:
     return float(roc_auc_score(labels, score))
 
 
-def auc_interval(score: np.ndarray, labels: np.ndarray, n_boot: int = 200, seed: int = 0
-                 ) -> tuple[float, float]:
+def auc_interval(
+    score: np.ndarray, labels: np.ndarray, n_boot: int = 200, seed: int = 0
+) -> tuple[float, float]:
     """95 % bootstrap interval of the AUC, resampling pairs."""
     rng = np.random.default_rng(seed)
     vals = []
@@ -138,14 +149,16 @@ def label_tuned_f1(score: np.ndarray, labels: np.ndarray, seed: int = 0) -> floa
     half = rng.random(len(score)) < 0.5
     cands = np.unique(score[half])
     best_t, best = np.inf, -1.0
-    for t in cands[::max(1, len(cands) // 200)]:
+    for t in cands[:: max(1, len(cands) // 200)]:
         value = f1(score[half] >= t, labels[half])[2]
         if value > best:
             best, best_t = value, t
     return f1(score[~half] >= best_t, labels[~half])[2]
 
 
-def best_per_latent_auc(per_latent: dict[str, np.ndarray], pairs: np.ndarray, labels: np.ndarray) -> float:
+def best_per_latent_auc(
+    per_latent: dict[str, np.ndarray], pairs: np.ndarray, labels: np.ndarray
+) -> float:
     """The best AUC (either direction) of any symmetric combination (product, sum, min, max) of one
     per-latent statistic of the two members: what a score that never looks at the pair can read."""
     best = 0.5

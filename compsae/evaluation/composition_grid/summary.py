@@ -9,8 +9,13 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-METHODS = {"oracle": "oracle (true codes)", "topk": "TopK + post-hoc pair fit", "topk_params": "TopK at CompSAE params",
-           "compsae": "CompSAE (pair composer)"}
+METHODS = {
+    "oracle": "oracle (true codes)",
+    "topk": "TopK + post-hoc pair fit",
+    "topk_params": "TopK at CompSAE params",
+    "compsae": "CompSAE (pair composer)",
+    "polysae": "PolySAE form",
+}
 
 
 def _ci(s: dict[str, Any]) -> str:
@@ -21,21 +26,24 @@ def _ci(s: dict[str, Any]) -> str:
 def grid_table(records: list[dict[str, Any]]) -> str:
     """Markdown: one row per cell with AUC (95 % bootstrap interval over pairs), label-free F1 and
     calls per 1,000 candidates on the additive twin, and the fit figures."""
-    head = ("| split | cell | pairs | identifiable | oracle AUC | TopK post-hoc AUC | CompSAE AUC | "
-            "F1 label-free (TopK / CompSAE) | F1 label-tuned (TopK / CompSAE) | additive calls/1000 (TopK / CompSAE) | "
-            "PMI AUC | best per-latent AUC | FVU TopK / CompSAE / path off | MCC TopK / CompSAE |")
+    head = (
+        "| split | cell | pairs | identifiable | oracle AUC | TopK post-hoc AUC | CompSAE AUC | PolySAE-form AUC | "
+        "F1 label-free (TopK / CompSAE) | F1 label-tuned (TopK / CompSAE) | additive calls/1000 (TopK / CompSAE) | "
+        "PMI AUC | best per-latent AUC | FVU TopK / CompSAE / path off | MCC TopK / CompSAE |"
+    )
     rows = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in records:
         res, s = r["result"], r["result"]["scores"]
         f, add = res["fits"], res["additive"]["calls_per_1000"]
         rows.append(
             f"| {r['split']} | {r['name']} | {res['n_pairs']} | {'yes' if res['identifiable'] else 'no'} | "
-            f"{_ci(s['oracle'])} | {_ci(s['topk'])} | {_ci(s['compsae'])} | "
+            f"{_ci(s['oracle'])} | {_ci(s['topk'])} | {_ci(s['compsae'])} | {_ci(s['polysae'])} | "
             f"{s['topk']['f1']:.2f} / {s['compsae']['f1']:.2f} | "
             f"{s['topk']['f1_label_tuned']:.2f} / {s['compsae']['f1_label_tuned']:.2f} | "
             f"{add['topk']:.1f} / {add['compsae']:.1f} | {s['pmi']['auc']:.2f} | {res['best_per_latent_auc']:.2f} | "
             f"{f['topk']['fvu']:.4f} / {f['compsae']['fvu']:.4f} / {f['compsae']['fvu_path_off']:.4f} | "
-            f"{f['topk']['mcc']:.3f} / {f['compsae']['mcc']:.3f} |")
+            f"{f['topk']['mcc']:.3f} / {f['compsae']['mcc']:.3f} |"
+        )
     return "\n".join(rows) + "\n"
 
 
@@ -43,14 +51,22 @@ def worst_identifiable(records: list[dict[str, Any]], split: str = "test") -> di
     """Per method, the worst AUC and label-free F1 over the split's identifiable cells, and the
     number of identifiable cells where the composer beats the post-hoc TopK statistic."""
     cells = [r for r in records if r["split"] == split and r["result"]["identifiable"]]
-    out: dict[str, Any] = {"identifiable_cells": len(cells), "cells": sum(r["split"] == split for r in records)}
+    out: dict[str, Any] = {
+        "identifiable_cells": len(cells),
+        "cells": sum(r["split"] == split for r in records),
+    }
     for m in ("oracle", "topk", "compsae"):
         if cells:
             worst = min(cells, key=lambda r: r["result"]["scores"][m]["auc"])
-            out[m] = {"worst_auc": worst["result"]["scores"][m]["auc"], "worst_cell": worst["name"],
-                      "worst_f1": min(r["result"]["scores"][m]["f1"] for r in cells)}
-    out["compsae_beats_topk"] = sum(r["result"]["scores"]["compsae"]["auc"] > r["result"]["scores"]["topk"]["auc"]
-                                    for r in cells)
+            out[m] = {
+                "worst_auc": worst["result"]["scores"][m]["auc"],
+                "worst_cell": worst["name"],
+                "worst_f1": min(r["result"]["scores"][m]["f1"] for r in cells),
+            }
+    out["compsae_beats_topk"] = sum(
+        r["result"]["scores"]["compsae"]["auc"] > r["result"]["scores"]["topk"]["auc"]
+        for r in cells
+    )
     return out
 
 
@@ -59,11 +75,19 @@ def grid_figure(records: list[dict[str, Any]], path: str, split: str = "test") -
     cells = [r for r in records if r["split"] == split]
     fig, ax = plt.subplots(figsize=(max(6.0, 0.45 * len(cells)), 4.0))
     xs = range(len(cells))
-    for m, marker in (("oracle", "s"), ("topk", "o"), ("topk_params", "v"), ("compsae", "D")):
+    for m, marker in (
+        ("oracle", "s"),
+        ("topk", "o"),
+        ("topk_params", "v"),
+        ("compsae", "D"),
+        ("polysae", "^"),
+    ):
         ys = [r["result"]["scores"][m]["auc"] for r in cells]
         lo = [y - r["result"]["scores"][m]["auc_ci"][0] for y, r in zip(ys, cells, strict=True)]
         hi = [r["result"]["scores"][m]["auc_ci"][1] - y for y, r in zip(ys, cells, strict=True)]
-        ax.errorbar(list(xs), ys, yerr=[lo, hi], fmt=marker, label=METHODS[m], capsize=2, alpha=0.85)
+        ax.errorbar(
+            list(xs), ys, yerr=[lo, hi], fmt=marker, label=METHODS[m], capsize=2, alpha=0.85
+        )
     ax.axhline(0.95, color="grey", lw=0.8, ls="--")
     ax.set_xticks(list(xs), [r["name"] for r in cells], rotation=60, ha="right", fontsize=8)
     ax.set_ylabel("pair AUC (interacting vs co-firing twins)")

@@ -37,7 +37,8 @@ class CompSAE(TopKSAE):
         if cfg.composer == "none":
             return
         if cfg.composer == "pair":
-            self.pair = PairComposer(cfg.n_latents, d_in, cfg.pair_rank, cfg.pair_selection)
+            self.pair = PairComposer(cfg.n_latents, d_in, cfg.pair_rank, cfg.pair_selection,
+                                     diagonal=cfg.pair_diagonal)
             return
         self.E = nn.Parameter(torch.randn(cfg.n_latents, cfg.d_f) / math.sqrt(cfg.d_f))  # [n, d_f]
         self.composer = CompositionNetwork(cfg.d_f, cfg.d_c, cfg.n_heads, cfg.ffn_mult, cfg.composer)

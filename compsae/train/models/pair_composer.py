@@ -48,9 +48,11 @@ def pair_sum_loop(u: torch.Tensor) -> torch.Tensor:
 class PairComposer(nn.Module):
     """Low-rank pairwise composition over one token's active latents (see the module docstring)."""
 
-    def __init__(self, n_latents: int, d_in: int, rank: int, selection: str = "all", score_dim: int = 16) -> None:
+    def __init__(self, n_latents: int, d_in: int, rank: int, selection: str = "all", score_dim: int = 16,
+                 diagonal: bool = False) -> None:
         super().__init__()
         self.selection = selection
+        self.diagonal = diagonal  # PolySAE's form: + ½ Σ_i u_i ⊙ u_i, so c = ½ (Σ_i u_i)²
         # W_out starts at zero, so training begins exactly as a TopK SAE and the path grows only where
         # pairs pay for it.  E's scale (codes are O(1) on normalised inputs) was chosen on the
         # bilinear ground truth: std 1 let the early path disturb the dictionary (MCC 0.70-0.82
@@ -84,6 +86,8 @@ class PairComposer(nn.Module):
         s = self.pair_weights(idx, m)
         # with s: Σ_{i<j} s_ij u_i ⊙ u_j = ½ Σ_i u_i ⊙ (Σ_j s_ij u_j), s symmetric with zero diagonal
         c = pair_sum(u) if s is None else (u * (s @ u)).sum(1) / 2  # [b, r]
+        if self.diagonal:
+            c = c + u.square().sum(1) / 2
         return c @ self.W_out
 
     def penalties(self, idx: torch.Tensor, vals: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
