@@ -125,7 +125,7 @@ def test_null_pvalues_are_uniform_for_draws_of_the_null() -> None:
     assert null_pvalues(np.array([3.0 * 60]), null)[0] < 1e-4
 
 
-def _tiny_cells(name: str) -> list[grid_mod.Cell]:
+def _tiny_cells(name: str, composer: dict | None = None) -> list[grid_mod.Cell]:
     base = CellSpec(
         design=PairGraphDesign(d_model=16, n_features=64),
         tokens=4096,
