@@ -85,7 +85,7 @@ def _model_cfgs(spec: CellSpec, d: int) -> dict[str, Any]:
     comp = make_model_config(type="compsae", composer="pair", n_latents=n, k=k, **spec.composer)
     extra = n * comp.pair_rank + comp.pair_rank * d  # E and W_out
     wide = n + int(round(extra / (2 * d + 1)))  # TopK with CompSAE's parameter count
-    # PolySAE's form: the same quadratic term with its diagonal, one shared embedding, no pair penalties
+    # PolySAE's form: the quadratic term with its diagonal, one shared embedding, no penalties
     poly = make_model_config(
         type="compsae",
         composer="pair",
@@ -273,7 +273,7 @@ METHODS = ("topk", "compsae", "topk_params", "polysae")
 
 
 def run_cell(spec: CellSpec, folder: str, progress: bool = False) -> dict[str, Any]:
-    """Every figure of one cell (the interacting design and its additive twin), training into `folder`."""
+    """Every figure of one cell (the design and its additive twin), training into `folder`."""
     main = _fit_all(spec, spec.design, f"{folder}/models", progress, METHODS)
     labels = main["labels"]
     scores = {

@@ -144,7 +144,8 @@ def _raw_graph(design: PairGraphDesign) -> PairGraph:
 
 
 def sample_graph(design: PairGraphDesign) -> PairGraph:
-    """Draw the design's graph and scale B so interaction terms carry `design.strength` of the variance
+    """Draw the design's graph and scale B so interaction terms carry `design.strength` of the
+    variance
     (the additive twin keeps the same graph and B, only switched off)."""
     g = _raw_graph(design)
     if design.strength > 0:
@@ -165,7 +166,8 @@ def sample_graph(design: PairGraphDesign) -> PairGraph:
 
 
 def _firing(design: PairGraphDesign, g: PairGraph, block: int) -> tuple[np.ndarray, np.ndarray]:
-    """One block's magnitudes `a: [rows, n_features]` and `[rows, n_pairs]` bool: interacting pair fired."""
+    """One block's magnitudes `a: [rows, n_features]` and which interacting pairs fired
+    (`[rows, n_pairs]` bool)."""
     rng = np.random.default_rng([design.seed, 1, block])
     rows, edges = BLOCK_ROWS, g.edges
     fire = rng.random((rows, design.n_features)) < g.probs
@@ -194,7 +196,8 @@ def generate(
     design: PairGraphDesign, g: PairGraph, start_block: int, n_blocks: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Rows of blocks `[start_block, start_block + n_blocks)`: `x: [rows, d]`, the true magnitudes
-    `a: [rows, n_features]` and the interaction part `inter: [rows, d]` (zeros on the additive twin)."""
+    `a: [rows, n_features]` and the interaction part `inter: [rows, d]` (zeros on the additive
+    twin)."""
     xs, As, inters = [], [], []
     for block in range(start_block, start_block + n_blocks):
         a, both = _firing(design, g, block)

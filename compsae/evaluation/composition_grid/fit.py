@@ -69,14 +69,15 @@ def fit_dictionary(
     )
     trainer.resume()
     rows = torch.from_numpy(x)
-    # the batch order restarts from the step reached (seeded by it), so a resumed fit stays deterministic
+    # the batch order restarts from the step reached (seeded by it): a resumed fit is deterministic
     trainer.fit(_batches(rows, train_cfg.batch_size, train_cfg.seed + trainer.step))
     model.eval()
     return model
 
 
 def encode_all(model: Any, x: np.ndarray, batch: int = 4096) -> dict[str, np.ndarray]:
-    """Codes `z: [rows, n]`, reconstruction `x_hat` and (composition models) the pair-path part `comp`."""
+    """Codes `z: [rows, n]`, reconstruction `x_hat` and the pair-path part `comp` (zeros without
+    composition)."""
     zs, xh, comps = [], [], []
     with torch.no_grad():
         for lo in range(0, len(x), batch):

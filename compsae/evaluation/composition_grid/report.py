@@ -17,7 +17,7 @@ def write_grid_report(
     progress: bool = True,
     composer: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Run (or reuse) the cells, write the report files into `folder`; return the headline summary."""
+    """Run (or reuse) the cells, write the report files into `folder`; return the headline."""
     records = list(run_grid(name, folder, split, progress, composer))
     reused = sum(r.pop("reused") for r in records)
     summary = {
@@ -34,13 +34,12 @@ def write_grid_report(
     shown = "test" if "test" in summary else next(iter(summary))
     grid_figure(records, os.path.join(folder, f"grid{tag}.png"), shown)
     head = summary[shown]
-    line = (
-        f"{len(records)} cells ({reused} reused); {shown}: {head['identifiable_cells']}/{head['cells']} "
-        "identifiable"
-    )
+    line = f"{len(records)} cells ({reused} reused); {shown}: "
+    line += f"{head['identifiable_cells']}/{head['cells']} identifiable"
     if head["identifiable_cells"]:
+        worst = {m: f"{head[m]['worst_auc']:.3f}" for m in ("oracle", "topk", "compsae")}
         line += (
-            f", worst AUC oracle {head['oracle']['worst_auc']:.3f}, TopK post-hoc {head['topk']['worst_auc']:.3f}, "
-            f"CompSAE {head['compsae']['worst_auc']:.3f}; CompSAE beats TopK in {head['compsae_beats_topk']}"
+            f", worst AUC oracle {worst['oracle']}, TopK post-hoc {worst['topk']}, "
+            f"CompSAE {worst['compsae']}; CompSAE beats TopK in {head['compsae_beats_topk']}"
         )
     return {"line": line, "report": os.path.join(folder, f"grid{tag}.md"), "summary": summary}

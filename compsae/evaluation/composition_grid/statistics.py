@@ -55,7 +55,7 @@ def residual_pair_tests(
     ridge: float = 1e-6,
 ) -> PairTests:
     """Joint least-squares pair terms of `resid: [rows, d]` on the candidate `pairs: [p, 2]` of the
-    columns of `codes: [rows, n]`; χ²_d p-values (exact for the oracle, see the module docstring)."""
+    columns of `codes: [rows, n]`; χ²_d p-values (the oracle's; see the module docstring)."""
     X = pair_design(codes.astype(np.float64), pairs)  # [rows, p]
     support = np.asarray((X != 0).sum(0)).ravel().astype(np.int64)
     ok = support >= min_support
@@ -92,7 +92,8 @@ def null_pvalues(statistic: np.ndarray, null: np.ndarray) -> np.ndarray:
 
 def additive_null_rows(x_hat_linear: np.ndarray, resid: np.ndarray, seed: int = 0) -> np.ndarray:
     """Rows that are additive in a dictionary by construction: its linear reconstruction plus the
-    residuals permuted across tokens (which breaks any tie between a residual and a pair of codes)."""
+    residuals permuted across tokens (which breaks any tie between a residual and a pair of
+    codes)."""
     perm = np.random.default_rng(seed).permutation(len(resid))
     return (x_hat_linear + resid[perm]).astype(np.float32)
 

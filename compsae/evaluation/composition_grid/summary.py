@@ -1,4 +1,4 @@
-"""The grid's table and figure: per cell the oracle, the post-hoc TopK statistic and the composer."""
+"""The grid's table and figure: per cell the oracle, the post-hoc TopK fit and the composers."""
 
 from __future__ import annotations
 
@@ -23,28 +23,56 @@ def _ci(s: dict[str, Any]) -> str:
     return f"{s['auc']:.3f} [{lo:.2f}, {hi:.2f}]"
 
 
+def _row(r: dict[str, Any]) -> list[str]:
+    res, s = r["result"], r["result"]["scores"]
+    fits, add = res["fits"], res["additive"]["calls_per_1000"]
+    both = ("topk", "compsae")
+    return [
+        r["split"],
+        r["name"],
+        str(res["n_pairs"]),
+        "yes" if res["identifiable"] else "no",
+        *(_ci(s[m]) for m in ("oracle", "topk", "compsae", "polysae")),
+        " / ".join(f"{s[m]['auc_statistic']:.3f}" for m in both),
+        " / ".join(f"{s[m]['f1']:.2f}" for m in both),
+        " / ".join(f"{s[m]['f1_label_tuned']:.2f}" for m in both),
+        " / ".join(f"{add[m]:.1f}" for m in both),
+        f"{s['pmi']['auc']:.2f}",
+        f"{res['best_per_latent_auc']:.2f}",
+        " / ".join(
+            f"{v:.4f}"
+            for v in (fits["topk"]["fvu"], fits["compsae"]["fvu"], fits["compsae"]["fvu_path_off"])
+        ),
+        " / ".join(f"{fits[m]['mcc']:.3f}" for m in both),
+    ]
+
+
+COLUMNS = [
+    "split",
+    "cell",
+    "pairs",
+    "identifiable",
+    "oracle AUC",
+    "TopK post-hoc AUC",
+    "CompSAE AUC",
+    "PolySAE-form AUC",
+    "evidence AUC (TopK / CompSAE)",
+    "F1 label-free (TopK / CompSAE)",
+    "F1 label-tuned (TopK / CompSAE)",
+    "additive calls/1000 (TopK / CompSAE)",
+    "PMI AUC",
+    "best per-latent AUC",
+    "FVU TopK / CompSAE / path off",
+    "MCC TopK / CompSAE",
+]
+
+
 def grid_table(records: list[dict[str, Any]]) -> str:
     """Markdown: one row per cell with AUC (95 % bootstrap interval over pairs), label-free F1 and
     calls per 1,000 candidates on the additive twin, and the fit figures."""
-    head = (
-        "| split | cell | pairs | identifiable | oracle AUC | TopK post-hoc AUC | CompSAE AUC | PolySAE-form AUC | "
-        "F1 label-free (TopK / CompSAE) | F1 label-tuned (TopK / CompSAE) | additive calls/1000 (TopK / CompSAE) | "
-        "PMI AUC | best per-latent AUC | FVU TopK / CompSAE / path off | MCC TopK / CompSAE |"
-    )
-    rows = [head, "|" + "---|" * (head.count("|") - 1)]
-    for r in records:
-        res, s = r["result"], r["result"]["scores"]
-        f, add = res["fits"], res["additive"]["calls_per_1000"]
-        rows.append(
-            f"| {r['split']} | {r['name']} | {res['n_pairs']} | {'yes' if res['identifiable'] else 'no'} | "
-            f"{_ci(s['oracle'])} | {_ci(s['topk'])} | {_ci(s['compsae'])} | {_ci(s['polysae'])} | "
-            f"{s['topk']['f1']:.2f} / {s['compsae']['f1']:.2f} | "
-            f"{s['topk']['f1_label_tuned']:.2f} / {s['compsae']['f1_label_tuned']:.2f} | "
-            f"{add['topk']:.1f} / {add['compsae']:.1f} | {s['pmi']['auc']:.2f} | {res['best_per_latent_auc']:.2f} | "
-            f"{f['topk']['fvu']:.4f} / {f['compsae']['fvu']:.4f} / {f['compsae']['fvu_path_off']:.4f} | "
-            f"{f['topk']['mcc']:.3f} / {f['compsae']['mcc']:.3f} |"
-        )
-    return "\n".join(rows) + "\n"
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(_row(r)) + " |" for r in records]
+    return "\n".join(lines) + "\n"
 
 
 def worst_identifiable(records: list[dict[str, Any]], split: str = "test") -> dict[str, Any]:
@@ -71,7 +99,7 @@ def worst_identifiable(records: list[dict[str, Any]], split: str = "test") -> di
 
 
 def grid_figure(records: list[dict[str, Any]], path: str, split: str = "test") -> None:
-    """AUC per cell (one axis value each) for the oracle, the post-hoc TopK statistic and the composer."""
+    """AUC per cell (one axis value each): the oracle, the post-hoc TopK fit and the composers."""
     cells = [r for r in records if r["split"] == split]
     fig, ax = plt.subplots(figsize=(max(6.0, 0.45 * len(cells)), 4.0))
     xs = range(len(cells))
