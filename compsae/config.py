@@ -21,7 +21,7 @@ from compsae.evaluation.config import EvaluateConfig, GroundTruthConfig, ProbeCo
 from compsae.harvest.config import HarvestConfig
 from compsae.train.config import MODEL_CONFIGS, TrainStageConfig
 
-NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}"
 DEFAULT_CONFIG = "pipelines.yaml"
 
 
@@ -82,7 +82,8 @@ class PipelinesFile(BaseModel):
     @classmethod
     def _safe_names(cls, v: dict[str, PipelineConfig]) -> dict[str, PipelineConfig]:
         for name in v:
-            if not re.match(NAME_PATTERN, name) or ".." in name:
+            # fullmatch: `$` would accept a name ending in a newline
+            if not re.fullmatch(NAME_PATTERN, name) or ".." in name:
                 raise ValueError(
                     f"pipeline name {name!r} must be letters, digits, '_', '-', '.' (no '..', no '/')"
                 )
@@ -154,7 +155,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         raise UserError(f"--set {text!r} needs the form key.path=value, e.g. --set train.k=16")
     key, _, raw = text.partition("=")
     parts = key.strip().split(".")
-    if not all(p and re.match(r"^[A-Za-z0-9_\-]+$", p) for p in parts):
+    if not all(p and re.fullmatch(r"[A-Za-z0-9_\-]+", p) for p in parts):
         raise UserError(f"--set key {key!r} is not a dotted key path like train.models.compsae.k")
     try:
         value = yaml.load(raw, Loader=_StrictLoader) if raw.strip() else ""  # noqa: S506 - a SafeLoader

@@ -45,12 +45,13 @@ def verify_path(url: str, deep: bool = False) -> tuple[list[str], dict[str, int]
     """Problems found under `url` (a store, a checkpoint folder or any folder holding them) and
     counts of what was checked: {"stores", "checkpoints", "records"}."""
     fs, path = fsspec.core.url_to_fs(url)
-    path = path.rstrip("/")
+    # `or "/"`: stripping the file-system root's slash would leave "" (the working folder)
+    path = path.rstrip("/") or "/"
     if not fs.exists(path):
         raise UserError(f"nothing at {url}; give a store, a checkpoint folder or a run folder")
     if not fs.isdir(path):
         raise UserError(f"{url} is a file; give a store, a checkpoint folder or a run folder")
-    root = url.rstrip("/")
+    root = url.rstrip("/") or "/"
     problems: list[str] = []
     counts = {"stores": 0, "checkpoints": 0, "records": 0}
     checked_stores: set[str] = set()

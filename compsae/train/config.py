@@ -317,7 +317,8 @@ class TrainStageConfig(TrainConfig):
             if name in self.models:
                 raise ValueError(f"imported.{name}: a trained model has the same name; rename one of them")
         for name in [*self.models, *self.imported]:
-            if not re.match(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$", name) or ".." in name:
+            # fullmatch: `$` would accept a name ending in a newline
+            if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", name) or ".." in name:
                 raise ValueError(f"model name {name!r} must be letters, digits, '_', '-', '.'")
         for name, model in self.models.items():
             if model.type == "jumprelu":

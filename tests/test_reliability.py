@@ -1,0 +1,34 @@
+"""Input checks that must hold at their edges: names ending in a newline, the file-system root."""
+
+from __future__ import annotations
+
+import re
+
+
+from compsae import config, verify
+
+
+def test_a_pipeline_name_ending_in_a_newline_is_refused():
+    assert re.fullmatch(config.NAME_PATTERN, "mini")
+    assert not re.fullmatch(config.NAME_PATTERN, "mini\n")
+
+
+def test_verify_of_the_file_system_root_looks_at_the_root_not_the_working_folder(
+    tmp_path, monkeypatch
+):
+    # An empty path after stripping "/" used to resolve to the working folder.
+    seen: list[str] = []
+    real = verify._folders
+
+    def spy(fs, path, depth=0):
+        seen.append(path)
+        return iter(())
+
+    monkeypatch.setattr(verify, "_folders", spy)
+    monkeypatch.chdir(tmp_path)
+    try:
+        verify.verify_path("/")
+    except Exception:  # noqa: BLE001 - only the folder it looked at matters here
+        pass
+    monkeypatch.setattr(verify, "_folders", real)
+    assert seen and seen[0] == "/"
