@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import contextlib
-import re
+
+import pytest
+import yaml
+from mini_pipeline import MINI
+from pydantic import ValidationError
 
 from compsae import config, verify
 
 
 def test_a_pipeline_name_ending_in_a_newline_is_refused():
-    assert re.fullmatch(config.NAME_PATTERN, "mini")
-    assert not re.fullmatch(config.NAME_PATTERN, "mini\n")
+    doc = yaml.safe_load(yaml.safe_dump(MINI))
+    doc["pipelines"]["mini\n"] = doc["pipelines"].pop("mini")
+    with pytest.raises(ValidationError, match="pipeline name"):
+        config.PipelinesFile.model_validate(doc)
 
 
 def test_verify_of_the_file_system_root_looks_at_the_root_not_the_working_folder(
