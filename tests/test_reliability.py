@@ -10,6 +10,7 @@ from mini_pipeline import MINI
 from pydantic import ValidationError
 
 from compsae import config, verify
+from compsae.evaluation.config import GroundTruthConfig
 
 
 def test_a_pipeline_name_ending_in_a_newline_is_refused():
@@ -37,3 +38,10 @@ def test_verify_of_the_file_system_root_looks_at_the_root_not_the_working_folder
         verify.verify_path("/")
     monkeypatch.setattr(verify, "_folders", real)
     assert seen and seen[0] == "/"
+
+
+@pytest.mark.parametrize("hook", ["a..b", "../x", "a/b", ".."])
+def test_a_ground_truth_hook_name_that_leaves_the_store_is_refused(hook):
+    with pytest.raises(ValidationError, match="must be a dotted name"):
+        GroundTruthConfig(hook=hook)
+    assert GroundTruthConfig(hook="synthetic.hook_x").hook == "synthetic.hook_x"

@@ -56,6 +56,14 @@ class GroundTruthConfig(BaseModel):
                              "composing_fraction * n_features; lower n_pairs or raise composing_fraction")
         return self
 
+    @field_validator("hook")
+    @classmethod
+    def _hook_is_one_store_name(cls, v: str) -> str:
+        # The hook names an array inside the store: `..` or `/` would reach outside it.
+        if not v or "/" in v or "\\" in v or any(p in ("", "..") for p in v.split(".")):
+            raise ValueError(f"hook {v!r} must be a dotted name like synthetic.hook_x (no '..', no '/')")
+        return v
+
     @field_validator("n_interactions")
     @classmethod
     def _orders_valid(cls, v: dict[int, int]) -> dict[int, int]:
