@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 
 import pytest
 import yaml
@@ -45,3 +46,13 @@ def test_a_ground_truth_hook_name_that_leaves_the_store_is_refused(hook):
     with pytest.raises(ValidationError, match="must be a dotted name"):
         GroundTruthConfig(hook=hook)
     assert GroundTruthConfig(hook="synthetic.hook_x").hook == "synthetic.hook_x"
+
+
+def test_a_model_folder_without_its_config_json_is_a_one_line_error(tmp_path: Path) -> None:
+    from compsae.errors import UserError
+    from compsae.train.trained import model_folders
+
+    (tmp_path / "topk").mkdir()
+    (tmp_path / "topk" / "model.safetensors").write_bytes(b"")
+    with pytest.raises(UserError, match=r"topk has model\.safetensors but no config\.json"):
+        model_folders(str(tmp_path))

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from compsae.errors import UserError
-from compsae.files import CONFIG_FILE
+from compsae.files import CONFIG_FILE, MODEL_FILE
 from compsae.store.split import HeldOutSplit
 from compsae.train.checkpoint import load_model, parse_meta
 from compsae.train.models import SparseAutoencoder
@@ -88,7 +88,13 @@ def model_folders(train_dir: str) -> list[tuple[str, str]]:
         raise UserError(f"no train stage folder at {train_dir}; run `compsae train` first")
     prefix = train_dir.rstrip("/")
     names = sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(root, detail=False) if fs.isdir(p))
-    return [(n, f"{prefix}/{n}") for n in names if fs.exists(f"{root.rstrip('/')}/{n}/{CONFIG_FILE}")]
+    base = root.rstrip("/")
+    for n in names:
+        # weights without their metadata: leaving the model out silently would drop it from the
+        # metrics, so say which folder is broken instead
+        if fs.exists(f"{base}/{n}/{MODEL_FILE}") and not fs.exists(f"{base}/{n}/{CONFIG_FILE}"):
+            raise UserError(f"{prefix}/{n} has {MODEL_FILE} but no {CONFIG_FILE}; restore it or retrain")
+    return [(n, f"{prefix}/{n}") for n in names if fs.exists(f"{base}/{n}/{CONFIG_FILE}")]
 
 
 def load_trained(train_dir: str, device: str | torch.device = "cpu") -> list[TrainedSAE]:
