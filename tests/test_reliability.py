@@ -56,3 +56,32 @@ def test_a_model_folder_without_its_config_json_is_a_one_line_error(tmp_path: Pa
     (tmp_path / "topk" / "model.safetensors").write_bytes(b"")
     with pytest.raises(UserError, match=r"topk has model\.safetensors but no config\.json"):
         model_folders(str(tmp_path))
+
+
+def test_a_checkpoint_whose_digest_was_stripped_and_weights_changed_is_refused(tmp_path: Path) -> None:
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from compsae.errors import UserError
+    from compsae.train.checkpoint import load_model, save_checkpoint
+    from compsae.train.config import make_model_config
+    from compsae.train.models import build_model
+
+    cfg = make_model_config(type="topk", n_latents=32, k=4)
+    meta = {"model": cfg.model_dump(mode="json"), "d_in": 16, "hook": "h.a", "step": 7, "tokens_seen": 700,
+            "finished": True, "config_hash": "rel", "normalization": {"scale": 1.0}}
+    folder = str(tmp_path / "topk")
+    save_checkpoint(folder, build_model(cfg, 16), meta)
+    load_model(folder)  # pristine: loads
+    path = f"{folder}/model.safetensors"
+    with safe_open(path, "pt") as f:
+        header = dict(f.metadata())
+        weights = {k: f.get_tensor(k) * 2 for k in f.keys()}  # noqa: SIM118 (a safe_open handle, not a dict)
+    text = header["meta"]
+    header["meta"] = text[text.index("{"):]  # the digest prefix removed
+    json.loads(header["meta"])
+    save_file(weights, path, metadata=header)
+    with pytest.raises(UserError, match="no content digest"):
+        load_model(folder)

@@ -139,7 +139,14 @@ def _same_checkpoint(folder: str, step: Any, digest: Any, key: str, file: str) -
     file was replaced by another checkpoint's.  A different step is a write interrupted between the
     two files (the module docstring): the file is then newer than config.json, and fine."""
     published = read_meta(folder)
-    if not isinstance(published, dict) or digest is None or published.get(key) is None:
+    if not isinstance(published, dict) or published.get(key) is None:
+        return
+    if digest is None and published.get("step") == step:
+        # config.json names a digest the file no longer carries: stripping it must not turn the
+        # content check off
+        raise UserError(f"{folder}/{file} has no content digest though {CONFIG_FILE} names one (edited?); "
+                        "restore it or retrain")
+    if digest is None:
         return
     if published.get("step") == step and published.get(key) != digest:
         raise UserError(f"{folder}/{file} is not the file {CONFIG_FILE} was written with (replaced by another "
