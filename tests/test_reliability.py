@@ -85,3 +85,5 @@ def test_a_checkpoint_whose_digest_was_stripped_and_weights_changed_is_refused(t
     save_file(weights, path, metadata=header)
     with pytest.raises(UserError, match="no content digest"):
         load_model(folder)
+    # `compsae verify <checkpoint folder>` reports it too (it loads the same way)
+    assert any("no content digest" in p for p in verify.checkpoint_problems(folder))
