@@ -87,3 +87,11 @@ def test_a_checkpoint_whose_digest_was_stripped_and_weights_changed_is_refused(t
         load_model(folder)
     # `compsae verify <checkpoint folder>` reports it too (it loads the same way)
     assert any("no content digest" in p for p in verify.checkpoint_problems(folder))
+
+
+def test_a_field_the_chosen_composer_ignores_is_reported() -> None:
+    from compsae.train.config import make_model_config
+
+    assert make_model_config(type="compsae", composer="pair", n_heads=4).ignored_fields() == ["n_heads"]
+    assert make_model_config(type="compsae", composer="attention", n_heads=4).ignored_fields() == []
+    assert make_model_config(type="compsae", composer="attention", pair_rank=8).ignored_fields() == ["pair_rank"]

@@ -145,6 +145,14 @@ class CompSAEConfig(TopKConfig):
             raise ValueError("curriculum_m values must be >= 1")
         return self
 
+    def ignored_fields(self) -> list[str]:
+        """The fields set explicitly (a config entry or `--set`) that the chosen composer does not
+        read, sorted: setting them has no effect, which a user should be told."""
+        network = {"d_f", "d_c", "n_heads", "ffn_mult"}  # the pooled network (attention / mlp) only
+        pair = {"pair_rank", "pair_diagonal", "pair_selection"}  # the explicit pair term only
+        unused = {"pair": network, "none": network | pair}.get(self.composer, pair)
+        return sorted(self.model_fields_set & unused)
+
     @property
     def has_curriculum(self) -> bool:
         return True
