@@ -37,3 +37,11 @@ def test_load_sae_reconstructs_in_store_units(tmp_path) -> None:
 def test_open_store_refuses_a_folder_that_is_no_store(tmp_path) -> None:
     with pytest.raises(UserError):
         compsae.open_store(str(tmp_path))
+
+
+def test_tl_processing_records_every_flag() -> None:
+    from compsae.harvest.models import tl_processing
+
+    on, off = tl_processing(True)["tl_processing"], tl_processing(False)["tl_processing"]
+    keys = ("fold_ln", "center_writing_weights", "center_unembed", "fold_value_biases")
+    assert all(on[k] for k in keys) and not any(off[k] for k in keys)
