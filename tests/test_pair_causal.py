@@ -111,3 +111,36 @@ def test_random_directions_keep_norms_and_bootstrap_covers_the_mean():
     assert (r - t).abs().max() > 1e-3
     m, lo, hi = bootstrap_ci(np.arange(100.0), np.random.default_rng(0))
     assert lo < m < hi and abs(m - 49.5) < 1e-12
+
+
+def test_run_pair_causal_gives_top_matched_and_random_rows_per_n():
+    from compsae.analysis.pair_causal import run_pair_causal
+    from compsae.analysis.pair_effects import PairEffectSums
+
+    model = _pair_model()
+    x = torch.randn(2, 10, D, dtype=torch.float64) * 3
+    flat = x.flatten(0, 1)
+    _, idx, vals = model.active(flat)
+    sums = PairEffectSums.empty(48)
+    sums.update(model, flat, model.decode_active(idx, vals), idx, vals)
+    lm = torch.nn.Linear(D, 7).double()
+    tokens = torch.randint(0, 7, (2, 10))
+
+    def ce_fn(tok, replace):
+        act = x if replace is None else replace(x)
+        logits = lm(act)
+        ce = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), tok[:, 1:].flatten(),
+                                               reduction="none")
+        return ce.view(2, -1), logits
+
+    def encode(a):
+        _, i, v = model.active(a)
+        return i, v
+
+    recs = run_pair_causal(model, ce_fn, tokens, encode, sums.mean_effect(), sums.count, ns=(3, 10**6))
+    kinds = [(r.kind, r.n_pairs) for r in recs]
+    n_all = int((sums.count > 0).sum())
+    assert kinds == [("top", 3), ("random_dir", 3), ("matched", 3),
+                     ("top", n_all), ("random_dir", n_all), ("matched", 0)]
+    top3 = recs[0]
+    assert top3.n_tokens > 0 and top3.delta_kl > 0 and top3.delta_ce_lo <= top3.delta_ce <= top3.delta_ce_hi
