@@ -37,7 +37,6 @@ def test_real_design(name, d_model):
         assert cfg.harvest.n_tokens >= 2_000_000
 
 
-@pytest.mark.slow
 def test_real_tiny_runs_end_to_end(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
     args = ["run", "--pipeline", "real_tiny", "--config", str(ROOT / "pipelines.yaml"),

@@ -186,3 +186,29 @@ def run_pair_causal(model: Any, ce_fn: Callable, tokens: torch.Tensor,
                 dce, dkl = per_token_delta(ce_fn, tokens, splice(base_x), splice(base_x - rand))
                 out.append(_summary("random_dir", len(pairs), dce, dkl, hit, rng))
     return out
+
+
+def plot_pair_causal(records: list[PairCausalRecord], path: str, metric: str = "delta_ce") -> None:
+    """ΔCE (or `delta_kl`) vs N for the top pairs and both controls, 95 % intervals as error bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for kind in ("top", "matched", "random_dir"):
+        rows = [r for r in records if r.kind == kind and r.n_pairs > 0 and r.n_tokens > 0]
+        if not rows:
+            continue
+        n = np.array([r.n_pairs for r in rows])
+        y = np.array([getattr(r, metric) for r in rows])
+        lo = np.array([getattr(r, metric + "_lo") for r in rows])
+        hi = np.array([getattr(r, metric + "_hi") for r in rows])
+        ax.errorbar(n, y, yerr=[y - lo, hi - y], marker="o", capsize=3, label=kind)
+    ax.set_xscale("log")
+    ax.set_xlabel("pairs removed (N)")
+    ax.set_ylabel(metric.replace("_", " ") + " per affected token (nats)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
