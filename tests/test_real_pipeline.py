@@ -35,6 +35,7 @@ def test_real_design(name, d_model):
     assert abs(_n_params(wide, d_model) - _n_params(comp, d_model)) <= per_latent
     if name == "real":
         assert cfg.harvest.n_tokens >= 2_000_000
+    assert cfg.analyze.pair_causal
 
 
 def test_real_tiny_runs_end_to_end(tmp_path):
@@ -48,3 +49,7 @@ def test_real_tiny_runs_end_to_end(tmp_path):
     analyze = next((tmp_path / "runs" / "real_tiny").glob("analyze-*"))
     metrics = json.loads((analyze / "metrics.json").read_text())
     assert set(metrics["models"]) >= {"compsae", "topk", "topk_params"}
+    causal = metrics["models"]["compsae"]["pair_causal"]
+    assert {r["kind"] for r in causal} == {"top", "matched", "random_dir"}
+    top = [r for r in causal if r["kind"] == "top"]
+    assert top[0]["n_pairs"] >= 1 and top[0]["n_tokens"] > 0

@@ -147,11 +147,12 @@ def _summary(kind: str, n: int, dce: torch.Tensor, dkl: torch.Tensor, hit: torch
 def run_pair_causal(model: Any, ce_fn: Callable, tokens: torch.Tensor,
                     encode: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
                     effect: np.ndarray, count: np.ndarray, ns: tuple[int, ...] = (10, 100, 1000),
-                    seed: int = 0) -> list[PairCausalRecord]:
+                    seed: int = 0, scale: float = 1.0) -> list[PairCausalRecord]:
     """The causal test on held-out `tokens: [b, ctx]`: for each N in `ns` (clipped to the co-firing
     pairs that exist), the top-N pairs by `effect` (in-context mean ‖Δ‖), the matched-norm control
     and the random-direction control.  `encode` maps hook activations `[m, d]` to the model's
-    active `(idx, vals)`; x̂ is `model.decode_active` in the same units.  Averages are over the
+    active `(idx, vals)` of `act · scale` (the model's input units); x̂ and the removed terms are
+    divided by `scale` again before the splice.  Averages are over the
     predicted tokens whose activation had at least one removed term."""
     rng = np.random.default_rng(seed)
     gen = torch.Generator().manual_seed(seed)
@@ -159,16 +160,17 @@ def run_pair_causal(model: Any, ce_fn: Callable, tokens: torch.Tensor,
     store: dict[str, Any] = {}
 
     def capture(act: torch.Tensor) -> torch.Tensor:
-        idx, vals = encode(act.flatten(0, 1).to(torch.float64))
+        dtype = next(model.parameters()).dtype
+        idx, vals = encode(act.flatten(0, 1).cpu().to(dtype) * scale)
         store.update(idx=idx, vals=vals, shape=act.shape)
-        return model.decode_active(idx, vals).view(act.shape)
+        return (model.decode_active(idx, vals) / scale).view(act.shape)
 
     ce_fn(tokens, capture)
     idx, vals, shape = store["idx"], store["vals"], store["shape"]
     base_x = model.decode_active(idx, vals)
 
     def splice(x: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
-        return lambda act: x.view(shape).to(act)
+        return lambda act: (x / scale).view(shape).to(act)
 
     n_avail = int((np.triu(count, 1) > 0).sum())
     out: list[PairCausalRecord] = []

@@ -291,6 +291,11 @@ def analysis_metrics(ap: AnalysisPlan, cfg: AnalyzeConfig, partials: dict[str, A
             for r in ap.recons:
                 models[r.name]["ce"] = ce_metrics(fn, tok, _splice(r))
             ce_note = f"{len(seqs)} held-out sequences, {int(seqs.size)} tokens"
+            if cfg.pair_causal:
+                for r in ap.recons:
+                    causal = _pair_causal(r, partials[r.name], ap.tracked.get(r.name), fn, tok, cfg.seed)
+                    if causal is not None:
+                        models[r.name]["pair_causal"] = causal
 
     ablations = []
     for r in ap.recons:
@@ -336,6 +341,31 @@ def run_analyze(cfg: AnalyzeConfig, store_url: str, train_dir: str, out_dir: str
                                           decode)
     saes = [r for r in ap.recons if r.name in ap.sae_names]
     return _write_outputs(out_dir, cfg, metrics, arrays, examples, partials, ap.store, decode, saes, ap.blocks.keep)
+
+
+def _pair_causal(rec: Reconstructor, part: dict[str, Any], rows: np.ndarray | None, fn: CEFn,
+                 tok: torch.Tensor, seed: int) -> list[dict[str, Any]] | None:
+    """The causal pair test (`pair_causal`) for a model with measured pair effects, as rows."""
+    from dataclasses import asdict
+
+    from compsae.analysis.pair_causal import run_pair_causal
+
+    effects = part.get("effects")
+    if effects is None or rows is None or not isinstance(rec, SAEReconstructor):
+        return None
+    model = rec.model
+    n = rec.n_latents
+    eff, cnt = np.zeros((n, n)), np.zeros((n, n))
+    eff[np.ix_(rows, rows)] = effects.mean_effect()
+    c = effects.count + effects.count.T
+    cnt[np.ix_(rows, rows)] = np.triu(c, 1) + np.triu(c, 1).T
+
+    def encode(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        _, idx, vals = model.active(x)
+        return idx, vals
+
+    recs = run_pair_causal(model, fn, tok, encode, eff, np.triu(cnt, 1), seed=seed, scale=rec.scale)
+    return [asdict(r) for r in recs]
 
 
 def _splice(rec: Reconstructor) -> Callable[[torch.Tensor], torch.Tensor]:
