@@ -53,3 +53,4 @@ def test_real_tiny_runs_end_to_end(tmp_path):
     assert {r["kind"] for r in causal} == {"top", "matched", "random_dir"}
     top = [r for r in causal if r["kind"] == "top"]
     assert top[0]["n_pairs"] >= 1 and top[0]["n_tokens"] > 0
+    assert (analyze / "figures" / "pair_causal_compsae.png").is_file()

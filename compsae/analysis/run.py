@@ -368,6 +368,21 @@ def _pair_causal(rec: Reconstructor, part: dict[str, Any], rows: np.ndarray | No
     return [asdict(r) for r in recs]
 
 
+def _pair_causal_figures(work: str, metrics: dict[str, Any]) -> dict[str, str]:
+    """figures/pair_causal_<model>.png (ΔCE vs N with both controls) for models with causal rows."""
+    from compsae.analysis.pair_causal import PairCausalRecord, plot_pair_causal
+
+    out = {}
+    for name, m in metrics["models"].items():
+        rows = m.get("pair_causal")
+        if rows:
+            rel = os.path.join("figures", f"pair_causal_{name}.png")
+            os.makedirs(os.path.join(work, "figures"), exist_ok=True)
+            plot_pair_causal([PairCausalRecord(**r) for r in rows], os.path.join(work, rel))
+            out[f"pair_causal_{name}"] = rel
+    return out
+
+
 def _splice(rec: Reconstructor) -> Callable[[torch.Tensor], torch.Tensor]:
     def replace(acts: torch.Tensor) -> torch.Tensor:  # [b, ctx, d] -> x̂ of the same shape
         flat = acts.detach().float().cpu().reshape(-1, acts.shape[-1]).numpy()
@@ -403,6 +418,8 @@ def _write_outputs(out_dir: str, cfg: AnalyzeConfig, metrics: dict[str, Any], ar
                 work, saes, lat, top_df, arrays, store, metrics["hook"], keep, decode, cfg.browser_contexts,
                 cfg.context_window, cfg.browser_hist_rows)
         files.update(write_report(work, metrics, arrays, examples, plots=cfg.plots))
+        if cfg.plots:
+            files.update(_pair_causal_figures(work, metrics))
         if not local:
             fs.put(work.rstrip("/") + "/", path, recursive=True)
     finally:
