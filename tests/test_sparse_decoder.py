@@ -36,3 +36,28 @@ def test_sparse_and_dense_decoder_agree(type: str, composer: str | None) -> None
     assert grads_s.keys() == grads_d.keys() and "W_dec" in grads_s
     for name in grads_s:
         torch.testing.assert_close(grads_s[name], grads_d[name], rtol=1e-4, atol=1e-6)
+
+
+def _curve(sparse: bool, steps: int = 30) -> list[float]:
+    torch.manual_seed(0)
+    model = build_model(model_cfg("topk", **SMALL), D)
+    model.sparse_decoder = sparse
+    opt = torch.optim.Adam(model.parameters(), 1e-2)
+    gen = torch.Generator().manual_seed(2)
+    curve = []
+    for _ in range(steps):
+        x = torch.randn(32, D, generator=gen)
+        loss = model.compute_loss(x)[0]["loss"]
+        opt.zero_grad()
+        loss.backward()
+        model.before_optimizer_step()
+        opt.step()
+        model.after_optimizer_step()
+        curve.append(float(loss))
+    return curve
+
+
+def test_seeded_loss_curve_is_the_same_with_either_decoder() -> None:
+    sparse, dense = _curve(True), _curve(False)
+    assert sparse[-1] < sparse[0]  # the run learns, so the comparison is not between two flat lines
+    torch.testing.assert_close(torch.tensor(sparse), torch.tensor(dense), rtol=1e-4, atol=1e-5)
