@@ -53,7 +53,7 @@ def _curve(sparse: bool, steps: int = 30) -> list[float]:
         model.before_optimizer_step()
         opt.step()
         model.after_optimizer_step()
-        curve.append(float(loss))
+        curve.append(float(loss.detach()))
     return curve
 
 
