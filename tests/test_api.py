@@ -45,3 +45,13 @@ def test_tl_processing_records_every_flag() -> None:
     on, off = tl_processing(True)["tl_processing"], tl_processing(False)["tl_processing"]
     keys = ("fold_ln", "center_writing_weights", "center_unembed", "fold_value_biases")
     assert all(on[k] for k in keys) and not any(off[k] for k in keys)
+
+
+def test_toggling_fold_ln_changes_the_harvest_hash() -> None:
+    from compsae.harvest.config import HarvestConfig
+    from compsae.harvest.run import config_hash
+    from compsae.stages import stage_hash
+
+    on, off = HarvestConfig(weight_processing=True), HarvestConfig(weight_processing=False)
+    assert config_hash(on) != config_hash(off)
+    assert stage_hash("harvest", on, {}) != stage_hash("harvest", off, {})
