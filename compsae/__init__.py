@@ -1,3 +1,20 @@
-"""compsae: harvest activations, train Compositional SAEs and baselines, analyse composition."""
+"""compsae: harvest activations, train Compositional SAEs and baselines, analyse composition.
+
+Public API (store units in and out): `open_store`, `load_sae`, `load_saes`; see `compsae.api`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
 
 __version__ = "0.1.0"
+__all__ = ["open_store", "load_sae", "load_saes", "__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    """Resolve the API names on first use, so `import compsae` imports neither torch nor zarr."""
+    if name in ("open_store", "load_sae", "load_saes"):
+        from compsae import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'compsae' has no attribute {name!r}")

@@ -46,6 +46,7 @@ class AnalyzeConfig(BaseModel):
 
     ce: bool = Field(True, description="CE / KL with x_hat spliced in (needs the LM; skipped when not loadable)")
     ce_sequences: int = Field(32, ge=1, description="held-out sequences for the CE evaluation")
+    pair_causal: bool = Field(False, description="splice x̂ without the top pairs' terms (and controls) into the LM")
     batch_rows: int = Field(1024, ge=1, description="rows per model call inside a block (bounds memory)")
 
     @field_validator("scheduler")

@@ -291,6 +291,11 @@ def analysis_metrics(ap: AnalysisPlan, cfg: AnalyzeConfig, partials: dict[str, A
             for r in ap.recons:
                 models[r.name]["ce"] = ce_metrics(fn, tok, _splice(r))
             ce_note = f"{len(seqs)} held-out sequences, {int(seqs.size)} tokens"
+            if cfg.pair_causal:
+                for r in ap.recons:
+                    causal = _pair_causal(r, partials[r.name], ap.tracked.get(r.name), fn, tok, cfg.seed)
+                    if causal is not None:
+                        models[r.name]["pair_causal"] = causal
 
     ablations = []
     for r in ap.recons:
@@ -338,6 +343,46 @@ def run_analyze(cfg: AnalyzeConfig, store_url: str, train_dir: str, out_dir: str
     return _write_outputs(out_dir, cfg, metrics, arrays, examples, partials, ap.store, decode, saes, ap.blocks.keep)
 
 
+def _pair_causal(rec: Reconstructor, part: dict[str, Any], rows: np.ndarray | None, fn: CEFn,
+                 tok: torch.Tensor, seed: int) -> list[dict[str, Any]] | None:
+    """The causal pair test (`pair_causal`) for a model with measured pair effects, as rows."""
+    from dataclasses import asdict
+
+    from compsae.analysis.pair_causal import run_pair_causal
+
+    effects = part.get("effects")
+    if effects is None or rows is None or not isinstance(rec, SAEReconstructor):
+        return None
+    model = rec.model
+    n = rec.n_latents
+    eff, cnt = np.zeros((n, n)), np.zeros((n, n))
+    eff[np.ix_(rows, rows)] = effects.mean_effect()
+    c = effects.count + effects.count.T
+    cnt[np.ix_(rows, rows)] = np.triu(c, 1) + np.triu(c, 1).T
+
+    def encode(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        _, idx, vals = model.active(x)
+        return idx, vals
+
+    recs = run_pair_causal(model, fn, tok, encode, eff, np.triu(cnt, 1), seed=seed, scale=rec.scale)
+    return [asdict(r) for r in recs]
+
+
+def _pair_causal_figures(work: str, metrics: dict[str, Any]) -> dict[str, str]:
+    """figures/pair_causal_<model>.png (ΔCE vs N with both controls) for models with causal rows."""
+    from compsae.analysis.pair_causal import PairCausalRecord, plot_pair_causal
+
+    out = {}
+    for name, m in metrics["models"].items():
+        rows = m.get("pair_causal")
+        if rows:
+            rel = os.path.join("figures", f"pair_causal_{name}.png")
+            os.makedirs(os.path.join(work, "figures"), exist_ok=True)
+            plot_pair_causal([PairCausalRecord(**r) for r in rows], os.path.join(work, rel))
+            out[f"pair_causal_{name}"] = rel
+    return out
+
+
 def _splice(rec: Reconstructor) -> Callable[[torch.Tensor], torch.Tensor]:
     def replace(acts: torch.Tensor) -> torch.Tensor:  # [b, ctx, d] -> x̂ of the same shape
         flat = acts.detach().float().cpu().reshape(-1, acts.shape[-1]).numpy()
@@ -373,6 +418,8 @@ def _write_outputs(out_dir: str, cfg: AnalyzeConfig, metrics: dict[str, Any], ar
                 work, saes, lat, top_df, arrays, store, metrics["hook"], keep, decode, cfg.browser_contexts,
                 cfg.context_window, cfg.browser_hist_rows)
         files.update(write_report(work, metrics, arrays, examples, plots=cfg.plots))
+        if cfg.plots:
+            files.update(_pair_causal_figures(work, metrics))
         if not local:
             fs.put(work.rstrip("/") + "/", path, recursive=True)
     finally:

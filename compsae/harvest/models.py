@@ -257,6 +257,26 @@ def pythia_snapshot(cfg: HarvestConfig) -> str | None:
     return folder if os.path.isfile(os.path.join(folder, "model.safetensors")) else None
 
 
+def tl_processing(weight_processing: bool, wrapper: Any = None) -> dict[str, Any]:
+    """What transformer_lens did to the weights: its version and every processing flag, for the manifest.
+
+    `from_pretrained` applies all four weight-processing steps and `from_pretrained_no_processing`
+    none, so the flags follow `weight_processing`; dtype comes from the loaded model's config.
+    """
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        tl_version = version("transformer-lens")
+    except PackageNotFoundError:  # offline models never import it
+        tl_version = None
+    flags = dict.fromkeys(("fold_ln", "center_writing_weights", "center_unembed", "fold_value_biases"),
+                          bool(weight_processing))
+    mcfg = getattr(wrapper, "cfg", None)
+    return {"transformer_lens": tl_version, "tl_processing": {
+        **flags, "dtype": str(getattr(mcfg, "dtype", "")) or None,
+        "attention": "transformer_lens HookedTransformer attention" if mcfg is not None else None}}
+
+
 def _load_hub(cfg: HarvestConfig, device: torch.device) -> Any:
     from transformer_lens import HookedTransformer
     from transformer_lens.loading_from_pretrained import get_official_model_name
@@ -341,7 +361,7 @@ def load_model(cfg: HarvestConfig, on_tokenizer: Callable[[Any], None] | None = 
         wrapper = _load_hub(cfg, device).to(device).eval()
         tokenizer = wrapper.tokenizer
         ready(tokenizer)
-        info.update(source="huggingface hub via transformer_lens")
+        info.update(source="huggingface hub via transformer_lens", **tl_processing(cfg.weight_processing, wrapper))
     bos, eos = special_ids(tokenizer, cfg.model)
     if resid is not None:
         shape = resid.shape

@@ -11,7 +11,7 @@ Methods scored on the same labelled candidates (interacting edges vs co-firing-o
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -58,6 +58,7 @@ class CellSpec(BaseModel):
     lr: float = 1e-2
     fdr: float = Field(0.05, gt=0.0, lt=1.0)
     min_support: int = Field(5, ge=1)
+    device: Literal["cpu", "auto", "cuda"] = Field("cpu", description="where dictionaries train")
     composer: dict[str, Any] = Field(
         default_factory=dict, description="fields over the shipped composer"
     )
@@ -75,7 +76,7 @@ def _train_cfg(spec: CellSpec) -> TrainConfig:
         grad_clip=1.0,
         log_every=128,
         checkpoint_every=512,
-        device="cpu",
+        device=spec.device,
         seed=spec.design.seed,
     )
 

@@ -71,7 +71,7 @@ def fit_dictionary(
     rows = torch.from_numpy(x)
     # the batch order restarts from the step reached (seeded by it): a resumed fit is deterministic
     trainer.fit(_batches(rows, train_cfg.batch_size, train_cfg.seed + trainer.step))
-    model.eval()
+    model.cpu().eval()  # scoring runs on the CPU, whatever the device it trained on
     return model
 
 

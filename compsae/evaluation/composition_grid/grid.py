@@ -100,7 +100,8 @@ def grid_cells(name: str, composer: dict[str, Any] | None = None) -> list[Cell]:
 def _record_path(folder: str, cell: Cell) -> str:
     safe = cell.name.replace("=", "-").replace(".", "_")
     variant = f"-{durable.json_digest(cell.spec.composer)[:8]}" if cell.spec.composer else ""
-    return os.path.join(folder, f"{cell.split}-{safe}{variant}")
+    where = "" if cell.spec.device == "cpu" else f"-{cell.spec.device}"
+    return os.path.join(folder, f"{cell.split}-{safe}{variant}{where}")
 
 
 def cell_result(folder: str, cell: Cell, progress: bool = False) -> tuple[dict[str, Any], bool]:
@@ -130,9 +131,13 @@ def run_grid(
     split: str = "all",
     progress: bool = True,
     composer: dict[str, Any] | None = None,
+    device: str = "cpu",
 ) -> Iterator[dict[str, Any]]:
-    """Run (or reuse) every cell of grid `name` in `split` under `folder`, yielding the records."""
+    """Run (or reuse) every cell of grid `name` in `split` under `folder`, yielding the records
+    (`device`: where the dictionaries train; a cell trained elsewhere is a cell of its own)."""
     cells = [c for c in grid_cells(name, composer) if split in ("all", c.split)]
+    if device != "cpu":
+        cells = [Cell(c.name, c.split, c.spec.model_copy(update={"device": device})) for c in cells]
     if not cells:
         raise UserError(f"grid {name!r} has no {split} cells: use validation, test or all")
     os.makedirs(folder, exist_ok=True)

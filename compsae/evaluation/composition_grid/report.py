@@ -16,9 +16,10 @@ def write_grid_report(
     split: str = "all",
     progress: bool = True,
     composer: dict[str, Any] | None = None,
+    device: str = "cpu",
 ) -> dict[str, Any]:
     """Run (or reuse) the cells, write the report files into `folder`; return the headline."""
-    records = list(run_grid(name, folder, split, progress, composer))
+    records = list(run_grid(name, folder, split, progress, composer, device))
     reused = sum(r.pop("reused") for r in records)
     summary = {
         split_name: worst_identifiable(records, split_name)

@@ -22,7 +22,7 @@ from compsae.train.config import ModelConfig
 from compsae.train.models.base import SAEOutput, reconstruction_loss
 from compsae.train.models.composer import CompositionNetwork
 from compsae.train.models.pair_composer import PairComposer
-from compsae.train.models.topk import TopKSAE, dense_codes, sparse_decode
+from compsae.train.models.topk import TopKSAE, decode_active_latents, dense_codes
 
 
 class CompSAE(TopKSAE):
@@ -89,7 +89,7 @@ class CompSAE(TopKSAE):
         return pre, self._decode(idx, vals, composition, need_weights)
 
     def _decode(self, idx: torch.Tensor, vals: torch.Tensor, composition: bool, need_weights: bool) -> SAEOutput:
-        linear = sparse_decode(self.W_dec, idx, vals) + self.b_dec  # [b, d]
+        linear = decode_active_latents(self.W_dec, idx, vals, self.sparse_decoder) + self.b_dec  # [b, d]
         z = dense_codes(idx, vals, self.cfg.n_latents)
         if self.cfg.composer == "none":
             return SAEOutput(x_hat=linear, z=z, active_idx=idx)

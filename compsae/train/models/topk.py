@@ -26,6 +26,18 @@ def sparse_decode(w_dec: torch.Tensor, idx: torch.Tensor, vals: torch.Tensor) ->
     return F.embedding_bag(idx, w_dec.to(vals.dtype), per_sample_weights=vals, mode="sum")
 
 
+def dense_decode(w_dec: torch.Tensor, idx: torch.Tensor, vals: torch.Tensor) -> torch.Tensor:
+    """The same sum as `sparse_decode` through the dense `[b, n] @ [n, d]` product: the reference
+    path (and the faster one where a backend lacks a fused gather), `[b, k]` -> `[b, d]`."""
+    return dense_codes(idx, vals, w_dec.shape[0]) @ w_dec.to(vals.dtype)
+
+
+def decode_active_latents(w_dec: torch.Tensor, idx: torch.Tensor, vals: torch.Tensor,
+                          sparse: bool = True) -> torch.Tensor:
+    """`sparse_decode` or `dense_decode`, as `sparse` selects."""
+    return sparse_decode(w_dec, idx, vals) if sparse else dense_decode(w_dec, idx, vals)
+
+
 def auxk_loss(pre: torch.Tensor, residual: torch.Tensor, w_dec: torch.Tensor, dead_mask: torch.Tensor | None,
               aux_k: int) -> torch.Tensor:
     """AuxK (Gao et al. 2024): reconstruct the residual `x − x̂` from the top `aux_k` *dead* latents,
@@ -57,7 +69,12 @@ def _auxk_loss_static(pre: torch.Tensor, residual: torch.Tensor, w_dec: torch.Te
 
 
 class TopKSAE(SparseAutoencoder):
-    """`z = TopK(ReLU((x − b_dec) W_enc + b_enc))`, `x̂ = z W_dec + b_dec`, unit-norm decoder rows."""
+    """`z = TopK(ReLU((x − b_dec) W_enc + b_enc))`, `x̂ = z W_dec + b_dec`, unit-norm decoder rows.
+
+    `sparse_decoder` (default True) gathers the k active rows of `W_dec`; False takes the dense
+    product instead (same output and gradients, kept for comparison and odd backends)."""
+
+    sparse_decoder: bool = True
 
     def active(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Pre-activations `[b, n]` and the active latents (`idx`, `vals`: `[b, k]`) of `x: [b, d]`."""
@@ -67,14 +84,14 @@ class TopKSAE(SparseAutoencoder):
 
     def forward(self, x: torch.Tensor) -> SAEOutput:
         _, idx, vals = self.active(x)
-        x_hat = sparse_decode(self.W_dec, idx, vals) + self.b_dec
+        x_hat = decode_active_latents(self.W_dec, idx, vals, self.sparse_decoder) + self.b_dec
         z = dense_codes(idx, vals, self.cfg.n_latents)
         return SAEOutput(x_hat=x_hat, z=z, active_idx=idx)
 
     def compute_loss(self, x: torch.Tensor, dead_mask: torch.Tensor | None = None
                      ) -> tuple[dict[str, torch.Tensor], SAEOutput]:
         pre, idx, vals = self.active(x)
-        x_hat = sparse_decode(self.W_dec, idx, vals) + self.b_dec
+        x_hat = decode_active_latents(self.W_dec, idx, vals, self.sparse_decoder) + self.b_dec
         out = SAEOutput(x_hat=x_hat, z=dense_codes(idx, vals, self.cfg.n_latents), active_idx=idx)
         return self._terms(x, pre, out, dead_mask), out
 
