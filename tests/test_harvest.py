@@ -128,6 +128,19 @@ def test_existing_store_of_other_config_is_refused_unless_force(tmp_path: Path) 
     assert ActivationStore.open(out["store"]).manifest["data"]["source"] == "synthetic:arithmetic"
 
 
+def test_force_never_deletes_a_file_compsae_did_not_write(tmp_path: Path) -> None:
+    first = run_harvest(small_cfg(n_tokens=512), str(tmp_path))
+    mine = Path(first["store"]) / "acts" / "notes.txt"  # a user's file put in the store afterwards
+    mine.write_text("my notes")
+    with pytest.raises(UserError, match=r"did not write \(acts/notes.txt\).*move them out"):
+        run_harvest(small_cfg(n_tokens=512), str(tmp_path), force=True)
+    assert mine.read_text() == "my notes"
+    assert ActivationStore.open(first["store"]).complete  # nothing of the store deleted either
+    mine.unlink()
+    out = run_harvest(small_cfg(n_tokens=512), str(tmp_path), force=True)  # only compsae's files: redone
+    assert out["digest"] == first["digest"]
+
+
 def test_second_concurrent_harvest_is_refused(tmp_path: Path) -> None:
     cfg = small_cfg(n_tokens=512)
 

@@ -3,6 +3,7 @@ side arrays, and last the shard's completion mark)."""
 
 from __future__ import annotations
 
+import json
 from typing import TYPE_CHECKING
 
 import crc32c
@@ -12,6 +13,7 @@ import zarr
 from zarr.codecs import Crc32cCodec, ZstdCodec
 
 from compsae import durable
+from compsae.errors import UserError
 from compsae.store.crc import crc32c_concat
 from compsae.store.format import (
     LOCK_NAME,
@@ -70,8 +72,41 @@ def lay_out(group: zarr.Group, hooks: dict[str, int], n_rows: int, n_shards: int
                        config={"write_empty_chunks": True})
 
 
+def foreign_files(url: str) -> list[str]:
+    """The files under the store folder at `url` that compsae did not write: anything but the
+    lock, zarr's `zarr.json` nodes and the chunk files under an array's `c/` folder."""
+    fs, path = fsspec.core.url_to_fs(url)
+    path = path.rstrip("/")
+    files = [f.rstrip("/") for f in fs.find(path)]
+    # an array's folder is one whose zarr.json says so; its chunks live in <array>/c/...
+    arrays = set()
+    for f in files:
+        if f.endswith("/zarr.json"):
+            try:
+                node = json.loads(fs.cat_file(f))
+            except (ValueError, OSError):
+                continue
+            if isinstance(node, dict) and node.get("node_type") == "array":
+                arrays.add(f[: -len("/zarr.json")])
+    foreign = []
+    for f in files:
+        name = f.rsplit("/", 1)[-1]
+        if name in ("zarr.json", LOCK_NAME):
+            continue
+        if any(f.startswith(f"{a}/c/") for a in arrays):
+            continue
+        foreign.append(f[len(path) + 1:])
+    return sorted(foreign)
+
+
 def wipe(url: str) -> None:
-    """Remove a store's contents but not its lock file (a writer may hold it right now)."""
+    """Remove a store's contents but not its lock file (a writer may hold it right now).
+    Refused, with nothing deleted, when the folder holds a file compsae did not write."""
+    foreign = foreign_files(url)
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+        raise UserError(f"{url} holds files compsae did not write ({shown}); --force never deletes them: "
+                        "move them out of the store folder and rerun")
     fs, path = fsspec.core.url_to_fs(url)
     for entry in fs.ls(path, detail=False):
         if entry.rstrip("/").rsplit("/", 1)[-1] != LOCK_NAME:
