@@ -145,6 +145,22 @@ def test_load_model_refuses_pickle(tmp_path):
         load_model(str(folder))
 
 
+def test_force_never_deletes_a_file_compsae_did_not_write(tmp_path):
+    store, _ = make_store(str(tmp_path / "s.zarr"), n=512)
+    out = str(tmp_path / "t")
+    run_train(_stage(tokens=64 * 2), store.url, out, progress=False)
+    mine = tmp_path / "t" / "comp" / "notes.txt"
+    mine.write_text("my notes")
+    before = (tmp_path / "t" / "comp" / "model.safetensors").read_bytes()
+    with pytest.raises(UserError, match=r"did not write \(notes.txt\).*move them out"):
+        run_train(_stage(tokens=64 * 2, lr=1e-2), store.url, out, force=True, progress=False)
+    assert mine.read_text() == "my notes"
+    assert (tmp_path / "t" / "comp" / "model.safetensors").read_bytes() == before
+    mine.unlink()
+    assert run_train(_stage(tokens=64 * 2, lr=1e-2), store.url, out, force=True,
+                     progress=False)["models"]["comp"]["finished"]
+
+
 def test_bad_input_is_one_line_and_leaves_no_complete_checkpoint(tmp_path):
     store, _ = make_store(str(tmp_path / "s.zarr"), n=512)
     with pytest.raises(UserError, match="not 'blocks.9.x'"):

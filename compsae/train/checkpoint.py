@@ -31,7 +31,7 @@ from safetensors.torch import save as st_save
 
 from compsae import durable
 from compsae.errors import UserError
-from compsae.files import CONFIG_FILE, MODEL_FILE, STATE_FILE
+from compsae.files import CONFIG_FILE, MODEL_FILE, STATE_FILE, TRAIN_METRICS
 from compsae.train.config import legacy_model_config
 from compsae.train.models import SparseAutoencoder, build_model
 from compsae.train.records import CheckpointMeta
@@ -272,11 +272,24 @@ def _build(weights: dict[str, torch.Tensor], meta: dict[str, Any], where: str) -
     return model
 
 
+# what the trainer writes in a model folder (besides the `*.partial` files of an interrupted write)
+_MODEL_FOLDER_FILES = frozenset({MODEL_FILE, CONFIG_FILE, STATE_FILE, TRAIN_METRICS})
+
+
 def remove_checkpoint(folder: str) -> None:
-    """Delete a model folder (checkpoint and metrics): `--force` starts over."""
+    """Delete a model folder (checkpoint and metrics): `--force` starts over.  Refused, with
+    nothing deleted, when the folder holds a file the trainer did not write."""
     fs, path = fsspec.core.url_to_fs(folder)
-    if fs.exists(path):
-        fs.rm(path, recursive=True)
+    if not fs.exists(path):
+        return
+    path = path.rstrip("/")
+    files = [f.rstrip("/")[len(path) + 1:] for f in fs.find(path)]
+    foreign = sorted(f for f in files if f not in _MODEL_FOLDER_FILES and not f.endswith(".partial"))
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+        raise UserError(f"{folder} holds files compsae did not write ({shown}); --force never deletes "
+                        "them: move them out of the model folder and rerun")
+    fs.rm(path, recursive=True)
 
 
 @dataclass
