@@ -1,6 +1,6 @@
 """compsae: harvest activations, train Compositional SAEs and baselines, analyse composition.
 
-Public API (store units in and out): `open_store`, `load_sae`, `load_saes`; see `compsae.api`.
+Public API (store units in and out): `open_store`, `load_sae`, `load_saes`, `top_pairs`; see `compsae.api`.
 """
 
 from __future__ import annotations
@@ -8,12 +8,12 @@ from __future__ import annotations
 from typing import Any
 
 __version__ = "0.1.0"
-__all__ = ["open_store", "load_sae", "load_saes", "__version__"]
+__all__ = ["open_store", "load_sae", "load_saes", "top_pairs", "PairRow", "__version__"]
 
 
 def __getattr__(name: str) -> Any:
     """Resolve the API names on first use, so `import compsae` imports neither torch nor zarr."""
-    if name in ("open_store", "load_sae", "load_saes"):
+    if name in ("open_store", "load_sae", "load_saes", "top_pairs", "PairRow"):
         from compsae import api
 
         return getattr(api, name)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -128,3 +129,77 @@ def test_pair_effects_of_a_plain_topk_model_vanish(tmp_path) -> None:
     _, folder = _saved(tmp_path, "m", 2.0, type="topk")
     eff = compsae.load_sae(folder).pair_effects(torch.randn(3, 8))
     assert eff.norm.max() < 1e-5
+
+
+def _store_model(tmp_path, **model: object) -> tuple[compsae.api.TrainedSAE, object, object]:
+    """A synthetic store (d=16) and a model of its hook saved with a held-out split of a quarter."""
+    from train_fixtures import HOOK, make_store
+
+    store, x = make_store(str(tmp_path / "store"), n=1024)
+    torch.manual_seed(0)
+    cfg = make_model_config(n_latents=16, k=3, **model)
+    net = build_model(cfg, 16)
+    if hasattr(net, "pair"):
+        with torch.no_grad():
+            net.pair.W_out.normal_()
+    meta = {"type": cfg.type, "d_in": 16, "hook": HOOK, "step": 1, "tokens_seen": 1, "finished": True,
+            "model": cfg.model_dump(), "normalization": {"scale": 0.5},
+            "split": {"fraction": 0.25, "seed": 7}}
+    save_checkpoint(str(tmp_path / "m"), net, meta)
+    return compsae.load_sae(str(tmp_path / "m")), store, x
+
+
+def test_batches_serve_the_checkpoints_own_heldout_rows(tmp_path) -> None:
+    from compsae.store.split import heldout_mask
+
+    sae, store, x = _store_model(tmp_path, type="topk")
+    got = torch.cat(list(sae.batches(store, batch_size=32, shuffle=False))).numpy()
+    want = x[heldout_mask(store._column("seq_id"), 0.25, 7)]
+    assert 0 < len(want) < len(x)
+    key = lambda a: a[np.lexsort(a.T[::-1])]  # noqa: E731  (row order of the two sides may differ)
+    np.testing.assert_array_equal(key(got), key(want))  # store units: no normalisation applied
+
+
+def test_top_pairs_of_a_model_and_of_a_run_folder(tmp_path) -> None:
+    import json
+
+    sae, store, _ = _store_model(tmp_path, type="compsae", composer="pair")
+    rows = compsae.top_pairs(sae, n=5, store=store, batch_size=64)
+    assert 0 < len(rows) <= 5
+    assert all(r.i < r.j and r.tokens > 0 and r.mean_effect > 0 for r in rows)
+    assert [r.gain_share for r in rows] == sorted((r.gain_share for r in rows), reverse=True)
+    # a run folder: its analyze stage's metrics.json, every model's pairs, best first
+    stage = tmp_path / "runs" / "p" / "analyze-abc"
+    stage.mkdir(parents=True)
+    pair = {"i": 1, "j": 4, "tokens": 9, "mean_effect": 0.3, "gain_share": 0.01}
+    metrics = {"models": {"a": {"pairs": {"top_pairs": [pair]}},
+                          "b": {"pairs": {"top_pairs": [{**pair, "i": 2, "gain_share": 0.05}]}},
+                          "topk": {}}}
+    (stage / "metrics.json").write_text(json.dumps(metrics))
+    table = compsae.top_pairs(str(tmp_path / "runs" / "p"))
+    assert [(r.model, r.i, r.j, r.gain_share) for r in table] == [("b", 2, 4, 0.05), ("a", 1, 4, 0.01)]
+    assert compsae.top_pairs(str(stage), n=1) == table[:1]
+    with pytest.raises(UserError):
+        compsae.top_pairs(str(tmp_path))
+
+
+def test_top_pairs_of_an_additive_model_are_empty(tmp_path) -> None:
+    sae, store, _ = _store_model(tmp_path, type="compsae", composer="none")
+    assert compsae.top_pairs(sae, store=store, batch_size=64) == []
+
+
+def test_top_pairs_of_a_model_agree_with_the_analyze_sums(tmp_path) -> None:
+    from compsae.analysis.pair_effects import PairEffectSums
+
+    sae, store, _ = _store_model(tmp_path, type="compsae", composer="attention", d_f=8, n_heads=2, d_c=8)
+    rows = compsae.top_pairs(sae, n=3, store=store, batch_size=64)
+    sums = PairEffectSums.empty(16)
+    for x in sae.batches(store, batch_size=64, shuffle=False):
+        out = sae.forward(x)  # model units, as analyze works
+        idx = out.active_idx
+        sums.update(sae.model, x * sae.scale, out.x_hat, idx, out.z.gather(1, idx))
+    gain, effect = sums.gain_share(), sums.mean_effect()
+    assert rows
+    for r in rows:
+        assert r.gain_share == pytest.approx(gain[r.i, r.j], rel=1e-4)
+        assert r.mean_effect == pytest.approx(effect[r.i, r.j], rel=1e-4)

@@ -22,6 +22,8 @@ import torch
 
 from compsae.errors import UserError
 from compsae.files import CONFIG_FILE, MODEL_FILE
+from compsae.store.activation_store import ActivationStore
+from compsae.store.loader import BatchLoader, Split
 from compsae.store.split import HeldOutSplit
 from compsae.train.checkpoint import load_model, parse_meta
 from compsae.train.models import SparseAutoencoder
@@ -133,6 +135,18 @@ class TrainedSAE:
     def reconstruct(self, x: np.ndarray | torch.Tensor) -> torch.Tensor:
         """`x̂: [b, d]` of store-unit rows `x: [b, d]`; store units in and out."""
         return self.forward(x).x_hat / self.scale
+
+    def batches(self, store: ActivationStore | str, batch_size: int = 512, split: Split = "heldout",
+                shuffle: bool = True, epochs: int | None = 1, seed: int = 0) -> BatchLoader:
+        """Batches `[batch_size, d]` of this model's hook from `store`, in store units (feed them
+        to `encode` / `reconstruct` as they are), on the checkpoint's own held-out split: `split`
+        "heldout" (the rows it never trained on), "train" or "all".  A model trained elsewhere
+        records no split: every row is then served, whatever `split` says."""
+        own = self.split
+        return BatchLoader(store, self.hook, batch_size=batch_size, split=split if own else "all",
+                           heldout_fraction=own.fraction if own else 0.0,
+                           split_seed=own.seed if own else 0, seed=seed, device=self.device,
+                           normalize=False, shuffle=shuffle, epochs=epochs)
 
     @torch.no_grad()
     def encode(self, x: np.ndarray | torch.Tensor) -> Codes:
