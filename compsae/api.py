@@ -6,14 +6,23 @@ the per-model normalization a checkpoint records is applied and undone inside.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from pydantic import BaseModel
+
+    from compsae.stages import StageRecord
     from compsae.store.activation_store import ActivationStore
     from compsae.train.trained import TrainedSAE
 
 METRICS_FILE = "metrics.json"
+_STAGE_OUTPUTS = {"harvest": "compsae.harvest.records:HarvestOutputs",
+                  "train": "compsae.train.records:TrainOutputs",
+                  "analyze": "compsae.analysis.records:AnalyzeOutputs",
+                  "evaluate": "compsae.evaluation.records:EvaluateOutputs",
+                  "probe": "compsae.evaluation.records:ProbeOutputs"}
 # the pair sums are [n_latents, n_latents] float64 arrays (three of them): keep them in memory bounds
 _MAX_PAIR_LATENTS = 4096
 
@@ -149,3 +158,32 @@ def _pairs_of_model(sae: TrainedSAE, store: ActivationStore | str, n: int, max_r
     return [PairRow(sae.name, int(f // m), int(f % m), int(count[f]),
                     float(norm[f] / count[f] / rms), float(share[f]))
             for f in order if share[f] > 0 and count[f] > 0]
+
+
+def stage_outputs_model(stage: str) -> type[BaseModel]:
+    """The outputs record model of `stage` (what its `stage.json` holds under "outputs")."""
+    import importlib
+
+    from compsae.errors import UserError
+
+    if stage not in _STAGE_OUTPUTS:
+        raise UserError(f"unknown stage {stage!r}; stages are {', '.join(_STAGE_OUTPUTS)}")
+    # by name, like the registry's runners: `compsae` itself must not import the stages' packages
+    module, _, name = _STAGE_OUTPUTS[stage].partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def run_stage(pipeline: str, stage: str, config: str = "pipelines.yaml", runs_root: str | None = None,
+              overrides: list[str] | None = None, force: bool = False,
+              say: Callable[[str], object] = print) -> StageRecord[Any]:
+    """Run (or reuse) one stage of `pipeline` from `config`, as `compsae <stage> --pipeline ...`
+    does, and return its typed record (`.outputs` is the stage's outputs model, e.g. `TrainOutputs`).
+    `overrides` are `--set` strings (`train.k=16`); `runs_root` replaces the file's runs root."""
+    from compsae.config import load_pipeline
+    from compsae.pipeline import run_stage as run_one
+    from compsae.stages import StageRecord
+
+    sets = [*(overrides or []), *([f"runs_root={runs_root}"] if runs_root is not None else [])]
+    whole, pipe = load_pipeline(pipeline, config, sets)
+    status = run_one(stage, whole, pipe, pipeline, force=force, say=say)
+    return StageRecord[stage_outputs_model(stage)].model_validate(status.record)  # type: ignore[misc]

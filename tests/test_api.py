@@ -203,3 +203,36 @@ def test_top_pairs_of_a_model_agree_with_the_analyze_sums(tmp_path) -> None:
     for r in rows:
         assert r.gain_share == pytest.approx(gain[r.i, r.j], rel=1e-4)
         assert r.mean_effect == pytest.approx(effect[r.i, r.j], rel=1e-4)
+
+
+def test_run_stage_returns_the_typed_record(tmp_path) -> None:
+    import yaml
+
+    from compsae.harvest.records import HarvestOutputs
+
+    doc = {"runs_root": "IGNORED", "pipelines": {"gt": {
+        "ground_truth": {"n_rows": 256, "d_model": 8, "n_features": 16, "n_pairs": 2},
+        "train": {"hook": "synthetic.hook_x", "models": {"topk": {"type": "topk", "n_latents": 16, "k": 2}}}}}}
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(doc))
+    rec = compsae.run_stage("gt", "harvest", config=str(tmp_path / "p.yaml"),
+                            runs_root=str(tmp_path / "runs"), say=lambda _: None)
+    assert isinstance(rec.outputs, HarvestOutputs)
+    assert rec.stage == "harvest" and rec.folder.startswith(str(tmp_path / "runs" / "gt" / "harvest-"))
+    assert compsae.open_store(rec.outputs.store).n_rows == 256
+    again = compsae.run_stage("gt", "harvest", config=str(tmp_path / "p.yaml"),
+                              runs_root=str(tmp_path / "runs"), say=lambda _: None)
+    assert again.hash == rec.hash and again.finished_at == rec.finished_at  # reused, not rerun
+
+
+def test_stage_records_written_before_the_envelope_still_read() -> None:
+    from compsae.stages import StageRecord
+    from compsae.train.records import TrainOutputs
+
+    old = {"stage": "train", "hash": "abc", "config": {"hook": "h"},
+           "inputs": {"harvest": {"hash": "def", "path": "/r/harvest-def"}},
+           "outputs": {"store": "/r/s.zarr", "hook": "h", "heldout_fraction": 0.05,
+                       "store_manifest_hash": "m", "digest": "d", "models": {}}, "finished_at": "x",
+           "version": "0.0.1", "legacy_field": 3}
+    rec = StageRecord[TrainOutputs].model_validate(old)
+    assert rec.inputs["harvest"].path == "/r/harvest-def" and rec.folder is None
+    assert rec.model_dump()["legacy_field"] == 3
