@@ -12,15 +12,44 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Generic, Literal, TypeVar
 
 import fsspec
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict
 
 from compsae import __version__, durable
 from compsae.files import STAGE_LOCK, STAGE_RECORD
 
 RECORD = STAGE_RECORD
+
+Outputs = TypeVar("Outputs", bound=BaseModel)
+
+
+class StageInput(BaseModel):
+    """An input stage as a record names it: its hash and the folder it was read from."""
+
+    model_config = ConfigDict(extra="allow")
+
+    hash: str
+    path: str | None = None
+
+
+class StageRecord(BaseModel, Generic[Outputs]):
+    """`stage.json`, typed: `StageRecord[TrainOutputs].model_validate(read_record(folder))`.
+    `config` stays the stage config's JSON (its model depends on the stage and the source kind);
+    unknown keys (older or newer writers) are kept, so every record written so far still reads."""
+
+    model_config = ConfigDict(extra="allow")
+
+    stage: str
+    hash: str
+    folder: str | None = None
+    config: dict[str, Any]
+    inputs: dict[str, StageInput] = {}
+    outputs: Outputs
+    finished_at: str | None = None
+    version: str | None = None
+
 
 # Fields that change how fast a stage runs, never what it writes: left out of the hash.
 NON_SEMANTIC = {"device", "writer_threads", "workers", "scheduler", "progress", "num_threads", "prefetch", "threads_per_worker",
