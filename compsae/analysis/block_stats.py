@@ -12,11 +12,11 @@ from functools import reduce
 from typing import Any
 
 import numpy as np
-import torch
 
 from compsae.analysis.composition import GateSums, HeadSums, PairSums, active_ids
 from compsae.analysis.reconstruction import LatentSums, ReconSums, TopContexts, merge_partials
 from compsae.analysis.reconstructors import Reconstructor
+from compsae.threads import torch_threads
 
 
 @dataclass
@@ -82,10 +82,11 @@ def block_partial(x: np.ndarray, keep: np.ndarray, pos: np.ndarray, row0: int, r
     if idx.size == 0:
         return None
     # One torch thread per task: parallelism comes from the scheduler, and a fixed thread count
-    # keeps every float identical whichever scheduler runs the block.
-    torch.set_num_threads(1)
+    # keeps every float identical whichever scheduler runs the block.  Scoped: the worker's own
+    # count comes back when the block is done.
     x = np.asarray(x, np.float32)[idx]
-    return {r.name: model_partial(r, x, np.asarray(pos)[idx], row0 + idx, spec) for r in recons}
+    with torch_threads(1):
+        return {r.name: model_partial(r, x, np.asarray(pos)[idx], row0 + idx, spec) for r in recons}
 
 
 def merge_many(parts: list[Any]) -> Any:

@@ -11,14 +11,12 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import dask
 import dask.array as da
 import numpy as np
-import torch
 from dask.delayed import Delayed
 from dask.diagnostics import ProgressBar
 from threadpoolctl import threadpool_limits
@@ -28,6 +26,7 @@ from compsae.analysis.reconstructors import Reconstructor
 from compsae.dask_cluster import dask_client  # noqa: F401 - re-exported for callers
 from compsae.errors import UserError
 from compsae.store import ActivationStore
+from compsae.threads import torch_threads
 
 FAN_IN = 8  # partials merged per tree node
 _STORES: dict[str, ActivationStore] = {}
@@ -153,29 +152,17 @@ def reference_partials(store: ActivationStore, hook: str, pos: np.ndarray, plan:
     return total
 
 
-@contextlib.contextmanager
-def torch_threads(n: int) -> Iterator[None]:
-    """Run with `n` torch intra-op threads, restoring the previous count afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def compute(root: Delayed, client: Any = None, progress: bool = True) -> Any:
     """Run the graph on `client` (None = threaded scheduler), with a progress bar."""
-    with torch_threads(torch.get_num_threads()):  # tasks pin torch to 1 thread; give the count back
-        if client is None:
-            bar = ProgressBar(minimum=1.0) if progress else contextlib.nullcontext()
-            # one BLAS thread per task, as torch: the threads are the scheduler's, one per core
-            # (numpy's BLAS pool is process-wide, so it is set here, around the whole run)
-            with bar, threadpool_limits(1, user_api="blas"):
-                return root.compute(scheduler="threads")
-        future = client.compute(root)
-        if progress:
-            from distributed import progress as dist_progress
+    if client is None:
+        bar = ProgressBar(minimum=1.0) if progress else contextlib.nullcontext()
+        # one BLAS thread per task, as torch: the threads are the scheduler's, one per core
+        # (numpy's BLAS pool is process-wide, so it is set here, around the whole run)
+        with bar, threadpool_limits(1, user_api="blas"):
+            return root.compute(scheduler="threads")
+    future = client.compute(root)
+    if progress:
+        from distributed import progress as dist_progress
 
-            dist_progress(future)
-        return future.result()
+        dist_progress(future)
+    return future.result()

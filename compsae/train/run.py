@@ -24,6 +24,7 @@ from compsae.stages import config_for_hash, join
 from compsae.store import ActivationStore, manifest_digest
 from compsae.store.loader import BatchLoader
 from compsae.store.split import HeldOutSplit
+from compsae.threads import torch_threads
 from compsae.train.checkpoint import (
     MODEL_FILE,
     read_meta,
@@ -134,11 +135,12 @@ def run_train(cfg: TrainStageConfig, store_url: str, out_dir: str, force: bool =
 
 def _train_worker(cfg_json: dict[str, Any], name: str, store_url: str, store_hash: str, d_in: int, folder: str,
                   force: bool, threads: int) -> TrainedModelRecord:
-    torch.set_num_threads(threads)
-    cfg = TrainStageConfig.model_validate(cfg_json)
-    store = open_training_store(store_url, cfg.hook)
-    return train_one(name, cfg.model_for(name), cfg.train_for(name), cfg.hook, store, store_hash, d_in, folder,
-                     force, progress=False)
+    # a pool process may run several models: its thread count is the model's, for this model only
+    with torch_threads(threads):
+        cfg = TrainStageConfig.model_validate(cfg_json)
+        store = open_training_store(store_url, cfg.hook)
+        return train_one(name, cfg.model_for(name), cfg.train_for(name), cfg.hook, store, store_hash, d_in,
+                         folder, force, progress=False)
 
 
 def train_in_processes(cfg: TrainStageConfig, store_url: str, store_hash: str, d_in: int, out_dir: str,

@@ -34,6 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from compsae.threads import torch_threads
+
 
 def top_m_mask(scores: torch.Tensor, m: int, dim: int = -1) -> torch.Tensor:
     """Boolean mask keeping the `m` highest entries of `scores` along `dim` (exactly m; ties at the
@@ -51,12 +53,8 @@ def largest_along_keys(scores: torch.Tensor, m: int) -> list[torch.Tensor]:
     best: list[torch.Tensor] = []
     # hundreds of small ops: run them on one thread, since a thread-pool barrier per op stalls
     # whenever a core is busy elsewhere (and the slices are too small to gain from splitting)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with torch_threads(1):
         _insert_keys(scores, m, best)
-    finally:
-        torch.set_num_threads(threads)
     return best
 
 
