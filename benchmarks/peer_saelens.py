@@ -64,7 +64,7 @@ def prepare(work: Path) -> None:
         import torch
         from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, PreTrainedTokenizerFast
 
-        from compsae.harvest.offline_assets import NEOX_TOKENIZER, asset_path
+        from compsae.lm.offline_assets import NEOX_TOKENIZER, asset_path
 
         config = GPTNeoXConfig(  # Pythia-70m-deduped's config.json, values as published
             vocab_size=50304, hidden_size=512, num_hidden_layers=6, num_attention_heads=8, intermediate_size=2048,
@@ -89,7 +89,7 @@ def prepare(work: Path) -> None:
     if not data.exists():
         import datasets
 
-        from compsae.harvest.offline_assets import hellaswag_dir
+        from compsae.lm.offline_assets import hellaswag_dir
 
         data.parent.mkdir(parents=True, exist_ok=True)
         with open(f"{data}.part", "w") as out:

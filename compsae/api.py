@@ -179,8 +179,8 @@ def run_stage(pipeline: str, stage: str, config: str = "pipelines.yaml", runs_ro
     """Run (or reuse) one stage of `pipeline` from `config`, as `compsae <stage> --pipeline ...`
     does, and return its typed record (`.outputs` is the stage's outputs model, e.g. `TrainOutputs`).
     `overrides` are `--set` strings (`train.k=16`); `runs_root` replaces the file's runs root."""
-    from compsae.config import load_pipeline
-    from compsae.pipeline import run_stage as run_one
+    from compsae.pipeline.config import load_pipeline
+    from compsae.pipeline.runner import run_stage as run_one
     from compsae.stages import StageRecord
 
     sets = [*(overrides or []), *([f"runs_root={runs_root}"] if runs_root is not None else [])]

@@ -115,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _load(args: argparse.Namespace) -> tuple[Any, Any, str]:
-    from compsae.config import load_pipeline, read_yaml
+    from compsae.pipeline.config import load_pipeline, read_yaml
 
     if not args.pipeline:
         names = ", ".join(map(str, (read_yaml(args.config).get("pipelines") or {}))) if os.path.exists(args.config) else ""
@@ -125,7 +125,7 @@ def _load(args: argparse.Namespace) -> tuple[Any, Any, str]:
 
 
 def _cmd_stage(args: argparse.Namespace) -> int:
-    from compsae.pipeline import run_pipeline, run_stage
+    from compsae.pipeline.runner import run_pipeline, run_stage
 
     whole, pipe, name = _load(args)
     options = {"workers": args.workers, "scheduler": args.scheduler}
@@ -137,7 +137,7 @@ def _cmd_stage(args: argparse.Namespace) -> int:
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    from compsae.pipeline import plan
+    from compsae.pipeline.runner import plan
 
     whole, pipe, name = _load(args)
     for st in plan(whole, pipe, name):
@@ -164,9 +164,9 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 def _cmd_compare(args: argparse.Namespace) -> int:
     import fsspec
 
-    from compsae.config import load_pipeline
     from compsae.evaluation.comparison import markdown_table
-    from compsae.pipeline import plan
+    from compsae.pipeline.config import load_pipeline
+    from compsae.pipeline.runner import plan
 
     rows: list[dict[str, Any]] = []
     for name in args.pipelines:
@@ -209,7 +209,7 @@ def _cmd_import(args: argparse.Namespace) -> int:
 
 
 def _cmd_fetch_assets(args: argparse.Namespace) -> int:
-    from compsae.harvest.offline_assets import cache_dir, fetch_all
+    from compsae.lm.offline_assets import cache_dir, fetch_all
 
     print(f"fetching offline assets into {cache_dir()} ...", flush=True)
     for name, path in fetch_all().items():
@@ -235,7 +235,7 @@ def _cmd_humaneval(args: argparse.Namespace) -> int:
         checkpoints[name] = path
     store, out = args.store, args.out
     if not checkpoints or not store or not out:
-        from compsae.pipeline import plan
+        from compsae.pipeline.runner import plan
         from compsae.stages import join
 
         whole, pipe, name = _load(args)

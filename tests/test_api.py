@@ -42,7 +42,7 @@ def test_open_store_refuses_a_folder_that_is_no_store(tmp_path) -> None:
 
 
 def test_tl_processing_records_every_flag() -> None:
-    from compsae.harvest.models import tl_processing
+    from compsae.lm.models import tl_processing
 
     on, off = tl_processing(True)["tl_processing"], tl_processing(False)["tl_processing"]
     keys = ("fold_ln", "center_writing_weights", "center_unembed", "fold_value_biases")

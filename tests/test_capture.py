@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from compsae.harvest.capture import resid_hook
 from compsae.harvest.config import HarvestConfig
-from compsae.harvest.models import check_hooks, load_model
+from compsae.lm.capture import resid_hook
+from compsae.lm.models import check_hooks, load_model
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +39,7 @@ def test_capture_equals_bridge(loaded, hooks: list[str]) -> None:
 
 
 def test_capture_stops_after_the_deepest_hook(loaded) -> None:
-    from compsae.harvest.capture import ResidCapture, decoder_layers
+    from compsae.lm.capture import ResidCapture, decoder_layers
 
     hf = loaded.transformers_model()
     capture = ResidCapture(hf, decoder_layers(hf))
@@ -56,7 +56,7 @@ def test_capture_stops_after_the_deepest_hook(loaded) -> None:
 
 
 def test_native_forward_stops_after_the_deepest_hook(loaded, monkeypatch: pytest.MonkeyPatch) -> None:
-    from compsae.harvest.neox import NeoxResidual
+    from compsae.lm.neox import NeoxResidual
 
     blocks_run: list[int] = []
     block = NeoxResidual._block
@@ -94,8 +94,8 @@ def test_llama_layers_are_captured_and_cut() -> None:
     (whose last entry is after the final norm, so only inner layers are compared)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from compsae.harvest.capture import ResidCapture, decoder_layers
-    from compsae.harvest.models import eager_attention
+    from compsae.lm.capture import ResidCapture, decoder_layers
+    from compsae.lm.models import eager_attention
 
     torch.manual_seed(0)
     hf = eager_attention(LlamaForCausalLM(LlamaConfig(

@@ -9,9 +9,10 @@ import pytest
 import yaml
 from mini_pipeline import MINI
 
-from compsae import cli, pipeline
-from compsae.config import load_pipeline, parse_override
+import compsae.pipeline.runner as pipeline
+from compsae import cli
 from compsae.errors import UserError
+from compsae.pipeline.config import load_pipeline, parse_override
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -120,7 +121,7 @@ def test_stage_reuse_and_status(tmp_path, monkeypatch, capsys):
 
 
 def test_device_does_not_change_the_hash(tmp_path):
-    from compsae.pipeline import plan
+    from compsae.pipeline.runner import plan
 
     p = _write(tmp_path, MINI)
     w1, p1 = load_pipeline("mini", p)

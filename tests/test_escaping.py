@@ -22,7 +22,7 @@ def test_figures_draw_dollar_signs_and_tex_as_text(tmp_path):
 
 
 def test_the_pipeline_report_escapes_markdown_from_the_stages():
-    from compsae.pipeline_report import _markdown_html
+    from compsae.pipeline.report import _markdown_html
 
     body = _markdown_html(f"| label | mcc |\n|---|---|\n| <script>alert(1)</script>{NASTY} | 0.5 |\n")
     assert "<script>" not in body and "&lt;script&gt;" in body and "<b>" not in body

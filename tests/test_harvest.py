@@ -12,10 +12,10 @@ import torch
 
 from compsae.errors import UserError
 from compsae.harvest import shards as harvest_shards
-from compsae.harvest.byte_tokenizer import byte_tokenizer
 from compsae.harvest.config import HarvestConfig
-from compsae.harvest.models import load_model
 from compsae.harvest.run import run_harvest
+from compsae.lm.byte_tokenizer import byte_tokenizer
+from compsae.lm.models import load_model
 from compsae.store import ActivationStore
 
 HOOKS = ["blocks.1.hook_resid_post", "blocks.2.hook_mlp_out"]

@@ -12,9 +12,9 @@ import pandas as pd
 import pytest
 
 from compsae.errors import UserError
-from compsae.harvest.byte_tokenizer import byte_tokenizer
 from compsae.harvest.config import DataConfig
 from compsae.harvest.data import iter_documents, pack_tokens, token_sequences
+from compsae.lm.byte_tokenizer import byte_tokenizer
 
 
 def test_pack_with_bos_zero_and_drop_remainder() -> None:
@@ -56,7 +56,7 @@ def test_missing_sources_are_user_errors(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_offline_hellaswag_is_english() -> None:
-    from compsae.harvest.offline_assets import cache_dir
+    from compsae.lm.offline_assets import cache_dir
 
     if not (cache_dir() / "wheels").exists():
         pytest.skip("offline assets not fetched (compsae fetch-assets)")

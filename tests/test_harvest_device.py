@@ -143,9 +143,9 @@ def _loop_inputs(device: str, tmp_path: Path) -> tuple[Any, ...]:
     """What `harvest_shards` takes, for a two-hook harvest read by compsae's own forward: (cfg,
     loaded, widths, stop, tokens, an empty store, batch 0's activations, which the rounding
     sample reads back on purpose)."""
-    from compsae.harvest.models import check_hooks, load_model, stop_layer
     from compsae.harvest.run import tokenize_all
     from compsae.harvest.shards import measure_rounding
+    from compsae.lm.models import check_hooks, load_model, stop_layer
 
     cfg = _cfg(device, hooks=["blocks.1.hook_resid_post", "blocks.2.hook_resid_pre"])
     loaded = load_model(cfg)

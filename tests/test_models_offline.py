@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from compsae.errors import UserError
-from compsae.harvest.byte_tokenizer import byte_tokenizer
 from compsae.harvest.config import HarvestConfig
-from compsae.harvest.models import check_hooks, hook_layer, load_model, stop_layer, tiny_neox_hf
+from compsae.lm.byte_tokenizer import byte_tokenizer
+from compsae.lm.models import check_hooks, hook_layer, load_model, stop_layer, tiny_neox_hf
 
 
 def test_tiny_neox_weights_depend_only_on_seed() -> None:
@@ -95,7 +95,7 @@ def test_hub_model_without_hub_points_to_offline_models(monkeypatch: pytest.Monk
 
 @pytest.mark.slow
 def test_smollm2_offline_loads_and_matches_hf() -> None:
-    from compsae.harvest.offline_assets import cache_dir
+    from compsae.lm.offline_assets import cache_dir
 
     if not (cache_dir() / "wheels").exists():
         pytest.skip("offline assets not fetched (compsae fetch-assets)")

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from compsae.harvest.capture import ResidCapture, decoder_layers
 from compsae.harvest.config import HarvestConfig
-from compsae.harvest.models import (
+from compsae.lm.capture import ResidCapture, decoder_layers
+from compsae.lm.models import (
     TINY_NEOX_STD,
     check_hooks,
     eager_attention,
@@ -23,7 +23,7 @@ from compsae.harvest.models import (
     tiny_neox_config,
     tiny_neox_hf,
 )
-from compsae.harvest.neox import NeoxResidual, NeoxShape, seeded_weights
+from compsae.lm.neox import NeoxResidual, NeoxShape, seeded_weights
 
 ROOT = Path(__file__).resolve().parents[1]
 HOOKS = ["blocks.0.hook_resid_pre", "blocks.2.hook_resid_post", "blocks.1.hook_resid_post", "blocks.3.hook_resid_pre"]
@@ -87,7 +87,7 @@ def test_unsupported_models_are_left_to_transformers(tmp_path: Path) -> None:
 @pytest.fixture(scope="module")
 def neox_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A Pythia-shaped model folder as `save_pretrained` writes it, with a tokenizer.json."""
-    from compsae.harvest.byte_tokenizer import VOCAB_SIZE, byte_tokenizer
+    from compsae.lm.byte_tokenizer import VOCAB_SIZE, byte_tokenizer
 
     folder = tmp_path_factory.mktemp("neox")
     tiny_neox_hf(7, VOCAB_SIZE).save_pretrained(folder)
@@ -190,7 +190,7 @@ def cache_snapshot(cache: Path, repo: str, files: list[Path]) -> Path:
 
 
 def test_pythia_names() -> None:
-    from compsae.harvest.models import _PYTHIA
+    from compsae.lm.models import _PYTHIA
 
     for name in ("pythia-70m-deduped", "EleutherAI/pythia-1.4b", "pythia-160m-v0", "pythia-12b-deduped-v0"):
         assert _PYTHIA.match(name), name
@@ -211,7 +211,7 @@ def test_a_pythia_name_runs_its_hub_snapshot_on_the_native_forward(neox_folder: 
 
 
 def test_a_pythia_snapshot_without_safetensors_is_left_to_transformer_lens(neox_folder: Path, hub_cache: Path) -> None:
-    from compsae.harvest.models import pythia_snapshot
+    from compsae.lm.models import pythia_snapshot
 
     cache_snapshot(hub_cache, "EleutherAI/pythia-70m", [neox_folder / "config.json", neox_folder / "tokenizer.json"])
     assert pythia_snapshot(HarvestConfig(model="pythia-70m")) is None

@@ -16,7 +16,7 @@ from compsae.evaluation.probes import (
     run_conjunctions,
     run_probes,
 )
-from compsae.harvest.byte_tokenizer import VOCAB_SIZE, byte_tokenizer
+from compsae.lm.byte_tokenizer import VOCAB_SIZE, byte_tokenizer
 
 
 class FakeLM:

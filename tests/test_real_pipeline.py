@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from compsae.config import load_pipeline
+from compsae.pipeline.config import load_pipeline
 from compsae.train.config import make_model_config
 from compsae.train.models import build_model
 

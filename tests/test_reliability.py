@@ -10,7 +10,8 @@ import yaml
 from mini_pipeline import MINI
 from pydantic import ValidationError
 
-from compsae import config, verify
+import compsae.pipeline.config as config
+from compsae import verify
 from compsae.evaluation.config import GroundTruthConfig
 
 

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 import compsae.store.split
-from compsae.config import PipelinesFile
-from compsae.pipeline import run_stage
+from compsae.pipeline.config import PipelinesFile
+from compsae.pipeline.runner import run_stage
 from compsae.store import ActivationStore
 
 TRAIN_SEED = 3  # any seed but 0, the split's own default

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from compsae.harvest.byte_tokenizer import byte_tokenizer
 from compsae.harvest.synthetic_text import generate, iter_examples
+from compsae.lm.byte_tokenizer import byte_tokenizer
 
 
 @pytest.mark.parametrize("task", ["arithmetic", "boolean", "grammar", "mixed"])

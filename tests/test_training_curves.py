@@ -57,7 +57,7 @@ def test_a_line_cut_by_a_kill_is_skipped(tmp_path):
 
 
 def test_pipeline_report_shows_the_curves_and_final_numbers(trained):
-    from compsae.pipeline_report import _train_summary
+    from compsae.pipeline.report import _train_summary
 
     tmp, out = trained
     (tmp / "train" / CURVES_FILE).unlink()  # a train stage finished before curves were drawn

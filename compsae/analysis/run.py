@@ -62,14 +62,14 @@ def token_decoder(manifest: dict[str, Any]) -> Callable[[int], str]:
     tok = None
     try:
         if name == "tiny-neox":
-            from compsae.harvest.byte_tokenizer import byte_tokenizer
+            from compsae.lm.byte_tokenizer import byte_tokenizer
 
             tok = byte_tokenizer()
         elif name == "smollm2-135m" or os.path.isdir(name):
             from transformers import AutoTokenizer
 
             if name == "smollm2-135m":
-                from compsae.harvest.offline_assets import smollm2_folder
+                from compsae.lm.offline_assets import smollm2_folder
 
                 name = str(smollm2_folder(download=False))
             tok = AutoTokenizer.from_pretrained(name)

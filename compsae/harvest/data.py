@@ -57,7 +57,7 @@ def _local_files(source: str | list[str]) -> list[str] | None:
 def _hellaswag_docs() -> Iterator[str]:
     import datasets
 
-    from compsae.harvest.offline_assets import hellaswag_dir
+    from compsae.lm.offline_assets import hellaswag_dir
 
     ds = datasets.load_from_disk(str(hellaswag_dir()))
     for row in ds:

@@ -33,9 +33,9 @@ from tqdm.auto import tqdm
 from compsae.dask_cluster import dask_client
 from compsae.errors import UserError
 from compsae.harvest.config import HarvestConfig
-from compsae.harvest.models import LoadedModel, load_model
 from compsae.harvest.shards import batch_span, harvest_shards, measure_rounding, missing_runs
 from compsae.harvest.token_feed import TokenFeed
+from compsae.lm.models import LoadedModel, load_model
 from compsae.store import ActivationStore, store_exists
 
 TASKS_PER_WORKER = 4  # ranges per worker: balances uneven workers, bounds the work lost to one failure

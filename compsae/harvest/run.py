@@ -34,10 +34,10 @@ from compsae.files import STORE_DIR
 from compsae.harvest.batch_size import MAX_BATCH, PROBE_SEQS, auto_batch_size
 from compsae.harvest.config import HarvestConfig
 from compsae.harvest.data import describe, packing_rule
-from compsae.harvest.models import LoadedModel, check_hooks, load_model, stop_layer
 from compsae.harvest.records import HarvestOutputs
 from compsae.harvest.shards import WriterWaits, harvest_shards, measure_rounding, missing_runs
 from compsae.harvest.token_feed import TokenFeed, window_seqs
+from compsae.lm.models import LoadedModel, check_hooks, load_model, stop_layer
 from compsae.resources import check_disk, check_memory
 from compsae.store import ActivationStore, manifest_digest, refuse_foreign_folder, store_exists, writer_lock
 

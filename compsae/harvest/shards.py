@@ -25,8 +25,8 @@ from tqdm.auto import tqdm
 
 from compsae.errors import UserError
 from compsae.harvest.config import HarvestConfig
-from compsae.harvest.models import LoadedModel
 from compsae.harvest.token_feed import TokenFeed
+from compsae.lm.models import LoadedModel
 from compsae.store import ActivationStore
 from compsae.store.activation_store import check_peak
 

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from compsae.errors import UserError
 from compsae.harvest.config import HarvestConfig
 from compsae.harvest.data import token_sequences
-from compsae.harvest.models import special_ids
+from compsae.lm.models import special_ids
 
 WINDOW_TOKENS = 1 << 24  # a single-process harvest holds at most this many token ids ahead (64 MB)
 

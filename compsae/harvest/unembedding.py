@@ -17,7 +17,7 @@ def unembedding(manifest: dict[str, Any], hook: str) -> np.ndarray:
     if "resid" not in hook:
         raise UserError(f"{hook} is not a residual-stream hook: its directions do not map to logits through W_U")
     from compsae.harvest.ce import harvest_config_from_manifest
-    from compsae.harvest.models import load_model
+    from compsae.lm.models import load_model
 
     cfg = harvest_config_from_manifest(manifest, hook).model_copy(update={"device": "cpu"})
     w_u = getattr(load_model(cfg).model, "W_U", None)

@@ -118,9 +118,9 @@ def _driver() -> None:
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM  # noqa: F401
 
     import compsae.cli as cli
-    import compsae.harvest.models  # noqa: F401
     import compsae.harvest.run  # noqa: F401
-    import compsae.pipeline  # noqa: F401
+    import compsae.lm.models  # noqa: F401
+    import compsae.pipeline.runner  # noqa: F401
 
     print(json.dumps({"ready": True}), flush=True)
     for line in sys.stdin:

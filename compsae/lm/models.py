@@ -25,15 +25,17 @@ import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
 from compsae.errors import UserError
-from compsae.harvest.capture import ResidCapture, decoder_layers
-from compsae.harvest.config import HarvestConfig
-from compsae.harvest.neox import NeoxResidual, NeoxShape, seeded_weights
-from compsae.harvest.text_tokenizer import TextTokenizer
+
+if TYPE_CHECKING:
+    from compsae.harvest.config import HarvestConfig
+from compsae.lm.capture import ResidCapture, decoder_layers
+from compsae.lm.neox import NeoxResidual, NeoxShape, seeded_weights
+from compsae.lm.text_tokenizer import TextTokenizer
 
 OFFLINE_MODELS = ("tiny-neox", "smollm2-135m")
 _LAYER = re.compile(r"^blocks\.(\d+)\.")
@@ -338,7 +340,7 @@ def load_model(cfg: HarvestConfig, on_tokenizer: Callable[[Any], None] | None = 
         if resid is None:
             hf_model = _load_weights(snapshot)
     elif name == "tiny-neox":
-        from compsae.harvest.byte_tokenizer import VOCAB_SIZE, byte_tokenizer
+        from compsae.lm.byte_tokenizer import VOCAB_SIZE, byte_tokenizer
 
         tokenizer = byte_tokenizer()
         ready(tokenizer)
@@ -348,7 +350,7 @@ def load_model(cfg: HarvestConfig, on_tokenizer: Callable[[Any], None] | None = 
         info.update(source=f"random init, seed {cfg.model_seed}", seed=cfg.model_seed, tokenizer="byte-level (257)")
     elif name == "smollm2-135m" or os.path.isdir(name):
         if name == "smollm2-135m":
-            from compsae.harvest.offline_assets import SMOLLM2_GGUF, smollm2_folder
+            from compsae.lm.offline_assets import SMOLLM2_GGUF, smollm2_folder
 
             name = str(smollm2_folder())
             info.update(source=f"pypi:{SMOLLM2_GGUF.requirement} {SMOLLM2_GGUF.member} (Q4_1 GGUF, dequantised)")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
-from compsae.harvest.text_tokenizer import TextTokenizer
+from compsae.lm.text_tokenizer import TextTokenizer
 
 ENDOFTEXT = "<|endoftext|>"
 VOCAB_SIZE = 257

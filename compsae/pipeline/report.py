@@ -16,7 +16,6 @@ import fsspec
 from compsae import durable
 from compsae.analysis.records import AnalyzeOutputs
 from compsae.analysis.report import CSS
-from compsae.config import PipelineConfig, PipelinesFile
 from compsae.files import (
     ANALYSIS_REPORT,
     COMPARISON_MD,
@@ -27,6 +26,7 @@ from compsae.files import (
     PROBES_PNG,
     TRAINING_CURVES,
 )
+from compsae.pipeline.config import PipelineConfig, PipelinesFile
 from compsae.stages import StageStatus, join
 
 REPORT = PIPELINE_REPORT

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from compsae.errors import UserError
-from compsae.harvest.capture import resid_hook
+from compsae.lm.capture import resid_hook
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -112,7 +112,7 @@ class NeoxShape:
 def seeded_weights(shape: NeoxShape, seed: int, std: float) -> dict[str, torch.Tensor]:
     """Every parameter of a GPT-NeoX of `shape` drawn from a private generator seeded with `seed`:
     matrices ~ N(0, std), biases 0, LayerNorm weights 1, drawn in transformers' parameter order
-    (so equal to `compsae.harvest.models.seeded_init` of the transformers model)."""
+    (so equal to `compsae.lm.models.seeded_init` of the transformers model)."""
     gen = torch.Generator(device="cpu").manual_seed(seed)
     weights = {}
     for name, size, kind in shape.parameter_shapes():

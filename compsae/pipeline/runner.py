@@ -5,8 +5,8 @@ from __future__ import annotations
 from contextlib import nullcontext
 from typing import Any
 
-from compsae.config import PipelineConfig, PipelinesFile
 from compsae.errors import UserError
+from compsae.pipeline.config import PipelineConfig, PipelinesFile
 from compsae.registry import STAGE_INPUTS, STAGE_ORDER, STAGES, StageContext
 from compsae.stages import (
     StageStatus,
@@ -100,7 +100,7 @@ def run_stage(
         if main:
             write_record(status.path, record)
     if main:
-        from compsae.pipeline_report import write_pipeline_report
+        from compsae.pipeline.report import write_pipeline_report
 
         report = write_pipeline_report(whole, pipe, name, plan(whole, pipe, name))
         say(f"{stage}: done ({status.path}); pipeline report: {report}")

@@ -1,0 +1,1 @@
+"""The pipeline: its config schema, the stage runner and the pipeline report."""
