@@ -22,8 +22,11 @@ from compsae.train.models import build_model
 from compsae.train.trainer import Trainer
 
 
-def synthetic_batches(n_batches: int, batch: int, d: int, n_true: int, seed: int) -> list[torch.Tensor]:
-    """Sparse combinations of `n_true` fixed unit directions plus noise: the same on every device."""
+def synthetic_batches(
+    n_batches: int, batch: int, d: int, n_true: int, seed: int
+) -> list[torch.Tensor]:
+    """Sparse combinations of `n_true` fixed unit directions plus noise: the same on every
+    device."""
     g = torch.Generator().manual_seed(seed)
     dirs = torch.nn.functional.normalize(torch.randn(n_true, d, generator=g), dim=1)
     out = []
@@ -35,8 +38,16 @@ def synthetic_batches(n_batches: int, batch: int, d: int, n_true: int, seed: int
 
 
 def fvu_curve(model_cfg: Any, device: str, batches: list[torch.Tensor], seed: int) -> list[float]:
-    cfg = TrainConfig(lr=1e-3, batch_size=batches[0].shape[0], tokens=len(batches) * batches[0].shape[0],
-                      log_every=5, checkpoint_every=10_000, device=device, seed=seed, normalize=False)
+    cfg = TrainConfig(
+        lr=1e-3,
+        batch_size=batches[0].shape[0],
+        tokens=len(batches) * batches[0].shape[0],
+        log_every=5,
+        checkpoint_every=10_000,
+        device=device,
+        seed=seed,
+        normalize=False,
+    )
     torch.manual_seed(seed)
     model = build_model(model_cfg, batches[0].shape[1])
     model.init_b_dec(batches[0])
@@ -51,7 +62,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--d", type=int, default=256)
-    ap.add_argument("--devices", default="cpu,cuda", help="the two devices compared (cpu,cpu checks the script)")
+    ap.add_argument(
+        "--devices", default="cpu,cuda", help="the two devices compared (cpu,cpu checks the script)"
+    )
     args = ap.parse_args()
     first, second = args.devices.split(",")
     if "cuda" in (first, second) and not torch.cuda.is_available():

@@ -71,15 +71,26 @@ def shaped(hf: Any, name: str, device: torch.device, capture: Any = None) -> Loa
     tok = byte_tokenizer()
     hf = eager_attention(hf.to(device).eval())
     c = hf.config
-    return LoadedModel(tokenizer=tok, n_layers=c.num_hidden_layers, d_model=c.hidden_size,
-                       n_ctx=c.max_position_embeddings, bos_token_id=0, eos_token_id=0, device=device,
-                       info={"name": name}, hf_model=hf, wrap=lambda: _bridge(name, hf, tok).to(device).eval(),
-                       capture=capture, n_heads=c.num_attention_heads)
+    return LoadedModel(
+        tokenizer=tok,
+        n_layers=c.num_hidden_layers,
+        d_model=c.hidden_size,
+        n_ctx=c.max_position_embeddings,
+        bos_token_id=0,
+        eos_token_id=0,
+        device=device,
+        info={"name": name},
+        hf_model=hf,
+        wrap=lambda: _bridge(name, hf, tok).to(device).eval(),
+        capture=capture,
+        n_heads=c.num_attention_heads,
+    )
 
 
 def pythia70m_shaped(device: torch.device, forward: str = "compsae") -> LoadedModel:
     """Random-weight GPT-NeoX with Pythia-70m's dimensions; residual hooks read by compsae's own
-    forward (as a harvest of a GPT-NeoX folder does) or by forward hooks on the transformers model."""
+    forward (as a harvest of a GPT-NeoX folder does) or by forward hooks on the transformers
+    model."""
     dims = {"d_model": 512, "n_layers": 6, "n_heads": 8, "n_ctx": 2048}
     native = tiny_neox_residual(0, VOCAB_SIZE, device, **dims) if forward == "compsae" else None
     return shaped(tiny_neox_hf(0, VOCAB_SIZE, **dims), "pythia70m-shaped", device, capture=native)
@@ -91,9 +102,18 @@ def smollm2_shaped(device: torch.device, forward: str = "compsae") -> LoadedMode
     no Llama forward of its own)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                         num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
-                         rope_theta=100000.0, rms_norm_eps=1e-5, tie_word_embeddings=True)
+    config = LlamaConfig(
+        vocab_size=49152,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        max_position_embeddings=8192,
+        rope_theta=100000.0,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=True,
+    )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         hf = LlamaForCausalLM(config)
@@ -104,12 +124,15 @@ SHAPED = {"pythia70m-shaped": pythia70m_shaped, "smollm2-135m-shaped": smollm2_s
 
 
 def synchronize(device: torch.device) -> None:
-    """Wait for queued CUDA kernels, so a timer stops when the work is done, not when it is queued."""
+    """Wait for queued CUDA kernels, so a timer stops when the work is done, not when it is
+    queued."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
-def bare_forward(loaded: LoadedModel, tokens: np.ndarray, batch_size: int, stop: int | None) -> float:
+def bare_forward(
+    loaded: LoadedModel, tokens: np.ndarray, batch_size: int, stop: int | None
+) -> float:
     """Seconds for truncated forward passes over `tokens` (host → device copy included, made as the
     harvest), outputs discarded: the transformers model's own forward over its first `stop`
     layers, no hook of any kind (the wrapper's forward when there is no transformers model)."""
@@ -123,7 +146,7 @@ def bare_forward(loaded: LoadedModel, tokens: np.ndarray, batch_size: int, stop:
             base.layers = layers[:stop]
         with torch.inference_mode(), record_function("bench.forward"):
             for b in range(0, len(tokens), batch_size):
-                batch = device_tokens(tokens[b:b + batch_size], loaded.device)
+                batch = device_tokens(tokens[b : b + batch_size], loaded.device)
                 if base is not None:
                     base(input_ids=batch)
                 else:
@@ -135,97 +158,164 @@ def bare_forward(loaded: LoadedModel, tokens: np.ndarray, batch_size: int, stop:
     return time.perf_counter() - t0
 
 
-def hooked_forward(loaded: LoadedModel, tokens: np.ndarray, batch_size: int, hooks: list[str],
-                   stop: int | None) -> float:
+def hooked_forward(
+    loaded: LoadedModel, tokens: np.ndarray, batch_size: int, hooks: list[str], stop: int | None
+) -> float:
     """Seconds for the harvest's own forward passes (`run_hooks`: activations captured), outputs
     discarded: what a harvest costs when the store costs nothing."""
     synchronize(loaded.device)
     t0 = time.perf_counter()
     with torch.inference_mode():
         for b in range(0, len(tokens), batch_size):
-            batch = device_tokens(tokens[b:b + batch_size], loaded.device)
+            batch = device_tokens(tokens[b : b + batch_size], loaded.device)
             loaded.run_hooks(batch, hooks, stop)
     synchronize(loaded.device)
     return time.perf_counter() - t0
 
 
-def full_harvest(cfg: HarvestConfig, loaded: LoadedModel, tokens: np.ndarray, widths: dict[str, int],
-                 stop: int | None, url: str) -> tuple[float, float, ActivationStore]:
+def full_harvest(
+    cfg: HarvestConfig,
+    loaded: LoadedModel,
+    tokens: np.ndarray,
+    widths: dict[str, int],
+    stop: int | None,
+    url: str,
+) -> tuple[float, float, ActivationStore]:
     """Seconds to create an empty store at `url`, and seconds for the harvest loop into it (write
     every shard, finalize); prints where the loop's time went besides the forward passes."""
     with torch.inference_mode():
         synchronize(loaded.device)
         t0 = time.perf_counter()
-        store = ActivationStore.create(url, widths, tokens.size, cfg.layout(), {"config_hash": "bench"}, overwrite=True)
+        store = ActivationStore.create(
+            url, widths, tokens.size, cfg.layout(), {"config_hash": "bench"}, overwrite=True
+        )
         t1 = time.perf_counter()
         with record_function("bench.harvest"):
             [waits] = _harvest_into(store, cfg, loaded, tokens, widths, stop, None)
             synchronize(loaded.device)
         t2 = time.perf_counter()
-    print(f"  harvest {t2 - t1:.3f} s: shard loop {waits.total:.3f} s (handing shards over blocked {waits.blocked:.3f} s, "
-          f"the last shards' writes after the last forward {waits.tail:.3f} s, writers busy {waits.writer_busy:.0%}), "
-          f"before and after the loop (rounding sample, finalize) {t2 - t1 - waits.total:.3f} s")
+    print(
+        f"  harvest {t2 - t1:.3f} s: shard loop {waits.total:.3f} s (handing shards over blocked "
+        f"{waits.blocked:.3f} s, "
+        f"the last shards' writes after the last forward {waits.tail:.3f} s, writers busy "
+        f"{waits.writer_busy:.0%}), "
+        f"before and after the loop (rounding sample, finalize) {t2 - t1 - waits.total:.3f} s"
+    )
     return t1 - t0, t2 - t1, store
 
 
-def shard_write_rate(widths: dict[str, int], dtype: str, shard_rows: int, n_shards: int, threads: int,
-                     tmp: str) -> float:
+def shard_write_rate(
+    widths: dict[str, int], dtype: str, shard_rows: int, n_shards: int, threads: int, tmp: str
+) -> float:
     """Bytes of activations per second that `threads` shard writers store (host data, no model):
     the ceiling the writer side puts on a harvest."""
     from compsae.harvest.shards import HostShard, ShardWriter
     from compsae.store.moments import shard_moments
 
     rng = np.random.default_rng(0)
-    acts = {h: rng.normal(size=(shard_rows, w)).astype(np.float16 if dtype == "float16" else np.float32)
-            for h, w in widths.items()}
-    moments = {h: shard_moments(a) for h, a in acts.items()}  # a GPU harvest computes them on the device
-    layout = HarvestConfig(shard_rows=shard_rows, chunk_rows=min(1024, shard_rows), dtype=dtype).layout()
-    store = ActivationStore.create(f"{tmp}/writes.zarr", widths, shard_rows * n_shards, layout,
-                                   {"config_hash": "bench"}, overwrite=True)
+    acts = {
+        h: rng.normal(size=(shard_rows, w)).astype(np.float16 if dtype == "float16" else np.float32)
+        for h, w in widths.items()
+    }
+    moments = {
+        h: shard_moments(a) for h, a in acts.items()
+    }  # a GPU harvest computes them on the device
+    layout = HarvestConfig(
+        shard_rows=shard_rows, chunk_rows=min(1024, shard_rows), dtype=dtype
+    ).layout()
+    store = ActivationStore.create(
+        f"{tmp}/writes.zarr",
+        widths,
+        shard_rows * n_shards,
+        layout,
+        {"config_hash": "bench"},
+        overwrite=True,
+    )
     tokens = np.zeros(shard_rows, dtype=np.int32)
     t0 = time.perf_counter()
     writer = ShardWriter(store, 128, threads=threads)
     for shard in range(n_shards):
-        writer.put(shard, HostShard(acts=acts, moments=moments, peaks=np.zeros(len(acts), np.float32), dtype=dtype),
-                   tokens)
+        writer.put(
+            shard,
+            HostShard(
+                acts=acts, moments=moments, peaks=np.zeros(len(acts), np.float32), dtype=dtype
+            ),
+            tokens,
+        )
     writer.close()
     seconds = time.perf_counter() - t0
     return sum(a.nbytes for a in acts.values()) * n_shards / seconds
 
 
-def profiled(cfg: HarvestConfig, loaded: LoadedModel, tokens: np.ndarray, widths: dict[str, int],
-             stop: int | None, url: str, tmp: str) -> str:
+def profiled(
+    cfg: HarvestConfig,
+    loaded: LoadedModel,
+    tokens: np.ndarray,
+    widths: dict[str, int],
+    stop: int | None,
+    url: str,
+    tmp: str,
+) -> str:
     """One bare forward and one harvest under torch.profiler: where each one's GPU time went."""
     trace = f"{tmp}/trace.json"
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         bare_forward(loaded, tokens, cfg.batch_size, stop)
         full_harvest(cfg, loaded, tokens, widths, stop, url)
     prof.export_chrome_trace(trace)
-    return "\n".join([profile_region(trace, "bench.forward"), profile_region(trace, "bench.harvest")])
+    return "\n".join(
+        [profile_region(trace, "bench.forward"), profile_region(trace, "bench.harvest")]
+    )
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--quick", action="store_true", help="small run, under a minute")
-    ap.add_argument("--model", default="pythia70m-shaped",
-                    help="pythia70m-shaped | smollm2-135m-shaped (random weights) | tiny-neox | smollm2-135m")
-    ap.add_argument("--hook", action="append", help="hook(s) to harvest (default blocks.3.hook_resid_post)")
+    ap.add_argument(
+        "--model",
+        default="pythia70m-shaped",
+        help="pythia70m-shaped | smollm2-135m-shaped (random weights) | tiny-neox | smollm2-135m",
+    )
+    ap.add_argument(
+        "--hook", action="append", help="hook(s) to harvest (default blocks.3.hook_resid_post)"
+    )
     ap.add_argument("--tokens", type=int, help="tokens to harvest")
     ap.add_argument("--batch-size", default="16", help="sequences per forward pass, or auto")
     ap.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
     ap.add_argument("--compressor", default="none", choices=["none", "zstd"])
-    ap.add_argument("--repeats", type=int, help="runs of each measurement (default 2 with --quick, else 3)")
-    ap.add_argument("--writer-threads", default="auto", help="threads writing shards (harvest.writer_threads)")
-    ap.add_argument("--forward", default="compsae", choices=["compsae", "transformers"],
-                    help="what reads the residual hooks of pythia70m-shaped: compsae's GPT-NeoX forward (as a "
-                         "harvest does) or forward hooks on the transformers model")
-    ap.add_argument("--no-writer-rates", action="store_true",
-                    help="skip the shard writers' own rates (shard_writes_* lines)")
-    ap.add_argument("--profile", action="store_true",
-                    help="after the timed runs, one bare forward and one harvest under torch.profiler: the GPU's "
-                         "busy and idle time, and the harvest phase behind each idle gap (on a CPU: the host phases only)")
-    ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
-                    help="where the model runs (auto: CUDA when available)")
+    ap.add_argument(
+        "--repeats", type=int, help="runs of each measurement (default 2 with --quick, else 3)"
+    )
+    ap.add_argument(
+        "--writer-threads", default="auto", help="threads writing shards (harvest.writer_threads)"
+    )
+    ap.add_argument(
+        "--forward",
+        default="compsae",
+        choices=["compsae", "transformers"],
+        help="what reads the residual hooks of pythia70m-shaped: compsae's GPT-NeoX forward (as a "
+        "harvest does) or forward hooks on the transformers model",
+    )
+    ap.add_argument(
+        "--no-writer-rates",
+        action="store_true",
+        help="skip the shard writers' own rates (shard_writes_* lines)",
+    )
+    ap.add_argument(
+        "--profile",
+        action="store_true",
+        help="after the timed runs, one bare forward and one harvest under torch.profiler: the "
+        "GPU's "
+        "busy and idle time, and the harvest phase behind each idle gap (on a CPU: the host phases "
+        "only)",
+    )
+    ap.add_argument(
+        "--device",
+        default="auto",
+        choices=["auto", "cpu", "cuda"],
+        help="where the model runs (auto: CUDA when available)",
+    )
     args = ap.parse_args()
     device = resolve_device(args.device)
 
@@ -233,11 +323,22 @@ def main() -> None:
     repeats = args.repeats or (2 if args.quick else 3)
     hooks = args.hook or ["blocks.3.hook_resid_post"]
     shard_rows = 2048 if args.quick else 16_384
-    cfg = HarvestConfig(model="tiny-neox" if args.model in SHAPED else args.model, hooks=hooks,
-                        context=128, n_tokens=n_tokens, batch_size=16, dtype=args.dtype,
-                        chunk_rows=1024, shard_rows=shard_rows, compressor=args.compressor, device=device.type,
-                        writer_threads=args.writer_threads if args.writer_threads == "auto" else int(args.writer_threads),
-                        data={"source": "synthetic:mixed", "seed": 0})
+    cfg = HarvestConfig(
+        model="tiny-neox" if args.model in SHAPED else args.model,
+        hooks=hooks,
+        context=128,
+        n_tokens=n_tokens,
+        batch_size=16,
+        dtype=args.dtype,
+        chunk_rows=1024,
+        shard_rows=shard_rows,
+        compressor=args.compressor,
+        device=device.type,
+        writer_threads=args.writer_threads
+        if args.writer_threads == "auto"
+        else int(args.writer_threads),
+        data={"source": "synthetic:mixed", "seed": 0},
+    )
     torch.set_grad_enabled(False)
     loaded = SHAPED[args.model](device, args.forward) if args.model in SHAPED else load_model(cfg)
     widths = check_hooks(loaded, hooks, cfg.context)
@@ -247,10 +348,17 @@ def main() -> None:
         args.batch_size = auto_batch_size(loaded, hooks, tokens, stop, cfg.shard_rows)
     args.batch_size = int(args.batch_size)
     cfg = cfg.model_copy(update={"batch_size": args.batch_size})
-    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
-    print(f"model {args.model} on {where}, hooks {hooks}, stop_at_layer {stop}, {tokens.size} tokens, "
-          f"batch {args.batch_size}, {writer_threads(cfg, device)} writer thread(s), hooks read by "
-          f"{type(loaded.capture).__name__ if loaded.captures(hooks) else 'transformer_lens'}")
+    where = (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"cpu, {torch.get_num_threads()} threads"
+    )
+    print(
+        f"model {args.model} on {where}, hooks {hooks}, stop_at_layer {stop}, {tokens.size} "
+        "tokens, "
+        f"batch {args.batch_size}, {writer_threads(cfg, device)} writer thread(s), hooks read by "
+        f"{type(loaded.capture).__name__ if loaded.captures(hooks) else 'transformer_lens'}"
+    )
     bare_forward(loaded, tokens[: args.batch_size], args.batch_size, stop)  # warm-up
 
     forward_s, hooked_s, create_s, harvest_s = [], [], [], []
@@ -271,7 +379,9 @@ def main() -> None:
         # alternating, best of each: the page cache makes single runs erratic
         for _ in range(0 if args.no_writer_rates else max(3, repeats)):
             for n in write_rates:
-                write_rates[n] = max(write_rates[n], shard_write_rate(widths, args.dtype, 16_384, 16, n, tmp))
+                write_rates[n] = max(
+                    write_rates[n], shard_write_rate(widths, args.dtype, 16_384, 16, n, tmp)
+                )
     fwd_tps, hooked_tps, hv_tps = (tokens.size / min(t) for t in (forward_s, hooked_s, harvest_s))
     itemsize = 4 if args.dtype == "float32" else 2
     stored_mb_s = tokens.size * sum(widths.values()) * itemsize / min(harvest_s) / 1e6
@@ -281,15 +391,21 @@ def main() -> None:
 
     print(f"bare truncated forward:    {fwd_tps:,.0f} tokens/s (runs: {runs(forward_s)})")
     print(f"forward with hook capture: {hooked_tps:,.0f} tokens/s (runs: {runs(hooked_s)})")
-    print(f"full harvest:              {hv_tps:,.0f} tokens/s (runs: {runs(harvest_s)}), "
-          f"{stored_mb_s:,.0f} MB/s of activations stored")
+    print(
+        f"full harvest:              {hv_tps:,.0f} tokens/s (runs: {runs(harvest_s)}), "
+        f"{stored_mb_s:,.0f} MB/s of activations stored"
+    )
     print(f"store creation (once per harvest, not in the ratios): {min(create_s) * 1e3:.0f} ms")
     print(f"activation bytes on disk: {act_bytes:,} vs float32 {fp32_bytes:,}")
-    needed = fwd_tps * sum(widths.values()) * itemsize  # bytes/s a harvest at the bare forward's pace stores
+    needed = (
+        fwd_tps * sum(widths.values()) * itemsize
+    )  # bytes/s a harvest at the bare forward's pace stores
     if not args.no_writer_rates:
         for n, rate in write_rates.items():
-            print(f"shard writers, {n} thread(s): {rate / 1e6:,.0f} MB/s of activations "
-                  f"({rate / needed:.2f}x what the bare forward's pace needs)")
+            print(
+                f"shard writers, {n} thread(s): {rate / 1e6:,.0f} MB/s of activations "
+                f"({rate / needed:.2f}x what the bare forward's pace needs)"
+            )
         print(f"RESULT shard_writes_mb_s_1thread={write_rates[1] / 1e6:.0f}")
         print(f"RESULT shard_writes_2threads_vs_1={write_rates[2] / write_rates[1]:.2f}")
     print(f"RESULT harvest_vs_forward={hv_tps / fwd_tps:.3f}")

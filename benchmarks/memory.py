@@ -42,16 +42,44 @@ def pipeline(root: Path, tokens: int) -> dict:
     """The `tiny` pipeline's shape, sized so every stage's work is proportional to `tokens`."""
     hook = "blocks.1.hook_resid_post"
     small = {"n_latents": 256, "k": 8}
-    return {"runs_root": str(root / "runs"), "pipelines": {"mem": {
-        "harvest": {"model": "tiny-neox", "hooks": [hook], "data": {"source": "synthetic:mixed", "seed": 0},
-                    "context": 32, "n_tokens": tokens, "batch_size": 16, "chunk_rows": 256, "shard_rows": 2048},
-        "train": {"hook": hook, "tokens": tokens, "batch_size": 256, "lr": 1e-3, "log_every": 10,
-                  "checkpoint_every": 10_000,
-                  "models": {"compsae": {"type": "compsae", "d_f": 32, "d_c": 16, "n_heads": 2, **small},
-                             "topk": {"type": "topk", **small}, "relu": {"type": "relu", "n_latents": 256}}},
-        "analyze": {"max_heldout_tokens": tokens, "baseline_fit_tokens": max(1024, tokens // 8),
-                    "nmf_components": 32, "pair_latents": 64, "ce_sequences": 4, "progress": False},
-    }}}
+    return {
+        "runs_root": str(root / "runs"),
+        "pipelines": {
+            "mem": {
+                "harvest": {
+                    "model": "tiny-neox",
+                    "hooks": [hook],
+                    "data": {"source": "synthetic:mixed", "seed": 0},
+                    "context": 32,
+                    "n_tokens": tokens,
+                    "batch_size": 16,
+                    "chunk_rows": 256,
+                    "shard_rows": 2048,
+                },
+                "train": {
+                    "hook": hook,
+                    "tokens": tokens,
+                    "batch_size": 256,
+                    "lr": 1e-3,
+                    "log_every": 10,
+                    "checkpoint_every": 10_000,
+                    "models": {
+                        "compsae": {"type": "compsae", "d_f": 32, "d_c": 16, "n_heads": 2, **small},
+                        "topk": {"type": "topk", **small},
+                        "relu": {"type": "relu", "n_latents": 256},
+                    },
+                },
+                "analyze": {
+                    "max_heldout_tokens": tokens,
+                    "baseline_fit_tokens": max(1024, tokens // 8),
+                    "nmf_components": 32,
+                    "pair_latents": 64,
+                    "ce_sequences": 4,
+                    "progress": False,
+                },
+            }
+        },
+    }
 
 
 def peak_rss_mb(cmd: list[str], env: dict[str, str]) -> tuple[float, float, int]:
@@ -101,8 +129,13 @@ def narrow_store(url: str, n_rows: int) -> None:
     for shard in range(store.n_shards):
         lo, hi = store.shard_range(shard)
         rows = np.arange(lo, hi)
-        store.write_shard(shard, {"h": rng.normal(size=(hi - lo, 4)).astype(np.float32)}, tokens=rows % 50_000,
-                          seq_id=rows // 128, pos=rows % 128)
+        store.write_shard(
+            shard,
+            {"h": rng.normal(size=(hi - lo, 4)).astype(np.float32)},
+            tokens=rows % 50_000,
+            seq_id=rows // 128,
+            pos=rows % 128,
+        )
     store.finalize()
 
 
@@ -116,23 +149,36 @@ def per_row_rss(tmp: str, m: int, env: dict[str, str]) -> dict[str, dict[int, fl
         for what, child in (("loader", LOADER_CHILD), ("plan", PLAN_CHILD)):
             mb, wall, rc = peak_rss_mb([sys.executable, "-c", child, url], env)
             status = "" if rc == 0 else f"  FAILED (exit {rc})"
-            print(f"{what:<8} {rows:>9,} rows:   peak RSS {mb:7.1f} MB, {wall:5.1f} s{status}", flush=True)
+            print(
+                f"{what:<8} {rows:>9,} rows:   peak RSS {mb:7.1f} MB, {wall:5.1f} s{status}",
+                flush=True,
+            )
             if rc == 0:
                 peaks[what][rows] = mb
     return peaks
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--quick", action="store_true", help="N = 16,384 tokens")
     ap.add_argument("--tokens", type=int, help="N (default 65,536; --quick 16,384)")
-    ap.add_argument("--loader-rows", type=int, help="M for the loader alone (default 1M; --quick 256k; 0 skips it)")
+    ap.add_argument(
+        "--loader-rows",
+        type=int,
+        help="M for the loader alone (default 1M; --quick 256k; 0 skips it)",
+    )
     args = ap.parse_args()
     n = args.tokens or (16_384 if args.quick else 65_536)
     m = args.loader_rows if args.loader_rows is not None else (262_144 if args.quick else 1_048_576)
     root_dir = str(Path(__file__).resolve().parents[1])
-    env = dict(os.environ, TQDM_DISABLE="1", PYTHONUNBUFFERED="1",
-               PYTHONPATH=os.pathsep.join(p for p in (root_dir, os.environ.get("PYTHONPATH", "")) if p))
+    env = dict(
+        os.environ,
+        TQDM_DISABLE="1",
+        PYTHONUNBUFFERED="1",
+        PYTHONPATH=os.pathsep.join(p for p in (root_dir, os.environ.get("PYTHONPATH", "")) if p),
+    )
     peaks: dict[str, dict[int, float]] = {s: {} for s in STAGES}
     with tempfile.TemporaryDirectory() as tmp:
         narrow = per_row_rss(tmp, m, env) if m else {"loader": {}, "plan": {}}
@@ -142,9 +188,14 @@ def main() -> None:
             cfg = root / "pipelines.yaml"
             cfg.write_text(yaml.safe_dump(pipeline(root, tokens)))
             for stage in STAGES:
-                mb, wall, rc = peak_rss_mb([sys.executable, "-m", "compsae.cli", stage, "-c", str(cfg), "-p", "mem"], env)
+                mb, wall, rc = peak_rss_mb(
+                    [sys.executable, "-m", "compsae.cli", stage, "-c", str(cfg), "-p", "mem"], env
+                )
                 status = "" if rc == 0 else f"  FAILED (exit {rc})"
-                print(f"{stage:<8} {tokens:>9,} tokens: peak RSS {mb:7.1f} MB, {wall:5.1f} s{status}", flush=True)
+                print(
+                    f"{stage:<8} {tokens:>9,} tokens: peak RSS {mb:7.1f} MB, {wall:5.1f} s{status}",
+                    flush=True,
+                )
                 if rc == 0:
                     peaks[stage][tokens] = mb
     for stage in STAGES:

@@ -23,8 +23,8 @@ finalize included) and of its loop alone, bytes per token on disk, and the measu
 what SAELens cannot do here (resume after `kill -9`, store exactly the tokens asked for, several
 hooks in one pass).
 
-    python benchmarks/peer_saelens.py --quick [--device cuda]   # 16,384 tokens: 9 processes of ~10-30 s each
-    python benchmarks/peer_saelens.py --tokens 102400 --rounds 2
+    python benchmarks/peer_saelens.py --quick [--device cuda]   # 16,384 tokens: 9 processes of
+    ~10-30 s each python benchmarks/peer_saelens.py --tokens 102400 --rounds 2
 
 Ends with RESULT lines: compsae_vs_saelens (whole-process tokens/s, compsae / SAELens float16),
 compsae_vs_saelens_default (against SAELens float32), compsae_bytes_vs_saelens_default (bytes per
@@ -67,14 +67,30 @@ def prepare(work: Path) -> None:
         from compsae.lm.offline_assets import NEOX_TOKENIZER, asset_path
 
         config = GPTNeoXConfig(  # Pythia-70m-deduped's config.json, values as published
-            vocab_size=50304, hidden_size=512, num_hidden_layers=6, num_attention_heads=8, intermediate_size=2048,
-            max_position_embeddings=2048, rotary_pct=0.25, rotary_emb_base=10000, use_parallel_residual=True,
-            hidden_act="gelu", layer_norm_eps=1e-5, bos_token_id=0, eos_token_id=0, tie_word_embeddings=False)
+            vocab_size=50304,
+            hidden_size=512,
+            num_hidden_layers=6,
+            num_attention_heads=8,
+            intermediate_size=2048,
+            max_position_embeddings=2048,
+            rotary_pct=0.25,
+            rotary_emb_base=10000,
+            use_parallel_residual=True,
+            hidden_act="gelu",
+            layer_norm_eps=1e-5,
+            bos_token_id=0,
+            eos_token_id=0,
+            tie_word_embeddings=False,
+        )
         torch.manual_seed(0)
         tmp = work / "model.part"
         GPTNeoXForCausalLM(config).save_pretrained(tmp, safe_serialization=True)
-        tok = PreTrainedTokenizerFast(tokenizer_file=str(asset_path(NEOX_TOKENIZER)), bos_token="<|endoftext|>",
-                                      eos_token="<|endoftext|>", unk_token="<|endoftext|>")
+        tok = PreTrainedTokenizerFast(
+            tokenizer_file=str(asset_path(NEOX_TOKENIZER)),
+            bos_token="<|endoftext|>",
+            eos_token="<|endoftext|>",
+            unk_token="<|endoftext|>",
+        )
         tok.save_pretrained(tmp)
         os.replace(tmp, model_dir)
     repo = work / "hf" / "hub" / f"models--{HUB_NAME.replace('/', '--')}"
@@ -94,16 +110,25 @@ def prepare(work: Path) -> None:
         data.parent.mkdir(parents=True, exist_ok=True)
         with open(f"{data}.part", "w") as out:
             for row in datasets.load_from_disk(str(hellaswag_dir())):
-                text = f"{row['ctx']} {row['endings'][int(row['label'])]}"  # as compsae's offline:hellaswag
+                # as compsae's offline:hellaswag
+                text = f"{row['ctx']} {row['endings'][int(row['label'])]}"
                 out.write(json.dumps({"text": text}) + "\n")
         os.replace(f"{data}.part", data)
 
 
 def child_env(work: Path) -> dict[str, str]:
     """Environment of every measured process: offline, no progress bars, the hub-style cache."""
-    env = dict(os.environ, HF_HOME=str(work / "hf"), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-               HF_DATASETS_OFFLINE="1", TQDM_DISABLE="1", TOKENIZERS_PARALLELISM="true",
-               HF_DATASETS_CACHE=str(work / "datasets-cache"), PYTHONUNBUFFERED="1")
+    env = dict(
+        os.environ,
+        HF_HOME=str(work / "hf"),
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        TQDM_DISABLE="1",
+        TOKENIZERS_PARALLELISM="true",
+        HF_DATASETS_CACHE=str(work / "datasets-cache"),
+        PYTHONUNBUFFERED="1",
+    )
     root = str(Path(__file__).resolve().parents[1])
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
     return env
@@ -111,7 +136,9 @@ def child_env(work: Path) -> dict[str, str]:
 
 def folder_bytes(path: Path, sub: str = "") -> int:
     """Bytes of the files under `path/sub`."""
-    return sum(f.stat().st_size for f in (path / sub).rglob("*") if f.is_file() and not f.is_symlink())
+    return sum(
+        f.stat().st_size for f in (path / sub).rglob("*") if f.is_file() and not f.is_symlink()
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -140,12 +167,20 @@ def saelens_child(args: argparse.Namespace) -> None:
 
     bytes_per_token = 512 * (4 if args.dtype == "float32" else 2)
     cfg = CacheActivationsRunnerConfig(
-        dataset_path=str(Path(args.work) / "data"), model_name=TL_NAME, model_batch_size=args.batch_size,
-        hook_name=args.hooks.split(",") if "," in args.hooks else args.hooks, d_in=512,
-        training_tokens=args.tokens, context_size=CONTEXT, new_cached_activations_path=args.out, dtype=args.dtype,
-        device=args.device, prepend_bos=True,
+        dataset_path=str(Path(args.work) / "data"),
+        model_name=TL_NAME,
+        model_batch_size=args.batch_size,
+        hook_name=args.hooks.split(",") if "," in args.hooks else args.hooks,
+        d_in=512,
+        training_tokens=args.tokens,
+        context_size=CONTEXT,
+        new_cached_activations_path=args.out,
+        dtype=args.dtype,
+        device=args.device,
+        prepend_bos=True,
         # one buffer = one compsae shard (16,384 tokens): SAELens stores whole buffers
-        buffer_size_gb=16_384 * bytes_per_token / 1e9)
+        buffer_size_gb=16_384 * bytes_per_token / 1e9,
+    )
     runner = CacheActivationsRunner(cfg)
     t0 = time.perf_counter()
     dataset = runner.run()
@@ -161,7 +196,11 @@ def bare_child(args: argparse.Namespace) -> None:
 
     torch.set_grad_enabled(False)
     device = torch.device(args.device)
-    model = AutoModelForCausalLM.from_pretrained(Path(args.work) / "model", dtype=torch.float32).to(device).eval()
+    model = (
+        AutoModelForCausalLM.from_pretrained(Path(args.work) / "model", dtype=torch.float32)
+        .to(device)
+        .eval()
+    )
     model.config._attn_implementation = "eager"  # as both tools run it
     base = model.base_model
     base.layers = base.layers[:4]  # truncated: blocks 0..3, as a harvest of blocks.3 runs
@@ -171,9 +210,12 @@ def bare_child(args: argparse.Namespace) -> None:
     sync()
     t0 = time.perf_counter()
     for b in range(0, len(tokens), args.batch_size):
-        base(input_ids=tokens[b:b + args.batch_size].to(device))
+        base(input_ids=tokens[b : b + args.batch_size].to(device))
     sync()
-    print("CHILD " + json.dumps({"loop_s": time.perf_counter() - t0, "tokens": int(tokens.numel())}), flush=True)
+    print(
+        "CHILD " + json.dumps({"loop_s": time.perf_counter() - t0, "tokens": int(tokens.numel())}),
+        flush=True,
+    )
 
 
 def compsae_config(work: Path, tokens: int, batch_size: int, device: str, hooks: list[str]) -> Path:
@@ -181,10 +223,27 @@ def compsae_config(work: Path, tokens: int, batch_size: int, device: str, hooks:
     import yaml
 
     path = work / f"pipelines-{len(hooks)}.yaml"
-    path.write_text(yaml.safe_dump({"runs_root": str(work / "runs"), "pipelines": {"peer": {"harvest": {
-        "model": TL_NAME, "hooks": hooks, "data": {"source": str(work / "data" / "hellaswag.jsonl")},
-        "context": CONTEXT, "n_tokens": tokens, "batch_size": batch_size, "dtype": "float16", "device": device,
-    }}}}))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "runs_root": str(work / "runs"),
+                "pipelines": {
+                    "peer": {
+                        "harvest": {
+                            "model": TL_NAME,
+                            "hooks": hooks,
+                            "data": {"source": str(work / "data" / "hellaswag.jsonl")},
+                            "context": CONTEXT,
+                            "n_tokens": tokens,
+                            "batch_size": batch_size,
+                            "dtype": "float16",
+                            "device": device,
+                        }
+                    }
+                },
+            }
+        )
+    )
     return path
 
 
@@ -204,18 +263,42 @@ def compsae_loop(out: str) -> tuple[int, float]:
     """(tokens, seconds) from compsae harvest's own line `harvest: N tokens in S s (...)`."""
     for line in out.splitlines():
         if line.startswith("harvest: ") and " tokens in " in line:
-            n, rest = line[len("harvest: "):].split(" tokens in ")
+            n, rest = line[len("harvest: ") :].split(" tokens in ")
             return int(n.replace(",", "")), float(rest.split(" s ")[0])
     raise RuntimeError("compsae harvest printed no timing line:\n" + out[-2000:])
 
 
-def run_saelens(work: Path, env: dict[str, str], args: argparse.Namespace, dtype: str, tag: str,
-                hooks: str = HOOK, tokens: int | None = None) -> dict:
+def run_saelens(
+    work: Path,
+    env: dict[str, str],
+    args: argparse.Namespace,
+    dtype: str,
+    tag: str,
+    hooks: str = HOOK,
+    tokens: int | None = None,
+) -> dict:
     out_dir = work / "saelens" / tag
     shutil.rmtree(out_dir, ignore_errors=True)
-    cmd = [sys.executable, __file__, "--child", "saelens", "--work", str(work), "--dtype", dtype, "--out",
-           str(out_dir), "--tokens", str(tokens or args.tokens), "--batch-size", str(args.batch_size),
-           "--device", args.device, "--hooks", hooks]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child",
+        "saelens",
+        "--work",
+        str(work),
+        "--dtype",
+        dtype,
+        "--out",
+        str(out_dir),
+        "--tokens",
+        str(tokens or args.tokens),
+        "--batch-size",
+        str(args.batch_size),
+        "--device",
+        args.device,
+        "--hooks",
+        hooks,
+    ]
     wall, out, rc = timed(cmd, env, args.timeout)
     if rc != 0:
         return {"ok": False, "error": out.strip().splitlines()[-1] if out.strip() else f"exit {rc}"}
@@ -228,21 +311,42 @@ def run_saelens(work: Path, env: dict[str, str], args: argparse.Namespace, dtype
 def run_compsae(work: Path, env: dict[str, str], args: argparse.Namespace, tag: str) -> dict:
     cfg = compsae_config(work, args.tokens, args.batch_size, args.device, [HOOK])
     shutil.rmtree(work / "runs", ignore_errors=True)
-    wall, out, rc = timed([sys.executable, "-m", "compsae.cli", "harvest", "-c", str(cfg), "-p", "peer"],
-                          env, args.timeout)
+    wall, out, rc = timed(
+        [sys.executable, "-m", "compsae.cli", "harvest", "-c", str(cfg), "-p", "peer"],
+        env,
+        args.timeout,
+    )
     if rc != 0:
         return {"ok": False, "error": out.strip().splitlines()[-1] if out.strip() else f"exit {rc}"}
     tokens, loop = compsae_loop(out)
     store = next((work / "runs" / "peer").glob("harvest-*/store.zarr"))
-    res = {"ok": True, "wall_s": wall, "loop_s": loop, "tokens": tokens, "bytes": folder_bytes(store),
-           "act_bytes": folder_bytes(store, "acts")}
+    res = {
+        "ok": True,
+        "wall_s": wall,
+        "loop_s": loop,
+        "tokens": tokens,
+        "bytes": folder_bytes(store),
+        "act_bytes": folder_bytes(store, "acts"),
+    }
     shutil.rmtree(work / "runs", ignore_errors=True)
     return res
 
 
 def run_bare(work: Path, env: dict[str, str], args: argparse.Namespace) -> dict:
-    cmd = [sys.executable, __file__, "--child", "bare", "--work", str(work), "--tokens", str(args.tokens),
-           "--batch-size", str(args.batch_size), "--device", args.device]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child",
+        "bare",
+        "--work",
+        str(work),
+        "--tokens",
+        str(args.tokens),
+        "--batch-size",
+        str(args.batch_size),
+        "--device",
+        args.device,
+    ]
     wall, out, rc = timed(cmd, env, args.timeout)
     if rc != 0:
         return {"ok": False, "error": out.strip().splitlines()[-1] if out.strip() else f"exit {rc}"}
@@ -268,15 +372,30 @@ def kill_when(proc: subprocess.Popen, ready: callable, timeout: float) -> bool:
     return False
 
 
-def compsae_capabilities(work: Path, env: dict[str, str], args: argparse.Namespace, tokens: int) -> dict[str, str]:
+def compsae_capabilities(
+    work: Path, env: dict[str, str], args: argparse.Namespace, tokens: int
+) -> dict[str, str]:
     """Two hooks in one harvest, killed -9 after its first shard, then rerun: resumes, holds both
     hooks and exactly the tokens asked for?"""
     cfg = compsae_config(work, tokens, args.batch_size, args.device, [HOOK, HOOK2])
     shutil.rmtree(work / "runs", ignore_errors=True)
-    cmd = [sys.executable, "-m", "compsae.cli", "harvest", "-c", str(cfg), "-p", "peer", "--set", "harvest.shard_rows=4096"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "compsae.cli",
+        "harvest",
+        "-c",
+        str(cfg),
+        "-p",
+        "peer",
+        "--set",
+        "harvest.shard_rows=4096",
+    ]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
-    def one_shard_done() -> bool:  # a shard's completion mark is a chunk file of progress/shard_done
+    def one_shard_done() -> (
+        bool
+    ):  # a shard's completion mark is a chunk file of progress/shard_done
         return any((work / "runs" / "peer").glob("harvest-*/store.zarr/progress/shard_done/c/*"))
 
     killed = kill_when(proc, one_shard_done, args.timeout)
@@ -287,37 +406,71 @@ def compsae_capabilities(work: Path, env: dict[str, str], args: argparse.Namespa
         sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
         from compsae.store import ActivationStore
 
-        store = ActivationStore.open(str(next((work / "runs" / "peer").glob("harvest-*/store.zarr"))))
-        found["resume_after_kill9"] = "yes" if killed and n < store.n_rows and store.complete else "no"
+        store = ActivationStore.open(
+            str(next((work / "runs" / "peer").glob("harvest-*/store.zarr")))
+        )
+        found["resume_after_kill9"] = (
+            "yes" if killed and n < store.n_rows and store.complete else "no"
+        )
         found["exact_token_count"] = "yes" if store.n_rows == tokens else "no"
         found["hooks_in_one_pass"] = str(len(store.hooks)) if store.complete else "0"
     shutil.rmtree(work / "runs", ignore_errors=True)
     return found
 
 
-def saelens_capabilities(work: Path, env: dict[str, str], args: argparse.Namespace, tokens: int) -> dict[str, str]:
+def saelens_capabilities(
+    work: Path, env: dict[str, str], args: argparse.Namespace, tokens: int
+) -> dict[str, str]:
     """SAELens killed -9 once it has written a buffer, then rerun with the same command; and two
     hooks asked for in one config."""
     out_dir = work / "saelens" / "kill"
     shutil.rmtree(out_dir, ignore_errors=True)
-    cmd = [sys.executable, __file__, "--child", "saelens", "--work", str(work), "--dtype", "float16", "--out",
-           str(out_dir), "--tokens", str(tokens), "--batch-size", str(args.batch_size), "--device", args.device,
-           "--hooks", HOOK]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child",
+        "saelens",
+        "--work",
+        str(work),
+        "--dtype",
+        "float16",
+        "--out",
+        str(out_dir),
+        "--tokens",
+        str(tokens),
+        "--batch-size",
+        str(args.batch_size),
+        "--device",
+        args.device,
+        "--hooks",
+        HOOK,
+    ]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    killed = kill_when(proc, lambda: any((out_dir / ".tmp_shards").glob("shard_*/dataset_info.json")), args.timeout)
+    killed = kill_when(
+        proc, lambda: any((out_dir / ".tmp_shards").glob("shard_*/dataset_info.json")), args.timeout
+    )
     _, out, rc = timed(cmd, env, args.timeout)
     # a rerun that succeeds starts over (nothing of the killed run is kept), so it is also what a
     # fresh run of a count that is no whole number of buffers stores
     stored = child_result(out)["tokens"] if rc == 0 else None
     resumed = killed and stored is not None and stored >= tokens
-    two = run_saelens(work, env, args, "float16", "two-hooks", hooks=f"{HOOK},{HOOK2}", tokens=tokens)
-    if stored is None:  # the rerun failed (it refuses the killed run's folder): a fresh run of that count
+    two = run_saelens(
+        work, env, args, "float16", "two-hooks", hooks=f"{HOOK},{HOOK2}", tokens=tokens
+    )
+    if (
+        stored is None
+    ):  # the rerun failed (it refuses the killed run's folder): a fresh run of that count
         one = run_saelens(work, env, args, "float16", "exact", tokens=tokens)
         stored = one["tokens"] if one["ok"] else None
     shutil.rmtree(work / "saelens", ignore_errors=True)
-    found = {"resume_after_kill9": "yes" if resumed else "no", "hooks_in_one_pass": "2" if two["ok"] else "1"}
+    found = {
+        "resume_after_kill9": "yes" if resumed else "no",
+        "hooks_in_one_pass": "2" if two["ok"] else "1",
+    }
     if stored is not None:
-        found["exact_token_count"] = f"{'yes' if stored == tokens else 'no'} ({stored:,} stored for {tokens:,} asked)"
+        found["exact_token_count"] = (
+            f"{'yes' if stored == tokens else 'no'} ({stored:,} stored for {tokens:,} asked)"
+        )
     return found
 
 
@@ -325,14 +478,24 @@ def saelens_capabilities(work: Path, env: dict[str, str], args: argparse.Namespa
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="16,384 tokens, one round, small capability runs")
-    ap.add_argument("--tokens", type=int, help="tokens asked of each tool (default 102,400; --quick 16,384)")
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "--quick", action="store_true", help="16,384 tokens, one round, small capability runs"
+    )
+    ap.add_argument(
+        "--tokens", type=int, help="tokens asked of each tool (default 102,400; --quick 16,384)"
+    )
     ap.add_argument("--rounds", type=int, help="alternating rounds (default 2; --quick 1)")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    ap.add_argument("--work", help="folder for the model, cache and text (default: a temporary one)")
-    ap.add_argument("--no-capabilities", action="store_true", help="skip the kill -9 / hooks / count checks")
+    ap.add_argument(
+        "--work", help="folder for the model, cache and text (default: a temporary one)"
+    )
+    ap.add_argument(
+        "--no-capabilities", action="store_true", help="skip the kill -9 / hooks / count checks"
+    )
     ap.add_argument("--timeout", type=float, default=600, help="seconds allowed to each process")
     ap.add_argument("--child", choices=["saelens", "bare"], help=argparse.SUPPRESS)
     ap.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
@@ -347,7 +510,9 @@ def main() -> None:
         _without_wandb()
         import sae_lens  # noqa: F401  (the check only; children import it)
     except ImportError:
-        sys.exit("SAELens is not installed: pip install -e '.[bench]' (this script installs nothing)")
+        sys.exit(
+            "SAELens is not installed: pip install -e '.[bench]' (this script installs nothing)"
+        )
     # quick: one SAELens buffer as configured here (it stores whole buffers), so both tools store
     # the same count and neither spreads its start-up over more tokens than the other
     args.tokens = args.tokens or (16_384 if args.quick else 102_400)
@@ -358,9 +523,15 @@ def main() -> None:
         t0 = time.perf_counter()
         prepare(work)
         env = child_env(work)
-        print(f"assets ready in {time.perf_counter() - t0:.1f} s; {args.tokens:,} tokens asked, batch "
-              f"{args.batch_size} x {CONTEXT}, {HOOK}, device {args.device}, {os.cpu_count()} cpus", flush=True)
-        runs: dict[str, list[dict]] = {k: [] for k in ("saelens_fp32", "saelens_fp16", "compsae", "bare")}
+        print(
+            f"assets ready in {time.perf_counter() - t0:.1f} s; {args.tokens:,} tokens asked, "
+            "batch "
+            f"{args.batch_size} x {CONTEXT}, {HOOK}, device {args.device}, {os.cpu_count()} cpus",
+            flush=True,
+        )
+        runs: dict[str, list[dict]] = {
+            k: [] for k in ("saelens_fp32", "saelens_fp16", "compsae", "bare")
+        }
         order = list(runs)
         for r in range(rounds):
             for name in order if r % 2 == 0 else order[::-1]:
@@ -369,19 +540,31 @@ def main() -> None:
                 elif name == "bare":
                     res = run_bare(work, env, args)
                 else:
-                    res = run_saelens(work, env, args, "float32" if name == "saelens_fp32" else "float16", f"r{r}")
+                    res = run_saelens(
+                        work, env, args, "float32" if name == "saelens_fp32" else "float16", f"r{r}"
+                    )
                 runs[name].append(res)
                 if res["ok"]:
-                    print(f"round {r} {name:<13} {res['tokens']:>9,} tokens  whole process {res['wall_s']:6.1f} s "
-                          f"({res['tokens'] / res['wall_s']:7,.0f} tokens/s)  loop {res['loop_s']:6.1f} s "
-                          f"({res['tokens'] / res['loop_s']:7,.0f} tokens/s)"
-                          + (f"  {res['bytes'] / res['tokens']:,.0f} bytes/token" if "bytes" in res else ""),
-                          flush=True)
+                    print(
+                        f"round {r} {name:<13} {res['tokens']:>9,} tokens  whole process "
+                        f"{res['wall_s']:6.1f} s "
+                        f"({res['tokens'] / res['wall_s']:7,.0f} tokens/s)  loop "
+                        f"{res['loop_s']:6.1f} s "
+                        f"({res['tokens'] / res['loop_s']:7,.0f} tokens/s)"
+                        + (
+                            f"  {res['bytes'] / res['tokens']:,.0f} bytes/token"
+                            if "bytes" in res
+                            else ""
+                        ),
+                        flush=True,
+                    )
                 else:
                     print(f"round {r} {name}: FAILED: {res['error']}", flush=True)
         caps: dict[str, dict[str, str]] = {}
         if not args.no_capabilities:
-            small = 2 * 4096 + 1024 if args.quick else 8 * 4096 + 1024  # whole sequences, not whole batches
+            small = (
+                2 * 4096 + 1024 if args.quick else 8 * 4096 + 1024
+            )  # whole sequences, not whole batches
             caps["compsae"] = compsae_capabilities(work, env, args, small)
             caps["saelens"] = saelens_capabilities(work, env, args, small)
 
@@ -393,14 +576,23 @@ def main() -> None:
         ok = [r["bytes"] / r["tokens"] for r in runs[name] if r["ok"]]
         return min(ok) if ok else None
 
-    c, s16, s32, bare = best("compsae"), best("saelens_fp16"), best("saelens_fp32"), best("bare", "loop_s")
+    c, s16, s32, bare = (
+        best("compsae"),
+        best("saelens_fp16"),
+        best("saelens_fp32"),
+        best("bare", "loop_s"),
+    )
     c_loop = best("compsae", "loop_s")
-    for name, tool in (("compsae", "compsae"), ("saelens_fp16", "saelens")):  # from the timed runs too
+    for name, tool in (
+        ("compsae", "compsae"),
+        ("saelens_fp16", "saelens"),
+    ):  # from the timed runs too
         cached = sorted({r["tokens"] for r in runs[name] if r["ok"]})
         if cached and "exact_token_count" not in caps.get(tool, {}):
             exact = "yes" if cached == [args.tokens] else "no"
-            caps.setdefault(tool, {})["exact_token_count"] = f"{exact} ({', '.join(f'{c:,}' for c in cached)} "\
-                                                             f"stored for {args.tokens:,} asked)"
+            caps.setdefault(tool, {})["exact_token_count"] = (
+                f"{exact} ({', '.join(f'{c:,}' for c in cached)} stored for {args.tokens:,} asked)"
+            )
     for tool, found in caps.items():
         for what, value in found.items():
             print(f"capability {tool} {what}: {value}")
@@ -409,10 +601,14 @@ def main() -> None:
     if c and s32:
         print(f"RESULT compsae_vs_saelens_default={c / s32:.3f}")
     if bytes_per_token("compsae") and bytes_per_token("saelens_fp32"):
-        print(f"RESULT compsae_bytes_vs_saelens_default={bytes_per_token('compsae') / bytes_per_token('saelens_fp32'):.3f}")
+        ratio = bytes_per_token("compsae") / bytes_per_token("saelens_fp32")
+        print(f"RESULT compsae_bytes_vs_saelens_default={ratio:.3f}")
     if c_loop and bare:
         print(f"RESULT compsae_vs_bare_forward={c_loop / bare:.3f}")
-    for name, key in (("compsae", "compsae_outside_loop_s"), ("saelens_fp16", "saelens_outside_loop_s")):
+    for name, key in (
+        ("compsae", "compsae_outside_loop_s"),
+        ("saelens_fp16", "saelens_outside_loop_s"),
+    ):
         ok = [r["wall_s"] - r["loop_s"] for r in runs[name] if r["ok"]]
         if ok:
             print(f"RESULT {key}={min(ok):.2f}")

@@ -1,8 +1,9 @@
-"""Scale-out: harvest tokens/s with 1 and 2 Dask workers, and store reads from S3 against local disk.
+"""Scale-out: harvest tokens/s with 1 and 2 Dask workers, and store reads from S3 against local
+disk.
 
 (a) A `LocalCluster` of single-threaded worker processes, first 1 worker, then scaled to 2; the
-    workers import the harvest code before each timed run.  The same harvest (tiny-neox, fresh
-    store each time) is run through `run_harvest(scheduler=...)` on 1, then on 2 workers.  tokens/s counts
+    workers import the harvest code before each timed run.  The same harvest (tiny-neox, fresh store
+    each time) is run through `run_harvest(scheduler=...)` on 1, then on 2 workers.  tokens/s counts
     the whole harvest as a user sees it (client model load, tokenization, tasks, finalize).  The
     single-process harvest (no Dask) is printed for reference (not with --quick).
 (b) The 2-worker store is uploaded to an S3-compatible server on 127.0.0.1 (moto, in its own
@@ -54,8 +55,19 @@ def free_port() -> int:
 def start_s3_server() -> tuple[subprocess.Popen[bytes], str]:
     """moto's S3 server in a child process on a free loopback port; s3fs pointed at it."""
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-c", "from moto.server import main; main()", "-H", "127.0.0.1",
-                             "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "from moto.server import main; main()",
+            "-H",
+            "127.0.0.1",
+            "-p",
+            str(port),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 60
     while True:
         try:
@@ -67,8 +79,12 @@ def start_s3_server() -> tuple[subprocess.Popen[bytes], str]:
                 raise RuntimeError("the moto S3 server did not start") from None
             time.sleep(0.2)
     endpoint = f"http://127.0.0.1:{port}"
-    os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1",
-                      AWS_ENDPOINT_URL=endpoint)
+    os.environ.update(
+        AWS_ACCESS_KEY_ID="bench",
+        AWS_SECRET_ACCESS_KEY="bench",
+        AWS_DEFAULT_REGION="us-east-1",
+        AWS_ENDPOINT_URL=endpoint,
+    )
     return proc, endpoint
 
 
@@ -83,24 +99,36 @@ def read_all_chunks(url: str) -> tuple[float, int]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--quick", action="store_true", help="small run, under a minute")
     ap.add_argument("--tokens", type=int, help="tokens per harvest")
     ap.add_argument("--repeats", type=int, default=3, help="read passes per source (best counts)")
     args = ap.parse_args()
 
     n_tokens = args.tokens or (12_288 if args.quick else 131_072)
-    cfg = HarvestConfig(model="tiny-neox", hooks=[HOOK], context=128, n_tokens=n_tokens, batch_size=16,
-                        chunk_rows=1024, shard_rows=2048 if args.quick else 16_384, device="cpu",
-                        data={"source": "synthetic:mixed", "seed": 0})
+    cfg = HarvestConfig(
+        model="tiny-neox",
+        hooks=[HOOK],
+        context=128,
+        n_tokens=n_tokens,
+        batch_size=16,
+        chunk_rows=1024,
+        shard_rows=2048 if args.quick else 16_384,
+        device="cpu",
+        data={"source": "synthetic:mixed", "seed": 0},
+    )
     tmp = tempfile.mkdtemp(prefix="compsae-scale-")
 
     single_s = None if args.quick else timed_harvest(cfg, f"{tmp}/single")[0]
     from distributed import Client, LocalCluster
 
     # one cluster grown from 1 to 2 workers: a second cluster would pay every worker's start again
-    with LocalCluster(n_workers=1, threads_per_worker=1, dashboard_address=None) as cluster, \
-            Client(cluster) as client:
+    with (
+        LocalCluster(n_workers=1, threads_per_worker=1, dashboard_address=None) as cluster,
+        Client(cluster) as client,
+    ):
         client.run(_warm)
         one_s, _ = timed_harvest(cfg, f"{tmp}/one", scheduler=cluster.scheduler_address)
         cluster.scale(2)
@@ -128,7 +156,9 @@ def main() -> None:
         server.kill()
         server.wait()
     mb = rows * cfg_width(two_url) * 2 / 1e6
-    print(f"read every chunk of {HOOK} ({mb:.1f} MB float16) with read_chunk, best of {args.repeats}:")
+    print(
+        f"read every chunk of {HOOK} ({mb:.1f} MB float16) with read_chunk, best of {args.repeats}:"
+    )
     print(f"  local disk       {rows / local:12.0f} rows/s  ({mb / local:8.1f} MB/s)")
     print(f"  S3 ({endpoint})  {rows / remote:12.0f} rows/s  ({mb / remote:8.1f} MB/s)")
     print(f"RESULT harvest_2workers_vs_1={one_s / two_s:.3f}")

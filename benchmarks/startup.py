@@ -43,8 +43,8 @@ import transformers
 t3 = time.perf_counter()
 from transformers.models.gpt_neox import modeling_gpt_neox
 t4 = time.perf_counter()
-print("CHILD " + json.dumps({"torch": t1 - t0, "tokenizers_safetensors": t2 - t1, "transformers": t3 - t2,
-                             "neox_modeling": t4 - t3}))
+print("CHILD " + json.dumps({"torch": t1 - t0, "tokenizers_safetensors": t2 - t1,
+                             "transformers": t3 - t2, "neox_modeling": t4 - t3}))
 """
 
 
@@ -75,7 +75,12 @@ def harvest_loop_s(out: str) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="two repeats of each (about a minute)")
-    ap.add_argument("--repeats", type=int, default=None, help="fresh processes per measurement (default 3, quick 2)")
+    ap.add_argument(
+        "--repeats",
+        type=int,
+        default=None,
+        help="fresh processes per measurement (default 3, quick 2)",
+    )
     args = ap.parse_args()
     repeats = args.repeats or (2 if args.quick else 3)
     py, cfg = sys.executable, str(ROOT / "pipelines.yaml")
@@ -87,16 +92,43 @@ def main() -> None:
             child = json.loads(next(ln for ln in out.splitlines() if ln.startswith("CHILD "))[6:])
             got = {f"import_{name}": value for name, value in child.items()}
             got["help"] = wall([py, "-m", "compsae.cli", "--help"], tmp)[0]
-            got["status"] = wall([py, "-m", "compsae.cli", "status", "-p", "tiny", "-c", cfg, "--set", runs], tmp)[0]
-            seconds, out = wall([py, "-m", "compsae.cli", "harvest", "-p", "tiny", "-c", cfg, "--set", runs,
-                                 "--force"], tmp)
+            got["status"] = wall(
+                [py, "-m", "compsae.cli", "status", "-p", "tiny", "-c", cfg, "--set", runs], tmp
+            )[0]
+            seconds, out = wall(
+                [
+                    py,
+                    "-m",
+                    "compsae.cli",
+                    "harvest",
+                    "-p",
+                    "tiny",
+                    "-c",
+                    cfg,
+                    "--set",
+                    runs,
+                    "--force",
+                ],
+                tmp,
+            )
             got["harvest_tiny"] = seconds
             got["harvest_tiny_outside_loop"] = seconds - harvest_loop_s(out)
             print(f"round {r}: " + ", ".join(f"{k} {v:.2f} s" for k, v in got.items()), flush=True)
             best = {k: min(v, best.get(k, float("inf"))) for k, v in got.items()}
-    print(f"best of {repeats} fresh processes each; {os.cpu_count()} cpus, load average {os.getloadavg()[0]:.1f}")
-    for name in ("import_torch", "import_tokenizers_safetensors", "import_transformers", "import_neox_modeling",
-                 "help", "status", "harvest_tiny", "harvest_tiny_outside_loop"):
+    print(
+        f"best of {repeats} fresh processes each; {os.cpu_count()} cpus, load average "
+        f"{os.getloadavg()[0]:.1f}"
+    )
+    for name in (
+        "import_torch",
+        "import_tokenizers_safetensors",
+        "import_transformers",
+        "import_neox_modeling",
+        "help",
+        "status",
+        "harvest_tiny",
+        "harvest_tiny_outside_loop",
+    ):
         print(f"RESULT startup_{name}_s={best[name]:.2f}")
 
 

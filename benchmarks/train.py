@@ -1,13 +1,15 @@
 """Train-stage benchmark, all in one run on one synthetic store (d_model 512, float16):
 
 (a) loader rows/s against reading the same bytes as a raw numpy memmap (random 512-row batches
-    converted to float32)                                     -> RESULT loader_vs_memmap (goal >= 0.8)
+    converted to float32)                                     -> RESULT loader_vs_memmap (goal >=
+    0.8)
 (b) one training step of CompSAE against TopKSAE at the same n_latents and k, for every composer
     kind of the config schema (time ratio, curriculum at its final m)
-                                 -> RESULT compsae_step_vs_topk_<kind> (goal <= 1.5); compsae_step_vs_topk
+                                 -> RESULT compsae_step_vs_topk_<kind> (goal <= 1.5);
+                                 compsae_step_vs_topk
                                     is the default composer's
-(c) loader rows/s against CompSAE training rows/s              -> RESULT loader_vs_train (must be > 1)
-(e) the trainer's own step (`Trainer._train_step`: schedules, loss terms, dead-latent counts,
+(c) loader rows/s against CompSAE training rows/s              -> RESULT loader_vs_train (must be >
+1) (e) the trainer's own step (`Trainer._train_step`: schedules, loss terms, dead-latent counts,
     the optimizer) against the bare step of (b), each run back to back with one wait for the device
     at the end, as training runs between log steps: what the trainer's bookkeeping costs, and on a
     GPU whether it lets the host queue ahead      -> RESULT trainer_vs_bare_step_<model> (topk, the
@@ -15,10 +17,12 @@
 (d) with --compile: (b) again with every step compiled as `train.compile` does it (CUDA graphs on
     CUDA), compiled CompSAE against compiled TopK    -> RESULT compsae_step_vs_topk_compiled_<kind>
     and each model's eager step time over its compiled one -> RESULT step_eager_vs_compiled_<model>;
-    the first step's loss compiled against eager, same weights -> RESULT compiled_vs_eager_loss_max_rel_diff
-    (compilation and CUDA-graph recording are warm-up steps, not timed)
+    the first step's loss compiled against eager, same weights -> RESULT
+    compiled_vs_eager_loss_max_rel_diff (compilation and CUDA-graph recording are warm-up steps, not
+    timed)
 
-Usage: python benchmarks/train.py [--quick] [--rows N] [--steps N] [--threads N] [--device cuda] [--compile]
+Usage: python benchmarks/train.py [--quick] [--rows N] [--steps N] [--threads N] [--device cuda]
+[--compile]
 
 The loader always runs on the CPU (it feeds the trainer from there); `--device` is where the
 training steps in (b) and (c) run.
@@ -55,7 +59,9 @@ def make_store(root: Path, n_rows: int) -> tuple[ActivationStore, np.ndarray]:
     rng = np.random.default_rng(0)
     x = (rng.normal(size=(n_rows, D)) * 2).astype(np.float16)
     layout = StoreLayout(chunk_rows=1024, shard_rows=16384, dtype="float16")
-    st = ActivationStore.create(str(root / "s.zarr"), {HOOK: D}, n_rows, layout, {"config_hash": "bench"})
+    st = ActivationStore.create(
+        str(root / "s.zarr"), {HOOK: D}, n_rows, layout, {"config_hash": "bench"}
+    )
     for s in range(st.n_shards):
         lo, hi = st.shard_range(s)
         rows = np.arange(lo, hi)
@@ -67,8 +73,15 @@ def make_store(root: Path, n_rows: int) -> tuple[ActivationStore, np.ndarray]:
 def loader_rows_per_s(store: ActivationStore, threads: int, repeats: int) -> float:
     best = 0.0
     for r in range(repeats):
-        loader = BatchLoader(store, HOOK, batch_size=BATCH, heldout_fraction=0.05, seed=r, epochs=1,
-                             num_threads=threads)
+        loader = BatchLoader(
+            store,
+            HOOK,
+            batch_size=BATCH,
+            heldout_fraction=0.05,
+            seed=r,
+            epochs=1,
+            num_threads=threads,
+        )
         t = time.perf_counter()
         n = sum(b.shape[0] for b in loader)
         best = max(best, n / (time.perf_counter() - t))
@@ -85,13 +98,14 @@ def memmap_rows_per_s(x: np.ndarray, root: Path, repeats: int) -> float:
         t = time.perf_counter()
         n = 0
         for i in range(0, len(perm), BATCH):
-            n += torch.from_numpy(mm[perm[i:i + BATCH]].astype(np.float32)).shape[0]
+            n += torch.from_numpy(mm[perm[i : i + BATCH]].astype(np.float32)).shape[0]
         best = max(best, n / (time.perf_counter() - t))
     return best
 
 
 def synchronize(device: torch.device) -> None:
-    """Wait for queued CUDA kernels, so a timer stops when the work is done, not when it is queued."""
+    """Wait for queued CUDA kernels, so a timer stops when the work is done, not when it is
+    queued."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -134,7 +148,9 @@ def make_stepper(name: str, cfg: Any, x: torch.Tensor) -> tuple[Stepper, float]:
     return step, first_loss
 
 
-def time_steppers(steppers: dict[str, Stepper], steps: int, device: torch.device) -> dict[str, float]:
+def time_steppers(
+    steppers: dict[str, Stepper], steps: int, device: torch.device
+) -> dict[str, float]:
     """Median seconds of one step of each stepper; their steps are interleaved so a busy shared
     machine slows all of them alike."""
     times: dict[str, list[float]] = {name: [] for name in steppers}
@@ -150,7 +166,9 @@ def time_steppers(steppers: dict[str, Stepper], steps: int, device: torch.device
 
 def step_seconds(cfgs: dict[str, Any], steps: int, x: torch.Tensor) -> dict[str, float]:
     """Median seconds of one training step per model on `x`'s device, steps interleaved."""
-    return time_steppers({name: make_stepper(name, cfg, x)[0] for name, cfg in cfgs.items()}, steps, x.device)
+    return time_steppers(
+        {name: make_stepper(name, cfg, x)[0] for name, cfg in cfgs.items()}, steps, x.device
+    )
 
 
 def back_to_back_seconds(step: Callable[[], Any], steps: int, device: torch.device) -> float:
@@ -170,14 +188,25 @@ def trainer_vs_bare(name: str, cfg: Any, x: torch.Tensor, steps: int, repeats: i
     bare, _ = make_stepper(name, cfg, x)
     with tempfile.TemporaryDirectory() as tmp:
         total = 10_000
-        tcfg = TrainConfig(batch_size=BATCH, tokens=BATCH * total, device=device.type, log_every=total,
-                           checkpoint_every=total)
+        tcfg = TrainConfig(
+            batch_size=BATCH,
+            tokens=BATCH * total,
+            device=device.type,
+            log_every=total,
+            checkpoint_every=total,
+        )
         torch.manual_seed(0)
-        trainer = Trainer(build_model(cfg, D), cfg, tcfg, tmp, {"config_hash": "bench", "d_in": D}, progress=False)
+        trainer = Trainer(
+            build_model(cfg, D), cfg, tcfg, tmp, {"config_hash": "bench", "d_in": D}, progress=False
+        )
         trainer.model.init_b_dec(x)
-        trainer.step = total - 10 * (steps + 1) * repeats  # late in training: k and m at their final values
+        trainer.step = (
+            total - 10 * (steps + 1) * repeats
+        )  # late in training: k and m at their final values
         dead = torch.zeros(cfg.n_latents, dtype=torch.bool, device=device)
-        dead[: cfg.n_latents // 20] = True  # the bare step's AuxK mask (the counts are still kept, not used)
+        dead[: cfg.n_latents // 20] = (
+            True  # the bare step's AuxK mask (the counts are still kept, not used)
+        )
         trainer.dead.dead_mask = lambda: dead
 
         def train_step() -> None:
@@ -206,10 +235,18 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=None)
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--threads", type=int, default=2, help="loader decode threads")
-    ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
-                    help="where the training steps run (auto: CUDA when available)")
-    ap.add_argument("--compile", action="store_true",
-                    help="also time every model's step compiled (train.compile) beside eager, after the eager results")
+    ap.add_argument(
+        "--device",
+        default="auto",
+        choices=["auto", "cpu", "cuda"],
+        help="where the training steps run (auto: CUDA when available)",
+    )
+    ap.add_argument(
+        "--compile",
+        action="store_true",
+        help="also time every model's step compiled (train.compile) beside eager, after the eager "
+        "results",
+    )
     args = ap.parse_args()
     device = resolve_device(args.device)
     rows = args.rows or (32768 if args.quick else 262144)
@@ -226,18 +263,30 @@ def main() -> None:
         batch = torch.from_numpy(x[:BATCH].astype(np.float32)).to(device)
         kinds = composer_kinds()
         cfgs = {"topk": make_model_config(type="topk")}
-        cfgs.update({kind: make_model_config(type="compsae", composer=kind) for kind in kinds})  # curriculum on
-        cfgs["attention_all"] = make_model_config(type="compsae", composer="attention", curriculum=False)
+        cfgs.update(
+            {kind: make_model_config(type="compsae", composer=kind) for kind in kinds}
+        )  # curriculum on
+        cfgs["attention_all"] = make_model_config(
+            type="compsae", composer="attention", curriculum=False
+        )
         t = step_seconds(cfgs, steps, batch)
         topk = t["topk"]
-        where = (f"on {torch.cuda.get_device_name(device)}" if device.type == "cuda"
-                 else f"on {torch.get_num_threads()} threads")
-        print(f"(b) step of {BATCH} rows, n_latents 4096, k 32 {where}: TopK {topk * 1e3:.1f} ms, "
-              + ", ".join(f"CompSAE {name} {t[name] * 1e3:.1f} ms" for name in t if name != "topk")
-              + " (attention: final curriculum m = 4; attention_all: every active latent)")
+        where = (
+            f"on {torch.cuda.get_device_name(device)}"
+            if device.type == "cuda"
+            else f"on {torch.get_num_threads()} threads"
+        )
+        print(
+            f"(b) step of {BATCH} rows, n_latents 4096, k 32 {where}: TopK {topk * 1e3:.1f} ms, "
+            + ", ".join(f"CompSAE {name} {t[name] * 1e3:.1f} ms" for name in t if name != "topk")
+            + " (attention: final curriculum m = 4; attention_all: every active latent)"
+        )
         default = make_model_config(type="compsae").composer
         train_rows = BATCH / t[default]
-        print(f"(c) loader {load:,.0f} rows/s vs CompSAE ({default}) training {train_rows:,.0f} rows/s")
+        print(
+            f"(c) loader {load:,.0f} rows/s vs CompSAE ({default}) training {train_rows:,.0f} "
+            "rows/s"
+        )
 
     print(f"RESULT loader_vs_memmap={load / mem:.3f}")
     print(f"RESULT compsae_step_vs_topk={t[default] / topk:.3f}")
@@ -255,30 +304,46 @@ def main() -> None:
             print(f"(d) not measured: {e}")
 
 
-def compiled_steps(cfgs: dict[str, Any], kinds: list[str], steps: int, batch: torch.Tensor, where: str) -> None:
+def compiled_steps(
+    cfgs: dict[str, Any], kinds: list[str], steps: int, batch: torch.Tensor, where: str
+) -> None:
     """(d): each model's step compiled (train.compile) and eager, timed interleaved with TopK's
     compiled and eager steps, one model per round and its RESULT lines printed as soon as they are
-    known (a run cut short by a time limit keeps what it measured; the eager (b) lines come first)."""
+    known (a run cut short by a time limit keeps what it measured; the eager (b) lines come
+    first)."""
     device = batch.device
-    print(f"(d) compiled ({compile_mode(device)}) {where}; compilation and warm-up are not timed", flush=True)
+    print(
+        f"(d) compiled ({compile_mode(device)}) {where}; compilation and warm-up are not timed",
+        flush=True,
+    )
     t0 = time.perf_counter()
     topk = {name: make_stepper(name, cfgs["topk"], batch) for name in ("topk", "topk" + COMPILED)}
     worst = 0.0
     for name, cfg in cfgs.items():
         if name != "topk":
             t0 = time.perf_counter()
-        own = {} if name == "topk" else {n: make_stepper(n, cfg, batch) for n in (name, name + COMPILED)}
+        own = (
+            {}
+            if name == "topk"
+            else {n: make_stepper(n, cfg, batch) for n in (name, name + COMPILED)}
+        )
         setup = time.perf_counter() - t0
         runs = topk | own
         t = time_steppers({n: step for n, (step, _) in runs.items()}, steps, device)
         # the same weights and batch: the compiled loss must be the eager one up to float rounding
         eager_loss, compiled_loss = runs[name][1], runs[name + COMPILED][1]
         worst = max(worst, abs(compiled_loss - eager_loss) / max(abs(eager_loss), 1e-12))
-        print(f"    {name}: compiled {t[name + COMPILED] * 1e3:.1f} ms, eager {t[name] * 1e3:.1f} ms "
-              f"(TopK compiled {t['topk' + COMPILED] * 1e3:.1f}, eager {t['topk'] * 1e3:.1f}; {setup:.0f} s to compile)")
+        print(
+            f"    {name}: compiled {t[name + COMPILED] * 1e3:.1f} ms, eager {t[name] * 1e3:.1f} ms "
+            f"(TopK compiled {t['topk' + COMPILED] * 1e3:.1f}, eager {t['topk'] * 1e3:.1f}; "
+            f"{setup:.0f} s to compile)"
+        )
         if name in kinds:
-            print(f"RESULT compsae_step_vs_topk_compiled_{name}={t[name + COMPILED] / t['topk' + COMPILED]:.3f}")
-        print(f"RESULT step_eager_vs_compiled_{name}={t[name] / t[name + COMPILED]:.3f}", flush=True)
+            ratio = t[name + COMPILED] / t["topk" + COMPILED]
+            print(f"RESULT compsae_step_vs_topk_compiled_{name}={ratio:.3f}")
+        print(
+            f"RESULT step_eager_vs_compiled_{name}={t[name] / t[name + COMPILED]:.3f}", flush=True
+        )
     print(f"RESULT compiled_vs_eager_loss_max_rel_diff={worst:.2e}")
 
 

@@ -2,8 +2,8 @@
 dense decoder, and CompSAE (pair and default composer) against TopK.
 
     python benchmarks/train_step.py [--latents 4096] [--steps 6] [--threads 1]
-Prints `RESULT topk_dense_vs_sparse=..`, `RESULT compsae_pair_vs_topk=..`, `RESULT compsae_vs_topk=..`
-(step-time ratios, median of the steps after the first)."""
+Prints `RESULT topk_dense_vs_sparse=..`, `RESULT compsae_pair_vs_topk=..`, `RESULT
+compsae_vs_topk=..` (step-time ratios, median of the steps after the first)."""
 
 from __future__ import annotations
 
@@ -56,8 +56,10 @@ def main() -> None:
     dense = step_seconds("topk", False, n, s)
     pair = step_seconds("compsae", True, n, s, composer="pair")
     comp = step_seconds("compsae", True, n, s)
-    print(f"step ms: topk_sparse={topk * 1e3:.1f} topk_dense={dense * 1e3:.1f} "
-          f"compsae_pair={pair * 1e3:.1f} compsae={comp * 1e3:.1f}")
+    print(
+        f"step ms: topk_sparse={topk * 1e3:.1f} topk_dense={dense * 1e3:.1f} "
+        f"compsae_pair={pair * 1e3:.1f} compsae={comp * 1e3:.1f}"
+    )
     print(f"RESULT topk_dense_vs_sparse={dense / topk:.3f}")
     print(f"RESULT compsae_pair_vs_topk={pair / topk:.3f}")
     print(f"RESULT compsae_vs_topk={comp / topk:.3f}")

@@ -1,6 +1,7 @@
 """compsae: harvest activations, train Compositional SAEs and baselines, analyse composition.
 
-Public API (store units in and out): `open_store`, `load_sae`, `load_saes`, `top_pairs`, `run_stage`; see `compsae.api`.
+Public API (store units in and out): `open_store`, `load_sae`, `load_saes`, `top_pairs`,
+`run_stage`; see `compsae.api`.
 """
 
 from __future__ import annotations
@@ -8,7 +9,15 @@ from __future__ import annotations
 from typing import Any
 
 __version__ = "0.1.0"
-__all__ = ["open_store", "load_sae", "load_saes", "top_pairs", "PairRow", "run_stage", "__version__"]
+__all__ = [
+    "open_store",
+    "load_sae",
+    "load_saes",
+    "top_pairs",
+    "PairRow",
+    "run_stage",
+    "__version__",
+]
 
 
 def __getattr__(name: str) -> Any:

@@ -18,12 +18,15 @@ if TYPE_CHECKING:
     from compsae.train.trained import TrainedSAE
 
 METRICS_FILE = "metrics.json"
-_STAGE_OUTPUTS = {"harvest": "compsae.harvest.records:HarvestOutputs",
-                  "train": "compsae.train.records:TrainOutputs",
-                  "analyze": "compsae.analysis.records:AnalyzeOutputs",
-                  "evaluate": "compsae.evaluation.records:EvaluateOutputs",
-                  "probe": "compsae.evaluation.records:ProbeOutputs"}
-# the pair sums are [n_latents, n_latents] float64 arrays (three of them): keep them in memory bounds
+_STAGE_OUTPUTS = {
+    "harvest": "compsae.harvest.records:HarvestOutputs",
+    "train": "compsae.train.records:TrainOutputs",
+    "analyze": "compsae.analysis.records:AnalyzeOutputs",
+    "evaluate": "compsae.evaluation.records:EvaluateOutputs",
+    "probe": "compsae.evaluation.records:ProbeOutputs",
+}
+# the pair sums are [n_latents, n_latents] float64 arrays (three of them): keep them in memory
+# bounds
 _MAX_PAIR_LATENTS = 4096
 
 
@@ -68,8 +71,13 @@ class PairRow:
     gain_share: float
 
 
-def top_pairs(run_or_model: str | TrainedSAE, n: int = 20, store: ActivationStore | str | None = None,
-              max_rows: int = 65_536, batch_size: int = 512) -> list[PairRow]:
+def top_pairs(
+    run_or_model: str | TrainedSAE,
+    n: int = 20,
+    store: ActivationStore | str | None = None,
+    max_rows: int = 65_536,
+    batch_size: int = 512,
+) -> list[PairRow]:
     """The `n` composing pairs that explain most variance, best first.
 
     `run_or_model` is a run folder (`runs/<pipeline>`: its newest analyze stage is read), an analyze
@@ -84,7 +92,8 @@ def top_pairs(run_or_model: str | TrainedSAE, n: int = 20, store: ActivationStor
 
 
 def _metrics_file(path: str) -> str:
-    """metrics.json of `path`: the file itself, an analyze folder, or a run's newest analyze folder."""
+    """metrics.json of `path`: the file itself, an analyze folder, or a run's newest analyze
+    folder."""
     import fsspec
 
     from compsae.errors import UserError
@@ -97,7 +106,9 @@ def _metrics_file(path: str) -> str:
         return f"{root}/{METRICS_FILE}"
     found = fs.glob(f"{root}/analyze-*/{METRICS_FILE}")
     if not found:
-        raise UserError(f"no {METRICS_FILE} in {path} or its analyze-* folders; run `compsae analyze`")
+        raise UserError(
+            f"no {METRICS_FILE} in {path} or its analyze-* folders; run `compsae analyze`"
+        )
     # the newest analyze stage: the one the last run wrote
     return max(found, key=lambda f: fs.info(f).get("mtime") or fs.info(f).get("LastModified") or 0)
 
@@ -109,15 +120,24 @@ def _pairs_of_metrics(metrics_path: str, n: int) -> list[PairRow]:
 
     with fsspec.open(metrics_path, "r") as f:
         metrics = json.load(f)
-    rows = [PairRow(name, int(p["i"]), int(p["j"]), int(p["tokens"]), float(p["mean_effect"]),
-                    float(p["gain_share"]))
-            for name, m in metrics.get("models", {}).items()
-            for p in m.get("pairs", {}).get("top_pairs", [])]
+    rows = [
+        PairRow(
+            name,
+            int(p["i"]),
+            int(p["j"]),
+            int(p["tokens"]),
+            float(p["mean_effect"]),
+            float(p["gain_share"]),
+        )
+        for name, m in metrics.get("models", {}).items()
+        for p in m.get("pairs", {}).get("top_pairs", [])
+    ]
     return sorted(rows, key=lambda r: -r.gain_share)[:n]
 
 
-def _pairs_of_model(sae: TrainedSAE, store: ActivationStore | str, n: int, max_rows: int,
-                    batch_size: int) -> list[PairRow]:
+def _pairs_of_model(
+    sae: TrainedSAE, store: ActivationStore | str, n: int, max_rows: int, batch_size: int
+) -> list[PairRow]:
     """The pair table of `sae` measured on its held-out rows of `store`, as analyze measures it:
     per pair of latents both firing, the count, Σ‖Δ‖ and Σ gain, with gain = ‖r + Δ‖² − ‖r‖²
     (r = x − x̂); effects relative to the RMS row deviation, gains as a share of Σ‖x − μ‖²."""
@@ -128,14 +148,16 @@ def _pairs_of_model(sae: TrainedSAE, store: ActivationStore | str, n: int, max_r
 
     m = sae.n_latents
     if m > _MAX_PAIR_LATENTS:
-        raise UserError(f"{sae.name} has {m} latents: its pair table is measured by "
-                        "`compsae analyze` (top_pairs of the run folder)")
+        raise UserError(
+            f"{sae.name} has {m} latents: its pair table is measured by "
+            "`compsae analyze` (top_pairs of the run folder)"
+        )
     if not sae.has_composition:
         return []  # an additive decoder: every mixed difference is 0
     count, norm, gain = np.zeros(m * m), np.zeros(m * m), np.zeros(m * m)
     seen, sq_dev = 0, 0.0
     for x in sae.batches(store, batch_size=batch_size, shuffle=False):
-        x = x[:max_rows - seen].to(sae.device)
+        x = x[: max_rows - seen].to(sae.device)
         codes = sae.encode(x)
         eff = sae.pair_effects(x)  # store units, like x and the residual
         resid = (x - sae.decode(codes)).double()
@@ -155,9 +177,18 @@ def _pairs_of_model(sae: TrainedSAE, store: ActivationStore | str, n: int, max_r
     rms = float(np.sqrt(sq_dev / max(seen, 1))) or 1.0
     share = gain / max(sq_dev, 1e-30)
     order = np.argsort(-share)[:n]
-    return [PairRow(sae.name, int(f // m), int(f % m), int(count[f]),
-                    float(norm[f] / count[f] / rms), float(share[f]))
-            for f in order if share[f] > 0 and count[f] > 0]
+    return [
+        PairRow(
+            sae.name,
+            int(f // m),
+            int(f % m),
+            int(count[f]),
+            float(norm[f] / count[f] / rms),
+            float(share[f]),
+        )
+        for f in order
+        if share[f] > 0 and count[f] > 0
+    ]
 
 
 def stage_outputs_model(stage: str) -> type[BaseModel]:
@@ -173,12 +204,19 @@ def stage_outputs_model(stage: str) -> type[BaseModel]:
     return getattr(importlib.import_module(module), name)
 
 
-def run_stage(pipeline: str, stage: str, config: str = "pipelines.yaml", runs_root: str | None = None,
-              overrides: list[str] | None = None, force: bool = False,
-              say: Callable[[str], object] = print) -> StageRecord[Any]:
+def run_stage(
+    pipeline: str,
+    stage: str,
+    config: str = "pipelines.yaml",
+    runs_root: str | None = None,
+    overrides: list[str] | None = None,
+    force: bool = False,
+    say: Callable[[str], object] = print,
+) -> StageRecord[Any]:
     """Run (or reuse) one stage of `pipeline` from `config`, as `compsae <stage> --pipeline ...`
-    does, and return its typed record (`.outputs` is the stage's outputs model, e.g. `TrainOutputs`).
-    `overrides` are `--set` strings (`train.k=16`); `runs_root` replaces the file's runs root."""
+    does, and return its typed record (`.outputs` is the stage's outputs model, e.g.
+    `TrainOutputs`). `overrides` are `--set` strings (`train.k=16`); `runs_root` replaces the file's
+    runs root."""
     from compsae.pipeline.config import load_pipeline
     from compsae.pipeline.runner import run_stage as run_one
     from compsae.stages import StageRecord

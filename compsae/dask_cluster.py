@@ -1,4 +1,5 @@
-"""Which Dask scheduler a stage computes on: threads, a fresh LocalCluster, or an existing cluster."""
+"""Which Dask scheduler a stage computes on: threads, a fresh LocalCluster, or an existing
+cluster."""
 
 from __future__ import annotations
 
@@ -12,8 +13,12 @@ CONNECT_TIMEOUT = "10s"
 
 
 @contextmanager
-def dask_client(workers: int = 0, scheduler: str | None = None, threads_per_worker: int = 1,
-                processes: bool = True) -> Iterator[Any]:
+def dask_client(
+    workers: int = 0,
+    scheduler: str | None = None,
+    threads_per_worker: int = 1,
+    processes: bool = True,
+) -> Iterator[Any]:
     """None for the threaded scheduler (`workers=0`, no `scheduler`), else a `distributed.Client`:
     to the cluster at `scheduler` (tcp://host:port), or to a fresh `LocalCluster` of `workers`
     workers, closed on exit (`processes=False` runs the workers as threads)."""
@@ -26,13 +31,22 @@ def dask_client(workers: int = 0, scheduler: str | None = None, threads_per_work
         try:
             client = Client(scheduler, timeout=CONNECT_TIMEOUT)
         except (OSError, TimeoutError) as e:
-            raise UserError(f"cannot reach the Dask scheduler at {scheduler} ({type(e).__name__}); "
-                            "start it or drop --scheduler") from None
+            raise UserError(
+                f"cannot reach the Dask scheduler at {scheduler} ({type(e).__name__}); "
+                "start it or drop --scheduler"
+            ) from None
         with client:
             yield client
         return
     if workers < 0:
         raise UserError(f"--workers must be 0 (threads) or more (got {workers})")
-    with LocalCluster(n_workers=workers, threads_per_worker=threads_per_worker, processes=processes,
-                      dashboard_address=None) as cluster, Client(cluster) as client:
+    with (
+        LocalCluster(
+            n_workers=workers,
+            threads_per_worker=threads_per_worker,
+            processes=processes,
+            dashboard_address=None,
+        ) as cluster,
+        Client(cluster) as client,
+    ):
         yield client

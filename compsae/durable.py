@@ -59,8 +59,10 @@ def check_url(url: str) -> None:
     protocol = url.split("://", 1)[0]
     known = set(fsspec.available_protocols())
     if any(p not in known for p in protocol.replace("::", "+").split("+")):
-        raise ValueError(f"unknown URL protocol {protocol!r} in {url!r}; use a local path or one of file, "
-                         "memory, s3, gs, az, http(s) (with its fsspec package installed)")
+        raise ValueError(
+            f"unknown URL protocol {protocol!r} in {url!r}; use a local path or one of file, "
+            "memory, s3, gs, az, http(s) (with its fsspec package installed)"
+        )
 
 
 def _pieces(data: Buffers) -> list[memoryview]:
@@ -70,7 +72,8 @@ def _pieces(data: Buffers) -> list[memoryview]:
 
 
 def write_all(fd: int, data: Buffers) -> None:
-    """Write `data` (one buffer or several, back to back) to `fd` with as few system calls as it takes."""
+    """Write `data` (one buffer or several, back to back) to `fd` with as few system calls as it
+    takes."""
     views = _pieces(data)
     while views:
         done = os.writev(fd, views[:_IOV_MAX])
@@ -125,7 +128,9 @@ def atomic_write(url: str, data: Buffers, fs: Any = None, sync: bool = True) -> 
 
 def atomic_write_json(url: str, obj: Any, indent: int | None = 1, fs: Any = None) -> None:
     """`atomic_write` of `obj` as JSON (sorted keys; NaN and inf refused, as JSON has none)."""
-    atomic_write(url, json.dumps(obj, indent=indent, sort_keys=True, allow_nan=False).encode(), fs=fs)
+    atomic_write(
+        url, json.dumps(obj, indent=indent, sort_keys=True, allow_nan=False).encode(), fs=fs
+    )
 
 
 def atomic_write_text(url: str, text: str, fs: Any = None) -> None:
@@ -149,10 +154,11 @@ def remove(url: str) -> None:
 
 @contextmanager
 def exclusive_lock(folder: str, lock_name: str, busy: str, remote: bool = True) -> Iterator[None]:
-    """Hold the exclusive lock file `lock_name` in `folder` (created if needed) while the block runs.
+    """Hold the exclusive lock file `lock_name` in `folder` (created if needed) while the block
+    runs.
 
-    A second holder is refused with `UserError(busy)`.  `remote=False` takes no lock on object
-    stores (where a killed holder would leave its marker behind)."""
+        A second holder is refused with `UserError(busy)`.  `remote=False` takes no lock on object
+        stores (where a killed holder would leave its marker behind)."""
     fs, path = fsspec.core.url_to_fs(folder)
     path = path.rstrip("/")
     if isinstance(fs, LocalFileSystem):
@@ -176,7 +182,9 @@ def exclusive_lock(folder: str, lock_name: str, busy: str, remote: bool = True) 
         return
     marker = f"{path}/{lock_name}"
     if fs.exists(marker):
-        raise UserError(f"{busy} (if nothing is running, delete {folder.rstrip('/')}/{lock_name} and retry)")
+        raise UserError(
+            f"{busy} (if nothing is running, delete {folder.rstrip('/')}/{lock_name} and retry)"
+        )
     fs.pipe_file(marker, json.dumps({"pid": os.getpid()}).encode())
     try:
         yield

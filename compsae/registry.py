@@ -20,7 +20,8 @@ T = TypeVar("T", bound=BaseModel)
 @dataclass(frozen=True)
 class StageContext:
     """What a stage run gets besides its config: its folder, the records of the stages it reads
-    (each with its folder as "path"), `force`, and the speed-only CLI options (workers, scheduler)."""
+    (each with its folder as "path"), `force`, and the speed-only CLI options (workers,
+    scheduler)."""
 
     out_dir: str
     inputs: dict[str, dict[str, Any]]
@@ -63,14 +64,30 @@ class StageSpec:
         return getattr(importlib.import_module(module), func)
 
 
-STAGES: dict[str, StageSpec] = {s.name: s for s in (
-    # the data stage is called harvest whether it runs a model or writes ground-truth data
-    StageSpec("harvest", (), {"HarvestConfig": "compsae.harvest.stage:run",
-                              "GroundTruthConfig": "compsae.evaluation.ground_truth_stage:run"}, section="source"),
-    StageSpec("train", ("harvest",), {"TrainStageConfig": "compsae.train.stage:run"}, distributed=True),
-    StageSpec("analyze", ("harvest", "train"), {"AnalyzeConfig": "compsae.analysis.stage:run"}),
-    StageSpec("evaluate", ("harvest", "train"), {"EvaluateConfig": "compsae.evaluation.stage:run"}),
-    StageSpec("probe", ("harvest", "train"), {"ProbeConfig": "compsae.evaluation.probe_stage:run"}),
-)}
+STAGES: dict[str, StageSpec] = {
+    s.name: s
+    for s in (
+        # the data stage is called harvest whether it runs a model or writes ground-truth data
+        StageSpec(
+            "harvest",
+            (),
+            {
+                "HarvestConfig": "compsae.harvest.stage:run",
+                "GroundTruthConfig": "compsae.evaluation.ground_truth_stage:run",
+            },
+            section="source",
+        ),
+        StageSpec(
+            "train", ("harvest",), {"TrainStageConfig": "compsae.train.stage:run"}, distributed=True
+        ),
+        StageSpec("analyze", ("harvest", "train"), {"AnalyzeConfig": "compsae.analysis.stage:run"}),
+        StageSpec(
+            "evaluate", ("harvest", "train"), {"EvaluateConfig": "compsae.evaluation.stage:run"}
+        ),
+        StageSpec(
+            "probe", ("harvest", "train"), {"ProbeConfig": "compsae.evaluation.probe_stage:run"}
+        ),
+    )
+}
 STAGE_ORDER = tuple(STAGES)
 STAGE_INPUTS: dict[str, tuple[str, ...]] = {name: s.inputs for name, s in STAGES.items()}

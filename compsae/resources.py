@@ -45,12 +45,18 @@ def check_memory(need: int, what: str, fix: str, device: str = "cpu") -> None:
     if str(device).startswith("cuda"):
         import torch
 
-        have = int(torch.cuda.mem_get_info(torch.device(device))[0]) if torch.cuda.is_available() else None
+        have = (
+            int(torch.cuda.mem_get_info(torch.device(device))[0])
+            if torch.cuda.is_available()
+            else None
+        )
         where = f"{device} memory"
     else:
         have = available_memory()
     if have is not None and need > have:
-        raise UserError(f"{what} needs {human_bytes(need)} of {where}, {human_bytes(have)} is free; {fix}")
+        raise UserError(
+            f"{what} needs {human_bytes(need)} of {where}, {human_bytes(have)} is free; {fix}"
+        )
 
 
 def check_disk(url: str, need: int, what: str, fix: str) -> None:
@@ -66,4 +72,6 @@ def check_disk(url: str, need: int, what: str, fix: str) -> None:
         probe = parent
     free = shutil.disk_usage(probe).free
     if need > free:
-        raise UserError(f"{what} needs {human_bytes(need)} of disk at {url}, {human_bytes(free)} is free; {fix}")
+        raise UserError(
+            f"{what} needs {human_bytes(need)} of disk at {url}, {human_bytes(free)} is free; {fix}"
+        )

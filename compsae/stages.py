@@ -52,8 +52,20 @@ class StageRecord(BaseModel, Generic[Outputs]):
 
 
 # Fields that change how fast a stage runs, never what it writes: left out of the hash.
-NON_SEMANTIC = {"device", "writer_threads", "workers", "scheduler", "progress", "num_threads", "prefetch", "threads_per_worker",
-                "log", "wandb_project", "wandb_entity", "compile"}
+NON_SEMANTIC = {
+    "device",
+    "writer_threads",
+    "workers",
+    "scheduler",
+    "progress",
+    "num_threads",
+    "prefetch",
+    "threads_per_worker",
+    "log",
+    "wandb_project",
+    "wandb_entity",
+    "compile",
+}
 
 
 def config_for_hash(cfg: BaseModel) -> dict[str, Any]:
@@ -75,8 +87,10 @@ def stage_hash(stage: str, cfg: BaseModel, inputs: dict[str, dict[str, Any]]) ->
     payload = {
         "stage": stage,
         "config": config_for_hash(cfg),
-        "inputs": {name: {"hash": rec["hash"], "digest": rec.get("outputs", {}).get("digest")}
-                   for name, rec in sorted(inputs.items())},
+        "inputs": {
+            name: {"hash": rec["hash"], "digest": rec.get("outputs", {}).get("digest")}
+            for name, rec in sorted(inputs.items())
+        },
     }
     return durable.json_digest(payload, durable.NAME_DIGITS)
 
@@ -118,7 +132,7 @@ def relocated(record: dict[str, Any], folder: str) -> dict[str, Any]:
 
     def move(v: Any) -> Any:
         if isinstance(v, str) and (v == old_root or v.startswith(old_root + "/")):
-            return new_root + v[len(old_root):]
+            return new_root + v[len(old_root) :]
         if isinstance(v, dict):
             return {k: move(x) for k, x in v.items()}
         if isinstance(v, list):
@@ -138,7 +152,9 @@ def write_record(folder: str, record: dict[str, Any]) -> None:
     """Write `stage.json` atomically (see `durable.atomic_write`)."""
     fs, path = fsspec.core.url_to_fs(folder)
     fs.makedirs(path, exist_ok=True)
-    durable.atomic_write(f"{path}/{RECORD}", json.dumps(record, indent=2, sort_keys=True).encode(), fs=fs)
+    durable.atomic_write(
+        f"{path}/{RECORD}", json.dumps(record, indent=2, sort_keys=True).encode(), fs=fs
+    )
 
 
 def invalidate_record(folder: str) -> None:
@@ -147,8 +163,14 @@ def invalidate_record(folder: str) -> None:
     durable.remove(join(folder, RECORD))
 
 
-def make_record(stage: str, digest: str, cfg: BaseModel, inputs: dict[str, dict[str, Any]],
-                outputs: BaseModel | dict[str, Any], folder: str | None = None) -> dict[str, Any]:
+def make_record(
+    stage: str,
+    digest: str,
+    cfg: BaseModel,
+    inputs: dict[str, dict[str, Any]],
+    outputs: BaseModel | dict[str, Any],
+    folder: str | None = None,
+) -> dict[str, Any]:
     """The record a finished stage leaves behind (`folder`: where it is written, so that a moved
     runs root can be recognised, see `relocated`)."""
     return {
@@ -183,7 +205,11 @@ def done_folders(runs_root: str, pipeline: str, stage: str) -> list[str]:
     found = []
     for entry in fs.ls(path, detail=True):
         name = entry["name"].rstrip("/").rsplit("/", 1)[-1]
-        if entry["type"] == "directory" and name.startswith(f"{stage}-") and fs.exists(f"{entry['name']}/{RECORD}"):
+        if (
+            entry["type"] == "directory"
+            and name.startswith(f"{stage}-")
+            and fs.exists(f"{entry['name']}/{RECORD}")
+        ):
             found.append((entry.get("mtime", 0) or 0, entry["name"]))
     return [name for _, name in sorted(found, reverse=True)]
 
@@ -191,6 +217,10 @@ def done_folders(runs_root: str, pipeline: str, stage: str) -> list[str]:
 @contextmanager
 def stage_lock(folder: str, stage: str) -> Iterator[None]:
     """Refuse a second run of the same stage folder while one is going (local folders)."""
-    with durable.exclusive_lock(folder, STAGE_LOCK, f"another {stage} is running in {folder}; wait for it to finish",
-                                remote=False):
+    with durable.exclusive_lock(
+        folder,
+        STAGE_LOCK,
+        f"another {stage} is running in {folder}; wait for it to finish",
+        remote=False,
+    ):
         yield

@@ -18,8 +18,9 @@ if TYPE_CHECKING:  # torch only where tensors exist: `compsae status` and the st
     import torch
 
 
-def merge_moments(n_a: int, mean_a: np.ndarray, m2_a: np.ndarray, n_b: int, mean_b: np.ndarray,
-                  m2_b: np.ndarray) -> tuple[int, np.ndarray, np.ndarray]:
+def merge_moments(
+    n_a: int, mean_a: np.ndarray, m2_a: np.ndarray, n_b: int, mean_b: np.ndarray, m2_b: np.ndarray
+) -> tuple[int, np.ndarray, np.ndarray]:
     """Merge two (count, mean [d], M2 [d]) summaries; M2 is Σ (x − mean)² per dimension."""
     if n_a == 0:
         return n_b, mean_b, m2_b
@@ -30,8 +31,11 @@ def merge_moments(n_a: int, mean_a: np.ndarray, m2_a: np.ndarray, n_b: int, mean
     return n, mean_a + delta * (n_b / n), m2_a + m2_b + delta**2 * (n_a * n_b / n)
 
 
-def merge_moment_list(counts: np.ndarray, means: np.ndarray, m2s: np.ndarray) -> tuple[int, np.ndarray, np.ndarray]:
-    """Merge many summaries in order: `counts [s]`, `means [s, d]`, `m2s [s, d]` -> (count, mean, M2)."""
+def merge_moment_list(
+    counts: np.ndarray, means: np.ndarray, m2s: np.ndarray
+) -> tuple[int, np.ndarray, np.ndarray]:
+    """Merge many summaries in order: `counts [s]`, `means [s, d]`, `m2s [s, d]` -> (count, mean,
+    M2)."""
     n_tot, mean_tot, m2_tot = 0, np.zeros(means.shape[1]), np.zeros(means.shape[1])
     for n, mean, m2 in zip(counts, means, m2s, strict=True):
         n_new, mean_tot, m2_tot = merge_moments(n_tot, mean_tot, m2_tot, n, mean, m2)
@@ -43,10 +47,10 @@ class FVUAccumulator:
     """Accumulate FVU over batches: ``update(x, x_hat)`` then ``fvu``."""
 
     def __init__(self) -> None:
-        self.sq_err = 0.0                # Σ‖x − x̂‖²
+        self.sq_err = 0.0  # Σ‖x − x̂‖²
         self.count = 0
-        self.mean: np.ndarray | None = None   # [d] running mean of x
-        self.m2: np.ndarray | None = None     # [d] running Σ (x − mean)²
+        self.mean: np.ndarray | None = None  # [d] running mean of x
+        self.m2: np.ndarray | None = None  # [d] running Σ (x − mean)²
 
     def update(self, x: torch.Tensor | np.ndarray, x_hat: torch.Tensor | np.ndarray) -> None:
         """Add one batch: ``x``, ``x_hat``: [batch, d]."""
@@ -60,7 +64,9 @@ class FVUAccumulator:
         if self.mean is None or self.m2 is None:
             self.count, self.mean, self.m2 = x.shape[0], mean_b, m2_b
             return
-        self.count, self.mean, self.m2 = merge_moments(self.count, self.mean, self.m2, x.shape[0], mean_b, m2_b)
+        self.count, self.mean, self.m2 = merge_moments(
+            self.count, self.mean, self.m2, x.shape[0], mean_b, m2_b
+        )
 
     @property
     def total_variance(self) -> float:

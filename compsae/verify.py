@@ -56,7 +56,7 @@ def verify_path(url: str, deep: bool = False) -> tuple[list[str], dict[str, int]
     counts = {"stores": 0, "checkpoints": 0, "records": 0}
     checked_stores: set[str] = set()
     for folder, names in _folders(fs, path):
-        where = root + folder[len(path):]
+        where = root + folder[len(path) :]
         if "zarr.json" in names:
             counts["stores"] += 1
             checked_stores.add(where)
@@ -87,8 +87,11 @@ def store_problems(url: str, deep: bool = False) -> list[str]:
         return [str(e)]
     if not store.complete:
         n_done = len(store.done_shards())
-        return [f"store {url}: incomplete, {n_done} of {store.n_shards} shards written (harvest interrupted?); "
-                "rerun the harvest to finish it"]
+        return [
+            f"store {url}: incomplete, {n_done} of {store.n_shards} shards written (harvest "
+            "interrupted?); "
+            "rerun the harvest to finish it"
+        ]
     try:
         return store.verify(deep=deep)
     finally:
@@ -105,8 +108,10 @@ def checkpoint_problems(folder: str) -> list[str]:
     except UserError as e:
         return [str(e)]
     if published is not None and published.get("step") != meta.get("step"):
-        return [f"{folder}: config.json (step {published.get('step')}) and model.safetensors (step "
-                f"{meta.get('step')}) are of different steps; rerun training to finish the checkpoint"]
+        return [
+            f"{folder}: config.json (step {published.get('step')}) and model.safetensors (step "
+            f"{meta.get('step')}) are of different steps; rerun training to finish the checkpoint"
+        ]
     return []
 
 
@@ -123,20 +128,32 @@ def record_problems(folder: str) -> tuple[list[str], str | None]:
     try:
         record = _read_json(fs, f"{path}/{RECORD}")
     except (ValueError, OSError) as e:
-        return [f"{where} is not valid JSON ({e.__class__.__name__}); rerun the stage with --force"], None
-    if not isinstance(record, dict) or not isinstance(record.get("outputs"), dict) or "hash" not in record:
-        return [f"{where} is not a stage record (no hash or outputs); rerun the stage with --force"], None
+        return [
+            f"{where} is not valid JSON ({e.__class__.__name__}); rerun the stage with --force"
+        ], None
+    if (
+        not isinstance(record, dict)
+        or not isinstance(record.get("outputs"), dict)
+        or "hash" not in record
+    ):
+        return [
+            f"{where} is not a stage record (no hash or outputs); rerun the stage with --force"
+        ], None
     record = relocated(record, folder)  # a runs root moved elsewhere is checked where it is now
     problems = []
     stage, digest, outputs = record.get("stage"), str(record["hash"]), record["outputs"]
     if _name(folder) != f"{stage}-{digest}":
-        problems.append(f"{where} is the record of {stage}-{digest}, not of this folder (copied?); "
-                        "rerun the stage with --force")
+        problems.append(
+            f"{where} is the record of {stage}-{digest}, not of this folder (copied?); "
+            "rerun the stage with --force"
+        )
     for name, spec in (record.get("inputs") or {}).items():
         source = spec.get("path") if isinstance(spec, dict) else None
         upstream = read_record(source) if source else None
         if upstream is None or upstream.get("hash") != spec.get("hash"):
-            problems.append(f"{where}: its {name} input {source} is gone or was redone since; rerun this stage")
+            problems.append(
+                f"{where}: its {name} input {source} is gone or was redone since; rerun this stage"
+            )
     for rel in _listed_files(outputs.get("files")):
         if not fs.exists(f"{path}/{rel}"):
             problems.append(f"{where}: output {rel} is missing; rerun the stage with --force")
@@ -171,8 +188,11 @@ def _store_matches(where: str, url: str, digest: Any) -> list[str]:
     except UserError:
         return []  # reported when the store itself is checked
     if got != digest:
-        return [f"{where}: the store at {url} is not the one this record was written for (manifest digest "
-                f"{got} != {digest}); rerun the harvest with --force"]
+        return [
+            f"{where}: the store at {url} is not the one this record was written for (manifest "
+            "digest "
+            f"{got} != {digest}); rerun the harvest with --force"
+        ]
     return []
 
 
@@ -183,9 +203,15 @@ def _model_matches(where: str, name: str, model: Any) -> list[str]:
     try:
         weights = fs.cat_file(f"{path}/model.safetensors")
     except FileNotFoundError:
-        return [f"{where}: model {name}: {model['path']}/model.safetensors is missing; rerun training with --force"]
+        return [
+            f"{where}: model {name}: {model['path']}/model.safetensors is missing; rerun training "
+            "with --force"
+        ]
     expect = model.get("model_digest")
     if expect is not None and durable.digest(weights) != expect:
-        return [f"{where}: model {name}: {model['path']}/model.safetensors is not the file this record was written "
-                "for (replaced or retrained since); rerun training with --force"]
+        return [
+            f"{where}: model {name}: {model['path']}/model.safetensors is not the file this record "
+            "was written "
+            "for (replaced or retrained since); rerun training with --force"
+        ]
     return []

@@ -6,9 +6,17 @@ MINI = {
     "runs_root": "RUNS",
     "pipelines": {
         "mini": {
-            "harvest": {"model": "tiny-neox", "hooks": ["blocks.1.hook_resid_post"], "n_tokens": 256,
-                        "context": 16, "data": {"source": "synthetic:arithmetic"}},
-            "train": {"hook": "blocks.1.hook_resid_post", "models": {"topk": {"type": "topk", "n_latents": 64, "k": 4}}},
+            "harvest": {
+                "model": "tiny-neox",
+                "hooks": ["blocks.1.hook_resid_post"],
+                "n_tokens": 256,
+                "context": 16,
+                "data": {"source": "synthetic:arithmetic"},
+            },
+            "train": {
+                "hook": "blocks.1.hook_resid_post",
+                "models": {"topk": {"type": "topk", "n_latents": 64, "k": 4}},
+            },
             "analyze": {},
         }
     },

@@ -42,8 +42,14 @@ D, CTX, N_ROWS, FRACTION = 16, 32, 4096, 0.25
 def make_store(url: str) -> ActivationStore:
     rng = np.random.default_rng(0)
     layout = StoreLayout(chunk_rows=256, shard_rows=1024, dtype="float16")
-    st = ActivationStore.create(url, {HOOK: D}, N_ROWS, layout,
-                                {"config_hash": "t", "context": CTX, "model": {"name": "tiny-neox"}}, overwrite=True)
+    st = ActivationStore.create(
+        url,
+        {HOOK: D},
+        N_ROWS,
+        layout,
+        {"config_hash": "t", "context": CTX, "model": {"name": "tiny-neox"}},
+        overwrite=True,
+    )
     atoms = rng.normal(size=(40, D))
     for shard in range(N_ROWS // 1024):
         rows = np.arange(shard * 1024, (shard + 1) * 1024)
@@ -51,7 +57,9 @@ def make_store(url: str) -> ActivationStore:
         x = codes @ atoms + 0.5 + rng.normal(0, 0.1, (1024, D))
         pos = rows % CTX
         x[pos == 0] *= 4.0  # BOS rows stand out, as in real models
-        st.write_shard(shard, {HOOK: x}, tokens=rng.integers(32, 127, 1024), seq_id=rows // CTX, pos=pos)
+        st.write_shard(
+            shard, {HOOK: x}, tokens=rng.integers(32, 127, 1024), seq_id=rows // CTX, pos=pos
+        )
     st.finalize()
     return st
 
@@ -59,15 +67,28 @@ def make_store(url: str) -> ActivationStore:
 def make_models(train_dir) -> None:
     torch.manual_seed(0)
     configs = {
-        "compsae": make_model_config(type="compsae", n_latents=48, k=4, d_f=16, d_c=8, n_heads=2, composer="attention"),
-        "compsae_mlp": make_model_config(type="compsae", n_latents=48, k=4, d_f=16, d_c=8, n_heads=2, composer="mlp"),
+        "compsae": make_model_config(
+            type="compsae", n_latents=48, k=4, d_f=16, d_c=8, n_heads=2, composer="attention"
+        ),
+        "compsae_mlp": make_model_config(
+            type="compsae", n_latents=48, k=4, d_f=16, d_c=8, n_heads=2, composer="mlp"
+        ),
         "topk": make_model_config(type="topk", n_latents=48, k=4),
         "relu": make_model_config(type="relu", n_latents=48),
     }
     for name, cfg in configs.items():
         model = build_model(cfg, D)
-        meta = CheckpointMeta(type=cfg.type, model=cfg, d_in=D, hook=HOOK, normalization=Normalization(scale=0.7),
-                              split=HeldOutSplit(fraction=FRACTION), step=1, tokens_seen=100, finished=True)
+        meta = CheckpointMeta(
+            type=cfg.type,
+            model=cfg,
+            d_in=D,
+            hook=HOOK,
+            normalization=Normalization(scale=0.7),
+            split=HeldOutSplit(fraction=FRACTION),
+            step=1,
+            tokens_seen=100,
+            finished=True,
+        )
         save_checkpoint(str(train_dir / name), model, meta.model_dump(mode="json"))
 
 
@@ -83,8 +104,10 @@ def setup(tmp_path_factory):
 def _recons(root):
     from compsae.analysis.baselines import fit_baselines
 
-    recons = [SAEReconstructor.from_checkpoint(n, str(root / "train" / n), batch_rows=100)
-              for n in ("compsae", "topk")]
+    recons = [
+        SAEReconstructor.from_checkpoint(n, str(root / "train" / n), batch_rows=100)
+        for n in ("compsae", "topk")
+    ]
     rng = np.random.default_rng(1)
     return recons + fit_baselines(["pca_topk"], rng.normal(size=(200, D)), 4, 8)
 
@@ -128,7 +151,11 @@ def test_dask_equals_numpy_loop_with_any_scheduler(setup):
         for name in want:
             for group in ("all", "bos", "rest"):
                 for key, v in want[name][group].items():
-                    assert got_s[name][group][key] == pytest.approx(v, rel=1e-9, nan_ok=True), (name, group, key)
+                    assert got_s[name][group][key] == pytest.approx(v, rel=1e-9, nan_ok=True), (
+                        name,
+                        group,
+                        key,
+                    )
         assert np.array_equal(got["compsae"]["pairs"].co, ref["compsae"]["pairs"].co)
         assert np.allclose(got["compsae"]["pairs"].attn_to, ref["compsae"]["pairs"].attn_to)
         assert np.array_equal(got["compsae"]["top"].rows, ref["compsae"]["top"].rows)
@@ -136,7 +163,9 @@ def test_dask_equals_numpy_loop_with_any_scheduler(setup):
     # the merge tree is fixed, so every scheduler gives bit-identical floats
     for got in results[1:]:
         assert got["compsae"]["rest"].sq_err == results[0]["compsae"]["rest"].sq_err
-        assert np.array_equal(got["compsae"]["pairs"].attn_to, results[0]["compsae"]["pairs"].attn_to)
+        assert np.array_equal(
+            got["compsae"]["pairs"].attn_to, results[0]["compsae"]["pairs"].attn_to
+        )
     # and the loop itself agrees with one numpy pass over all evaluated rows
     rows = np.flatnonzero(plan.keep)
     x = store.read_rows(HOOK, 0, store.n_rows)[rows]
@@ -165,14 +194,18 @@ def toy_ce_fn(tokens: torch.Tensor, replace):
     if replace is not None:
         acts = replace(acts)
     logits = acts @ unemb
-    ce = F.cross_entropy(logits[:, :-1].reshape(-1, 128), tokens[:, 1:].reshape(-1), reduction="none")
+    ce = F.cross_entropy(
+        logits[:, :-1].reshape(-1, 128), tokens[:, 1:].reshape(-1), reduction="none"
+    )
     return ce.reshape(tokens.shape[0], -1), logits
 
 
 def test_ce_metrics_hand_values():
     tok = torch.randint(0, 128, (3, 10), generator=torch.Generator().manual_seed(1))
     perfect = ce_metrics(toy_ce_fn, tok, lambda a: a)
-    assert perfect["ce_recovered"] == pytest.approx(1.0) and perfect["delta_ce"] == pytest.approx(0.0, abs=1e-6)
+    assert perfect["ce_recovered"] == pytest.approx(1.0) and perfect["delta_ce"] == pytest.approx(
+        0.0, abs=1e-6
+    )
     assert perfect["kl_score"] == pytest.approx(1.0)
     half = ce_metrics(toy_ce_fn, tok, lambda a: a * 0.5)
     want = (half["ce_zero"] - half["ce_recon"]) / (half["ce_zero"] - half["ce_clean"])
@@ -182,25 +215,51 @@ def test_ce_metrics_hand_values():
 
 def test_report_end_to_end_numbers_match_metrics_json(setup, tmp_path):
     url, root = setup
-    cfg = AnalyzeConfig(max_heldout_tokens=800, baseline_fit_tokens=600, nmf_components=8, top_k_contexts=3,
-                        pair_latents=16, ce_sequences=4, progress=False, n_attention_examples=2)
+    cfg = AnalyzeConfig(
+        max_heldout_tokens=800,
+        baseline_fit_tokens=600,
+        nmf_components=8,
+        top_k_contexts=3,
+        pair_latents=16,
+        ce_sequences=4,
+        progress=False,
+        n_attention_examples=2,
+    )
     out = tmp_path / "analyze"
     res = run_analyze(cfg, url, str(root / "train"), str(out), ce_fn=toy_ce_fn)
     metrics = json.loads((out / "metrics.json").read_text())
     html = (out / "report.html").read_text()
-    assert set(metrics["models"]) == {"compsae", "compsae_mlp", "topk", "relu", "pca", "pca_topk", "nmf"}
+    assert set(metrics["models"]) == {
+        "compsae",
+        "compsae_mlp",
+        "topk",
+        "relu",
+        "pca",
+        "pca_topk",
+        "nmf",
+    }
     assert metrics["n_tokens"] == 800 == res["n_tokens"]
     assert metrics["baseline_k"] == 4
     for name, m in metrics["models"].items():
         row = re.search(rf"<tr><td>{name}</td>(.*?)</tr>", html).group(1)
-        assert f"<td>{fmt(m['all']['fvu'])}</td>" in row and f"<td>{fmt(m['all']['l0'])}</td>" in row
+        assert (
+            f"<td>{fmt(m['all']['fvu'])}</td>" in row and f"<td>{fmt(m['all']['l0'])}</td>" in row
+        )
         assert m["ce"]["ce_clean"] is not None
     assert metrics["models"]["pca"]["all"]["l0"] == pytest.approx(4.0)
     assert metrics["models"]["pca_topk"]["all"]["l0"] <= 4.0
-    assert "fvu_nocomp" in metrics["models"]["compsae"]["all"] and "fvu_nocomp" not in metrics["models"]["topk"]["all"]
+    assert (
+        "fvu_nocomp" in metrics["models"]["compsae"]["all"]
+        and "fvu_nocomp" not in metrics["models"]["topk"]["all"]
+    )
     assert metrics["models"]["compsae"]["pairs"]["n_tracked"] == 16
-    assert "heads" in metrics["models"]["compsae"] and "heads" not in metrics["models"]["compsae_mlp"]
-    assert len(metrics["ablations"]) == 4 and {a["composer"] for a in metrics["ablations"]} >= {"attention", "mlp"}
+    assert (
+        "heads" in metrics["models"]["compsae"] and "heads" not in metrics["models"]["compsae_mlp"]
+    )
+    assert len(metrics["ablations"]) == 4 and {a["composer"] for a in metrics["ablations"]} >= {
+        "attention",
+        "mlp",
+    }
     flat = pd.read_parquet(out / "metrics.parquet")
     got = flat.query("model == 'topk' and group == 'all' and metric == 'fvu'")["value"].item()
     assert got == pytest.approx(metrics["models"]["topk"]["all"]["fvu"])
@@ -212,13 +271,21 @@ def test_report_end_to_end_numbers_match_metrics_json(setup, tmp_path):
     assert (out / "figures" / "attention_example_0.png").is_file()
     tops = pd.read_parquet(out / "top_contexts.parquet")
     assert set(tops["model"]) == {"compsae", "compsae_mlp", "topk", "relu"}
-    first = tops[(tops.model == "topk")].groupby("latent")["activation"].apply(lambda s: s.is_monotonic_decreasing)
+    first = (
+        tops[(tops.model == "topk")]
+        .groupby("latent")["activation"]
+        .apply(lambda s: s.is_monotonic_decreasing)
+    )
     assert first.all()
-    assert tops["context_text"].str.len().gt(0).all() and (tops["context_ids"].apply(len) <= cfg.context_window + 1).all()
+    assert (
+        tops["context_text"].str.len().gt(0).all()
+        and (tops["context_ids"].apply(len) <= cfg.context_window + 1).all()
+    )
     lat = pd.read_parquet(out / "latents.parquet")
     assert lat.query("model == 'compsae'")["n_partners"].notna().sum() == 16
     assert lat.query("model == 'topk'")["fire_count"].sum() == pytest.approx(
-        metrics["models"]["topk"]["all"]["l0"] * 800)
+        metrics["models"]["topk"]["all"]["l0"] * 800
+    )
 
 
 @pytest.mark.slow
@@ -230,11 +297,17 @@ def test_existing_cluster_with_worker_processes_gives_the_same_numbers(setup):
     store = open_store(url)
     plan = plan_blocks(heldout_mask(store.seq_id, FRACTION, 0), store.chunk_rows, max_tokens=300)
     recons = _recons(root)
-    spec = BlockSpec(top_k_contexts=2, tracked={"compsae": np.arange(6)}, contexts_for=frozenset({"topk"}))
+    spec = BlockSpec(
+        top_k_contexts=2, tracked={"compsae": np.arange(6)}, contexts_for=frozenset({"topk"})
+    )
     ref = reference_partials(store, HOOK, store.pos, plan, recons, spec)
     graph = build_graph(acts_array(store, HOOK), store.pos, plan, recons, spec)
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
-            dask_client(scheduler=cluster.scheduler_address) as client:
+    with (
+        LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
+        ) as cluster,
+        dask_client(scheduler=cluster.scheduler_address) as client,
+    ):
         got = compute(graph, client, progress=False)
     for name in ("compsae", "topk", "pca_topk"):
         for group in ("bos", "rest"):

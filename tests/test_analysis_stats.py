@@ -57,13 +57,17 @@ def test_streaming_merge_equals_one_batch():
     whole = ReconSums.from_batch(x, x_hat, l0, off).summary()
     parts = None
     for lo, hi in ((0, 13), (13, 13), (13, 200), (200, 300)):
-        parts = merge_partials(parts, ReconSums.from_batch(x[lo:hi], x_hat[lo:hi], l0[lo:hi], off[lo:hi]))
+        parts = merge_partials(
+            parts, ReconSums.from_batch(x[lo:hi], x_hat[lo:hi], l0[lo:hi], off[lo:hi])
+        )
     got = parts.summary()
     for key in ("fvu", "cosine", "l2_ratio", "l0", "fvu_nocomp", "comp_share"):
         assert got[key] == pytest.approx(whole[key], rel=1e-12)
     # plain loop
     mu = x.mean(0)
-    assert whole["fvu"] == pytest.approx(((x - x_hat) ** 2).sum() / ((x - mu) ** 2).sum(), rel=1e-12)
+    assert whole["fvu"] == pytest.approx(
+        ((x - x_hat) ** 2).sum() / ((x - mu) ** 2).sum(), rel=1e-12
+    )
     fvu_off = ((x - off) ** 2).sum() / ((x - mu) ** 2).sum()
     assert whole["comp_share"] == pytest.approx((fvu_off - whole["fvu"]) / (1 - whole["fvu"]))
 
@@ -90,7 +94,9 @@ def test_top_contexts_match_a_sort_and_split_independence():
     z[:, 5] = 0
     rows = np.arange(100, 150)
     whole = TopContexts.from_codes(z, rows, 3)
-    split = TopContexts.from_codes(z[:20], rows[:20], 3).merge(TopContexts.from_codes(z[20:], rows[20:], 3))
+    split = TopContexts.from_codes(z[:20], rows[:20], 3).merge(
+        TopContexts.from_codes(z[20:], rows[20:], 3)
+    )
     for j in range(5):
         order = np.argsort(-z[:, j], kind="stable")[:3]
         assert whole.rows[j].tolist() == (rows[order]).tolist()
@@ -128,7 +134,9 @@ def test_pair_sums_and_composition_matrix_against_a_loop():
     tracked = np.array([0, 2, 3])
     rows = np.full(n, -1)
     rows[tracked] = np.arange(3)
-    ps = PairSums.from_block(act[:3], attn[:3], rows, 3).merge(PairSums.from_block(act[3:], attn[3:], rows, 3))
+    ps = PairSums.from_block(act[:3], attn[:3], rows, 3).merge(
+        PairSums.from_block(act[3:], attn[3:], rows, 3)
+    )
     want = np.zeros((3, n))
     want_co = np.zeros((3, 3))
     for t in range(b):
@@ -157,7 +165,11 @@ def test_head_sums_against_a_loop():
     b, h, k = 4, 3, 4
     attn = rng.dirichlet(np.ones(k), size=(b, h, k))
     act = np.array([[0, 1, 2, 3], [4, -1, 5, 6], [7, 8, -1, -1], [9, 10, 11, 12]])
-    s = HeadSums.from_block(act[:2], attn[:2]).merge(HeadSums.from_block(act[2:], attn[2:])).summary()
+    s = (
+        HeadSums.from_block(act[:2], attn[:2])
+        .merge(HeadSums.from_block(act[2:], attn[2:]))
+        .summary()
+    )
     ent, agree, nq = np.zeros(h), 0.0, 0
     for t in range(b):
         for a in range(k):
@@ -177,7 +189,9 @@ def test_head_sums_against_a_loop():
     assert np.allclose(s["entropy_per_head"], ent / nq)
     assert s["head_agreement"] == pytest.approx(agree / nq)
     uniform = HeadSums.from_block(np.zeros((1, 4), int), np.full((1, 2, 4, 4), 0.25)).summary()
-    assert np.allclose(uniform["eff_partners_per_head"], 4.0) and uniform["head_agreement"] == pytest.approx(1.0)
+    assert np.allclose(uniform["eff_partners_per_head"], 4.0) and uniform[
+        "head_agreement"
+    ] == pytest.approx(1.0)
 
 
 def test_gate_sums_hand_values():

@@ -26,9 +26,17 @@ def test_import_compsae_loads_neither_torch_nor_zarr() -> None:
 def test_load_sae_reconstructs_in_store_units(tmp_path) -> None:
     torch.manual_seed(0)
     model = build_model(make_model_config(type="topk", n_latents=16, k=2), 8)
-    meta = {"type": "topk", "d_in": 8, "hook": "h", "step": 3, "tokens_seen": 30, "finished": True,
-            "model": {"type": "topk", "n_latents": 16, "k": 2}, "normalization": {"scale": 2.0},
-            "train": {"heldout_fraction": 0.1, "seed": 4}}
+    meta = {
+        "type": "topk",
+        "d_in": 8,
+        "hook": "h",
+        "step": 3,
+        "tokens_seen": 30,
+        "finished": True,
+        "model": {"type": "topk", "n_latents": 16, "k": 2},
+        "normalization": {"scale": 2.0},
+        "train": {"heldout_fraction": 0.1, "seed": 4},
+    }
     save_checkpoint(str(tmp_path / "topk"), model, meta)
     sae = compsae.load_sae(str(tmp_path / "topk"))
     x = torch.randn(5, 8)
@@ -67,16 +75,29 @@ def _saved(tmp_path, name: str, scale: float, **model: object) -> tuple[torch.nn
     if hasattr(net, "pair"):
         with torch.no_grad():
             net.pair.W_out.normal_()  # a non-zero pair path (it starts at zero)
-    meta = {"type": cfg.type, "d_in": 8, "hook": "h", "step": 3, "tokens_seen": 30, "finished": True,
-            "model": cfg.model_dump(), "normalization": {"scale": scale},
-            "train": {"heldout_fraction": 0.1, "seed": 4}}
+    meta = {
+        "type": cfg.type,
+        "d_in": 8,
+        "hook": "h",
+        "step": 3,
+        "tokens_seen": 30,
+        "finished": True,
+        "model": cfg.model_dump(),
+        "normalization": {"scale": scale},
+        "train": {"heldout_fraction": 0.1, "seed": 4},
+    }
     save_checkpoint(str(tmp_path / name), net, meta)
     return net.eval(), str(tmp_path / name)
 
 
-@pytest.mark.parametrize("model", [{"type": "topk"}, {"type": "compsae", "composer": "pair"},
-                                   {"type": "compsae", "composer": "attention", "d_f": 8, "n_heads": 2,
-                                    "d_c": 8}])
+@pytest.mark.parametrize(
+    "model",
+    [
+        {"type": "topk"},
+        {"type": "compsae", "composer": "pair"},
+        {"type": "compsae", "composer": "attention", "d_f": 8, "n_heads": 2, "d_c": 8},
+    ],
+)
 def test_encode_decode_are_in_store_units(tmp_path, model) -> None:
     net, folder = _saved(tmp_path, "m", 2.0, **model)
     sae = compsae.load_sae(folder)
@@ -92,7 +113,9 @@ def test_encode_decode_are_in_store_units(tmp_path, model) -> None:
 
 
 def test_pair_effects_are_mixed_differences_of_decode(tmp_path) -> None:
-    _, folder = _saved(tmp_path, "m", 2.0, type="compsae", composer="attention", d_f=8, n_heads=2, d_c=8)
+    _, folder = _saved(
+        tmp_path, "m", 2.0, type="compsae", composer="attention", d_f=8, n_heads=2, d_c=8
+    )
     sae = compsae.load_sae(folder)
     x = torch.randn(4, 8)
     codes = sae.encode(x)
@@ -103,9 +126,9 @@ def test_pair_effects_are_mixed_differences_of_decode(tmp_path) -> None:
     assert [i, j] == codes.idx[t, 1:].tolist()
 
     def without(*drop: int) -> torch.Tensor:
-        z = codes.z[t:t + 1].clone()
+        z = codes.z[t : t + 1].clone()
         z[0, list(drop)] = 0
-        return sae.decode(Codes(z, codes.idx[t:t + 1]))[0]
+        return sae.decode(Codes(z, codes.idx[t : t + 1]))[0]
 
     expected = without() - without(i) - without(j) + without(i, j)
     torch.testing.assert_close(eff.delta[t, p], expected, atol=1e-5, rtol=1e-4)
@@ -142,9 +165,17 @@ def _store_model(tmp_path, **model: object) -> tuple[compsae.api.TrainedSAE, obj
     if hasattr(net, "pair"):
         with torch.no_grad():
             net.pair.W_out.normal_()
-    meta = {"type": cfg.type, "d_in": 16, "hook": HOOK, "step": 1, "tokens_seen": 1, "finished": True,
-            "model": cfg.model_dump(), "normalization": {"scale": 0.5},
-            "split": {"fraction": 0.25, "seed": 7}}
+    meta = {
+        "type": cfg.type,
+        "d_in": 16,
+        "hook": HOOK,
+        "step": 1,
+        "tokens_seen": 1,
+        "finished": True,
+        "model": cfg.model_dump(),
+        "normalization": {"scale": 0.5},
+        "split": {"fraction": 0.25, "seed": 7},
+    }
     save_checkpoint(str(tmp_path / "m"), net, meta)
     return compsae.load_sae(str(tmp_path / "m")), store, x
 
@@ -172,12 +203,19 @@ def test_top_pairs_of_a_model_and_of_a_run_folder(tmp_path) -> None:
     stage = tmp_path / "runs" / "p" / "analyze-abc"
     stage.mkdir(parents=True)
     pair = {"i": 1, "j": 4, "tokens": 9, "mean_effect": 0.3, "gain_share": 0.01}
-    metrics = {"models": {"a": {"pairs": {"top_pairs": [pair]}},
-                          "b": {"pairs": {"top_pairs": [{**pair, "i": 2, "gain_share": 0.05}]}},
-                          "topk": {}}}
+    metrics = {
+        "models": {
+            "a": {"pairs": {"top_pairs": [pair]}},
+            "b": {"pairs": {"top_pairs": [{**pair, "i": 2, "gain_share": 0.05}]}},
+            "topk": {},
+        }
+    }
     (stage / "metrics.json").write_text(json.dumps(metrics))
     table = compsae.top_pairs(str(tmp_path / "runs" / "p"))
-    assert [(r.model, r.i, r.j, r.gain_share) for r in table] == [("b", 2, 4, 0.05), ("a", 1, 4, 0.01)]
+    assert [(r.model, r.i, r.j, r.gain_share) for r in table] == [
+        ("b", 2, 4, 0.05),
+        ("a", 1, 4, 0.01),
+    ]
     assert compsae.top_pairs(str(stage), n=1) == table[:1]
     with pytest.raises(UserError):
         compsae.top_pairs(str(tmp_path))
@@ -191,7 +229,9 @@ def test_top_pairs_of_an_additive_model_are_empty(tmp_path) -> None:
 def test_top_pairs_of_a_model_agree_with_the_analyze_sums(tmp_path) -> None:
     from compsae.analysis.pair_effects import PairEffectSums
 
-    sae, store, _ = _store_model(tmp_path, type="compsae", composer="attention", d_f=8, n_heads=2, d_c=8)
+    sae, store, _ = _store_model(
+        tmp_path, type="compsae", composer="attention", d_f=8, n_heads=2, d_c=8
+    )
     rows = compsae.top_pairs(sae, n=3, store=store, batch_size=64)
     sums = PairEffectSums.empty(16)
     for x in sae.batches(store, batch_size=64, shuffle=False):
@@ -210,17 +250,38 @@ def test_run_stage_returns_the_typed_record(tmp_path) -> None:
 
     from compsae.harvest.records import HarvestOutputs
 
-    doc = {"runs_root": "IGNORED", "pipelines": {"gt": {
-        "ground_truth": {"n_rows": 256, "d_model": 8, "n_features": 16, "n_pairs": 2},
-        "train": {"hook": "synthetic.hook_x", "models": {"topk": {"type": "topk", "n_latents": 16, "k": 2}}}}}}
+    doc = {
+        "runs_root": "IGNORED",
+        "pipelines": {
+            "gt": {
+                "ground_truth": {"n_rows": 256, "d_model": 8, "n_features": 16, "n_pairs": 2},
+                "train": {
+                    "hook": "synthetic.hook_x",
+                    "models": {"topk": {"type": "topk", "n_latents": 16, "k": 2}},
+                },
+            }
+        },
+    }
     (tmp_path / "p.yaml").write_text(yaml.safe_dump(doc))
-    rec = compsae.run_stage("gt", "harvest", config=str(tmp_path / "p.yaml"),
-                            runs_root=str(tmp_path / "runs"), say=lambda _: None)
+    rec = compsae.run_stage(
+        "gt",
+        "harvest",
+        config=str(tmp_path / "p.yaml"),
+        runs_root=str(tmp_path / "runs"),
+        say=lambda _: None,
+    )
     assert isinstance(rec.outputs, HarvestOutputs)
-    assert rec.stage == "harvest" and rec.folder.startswith(str(tmp_path / "runs" / "gt" / "harvest-"))
+    assert rec.stage == "harvest" and rec.folder.startswith(
+        str(tmp_path / "runs" / "gt" / "harvest-")
+    )
     assert compsae.open_store(rec.outputs.store).n_rows == 256
-    again = compsae.run_stage("gt", "harvest", config=str(tmp_path / "p.yaml"),
-                              runs_root=str(tmp_path / "runs"), say=lambda _: None)
+    again = compsae.run_stage(
+        "gt",
+        "harvest",
+        config=str(tmp_path / "p.yaml"),
+        runs_root=str(tmp_path / "runs"),
+        say=lambda _: None,
+    )
     assert again.hash == rec.hash and again.finished_at == rec.finished_at  # reused, not rerun
 
 
@@ -228,11 +289,23 @@ def test_stage_records_written_before_the_envelope_still_read() -> None:
     from compsae.stages import StageRecord
     from compsae.train.records import TrainOutputs
 
-    old = {"stage": "train", "hash": "abc", "config": {"hook": "h"},
-           "inputs": {"harvest": {"hash": "def", "path": "/r/harvest-def"}},
-           "outputs": {"store": "/r/s.zarr", "hook": "h", "heldout_fraction": 0.05,
-                       "store_manifest_hash": "m", "digest": "d", "models": {}}, "finished_at": "x",
-           "version": "0.0.1", "legacy_field": 3}
+    old = {
+        "stage": "train",
+        "hash": "abc",
+        "config": {"hook": "h"},
+        "inputs": {"harvest": {"hash": "def", "path": "/r/harvest-def"}},
+        "outputs": {
+            "store": "/r/s.zarr",
+            "hook": "h",
+            "heldout_fraction": 0.05,
+            "store_manifest_hash": "m",
+            "digest": "d",
+            "models": {},
+        },
+        "finished_at": "x",
+        "version": "0.0.1",
+        "legacy_field": 3,
+    }
     rec = StageRecord[TrainOutputs].model_validate(old)
     assert rec.inputs["harvest"].path == "/r/harvest-def" and rec.folder is None
     assert rec.model_dump()["legacy_field"] == 3

@@ -1,4 +1,5 @@
-"""Residual hooks captured by plain forward hooks equal the transformer_lens bridge's, bit for bit."""
+"""Residual hooks captured by plain forward hooks equal the transformer_lens bridge's, bit for
+bit."""
 
 from __future__ import annotations
 
@@ -21,11 +22,14 @@ def test_resid_hook_parsing() -> None:
     assert resid_hook("blocks.0.hook_resid_mid") is None and resid_hook("hook_embed") is None
 
 
-@pytest.mark.parametrize("hooks", [
-    ["blocks.2.hook_resid_post"],
-    ["blocks.0.hook_resid_pre", "blocks.3.hook_resid_post", "blocks.1.hook_resid_post"],
-    ["blocks.3.hook_resid_pre", "blocks.2.hook_resid_post"],
-])
+@pytest.mark.parametrize(
+    "hooks",
+    [
+        ["blocks.2.hook_resid_post"],
+        ["blocks.0.hook_resid_pre", "blocks.3.hook_resid_post", "blocks.1.hook_resid_post"],
+        ["blocks.3.hook_resid_pre", "blocks.2.hook_resid_post"],
+    ],
+)
 def test_capture_equals_bridge(loaded, hooks: list[str]) -> None:
     assert loaded.wrapper is None  # nothing so far needed the transformer_lens wrapper
     tokens = torch.randint(1, 257, (3, 33))
@@ -44,8 +48,10 @@ def test_capture_stops_after_the_deepest_hook(loaded) -> None:
     hf = loaded.transformers_model()
     capture = ResidCapture(hf, decoder_layers(hf))
     calls: list[int] = []
-    handles = [layer.register_forward_pre_hook(lambda m, a, i=i: calls.append(i))  # layers that start
-               for i, layer in enumerate(capture.layers)]
+    handles = [
+        layer.register_forward_pre_hook(lambda m, a, i=i: calls.append(i))  # layers that start
+        for i, layer in enumerate(capture.layers)
+    ]
     try:
         with torch.inference_mode():
             capture.run(torch.randint(1, 257, (1, 8)), ["blocks.1.hook_resid_post"])
@@ -55,7 +61,9 @@ def test_capture_stops_after_the_deepest_hook(loaded) -> None:
     assert calls == [0, 1]
 
 
-def test_native_forward_stops_after_the_deepest_hook(loaded, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_native_forward_stops_after_the_deepest_hook(
+    loaded, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from compsae.lm.neox import NeoxResidual
 
     blocks_run: list[int] = []
@@ -70,8 +78,13 @@ def test_native_forward_stops_after_the_deepest_hook(loaded, monkeypatch: pytest
         loaded.run_hooks(torch.randint(1, 257, (1, 8)), ["blocks.1.hook_resid_post"], 2)
         assert blocks_run == [0, 1]
         blocks_run.clear()
-        out = loaded.run_hooks(torch.randint(1, 257, (2, 8)), ["blocks.2.hook_resid_pre", "blocks.0.hook_resid_pre"], 2)
-    assert blocks_run == [0, 1] and list(out) == ["blocks.2.hook_resid_pre", "blocks.0.hook_resid_pre"]
+        out = loaded.run_hooks(
+            torch.randint(1, 257, (2, 8)), ["blocks.2.hook_resid_pre", "blocks.0.hook_resid_pre"], 2
+        )
+    assert blocks_run == [0, 1] and list(out) == [
+        "blocks.2.hook_resid_pre",
+        "blocks.0.hook_resid_pre",
+    ]
 
 
 def test_dimensions_equal_the_bridge_config(loaded) -> None:
@@ -85,7 +98,9 @@ def test_other_hooks_go_through_the_bridge(loaded) -> None:
     assert not loaded.captures(["blocks.9.hook_resid_post"])  # beyond the model: the checks name it
     widths = check_hooks(loaded, ["blocks.1.hook_resid_post"], 16)
     assert widths == {"blocks.1.hook_resid_post": loaded.d_model} and loaded.wrapper is None
-    assert check_hooks(loaded, ["blocks.1.mlp.hook_post"], 16) == {"blocks.1.mlp.hook_post": 4 * loaded.d_model}
+    assert check_hooks(loaded, ["blocks.1.mlp.hook_post"], 16) == {
+        "blocks.1.mlp.hook_post": 4 * loaded.d_model
+    }
     assert loaded.wrapper is not None
 
 
@@ -98,12 +113,25 @@ def test_llama_layers_are_captured_and_cut() -> None:
     from compsae.lm.models import eager_attention
 
     torch.manual_seed(0)
-    hf = eager_attention(LlamaForCausalLM(LlamaConfig(
-        vocab_size=300, hidden_size=48, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64)).eval())
+    hf = eager_attention(
+        LlamaForCausalLM(
+            LlamaConfig(
+                vocab_size=300,
+                hidden_size=48,
+                intermediate_size=96,
+                num_hidden_layers=4,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                max_position_embeddings=64,
+            )
+        ).eval()
+    )
     capture = ResidCapture(hf, decoder_layers(hf))
     calls: list[int] = []
-    handles = [layer.register_forward_hook(lambda m, a, r, i=i: calls.append(i)) for i, layer in enumerate(capture.layers)]
+    handles = [
+        layer.register_forward_hook(lambda m, a, r, i=i: calls.append(i))
+        for i, layer in enumerate(capture.layers)
+    ]
     tokens = torch.randint(0, 300, (2, 17))
     with torch.inference_mode():
         got = capture.run(tokens, ["blocks.1.hook_resid_post", "blocks.1.hook_resid_pre"])

@@ -1,4 +1,5 @@
-"""`compsae run --pipeline tiny` end to end through the console entry point, then reuse and errors."""
+"""`compsae run --pipeline tiny` end to end through the console entry point, then reuse and
+errors."""
 
 from __future__ import annotations
 
@@ -29,14 +30,27 @@ SMALL = [
 
 def compsae(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
-    return subprocess.run([sys.executable, "-m", "compsae.cli", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "compsae.cli", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str]]:
     work = tmp_path_factory.mktemp("e2e")
-    base = ["--pipeline", "tiny", "--config", str(ROOT / "pipelines.yaml"), "--set", f"runs_root={work / 'runs'}"]
+    base = [
+        "--pipeline",
+        "tiny",
+        "--config",
+        str(ROOT / "pipelines.yaml"),
+        "--set",
+        f"runs_root={work / 'runs'}",
+    ]
     for s in SMALL:
         base += ["--set", s]
     res = compsae("run", *base, cwd=work)
@@ -59,7 +73,11 @@ def test_run_writes_every_stage(finished_run):
         assert 0 < metrics["models"][model]["all"]["fvu"] < 1.5
     probe = next(runs.glob("probe-*"))
     report = json.loads((probe / "probes.json").read_text())
-    assert set(report["behaviour"]) == {"boolean", "grammar"} and report["methods"][:3] == ["compsae", "relu", "topk"]
+    assert set(report["behaviour"]) == {"boolean", "grammar"} and report["methods"][:3] == [
+        "compsae",
+        "relu",
+        "topk",
+    ]
 
 
 def test_pipeline_report_gathers_the_stages(finished_run):
@@ -74,7 +92,11 @@ def test_pipeline_report_gathers_the_stages(finished_run):
         assert (runs / src).is_file(), src
     # the training curves and one feature browser per trained model
     assert "training_curves.png" in page
-    links = [part.split("'")[0] for part in page.split("<a href='")[1:] if "/browser/" in part.split("'")[0]]
+    links = [
+        part.split("'")[0]
+        for part in page.split("<a href='")[1:]
+        if "/browser/" in part.split("'")[0]
+    ]
     assert sorted(p.rsplit("/", 1)[-1] for p in links) == ["compsae.html", "relu.html", "topk.html"]
     for link in links:
         assert (runs / link).is_file(), link
@@ -115,7 +137,9 @@ def test_a_moved_runs_root_is_reused_where_it_lies(finished_run):
     (work / "runs").rename(hidden)
     try:
         res = compsae("status", *at_moved, cwd=work)
-        assert res.returncode == 0 and "missing" not in res.stdout and "stale" not in res.stdout, res.stdout
+        assert res.returncode == 0 and "missing" not in res.stdout and "stale" not in res.stdout, (
+            res.stdout
+        )
         res = compsae("verify", str(moved / "tiny"), cwd=work)
         assert res.returncode == 0, res.stdout + res.stderr
         res = compsae("analyze", *at_moved, "--force", cwd=work)
@@ -148,29 +172,63 @@ def test_bad_input_is_one_line_exit_2(finished_run, extra, message):
 
 
 def test_train_needs_harvest_first(tmp_path):
-    res = compsae("train", "--pipeline", "tiny", "--config", str(ROOT / "pipelines.yaml"),
-                  "--set", f"runs_root={tmp_path / 'runs'}", cwd=tmp_path)
+    res = compsae(
+        "train",
+        "--pipeline",
+        "tiny",
+        "--config",
+        str(ROOT / "pipelines.yaml"),
+        "--set",
+        f"runs_root={tmp_path / 'runs'}",
+        cwd=tmp_path,
+    )
     assert res.returncode == 2
     assert "needs harvest first" in res.stderr
 
 
 def test_help_lists_the_commands():
-    res = subprocess.run([sys.executable, "-m", "compsae.cli", "--help"], capture_output=True, text=True)
-    for cmd in ("harvest", "train", "analyze", "evaluate", "probe", "run", "status", "verify", "humaneval"):
+    res = subprocess.run(
+        [sys.executable, "-m", "compsae.cli", "--help"], capture_output=True, text=True
+    )
+    for cmd in (
+        "harvest",
+        "train",
+        "analyze",
+        "evaluate",
+        "probe",
+        "run",
+        "status",
+        "verify",
+        "humaneval",
+    ):
         assert cmd in res.stdout
 
 
 def test_help_and_status_import_no_torch(tmp_path):
     # the commands that only read configs and records start in well under a second: no torch,
     # transformers or dask behind them (status of a pipeline with nothing run yet)
-    code = ("import sys\nfrom compsae.cli import main\n"
-            "args = ['--help'] if sys.argv[1] == 'help' else ['status', '--pipeline', 'tiny', '--config', sys.argv[2], "
-            "'--set', 'runs_root=' + sys.argv[3]]\n"
-            "try:\n    main(args)\nexcept SystemExit:\n    pass\n"
-            "print(sorted(m for m in ('torch', 'transformers', 'dask', 'scipy') if m in sys.modules))")
+    code = (
+        "import sys\nfrom compsae.cli import main\n"
+        "args = ['--help'] if sys.argv[1] == 'help' else ['status', '--pipeline', 'tiny', "
+        "'--config', sys.argv[2], "
+        "'--set', 'runs_root=' + sys.argv[3]]\n"
+        "try:\n    main(args)\nexcept SystemExit:\n    pass\n"
+        "print(sorted(m for m in ('torch', 'transformers', 'dask', 'scipy') if m in sys.modules))"
+    )
     for what in ("help", "status"):
-        res = subprocess.run([sys.executable, "-c", code, what, str(ROOT / "pipelines.yaml"), str(tmp_path / "runs")],
-                             capture_output=True, text=True, cwd=tmp_path)
+        res = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                code,
+                what,
+                str(ROOT / "pipelines.yaml"),
+                str(tmp_path / "runs"),
+            ],
+            capture_output=True,
+            text=True,
+            cwd=tmp_path,
+        )
         assert res.returncode == 0, res.stderr[-1000:]
         assert "harvest" in res.stdout
         assert res.stdout.strip().splitlines()[-1] == "[]", (what, res.stdout[-500:])

@@ -52,8 +52,11 @@ def test_override_applies_to_the_pipeline(tmp_path):
     ("override", "expect"),
     [
         ("harvest.n_tokens=-5", "config error at pipelines.mini.harvest.n_tokens: "),
-        ("harvest.dtype=float8",
-         "config error at pipelines.mini.harvest.dtype: Input should be 'float16', 'bfloat16' or 'float32'"),
+        (
+            "harvest.dtype=float8",
+            "config error at pipelines.mini.harvest.dtype: Input should be 'float16', 'bfloat16' "
+            "or 'float32'",
+        ),
         ("harvest.colour=red", "config error at pipelines.mini.harvest.colour: unknown key"),
         ("train.models.topk.type=nope", "config error at pipelines.mini.train.models.topk"),
     ],
@@ -117,7 +120,11 @@ def test_stage_reuse_and_status(tmp_path, monkeypatch, capsys):
     assert calls[5:] == ["harvest"]
     capsys.readouterr()
     assert cli.main(["status", *base]) == 0
-    assert all(" done " in line for line in capsys.readouterr().out.splitlines() if line.startswith(("harvest", "train")))
+    assert all(
+        " done " in line
+        for line in capsys.readouterr().out.splitlines()
+        if line.startswith(("harvest", "train"))
+    )
 
 
 def test_device_does_not_change_the_hash(tmp_path):
@@ -137,7 +144,10 @@ def test_probe_stage_reuses_train_and_reruns_when_train_changes(tmp_path, monkey
     def fake_stage(stage, cfg, out_dir, inputs, force, options):
         calls.append(stage)
         if stage == "probe":  # it reads the harvest's store and the train folder
-            assert inputs["harvest"]["outputs"]["store"].endswith("store.zarr") and "train-" in inputs["train"]["path"]
+            assert (
+                inputs["harvest"]["outputs"]["store"].endswith("store.zarr")
+                and "train-" in inputs["train"]["path"]
+            )
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         return {"store": f"{out_dir}/store.zarr", "digest": "d"} if stage == "harvest" else {}
 
@@ -158,10 +168,19 @@ def test_probe_stage_reuses_train_and_reruns_when_train_changes(tmp_path, monkey
 
 
 def test_probe_needs_a_language_model(tmp_path, capsys):
-    doc = {"runs_root": "RUNS", "pipelines": {"gt": {
-        "ground_truth": {"n_rows": 1024},
-        "train": {"hook": "synthetic.hook_x", "models": {"topk": {"type": "topk", "n_latents": 64, "k": 4}}},
-        "probe": {}}}}
+    doc = {
+        "runs_root": "RUNS",
+        "pipelines": {
+            "gt": {
+                "ground_truth": {"n_rows": 1024},
+                "train": {
+                    "hook": "synthetic.hook_x",
+                    "models": {"topk": {"type": "topk", "n_latents": 64, "k": 4}},
+                },
+                "probe": {},
+            }
+        },
+    }
     assert cli.main(["status", "--pipeline", "gt", "--config", str(_write(tmp_path, doc))]) == 2
     assert "'probe' reruns the harvested LM" in capsys.readouterr().err
 

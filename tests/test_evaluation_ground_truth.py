@@ -16,7 +16,9 @@ from compsae.evaluation.ground_truth import (
 from compsae.evaluation.matching import hungarian_match, mcc, mmcs
 from compsae.store import ActivationStore, StoreLayout
 
-SMALL = dict(d_model=32, n_features=64, n_rows=5000, n_interactions={2: 8, 3: 4, 4: 2}, noise_std=0.0)
+SMALL = dict(
+    d_model=32, n_features=64, n_rows=5000, n_interactions={2: 8, 3: 4, 4: 2}, noise_std=0.0
+)
 
 
 def test_deterministic_and_chunking_independent():
@@ -49,7 +51,9 @@ def test_additive_control_has_same_firing_and_no_interactions():
     g = generate(base)
     ctrl = generate(base.model_copy(update={"additive_only": True}))
     assert ctrl.C == [] and ctrl.dictionary.groups == g.C
-    assert (ctrl.acts != g.acts).nnz == 0  # identical firing: the datasets differ only by composition
+    assert (
+        ctrl.acts != g.acts
+    ).nnz == 0  # identical firing: the datasets differ only by composition
     np.testing.assert_allclose(ctrl.x, ctrl.acts.toarray() @ ctrl.V, atol=1e-5)
 
 
@@ -91,6 +95,7 @@ def test_store_roundtrip(tmp_path):
     # rerun = resume (nothing to do); another config is refused
     write_ground_truth_store(cfg, url, layout=layout)
     from compsae.errors import UserError
+
     with pytest.raises(UserError, match="different config"):
         write_ground_truth_store(cfg.model_copy(update={"seed": 5}), url, layout=layout)
 

@@ -43,7 +43,7 @@ def test_pair_recovery_true_and_shuffled():
 
 def test_threshold_selection_and_asymmetry():
     S = np.zeros((4, 4))
-    S[1, 0] = 0.9   # only one direction set: symmetrised by max(|S|, |S|^T)
+    S[1, 0] = 0.9  # only one direction set: symmetrised by max(|S|, |S|^T)
     S[2, 3] = -0.5  # sign does not matter
     assert select_pairs(S, threshold=0.4) == [(0, 1), (2, 3)]
     res = pair_recovery(S, [(0, 1)], {i: i for i in range(4)}, selection="threshold", threshold=0.4)
@@ -57,7 +57,7 @@ def test_fvu_streaming_equals_one_pass_and_uses_the_mean():
     x_hat = x + 0.1 * rng.standard_normal(x.shape)
     acc = FVUAccumulator()
     for i in range(0, 1000, 137):
-        acc.update(x[i:i + 137], x_hat[i:i + 137])
+        acc.update(x[i : i + 137], x_hat[i : i + 137])
     direct = ((x - x_hat) ** 2).sum() / ((x - x.mean(0)) ** 2).sum()
     assert acc.fvu == pytest.approx(direct, rel=1e-10)
     assert fvu(x, x_hat) == pytest.approx(direct, rel=1e-10)

@@ -20,8 +20,11 @@ from compsae.train.run import run_train
 SMALL = {"n_latents": 64, "k": 4, "d_f": 16, "d_c": 8, "n_heads": 4, "aux_k": 16}
 
 
-def saelens_forward(x: np.ndarray, w: dict[str, np.ndarray], cfg: dict) -> tuple[np.ndarray, np.ndarray]:
-    """SAELens' inference forward for "standard" and "topk" SAEs, in numpy: (latents, reconstruction)."""
+def saelens_forward(
+    x: np.ndarray, w: dict[str, np.ndarray], cfg: dict
+) -> tuple[np.ndarray, np.ndarray]:
+    """SAELens' inference forward for "standard" and "topk" SAEs, in numpy: (latents,
+    reconstruction)."""
     assert cfg["normalize_activations"] == "none" and cfg["reshape_activations"] == "none"
     sae_in = x - w["b_dec"] * cfg["apply_b_dec_to_input"]
     pre = sae_in @ w["W_enc"] + w["b_enc"]
@@ -39,10 +42,22 @@ def trained(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("export")
     store, x = make_store(str(tmp / "s.zarr"), n=1024)
     cfg = TrainStageConfig(
-        hook=HOOK, batch_size=64, tokens=64 * 20, log_every=10, checkpoint_every=100, device="cpu", lr=1e-3,
-        heldout_fraction=0.1, mix_chunks=4, normalize=True,
-        models={"topk": model_cfg("topk", **SMALL), "relu": model_cfg("relu", **SMALL),
-                "comp": model_cfg("compsae", **SMALL)})
+        hook=HOOK,
+        batch_size=64,
+        tokens=64 * 20,
+        log_every=10,
+        checkpoint_every=100,
+        device="cpu",
+        lr=1e-3,
+        heldout_fraction=0.1,
+        mix_chunks=4,
+        normalize=True,
+        models={
+            "topk": model_cfg("topk", **SMALL),
+            "relu": model_cfg("relu", **SMALL),
+            "comp": model_cfg("compsae", **SMALL),
+        },
+    )
     run_train(cfg, store.url, str(tmp / "train"), progress=False)
     return tmp, x[:256] * 3.0  # raw activations, off the training scale
 
@@ -60,7 +75,12 @@ def test_export_reproduces_the_reconstruction(trained, name, architecture):
     assert w["b_enc"].shape == (64,) and w["b_dec"].shape == (16,)
     assert all(v.dtype == np.float32 for v in w.values())
     assert cfg["architecture"] == architecture == summary["architecture"]
-    assert (cfg["d_in"], cfg["d_sae"], cfg["dtype"], cfg["normalize_activations"]) == (16, 64, "float32", "none")
+    assert (cfg["d_in"], cfg["d_sae"], cfg["dtype"], cfg["normalize_activations"]) == (
+        16,
+        64,
+        "float32",
+        "none",
+    )
     assert cfg["metadata"]["hook_name"] == cfg["hook_name"] == HOOK and cfg["hook_layer"] == 0
     assert cfg["apply_b_dec_to_input"] is True
     assert cfg.get("k") == (4 if architecture == "topk" else None)
@@ -81,7 +101,9 @@ def test_compsae_needs_the_explicit_topk_flag(trained):
     with pytest.raises(UserError, match="CompSAE.*--as-topk"):
         export_saelens(str(tmp / "train" / "comp"), str(tmp / "sl_comp"))
     assert not (tmp / "sl_comp").exists()
-    export_saelens(str(tmp / "train" / "comp"), str(tmp / "sl_comp"), as_topk=True, model_name="tiny-neox")
+    export_saelens(
+        str(tmp / "train" / "comp"), str(tmp / "sl_comp"), as_topk=True, model_name="tiny-neox"
+    )
     cfg = json.loads((tmp / "sl_comp" / "cfg.json").read_text())
     assert cfg["architecture"] == "topk" and cfg["metadata"]["model_name"] == "tiny-neox"
     assert "composition network left out" in cfg["compsae"]["part"]
@@ -102,8 +124,12 @@ def test_saelens_itself_loads_the_export(trained):
     model, meta = load_model(str(tmp / "train" / "topk"))
     scale = meta["normalization"]["scale"]
     with torch.no_grad():
-        np.testing.assert_allclose(sae(torch.from_numpy(x)).numpy(), model(torch.from_numpy(x) * scale).x_hat.numpy()
-                                   / scale, rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(
+            sae(torch.from_numpy(x)).numpy(),
+            model(torch.from_numpy(x) * scale).x_hat.numpy() / scale,
+            rtol=1e-4,
+            atol=1e-4,
+        )
 
 
 def test_an_existing_export_is_never_overwritten(trained):
@@ -129,7 +155,7 @@ def test_non_finite_weights_are_refused_on_load_and_export(trained):
     bad = tmp / "nan_model"
     shutil.copytree(tmp / "train" / "topk", bad)
     data = (bad / "model.safetensors").read_bytes()
-    header = json.loads(data[8:8 + int.from_bytes(data[:8], "little")])
+    header = json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])
     weights = st_load(data)
     weights["W_dec"][3, 1] = float("nan")  # as a diverged training saves it: with a matching digest
     meta = json.loads(header["__metadata__"]["meta"][64:])  # after its content digest

@@ -1,4 +1,5 @@
-"""benchmarks/gpu_timeline.py: a profiled region's GPU busy and idle time, each gap charged to a phase."""
+"""benchmarks/gpu_timeline.py: a profiled region's GPU busy and idle time, each gap charged to a
+phase."""
 
 from __future__ import annotations
 
@@ -36,34 +37,56 @@ def test_busy_idle_and_phases(tmp_path: Path) -> None:
     trace = tmp_path / "trace.json"
     trace.write_text(json.dumps({"traceEvents": events}))
     report = gpu_timeline.profile_region(trace, "bench.harvest").splitlines()
-    # busy 1100-1400 + 1450-1900 + 1990-2000 = 760 µs; idle gaps ≥ 50 µs: 1000-1100, 1400-1450, 1900-1990
-    assert report[0] == ("profile bench.harvest: wall 1.0 ms, GPU busy 0.8 ms (76%), idle 0.2 ms in gaps of ≥ 50 µs")
+    # busy 1100-1400 + 1450-1900 + 1990-2000 = 760 µs; idle gaps ≥ 50 µs: 1000-1100, 1400-1450,
+    # 1900-1990
+    assert report[0] == (
+        "profile bench.harvest: wall 1.0 ms, GPU busy 0.8 ms (76%), idle 0.2 ms in gaps of ≥ 50 µs"
+    )
     assert "  GPU idle while the host was in harvest.rounding: 0.1 ms" in report
     assert "  GPU idle while the host was in harvest.put: 0.1 ms" in report  # 50 µs
     assert "  GPU idle while the host was in harvest.finalize: 0.1 ms" in report  # 90 µs
     assert "  host time in harvest.rounding: 0.1 ms" in report
-    assert report[-3:] == ["  gap at +0.0 ms: 0.10 ms (harvest.rounding)",
-                           "  gap at +0.9 ms: 0.09 ms (harvest.finalize)",
-                           "  gap at +0.4 ms: 0.05 ms (harvest.put)"]
+    assert report[-3:] == [
+        "  gap at +0.0 ms: 0.10 ms (harvest.rounding)",
+        "  gap at +0.9 ms: 0.09 ms (harvest.finalize)",
+        "  gap at +0.4 ms: 0.05 ms (harvest.put)",
+    ]
 
 
 def test_missing_region(tmp_path: Path) -> None:
     trace = tmp_path / "trace.json"
     trace.write_text(json.dumps({"traceEvents": [_span("gemm", "kernel", 0, 10)]}))
-    assert gpu_timeline.profile_region(trace, "bench.harvest") == "profile: no 'bench.harvest' annotation in the trace"
+    assert (
+        gpu_timeline.profile_region(trace, "bench.harvest")
+        == "profile: no 'bench.harvest' annotation in the trace"
+    )
 
 
-@pytest.mark.parametrize("spans, union", [([(0, 1), (2, 3)], [(0, 1), (2, 3)]),
-                                          ([(2, 5), (0, 3), (4, 6)], [(0, 6)]),
-                                          ([(0, 1), (1, 2)], [(0, 2)])])
+@pytest.mark.parametrize(
+    "spans, union",
+    [
+        ([(0, 1), (2, 3)], [(0, 1), (2, 3)]),
+        ([(2, 5), (0, 3), (4, 6)], [(0, 6)]),
+        ([(0, 1), (1, 2)], [(0, 2)]),
+    ],
+)
 def test_merge(spans: list, union: list) -> None:
     assert gpu_timeline._merge(spans) == union
 
 
 def test_cpu_run_reports_host_phases_only(tmp_path: Path) -> None:
     trace = tmp_path / "trace.json"
-    trace.write_text(json.dumps({"traceEvents": [_span("bench.harvest", "user_annotation", 0, 2000),
-                                                 _span("harvest.forward", "user_annotation", 100, 1500)]}))
+    trace.write_text(
+        json.dumps(
+            {
+                "traceEvents": [
+                    _span("bench.harvest", "user_annotation", 0, 2000),
+                    _span("harvest.forward", "user_annotation", 100, 1500),
+                ]
+            }
+        )
+    )
     assert gpu_timeline.profile_region(trace, "bench.harvest").splitlines() == [
         "profile bench.harvest: wall 2.0 ms, no device activity (host phases only)",
-        "  host time in harvest.forward: 1.5 ms"]
+        "  host time in harvest.forward: 1.5 ms",
+    ]

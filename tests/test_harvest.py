@@ -23,8 +23,16 @@ HOOKS = ["blocks.1.hook_resid_post", "blocks.2.hook_mlp_out"]
 
 def small_cfg(**over: Any) -> HarvestConfig:
     """~2.3k rows in 5 shards of 512 rows (the last one partial), 4 sequences per forward."""
-    base: dict[str, Any] = dict(model="tiny-neox", hooks=HOOKS, context=32, n_tokens=2300, batch_size=4,
-                                chunk_rows=128, shard_rows=512, data={"source": "synthetic:mixed", "seed": 3})
+    base: dict[str, Any] = dict(
+        model="tiny-neox",
+        hooks=HOOKS,
+        context=32,
+        n_tokens=2300,
+        batch_size=4,
+        chunk_rows=128,
+        shard_rows=512,
+        data={"source": "synthetic:mixed", "seed": 3},
+    )
     base.update(over)
     return HarvestConfig(**base)
 
@@ -57,9 +65,15 @@ def test_store_equals_run_with_cache_for_two_hooks(full_run: dict[str, Any]) -> 
     assert np.all(st.pos.reshape(-1, 32) == np.arange(32))
     assert np.all(st.tokens.reshape(-1, 32)[:, 0] == 0)  # BOS id 0 prepended (Pythia's: falsy!)
     m = st.manifest
-    assert m["model"]["name"] == "tiny-neox" and m["prepend_bos"] is True and "BOS id 0" in m["bos_rule"]
+    assert (
+        m["model"]["name"] == "tiny-neox"
+        and m["prepend_bos"] is True
+        and "BOS id 0" in m["bos_rule"]
+    )
     assert m["harvest"]["stop_at_layer"] == 3
-    assert set(m["rounding_error"]) == set(HOOKS) and all(0 < e < 1e-3 for e in m["rounding_error"].values())
+    assert set(m["rounding_error"]) == set(HOOKS) and all(
+        0 < e < 1e-3 for e in m["rounding_error"].values()
+    )
 
 
 def test_no_bos_when_prepend_bos_false(tmp_path: Path) -> None:
@@ -69,7 +83,9 @@ def test_no_bos_when_prepend_bos_false(tmp_path: Path) -> None:
     assert "no BOS" in st.manifest["bos_rule"]
 
 
-def test_interrupted_then_resumed_equals_uninterrupted(tmp_path: Path, full_run: dict[str, Any]) -> None:
+def test_interrupted_then_resumed_equals_uninterrupted(
+    tmp_path: Path, full_run: dict[str, Any]
+) -> None:
     cfg = small_cfg()
 
     def die_after_two(shard: int) -> None:
@@ -92,11 +108,15 @@ def test_interrupted_then_resumed_equals_uninterrupted(tmp_path: Path, full_run:
     assert out["digest"] == full_run["digest"]
 
 
-def test_several_writer_threads_write_the_same_store(tmp_path: Path, full_run: dict[str, Any]) -> None:
+def test_several_writer_threads_write_the_same_store(
+    tmp_path: Path, full_run: dict[str, Any]
+) -> None:
     """Shards written side by side (as on a GPU) finish in any order; the store is the same bytes,
     its config hash too (the thread count cannot change what is stored)."""
     written: list[int] = []
-    out = run_harvest(small_cfg(writer_threads=3), str(tmp_path / "a"), on_shard_written=written.append)
+    out = run_harvest(
+        small_cfg(writer_threads=3), str(tmp_path / "a"), on_shard_written=written.append
+    )
     assert sorted(written) == [0, 1, 2, 3, 4]
     a, b = read_all(out["store"]), read_all(full_run["store"])
     for k in b:
@@ -107,7 +127,9 @@ def test_several_writer_threads_write_the_same_store(tmp_path: Path, full_run: d
         if shard == 2:
             raise RuntimeError("writer died")
 
-    with pytest.raises(RuntimeError, match="writer died"):  # a writer thread's error reaches the caller
+    with pytest.raises(
+        RuntimeError, match="writer died"
+    ):  # a writer thread's error reaches the caller
         run_harvest(small_cfg(writer_threads=3), str(tmp_path / "b"), on_shard_written=die_at_two)
     assert 2 in ActivationStore.open(str(tmp_path / "b" / "store.zarr")).done_shards()
     resumed = run_harvest(small_cfg(writer_threads=2), str(tmp_path / "b"))
@@ -137,7 +159,9 @@ def test_force_never_deletes_a_file_compsae_did_not_write(tmp_path: Path) -> Non
     assert mine.read_text() == "my notes"
     assert ActivationStore.open(first["store"]).complete  # nothing of the store deleted either
     mine.unlink()
-    out = run_harvest(small_cfg(n_tokens=512), str(tmp_path), force=True)  # only compsae's files: redone
+    out = run_harvest(
+        small_cfg(n_tokens=512), str(tmp_path), force=True
+    )  # only compsae's files: redone
     assert out["digest"] == first["digest"]
 
 
@@ -160,7 +184,9 @@ def test_memory_url_store() -> None:
     assert st.complete and st.n_rows == 19 * 32
 
 
-def test_float16_overflow_stops_with_advice(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_float16_overflow_stops_with_advice(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     real = harvest_shards._forward
 
     def huge(*args: Any) -> dict[str, np.ndarray]:
@@ -169,7 +195,9 @@ def test_float16_overflow_stops_with_advice(tmp_path: Path, monkeypatch: pytest.
     monkeypatch.setattr(harvest_shards, "_forward", huge)
     with pytest.raises(UserError, match="float16.*bfloat16 or float32"):
         run_harvest(small_cfg(n_tokens=512), str(tmp_path))
-    out = run_harvest(small_cfg(n_tokens=512, dtype="float32", store=str(tmp_path / "f32.zarr")), str(tmp_path))
+    out = run_harvest(
+        small_cfg(n_tokens=512, dtype="float32", store=str(tmp_path / "f32.zarr")), str(tmp_path)
+    )
     assert ActivationStore.open(out["store"]).complete
 
 
@@ -177,7 +205,10 @@ def test_float16_overflow_stops_with_advice(tmp_path: Path, monkeypatch: pytest.
     ("over", "message"),
     [
         ({"model": "no-such-model-xyz"}, "unknown model 'no-such-model-xyz'.*tiny-neox"),
-        ({"hooks": ["blocks.1.hook_resid_pots"]}, "unknown hook 'blocks.1.hook_resid_pots'.*hook_resid_post"),
+        (
+            {"hooks": ["blocks.1.hook_resid_pots"]},
+            "unknown hook 'blocks.1.hook_resid_pots'.*hook_resid_post",
+        ),
         ({"hooks": ["blocks.7.hook_resid_post"]}, "layer 7 .* 4 layers"),
         ({"context": 4096}, "context 4096 is beyond.*512"),
         ({"data": {"source": "/no/such/file.jsonl"}}, "not found"),
@@ -202,11 +233,15 @@ def test_empty_data_set_is_refused(tmp_path: Path) -> None:
 
 def test_local_jsonl_source_and_missing_field(tmp_path: Path) -> None:
     docs = tmp_path / "docs.jsonl"
-    docs.write_text("\n".join(json.dumps({"body": f"document number {i} says hello."}) for i in range(40)))
+    docs.write_text(
+        "\n".join(json.dumps({"body": f"document number {i} says hello."}) for i in range(40))
+    )
     with pytest.raises(UserError, match="no field 'text'.*body"):
         run_harvest(small_cfg(data={"source": str(docs)}, n_tokens=256), str(tmp_path))
-    out = run_harvest(small_cfg(data={"source": str(docs), "text_field": "body"}, n_tokens=256,
-                                hooks=HOOKS[:1]), str(tmp_path))
+    out = run_harvest(
+        small_cfg(data={"source": str(docs), "text_field": "body"}, n_tokens=256, hooks=HOOKS[:1]),
+        str(tmp_path),
+    )
     st = ActivationStore.open(out["store"])
     assert st.n_rows == 256
     assert byte_tokenizer().decode(st.tokens[1:16].tolist()) == "document number"
@@ -227,12 +262,15 @@ def test_writer_threads_auto(monkeypatch: pytest.MonkeyPatch) -> None:
     assert writer_threads(small_cfg(), torch.device("cpu")) == 1  # the forward needs the cores
     assert writer_threads(small_cfg(), torch.device("cuda")) == 4
     assert writer_threads(small_cfg(writer_threads=2), torch.device("cuda")) == 2
-    monkeypatch.setattr("os.sched_getaffinity", lambda _pid: set(range(7)), raising=False)  # a pinned job
+    monkeypatch.setattr(
+        "os.sched_getaffinity", lambda _pid: set(range(7)), raising=False
+    )  # a pinned job
     assert writer_threads(small_cfg(), torch.device("cuda")) == 1
 
 
-def test_a_harvest_held_up_by_its_shard_writers_says_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                          capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_harvest_held_up_by_its_shard_writers_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     """A slow disk (each shard takes 0.3 s to store) keeps the writer busy nearly all the time."""
     import time
 
@@ -248,4 +286,6 @@ def test_a_harvest_held_up_by_its_shard_writers_says_so(tmp_path: Path, monkeypa
     assert "the shard writers were busy" in out and "limits this harvest" in out
     monkeypatch.setattr(ActivationStore, "write_shard", real_write)
     run_harvest(small_cfg(), str(tmp_path / "fast"))
-    assert "the shard writers were busy" not in capsys.readouterr().out  # under a second: no verdict
+    assert (
+        "the shard writers were busy" not in capsys.readouterr().out
+    )  # under a second: no verdict

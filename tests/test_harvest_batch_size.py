@@ -1,4 +1,5 @@
-"""`harvest.batch_size: auto`: the choice, its record in the manifest, and a resume that keeps it."""
+"""`harvest.batch_size: auto`: the choice, its record in the manifest, and a resume that keeps
+it."""
 
 from __future__ import annotations
 
@@ -17,16 +18,26 @@ from compsae.store import ActivationStore
 
 
 def _cfg(**over: Any) -> HarvestConfig:
-    base: dict[str, Any] = dict(model="tiny-neox", hooks=["blocks.1.hook_resid_post"], context=32, n_tokens=2048,
-                                batch_size="auto", chunk_rows=128, shard_rows=512,
-                                data={"source": "synthetic:mixed", "seed": 3}, device="cpu")
+    base: dict[str, Any] = dict(
+        model="tiny-neox",
+        hooks=["blocks.1.hook_resid_post"],
+        context=32,
+        n_tokens=2048,
+        batch_size="auto",
+        chunk_rows=128,
+        shard_rows=512,
+        data={"source": "synthetic:mixed", "seed": 3},
+        device="cpu",
+    )
     base.update(over)
     return HarvestConfig(**base)
 
 
 def test_choose_batch() -> None:
     gib = 1 << 30
-    assert choose_batch(10 * gib, gib, 1000) == 4  # half of 10 GiB holds 5 sequences: 4, a power of two
+    assert (
+        choose_batch(10 * gib, gib, 1000) == 4
+    )  # half of 10 GiB holds 5 sequences: 4, a power of two
     assert choose_batch(80 * gib, 1e6, 10**6) == MAX_BATCH
     assert choose_batch(80 * gib, 1e6, 100) == 128  # no larger than the data needs
     assert choose_batch(gib, 4 * gib, 100) == 1  # never 0
@@ -39,7 +50,9 @@ def test_config_accepts_auto_or_a_positive_int() -> None:
             _cfg(batch_size=bad)
 
 
-def test_auto_is_recorded_and_kept_on_resume(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_auto_is_recorded_and_kept_on_resume(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     choices = iter([4, 16])  # what `auto` would pick in the first run, then on the rerun
     monkeypatch.setattr(harvest_run, "auto_batch_size", lambda *a, **k: next(choices))
 
@@ -66,11 +79,17 @@ def test_auto_is_at_most_one_shard_of_sequences() -> None:
     from compsae.harvest.batch_size import shard_cap
 
     assert shard_cap(16_384, 128) == 128 and shard_cap(65_536, 2048) == 32
-    assert shard_cap(1024, 128) == 128  # small shards do not make the batch smaller than 16,384 tokens
+    assert (
+        shard_cap(1024, 128) == 128
+    )  # small shards do not make the batch smaller than 16,384 tokens
     assert shard_cap(16_384, 32_768) == 1
     gib = 1 << 30
-    assert choose_batch(80 * gib, 1e6, 10**6, max_seqs=128) == 128  # 16,384-row shards of 128 tokens
-    assert choose_batch(80 * gib, 1e6, 10**6, max_seqs=100) == 64  # a power of two, no more than one shard
+    assert (
+        choose_batch(80 * gib, 1e6, 10**6, max_seqs=128) == 128
+    )  # 16,384-row shards of 128 tokens
+    assert (
+        choose_batch(80 * gib, 1e6, 10**6, max_seqs=100) == 64
+    )  # a power of two, no more than one shard
     assert choose_batch(80 * gib, 1e6, 10**6, max_seqs=0) == 1
 
 
@@ -78,4 +97,6 @@ def test_the_writer_queue_holds_two_batches_of_shards() -> None:
     from compsae.harvest.shards import queue_depth
 
     assert queue_depth(4096, 16_384) == 4  # a batch within one shard can still end two
-    assert queue_depth(131_072, 16_384) == 18  # 1,024 sequences of 128: 8 shards a batch, 9 when straddling
+    assert (
+        queue_depth(131_072, 16_384) == 18
+    )  # 1,024 sequences of 128: 8 shards a batch, 9 when straddling

@@ -28,19 +28,27 @@ def test_pack_with_bos_zero_and_drop_remainder() -> None:
 def test_local_txt_parquet_and_max_docs(tmp_path: Path) -> None:
     txt = tmp_path / "a.txt"
     txt.write_text("first line\n\nsecond line\nthird line\n")
-    assert [d for d in iter_documents(DataConfig(source=str(txt))) if d] == ["first line", "second line", "third line"]
+    assert [d for d in iter_documents(DataConfig(source=str(txt))) if d] == [
+        "first line",
+        "second line",
+        "third line",
+    ]
     pq = tmp_path / "b.parquet"
     pd.DataFrame({"content": [f"doc {i}" for i in range(10)]}).to_parquet(pq)
     docs = list(iter_documents(DataConfig(source=str(pq), text_field="content", max_docs=3)))
     assert docs == ["doc 0", "doc 1", "doc 2"]
-    assert list(iter_documents(DataConfig(source=[str(pq), str(pq)], text_field="content")))[10:12] == ["doc 0", "doc 1"]
+    assert list(iter_documents(DataConfig(source=[str(pq), str(pq)], text_field="content")))[
+        10:12
+    ] == ["doc 0", "doc 1"]
 
 
 def test_synthetic_sequences_are_deterministic() -> None:
     tok = byte_tokenizer()
 
     def first(seed: int) -> np.ndarray:
-        stream = token_sequences(DataConfig(source="synthetic:grammar", seed=seed), tok, 64, True, 0, 0)
+        stream = token_sequences(
+            DataConfig(source="synthetic:grammar", seed=seed), tok, 64, True, 0, 0
+        )
         return np.stack(list(itertools.islice(stream, 4)))
 
     assert np.array_equal(first(0), first(0)) and not np.array_equal(first(0), first(1))
@@ -77,8 +85,11 @@ def test_a_folder_of_non_data_files_is_refused(tmp_path: Path) -> None:
 def test_line_files_read_without_datasets_and_bad_lines_are_one_line_errors(tmp_path):
     docs = tmp_path / "d.jsonl"
     docs.write_text('{"text": "one"}\n\n{"text": "two", "n": 2}\r\n')
-    code = ("import sys\nfrom compsae.harvest.config import DataConfig\nfrom compsae.harvest.data import iter_documents\n"
-            "print(list(iter_documents(DataConfig(source=sys.argv[1]))), 'datasets' in sys.modules)")
+    code = (
+        "import sys\nfrom compsae.harvest.config import DataConfig\nfrom compsae.harvest.data "
+        "import iter_documents\n"
+        "print(list(iter_documents(DataConfig(source=sys.argv[1]))), 'datasets' in sys.modules)"
+    )
     res = subprocess.run([sys.executable, "-c", code, str(docs)], capture_output=True, text=True)
     assert res.stdout.strip() == "['one', 'two'] False", res.stderr[-1000:]
     docs.write_text('{"text": "one"}\n{"text": oops}\n')

@@ -34,9 +34,15 @@ STAGINGS = ["views", "staged"]  # the CPU's zero-copy views; host slots (pinned 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
 @pytest.mark.parametrize("how", STAGINGS)
-def test_buffer_gives_the_hosts_stored_values_and_moments(device: str, dtype: str, how: str) -> None:
+def test_buffer_gives_the_hosts_stored_values_and_moments(
+    device: str, dtype: str, how: str
+) -> None:
     x = torch.from_numpy(np.random.default_rng(0).normal(size=(300, 24)).astype(np.float32) * 4)
-    staging = HostStaging(512, {"h": 24}, dtype, torch.device(device), slots=1) if how == "staged" else None
+    staging = (
+        HostStaging(512, {"h": 24}, dtype, torch.device(device), slots=1)
+        if how == "staged"
+        else None
+    )
     buf = ShardBuffer(300, {"h": 24}, dtype, torch.device(device))
     buf.fill(0, {"h": x[:120].to(device)})  # two batches, the second cut by the shard's end
     buf.fill(120, {"h": x[120:].to(device)})
@@ -49,7 +55,9 @@ def test_buffer_gives_the_hosts_stored_values_and_moments(device: str, dtype: st
         assert host.moments is None  # left to the writer thread
     else:
         assert host.moments is not None
-        np.testing.assert_allclose(host.moments["h"], shard_moments(from_storage(expect, dtype)), rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(
+            host.moments["h"], shard_moments(from_storage(expect, dtype)), rtol=1e-12, atol=1e-12
+        )
     if staging is not None:  # one slot: the next shard gets it back only once this one is released
         assert staging.free.empty()
         host.release()
@@ -60,14 +68,22 @@ def test_buffer_gives_the_hosts_stored_values_and_moments(device: str, dtype: st
 @pytest.mark.parametrize("how", STAGINGS)
 def test_buffer_refuses_float16_overflow_and_nan(device: str, how: str) -> None:
     def staging(dtype: str) -> HostStaging | None:
-        return HostStaging(8, {"h": 4}, dtype, torch.device(device), slots=1) if how == "staged" else None
+        return (
+            HostStaging(8, {"h": 4}, dtype, torch.device(device), slots=1)
+            if how == "staged"
+            else None
+        )
 
     big = torch.zeros(8, 4)
     big[5, 2] = -7e4
     buf = ShardBuffer(8, {"blocks.0.hook_x": 4}, "float16", torch.device(device))
     buf.fill(0, {"blocks.0.hook_x": big.to(device)})
-    host = _finish(buf, None if how == "views" else HostStaging(8, {"blocks.0.hook_x": 4}, "float16",
-                                                                   torch.device(device), slots=1))
+    host = _finish(
+        buf,
+        None
+        if how == "views"
+        else HostStaging(8, {"blocks.0.hook_x": 4}, "float16", torch.device(device), slots=1),
+    )
     with pytest.raises(UserError, match="blocks.0.hook_x reach 7e\\+04.*bfloat16 or float32"):
         host.check()
     nan = torch.ones(8, 4)
@@ -81,15 +97,22 @@ def test_buffer_refuses_float16_overflow_and_nan(device: str, how: str) -> None:
 def test_writer_hands_back_every_slot_after_an_error(tmp_path: Path) -> None:
     """A float16 overflow stops the writer; shards queued after it are drained and their host
     slots released, so the harvesting thread never waits forever for a slot."""
-    store = ActivationStore.create(str(tmp_path / "s.zarr"), {"h": 4}, 32, StoreLayout(chunk_rows=8, shard_rows=8),
-                                   {"config_hash": "t"})
+    store = ActivationStore.create(
+        str(tmp_path / "s.zarr"),
+        {"h": 4},
+        32,
+        StoreLayout(chunk_rows=8, shard_rows=8),
+        {"config_hash": "t"},
+    )
     staging = HostStaging(8, {"h": 4}, "float16", torch.device("cpu"), slots=2)
     writer = ShardWriter(store, 8)
     for shard in range(4):
         buf = ShardBuffer(8, {"h": 4}, "float16", torch.device("cpu"))
         buf.fill(0, {"h": torch.full((8, 4), 7e4 if shard == 1 else 1.0)})
         try:
-            writer.put(shard, buf.finish(staging), np.zeros(8, np.int32))  # blocks while both slots are taken
+            writer.put(
+                shard, buf.finish(staging), np.zeros(8, np.int32)
+            )  # blocks while both slots are taken
         except UserError:
             break
     with pytest.raises(UserError, match="reach 7e\\+04"):
@@ -98,9 +121,17 @@ def test_writer_hands_back_every_slot_after_an_error(tmp_path: Path) -> None:
 
 
 def _cfg(device: str, **over: Any) -> HarvestConfig:
-    base: dict[str, Any] = dict(model="tiny-neox", hooks=["blocks.1.hook_resid_post", "blocks.2.hook_mlp_out"],
-                                context=32, n_tokens=2300, batch_size=6, chunk_rows=128, shard_rows=512,
-                                device=device, data={"source": "synthetic:mixed", "seed": 3})
+    base: dict[str, Any] = dict(
+        model="tiny-neox",
+        hooks=["blocks.1.hook_resid_post", "blocks.2.hook_mlp_out"],
+        context=32,
+        n_tokens=2300,
+        batch_size=6,
+        chunk_rows=128,
+        shard_rows=512,
+        device=device,
+        data={"source": "synthetic:mixed", "seed": 3},
+    )
     return HarvestConfig(**{**base, **over})
 
 
@@ -108,7 +139,9 @@ def _arrays(url: str) -> dict[str, np.ndarray]:
     st = ActivationStore.open(url)
     out = {f"acts/{h}": st.zarr_array(h)[:] for h in st.hooks}
     out.update({f"stats/{h}": st.group[f"progress/stats/{h}"][:] for h in st.hooks})
-    out.update(tokens=st.tokens, seq_id=st.seq_id, pos=st.pos, crc=st.group["progress/shard_crc"][:])
+    out.update(
+        tokens=st.tokens, seq_id=st.seq_id, pos=st.pos, crc=st.group["progress/shard_crc"][:]
+    )
     return out
 
 
@@ -136,7 +169,9 @@ def test_cuda_harvest_resumes_to_the_same_bytes_and_matches_the_cpu(tmp_path: Pa
         gs, cs = gpu_st.stats(h), cpu_st.stats(h)
         np.testing.assert_allclose(gs["mean"], cs["mean"], atol=1e-3 * np.abs(c).max())
         np.testing.assert_allclose(gs["var"], cs["var"], rtol=2e-2)
-        assert gs["count"] == cs["count"] and gs["mean_norm"] == pytest.approx(cs["mean_norm"], rel=1e-3)
+        assert gs["count"] == cs["count"] and gs["mean_norm"] == pytest.approx(
+            cs["mean_norm"], rel=1e-3
+        )
 
 
 def _loop_inputs(device: str, tmp_path: Path) -> tuple[Any, ...]:
@@ -152,7 +187,9 @@ def _loop_inputs(device: str, tmp_path: Path) -> tuple[Any, ...]:
     widths = check_hooks(loaded, list(cfg.hooks), cfg.context)
     stop = stop_layer(list(cfg.hooks))
     tokens = tokenize_all(cfg, loaded.tokenizer)
-    store = ActivationStore.create(str(tmp_path / "s.zarr"), widths, tokens.size, cfg.layout(), {"config_hash": "x"})
+    store = ActivationStore.create(
+        str(tmp_path / "s.zarr"), widths, tokens.size, cfg.layout(), {"config_hash": "x"}
+    )
     with torch.inference_mode():
         _rounding, batch0 = measure_rounding(cfg, loaded, tokens, widths, stop)
     return cfg, loaded, widths, stop, tokens, store, batch0
@@ -169,8 +206,17 @@ def test_the_harvest_loop_never_waits_for_the_gpu(tmp_path: Path) -> None:
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")
         try:
-            harvest_shards(store, cfg, loaded, tokens, widths, stop, range(store.n_shards), batch0=batch0,
-                           progress=False)
+            harvest_shards(
+                store,
+                cfg,
+                loaded,
+                tokens,
+                widths,
+                stop,
+                range(store.n_shards),
+                batch0=batch0,
+                progress=False,
+            )
         finally:
             torch.cuda.set_sync_debug_mode("default")
     store.finalize()
@@ -183,8 +229,14 @@ class HostReads(TorchDispatchMode):
     nonzero) or a tensor made from host data other than a batch's token ids (`torch.tensor(...,
     device=cuda)` copies from pageable memory, which first drains the GPU's queue)."""
 
-    READS = {"aten.item.default", "aten._local_scalar_dense.default", "aten.is_nonzero.default",
-             "aten.nonzero.default", "aten.masked_select.default", "aten.equal.default"}
+    READS = {
+        "aten.item.default",
+        "aten._local_scalar_dense.default",
+        "aten.is_nonzero.default",
+        "aten.nonzero.default",
+        "aten.masked_select.default",
+        "aten.equal.default",
+    }
 
     def __init__(self, token_shape: tuple[int, ...] | None = None) -> None:
         super().__init__()
@@ -194,12 +246,18 @@ class HostReads(TorchDispatchMode):
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         out = func(*args, **(kwargs or {}))
         name = str(func)
-        if name in self.READS or (name.startswith("aten.index.Tensor") and any(
-                isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1])):
+        if name in self.READS or (
+            name.startswith("aten.index.Tensor")
+            and any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1])
+        ):
             self.found.append(name)
         elif name == "aten.lift_fresh.default" and not (
-                out.dtype in (torch.int32, torch.int64) and out.dim() == 2 and out.shape[1:] == self.token_shape[1:]
-                if self.token_shape else False):
+            out.dtype in (torch.int32, torch.int64)
+            and out.dim() == 2
+            and out.shape[1:] == self.token_shape[1:]
+            if self.token_shape
+            else False
+        ):
             self.found.append(f"{name} {tuple(out.shape)} {out.dtype}")
         return out
 
@@ -220,7 +278,9 @@ def test_shard_buffers_and_device_statistics_read_nothing_back() -> None:
         host = buf.finish(staging)
     assert reads.found == []
     host.check()
-    np.testing.assert_allclose(moments.numpy(), shard_moments(host.acts["h"]), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(
+        moments.numpy(), shard_moments(host.acts["h"]), rtol=1e-12, atol=1e-12
+    )
 
 
 def test_the_harvest_loop_reads_nothing_back_on_any_device(tmp_path: Path) -> None:
@@ -230,8 +290,17 @@ def test_the_harvest_loop_reads_nothing_back_on_any_device(tmp_path: Path) -> No
 
     cfg, loaded, widths, stop, tokens, store, batch0 = _loop_inputs("cpu", tmp_path)
     with torch.inference_mode(), HostReads(token_shape=(cfg.batch_size, cfg.context)) as reads:
-        harvest_shards(store, cfg, loaded, tokens, widths, stop, range(store.n_shards), batch0=batch0,
-                       progress=False)
+        harvest_shards(
+            store,
+            cfg,
+            loaded,
+            tokens,
+            widths,
+            stop,
+            range(store.n_shards),
+            batch0=batch0,
+            progress=False,
+        )
     assert reads.found == []
     store.finalize()
     assert store.verify() == []
@@ -254,7 +323,9 @@ def test_rounding_error_is_small_and_ordered():
     assert 0 < rounding_error(x, "float16", "h") < rounding_error(x, "bfloat16", "h") < 1e-2
     # the same error as storing the values and reading them back
     q = from_storage(to_storage(x.numpy(), "bfloat16", "h"), "bfloat16").astype(np.float64)
-    expect = np.linalg.norm(x.numpy().astype(np.float64) - q) / np.linalg.norm(x.numpy().astype(np.float64))
+    expect = np.linalg.norm(x.numpy().astype(np.float64) - q) / np.linalg.norm(
+        x.numpy().astype(np.float64)
+    )
     assert rounding_error(x, "bfloat16", "h") == pytest.approx(expect, rel=1e-12)
     with pytest.raises(UserError, match="float16's range"):
         rounding_error(x * 1e5, "float16", "h")

@@ -11,16 +11,29 @@ import scipy.sparse as sp
 
 from compsae.errors import UserError
 from compsae.evaluation.feature_cards import CardConfig, Corpus, FeatureSource, stratified_sample
-from compsae.evaluation.humaneval import bootstrap_ci, detection_f1, export, load_key, score, score_table
+from compsae.evaluation.humaneval import (
+    bootstrap_ci,
+    detection_f1,
+    export,
+    load_key,
+    score,
+    score_table,
+)
 
 
 def _toy(n_rows: int = 4000, vocab_size: int = 40, seed: int = 0):
     rng = np.random.default_rng(seed)
     tokens = rng.integers(0, vocab_size, n_rows)
-    corpus = Corpus(tokens=tokens, seq_id=np.arange(n_rows) // 40, pos=np.arange(n_rows) % 40,
-                    vocab=[f"w{i}" for i in range(vocab_size)])
+    corpus = Corpus(
+        tokens=tokens,
+        seq_id=np.arange(n_rows) // 40,
+        pos=np.arange(n_rows) % 40,
+        vocab=[f"w{i}" for i in range(vocab_size)],
+    )
     # "clean": latent j fires exactly on token j (magnitude varies); "noisy": random firing
-    clean = sp.csr_matrix((rng.uniform(0.5, 2.0, n_rows), (np.arange(n_rows), tokens)), shape=(n_rows, vocab_size))
+    clean = sp.csr_matrix(
+        (rng.uniform(0.5, 2.0, n_rows), (np.arange(n_rows), tokens)), shape=(n_rows, vocab_size)
+    )
     noisy = sp.random(n_rows, vocab_size, density=0.03, random_state=seed, format="csr")
     partners = {j: [((j + 1) % vocab_size, 0.9)] for j in range(vocab_size)}
     return corpus, {"clean": FeatureSource(clean, partners=partners), "noisy": FeatureSource(noisy)}
@@ -55,7 +68,9 @@ def test_export_score_roundtrip(tmp_path):
         assert "clean" not in text and "noisy" not in text and "detection_truth" not in text
     cards = [json.loads(line) for line in jsonl.splitlines()]
     assert all(len(c["detection"]) == 10 and len(c["top"]) == 10 for c in cards)
-    assert all(not any(a for ctx in c["detection"] for a in ctx["acts"]) for c in cards)  # unhighlighted
+    assert all(
+        not any(a for ctx in c["detection"] for a in ctx["acts"]) for c in cards
+    )  # unhighlighted
     # each rater has a different order of the same cards
     orders = [[p.split('data-card="')[i].split('"')[0] for i in range(1, 21)] for p in pages]
     assert sorted(orders[0]) == sorted(orders[1]) and orders[0] != orders[1]
@@ -83,8 +98,12 @@ def test_export_is_deterministic(tmp_path):
     corpus, methods = _toy()
     export(methods, corpus, str(tmp_path / "a"), n=5, n_raters=1, seed=7)
     export(methods, corpus, str(tmp_path / "b"), n=5, n_raters=1, seed=7)
-    assert (tmp_path / "a" / "answer_key.json").read_text() == (tmp_path / "b" / "answer_key.json").read_text()
-    assert (tmp_path / "a" / "rater_1.html").read_text() == (tmp_path / "b" / "rater_1.html").read_text()
+    assert (tmp_path / "a" / "answer_key.json").read_text() == (
+        tmp_path / "b" / "answer_key.json"
+    ).read_text()
+    assert (tmp_path / "a" / "rater_1.html").read_text() == (
+        tmp_path / "b" / "rater_1.html"
+    ).read_text()
 
 
 def test_score_rejects_unknown_card(tmp_path):
@@ -113,7 +132,9 @@ def test_detection_f1_and_bootstrap():
     assert detection_f1({1}, truth) == pytest.approx(2 / 3)
     assert detection_f1(set(), [False] * 3) == 1.0
     lo, hi = bootstrap_ci(np.r_[np.ones(25), np.zeros(25)], n_boot=500)
-    assert lo < 0.5 < hi and hi - lo > 0.15  # n = 50: the interval is wide, as docs/evaluation.md says
+    assert (
+        lo < 0.5 < hi and hi - lo > 0.15
+    )  # n = 50: the interval is wide, as docs/evaluation.md says
 
 
 def test_card_config_min_fires():
@@ -129,12 +150,15 @@ def test_a_second_export_never_replaces_the_answer_key(tmp_path):
     assert (tmp_path / "kit" / "answer_key.json").read_bytes() == key
 
 
-@pytest.mark.parametrize(("content", "message"), [
-    (None, "not found"),
-    (b"\x89PNG\r\n\x1a\n\x00\xff\xfe binary", "not a ratings CSV"),
-    (b"rater,card_id\nr0,C1\n", "missing column"),
-    (b"rater,card_id,interpretable\nr0\n", "not in the key|interpretable"),
-])
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (None, "not found"),
+        (b"\x89PNG\r\n\x1a\n\x00\xff\xfe binary", "not a ratings CSV"),
+        (b"rater,card_id\nr0,C1\n", "missing column"),
+        (b"rater,card_id,interpretable\nr0\n", "not in the key|interpretable"),
+    ],
+)
 def test_bad_ratings_and_key_files_are_one_line_errors(tmp_path, content, message):
     corpus, methods = _toy()
     export(methods, corpus, str(tmp_path / "kit"), n=5, n_raters=1)

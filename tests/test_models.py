@@ -1,4 +1,5 @@
-"""The SAE models: exact top-k, CompSAE(composer none) == TopKSAE, gradients, per-token attention."""
+"""The SAE models: exact top-k, CompSAE(composer none) == TopKSAE, gradients, per-token
+attention."""
 
 from __future__ import annotations
 
@@ -11,10 +12,23 @@ from compsae.errors import UserError
 from compsae.train.config import CompSAEConfig, TrainStageConfig, make_model_config
 from compsae.train.models import CompSAE, ReLUSAE, TopKSAE, build_model
 from compsae.train.models.base import geometric_median
-from compsae.train.models.composer import CompositionNetwork, largest_along_keys, select_top_keys, top_m_mask
+from compsae.train.models.composer import (
+    CompositionNetwork,
+    largest_along_keys,
+    select_top_keys,
+    top_m_mask,
+)
 from compsae.train.models.topk import topk_codes
 
-SMALL = {"n_latents": 64, "k": 6, "d_f": 16, "d_c": 8, "n_heads": 4, "aux_k": 8, "composer": "attention"}
+SMALL = {
+    "n_latents": 64,
+    "k": 6,
+    "d_f": 16,
+    "d_c": 8,
+    "n_heads": 4,
+    "aux_k": 8,
+    "composer": "attention",
+}
 D = 12
 
 
@@ -47,11 +61,15 @@ def test_composer_none_is_exactly_topk():
     assert la.keys() == lb.keys() and all(torch.equal(la[k], lb[k]) for k in la)
 
 
-@pytest.mark.parametrize("composer,gate", [("attention", True), ("attention", False), ("mlp", True)])
+@pytest.mark.parametrize(
+    "composer,gate", [("attention", True), ("attention", False), ("mlp", True)]
+)
 def test_gradients_reach_every_compsae_parameter(composer, gate):
     model = _model(composer=composer, gate=gate)
     model.set_schedule(m=2)
-    dead = torch.ones(SMALL["n_latents"], dtype=torch.bool)  # AuxK on: encoder rows of dead latents too
+    dead = torch.ones(
+        SMALL["n_latents"], dtype=torch.bool
+    )  # AuxK on: encoder rows of dead latents too
     model.loss(torch.randn(16, D) * 3, dead)["loss"].backward()
     for name, p in model.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, f"no gradient reaches {name}"
@@ -113,7 +131,11 @@ def test_fast_composer_equals_its_definition(n, b, m):
     want = _reference_composer(net, idx, vals, table, m)
     torch.testing.assert_close(got, want)
     wrt = [table, vals, *net.parameters()]
-    for g, w in zip(torch.autograd.grad(got.square().sum(), wrt), torch.autograd.grad(want.square().sum(), wrt), strict=True):
+    for g, w in zip(
+        torch.autograd.grad(got.square().sum(), wrt),
+        torch.autograd.grad(want.square().sum(), wrt),
+        strict=True,
+    ):
         torch.testing.assert_close(g, w)
     with_weights = net(idx, vals, table, m=m, need_weights=True)
     torch.testing.assert_close(with_weights[0], want)
@@ -129,7 +151,12 @@ def test_top_m_selection_counts_repeats_and_keeps_exactly_m():
     for by_topk in (False, True):
         top, drop = select_top_keys(scores, 3, by_topk=by_topk)
         assert torch.equal(top, ref) and ((~drop).sum(-2) == 3).all()
-        assert torch.equal(torch.sort(scores.masked_fill(drop, float("-inf")), -2, descending=True).values[..., :3, :], ref)
+        assert torch.equal(
+            torch.sort(scores.masked_fill(drop, float("-inf")), -2, descending=True).values[
+                ..., :3, :
+            ],
+            ref,
+        )
     model = _model()
     model.set_schedule(m=2)
     x = torch.randn(10, D)
@@ -170,8 +197,12 @@ def test_encoder_initialised_as_decoder_transpose_and_b_dec_from_data():
     sample[:3] = 1e4  # a few huge rows (BOS-like) barely move the geometric median
     model.init_b_dec(sample)
     assert (model.b_dec - 5).abs().max() < 0.5
-    torch.testing.assert_close(geometric_median(torch.tensor([[0.0, 0], [1, 0], [0, 1], [10, 10]]))[0],
-                               torch.tensor(0.3), atol=0.3, rtol=0)
+    torch.testing.assert_close(
+        geometric_median(torch.tensor([[0.0, 0], [1, 0], [0, 1], [10, 10]]))[0],
+        torch.tensor(0.3),
+        atol=0.3,
+        rtol=0,
+    )
 
 
 def test_relu_l1_scales_with_warmup():
@@ -196,13 +227,24 @@ def test_bad_model_configs_are_refused():
     with pytest.raises(ValidationError, match="unknown training setting"):
         make_model_config(train={"learning_rate": 1.0})
     with pytest.raises(UserError, match="larger than n_latents"):
-        build_model(CompSAEConfig.model_construct(**{**make_model_config().model_dump(), "k": 99, "n_latents": 8}), D)
+        build_model(
+            CompSAEConfig.model_construct(
+                **{**make_model_config().model_dump(), "k": 99, "n_latents": 8}
+            ),
+            D,
+        )
 
 
 def test_stage_config_overrides():
-    cfg = TrainStageConfig(hook="h", k=8, lr=1e-3,
-                           models={"c": make_model_config(type="compsae"),
-                                   "t": make_model_config(type="topk", train={"lr": 5e-4})})
+    cfg = TrainStageConfig(
+        hook="h",
+        k=8,
+        lr=1e-3,
+        models={
+            "c": make_model_config(type="compsae"),
+            "t": make_model_config(type="topk", train={"lr": 5e-4}),
+        },
+    )
     assert cfg.model_for("c").k == 8 and cfg.model_for("t").k == 8
     assert cfg.train_for("c").lr == 1e-3 and cfg.train_for("t").lr == 5e-4
     assert isinstance(build_model(cfg.model_for("c"), D), CompSAE)

@@ -19,9 +19,11 @@ def test_tiny_neox_weights_depend_only_on_seed() -> None:
     for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
         assert torch.equal(pa, pb), name
     assert not torch.equal(a.gpt_neox.embed_in.weight, c.gpt_neox.embed_in.weight)
-    # Pythia-shaped: parallel attention + MLP, rotary on a quarter of each head (transformers 5 moved
-    # rotary_pct into rope_parameters)
-    rope = getattr(a.config, "rope_parameters", None) or {"partial_rotary_factor": a.config.rotary_pct}
+    # Pythia-shaped: parallel attention + MLP, rotary on a quarter of each head (transformers 5
+    # moved rotary_pct into rope_parameters)
+    rope = getattr(a.config, "rope_parameters", None) or {
+        "partial_rotary_factor": a.config.rotary_pct
+    }
     assert a.config.use_parallel_residual and rope["partial_rotary_factor"] == 0.25
 
 
@@ -33,7 +35,9 @@ def test_caller_rng_untouched() -> None:
     assert torch.equal(torch.rand(3), expected)
 
 
-def test_tiny_neox_weights_ignore_the_process_wide_rng_and_init_patches(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_tiny_neox_weights_ignore_the_process_wide_rng_and_init_patches(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """Another thread drawing from torch's default generator during construction (as a Dask thread
     worker building its TransformerBridge did), or `from_pretrained` in another thread swapping
     `torch.nn.init` for no-ops, must not change the weights."""
@@ -68,7 +72,9 @@ def test_hook_values_equal_hf_hidden_states() -> None:
     loaded = load_model(HarvestConfig(model="tiny-neox", model_seed=4))
     tokens = torch.randint(1, 257, (2, 40))
     with torch.inference_mode():
-        acts = loaded.run_hooks(tokens, ["blocks.0.hook_resid_post", "blocks.2.hook_resid_post"], stop_at_layer=3)
+        acts = loaded.run_hooks(
+            tokens, ["blocks.0.hook_resid_post", "blocks.2.hook_resid_post"], stop_at_layer=3
+        )
         hidden = loaded.model.original_model(tokens, output_hidden_states=True).hidden_states
     assert torch.allclose(acts["blocks.0.hook_resid_post"], hidden[1], atol=1e-5)
     assert torch.allclose(acts["blocks.2.hook_resid_post"], hidden[3], atol=1e-5)
@@ -80,8 +86,14 @@ def test_hook_layers_and_widths() -> None:
     assert stop_layer(["blocks.1.hook_resid_post", "blocks.3.mlp.hook_post"]) == 4
     assert stop_layer(["blocks.1.hook_resid_post", "ln_final.hook_normalized"]) is None
     loaded = load_model(HarvestConfig(model="tiny-neox"))
-    widths = check_hooks(loaded, ["blocks.0.hook_resid_post", "blocks.1.mlp.hook_post", "blocks.1.attn.hook_z"], 64)
-    assert widths == {"blocks.0.hook_resid_post": 64, "blocks.1.mlp.hook_post": 256, "blocks.1.attn.hook_z": 64}
+    widths = check_hooks(
+        loaded, ["blocks.0.hook_resid_post", "blocks.1.mlp.hook_post", "blocks.1.attn.hook_z"], 64
+    )
+    assert widths == {
+        "blocks.0.hook_resid_post": 64,
+        "blocks.1.mlp.hook_post": 256,
+        "blocks.1.attn.hook_z": 64,
+    }
     with pytest.raises(UserError, match="did you mean blocks.0.hook_resid_post"):
         check_hooks(loaded, ["blocks.0.hook_resid_pst"], 64)
 

@@ -129,27 +129,43 @@ def test_run_pair_causal_gives_top_matched_and_random_rows_per_n():
     def ce_fn(tok, replace):
         act = x if replace is None else replace(x)
         logits = lm(act)
-        ce = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), tok[:, 1:].flatten(),
-                                               reduction="none")
+        ce = torch.nn.functional.cross_entropy(
+            logits[:, :-1].flatten(0, 1), tok[:, 1:].flatten(), reduction="none"
+        )
         return ce.view(2, -1), logits
 
     def encode(a):
         _, i, v = model.active(a)
         return i, v
 
-    recs = run_pair_causal(model, ce_fn, tokens, encode, sums.mean_effect(), sums.count, ns=(3, 10**6))
+    recs = run_pair_causal(
+        model, ce_fn, tokens, encode, sums.mean_effect(), sums.count, ns=(3, 10**6)
+    )
     kinds = [(r.kind, r.n_pairs) for r in recs]
     n_all = int((sums.count > 0).sum())
-    assert kinds == [("top", 3), ("random_dir", 3), ("matched", 3),
-                     ("top", n_all), ("random_dir", n_all), ("matched", 0)]
+    assert kinds == [
+        ("top", 3),
+        ("random_dir", 3),
+        ("matched", 3),
+        ("top", n_all),
+        ("random_dir", n_all),
+        ("matched", 0),
+    ]
     top3 = recs[0]
-    assert top3.n_tokens > 0 and top3.delta_kl > 0 and top3.delta_ce_lo <= top3.delta_ce <= top3.delta_ce_hi
+    assert (
+        top3.n_tokens > 0
+        and top3.delta_kl > 0
+        and top3.delta_ce_lo <= top3.delta_ce <= top3.delta_ce_hi
+    )
 
 
 def test_plot_pair_causal_writes_a_figure(tmp_path):
     from compsae.analysis.pair_causal import PairCausalRecord, plot_pair_causal
 
-    recs = [PairCausalRecord(k, n, 5, 0.1 * n, 0.0, 0.2 * n, 0.01, 0.0, 0.02)
-            for k in ("top", "matched", "random_dir") for n in (10, 100)]
+    recs = [
+        PairCausalRecord(k, n, 5, 0.1 * n, 0.0, 0.2 * n, 0.01, 0.0, 0.02)
+        for k in ("top", "matched", "random_dir")
+        for n in (10, 100)
+    ]
     plot_pair_causal(recs, str(tmp_path / "f.png"))
     assert (tmp_path / "f.png").stat().st_size > 1000

@@ -25,8 +25,15 @@ D = 12
 
 def _pair_model(selection: str = "all", **over) -> torch.nn.Module:
     torch.manual_seed(0)
-    cfg = make_model_config(type="compsae", composer="pair", n_latents=48, k=6, pair_rank=8, pair_selection=selection,
-                      **over)
+    cfg = make_model_config(
+        type="compsae",
+        composer="pair",
+        n_latents=48,
+        k=6,
+        pair_rank=8,
+        pair_selection=selection,
+        **over,
+    )
     model = build_model(cfg, D).double()
     with torch.no_grad():
         model.pair.E.mul_(10)  # terms well above rounding
@@ -67,7 +74,11 @@ def test_top_m_selection_keeps_the_partners_it_chose():
     model = _pair_model("top_m")
     idx = torch.randint(0, 48, (5, 6))
     s = model.pair.pair_weights(idx, m=2)
-    assert s is not None and torch.equal(s, s.transpose(1, 2)) and (s.diagonal(dim1=1, dim2=2) == 0).all()
+    assert (
+        s is not None
+        and torch.equal(s, s.transpose(1, 2))
+        and (s.diagonal(dim1=1, dim2=2) == 0).all()
+    )
     assert ((s > 0).sum(-1) >= 2).all()  # every latent keeps at least its own top-2
     assert model.pair.pair_weights(idx, m=None) is None  # m = None: all pairs
 
@@ -75,9 +86,13 @@ def test_top_m_selection_keeps_the_partners_it_chose():
 def test_gradients_reach_every_pair_parameter_and_the_penalty_counts():
     model = _pair_model("top_m", pair_l1=0.5)
     model.set_schedule(m=2, pair_scale=1.0)
-    terms = model.loss(torch.randn(16, D, dtype=torch.float64) * 3, torch.ones(48, dtype=torch.bool))
+    terms = model.loss(
+        torch.randn(16, D, dtype=torch.float64) * 3, torch.ones(48, dtype=torch.bool)
+    )
     assert terms["pair_l1"] > 0
-    assert torch.isclose(terms["loss"], terms["recon"] + model.cfg.aux_coef * terms["auxk"] + 0.5 * terms["pair_l1"])
+    assert torch.isclose(
+        terms["loss"], terms["recon"] + model.cfg.aux_coef * terms["auxk"] + 0.5 * terms["pair_l1"]
+    )
     terms["loss"].backward()
     for name, p in model.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, f"no gradient reaches {name}"
@@ -97,7 +112,9 @@ def test_group_penalty_pulls_rows_of_e_and_counts_in_the_loss():
     _, idx, vals = model.active(x)
     pen = model.pair.penalties(idx, vals)[1]
     w = model.pair.W_out.norm(dim=-1)
-    by_hand = torch.stack([(vals[b, a] * model.pair.E[idx[b, a]] * w).norm() for b in range(30) for a in range(6)])
+    by_hand = torch.stack(
+        [(vals[b, a] * model.pair.E[idx[b, a]] * w).norm() for b in range(30) for a in range(6)]
+    )
     assert torch.isclose(pen, by_hand.sum() / 30)
     pen.backward()  # only E is pulled: the weights w are held fixed
     assert model.pair.E.grad.abs().sum() > 0 and model.pair.W_out.grad is None
@@ -105,12 +122,15 @@ def test_group_penalty_pulls_rows_of_e_and_counts_in_the_loss():
         model.pair.E[idx[0, 0]] = 0.0  # a latent with no pair row adds nothing to it
     assert model.pair.penalties(idx[:1, :1], vals[:1, :1])[1] == 0
     terms = model.loss(x, torch.ones(48, dtype=torch.bool))
-    assert torch.isclose(terms["loss"], terms["recon"] + model.cfg.aux_coef * terms["auxk"] + 0.3 * terms["pair_group_l1"])
+    assert torch.isclose(
+        terms["loss"],
+        terms["recon"] + model.cfg.aux_coef * terms["auxk"] + 0.3 * terms["pair_group_l1"],
+    )
 
 
 def test_residual_fit_trains_the_dictionary_exactly_as_topk():
-    """`pair_fit: residual`: the dictionary's gradients are a TopK SAE's with the same weights, and the
-    pair parameters get gradient only from what the dictionary leaves."""
+    """`pair_fit: residual`: the dictionary's gradients are a TopK SAE's with the same weights, and
+    the pair parameters get gradient only from what the dictionary leaves."""
     model = _pair_model(pair_l1=0.0, pair_fit="residual")
     topk = build_model(make_model_config(type="topk", n_latents=48, k=6), D).double()
     topk.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("pair.")})
@@ -121,9 +141,13 @@ def test_residual_fit_trains_the_dictionary_exactly_as_topk():
     for name, p in topk.named_parameters():
         assert torch.allclose(dict(model.named_parameters())[name].grad, p.grad), name
     assert model.pair.W_out.grad.abs().sum() > 0 and model.pair.E.grad.abs().sum() > 0
-    with torch.no_grad():  # the pair term fits the dictionary's residual: the reported recon is the full model's
+    with (
+        torch.no_grad()
+    ):  # the pair term fits the dictionary's residual: the reported recon is the full model's
         out = model(x)
-        assert torch.isclose(model.loss(x, dead)["recon"].double(), ((out.x_hat - x) ** 2).sum(-1).mean())
+        assert torch.isclose(
+            model.loss(x, dead)["recon"].double(), ((out.x_hat - x) ** 2).sum(-1).mean()
+        )
 
 
 def test_typical_code_effects_are_the_two_latent_intervention():
@@ -131,14 +155,25 @@ def test_typical_code_effects_are_the_two_latent_intervention():
     codes = torch.rand(48, dtype=torch.float64) * 2
     codes[5] = 0.0  # a latent that never fired has no effect with anyone
     S = typical_code_effects(model, codes, rms=2.0)
-    assert S.shape == (48, 48) and np.allclose(S, S.T) and np.all(np.diag(S) == 0) and np.all(S[5] == 0)
+    assert (
+        S.shape == (48, 48)
+        and np.allclose(S, S.T)
+        and np.all(np.diag(S) == 0)
+        and np.all(S[5] == 0)
+    )
     i, j = torch.tensor([3, 7, 40]), torch.tensor([11, 8, 41])
     idx = torch.stack([i, j], 1)
     direct = mixed_differences(model, idx, codes[idx])[:, 0].norm(dim=-1) / 2.0  # four decodes each
     assert np.allclose(S[i.numpy(), j.numpy()], direct.numpy())
-    mlp = build_model(make_model_config(type="compsae", composer="mlp", n_latents=48, k=6, d_f=8, d_c=8), D).double()
+    mlp = build_model(
+        make_model_config(type="compsae", composer="mlp", n_latents=48, k=6, d_f=8, d_c=8), D
+    ).double()
     S_mlp = typical_code_effects(mlp, codes)  # the generic path: four decodes per pair
-    assert np.allclose(S_mlp, S_mlp.T) and np.isfinite(S_mlp).all() and S_mlp[np.triu_indices(48, 1)].max() > 0
+    assert (
+        np.allclose(S_mlp, S_mlp.T)
+        and np.isfinite(S_mlp).all()
+        and S_mlp[np.triu_indices(48, 1)].max() > 0
+    )
 
 
 def test_pair_scores_invariant_to_batch_order_and_latent_labels():
@@ -174,7 +209,9 @@ def test_pair_scores_invariant_to_batch_order_and_latent_labels():
 
 def test_pair_positions_cover_each_pair_once():
     a, b = pair_positions(5)
-    assert sorted(zip(a.tolist(), b.tolist(), strict=True)) == [(i, j) for i in range(5) for j in range(i + 1, 5)]
+    assert sorted(zip(a.tolist(), b.tolist(), strict=True)) == [
+        (i, j) for i in range(5) for j in range(i + 1, 5)
+    ]
 
 
 def test_labelled_auc_and_threshold_on_a_known_matrix():
@@ -190,7 +227,9 @@ def test_threshold_chosen_on_validation_pairs_scores_the_test_pairs():
     rng = np.random.default_rng(0)
     n = 24
     interacts = lambda i, j: (i + j) % 3 == 0  # noqa: E731
-    S = np.array([[interacts(i, j) + 0.1 * rng.random() for j in range(n)] for i in range(n)], dtype=float)
+    S = np.array(
+        [[interacts(i, j) + 0.1 * rng.random() for j in range(n)] for i in range(n)], dtype=float
+    )
     support = np.full((n, n), 10)
     l2t = {i: i for i in range(n)}
     res = thresholded_pairs(S, support, l2t, interacts, min_support=5)
@@ -203,8 +242,15 @@ def test_threshold_chosen_on_validation_pairs_scores_the_test_pairs():
 
 
 def test_bilinear_ground_truth_is_the_stated_sum_and_twins_cofire_alike():
-    cfg = GroundTruthConfig(interaction="bilinear", d_model=16, n_features=64, n_rows=20_000, n_pairs=4,
-                            noise_std=0.0, group_prob=0.05)
+    cfg = GroundTruthConfig(
+        interaction="bilinear",
+        d_model=16,
+        n_features=64,
+        n_rows=20_000,
+        n_pairs=4,
+        noise_std=0.0,
+        group_prob=0.05,
+    )
     g = generate(cfg)
     d = g.dictionary
     a = g.acts.toarray()
@@ -212,9 +258,15 @@ def test_bilinear_ground_truth_is_the_stated_sum_and_twins_cofire_alike():
     proj = d.V @ d.A.T
     row = 7
     on = [i for i in np.flatnonzero(a[row]) if d.composing[i]]
-    ref = sum(a[row, i] * a[row, j] * (proj[i] * proj[j]) @ d.W_B for n, i in enumerate(on) for j in on[n + 1:])
+    ref = sum(
+        a[row, i] * a[row, j] * (proj[i] * proj[j]) @ d.W_B
+        for n, i in enumerate(on)
+        for j in on[n + 1 :]
+    )
     np.testing.assert_allclose(g.x[row], a[row] @ d.V + (ref if len(on) > 1 else 0), atol=1e-4)
-    assert all(d.would_interact(i, j) for i, j in d.C) and not any(d.would_interact(i, j) for i, j in d.twins)
+    assert all(d.would_interact(i, j) for i, j in d.C) and not any(
+        d.would_interact(i, j) for i, j in d.twins
+    )
     both = lambda p: ((a[:, p[0]] > 0) & (a[:, p[1]] > 0)).mean()  # noqa: E731
     rates_c, rates_t = np.array([both(p) for p in d.C]), np.array([both(p) for p in d.twins])
     assert abs(rates_c.mean() - rates_t.mean()) < 0.01
@@ -233,17 +285,27 @@ def test_closed_form_norms_and_gains_equal_the_intervention():
     norm, gain = norms_and_gains(model, idx, vals, resid)
     delta = mixed_differences(model, idx, vals).float()
     torch.testing.assert_close(norm, delta.norm(dim=-1), rtol=1e-4, atol=1e-4)
-    ref = (resid.float()[:, None] + delta).square().sum(-1) - resid.float().square().sum(-1)[:, None]
+    ref = (resid.float()[:, None] + delta).square().sum(-1) - resid.float().square().sum(-1)[
+        :, None
+    ]
     torch.testing.assert_close(gain, ref, rtol=1e-3, atol=1e-3)
 
 
 def test_pair_term_joins_after_the_start_fraction():
     from compsae.train.schedules import pair_on_at, pair_scale_at
 
-    cfg = make_model_config(type="compsae", composer="pair", n_latents=48, k=6, pair_start_fraction=0.3,
-                      pair_l1_warmup_fraction=0.5)
+    cfg = make_model_config(
+        type="compsae",
+        composer="pair",
+        n_latents=48,
+        k=6,
+        pair_start_fraction=0.3,
+        pair_l1_warmup_fraction=0.5,
+    )
     assert not pair_on_at(29, 100, cfg) and pair_on_at(30, 100, cfg)
-    assert pair_scale_at(0, 100, cfg) == pytest.approx(1 / 50) and pair_scale_at(60, 100, cfg) == 1.0
+    assert (
+        pair_scale_at(0, 100, cfg) == pytest.approx(1 / 50) and pair_scale_at(60, 100, cfg) == 1.0
+    )
     model = _pair_model(pair_l1=0.5)
     x = torch.randn(8, D, dtype=torch.float64) * 3
     model.set_schedule(pair_on=False)
@@ -261,20 +323,42 @@ def test_training_on_tiny_bilinear_data_raises_the_pair_auc(tmp_path):
     from compsae.train.config import TrainConfig
     from compsae.train.trainer import Trainer
 
-    cfg = GroundTruthConfig(interaction="bilinear", d_model=32, n_features=48, n_rows=12_288, n_pairs=6,
-                            composing_fraction=0.25, interaction_norm=0.4, max_prob=0.1, zipf_exponent=0.5,
-                            mean_active=3.0, noise_std=0.02, group_prob=0.05, seed=1)
+    cfg = GroundTruthConfig(
+        interaction="bilinear",
+        d_model=32,
+        n_features=48,
+        n_rows=12_288,
+        n_pairs=6,
+        composing_fraction=0.25,
+        interaction_norm=0.4,
+        max_prob=0.1,
+        zipf_exponent=0.5,
+        mean_active=3.0,
+        noise_std=0.02,
+        group_prob=0.05,
+        seed=1,
+    )
     g = generate(cfg)
     x = torch.from_numpy(g.x)
     scale = float(np.sqrt(32) / x.norm(dim=1).mean())
     train, held = x[:-4096] * scale, x[-4096:] * scale
-    mcfg = make_model_config(type="compsae", composer="pair", n_latents=48, k=6, pair_rank=16, pair_l1=0.05,
-                             k_start=12)
-    tcfg = TrainConfig(lr=1e-2, batch_size=128, tokens=128 * 400, grad_clip=1.0, log_every=10**6,
-                       checkpoint_every=10**6, device="cpu")
+    mcfg = make_model_config(
+        type="compsae", composer="pair", n_latents=48, k=6, pair_rank=16, pair_l1=0.05, k_start=12
+    )
+    tcfg = TrainConfig(
+        lr=1e-2,
+        batch_size=128,
+        tokens=128 * 400,
+        grad_clip=1.0,
+        log_every=10**6,
+        checkpoint_every=10**6,
+        device="cpu",
+    )
     torch.manual_seed(0)
     model = build_model(mcfg, 32)
-    trainer = Trainer(model, mcfg, tcfg, str(tmp_path / "m"), {"config_hash": "x", "d_in": 32}, progress=False)
+    trainer = Trainer(
+        model, mcfg, tcfg, str(tmp_path / "m"), {"config_hash": "x", "d_in": 32}, progress=False
+    )
     gen = torch.Generator().manual_seed(0)
     trainer.fit(train[torch.randint(0, len(train), (128,), generator=gen)] for _ in range(10**6))
     model.eval()
@@ -286,7 +370,9 @@ def test_training_on_tiny_bilinear_data_raises_the_pair_auc(tmp_path):
     d = g.dictionary
     codes = out.z.sum(0) / (out.z > 0).sum(0).clamp_min(1)
     auc, _ = labelled_auc(typical_code_effects(model, codes, acc.rms), l2t, d.C, d.twins)
-    pmi_auc, _ = labelled_auc(pmi_matrix(acc.count, (out.z > 0).sum(0).numpy(), len(held), 5), l2t, d.C, d.twins)
+    pmi_auc, _ = labelled_auc(
+        pmi_matrix(acc.count, (out.z > 0).sum(0).numpy(), len(held), 5), l2t, d.C, d.twins
+    )
     assert auc >= 0.8 and auc >= pmi_auc + 0.2, (auc, pmi_auc)
 
 

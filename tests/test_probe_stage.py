@@ -11,7 +11,14 @@ import torch
 
 from compsae.errors import UserError
 from compsae.evaluation.config import ProbeConfig
-from compsae.evaluation.probe_stage import fmt, lm_computes, load_trained, probed_tasks, run_probe, sae_outputs
+from compsae.evaluation.probe_stage import (
+    fmt,
+    lm_computes,
+    load_trained,
+    probed_tasks,
+    run_probe,
+    sae_outputs,
+)
 from compsae.evaluation.probes import ANSWER_TASKS, TASKS
 from compsae.harvest.config import HarvestConfig
 from compsae.harvest.run import run_harvest
@@ -35,19 +42,39 @@ SCALE = 3.0
 def make_models(train_dir: str) -> None:
     torch.manual_seed(0)
     for name, cfg in MODELS.items():
-        meta = CheckpointMeta(type=cfg.type, model=cfg, d_in=D, hook=HOOK, normalization=Normalization(scale=SCALE),
-                              split=HeldOutSplit(fraction=0.1), step=1, tokens_seen=1, finished=True)
+        meta = CheckpointMeta(
+            type=cfg.type,
+            model=cfg,
+            d_in=D,
+            hook=HOOK,
+            normalization=Normalization(scale=SCALE),
+            split=HeldOutSplit(fraction=0.1),
+            step=1,
+            tokens_seen=1,
+            finished=True,
+        )
         save_checkpoint(f"{train_dir}/{name}", build_model(cfg, D), meta.model_dump(mode="json"))
 
 
 @pytest.fixture(scope="module")
 def probed(tmp_path_factory: pytest.TempPathFactory) -> dict:
     root = tmp_path_factory.mktemp("probe")
-    harvest = HarvestConfig(model="tiny-neox", hooks=[HOOK], context=32, n_tokens=1024, batch_size=8,
-                            chunk_rows=128, shard_rows=512, device="cpu", data={"source": "synthetic:mixed", "seed": 1})
+    harvest = HarvestConfig(
+        model="tiny-neox",
+        hooks=[HOOK],
+        context=32,
+        n_tokens=1024,
+        batch_size=8,
+        chunk_rows=128,
+        shard_rows=512,
+        device="cpu",
+        data={"source": "synthetic:mixed", "seed": 1},
+    )
     store = run_harvest(harvest, str(root / "harvest"))["store"]
     make_models(str(root / "train"))
-    cfg = ProbeConfig(n_items=80, pca_components=8, nmf_components=8, fit_rows=512, device="cpu", batch_size=40)
+    cfg = ProbeConfig(
+        n_items=80, pca_components=8, nmf_components=8, fit_rows=512, device="cpu", batch_size=40
+    )
     out = run_probe(cfg, store, str(root / "train"), str(root / "probe"))
     report = json.loads((root / "probe" / "probes.json").read_text())
     md = (root / "probe" / "probes.md").read_text()
@@ -56,7 +83,9 @@ def probed(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 def test_stage_runs_end_to_end(probed):
     out, report, root = probed["out"], probed["report"], probed["root"]
-    assert sorted(out["files"]) == sorted(str(root / "probe" / f) for f in ("probes.json", "probes.md", "probes.png"))
+    assert sorted(out["files"]) == sorted(
+        str(root / "probe" / f) for f in ("probes.json", "probes.md", "probes.png")
+    )
     assert (root / "probe" / "probes.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert out["headline"] == report["headline"]
     assert report["hook"] == HOOK and report["lm"] == "tiny-neox"
@@ -72,7 +101,9 @@ def test_stage_runs_end_to_end(probed):
             for method in report["methods"]:
                 for k in (1, 2, 5):
                     assert (family, task, method, k) in keys or task == "distractor_plural"
-    assert all(0.0 <= r["accuracy"] <= 1.0 and 0.0 <= r["majority"] <= 1.0 for r in report["probes"])
+    assert all(
+        0.0 <= r["accuracy"] <= 1.0 and 0.0 <= r["majority"] <= 1.0 for r in report["probes"]
+    )
     # the conjunction test runs for the CompSAE with a composition path only
     assert {r["model"] for r in report["conjunctions"]} == {"compsae"}
     assert {r["family"] for r in report["conjunctions"]} == {"arithmetic", "boolean", "grammar"}
@@ -81,7 +112,9 @@ def test_stage_runs_end_to_end(probed):
 def test_answer_tasks_follow_the_lm(probed):
     report = probed["report"]
     for family, b in report["behaviour"].items():
-        probed_answers = {r["task"] for r in report["probes"] if r["family"] == family and r["kind"] == "answer"}
+        probed_answers = {
+            r["task"] for r in report["probes"] if r["family"] == family and r["kind"] == "answer"
+        }
         assert probed_answers == (set(ANSWER_TASKS[family]) if b["computes"] else set())
 
 
@@ -99,10 +132,23 @@ def _md_section(md: str, title: str) -> list[list[str]]:
 def test_markdown_shows_the_json_numbers(probed):
     report, md = probed["report"], probed["md"]
     per_task = _md_section(md, "## Per task")
-    assert per_task == [[r["family"], r["task"], r["kind"], r["method"], str(r["k"]), fmt(r["accuracy"]),
-                         fmt(r["f1"]), fmt(r["majority"])] for r in report["probes"]]
+    assert per_task == [
+        [
+            r["family"],
+            r["task"],
+            r["kind"],
+            r["method"],
+            str(r["k"]),
+            fmt(r["accuracy"]),
+            fmt(r["f1"]),
+            fmt(r["majority"]),
+        ]
+        for r in report["probes"]
+    ]
     behaviour = _md_section(md, "## LM behaviour")
-    assert [row[:2] for row in behaviour] == [[f, fmt(b["accuracy"])] for f, b in report["behaviour"].items()]
+    assert [row[:2] for row in behaviour] == [
+        [f, fmt(b["accuracy"])] for f, b in report["behaviour"].items()
+    ]
     summary = {(s["family"], s["method"], s["k"]): s for s in report["summary"]}
     for family in report["config"]["families"]:
         for row in _md_section(md, f"### {family} ("):
@@ -117,8 +163,11 @@ def test_markdown_shows_the_json_numbers(probed):
 def test_summary_is_the_mean_over_tasks(probed):
     report = probed["report"]
     for s in report["summary"]:
-        sel = [r["accuracy"] for r in report["probes"]
-               if (r["family"], r["method"], r["k"]) == (s["family"], s["method"], s["k"])]
+        sel = [
+            r["accuracy"]
+            for r in report["probes"]
+            if (r["family"], r["method"], r["k"]) == (s["family"], s["method"], s["k"])
+        ]
         assert s["n_tasks"] == len(sel) and s["accuracy"] == pytest.approx(np.mean(sel))
 
 
@@ -133,7 +182,9 @@ def test_saes_see_activations_scaled_as_in_training(probed):
         got = sae_outputs(s, x)
         np.testing.assert_allclose(got["z"], expected.z.numpy(), rtol=1e-5, atol=1e-6)
         if s.has_composition:  # comp + linear = the full reconstruction
-            np.testing.assert_allclose(got["comp"] + got["linear"], expected.x_hat.numpy(), rtol=1e-5, atol=1e-5)
+            np.testing.assert_allclose(
+                got["comp"] + got["linear"], expected.x_hat.numpy(), rtol=1e-5, atol=1e-5
+            )
     assert saes["compsae"].has_composition and not saes["compsae_none"].has_composition
 
 
@@ -144,8 +195,13 @@ def test_answer_policy_and_significance():
     auto = probed_tasks(families, {"arithmetic": True, "boolean": False}, "auto")
     assert auto["arithmetic"] == list(TASKS["arithmetic"])
     assert auto["boolean"] == [t for t in TASKS["boolean"] if t != "value"]
-    assert probed_tasks(families, {"arithmetic": False, "boolean": False}, "always")["boolean"] == list(TASKS["boolean"])
-    assert "result_even" not in probed_tasks(families, {"arithmetic": True, "boolean": True}, "never")["arithmetic"]
+    assert probed_tasks(families, {"arithmetic": False, "boolean": False}, "always")[
+        "boolean"
+    ] == list(TASKS["boolean"])
+    assert (
+        "result_even"
+        not in probed_tasks(families, {"arithmetic": True, "boolean": True}, "never")["arithmetic"]
+    )
 
 
 def test_missing_train_dir_is_a_user_error(probed, tmp_path):

@@ -41,10 +41,14 @@ class FakeLM:
 
 def test_items_cut_at_decision_point():
     arith = make_items("arithmetic", 20)
-    assert all(it.prompt.endswith("=") and it.correct == f" {it.example.fields['result']}" for it in arith)
+    assert all(
+        it.prompt.endswith("=") and it.correct == f" {it.example.fields['result']}" for it in arith
+    )
     assert all(it.correct != it.wrong for it in arith)
     boolean = make_items("boolean", 20)
-    assert all(it.prompt.endswith("is") and {it.correct, it.wrong} == {" true", " false"} for it in boolean)
+    assert all(
+        it.prompt.endswith("is") and {it.correct, it.wrong} == {" true", " false"} for it in boolean
+    )
     gram = make_items("grammar", 20)
     for it in gram:
         assert it.example.text.startswith(it.prompt + it.correct)
@@ -75,8 +79,14 @@ def test_probe_runner_finds_literal_tokens():
     items = {"boolean": make_items("boolean", 300)}
     acts = {"boolean": decision_activations(lm, "hook", items["boolean"])}
     assert acts["boolean"].shape == (300, VOCAB_SIZE)
-    rows = run_probes(acts, items, {"raw": lambda x: x, "pca": pca_features(acts["boolean"], 10)}, ks=(1, 5))
-    negated = [r for r in rows if r["task"] == "negated" and r["method"] == "raw" and r["k"] == 1][0]
+    rows = run_probes(
+        acts, items, {"raw": lambda x: x, "pca": pca_features(acts["boolean"], 10)}, ks=(1, 5)
+    )
+    negated = [r for r in rows if r["task"] == "negated" and r["method"] == "raw" and r["k"] == 1][
+        0
+    ]
     assert negated["accuracy"] == 1.0  # the count of "(" tokens gives negation away
-    conj = run_conjunctions(acts, items, latents=lambda x: x, composition=lambda x: x, control=lambda x: x)
+    conj = run_conjunctions(
+        acts, items, latents=lambda x: x, composition=lambda x: x, control=lambda x: x
+    )
     assert conj[0]["conjunction"] == "literal_0_and_literal_1"

@@ -52,7 +52,7 @@ def test_conjunction_test_detects_an_and_feature():
     Z[:, 3] += 1.0 * a
     Z[:, 8] += 1.0 * b
     comp = rng.standard_normal((n, 16))
-    comp[:, 5] += 3.0 * (a & b)   # the composition output carries the conjunction
+    comp[:, 5] += 3.0 * (a & b)  # the composition output carries the conjunction
     control = rng.standard_normal((n, 16))
     res = conjunction_test(Z, comp, control, a, b, k_each=1, k_extra=1)
     assert sorted(res.constituents.features) == [3, 8]

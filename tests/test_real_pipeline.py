@@ -29,7 +29,9 @@ def test_real_design(name, d_model):
     assert len(hooks) == 3 and cfg.train.hook == hooks[1]
     models = cfg.train.models
     comp, topk, wide = (dict(models[m]) for m in ("compsae", "topk", "topk_params"))
-    assert (comp["n_latents"], comp["k"]) == (topk["n_latents"], topk["k"]) and wide["k"] == comp["k"]
+    assert (comp["n_latents"], comp["k"]) == (topk["n_latents"], topk["k"]) and wide["k"] == comp[
+        "k"
+    ]
     # the widened TopK is within one latent's parameters of CompSAE
     per_latent = _n_params(topk, d_model) / topk["n_latents"]
     assert abs(_n_params(wide, d_model) - _n_params(comp, d_model)) <= per_latent
@@ -40,11 +42,29 @@ def test_real_design(name, d_model):
 
 def test_real_tiny_runs_end_to_end(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
-    args = ["run", "--pipeline", "real_tiny", "--config", str(ROOT / "pipelines.yaml"),
-            "--set", f"runs_root={tmp_path / 'runs'}", "--set", "harvest.n_tokens=2048",
-            "--set", "train.tokens=4096", "--set", "analyze.baselines=[pca]"]
-    res = subprocess.run([sys.executable, "-m", "compsae.cli", *args], cwd=tmp_path, env=env,
-                         capture_output=True, text=True, timeout=900)
+    args = [
+        "run",
+        "--pipeline",
+        "real_tiny",
+        "--config",
+        str(ROOT / "pipelines.yaml"),
+        "--set",
+        f"runs_root={tmp_path / 'runs'}",
+        "--set",
+        "harvest.n_tokens=2048",
+        "--set",
+        "train.tokens=4096",
+        "--set",
+        "analyze.baselines=[pca]",
+    ]
+    res = subprocess.run(
+        [sys.executable, "-m", "compsae.cli", *args],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     analyze = next((tmp_path / "runs" / "real_tiny").glob("analyze-*"))
     metrics = json.loads((analyze / "metrics.json").read_text())

@@ -59,7 +59,9 @@ def test_a_model_folder_without_its_config_json_is_a_one_line_error(tmp_path: Pa
         model_folders(str(tmp_path))
 
 
-def test_a_checkpoint_whose_digest_was_stripped_and_weights_changed_is_refused(tmp_path: Path) -> None:
+def test_a_checkpoint_whose_digest_was_stripped_and_weights_changed_is_refused(
+    tmp_path: Path,
+) -> None:
     import json
 
     from safetensors import safe_open
@@ -71,8 +73,16 @@ def test_a_checkpoint_whose_digest_was_stripped_and_weights_changed_is_refused(t
     from compsae.train.models import build_model
 
     cfg = make_model_config(type="topk", n_latents=32, k=4)
-    meta = {"model": cfg.model_dump(mode="json"), "d_in": 16, "hook": "h.a", "step": 7, "tokens_seen": 700,
-            "finished": True, "config_hash": "rel", "normalization": {"scale": 1.0}}
+    meta = {
+        "model": cfg.model_dump(mode="json"),
+        "d_in": 16,
+        "hook": "h.a",
+        "step": 7,
+        "tokens_seen": 700,
+        "finished": True,
+        "config_hash": "rel",
+        "normalization": {"scale": 1.0},
+    }
     folder = str(tmp_path / "topk")
     save_checkpoint(folder, build_model(cfg, 16), meta)
     load_model(folder)  # pristine: loads
@@ -81,7 +91,7 @@ def test_a_checkpoint_whose_digest_was_stripped_and_weights_changed_is_refused(t
         header = dict(f.metadata())
         weights = {k: f.get_tensor(k) * 2 for k in f.keys()}  # noqa: SIM118 (a safe_open handle, not a dict)
     text = header["meta"]
-    header["meta"] = text[text.index("{"):]  # the digest prefix removed
+    header["meta"] = text[text.index("{") :]  # the digest prefix removed
     json.loads(header["meta"])
     save_file(weights, path, metadata=header)
     with pytest.raises(UserError, match="no content digest"):
@@ -93,6 +103,10 @@ def test_a_checkpoint_whose_digest_was_stripped_and_weights_changed_is_refused(t
 def test_a_field_the_chosen_composer_ignores_is_reported() -> None:
     from compsae.train.config import make_model_config
 
-    assert make_model_config(type="compsae", composer="pair", n_heads=4).ignored_fields() == ["n_heads"]
+    assert make_model_config(type="compsae", composer="pair", n_heads=4).ignored_fields() == [
+        "n_heads"
+    ]
     assert make_model_config(type="compsae", composer="attention", n_heads=4).ignored_fields() == []
-    assert make_model_config(type="compsae", composer="attention", pair_rank=8).ignored_fields() == ["pair_rank"]
+    assert make_model_config(
+        type="compsae", composer="attention", pair_rank=8
+    ).ignored_fields() == ["pair_rank"]

@@ -7,8 +7,15 @@ from compsae.analysis.report import NA, ablation_table, fmt, label, table
 
 
 def test_numbers_have_three_significant_digits():
-    assert [fmt(0.123456), fmt(12.3456), fmt(0.000123456), fmt(65536.0), fmt(7), fmt(None), fmt(float("nan"))] == \
-        ["0.123", "12.3", "0.000123", "65536", "7", "–", "–"]
+    assert [
+        fmt(0.123456),
+        fmt(12.3456),
+        fmt(0.000123456),
+        fmt(65536.0),
+        fmt(7),
+        fmt(None),
+        fmt(float("nan")),
+    ] == ["0.123", "12.3", "0.000123", "65536", "7", "–", "–"]
     assert fmt(NA) == ""
 
 
@@ -21,19 +28,59 @@ def test_headers_carry_units_and_tables_scroll():
 
 def test_ablation_table_shows_only_applicable_settings():
     rows = [
-        {"model": "c", "type": "compsae", "n_latents": 64, "k": 4, "composer": "attention", "gate": True,
-         "curriculum": True, "graduated_sparsity": True, "fvu": 0.1},
-        {"model": "none", "type": "compsae", "n_latents": 64, "k": 4, "composer": "none", "gate": True,
-         "curriculum": True, "graduated_sparsity": False, "fvu": 0.2},
-        {"model": "t", "type": "topk", "n_latents": 64, "k": 4, "composer": "attention", "gate": True,
-         "curriculum": True, "graduated_sparsity": True, "fvu": 0.3},
-        {"model": "r", "type": "relu", "n_latents": 64, "k": 32, "composer": "attention", "gate": True,
-         "curriculum": True, "graduated_sparsity": True, "fvu": 0.4},
+        {
+            "model": "c",
+            "type": "compsae",
+            "n_latents": 64,
+            "k": 4,
+            "composer": "attention",
+            "gate": True,
+            "curriculum": True,
+            "graduated_sparsity": True,
+            "fvu": 0.1,
+        },
+        {
+            "model": "none",
+            "type": "compsae",
+            "n_latents": 64,
+            "k": 4,
+            "composer": "none",
+            "gate": True,
+            "curriculum": True,
+            "graduated_sparsity": False,
+            "fvu": 0.2,
+        },
+        {
+            "model": "t",
+            "type": "topk",
+            "n_latents": 64,
+            "k": 4,
+            "composer": "attention",
+            "gate": True,
+            "curriculum": True,
+            "graduated_sparsity": True,
+            "fvu": 0.3,
+        },
+        {
+            "model": "r",
+            "type": "relu",
+            "n_latents": 64,
+            "k": 32,
+            "composer": "attention",
+            "gate": True,
+            "curriculum": True,
+            "graduated_sparsity": True,
+            "fvu": 0.4,
+        },
     ]
     out, cols = ablation_table(rows)
     assert cols == list(rows[0])
     blank = {r["model"]: sorted(k for k, v in r.items() if v is NA) for r in out}
-    assert blank == {"c": [], "none": ["curriculum", "gate"], "t": ["composer", "curriculum", "gate"],
-                     "r": ["composer", "curriculum", "gate", "graduated_sparsity", "k"]}
+    assert blank == {
+        "c": [],
+        "none": ["curriculum", "gate"],
+        "t": ["composer", "curriculum", "gate"],
+        "r": ["composer", "curriculum", "gate", "graduated_sparsity", "k"],
+    }
     only_relu, cols = ablation_table([rows[3]])
     assert cols == ["model", "type", "n_latents", "fvu"]  # no column that applies to no row

@@ -27,18 +27,29 @@ HOOK = "blocks.2.hook_resid_post"
 def random_saelens_weights(architecture: str, seed: int = 0) -> dict[str, torch.Tensor]:
     """Weights as SAELens stores them; decoder rows deliberately not unit norm."""
     g = torch.Generator().manual_seed(seed)
-    w = {"W_enc": torch.randn(D, N, generator=g) / D**0.5, "b_enc": 0.1 * torch.randn(N, generator=g),
-         "W_dec": torch.randn(N, D, generator=g) * torch.rand(N, 1, generator=g) * 2,
-         "b_dec": torch.randn(D, generator=g)}
+    w = {
+        "W_enc": torch.randn(D, N, generator=g) / D**0.5,
+        "b_enc": 0.1 * torch.randn(N, generator=g),
+        "W_dec": torch.randn(N, D, generator=g) * torch.rand(N, 1, generator=g) * 2,
+        "b_dec": torch.randn(D, generator=g),
+    }
     if architecture == "jumprelu":
         w["threshold"] = 0.3 * torch.rand(N, generator=g)
     return w
 
 
 def saelens_cfg(architecture: str, **extra) -> dict:
-    cfg = {"architecture": architecture, "d_in": D, "d_sae": N, "dtype": "float32", "device": "cpu",
-           "apply_b_dec_to_input": True, "normalize_activations": "none", "reshape_activations": "none",
-           "metadata": {"sae_lens_version": "6.54.12", "model_name": "tiny-neox", "hook_name": HOOK}}
+    cfg = {
+        "architecture": architecture,
+        "d_in": D,
+        "d_sae": N,
+        "dtype": "float32",
+        "device": "cpu",
+        "apply_b_dec_to_input": True,
+        "normalize_activations": "none",
+        "reshape_activations": "none",
+        "metadata": {"sae_lens_version": "6.54.12", "model_name": "tiny-neox", "hook_name": HOOK},
+    }
     if architecture == "topk":
         cfg["k"] = K
     return cfg | extra
@@ -47,15 +58,24 @@ def saelens_cfg(architecture: str, **extra) -> dict:
 def write_folder(path, cfg: dict, weights: dict[str, torch.Tensor]) -> str:
     path.mkdir(parents=True, exist_ok=True)
     (path / "cfg.json").write_text(json.dumps(cfg))
-    save_file({k: v.contiguous() for k, v in weights.items()}, str(path / "sae_weights.safetensors"))
+    save_file(
+        {k: v.contiguous() for k, v in weights.items()}, str(path / "sae_weights.safetensors")
+    )
     return str(path)
 
 
-def reference_forward(x: np.ndarray, w: dict[str, torch.Tensor], cfg: dict) -> tuple[np.ndarray, np.ndarray]:
-    """SAELens' inference forward in numpy (standard / topk / jumprelu): (latents, reconstruction)."""
+def reference_forward(
+    x: np.ndarray, w: dict[str, torch.Tensor], cfg: dict
+) -> tuple[np.ndarray, np.ndarray]:
+    """SAELens' inference forward in numpy (standard / topk / jumprelu): (latents,
+    reconstruction)."""
     w = {k: v.double().numpy() for k, v in w.items()}
     pre = (x - w["b_dec"] * cfg["apply_b_dec_to_input"]) @ w["W_enc"] + w["b_enc"]
-    r = np.linalg.norm(w["W_dec"], axis=-1) if cfg.get("rescale_acts_by_decoder_norm") else np.ones(N)
+    r = (
+        np.linalg.norm(w["W_dec"], axis=-1)
+        if cfg.get("rescale_acts_by_decoder_norm")
+        else np.ones(N)
+    )
     if cfg["architecture"] == "topk":
         scaled = pre * r
         top = np.argsort(-scaled, axis=-1)[:, : cfg["k"]]
@@ -80,16 +100,24 @@ def sample(n: int = 256, seed: int = 1) -> np.ndarray:
     return np.random.default_rng(seed).normal(size=(n, D)).astype(np.float32) * 2
 
 
-@pytest.mark.parametrize("architecture, extra", [
-    ("standard", {}), ("topk", {}), ("jumprelu", {}),
-    ("standard", {"apply_b_dec_to_input": False}),
-    ("topk", {"rescale_acts_by_decoder_norm": True, "apply_b_dec_to_input": False}),
-])
+@pytest.mark.parametrize(
+    "architecture, extra",
+    [
+        ("standard", {}),
+        ("topk", {}),
+        ("jumprelu", {}),
+        ("standard", {"apply_b_dec_to_input": False}),
+        ("topk", {"rescale_acts_by_decoder_norm": True, "apply_b_dec_to_input": False}),
+    ],
+)
 def test_import_reproduces_saelens_forward(tmp_path, architecture, extra):
     cfg, w = saelens_cfg(architecture, **extra), random_saelens_weights(architecture)
     src = write_folder(tmp_path / "sl", cfg, w)
     summary = import_saelens(src, str(tmp_path / "ck"))
-    assert summary["type"] == {"standard": "relu", "topk": "topk", "jumprelu": "jumprelu"}[architecture]
+    assert (
+        summary["type"]
+        == {"standard": "relu", "topk": "topk", "jumprelu": "jumprelu"}[architecture]
+    )
     assert summary["hook"] == HOOK and (summary["k"] == K) == (architecture == "topk")
     assert (len(summary["folds"]) > 0) == bool(extra)
     x = sample()
@@ -99,12 +127,22 @@ def test_import_reproduces_saelens_forward(tmp_path, architecture, extra):
     np.testing.assert_allclose(z, z_ref, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(x_hat, x_ref, rtol=1e-4, atol=1e-4)
     meta = json.loads((tmp_path / "ck" / "config.json").read_text())
-    assert meta["imported"]["architecture"] == architecture and meta["imported"]["model_name"] == "tiny-neox"
+    assert (
+        meta["imported"]["architecture"] == architecture
+        and meta["imported"]["model_name"] == "tiny-neox"
+    )
 
 
 def test_pre_6_config_is_read(tmp_path):
-    cfg = {"d_in": D, "d_sae": N, "hook_point": HOOK, "activation_fn_str": "topk",
-           "activation_fn_kwargs": {"k": K}, "model_name": "gpt2", "apply_b_dec_to_input": True}
+    cfg = {
+        "d_in": D,
+        "d_sae": N,
+        "hook_point": HOOK,
+        "activation_fn_str": "topk",
+        "activation_fn_kwargs": {"k": K},
+        "model_name": "gpt2",
+        "apply_b_dec_to_input": True,
+    }
     w = random_saelens_weights("topk")
     summary = import_saelens(write_folder(tmp_path / "sl", cfg, w), str(tmp_path / "ck"))
     assert (summary["architecture"], summary["k"], summary["hook"]) == ("topk", K, HOOK)
@@ -112,14 +150,19 @@ def test_pre_6_config_is_read(tmp_path):
     assert ((z != 0).sum(-1) <= K).all()
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"architecture": "gated"}, "architecture 'gated' cannot be imported"),
-    ({"normalize_activations": "expected_average_only_in"}, "fold the normalisation"),
-    ({"reshape_activations": "hook_z"}, "hook_z"),
-    ({"d_in": D + 1}, "W_enc has shape"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"architecture": "gated"}, "architecture 'gated' cannot be imported"),
+        ({"normalize_activations": "expected_average_only_in"}, "fold the normalisation"),
+        ({"reshape_activations": "hook_z"}, "hook_z"),
+        ({"d_in": D + 1}, "W_enc has shape"),
+    ],
+)
 def test_bad_folders_are_refused_in_one_line(tmp_path, change, message):
-    src = write_folder(tmp_path / "sl", saelens_cfg("standard") | change, random_saelens_weights("standard"))
+    src = write_folder(
+        tmp_path / "sl", saelens_cfg("standard") | change, random_saelens_weights("standard")
+    )
     with pytest.raises(UserError, match=message):
         import_saelens(src, str(tmp_path / "ck"))
     assert not (tmp_path / "ck").exists()
@@ -138,7 +181,9 @@ def test_cli_import_and_its_errors(tmp_path, capsys):
 
 def test_jumprelu_is_not_trainable():
     with pytest.raises(ValueError, match="imported.*not trained"):
-        TrainStageConfig(hook=HOOK, models={"j": make_model_config(type="jumprelu", n_latents=8, k=2)})
+        TrainStageConfig(
+            hook=HOOK, models={"j": make_model_config(type="jumprelu", n_latents=8, k=2)}
+        )
 
 
 def test_compsae_round_trip_export_then_import(tmp_path):
@@ -149,9 +194,18 @@ def test_compsae_round_trip_export_then_import(tmp_path):
         model.b_enc.normal_(0, 0.1)
         model.b_dec.normal_()
     scale = 2.5
-    save_checkpoint(str(tmp_path / "ck"), model, {"step": 1, "hook": HOOK, "d_in": D, "type": "topk",
-                                                   "model": model.cfg.model_dump(mode="json"),
-                                                   "normalization": {"scale": scale}})
+    save_checkpoint(
+        str(tmp_path / "ck"),
+        model,
+        {
+            "step": 1,
+            "hook": HOOK,
+            "d_in": D,
+            "type": "topk",
+            "model": model.cfg.model_dump(mode="json"),
+            "normalization": {"scale": scale},
+        },
+    )
     export_saelens(str(tmp_path / "ck"), str(tmp_path / "sl"))
     import_saelens(str(tmp_path / "sl"), str(tmp_path / "back"))
     x = sample()
@@ -166,13 +220,22 @@ def test_compsae_round_trip_export_then_import(tmp_path):
 
 
 def _saelens():
-    return pytest.importorskip("sae_lens", reason="the saelens extra (pip install -e '.[saelens]') is not installed")
+    return pytest.importorskip(
+        "sae_lens", reason="the saelens extra (pip install -e '.[saelens]') is not installed"
+    )
 
 
 def _saelens_sae(sae_lens, architecture: str, **extra):
-    cfg_cls = {"standard": sae_lens.StandardSAEConfig, "topk": sae_lens.TopKSAEConfig,
-               "jumprelu": sae_lens.JumpReLUSAEConfig}[architecture]
-    sae_cls = {"standard": sae_lens.StandardSAE, "topk": sae_lens.TopKSAE, "jumprelu": sae_lens.JumpReLUSAE}[architecture]
+    cfg_cls = {
+        "standard": sae_lens.StandardSAEConfig,
+        "topk": sae_lens.TopKSAEConfig,
+        "jumprelu": sae_lens.JumpReLUSAEConfig,
+    }[architecture]
+    sae_cls = {
+        "standard": sae_lens.StandardSAE,
+        "topk": sae_lens.TopKSAE,
+        "jumprelu": sae_lens.JumpReLUSAE,
+    }[architecture]
     kwargs = {"k": K} if architecture == "topk" else {}
     sae = sae_cls(cfg_cls(d_in=D, d_sae=N, **kwargs, **extra))
     with torch.no_grad():
@@ -181,10 +244,16 @@ def _saelens_sae(sae_lens, architecture: str, **extra):
     return sae
 
 
-@pytest.mark.parametrize("architecture, extra", [
-    ("standard", {}), ("topk", {}), ("jumprelu", {}), ("standard", {"apply_b_dec_to_input": False}),
-    ("topk", {"rescale_acts_by_decoder_norm": True}),
-])
+@pytest.mark.parametrize(
+    "architecture, extra",
+    [
+        ("standard", {}),
+        ("topk", {}),
+        ("jumprelu", {}),
+        ("standard", {"apply_b_dec_to_input": False}),
+        ("topk", {"rescale_acts_by_decoder_norm": True}),
+    ],
+)
 def test_saelens_save_then_import_is_equal(tmp_path, architecture, extra):
     sae_lens = _saelens()
     sae = _saelens_sae(sae_lens, architecture, **extra)
@@ -213,9 +282,18 @@ def test_export_then_saelens_load_is_equal(tmp_path, architecture):
         if mtype == "jumprelu":
             model.threshold.uniform_(0, 0.3)
     scale = 1.7
-    save_checkpoint(str(tmp_path / "ck"), model, {"step": 1, "hook": HOOK, "d_in": D, "type": mtype,
-                                                   "model": model.cfg.model_dump(mode="json"),
-                                                   "normalization": {"scale": scale}})
+    save_checkpoint(
+        str(tmp_path / "ck"),
+        model,
+        {
+            "step": 1,
+            "hook": HOOK,
+            "d_in": D,
+            "type": mtype,
+            "model": model.cfg.model_dump(mode="json"),
+            "normalization": {"scale": scale},
+        },
+    )
     export_saelens(str(tmp_path / "ck"), str(tmp_path / "sl"))
     sae = sae_lens.SAE.load_from_disk(str(tmp_path / "sl"), device="cpu")
     assert sae.cfg.architecture() == architecture
@@ -241,23 +319,50 @@ def test_pipeline_lists_imported_saes_beside_trained_ones(tmp_path):
 
     store, x = make_store(str(tmp_path / "s.zarr"), n=1024)
     d = x.shape[1]
-    cfg = saelens_cfg("jumprelu", d_in=d) | {"metadata": {"hook_name": "blocks.0.hook_resid_post.renamed"}}
+    cfg = saelens_cfg("jumprelu", d_in=d) | {
+        "metadata": {"hook_name": "blocks.0.hook_resid_post.renamed"}
+    }
     g = torch.Generator().manual_seed(0)
-    w = {"W_enc": torch.randn(d, N, generator=g), "b_enc": torch.zeros(N), "W_dec": torch.randn(N, d, generator=g) / 4,
-         "b_dec": torch.from_numpy(x.mean(0)), "threshold": torch.full((N,), 0.5)}
+    w = {
+        "W_enc": torch.randn(d, N, generator=g),
+        "b_enc": torch.zeros(N),
+        "W_dec": torch.randn(N, d, generator=g) / 4,
+        "b_dec": torch.from_numpy(x.mean(0)),
+        "threshold": torch.full((N,), 0.5),
+    }
     src = write_folder(tmp_path / "sl", cfg, w)
-    stage = {"hook": STORE_HOOK, "batch_size": 64, "tokens": 64 * 5, "device": "cpu", "heldout_fraction": 0.25,
-             "mix_chunks": 4, "models": {"topk": {"type": "topk", "n_latents": 32, "k": 4, "aux_k": 8}},
-             "imported": {"gemma_like": {"path": src}}}
+    stage = {
+        "hook": STORE_HOOK,
+        "batch_size": 64,
+        "tokens": 64 * 5,
+        "device": "cpu",
+        "heldout_fraction": 0.25,
+        "mix_chunks": 4,
+        "models": {"topk": {"type": "topk", "n_latents": 32, "k": 4, "aux_k": 8}},
+        "imported": {"gemma_like": {"path": src}},
+    }
     with pytest.raises(UserError, match="reads hook .*renamed.*give the import a `hook:`"):
-        run_train(TrainStageConfig.model_validate(stage), store.url, str(tmp_path / "train_bad"), progress=False)
+        run_train(
+            TrainStageConfig.model_validate(stage),
+            store.url,
+            str(tmp_path / "train_bad"),
+            progress=False,
+        )
     stage["imported"]["gemma_like"]["hook"] = STORE_HOOK
-    out = run_train(TrainStageConfig.model_validate(stage), store.url, str(tmp_path / "train"), progress=False)
+    out = run_train(
+        TrainStageConfig.model_validate(stage), store.url, str(tmp_path / "train"), progress=False
+    )
     rec = out["models"]["gemma_like"]
-    assert rec["type"] == "jumprelu" and rec["imported"]["source"] == src and rec["heldout"]["fvu"] > 0
+    assert (
+        rec["type"] == "jumprelu" and rec["imported"]["source"] == src and rec["heldout"]["fvu"] > 0
+    )
 
-    result = run_analyze(AnalyzeConfig(baselines=[], ce=False, plots=False, progress=False, max_heldout_tokens=512),
-                         store.url, str(tmp_path / "train"), str(tmp_path / "analyze"))
+    result = run_analyze(
+        AnalyzeConfig(baselines=[], ce=False, plots=False, progress=False, max_heldout_tokens=512),
+        store.url,
+        str(tmp_path / "train"),
+        str(tmp_path / "analyze"),
+    )
     metrics = json.loads((tmp_path / "analyze" / "metrics.json").read_text())
     assert set(result["headline"]) == {"topk", "gemma_like"}
     assert metrics["heldout_fraction"] == 0.25  # the trained model's split, not a default
@@ -276,8 +381,11 @@ def test_pipeline_lists_imported_saes_beside_trained_ones(tmp_path):
 def test_import_never_writes_over_a_trained_model_or_other_files(tmp_path):
     src = write_folder(tmp_path / "sl", saelens_cfg("topk"), random_saelens_weights("topk"))
     model = build_model(make_model_config(type="topk", n_latents=N, k=K), D)
-    save_checkpoint(str(tmp_path / "trained"), model, {"step": 3, "type": "topk", "d_in": D,
-                                                       "model": model.cfg.model_dump(mode="json")})
+    save_checkpoint(
+        str(tmp_path / "trained"),
+        model,
+        {"step": 3, "type": "topk", "d_in": D, "model": model.cfg.model_dump(mode="json")},
+    )
     before = (tmp_path / "trained" / "model.safetensors").read_bytes()
     with pytest.raises(UserError, match="holds a trained compsae model"):
         import_saelens(src, str(tmp_path / "trained"))
@@ -291,10 +399,13 @@ def test_import_never_writes_over_a_trained_model_or_other_files(tmp_path):
 
 
 def test_a_pipeline_may_only_import():
-    only = TrainStageConfig.model_validate({"hook": HOOK, "models": {}, "imported": {"gs": {"path": "/x"}}})
+    only = TrainStageConfig.model_validate(
+        {"hook": HOOK, "models": {}, "imported": {"gs": {"path": "/x"}}}
+    )
     assert only.models == {} and only.imported["gs"].format == "saelens"
     with pytest.raises(ValueError, match="list at least one model"):
         TrainStageConfig.model_validate({"hook": HOOK, "models": {}})
     with pytest.raises(ValueError, match="same name"):
-        TrainStageConfig.model_validate({"hook": HOOK, "models": {"gs": {"type": "topk"}},
-                                         "imported": {"gs": {"path": "/x"}}})
+        TrainStageConfig.model_validate(
+            {"hook": HOOK, "models": {"gs": {"type": "topk"}}, "imported": {"gs": {"path": "/x"}}}
+        )

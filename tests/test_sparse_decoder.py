@@ -1,4 +1,5 @@
-"""The sparse decoder (gather of the k active W_dec rows) equals the dense product in output and gradients."""
+"""The sparse decoder (gather of the k active W_dec rows) equals the dense product in output and
+gradients."""
 
 from __future__ import annotations
 
@@ -27,7 +28,9 @@ def _loss_and_grads(type: str, composer: str | None, sparse: bool) -> tuple[dict
     return {k: v.detach() for k, v in terms.items()}, grads
 
 
-@pytest.mark.parametrize(("type", "composer"), [("topk", None), ("compsae", "pair"), ("compsae", "attention")])
+@pytest.mark.parametrize(
+    ("type", "composer"), [("topk", None), ("compsae", "pair"), ("compsae", "attention")]
+)
 def test_sparse_and_dense_decoder_agree(type: str, composer: str | None) -> None:
     terms_s, grads_s = _loss_and_grads(type, composer, sparse=True)
     terms_d, grads_d = _loss_and_grads(type, composer, sparse=False)

@@ -21,10 +21,22 @@ from compsae.store import ActivationStore
 
 TRAIN_SEED = 3  # any seed but 0, the split's own default
 FRACTION = 0.25
-TRAIN = {"tokens": 1024, "batch_size": 128, "lr": 1e-3, "log_every": 4, "checkpoint_every": 8, "device": "cpu",
-         "seed": TRAIN_SEED, "heldout_fraction": FRACTION, "mix_chunks": 2, "num_threads": 1}
-MODELS = {"topk": {"type": "topk", "n_latents": 32, "k": 4},
-          "compsae": {"type": "compsae", "n_latents": 32, "k": 4, "d_f": 8, "d_c": 8, "n_heads": 2}}
+TRAIN = {
+    "tokens": 1024,
+    "batch_size": 128,
+    "lr": 1e-3,
+    "log_every": 4,
+    "checkpoint_every": 8,
+    "device": "cpu",
+    "seed": TRAIN_SEED,
+    "heldout_fraction": FRACTION,
+    "mix_chunks": 2,
+    "num_threads": 1,
+}
+MODELS = {
+    "topk": {"type": "topk", "n_latents": 32, "k": 4},
+    "compsae": {"type": "compsae", "n_latents": 32, "k": 4, "d_f": 8, "d_c": 8, "n_heads": 2},
+}
 
 
 class SplitSpy:
@@ -47,12 +59,16 @@ class SplitSpy:
 @pytest.fixture
 def spy(monkeypatch: pytest.MonkeyPatch) -> Iterator[SplitSpy]:
     s = SplitSpy()
-    monkeypatch.setattr(compsae.store.split, "heldout_mask", s)  # the loader draws through split too
+    monkeypatch.setattr(
+        compsae.store.split, "heldout_mask", s
+    )  # the loader draws through split too
     yield s
 
 
 def _pipelines(root: Path, pipeline: dict) -> tuple[PipelinesFile, str]:
-    whole = PipelinesFile.model_validate({"runs_root": str(root / "runs"), "pipelines": {"p": pipeline}})
+    whole = PipelinesFile.model_validate(
+        {"runs_root": str(root / "runs"), "pipelines": {"p": pipeline}}
+    )
     return whole, "p"
 
 
@@ -60,7 +76,9 @@ def _run(stage: str, whole: PipelinesFile, name: str):
     return run_stage(stage, whole, whole.pipelines[name], name, say=lambda *_: None)
 
 
-def _whole_masks(calls: list[tuple[float, int, np.ndarray]], n_rows: int) -> list[tuple[float, int, np.ndarray]]:
+def _whole_masks(
+    calls: list[tuple[float, int, np.ndarray]], n_rows: int
+) -> list[tuple[float, int, np.ndarray]]:
     """The calls as masks over the whole store: the training loader draws its split shard by shard
     (consecutive calls, same arguments), the other stages over the whole column at once."""
     out: list[tuple[float, int, np.ndarray]] = []
@@ -95,21 +113,53 @@ def _assert_same_split(spy: SplitSpy, held: np.ndarray, stage: str) -> None:
     assert calls, f"{stage} drew no split"
     for fraction, seed, mask in calls:
         assert np.array_equal(mask, held), (
-            f"{stage} used split (fraction {fraction}, seed {seed}): {int((mask & ~held).sum())} of its held-out "
-            f"rows are training rows")
+            f"{stage} used split (fraction {fraction}, seed {seed}): {int((mask & ~held).sum())} "
+            "of its held-out "
+            f"rows are training rows"
+        )
 
 
-def test_analyze_probe_and_humaneval_use_the_rows_training_held_out(tmp_path: Path, spy: SplitSpy) -> None:
-    whole, name = _pipelines(tmp_path, {
-        "harvest": {"model": "tiny-neox", "hooks": ["blocks.1.hook_resid_post"], "context": 32, "n_tokens": 2048,
-                    "batch_size": 16, "chunk_rows": 256, "shard_rows": 1024, "device": "cpu",
-                    "data": {"source": "synthetic:mixed", "seed": 0}},
-        "train": {"hook": "blocks.1.hook_resid_post", **TRAIN, "models": MODELS},
-        "analyze": {"ce": False, "baselines": ["pca"], "baseline_fit_tokens": 256, "pair_latents": 16,
-                    "max_heldout_tokens": 100_000, "top_k_contexts": 2, "plots": False, "progress": False},
-        "probe": {"n_items": 20, "families": ["boolean"], "ks": [1], "pca_components": 4, "nmf_components": 4,
-                  "fit_rows": 256, "batch_size": 20, "device": "cpu", "answer_probes": "never"},
-    })
+def test_analyze_probe_and_humaneval_use_the_rows_training_held_out(
+    tmp_path: Path, spy: SplitSpy
+) -> None:
+    whole, name = _pipelines(
+        tmp_path,
+        {
+            "harvest": {
+                "model": "tiny-neox",
+                "hooks": ["blocks.1.hook_resid_post"],
+                "context": 32,
+                "n_tokens": 2048,
+                "batch_size": 16,
+                "chunk_rows": 256,
+                "shard_rows": 1024,
+                "device": "cpu",
+                "data": {"source": "synthetic:mixed", "seed": 0},
+            },
+            "train": {"hook": "blocks.1.hook_resid_post", **TRAIN, "models": MODELS},
+            "analyze": {
+                "ce": False,
+                "baselines": ["pca"],
+                "baseline_fit_tokens": 256,
+                "pair_latents": 16,
+                "max_heldout_tokens": 100_000,
+                "top_k_contexts": 2,
+                "plots": False,
+                "progress": False,
+            },
+            "probe": {
+                "n_items": 20,
+                "families": ["boolean"],
+                "ks": [1],
+                "pca_components": 4,
+                "nmf_components": 4,
+                "fit_rows": 256,
+                "batch_size": 20,
+                "device": "cpu",
+                "answer_probes": "never",
+            },
+        },
+    )
     harvest = _run("harvest", whole, name)
     store = ActivationStore.open(harvest.record["outputs"]["store"])
     spy.take()
@@ -127,18 +177,28 @@ def test_analyze_probe_and_humaneval_use_the_rows_training_held_out(tmp_path: Pa
     from compsae.evaluation.humaneval import export_from_checkpoints
 
     checkpoints = {m: rec["path"] for m, rec in train.record["outputs"]["models"].items()}
-    export_from_checkpoints(checkpoints, str(store.url), str(tmp_path / "humaneval"), n=2, n_rows=10_000,
-                            n_raters=1)
+    export_from_checkpoints(
+        checkpoints, str(store.url), str(tmp_path / "humaneval"), n=2, n_rows=10_000, n_raters=1
+    )
     _assert_same_split(spy, held, "humaneval export")
 
 
 def test_evaluate_uses_the_rows_training_held_out(tmp_path: Path, spy: SplitSpy) -> None:
-    whole, name = _pipelines(tmp_path, {
-        "ground_truth": {"d_model": 16, "n_features": 32, "n_rows": 4096, "n_interactions": {2: 4},
-                         "context": 32, "seed": 0},
-        "train": {"hook": "synthetic.hook_x", **TRAIN, "models": MODELS},
-        "evaluate": {"max_rows": 100_000, "batch_size": 512},
-    })
+    whole, name = _pipelines(
+        tmp_path,
+        {
+            "ground_truth": {
+                "d_model": 16,
+                "n_features": 32,
+                "n_rows": 4096,
+                "n_interactions": {2: 4},
+                "context": 32,
+                "seed": 0,
+            },
+            "train": {"hook": "synthetic.hook_x", **TRAIN, "models": MODELS},
+            "evaluate": {"max_rows": 100_000, "batch_size": 512},
+        },
+    )
     harvest = _run("harvest", whole, name)
     store = ActivationStore.open(harvest.record["outputs"]["store"])
     spy.take()

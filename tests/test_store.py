@@ -1,4 +1,5 @@
-"""ActivationStore: round trips in every dtype and backend, statistics, checksums, resume, locking."""
+"""ActivationStore: round trips in every dtype and backend, statistics, checksums, resume,
+locking."""
 
 from __future__ import annotations
 
@@ -13,9 +14,13 @@ from compsae.variance import merge_moment_list
 TOL = {"float16": 2e-3, "bfloat16": 1e-2, "float32": 0.0}
 
 
-def _fill(url: str, dtype: str = "float16", n: int = 1000, seed: int = 0) -> tuple[ActivationStore, np.ndarray, np.ndarray]:
+def _fill(
+    url: str, dtype: str = "float16", n: int = 1000, seed: int = 0
+) -> tuple[ActivationStore, np.ndarray, np.ndarray]:
     layout = StoreLayout(chunk_rows=64, shard_rows=256, dtype=dtype)
-    st = ActivationStore.create(url, {"h.a": 16, "h.b": 8}, n, layout, {"config_hash": "abc"}, overwrite=True)
+    st = ActivationStore.create(
+        url, {"h.a": 16, "h.b": 8}, n, layout, {"config_hash": "abc"}, overwrite=True
+    )
     rng = np.random.default_rng(seed)
     a = rng.normal(size=(n, 16)).astype(np.float32)
     b = rng.normal(size=(n, 8)).astype(np.float32) * 3
@@ -34,7 +39,9 @@ def test_round_trip_local(tmp_path, dtype):
     assert fast.shape == a.shape
     np.testing.assert_allclose(fast, a, rtol=TOL[dtype], atol=TOL[dtype])
     np.testing.assert_array_equal(st.read_rows("h.a", 0, st.n_rows), fast)  # zarr path == raw path
-    np.testing.assert_allclose(st.read_rows("h.b", 100, 300), b[100:300], rtol=TOL[dtype], atol=3 * TOL[dtype])
+    np.testing.assert_allclose(
+        st.read_rows("h.b", 100, 300), b[100:300], rtol=TOL[dtype], atol=3 * TOL[dtype]
+    )
     np.testing.assert_array_equal(st.seq_id, np.arange(1000) // 10)
     np.testing.assert_array_equal(st.pos, np.arange(1000) % 10)
     assert st.complete and st.verify() == []
@@ -60,8 +67,11 @@ def test_merge_moments_equals_one_pass():
     rng = np.random.default_rng(1)
     parts = [rng.normal(loc=i, size=(n, 3)) for i, n in enumerate((5, 17, 1, 40))]
     counts = np.array([len(p) for p in parts])
-    n, mean, m2 = merge_moment_list(counts, np.stack([p.mean(0) for p in parts]),
-                                np.stack([((p - p.mean(0)) ** 2).sum(0) for p in parts]))
+    n, mean, m2 = merge_moment_list(
+        counts,
+        np.stack([p.mean(0) for p in parts]),
+        np.stack([((p - p.mean(0)) ** 2).sum(0) for p in parts]),
+    )
     allx = np.concatenate(parts)
     assert n == len(allx)
     np.testing.assert_allclose(mean, allx.mean(0))
@@ -107,18 +117,31 @@ def test_resume_keeps_done_shards_and_refuses_other_config(tmp_path):
     with pytest.raises(UserError, match="different config.*--force"):
         ActivationStore.create_or_resume(url, {"h": 4}, 600, layout, {"config_hash": "two"})
     assert ActivationStore.open(url).done_shards() == {0}  # nothing lost by the refusal
-    fresh = ActivationStore.create_or_resume(url, {"h": 4}, 600, layout, {"config_hash": "two"}, force=True)
+    fresh = ActivationStore.create_or_resume(
+        url, {"h": 4}, 600, layout, {"config_hash": "two"}, force=True
+    )
     assert fresh.done_shards() == set()
 
 
 def test_finalize_shrinks_and_refuses_gaps(tmp_path):
-    st = ActivationStore.create(str(tmp_path / "s.zarr"), {"h": 4}, 1000, StoreLayout(chunk_rows=64, shard_rows=256),
-                                {"config_hash": "a"})
+    st = ActivationStore.create(
+        str(tmp_path / "s.zarr"),
+        {"h": 4},
+        1000,
+        StoreLayout(chunk_rows=64, shard_rows=256),
+        {"config_hash": "a"},
+    )
     with pytest.raises(StoreCorruptError, match="never written"):
         st.finalize()
     for s in range(2):
         lo, hi = st.shard_range(s)
-        st.write_shard(s, {"h": np.full((hi - lo, 4), s + 1.0)}, np.zeros(hi - lo), np.zeros(hi - lo), np.zeros(hi - lo))
+        st.write_shard(
+            s,
+            {"h": np.full((hi - lo, 4), s + 1.0)},
+            np.zeros(hi - lo),
+            np.zeros(hi - lo),
+            np.zeros(hi - lo),
+        )
     st.finalize(512)
     st = ActivationStore.open(str(tmp_path / "s.zarr"))
     assert (st.n_rows, st.n_chunks, st.n_shards) == (512, 8, 2)
@@ -157,7 +180,11 @@ def test_round_trip_s3(s3_bucket):
     np.testing.assert_array_equal(np.concatenate([p for _, p in parts]), np.arange(600) // 10)
     np.testing.assert_array_equal(fresh.column_view("pos")[np.array([599, 3, 300])], [9, 3, 0])
     other = ActivationStore.open(url, mode="r+")
-    with st.lock(), pytest.raises(UserError, match="another harvest is writing to .* delete .*lock"), other.lock():
+    with (
+        st.lock(),
+        pytest.raises(UserError, match="another harvest is writing to .* delete .*lock"),
+        other.lock(),
+    ):
         pass
 
 
@@ -178,8 +205,10 @@ def test_store_killed_while_being_laid_out_is_laid_out_again(tmp_path, monkeypat
     assert st.done_shards() == set() and st.manifest["laid_out"] is True
 
 
-@pytest.mark.parametrize(("dtype", "checksum"), [("float16", True), ("bfloat16", True), ("float32", True),
-                                               ("float16", False)])
+@pytest.mark.parametrize(
+    ("dtype", "checksum"),
+    [("float16", True), ("bfloat16", True), ("float32", True), ("float16", False)],
+)
 def test_written_files_are_the_bytes_zarr_writes(tmp_path, monkeypatch, dtype, checksum):
     """write_shard encodes shard files and the small per-shard chunks itself; every file must equal
     what Zarr writes for the same values, the last shard too (a partial chunk, and chunks wholly
@@ -188,8 +217,12 @@ def test_written_files_are_the_bytes_zarr_writes(tmp_path, monkeypatch, dtype, c
 
     layout = StoreLayout(chunk_rows=64, shard_rows=256, dtype=dtype, checksum=checksum)
     n = 800  # shard 3 holds rows 768..799: chunk 12 partial, chunks 13-15 past the end
-    ours = ActivationStore.create(str(tmp_path / "ours.zarr"), {"h": 8}, n, layout, {"config_hash": "a"})
-    ref = ActivationStore.create(str(tmp_path / "ref.zarr"), {"h": 8}, n, layout, {"config_hash": "a"})
+    ours = ActivationStore.create(
+        str(tmp_path / "ours.zarr"), {"h": 8}, n, layout, {"config_hash": "a"}
+    )
+    ref = ActivationStore.create(
+        str(tmp_path / "ref.zarr"), {"h": 8}, n, layout, {"config_hash": "a"}
+    )
     ref.manifest["store_id"] = ours.store_id  # the bound checksums then agree too
     x = np.random.default_rng(2).normal(size=(n, 8)).astype(np.float32)
     rows = np.arange(n) + 1  # no all-zero column chunk: Zarr would skip writing it
@@ -205,14 +238,22 @@ def test_written_files_are_the_bytes_zarr_writes(tmp_path, monkeypatch, dtype, c
             m.setattr(writer, "plain_encoder", lambda arr: None)
             m.setattr(writer.ShardWriter, "_write_shard_file", through_zarr)
             ref.write_shard(s, {"h": x[lo:hi]}, rows[lo:hi] % 50, rows[lo:hi], rows[lo:hi] % 32)
-    files = sorted(str(f.relative_to(tmp_path / "ref.zarr")) for f in (tmp_path / "ref.zarr").rglob("c/**/*")
-                   if f.is_file())
+    files = sorted(
+        str(f.relative_to(tmp_path / "ref.zarr"))
+        for f in (tmp_path / "ref.zarr").rglob("c/**/*")
+        if f.is_file()
+    )
     assert "acts/h/c/3/0" in files and "tokens/c/3" in files and "progress/stats/h/c/3/0" in files
-    got = sorted(str(f.relative_to(tmp_path / "ours.zarr")) for f in (tmp_path / "ours.zarr").rglob("c/**/*")
-                 if f.is_file())
+    got = sorted(
+        str(f.relative_to(tmp_path / "ours.zarr"))
+        for f in (tmp_path / "ours.zarr").rglob("c/**/*")
+        if f.is_file()
+    )
     assert got == files  # temporary files renamed, nothing extra
     for name in files:
-        assert (tmp_path / "ours.zarr" / name).read_bytes() == (tmp_path / "ref.zarr" / name).read_bytes(), name
+        assert (tmp_path / "ours.zarr" / name).read_bytes() == (
+            tmp_path / "ref.zarr" / name
+        ).read_bytes(), name
     np.testing.assert_array_equal(ours.zarr_array("h")[:], to_storage(x, dtype, "h"))
     assert ours.done_shards() == set(range(4)) and ours.verify() == []
 
@@ -235,8 +276,12 @@ def test_bound_checksum_from_the_chunks_own_crc():
     from compsae.store.format import bind_crc, bound_crc
 
     chunk = np.random.default_rng(0).normal(size=(64, 8)).astype(np.float16)
-    assert bind_crc(crc32c.crc32c(chunk), chunk.nbytes, "id", "h", 5) == bound_crc(chunk, "id", "h", 5)
-    assert bind_crc(crc32c.crc32c(chunk), chunk.nbytes, "id", "h", 6) != bound_crc(chunk, "id", "h", 5)
+    assert bind_crc(crc32c.crc32c(chunk), chunk.nbytes, "id", "h", 5) == bound_crc(
+        chunk, "id", "h", 5
+    )
+    assert bind_crc(crc32c.crc32c(chunk), chunk.nbytes, "id", "h", 6) != bound_crc(
+        chunk, "id", "h", 5
+    )
 
 
 def test_values_already_in_the_storage_dtype_are_checked_not_converted():
@@ -271,22 +316,31 @@ def test_force_never_replaces_a_folder_that_holds_no_store(tmp_path):
     layout = StoreLayout(chunk_rows=64, shard_rows=256)
     for overwrite in (False, True):
         with pytest.raises(UserError, match="not empty .*holiday.jpg.* holds no compsae store"):
-            ActivationStore.create(str(mine), {"h": 4}, 100, layout, {"config_hash": "a"}, overwrite=overwrite)
+            ActivationStore.create(
+                str(mine), {"h": 4}, 100, layout, {"config_hash": "a"}, overwrite=overwrite
+            )
         with pytest.raises(UserError, match="holds no compsae store"):
-            ActivationStore.create_or_resume(str(mine), {"h": 4}, 100, layout, {"config_hash": "a"}, force=True)
+            ActivationStore.create_or_resume(
+                str(mine), {"h": 4}, 100, layout, {"config_hash": "a"}, force=True
+            )
     assert sorted(p.name for p in mine.iterdir()) == ["holiday.jpg"]
     assert (mine / "holiday.jpg").read_bytes() == b"\xff\xd8 precious"
     (tmp_path / "empty").mkdir()
     refuse_foreign_folder(str(tmp_path / "empty"))
-    store = ActivationStore.create(str(tmp_path / "s.zarr"), {"h": 4}, 100, layout, {"config_hash": "a"})
+    store = ActivationStore.create(
+        str(tmp_path / "s.zarr"), {"h": 4}, 100, layout, {"config_hash": "a"}
+    )
     refuse_foreign_folder(store.url)  # a compsae store may be replaced
-    ActivationStore.create_or_resume(store.url, {"h": 4}, 100, layout, {"config_hash": "b"}, force=True)
+    ActivationStore.create_or_resume(
+        store.url, {"h": 4}, 100, layout, {"config_hash": "b"}, force=True
+    )
 
 
 @pytest.mark.parametrize("compressors", [None, "zstd", "crc32c"])
 def test_chunk_files_read_directly_equal_zarrs_read(tmp_path, compressors):
     """The per-shard arrays are read from their chunk files, not through Zarr's event loop: the
-    values must be Zarr's, missing chunks as the fill value, any stop; other codecs go through Zarr."""
+    values must be Zarr's, missing chunks as the fill value, any stop; other codecs go through
+    Zarr."""
     import zarr
     from zarr.codecs import Crc32cCodec, ZstdCodec
 
@@ -294,8 +348,14 @@ def test_chunk_files_read_directly_equal_zarrs_read(tmp_path, compressors):
 
     codecs = {None: None, "zstd": [ZstdCodec(level=1)], "crc32c": [Crc32cCodec()]}[compressors]
     group = zarr.open_group(str(tmp_path / "g.zarr"), mode="w")
-    arr = group.create_array("t", shape=(10, 3), dtype="<f8", chunks=(4, 3), fill_value=-1.0,
-                             **({} if codecs is None else {"compressors": codecs}))
+    arr = group.create_array(
+        "t",
+        shape=(10, 3),
+        dtype="<f8",
+        chunks=(4, 3),
+        fill_value=-1.0,
+        **({} if codecs is None else {"compressors": codecs}),
+    )
     values = np.arange(30, dtype=np.float64).reshape(10, 3)
     arr[0:4] = values[0:4]
     arr[8:10] = values[8:10]  # chunk 1 (rows 4-7) never written
@@ -309,12 +369,19 @@ def test_chunk_files_read_directly_equal_zarrs_read(tmp_path, compressors):
 
 
 def test_a_store_reads_its_progress_arrays_without_zarr(tmp_path, monkeypatch):
-    store = ActivationStore.create(str(tmp_path / "s.zarr"), {"h": 4}, 96, StoreLayout(chunk_rows=16, shard_rows=32),
-                                   {"config_hash": "a"})
+    store = ActivationStore.create(
+        str(tmp_path / "s.zarr"),
+        {"h": 4},
+        96,
+        StoreLayout(chunk_rows=16, shard_rows=32),
+        {"config_hash": "a"},
+    )
     x = np.random.default_rng(0).normal(size=(96, 4)).astype(np.float32)
     for s in (0, 2):
         lo, hi = store.shard_range(s)
-        store.write_shard(s, {"h": x[lo:hi]}, np.arange(lo, hi), np.arange(lo, hi) // 8, np.arange(lo, hi) % 8)
+        store.write_shard(
+            s, {"h": x[lo:hi]}, np.arange(lo, hi), np.arange(lo, hi) // 8, np.arange(lo, hi) % 8
+        )
     expect_done = {int(i) for i in np.flatnonzero(store.group["progress/shard_done"][:])}
     monkeypatch.setattr("zarr.Array.__getitem__", lambda *a: pytest.fail("read through Zarr"))
     assert store.done_shards() == expect_done == {0, 2}
@@ -327,7 +394,9 @@ def test_a_side_column_read_on_demand_gives_the_whole_columns_values(tmp_path, m
     for s in range(st.n_shards):
         lo, hi = st.shard_range(s)
         rows = np.arange(lo, hi)
-        st.write_shard(s, {"h": np.zeros((hi - lo, 2), np.float32)}, rows * 3 % 101, rows // 10, rows % 10)
+        st.write_shard(
+            s, {"h": np.zeros((hi - lo, 2), np.float32)}, rows * 3 % 101, rows // 10, rows % 10
+        )
     st.finalize()
     whole = ActivationStore.open(st.url).seq_id
     from compsae.store import activation_store
@@ -338,9 +407,18 @@ def test_a_side_column_read_on_demand_gives_the_whole_columns_values(tmp_path, m
     np.testing.assert_array_equal(np.concatenate([p for _, p in parts]), whole)
     view = ActivationStore.open(st.url).column_view("seq_id")
     view.keep_shards = 2  # shards dropped and read again
-    assert len(view) == n and view[0] == whole[0] and view[-1] == whole[-1] and view[149] == whole[149]
-    for key in (slice(None), slice(30, 70), slice(140, 500), slice(5, 5), np.array([149, 0, 33, 33, 64]),
-                np.array([[1, 2], [140, 3]]), np.zeros(0, dtype=np.int64)):
+    assert (
+        len(view) == n and view[0] == whole[0] and view[-1] == whole[-1] and view[149] == whole[149]
+    )
+    for key in (
+        slice(None),
+        slice(30, 70),
+        slice(140, 500),
+        slice(5, 5),
+        np.array([149, 0, 33, 33, 64]),
+        np.array([[1, 2], [140, 3]]),
+        np.zeros(0, dtype=np.int64),
+    ):
         np.testing.assert_array_equal(view[key], whole[key])
     with pytest.raises(IndexError):
         view[np.array([n])]

@@ -1,4 +1,5 @@
-"""The synthetic text generator: deterministic, correct facts, spans that point at the right text."""
+"""The synthetic text generator: deterministic, correct facts, spans that point at the right
+text."""
 
 from __future__ import annotations
 
@@ -20,7 +21,11 @@ def test_arithmetic_results_are_correct() -> None:
         f = ex.fields
         a, op, b, eq, result = ex.text.split(" ")
         assert (int(a), op, int(b), eq) == (f["a"], f["op"], f["b"], "=")
-        assert int(result) == f["result"] == {"+": f["a"] + f["b"], "-": f["a"] - f["b"], "*": f["a"] * f["b"]}[op]
+        assert (
+            int(result)
+            == f["result"]
+            == {"+": f["a"] + f["b"], "-": f["a"] - f["b"], "*": f["a"] * f["b"]}[op]
+        )
 
 
 def test_boolean_values_are_correct() -> None:
@@ -41,7 +46,9 @@ def test_grammar_agreement_and_distractors() -> None:
     for e in exs:
         verb = e.text[slice(*e.spans["verb"])]
         assert verb == e.fields["verb"]
-        assert (verb in {"are", "were", "have", "look", "seem"}) == (e.fields["subject_number"] == "plural")
+        assert (verb in {"are", "were", "have", "look", "seem"}) == (
+            e.fields["subject_number"] == "plural"
+        )
         assert ("distractor" in e.spans) == e.fields["has_distractor"]
 
 
@@ -52,7 +59,10 @@ def test_spans_map_to_token_positions() -> None:
     positions = ex.token_positions(enc["offset_mapping"])
     result_ids = [enc["input_ids"][i] for i in positions["result"]]
     assert tok.decode(result_ids) == str(ex.fields["result"])
-    assert positions["op"] and tok.decode([enc["input_ids"][i] for i in positions["op"]]) == ex.fields["op"]
+    assert (
+        positions["op"]
+        and tok.decode([enc["input_ids"][i] for i in positions["op"]]) == ex.fields["op"]
+    )
 
 
 def test_unknown_task_is_refused() -> None:

@@ -83,9 +83,13 @@ def test_block_partial_runs_on_one_thread_and_gives_it_back(process_threads, mon
 def test_train_worker_sets_the_model_count_for_that_model_only(process_threads, monkeypatch):
     seen: list[int] = []
     cfg = SimpleNamespace(hook="h", model_for=lambda n: None, train_for=lambda n: None)
-    monkeypatch.setattr(train_run, "TrainStageConfig", SimpleNamespace(model_validate=lambda j: cfg))
+    monkeypatch.setattr(
+        train_run, "TrainStageConfig", SimpleNamespace(model_validate=lambda j: cfg)
+    )
     monkeypatch.setattr(train_run, "open_training_store", lambda url, hook: None)
-    monkeypatch.setattr(train_run, "train_one", lambda *a, **k: seen.append(torch.get_num_threads()))
+    monkeypatch.setattr(
+        train_run, "train_one", lambda *a, **k: seen.append(torch.get_num_threads())
+    )
     train_run._train_worker({}, "m", "url", "hash", 4, "folder", False, threads=1)
     assert seen == [1]
     assert torch.get_num_threads() == process_threads
@@ -93,6 +97,10 @@ def test_train_worker_sets_the_model_count_for_that_model_only(process_threads, 
 
 def test_no_process_wide_thread_count_outside_the_scope():
     root = Path(compsae.__file__).parent
-    calls = [str(p.relative_to(root)) for p in root.rglob("*.py")
-             if re.search(r"\bset_num_threads\(", p.read_text(encoding="utf-8")) and p.name != "threads.py"]
+    calls = [
+        str(p.relative_to(root))
+        for p in root.rglob("*.py")
+        if re.search(r"\bset_num_threads\(", p.read_text(encoding="utf-8"))
+        and p.name != "threads.py"
+    ]
     assert calls == []

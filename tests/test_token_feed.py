@@ -26,16 +26,31 @@ HOOKS = ["blocks.1.hook_resid_post"]
 
 
 def _cfg(**over: Any) -> HarvestConfig:
-    base: dict[str, Any] = dict(model="tiny-neox", hooks=HOOKS, context=32, n_tokens=2300, batch_size=4,
-                                chunk_rows=128, shard_rows=512, data={"source": "synthetic:mixed", "seed": 3})
+    base: dict[str, Any] = dict(
+        model="tiny-neox",
+        hooks=HOOKS,
+        context=32,
+        n_tokens=2300,
+        batch_size=4,
+        chunk_rows=128,
+        shard_rows=512,
+        data={"source": "synthetic:mixed", "seed": 3},
+    )
     return HarvestConfig(**{**base, **over})
 
 
 def _arrays(url: str) -> dict[str, Any]:
     st = ActivationStore.open(url)
     out: dict[str, Any] = {f"acts/{h}": st.zarr_array(h)[:] for h in st.hooks}
-    out.update(tokens=st.tokens, seq_id=st.seq_id, pos=st.pos, n_rows=st.n_rows, n_seqs=st.manifest["data"]["n_seqs"],
-               stats=st.manifest["stats"], rounding=st.manifest["rounding_error"])
+    out.update(
+        tokens=st.tokens,
+        seq_id=st.seq_id,
+        pos=st.pos,
+        n_rows=st.n_rows,
+        n_seqs=st.manifest["data"]["n_seqs"],
+        stats=st.manifest["stats"],
+        rounding=st.manifest["rounding_error"],
+    )
     # the per-shard arrays of a shrunk store are sized for its shards, as if laid out for them
     out.update({name: st.group[name][:] for name in ("progress/shard_done", "progress/shard_crc")})
     return out
@@ -84,8 +99,13 @@ def _all_tokens_first(m: pytest.MonkeyPatch) -> None:
     """The harvest gets every sequence before it lays the store out (as before the feed)."""
     start = TokenFeed.start
 
-    def whole(cls: type, cfg: HarvestConfig, tokenizer: Any, window: int | None = None,
-              progress: bool = False) -> TokenFeed:
+    def whole(
+        cls: type,
+        cfg: HarvestConfig,
+        tokenizer: Any,
+        window: int | None = None,
+        progress: bool = False,
+    ) -> TokenFeed:
         return TokenFeed.of(start(cfg, tokenizer).result(cfg.data.source, cfg.n_tokens))
 
     m.setattr(TokenFeed, "start", classmethod(whole))
@@ -118,18 +138,26 @@ def test_the_harvest_runs_while_tokens_arrive_and_stores_the_same_bytes(tmp_path
 # 23 sequences: the data ends inside a batch of 4; 30: exactly where a batch of 5 would start
 @pytest.mark.parametrize(("max_docs", "batch_size"), [(30, 4), (40, 5)])
 def test_data_running_out_mid_harvest_shrinks_the_store_to_what_there_was(
-        tmp_path: Path, max_docs: int, batch_size: int, capsys: pytest.CaptureFixture[str]) -> None:
+    tmp_path: Path, max_docs: int, batch_size: int, capsys: pytest.CaptureFixture[str]
+) -> None:
     """The store ends with the last whole sequence (inside a shard: a partial last shard), and
     equals a harvest that knew the count before laying the store out."""
-    cfg = _cfg(n_tokens=10_000, batch_size=batch_size, data={"source": "synthetic:mixed", "seed": 3,
-                                                             "max_docs": max_docs})
+    cfg = _cfg(
+        n_tokens=10_000,
+        batch_size=batch_size,
+        data={"source": "synthetic:mixed", "seed": 3, "max_docs": max_docs},
+    )
     n_seqs = len(tokenize_all(cfg, byte_tokenizer()))
-    assert 5 < n_seqs < cfg.n_seqs and (n_seqs * cfg.context) % cfg.shard_rows  # runs out after the gate opens
+    assert (
+        5 < n_seqs < cfg.n_seqs and (n_seqs * cfg.context) % cfg.shard_rows
+    )  # runs out after the gate opens
     known, _ = _harvest(cfg, tmp_path / "known", _all_tokens_first)
     capsys.readouterr()
     streamed, seen = _harvest(cfg, tmp_path / "streamed", _tokens_after_store_creation)
     assert seen["shrinks"] == [n_seqs * cfg.context]
-    assert f"the data ran out after {n_seqs * cfg.context} of 10000 tokens" in capsys.readouterr().out
+    assert (
+        f"the data ran out after {n_seqs * cfg.context} of 10000 tokens" in capsys.readouterr().out
+    )
     a, b = _arrays(streamed["store"]), _arrays(known["store"])
     assert a["n_rows"] == n_seqs * cfg.context and a["n_seqs"] == n_seqs
     _assert_same(a, b)
@@ -154,7 +182,12 @@ def test_a_stop_after_the_store_shrank_resumes_to_the_same_bytes(tmp_path: Path)
     with pytest.raises(KeyboardInterrupt):
         _harvest(cfg, tmp_path / "run", stop_at_the_last_shard)
     st = ActivationStore.open(str(tmp_path / "run" / "store.zarr"))
-    assert not st.complete and st.n_rows == n_rows and last not in st.done_shards() and last - 1 in st.done_shards()
+    assert (
+        not st.complete
+        and st.n_rows == n_rows
+        and last not in st.done_shards()
+        and last - 1 in st.done_shards()
+    )
     resumed, seen = _harvest(cfg, tmp_path / "run", _tokens_after_store_creation)
     assert seen["shrinks"] == []  # resumed at its shrunk size, where the data ends
     known, _ = _harvest(cfg, tmp_path / "known", _all_tokens_first)
@@ -169,7 +202,9 @@ def test_an_empty_data_set_is_refused_before_anything_is_written(tmp_path: Path)
     assert not (tmp_path / "out" / "store.zarr").exists()
 
 
-def test_an_error_while_tokenizing_stops_the_harvest_in_one_line_and_keeps_what_was_written(tmp_path: Path) -> None:
+def test_an_error_while_tokenizing_stops_the_harvest_in_one_line_and_keeps_what_was_written(
+    tmp_path: Path,
+) -> None:
     """A document the tokenizer cannot read, after the store is laid out: the harvest stops with
     the tokenizer's error, the shards written stay, and a rerun (data fixed) resumes."""
     cfg = _cfg()
@@ -190,26 +225,36 @@ def test_an_error_while_tokenizing_stops_the_harvest_in_one_line_and_keeps_what_
     with pytest.raises(UserError, match="document 40 cannot be decoded"):
         _harvest(cfg, tmp_path / "run", breaks_after_40)
     st = ActivationStore.open(str(tmp_path / "run" / "store.zarr"))
-    assert not st.complete and st.done_shards() == {0, 1}  # sequences 0-39: rows 0-1279, shards 0 and 1
+    assert not st.complete and st.done_shards() == {
+        0,
+        1,
+    }  # sequences 0-39: rows 0-1279, shards 0 and 1
     resumed, _ = _harvest(cfg, tmp_path / "run", _tokens_after_store_creation)
     known, _ = _harvest(cfg, tmp_path / "known", _all_tokens_first)
     _assert_same(_arrays(resumed["store"]), _arrays(known["store"]))
 
 
-def test_a_harvest_held_up_by_the_tokenizer_says_so(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_harvest_held_up_by_the_tokenizer_says_so(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     def slow_tokens(m: pytest.MonkeyPatch) -> None:
         real = token_feed.token_sequences
 
         def slow(*args: Any, **kwargs: Any) -> Iterator[np.ndarray]:
             for i, seq in enumerate(real(*args, **kwargs)):
                 if i >= 8:
-                    time.sleep(0.02)  # 64 sequences after the first 8: ~1.3 s, far slower than tiny-neox
+                    time.sleep(
+                        0.02
+                    )  # 64 sequences after the first 8: ~1.3 s, far slower than tiny-neox
                 yield seq
 
         m.setattr(token_feed, "token_sequences", slow)
 
     _harvest(_cfg(), tmp_path / "run", slow_tokens)
-    assert "waiting for the tokenizer: tokenizing (one thread) limits this harvest" in capsys.readouterr().out
+    assert (
+        "waiting for the tokenizer: tokenizing (one thread) limits this harvest"
+        in capsys.readouterr().out
+    )
 
 
 def test_a_ring_of_a_few_sequences_gives_them_all_in_order() -> None:
@@ -232,7 +277,9 @@ def test_a_ring_of_a_few_sequences_gives_them_all_in_order() -> None:
     ring.wait_for(5)
     ring.release(3)
     assert ring.wait_for(8) == 8  # sequences 3-7 sit in slots 3, 4, 0, 1, 2
-    np.testing.assert_array_equal(ring.token_rows(3 * 32 + 5, 7 * 32 + 7), tokens[3:8].reshape(-1)[5:135])
+    np.testing.assert_array_equal(
+        ring.token_rows(3 * 32 + 5, 7 * 32 + 7), tokens[3:8].reshape(-1)[5:135]
+    )
 
 
 def test_a_reader_asking_past_the_window_is_told_so() -> None:
@@ -243,7 +290,9 @@ def test_a_reader_asking_past_the_window_is_told_so() -> None:
 
 
 @pytest.mark.parametrize("late", [False, True])
-def test_a_harvest_holding_a_window_of_tokens_stores_the_same_bytes(tmp_path: Path, late: bool) -> None:
+def test_a_harvest_holding_a_window_of_tokens_stores_the_same_bytes(
+    tmp_path: Path, late: bool
+) -> None:
     """The feed holds two batches plus a shard of sequences (42 of the 72), so the tokenizer waits
     for the harvest and sequences are overwritten once their shards are handed over; also when
     the data runs out and after a stop and resume."""
@@ -257,7 +306,7 @@ def test_a_harvest_holding_a_window_of_tokens_stores_the_same_bytes(tmp_path: Pa
 
         windowed, _ = _harvest(cfg, tmp_path / f"windowed{cfg.n_tokens}", small_window)
         _assert_same(_arrays(windowed["store"]), _arrays(known["store"]))
-    assert token_feed.window_seqs(_cfg(), 4, 512) == 2 ** 24 // 32
+    assert token_feed.window_seqs(_cfg(), 4, 512) == 2**24 // 32
     with pytest.MonkeyPatch.context() as m:
         m.setattr(token_feed, "WINDOW_TOKENS", 0)
         assert token_feed.window_seqs(_cfg(), 4, 512) == 42 < _cfg().n_seqs

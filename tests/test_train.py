@@ -1,4 +1,5 @@
-"""Training: FVU falls on synthetic data, exact kill-and-resume, NaN stops, checkpoints, bad input."""
+"""Training: FVU falls on synthetic data, exact kill-and-resume, NaN stops, checkpoints, bad
+input."""
 
 from __future__ import annotations
 
@@ -35,26 +36,52 @@ def test_training_lowers_fvu_on_known_directions(tmp_path, kind):
     held = data[-512:]
     extra = {"composer": "pair", "pair_l1": 0.1} if kind == "pair" else {}
     mcfg = model_cfg("compsae" if kind == "pair" else kind, **SMALL, **extra, l1_coef=0.02)
-    tcfg = TrainConfig(lr=3e-3, batch_size=128, tokens=128 * 250, log_every=50, checkpoint_every=1000,
-                       device="cpu", warmup_fraction=0.02)
+    tcfg = TrainConfig(
+        lr=3e-3,
+        batch_size=128,
+        tokens=128 * 250,
+        log_every=50,
+        checkpoint_every=1000,
+        device="cpu",
+        warmup_fraction=0.02,
+    )
     torch.manual_seed(0)
     model = build_model(mcfg, 16)
     model.init_b_dec(data[:512])
     start = _fvu(model, held)
-    trainer = Trainer(model, mcfg, tcfg, str(tmp_path / kind), {"config_hash": "x", "d_in": 16}, progress=False)
-    batches = (data[i % 60 * 128:(i % 60 + 1) * 128] for i in range(10**6))
+    trainer = Trainer(
+        model, mcfg, tcfg, str(tmp_path / kind), {"config_hash": "x", "d_in": 16}, progress=False
+    )
+    batches = (data[i % 60 * 128 : (i % 60 + 1) * 128] for i in range(10**6))
     last = trainer.fit(batches)
     end = _fvu(model, held)
     assert end < 0.35 * start and end < 0.35, (start, end)
     assert last["step"] == 250 and last["k"] in (4, None) and np.isfinite(last["fvu"])
     lines = (tmp_path / kind / "metrics.jsonl").read_text().splitlines()
-    assert len(lines) == 5 and {"loss", "mse", "fvu", "l0", "dead_fraction", "lr", "tokens_per_s"} <= set(json.loads(lines[0]))
+    assert len(lines) == 5 and {
+        "loss",
+        "mse",
+        "fvu",
+        "l0",
+        "dead_fraction",
+        "lr",
+        "tokens_per_s",
+    } <= set(json.loads(lines[0]))
 
 
 def _stage(**over) -> TrainStageConfig:
-    base = {"hook": HOOK, "batch_size": 64, "tokens": 64 * 30, "log_every": 5, "checkpoint_every": 10,
-            "device": "cpu", "lr": 1e-3, "heldout_fraction": 0.1, "mix_chunks": 4,
-            "models": {"comp": model_cfg("compsae", **SMALL), "topk": model_cfg("topk", **SMALL)}}
+    base = {
+        "hook": HOOK,
+        "batch_size": 64,
+        "tokens": 64 * 30,
+        "log_every": 5,
+        "checkpoint_every": 10,
+        "device": "cpu",
+        "lr": 1e-3,
+        "heldout_fraction": 0.1,
+        "mix_chunks": 4,
+        "models": {"comp": model_cfg("compsae", **SMALL), "topk": model_cfg("topk", **SMALL)},
+    }
     return TrainStageConfig(**{**base, **over})
 
 
@@ -82,10 +109,15 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path, monkeypatch):
         a = load_file(tmp_path / "ref" / name / "model.safetensors")
         b = load_file(tmp_path / "run" / name / "model.safetensors")
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
-        steps = [json.loads(ln)["step"] for ln in (tmp_path / "run" / name / "metrics.jsonl").read_text().splitlines()]
+        steps = [
+            json.loads(ln)["step"]
+            for ln in (tmp_path / "run" / name / "metrics.jsonl").read_text().splitlines()
+        ]
         assert steps == [5, 10, 15, 20, 25, 30]
     assert out["digest"] == ref["digest"]
-    assert out["models"]["comp"]["heldout"]["fvu"] == pytest.approx(ref["models"]["comp"]["heldout"]["fvu"])
+    assert out["models"]["comp"]["heldout"]["fvu"] == pytest.approx(
+        ref["models"]["comp"]["heldout"]["fvu"]
+    )
     # a finished run is reused, not retrained
     again = run_train(cfg, store.url, str(tmp_path / "run"), progress=False)
     assert again["digest"] == ref["digest"] and again["models"]["topk"]["step"] == 30
@@ -95,8 +127,14 @@ def _poisoned_run(tmp_path, n_batches: int, bad_batch: int, value: float, **trai
     """A TopK trainer on `n_batches` random batches of 32 rows, one of which holds `value`."""
     mcfg = model_cfg("topk", **SMALL)
     tcfg = TrainConfig(batch_size=32, tokens=32 * n_batches, device="cpu", **train)
-    trainer = Trainer(build_model(mcfg, 16), mcfg, tcfg, str(tmp_path / "m"), {"config_hash": "x", "d_in": 16},
-                      progress=False)
+    trainer = Trainer(
+        build_model(mcfg, 16),
+        mcfg,
+        tcfg,
+        str(tmp_path / "m"),
+        {"config_hash": "x", "d_in": 16},
+        progress=False,
+    )
 
     def batches():
         for i in range(n_batches):
@@ -128,7 +166,9 @@ def test_a_non_finite_loss_is_noted_on_the_device_and_read_at_the_next_check(tmp
     first.note(torch.tensor(float("nan")), 5)
     assert first.read() == (3, float("inf"))
 
-    trainer, batches = _poisoned_run(tmp_path, 6, 3, float("nan"), checkpoint_every=100, log_every=100)
+    trainer, batches = _poisoned_run(
+        tmp_path, 6, 3, float("nan"), checkpoint_every=100, log_every=100
+    )
     with pytest.raises(UserError, match="loss is nan at step 4; no checkpoint was written yet"):
         trainer.fit(batches)
     assert trainer.step == 6 and not (tmp_path / "m" / "config.json").exists()
@@ -157,8 +197,9 @@ def test_force_never_deletes_a_file_compsae_did_not_write(tmp_path):
     assert mine.read_text() == "my notes"
     assert (tmp_path / "t" / "comp" / "model.safetensors").read_bytes() == before
     mine.unlink()
-    assert run_train(_stage(tokens=64 * 2, lr=1e-2), store.url, out, force=True,
-                     progress=False)["models"]["comp"]["finished"]
+    assert run_train(_stage(tokens=64 * 2, lr=1e-2), store.url, out, force=True, progress=False)[
+        "models"
+    ]["comp"]["finished"]
 
 
 def test_bad_input_is_one_line_and_leaves_no_complete_checkpoint(tmp_path):
@@ -173,21 +214,32 @@ def test_bad_input_is_one_line_and_leaves_no_complete_checkpoint(tmp_path):
     run_train(_stage(tokens=64 * 2), store.url, str(tmp_path / "d"), progress=False)
     with pytest.raises(UserError, match="another config.*--force"):
         run_train(_stage(tokens=64 * 2, lr=1e-2), store.url, str(tmp_path / "d"), progress=False)
-    out = run_train(_stage(tokens=64 * 2, lr=1e-2), store.url, str(tmp_path / "d"), force=True, progress=False)
+    out = run_train(
+        _stage(tokens=64 * 2, lr=1e-2), store.url, str(tmp_path / "d"), force=True, progress=False
+    )
     assert out["models"]["comp"]["finished"]
     # a corrupt shard stops training with its name; nothing claims to be finished
     with open(f"{store.path}/acts/{HOOK}/c/1/0", "r+b") as f:
         f.seek(64)
         f.write(b"\x00\x01\x02\x03")
     with pytest.raises(UserError, match="shard 1"):
-        run_train(_stage(tokens=64 * 30), str(tmp_path / "s.zarr"), str(tmp_path / "e"), progress=False)
+        run_train(
+            _stage(tokens=64 * 30), str(tmp_path / "s.zarr"), str(tmp_path / "e"), progress=False
+        )
     for cfg_file in (tmp_path / "e").rglob("config.json"):
         assert json.loads(cfg_file.read_text())["finished"] is False
 
 
 def test_schedules():
-    m = make_model_config(k=8, n_latents=64, k_anneal_fraction=0.5, curriculum_m=[2, 3, 4], curriculum_at=[0.2, 0.4])
-    assert k_at(0, 100, m) == 32 and k_at(25, 100, m) == 20 and k_at(50, 100, m) == 8 and k_at(99, 100, m) == 8
+    m = make_model_config(
+        k=8, n_latents=64, k_anneal_fraction=0.5, curriculum_m=[2, 3, 4], curriculum_at=[0.2, 0.4]
+    )
+    assert (
+        k_at(0, 100, m) == 32
+        and k_at(25, 100, m) == 20
+        and k_at(50, 100, m) == 8
+        and k_at(99, 100, m) == 8
+    )
     assert [m_at(s, 100, m) for s in (0, 19, 20, 39, 40, 99)] == [2, 2, 3, 3, 4, 4]
     assert m_at(0, 100, m.model_copy(update={"curriculum": False})) is None
     assert k_at(0, 100, m.model_copy(update={"graduated_sparsity": False})) == 8
@@ -203,7 +255,9 @@ def test_models_trained_in_parallel_processes_match_one_at_a_time(tmp_path):
     cfg = _stage(seeds=[0, 1])
     one = run_train(cfg, store.url, str(tmp_path / "one"), progress=False)
     two = run_train(cfg, store.url, str(tmp_path / "two"), progress=False, workers=2)
-    assert set(one["models"]) == set(two["models"]) == {"comp__s0", "comp__s1", "topk__s0", "topk__s1"}
+    assert (
+        set(one["models"]) == set(two["models"]) == {"comp__s0", "comp__s1", "topk__s0", "topk__s1"}
+    )
     for name in one["models"]:
         a = load_file(str(tmp_path / "one" / name / "model.safetensors"))
         b = load_file(str(tmp_path / "two" / name / "model.safetensors"))

@@ -27,10 +27,23 @@ def _cfg() -> TrainStageConfig:
     # batch 49 splits 25 + 24, and the ~920 training rows end an epoch with a smaller batch;
     # and, with dead_window_tokens small, AuxK on a dead mask that changes during training.
     return TrainStageConfig(
-        hook=HOOK, batch_size=49, tokens=49 * 24, log_every=6, checkpoint_every=12, device="cpu", lr=1e-3,
-        heldout_fraction=0.1, mix_chunks=4, dead_window_tokens=100, num_threads=1,
-        models={"comp": model_cfg("compsae", **SMALL), "topk": model_cfg("topk", **SMALL),
-                "relu": model_cfg("relu", **SMALL, l1_coef=0.05)})
+        hook=HOOK,
+        batch_size=49,
+        tokens=49 * 24,
+        log_every=6,
+        checkpoint_every=12,
+        device="cpu",
+        lr=1e-3,
+        heldout_fraction=0.1,
+        mix_chunks=4,
+        dead_window_tokens=100,
+        num_threads=1,
+        models={
+            "comp": model_cfg("compsae", **SMALL),
+            "topk": model_cfg("topk", **SMALL),
+            "relu": model_cfg("relu", **SMALL, l1_coef=0.05),
+        },
+    )
 
 
 def _free_port() -> int:
@@ -39,10 +52,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world: int, port: int, store_url: str, out_dir: str, result_dir: str) -> None:
+def _worker(
+    rank: int, world: int, port: int, store_url: str, out_dir: str, result_dir: str
+) -> None:
     # what torchrun sets for every process it starts
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
     torch.set_num_threads(1)
     out = run_train(_cfg(), store_url, out_dir, progress=False)
     Path(result_dir, f"rank{rank}.json").write_text(json.dumps(out, sort_keys=True))
@@ -64,31 +84,57 @@ def test_two_processes_match_one_process(tmp_path):
 
     results = tmp_path / "results"
     results.mkdir()
-    mp.start_processes(_worker, args=(2, _free_port(), store.url, str(tmp_path / "ddp"), str(results)), nprocs=2,
-                       join=True, start_method="spawn")
+    mp.start_processes(
+        _worker,
+        args=(2, _free_port(), store.url, str(tmp_path / "ddp"), str(results)),
+        nprocs=2,
+        join=True,
+        start_method="spawn",
+    )
 
     rank0 = json.loads((results / "rank0.json").read_text())
-    assert json.loads((results / "rank1.json").read_text()) == rank0  # every rank returns rank 0's outputs
+    assert (
+        json.loads((results / "rank1.json").read_text()) == rank0
+    )  # every rank returns rank 0's outputs
     for name in ("comp", "topk", "relu"):
         a = load_file(tmp_path / "single" / name / "model.safetensors")
         b = load_file(tmp_path / "ddp" / name / "model.safetensors")
         assert a.keys() == b.keys()
         for key in a:
             torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-5, msg=f"{name}.{key}")
-        # rank 0 alone wrote the metrics: one line per logging step, equal to the single-process ones
-        lines = [json.loads(ln) for ln in (tmp_path / "ddp" / name / "metrics.jsonl").read_text().splitlines()]
-        ref = [json.loads(ln) for ln in (tmp_path / "single" / name / "metrics.jsonl").read_text().splitlines()]
+        # rank 0 alone wrote the metrics: one line per logging step, equal to the single-process
+        # ones
+        lines = [
+            json.loads(ln)
+            for ln in (tmp_path / "ddp" / name / "metrics.jsonl").read_text().splitlines()
+        ]
+        ref = [
+            json.loads(ln)
+            for ln in (tmp_path / "single" / name / "metrics.jsonl").read_text().splitlines()
+        ]
         assert [r["step"] for r in lines] == [r["step"] for r in ref] == list(range(6, 25, 6))
         for got, want in zip(lines, ref, strict=True):
-            assert (got["k"], got["m"], got["tokens"], got["lr"]) == (want["k"], want["m"], want["tokens"], want["lr"])
+            assert (got["k"], got["m"], got["tokens"], got["lr"]) == (
+                want["k"],
+                want["m"],
+                want["tokens"],
+                want["lr"],
+            )
             for key in ("loss", "fvu", "l0", "dead_fraction"):
-                assert got[key] == pytest.approx(want[key], rel=1e-3, abs=1e-5), (name, got["step"], key)
-        assert rank0["models"][name]["heldout"]["fvu"] == pytest.approx(single["models"][name]["heldout"]["fvu"],
-                                                                         rel=1e-3)
+                assert got[key] == pytest.approx(want[key], rel=1e-3, abs=1e-5), (
+                    name,
+                    got["step"],
+                    key,
+                )
+        assert rank0["models"][name]["heldout"]["fvu"] == pytest.approx(
+            single["models"][name]["heldout"]["fvu"], rel=1e-3
+        )
     assert rank0["models"]["topk"]["step"] == 24 and rank0["models"]["topk"]["finished"]
     # the AuxK dead mask was in play (dead latents existed at some logged step)
-    assert any(json.loads(ln)["dead_fraction"] > 0
-               for ln in (tmp_path / "ddp" / "topk" / "metrics.jsonl").read_text().splitlines())
+    assert any(
+        json.loads(ln)["dead_fraction"] > 0
+        for ln in (tmp_path / "ddp" / "topk" / "metrics.jsonl").read_text().splitlines()
+    )
 
 
 _TORCHRUN_SCRIPT = """
@@ -107,15 +153,28 @@ def torchrun(cfg: TrainStageConfig, store_url: str, tmp_path: Path, timeout: flo
     `tmp_path/rank<N>.json`)."""
     script = tmp_path / "train.py"
     script.write_text(_TORCHRUN_SCRIPT)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()),
-           str(script), cfg.model_dump_json(), store_url, str(tmp_path / "ddp"), str(tmp_path)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-port",
+        str(_free_port()),
+        str(script),
+        cfg.model_dump_json(),
+        store_url,
+        str(tmp_path / "ddp"),
+        str(tmp_path),
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     assert done.returncode == 0, done.stderr[-2000:]
 
 
 @pytest.mark.slow
 def test_torchrun_launch(tmp_path):
-    """The real launcher: `torchrun --nproc-per-node 2` (env:// rendezvous, gloo) around run_train."""
+    """The real launcher: `torchrun --nproc-per-node 2` (env:// rendezvous, gloo) around
+    run_train."""
     store, _ = make_store(str(tmp_path / "s.zarr"), n=1024)
     cfg = _cfg().model_copy(update={"models": {"topk": model_cfg("topk", **SMALL)}})
     torchrun(cfg, store.url, tmp_path, timeout=300)
@@ -127,4 +186,3 @@ def test_torchrun_launch(tmp_path):
     b = load_file(tmp_path / "ddp" / "topk" / "model.safetensors")
     for key in a:
         torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-5)
-

@@ -19,10 +19,22 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUD
 @pytest.mark.parametrize("kind", ["topk", "compsae"])
 def test_training_steps_between_log_steps_do_not_sync(tmp_path, kind: str) -> None:
     mcfg = model_cfg(kind, **SMALL)
-    tcfg = TrainConfig(batch_size=64, tokens=64 * 40, log_every=1000, checkpoint_every=1000, device="cuda",
-                       dead_window_tokens=64 * 3)  # latents die early: AuxK runs in the checked steps
-    trainer = Trainer(build_model(mcfg, 16), mcfg, tcfg, str(tmp_path / kind), {"config_hash": "x", "d_in": 16},
-                      progress=False)
+    tcfg = TrainConfig(
+        batch_size=64,
+        tokens=64 * 40,
+        log_every=1000,
+        checkpoint_every=1000,
+        device="cuda",
+        dead_window_tokens=64 * 3,
+    )  # latents die early: AuxK runs in the checked steps
+    trainer = Trainer(
+        build_model(mcfg, 16),
+        mcfg,
+        tcfg,
+        str(tmp_path / kind),
+        {"config_hash": "x", "d_in": 16},
+        progress=False,
+    )
     xs = [torch.randn(64, 16, device="cuda") for _ in range(40)]
     for x in xs[:5]:  # warm-up: b_dec's initialisation, allocator, first kernels
         if trainer.step == 0:

@@ -19,11 +19,22 @@ SMALL = {"n_latents": 32, "k": 4, "d_f": 8, "d_c": 4, "n_heads": 2, "aux_k": 8}
 def trained(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("curves")
     store, _ = make_store(str(tmp / "s.zarr"), n=1024)
-    cfg = TrainStageConfig(hook=HOOK, batch_size=64, tokens=64 * 12, log_every=3, checkpoint_every=100, device="cpu",
-                           lr=1e-3, heldout_fraction=0.1, mix_chunks=4,
-                           models={"comp": model_cfg("compsae", **SMALL),
-                                   "topk": model_cfg("topk", **SMALL),
-                                   "relu": make_model_config(type="relu", n_latents=32)})
+    cfg = TrainStageConfig(
+        hook=HOOK,
+        batch_size=64,
+        tokens=64 * 12,
+        log_every=3,
+        checkpoint_every=100,
+        device="cpu",
+        lr=1e-3,
+        heldout_fraction=0.1,
+        mix_chunks=4,
+        models={
+            "comp": model_cfg("compsae", **SMALL),
+            "topk": model_cfg("topk", **SMALL),
+            "relu": make_model_config(type="relu", n_latents=32),
+        },
+    )
     out = run_train(cfg, store.url, str(tmp / "train"), progress=False)
     return tmp, out
 
@@ -48,8 +59,12 @@ def test_train_stage_draws_every_model_on_one_figure(trained):
 
 def test_a_line_cut_by_a_kill_is_skipped(tmp_path):
     (tmp_path / "metrics.jsonl").write_text(
-        json.dumps({"step": 1, "tokens": 10, "fvu": 0.5}) + "\n" + json.dumps({"step": 2, "tokens": 20, "fvu": 0.4})
-        + "\n" + '{"step": 3, "tok')
+        json.dumps({"step": 1, "tokens": 10, "fvu": 0.5})
+        + "\n"
+        + json.dumps({"step": 2, "tokens": 20, "fvu": 0.4})
+        + "\n"
+        + '{"step": 3, "tok'
+    )
     df = read_metrics_log(str(tmp_path))
     assert list(df["step"]) == [1, 2]
     assert final_values({"m": df}) == [{"model": "m", "step": 2, "tokens": 20, "fvu": 0.4}]

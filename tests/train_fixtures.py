@@ -11,8 +11,9 @@ from compsae.store import ActivationStore, StoreLayout
 HOOK = "blocks.0.hook_resid_post"
 
 
-def sparse_mixture(n: int, d: int = 16, n_dirs: int = 32, active: int = 3, seed: int = 0
-                   ) -> tuple[np.ndarray, np.ndarray]:
+def sparse_mixture(
+    n: int, d: int = 16, n_dirs: int = 32, active: int = 3, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
     """`n` rows, each a positive combination of `active` of `n_dirs` unit directions in R^d, plus a
     constant offset; returns (x [n, d] float32, directions [n_dirs, d])."""
     rng = np.random.default_rng(seed)
@@ -24,12 +25,22 @@ def sparse_mixture(n: int, d: int = 16, n_dirs: int = 32, active: int = 3, seed:
     return x.astype(np.float32), dirs
 
 
-def make_store(url: str, n: int = 2048, d: int = 16, seq_len: int = 16, chunk_rows: int = 64,
-               shard_rows: int = 256, dtype: str = "float32", seed: int = 0) -> tuple[ActivationStore, np.ndarray]:
+def make_store(
+    url: str,
+    n: int = 2048,
+    d: int = 16,
+    seq_len: int = 16,
+    chunk_rows: int = 64,
+    shard_rows: int = 256,
+    dtype: str = "float32",
+    seed: int = 0,
+) -> tuple[ActivationStore, np.ndarray]:
     """A complete store of `n` synthetic rows (sequences of `seq_len` rows) under `HOOK`."""
     x, _ = sparse_mixture(n, d, seed=seed)
     layout = StoreLayout(chunk_rows=chunk_rows, shard_rows=shard_rows, dtype=dtype)
-    st = ActivationStore.create(url, {HOOK: d}, n, layout, {"config_hash": f"synthetic-{seed}"}, overwrite=True)
+    st = ActivationStore.create(
+        url, {HOOK: d}, n, layout, {"config_hash": f"synthetic-{seed}"}, overwrite=True
+    )
     for s in range(st.n_shards):
         lo, hi = st.shard_range(s)
         rows = np.arange(lo, hi)
@@ -39,7 +50,8 @@ def make_store(url: str, n: int = 2048, d: int = 16, seq_len: int = 16, chunk_ro
 
 
 def model_cfg(kind: str, **fields: Any) -> Any:
-    """A model config of `kind` from a settings dict shared by several kinds (each keeps its own)."""
+    """A model config of `kind` from a settings dict shared by several kinds (each keeps its
+    own)."""
     from compsae.train.config import MODEL_CONFIGS, make_model_config
 
     own = MODEL_CONFIGS[kind].model_fields

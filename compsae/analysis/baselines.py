@@ -29,7 +29,9 @@ class PCABaseline:
     """`x̂ = μ + c V` with `c = (x − μ) Vᵀ`, `V: [r, d]` the top principal directions; with `top_k`
     the full basis and only the top_k largest |c| per token."""
 
-    def __init__(self, name: str, mean: np.ndarray, components: np.ndarray, top_k: int | None = None) -> None:
+    def __init__(
+        self, name: str, mean: np.ndarray, components: np.ndarray, top_k: int | None = None
+    ) -> None:
         self.name = name
         self.kind = "pca_topk" if top_k is not None else "pca"
         self.mean = mean.astype(np.float32)  # [d]
@@ -39,10 +41,15 @@ class PCABaseline:
 
     @classmethod
     def fit(cls, x: np.ndarray, k: int, sparse: bool, seed: int = 0) -> PCABaseline:
-        """Fit on training rows `x: [m, d]`: rank k, or (sparse) the full basis with top-k coefficients."""
+        """Fit on training rows `x: [m, d]`: rank k, or (sparse) the full basis with top-k
+        coefficients."""
         rank = min(x.shape) if sparse else min(k, *x.shape)
-        pca = PCA(n_components=rank, svd_solver="full", random_state=seed).fit(np.asarray(x, np.float64))
-        return cls("pca_topk" if sparse else "pca", pca.mean_, pca.components_, top_k=k if sparse else None)
+        pca = PCA(n_components=rank, svd_solver="full", random_state=seed).fit(
+            np.asarray(x, np.float64)
+        )
+        return cls(
+            "pca_topk" if sparse else "pca", pca.mean_, pca.components_, top_k=k if sparse else None
+        )
 
     def __call__(self, x: np.ndarray) -> Reconstruction:
         codes = (np.asarray(x, np.float32) - self.mean) @ self.components.T  # [b, r]
@@ -52,7 +59,8 @@ class PCABaseline:
 
 
 def sign_split(x: np.ndarray) -> np.ndarray:
-    """`x: [b, d]` -> `[relu(x), relu(−x)]: [b, 2d]`, non-negative and invertible (x = left − right)."""
+    """`x: [b, d]` -> `[relu(x), relu(−x)]: [b, 2d]`, non-negative and invertible (x = left −
+    right)."""
     return np.concatenate([np.maximum(x, 0), np.maximum(-x, 0)], axis=1)
 
 
@@ -68,21 +76,29 @@ class NMFBaseline:
     @classmethod
     def fit(cls, x: np.ndarray, k: int, n_components: int, seed: int = 0) -> NMFBaseline:
         """Fit `n_components` non-negative atoms on training rows `x: [m, d]`."""
-        nmf = MiniBatchNMF(n_components=min(n_components, x.shape[0]), init="nndsvda", batch_size=1024,
-                           max_iter=50, random_state=seed)
+        nmf = MiniBatchNMF(
+            n_components=min(n_components, x.shape[0]),
+            init="nndsvda",
+            batch_size=1024,
+            max_iter=50,
+            random_state=seed,
+        )
         nmf.fit(sign_split(np.asarray(x, np.float32)))
         return cls("nmf", nmf, k)
 
     def __call__(self, x: np.ndarray) -> Reconstruction:
         x = np.asarray(x, np.float32)
         d = x.shape[1]
-        codes = keep_top_k(self.nmf.transform(sign_split(x)).astype(np.float32), self.top_k)  # [b, c] >= 0
+        codes = keep_top_k(
+            self.nmf.transform(sign_split(x)).astype(np.float32), self.top_k
+        )  # [b, c] >= 0
         both = codes @ self.nmf.components_.astype(np.float32)  # [b, 2d]
         return Reconstruction(x_hat=both[:, :d] - both[:, d:], z=codes)
 
 
-def fit_baselines(names: list[str], x_train: np.ndarray, k: int, nmf_components: int, seed: int = 0
-                  ) -> list[PCABaseline | NMFBaseline]:
+def fit_baselines(
+    names: list[str], x_train: np.ndarray, k: int, nmf_components: int, seed: int = 0
+) -> list[PCABaseline | NMFBaseline]:
     """The requested baselines (`pca`, `pca_topk`, `nmf`) fitted on `x_train: [m, d]` at L0 = k."""
     out: list[PCABaseline | NMFBaseline] = []
     for name in names:

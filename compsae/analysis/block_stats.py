@@ -39,9 +39,11 @@ class BlockSpec:
         return rows
 
 
-def model_partial(rec_fn: Reconstructor, x: np.ndarray, pos: np.ndarray, rows: np.ndarray, spec: BlockSpec
-                  ) -> dict[str, Any]:
-    """Partials of one model on held-out rows `x: [b, d]` at positions `pos: [b]`, store rows `rows: [b]`."""
+def model_partial(
+    rec_fn: Reconstructor, x: np.ndarray, pos: np.ndarray, rows: np.ndarray, spec: BlockSpec
+) -> dict[str, Any]:
+    """Partials of one model on held-out rows `x: [b, d]` at positions `pos: [b]`, store rows `rows:
+    [b]`."""
     rows_map = spec.rows_map(rec_fn.name, rec_fn.n_latents)
     effects = None
     if rows_map is not None and "pairs" not in spec.skip and hasattr(rec_fn, "reconstruct"):
@@ -54,8 +56,12 @@ def model_partial(rec_fn: Reconstructor, x: np.ndarray, pos: np.ndarray, rows: n
     bos = pos == 0
     off = rec.x_hat_off
     part: dict[str, Any] = {
-        "bos": ReconSums.from_batch(x[bos], rec.x_hat[bos], l0[bos], None if off is None else off[bos]),
-        "rest": ReconSums.from_batch(x[~bos], rec.x_hat[~bos], l0[~bos], None if off is None else off[~bos]),
+        "bos": ReconSums.from_batch(
+            x[bos], rec.x_hat[bos], l0[bos], None if off is None else off[bos]
+        ),
+        "rest": ReconSums.from_batch(
+            x[~bos], rec.x_hat[~bos], l0[~bos], None if off is None else off[~bos]
+        ),
     }
     if "latents" not in spec.skip:
         part["latents"] = LatentSums.from_codes(rec.z)
@@ -66,7 +72,9 @@ def model_partial(rec_fn: Reconstructor, x: np.ndarray, pos: np.ndarray, rows: n
         if "heads" not in spec.skip:
             part["heads"] = HeadSums.from_block(active, rec.attn)
         if rows_map is not None and "pairs" not in spec.skip:
-            part["pairs"] = PairSums.from_block(active, rec.attn, rows_map, len(spec.tracked[rec_fn.name]))
+            part["pairs"] = PairSums.from_block(
+                active, rec.attn, rows_map, len(spec.tracked[rec_fn.name])
+            )
     if effects is not None:
         part["effects"] = effects
     if rec.gate is not None and "gate" not in spec.skip:
@@ -74,8 +82,14 @@ def model_partial(rec_fn: Reconstructor, x: np.ndarray, pos: np.ndarray, rows: n
     return part
 
 
-def block_partial(x: np.ndarray, keep: np.ndarray, pos: np.ndarray, row0: int, recons: list[Reconstructor],
-                  spec: BlockSpec) -> dict[str, dict[str, Any]] | None:
+def block_partial(
+    x: np.ndarray,
+    keep: np.ndarray,
+    pos: np.ndarray,
+    row0: int,
+    recons: list[Reconstructor],
+    spec: BlockSpec,
+) -> dict[str, dict[str, Any]] | None:
     """Partials of every model on one block: `x: [rows, d]` from store row `row0`, `keep: [rows]`
     the held-out rows to evaluate, `pos: [rows]` their positions.  None when nothing is kept."""
     idx = np.flatnonzero(keep)

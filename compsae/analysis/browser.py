@@ -23,7 +23,11 @@ def load_unembedding(manifest: dict[str, Any], hook: str) -> tuple[np.ndarray | 
 
         return unembedding(manifest, hook), ""
     except Exception as e:  # noqa: BLE001 - logit effects are optional; everything else still shows
-        return None, f"logit effects left out: {str(e).splitlines()[0][:160] if str(e) else type(e).__name__}"
+        return (
+            None,
+            "logit effects left out: "
+            f"{str(e).splitlines()[0][:160] if str(e) else type(e).__name__}",
+        )
 
 
 def codes_fn(rec: Any) -> Callable[[np.ndarray], np.ndarray]:
@@ -58,13 +62,25 @@ def sample_heldout(keep: np.ndarray, n: int) -> np.ndarray:
     return rows[np.unique(np.linspace(0, len(rows) - 1, n).astype(np.int64))]
 
 
-def write_browsers(work: str, saes: list[Any], latents: pd.DataFrame, tops: pd.DataFrame,
-                   arrays: dict[str, dict[str, Any]], store: ActivationStore, hook: str, keep: np.ndarray,
-                   decode: Callable[[int], str], per_latent: int, window: int, hist_rows: int) -> dict[str, str]:
-    """One page per SAE reconstructor in `saes` into `<work>/browser/`; returns name -> relative path.
+def write_browsers(
+    work: str,
+    saes: list[Any],
+    latents: pd.DataFrame,
+    tops: pd.DataFrame,
+    arrays: dict[str, dict[str, Any]],
+    store: ActivationStore,
+    hook: str,
+    keep: np.ndarray,
+    decode: Callable[[int], str],
+    per_latent: int,
+    window: int,
+    hist_rows: int,
+) -> dict[str, str]:
+    """One page per SAE reconstructor in `saes` into `<work>/browser/`; returns name -> relative
+    path.
 
-    `latents` / `tops`: latents.parquet / top_contexts.parquet of every model; `keep`: the evaluated
-    held-out rows (the histograms sample them)."""
+        `latents` / `tops`: latents.parquet / top_contexts.parquet of every model; `keep`: the
+        evaluated held-out rows (the histograms sample them)."""
     os.makedirs(os.path.join(work, BROWSER_DIR), exist_ok=True)
     w_u, why = load_unembedding(store.manifest, hook)
     sample = sample_heldout(keep, hist_rows)
@@ -74,14 +90,29 @@ def write_browsers(work: str, saes: list[Any], latents: pd.DataFrame, tops: pd.D
         w_dec = model.W_dec.detach().float().cpu().numpy() if w_u is not None else None
         notes = [why] if why else []
         if w_dec is not None and w_u is not None and w_dec.shape[1] != w_u.shape[0]:
-            notes.append(f"logit effects left out: decoder width {w_dec.shape[1]} is not the LM's d_model {w_u.shape[0]}")
+            notes.append(
+                f"logit effects left out: decoder width {w_dec.shape[1]} is not the LM's d_model "
+                f"{w_u.shape[0]}"
+            )
             w_dec = None
         data = browser_data(
-            rec.name, rec.kind, codes_fn(rec), store, hook,
+            rec.name,
+            rec.kind,
+            codes_fn(rec),
+            store,
+            hook,
             latents[latents["model"] == rec.name] if len(latents) else latents,
             tops[tops["model"] == rec.name] if len(tops) else tops,
-            arrays.get(rec.name, {}), decode, sample, w_dec=w_dec, w_u=w_u, per_latent=per_latent, window=window,
-            n_tokens=int(keep.sum()), notes=notes)
+            arrays.get(rec.name, {}),
+            decode,
+            sample,
+            w_dec=w_dec,
+            w_u=w_u,
+            per_latent=per_latent,
+            window=window,
+            n_tokens=int(keep.sum()),
+            notes=notes,
+        )
         rel = f"{BROWSER_DIR}/{rec.name}.html"
         with open(os.path.join(work, rel), "w", encoding="utf-8") as f:
             f.write(render_browser(data))

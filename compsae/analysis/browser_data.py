@@ -48,10 +48,12 @@ def read_rows(store: ActivationStore, hook: str, rows: np.ndarray) -> np.ndarray
     return out
 
 
-def context_windows(tops: pd.DataFrame, store: ActivationStore, per_latent: int, window: int
-                    ) -> tuple[pd.DataFrame, np.ndarray]:
+def context_windows(
+    tops: pd.DataFrame, store: ActivationStore, per_latent: int, window: int
+) -> tuple[pd.DataFrame, np.ndarray]:
     """The first `per_latent` top contexts of each latent, each as its store rows (`rows`: the
-    centre row and up to `window` rows before it in the same sequence); and all rows needed, sorted."""
+    centre row and up to `window` rows before it in the same sequence); and all rows needed,
+    sorted."""
     sel = tops[tops["rank"] < per_latent].sort_values(["latent", "rank"]).reset_index(drop=True)
     seq = store.column_view("seq_id")
     ctx_rows = []
@@ -64,8 +66,14 @@ def context_windows(tops: pd.DataFrame, store: ActivationStore, per_latent: int,
     return sel, needed
 
 
-def encode_pairs(encode: Callable[[np.ndarray], np.ndarray], x: np.ndarray, row_idx: np.ndarray,
-                 latent: np.ndarray, centre: np.ndarray, batch: int = 2048) -> tuple[np.ndarray, list[np.ndarray]]:
+def encode_pairs(
+    encode: Callable[[np.ndarray], np.ndarray],
+    x: np.ndarray,
+    row_idx: np.ndarray,
+    latent: np.ndarray,
+    centre: np.ndarray,
+    batch: int = 2048,
+) -> tuple[np.ndarray, list[np.ndarray]]:
     """Codes of `x: [m, d]` at the (row_idx, latent) pairs `[p]`, and the active latent ids of each
     row in `centre` (indices into x), encoding `batch` rows at a time (the dense codes are never
     all in memory)."""
@@ -81,8 +89,9 @@ def encode_pairs(encode: Callable[[np.ndarray], np.ndarray], x: np.ndarray, row_
     return vals, active
 
 
-def activation_histograms(encode: Callable[[np.ndarray], np.ndarray], x: np.ndarray, top: np.ndarray,
-                          batch: int = 2048) -> np.ndarray:
+def activation_histograms(
+    encode: Callable[[np.ndarray], np.ndarray], x: np.ndarray, top: np.ndarray, batch: int = 2048
+) -> np.ndarray:
     """`[n, HIST_BINS]` counts of each latent's non-zero codes on `x: [m, d]`, in equal bins from 0
     to its max activation `top: [n]` (values above it go to the last bin)."""
     n = len(top)
@@ -96,10 +105,12 @@ def activation_histograms(encode: Callable[[np.ndarray], np.ndarray], x: np.ndar
     return counts
 
 
-def partner_table(arrays: dict[str, Any], limit: int = PARTNERS) -> tuple[str | None, dict[int, list[tuple[int, float]]]]:
-    """(the matrix used, latent -> its strongest partners `(partner, score)`), from the first per-pair
-    matrix in `PARTNER_MATRICES` that analysis wrote for this model; ({} when it has none: a model
-    without composition)."""
+def partner_table(
+    arrays: dict[str, Any], limit: int = PARTNERS
+) -> tuple[str | None, dict[int, list[tuple[int, float]]]]:
+    """(the matrix used, latent -> its strongest partners `(partner, score)`), from the first
+    per-pair matrix in `PARTNER_MATRICES` that analysis wrote for this model; ({} when it has none:
+    a model without composition)."""
     tracked = arrays.get("tracked")
     for key in PARTNER_MATRICES:
         mat = arrays.get(key)
@@ -120,8 +131,9 @@ def partner_table(arrays: dict[str, Any], limit: int = PARTNERS) -> tuple[str | 
     return None, {}
 
 
-def logit_effects(w_dec: np.ndarray, w_u: np.ndarray, k: int = LOGIT_TOKENS, block: int = 256
-                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def logit_effects(
+    w_dec: np.ndarray, w_u: np.ndarray, k: int = LOGIT_TOKENS, block: int = 256
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Each decoder row `w_dec: [n, d]` through the unembedding `w_u: [d, vocab]` ->
     (top-k promoted token ids `[n, k]`, their logit changes, bottom-k ids, their changes), per unit
     of activation, in blocks of latents (the full `[n, vocab]` product is never held)."""
@@ -140,28 +152,63 @@ def logit_effects(w_dec: np.ndarray, w_u: np.ndarray, k: int = LOGIT_TOKENS, blo
     return np.concatenate(ups), np.concatenate(upv), np.concatenate(downs), np.concatenate(downv)
 
 
-def browser_data(name: str, kind: str, encode: Callable[[np.ndarray], np.ndarray], store: ActivationStore, hook: str,
-                 latents: pd.DataFrame, tops: pd.DataFrame, arrays: dict[str, Any], decode: Callable[[int], str],
-                 sample_rows: np.ndarray, w_dec: np.ndarray | None = None, w_u: np.ndarray | None = None,
-                 per_latent: int = 5, window: int = 12, n_tokens: int = 0, notes: list[str] | None = None
-                 ) -> dict[str, Any]:
+def browser_data(
+    name: str,
+    kind: str,
+    encode: Callable[[np.ndarray], np.ndarray],
+    store: ActivationStore,
+    hook: str,
+    latents: pd.DataFrame,
+    tops: pd.DataFrame,
+    arrays: dict[str, Any],
+    decode: Callable[[int], str],
+    sample_rows: np.ndarray,
+    w_dec: np.ndarray | None = None,
+    w_u: np.ndarray | None = None,
+    per_latent: int = 5,
+    window: int = 12,
+    n_tokens: int = 0,
+    notes: list[str] | None = None,
+) -> dict[str, Any]:
     """Everything one model's browser page shows (the module docstring), JSON-able.
 
     `encode(x [m, d]) -> z [m, n]` in the store's units; `latents`, `tops`: this model's rows of
     latents.parquet / top_contexts.parquet; `arrays`: its analysis arrays (partners); `sample_rows`:
-    held-out rows for the histograms; `w_dec` / `w_u`: decoder rows and the LM's unembedding for
-    the logit effects (skipped when either is None); `n_tokens`: held-out tokens behind the table."""
+    held-out rows for the histograms; `w_dec` / `w_u`: decoder rows and the LM's unembedding for the
+    logit effects (skipped when either is None); `n_tokens`: held-out tokens behind the table."""
     notes = list(notes or [])
     lat = latents.sort_values("latent").reset_index(drop=True)
     n = int(lat["latent"].max()) + 1 if len(lat) else 0
-    columns = [c for c in ("latent", "frequency", "fire_count", "mean_activation", "max_activation", "n_partners",
-                           "partner_entropy", "attn_gini") if c in lat]
-    table = [[None if (isinstance(v, float) and not np.isfinite(v)) else (int(v) if c in ("latent", "fire_count")
-              else _sig(v)) for c, v in zip(columns, row, strict=True)] for row in lat[columns].itertuples(index=False)]
+    columns = [
+        c
+        for c in (
+            "latent",
+            "frequency",
+            "fire_count",
+            "mean_activation",
+            "max_activation",
+            "n_partners",
+            "partner_entropy",
+            "attn_gini",
+        )
+        if c in lat
+    ]
+    table = [
+        [
+            None
+            if (isinstance(v, float) and not np.isfinite(v))
+            else (int(v) if c in ("latent", "fire_count") else _sig(v))
+            for c, v in zip(columns, row, strict=True)
+        ]
+        for row in lat[columns].itertuples(index=False)
+    ]
 
     matrix, partners = partner_table(arrays)
     if matrix is None:
-        notes.append("no composition partners: the model has no composition path, or its pair statistics were skipped")
+        notes.append(
+            "no composition partners: the model has no composition path, or its pair statistics "
+            "were skipped"
+        )
 
     vocab: dict[int, str] = {}
 
@@ -192,27 +239,49 @@ def browser_data(name: str, kind: str, encode: Callable[[np.ndarray], np.ndarray
             acts = vals[at : at + len(rows)]
             at += len(rows)
             mine = {p for p, _ in partners.get(int(latent), [])}
-            contexts.setdefault(int(latent), []).append({
-                "t": [tok(int(tokens[r])) for r in rows], "a": [_sig(a) for a in acts],
-                "p": sorted(int(j) for j in active[i] if int(j) in mine)})
+            contexts.setdefault(int(latent), []).append(
+                {
+                    "t": [tok(int(tokens[r])) for r in rows],
+                    "a": [_sig(a) for a in acts],
+                    "p": sorted(int(j) for j in active[i] if int(j) in mine),
+                }
+            )
 
     hist: dict[int, list[int]] = {}
     if len(sample_rows) and n:
-        top_act = np.nan_to_num(lat.set_index("latent")["max_activation"].reindex(range(n)).to_numpy(), nan=0.0)
-        counts = activation_histograms(encode, read_rows(store, hook, np.sort(sample_rows)), top_act)
+        top_act = np.nan_to_num(
+            lat.set_index("latent")["max_activation"].reindex(range(n)).to_numpy(), nan=0.0
+        )
+        counts = activation_histograms(
+            encode, read_rows(store, hook, np.sort(sample_rows)), top_act
+        )
         hist = {int(i): counts[i].tolist() for i in np.flatnonzero(counts.sum(1))}
 
     logits: dict[int, dict[str, list[list[Any]]]] = {}
     if w_dec is not None and w_u is not None:
         up, upv, down, downv = logit_effects(w_dec, w_u)
         for i in range(len(w_dec)):
-            logits[i] = {"up": [[tok(int(t)), _sig(v)] for t, v in zip(up[i], upv[i], strict=True)],
-                         "down": [[tok(int(t)), _sig(v)] for t, v in zip(down[i], downv[i], strict=True)]}
+            logits[i] = {
+                "up": [[tok(int(t)), _sig(v)] for t, v in zip(up[i], upv[i], strict=True)],
+                "down": [[tok(int(t)), _sig(v)] for t, v in zip(down[i], downv[i], strict=True)],
+            }
 
     return {
-        "model": name, "kind": kind, "hook": hook, "n_latents": n, "n_tokens": int(n_tokens),
-        "hist_rows": int(len(sample_rows)), "hist_bins": HIST_BINS, "columns": columns, "table": table,
-        "top_tokens": top_tokens, "contexts": contexts, "hist": hist, "logits": logits,
-        "partners": {k: [[j, _sig(s)] for j, s in v] for k, v in partners.items()}, "partner_matrix": matrix,
-        "vocab": vocab, "notes": notes,
+        "model": name,
+        "kind": kind,
+        "hook": hook,
+        "n_latents": n,
+        "n_tokens": int(n_tokens),
+        "hist_rows": int(len(sample_rows)),
+        "hist_bins": HIST_BINS,
+        "columns": columns,
+        "table": table,
+        "top_tokens": top_tokens,
+        "contexts": contexts,
+        "hist": hist,
+        "logits": logits,
+        "partners": {k: [[j, _sig(s)] for j, s in v] for k, v in partners.items()},
+        "partner_matrix": matrix,
+        "vocab": vocab,
+        "notes": notes,
     }

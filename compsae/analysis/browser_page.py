@@ -18,7 +18,9 @@ from typing import Any
 
 from compsae.analysis.context_style import CONTEXT_CSS, SHADE_RGB
 
-_CSS = CONTEXT_CSS + """
+_CSS = (
+    CONTEXT_CSS
+    + """
 body{font-family:system-ui,sans-serif;margin:1.2em;color:#222;font-size:14px}
 h1{font-size:20px;margin:0 0 .3em} h2{font-size:16px;margin:.8em 0 .3em} .muted{color:#777;font-size:12px}
 #wrap{display:flex;gap:1.2em;align-items:flex-start}
@@ -33,6 +35,7 @@ tr.row:hover{background:#fff4e6} tr.sel{background:#ffe2bf}
 font-family:ui-monospace,monospace;font-size:12px} a.lat{cursor:pointer;color:#0645ad;text-decoration:underline}
 .cols{display:flex;gap:2em;flex-wrap:wrap} .note{color:#a40}
 """
+)
 
 _JS = r"""
 (function(){
@@ -133,15 +136,19 @@ document.body.dataset.ready='1';
 
 def render_browser(data: dict[str, Any]) -> str:
     """The complete page for one model's `browser_data`."""
-    blob = json.dumps(data, separators=(",", ":"), allow_nan=False).replace("</", "<\\/")  # no early </script>
+    blob = json.dumps(data, separators=(",", ":"), allow_nan=False).replace(
+        "</", "<\\/"
+    )  # no early </script>
     notes = "".join(f"<p class='note'>{html.escape(n)}</p>" for n in data.get("notes", []))
     title = f"compsae feature browser: {data['model']}"
-    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-            f"<style>{_CSS}</style></head><body>"
-            f"<h1>{html.escape(title)}</h1><p class='muted'>{html.escape(str(data['kind']))} on "
-            f"<code>{html.escape(str(data['hook']))}</code>, {data['n_latents']} latents; frequencies and activations "
-            f"on {data['n_tokens']} held-out tokens (activations in the store's units).</p>{notes}"
-            "<div id='wrap'><div id='left'><input id='q' placeholder='search: latent number or token text'> "
-            "<span id='count' class='muted'></span><div id='scroll'><table id='tbl'></table></div>"
-            "<button id='more'>show more</button></div><div id='detail'></div></div>"
-            f"<script type='application/json' id='data'>{blob}</script><script>{_JS}</script></body></html>")
+    return (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+        f"<style>{_CSS}</style></head><body>"
+        f"<h1>{html.escape(title)}</h1><p class='muted'>{html.escape(str(data['kind']))} on "
+        f"<code>{html.escape(str(data['hook']))}</code>, {data['n_latents']} latents; frequencies and activations "
+        f"on {data['n_tokens']} held-out tokens (activations in the store's units).</p>{notes}"
+        "<div id='wrap'><div id='left'><input id='q' placeholder='search: latent number or token text'> "
+        "<span id='count' class='muted'></span><div id='scroll'><table id='tbl'></table></div>"
+        "<button id='more'>show more</button></div><div id='detail'></div></div>"
+        f"<script type='application/json' id='data'>{blob}</script><script>{_JS}</script></body></html>"
+    )

@@ -1,4 +1,5 @@
-"""Config of the analyze stage: what to evaluate, on how many held-out tokens, and how to schedule it."""
+"""Config of the analyze stage: what to evaluate, on how many held-out tokens, and how to schedule
+it."""
 
 from __future__ import annotations
 
@@ -15,39 +16,77 @@ class AnalyzeConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    hook: str | None = Field(None, description="store hook to analyse; default: the hook the models were trained on")
-    max_heldout_tokens: int = Field(1_000_000, ge=1, description="held-out rows evaluated (first ones, store order)")
-    workers: int = Field(0, ge=0, description="0 = Dask's threaded scheduler; N = a LocalCluster of N workers")
-    scheduler: str | None = Field(None, description="address of an existing Dask scheduler, tcp://host:port")
+    hook: str | None = Field(
+        None, description="store hook to analyse; default: the hook the models were trained on"
+    )
+    max_heldout_tokens: int = Field(
+        1_000_000, ge=1, description="held-out rows evaluated (first ones, store order)"
+    )
+    workers: int = Field(
+        0, ge=0, description="0 = Dask's threaded scheduler; N = a LocalCluster of N workers"
+    )
+    scheduler: str | None = Field(
+        None, description="address of an existing Dask scheduler, tcp://host:port"
+    )
     threads_per_worker: int = Field(1, ge=1, description="threads of each LocalCluster worker")
     progress: bool = Field(True, description="show a progress bar while Dask computes")
 
     baselines: list[BaselineName] = Field(default_factory=lambda: ["pca", "pca_topk", "nmf"])
-    baseline_k: int | None = Field(None, ge=1, description="L0 of the sparse baselines; default: the CompSAE's k")
-    baseline_fit_tokens: int = Field(20_000, ge=16, description="training rows the baselines are fitted on")
-    nmf_components: int = Field(256, ge=2, description="NMF dictionary size (on the 2d sign-split input)")
+    baseline_k: int | None = Field(
+        None, ge=1, description="L0 of the sparse baselines; default: the CompSAE's k"
+    )
+    baseline_fit_tokens: int = Field(
+        20_000, ge=16, description="training rows the baselines are fitted on"
+    )
+    nmf_components: int = Field(
+        256, ge=2, description="NMF dictionary size (on the 2d sign-split input)"
+    )
     seed: int = 0
 
     top_k_contexts: int = Field(20, ge=0, description="top-activating contexts kept per latent")
-    context_window: int = Field(12, ge=0, description="tokens of left context kept with each top context")
-    pair_latents: int = Field(512, ge=2, description="most frequent latents the pair statistics cover")
-    partner_threshold: float = Field(0.05, gt=0.0, le=1.0,
-                                     description="share of a latent's attention mass that makes j a partner")
-    dense_thresholds: list[float] = Field(default_factory=lambda: [0.01, 0.10],
-                                          description="firing fractions above which a latent is dense")
+    context_window: int = Field(
+        12, ge=0, description="tokens of left context kept with each top context"
+    )
+    pair_latents: int = Field(
+        512, ge=2, description="most frequent latents the pair statistics cover"
+    )
+    partner_threshold: float = Field(
+        0.05,
+        gt=0.0,
+        le=1.0,
+        description="share of a latent's attention mass that makes j a partner",
+    )
+    dense_thresholds: list[float] = Field(
+        default_factory=lambda: [0.01, 0.10],
+        description="firing fractions above which a latent is dense",
+    )
     skip: list[StatName] = Field(default_factory=list, description="statistics to leave out")
 
     plots: bool = Field(True, description="write PNG figures and embed them in report.html")
-    n_attention_examples: int = Field(3, ge=0, description="token-level attention examples in the report")
+    n_attention_examples: int = Field(
+        3, ge=0, description="token-level attention examples in the report"
+    )
 
-    browser: bool = Field(True, description="write browser/<model>.html, a feature browser per trained model")
-    browser_contexts: int = Field(5, ge=1, description="top contexts per latent shown (shaded) in the browser")
-    browser_hist_rows: int = Field(8192, ge=1, description="held-out rows the browser's activation histograms use")
+    browser: bool = Field(
+        True, description="write browser/<model>.html, a feature browser per trained model"
+    )
+    browser_contexts: int = Field(
+        5, ge=1, description="top contexts per latent shown (shaded) in the browser"
+    )
+    browser_hist_rows: int = Field(
+        8192, ge=1, description="held-out rows the browser's activation histograms use"
+    )
 
-    ce: bool = Field(True, description="CE / KL with x_hat spliced in (needs the LM; skipped when not loadable)")
+    ce: bool = Field(
+        True, description="CE / KL with x_hat spliced in (needs the LM; skipped when not loadable)"
+    )
     ce_sequences: int = Field(32, ge=1, description="held-out sequences for the CE evaluation")
-    pair_causal: bool = Field(False, description="splice x̂ without the top pairs' terms (and controls) into the LM")
-    batch_rows: int = Field(1024, ge=1, description="rows per model call inside a block (bounds memory)")
+    pair_causal: bool = Field(
+        False, description="splice x̂ without the top pairs' terms (and controls) into the LM"
+    )
+    batch_rows: int = Field(
+        1024, ge=1, description="rows per model call inside a block (bounds memory)"
+    )
 
     @field_validator("scheduler")
     @classmethod

@@ -1,9 +1,9 @@
 """Pair statistics of latents from co-occurrence counts: PMI, normalised PMI, Jaccard.
 
 Inputs are counts over the same `n_tokens` tokens: `single: [m]` tokens where each latent fires and
-`pair: [m, m]` tokens where both fire (its diagonal equals `single`).  Definitions (docs/metrics.md):
-`PMI = log P(i,j) / (P(i) P(j))`, normalised PMI = PMI / (−log P(i,j)), Jaccard = |A_i ∩ A_j| / |A_i ∪ A_j|.
-Pairs never seen together get PMI −inf, NPMI −1 and Jaccard 0.
+`pair: [m, m]` tokens where both fire (its diagonal equals `single`).  Definitions
+(docs/metrics.md): `PMI = log P(i,j) / (P(i) P(j))`, normalised PMI = PMI / (−log P(i,j)), Jaccard =
+|A_i ∩ A_j| / |A_i ∪ A_j|. Pairs never seen together get PMI −inf, NPMI −1 and Jaccard 0.
 """
 
 from __future__ import annotations
@@ -17,7 +17,9 @@ def pair_counts(active: np.ndarray, rows: np.ndarray, m: int) -> np.ndarray:
     r = np.where(active >= 0, rows[np.maximum(active, 0)], -1)  # [b, k]
     ri, rj = r[:, :, None], r[:, None, :]
     ok = (ri >= 0) & (rj >= 0)
-    flat = (np.broadcast_to(ri, ok.shape)[ok] * m + np.broadcast_to(rj, ok.shape)[ok]).astype(np.int64)
+    flat = (np.broadcast_to(ri, ok.shape)[ok] * m + np.broadcast_to(rj, ok.shape)[ok]).astype(
+        np.int64
+    )
     return np.bincount(flat, minlength=m * m).reshape(m, m)
 
 

@@ -73,8 +73,13 @@ def acts_array(store: ActivationStore, hook: str, reader: str = "chunk") -> da.A
 
         raw = da.from_zarr(store.zarr_array(hook), chunks=(rows, d))
         return raw.map_blocks(from_storage, store.layout.dtype, dtype=np.float32)
-    return da.from_array(ChunkReader(store.url, hook, store.n_rows, d, rows), chunks=(rows, d),
-                         asarray=True, lock=False, name=f"compsae-acts-{store.url}-{hook}")
+    return da.from_array(
+        ChunkReader(store.url, hook, store.n_rows, d, rows),
+        chunks=(rows, d),
+        asarray=True,
+        lock=False,
+        name=f"compsae-acts-{store.url}-{hook}",
+    )
 
 
 @dataclass
@@ -91,27 +96,32 @@ class BlockPlan:
 
 
 def plan_blocks(heldout: np.ndarray, chunk_rows: int, max_tokens: int) -> BlockPlan:
-    """The evaluated rows: held-out (`heldout: [n_rows]` bool) rows in store order, capped at `max_tokens`."""
+    """The evaluated rows: held-out (`heldout: [n_rows]` bool) rows in store order, capped at
+    `max_tokens`."""
     keep = np.asarray(heldout, dtype=bool).copy()
     n_chunks = -(-len(keep) // chunk_rows)
     # counted per chunk, then row by row inside the chunk where the cap falls: a running count over
     # every row would cost 8 bytes a row of the store
     whole = len(keep) // chunk_rows  # the summing is buffered: no int copy of the rows is made
     per_chunk = np.zeros(n_chunks, dtype=np.int64)
-    per_chunk[:whole] = keep[:whole * chunk_rows].reshape(whole, chunk_rows).sum(axis=1)
-    per_chunk[whole:] = keep[whole * chunk_rows:].sum()
+    per_chunk[:whole] = keep[: whole * chunk_rows].reshape(whole, chunk_rows).sum(axis=1)
+    per_chunk[whole:] = keep[whole * chunk_rows :].sum()
     total = np.cumsum(per_chunk)
     if n_chunks and total[-1] > max_tokens:
-        c = int(np.searchsorted(total, max_tokens, side="right"))  # the chunk holding the first row past the cap
+        c = int(
+            np.searchsorted(total, max_tokens, side="right")
+        )  # the chunk holding the first row past the cap
         lo = c * chunk_rows
         before = int(total[c - 1]) if c else 0
-        keep[lo + np.flatnonzero(keep[lo:lo + chunk_rows])[max_tokens - before:]] = False
-        keep[lo + chunk_rows:] = False
+        keep[lo + np.flatnonzero(keep[lo : lo + chunk_rows])[max_tokens - before :]] = False
+        keep[lo + chunk_rows :] = False
         per_chunk[c] = max_tokens - before
-        per_chunk[c + 1:] = 0
+        per_chunk[c + 1 :] = 0
     if not keep.any():
-        raise UserError("no held-out rows to evaluate: the store's sequences all fall in the training split; "
-                        "use a larger store or heldout_fraction")
+        raise UserError(
+            "no held-out rows to evaluate: the store's sequences all fall in the training split; "
+            "use a larger store or heldout_fraction"
+        )
     return BlockPlan([int(c) for c in np.flatnonzero(per_chunk)], keep)
 
 
@@ -120,34 +130,50 @@ def tree_merge(parts: list[Any], fan_in: int = FAN_IN) -> Any:
     if not parts:
         return dask.delayed(merge_many)([])
     while len(parts) > 1:
-        parts = [dask.delayed(merge_many)(parts[i : i + fan_in]) for i in range(0, len(parts), fan_in)]
+        parts = [
+            dask.delayed(merge_many)(parts[i : i + fan_in]) for i in range(0, len(parts), fan_in)
+        ]
     return parts[0] if isinstance(parts[0], Delayed) else dask.delayed(merge_many)(parts)
 
 
-def build_graph(acts: da.Array, pos: np.ndarray, plan: BlockPlan, recons: list[Reconstructor], spec: BlockSpec
-                ) -> Delayed:
+def build_graph(
+    acts: da.Array, pos: np.ndarray, plan: BlockPlan, recons: list[Reconstructor], spec: BlockSpec
+) -> Delayed:
     """One `block_partial` task per planned chunk and the merge tree above them."""
     rows = acts.chunks[0][0]
     blocks = acts.to_delayed()[:, 0]
-    shared = dask.delayed(recons, pure=True, traverse=False)  # shipped once per worker, not per task
+    shared = dask.delayed(
+        recons, pure=True, traverse=False
+    )  # shipped once per worker, not per task
     shared_spec = dask.delayed(spec, pure=True, traverse=False)
     tasks = []
     for c in plan.chunks:
         lo, hi = c * rows, min((c + 1) * rows, len(plan.keep))
-        tasks.append(dask.delayed(block_partial, pure=True)(blocks[c], plan.keep[lo:hi], pos[lo:hi], lo, shared,
-                                                            shared_spec))
+        tasks.append(
+            dask.delayed(block_partial, pure=True)(
+                blocks[c], plan.keep[lo:hi], pos[lo:hi], lo, shared, shared_spec
+            )
+        )
     return tree_merge(tasks)
 
 
-def reference_partials(store: ActivationStore, hook: str, pos: np.ndarray, plan: BlockPlan,
-                       recons: list[Reconstructor], spec: BlockSpec) -> Any:
+def reference_partials(
+    store: ActivationStore,
+    hook: str,
+    pos: np.ndarray,
+    plan: BlockPlan,
+    recons: list[Reconstructor],
+    spec: BlockSpec,
+) -> Any:
     """The same statistics by a plain single-threaded loop over the chunks (the reference)."""
     rows = store.chunk_rows
     total = None
     with torch_threads(1), threadpool_limits(1, user_api="blas"):
         for c in plan.chunks:
             lo, hi = c * rows, min((c + 1) * rows, store.n_rows)
-            part = block_partial(store.read_chunk(hook, c), plan.keep[lo:hi], pos[lo:hi], lo, recons, spec)
+            part = block_partial(
+                store.read_chunk(hook, c), plan.keep[lo:hi], pos[lo:hi], lo, recons, spec
+            )
             total = merge_many([total, part])
     return total
 

@@ -1,4 +1,5 @@
-"""Merged partials -> the numbers of the report: one metrics dict per model and per-latent tables."""
+"""Merged partials -> the numbers of the report: one metrics dict per model and per-latent
+tables."""
 
 from __future__ import annotations
 
@@ -6,12 +7,19 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from compsae.analysis.composition import PairSums, composition_matrix, partner_stats, rank_correlation
+from compsae.analysis.composition import (
+    PairSums,
+    composition_matrix,
+    partner_stats,
+    rank_correlation,
+)
 from compsae.analysis.cooccurrence import jaccard, npmi, pmi
 from compsae.analysis.pair_effects import PairEffectSums
 from compsae.analysis.reconstruction import LatentSums
 
-if TYPE_CHECKING:  # pandas is imported where a table is built: every stage's pipeline report imports this module
+if (
+    TYPE_CHECKING
+):  # pandas is imported where a table is built: every stage's pipeline report imports this module
     import pandas as pd
 
 TOP_PAIRS = 20  # composing pairs listed in metrics.json and the report
@@ -37,13 +45,21 @@ def json_safe(node: Any) -> Any:
     return _finite(node)
 
 
-def model_metrics(part: dict[str, Any], dense_thresholds: list[float], partner_threshold: float,
-                  tracked: np.ndarray | None) -> tuple[dict[str, Any], dict[str, Any]]:
+def model_metrics(
+    part: dict[str, Any],
+    dense_thresholds: list[float],
+    partner_threshold: float,
+    tracked: np.ndarray | None,
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """(metrics, arrays) of one model.  metrics: JSON-able numbers (reconstruction on all / BOS /
     non-BOS tokens, latent health, heads, gate, pair summaries); arrays: what the figures and the
     per-latent table need (composition matrix, partner counts, ...)."""
     both = part["bos"].merge(part["rest"])
-    m: dict[str, Any] = {"all": both.summary(), "bos": part["bos"].summary(), "rest": part["rest"].summary()}
+    m: dict[str, Any] = {
+        "all": both.summary(),
+        "bos": part["bos"].summary(),
+        "rest": part["rest"].summary(),
+    }
     arrays: dict[str, Any] = {}
     lat: LatentSums | None = part.get("latents")
     if lat is not None:
@@ -60,8 +76,13 @@ def model_metrics(part: dict[str, Any], dense_thresholds: list[float], partner_t
     return m, arrays
 
 
-def pair_metrics(pairs: PairSums | None, effects: PairEffectSums | None, lat: LatentSums | None,
-                 tracked: np.ndarray, partner_threshold: float) -> tuple[dict[str, Any], dict[str, Any]]:
+def pair_metrics(
+    pairs: PairSums | None,
+    effects: PairEffectSums | None,
+    lat: LatentSums | None,
+    tracked: np.ndarray,
+    partner_threshold: float,
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """Pair summaries and arrays over the tracked latents.  The composition matrix is the mean
     pair effect (mixed difference, `PairEffectSums`) where it was measured; attention weights stay a
     secondary view (`comp_attention`).  Partners and their statistics come from the same matrix."""
@@ -74,13 +95,19 @@ def pair_metrics(pairs: PairSums | None, effects: PairEffectSums | None, lat: La
         n_tokens = effects.n_tokens
         comp = np.where(co > 0, effects.mean_effect(), np.nan)
         np.fill_diagonal(comp, np.nan)
-        ps = partner_stats(effects.norm + effects.norm.T, np.arange(len(tracked)), partner_threshold)
+        ps = partner_stats(
+            effects.norm + effects.norm.T, np.arange(len(tracked)), partner_threshold
+        )
         gain = effects.gain_share()
         arrays.update(pair_effect=comp, pair_gain=gain)
         source = "pair effects (mixed differences)"
     else:
         assert pairs is not None
-        co, single, n_tokens = pairs.co.astype(np.float64), np.diag(pairs.co).astype(np.float64), pairs.n_tokens
+        co, single, n_tokens = (
+            pairs.co.astype(np.float64),
+            np.diag(pairs.co).astype(np.float64),
+            pairs.n_tokens,
+        )
         comp = composition_matrix(pairs, tracked)
         ps = partner_stats(pairs.attn_to, tracked, partner_threshold)
         gain = None
@@ -93,7 +120,9 @@ def pair_metrics(pairs: PairSums | None, effects: PairEffectSums | None, lat: La
         "n_tracked": len(tracked),
         "n_tokens": n_tokens,
         "pairs_cooccurring": int((co[off] > 0).sum()),
-        "mean_npmi": float(np.nanmean(npmi_m[off])) if np.isfinite(npmi_m[off]).any() else float("nan"),
+        "mean_npmi": float(np.nanmean(npmi_m[off]))
+        if np.isfinite(npmi_m[off]).any()
+        else float("nan"),
         "mean_jaccard": float(jaccard(single, co)[off].mean()) if off.any() else float("nan"),
         "spearman_comp_vs_cooccurrence": rank_correlation(comp, co_nan),
         "spearman_comp_vs_npmi": rank_correlation(comp, npmi_m),
@@ -105,18 +134,29 @@ def pair_metrics(pairs: PairSums | None, effects: PairEffectSums | None, lat: La
     }
     if gain is not None:
         iu = np.triu_indices(len(tracked), k=1)
-        summary["pair_gain_total"] = float(gain[iu].sum())  # share of the variance the pair terms explain
+        summary["pair_gain_total"] = float(
+            gain[iu].sum()
+        )  # share of the variance the pair terms explain
         order = np.argsort(-gain[iu])[:TOP_PAIRS]
         summary["top_pairs"] = [
-            {"i": int(tracked[iu[0][o]]), "j": int(tracked[iu[1][o]]), "tokens": int(co[iu[0][o], iu[1][o]]),
-             "mean_effect": float(comp[iu[0][o], iu[1][o]]), "gain_share": float(gain[iu][o])}
-            for o in order if gain[iu][o] > 0]
+            {
+                "i": int(tracked[iu[0][o]]),
+                "j": int(tracked[iu[1][o]]),
+                "tokens": int(co[iu[0][o], iu[1][o]]),
+                "mean_effect": float(comp[iu[0][o], iu[1][o]]),
+                "gain_share": float(gain[iu][o]),
+            }
+            for o in order
+            if gain[iu][o] > 0
+        ]
     if pairs is not None and effects is not None:
         comp_attention = composition_matrix(pairs, tracked)
         arrays["comp_attention"] = comp_attention
         summary["spearman_attention_vs_effect"] = rank_correlation(comp_attention, comp)
         summary["spearman_attention_vs_pmi"] = rank_correlation(comp_attention, pmi_m)
-    arrays.update(comp=comp, cooccurrence=co, npmi=npmi_m, pmi=pmi_m, jaccard=jaccard(single, co), partners=ps)
+    arrays.update(
+        comp=comp, cooccurrence=co, npmi=npmi_m, pmi=pmi_m, jaccard=jaccard(single, co), partners=ps
+    )
     return summary, arrays
 
 
@@ -133,10 +173,16 @@ def latent_table(name: str, arrays: dict[str, Any]) -> pd.DataFrame:
     if lat is None:
         return pd.DataFrame()
     n = len(lat.fire)
-    df = pd.DataFrame({
-        "model": name, "latent": np.arange(n), "fire_count": lat.fire, "frequency": lat.frequency,
-        "mean_activation": lat.mean_activation, "max_activation": np.where(lat.fire > 0, lat.act_max, np.nan),
-    })
+    df = pd.DataFrame(
+        {
+            "model": name,
+            "latent": np.arange(n),
+            "fire_count": lat.fire,
+            "frequency": lat.frequency,
+            "mean_activation": lat.mean_activation,
+            "max_activation": np.where(lat.fire > 0, lat.act_max, np.nan),
+        }
+    )
     ps = arrays.get("partners")
     if ps is not None:
         for col in ("n_partners", "partner_entropy", "attn_gini", "attn_mass"):

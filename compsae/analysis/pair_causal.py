@@ -31,8 +31,9 @@ def pair_mask(idx: torch.Tensor, vals: torch.Tensor, selected: torch.Tensor) -> 
 
 
 @torch.no_grad()
-def removed_terms(model: Any, idx: torch.Tensor, vals: torch.Tensor, selected: torch.Tensor
-                  ) -> torch.Tensor:
+def removed_terms(
+    model: Any, idx: torch.Tensor, vals: torch.Tensor, selected: torch.Tensor
+) -> torch.Tensor:
     """`[b, d]`: Σ over the selected, co-active pairs of each token of Δ_ij."""
     mask = pair_mask(idx, vals, selected)
     delta = mixed_differences(model, idx, vals)  # [b, P, d]
@@ -40,8 +41,9 @@ def removed_terms(model: Any, idx: torch.Tensor, vals: torch.Tensor, selected: t
 
 
 @torch.no_grad()
-def ablated_x_hat(model: Any, idx: torch.Tensor, vals: torch.Tensor, selected: torch.Tensor
-                  ) -> torch.Tensor:
+def ablated_x_hat(
+    model: Any, idx: torch.Tensor, vals: torch.Tensor, selected: torch.Tensor
+) -> torch.Tensor:
     """x̂ without the selected pairs' terms.  An empty selection returns `decode_active`
     untouched (no subtraction), so the clean splice is reproduced bit for bit."""
     x_hat = model.decode_active(idx, vals)
@@ -65,14 +67,17 @@ def top_pairs(effect: np.ndarray, count: np.ndarray, n: int) -> np.ndarray:
     return np.stack([i[order], j[order]], 1)
 
 
-def matched_pairs(effect: np.ndarray, count: np.ndarray, target: np.ndarray, rng: np.random.Generator
-                  ) -> np.ndarray:
+def matched_pairs(
+    effect: np.ndarray, count: np.ndarray, target: np.ndarray, rng: np.random.Generator
+) -> np.ndarray:
     """Control (a): for each target pair, the unused co-firing pair (not a target) whose effect is
     nearest to it, visiting the targets in random order; `[m, 2]`."""
     i, j = np.triu_indices(effect.shape[0], 1)
     ok = count[i, j] > 0
     taken = {(int(a), int(b)) for a, b in target}
-    cand = [(int(a), int(b)) for a, b in zip(i[ok], j[ok], strict=True) if (int(a), int(b)) not in taken]
+    cand = [
+        (int(a), int(b)) for a, b in zip(i[ok], j[ok], strict=True) if (int(a), int(b)) not in taken
+    ]
     cand_eff = np.array([effect[a, b] for a, b in cand])
     used = np.zeros(len(cand), dtype=bool)
     out = []
@@ -97,8 +102,9 @@ def selection_matrix(pairs: np.ndarray, n: int) -> torch.Tensor:
     return s
 
 
-def bootstrap_ci(values: np.ndarray, rng: np.random.Generator, n_boot: int = 1000,
-                 level: float = 0.95) -> tuple[float, float, float]:
+def bootstrap_ci(
+    values: np.ndarray, rng: np.random.Generator, n_boot: int = 1000, level: float = 0.95
+) -> tuple[float, float, float]:
     """(mean, low, high): percentile bootstrap of the mean of `values`."""
     v = np.asarray(values, dtype=np.float64)
     if v.size == 0:
@@ -108,9 +114,11 @@ def bootstrap_ci(values: np.ndarray, rng: np.random.Generator, n_boot: int = 100
     return float(v.mean()), float(np.quantile(means, a)), float(np.quantile(means, 1 - a))
 
 
-def per_token_delta(ce_fn: Callable, tokens: torch.Tensor, base: Callable, ablated: Callable
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per predicted token: ΔCE = CE(ablated) − CE(base) and KL(p_base ‖ p_ablated), both `[b, ctx−1]`."""
+def per_token_delta(
+    ce_fn: Callable, tokens: torch.Tensor, base: Callable, ablated: Callable
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per predicted token: ΔCE = CE(ablated) − CE(base) and KL(p_base ‖ p_ablated), both `[b,
+    ctx−1]`."""
     with torch.no_grad():
         ce_b, lg_b = ce_fn(tokens, base)
         ce_a, lg_a = ce_fn(tokens, ablated)
@@ -135,8 +143,14 @@ class PairCausalRecord:
     delta_kl_hi: float
 
 
-def _summary(kind: str, n: int, dce: torch.Tensor, dkl: torch.Tensor, hit: torch.Tensor,
-             rng: np.random.Generator) -> PairCausalRecord:
+def _summary(
+    kind: str,
+    n: int,
+    dce: torch.Tensor,
+    dkl: torch.Tensor,
+    hit: torch.Tensor,
+    rng: np.random.Generator,
+) -> PairCausalRecord:
     ce_v, kl_v = dce[hit].numpy(), dkl[hit].numpy()
     ce, ce_lo, ce_hi = bootstrap_ci(ce_v, rng)
     kl, kl_lo, kl_hi = bootstrap_ci(kl_v, rng)
@@ -144,10 +158,17 @@ def _summary(kind: str, n: int, dce: torch.Tensor, dkl: torch.Tensor, hit: torch
 
 
 @torch.no_grad()
-def run_pair_causal(model: Any, ce_fn: Callable, tokens: torch.Tensor,
-                    encode: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
-                    effect: np.ndarray, count: np.ndarray, ns: tuple[int, ...] = (10, 100, 1000),
-                    seed: int = 0, scale: float = 1.0) -> list[PairCausalRecord]:
+def run_pair_causal(
+    model: Any,
+    ce_fn: Callable,
+    tokens: torch.Tensor,
+    encode: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+    effect: np.ndarray,
+    count: np.ndarray,
+    ns: tuple[int, ...] = (10, 100, 1000),
+    seed: int = 0,
+    scale: float = 1.0,
+) -> list[PairCausalRecord]:
     """The causal test on held-out `tokens: [b, ctx]`: for each N in `ns` (clipped to the co-firing
     pairs that exist), the top-N pairs by `effect` (in-context mean ‖Δ‖), the matched-norm control
     and the random-direction control.  `encode` maps hook activations `[m, d]` to the model's
@@ -191,7 +212,8 @@ def run_pair_causal(model: Any, ce_fn: Callable, tokens: torch.Tensor,
 
 
 def plot_pair_causal(records: list[PairCausalRecord], path: str, metric: str = "delta_ce") -> None:
-    """ΔCE (or `delta_kl`) vs N for the top pairs and both controls, 95 % intervals as error bars."""
+    """ΔCE (or `delta_kl`) vs N for the top pairs and both controls, 95 % intervals as error
+    bars."""
     import matplotlib
 
     matplotlib.use("Agg")

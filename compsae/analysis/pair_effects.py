@@ -33,9 +33,12 @@ def pair_positions(k: int, device: torch.device | str = "cpu") -> tuple[torch.Te
 
 
 def exact_pair_terms(model: Any) -> bool:
-    """Whether `model`'s mixed differences equal its pair terms exactly (pairwise decoder, all pairs)."""
+    """Whether `model`'s mixed differences equal its pair terms exactly (pairwise decoder, all
+    pairs)."""
     cfg = getattr(model, "cfg", None)
-    return bool(cfg is not None and getattr(cfg, "composer", None) == "pair" and cfg.pair_selection == "all")
+    return bool(
+        cfg is not None and getattr(cfg, "composer", None) == "pair" and cfg.pair_selection == "all"
+    )
 
 
 @torch.no_grad()
@@ -48,7 +51,7 @@ def mixed_differences(model: Any, idx: torch.Tensor, vals: torch.Tensor) -> torc
     n_pairs = pa.shape[0]
     out = []
     for lo in range(0, b, INTERVENTION_ROWS):
-        i_rows, v_rows = idx[lo:lo + INTERVENTION_ROWS], vals[lo:lo + INTERVENTION_ROWS]
+        i_rows, v_rows = idx[lo : lo + INTERVENTION_ROWS], vals[lo : lo + INTERVENTION_ROWS]
         r = i_rows.shape[0]
         full = model.decode_active(i_rows, v_rows)  # [r, d]
         eye = torch.eye(k, dtype=torch.bool, device=idx.device)
@@ -63,15 +66,17 @@ def mixed_differences(model: Any, idx: torch.Tensor, vals: torch.Tensor) -> torc
 
 @torch.no_grad()
 def pair_terms(model: Any, idx: torch.Tensor, vals: torch.Tensor) -> torch.Tensor:
-    """The pairwise decoder's terms `z_i z_j R_ij` for every pair of positions: `[b, k(k-1)/2, d]`."""
+    """The pairwise decoder's terms `z_i z_j R_ij` for every pair of positions: `[b, k(k-1)/2,
+    d]`."""
     pa, pb = pair_positions(idx.shape[1], idx.device)
     u = model.pair.items(idx, vals)  # [b, k, r]
     return (u[:, pa] * u[:, pb]) @ model.pair.W_out
 
 
 @torch.no_grad()
-def norms_and_gains(model: Any, idx: torch.Tensor, vals: torch.Tensor, resid: torch.Tensor
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
+def norms_and_gains(
+    model: Any, idx: torch.Tensor, vals: torch.Tensor, resid: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per token and pair of positions: ‖Δ‖ and the gain of keeping the pair's term,
     `‖r + Δ‖² − ‖r‖² = 2 r·Δ + ‖Δ‖²` with `resid: [b, d]` = x − x̂; two `[b, k(k-1)/2]` tensors.
     For the pairwise decoder the `[b, P, d]` effects are never formed: with c = u_a ⊙ u_b,
@@ -84,17 +89,21 @@ def norms_and_gains(model: Any, idx: torch.Tensor, vals: torch.Tensor, resid: to
         sq = ((c @ (w_out @ w_out.T)) * c).sum(-1).clamp_min(0)
         return sq.sqrt(), 2 * (c * (resid.float() @ w_out.T)[:, None]).sum(-1) + sq
     delta = mixed_differences(model, idx, vals).float()  # [b, P, d]
-    return delta.norm(dim=-1), 2 * torch.einsum("bd,bpd->bp", resid.float(), delta) + delta.square().sum(-1)
+    return delta.norm(dim=-1), 2 * torch.einsum(
+        "bd,bpd->bp", resid.float(), delta
+    ) + delta.square().sum(-1)
 
 
 @torch.no_grad()
-def typical_code_effects(model: Any, codes: torch.Tensor, rms: float = 1.0, block: int = 64) -> np.ndarray:
+def typical_code_effects(
+    model: Any, codes: torch.Tensor, rms: float = 1.0, block: int = 64
+) -> np.ndarray:
     """`[n, n]` symmetric, zero diagonal: ‖Δ_ij‖ / `rms` with only latents i and j active, at their
-    typical codes `codes: [n]` (e.g. each latent's mean code when it fires; 0 for a latent that never
-    fires gives 0).  The same intervention as in context, outside any context: it is defined for
-    every pair, including pairs whose latents seldom fire together, and carries no noise from the
-    other active latents.  Exact closed form for the pairwise decoder (‖c_i c_j (E_i ⊙ E_j) W_out‖);
-    four decodes per pair otherwise."""
+    typical codes `codes: [n]` (e.g. each latent's mean code when it fires; 0 for a latent that
+    never fires gives 0).  The same intervention as in context, outside any context: it is defined
+    for every pair, including pairs whose latents seldom fire together, and carries no noise from
+    the other active latents.  Exact closed form for the pairwise decoder (‖c_i c_j (E_i ⊙ E_j)
+    W_out‖); four decodes per pair otherwise."""
     n = codes.shape[0]
     out = torch.zeros(n, n, dtype=torch.float64)
     codes = codes.float()
@@ -103,13 +112,13 @@ def typical_code_effects(model: Any, codes: torch.Tensor, rms: float = 1.0, bloc
         w_out = model.pair.W_out.float()
         gram = w_out @ w_out.T  # [r, r]
         for lo in range(0, n, block):
-            c = u[lo:lo + block, None, :] * u[None, :, :]  # [blk, n, r]
-            out[lo:lo + block] = ((c @ gram) * c).sum(-1).clamp_min(0).sqrt().double().cpu()
+            c = u[lo : lo + block, None, :] * u[None, :, :]  # [blk, n, r]
+            out[lo : lo + block] = ((c @ gram) * c).sum(-1).clamp_min(0).sqrt().double().cpu()
     else:
         a, b = pair_positions(n)
         dev = next(model.parameters()).device
         for lo in range(0, a.shape[0], block * INTERVENTION_ROWS):
-            ia, ib = a[lo:lo + block * INTERVENTION_ROWS], b[lo:lo + block * INTERVENTION_ROWS]
+            ia, ib = a[lo : lo + block * INTERVENTION_ROWS], b[lo : lo + block * INTERVENTION_ROWS]
             idx = torch.stack([ia, ib], 1).to(dev)  # [p, 2]: one "token" per pair
             vals = codes[idx.cpu()].to(dev)
             norms = mixed_differences(model, idx, vals)[:, 0].norm(dim=-1).double().cpu()  # [p]
@@ -137,10 +146,18 @@ class PairEffectSums:
         return cls(z.copy(), z.copy(), z.copy())
 
     @torch.no_grad()
-    def update(self, model: Any, x: torch.Tensor, x_hat: torch.Tensor, idx: torch.Tensor, vals: torch.Tensor,
-               rows: np.ndarray | None = None) -> None:
-        """Add a batch: rows `x`, their reconstruction `x_hat` (`[b, d]`) and active latents (`[b, k]`).
-        `rows: [n_latents]` maps latents to the rows of the sums (−1: not tracked); default identity."""
+    def update(
+        self,
+        model: Any,
+        x: torch.Tensor,
+        x_hat: torch.Tensor,
+        idx: torch.Tensor,
+        vals: torch.Tensor,
+        rows: np.ndarray | None = None,
+    ) -> None:
+        """Add a batch: rows `x`, their reconstruction `x_hat` (`[b, d]`) and active latents (`[b,
+        k]`). `rows: [n_latents]` maps latents to the rows of the sums (−1: not tracked); default
+        identity."""
         pa, pb = pair_positions(idx.shape[1], idx.device)
         m = self.count.shape[0]
         lut = torch.as_tensor(np.arange(m) if rows is None else rows, device=idx.device)
@@ -154,19 +171,31 @@ class PairEffectSums:
             hi_r = torch.maximum(ri, rj)[keep].cpu().numpy().astype(np.int64)
             flat = lo_r * m + hi_r
             self.count += np.bincount(flat, minlength=m * m).reshape(m, m)
-            self.norm += np.bincount(flat, weights=norm[keep].double().cpu().numpy(), minlength=m * m).reshape(m, m)
-            self.gain += np.bincount(flat, weights=gain[keep].double().cpu().numpy(), minlength=m * m).reshape(m, m)
+            self.norm += np.bincount(
+                flat, weights=norm[keep].double().cpu().numpy(), minlength=m * m
+            ).reshape(m, m)
+            self.gain += np.bincount(
+                flat, weights=gain[keep].double().cpu().numpy(), minlength=m * m
+            ).reshape(m, m)
         self.n_tokens += x.shape[0]
         self.sq_dev += float((x - x.mean(0)).double().square().sum())
 
     def merge(self, other: PairEffectSums) -> PairEffectSums:
-        return PairEffectSums(self.count + other.count, self.norm + other.norm, self.gain + other.gain,
-                              self.n_tokens + other.n_tokens, self.sq_dev + other.sq_dev)
+        return PairEffectSums(
+            self.count + other.count,
+            self.norm + other.norm,
+            self.gain + other.gain,
+            self.n_tokens + other.n_tokens,
+            self.sq_dev + other.sq_dev,
+        )
 
     def mean_effect(self, min_support: int = 1) -> np.ndarray:
         """`[n, n]` symmetric: mean ‖Δ_ij‖ over the tokens where both fire, relative to the RMS row
         deviation sqrt(Σ‖x − μ‖² / n_tokens); 0 below `min_support` co-firing tokens."""
-        m = np.where(self.count >= max(min_support, 1), self.norm / np.maximum(self.count, 1), 0.0) / self.rms
+        m = (
+            np.where(self.count >= max(min_support, 1), self.norm / np.maximum(self.count, 1), 0.0)
+            / self.rms
+        )
         return m + m.T
 
     @property

@@ -23,7 +23,9 @@ def match_latents(dec_a: np.ndarray, dec_b: np.ndarray) -> tuple[np.ndarray, np.
     return perm, sim[rows, cols][np.argsort(rows)]
 
 
-def top_pair_set(score: np.ndarray, n: int, valid: np.ndarray | None = None) -> set[tuple[int, int]]:
+def top_pair_set(
+    score: np.ndarray, n: int, valid: np.ndarray | None = None
+) -> set[tuple[int, int]]:
     """The n (i < j) pairs with the largest `score` (optionally only where `valid`)."""
     i, j = np.triu_indices(score.shape[0], 1)
     s = score[i, j].astype(np.float64)
@@ -57,9 +59,17 @@ class PairStability:
     spearman_effect_pmi: float
 
 
-def pair_stability(dec_a: np.ndarray, dec_b: np.ndarray, eff_a: np.ndarray, eff_b: np.ndarray,
-                   pmi_a: np.ndarray, pmi_b: np.ndarray, count_a: np.ndarray, count_b: np.ndarray,
-                   n: int = 100) -> PairStability:
+def pair_stability(
+    dec_a: np.ndarray,
+    dec_b: np.ndarray,
+    eff_a: np.ndarray,
+    eff_b: np.ndarray,
+    pmi_a: np.ndarray,
+    pmi_b: np.ndarray,
+    count_a: np.ndarray,
+    count_b: np.ndarray,
+    n: int = 100,
+) -> PairStability:
     """Compare two seeds' `[n_lat, n_lat]` pair effects and PMI after Hungarian matching."""
     perm, cos = match_latents(dec_a, dec_b)
     va, vb = count_a + count_a.T > 0, count_b + count_b.T > 0
@@ -67,5 +77,9 @@ def pair_stability(dec_a: np.ndarray, dec_b: np.ndarray, eff_a: np.ndarray, eff_
     p = overlap(top_pair_set(pmi_a, n, va), relabel(top_pair_set(pmi_b, n, vb), perm))
     i, j = np.triu_indices(eff_a.shape[0], 1)
     ok = va[i, j] & np.isfinite(pmi_a[i, j])
-    rho = float(spearmanr(eff_a[i, j][ok], pmi_a[i, j][ok]).statistic) if ok.sum() > 2 else float("nan")
+    rho = (
+        float(spearmanr(eff_a[i, j][ok], pmi_a[i, j][ok]).statistic)
+        if ok.sum() > 2
+        else float("nan")
+    )
     return PairStability(n, e, p, float(np.median(cos)), rho)

@@ -24,7 +24,8 @@ DENSITY_BINS = np.linspace(-8.0, 0.0, 33)
 class ReconSums:
     """Partial sums of the reconstruction metrics over some tokens.
 
-    `sq_err_off` is Σ‖x − x̂_off‖² with a CompSAE's composition path switched off (NaN for others)."""
+    `sq_err_off` is Σ‖x − x̂_off‖² with a CompSAE's composition path switched off (NaN for
+    others)."""
 
     n: int
     mean: np.ndarray  # [d] mean of x over these tokens
@@ -41,9 +42,11 @@ class ReconSums:
         return cls(0, np.zeros(d), np.zeros(d), 0.0, off, 0.0, 0.0, 0.0)
 
     @classmethod
-    def from_batch(cls, x: np.ndarray, x_hat: np.ndarray, l0: np.ndarray,
-                   x_hat_off: np.ndarray | None = None) -> ReconSums:
-        """Sums of one block: `x`, `x_hat`, `x_hat_off`: [b, d] (original units), `l0`: [b] active latents."""
+    def from_batch(
+        cls, x: np.ndarray, x_hat: np.ndarray, l0: np.ndarray, x_hat_off: np.ndarray | None = None
+    ) -> ReconSums:
+        """Sums of one block: `x`, `x_hat`, `x_hat_off`: [b, d] (original units), `l0`: [b] active
+        latents."""
         x = np.asarray(x, dtype=np.float64)
         x_hat = np.asarray(x_hat, dtype=np.float64)
         if x.shape[0] == 0:
@@ -53,9 +56,16 @@ class ReconSums:
         norm_hat = np.linalg.norm(x_hat, axis=1)
         # a zero row has no direction: cosine 0 and ratio 0 rather than NaN poisoning the mean
         safe = np.where(norm_x > 0, norm_x, 1.0)
-        cos = np.where((norm_x > 0) & (norm_hat > 0),
-                       (x * x_hat).sum(1) / (safe * np.where(norm_hat > 0, norm_hat, 1.0)), 0.0)
-        off = float("nan") if x_hat_off is None else float(((x - np.asarray(x_hat_off, np.float64)) ** 2).sum())
+        cos = np.where(
+            (norm_x > 0) & (norm_hat > 0),
+            (x * x_hat).sum(1) / (safe * np.where(norm_hat > 0, norm_hat, 1.0)),
+            0.0,
+        )
+        off = (
+            float("nan")
+            if x_hat_off is None
+            else float(((x - np.asarray(x_hat_off, np.float64)) ** 2).sum())
+        )
         return cls(
             n=x.shape[0],
             mean=mean,
@@ -69,9 +79,16 @@ class ReconSums:
 
     def merge(self, other: ReconSums) -> ReconSums:
         n, mean, m2 = merge_moments(self.n, self.mean, self.m2, other.n, other.mean, other.m2)
-        return ReconSums(n, mean, m2, self.sq_err + other.sq_err, self.sq_err_off + other.sq_err_off,
-                         self.cos_sum + other.cos_sum, self.l2_ratio_sum + other.l2_ratio_sum,
-                         self.l0_sum + other.l0_sum)
+        return ReconSums(
+            n,
+            mean,
+            m2,
+            self.sq_err + other.sq_err,
+            self.sq_err_off + other.sq_err_off,
+            self.cos_sum + other.cos_sum,
+            self.l2_ratio_sum + other.l2_ratio_sum,
+            self.l0_sum + other.l0_sum,
+        )
 
     def summary(self) -> dict[str, float]:
         """FVU, FVE, cosine, l2 ratio, L0 (and, with a composition path, FVU without it and the
@@ -109,7 +126,9 @@ class LatentSums:
 
     @classmethod
     def empty(cls, n_latents: int) -> LatentSums:
-        return cls(0, np.zeros(n_latents, np.int64), np.zeros(n_latents), np.full(n_latents, -np.inf))
+        return cls(
+            0, np.zeros(n_latents, np.int64), np.zeros(n_latents), np.full(n_latents, -np.inf)
+        )
 
     @classmethod
     def from_codes(cls, z: np.ndarray) -> LatentSums:
@@ -117,11 +136,20 @@ class LatentSums:
         z = np.asarray(z)
         on = z != 0
         act_max = np.where(on, z, -np.inf).max(0) if z.shape[0] else np.full(z.shape[1], -np.inf)
-        return cls(z.shape[0], on.sum(0).astype(np.int64), z.sum(0, dtype=np.float64), act_max.astype(np.float64))
+        return cls(
+            z.shape[0],
+            on.sum(0).astype(np.int64),
+            z.sum(0, dtype=np.float64),
+            act_max.astype(np.float64),
+        )
 
     def merge(self, other: LatentSums) -> LatentSums:
-        return LatentSums(self.n_tokens + other.n_tokens, self.fire + other.fire, self.act_sum + other.act_sum,
-                          np.maximum(self.act_max, other.act_max))
+        return LatentSums(
+            self.n_tokens + other.n_tokens,
+            self.fire + other.fire,
+            self.act_sum + other.act_sum,
+            np.maximum(self.act_max, other.act_max),
+        )
 
     @property
     def frequency(self) -> np.ndarray:
@@ -158,8 +186,11 @@ def density_histogram(fire: np.ndarray, n_tokens: int) -> dict[str, list[float]]
     alive = fire > 0
     logd = np.log10(fire[alive] / max(n_tokens, 1))
     counts, _ = np.histogram(np.clip(logd, DENSITY_BINS[0], DENSITY_BINS[-1]), bins=DENSITY_BINS)
-    return {"bin_edges": DENSITY_BINS.tolist(), "counts": counts.astype(int).tolist(),
-            "dead": int((~alive).sum())}
+    return {
+        "bin_edges": DENSITY_BINS.tolist(),
+        "counts": counts.astype(int).tolist(),
+        "dead": int((~alive).sum()),
+    }
 
 
 @dataclass
@@ -173,7 +204,9 @@ class TopContexts:
 
     @classmethod
     def empty(cls, n_latents: int, k: int) -> TopContexts:
-        return cls(np.full((n_latents, k), -np.inf, np.float32), np.full((n_latents, k), -1, np.int64))
+        return cls(
+            np.full((n_latents, k), -np.inf, np.float32), np.full((n_latents, k), -1, np.int64)
+        )
 
     @classmethod
     def from_codes(cls, z: np.ndarray, rows: np.ndarray, k: int) -> TopContexts:
@@ -218,5 +251,11 @@ def merge_partials(a: Any, b: Any) -> Any:
     return a.merge(b)
 
 
-__all__ = ["DENSITY_BINS", "LatentSums", "ReconSums", "TopContexts", "density_histogram",
-           "merge_partials"]
+__all__ = [
+    "DENSITY_BINS",
+    "LatentSums",
+    "ReconSums",
+    "TopContexts",
+    "density_histogram",
+    "merge_partials",
+]

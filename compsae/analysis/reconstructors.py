@@ -58,9 +58,17 @@ class SAEReconstructor:
     The model saw `x · scale`; its output is divided by `scale` again so every metric is in the
     store's units."""
 
-    def __init__(self, name: str, kind: str, n_latents: int, scale: float = 1.0, model_dir: str | None = None,
-                 model: torch.nn.Module | None = None, batch_rows: int = 1024, meta: CheckpointMeta | None = None
-                 ) -> None:
+    def __init__(
+        self,
+        name: str,
+        kind: str,
+        n_latents: int,
+        scale: float = 1.0,
+        model_dir: str | None = None,
+        model: torch.nn.Module | None = None,
+        batch_rows: int = 1024,
+        meta: CheckpointMeta | None = None,
+    ) -> None:
         if model_dir is None and model is None:
             raise ValueError("SAEReconstructor needs a model or a checkpoint folder")
         self.name, self.kind, self.n_latents = name, kind, n_latents
@@ -74,8 +82,15 @@ class SAEReconstructor:
     def from_checkpoint(cls, name: str, model_dir: str, batch_rows: int = 1024) -> SAEReconstructor:
         """Load `model_dir` (a train-stage model folder) and describe it."""
         sae = load_checkpoint(model_dir)
-        return cls(name, sae.kind, sae.n_latents, scale=sae.scale, model_dir=model_dir, batch_rows=batch_rows,
-                   meta=sae.meta)
+        return cls(
+            name,
+            sae.kind,
+            sae.n_latents,
+            scale=sae.scale,
+            model_dir=model_dir,
+            batch_rows=batch_rows,
+            meta=sae.meta,
+        )
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
@@ -94,8 +109,9 @@ class SAEReconstructor:
         return self.reconstruct(x)[0]
 
     @torch.no_grad()
-    def reconstruct(self, x: np.ndarray, rows: np.ndarray | None = None, m: int = 0
-                    ) -> tuple[Reconstruction, Any]:
+    def reconstruct(
+        self, x: np.ndarray, rows: np.ndarray | None = None, m: int = 0
+    ) -> tuple[Reconstruction, Any]:
         """The reconstruction of `x: [b, d]` and, when `rows` is given (`[n_latents]` latent -> row
         of the `m` tracked latents, −1 untracked) and the model has a composition path, its
         `PairEffectSums` over those latents (else None).  One forward per `batch_rows` rows serves
@@ -107,7 +123,10 @@ class SAEReconstructor:
         acc = PairEffectSums.empty(m) if rows is not None and composes else None
         parts = []
         for i in range(0, max(len(x), 1), self.batch_rows):
-            xt = torch.as_tensor(np.ascontiguousarray(x[i : i + self.batch_rows], dtype=np.float32)) * self.scale
+            xt = (
+                torch.as_tensor(np.ascontiguousarray(x[i : i + self.batch_rows], dtype=np.float32))
+                * self.scale
+            )
             out = model(xt)
             parts.append(self._numpy(out))
             if acc is not None and len(xt):
@@ -115,8 +134,14 @@ class SAEReconstructor:
                 acc.update(model, xt, out.x_hat, idx, out.z.gather(1, idx), rows)
         if len(parts) == 1:
             return parts[0], acc
-        cat = {f: (None if getattr(parts[0], f) is None else np.concatenate([getattr(p, f) for p in parts]))
-               for f in Reconstruction.__dataclass_fields__}
+        cat = {
+            f: (
+                None
+                if getattr(parts[0], f) is None
+                else np.concatenate([getattr(p, f) for p in parts])
+            )
+            for f in Reconstruction.__dataclass_fields__
+        }
         return Reconstruction(**cat), acc
 
     def _numpy(self, out: Any) -> Reconstruction:

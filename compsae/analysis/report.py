@@ -14,23 +14,47 @@ from compsae.analysis.metrics import flat_rows, json_safe
 from compsae.figures import plain_text, pyplot
 from compsae.files import ANALYSIS_METRICS, ANALYSIS_METRICS_TABLE, ANALYSIS_REPORT
 
-FVU_DEFINITION = "FVU = Σ‖x − x̂‖² / Σ‖x − μ‖² over the evaluated tokens and dimensions (the README's definition)"
+FVU_DEFINITION = (
+    "FVU = Σ‖x − x̂‖² / Σ‖x − μ‖² over the evaluated tokens and dimensions (the README's definition)"
+)
 
 # Column name -> header with its unit ("" = a ratio or count that needs none).
 LABELS = {
-    "l0": "L0 (latents / token)", "fvu": "FVU", "fve": "FVE", "cosine": "cos(x, x̂)", "l2_ratio": "‖x̂‖/‖x‖",
-    "fvu_nocomp": "FVU, composition off", "comp_share": "composition share of expl. var.", "n_tokens": "tokens",
-    "dead_fraction": "dead (fraction of latents)", "dead_count": "dead (latents)", "n_latents": "latents",
-    "dead_tokens_evaluated": "tokens evaluated", "ce_clean": "CE clean (nats)", "ce_zero": "CE zero-ablated (nats)",
-    "ce_recon": "CE with x̂ (nats)", "delta_ce": "ΔCE (nats)", "kl_zero": "KL zero-ablated (nats)",
-    "kl_recon": "KL with x̂ (nats)", "ce_recovered": "CE recovered", "kl_score": "KL score",
-    "tokens_seen": "tokens trained", "gate_mean": "gate mean", "gate_std": "gate sd",
-    "partners_mean": "partners / latent (mean)", "partners_median": "partners / latent (median)",
-    "partner_entropy_mean": "partner entropy (nats)", "mean_npmi": "mean NPMI", "mean_jaccard": "mean Jaccard",
-    "n_tracked": "latents tracked", "pairs_cooccurring": "pairs co-firing",
+    "l0": "L0 (latents / token)",
+    "fvu": "FVU",
+    "fve": "FVE",
+    "cosine": "cos(x, x̂)",
+    "l2_ratio": "‖x̂‖/‖x‖",
+    "fvu_nocomp": "FVU, composition off",
+    "comp_share": "composition share of expl. var.",
+    "n_tokens": "tokens",
+    "dead_fraction": "dead (fraction of latents)",
+    "dead_count": "dead (latents)",
+    "n_latents": "latents",
+    "dead_tokens_evaluated": "tokens evaluated",
+    "ce_clean": "CE clean (nats)",
+    "ce_zero": "CE zero-ablated (nats)",
+    "ce_recon": "CE with x̂ (nats)",
+    "delta_ce": "ΔCE (nats)",
+    "kl_zero": "KL zero-ablated (nats)",
+    "kl_recon": "KL with x̂ (nats)",
+    "ce_recovered": "CE recovered",
+    "kl_score": "KL score",
+    "tokens_seen": "tokens trained",
+    "gate_mean": "gate mean",
+    "gate_std": "gate sd",
+    "partners_mean": "partners / latent (mean)",
+    "partners_median": "partners / latent (median)",
+    "partner_entropy_mean": "partner entropy (nats)",
+    "mean_npmi": "mean NPMI",
+    "mean_jaccard": "mean Jaccard",
+    "n_tracked": "latents tracked",
+    "pairs_cooccurring": "pairs co-firing",
     "spearman_comp_vs_cooccurrence": "Spearman(composition, co-firing)",
-    "spearman_comp_vs_npmi": "Spearman(composition, NPMI)", "attn_gini_mean": "attention Gini (mean)",
-    "head_agreement": "head agreement (cos)", "fvu_nocomp_mean": "FVU, composition off (mean)",
+    "spearman_comp_vs_npmi": "Spearman(composition, NPMI)",
+    "attn_gini_mean": "attention Gini (mean)",
+    "head_agreement": "head agreement (cos)",
+    "fvu_nocomp_mean": "FVU, composition off (mean)",
 }
 
 
@@ -64,12 +88,16 @@ def label(column: str) -> str:
 
 
 def table(rows: list[dict[str, Any]], columns: list[str], caption: str) -> str:
-    """An HTML table (scrolls sideways when wider than the page); each row's first column names it."""
+    """An HTML table (scrolls sideways when wider than the page); each row's first column names
+    it."""
     head = "".join(f"<th>{html.escape(label(c))}</th>" for c in columns)
     body = "".join(
         "<tr>" + "".join(f"<td>{fmt(r.get(c))}</td>" for c in columns) + "</tr>" for r in rows
     )
-    return f"<div class='scroll'><table><caption>{html.escape(caption)}</caption><tr>{head}</tr>{body}</table></div>"
+    return (
+        "<div "
+        f"class='scroll'><table><caption>{html.escape(caption)}</caption><tr>{head}</tr>{body}</table></div>"
+    )
 
 
 # -- figures ---------------------------------------------------------------------------------------
@@ -130,12 +158,16 @@ def cluster_order(mat: np.ndarray) -> np.ndarray:
 
 
 @plain_text
-def plot_heatmap(comp: np.ndarray, tracked: np.ndarray, name: str, path: str, limit: int = 128) -> None:
+def plot_heatmap(
+    comp: np.ndarray, tracked: np.ndarray, name: str, path: str, limit: int = 128
+) -> None:
     plt = _plt()
     sub = comp[:limit, :limit]
     order = cluster_order(sub)
     fig, ax = plt.subplots(figsize=(5.5, 5))
-    im = ax.imshow(np.nan_to_num(sub[np.ix_(order, order)]), cmap="viridis", interpolation="nearest")
+    im = ax.imshow(
+        np.nan_to_num(sub[np.ix_(order, order)]), cmap="viridis", interpolation="nearest"
+    )
     ax.set_title(f"{name}: mean attention i→j (top {len(sub)} latents, clustered)", fontsize=8)
     ax.set_xlabel("key latent j")
     ax.set_ylabel("query latent i")
@@ -191,8 +223,12 @@ def plot_attention_example(ex: dict[str, Any], path: str) -> None:
     plt.close(fig)
 
 
-def make_figures(metrics: dict[str, Any], arrays: dict[str, dict[str, Any]], examples: list[dict[str, Any]],
-                 fig_dir: str) -> list[tuple[str, str]]:
+def make_figures(
+    metrics: dict[str, Any],
+    arrays: dict[str, dict[str, Any]],
+    examples: list[dict[str, Any]],
+    fig_dir: str,
+) -> list[tuple[str, str]]:
     """Write every figure into `fig_dir`; returns (file name, caption) pairs in report order."""
     os.makedirs(fig_dir, exist_ok=True)
     figs: list[tuple[str, str]] = []
@@ -205,28 +241,68 @@ def make_figures(metrics: dict[str, Any], arrays: dict[str, dict[str, Any]], exa
     add("fvu_vs_l0.png", "FVU against L0, every method", plot_fvu_vs_l0, metrics)
     for name, arr in arrays.items():
         if "comp" in arr:
-            source = "mean pair effect (intervention)" if "pair_effect" in arr else "mean attention weight"
-            add(f"composition_{name}.png", f"{name}: composition matrix ({source}), clustered", plot_heatmap,
-                arr["comp"], arr["tracked"], name)
-            add(f"partners_{name}.png", f"{name}: distinct partners per latent", plot_partners, arr["partners"], name)
+            source = (
+                "mean pair effect (intervention)"
+                if "pair_effect" in arr
+                else "mean attention weight"
+            )
+            add(
+                f"composition_{name}.png",
+                f"{name}: composition matrix ({source}), clustered",
+                plot_heatmap,
+                arr["comp"],
+                arr["tracked"],
+                name,
+            )
+            add(
+                f"partners_{name}.png",
+                f"{name}: distinct partners per latent",
+                plot_partners,
+                arr["partners"],
+                name,
+            )
         heads = metrics["models"][name].get("heads")
         if heads:
-            add(f"head_entropy_{name}.png", f"{name}: attention entropy per head", plot_head_entropy, heads, name)
+            add(
+                f"head_entropy_{name}.png",
+                f"{name}: attention entropy per head",
+                plot_head_entropy,
+                heads,
+                name,
+            )
     for i, ex in enumerate(examples):
-        add(f"attention_example_{i}.png", f"{ex['model']}: attention among the active latents of one token",
-            plot_attention_example, ex)
+        add(
+            f"attention_example_{i}.png",
+            f"{ex['model']}: attention among the active latents of one token",
+            plot_attention_example,
+            ex,
+        )
     return figs
 
 
 # -- the page --------------------------------------------------------------------------------------
 
-RECON_COLS = ["model", "kind", "l0", "fvu", "fve", "cosine", "l2_ratio", "fvu_nocomp", "comp_share", "n_tokens"]
-CSS = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}table{border-collapse:collapse;"
-       "margin:1em 0;font-size:13px}td,th{border:1px solid #bbb;padding:3px 7px;text-align:right}"
-       "caption{font-weight:bold;text-align:left}figure{display:inline-block;margin:.5em}img{max-width:100%}"
-       ".scroll{overflow-x:auto;max-width:100%}"
-       # tables rendered from the stages' markdown have no wrapper: they scroll themselves
-       "body>table{display:block;overflow-x:auto;max-width:100%}")
+RECON_COLS = [
+    "model",
+    "kind",
+    "l0",
+    "fvu",
+    "fve",
+    "cosine",
+    "l2_ratio",
+    "fvu_nocomp",
+    "comp_share",
+    "n_tokens",
+]
+CSS = (
+    "body{font-family:sans-serif;max-width:1100px;margin:2em "
+    "auto;color:#222}table{border-collapse:collapse;"
+    "margin:1em 0;font-size:13px}td,th{border:1px solid #bbb;padding:3px 7px;text-align:right}"
+    "caption{font-weight:bold;text-align:left}figure{display:inline-block;margin:.5em}img{max-width:100%}"
+    ".scroll{overflow-x:auto;max-width:100%}"
+    # tables rendered from the stages' markdown have no wrapper: they scroll themselves
+    "body>table{display:block;overflow-x:auto;max-width:100%}"
+)
 
 
 def recon_rows(metrics: dict[str, Any], group: str) -> list[dict[str, Any]]:
@@ -250,8 +326,18 @@ def applicable(kind: Any, settings: Any) -> set[str]:
     return have if issubclass(cls, TopKConfig) else have - {"k"}
 
 
-def ablation_table(rows: list[dict[str, Any]], settings: tuple[str, ...] = ("type", "n_latents", "k", "composer",
-                   "gate", "curriculum", "graduated_sparsity")) -> tuple[list[dict[str, Any]], list[str]]:
+def ablation_table(
+    rows: list[dict[str, Any]],
+    settings: tuple[str, ...] = (
+        "type",
+        "n_latents",
+        "k",
+        "composer",
+        "gate",
+        "curriculum",
+        "graduated_sparsity",
+    ),
+) -> tuple[list[dict[str, Any]], list[str]]:
     """The ablation rows with the `settings` a row's model kind does not have blanked, and the
     columns that apply to some row."""
     out = []
@@ -260,86 +346,195 @@ def ablation_table(rows: list[dict[str, Any]], settings: tuple[str, ...] = ("typ
         if row.get("type") == "compsae" and row.get("composer") == "none":
             keep -= {"gate", "curriculum"}
         out.append({k: (NA if k in settings and k not in keep else v) for k, v in row.items()})
-    cols = [c for c in rows[0] if any(not isinstance(r.get(c), NotApplicable) and r.get(c) is not None for r in out)]
+    cols = [
+        c
+        for c in rows[0]
+        if any(not isinstance(r.get(c), NotApplicable) and r.get(c) is not None for r in out)
+    ]
     return out, cols
 
 
 def render_html(metrics: dict[str, Any], figures: list[tuple[str, str]]) -> str:
     """report.html as a string (figures referenced by relative path)."""
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>compsae analysis</title>"
-             f"<style>{CSS}</style></head><body><h1>compsae analysis</h1>"]
-    parts.append(f"<p>hook <code>{html.escape(str(metrics['hook']))}</code>, {metrics['n_tokens']} held-out tokens "
-                 f"(held-out fraction {fmt(metrics['heldout_fraction'])}, seed {metrics['heldout_seed']}); "
-                 f"baselines at L0 = {metrics['baseline_k']}.</p>")
+    parts = [
+        f"<!doctype html><html><head><meta charset='utf-8'><title>compsae analysis</title>"
+        f"<style>{CSS}</style></head><body><h1>compsae analysis</h1>"
+    ]
+    parts.append(
+        f"<p>hook <code>{html.escape(str(metrics['hook']))}</code>, {metrics['n_tokens']} held-out "
+        "tokens "
+        f"(held-out fraction {fmt(metrics['heldout_fraction'])}, seed {metrics['heldout_seed']}); "
+        f"baselines at L0 = {metrics['baseline_k']}.</p>"
+    )
     if metrics.get("browsers"):
-        links = ", ".join(f"<a href='{html.escape(rel)}'>{html.escape(name)}</a>" for name, rel in metrics["browsers"].items())
-        parts.append(f"<p>Feature browser (every latent: top contexts, histogram, logit effect, partners): {links}</p>")
-    parts.append(f"<p class='note'>{html.escape(FVU_DEFINITION)}; composition share = (FVU with the path off − FVU) / "
-                 "(1 − FVU); numbers rounded to 3 significant digits.</p>")
-    parts.append(table(recon_rows(metrics, "all"), RECON_COLS,
-                       f"Comparison at matched L0 (all {metrics['n_tokens']} held-out tokens)"))
-    parts.append(table(recon_rows(metrics, "rest"), RECON_COLS, "Position > 0 only (tokens per row)"))
-    parts.append(table(recon_rows(metrics, "bos"), RECON_COLS, "Position 0 (BOS) only (tokens per row)"))
-    lat_rows = [{"model": n, **{k: v for k, v in m["latents"].items() if not isinstance(v, dict)}}
-                for n, m in metrics["models"].items() if "latents" in m]
+        links = ", ".join(
+            f"<a href='{html.escape(rel)}'>{html.escape(name)}</a>"
+            for name, rel in metrics["browsers"].items()
+        )
+        parts.append(
+            "<p>Feature browser (every latent: top contexts, histogram, logit effect, partners): "
+            f"{links}</p>"
+        )
+    parts.append(
+        f"<p class='note'>{html.escape(FVU_DEFINITION)}; composition share = (FVU with the path "
+        "off − FVU) / "
+        "(1 − FVU); numbers rounded to 3 significant digits.</p>"
+    )
+    parts.append(
+        table(
+            recon_rows(metrics, "all"),
+            RECON_COLS,
+            f"Comparison at matched L0 (all {metrics['n_tokens']} held-out tokens)",
+        )
+    )
+    parts.append(
+        table(recon_rows(metrics, "rest"), RECON_COLS, "Position > 0 only (tokens per row)")
+    )
+    parts.append(
+        table(recon_rows(metrics, "bos"), RECON_COLS, "Position 0 (BOS) only (tokens per row)")
+    )
+    lat_rows = [
+        {"model": n, **{k: v for k, v in m["latents"].items() if not isinstance(v, dict)}}
+        for n, m in metrics["models"].items()
+        if "latents" in m
+    ]
     if lat_rows:
-        cols = ["model", "n_latents", "dead_count", "dead_fraction"] + \
-            [c for c in lat_rows[0] if c.startswith("dense_fraction")] + ["dead_tokens_evaluated"]
-        parts.append(table(lat_rows, cols, f"Latent health on {metrics['n_tokens']} held-out tokens "
-                           "(dead = never fired on them)"))
+        cols = (
+            ["model", "n_latents", "dead_count", "dead_fraction"]
+            + [c for c in lat_rows[0] if c.startswith("dense_fraction")]
+            + ["dead_tokens_evaluated"]
+        )
+        parts.append(
+            table(
+                lat_rows,
+                cols,
+                f"Latent health on {metrics['n_tokens']} held-out tokens "
+                "(dead = never fired on them)",
+            )
+        )
     if metrics.get("ablations"):
         rows, cols = ablation_table(metrics["ablations"])
-        parts.append(table(rows, cols, f"Ablations: every trained model, on {metrics['n_tokens']} held-out tokens "
-                           "(empty cells: the setting does not apply to that kind of model)"))
+        parts.append(
+            table(
+                rows,
+                cols,
+                f"Ablations: every trained model, on {metrics['n_tokens']} held-out tokens "
+                "(empty cells: the setting does not apply to that kind of model)",
+            )
+        )
     if metrics.get("ablations_by_variant"):
         rows = metrics["ablations_by_variant"]
-        parts.append(table(rows, list(rows[0]), f"Ablations: mean and sd over seeds (sd with ddof=1), on "
-                           f"{metrics['n_tokens']} held-out tokens"))
-    comp_rows = [{"model": n, **{k: v for k, v in m["pairs"].items() if k != "top_pairs"},
-                  **{k: v for k, v in m.get("gate", {}).items() if not isinstance(v, dict)},
-                  "head_agreement": m.get("heads", {}).get("head_agreement")}
-                 for n, m in metrics["models"].items() if "pairs" in m]
+        parts.append(
+            table(
+                rows,
+                list(rows[0]),
+                f"Ablations: mean and sd over seeds (sd with ddof=1), on "
+                f"{metrics['n_tokens']} held-out tokens",
+            )
+        )
+    comp_rows = [
+        {
+            "model": n,
+            **{k: v for k, v in m["pairs"].items() if k != "top_pairs"},
+            **{k: v for k, v in m.get("gate", {}).items() if not isinstance(v, dict)},
+            "head_agreement": m.get("heads", {}).get("head_agreement"),
+        }
+        for n, m in metrics["models"].items()
+        if "pairs" in m
+    ]
     if comp_rows:
-        parts.append(table(comp_rows, list(comp_rows[0]), "Composition and co-occurrence (n_tokens: tokens behind each row)"))
+        parts.append(
+            table(
+                comp_rows,
+                list(comp_rows[0]),
+                "Composition and co-occurrence (n_tokens: tokens behind each row)",
+            )
+        )
     for n, m in metrics["models"].items():
         top = m.get("pairs", {}).get("top_pairs")
         if top:
-            rows = [{"latents": f"{p['i']} + {p['j']}", "tokens": p["tokens"], "mean_effect": p["mean_effect"],
-                     "gain_share": p["gain_share"],
-                     "where both fire": " | ".join(f"{e['context']}[{e['token']}]" for e in p.get("examples", []))}
-                    for p in top]
-            parts.append(table(rows, list(rows[0]), (
-                f"{n}: the composing pairs that explain most variance, measured by intervention (mean_effect: mean "
-                "‖x̂(z) − x̂(z∖i) − x̂(z∖j) + x̂(z∖ij)‖ over the tokens where both fire, relative to the RMS "
-                "activation deviation; gain_share: reconstruction gain of keeping the pair's term, share of the "
-                "total variance; tokens: held-out tokens where both fire)")))
+            rows = [
+                {
+                    "latents": f"{p['i']} + {p['j']}",
+                    "tokens": p["tokens"],
+                    "mean_effect": p["mean_effect"],
+                    "gain_share": p["gain_share"],
+                    "where both fire": " | ".join(
+                        f"{e['context']}[{e['token']}]" for e in p.get("examples", [])
+                    ),
+                }
+                for p in top
+            ]
+            parts.append(
+                table(
+                    rows,
+                    list(rows[0]),
+                    (
+                        f"{n}: the composing pairs that explain most variance, measured by "
+                        "intervention (mean_effect: mean "
+                        "‖x̂(z) − x̂(z∖i) − x̂(z∖j) + x̂(z∖ij)‖ over the tokens where both fire, "
+                        "relative to the RMS "
+                        "activation deviation; gain_share: reconstruction gain of keeping the "
+                        "pair's term, share of the "
+                        "total variance; tokens: held-out tokens where both fire)"
+                    ),
+                )
+            )
     ce_rows = [{"model": n, **m["ce"]} for n, m in metrics["models"].items() if m.get("ce")]
     if ce_rows:
-        parts.append(table(ce_rows, list(ce_rows[0]), f"Next-token loss with x̂ spliced in ({metrics.get('ce_note', '')})"))
+        parts.append(
+            table(
+                ce_rows,
+                list(ce_rows[0]),
+                f"Next-token loss with x̂ spliced in ({metrics.get('ce_note', '')})",
+            )
+        )
     else:
         parts.append(f"<p>CE evaluation: {html.escape(str(metrics.get('ce_note', 'not run')))}</p>")
     for note in metrics.get("notes", []):
         parts.append(f"<p class='note'>{html.escape(note)}</p>")
     for fname, caption in figures:
-        parts.append(f"<figure><img src='figures/{html.escape(fname)}' alt='{html.escape(caption)}'>"
-                     f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+        parts.append(
+            f"<figure><img src='figures/{html.escape(fname)}' alt='{html.escape(caption)}'>"
+            f"<figcaption>{html.escape(caption)}</figcaption></figure>"
+        )
     parts.append("</body></html>")
     return "\n".join(parts)
 
 
-def write_report(out_dir: str, metrics: dict[str, Any], arrays: dict[str, dict[str, Any]],
-                 examples: list[dict[str, Any]], plots: bool = True) -> dict[str, str]:
+def write_report(
+    out_dir: str,
+    metrics: dict[str, Any],
+    arrays: dict[str, dict[str, Any]],
+    examples: list[dict[str, Any]],
+    plots: bool = True,
+) -> dict[str, str]:
     """Write metrics.json, metrics.parquet, figures/*.png and report.html into local `out_dir`."""
     os.makedirs(out_dir, exist_ok=True)
     safe = json_safe(metrics)
     with open(os.path.join(out_dir, ANALYSIS_METRICS), "w") as f:
         json.dump(safe, f, indent=1, allow_nan=False)
     flat_rows(safe).to_parquet(os.path.join(out_dir, ANALYSIS_METRICS_TABLE), index=False)
-    figures = make_figures(safe, arrays, examples, os.path.join(out_dir, "figures")) if plots else []
+    figures = (
+        make_figures(safe, arrays, examples, os.path.join(out_dir, "figures")) if plots else []
+    )
     with open(os.path.join(out_dir, ANALYSIS_REPORT), "w") as f:
         f.write(render_html(safe, figures))
-    return {"report": ANALYSIS_REPORT, "metrics_json": ANALYSIS_METRICS, "metrics_parquet": ANALYSIS_METRICS_TABLE}
+    return {
+        "report": ANALYSIS_REPORT,
+        "metrics_json": ANALYSIS_METRICS,
+        "metrics_parquet": ANALYSIS_METRICS_TABLE,
+    }
 
 
-__all__ = ["FVU_DEFINITION", "ablation_table", "applicable", "fmt", "label", "make_figures", "render_html", "table",
-           "write_report"]
+__all__ = [
+    "FVU_DEFINITION",
+    "ablation_table",
+    "applicable",
+    "fmt",
+    "label",
+    "make_figures",
+    "render_html",
+    "table",
+    "write_report",
+]

@@ -89,12 +89,20 @@ def fit_rows(store: ActivationStore, hook: str, train_mask: np.ndarray, n: int) 
     """Up to `n` training rows `[m, d]`, from chunks spread evenly over the store."""
     rows = spread_rows(store, hook, train_mask, n)
     if len(rows) == 0:
-        raise UserError("no training rows to fit the baselines on; lower heldout_fraction or skip baselines")
+        raise UserError(
+            "no training rows to fit the baselines on; lower heldout_fraction or skip baselines"
+        )
     return rows
 
 
-def choose_tracked(store: ActivationStore, hook: str, pos: np.ndarray, plan: Any, recons: list[Reconstructor],
-                   limit: int) -> dict[str, np.ndarray]:
+def choose_tracked(
+    store: ActivationStore,
+    hook: str,
+    pos: np.ndarray,
+    plan: Any,
+    recons: list[Reconstructor],
+    limit: int,
+) -> dict[str, np.ndarray]:
     """Latents whose pair statistics are kept, per CompSAE: all when they fit in `limit`, else the
     `limit` most frequent on the first `PILOT_BLOCKS` planned blocks (ties to the lower index)."""
     tracked, pilot = {}, []
@@ -107,16 +115,23 @@ def choose_tracked(store: ActivationStore, hook: str, pos: np.ndarray, plan: Any
             pilot.append(r)
     if pilot:
         sub = type(plan)(plan.chunks[:PILOT_BLOCKS], plan.keep)
-        parts = reference_partials(store, hook, pos, sub, pilot,
-                                   BlockSpec(top_k_contexts=0, skip=frozenset({"pairs", "heads", "gate"})))
+        parts = reference_partials(
+            store,
+            hook,
+            pos,
+            sub,
+            pilot,
+            BlockSpec(top_k_contexts=0, skip=frozenset({"pairs", "heads", "gate"})),
+        )
         for r in pilot:
             fire = parts[r.name]["latents"].fire
             tracked[r.name] = np.sort(np.argsort(-fire, kind="stable")[:limit])
     return tracked
 
 
-def top_context_table(name: str, top: TopContexts, store: ActivationStore, window: int,
-                      decode: Callable[[int], str]) -> pd.DataFrame:
+def top_context_table(
+    name: str, top: TopContexts, store: ActivationStore, window: int, decode: Callable[[int], str]
+) -> pd.DataFrame:
     """One row per (latent, rank): activation, store row, the token and its left context."""
     lat, rank = np.nonzero(top.rows >= 0)
     rows = top.rows[lat, rank]
@@ -125,17 +140,33 @@ def top_context_table(name: str, top: TopContexts, store: ActivationStore, windo
     valid = (cand >= 0) & (seq[np.maximum(cand, 0)] == seq[rows][:, None])
     ids = np.where(valid, tokens[np.maximum(cand, 0)], -1)
     ctx_ids = [r[r >= 0].tolist() for r in ids]
-    return pd.DataFrame({
-        "model": name, "latent": lat, "rank": rank, "activation": top.values[lat, rank], "row": rows,
-        "seq_id": seq[rows], "pos": pos[rows], "token_id": tokens[rows],
-        "token_text": [decode(int(t)) for t in tokens[rows]],
-        "context_ids": ctx_ids, "context_text": ["".join(decode(i) for i in c) for c in ctx_ids],
-    })
+    return pd.DataFrame(
+        {
+            "model": name,
+            "latent": lat,
+            "rank": rank,
+            "activation": top.values[lat, rank],
+            "row": rows,
+            "seq_id": seq[rows],
+            "pos": pos[rows],
+            "token_id": tokens[rows],
+            "token_text": [decode(int(t)) for t in tokens[rows]],
+            "context_ids": ctx_ids,
+            "context_text": ["".join(decode(i) for i in c) for c in ctx_ids],
+        }
+    )
 
 
-def attention_examples(rec: SAEReconstructor, store: ActivationStore, hook: str, plan: Any, n: int,
-                       decode: Callable[[int], str]) -> list[dict[str, Any]]:
-    """A few held-out tokens (position > 0) with the head-mean attention among their active latents."""
+def attention_examples(
+    rec: SAEReconstructor,
+    store: ActivationStore,
+    hook: str,
+    plan: Any,
+    n: int,
+    decode: Callable[[int], str],
+) -> list[dict[str, Any]]:
+    """A few held-out tokens (position > 0) with the head-mean attention among their active
+    latents."""
     if n == 0:
         return []
     tokens, seq = store.column_view("tokens"), store.column_view("seq_id")
@@ -155,14 +186,29 @@ def attention_examples(rec: SAEReconstructor, store: ActivationStore, hook: str,
         w = out.attn[i].mean(0)[np.ix_(on, on)]
         lo = max(int(r) - 12, 0)
         ctx = [int(t) for t, s in zip(tokens[lo:r], seq[lo:r], strict=True) if s == seq[r]]
-        examples.append({"model": rec.name, "row": int(r), "token": decode(int(tokens[r])),
-                         "context": "".join(decode(t) for t in ctx), "latents": act[i][on].tolist(),
-                         "attn": w.tolist()})
+        examples.append(
+            {
+                "model": rec.name,
+                "row": int(r),
+                "token": decode(int(tokens[r])),
+                "context": "".join(decode(t) for t in ctx),
+                "latents": act[i][on].tolist(),
+                "attn": w.tolist(),
+            }
+        )
     return examples
 
 
-def pair_examples(rec: SAEReconstructor, store: ActivationStore, hook: str, plan: Any, pairs: list[dict[str, Any]],
-                  decode: Callable[[int], str], per_pair: int = 3, max_rows: int = 4096) -> None:
+def pair_examples(
+    rec: SAEReconstructor,
+    store: ActivationStore,
+    hook: str,
+    plan: Any,
+    pairs: list[dict[str, Any]],
+    decode: Callable[[int], str],
+    per_pair: int = 3,
+    max_rows: int = 4096,
+) -> None:
     """Add to each of `pairs` (dicts with latents "i", "j") up to `per_pair` held-out tokens where
     both fire, as {"token", "context"}, from the first `max_rows` evaluated rows."""
     rows = np.flatnonzero(plan.keep)[:max_rows]
@@ -176,9 +222,12 @@ def pair_examples(rec: SAEReconstructor, store: ActivationStore, hook: str, plan
         pair["examples"] = []
         for r in rows[both]:
             start = max(int(r) - 12, 0)
-            ctx = [int(t) for t, q in zip(tokens[start:r], seq[start:r], strict=True) if q == seq[r]]
-            pair["examples"].append({"token": decode(int(tokens[r])),
-                                     "context": "".join(decode(t) for t in ctx)})
+            ctx = [
+                int(t) for t, q in zip(tokens[start:r], seq[start:r], strict=True) if q == seq[r]
+            ]
+            pair["examples"].append(
+                {"token": decode(int(tokens[r])), "context": "".join(decode(t) for t in ctx)}
+            )
 
 
 def heldout_sequences(store: ActivationStore, keep: np.ndarray, n: int) -> np.ndarray:
@@ -198,7 +247,9 @@ def heldout_sequences(store: ActivationStore, keep: np.ndarray, n: int) -> np.nd
 
 def find_ce_fn(manifest: dict[str, Any], hook: str) -> tuple[CEFn | None, str]:
     """The harvest stage's CE function for this store's LM, or (None, why not)."""
-    from compsae.harvest.ce import make_ce_fn  # here: it loads the LM stack only when CE is asked for
+    from compsae.harvest.ce import (
+        make_ce_fn,
+    )  # here: it loads the LM stack only when CE is asked for
 
     try:
         return make_ce_fn(manifest, hook), ""
@@ -214,9 +265,9 @@ class AnalysisPlan:
     store: ActivationStore
     hook: str
     split: HeldOutSplit
-    blocks: Any                      # the planned held-out blocks (`plan_blocks`)
-    recons: list[Reconstructor]      # trained models first, then the baselines
-    sae_names: frozenset[str]        # the trained (or imported) models among `recons`
+    blocks: Any  # the planned held-out blocks (`plan_blocks`)
+    recons: list[Reconstructor]  # trained models first, then the baselines
+    sae_names: frozenset[str]  # the trained (or imported) models among `recons`
     metas: dict[str, CheckpointMeta]
     baseline_k: int
     tracked: dict[str, np.ndarray]
@@ -230,12 +281,19 @@ def plan_analysis(cfg: AnalyzeConfig, store_url: str, train_dir: str) -> Analysi
     store = open_store(store_url)
     found = model_folders(train_dir)
     if not found:
-        raise UserError(f"no trained models under {train_dir} (expected one folder per model with {CONFIG_FILE})")
-    recons: list[Reconstructor] = [SAEReconstructor.from_checkpoint(n, d, cfg.batch_rows) for n, d in found]
+        raise UserError(
+            f"no trained models under {train_dir} (expected one folder per model with "
+            f"{CONFIG_FILE})"
+        )
+    recons: list[Reconstructor] = [
+        SAEReconstructor.from_checkpoint(n, d, cfg.batch_rows) for n, d in found
+    ]
     metas: dict[str, CheckpointMeta] = {r.name: r.meta for r in recons}  # type: ignore[attr-defined]
     hook = cfg.hook or metas[recons[0].name].hook or store.hooks[0]
     if hook not in store.hooks:
-        raise UserError(f"the store has no hook {hook!r}; it holds {', '.join(store.hooks)} (set analyze.hook)")
+        raise UserError(
+            f"the store has no hook {hook!r}; it holds {', '.join(store.hooks)} (set analyze.hook)"
+        )
     notes = []
     other = [r.name for r in recons if metas[r.name].hook not in ("", hook)]
     if other:
@@ -254,29 +312,42 @@ def plan_analysis(cfg: AnalyzeConfig, store_url: str, train_dir: str) -> Analysi
     if "baselines" not in cfg.skip and cfg.baselines:
         x_fit = fit_rows(store, hook, ~heldout, cfg.baseline_fit_tokens)
         recons += fit_baselines(list(cfg.baselines), x_fit, k, cfg.nmf_components, cfg.seed)
-    tracked = (choose_tracked(store, hook, store.column_view("pos"), blocks, recons, cfg.pair_latents)
-               if "pairs" not in cfg.skip else {})
+    tracked = (
+        choose_tracked(store, hook, store.column_view("pos"), blocks, recons, cfg.pair_latents)
+        if "pairs" not in cfg.skip
+        else {}
+    )
     return AnalysisPlan(store, hook, split, blocks, recons, sae_names, metas, k, tracked, notes)
 
 
-def compute_partials(ap: AnalysisPlan, cfg: AnalyzeConfig, workers: int, scheduler: str | None,
-                     processes: bool) -> dict[str, Any]:
+def compute_partials(
+    ap: AnalysisPlan, cfg: AnalyzeConfig, workers: int, scheduler: str | None, processes: bool
+) -> dict[str, Any]:
     """One Dask pass over the held-out blocks: every statistic of every model, merged per model."""
-    spec = BlockSpec(top_k_contexts=cfg.top_k_contexts, skip=frozenset(cfg.skip), tracked=ap.tracked,
-                     contexts_for=ap.sae_names)
-    graph = build_graph(acts_array(ap.store, ap.hook), ap.store.column_view("pos"), ap.blocks, ap.recons, spec)
+    spec = BlockSpec(
+        top_k_contexts=cfg.top_k_contexts,
+        skip=frozenset(cfg.skip),
+        tracked=ap.tracked,
+        contexts_for=ap.sae_names,
+    )
+    graph = build_graph(
+        acts_array(ap.store, ap.hook), ap.store.column_view("pos"), ap.blocks, ap.recons, spec
+    )
     with dask_client(workers, scheduler, cfg.threads_per_worker, processes) as client:
         return compute(graph, client, cfg.progress)
 
 
-def analysis_metrics(ap: AnalysisPlan, cfg: AnalyzeConfig, partials: dict[str, Any], ce_fn: CEFn | None
-                     ) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+def analysis_metrics(
+    ap: AnalysisPlan, cfg: AnalyzeConfig, partials: dict[str, Any], ce_fn: CEFn | None
+) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
     """metrics.json's content (per model, CE where the LM loads, the ablation table) and the arrays
     the figures and tables are drawn from."""
     models: dict[str, Any] = {}
     arrays: dict[str, dict[str, Any]] = {}
     for r in ap.recons:
-        m, arr = model_metrics(partials[r.name], cfg.dense_thresholds, cfg.partner_threshold, ap.tracked.get(r.name))
+        m, arr = model_metrics(
+            partials[r.name], cfg.dense_thresholds, cfg.partner_threshold, ap.tracked.get(r.name)
+        )
         m["kind"] = r.kind
         models[r.name], arrays[r.name] = m, arr
 
@@ -293,7 +364,9 @@ def analysis_metrics(ap: AnalysisPlan, cfg: AnalyzeConfig, partials: dict[str, A
             ce_note = f"{len(seqs)} held-out sequences, {int(seqs.size)} tokens"
             if cfg.pair_causal:
                 for r in ap.recons:
-                    causal = _pair_causal(r, partials[r.name], ap.tracked.get(r.name), fn, tok, cfg.seed)
+                    causal = _pair_causal(
+                        r, partials[r.name], ap.tracked.get(r.name), fn, tok, cfg.seed
+                    )
                     if causal is not None:
                         models[r.name]["pair_causal"] = causal
 
@@ -302,21 +375,46 @@ def analysis_metrics(ap: AnalysisPlan, cfg: AnalyzeConfig, partials: dict[str, A
         if r.name not in ap.sae_names:
             continue
         mc, a = ap.metas[r.name].model.model_dump(), models[r.name]["all"]
-        ablations.append({"model": r.name, **{f: mc.get(f) for f in ABLATION_FIELDS}, "l0": a["l0"], "fvu": a["fvu"],
-                          "fvu_nocomp": a.get("fvu_nocomp"), "comp_share": a.get("comp_share"),
-                          "dead_fraction": models[r.name].get("latents", {}).get("dead_fraction"),
-                          "ce_recovered": models[r.name].get("ce", {}).get("ce_recovered"),
-                          "tokens_seen": ap.metas[r.name].tokens_seen})
-    metrics = {"hook": ap.hook, "store": ap.store.url, "n_tokens": ap.blocks.n_tokens,
-               "heldout_fraction": ap.split.fraction, "heldout_seed": ap.split.seed, "baseline_k": ap.baseline_k,
-               "models": models, "ablations": ablations, "ablations_by_variant": ablations_by_variant(ablations),
-               "ce_note": ce_note, "notes": ap.notes}
+        ablations.append(
+            {
+                "model": r.name,
+                **{f: mc.get(f) for f in ABLATION_FIELDS},
+                "l0": a["l0"],
+                "fvu": a["fvu"],
+                "fvu_nocomp": a.get("fvu_nocomp"),
+                "comp_share": a.get("comp_share"),
+                "dead_fraction": models[r.name].get("latents", {}).get("dead_fraction"),
+                "ce_recovered": models[r.name].get("ce", {}).get("ce_recovered"),
+                "tokens_seen": ap.metas[r.name].tokens_seen,
+            }
+        )
+    metrics = {
+        "hook": ap.hook,
+        "store": ap.store.url,
+        "n_tokens": ap.blocks.n_tokens,
+        "heldout_fraction": ap.split.fraction,
+        "heldout_seed": ap.split.seed,
+        "baseline_k": ap.baseline_k,
+        "models": models,
+        "ablations": ablations,
+        "ablations_by_variant": ablations_by_variant(ablations),
+        "ce_note": ce_note,
+        "notes": ap.notes,
+    }
     return metrics, arrays
 
 
-def run_analyze(cfg: AnalyzeConfig, store_url: str, train_dir: str, out_dir: str,
-                workers: int | None = None, scheduler: str | None = None, processes: bool = True,
-                ce_fn: CEFn | None = None, decode: Callable[[int], str] | None = None) -> dict[str, Any]:
+def run_analyze(
+    cfg: AnalyzeConfig,
+    store_url: str,
+    train_dir: str,
+    out_dir: str,
+    workers: int | None = None,
+    scheduler: str | None = None,
+    processes: bool = True,
+    ce_fn: CEFn | None = None,
+    decode: Callable[[int], str] | None = None,
+) -> dict[str, Any]:
     """Analyse every model under `train_dir` (one folder each) and the baselines on the store's
     held-out rows; write report.html, metrics.json/.parquet, latents.parquet, top_contexts.parquet
     and figures/ into `out_dir`.  `workers` / `scheduler` override the config's (CLI flags).
@@ -337,14 +435,28 @@ def run_analyze(cfg: AnalyzeConfig, store_url: str, train_dir: str, out_dir: str
     examples = []
     for r in ap.recons:
         if r.kind == "compsae" and len(examples) == 0 and cfg.plots:
-            examples = attention_examples(r, ap.store, ap.hook, ap.blocks, cfg.n_attention_examples,  # type: ignore[arg-type]
-                                          decode)
+            examples = attention_examples(
+                r,
+                ap.store,
+                ap.hook,
+                ap.blocks,
+                cfg.n_attention_examples,  # type: ignore[arg-type]
+                decode,
+            )
     saes = [r for r in ap.recons if r.name in ap.sae_names]
-    return _write_outputs(out_dir, cfg, metrics, arrays, examples, partials, ap.store, decode, saes, ap.blocks.keep)
+    return _write_outputs(
+        out_dir, cfg, metrics, arrays, examples, partials, ap.store, decode, saes, ap.blocks.keep
+    )
 
 
-def _pair_causal(rec: Reconstructor, part: dict[str, Any], rows: np.ndarray | None, fn: CEFn,
-                 tok: torch.Tensor, seed: int) -> list[dict[str, Any]] | None:
+def _pair_causal(
+    rec: Reconstructor,
+    part: dict[str, Any],
+    rows: np.ndarray | None,
+    fn: CEFn,
+    tok: torch.Tensor,
+    seed: int,
+) -> list[dict[str, Any]] | None:
     """The causal pair test (`pair_causal`) for a model with measured pair effects, as rows."""
     from dataclasses import asdict
 
@@ -392,10 +504,18 @@ def _splice(rec: Reconstructor) -> Callable[[torch.Tensor], torch.Tensor]:
     return replace
 
 
-def _write_outputs(out_dir: str, cfg: AnalyzeConfig, metrics: dict[str, Any], arrays: dict[str, dict[str, Any]],
-                   examples: list[dict[str, Any]], partials: dict[str, Any], store: ActivationStore,
-                   decode: Callable[[int], str], saes: list[Reconstructor] | None = None,
-                   keep: np.ndarray | None = None) -> dict[str, Any]:
+def _write_outputs(
+    out_dir: str,
+    cfg: AnalyzeConfig,
+    metrics: dict[str, Any],
+    arrays: dict[str, dict[str, Any]],
+    examples: list[dict[str, Any]],
+    partials: dict[str, Any],
+    store: ActivationStore,
+    decode: Callable[[int], str],
+    saes: list[Reconstructor] | None = None,
+    keep: np.ndarray | None = None,
+) -> dict[str, Any]:
     fs, path = fsspec.core.url_to_fs(out_dir)
     local = isinstance(fs, LocalFileSystem)
     work = path if local else tempfile.mkdtemp(prefix="compsae-analyze-")
@@ -405,8 +525,11 @@ def _write_outputs(out_dir: str, cfg: AnalyzeConfig, metrics: dict[str, Any], ar
         lat = pd.concat([latent_table(n, a) for n, a in arrays.items()], ignore_index=True)
         lat.to_parquet(os.path.join(work, LATENTS_TABLE), index=False)
         files["latents"] = LATENTS_TABLE
-        tops = [top_context_table(n, p["top"], store, cfg.context_window, decode)
-                for n, p in partials.items() if p.get("top") is not None]
+        tops = [
+            top_context_table(n, p["top"], store, cfg.context_window, decode)
+            for n, p in partials.items()
+            if p.get("top") is not None
+        ]
         top_df = pd.concat(tops, ignore_index=True) if tops else pd.DataFrame()
         if tops:
             top_df.to_parquet(os.path.join(work, TOP_CONTEXTS_TABLE), index=False)
@@ -415,8 +538,19 @@ def _write_outputs(out_dir: str, cfg: AnalyzeConfig, metrics: dict[str, Any], ar
             from compsae.analysis.browser import write_browsers
 
             metrics["browsers"] = files["browsers"] = write_browsers(
-                work, saes, lat, top_df, arrays, store, metrics["hook"], keep, decode, cfg.browser_contexts,
-                cfg.context_window, cfg.browser_hist_rows)
+                work,
+                saes,
+                lat,
+                top_df,
+                arrays,
+                store,
+                metrics["hook"],
+                keep,
+                decode,
+                cfg.browser_contexts,
+                cfg.context_window,
+                cfg.browser_hist_rows,
+            )
         files.update(write_report(work, metrics, arrays, examples, plots=cfg.plots))
         if cfg.plots:
             files.update(_pair_causal_figures(work, metrics))
@@ -425,6 +559,9 @@ def _write_outputs(out_dir: str, cfg: AnalyzeConfig, metrics: dict[str, Any], ar
     finally:
         if not local:
             shutil.rmtree(work, ignore_errors=True)
-    headline = {n: {"fvu": m["all"]["fvu"], "l0": m["all"]["l0"]} for n, m in metrics["models"].items()}
-    return AnalyzeOutputs(files=files, n_tokens=metrics["n_tokens"], hook=metrics["hook"],
-                          headline=headline).model_dump(mode="json")
+    headline = {
+        n: {"fvu": m["all"]["fvu"], "l0": m["all"]["l0"]} for n, m in metrics["models"].items()
+    }
+    return AnalyzeOutputs(
+        files=files, n_tokens=metrics["n_tokens"], hook=metrics["hook"], headline=headline
+    ).model_dump(mode="json")

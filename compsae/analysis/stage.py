@@ -13,5 +13,12 @@ def run(cfg: AnalyzeConfig, ctx: StageContext) -> AnalyzeOutputs:
     """Analyse every model of the train stage on the harvest's store.  workers / scheduler (CLI
     options) override the config's: they change speed, not numbers."""
     speed = {k: ctx.option(k) for k in ("workers", "scheduler") if ctx.option(k) is not None}
-    return AnalyzeOutputs.model_validate(run_analyze(cfg, store_url=ctx.outputs("harvest", HarvestOutputs).store,
-                                                     train_dir=ctx.folder("train"), out_dir=ctx.out_dir, **speed))
+    return AnalyzeOutputs.model_validate(
+        run_analyze(
+            cfg,
+            store_url=ctx.outputs("harvest", HarvestOutputs).store,
+            train_dir=ctx.folder("train"),
+            out_dir=ctx.out_dir,
+            **speed,
+        )
+    )

@@ -30,7 +30,8 @@ def coincidence_matrix(data: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         counts = np.zeros(len(values))
         for v in r:
             counts[index[v]] += 1
-        # ordered pairs of ratings from different raters: counts_c * counts_k, minus self-pairs on the diagonal
+        # ordered pairs of ratings from different raters: counts_c * counts_k, minus self-pairs on
+        # the diagonal
         o += (np.outer(counts, counts) - np.diag(counts)) / (m - 1)
     return values, o
 

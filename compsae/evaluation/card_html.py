@@ -1,4 +1,5 @@
-"""Static, self-contained HTML for one rater: blinded feature cards with a form that downloads a CSV.
+"""Static, self-contained HTML for one rater: blinded feature cards with a form that downloads a
+CSV.
 
 The page carries no method name, no latent index and no detection answer; the CSV it produces has
 the columns that :func:`compsae.evaluation.humaneval.score` reads.
@@ -13,12 +14,15 @@ from compsae.analysis.context_style import CONTEXT_CSS, SHADE_RGB
 RATING_COLUMNS = ("rater", "card_id", "interpretable", "confidence", "detection", "description")
 
 # context lines look as in the feature browser (compsae.analysis.context_style)
-_CSS = CONTEXT_CSS + """
+_CSS = (
+    CONTEXT_CSS
+    + """
 body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#222}
 .card{border:1px solid #bbb;border-radius:6px;padding:1em;margin:1.5em 0}
 h3{margin:.6em 0 .2em} .muted{color:#777;font-size:12px}
 .det label{display:block;font-family:ui-monospace,monospace;font-size:13px;margin:3px 0}
 """
+)
 
 _JS = """
 function csvCell(s){s=String(s);return /[",\\n]/.test(s)?'"'+s.replace(/"/g,'""')+'"':s}
@@ -52,8 +56,10 @@ def _token_span(text: str, act: float, scale: float, is_centre: bool) -> str:
 
 def render_context(ctx: dict, scale: float, highlight: bool = True) -> str:
     """One context as a line of shaded tokens (``ctx`` as in the JSONL: tokens, acts, centre)."""
-    spans = [_token_span(t, a if highlight else 0.0, scale, highlight and i == ctx["centre"])
-             for i, (t, a) in enumerate(zip(ctx["tokens"], ctx["acts"], strict=True))]
+    spans = [
+        _token_span(t, a if highlight else 0.0, scale, highlight and i == ctx["centre"])
+        for i, (t, a) in enumerate(zip(ctx["tokens"], ctx["acts"], strict=True))
+    ]
     return f'<div class="ctx">{"".join(spans)}</div>'
 
 
@@ -61,9 +67,12 @@ def render_card(card: dict, number: int) -> str:
     """HTML for one blinded card (the JSONL record), numbered in this rater's order."""
     cid = html.escape(card["card_id"])
     scale = max([c["max_act"] for c in card["top"]] + [1e-9])
-    parts = [f'<div class="card" data-card="{cid}"><h2>Feature {number} <span class="muted">({cid}, fires on '
-             f'{100 * card["density"]:.3g}% of tokens)</span></h2>',
-             "<h3>Top-activating contexts</h3>"]
+    parts = [
+        f'<div class="card" data-card="{cid}"><h2>Feature {number} <span class="muted">({cid}, '
+        "fires on "
+        f"{100 * card['density']:.3g}% of tokens)</span></h2>",
+        "<h3>Top-activating contexts</h3>",
+    ]
     parts += [render_context(c, scale) for c in card["top"]]
     for label, ctxs in card["quantiles"]:
         parts.append(f'<h3>Weaker activations <span class="muted">{html.escape(label)}</span></h3>')
@@ -71,22 +80,31 @@ def render_card(card: dict, number: int) -> str:
     parts.append("<h3>Contexts where it does not fire</h3>")
     parts += [render_context(c, scale) for c in card["negatives"]]
     parts.append(
-        f'<h3>1. Is there a single clear interpretation?</h3>'
+        f"<h3>1. Is there a single clear interpretation?</h3>"
         f'<label><input type="radio" name="i_{cid}" value="1"> yes</label> '
         f'<label><input type="radio" name="i_{cid}" value="0"> no</label> &nbsp; confidence '
         f'<select name="c_{cid}"><option value=""></option>'
         + "".join(f'<option value="{v}">{v}</option>' for v in range(1, 6))
-        + '</select><br><textarea rows="1" cols="80" placeholder="short description (optional)"></textarea>'
-        '<h3>2. Detection: tick every context on which you think this feature fires</h3><div class="det">'
+        + '</select><br><textarea rows="1" cols="80" placeholder="short description '
+        '(optional)"></textarea>'
+        "<h3>2. Detection: tick every context on which you think this feature fires</h3><div "
+        'class="det">'
     )
     for j, c in enumerate(card["detection"], start=1):
-        parts.append(f'<label><input type="checkbox" name="d_{cid}" value="{j}"> {j}. '
-                     f'{render_context(c, 1.0, highlight=False)}</label>')
+        parts.append(
+            f'<label><input type="checkbox" name="d_{cid}" value="{j}"> {j}. '
+            f"{render_context(c, 1.0, highlight=False)}</label>"
+        )
     parts.append("</div>")
     if card.get("partners"):
-        parts.append("<details><summary>Composition partners (open only after answering 1 and 2)</summary><ul>")
-        parts += [f'<li>score {p["score"]:.3g}: {html.escape(" | ".join(p["top_tokens"]))}</li>'
-                  for p in card["partners"]]
+        parts.append(
+            "<details><summary>Composition partners (open only after answering 1 and "
+            "2)</summary><ul>"
+        )
+        parts += [
+            f"<li>score {p['score']:.3g}: {html.escape(' | '.join(p['top_tokens']))}</li>"
+            for p in card["partners"]
+        ]
         parts.append("</ul></details>")
     parts.append("</div>")
     return "\n".join(parts)
@@ -96,13 +114,19 @@ def render_page(cards: list[dict], title: str) -> str:
     """A complete rater page for ``cards`` (already in this rater's order)."""
     js = _JS.replace("%COLUMNS%", "'" + ",".join(RATING_COLUMNS) + "'")
     body = "\n".join(render_card(c, i) for i, c in enumerate(cards, start=1))
-    return (f'<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
-            f"<style>{_CSS}</style><script>{js}</script></head><body>"
-            f"<h1>{html.escape(title)}</h1>"
-            "<p>Each card shows one feature of a language model: tokens shaded by how strongly the feature "
-            "fires (the outlined token is the one the context is centred on). Answer question 1 from the "
-            "shaded evidence, then tick the detection contexts (shown without shading) on which you think it "
-            "fires. When done, enter your rater id and download the CSV.</p>"
-            '<p>Rater id: <input id="rater"> <button onclick="download()">Download ratings CSV</button></p>'
-            f"{body}"
-            '<p><button onclick="download()">Download ratings CSV</button></p></body></html>')
+    return (
+        f'<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+        f"<style>{_CSS}</style><script>{js}</script></head><body>"
+        f"<h1>{html.escape(title)}</h1>"
+        "<p>Each card shows one feature of a language model: tokens shaded by how strongly the "
+        "feature "
+        "fires (the outlined token is the one the context is centred on). Answer question 1 from "
+        "the "
+        "shaded evidence, then tick the detection contexts (shown without shading) on which you "
+        "think it "
+        "fires. When done, enter your rater id and download the CSV.</p>"
+        '<p>Rater id: <input id="rater"> <button onclick="download()">Download ratings '
+        "CSV</button></p>"
+        f"{body}"
+        '<p><button onclick="download()">Download ratings CSV</button></p></body></html>'
+    )

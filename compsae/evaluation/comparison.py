@@ -45,16 +45,20 @@ def eval_rows(store: ActivationStore, split: HeldOutSplit, max_rows: int) -> np.
     return np.flatnonzero(split.store_mask(store))[:max_rows]
 
 
-def iter_batches(store: ActivationStore, hook: str, rows: np.ndarray, batch_size: int) -> Iterator[np.ndarray]:
-    """Activations of ``rows`` in order, ``[≤ batch_size, d]`` float32 at a time (contiguous runs read at once)."""
+def iter_batches(
+    store: ActivationStore, hook: str, rows: np.ndarray, batch_size: int
+) -> Iterator[np.ndarray]:
+    """Activations of ``rows`` in order, ``[≤ batch_size, d]`` float32 at a time (contiguous runs
+    read at once)."""
     for i in range(0, len(rows), batch_size):
-        r = rows[i:i + batch_size]
+        r = rows[i : i + batch_size]
         lo, hi = int(r.min()), int(r.max()) + 1
         yield store.read_rows(hook, lo, hi)[r - lo]
 
 
 class CompositionAccumulator:
-    """Mean attention between co-active latents: ``S [n, n]`` from ``attn [b, heads, k, k]`` and ``active_idx [b, k]``."""
+    """Mean attention between co-active latents: ``S [n, n]`` from ``attn [b, heads, k, k]`` and
+    ``active_idx [b, k]``."""
 
     def __init__(self, n_latents: int) -> None:
         self.n = n_latents
@@ -62,9 +66,11 @@ class CompositionAccumulator:
         self.count = torch.zeros(n_latents * n_latents, dtype=torch.float64)
 
     def update(self, attn: torch.Tensor, active_idx: torch.Tensor) -> None:
-        w = attn.detach().double().mean(dim=1).cpu()          # [b, k, k] heads averaged
-        idx = active_idx.detach().long().cpu()                 # [b, k]
-        flat = (idx[:, :, None] * self.n + idx[:, None, :]).reshape(-1)  # [b*k*k] (query, key) pairs
+        w = attn.detach().double().mean(dim=1).cpu()  # [b, k, k] heads averaged
+        idx = active_idx.detach().long().cpu()  # [b, k]
+        flat = (idx[:, :, None] * self.n + idx[:, None, :]).reshape(
+            -1
+        )  # [b*k*k] (query, key) pairs
         self.total.index_add_(0, flat, w.reshape(-1))
         self.count.index_add_(0, flat, torch.ones_like(flat, dtype=torch.float64))
 
@@ -92,7 +98,8 @@ def interaction_terms(gt: GroundTruth, acts: np.ndarray, would: bool = False) ->
 
 
 def _interacts(gt: GroundTruth) -> Any:
-    """`(i, j) -> bool`: whether two true features interact in (or, on the control, would interact in) the data."""
+    """`(i, j) -> bool`: whether two true features interact in (or, on the control, would interact
+    in) the data."""
     d = gt.dictionary
     if d.kind == "bilinear":
         return d.would_interact
@@ -105,12 +112,13 @@ def _labelled_pairs(gt: GroundTruth) -> tuple[list[tuple[int, int]], list[tuple[
     d = gt.dictionary
     if d.kind != "bilinear":
         return [], []
-    return [tuple(p) for p in d.groups[:d.n_pairs]], [tuple(p) for p in d.twins]  # type: ignore[misc]
+    return [tuple(p) for p in d.groups[: d.n_pairs]], [tuple(p) for p in d.twins]  # type: ignore[misc]
 
 
 def pmi_matrix(count: np.ndarray, fired: np.ndarray, n_tokens: int, min_support: int) -> np.ndarray:
-    """Pointwise mutual information of latent co-firing `[n, n]` (0 below `min_support`), shifted to be
-    non-negative so it ranks like a score: `count` (upper-triangular pair counts), `fired: [n]` counts."""
+    """Pointwise mutual information of latent co-firing `[n, n]` (0 below `min_support`), shifted to
+    be non-negative so it ranks like a score: `count` (upper-triangular pair counts), `fired: [n]`
+    counts."""
     both = count + count.T
     p_i = fired / max(n_tokens, 1)
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -121,8 +129,15 @@ def pmi_matrix(count: np.ndarray, fired: np.ndarray, n_tokens: int, min_support:
 
 
 @torch.no_grad()
-def evaluate_model(model: Any, store: ActivationStore, hook: str, gt: GroundTruth, cfg: EvaluateConfig,
-                   split: HeldOutSplit, scale: float = 1.0) -> dict[str, float]:
+def evaluate_model(
+    model: Any,
+    store: ActivationStore,
+    hook: str,
+    gt: GroundTruth,
+    cfg: EvaluateConfig,
+    split: HeldOutSplit,
+    scale: float = 1.0,
+) -> dict[str, float]:
     """All synthetic-ground-truth metrics of one trained model (``W_dec: [n, d]``, SAE interface),
     on the held-out rows of ``split`` (the one it was trained with).
 
@@ -130,7 +145,7 @@ def evaluate_model(model: Any, store: ActivationStore, hook: str, gt: GroundTrut
     the reconstruction over the tokens where both latents fire), never from attention weights; the
     attention-weight matrix is reported beside it as ``attn_*``, a secondary view."""
     model.eval()
-    W_dec = model.W_dec.detach().float().cpu().numpy()   # [n_latents, d]
+    W_dec = model.W_dec.detach().float().cpu().numpy()  # [n_latents, d]
     n_latents = W_dec.shape[0]
     match = hungarian_match(W_dec, gt.V)
     latent_to_true = match.latent_to_true(cfg.min_match_cos)
@@ -140,7 +155,11 @@ def evaluate_model(model: Any, store: ActivationStore, hook: str, gt: GroundTrut
     acts = gt.acts[rows].toarray()  # [rows, n_features] true magnitudes of the evaluated rows
     inter = interaction_terms(gt, acts) * scale  # [rows, d] in the model's units
     positives, negatives = _labelled_pairs(gt)
-    conj = np.stack([(acts[:, i] > 0) & (acts[:, j] > 0) for i, j in positives], 1) if positives else None
+    conj = (
+        np.stack([(acts[:, i] > 0) & (acts[:, j] > 0) for i, j in positives], 1)
+        if positives
+        else None
+    )
     fvu_on, fvu_off = FVUAccumulator(), FVUAccumulator()
     attn_acc = CompositionAccumulator(n_latents) if comp else None
     effects = PairEffectSums.empty(n_latents) if comp else None
@@ -149,8 +168,14 @@ def evaluate_model(model: Any, store: ActivationStore, hook: str, gt: GroundTrut
     code_sum = torch.zeros(n_latents, dtype=torch.float64)
     left, inter_energy, l0, n_tok = 0.0, 0.0, 0.0, 0
     z_fired = []
-    for lo, batch in enumerate(tqdm(iter_batches(store, hook, rows, cfg.batch_size),
-                                    total=-(-len(rows) // cfg.batch_size), desc="evaluate", unit="batch")):
+    for lo, batch in enumerate(
+        tqdm(
+            iter_batches(store, hook, rows, cfg.batch_size),
+            total=-(-len(rows) // cfg.batch_size),
+            desc="evaluate",
+            unit="batch",
+        )
+    ):
         x = torch.from_numpy(batch).to(cfg.device) * scale
         out = _forward(model, x, True if comp else None)
         fvu_on.update(x, out.x_hat)
@@ -163,7 +188,7 @@ def evaluate_model(model: Any, store: ActivationStore, hook: str, gt: GroundTrut
         if conj is not None:
             z_fired.append(active)
         # interaction energy the model leaves in its residual: (⟨x − x̂, t⟩ / ‖t‖)² summed over rows
-        t = torch.from_numpy(inter[lo * cfg.batch_size:lo * cfg.batch_size + x.shape[0]]).to(x)
+        t = torch.from_numpy(inter[lo * cfg.batch_size : lo * cfg.batch_size + x.shape[0]]).to(x)
         t_sq = t.square().sum(-1)
         has = t_sq > 0
         left += float((((x - out.x_hat) * t).sum(-1)[has]).square().div(t_sq[has]).sum())
@@ -175,21 +200,29 @@ def evaluate_model(model: Any, store: ActivationStore, hook: str, gt: GroundTrut
             if out.attn is not None:
                 attn_acc.update(out.attn, idx)  # type: ignore[union-attr]
     res: dict[str, float] = {
-        "mcc": match.mcc, "mmcs": mmcs(W_dec, gt.V), "mcc_with_interactions": hungarian_match(W_dec, true_all).mcc,
-        "fvu": fvu_on.fvu, "l0": l0 / max(n_tok, 1), "n_eval_rows": int(n_tok),
+        "mcc": match.mcc,
+        "mmcs": mmcs(W_dec, gt.V),
+        "mcc_with_interactions": hungarian_match(W_dec, true_all).mcc,
+        "fvu": fvu_on.fvu,
+        "l0": l0 / max(n_tok, 1),
+        "n_eval_rows": int(n_tok),
     }
     if inter_energy > 0:
         res["interaction_left"] = left / inter_energy
     if conj is not None:
-        res["conjunction_latent_f1"] = float(conjunction_latent_score(np.concatenate(z_fired), conj).mean())
+        res["conjunction_latent_f1"] = float(
+            conjunction_latent_score(np.concatenate(z_fired), conj).mean()
+        )
     if positives:
         pmi = pmi_matrix(cofire, fired, n_tok, cfg.min_pair_support)
         res["pmi_auc"] = labelled_auc(pmi, latent_to_true, positives, negatives)[0]
     if not comp:
         return res
     fve_on, fve_off = 1 - fvu_on.fvu, 1 - fvu_off.fvu
-    res.update(fvu_no_composition=fvu_off.fvu,
-               composition_share=(fve_on - fve_off) / fve_on if fve_on > 0 else float("nan"))
+    res.update(
+        fvu_no_composition=fvu_off.fvu,
+        composition_share=(fve_on - fve_off) / fve_on if fve_on > 0 else float("nan"),
+    )
     # The headline pair score: each pair's mixed difference with only its two latents active, at
     # their typical (mean firing) codes; the same effect averaged over the tokens where both fire
     # is reported beside it ("in_context"): it is 0 for pairs that seldom fire together and carries
@@ -199,26 +232,49 @@ def evaluate_model(model: Any, store: ActivationStore, hook: str, gt: GroundTrut
     S_ctx = effects.mean_effect(cfg.min_pair_support)  # type: ignore[union-attr]
     prefix = "pair_" if gt.C else "spurious_pair_"
     if positives:
-        res[prefix + "auc"], res[prefix + "ap"] = labelled_auc(S, latent_to_true, positives, negatives)
-        res[prefix + "auc_in_context"] = labelled_auc(S_ctx, latent_to_true, positives, negatives)[0]
+        res[prefix + "auc"], res[prefix + "ap"] = labelled_auc(
+            S, latent_to_true, positives, negatives
+        )
+        res[prefix + "auc_in_context"] = labelled_auc(S_ctx, latent_to_true, positives, negatives)[
+            0
+        ]
         pos_s, neg_s = labelled_scores(S, latent_to_true, positives, negatives)
         res[prefix + "scores"] = {"interacting": pos_s.tolist(), "co_firing_only": neg_s.tolist()}
     if len(gt.dictionary.groups):
         # On the additive control nothing interacts: every pair called composing is false, scored
         # against what would interact, so its F1 measures the spurious compositions.
-        called = thresholded_pairs(S, effects.count, latent_to_true, _interacts(gt),  # type: ignore[union-attr]
-                                   cfg.min_pair_support, cfg.min_pair_effect)
+        called = thresholded_pairs(
+            S,
+            effects.count,
+            latent_to_true,
+            _interacts(gt),  # type: ignore[union-attr]
+            cfg.min_pair_support,
+            cfg.min_pair_effect,
+        )
         res.update({prefix + k: v for k, v in called.as_dict().items()})
-        in_ctx = thresholded_pairs(S_ctx, effects.count, latent_to_true, _interacts(gt),  # type: ignore[union-attr]
-                                   cfg.min_pair_support, cfg.min_pair_effect)
+        in_ctx = thresholded_pairs(
+            S_ctx,
+            effects.count,
+            latent_to_true,
+            _interacts(gt),  # type: ignore[union-attr]
+            cfg.min_pair_support,
+            cfg.min_pair_effect,
+        )
         res[prefix + "f1_in_context"] = in_ctx.f1
         if attn_acc is not None and attn_acc.count.sum() > 0:
             A = attn_acc.matrix()
             if positives:
-                res["attn_" + prefix + "auc"] = labelled_auc(A, latent_to_true, positives, negatives)[0]
+                res["attn_" + prefix + "auc"] = labelled_auc(
+                    A, latent_to_true, positives, negatives
+                )[0]
             else:
-                pr = pair_recovery(A, gt.C or gt.dictionary.groups, latent_to_true,
-                                   selection=cfg.pair_selection, threshold=cfg.pair_threshold)
+                pr = pair_recovery(
+                    A,
+                    gt.C or gt.dictionary.groups,
+                    latent_to_true,
+                    selection=cfg.pair_selection,
+                    threshold=cfg.pair_threshold,
+                )
                 res["attn_" + prefix + "f1"] = pr.f1
     return res
 
@@ -238,19 +294,33 @@ def pair_score_figure(rows: list[dict], path: str) -> bool:
     floor = 1e-5  # log axis: a score of 0 (unmatched or no effect) is drawn at the floor
     rng = np.random.default_rng(0)
     for i, r in enumerate(scored):
-        for dx, key, color in ((-0.18, "interacting", "tab:red"), (0.18, "co_firing_only", "tab:gray")):
+        for dx, key, color in (
+            (-0.18, "interacting", "tab:red"),
+            (0.18, "co_firing_only", "tab:gray"),
+        ):
             y = np.maximum(np.asarray(r["pair_scores"][key], dtype=float), floor)
-            ax.scatter(i + dx + rng.uniform(-0.07, 0.07, len(y)), y, s=12, color=color, alpha=0.8,
-                       label=key.replace("_", "-") if i == 0 else None)
+            ax.scatter(
+                i + dx + rng.uniform(-0.07, 0.07, len(y)),
+                y,
+                s=12,
+                color=color,
+                alpha=0.8,
+                label=key.replace("_", "-") if i == 0 else None,
+            )
         t = r.get("pair_threshold")
         if isinstance(t, float) and np.isfinite(t):
-            ax.hlines(max(t, floor), i - 0.35, i + 0.35, colors="k", linestyles="dashed", linewidth=1)
+            ax.hlines(
+                max(t, floor), i - 0.35, i + 0.35, colors="k", linestyles="dashed", linewidth=1
+            )
     ax.set_yscale("log")
     # plain tick labels: the default log labels are TeX, which compsae's figures do not parse
     ax.yaxis.set_major_locator(LogLocator(base=10))
     ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
     ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
-    ax.set_xticks(range(len(scored)), [f"{r['label']}\nAUC {r.get('pair_auc', float('nan')):.3f}" for r in scored])
+    ax.set_xticks(
+        range(len(scored)),
+        [f"{r['label']}\nAUC {r.get('pair_auc', float('nan')):.3f}" for r in scored],
+    )
     ax.set_ylabel("pair effect / RMS (two latents, typical codes)")
     ax.set_title("labelled pairs (dashed: call threshold)", fontsize=9)
     ax.legend(fontsize=8, loc="upper right")
@@ -262,7 +332,8 @@ def pair_score_figure(rows: list[dict], path: str) -> bool:
 
 
 def comparison_table(runs: list[dict[str, str]], cfg: EvaluateConfig) -> list[dict]:
-    """One row per run ``{"label", "checkpoint", "store"}``: load, evaluate, tag with the data kind."""
+    """One row per run ``{"label", "checkpoint", "store"}``: load, evaluate, tag with the data
+    kind."""
     from compsae.train.trained import TrainedSAE
 
     rows = []
@@ -270,19 +341,49 @@ def comparison_table(runs: list[dict[str, str]], cfg: EvaluateConfig) -> list[di
         sae = TrainedSAE.load(run["checkpoint"], cfg.device)
         store = ActivationStore.open(run["store"])
         gt = load_ground_truth(run["store"])
-        res = evaluate_model(sae.model, store, sae.hook or store.hooks[0], gt, cfg, sae.split or HeldOutSplit(),
-                             sae.scale)
-        rows.append({"label": run["label"], "model": type(sae.model).__name__,
-                     "data": "interactions" if gt.C else "additive-only", **res})
+        res = evaluate_model(
+            sae.model,
+            store,
+            sae.hook or store.hooks[0],
+            gt,
+            cfg,
+            sae.split or HeldOutSplit(),
+            sae.scale,
+        )
+        rows.append(
+            {
+                "label": run["label"],
+                "model": type(sae.model).__name__,
+                "data": "interactions" if gt.C else "additive-only",
+                **res,
+            }
+        )
     return rows
 
 
 def markdown_table(rows: list[dict], columns: list[str] | None = None) -> str:
     """A markdown table of result rows (floats to 3 significant digits, missing as "–")."""
-    columns = columns or ["label", "model", "data", "mcc", "fvu", "fvu_no_composition", "composition_share",
-                          "pair_auc", "pair_auc_in_context", "pmi_auc", "pair_f1", "pair_precision", "pair_recall",
-                          "pair_f1_in_context", "spurious_pair_f1",
-                          "spurious_pair_n_found", "conjunction_latent_f1", "interaction_left", "l0"]
+    columns = columns or [
+        "label",
+        "model",
+        "data",
+        "mcc",
+        "fvu",
+        "fvu_no_composition",
+        "composition_share",
+        "pair_auc",
+        "pair_auc_in_context",
+        "pmi_auc",
+        "pair_f1",
+        "pair_precision",
+        "pair_recall",
+        "pair_f1_in_context",
+        "spurious_pair_f1",
+        "spurious_pair_n_found",
+        "conjunction_latent_f1",
+        "interaction_left",
+        "l0",
+    ]
     columns = [c for c in columns if any(c in r for r in rows)]
 
     def fmt(v: Any) -> str:

@@ -1,4 +1,5 @@
-"""Typed configs of the evaluation stages: synthetic ground truth, the method comparison, task probes."""
+"""Typed configs of the evaluation stages: synthetic ground truth, the method comparison, task
+probes."""
 
 from __future__ import annotations
 
@@ -26,34 +27,45 @@ class GroundTruthConfig(BaseModel):
     n_interactions: dict[int, int] = Field(default_factory=lambda: {2: 32, 3: 16, 4: 8})
     additive_only: bool = False
     zipf_exponent: float = Field(1.0, ge=0.0)
-    mean_active: float = Field(6.0, gt=0.0)      # expected independent firings per token
+    mean_active: float = Field(6.0, gt=0.0)  # expected independent firings per token
     max_prob: float = Field(0.5, gt=0.0, le=1.0)  # cap on a single feature's firing probability
     group_prob: float = Field(0.02, ge=0.0, le=1.0)  # per-group co-firing event probability
-    magnitude: tuple[float, float] = (0.5, 1.5)   # a_i ~ Uniform(lo, hi) when feature i fires
-    interaction_scale: tuple[float, float] = (0.5, 1.5)  # b_c ~ Uniform(lo, hi), fixed per interaction
+    magnitude: tuple[float, float] = (0.5, 1.5)  # a_i ~ Uniform(lo, hi) when feature i fires
+    interaction_scale: tuple[float, float] = (
+        0.5,
+        1.5,
+    )  # b_c ~ Uniform(lo, hi), fixed per interaction
     noise_std: float = Field(0.01, ge=0.0)
     # "direction": each group in n_interactions adds its own fixed direction u_c (a TopK with spare
     # latents can learn it as a conjunction latent).  "bilinear": a `composing_fraction` of the
     # features compose (in a random set of slots of two features adjacent in firing rate, one at
     # random); every pair of composing features that fires together adds a_i a_j B(v_i, v_j), B a
-    # shared rank-`bilinear_rank` bilinear map, so interacting pairs outnumber any dictionary's spare
-    # latents.  `n_pairs` interacting pairs (both composing) and as many co-firing-only twins (their
-    # slot partners: non-composing, matched firing rates) also fire together with probability
+    # shared rank-`bilinear_rank` bilinear map, so interacting pairs outnumber any dictionary's
+    # spare latents.  `n_pairs` interacting pairs (both composing) and as many co-firing-only twins
+    # (their slot partners: non-composing, matched firing rates) also fire together with probability
     # `group_prob`: the labelled pairs of the pair scores.
     interaction: Literal["direction", "bilinear"] = "direction"
     bilinear_rank: int = Field(8, ge=1)
     composing_fraction: float = Field(0.25, gt=0.0, le=0.5)
-    n_pairs: int = Field(32, ge=1, description="bilinear: labelled interacting pairs (and as many twins)")
-    interaction_norm: float = Field(0.3, ge=0.0, description="bilinear: mean ‖B(v_i, v_j)‖ over composing pairs")
-    context: int = Field(128, ge=1)               # rows per synthetic "sequence" (seq_id / pos columns)
+    n_pairs: int = Field(
+        32, ge=1, description="bilinear: labelled interacting pairs (and as many twins)"
+    )
+    interaction_norm: float = Field(
+        0.3, ge=0.0, description="bilinear: mean ‖B(v_i, v_j)‖ over composing pairs"
+    )
+    context: int = Field(128, ge=1)  # rows per synthetic "sequence" (seq_id / pos columns)
     seed: int = Field(0, ge=0, le=2**32 - 1)
     hook: str = "synthetic.hook_x"
 
     @model_validator(mode="after")
     def _pairs_fit(self) -> GroundTruthConfig:
-        if self.interaction == "bilinear" and 2 * self.n_pairs > round(self.composing_fraction * self.n_features):
-            raise ValueError(f"n_pairs {self.n_pairs} needs {2 * self.n_pairs} composing features, more than "
-                             "composing_fraction * n_features; lower n_pairs or raise composing_fraction")
+        if self.interaction == "bilinear" and 2 * self.n_pairs > round(
+            self.composing_fraction * self.n_features
+        ):
+            raise ValueError(
+                f"n_pairs {self.n_pairs} needs {2 * self.n_pairs} composing features, more than "
+                "composing_fraction * n_features; lower n_pairs or raise composing_fraction"
+            )
         return self
 
     @field_validator("hook")
@@ -61,7 +73,9 @@ class GroundTruthConfig(BaseModel):
     def _hook_is_one_store_name(cls, v: str) -> str:
         # The hook names an array inside the store: `..` or `/` would reach outside it.
         if not v or "/" in v or "\\" in v or any(p in ("", "..") for p in v.split(".")):
-            raise ValueError(f"hook {v!r} must be a dotted name like synthetic.hook_x (no '..', no '/')")
+            raise ValueError(
+                f"hook {v!r} must be a dotted name like synthetic.hook_x (no '..', no '/')"
+            )
         return v
 
     @field_validator("n_interactions")
@@ -99,14 +113,21 @@ class EvaluateConfig(BaseModel):
 
     # each checkpoint is scored on the held-out rows of the split it records (its training's)
     runs: list[EvalRun] = Field(default_factory=list)
-    max_rows: int = Field(65_536, ge=1)           # rows of the held-out split used for the metrics
+    max_rows: int = Field(65_536, ge=1)  # rows of the held-out split used for the metrics
     batch_size: int = Field(1024, ge=1)
     pair_selection: str = Field("top", pattern="^(top|threshold)$")
-    pair_threshold: float = 0.0                   # used when pair_selection == "threshold"
-    min_match_cos: float = Field(0.5, ge=0.0, le=1.0)  # a latent only stands for a true feature above this
-    min_pair_support: int = Field(5, ge=1, description="co-firing tokens a latent pair needs to be scored")
+    pair_threshold: float = 0.0  # used when pair_selection == "threshold"
+    min_match_cos: float = Field(
+        0.5, ge=0.0, le=1.0
+    )  # a latent only stands for a true feature above this
+    min_pair_support: int = Field(
+        5, ge=1, description="co-firing tokens a latent pair needs to be scored"
+    )
     min_pair_effect: float = Field(
-        0.003, ge=0.0, description="smallest pair effect (‖Δ‖ / RMS row deviation) ever called composing")
+        0.003,
+        ge=0.0,
+        description="smallest pair effect (‖Δ‖ / RMS row deviation) ever called composing",
+    )
     device: str = "cpu"
 
 
@@ -121,13 +142,17 @@ class ProbeConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     n_items: int = Field(400, ge=20, description="examples per family")
-    families: list[Family] = Field(default_factory=lambda: ["arithmetic", "boolean", "grammar"], min_length=1)
+    families: list[Family] = Field(
+        default_factory=lambda: ["arithmetic", "boolean", "grammar"], min_length=1
+    )
     ks: list[int] = Field(default_factory=lambda: [1, 2, 5], min_length=1)
-    seed: int = Field(0, ge=0, le=2**32 - 1)       # items, train/test split, PCA / NMF and the probes
-    batch_size: int = Field(32, ge=1)              # prompts per LM forward
+    seed: int = Field(0, ge=0, le=2**32 - 1)  # items, train/test split, PCA / NMF and the probes
+    batch_size: int = Field(32, ge=1)  # prompts per LM forward
     pca_components: int = Field(64, ge=1)
     nmf_components: int = Field(64, ge=1)
-    fit_rows: int = Field(8192, ge=16, description="training-split store rows PCA / NMF are fitted on")
+    fit_rows: int = Field(
+        8192, ge=16, description="training-split store rows PCA / NMF are fitted on"
+    )
     test_fraction: float = Field(0.3, gt=0.0, lt=1.0)
     # answer tasks (result, truth value): "auto" probes them only for families the LM solves
     # significantly above chance (one-sided binomial test at `lm_alpha`)

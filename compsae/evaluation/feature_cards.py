@@ -6,7 +6,8 @@ Input format (the clean boundary between "compute activations" and "show them to
   sequence contiguous and in position order, as the harvest writes them) and ``vocab`` (token text
   per id).
 * :class:`FeatureSource` — one method's latent activations over those rows as a sparse matrix
-  ``acts [n_rows, n_latents]`` (zeros = inactive), plus, for CompSAE, composition partners per latent.
+  ``acts [n_rows, n_latents]`` (zeros = inactive), plus, for CompSAE, composition partners per
+  latent.
 
 :func:`compsae.evaluation.humaneval.feature_source_from_checkpoint` fills a FeatureSource from a
 store and a checkpoint; tests build both by hand.
@@ -24,10 +25,10 @@ from compsae.errors import UserError
 
 @dataclass
 class Corpus:
-    tokens: np.ndarray        # [n_rows] int token id
-    seq_id: np.ndarray        # [n_rows] sequence index
-    pos: np.ndarray           # [n_rows] position in the sequence
-    vocab: list[str]          # token text by id (ids outside it render as "<id>")
+    tokens: np.ndarray  # [n_rows] int token id
+    seq_id: np.ndarray  # [n_rows] sequence index
+    pos: np.ndarray  # [n_rows] position in the sequence
+    vocab: list[str]  # token text by id (ids outside it render as "<id>")
 
     @property
     def n_rows(self) -> int:
@@ -37,7 +38,8 @@ class Corpus:
         return self.vocab[token_id] if 0 <= token_id < len(self.vocab) else f"<{token_id}>"
 
     def window(self, row: int, left: int, right: int) -> np.ndarray:
-        """Row indices of the context around ``row`` within its own sequence: [≤ left + 1 + right]."""
+        """Row indices of the context around ``row`` within its own sequence: [≤ left + 1 +
+        right]."""
         lo, hi = max(0, row - left), min(self.n_rows, row + right + 1)
         rows = np.arange(lo, hi)
         return rows[self.seq_id[rows] == self.seq_id[row]]
@@ -45,8 +47,10 @@ class Corpus:
 
 @dataclass
 class FeatureSource:
-    acts: sp.spmatrix                                 # [n_rows, n_latents] activations, zeros = inactive
-    partners: dict[int, list[tuple[int, float]]] | None = None  # latent -> [(partner latent, score)], CompSAE
+    acts: sp.spmatrix  # [n_rows, n_latents] activations, zeros = inactive
+    partners: dict[int, list[tuple[int, float]]] | None = (
+        None  # latent -> [(partner latent, score)], CompSAE
+    )
 
     def __post_init__(self) -> None:
         self.acts = sp.csc_matrix(self.acts)  # column access: one latent at a time
@@ -67,16 +71,18 @@ class FeatureSource:
 
 @dataclass
 class CardConfig:
-    n_top: int = 10               # top-activating contexts
-    n_quantile_bins: int = 4      # activation quantile bins below the top
-    per_quantile: int = 2         # contexts per bin
-    n_negative: int = 3           # non-activating contexts shown
-    n_detect_pos: int = 5         # detection task: activating held-out contexts ...
-    n_detect_neg: int = 5         # ... and non-activating ones (10 in all by default)
-    left: int = 12                # context tokens before the centre token
-    right: int = 4                # ... and after it
+    n_top: int = 10  # top-activating contexts
+    n_quantile_bins: int = 4  # activation quantile bins below the top
+    per_quantile: int = 2  # contexts per bin
+    n_negative: int = 3  # non-activating contexts shown
+    n_detect_pos: int = 5  # detection task: activating held-out contexts ...
+    n_detect_neg: int = 5  # ... and non-activating ones (10 in all by default)
+    left: int = 12  # context tokens before the centre token
+    right: int = 4  # ... and after it
     n_partners: int = 5
-    partner_tokens: int = 5       # each partner is described by its top tokens, never its index (blinding)
+    partner_tokens: int = (
+        5  # each partner is described by its top tokens, never its index (blinding)
+    )
 
     @property
     def min_fires(self) -> int:
@@ -87,13 +93,17 @@ class CardConfig:
 @dataclass
 class Context:
     tokens: list[str]
-    acts: list[float]       # per-token activation (all zeros for detection contexts: unhighlighted)
-    centre: int             # index of the centre token inside ``tokens``
+    acts: list[float]  # per-token activation (all zeros for detection contexts: unhighlighted)
+    centre: int  # index of the centre token inside ``tokens``
     max_act: float
 
     def as_dict(self) -> dict:
-        return {"tokens": self.tokens, "acts": [round(a, 4) for a in self.acts], "centre": self.centre,
-                "max_act": round(self.max_act, 4)}
+        return {
+            "tokens": self.tokens,
+            "acts": [round(a, 4) for a in self.acts],
+            "centre": self.centre,
+            "max_act": round(self.max_act, 4),
+        }
 
 
 @dataclass
@@ -102,23 +112,36 @@ class Card:
     latent: int
     density: float
     top: list[Context]
-    quantiles: list[tuple[str, list[Context]]]   # (bin label, contexts)
+    quantiles: list[tuple[str, list[Context]]]  # (bin label, contexts)
     negatives: list[Context]
-    detection: list[Context]                      # unhighlighted
-    detection_truth: list[bool]                   # True where the context activates the latent
+    detection: list[Context]  # unhighlighted
+    detection_truth: list[bool]  # True where the context activates the latent
     partners: list[dict] = field(default_factory=list)  # [{"score", "top_tokens"}]
 
 
-def _context(corpus: Corpus, col: sp.csc_matrix, row: int, cfg: CardConfig, highlight: bool) -> Context:
+def _context(
+    corpus: Corpus, col: sp.csc_matrix, row: int, cfg: CardConfig, highlight: bool
+) -> Context:
     rows = corpus.window(row, cfg.left, cfg.right)
     acts = col[rows].toarray().ravel() if highlight else np.zeros(len(rows))
-    return Context(tokens=[corpus.text(int(t)) for t in corpus.tokens[rows]], acts=[float(a) for a in acts],
-                   centre=int(np.flatnonzero(rows == row)[0]), max_act=float(acts.max()) if len(acts) else 0.0)
+    return Context(
+        tokens=[corpus.text(int(t)) for t in corpus.tokens[rows]],
+        acts=[float(a) for a in acts],
+        centre=int(np.flatnonzero(rows == row)[0]),
+        max_act=float(acts.max()) if len(acts) else 0.0,
+    )
 
 
-def _spread_rows(rows: np.ndarray, values: np.ndarray, n: int, seq_id: np.ndarray, used: set[int],
-                 rng: np.random.Generator | None = None) -> list[int]:
-    """Up to ``n`` rows (largest value first, or random with ``rng``), one per sequence, not in ``used``."""
+def _spread_rows(
+    rows: np.ndarray,
+    values: np.ndarray,
+    n: int,
+    seq_id: np.ndarray,
+    used: set[int],
+    rng: np.random.Generator | None = None,
+) -> list[int]:
+    """Up to ``n`` rows (largest value first, or random with ``rng``), one per sequence, not in
+    ``used``."""
     order = rng.permutation(len(rows)) if rng is not None else np.argsort(-values, kind="stable")
     out, seqs = [], {int(seq_id[r]) for r in used}
     for i in order:
@@ -132,8 +155,14 @@ def _spread_rows(rows: np.ndarray, values: np.ndarray, n: int, seq_id: np.ndarra
     return out
 
 
-def _silent_rows(corpus: Corpus, col: sp.csc_matrix, n: int, cfg: CardConfig, rng: np.random.Generator,
-                 used: set[int]) -> list[int]:
+def _silent_rows(
+    corpus: Corpus,
+    col: sp.csc_matrix,
+    n: int,
+    cfg: CardConfig,
+    rng: np.random.Generator,
+    used: set[int],
+) -> list[int]:
     """Rows whose whole context window has the latent at zero (so "does not activate" is true)."""
     dense = col.toarray().ravel()
     out: list[int] = []
@@ -162,12 +191,20 @@ def top_tokens(corpus: Corpus, source: FeatureSource, latent: int, n: int) -> li
     return out
 
 
-def build_card(method: str, latent: int, corpus: Corpus, source: FeatureSource, cfg: CardConfig,
-               rng: np.random.Generator) -> Card:
+def build_card(
+    method: str,
+    latent: int,
+    corpus: Corpus,
+    source: FeatureSource,
+    cfg: CardConfig,
+    rng: np.random.Generator,
+) -> Card:
     """Collect the evidence for one latent.  Detection contexts never repeat a shown context."""
     rows, vals = source.column(latent)
     if len(rows) == 0:
-        raise UserError(f"{method} latent {latent} never fires on this corpus: sample alive latents only")
+        raise UserError(
+            f"{method} latent {latent} never fires on this corpus: sample alive latents only"
+        )
     col = source.acts[:, latent]
     used: set[int] = set()
     top_rows = _spread_rows(rows, vals, cfg.n_top, corpus.seq_id, used)
@@ -180,7 +217,9 @@ def build_card(method: str, latent: int, corpus: Corpus, source: FeatureSource, 
         for b in range(cfg.n_quantile_bins - 1, -1, -1):
             lo, hi = edges[b], edges[b + 1]
             inside = rest[(vals[rest] >= lo) & (vals[rest] <= hi)]
-            pick = _spread_rows(rows[inside], vals[inside], cfg.per_quantile, corpus.seq_id, used, rng)
+            pick = _spread_rows(
+                rows[inside], vals[inside], cfg.per_quantile, corpus.seq_id, used, rng
+            )
             used.update(pick)
             label = f"bin {cfg.n_quantile_bins - b}/{cfg.n_quantile_bins} ({lo:.3g}–{hi:.3g})"
             quantiles.append((label, [_context(corpus, col, r, cfg, True) for r in pick]))
@@ -193,17 +232,33 @@ def build_card(method: str, latent: int, corpus: Corpus, source: FeatureSource, 
     partners = []
     if source.partners is not None:
         for p, score in source.partners.get(latent, [])[: cfg.n_partners]:
-            partners.append({"score": round(float(score), 4),
-                             "top_tokens": top_tokens(corpus, source, int(p), cfg.partner_tokens)})
-    return Card(method=method, latent=latent, density=len(rows) / corpus.n_rows,
-                top=[_context(corpus, col, r, cfg, True) for r in top_rows], quantiles=quantiles,
-                negatives=[_context(corpus, col, r, cfg, True) for r in neg_rows],
-                detection=[_context(corpus, col, r, cfg, False) for r in (r for r, _ in det)],
-                detection_truth=[t for _, t in det], partners=partners)
+            partners.append(
+                {
+                    "score": round(float(score), 4),
+                    "top_tokens": top_tokens(corpus, source, int(p), cfg.partner_tokens),
+                }
+            )
+    return Card(
+        method=method,
+        latent=latent,
+        density=len(rows) / corpus.n_rows,
+        top=[_context(corpus, col, r, cfg, True) for r in top_rows],
+        quantiles=quantiles,
+        negatives=[_context(corpus, col, r, cfg, True) for r in neg_rows],
+        detection=[_context(corpus, col, r, cfg, False) for r in (r for r, _ in det)],
+        detection_truth=[t for _, t in det],
+        partners=partners,
+    )
 
 
-def stratified_sample(fire_counts: np.ndarray, n_rows: int, n: int, n_strata: int, min_fires: int,
-                      rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def stratified_sample(
+    fire_counts: np.ndarray,
+    n_rows: int,
+    n: int,
+    n_strata: int,
+    min_fires: int,
+    rng: np.random.Generator,
+) -> tuple[np.ndarray, np.ndarray]:
     """``n`` latents drawn at random from alive ones (≥ ``min_fires`` fires), stratified by density.
 
     Alive latents are cut into ``n_strata`` equal-count bins of log density and ``n`` is spread as
@@ -211,8 +266,10 @@ def stratified_sample(fire_counts: np.ndarray, n_rows: int, n: int, n_strata: in
     """
     alive = np.flatnonzero(fire_counts >= min_fires)
     if len(alive) < n:
-        raise UserError(f"only {len(alive)} latents fire at least {min_fires} times on this corpus "
-                        f"(need {n}): use more rows or a smaller --n")
+        raise UserError(
+            f"only {len(alive)} latents fire at least {min_fires} times on this corpus "
+            f"(need {n}): use more rows or a smaller --n"
+        )
     log_density = np.log10(fire_counts[alive] / n_rows)
     order = alive[np.argsort(log_density, kind="stable")]
     bins = np.array_split(order, n_strata)

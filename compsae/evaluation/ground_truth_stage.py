@@ -17,5 +17,11 @@ def run(cfg: GroundTruthConfig, ctx: StageContext) -> HarvestOutputs:
     url = join(ctx.out_dir, STORE_DIR)
     summary = write_ground_truth_store(cfg, url, overwrite=ctx.force)
     store = ActivationStore.open(url)
-    return HarvestOutputs.model_validate({**summary, "store": url, "hooks": {cfg.hook: cfg.d_model},
-                                         "digest": manifest_digest(store.manifest)})
+    return HarvestOutputs.model_validate(
+        {
+            **summary,
+            "store": url,
+            "hooks": {cfg.hook: cfg.d_model},
+            "digest": manifest_digest(store.manifest),
+        }
+    )

@@ -18,9 +18,9 @@ from scipy.optimize import linear_sum_assignment
 class Matching:
     """A one-to-one assignment of learned latents to true features."""
 
-    learned_idx: np.ndarray   # [n_matched] latent index
-    true_idx: np.ndarray      # [n_matched] true feature index (learned_idx[i] <-> true_idx[i])
-    abs_cos: np.ndarray       # [n_matched] |cos| of each matched pair
+    learned_idx: np.ndarray  # [n_matched] latent index
+    true_idx: np.ndarray  # [n_matched] true feature index (learned_idx[i] <-> true_idx[i])
+    abs_cos: np.ndarray  # [n_matched] |cos| of each matched pair
 
     @property
     def mcc(self) -> float:
@@ -30,7 +30,10 @@ class Matching:
     def latent_to_true(self, min_cos: float = 0.0) -> dict[int, int]:
         """``{latent: true feature}`` for matched pairs with |cos| >= ``min_cos``."""
         keep = self.abs_cos >= min_cos
-        return {int(l_): int(t) for l_, t in zip(self.learned_idx[keep], self.true_idx[keep], strict=True)}
+        return {
+            int(l_): int(t)
+            for l_, t in zip(self.learned_idx[keep], self.true_idx[keep], strict=True)
+        }
 
 
 def _unit(a: np.ndarray) -> np.ndarray:
@@ -45,7 +48,9 @@ def abs_cosine(learned: np.ndarray, true: np.ndarray) -> np.ndarray:
     ``learned``: [n_learned, d] decoder rows; ``true``: [n_true, d].  Zero rows get cos 0.
     """
     if learned.shape[1] != true.shape[1]:
-        raise ValueError(f"dimension mismatch: learned d={learned.shape[1]}, true d={true.shape[1]}")
+        raise ValueError(
+            f"dimension mismatch: learned d={learned.shape[1]}, true d={true.shape[1]}"
+        )
     return np.abs(_unit(learned) @ _unit(true).T)
 
 
@@ -57,9 +62,10 @@ def hungarian_match(learned: np.ndarray, true: np.ndarray) -> Matching:
 
 
 def mcc(learned: np.ndarray, true: np.ndarray) -> float:
-    """Mean |cos| of the Hungarian matching, averaged over the ``min(n_learned, n_true)`` matched pairs.
+    """Mean |cos| of the Hungarian matching, averaged over the ``min(n_learned, n_true)`` matched
+    pairs.
 
-    With a wider dictionary than the truth (the usual case) this is the mean over true features.
+        With a wider dictionary than the truth (the usual case) this is the mean over true features.
     """
     return hungarian_match(learned, true).mcc
 

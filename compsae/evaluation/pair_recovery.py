@@ -34,8 +34,8 @@ class PairRecovery:
     n_true_pairs: int
     n_selected: int
     n_true_positive: int
-    group_recall: float        # fraction of interactions whose every constituent pair was selected
-    average_precision: float   # ranking quality among pairs of matched latents (NaN if undefined)
+    group_recall: float  # fraction of interactions whose every constituent pair was selected
+    average_precision: float  # ranking quality among pairs of matched latents (NaN if undefined)
 
     def as_dict(self) -> dict[str, float]:
         return dict(self.__dict__)
@@ -57,9 +57,13 @@ def symmetrize(S: np.ndarray) -> np.ndarray:
     return S
 
 
-def select_pairs(S: np.ndarray, n_select: int | None = None, threshold: float | None = None,
-                 ) -> list[tuple[int, int]]:
-    """Latent pairs (i < j) picked from a composition matrix: the ``n_select`` largest, or all > threshold."""
+def select_pairs(
+    S: np.ndarray,
+    n_select: int | None = None,
+    threshold: float | None = None,
+) -> list[tuple[int, int]]:
+    """Latent pairs (i < j) picked from a composition matrix: the ``n_select`` largest, or all >
+    threshold."""
     if (n_select is None) == (threshold is None):
         raise ValueError("give exactly one of n_select and threshold")
     S = symmetrize(S)
@@ -73,8 +77,13 @@ def select_pairs(S: np.ndarray, n_select: int | None = None, threshold: float | 
     return [(int(iu[k]), int(ju[k])) for k in keep]
 
 
-def pair_recovery(S: np.ndarray, C: Iterable[Iterable[int]], latent_to_true: dict[int, int],
-                  selection: str = "top", threshold: float = 0.0) -> PairRecovery:
+def pair_recovery(
+    S: np.ndarray,
+    C: Iterable[Iterable[int]],
+    latent_to_true: dict[int, int],
+    selection: str = "top",
+    threshold: float = 0.0,
+) -> PairRecovery:
     """Precision / recall / F1 of recovering the true pairs of ``C`` from composition matrix ``S``.
 
     ``S``: [n_latents, n_latents] interaction scores between learned latents.
@@ -102,18 +111,32 @@ def pair_recovery(S: np.ndarray, C: Iterable[Iterable[int]], latent_to_true: dic
             mapped.add(pair)
     precision = tp / len(selected) if selected else float("nan")
     recall = tp / len(truth) if truth else float("nan")
-    # Nothing to recover on the additive-only control: F1 is undefined there (report the composition share)
-    f1 = float("nan") if not truth else (2 * precision * recall / (precision + recall) if tp else 0.0)
+    # Nothing to recover on the additive-only control: F1 is undefined there (report the composition
+    # share)
+    f1 = (
+        float("nan")
+        if not truth
+        else (2 * precision * recall / (precision + recall) if tp else 0.0)
+    )
     groups_hit = [all(p in mapped for p in true_pairs([c])) for c in C]
     group_recall = float(np.mean(groups_hit)) if groups_hit else float("nan")
-    return PairRecovery(precision=precision, recall=recall, f1=f1, n_true_pairs=len(truth),
-                        n_selected=len(selected), n_true_positive=tp, group_recall=group_recall,
-                        average_precision=_matched_average_precision(S, truth, latent_to_true))
+    return PairRecovery(
+        precision=precision,
+        recall=recall,
+        f1=f1,
+        n_true_pairs=len(truth),
+        n_selected=len(selected),
+        n_true_positive=tp,
+        group_recall=group_recall,
+        average_precision=_matched_average_precision(S, truth, latent_to_true),
+    )
 
 
-def _matched_average_precision(S: np.ndarray, truth: set[tuple[int, int]],
-                               latent_to_true: dict[int, int]) -> float:
-    """Average precision of ``S`` restricted to pairs of matched latents (threshold-free ranking score)."""
+def _matched_average_precision(
+    S: np.ndarray, truth: set[tuple[int, int]], latent_to_true: dict[int, int]
+) -> float:
+    """Average precision of ``S`` restricted to pairs of matched latents (threshold-free ranking
+    score)."""
     if not truth or len(latent_to_true) < 2:
         return float("nan")
     lat = np.array(sorted(latent_to_true))
@@ -127,10 +150,15 @@ def _matched_average_precision(S: np.ndarray, truth: set[tuple[int, int]],
     return float(average_precision_score(labels, sub[iu, ju]))
 
 
-# -- scores of measured pair effects against labelled pairs (bilinear ground truth) -------------------
+# -- scores of measured pair effects against labelled pairs (bilinear ground truth)
+# -------------------
 
-def _latent_pair_score(S: np.ndarray, true_to_latent: dict[int, int], pairs: Iterable[tuple[int, int]]) -> np.ndarray:
-    """`S[l_i, l_j]` of the latents matched to each true pair (i, j); 0 where either is unmatched."""
+
+def _latent_pair_score(
+    S: np.ndarray, true_to_latent: dict[int, int], pairs: Iterable[tuple[int, int]]
+) -> np.ndarray:
+    """`S[l_i, l_j]` of the latents matched to each true pair (i, j); 0 where either is
+    unmatched."""
     out = []
     for i, j in pairs:
         li, lj = true_to_latent.get(i), true_to_latent.get(j)
@@ -138,16 +166,24 @@ def _latent_pair_score(S: np.ndarray, true_to_latent: dict[int, int], pairs: Ite
     return np.asarray(out, dtype=np.float64)
 
 
-def labelled_scores(S: np.ndarray, latent_to_true: dict[int, int], positives: list[tuple[int, int]],
-                    negatives: list[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:
+def labelled_scores(
+    S: np.ndarray,
+    latent_to_true: dict[int, int],
+    positives: list[tuple[int, int]],
+    negatives: list[tuple[int, int]],
+) -> tuple[np.ndarray, np.ndarray]:
     """The pair score `S [n, n]` of each labelled true pair, through the matched latents (0 where
     either is unmatched): `([len(positives)], [len(negatives)])`."""
     inv = {t: lat for lat, t in latent_to_true.items()}
     return _latent_pair_score(S, inv, positives), _latent_pair_score(S, inv, negatives)
 
 
-def labelled_auc(S: np.ndarray, latent_to_true: dict[int, int], positives: list[tuple[int, int]],
-                 negatives: list[tuple[int, int]]) -> tuple[float, float]:
+def labelled_auc(
+    S: np.ndarray,
+    latent_to_true: dict[int, int],
+    positives: list[tuple[int, int]],
+    negatives: list[tuple[int, int]],
+) -> tuple[float, float]:
     """(ROC AUC, average precision) of the pair score `S [n, n]` separating the `positives` from the
     `negatives` (true feature pairs, scored through the matched latents; unmatched pairs score 0).
     Ties count half, so a score that is 0 everywhere gives AUC 0.5."""
@@ -170,17 +206,21 @@ class ThresholdedPairs:
     precision: float
     recall: float
     f1: float
-    n_candidates: int   # test-half candidate pairs (both latents matched, enough co-firing support)
-    n_true: int         # of which truly interacting
-    n_found: int        # of which called composing
+    n_candidates: int  # test-half candidate pairs (both latents matched, enough co-firing support)
+    n_true: int  # of which truly interacting
+    n_found: int  # of which called composing
 
     def as_dict(self) -> dict[str, float]:
         return dict(self.__dict__)
 
 
 def _halves(pairs: list[tuple[int, int]], seed: int = 0) -> np.ndarray:
-    """A fixed validation (True) / test (False) split of true feature pairs, by a hash of the pair."""
-    h = np.array([(i * 1_000_003 + j * 7_919 + seed) * 2_654_435_761 % 2**32 for i, j in pairs], dtype=np.uint64)
+    """A fixed validation (True) / test (False) split of true feature pairs, by a hash of the
+    pair."""
+    h = np.array(
+        [(i * 1_000_003 + j * 7_919 + seed) * 2_654_435_761 % 2**32 for i, j in pairs],
+        dtype=np.uint64,
+    )
     return (h >> np.uint64(16)) % np.uint64(2) == 0
 
 
@@ -188,12 +228,22 @@ def _prf(called: np.ndarray, labels: np.ndarray) -> tuple[float, float, float]:
     tp = int((called & labels).sum())
     precision = tp / int(called.sum()) if called.any() else float("nan")
     recall = tp / int(labels.sum()) if labels.any() else float("nan")
-    f1 = 2 * tp / (int(called.sum()) + int(labels.sum())) if (called.any() or labels.any()) else float("nan")
+    f1 = (
+        2 * tp / (int(called.sum()) + int(labels.sum()))
+        if (called.any() or labels.any())
+        else float("nan")
+    )
     return precision, recall, f1
 
 
-def thresholded_pairs(S: np.ndarray, support: np.ndarray, latent_to_true: dict[int, int],
-                      interacts: Any, min_support: int = 5, min_score: float = 0.0) -> ThresholdedPairs:
+def thresholded_pairs(
+    S: np.ndarray,
+    support: np.ndarray,
+    latent_to_true: dict[int, int],
+    interacts: Any,
+    min_support: int = 5,
+    min_score: float = 0.0,
+) -> ThresholdedPairs:
     """Call a latent pair composing when its score `S[i, j]` is at least a threshold chosen to
     maximise F1 on the validation half of the candidates (never below `min_score`, a floor in the
     units of `S`), and score the calls on the test half.
@@ -204,7 +254,7 @@ def thresholded_pairs(S: np.ndarray, support: np.ndarray, latent_to_true: dict[i
     lat = sorted(latent_to_true)
     cand, scores, labels = [], [], []
     for a_pos, li in enumerate(lat):
-        for lj in lat[a_pos + 1:]:
+        for lj in lat[a_pos + 1 :]:
             if max(support[li, lj], support[lj, li]) < min_support:
                 continue
             ti, tj = latent_to_true[li], latent_to_true[lj]
@@ -225,8 +275,15 @@ def thresholded_pairs(S: np.ndarray, support: np.ndarray, latent_to_true: dict[i
     test = ~val
     called = (s[test] >= best) & (s[test] > 0)
     p, r, f = _prf(called, y[test])
-    return ThresholdedPairs(best, p, r, f if np.isfinite(f) else 0.0, int(test.sum()), int(y[test].sum()),
-                            int(called.sum()))
+    return ThresholdedPairs(
+        best,
+        p,
+        r,
+        f if np.isfinite(f) else 0.0,
+        int(test.sum()),
+        int(y[test].sum()),
+        int(called.sum()),
+    )
 
 
 def conjunction_latent_score(z_active: np.ndarray, conj: np.ndarray) -> np.ndarray:

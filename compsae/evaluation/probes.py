@@ -30,7 +30,9 @@ from compsae.evaluation.sparse_probing import conjunction_test, probe_sweep
 from compsae.harvest.synthetic_text import SyntheticExample, generate
 
 FAMILIES = ("arithmetic", "boolean", "grammar")
-Label = Callable[[SyntheticExample], "int | None"]  # None: the example does not take part in the task
+Label = Callable[
+    [SyntheticExample], "int | None"
+]  # None: the example does not take part in the task
 
 
 # singular -> plural verb forms used by the grammar family (both directions looked up)
@@ -41,9 +43,9 @@ _OTHER_NUMBER = {**_AGREEMENT, **{p: s for s, p in _AGREEMENT.items()}}
 @dataclass
 class ProbeItem:
     example: SyntheticExample
-    prompt: str      # text up to the decision point
-    correct: str     # continuation the model should prefer
-    wrong: str       # the contrasting continuation
+    prompt: str  # text up to the decision point
+    correct: str  # continuation the model should prefer
+    wrong: str  # the contrasting continuation
 
 
 def make_item(ex: SyntheticExample) -> ProbeItem:
@@ -62,7 +64,9 @@ def make_item(ex: SyntheticExample) -> ProbeItem:
         cut = s - 1  # the space before the verb belongs to the continuation
         verb = text[s:e]
         if verb not in _OTHER_NUMBER:
-            raise ValueError(f"no singular/plural partner known for verb {verb!r}: add it to _AGREEMENT")
+            raise ValueError(
+                f"no singular/plural partner known for verb {verb!r}: add it to _AGREEMENT"
+            )
         return ProbeItem(ex, text[:cut], f" {verb}", f" {_OTHER_NUMBER[verb]}")
     raise ValueError(f"unknown task {ex.task!r}")
 
@@ -86,8 +90,11 @@ TASKS: dict[str, dict[str, Label]] = {
     "grammar": {
         "subject_plural": lambda e: int(e.fields["subject_number"] == "plural"),
         "has_distractor": lambda e: int(e.fields["has_distractor"]),
-        "distractor_plural": lambda e: (None if not e.fields["has_distractor"]
-                                        else int(e.fields["distractor_number"] == "plural")),
+        "distractor_plural": lambda e: (
+            None
+            if not e.fields["has_distractor"]
+            else int(e.fields["distractor_number"] == "plural")
+        ),
     },
 }
 
@@ -101,11 +108,18 @@ ANSWER_TASKS: dict[str, frozenset[str]] = {
 
 # Conjunctions A ∧ B for the conjunction test: name -> (label A, label B)
 CONJUNCTIONS: dict[str, dict[str, tuple[Label, Label]]] = {
-    "arithmetic": {"a_big_and_b_big": (lambda e: int(e.fields["a"] >= 50), lambda e: int(e.fields["b"] >= 50))},
-    "boolean": {"literal_0_and_literal_1": (TASKS["boolean"]["literal_0"], TASKS["boolean"]["literal_1"])},
-    "grammar": {"subject_and_distractor_plural": (
-        TASKS["grammar"]["subject_plural"],
-        lambda e: int(e.fields["has_distractor"] and e.fields["distractor_number"] == "plural"))},
+    "arithmetic": {
+        "a_big_and_b_big": (lambda e: int(e.fields["a"] >= 50), lambda e: int(e.fields["b"] >= 50))
+    },
+    "boolean": {
+        "literal_0_and_literal_1": (TASKS["boolean"]["literal_0"], TASKS["boolean"]["literal_1"])
+    },
+    "grammar": {
+        "subject_and_distractor_plural": (
+            TASKS["grammar"]["subject_plural"],
+            lambda e: int(e.fields["has_distractor"] and e.fields["distractor_number"] == "plural"),
+        )
+    },
 }
 
 
@@ -128,7 +142,8 @@ def _encode(lm: Any, text: str) -> list[int]:
 
 
 def _pad(seqs: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded [b, s] tokens and their lengths (causal attention: padding never affects earlier tokens)."""
+    """Right-padded [b, s] tokens and their lengths (causal attention: padding never affects earlier
+    tokens)."""
     length = max(len(s) for s in seqs)
     tokens = torch.full((len(seqs), length), pad, dtype=torch.long)
     for i, s in enumerate(seqs):
@@ -137,20 +152,34 @@ def _pad(seqs: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @torch.no_grad()
-def continuation_logprob(lm: Any, prompts: list[str], continuations: list[str], batch_size: int = 32,
-                         ) -> np.ndarray:
+def continuation_logprob(
+    lm: Any,
+    prompts: list[str],
+    continuations: list[str],
+    batch_size: int = 32,
+) -> np.ndarray:
     """Σ log p(continuation tokens | prompt) for each pair: [n]."""
     out = []
     device = getattr(lm, "device", "cpu")
-    for i in tqdm(range(0, len(prompts), batch_size), desc="LM log-probs", unit="batch", leave=False):
-        p_ids = [_encode(lm, p) for p in prompts[i:i + batch_size]]
-        full = [_encode(lm, p + c) for p, c in zip(prompts[i:i + batch_size], continuations[i:i + batch_size],
-                                                      strict=True)]
+    for i in tqdm(
+        range(0, len(prompts), batch_size), desc="LM log-probs", unit="batch", leave=False
+    ):
+        p_ids = [_encode(lm, p) for p in prompts[i : i + batch_size]]
+        full = [
+            _encode(lm, p + c)
+            for p, c in zip(
+                prompts[i : i + batch_size], continuations[i : i + batch_size], strict=True
+            )
+        ]
         tokens, lengths = _pad(full, int(lm.bos_token_id))
         logp = torch.log_softmax(lm.model(tokens.to(device)).float(), dim=-1).cpu()  # [b, s, vocab]
         for j, (p, f) in enumerate(zip(p_ids, full, strict=True)):
-            # continuation tokens: everything after the longest common prefix with the prompt's tokens
-            start = next((k for k, (u, v) in enumerate(zip(p, f, strict=False)) if u != v), min(len(p), len(f)))
+            # continuation tokens: everything after the longest common prefix with the prompt's
+            # tokens
+            start = next(
+                (k for k, (u, v) in enumerate(zip(p, f, strict=False)) if u != v),
+                min(len(p), len(f)),
+            )
             start = max(start, 1)  # BOS is never scored
             idx = torch.arange(start, int(lengths[j]))
             out.append(float(logp[j, idx - 1, torch.tensor(f)[idx]].sum()))
@@ -158,23 +187,35 @@ def continuation_logprob(lm: Any, prompts: list[str], continuations: list[str], 
 
 
 def lm_behaviour(lm: Any, items: list[ProbeItem], batch_size: int = 32) -> dict[str, float]:
-    """Forced-choice accuracy and mean log-prob difference (correct − wrong) of the LM on ``items``."""
+    """Forced-choice accuracy and mean log-prob difference (correct − wrong) of the LM on
+    ``items``."""
     prompts = [it.prompt for it in items]
     good = continuation_logprob(lm, prompts, [it.correct for it in items], batch_size)
     bad = continuation_logprob(lm, prompts, [it.wrong for it in items], batch_size)
     diff = good - bad
-    return {"accuracy": float((diff > 0).mean()), "logprob_diff": float(diff.mean()),
-            "logprob_diff_sd": float(diff.std()), "n": len(items)}
+    return {
+        "accuracy": float((diff > 0).mean()),
+        "logprob_diff": float(diff.mean()),
+        "logprob_diff_sd": float(diff.std()),
+        "n": len(items),
+    }
 
 
 @torch.no_grad()
-def decision_activations(lm: Any, hook: str, items: list[ProbeItem], batch_size: int = 32,
-                         stop_at_layer: int | None = None) -> np.ndarray:
+def decision_activations(
+    lm: Any,
+    hook: str,
+    items: list[ProbeItem],
+    batch_size: int = 32,
+    stop_at_layer: int | None = None,
+) -> np.ndarray:
     """The ``hook`` activation at the decision point (last prompt token) of every item: [n, d]."""
     out = []
     device = getattr(lm, "device", "cpu")
-    for i in tqdm(range(0, len(items), batch_size), desc=f"activations {hook}", unit="batch", leave=False):
-        seqs = [_encode(lm, it.prompt) for it in items[i:i + batch_size]]
+    for i in tqdm(
+        range(0, len(items), batch_size), desc=f"activations {hook}", unit="batch", leave=False
+    ):
+        seqs = [_encode(lm, it.prompt) for it in items[i : i + batch_size]]
         tokens, lengths = _pad(seqs, int(lm.bos_token_id))
         acts = lm.run_hooks(tokens.to(device), [hook], stop_at_layer)[hook]  # [b, s, d]
         out.append(acts[torch.arange(len(seqs)), lengths.to(acts.device) - 1].float().cpu().numpy())
@@ -184,9 +225,15 @@ def decision_activations(lm: Any, hook: str, items: list[ProbeItem], batch_size:
 FeatureFn = Callable[[np.ndarray], np.ndarray]  # residual activations [n, d] -> features [n, m]
 
 
-def run_probes(acts: dict[str, np.ndarray], items: dict[str, list[ProbeItem]], features: dict[str, FeatureFn],
-               ks: tuple[int, ...] = (1, 2, 5), seed: int = 0, test_fraction: float = 0.3,
-               tasks: dict[str, list[str]] | None = None) -> list[dict]:
+def run_probes(
+    acts: dict[str, np.ndarray],
+    items: dict[str, list[ProbeItem]],
+    features: dict[str, FeatureFn],
+    ks: tuple[int, ...] = (1, 2, 5),
+    seed: int = 0,
+    test_fraction: float = 0.3,
+    tasks: dict[str, list[str]] | None = None,
+) -> list[dict]:
     """Sparse probes for every family × task × feature method × k.
 
     ``acts``: family -> residual activations at the decision points [n, d]; ``items`` the matching
@@ -198,26 +245,45 @@ def run_probes(acts: dict[str, np.ndarray], items: dict[str, list[ProbeItem]], f
     rows = []
     for family, X in acts.items():
         feats = {m: fn(X) for m, fn in features.items()}
-        chosen = {t: f for t, f in TASKS[family].items() if tasks is None or t in tasks.get(family, ())}
+        chosen = {
+            t: f for t, f in TASKS[family].items() if tasks is None or t in tasks.get(family, ())
+        }
         for task, label in tqdm(chosen.items(), desc=f"probes {family}", unit="task"):
             y, keep = labels(items[family], label)
             if len(np.unique(y[keep])) < 2:
                 continue
             for method, Z in feats.items():
                 try:
-                    results = probe_sweep(Z[keep], y[keep], ks=ks, test_fraction=test_fraction, seed=seed)
+                    results = probe_sweep(
+                        Z[keep], y[keep], ks=ks, test_fraction=test_fraction, seed=seed
+                    )
                 except UserError:  # the random split left one class out of training: too few items
                     break
                 for r in results:
-                    rows.append({"family": family, "task": task, "method": method, "k": r.k,
-                                 "accuracy": r.accuracy, "f1": r.f1, "majority": r.majority,
-                                 "features": r.features})
+                    rows.append(
+                        {
+                            "family": family,
+                            "task": task,
+                            "method": method,
+                            "k": r.k,
+                            "accuracy": r.accuracy,
+                            "f1": r.f1,
+                            "majority": r.majority,
+                            "features": r.features,
+                        }
+                    )
     return rows
 
 
-def run_conjunctions(acts: dict[str, np.ndarray], items: dict[str, list[ProbeItem]], latents: FeatureFn,
-                     composition: FeatureFn, control: FeatureFn, seed: int = 0, test_fraction: float = 0.3,
-                     ) -> list[dict]:
+def run_conjunctions(
+    acts: dict[str, np.ndarray],
+    items: dict[str, list[ProbeItem]],
+    latents: FeatureFn,
+    composition: FeatureFn,
+    control: FeatureFn,
+    seed: int = 0,
+    test_fraction: float = 0.3,
+) -> list[dict]:
     """The conjunction test for every family: does the composition output help an A∧B probe?
 
     ``latents``: CompSAE codes; ``composition``: its composition-path output; ``control``: an
@@ -235,8 +301,15 @@ def run_conjunctions(acts: dict[str, np.ndarray], items: dict[str, list[ProbeIte
             except UserError as e:
                 rows.append({"family": family, "conjunction": name, "skipped": str(e)})
                 continue
-            rows.append({"family": family, "conjunction": name, "positive_rate": float((a & b).mean()),
-                         "majority": res.constituents.majority, **res.as_dict()})
+            rows.append(
+                {
+                    "family": family,
+                    "conjunction": name,
+                    "positive_rate": float((a & b).mean()),
+                    "majority": res.constituents.majority,
+                    **res.as_dict(),
+                }
+            )
     return rows
 
 
@@ -249,11 +322,14 @@ def pca_features(fit_rows: np.ndarray, n_components: int, seed: int = 0) -> Feat
 
 
 def nmf_features(fit_rows: np.ndarray, n_components: int, seed: int = 0) -> FeatureFn:
-    """NMF on ``[relu(x), relu(-x)]`` (residual activations are signed; NMF needs non-negative input)."""
+    """NMF on ``[relu(x), relu(-x)]`` (residual activations are signed; NMF needs non-negative
+    input)."""
     from sklearn.decomposition import NMF
 
     def split(x: np.ndarray) -> np.ndarray:
         return np.concatenate([np.maximum(x, 0), np.maximum(-x, 0)], axis=1)
 
-    nmf = NMF(n_components=n_components, init="nndsvda", max_iter=300, random_state=seed).fit(split(fit_rows))
+    nmf = NMF(n_components=n_components, init="nndsvda", max_iter=300, random_state=seed).fit(
+        split(fit_rows)
+    )
     return lambda x: nmf.transform(split(x))

@@ -1,4 +1,5 @@
-"""The ``evaluate`` stage (`compsae.registry`): score checkpoints on ground-truth stores, write the table."""
+"""The ``evaluate`` stage (`compsae.registry`): score checkpoints on ground-truth stores, write the
+table."""
 
 from __future__ import annotations
 
@@ -16,19 +17,28 @@ from compsae.train.records import TrainOutputs
 
 
 def run(cfg: EvaluateConfig, ctx: StageContext) -> EvaluateOutputs:
-    """The stage: without ``cfg.runs``, every model of the train stage on the store it was trained on."""
+    """The stage: without ``cfg.runs``, every model of the train stage on the store it was trained
+    on."""
     train = ctx.outputs("train", TrainOutputs)
-    runs = cfg.runs or [EvalRun(label=name, checkpoint=rec.path, store=train.store) for name, rec in train.models.items()]
-    return EvaluateOutputs.model_validate(run_evaluate(cfg.model_copy(update={"runs": runs}), ctx.out_dir))
+    runs = cfg.runs or [
+        EvalRun(label=name, checkpoint=rec.path, store=train.store)
+        for name, rec in train.models.items()
+    ]
+    return EvaluateOutputs.model_validate(
+        run_evaluate(cfg.model_copy(update={"runs": runs}), ctx.out_dir)
+    )
 
 
 def run_evaluate(cfg: EvaluateConfig, out_dir: str) -> dict:
-    """Evaluate every ``cfg.runs`` entry and write ``comparison.json`` + ``comparison.md`` in ``out_dir``.
+    """Evaluate every ``cfg.runs`` entry and write ``comparison.json`` + ``comparison.md`` in
+    ``out_dir``.
 
-    Returns ``{"rows": [...], "outputs": [paths]}``.
+        Returns ``{"rows": [...], "outputs": [paths]}``.
     """
     if not cfg.runs:
-        raise UserError("evaluate.runs is empty: list {label, checkpoint, store} entries to compare")
+        raise UserError(
+            "evaluate.runs is empty: list {label, checkpoint, store} entries to compare"
+        )
     rows = comparison_table([r.model_dump() for r in cfg.runs], cfg)
     fs, root = fsspec.core.url_to_fs(out_dir)
     fs.makedirs(root, exist_ok=True)

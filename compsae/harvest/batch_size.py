@@ -30,15 +30,27 @@ MIN_CAP_TOKENS = 16_384
 PROBE_SEQS = 4  # sequences in the measuring forward pass
 
 
-def choose_batch(free_bytes: float, bytes_per_seq: float, n_seqs: int, max_seqs: int = MAX_BATCH) -> int:
+def choose_batch(
+    free_bytes: float, bytes_per_seq: float, n_seqs: int, max_seqs: int = MAX_BATCH
+) -> int:
     """Largest power of two `b` with `b * bytes_per_seq <= MEMORY_SHARE * free_bytes`, within
     [1, min(MAX_BATCH, max_seqs)] and no larger than the power of two that covers `n_seqs`."""
     fit = int(MEMORY_SHARE * free_bytes // max(bytes_per_seq, 1.0))
     cover = 1 << max(0, int(n_seqs) - 1).bit_length()
-    return max(1, min(1 << max(fit, 1).bit_length() - 1, MAX_BATCH, 1 << max(max_seqs, 1).bit_length() - 1, cover))
+    return max(
+        1,
+        min(
+            1 << max(fit, 1).bit_length() - 1,
+            MAX_BATCH,
+            1 << max(max_seqs, 1).bit_length() - 1,
+            cover,
+        ),
+    )
 
 
-def bytes_per_sequence(loaded: LoadedModel, hooks: list[str], tokens: np.ndarray, stop: int | None) -> float:
+def bytes_per_sequence(
+    loaded: LoadedModel, hooks: list[str], tokens: np.ndarray, stop: int | None
+) -> float:
     """Peak CUDA memory of one harvest forward pass per sequence, from `tokens[:PROBE_SEQS]`."""
     device = loaded.device
     seqs = torch.from_numpy(tokens[:PROBE_SEQS]).to(device=device, dtype=torch.long)
@@ -52,8 +64,14 @@ def bytes_per_sequence(loaded: LoadedModel, hooks: list[str], tokens: np.ndarray
     return (torch.cuda.max_memory_allocated(device) - before) / len(seqs)
 
 
-def auto_batch_size(loaded: LoadedModel, hooks: list[str], tokens: np.ndarray, stop: int | None,
-                    shard_rows: int | None = None, n_seqs: int | None = None) -> int:
+def auto_batch_size(
+    loaded: LoadedModel,
+    hooks: list[str],
+    tokens: np.ndarray,
+    stop: int | None,
+    shard_rows: int | None = None,
+    n_seqs: int | None = None,
+) -> int:
     """The batch size `auto` stands for, for the harvest's `tokens: [n_seqs, context]` (at least
     their first `PROBE_SEQS`; `n_seqs` when not all of them are there yet) on the model's device
     and shards of `shard_rows` rows (None: no cap from the shards)."""

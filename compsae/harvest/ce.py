@@ -1,4 +1,5 @@
-"""Next-token cross-entropy of the harvested LM with a hook's activation replaced (for CE / KL scores).
+"""Next-token cross-entropy of the harvested LM with a hook's activation replaced (for CE / KL
+scores).
 
 The analysis stage splices a reconstruction x̂ (or zeros) in at the hook and compares the LM's
 loss with the clean run; this module rebuilds the LM a store was harvested from, from its manifest.
@@ -46,7 +47,9 @@ def make_ce_fn(manifest: dict[str, Any], hook: str) -> CEFn:
     loaded = load_model(harvest_config_from_manifest(manifest, hook))
     model = loaded.model
     if hook not in loaded.hook_names():
-        raise UserError(f"hook {hook} not found in {loaded.info.get('name')} when reloading it for CE")
+        raise UserError(
+            f"hook {hook} not found in {loaded.info.get('name')} when reloading it for CE"
+        )
 
     @torch.inference_mode()
     def ce_fn(tokens: torch.Tensor, replace: Replace | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -54,12 +57,15 @@ def make_ce_fn(manifest: dict[str, Any], hook: str) -> CEFn:
         if replace is None:
             logits = model(tokens, return_type="logits")
         else:
+
             def splice(act: torch.Tensor, hook: Any = None) -> torch.Tensor:
                 return replace(act).to(act.dtype)
 
             logits = model.run_with_hooks(tokens, return_type="logits", fwd_hooks=[(hook, splice)])
         logits = logits.float()
-        ce = F.cross_entropy(logits[:, :-1].flatten(0, 1), tokens[:, 1:].flatten(), reduction="none")
+        ce = F.cross_entropy(
+            logits[:, :-1].flatten(0, 1), tokens[:, 1:].flatten(), reduction="none"
+        )
         return ce.view(tokens.shape[0], -1).cpu(), logits.cpu()
 
     return ce_fn

@@ -22,18 +22,24 @@ class DataConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     source: str | list[str] = "synthetic:mixed"
-    name: str | None = Field(None, description="data set config name (second argument of load_dataset)")
+    name: str | None = Field(
+        None, description="data set config name (second argument of load_dataset)"
+    )
     split: str = "train"
     text_field: str = "text"
     seed: int = 0
     max_docs: int | None = Field(None, ge=1, description="stop after this many documents")
-    shuffle_buffer: int = Field(0, ge=0, description="streaming shuffle buffer for hub data sets (0: file order)")
+    shuffle_buffer: int = Field(
+        0, ge=0, description="streaming shuffle buffer for hub data sets (0: file order)"
+    )
 
     @field_validator("source")
     @classmethod
     def _non_empty(cls, v: str | list[str]) -> str | list[str]:
         if (isinstance(v, str) and not v.strip()) or (isinstance(v, list) and not v):
-            raise ValueError("data.source is empty; give a data set name, file path(s) or synthetic:<task>")
+            raise ValueError(
+                "data.source is empty; give a data set name, file path(s) or synthetic:<task>"
+            )
         return v
 
 
@@ -44,35 +50,52 @@ class HarvestConfig(BaseModel):
 
     model: str = Field(
         "tiny-neox",
-        description="tiny-neox | smollm2-135m (offline) | a transformer_lens name (pythia-70m-deduped) "
+        description="tiny-neox | smollm2-135m (offline) | a transformer_lens name "
+        "(pythia-70m-deduped) "
         "| a local Hugging Face model folder",
     )
     model_seed: int = Field(0, description="weights seed of tiny-neox")
-    revision: str | None = Field(None, description="hub revision of a hub model (a branch, tag or commit: step143000)")
+    revision: str | None = Field(
+        None, description="hub revision of a hub model (a branch, tag or commit: step143000)"
+    )
     weight_processing: bool = Field(
         False,
-        description="apply transformer_lens' weight processing (fold LN, center); off keeps activations "
+        description="apply transformer_lens' weight processing (fold LN, center); off keeps "
+        "activations "
         "equal to the Hugging Face hidden states",
     )
     hooks: list[str] = Field(default_factory=lambda: ["blocks.3.hook_resid_post"], min_length=1)
     data: DataConfig = Field(default_factory=DataConfig)
     context: int = Field(128, ge=2, description="tokens per sequence, BOS included")
     prepend_bos: bool = True
-    n_tokens: int = Field(100_000, ge=1, description="rows to harvest (rounded up to whole sequences)")
+    n_tokens: int = Field(
+        100_000, ge=1, description="rows to harvest (rounded up to whole sequences)"
+    )
     batch_size: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
-        32, description="sequences per forward pass; auto: the largest that fits the GPU, at most one shard's "
-        "rows or 16,384 tokens if more (32 on the CPU), recorded in the manifest and kept when the harvest resumes")
+        32,
+        description="sequences per forward pass; auto: the largest that fits the GPU, at most one "
+        "shard's "
+        "rows or 16,384 tokens if more (32 on the CPU), recorded in the manifest and kept when the "
+        "harvest resumes",
+    )
     dtype: StorageDtype = "float16"
     chunk_rows: int = Field(DEFAULT_CHUNK_ROWS, ge=1)
     shard_rows: int = Field(DEFAULT_SHARD_ROWS, ge=1)
     compressor: Literal["none", "zstd"] = "none"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     writer_threads: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
-        "auto", description="threads writing full shards beside the forward passes (each shard is its own "
-        "files); auto: 1 on the CPU, where the forward needs the cores, and on a GPU a quarter of the CPU "
-        "cores, at most 4 (one thread stored ~0.6 GB/s on a GPU machine, less than its forward made)")
-    store: str | None = Field(None, min_length=1,
-                              description="explicit store path/URL instead of <stage folder>/store.zarr")
+        "auto",
+        description="threads writing full shards beside the forward passes (each shard is its own "
+        "files); auto: 1 on the CPU, where the forward needs the cores, and on a GPU a quarter of "
+        "the CPU "
+        "cores, at most 4 (one thread stored ~0.6 GB/s on a GPU machine, less than its forward "
+        "made)",
+    )
+    store: str | None = Field(
+        None,
+        min_length=1,
+        description="explicit store path/URL instead of <stage folder>/store.zarr",
+    )
 
     @field_validator("store")
     @classmethod
@@ -95,8 +118,12 @@ class HarvestConfig(BaseModel):
 
     def layout(self) -> StoreLayout:
         """The store layout these fields describe."""
-        return StoreLayout(dtype=self.dtype, chunk_rows=self.chunk_rows, shard_rows=self.shard_rows,
-                           compressor=self.compressor)
+        return StoreLayout(
+            dtype=self.dtype,
+            chunk_rows=self.chunk_rows,
+            shard_rows=self.shard_rows,
+            compressor=self.compressor,
+        )
 
     @property
     def n_seqs(self) -> int:

@@ -23,8 +23,14 @@ from compsae.errors import UserError
 from compsae.harvest.config import DataConfig
 from compsae.harvest.synthetic_text import TASKS, iter_examples
 
-_BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet", ".arrow": "arrow",
-             ".csv": "csv"}
+_BUILDERS = {
+    ".txt": "text",
+    ".jsonl": "json",
+    ".json": "json",
+    ".parquet": "parquet",
+    ".arrow": "arrow",
+    ".csv": "csv",
+}
 # read here line by line, as the `datasets` text / json builders read them: importing `datasets`
 # (with pandas and pyarrow) costs seconds of a harvest's start-up
 _LINE_FORMATS = (".txt", ".jsonl")
@@ -37,8 +43,11 @@ def packing_rule(context: int, prepend_bos: bool, bos_id: int, eos_id: int) -> s
         window = f"windows of {context - 1} tokens, each preceded by BOS id {bos_id}"
     else:
         window = f"windows of {context} tokens, no BOS"
-    return (f"documents in order, empty ones skipped, tokenized without special tokens, each followed by "
-            f"EOS id {eos_id}, concatenated and cut into {window}; the last partial window is dropped")
+    return (
+        "documents in order, empty ones skipped, tokenized without special tokens, each followed "
+        "by "
+        f"EOS id {eos_id}, concatenated and cut into {window}; the last partial window is dropped"
+    )
 
 
 def _local_files(source: str | list[str]) -> list[str] | None:
@@ -49,7 +58,9 @@ def _local_files(source: str | list[str]) -> list[str] | None:
         if "://" in item and not item.startswith("file://"):
             return None
         path = item.removeprefix("file://")
-        matches = sorted(glob.glob(os.path.expanduser(path))) if any(c in path for c in "*?[") else [path]
+        matches = (
+            sorted(glob.glob(os.path.expanduser(path))) if any(c in path for c in "*?[") else [path]
+        )
         files.extend(m for m in matches if os.path.isfile(m))
     return files or None
 
@@ -69,7 +80,9 @@ def _line_rows(files: list[str], ext: str) -> Iterator[dict[str, Any]]:
     """Rows of `.txt` files (each line, line break removed, is `{"text": line}`) or `.jsonl` files
     (each non-blank line a JSON object), file after file, as `datasets` gives them."""
     for path in files:
-        with open(path, encoding="utf-8") as f:  # universal newlines: "\r\n" ends a line as "\n" does
+        with open(
+            path, encoding="utf-8"
+        ) as f:  # universal newlines: "\r\n" ends a line as "\n" does
             for number, line in enumerate(f, 1):
                 line = line.rstrip("\n")
                 if ext == ".txt":
@@ -80,11 +93,16 @@ def _line_rows(files: list[str], ext: str) -> Iterator[dict[str, Any]]:
                 try:
                     row = json.loads(line)
                 except json.JSONDecodeError as e:
-                    raise UserError(f"{path} line {number} is not JSON ({e.msg}); a .jsonl file holds one JSON "
-                                    "object per line") from None
+                    raise UserError(
+                        f"{path} line {number} is not JSON ({e.msg}); a .jsonl file holds one JSON "
+                        "object per line"
+                    ) from None
                 if not isinstance(row, dict):
-                    raise UserError(f"{path} line {number} is a JSON {type(row).__name__}, not an object with a "
-                                    "text field")
+                    raise UserError(
+                        f"{path} line {number} is a JSON {type(row).__name__}, not an object with "
+                        "a "
+                        "text field"
+                    )
                 yield row
 
 
@@ -92,7 +110,9 @@ def _files_rows(files: list[str]) -> Iterable[dict[str, Any]]:
     """Rows of local data files of one kind."""
     exts = {os.path.splitext(f)[1].lower() for f in files}
     if len(exts) != 1 or next(iter(exts)) not in _BUILDERS:
-        raise UserError(f"data files {files[:3]} must share one of the extensions {', '.join(_BUILDERS)}")
+        raise UserError(
+            f"data files {files[:3]} must share one of the extensions {', '.join(_BUILDERS)}"
+        )
     ext = exts.pop()
     if ext in _LINE_FORMATS:
         return _line_rows(files, ext)
@@ -111,32 +131,49 @@ def _dataset_rows(data: DataConfig) -> Iterable[dict[str, Any]]:
     import datasets
 
     if os.path.isdir(source):
-        if os.path.exists(os.path.join(source, "state.json")) or os.path.exists(os.path.join(source, "dataset_dict.json")):
+        if os.path.exists(os.path.join(source, "state.json")) or os.path.exists(
+            os.path.join(source, "dataset_dict.json")
+        ):
             ds = datasets.load_from_disk(source)
             if isinstance(ds, datasets.DatasetDict):
                 if data.split not in ds:
-                    raise UserError(f"data set {source} has no split {data.split!r}; it has {', '.join(ds)}")
+                    raise UserError(
+                        f"data set {source} has no split {data.split!r}; it has {', '.join(ds)}"
+                    )
                 ds = ds[data.split]
             return ds
         # a folder of files: only data files of one kind, never whatever else is there (a folder of
         # images or binaries would otherwise reach a builder that fails half-way with a traceback)
-        found = sorted(os.path.join(root, f) for root, _, names in os.walk(source) for f in names
-                       if not f.startswith("."))
+        found = sorted(
+            os.path.join(root, f)
+            for root, _, names in os.walk(source)
+            for f in names
+            if not f.startswith(".")
+        )
         kinds = {os.path.splitext(f)[1].lower() for f in found} & set(_BUILDERS)
         if len(kinds) != 1:
-            what = f"files of several kinds ({', '.join(sorted(kinds))})" if kinds else "no data files"
-            raise UserError(f"data.source folder {source} holds {what}: it needs files of one of the kinds "
-                            f"{', '.join(_BUILDERS)}, or a data set saved with save_to_disk")
+            what = (
+                f"files of several kinds ({', '.join(sorted(kinds))})" if kinds else "no data files"
+            )
+            raise UserError(
+                f"data.source folder {source} holds {what}: it needs files of one of the kinds "
+                f"{', '.join(_BUILDERS)}, or a data set saved with save_to_disk"
+            )
         ext = kinds.pop()
         return _files_rows([f for f in found if f.lower().endswith(ext)])
     if source.startswith(("/", ".", "~")) or os.path.splitext(source)[1].lower() in _BUILDERS:
-        raise UserError(f"data file {source} not found; check the path (or use synthetic:<task>, offline:hellaswag)")
+        raise UserError(
+            f"data file {source} not found; check the path (or use synthetic:<task>, "
+            "offline:hellaswag)"
+        )
     try:
         ds = datasets.load_dataset(source, data.name, split=data.split, streaming=True)
     except (FileNotFoundError, ConnectionError, ValueError) as e:
         first = (str(e).splitlines() or [type(e).__name__])[0][:200]
-        raise UserError(f"data set {source!r} not found or not reachable ({first}); use a local file, "
-                        "offline:hellaswag or synthetic:<task>") from None
+        raise UserError(
+            f"data set {source!r} not found or not reachable ({first}); use a local file, "
+            "offline:hellaswag or synthetic:<task>"
+        ) from None
     if data.shuffle_buffer:
         ds = ds.shuffle(seed=data.seed, buffer_size=data.shuffle_buffer)
     return ds
@@ -153,7 +190,9 @@ def iter_documents(data: DataConfig) -> Iterator[str]:
     elif source == "offline:hellaswag":
         docs = _hellaswag_docs()
     elif isinstance(source, str) and source.startswith("offline:"):
-        raise UserError(f"unknown offline data set {source!r}; offline:hellaswag is the one available")
+        raise UserError(
+            f"unknown offline data set {source!r}; offline:hellaswag is the one available"
+        )
     else:
         docs = _text_column(_dataset_rows(data), data)
     return itertools.islice(docs, data.max_docs) if data.max_docs else docs
@@ -163,11 +202,15 @@ def _text_column(rows: Iterable[dict[str, Any]], data: DataConfig) -> Iterator[s
     try:
         for row in rows:
             if data.text_field not in row:
-                raise UserError(f"data set {data.source} has no field {data.text_field!r}; its fields are "
-                                f"{', '.join(row)} (set data.text_field)")
+                raise UserError(
+                    f"data set {data.source} has no field {data.text_field!r}; its fields are "
+                    f"{', '.join(row)} (set data.text_field)"
+                )
             yield str(row[data.text_field])
     except FileNotFoundError as e:
-        raise UserError(f"data set {data.source!r} not found: {str(e).splitlines()[0][:200]}") from None
+        raise UserError(
+            f"data set {data.source!r} not found: {str(e).splitlines()[0][:200]}"
+        ) from None
 
 
 def pack_tokens(
@@ -198,10 +241,19 @@ def token_sequences(
     data: DataConfig, tokenizer: Any, context: int, prepend_bos: bool, bos_id: int, eos_id: int
 ) -> Iterator[np.ndarray]:
     """Deterministic stream of `[context]` token sequences from `data`."""
-    return pack_tokens(tokenize_docs(iter_documents(data), tokenizer), context, prepend_bos, bos_id, eos_id)
+    return pack_tokens(
+        tokenize_docs(iter_documents(data), tokenizer), context, prepend_bos, bos_id, eos_id
+    )
 
 
 def describe(data: DataConfig) -> dict[str, Any]:
     """What the manifest records about the data."""
-    return {"source": data.source, "name": data.name, "split": data.split, "text_field": data.text_field,
-            "seed": data.seed, "max_docs": data.max_docs, "shuffle_buffer": data.shuffle_buffer}
+    return {
+        "source": data.source,
+        "name": data.name,
+        "split": data.split,
+        "text_field": data.text_field,
+        "seed": data.seed,
+        "max_docs": data.max_docs,
+        "shuffle_buffer": data.shuffle_buffer,
+    }

@@ -38,7 +38,9 @@ from compsae.harvest.token_feed import TokenFeed
 from compsae.lm.models import LoadedModel, load_model
 from compsae.store import ActivationStore, store_exists
 
-TASKS_PER_WORKER = 4  # ranges per worker: balances uneven workers, bounds the work lost to one failure
+TASKS_PER_WORKER = (
+    4  # ranges per worker: balances uneven workers, bounds the work lost to one failure
+)
 IN_FLIGHT_PER_WORKER = 2  # tasks submitted ahead per worker: each holds a copy of its token ids
 # Loaded models per (worker, model fields): a worker loads its model once for all its tasks.
 _MODELS: dict[tuple[str, str], LoadedModel] = {}
@@ -63,7 +65,9 @@ def shard_ranges(missing: list[int], n_ranges: int, max_size: int | None = None)
 
 
 @contextlib.contextmanager
-def harvest_client(workers: int = 0, scheduler: str | None = None, processes: bool = True) -> Iterator[Any]:
+def harvest_client(
+    workers: int = 0, scheduler: str | None = None, processes: bool = True
+) -> Iterator[Any]:
     """A `distributed.Client` for a parallel harvest: to the cluster at `scheduler`, or to a fresh
     `LocalCluster` of `workers` single-threaded workers (one range at a time each; torch's own
     threads do the rest)."""
@@ -100,31 +104,54 @@ def worker_model(cfg: HarvestConfig) -> LoadedModel:
 
 
 def forget_models() -> int:
-    """Drop the models this process holds (run on every worker after a harvest); returns how many."""
+    """Drop the models this process holds (run on every worker after a harvest); returns how
+    many."""
     with _MODELS_LOCK:
         n = len(_MODELS)
         _MODELS.clear()
     return n
 
 
-def harvest_range(cfg: HarvestConfig, url: str, tokens: np.ndarray, first_seq: int, widths: dict[str, int],
-                  stop: int | None, shards: range) -> int:
+def harvest_range(
+    cfg: HarvestConfig,
+    url: str,
+    tokens: np.ndarray,
+    first_seq: int,
+    widths: dict[str, int],
+    stop: int | None,
+    shards: range,
+) -> int:
     """Dask task: harvest `shards` into the store at `url`; returns the rows written.
 
-    `tokens: [n, context]` are the harvest's sequences `first_seq ..`, covering the range's batches."""
+    `tokens: [n, context]` are the harvest's sequences `first_seq ..`, covering the range's
+    batches."""
     if not store_exists(url):
-        raise UserError(f"a Dask worker cannot see the store at {url}; with --scheduler use a store every worker "
-                        "can reach (s3://... or a shared file system)")
+        raise UserError(
+            f"a Dask worker cannot see the store at {url}; with --scheduler use a store every "
+            "worker "
+            "can reach (s3://... or a shared file system)"
+        )
     loaded = worker_model(cfg)
     store = ActivationStore.open(url, mode="r+")
     with torch.inference_mode():
-        harvest_shards(store, cfg, loaded, tokens, widths, stop, shards, first_seq=first_seq, progress=False)
+        harvest_shards(
+            store, cfg, loaded, tokens, widths, stop, shards, first_seq=first_seq, progress=False
+        )
     return store.shard_range(shards.stop - 1)[1] - store.shard_range(shards.start)[0]
 
 
-def harvest_parallel(store: ActivationStore, cfg: HarvestConfig, loaded: LoadedModel, tokens: TokenFeed | np.ndarray,
-                     widths: dict[str, int], stop: int | None, workers: int = 0, scheduler: str | None = None,
-                     processes: bool = True, on_shard_written: Callable[[int], None] | None = None) -> None:
+def harvest_parallel(
+    store: ActivationStore,
+    cfg: HarvestConfig,
+    loaded: LoadedModel,
+    tokens: TokenFeed | np.ndarray,
+    widths: dict[str, int],
+    stop: int | None,
+    workers: int = 0,
+    scheduler: str | None = None,
+    processes: bool = True,
+    on_shard_written: Callable[[int], None] | None = None,
+) -> None:
     """Harvest every missing shard of `store` on Dask workers, then finalize it.
 
     `loaded` is the client's model (rounding error on batch 0); `tokens` the harvest's sequences,
@@ -139,7 +166,9 @@ def harvest_parallel(store: ActivationStore, cfg: HarvestConfig, loaded: LoadedM
 
     feed = tokens if isinstance(tokens, TokenFeed) else TokenFeed.of(tokens)
     context, bs = cfg.context, cfg.batch_size
-    rounding, _ = measure_rounding(cfg, loaded, feed.seqs(0, feed.wait_for(bs)), widths, stop)  # fails fast
+    rounding, _ = measure_rounding(
+        cfg, loaded, feed.seqs(0, feed.wait_for(bs)), widths, stop
+    )  # fails fast
     missing = sorted(set(range(store.n_shards)) - store.done_shards())
     # a range's batches must fit in the window beside one batch on each side that a boundary cuts
     max_shards = max(1, (feed.window - 2 * bs - 2) * context // store.shard_rows)
@@ -149,18 +178,27 @@ def harvest_parallel(store: ActivationStore, cfg: HarvestConfig, loaded: LoadedM
         run_id = uuid.uuid4().hex[:8]  # task keys unique on a shared cluster
         futures: dict[Any, range] = {}
         done_rows = store.n_rows - sum(hi - lo for lo, hi in map(store.shard_range, missing))
-        bar = tqdm(total=store.n_rows, initial=done_rows, desc=f"harvest {loaded.info['name']} ({n_workers} workers)",
-                   unit="tok", unit_scale=True, dynamic_ncols=True)
+        bar = tqdm(
+            total=store.n_rows,
+            initial=done_rows,
+            desc=f"harvest {loaded.info['name']} ({n_workers} workers)",
+            unit="tok",
+            unit_scale=True,
+            dynamic_ncols=True,
+        )
 
         def submit(shards: range) -> Any:
-            """Hand `shards` to a worker with their sequences; None when the data ended before them."""
+            """Hand `shards` to a worker with their sequences; None when the data ended before
+            them."""
             batches = batch_span(store, shards, context, bs)
             s0 = batches.start * bs
             s1 = min(batches.stop * bs, store.n_rows // context)
             feed.release(s0)  # earlier tasks took copies of theirs
             ready = feed.wait_for(s1)
             if ready < s1:  # the data ran out: the store ends with its last whole sequence
-                store.shrink(ready * context, {"data": {**store.manifest.get("data", {}), "n_seqs": ready}})
+                store.shrink(
+                    ready * context, {"data": {**store.manifest.get("data", {}), "n_seqs": ready}}
+                )
                 bar.total = store.n_rows
                 bar.refresh()
                 todo.clear()  # later ranges hold no data
@@ -169,8 +207,18 @@ def harvest_parallel(store: ActivationStore, cfg: HarvestConfig, loaded: LoadedM
                 if not shards:
                     return None
             seqs = np.array(feed.seqs(s0, s1))  # a copy: the feed's slots are reused once released
-            future = client.submit(harvest_range, cfg, store.url, seqs, s0, widths, stop, shards,
-                                   key=f"compsae-harvest-{run_id}-shards-{shards.start}-{shards.stop}", pure=False)
+            future = client.submit(
+                harvest_range,
+                cfg,
+                store.url,
+                seqs,
+                s0,
+                widths,
+                stop,
+                shards,
+                key=f"compsae-harvest-{run_id}-shards-{shards.start}-{shards.stop}",
+                pure=False,
+            )
             futures[future] = shards
             return future
 
@@ -195,5 +243,8 @@ def harvest_parallel(store: ActivationStore, cfg: HarvestConfig, loaded: LoadedM
             with contextlib.suppress(Exception):  # a worker that already left holds nothing
                 client.run(forget_models)
     if feed.ready < feed.n_seqs:
-        tqdm.write(f"harvest: the data ran out after {store.n_rows} of {cfg.n_tokens} tokens; storing those")
+        tqdm.write(
+            f"harvest: the data ran out after {store.n_rows} of {cfg.n_tokens} tokens; storing "
+            "those"
+        )
     store.finalize(extra={"rounding_error": rounding})

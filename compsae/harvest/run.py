@@ -1,14 +1,14 @@
 """`run_harvest`: run the model over the data once and write every hook's activations to a store.
 
 Flow: load the model while a `TokenFeed` thread tokenizes and packs the data → check hooks and
-context, and that the data holds at least one sequence (before touching any store) → open the
-store to continue it, or create it for the sequences asked (the data still being tokenized; if it
-runs out early the store shrinks to the last whole sequence) → forward passes up to the deepest hook, batch by
-batch, rows cast to the storage dtype and gathered into shard buffers on the model's device (on a
-GPU the shard's range check and statistics are computed there too, and the device → host copy
-moves half the bytes) → a background thread writes each full shard through
-`ActivationStore.write_shard` (`compsae.harvest.shards`; bounded queue: the forward pass never waits on disk unless the disk
-is slower than the model) → finalize (merged statistics, rounding error, complete=True).
+context, and that the data holds at least one sequence (before touching any store) → open the store
+to continue it, or create it for the sequences asked (the data still being tokenized; if it runs out
+early the store shrinks to the last whole sequence) → forward passes up to the deepest hook, batch
+by batch, rows cast to the storage dtype and gathered into shard buffers on the model's device (on a
+GPU the shard's range check and statistics are computed there too, and the device → host copy moves
+half the bytes) → a background thread writes each full shard through `ActivationStore.write_shard`
+(`compsae.harvest.shards`; bounded queue: the forward pass never waits on disk unless the disk is
+slower than the model) → finalize (merged statistics, rounding error, complete=True).
 
 Resuming: a shard is the unit of completion.  A rerun harvests only the missing shards, each run
 of consecutive missing shards from the batch holding its first row.  Batches are always the same
@@ -39,7 +39,13 @@ from compsae.harvest.shards import WriterWaits, harvest_shards, measure_rounding
 from compsae.harvest.token_feed import TokenFeed, window_seqs
 from compsae.lm.models import LoadedModel, check_hooks, load_model, stop_layer
 from compsae.resources import check_disk, check_memory
-from compsae.store import ActivationStore, manifest_digest, refuse_foreign_folder, store_exists, writer_lock
+from compsae.store import (
+    ActivationStore,
+    manifest_digest,
+    refuse_foreign_folder,
+    store_exists,
+    writer_lock,
+)
 
 
 def store_url(cfg: HarvestConfig, out_dir: str) -> str:
@@ -58,8 +64,13 @@ def config_hash(cfg: HarvestConfig) -> str:
 
 def outputs_of(store: ActivationStore) -> dict[str, Any]:
     """What `stage.json` records about a finished harvest (a `HarvestOutputs`)."""
-    return HarvestOutputs(store=store.url, n_rows=store.n_rows, hooks=dict(store.manifest["hooks"]),
-                          dtype=store.layout.dtype, digest=manifest_digest(store.manifest)).model_dump(mode="json")
+    return HarvestOutputs(
+        store=store.url,
+        n_rows=store.n_rows,
+        hooks=dict(store.manifest["hooks"]),
+        dtype=store.layout.dtype,
+        digest=manifest_digest(store.manifest),
+    ).model_dump(mode="json")
 
 
 def tokenize_all(cfg: HarvestConfig, tokenizer: Any) -> np.ndarray:
@@ -74,7 +85,9 @@ def load_with_feed(cfg: HarvestConfig, window: int) -> tuple[LoadedModel, TokenF
     passes."""
     feeds: list[TokenFeed] = []
     try:
-        loaded = load_model(cfg, on_tokenizer=lambda tok: feeds.append(TokenFeed.start(cfg, tok, window)))
+        loaded = load_model(
+            cfg, on_tokenizer=lambda tok: feeds.append(TokenFeed.start(cfg, tok, window))
+        )
     except BaseException:
         for feed in feeds:
             feed.cancel()  # its tokens are not needed
@@ -82,9 +95,15 @@ def load_with_feed(cfg: HarvestConfig, window: int) -> tuple[LoadedModel, TokenF
     return loaded, feeds[0]
 
 
-def run_harvest(cfg: HarvestConfig, out_dir: str, force: bool = False,
-                on_shard_written: Callable[[int], None] | None = None, workers: int | None = None,
-                scheduler: str | None = None, processes: bool = True) -> dict[str, Any]:
+def run_harvest(
+    cfg: HarvestConfig,
+    out_dir: str,
+    force: bool = False,
+    on_shard_written: Callable[[int], None] | None = None,
+    workers: int | None = None,
+    scheduler: str | None = None,
+    processes: bool = True,
+) -> dict[str, Any]:
     """Harvest `cfg.hooks` of `cfg.model` over `cfg.data` into a store; resume a partial one.
 
     Returns the stage outputs: `{"store", "n_rows", "hooks", "dtype", "digest"}`.
@@ -103,46 +122,87 @@ def run_harvest(cfg: HarvestConfig, out_dir: str, force: bool = False,
             existing = ActivationStore.open(url)
         except UserError:
             existing = None
-        if existing is not None and existing.complete and existing.manifest.get("config_hash") == digest:
+        if (
+            existing is not None
+            and existing.complete
+            and existing.manifest.get("config_hash") == digest
+        ):
             tqdm.write(f"harvest: {url} is complete for this config; nothing to do")
             return outputs_of(existing)
 
     # the harvest holds a window of token ids (a parallel one hands each task a copy of its own)
-    window = window_seqs(cfg, cfg.batch_size if isinstance(cfg.batch_size, int) else MAX_BATCH, cfg.shard_rows)
+    window = window_seqs(
+        cfg, cfg.batch_size if isinstance(cfg.batch_size, int) else MAX_BATCH, cfg.shard_rows
+    )
     held = min(window, cfg.n_seqs)
-    check_memory(held * cfg.context * 4, f"tokenizing {held * cfg.context:,} tokens at a time",
-                 "lower harvest.n_tokens or harvest in several stores")
+    check_memory(
+        held * cfg.context * 4,
+        f"tokenizing {held * cfg.context:,} tokens at a time",
+        "lower harvest.n_tokens or harvest in several stores",
+    )
     loaded, feed = load_with_feed(cfg, window)
     try:
-        return _harvest_with_feed(cfg, url, digest, existing, loaded, feed, force, on_shard_written, workers,
-                                  scheduler, processes)
+        return _harvest_with_feed(
+            cfg,
+            url,
+            digest,
+            existing,
+            loaded,
+            feed,
+            force,
+            on_shard_written,
+            workers,
+            scheduler,
+            processes,
+        )
     finally:
         feed.cancel()  # an error before the last batch: stop tokenizing
 
 
-def _harvest_with_feed(cfg: HarvestConfig, url: str, digest: str, existing: ActivationStore | None,
-                       loaded: LoadedModel, feed: TokenFeed, force: bool,
-                       on_shard_written: Callable[[int], None] | None, workers: int | None, scheduler: str | None,
-                       processes: bool) -> dict[str, Any]:
+def _harvest_with_feed(
+    cfg: HarvestConfig,
+    url: str,
+    digest: str,
+    existing: ActivationStore | None,
+    loaded: LoadedModel,
+    feed: TokenFeed,
+    force: bool,
+    on_shard_written: Callable[[int], None] | None,
+    workers: int | None,
+    scheduler: str | None,
+    processes: bool,
+) -> dict[str, Any]:
     """`run_harvest` once the model is loaded and its data is being tokenized into `feed`."""
     widths = check_hooks(loaded, cfg.hooks, cfg.context)
     feed.check_not_empty(cfg.data.source)  # before anything is written
     parallel = bool(workers or scheduler)
-    # the sequences asked; fewer when the data runs out, found by the harvest loop (the store shrinks then)
+    # the sequences asked; fewer when the data runs out, found by the harvest loop (the store
+    # shrinks then)
     n_seqs = feed.ready if feed.done else feed.n_seqs
     itemsize = 4 if cfg.dtype == "float32" else 2
-    row_bytes = sum(widths.values()) * itemsize + 16  # the activations, tokens (4), seq_id (8), pos (4)
+    row_bytes = (
+        sum(widths.values()) * itemsize + 16
+    )  # the activations, tokens (4), seq_id (8), pos (4)
     if force or not store_exists(url):  # a resume has part of it on the disk already
-        check_disk(url, n_seqs * cfg.context * row_bytes,
-                   f"a store of {n_seqs * cfg.context:,} tokens of {', '.join(widths)}",
-                   "lower harvest.n_tokens, harvest fewer hooks, or point harvest.store at a larger disk")
+        check_disk(
+            url,
+            n_seqs * cfg.context * row_bytes,
+            f"a store of {n_seqs * cfg.context:,} tokens of {', '.join(widths)}",
+            "lower harvest.n_tokens, harvest fewer hooks, or point harvest.store at a larger disk",
+        )
     stop = stop_layer(cfg.hooks)
     if cfg.batch_size == "auto":
         # a resumed harvest keeps the batches it started with (same batches, same bytes)
         same = existing is not None and existing.manifest.get("config_hash") == digest
         earlier = (existing.manifest.get("harvest") or {}).get("batch_size") if same else None  # type: ignore[union-attr]
-        chosen = earlier or auto_batch_size(loaded, cfg.hooks, feed.seqs(0, feed.wait_for(PROBE_SEQS)), stop,
-                                            cfg.shard_rows, n_seqs=n_seqs)
+        chosen = earlier or auto_batch_size(
+            loaded,
+            cfg.hooks,
+            feed.seqs(0, feed.wait_for(PROBE_SEQS)),
+            stop,
+            cfg.shard_rows,
+            n_seqs=n_seqs,
+        )
         cfg = cfg.model_copy(update={"batch_size": int(chosen)})
         tqdm.write(f"harvest: batch size auto -> {cfg.batch_size} sequences")
     manifest = {
@@ -150,53 +210,102 @@ def _harvest_with_feed(cfg: HarvestConfig, url: str, digest: str, existing: Acti
         "data": {**describe(cfg.data), "n_seqs": n_seqs},
         "context": cfg.context,
         "prepend_bos": cfg.prepend_bos,
-        "bos_rule": packing_rule(cfg.context, cfg.prepend_bos, loaded.bos_token_id, loaded.eos_token_id),
+        "bos_rule": packing_rule(
+            cfg.context, cfg.prepend_bos, loaded.bos_token_id, loaded.eos_token_id
+        ),
         "config_hash": digest,
         "version": __version__,
-        "harvest": {"stop_at_layer": stop, "batch_size": cfg.batch_size, "hooks_order": list(cfg.hooks)},
+        "harvest": {
+            "stop_at_layer": stop,
+            "batch_size": cfg.batch_size,
+            "hooks_order": list(cfg.hooks),
+        },
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     # lock first: --force must not wipe a store another harvest is still writing
     with writer_lock(url, "harvest"), torch.inference_mode():
-        store = ActivationStore.create_or_resume(url, widths, n_seqs * cfg.context, cfg.layout(), manifest,
-                                                 force=force)
+        store = ActivationStore.create_or_resume(
+            url, widths, n_seqs * cfg.context, cfg.layout(), manifest, force=force
+        )
         done_before = sum(hi - lo for lo, hi in map(store.shard_range, store.done_shards()))
         t0, waited_before = time.perf_counter(), feed.waited_s
         if parallel:
             from compsae.harvest.parallel import harvest_parallel
 
-            harvest_parallel(store, cfg, loaded, feed, widths, stop, workers=workers or 0,
-                             scheduler=scheduler, processes=processes, on_shard_written=on_shard_written)
+            harvest_parallel(
+                store,
+                cfg,
+                loaded,
+                feed,
+                widths,
+                stop,
+                workers=workers or 0,
+                scheduler=scheduler,
+                processes=processes,
+                on_shard_written=on_shard_written,
+            )
         else:
             _harvest_into(store, cfg, loaded, feed, widths, stop, on_shard_written)
         seconds = time.perf_counter() - t0
-        todo = store.n_rows - done_before  # rows harvested now (the store shrinks when the data ran out)
-    # what start-up costs is the process's time minus this line's (benchmarks/peer_saelens.py reads it)
-    tqdm.write(f"harvest: {todo:,} tokens in {seconds:.2f} s ({todo / max(seconds, 1e-9):,.0f} tokens/s: forward "
-               "passes, writes, finalize and any wait for tokens; loading not included)")
+        todo = (
+            store.n_rows - done_before
+        )  # rows harvested now (the store shrinks when the data ran out)
+    # what start-up costs is the process's time minus this line's (benchmarks/peer_saelens.py reads
+    # it)
+    tqdm.write(
+        f"harvest: {todo:,} tokens in {seconds:.2f} s ({todo / max(seconds, 1e-9):,.0f} tokens/s: "
+        "forward "
+        "passes, writes, finalize and any wait for tokens; loading not included)"
+    )
     waited = feed.waited_s - waited_before
     if waited > 0.1 * seconds and seconds > 1.0:
-        tqdm.write(f"harvest: {waited:.1f} s of it waiting for the tokenizer: tokenizing (one thread) limits "
-                   "this harvest")
+        tqdm.write(
+            f"harvest: {waited:.1f} s of it waiting for the tokenizer: tokenizing (one thread) "
+            "limits "
+            "this harvest"
+        )
     return outputs_of(store)
 
 
-def _harvest_into(store: ActivationStore, cfg: HarvestConfig, loaded: LoadedModel, feed: TokenFeed | np.ndarray,
-                  widths: dict[str, int], stop: int | None,
-                  on_shard_written: Callable[[int], None] | None) -> list[WriterWaits]:
+def _harvest_into(
+    store: ActivationStore,
+    cfg: HarvestConfig,
+    loaded: LoadedModel,
+    feed: TokenFeed | np.ndarray,
+    widths: dict[str, int],
+    stop: int | None,
+    on_shard_written: Callable[[int], None] | None,
+) -> list[WriterWaits]:
     """Single-process harvest of every missing shard of `store`, then finalize; the tokens may
     still be arriving (`feed`).  Returns each run of shards' waits for the writers."""
     feed = feed if isinstance(feed, TokenFeed) else TokenFeed.of(feed)
     with record_function("harvest.rounding"):
-        rounding, sample = measure_rounding(cfg, loaded, feed.seqs(0, feed.wait_for(cfg.batch_size)), widths, stop)
+        rounding, sample = measure_rounding(
+            cfg, loaded, feed.seqs(0, feed.wait_for(cfg.batch_size)), widths, stop
+        )
     waits: list[WriterWaits] = []
     for shards in missing_runs(sorted(set(range(store.n_shards)) - store.done_shards())):
-        if shards.start < store.n_shards:  # past the end when the data ran out (and the store shrank) earlier
-            waits.append(harvest_shards(store, cfg, loaded, feed, widths, stop,
-                                        range(shards.start, min(shards.stop, store.n_shards)),
-                                        on_shard_written=on_shard_written, batch0=sample))
+        if (
+            shards.start < store.n_shards
+        ):  # past the end when the data ran out (and the store shrank) earlier
+            waits.append(
+                harvest_shards(
+                    store,
+                    cfg,
+                    loaded,
+                    feed,
+                    widths,
+                    stop,
+                    range(shards.start, min(shards.stop, store.n_shards)),
+                    on_shard_written=on_shard_written,
+                    batch0=sample,
+                )
+            )
     if feed.ready < feed.n_seqs:
-        tqdm.write(f"harvest: the data ran out after {store.n_rows} of {cfg.n_tokens} tokens; storing those")
+        tqdm.write(
+            f"harvest: the data ran out after {store.n_rows} of {cfg.n_tokens} tokens; storing "
+            "those"
+        )
     with record_function("harvest.finalize"):
         store.finalize(extra={"rounding_error": rounding})
     return waits

@@ -35,14 +35,15 @@ _SAMPLE_ROWS = 4096  # rows of the first batch used to measure the rounding erro
 _TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
-
 @dataclass
 class HostShard:
     """A shard on its way to the host (see `HostStaging.stage`).  The writer thread calls `wait`
     (the device → host copy is done), `check` (float16 overflow / NaN), reads `acts` and
     `moments`, then `release` (the host buffers go back to the pool)."""
 
-    acts: dict[str, np.ndarray]  # {hook: [rows, width]} in the storage dtype (bfloat16 as uint16 bits)
+    acts: dict[
+        str, np.ndarray
+    ]  # {hook: [rows, width]} in the storage dtype (bfloat16 as uint16 bits)
     moments: dict[str, np.ndarray] | None  # {hook: shard moments} when computed on the device
     peaks: np.ndarray  # [n_hooks] float32: max |x| per hook, NaN when a value was NaN
     dtype: str
@@ -66,8 +67,8 @@ def _numpy(x: torch.Tensor, dtype: str) -> np.ndarray:
 
 
 class HostStaging:
-    """Host buffers for shards leaving a GPU, reused from a pool of `slots`, and the side CUDA stream
-    that copies into them.
+    """Host buffers for shards leaving a GPU, reused from a pool of `slots`, and the side CUDA
+    stream that copies into them.
 
     The copy waits (on the GPU) for the kernels that filled the shard, runs beside the next batches'
     forward passes and signals an event the writer thread waits on: the harvesting thread never
@@ -75,22 +76,39 @@ class HostStaging:
     run asynchronously); when every slot is still being written, `stage` blocks, which bounds the
     host memory.  Without CUDA the same code copies synchronously into ordinary memory (tests)."""
 
-    def __init__(self, shard_rows: int, widths: dict[str, int], dtype: str, device: torch.device,
-                 slots: int = _QUEUE_SHARDS + 2) -> None:
+    def __init__(
+        self,
+        shard_rows: int,
+        widths: dict[str, int],
+        dtype: str,
+        device: torch.device,
+        slots: int = _QUEUE_SHARDS + 2,
+    ) -> None:
         self.dtype, self.device = dtype, device
         cuda = device.type == "cuda"
         self.stream = torch.cuda.Stream(device) if cuda else None
         self.free: queue.Queue[dict[str, Any]] = queue.Queue()
         for _ in range(slots):
-            self.free.put({
-                "acts": {h: torch.empty((shard_rows, w), dtype=_TORCH_DTYPES[dtype], pin_memory=cuda)
-                         for h, w in widths.items()},
-                "moments": {h: torch.empty(2 * w + 2, dtype=torch.float64, pin_memory=cuda) for h, w in widths.items()},
-                "peaks": torch.empty(len(widths), dtype=torch.float32, pin_memory=cuda),
-            })
+            self.free.put(
+                {
+                    "acts": {
+                        h: torch.empty((shard_rows, w), dtype=_TORCH_DTYPES[dtype], pin_memory=cuda)
+                        for h, w in widths.items()
+                    },
+                    "moments": {
+                        h: torch.empty(2 * w + 2, dtype=torch.float64, pin_memory=cuda)
+                        for h, w in widths.items()
+                    },
+                    "peaks": torch.empty(len(widths), dtype=torch.float32, pin_memory=cuda),
+                }
+            )
 
-    def stage(self, data: dict[str, torch.Tensor], peaks: torch.Tensor,
-              moments: dict[str, torch.Tensor] | None) -> HostShard:
+    def stage(
+        self,
+        data: dict[str, torch.Tensor],
+        peaks: torch.Tensor,
+        moments: dict[str, torch.Tensor] | None,
+    ) -> HostShard:
         """Start copying a shard (`data[hook]: [rows, width]`, `peaks: [n_hooks]`, `moments[hook]`,
         all on the device) into a free host slot; returns at once on a GPU."""
         slot = self.free.get()
@@ -98,28 +116,43 @@ class HostStaging:
         done = None
         if self.stream is not None:
             self.stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext():
-            sources = [(slot["acts"][h][:rows], x) for h, x in data.items()] + [(slot["peaks"], peaks)]
+        with (
+            torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext()
+        ):
+            sources = [(slot["acts"][h][:rows], x) for h, x in data.items()] + [
+                (slot["peaks"], peaks)
+            ]
             sources += [(slot["moments"][h], m) for h, m in (moments or {}).items()]
             for dst, src in sources:
                 dst.copy_(src, non_blocking=self.stream is not None)
                 if self.stream is not None:
-                    src.record_stream(self.stream)  # the allocator must not reuse it before the copy ends
+                    src.record_stream(
+                        self.stream
+                    )  # the allocator must not reuse it before the copy ends
             if self.stream is not None:
                 done = torch.cuda.Event()
                 done.record(self.stream)
-        return HostShard(acts={h: _numpy(slot["acts"][h][:rows], self.dtype) for h in data},
-                         moments={h: slot["moments"][h].numpy() for h in moments} if moments is not None else None,
-                         peaks=slot["peaks"].numpy(), dtype=self.dtype, done=done,
-                         release=lambda: self.free.put(slot))
+        return HostShard(
+            acts={h: _numpy(slot["acts"][h][:rows], self.dtype) for h in data},
+            moments={h: slot["moments"][h].numpy() for h in moments}
+            if moments is not None
+            else None,
+            peaks=slot["peaks"].numpy(),
+            dtype=self.dtype,
+            done=done,
+            release=lambda: self.free.put(slot),
+        )
 
 
 def writer_threads(cfg: HarvestConfig, device: torch.device) -> int:
     """How many threads write shards (`harvest.writer_threads`; see its description for auto)."""
     if cfg.writer_threads != "auto":
         return int(cfg.writer_threads)
-    # the cores this process may run on (a job pinned to some of a machine's cores has fewer than cpu_count)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    # the cores this process may run on (a job pinned to some of a machine's cores has fewer than
+    # cpu_count)
+    cores = (
+        len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    )
     return 1 if device.type != "cuda" else max(1, min(4, cores // 4))
 
 
@@ -134,17 +167,27 @@ class ShardWriter:
     (e.g. float16 overflow, disk full) stops the writers; `put` and `close` raise it in the
     harvesting thread."""
 
-    def __init__(self, store: ActivationStore, context: int, on_written: Callable[[int], None] | None = None,
-                 threads: int = 1, depth: int = _QUEUE_SHARDS) -> None:
+    def __init__(
+        self,
+        store: ActivationStore,
+        context: int,
+        on_written: Callable[[int], None] | None = None,
+        threads: int = 1,
+        depth: int = _QUEUE_SHARDS,
+    ) -> None:
         self.store = store
         self.context = context
         self.on_written = on_written
-        self.queue: queue.Queue[tuple[int, HostShard, np.ndarray] | None] = queue.Queue(maxsize=depth)
+        self.queue: queue.Queue[tuple[int, HostShard, np.ndarray] | None] = queue.Queue(
+            maxsize=depth
+        )
         self.error: BaseException | None = None
         self.busy_s = 0.0  # seconds the threads spent writing (not waiting for shards or the GPU)
         self._lock = threading.Lock()  # the first error, busy_s, and one on_written call at a time
-        self.threads = [threading.Thread(target=self._loop, name=f"compsae-shard-writer-{i}", daemon=True)
-                        for i in range(threads)]
+        self.threads = [
+            threading.Thread(target=self._loop, name=f"compsae-shard-writer-{i}", daemon=True)
+            for i in range(threads)
+        ]
         for thread in self.threads:
             thread.start()
 
@@ -159,16 +202,27 @@ class ShardWriter:
                 host.check()
                 start, stop = self.store.shard_range(shard)
                 rows = np.arange(start, stop, dtype=np.int64)
-                self.store.write_shard(shard, host.acts, tokens=tokens, seq_id=rows // self.context,
-                                       pos=rows % self.context, moments=host.moments, checked=True)
+                self.store.write_shard(
+                    shard,
+                    host.acts,
+                    tokens=tokens,
+                    seq_id=rows // self.context,
+                    pos=rows % self.context,
+                    moments=host.moments,
+                    checked=True,
+                )
                 with self._lock:
                     self.busy_s += time.perf_counter() - t0
                     if self.on_written is not None:
                         self.on_written(shard)
             except OSError as e:
                 if e.errno == errno.ENOSPC:
-                    self._fail(UserError(f"disk full while writing shard {shard} of {self.store.url}; "
-                                         "free space and rerun the same command to resume"))
+                    self._fail(
+                        UserError(
+                            f"disk full while writing shard {shard} of {self.store.url}; "
+                            "free space and rerun the same command to resume"
+                        )
+                    )
                 else:
                     self._fail(e)
             except BaseException as e:  # noqa: BLE001 - handed to the harvesting thread
@@ -213,9 +267,15 @@ def device_tokens(seqs: np.ndarray, device: torch.device) -> torch.Tensor:
     return ids.pin_memory().to(device, non_blocking=True).long()
 
 
-def _forward(loaded: LoadedModel, seqs: np.ndarray, hooks: list[str], widths: dict[str, int],
-             stop: int | None) -> dict[str, torch.Tensor]:
-    """`{hook: [batch * context, width]}` float32 on the model's device for `seqs: [batch, context]`."""
+def _forward(
+    loaded: LoadedModel,
+    seqs: np.ndarray,
+    hooks: list[str],
+    widths: dict[str, int],
+    stop: int | None,
+) -> dict[str, torch.Tensor]:
+    """`{hook: [batch * context, width]}` float32 on the model's device for `seqs: [batch,
+    context]`."""
     acts = loaded.run_hooks(device_tokens(seqs, loaded.device), hooks, stop)
     return {h: acts[h].reshape(-1, widths[h]).float() for h in hooks}
 
@@ -234,9 +294,9 @@ class WriterWaits:
 
 
 def device_moments(x: torch.Tensor) -> torch.Tensor:
-    """`shard_moments` of `x: [rows, d]` computed where `x` lives: [count, mean (d), M2 (d), norm sum]
-    float64, on `x`'s device.  (Reductions on CUDA are deterministic, so a resumed harvest records
-    the same bytes.)"""
+    """`shard_moments` of `x: [rows, d]` computed where `x` lives: [count, mean (d), M2 (d), norm
+    sum] float64, on `x`'s device.  (Reductions on CUDA are deterministic, so a resumed harvest
+    records the same bytes.)"""
     x64 = x.double()
     mean = x64.mean(dim=0)
     m2 = (x64 - mean).square_().sum(dim=0)
@@ -257,7 +317,10 @@ class ShardBuffer:
 
     def __init__(self, rows: int, widths: dict[str, int], dtype: str, device: torch.device) -> None:
         self.dtype = dtype
-        self.data = {h: torch.empty((rows, w), dtype=_TORCH_DTYPES[dtype], device=device) for h, w in widths.items()}
+        self.data = {
+            h: torch.empty((rows, w), dtype=_TORCH_DTYPES[dtype], device=device)
+            for h, w in widths.items()
+        }
         self.peak = {h: torch.zeros((), dtype=torch.float32, device=device) for h in widths}
 
     def fill(self, at: int, acts: dict[str, torch.Tensor]) -> None:
@@ -265,7 +328,7 @@ class ShardBuffer:
         for h, x in acts.items():
             lo, hi = torch.aminmax(x)  # NaN propagates through aminmax and maximum
             self.peak[h] = torch.maximum(self.peak[h], torch.maximum(hi, -lo))
-            self.data[h][at:at + len(x)].copy_(x)
+            self.data[h][at : at + len(x)].copy_(x)
 
     def cut(self, rows: int) -> None:
         """Keep only the first `rows` rows (the shard turned out shorter: the data ran out)."""
@@ -279,10 +342,16 @@ class ShardBuffer:
         on_gpu = next(iter(self.data.values())).device.type == "cuda"
         moments = {h: device_moments(x) for h, x in self.data.items()} if on_gpu else None
         if staging is None:
-            # x.cpu() is the buffer itself on the CPU; a GPU buffer without staging is copied (synchronously)
-            return HostShard(acts={h: _numpy(x.cpu(), self.dtype) for h, x in self.data.items()},
-                             moments={h: m.cpu().numpy() for h, m in moments.items()} if moments is not None else None,
-                             peaks=peaks.cpu().numpy(), dtype=self.dtype)
+            # x.cpu() is the buffer itself on the CPU; a GPU buffer without staging is copied
+            # (synchronously)
+            return HostShard(
+                acts={h: _numpy(x.cpu(), self.dtype) for h, x in self.data.items()},
+                moments={h: m.cpu().numpy() for h, m in moments.items()}
+                if moments is not None
+                else None,
+                peaks=peaks.cpu().numpy(),
+                dtype=self.dtype,
+            )
         return staging.stage(self.data, peaks, moments)
 
 
@@ -296,7 +365,8 @@ def queue_depth(batch_rows: int, shard_rows: int) -> int:
 
 
 def missing_runs(missing: list[int]) -> list[range]:
-    """Sorted shard indices as runs of consecutive shards: [0, 1, 2, 5, 6] → [range(0, 3), range(5, 7)]."""
+    """Sorted shard indices as runs of consecutive shards: [0, 1, 2, 5, 6] → [range(0, 3), range(5,
+    7)]."""
     runs: list[range] = []
     for shard in sorted(missing):
         if runs and runs[-1].stop == shard:
@@ -313,12 +383,18 @@ def batch_span(store: ActivationStore, shards: range, context: int, batch_size: 
     return range(first_row // context // batch_size, last_row // context // batch_size + 1)
 
 
-def measure_rounding(cfg: HarvestConfig, loaded: LoadedModel, tokens: np.ndarray, widths: dict[str, int],
-                     stop: int | None) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+def measure_rounding(
+    cfg: HarvestConfig,
+    loaded: LoadedModel,
+    tokens: np.ndarray,
+    widths: dict[str, int],
+    stop: int | None,
+) -> tuple[dict[str, float], dict[str, np.ndarray]]:
     """Rounding error of the storage dtype per hook, always on batch 0 (so a resumed or parallel
-    harvest records the same value); also returns batch 0's activations.  Raises on float16 overflow."""
+    harvest records the same value); also returns batch 0's activations.  Raises on float16
+    overflow."""
     hooks = list(cfg.hooks)
-    sample = _forward(loaded, tokens[:cfg.batch_size], hooks, widths, stop)
+    sample = _forward(loaded, tokens[: cfg.batch_size], hooks, widths, stop)
     return {h: rounding_error(sample[h][:_SAMPLE_ROWS], cfg.dtype, h) for h in hooks}, sample
 
 
@@ -332,10 +408,19 @@ def rounding_error(x: torch.Tensor, dtype: str, hook: str) -> float:
     return float(error) / (float(torch.linalg.vector_norm(x64)) or 1.0)
 
 
-def harvest_shards(store: ActivationStore, cfg: HarvestConfig, loaded: LoadedModel, tokens: TokenFeed | np.ndarray,
-                   widths: dict[str, int], stop: int | None, shards: range, first_seq: int = 0,
-                   on_shard_written: Callable[[int], None] | None = None,
-                   batch0: dict[str, torch.Tensor] | None = None, progress: bool = True) -> WriterWaits:
+def harvest_shards(
+    store: ActivationStore,
+    cfg: HarvestConfig,
+    loaded: LoadedModel,
+    tokens: TokenFeed | np.ndarray,
+    widths: dict[str, int],
+    stop: int | None,
+    shards: range,
+    first_seq: int = 0,
+    on_shard_written: Callable[[int], None] | None = None,
+    batch0: dict[str, torch.Tensor] | None = None,
+    progress: bool = True,
+) -> WriterWaits:
     """Run the model over the batches holding `shards` (consecutive) and write those shards.
 
     `tokens: [n, context]` are sequences `first_seq .. first_seq + n` of the harvest and must cover
@@ -354,14 +439,19 @@ def harvest_shards(store: ActivationStore, cfg: HarvestConfig, loaded: LoadedMod
     n_seqs = store.n_rows // context
     threads = writer_threads(cfg, loaded.device)
     depth = queue_depth(bs * context, store.shard_rows)
-    # the phases are named for torch.profiler (benchmarks/harvest.py --profile charges the GPU's idle
-    # time to them); a name costs microseconds when no profiler runs
+    # the phases are named for torch.profiler (benchmarks/harvest.py --profile charges the GPU's
+    # idle time to them); a name costs microseconds when no profiler runs
     with record_function("harvest.setup"):
         writer = ShardWriter(store, context, on_shard_written, threads=threads, depth=depth)
         # a GPU's shards reach the host through pinned buffers on a side stream; a CPU's are on it
         # already (a slot per writer thread, per queued shard, and one being filled)
-        staging = (HostStaging(store.shard_rows, hook_widths, cfg.dtype, loaded.device, slots=depth + threads + 1)
-                   if loaded.device.type == "cuda" else None)
+        staging = (
+            HostStaging(
+                store.shard_rows, hook_widths, cfg.dtype, loaded.device, slots=depth + threads + 1
+            )
+            if loaded.device.type == "cuda"
+            else None
+        )
     row0 = first_seq * context  # the feed's row 0 in the store
     buffer: ShardBuffer | None = None
     buffer_shard = -1
@@ -372,14 +462,24 @@ def harvest_shards(store: ActivationStore, cfg: HarvestConfig, loaded: LoadedMod
         """Queue a filled shard with its token ids; returns the seconds `put` blocked."""
         lo_row, hi_row = store.shard_range(shard)
         with record_function("harvest.finish"):
-            host, tokens_of_shard = filled.finish(staging), feed.token_rows(lo_row - row0, hi_row - row0)
+            host, tokens_of_shard = (
+                filled.finish(staging),
+                feed.token_rows(lo_row - row0, hi_row - row0),
+            )
         t0 = time.perf_counter()
         with record_function("harvest.put"):
             writer.put(shard, host, tokens_of_shard)
         return time.perf_counter() - t0
 
-    bar = tqdm(total=store.n_rows, initial=start_row, desc=f"harvest {loaded.info['name']}", unit="tok",
-               unit_scale=True, dynamic_ncols=True, disable=not progress)
+    bar = tqdm(
+        total=store.n_rows,
+        initial=start_row,
+        desc=f"harvest {loaded.info['name']}",
+        unit="tok",
+        unit_scale=True,
+        dynamic_ncols=True,
+        disable=not progress,
+    )
     try:
         for b in batch_span(store, shards, context, bs):
             s0, s1 = b * bs, min((b + 1) * bs, n_seqs)  # global sequence range of batch b
@@ -392,7 +492,9 @@ def harvest_shards(store: ActivationStore, cfg: HarvestConfig, loaded: LoadedMod
                 ready = feed.wait_for(s1 - first_seq) + first_seq
             if ready < s1:  # the data ran out: the store ends with its last whole sequence
                 n_seqs = s1 = ready
-                store.shrink(n_seqs * context, {"data": {**store.manifest.get("data", {}), "n_seqs": n_seqs}})
+                store.shrink(
+                    n_seqs * context, {"data": {**store.manifest.get("data", {}), "n_seqs": n_seqs}}
+                )
                 stop_row = min(stop_row, store.n_rows)
                 bar.total = store.n_rows
                 if buffer is not None:
@@ -407,7 +509,9 @@ def harvest_shards(store: ActivationStore, cfg: HarvestConfig, loaded: LoadedMod
                 acts = batch0
             else:
                 with record_function("harvest.forward"):
-                    acts = _forward(loaded, feed.seqs(s0 - first_seq, s1 - first_seq), hooks, widths, stop)
+                    acts = _forward(
+                        loaded, feed.seqs(s0 - first_seq, s1 - first_seq), hooks, widths, stop
+                    )
             r0, r1 = s0 * context, s1 * context
             lo, hi = max(r0, start_row), min(r1, stop_row)
             bar.update(hi - lo)
@@ -419,7 +523,7 @@ def harvest_shards(store: ActivationStore, cfg: HarvestConfig, loaded: LoadedMod
                     buffer = ShardBuffer(s_stop - s_start, hook_widths, cfg.dtype, loaded.device)
                     buffer_shard = shard
                 with record_function("harvest.fill"):
-                    buffer.fill(lo - s_start, {h: acts[h][lo - r0:lo - r0 + take] for h in hooks})
+                    buffer.fill(lo - s_start, {h: acts[h][lo - r0 : lo - r0 + take] for h in hooks})
                 lo += take
                 if lo == s_stop:
                     blocked += hand_over(shard, buffer)
@@ -431,8 +535,13 @@ def harvest_shards(store: ActivationStore, cfg: HarvestConfig, loaded: LoadedMod
             writer.close()  # even on error: shards already queued are written, nothing is lost
         tail = time.perf_counter() - t0
     total = time.perf_counter() - t_start
-    timing = WriterWaits(blocked, tail, total, writer.busy_s / (threads * total) if total > 0 else 0.0)
+    timing = WriterWaits(
+        blocked, tail, total, writer.busy_s / (threads * total) if total > 0 else 0.0
+    )
     if progress and timing.writer_busy > 0.8 and total > 1.0:
-        tqdm.write(f"harvest: the shard writers were busy {timing.writer_busy:.0%} of the time: the disk or "
-                   f"harvest.writer_threads ({threads}) limits this harvest")
+        tqdm.write(
+            f"harvest: the shard writers were busy {timing.writer_busy:.0%} of the time: the disk "
+            "or "
+            f"harvest.writer_threads ({threads}) limits this harvest"
+        )
     return timing

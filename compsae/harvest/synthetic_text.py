@@ -17,14 +17,41 @@ from typing import Any, Literal
 Task = Literal["arithmetic", "boolean", "grammar"]
 TASKS: tuple[str, ...] = ("arithmetic", "boolean", "grammar", "mixed")
 
-_SINGULAR_NOUNS = ("key", "dog", "author", "teacher", "car", "bottle", "painting", "farmer", "road", "letter")
-_PLURAL_NOUNS = ("keys", "dogs", "authors", "teachers", "cars", "bottles", "paintings", "farmers", "roads", "letters")
+_SINGULAR_NOUNS = (
+    "key",
+    "dog",
+    "author",
+    "teacher",
+    "car",
+    "bottle",
+    "painting",
+    "farmer",
+    "road",
+    "letter",
+)
+_PLURAL_NOUNS = (
+    "keys",
+    "dogs",
+    "authors",
+    "teachers",
+    "cars",
+    "bottles",
+    "paintings",
+    "farmers",
+    "roads",
+    "letters",
+)
 _DISTRACTOR_SINGULAR = ("cabinet", "house", "window", "garden", "city", "box")
 _DISTRACTOR_PLURAL = ("cabinets", "houses", "windows", "gardens", "cities", "boxes")
 _PREPOSITIONS = ("to", "near", "behind", "beside", "of")
 # (singular form, plural form, continuation)
-_VERBS = (("is", "are", "on the table"), ("was", "were", "old"), ("has", "have", "a new owner"),
-          ("looks", "look", "clean"), ("seems", "seem", "lost"))
+_VERBS = (
+    ("is", "are", "on the table"),
+    ("was", "were", "old"),
+    ("has", "have", "a new owner"),
+    ("looks", "look", "clean"),
+    ("seems", "seem", "lost"),
+)
 
 
 @dataclass(frozen=True)
@@ -87,7 +114,9 @@ def arithmetic_example(rng: random.Random) -> SyntheticExample:
     t.add(str(b), "b")
     t.add("=", "equals")
     t.add(str(result), "result")
-    return SyntheticExample("arithmetic", t.text, {"a": a, "b": b, "op": op, "result": result}, t.spans)
+    return SyntheticExample(
+        "arithmetic", t.text, {"a": a, "b": b, "op": op, "result": result}, t.spans
+    )
 
 
 def boolean_example(rng: random.Random) -> SyntheticExample:
@@ -135,8 +164,14 @@ def grammar_example(rng: random.Random, distractor_rate: float = 0.5) -> Synthet
     t.add(verb, "verb")
     t.add(rest + ".", "continuation")
     number = "plural" if plural else "singular"
-    fields = {"subject": subject, "subject_number": number, "has_distractor": has_distractor,
-              "distractor_number": distractor_number, "verb": verb, "verb_number": number}
+    fields = {
+        "subject": subject,
+        "subject_number": number,
+        "has_distractor": has_distractor,
+        "distractor_number": distractor_number,
+        "verb": verb,
+        "verb_number": number,
+    }
     return SyntheticExample("grammar", t.text, fields, t.spans)
 
 

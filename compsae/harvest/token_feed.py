@@ -53,13 +53,16 @@ class TokenFeed:
         return cls(tokens, len(tokens), len(tokens), done=True)
 
     @classmethod
-    def start(cls, cfg: HarvestConfig, tokenizer: Any, window: int | None = None, progress: bool = False) -> TokenFeed:
+    def start(
+        cls, cfg: HarvestConfig, tokenizer: Any, window: int | None = None, progress: bool = False
+    ) -> TokenFeed:
         """Start tokenizing `cfg.data` in a background thread, holding at most `window` sequences
         (None: all of them)."""
         size = cfg.n_seqs if window is None else max(1, min(window, cfg.n_seqs))
         feed = cls(np.empty((size, cfg.context), dtype=np.int32), cfg.n_seqs, 0, done=False)
-        feed._thread = threading.Thread(target=feed._fill, args=(cfg, tokenizer, progress), daemon=True,
-                                        name="compsae-tokenize")
+        feed._thread = threading.Thread(
+            target=feed._fill, args=(cfg, tokenizer, progress), daemon=True, name="compsae-tokenize"
+        )
         feed._thread.start()
         return feed
 
@@ -77,7 +80,9 @@ class TokenFeed:
         try:
             bos, eos = special_ids(tokenizer, cfg.model)
             stream = token_sequences(cfg.data, tokenizer, cfg.context, cfg.prepend_bos, bos, eos)
-            with tqdm(total=self.n_seqs, desc="tokenize", unit="seq", leave=False, disable=not progress) as bar:
+            with tqdm(
+                total=self.n_seqs, desc="tokenize", unit="seq", leave=False, disable=not progress
+            ) as bar:
                 for seq in stream:
                     self._wait_for_room(n)
                     if self._cancel.is_set():
@@ -109,8 +114,10 @@ class TokenFeed:
         with self._cond:
             if self.ready < n and not self.done:
                 if n > self.released + self.window:
-                    raise ValueError(f"sequence {n - 1} is beyond the feed's window (released {self.released}, "
-                                     f"window {self.window}); release the sequences before it first")
+                    raise ValueError(
+                        f"sequence {n - 1} is beyond the feed's window (released {self.released}, "
+                        f"window {self.window}); release the sequences before it first"
+                    )
                 t0 = time.perf_counter()
                 self._cond.wait_for(lambda: self.ready >= n or self.done)
                 self.waited_s += time.perf_counter() - t0
@@ -122,18 +129,23 @@ class TokenFeed:
         """Sequences `a .. b` `[b - a, context]`, tokenized and not released (a view of the ring
         where contiguous, else a copy: read it before releasing them)."""
         if not (self.released <= a <= b <= self.ready):
-            raise ValueError(f"sequences {a}..{b} are not held (released {self.released}, ready {self.ready})")
-        lo, n = a % self.window, b - a  # n <= window: the tokenizer never runs a window past `released`
+            raise ValueError(
+                f"sequences {a}..{b} are not held (released {self.released}, ready {self.ready})"
+            )
+        lo, n = (
+            a % self.window,
+            b - a,
+        )  # n <= window: the tokenizer never runs a window past `released`
         if lo + n <= self.window:
-            return self._slots[lo:lo + n]
-        return np.concatenate([self._slots[lo:], self._slots[:lo + n - self.window]])
+            return self._slots[lo : lo + n]
+        return np.concatenate([self._slots[lo:], self._slots[: lo + n - self.window]])
 
     def token_rows(self, r0: int, r1: int) -> np.ndarray:
         """Token ids of rows `r0 .. r1` (row = sequence * context + position), as a copy."""
         ctx = self.context
         first = r0 // ctx
         flat = self.seqs(first, -(-r1 // ctx)).reshape(-1)
-        return flat[r0 - first * ctx:r1 - first * ctx].copy()
+        return flat[r0 - first * ctx : r1 - first * ctx].copy()
 
     def release(self, a: int) -> None:
         """The reader is done with the sequences before `a`: the tokenizer may overwrite them."""
@@ -150,14 +162,19 @@ class TokenFeed:
         n = self.wait_for(self.n_seqs)
         self.check_not_empty(source)
         if n < self.n_seqs:
-            tqdm.write(f"harvest: the data ran out after {n * self.context} of {n_tokens} tokens; storing those")
+            tqdm.write(
+                f"harvest: the data ran out after {n * self.context} of {n_tokens} tokens; storing "
+                "those"
+            )
         return self._slots[:n]
 
     def check_not_empty(self, source: str) -> None:
         """Raise the one-line error when the data holds not even one sequence."""
         if self.wait_for(1) == 0:
-            raise UserError(f"data set {source!r} is empty or shorter than one sequence of {self.context} "
-                            "tokens; check data.source / data.text_field or lower harvest.context")
+            raise UserError(
+                f"data set {source!r} is empty or shorter than one sequence of {self.context} "
+                "tokens; check data.source / data.text_field or lower harvest.context"
+            )
 
     def cancel(self) -> None:
         """Stop tokenizing (the model failed to load, or the harvest ended early)."""
@@ -168,6 +185,7 @@ class TokenFeed:
 
 def window_seqs(cfg: HarvestConfig, batch_size: int, shard_rows: int) -> int:
     """Sequences a single-process harvest's feed holds: `WINDOW_TOKENS`, and never fewer than two
-    batches plus a shard (a shard being filled keeps its first sequences until it is handed over)."""
+    batches plus a shard (a shard being filled keeps its first sequences until it is handed
+    over)."""
     floor = 2 * (batch_size + -(-shard_rows // cfg.context) + 1)
     return max(floor, WINDOW_TOKENS // cfg.context)

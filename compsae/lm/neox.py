@@ -30,16 +30,28 @@ from compsae.lm.capture import resid_hook
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 _PREFIX = "gpt_neox."
-_REQUIRED = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
-             "max_position_embeddings")
+_REQUIRED = (
+    "vocab_size",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "intermediate_size",
+    "max_position_embeddings",
+)
 # per block: (name under gpt_neox.layers.N., kind); the order is transformers' parameter order
 _BLOCK_PARAMS = (
-    ("input_layernorm.weight", "ln_weight"), ("input_layernorm.bias", "bias"),
-    ("post_attention_layernorm.weight", "ln_weight"), ("post_attention_layernorm.bias", "bias"),
-    ("attention.query_key_value.weight", "qkv"), ("attention.query_key_value.bias", "bias"),
-    ("attention.dense.weight", "dense"), ("attention.dense.bias", "bias"),
-    ("mlp.dense_h_to_4h.weight", "up"), ("mlp.dense_h_to_4h.bias", "bias"),
-    ("mlp.dense_4h_to_h.weight", "down"), ("mlp.dense_4h_to_h.bias", "bias"),
+    ("input_layernorm.weight", "ln_weight"),
+    ("input_layernorm.bias", "bias"),
+    ("post_attention_layernorm.weight", "ln_weight"),
+    ("post_attention_layernorm.bias", "bias"),
+    ("attention.query_key_value.weight", "qkv"),
+    ("attention.query_key_value.bias", "bias"),
+    ("attention.dense.weight", "dense"),
+    ("attention.dense.bias", "bias"),
+    ("mlp.dense_h_to_4h.weight", "up"),
+    ("mlp.dense_h_to_4h.bias", "bias"),
+    ("mlp.dense_4h_to_h.weight", "down"),
+    ("mlp.dense_4h_to_h.bias", "bias"),
 )
 
 
@@ -74,14 +86,21 @@ class NeoxShape:
         if not config.get("attention_bias", True) or any(k not in config for k in _REQUIRED):
             return None
         d_model, n_heads = int(config["hidden_size"]), int(config["num_attention_heads"])
-        # defaults as transformers' GPTNeoXConfig has them (a config.json may leave out default values)
+        # defaults as transformers' GPTNeoXConfig has them (a config.json may leave out default
+        # values)
         fraction = float(rope.get("partial_rotary_factor", config.get("rotary_pct", 0.25)))
-        return cls(vocab_size=int(config["vocab_size"]), d_model=d_model, n_layers=int(config["num_hidden_layers"]),
-                   n_heads=n_heads, d_mlp=int(config["intermediate_size"]),
-                   n_ctx=int(config["max_position_embeddings"]), rotary_dims=int(d_model // n_heads * fraction),
-                   rotary_base=float(rope.get("rope_theta", config.get("rotary_emb_base", 10000))),
-                   ln_eps=float(config.get("layer_norm_eps", 1e-5)),
-                   parallel_residual=bool(config.get("use_parallel_residual", True)))
+        return cls(
+            vocab_size=int(config["vocab_size"]),
+            d_model=d_model,
+            n_layers=int(config["num_hidden_layers"]),
+            n_heads=n_heads,
+            d_mlp=int(config["intermediate_size"]),
+            n_ctx=int(config["max_position_embeddings"]),
+            rotary_dims=int(d_model // n_heads * fraction),
+            rotary_base=float(rope.get("rope_theta", config.get("rotary_emb_base", 10000))),
+            ln_eps=float(config.get("layer_norm_eps", 1e-5)),
+            parallel_residual=bool(config.get("use_parallel_residual", True)),
+        )
 
     @classmethod
     def from_folder(cls, folder: str | Path) -> NeoxShape | None:
@@ -95,17 +114,31 @@ class NeoxShape:
     def parameter_shapes(self) -> list[tuple[str, tuple[int, ...], str]]:
         """(name, shape, kind) of every parameter of the transformers model, in its order."""
         d, f = self.d_model, self.d_mlp
-        shapes = {"ln_weight": (d,), "qkv": (3 * d, d), "dense": (d, d), "up": (f, d), "down": (d, f)}
-        bias = {"input_layernorm": d, "post_attention_layernorm": d, "attention.query_key_value": 3 * d,
-                "attention.dense": d, "mlp.dense_h_to_4h": f, "mlp.dense_4h_to_h": d}
+        shapes = {
+            "ln_weight": (d,),
+            "qkv": (3 * d, d),
+            "dense": (d, d),
+            "up": (f, d),
+            "down": (d, f),
+        }
+        bias = {
+            "input_layernorm": d,
+            "post_attention_layernorm": d,
+            "attention.query_key_value": 3 * d,
+            "attention.dense": d,
+            "mlp.dense_h_to_4h": f,
+            "mlp.dense_4h_to_h": d,
+        }
         out = [(f"{_PREFIX}embed_in.weight", (self.vocab_size, d), "embedding")]
         for i in range(self.n_layers):
             for name, kind in _BLOCK_PARAMS:
                 shape = (bias[name.rsplit(".", 1)[0]],) if kind == "bias" else shapes[kind]
                 out.append((f"{_PREFIX}layers.{i}.{name}", shape, kind))
-        out += [(f"{_PREFIX}final_layer_norm.weight", (d,), "ln_weight"),
-                (f"{_PREFIX}final_layer_norm.bias", (d,), "bias"),
-                ("lm_head.weight", (self.vocab_size, d), "unembedding")]  # drawn last: never read here
+        out += [
+            (f"{_PREFIX}final_layer_norm.weight", (d,), "ln_weight"),
+            (f"{_PREFIX}final_layer_norm.bias", (d,), "bias"),
+            ("lm_head.weight", (self.vocab_size, d), "unembedding"),
+        ]  # drawn last: never read here
         return out
 
 
@@ -131,13 +164,17 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 class NeoxResidual:
-    """`blocks.N.hook_resid_{pre,post}` of a GPT-NeoX, computed block by block up to the deepest hook.
+    """`blocks.N.hook_resid_{pre,post}` of a GPT-NeoX, computed block by block up to the deepest
+    hook.
 
-    `weights` are the transformers model's parameters by name (`gpt_neox.layers.0.attention.dense.weight`,
-    ...); only the embedding and the blocks are kept (the final norm and unembedding are never
-    needed for a residual hook)."""
+        `weights` are the transformers model's parameters by name
+        (`gpt_neox.layers.0.attention.dense.weight`,
+        ...); only the embedding and the blocks are kept (the final norm and unembedding are never
+        needed for a residual hook)."""
 
-    def __init__(self, shape: NeoxShape, weights: dict[str, torch.Tensor], device: torch.device) -> None:
+    def __init__(
+        self, shape: NeoxShape, weights: dict[str, torch.Tensor], device: torch.device
+    ) -> None:
         self.shape, self.device = shape, device
 
         def take(name: str) -> torch.Tensor:
@@ -146,29 +183,42 @@ class NeoxResidual:
             return weights[name].to(device=device, dtype=torch.float32)
 
         self.embed = take(f"{_PREFIX}embed_in.weight")  # [vocab, d_model]
-        self.blocks = [{name: take(f"{_PREFIX}layers.{i}.{name}") for name, _ in _BLOCK_PARAMS}
-                       for i in range(shape.n_layers)]
+        self.blocks = [
+            {name: take(f"{_PREFIX}layers.{i}.{name}") for name, _ in _BLOCK_PARAMS}
+            for i in range(shape.n_layers)
+        ]
         dim = shape.rotary_dims
-        self.inv_freq = (1.0 / (shape.rotary_base ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))).to(device)
+        self.inv_freq = (
+            1.0 / (shape.rotary_base ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))
+        ).to(device)
         self._positions: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
     @classmethod
-    def from_folder(cls, folder: str | Path, shape: NeoxShape, device: torch.device) -> NeoxResidual | None:
-        """The residual stream of the GPT-NeoX in `folder` (`NeoxShape.from_folder` gave `shape`), or
-        None when its safetensors file names the weights otherwise."""
+    def from_folder(
+        cls, folder: str | Path, shape: NeoxShape, device: torch.device
+    ) -> NeoxResidual | None:
+        """The residual stream of the GPT-NeoX in `folder` (`NeoxShape.from_folder` gave `shape`),
+        or None when its safetensors file names the weights otherwise."""
         from safetensors import safe_open
 
-        # the embedding and the blocks: a residual hook needs neither the final norm nor the unembedding
-        wanted = {name: size for name, size, _ in shape.parameter_shapes()
-                  if name.startswith((f"{_PREFIX}embed_in.", f"{_PREFIX}layers."))}
+        # the embedding and the blocks: a residual hook needs neither the final norm nor the
+        # unembedding
+        wanted = {
+            name: size
+            for name, size, _ in shape.parameter_shapes()
+            if name.startswith((f"{_PREFIX}embed_in.", f"{_PREFIX}layers."))
+        }
         with safe_open(str(Path(folder) / WEIGHTS_FILE), framework="pt") as f:
             if not set(wanted) <= set(f.keys()):
                 return None  # another naming (an old checkpoint layout): transformers knows it
             for name, size in wanted.items():
                 found = tuple(f.get_slice(name).get_shape())
                 if found != size:
-                    raise UserError(f"{name} in {folder} is {list(found)} but its config.json asks for {list(size)}; "
-                                    "the weights and config.json are of different models")
+                    raise UserError(
+                        f"{name} in {folder} is {list(found)} but its config.json asks for "
+                        f"{list(size)}; "
+                        "the weights and config.json are of different models"
+                    )
             weights = {n: f.get_tensor(n) for n in wanted}
         return cls(shape, weights, device)
 
@@ -185,7 +235,9 @@ class NeoxResidual:
             emb = torch.cat((freqs, freqs), dim=-1)
             cos, sin = emb.cos()[:, None], emb.sin()[:, None]
             above = torch.ones(n_pos, n_pos, dtype=torch.bool, device=self.device).triu(1)
-            mask = torch.zeros(n_pos, n_pos, device=self.device).masked_fill(above, torch.finfo(torch.float32).min)
+            mask = torch.zeros(n_pos, n_pos, device=self.device).masked_fill(
+                above, torch.finfo(torch.float32).min
+            )
             self._positions[n_pos] = (cos, sin, mask[None, None])
         return self._positions[n_pos]
 
@@ -193,17 +245,25 @@ class NeoxResidual:
         """Causal self-attention of `h: [batch, pos, d_model]` (already normalised)."""
         s = self.shape
         batch = h.shape[0]
-        qkv = F.linear(h, w["attention.query_key_value.weight"], w["attention.query_key_value.bias"])
-        qkv = qkv.view(batch, n_pos, s.n_heads, 3 * s.d_head).transpose(1, 2)  # [batch, heads, pos, 3 d_head]
+        qkv = F.linear(
+            h, w["attention.query_key_value.weight"], w["attention.query_key_value.bias"]
+        )
+        qkv = qkv.view(batch, n_pos, s.n_heads, 3 * s.d_head).transpose(
+            1, 2
+        )  # [batch, heads, pos, 3 d_head]
         q, k, v = qkv.chunk(3, dim=-1)
         cos, sin, mask = self._position_terms(n_pos)
         r = s.rotary_dims
         q = torch.cat([q[..., :r] * cos + _rotate_half(q[..., :r]) * sin, q[..., r:]], dim=-1)
         k = torch.cat([k[..., :r] * cos + _rotate_half(k[..., :r]) * sin, k[..., r:]], dim=-1)
-        scores = torch.matmul(q, k.transpose(2, 3)) * (s.d_head ** -0.5) + mask  # [batch, heads, pos, pos]
+        scores = (
+            torch.matmul(q, k.transpose(2, 3)) * (s.d_head**-0.5) + mask
+        )  # [batch, heads, pos, pos]
         pattern = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
         z = torch.matmul(pattern, v).transpose(1, 2).contiguous()  # [batch, pos, heads, d_head]
-        return F.linear(z.view(batch, n_pos, -1), w["attention.dense.weight"], w["attention.dense.bias"])
+        return F.linear(
+            z.view(batch, n_pos, -1), w["attention.dense.weight"], w["attention.dense.bias"]
+        )
 
     def _mlp(self, w: dict[str, torch.Tensor], h: torch.Tensor) -> torch.Tensor:
         h = F.gelu(F.linear(h, w["mlp.dense_h_to_4h.weight"], w["mlp.dense_h_to_4h.bias"]))
@@ -211,18 +271,39 @@ class NeoxResidual:
 
     def _block(self, w: dict[str, torch.Tensor], x: torch.Tensor, n_pos: int) -> torch.Tensor:
         eps, d = self.shape.ln_eps, (self.shape.d_model,)
-        attn = self._attention(w, F.layer_norm(x, d, w["input_layernorm.weight"], w["input_layernorm.bias"], eps), n_pos)
+        attn = self._attention(
+            w,
+            F.layer_norm(x, d, w["input_layernorm.weight"], w["input_layernorm.bias"], eps),
+            n_pos,
+        )
         if self.shape.parallel_residual:
-            mlp = self._mlp(w, F.layer_norm(x, d, w["post_attention_layernorm.weight"],
-                                            w["post_attention_layernorm.bias"], eps))
+            mlp = self._mlp(
+                w,
+                F.layer_norm(
+                    x,
+                    d,
+                    w["post_attention_layernorm.weight"],
+                    w["post_attention_layernorm.bias"],
+                    eps,
+                ),
+            )
             return mlp + attn + x
         attn = attn + x
-        mlp = self._mlp(w, F.layer_norm(attn, d, w["post_attention_layernorm.weight"],
-                                        w["post_attention_layernorm.bias"], eps))
+        mlp = self._mlp(
+            w,
+            F.layer_norm(
+                attn,
+                d,
+                w["post_attention_layernorm.weight"],
+                w["post_attention_layernorm.bias"],
+                eps,
+            ),
+        )
         return mlp + attn
 
     def run(self, tokens: torch.Tensor, hooks: list[str]) -> dict[str, torch.Tensor]:
-        """`{hook: [batch, pos, d_model]}` for `tokens: [batch, pos]`; blocks after the deepest hook never run."""
+        """`{hook: [batch, pos, d_model]}` for `tokens: [batch, pos]`; blocks after the deepest hook
+        never run."""
         wanted = {h: resid_hook(h) for h in hooks}
         last = max(layer + (kind == "post") for layer, kind in wanted.values())  # type: ignore[misc]
         n_pos = tokens.shape[1]
@@ -240,4 +321,3 @@ class NeoxResidual:
             if h not in out and layer == last and kind == "pre":
                 out[h] = x
         return {h: out[h] for h in hooks}
-

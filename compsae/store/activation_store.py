@@ -1,10 +1,10 @@
 """`ActivationStore`: one Zarr v3 group of per-token activations, written shard by shard.
 
 Layout (see docs/architecture.md):
-    acts/<hook>            [n_rows, d_model]  chunked along tokens, sharded, raw little-endian + crc32c
-    tokens, seq_id, pos    [n_rows]           the token behind every row, its sequence and position
-    progress/shard_done    [n_shards]         1 once a shard is completely written (resume point)
-    progress/shard_crc     [n_shards]         crc32c of everything written for that shard
+    acts/<hook>            [n_rows, d_model]  chunked along tokens, sharded, raw little-endian +
+    crc32c tokens, seq_id, pos    [n_rows]           the token behind every row, its sequence and
+    position progress/shard_done    [n_shards]         1 once a shard is completely written (resume
+    point) progress/shard_crc     [n_shards]         crc32c of everything written for that shard
     progress/stats/<hook>  [n_shards, 2d+2]   per-shard count, mean, M2 and norm sum (float64)
 The manifest lives in the group attributes.  Rows are in harvest order; the loader shuffles.
 
@@ -52,7 +52,9 @@ from compsae.store.moments import shard_moments, stats_from_shards  # noqa: F401
 from compsae.store.reader import ShardReader
 from compsae.store.writer import ShardWriter, lay_out, wipe
 
-_SHARDS_PER_READ = 16  # side-column shards read at once: 2 MB of sequence ids at 16,384 rows a shard
+_SHARDS_PER_READ = (
+    16  # side-column shards read at once: 2 MB of sequence ids at 16,384 rows a shard
+)
 
 
 def _raise_unless_corrupt(error: Exception) -> None:
@@ -78,20 +80,30 @@ def store_exists(url: str) -> bool:
 
 def manifest_digest(manifest: dict[str, Any]) -> str:
     """Stable short digest of a manifest (what downstream stage hashes depend on)."""
-    return durable.json_digest({k: v for k, v in manifest.items()
-                                if k not in ("stats", "shard_checksums", "created_at", "store_id", integrity.INTEGRITY)})
+    return durable.json_digest(
+        {
+            k: v
+            for k, v in manifest.items()
+            if k not in ("stats", "shard_checksums", "created_at", "store_id", integrity.INTEGRITY)
+        }
+    )
 
 
 def refuse_foreign_folder(url: str) -> None:
     """Refuse to write a store into a folder that holds anything but a compsae store (or the
-    leftovers of one killed while being created): `--force` replaces a store, never a user's files."""
+    leftovers of one killed while being created): `--force` replaces a store, never a user's
+    files."""
     fs, path = fsspec.core.url_to_fs(url)
     path = path.rstrip("/")
     if not fs.exists(path):
         return
     if not fs.isdir(path):
-        raise UserError(f"{url} is a file, not a folder; point harvest.store at a new or empty folder")
-    names = {entry.rstrip("/").rsplit("/", 1)[-1] for entry in fs.ls(path, detail=False)} - {LOCK_NAME}
+        raise UserError(
+            f"{url} is a file, not a folder; point harvest.store at a new or empty folder"
+        )
+    names = {entry.rstrip("/").rsplit("/", 1)[-1] for entry in fs.ls(path, detail=False)} - {
+        LOCK_NAME
+    }
     if not names:
         return
     if "zarr.json" in names:
@@ -106,15 +118,21 @@ def refuse_foreign_folder(url: str) -> None:
             if not attrs and names == {"zarr.json"}:
                 return  # a store killed between creating its group and writing its manifest
     shown = ", ".join(sorted(names)[:3]) + (", ..." if len(names) > 3 else "")
-    raise UserError(f"{url} is not empty ({shown}) and holds no compsae store; compsae never overwrites "
-                    "other files, even with --force: point harvest.store at a new or empty folder")
+    raise UserError(
+        f"{url} is not empty ({shown}) and holds no compsae store; compsae never overwrites "
+        "other files, even with --force: point harvest.store at a new or empty folder"
+    )
 
 
 def writer_lock(url: str, what: str = "harvest") -> Any:
     """Exclusive writer lock on the store at `url` (which need not exist yet): a second writer is
     refused with a clear error (see `durable.exclusive_lock`)."""
     return durable.exclusive_lock(
-        url, LOCK_NAME, f"another {what} is writing to {url} right now; wait for it to finish or choose another store")
+        url,
+        LOCK_NAME,
+        f"another {what} is writing to {url} right now; wait for it to finish or choose another "
+        "store",
+    )
 
 
 class ActivationStore:
@@ -130,20 +148,29 @@ class ActivationStore:
         self._tables: dict[str, np.ndarray] = {}
         manifest = group.attrs.get("manifest", {})
         if not isinstance(manifest, dict) or manifest.get("format") not in READABLE_FORMATS:
-            raise UserError(f"{url} is not a compsae store (no compsae manifest); harvest into it first")
+            raise UserError(
+                f"{url} is not a compsae store (no compsae manifest); harvest into it first"
+            )
         self.manifest: dict[str, Any] = dict(manifest)
         try:
             self.layout = StoreLayout(**self.manifest["layout"])
             for hook, d in self.manifest["hooks"].items():
                 if not (isinstance(hook, str) and isinstance(d, int) and d > 0):
                     raise ValueError(f"hook {hook!r}: width {d!r}")
-            if not (isinstance(self.manifest["n_rows"], int) and isinstance(self.manifest["n_shards"], int)):
+            if not (
+                isinstance(self.manifest["n_rows"], int)
+                and isinstance(self.manifest["n_shards"], int)
+            ):
                 raise ValueError("n_rows / n_shards are not integers")
-            if self.manifest["format"] != LEGACY_FORMAT and not isinstance(self.manifest.get("store_id"), str):
+            if self.manifest["format"] != LEGACY_FORMAT and not isinstance(
+                self.manifest.get("store_id"), str
+            ):
                 raise ValueError("no store_id")
         except (KeyError, TypeError, ValueError, AttributeError) as e:
-            raise StoreCorruptError(f"store {url}: its manifest (zarr.json) is incomplete or invalid "
-                                    f"({str(e).splitlines()[0][:80]}); restore it or re-harvest") from None
+            raise StoreCorruptError(
+                f"store {url}: its manifest (zarr.json) is incomplete or invalid "
+                f"({str(e).splitlines()[0][:80]}); restore it or re-harvest"
+            ) from None
         if self.legacy:
             self._refuse_downgrade()
         self._reader = ShardReader(self.url, self.fs, self.path, self.is_local, self.layout)
@@ -154,12 +181,18 @@ class ActivationStore:
         digests, bound-checksum tables) had its format edited: reading it as format 1 would switch
         off every check format 2 added, so it is refused."""
         found = [key for key in ("store_id", integrity.INTEGRITY) if key in self.manifest]
-        found += [name for name in (SIDE_TABLE, *(chunk_table(h) for h in self.manifest["hooks"]))
-                  if self.fs.exists(f"{self.path}/{name}/zarr.json")]
+        found += [
+            name
+            for name in (SIDE_TABLE, *(chunk_table(h) for h in self.manifest["hooks"]))
+            if self.fs.exists(f"{self.path}/{name}/zarr.json")
+        ]
         if found:
             raise StoreCorruptError(
-                f"store {self.url}: its manifest says {LEGACY_FORMAT} but the store has what only {FORMAT} writes "
-                f"({', '.join(found[:3])}); the format was edited: restore it to {FORMAT} or re-harvest")
+                f"store {self.url}: its manifest says {LEGACY_FORMAT} but the store has what only "
+                f"{FORMAT} writes "
+                f"({', '.join(found[:3])}); the format was edited: restore it to {FORMAT} or "
+                "re-harvest"
+            )
 
     # -- creation -------------------------------------------------------------------------------
 
@@ -209,8 +242,10 @@ class ActivationStore:
         try:
             group = zarr.open_group(_zarr_store(url, read_only=read_only), mode=mode, zarr_format=3)
         except (ValueError, TypeError, KeyError, OSError) as e:
-            raise StoreCorruptError(f"store {url}: zarr.json cannot be read ({e.__class__.__name__}: "
-                                    f"{str(e).splitlines()[0][:80] if str(e) else ''}); restore it or re-harvest") from None
+            raise StoreCorruptError(
+                f"store {url}: zarr.json cannot be read ({e.__class__.__name__}: "
+                f"{str(e).splitlines()[0][:80] if str(e) else ''}); restore it or re-harvest"
+            ) from None
         store = cls(url, group, read_only=read_only)
         if read_only and store.complete and not store.legacy:
             problems = integrity.metadata_problems(store)
@@ -237,8 +272,12 @@ class ActivationStore:
             except UserError:
                 existing = None
             if existing is not None and existing.manifest.get("laid_out") is False:
-                return cls.create(url, hooks, n_rows, layout, manifest, overwrite=True)  # killed mid-layout
-            if existing is not None and existing.manifest.get("config_hash") == manifest.get("config_hash"):
+                return cls.create(
+                    url, hooks, n_rows, layout, manifest, overwrite=True
+                )  # killed mid-layout
+            if existing is not None and existing.manifest.get("config_hash") == manifest.get(
+                "config_hash"
+            ):
                 if force:
                     return cls.create(url, hooks, n_rows, layout, manifest, overwrite=True)
                 return existing
@@ -246,12 +285,14 @@ class ActivationStore:
                 had = existing.manifest.get("config_hash") if existing else "not a compsae store"
                 raise UserError(
                     f"the store at {url} was made with a different config ({had} != "
-                    f"{manifest.get('config_hash')}); pass --force to overwrite it or choose another store"
+                    f"{manifest.get('config_hash')}); pass --force to overwrite it or choose "
+                    "another store"
                 )
             return cls.create(url, hooks, n_rows, layout, manifest, overwrite=True)
         return cls.create(url, hooks, n_rows, layout, manifest)
 
-    # -- properties ---------------------------------------------------------------------------------
+    # -- properties
+    # ---------------------------------------------------------------------------------
 
     @property
     def hooks(self) -> list[str]:
@@ -295,7 +336,9 @@ class ActivationStore:
 
     def _check_hook(self, hook: str) -> str:
         if hook not in self.manifest["hooks"]:
-            raise UserError(f"the store at {self.url} has no hook {hook!r}; it holds {', '.join(self.hooks)}")
+            raise UserError(
+                f"the store at {self.url} has no hook {hook!r}; it holds {', '.join(self.hooks)}"
+            )
         return hook
 
     def zarr_array(self, hook: str) -> zarr.Array:
@@ -338,7 +381,9 @@ class ActivationStore:
         last, so a shard interrupted half-way is simply written again."""
         self._writer.write_shard(shard, acts, tokens, seq_id, pos, moments, checked)
 
-    def finalize(self, n_rows: int | None = None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    def finalize(
+        self, n_rows: int | None = None, extra: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
         """Mark the store complete: shrink it to `n_rows` when the data ran out early, merge the
         per-shard statistics and write the final manifest.  Returns the manifest."""
         if n_rows is not None and n_rows != self.n_rows:
@@ -352,7 +397,9 @@ class ActivationStore:
         for hook in self.hooks:
             stats[hook] = self._merged_stats(hook)
         self.manifest["stats"] = stats
-        self.manifest["shard_checksums"] = [int(c) for c in self._read_array("progress/shard_crc", self.n_shards)]
+        self.manifest["shard_checksums"] = [
+            int(c) for c in self._read_array("progress/shard_crc", self.n_shards)
+        ]
         self.manifest.update(extra or {})
         self.manifest["complete"] = True
         self.manifest.pop(integrity.INTEGRITY, None)
@@ -370,8 +417,10 @@ class ActivationStore:
             raise ValueError(f"cannot shrink a store of {self.n_rows} rows to {n_rows}")
         cut = sorted(s for s in self.done_shards() if self.shard_range(s)[1] > n_rows)
         if cut:
-            raise UserError(f"store {self.url}: the data now ends at row {n_rows:,}, inside shards {cut[:5]} "
-                            "written by an earlier run (the data changed since); rerun with --force")
+            raise UserError(
+                f"store {self.url}: the data now ends at row {n_rows:,}, inside shards {cut[:5]} "
+                "written by an earlier run (the data changed since); rerun with --force"
+            )
         for hook in self.hooks:
             arr = self.group[f"acts/{hook}"]
             arr.resize((n_rows, arr.shape[1]))
@@ -379,7 +428,9 @@ class ActivationStore:
             self.group[name].resize((n_rows,))
         n_shards = max(1, -(-n_rows // self.shard_rows))
         # the per-shard arrays too: a shrunk store is the one laid out for its rows from the start
-        per_shard = ["progress/shard_done", "progress/shard_crc"] + [f"progress/stats/{h}" for h in self.hooks]
+        per_shard = ["progress/shard_done", "progress/shard_crc"] + [
+            f"progress/stats/{h}" for h in self.hooks
+        ]
         if not self.legacy:
             per_shard += [SIDE_TABLE] + [chunk_table(h) for h in self.hooks]
         for name in per_shard:
@@ -394,7 +445,9 @@ class ActivationStore:
         self.group.attrs["manifest"] = self.manifest
 
     def _merged_stats(self, hook: str) -> dict[str, Any]:
-        return stats_from_shards(self._read_array(f"progress/stats/{hook}", self.n_shards), self.d_model(hook))
+        return stats_from_shards(
+            self._read_array(f"progress/stats/{hook}", self.n_shards), self.d_model(hook)
+        )
 
     # -- reading --------------------------------------------------------------------------------
 
@@ -402,8 +455,12 @@ class ActivationStore:
         """Float64 statistics of a hook: count, mean [d], var [d] (population), mean_norm."""
         self._check_hook(hook)
         s = self.manifest.get("stats", {}).get(hook) or self._merged_stats(hook)
-        return {"count": s["count"], "mean": np.asarray(s["mean"]), "var": np.asarray(s["var"]),
-                "mean_norm": s["mean_norm"]}
+        return {
+            "count": s["count"],
+            "mean": np.asarray(s["mean"]),
+            "var": np.asarray(s["var"]),
+            "mean_norm": s["mean_norm"],
+        }
 
     def _read_array(self, name: str, stop: int | None = None, start: int = 0) -> np.ndarray:
         """Rows [start, stop) of a small array (its chunk files read directly when local, else
@@ -411,15 +468,19 @@ class ActivationStore:
         try:
             arr = self._writer.array(name)
             if self.is_local:
-                rows = read_row_chunks(arr, f"{self.path}/{name}", arr.shape[0] if stop is None else stop, start)
+                rows = read_row_chunks(
+                    arr, f"{self.path}/{name}", arr.shape[0] if stop is None else stop, start
+                )
                 if rows is not None:
                     return rows
             return arr[start:stop]
         except Exception as e:  # noqa: BLE001 - a decompressor or codec error on corrupt bytes, whatever its type
             _raise_unless_corrupt(e)
-            raise StoreCorruptError(f"store {self.url}, {name}: cannot be read ({e.__class__.__name__}: "
-                                    f"{str(e).splitlines()[0][:80] if str(e) else 'corrupt bytes'}); "
-                                    "run `compsae verify` and re-harvest") from None
+            raise StoreCorruptError(
+                f"store {self.url}, {name}: cannot be read ({e.__class__.__name__}: "
+                f"{str(e).splitlines()[0][:80] if str(e) else 'corrupt bytes'}); "
+                "run `compsae verify` and re-harvest"
+            ) from None
 
     def _table(self, name: str) -> np.ndarray:
         """A bound-checksum table (read once)."""
@@ -431,7 +492,7 @@ class ActivationStore:
         if name not in self._columns:
             values = np.empty(self.n_rows, dtype=dict(SIDE_ARRAYS)[name])
             for lo, part in self.column_parts(name):
-                values[lo:lo + len(part)] = part
+                values[lo : lo + len(part)] = part
             self._columns[name] = values
         return self._columns[name]
 
@@ -446,7 +507,7 @@ class ActivationStore:
             values = self._side_rows(name, lo, hi)
             for shard in range(first, last):
                 s_lo, s_hi = self.shard_range(shard)
-                yield s_lo, self._checked_part(name, shard, values[s_lo - lo:s_hi - lo])
+                yield s_lo, self._checked_part(name, shard, values[s_lo - lo : s_hi - lo])
 
     def column_part(self, name: str, shard: int) -> np.ndarray:
         """The rows of side column `name` in `shard`, checked against their bound checksum."""
@@ -454,16 +515,23 @@ class ActivationStore:
         return self._checked_part(name, shard, self._side_rows(name, lo, hi))
 
     def _side_rows(self, name: str, lo: int, hi: int) -> np.ndarray:
-        """Rows `lo .. hi` of side column `name`: from the loaded column if there is one, else read."""
-        return self._columns[name][lo:hi] if name in self._columns else self._read_side(name, lo, hi)
+        """Rows `lo .. hi` of side column `name`: from the loaded column if there is one, else
+        read."""
+        return (
+            self._columns[name][lo:hi] if name in self._columns else self._read_side(name, lo, hi)
+        )
 
     def _read_side(self, name: str, lo: int, hi: int) -> np.ndarray:
         if name not in dict(SIDE_ARRAYS):
-            raise ValueError(f"{name!r} is not a side column ({', '.join(n for n, _ in SIDE_ARRAYS)})")
+            raise ValueError(
+                f"{name!r} is not a side column ({', '.join(n for n, _ in SIDE_ARRAYS)})"
+            )
         values = self._read_array(name, hi, lo)
         if len(values) != hi - lo:
-            raise StoreCorruptError(f"store {self.url}, {name}: rows {lo}..{hi} hold {len(values)} values; run "
-                                    "`compsae verify` and re-harvest")
+            raise StoreCorruptError(
+                f"store {self.url}, {name}: rows {lo}..{hi} hold {len(values)} values; run "
+                "`compsae verify` and re-harvest"
+            )
         return values
 
     def _checked_part(self, name: str, shard: int, values: np.ndarray) -> np.ndarray:
@@ -514,7 +582,8 @@ class ActivationStore:
 
     def read_chunk_raw(self, hook: str, chunk: int) -> np.ndarray:
         """One chunk in the storage dtype (a read-only view into the mapped shard when possible),
-        checked against its checksum bound to (store, hook, chunk index) (format 2), else its own crc32c."""
+        checked against its checksum bound to (store, hook, chunk index) (format 2), else its own
+        crc32c."""
         return self._checked_chunk(hook, chunk)[0]
 
     def _checked_chunk(self, hook: str, chunk: int) -> tuple[np.ndarray, int | None]:
@@ -529,17 +598,23 @@ class ActivationStore:
         if self.layout.compressor != "none":
             data = self._read_acts_zarr(hook, start, stop)
         else:
-            data = self._reader.chunk(hook, chunk, self.d_model(hook), stop - start, own_crc=self.legacy)
+            data = self._reader.chunk(
+                hook, chunk, self.d_model(hook), stop - start, own_crc=self.legacy
+            )
         if self.legacy:
             if data is None:
-                data = np.zeros((stop - start, self.d_model(hook)), dtype=storage_dtype(self.layout.dtype))
+                data = np.zeros(
+                    (stop - start, self.d_model(hook)), dtype=storage_dtype(self.layout.dtype)
+                )
             return data, None
         expect = int(self._table(chunk_table(hook))[shard, inner])
         crc = crc32c.crc32c(np.ascontiguousarray(data)) if data is not None else None
         if crc is None or bind_crc(crc, data.nbytes, self.store_id, hook, chunk) != expect:
             raise StoreCorruptError(
-                f"store {self.url}, hook {hook}, shard {shard}: chunk {chunk} fails its checksum (corrupt, "
-                "moved or from another store); run `compsae verify` and re-harvest")
+                f"store {self.url}, hook {hook}, shard {shard}: chunk {chunk} fails its checksum "
+                "(corrupt, "
+                "moved or from another store); run `compsae verify` and re-harvest"
+            )
         return data, crc
 
     def _read_acts_zarr(self, hook: str, start: int, stop: int) -> np.ndarray:
@@ -548,8 +623,10 @@ class ActivationStore:
         except Exception as e:  # noqa: BLE001 - a decompressor or codec error on corrupt bytes, whatever its type
             _raise_unless_corrupt(e)
             shard = start // self.shard_rows
-            raise StoreCorruptError(f"store {self.url}, hook {hook}, shard {shard}: cannot be read "
-                                    f"({e.__class__.__name__}); run `compsae verify` and re-harvest") from None
+            raise StoreCorruptError(
+                f"store {self.url}, hook {hook}, shard {shard}: cannot be read "
+                f"({e.__class__.__name__}); run `compsae verify` and re-harvest"
+            ) from None
 
     def verify(self, deep: bool = False) -> list[str]:
         """Check every chunk checksum, every shard digest and (format 2) the side arrays and the
@@ -594,7 +671,9 @@ class ActivationStore:
                         continue  # reported above
                 digest = crc32c.crc32c(np.ascontiguousarray(col[start:stop], dtype=dt), digest)
             if not unreadable and digest != int(recorded[shard]):
-                problems.append(f"store {self.url}, shard {shard}: content does not match its recorded checksum")
+                problems.append(
+                    f"store {self.url}, shard {shard}: content does not match its recorded checksum"
+                )
         if deep and not problems:
             problems += integrity.deep_stats_problems(self)
         return list(dict.fromkeys(problems))  # a problem found twice is said once
@@ -643,7 +722,9 @@ class SideColumn:
             return self._part(row // per)[row % per]
         else:
             if np.asarray(key).dtype == bool:
-                raise TypeError("a side column is indexed by row numbers, not by a mask (use np.flatnonzero)")
+                raise TypeError(
+                    "a side column is indexed by row numbers, not by a mask (use np.flatnonzero)"
+                )
             rows = np.asarray(key, dtype=np.int64)
             if rows.size and (rows.min() < 0 or rows.max() >= n):
                 raise IndexError(f"rows outside a store of {n} rows")

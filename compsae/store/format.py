@@ -30,7 +30,11 @@ READABLE_FORMATS = (LEGACY_FORMAT, FORMAT)
 FLOAT16_MAX = 65504.0
 EMPTY = np.uint64(2**64 - 1)  # sharding index entry of a chunk never written
 LOCK_NAME = ".compsae.lock"
-SIDE_ARRAYS = (("tokens", "<i4"), ("seq_id", "<i8"), ("pos", "<i4"))  # (name, dtype): one value per row
+SIDE_ARRAYS = (
+    ("tokens", "<i4"),
+    ("seq_id", "<i8"),
+    ("pos", "<i4"),
+)  # (name, dtype): one value per row
 
 
 def bound_crc(data: Any, store_id: str, name: str, index: int) -> int:
@@ -75,7 +79,9 @@ def storage_dtype(dtype: str) -> np.dtype:
 def check_peak(peak: float, dtype: str, hook: str) -> None:
     """Refuse activations whose largest magnitude `peak` is NaN/inf, or beyond float16's range."""
     if not math.isfinite(peak):
-        raise UserError(f"activations of {hook} contain NaN or inf; the model itself is unstable here")
+        raise UserError(
+            f"activations of {hook} contain NaN or inf; the model itself is unstable here"
+        )
     if dtype == "float16" and peak > FLOAT16_MAX:
         raise UserError(
             f"activations of {hook} reach {peak:.4g}, beyond float16's range (65504); "
@@ -87,21 +93,27 @@ def to_storage(x: np.ndarray, dtype: str, hook: str) -> np.ndarray:
     """Convert float activations `x: [rows, d]` to the storage dtype, refusing float16 overflow.
 
     `x` already in the storage dtype (float16, bfloat16 bits as uint16, float32; e.g. cast on the
-    GPU by the harvest) is only checked for NaN/inf, which in float16 also catches an overflowed cast."""
+    GPU by the harvest) is only checked for NaN/inf, which in float16 also catches an overflowed
+    cast."""
     x = np.asarray(x)
     stored = storage_dtype(dtype)
     if x.dtype == stored and dtype != "float32":
         # exponent bits all ones = inf or NaN; max over (bits & ~sign) checks that in one pass
         magnitude = int(np.bitwise_and(x.view(np.uint16), np.uint16(0x7FFF)).max(initial=0))
         if dtype == "float16" and magnitude >= 0x7C00:
-            raise UserError(f"activations of {hook} are inf or NaN in float16 (beyond its range of 65504, or the "
-                            "model is unstable); set harvest.dtype=bfloat16 or float32")
+            raise UserError(
+                f"activations of {hook} are inf or NaN in float16 (beyond its range of 65504, or "
+                "the "
+                "model is unstable); set harvest.dtype=bfloat16 or float32"
+            )
         check_peak(0.0 if magnitude < 0x7F80 else math.nan, dtype, hook)
         return x
     x = np.asarray(x, dtype=np.float32)
     if x.size:  # max and min, not abs().max(): no temporary array; NaN propagates through both
         hi, lo = float(x.max()), float(x.min())
-        check_peak(max(hi, -lo) if math.isfinite(hi) and math.isfinite(lo) else math.nan, dtype, hook)
+        check_peak(
+            max(hi, -lo) if math.isfinite(hi) and math.isfinite(lo) else math.nan, dtype, hook
+        )
     if dtype == "float16":
         return x.astype(np.float16)
     if dtype == "bfloat16":
@@ -123,7 +135,9 @@ def from_storage(raw: np.ndarray, dtype: str) -> np.ndarray:
 # shard files
 
 
-def encode_shard(stored: np.ndarray, layout: StoreLayout, chunk_crcs: list[int] | None = None) -> list[Any]:
+def encode_shard(
+    stored: np.ndarray, layout: StoreLayout, chunk_crcs: list[int] | None = None
+) -> list[Any]:
     """The buffers of one uncompressed shard file holding `stored: [rows, d]` (storage dtype).
 
     A last chunk shorter than `chunk_rows` is padded with the fill value (0); chunks wholly past
@@ -137,10 +151,12 @@ def encode_shard(stored: np.ndarray, layout: StoreLayout, chunk_crcs: list[int] 
         lo = inner * chunk_rows
         if lo >= len(stored):
             break
-        chunk = stored[lo:lo + chunk_rows]
+        chunk = stored[lo : lo + chunk_rows]
         crc = chunk_crcs[inner] if chunk_crcs is not None else None
         if len(chunk) < chunk_rows:
-            chunk = np.concatenate([chunk, np.zeros((chunk_rows - len(chunk), chunk.shape[1]), chunk.dtype)])
+            chunk = np.concatenate(
+                [chunk, np.zeros((chunk_rows - len(chunk), chunk.shape[1]), chunk.dtype)]
+            )
             crc = None  # the padding is part of the chunk's bytes
         pieces.append(memoryview(chunk).cast("B"))
         nbytes = chunk.nbytes
@@ -153,8 +169,9 @@ def encode_shard(stored: np.ndarray, layout: StoreLayout, chunk_crcs: list[int] 
     return [*pieces, index_bytes, crc32c.crc32c(index_bytes).to_bytes(4, "little")]
 
 
-def decode_chunk(buf: Any, inner: int, layout: StoreLayout, d: int, where: str, chunk: int,
-                 own_crc: bool = True) -> memoryview | None:
+def decode_chunk(
+    buf: Any, inner: int, layout: StoreLayout, d: int, where: str, chunk: int, own_crc: bool = True
+) -> memoryview | None:
     """The data bytes of chunk `inner` (`chunk_rows * d` values, padding included) of a shard file
     `buf`, its own crc32c checked; None when the chunk was never written.  `where` names the store,
     hook and shard in the error, `chunk` is the chunk's index in the whole array.  `own_crc=False`
@@ -165,7 +182,9 @@ def decode_chunk(buf: Any, inner: int, layout: StoreLayout, d: int, where: str, 
         raise StoreCorruptError(f"{where}: shard file is truncated ({len(buf)} bytes)")
     index_raw = buf[len(buf) - index_bytes - 4 : len(buf) - 4]
     if crc32c.crc32c(index_raw) != int.from_bytes(buf[len(buf) - 4 :], "little"):
-        raise StoreCorruptError(f"{where}: shard index checksum mismatch; run `compsae verify` and re-harvest")
+        raise StoreCorruptError(
+            f"{where}: shard index checksum mismatch; run `compsae verify` and re-harvest"
+        )
     offset, nbytes = np.frombuffer(index_raw, dtype="<u8").reshape(n_inner, 2)[inner]
     if offset == EMPTY:
         return None
@@ -178,7 +197,9 @@ def decode_chunk(buf: Any, inner: int, layout: StoreLayout, d: int, where: str, 
         stored_crc = int.from_bytes(buf[offset + payload : offset + payload + 4], "little")
         if crc32c.crc32c(data) != stored_crc:
             raise StoreCorruptError(
-                f"{where}: chunk {chunk} fails its checksum (corrupt bytes); run `compsae verify` and re-harvest")
+                f"{where}: chunk {chunk} fails its checksum (corrupt bytes); run `compsae verify` "
+                "and re-harvest"
+            )
     return data
 
 
@@ -186,8 +207,11 @@ def _plain_codec(arr: zarr.Array) -> Zstd | None | bool:
     """`arr`'s chunk codecs as compsae writes them itself: False when they are not little-endian
     bytes optionally followed by zstd, else the zstd codec (None: plain bytes)."""
     codecs = arr.metadata.codecs
-    if not codecs or not isinstance(codecs[0], BytesCodec) or getattr(codecs[0].endian, "value", None) not in (
-            None, "little"):
+    if (
+        not codecs
+        or not isinstance(codecs[0], BytesCodec)
+        or getattr(codecs[0].endian, "value", None) not in (None, "little")
+    ):
         return False
     if len(codecs) == 1:
         return None
@@ -224,7 +248,8 @@ def read_row_chunks(arr: zarr.Array, folder: str, stop: int, start: int = 0) -> 
                 raw = f.read()
         except FileNotFoundError:
             continue
-        out[(c - c0) * shape[0]:(c - c0 + 1) * shape[0]] = np.frombuffer(
-            raw if codec is None else codec.decode(raw), dtype=dtype).reshape(shape)
+        out[(c - c0) * shape[0] : (c - c0 + 1) * shape[0]] = np.frombuffer(
+            raw if codec is None else codec.decode(raw), dtype=dtype
+        ).reshape(shape)
     off = c0 * shape[0]
-    return out[start - off:stop - off].astype(arr.dtype, copy=False)
+    return out[start - off : stop - off].astype(arr.dtype, copy=False)

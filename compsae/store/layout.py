@@ -36,7 +36,8 @@ class StoreLayout(BaseModel):
     def _shard_is_whole_chunks(self) -> StoreLayout:
         if self.shard_rows % self.chunk_rows:
             raise ValueError(
-                f"shard_rows ({self.shard_rows}) must be a multiple of chunk_rows ({self.chunk_rows})"
+                f"shard_rows ({self.shard_rows}) must be a multiple of chunk_rows "
+                f"({self.chunk_rows})"
             )
         return self
 

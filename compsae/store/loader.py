@@ -65,8 +65,10 @@ class BatchLoader:
     ) -> None:
         self.store = ActivationStore.open(store) if isinstance(store, str) else store
         if hook not in self.store.hooks:
-            raise UserError(f"the store at {self.store.url} has no hook {hook!r} (it holds "
-                            f"{', '.join(self.store.hooks)}); set train.hook to one of them")
+            raise UserError(
+                f"the store at {self.store.url} has no hook {hook!r} (it holds "
+                f"{', '.join(self.store.hooks)}); set train.hook to one of them"
+            )
         if split not in ("train", "heldout", "all"):
             raise UserError(f"split must be train, heldout or all, not {split!r}")
         self.hook = hook
@@ -93,13 +95,17 @@ class BatchLoader:
         self.n_rows = int(self._chunk_counts.sum())
         if self.n_rows < batch_size:
             raise UserError(
-                f"batch_size {batch_size} is larger than the {self.n_rows} {split} rows of {self.store.url}; "
-                "lower train.batch_size or harvest more tokens")
+                f"batch_size {batch_size} is larger than the {self.n_rows} {split} rows of "
+                f"{self.store.url}; "
+                "lower train.batch_size or harvest more tokens"
+            )
         self.scale = 1.0
         if normalize:
             mean_norm = float(self.store.stats(hook)["mean_norm"])
             if not mean_norm > 0:
-                raise UserError(f"{self.store.url}: hook {hook} has mean norm {mean_norm}; cannot normalise")
+                raise UserError(
+                    f"{self.store.url}: hook {hook} has mean norm {mean_norm}; cannot normalise"
+                )
             self.scale = math.sqrt(self.d_model) / mean_norm
         self._epoch = 0
         self._batch = 0  # batches handed out in the current epoch
@@ -108,25 +114,38 @@ class BatchLoader:
 
     def __len__(self) -> int:
         """Batches per epoch."""
-        return self.n_rows // self.batch_size if self.drop_last else -(-self.n_rows // self.batch_size)
+        return (
+            self.n_rows // self.batch_size if self.drop_last else -(-self.n_rows // self.batch_size)
+        )
 
     def state_dict(self) -> dict[str, Any]:
         """The position in the stream (JSON-able): the next batch is batch `batch` of `epoch`."""
-        return {"epoch": self._epoch, "batch": self._batch, "seed": self.seed, "n_rows": self.n_rows,
-                "batch_size": self.batch_size, "split": self.split, "shuffle": self.shuffle,
-                "mix_chunks": self.mix_chunks}
+        return {
+            "epoch": self._epoch,
+            "batch": self._batch,
+            "seed": self.seed,
+            "n_rows": self.n_rows,
+            "batch_size": self.batch_size,
+            "split": self.split,
+            "shuffle": self.shuffle,
+            "mix_chunks": self.mix_chunks,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from a position saved by `state_dict()` (on the same store and settings)."""
         for key in ("seed", "n_rows", "batch_size", "split", "shuffle", "mix_chunks"):
             if key in state and state[key] != getattr(self, key):
-                raise UserError(f"saved loader position has {key}={state[key]!r} but this loader has "
-                                f"{getattr(self, key)!r}; the checkpoint belongs to another store or config")
+                raise UserError(
+                    f"saved loader position has {key}={state[key]!r} but this loader has "
+                    f"{getattr(self, key)!r}; the checkpoint belongs to another store or config"
+                )
         self._epoch, self._batch = int(state["epoch"]), int(state["batch"])
 
     # -- planning (indices only, no data) ---------------------------------------------------------
 
-    def _selection(self, split: Split, fraction: float, split_seed: int) -> tuple[np.ndarray | None, np.ndarray]:
+    def _selection(
+        self, split: Split, fraction: float, split_seed: int
+    ) -> tuple[np.ndarray | None, np.ndarray]:
         """Which rows `split` serves: one bit per row of the store (`[ceil(n_rows / 8)]` uint8,
         packed big-endian as `np.packbits`; None for "all") and the count per chunk `[n_chunks]`.
 
@@ -144,12 +163,12 @@ class BatchLoader:
             keep = held if split == "heldout" else ~held
             # a shard is whole chunks (the store's last one may end inside its last chunk)
             padded = np.zeros(-(-len(keep) // cr) * cr, dtype=np.int64)
-            padded[:len(keep)] = keep
-            counts[lo // cr:lo // cr + len(padded) // cr] = padded.reshape(-1, cr).sum(axis=1)
+            padded[: len(keep)] = keep
+            counts[lo // cr : lo // cr + len(padded) // cr] = padded.reshape(-1, cr).sum(axis=1)
             joined = np.concatenate([pending, keep])
             whole = len(joined) // 8 * 8
             first_byte = (lo - len(pending)) // 8
-            bits[first_byte:first_byte + whole // 8] = np.packbits(joined[:whole])
+            bits[first_byte : first_byte + whole // 8] = np.packbits(joined[:whole])
             pending = joined[whole:]
         if len(pending):
             bits[-1] = np.packbits(pending)[0]
@@ -162,15 +181,16 @@ class BatchLoader:
         if self._keep_bits is None:
             return np.arange(hi - lo)
         first_byte = lo // 8
-        keep = np.unpackbits(self._keep_bits[first_byte:-(-hi // 8)])
-        return np.flatnonzero(keep[lo - 8 * first_byte:hi - 8 * first_byte])
+        keep = np.unpackbits(self._keep_bits[first_byte : -(-hi // 8)])
+        return np.flatnonzero(keep[lo - 8 * first_byte : hi - 8 * first_byte])
 
     def _windows(self, epoch: int) -> list[np.ndarray]:
-        """Chunk ids of each window of `epoch`, in serving order (chunks without selected rows dropped)."""
+        """Chunk ids of each window of `epoch`, in serving order (chunks without selected rows
+        dropped)."""
         chunks = np.flatnonzero(self._chunk_counts).astype(np.int64)
         if self.shuffle:
             chunks = np.random.default_rng([self.seed, epoch]).permutation(chunks)
-        return [chunks[i:i + self.mix_chunks] for i in range(0, len(chunks), self.mix_chunks)]
+        return [chunks[i : i + self.mix_chunks] for i in range(0, len(chunks), self.mix_chunks)]
 
     def _window_rows(self, epoch: int, w: int, chunks: np.ndarray) -> np.ndarray:
         """Global row ids of window `w`, in serving order."""
@@ -181,9 +201,11 @@ class BatchLoader:
 
     # -- reading ----------------------------------------------------------------------------------
 
-    def _gather(self, rows: np.ndarray, pool: ThreadPoolExecutor, prefix: np.ndarray | None = None) -> np.ndarray:
-        """`rows: [r]` global ids -> float32 `[len(prefix) + r, d]` (already-read `prefix` rows first),
-        read chunk by chunk from raw chunk bytes."""
+    def _gather(
+        self, rows: np.ndarray, pool: ThreadPoolExecutor, prefix: np.ndarray | None = None
+    ) -> np.ndarray:
+        """`rows: [r]` global ids -> float32 `[len(prefix) + r, d]` (already-read `prefix` rows
+        first), read chunk by chunk from raw chunk bytes."""
         n_pre = 0 if prefix is None else len(prefix)
         block = np.empty((n_pre + len(rows), self.d_model), dtype=np.float32)
         if n_pre:
@@ -215,7 +237,9 @@ class BatchLoader:
         start = self.rank * base + min(self.rank, extra)
         return slice(start, start + base + (1 if self.rank < extra else 0))
 
-    def _epoch_blocks(self, epoch: int, skip: int, pool: ThreadPoolExecutor) -> Iterator[tuple[np.ndarray, list[int]]]:
+    def _epoch_blocks(
+        self, epoch: int, skip: int, pool: ThreadPoolExecutor
+    ) -> Iterator[tuple[np.ndarray, list[int]]]:
         """Yield (block `[r, d]`, rows of each batch in it) per window of `epoch`, already past the
         first `skip` batches; a block holds exactly the rows of its batches (this part's share of
         each), in order."""
@@ -244,12 +268,15 @@ class BatchLoader:
             data = self._gather(rows, pool, prefix=carry_data)  # carried rows first, no extra copy
             all_rows = np.concatenate([carry_rows, rows])
             first = max(0, skip - done)
-            yield data[first * bs:used], [min(bs, used - j * bs) for j in range(first, n_batches)]
+            yield data[first * bs : used], [min(bs, used - j * bs) for j in range(first, n_batches)]
             carry_rows, carry_data = all_rows[used:], data[used:]
             done += n_batches
 
-    def _epoch_shares(self, epoch: int, skip: int, pool: ThreadPoolExecutor) -> Iterator[tuple[np.ndarray, list[int]]]:
-        """`_epoch_blocks` of one part: the same batches planned, only this part's rows of each read."""
+    def _epoch_shares(
+        self, epoch: int, skip: int, pool: ThreadPoolExecutor
+    ) -> Iterator[tuple[np.ndarray, list[int]]]:
+        """`_epoch_blocks` of one part: the same batches planned, only this part's rows of each
+        read."""
         bs = self.batch_size
         windows = self._windows(epoch)
         carry_rows = np.empty(0, dtype=np.int64)  # planned rows of the next window's first batch
@@ -265,7 +292,7 @@ class BatchLoader:
                 for j in range(max(0, skip - done), n_batches):
                     lo = j * bs
                     share = self._share(min(bs, used - lo))
-                    picks.append(all_rows[lo + share.start:lo + share.stop])
+                    picks.append(all_rows[lo + share.start : lo + share.stop])
                     lengths.append(share.stop - share.start)
                 yield self._gather(np.concatenate(picks), pool), lengths
             carry_rows = all_rows[used:]
@@ -300,8 +327,9 @@ class BatchLoader:
     def __iter__(self) -> Iterator[torch.Tensor]:
         blocks: queue.Queue = queue.Queue(maxsize=self.prefetch)
         stop = threading.Event()
-        producer = threading.Thread(target=self._produce, args=(blocks, stop), daemon=True,
-                                    name="compsae-loader-producer")
+        producer = threading.Thread(
+            target=self._produce, args=(blocks, stop), daemon=True, name="compsae-loader-producer"
+        )
         producer.start()
         try:
             while True:
@@ -314,11 +342,13 @@ class BatchLoader:
                     self._epoch, self._batch = epoch, 0
                 at = 0
                 for n in lengths:
-                    batch = block[at:at + n]
+                    batch = block[at : at + n]
                     at += n
                     if self.device.type != "cpu":
                         batch = batch.to(self.device, non_blocking=True)
-                    self._batch += 1  # counted before the yield: a checkpoint taken now resumes after it
+                    self._batch += (
+                        1  # counted before the yield: a checkpoint taken now resumes after it
+                    )
                     if self._batch == len(self):
                         self._epoch, self._batch = self._epoch + 1, 0
                     yield batch

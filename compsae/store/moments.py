@@ -15,7 +15,7 @@ def shard_moments(x: np.ndarray, block_rows: int = 1024) -> np.ndarray:
     n, d = x.shape
     counts, means, m2s, norm_sum = [], [], [], 0.0
     for lo in range(0, n, block_rows):
-        block = x[lo:lo + block_rows].astype(np.float64)  # [b, d]
+        block = x[lo : lo + block_rows].astype(np.float64)  # [b, d]
         norm_sum += float(np.sqrt(np.einsum("ij,ij->i", block, block)).sum())
         mean = block.mean(axis=0)
         block -= mean
@@ -31,6 +31,13 @@ def shard_moments(x: np.ndarray, block_rows: int = 1024) -> np.ndarray:
 def stats_from_shards(per_shard: np.ndarray, d: int) -> dict[str, object]:
     """A hook's statistics from its per-shard rows `[n_shards, 2d+2]` (count, mean, M2, norm sum):
     count, mean [d], var [d] (population), mean_norm, as plain JSON values."""
-    n, mean, m2 = merge_moment_list(per_shard[:, 0], per_shard[:, 1 : 1 + d], per_shard[:, 1 + d : 1 + 2 * d])
+    n, mean, m2 = merge_moment_list(
+        per_shard[:, 0], per_shard[:, 1 : 1 + d], per_shard[:, 1 + d : 1 + 2 * d]
+    )
     norm_sum = float(per_shard[:, 1 + 2 * d].sum())
-    return {"count": n, "mean": mean.tolist(), "var": (m2 / max(n, 1)).tolist(), "mean_norm": norm_sum / max(n, 1)}
+    return {
+        "count": n,
+        "mean": mean.tolist(),
+        "var": (m2 / max(n, 1)).tolist(),
+        "mean_norm": norm_sum / max(n, 1),
+    }

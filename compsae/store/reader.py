@@ -24,16 +24,22 @@ class ShardReader:
         self._cache: OrderedDict[tuple[str, int], Any] = OrderedDict()
         self._lock = threading.Lock()
 
-    def chunk(self, hook: str, chunk: int, d: int, rows: int, own_crc: bool = True) -> np.ndarray | None:
+    def chunk(
+        self, hook: str, chunk: int, d: int, rows: int, own_crc: bool = True
+    ) -> np.ndarray | None:
         """The first `rows` rows of chunk `chunk` of `hook`, `[rows, d]` in the storage dtype (a
         read-only view into the mapped shard when possible); None for a chunk never written.
         `own_crc=False` skips the chunk's own crc32c, for a caller that checks a stronger one."""
         shard, inner = divmod(chunk, self.layout.chunks_per_shard)
         where = f"store {self.url}, hook {hook}, shard {shard}"
-        data = decode_chunk(self._shard_bytes(hook, shard), inner, self.layout, d, where, chunk, own_crc)
+        data = decode_chunk(
+            self._shard_bytes(hook, shard), inner, self.layout, d, where, chunk, own_crc
+        )
         if data is None:
             return None
-        return np.frombuffer(data, dtype=storage_dtype(self.layout.dtype)).reshape(self.layout.chunk_rows, d)[:rows]
+        return np.frombuffer(data, dtype=storage_dtype(self.layout.dtype)).reshape(
+            self.layout.chunk_rows, d
+        )[:rows]
 
     def _shard_bytes(self, hook: str, shard: int) -> Any:
         key = (hook, shard)
@@ -50,7 +56,8 @@ class ShardReader:
                 buf = self.fs.cat_file(path)
         except (FileNotFoundError, ValueError) as e:
             raise StoreCorruptError(
-                f"store {self.url}, hook {hook}, shard {shard}: shard file missing or empty ({e.__class__.__name__}); "
+                f"store {self.url}, hook {hook}, shard {shard}: shard file missing or empty "
+                f"({e.__class__.__name__}); "
                 "re-run the harvest to rewrite it"
             ) from None
         with self._lock:

@@ -39,7 +39,9 @@ def heldout_mask(seq_id: np.ndarray, fraction: float, seed: int = 0) -> np.ndarr
     return u < fraction
 
 
-def heldout_parts(store: ActivationStore, fraction: float, seed: int = 0) -> Iterator[tuple[int, np.ndarray]]:
+def heldout_parts(
+    store: ActivationStore, fraction: float, seed: int = 0
+) -> Iterator[tuple[int, np.ndarray]]:
     """`heldout_mask` of a store's sequence ids one shard at a time: (first row, `bool[rows]`).
     The whole column and the hash's temporaries would peak at ~40 bytes a row of the store."""
     for lo, seq_id in store.column_parts("seq_id"):
@@ -63,7 +65,7 @@ class HeldOutSplit(BaseModel):
         """`bool[n_rows]`: True for the held-out rows of `store` (`heldout_parts`)."""
         out = np.zeros(store.n_rows, dtype=bool)
         for lo, held in heldout_parts(store, self.fraction, self.seed):
-            out[lo:lo + len(held)] = held
+            out[lo : lo + len(held)] = held
         return out
 
 

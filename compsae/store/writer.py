@@ -36,7 +36,9 @@ if TYPE_CHECKING:
     from compsae.store.activation_store import ActivationStore
 
 
-def lay_out(group: zarr.Group, hooks: dict[str, int], n_rows: int, n_shards: int, layout: StoreLayout) -> None:
+def lay_out(
+    group: zarr.Group, hooks: dict[str, int], n_rows: int, n_shards: int, layout: StoreLayout
+) -> None:
     """Create every array of an empty store in `group`."""
     inner = [Crc32cCodec()] if layout.checksum else []
     if layout.compressor == "zstd":
@@ -60,16 +62,42 @@ def lay_out(group: zarr.Group, hooks: dict[str, int], n_rows: int, n_shards: int
             chunks=(1, 2 * d_model + 2),
             fill_value=0,
         )
-        group.create_array(chunk_table(hook), shape=(n_shards, layout.chunks_per_shard), dtype="<u4",
-                           chunks=(1, layout.chunks_per_shard), fill_value=0, config={"write_empty_chunks": True})
-    group.create_array(SIDE_TABLE, shape=(n_shards, len(SIDE_ARRAYS)), dtype="<u4", chunks=(1, len(SIDE_ARRAYS)),
-                       fill_value=0, config={"write_empty_chunks": True})
+        group.create_array(
+            chunk_table(hook),
+            shape=(n_shards, layout.chunks_per_shard),
+            dtype="<u4",
+            chunks=(1, layout.chunks_per_shard),
+            fill_value=0,
+            config={"write_empty_chunks": True},
+        )
+    group.create_array(
+        SIDE_TABLE,
+        shape=(n_shards, len(SIDE_ARRAYS)),
+        dtype="<u4",
+        chunks=(1, len(SIDE_ARRAYS)),
+        fill_value=0,
+        config={"write_empty_chunks": True},
+    )
     for name, dt in SIDE_ARRAYS:
-        group.create_array(name, shape=(n_rows,), dtype=dt, chunks=(layout.shard_rows,), fill_value=0)
-    group.create_array("progress/shard_done", shape=(n_shards,), dtype="u1", chunks=(1,), fill_value=0,
-                       config={"write_empty_chunks": True})
-    group.create_array("progress/shard_crc", shape=(n_shards,), dtype="<u4", chunks=(1,), fill_value=0,
-                       config={"write_empty_chunks": True})
+        group.create_array(
+            name, shape=(n_rows,), dtype=dt, chunks=(layout.shard_rows,), fill_value=0
+        )
+    group.create_array(
+        "progress/shard_done",
+        shape=(n_shards,),
+        dtype="u1",
+        chunks=(1,),
+        fill_value=0,
+        config={"write_empty_chunks": True},
+    )
+    group.create_array(
+        "progress/shard_crc",
+        shape=(n_shards,),
+        dtype="<u4",
+        chunks=(1,),
+        fill_value=0,
+        config={"write_empty_chunks": True},
+    )
 
 
 def foreign_files(url: str) -> list[str]:
@@ -95,7 +123,7 @@ def foreign_files(url: str) -> list[str]:
             continue
         if any(f.startswith(f"{a}/c/") for a in arrays):
             continue
-        foreign.append(f[len(path) + 1:])
+        foreign.append(f[len(path) + 1 :])
     return sorted(foreign)
 
 
@@ -105,8 +133,10 @@ def wipe(url: str) -> None:
     foreign = foreign_files(url)
     if foreign:
         shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
-        raise UserError(f"{url} holds files compsae did not write ({shown}); --force never deletes them: "
-                        "move them out of the store folder and rerun")
+        raise UserError(
+            f"{url} holds files compsae did not write ({shown}); --force never deletes them: "
+            "move them out of the store folder and rerun"
+        )
     fs, path = fsspec.core.url_to_fs(url)
     for entry in fs.ls(path, detail=False):
         if entry.rstrip("/").rsplit("/", 1)[-1] != LOCK_NAME:
@@ -139,15 +169,24 @@ class ShardWriter:
         start, stop = store.shard_range(shard)
         rows = stop - start
         digest = 0
-        small: list[tuple[str, tuple[int, ...], np.ndarray]] = []  # (array, chunk, values): written after the acts
+        small: list[
+            tuple[str, tuple[int, ...], np.ndarray]
+        ] = []  # (array, chunk, values): written after the acts
         for hook in store.hooks:
             x = np.asarray(acts[hook])
             if x.shape != (rows, store.d_model(hook)):
-                raise ValueError(f"shard {shard} of {hook}: expected {(rows, store.d_model(hook))}, got {x.shape}")
-            stored = x if checked and x.dtype == storage_dtype(layout.dtype) else to_storage(x, layout.dtype, hook)
+                raise ValueError(
+                    f"shard {shard} of {hook}: expected {(rows, store.d_model(hook))}, got "
+                    f"{x.shape}"
+                )
+            stored = (
+                x
+                if checked and x.dtype == storage_dtype(layout.dtype)
+                else to_storage(x, layout.dtype, hook)
+            )
             stored = np.ascontiguousarray(stored)
-            # the one pass over the shard's bytes besides writing them: the codec's, the bound and the
-            # digest's checksums all follow from each chunk's crc32c
+            # the one pass over the shard's bytes besides writing them: the codec's, the bound and
+            # the digest's checksums all follow from each chunk's crc32c
             crcs = self._chunk_crcs(stored)
             if layout.compressor == "none":
                 self._write_shard_file(hook, shard, stored, crcs)
@@ -156,10 +195,19 @@ class ShardWriter:
             for crc, nbytes in crcs:
                 digest = crc32c_concat(digest, crc, nbytes)
             if not store.legacy:
-                small.append((chunk_table(hook), (shard, 0), self._bound_crcs(hook, shard, crcs)[None, :]))
-            stats = moments[hook] if moments is not None else shard_moments(
-                stored if layout.dtype != "bfloat16" else from_storage(stored, "bfloat16"))
-            small.append((f"progress/stats/{hook}", (shard, 0), np.asarray(stats, dtype="<f8")[None, :]))
+                small.append(
+                    (chunk_table(hook), (shard, 0), self._bound_crcs(hook, shard, crcs)[None, :])
+                )
+            stats = (
+                moments[hook]
+                if moments is not None
+                else shard_moments(
+                    stored if layout.dtype != "bfloat16" else from_storage(stored, "bfloat16")
+                )
+            )
+            small.append(
+                (f"progress/stats/{hook}", (shard, 0), np.asarray(stats, dtype="<f8")[None, :])
+            )
         side = np.zeros(len(SIDE_ARRAYS), dtype="<u4")
         for i, ((name, dt), col) in enumerate(zip(SIDE_ARRAYS, (tokens, seq_id, pos), strict=True)):
             col = np.ascontiguousarray(col, dtype=dt)
@@ -178,8 +226,10 @@ class ShardWriter:
         """(crc32c, bytes) of each chunk's rows of one shard (`stored: [rows, d]`, the last chunk
         possibly short)."""
         chunk_rows = self.store.chunk_rows
-        return [(crc32c.crc32c(part), part.nbytes)
-                for part in (stored[lo:lo + chunk_rows] for lo in range(0, len(stored), chunk_rows))]
+        return [
+            (crc32c.crc32c(part), part.nbytes)
+            for part in (stored[lo : lo + chunk_rows] for lo in range(0, len(stored), chunk_rows))
+        ]
 
     def _bound_crcs(self, hook: str, shard: int, crcs: list[tuple[int, int]]) -> np.ndarray:
         """Bound checksums `[chunks_per_shard]` of one shard's chunks (`format.bound_crc`), from
@@ -209,19 +259,28 @@ class ShardWriter:
         for name, chunk, values in items:
             arr = self.array(name)
             shape = arr.metadata.chunk_grid.chunk_shape
-            selection = tuple(slice(c * n, c * n + v) for c, n, v in zip(chunk, shape, values.shape, strict=True))
-            whole = all(sel.start == c * n and (v == n or sel.stop == size)
-                        for sel, c, n, v, size in zip(selection, chunk, shape, values.shape, arr.shape, strict=True))
+            selection = tuple(
+                slice(c * n, c * n + v) for c, n, v in zip(chunk, shape, values.shape, strict=True)
+            )
+            whole = all(
+                sel.start == c * n and (v == n or sel.stop == size)
+                for sel, c, n, v, size in zip(
+                    selection, chunk, shape, values.shape, arr.shape, strict=True
+                )
+            )
             encode = plain_encoder(arr) if whole else None
             if encode is None:
                 arr[selection] = values
                 continue
             data = values
-            if values.shape != shape:  # the array's last chunk: padded with the fill value, as Zarr does
+            if (
+                values.shape != shape
+            ):  # the array's last chunk: padded with the fill value, as Zarr does
                 data = np.full(shape, arr.metadata.fill_value, dtype=values.dtype)
                 data[tuple(slice(0, v) for v in values.shape)] = values
             files[f"{self.store.path}/{name}/{arr.metadata.encode_chunk_key(chunk)}"] = encode(
-                np.ascontiguousarray(data, dtype=np.dtype(arr.dtype).newbyteorder("<")).tobytes())
+                np.ascontiguousarray(data, dtype=np.dtype(arr.dtype).newbyteorder("<")).tobytes()
+            )
         if not files:
             return
         if not self.store.is_local:
@@ -230,10 +289,14 @@ class ShardWriter:
         for path, data in files.items():
             durable.atomic_write(path, data, fs=self.store.fs, sync=False)  # see _write_shard_file
 
-    def _write_shard_file(self, hook: str, shard: int, stored: np.ndarray, crcs: list[tuple[int, int]]) -> None:
+    def _write_shard_file(
+        self, hook: str, shard: int, stored: np.ndarray, crcs: list[tuple[int, int]]
+    ) -> None:
         """Write one uncompressed shard of `hook` as a whole file (see `format.encode_shard`).
 
         Not flushed file by file (a harvest writes thousands): a shard a power cut leaves half on
         the disk fails its checksums on the next read, and `compsae verify` names it."""
         data = encode_shard(stored, self.store.layout, [c for c, _ in crcs])
-        durable.atomic_write(f"{self.store.path}/{shard_file(hook, shard)}", data, fs=self.store.fs, sync=False)
+        durable.atomic_write(
+            f"{self.store.path}/{shard_file(hook, shard)}", data, fs=self.store.fs, sync=False
+        )

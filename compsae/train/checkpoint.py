@@ -12,8 +12,8 @@ self-contained, so a crash *between* two files is harmless too:
 A kill at any instant leaves a folder that loads (the previous or the new model) and resumes.
 
 The config: `{"model": ModelConfig, "normalization": {"scale"} | null, "hook",
-"store_manifest_hash", "split": {"fraction", "seed"}, "step", "tokens_seen", "finished", "config_hash",
-"d_in", "type", ...}`."""
+"store_manifest_hash", "split": {"fraction", "seed"}, "step", "tokens_seen", "finished",
+"config_hash", "d_in", "type", ...}`."""
 
 from __future__ import annotations
 
@@ -37,7 +37,9 @@ from compsae.train.models import SparseAutoencoder, build_model
 from compsae.train.records import CheckpointMeta
 
 _WEIGHT_PREFIX = "model."  # weights inside the resume state: "model.<parameter name>"
-DIGEST_KEY = "content_sha256"  # in config.json: the content digest of model.safetensors (see `_pack`)
+DIGEST_KEY = (
+    "content_sha256"  # in config.json: the content digest of model.safetensors (see `_pack`)
+)
 STATE_DIGEST_KEY = "state_sha256"  # in config.json: the digest of the resume state written with it
 _HEADER_LIMIT = 100 * 2**20  # a safetensors header larger than this is not one we wrote
 
@@ -59,7 +61,9 @@ def _load_tensors(data: bytes, where: str) -> dict[str, torch.Tensor]:
     try:
         return st_load(data)
     except (SafetensorError, ValueError, RuntimeError) as e:
-        raise UserError(f"{where} is not a valid safetensors file ({str(e)[:80]}); delete it and retrain") from None
+        raise UserError(
+            f"{where} is not a valid safetensors file ({str(e)[:80]}); delete it and retrain"
+        ) from None
 
 
 def _parse_header(raw: bytes) -> dict[str, Any] | None:
@@ -71,7 +75,8 @@ def _parse_header(raw: bytes) -> dict[str, Any] | None:
 
 
 def _header(data: bytes) -> dict[str, Any] | None:
-    """The JSON header of safetensors bytes (8-byte length, then JSON), or None when not safetensors."""
+    """The JSON header of safetensors bytes (8-byte length, then JSON), or None when not
+    safetensors."""
     n = int.from_bytes(data[:8], "little") if len(data) >= 8 else -1
     if not 0 < n <= min(_HEADER_LIMIT, len(data) - 8):
         return None
@@ -92,9 +97,9 @@ def _metadata_step(data: bytes) -> int | None:
 
 
 def content_digest(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> str:
-    """sha256 of a checkpoint file's content: `meta` and every tensor's name, dtype, shape and bytes.
-    Kept inside the file's JSON metadata: a flipped or swapped byte of a weight, or an edited field
-    of the metadata, is then refused on load instead of used."""
+    """sha256 of a checkpoint file's content: `meta` and every tensor's name, dtype, shape and
+    bytes. Kept inside the file's JSON metadata: a flipped or swapped byte of a weight, or an edited
+    field of the metadata, is then refused on load instead of used."""
     h = hashlib.sha256(json.dumps(meta, sort_keys=True).encode())
     for name in sorted(tensors):
         t = tensors[name].detach().cpu().contiguous()
@@ -115,7 +120,9 @@ def _pack(obj: dict[str, Any], tensors: dict[str, torch.Tensor]) -> str:
 
 def _unpack(text: str, where: str) -> tuple[dict[str, Any], str | None]:
     """(metadata, digest) of a `_pack`ed string; digest None for files written before digests."""
-    digest, body = (None, text) if text.startswith("{") else (text[:_DIGEST_LEN], text[_DIGEST_LEN:])
+    digest, body = (
+        (None, text) if text.startswith("{") else (text[:_DIGEST_LEN], text[_DIGEST_LEN:])
+    )
     try:
         obj = json.loads(body)
     except ValueError:
@@ -125,12 +132,17 @@ def _unpack(text: str, where: str) -> tuple[dict[str, Any], str | None]:
     return obj, digest
 
 
-def _check_digest(tensors: dict[str, torch.Tensor], text: str, where: str) -> tuple[dict[str, Any], str | None]:
+def _check_digest(
+    tensors: dict[str, torch.Tensor], text: str, where: str
+) -> tuple[dict[str, Any], str | None]:
     """The metadata of a `_pack`ed string, after checking its digest against `tensors`."""
     obj, digest = _unpack(text, where)
     if digest is not None and digest != content_digest(tensors, obj):
-        raise UserError(f"{where}: its content does not match the digest it was written with (corrupt or edited "
-                        "bytes); restore it or retrain")
+        raise UserError(
+            f"{where}: its content does not match the digest it was written with (corrupt or "
+            "edited "
+            "bytes); restore it or retrain"
+        )
     return obj, digest
 
 
@@ -144,26 +156,35 @@ def _same_checkpoint(folder: str, step: Any, digest: Any, key: str, file: str) -
     if digest is None and published.get("step") == step:
         # config.json names a digest the file no longer carries: stripping it must not turn the
         # content check off
-        raise UserError(f"{folder}/{file} has no content digest though {CONFIG_FILE} names one (edited?); "
-                        "restore it or retrain")
+        raise UserError(
+            f"{folder}/{file} has no content digest though {CONFIG_FILE} names one (edited?); "
+            "restore it or retrain"
+        )
     if digest is None:
         return
     if published.get("step") == step and published.get(key) != digest:
-        raise UserError(f"{folder}/{file} is not the file {CONFIG_FILE} was written with (replaced by another "
-                        "checkpoint's?); restore it or retrain")
+        raise UserError(
+            f"{folder}/{file} is not the file {CONFIG_FILE} was written with (replaced by another "
+            "checkpoint's?); restore it or retrain"
+        )
 
 
 def _cpu(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
 
 
-def save_checkpoint(folder: str, model: SparseAutoencoder, meta: dict[str, Any],
-                    train_tensors: dict[str, torch.Tensor] | None = None,
-                    train_json: dict[str, Any] | None = None) -> None:
+def save_checkpoint(
+    folder: str,
+    model: SparseAutoencoder,
+    meta: dict[str, Any],
+    train_tensors: dict[str, torch.Tensor] | None = None,
+    train_json: dict[str, Any] | None = None,
+) -> None:
     """Write a checkpoint of `model` into `folder`; `meta` becomes config.json (needs "step").
 
     With `train_tensors` (optimizer state etc.) the resume state is written first, holding the
-    weights, those tensors, `meta` and `train_json` (loader position etc.): see the module docstring."""
+    weights, those tensors, `meta` and `train_json` (loader position etc.): see the module
+    docstring."""
     fs, path = fsspec.core.url_to_fs(folder)
     fs.makedirs(path, exist_ok=True)
     weights = _cpu(model.state_dict())
@@ -171,15 +192,22 @@ def save_checkpoint(folder: str, model: SparseAutoencoder, meta: dict[str, Any],
     # must be byte-for-byte reproducible (the stage digest hashes them).
     if train_tensors is not None:
         state = {f"{_WEIGHT_PREFIX}{k}": v for k, v in weights.items()} | _cpu(train_tensors)
-        resume = {"step": meta["step"], "meta": meta, "state": {**(train_json or {}), "step": meta["step"]}}
+        resume = {
+            "step": meta["step"],
+            "meta": meta,
+            "state": {**(train_json or {}), "step": meta["step"]},
+        }
         packed_state = _pack(resume, state)
         _write(fs, f"{path}/{STATE_FILE}", st_save(state, metadata={"resume": packed_state}))
     packed = _pack(meta, weights)
     _write(fs, f"{path}/{MODEL_FILE}", st_save(weights, metadata={"meta": packed}))
     # config.json names the digests of the files it was written with: a file of the same step
     # replaced by another checkpoint's is refused on load (see `_same_checkpoint`)
-    published = {**meta, DIGEST_KEY: packed[:_DIGEST_LEN],
-                 **({STATE_DIGEST_KEY: packed_state[:_DIGEST_LEN]} if train_tensors is not None else {})}
+    published = {
+        **meta,
+        DIGEST_KEY: packed[:_DIGEST_LEN],
+        **({STATE_DIGEST_KEY: packed_state[:_DIGEST_LEN]} if train_tensors is not None else {}),
+    }
     _write(fs, f"{path}/{CONFIG_FILE}", json.dumps(published, indent=2, sort_keys=True).encode())
 
 
@@ -192,7 +220,9 @@ def read_meta(folder: str) -> dict[str, Any] | None:
     try:
         return json.loads(raw)
     except ValueError:
-        raise UserError(f"{folder}/{CONFIG_FILE} is not valid JSON; delete the folder and retrain") from None
+        raise UserError(
+            f"{folder}/{CONFIG_FILE} is not valid JSON; delete the folder and retrain"
+        ) from None
 
 
 def read_resume_meta(folder: str) -> dict[str, Any] | None:
@@ -211,8 +241,10 @@ def read_resume_meta(folder: str) -> dict[str, Any] | None:
             raise ValueError("no resume metadata")
         return _unpack(resume, f"{folder}/{STATE_FILE}")[0]["meta"]
     except (TypeError, ValueError, KeyError):
-        raise UserError(f"{folder}/{STATE_FILE} is not a valid safetensors resume state; delete the folder or "
-                        "pass --force") from None
+        raise UserError(
+            f"{folder}/{STATE_FILE} is not a valid safetensors resume state; delete the folder or "
+            "pass --force"
+        ) from None
 
 
 def parse_meta(meta: dict[str, Any], where: str = "the checkpoint") -> CheckpointMeta:
@@ -222,11 +254,15 @@ def parse_meta(meta: dict[str, Any], where: str = "the checkpoint") -> Checkpoin
     except ValidationError as e:
         first = e.errors(include_url=False)[0]
         field = ".".join(str(p) for p in first["loc"]) or "metadata"
-        raise UserError(f"{where}: {CONFIG_FILE} is not compsae checkpoint metadata ({field}: {first['msg']}); "
-                        "retrain or re-import it") from None
+        raise UserError(
+            f"{where}: {CONFIG_FILE} is not compsae checkpoint metadata ({field}: {first['msg']}); "
+            "retrain or re-import it"
+        ) from None
 
 
-def load_model(folder: str, device: str | torch.device = "cpu") -> tuple[SparseAutoencoder, dict[str, Any]]:
+def load_model(
+    folder: str, device: str | torch.device = "cpu"
+) -> tuple[SparseAutoencoder, dict[str, Any]]:
     """The model saved in `folder` (in eval mode, schedule at its final k and m) and its config
     (the one stored with the weights; config.json for checkpoints written before that existed)."""
     fs, path = fsspec.core.url_to_fs(folder)
@@ -244,8 +280,10 @@ def load_model(folder: str, device: str | torch.device = "cpu") -> tuple[SparseA
         if meta is None:
             raise UserError(f"no checkpoint in {folder} (missing {CONFIG_FILE}); train first")
         if _metadata_step(data) != meta.get("step"):
-            raise UserError(f"{folder}: {MODEL_FILE} and {CONFIG_FILE} are from different steps (interrupted "
-                            "write); rerun training to resume, or delete the folder")
+            raise UserError(
+                f"{folder}: {MODEL_FILE} and {CONFIG_FILE} are from different steps (interrupted "
+                "write); rerun training to resume, or delete the folder"
+            )
     return _build(weights, meta, folder).to(device).eval(), meta
 
 
@@ -256,18 +294,24 @@ def _build(weights: dict[str, torch.Tensor], meta: dict[str, Any], where: str) -
             raise ValueError(f"d_in {d_in}")
     except (KeyError, TypeError, ValueError) as e:  # pydantic's ValidationError is a ValueError
         first = str(e).splitlines()[0][:100] if str(e) else e.__class__.__name__
-        raise UserError(f"{where}/{MODEL_FILE}: its metadata is not a compsae checkpoint's ({first}); "
-                        "retrain or re-import it") from None
+        raise UserError(
+            f"{where}/{MODEL_FILE}: its metadata is not a compsae checkpoint's ({first}); "
+            "retrain or re-import it"
+        ) from None
     for name, t in weights.items():
         # a diverged training must not be analysed or exported as if it were a model
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            raise UserError(f"{where}/{MODEL_FILE}: weight {name} holds NaN or inf (training diverged?); "
-                            "retrain it, e.g. with a lower lr")
+            raise UserError(
+                f"{where}/{MODEL_FILE}: weight {name} holds NaN or inf (training diverged?); "
+                "retrain it, e.g. with a lower lr"
+            )
     model = build_model(model_cfg, d_in)
     try:
         model.load_state_dict(weights)
     except RuntimeError as e:
-        raise UserError(f"{where}/{MODEL_FILE} does not fit its config ({str(e).splitlines()[0][:100]})") from None
+        raise UserError(
+            f"{where}/{MODEL_FILE} does not fit its config ({str(e).splitlines()[0][:100]})"
+        ) from None
     model.reset_schedule()
     return model
 
@@ -283,19 +327,24 @@ def remove_checkpoint(folder: str) -> None:
     if not fs.exists(path):
         return
     path = path.rstrip("/")
-    files = [f.rstrip("/")[len(path) + 1:] for f in fs.find(path)]
-    foreign = sorted(f for f in files if f not in _MODEL_FOLDER_FILES and not f.endswith(".partial"))
+    files = [f.rstrip("/")[len(path) + 1 :] for f in fs.find(path)]
+    foreign = sorted(
+        f for f in files if f not in _MODEL_FOLDER_FILES and not f.endswith(".partial")
+    )
     if foreign:
         shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
-        raise UserError(f"{folder} holds files compsae did not write ({shown}); --force never deletes "
-                        "them: move them out of the model folder and rerun")
+        raise UserError(
+            f"{folder} holds files compsae did not write ({shown}); --force never deletes "
+            "them: move them out of the model folder and rerun"
+        )
     fs.rm(path, recursive=True)
 
 
 @dataclass
 class ResumeState:
     """Everything `train_state.safetensors` holds: weights, the other tensors (optimizer state,
-    dead-latent counters, RNG), the checkpoint's config (`meta`) and JSON state (loader position)."""
+    dead-latent counters, RNG), the checkpoint's config (`meta`) and JSON state (loader
+    position)."""
 
     step: int
     meta: dict[str, Any]
@@ -314,16 +363,22 @@ def load_resume_state(folder: str) -> ResumeState | None:
     tensors = _load_tensors(data, f"{folder}/{STATE_FILE}")
     resume = _metadata(data).get("resume")
     if resume is None:
-        raise UserError(f"{folder}/{STATE_FILE} is not a valid safetensors resume state; delete the folder or pass --force")
+        raise UserError(
+            f"{folder}/{STATE_FILE} is not a valid safetensors resume state; delete the folder or "
+            "pass --force"
+        )
     saved, digest = _check_digest(tensors, resume, f"{folder}/{STATE_FILE}")
     _same_checkpoint(folder, saved.get("step"), digest, STATE_DIGEST_KEY, STATE_FILE)
-    weights = {k[len(_WEIGHT_PREFIX):]: v for k, v in tensors.items() if k.startswith(_WEIGHT_PREFIX)}
+    weights = {
+        k[len(_WEIGHT_PREFIX) :]: v for k, v in tensors.items() if k.startswith(_WEIGHT_PREFIX)
+    }
     others = {k: v for k, v in tensors.items() if not k.startswith(_WEIGHT_PREFIX)}
     return ResumeState(int(saved["step"]), saved["meta"], saved["state"], weights, others)
 
 
 def optimizer_tensors(opt: torch.optim.Optimizer, names: dict[int, str]) -> dict[str, torch.Tensor]:
-    """Adam's per-parameter state as named tensors `opt.<param>.<key>` (`names`: id(param) -> name)."""
+    """Adam's per-parameter state as named tensors `opt.<param>.<key>` (`names`: id(param) ->
+    name)."""
     out: dict[str, torch.Tensor] = {}
     for group in opt.param_groups:
         for p in group["params"]:
@@ -333,11 +388,16 @@ def optimizer_tensors(opt: torch.optim.Optimizer, names: dict[int, str]) -> dict
     return out
 
 
-def load_optimizer_tensors(opt: torch.optim.Optimizer, names: dict[int, str], tensors: dict[str, torch.Tensor]) -> None:
+def load_optimizer_tensors(
+    opt: torch.optim.Optimizer, names: dict[int, str], tensors: dict[str, torch.Tensor]
+) -> None:
     """Inverse of `optimizer_tensors`: put the saved state back on the optimizer's parameters."""
     for group in opt.param_groups:
         for p in group["params"]:
             prefix = f"opt.{names[id(p)]}."
-            state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+            state = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
             if state:
-                opt.state[p] = {k: (v if k == "step" else v.to(p.device, p.dtype)).clone() for k, v in state.items()}
+                opt.state[p] = {
+                    k: (v if k == "step" else v.to(p.device, p.dtype)).clone()
+                    for k, v in state.items()
+                }

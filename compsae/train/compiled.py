@@ -54,13 +54,17 @@ def check_compiler(device: torch.device) -> None:
     """Raise a one-line `UserError` when `torch.compile` cannot build kernels for `device`."""
     if device.type == "cuda":
         if importlib.util.find_spec("triton") is None:
-            raise UserError("train.compile on CUDA needs triton (pip install triton, the version your torch "
-                            "wheel names); or set train.compile=false")
+            raise UserError(
+                "train.compile on CUDA needs triton (pip install triton, the version your torch "
+                "wheel names); or set train.compile=false"
+            )
         return
     cxx = os.environ.get("CXX", "g++")
     if shutil.which(cxx) is None and shutil.which("clang++") is None:
-        raise UserError(f"train.compile on CPU needs a C++ compiler ({cxx} not found): install g++ "
-                        "(apt-get install g++) or set train.compile=false")
+        raise UserError(
+            f"train.compile on CPU needs a C++ compiler ({cxx} not found): install g++ "
+            "(apt-get install g++) or set train.compile=false"
+        )
 
 
 class CompiledLoss:
@@ -69,7 +73,9 @@ class CompiledLoss:
     Outputs of a CUDA-graph replay live in memory the next replay overwrites: use them (backward,
     metrics, dead-latent counts) before the next call, as the trainer does."""
 
-    def __init__(self, module: nn.Module, device: torch.device, data_parallel: bool = False) -> None:
+    def __init__(
+        self, module: nn.Module, device: torch.device, data_parallel: bool = False
+    ) -> None:
         check_compiler(device)
         self.mode = compile_mode(device, data_parallel)
         self.cuda_graphs = self.mode == "reduce-overhead"
@@ -79,12 +85,15 @@ class CompiledLoss:
         if self.cuda_graphs:
             # a new training step: the previous step's graph outputs are no longer needed
             torch.compiler.cudagraph_mark_step_begin()
-        with torch._dynamo.config.patch(allow_unspec_int_on_nn_module=True, recompile_limit=RECOMPILE_LIMIT):
+        with torch._dynamo.config.patch(
+            allow_unspec_int_on_nn_module=True, recompile_limit=RECOMPILE_LIMIT
+        ):
             return self.fn(x, dead_mask)
 
 
-def loss_step(module: nn.Module, device: torch.device, compile: bool, data_parallel: bool = False
-              ) -> Callable[..., Any]:
+def loss_step(
+    module: nn.Module, device: torch.device, compile: bool, data_parallel: bool = False
+) -> Callable[..., Any]:
     """The function a trainer calls for a step's loss: `module` itself, or compiled (`compile`;
     `data_parallel`: `module` is a DistributedDataParallel wrapper)."""
     return CompiledLoss(module, device, data_parallel) if compile else module

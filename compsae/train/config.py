@@ -38,7 +38,8 @@ class _DictionaryConfig(BaseModel):
     b_dec_init: Literal["geometric_median", "mean", "zeros"] = "geometric_median"
     unit_norm_decoder: bool = True
     train: dict[str, Any] = Field(
-        default_factory=dict, description="overrides of the shared training settings for this model")
+        default_factory=dict, description="overrides of the shared training settings for this model"
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> _DictionaryConfig:
@@ -68,7 +69,9 @@ class TopKConfig(_DictionaryConfig):
     # graduated sparsity (topk and compsae)
     graduated_sparsity: bool = Field(True, description="anneal k from k_start down to k")
     k_start: int | None = Field(None, ge=1, description="first k of the anneal; default 4 * k")
-    k_anneal_fraction: float = Field(0.3, gt=0.0, le=1.0, description="fraction of training the anneal takes")
+    k_anneal_fraction: float = Field(
+        0.3, gt=0.0, le=1.0, description="fraction of training the anneal takes"
+    )
 
     # dead latents (topk and compsae): AuxK of Gao et al. (2024)
     aux_k: int = Field(256, ge=0, description="dead latents used by the AuxK loss (0 = off)")
@@ -94,52 +97,95 @@ class CompSAEConfig(TopKConfig):
     type: Literal["compsae"] = "compsae"  # type: ignore[assignment]
 
     composer: Literal["pair", "attention", "mlp", "none"] = Field(
-        "pair", description="pair: explicit low-rank sum over pairs of active latents; attention / mlp: "
-        "pooled composition network (mlp ablates the attention); none gives exactly a TopK SAE")
-    d_f: int = Field(256, ge=1, description="feature-extractor width: item z_i * E[i] lives in R^d_f")
-    d_c: int = Field(128, ge=1, description="composition width: the attended items are projected to R^d_c")
+        "pair",
+        description="pair: explicit low-rank sum over pairs of active latents; attention / mlp: "
+        "pooled composition network (mlp ablates the attention); none gives exactly a TopK SAE",
+    )
+    d_f: int = Field(
+        256, ge=1, description="feature-extractor width: item z_i * E[i] lives in R^d_f"
+    )
+    d_c: int = Field(
+        128, ge=1, description="composition width: the attended items are projected to R^d_c"
+    )
     n_heads: int = Field(8, ge=1)
-    ffn_mult: int = Field(2, ge=1, description="hidden width of the composer's feed-forward, in units of d_f")
-    gate: bool = Field(True, description="learned per-dimension gate g in [0,1]; off = g fixed to 1")
+    ffn_mult: int = Field(
+        2, ge=1, description="hidden width of the composer's feed-forward, in units of d_f"
+    )
+    gate: bool = Field(
+        True, description="learned per-dimension gate g in [0,1]; off = g fixed to 1"
+    )
 
     # composer "pair": x̂ += Σ_{i<j active} s_ij z_i z_j (E_i ⊙ E_j) W_out
     pair_rank: int = Field(64, ge=1, description="r: width of the pair embedding E [n_latents, r]")
     pair_diagonal: bool = Field(
-        False, description="PolySAE's quadratic form: also each latent's square z_i² (E_i ⊙ E_i) W_out, i.e. "
-        "½ (zE ⊙ zE) W_out with one shared embedding (pair effects are unchanged: a square has no mixed difference)")
+        False,
+        description="PolySAE's quadratic form: also each latent's square z_i² (E_i ⊙ E_i) W_out, "
+        "i.e. "
+        "½ (zE ⊙ zE) W_out with one shared embedding (pair effects are unchanged: a square has no "
+        "mixed difference)",
+    )
     pair_selection: Literal["all", "top_m"] = Field(
-        "all", description="all: every pair of active latents (s_ij = 1); top_m: each latent's top-m partners "
-        "by a learned score (the curriculum moves m)")
+        "all",
+        description="all: every pair of active latents (s_ij = 1); top_m: each latent's top-m "
+        "partners "
+        "by a learned score (the curriculum moves m)",
+    )
     # Both pair penalties default to off: chosen on the composition grid's validation cells, where
     # they suppressed real pairs (docs/composition_grid.md); calls come from the label-free test.
-    pair_l1: float = Field(0.0, ge=0.0, description="penalty on an upper bound of Σ_pairs ‖z_i z_j R_ij‖")
+    pair_l1: float = Field(
+        0.0, ge=0.0, description="penalty on an upper bound of Σ_pairs ‖z_i z_j R_ij‖"
+    )
     pair_group_l1: float = Field(
-        0.0, ge=0.0, description="group lasso on each latent's pair embedding (rows of E), token-weighted: a latent "
-        "that composes with nothing gets no pair term with any partner")
+        0.0,
+        ge=0.0,
+        description="group lasso on each latent's pair embedding (rows of E), token-weighted: a "
+        "latent "
+        "that composes with nothing gets no pair term with any partner",
+    )
     pair_group_warmup_fraction: float = Field(
-        0.3, ge=0.0, le=1.0, description="the group lasso ramps in over this fraction, counted from when the path joins")
+        0.3,
+        ge=0.0,
+        le=1.0,
+        description="the group lasso ramps in over this fraction, counted from when the path joins",
+    )
     pair_fit: Literal["joint", "residual"] = Field(
-        "joint", description="joint: dictionary and pair term trained on one reconstruction; residual: the "
-        "dictionary as a TopK SAE, the pair term on its residual (codes held fixed)")
-    pair_l1_warmup_fraction: float = Field(0.2, ge=0.0, le=1.0, description="pair penalty ramps in over this")
+        "joint",
+        description="joint: dictionary and pair term trained on one reconstruction; residual: the "
+        "dictionary as a TopK SAE, the pair term on its residual (codes held fixed)",
+    )
+    pair_l1_warmup_fraction: float = Field(
+        0.2, ge=0.0, le=1.0, description="pair penalty ramps in over this"
+    )
     pair_start_fraction: float = Field(
-        0.3, ge=0.0, lt=1.0, description="the pair term joins the reconstruction after this fraction of training "
-        "(the dictionary first learns alone, as graduated sparsity ends; 0: from the start)")
+        0.3,
+        ge=0.0,
+        lt=1.0,
+        description="the pair term joins the reconstruction after this fraction of training "
+        "(the dictionary first learns alone, as graduated sparsity ends; 0: from the start)",
+    )
 
     # composition curriculum: each active latent attends to at most its top-m partners
     curriculum: bool = Field(
-        True, description="off = attention: every active latent attends to all k; pair top_m: the final m from the start")
+        True,
+        description="off = attention: every active latent attends to all k; pair top_m: the final "
+        "m from the start",
+    )
     curriculum_m: list[int] = Field([2, 3, 4], min_length=1, description="m values, in order")
     curriculum_at: list[float] = Field(
-        [0.2, 0.4], description="fractions of training where m moves to the next value")
+        [0.2, 0.4], description="fractions of training where m moves to the next value"
+    )
 
     @model_validator(mode="after")
     def _composition(self) -> CompSAEConfig:
         if self.composer == "attention" and self.d_f % self.n_heads:
             raise ValueError(f"d_f ({self.d_f}) must be a multiple of n_heads ({self.n_heads})")
         if len(self.curriculum_at) != len(self.curriculum_m) - 1:
-            raise ValueError("curriculum_at needs one switch point fewer than curriculum_m has values")
-        if sorted(self.curriculum_at) != self.curriculum_at or not all(0 < a < 1 for a in self.curriculum_at):
+            raise ValueError(
+                "curriculum_at needs one switch point fewer than curriculum_m has values"
+            )
+        if sorted(self.curriculum_at) != self.curriculum_at or not all(
+            0 < a < 1 for a in self.curriculum_at
+        ):
             raise ValueError("curriculum_at must be increasing fractions in (0, 1)")
         if any(m < 1 for m in self.curriculum_m):
             raise ValueError("curriculum_m values must be >= 1")
@@ -183,18 +229,26 @@ class JumpReLUConfig(_DictionaryConfig):
 
 def _model_type(data: Any) -> str:
     # a config without `type` is a CompSAE, as it always was
-    return str(data.get("type", "compsae") if isinstance(data, dict) else getattr(data, "type", "compsae"))
+    return str(
+        data.get("type", "compsae") if isinstance(data, dict) else getattr(data, "type", "compsae")
+    )
 
 
 ModelConfig = Annotated[
-    Annotated[CompSAEConfig, Tag("compsae")] | Annotated[TopKConfig, Tag("topk")]
-    | Annotated[ReLUConfig, Tag("relu")] | Annotated[JumpReLUConfig, Tag("jumprelu")],
+    Annotated[CompSAEConfig, Tag("compsae")]
+    | Annotated[TopKConfig, Tag("topk")]
+    | Annotated[ReLUConfig, Tag("relu")]
+    | Annotated[JumpReLUConfig, Tag("jumprelu")],
     Discriminator(_model_type),
 ]
 """One sparse dictionary's config: the class its `type` names."""
 
 MODEL_CONFIGS: dict[str, type[_DictionaryConfig]] = {
-    "compsae": CompSAEConfig, "topk": TopKConfig, "relu": ReLUConfig, "jumprelu": JumpReLUConfig}
+    "compsae": CompSAEConfig,
+    "topk": TopKConfig,
+    "relu": ReLUConfig,
+    "jumprelu": JumpReLUConfig,
+}
 _ADAPTER: TypeAdapter[Any] = TypeAdapter(ModelConfig)
 
 
@@ -204,7 +258,8 @@ def parse_model_config(data: Any) -> ModelConfig:
 
 
 def make_model_config(**fields: Any) -> ModelConfig:
-    """`make_model_config(type="topk", n_latents=64)`: the config class of `type` (default compsae)."""
+    """`make_model_config(type="topk", n_latents=64)`: the config class of `type` (default
+    compsae)."""
     return parse_model_config(fields)
 
 
@@ -223,30 +278,58 @@ class TrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     lr: float = Field(3e-4, gt=0.0)
-    adam_betas: tuple[float, float] = Field((0.9, 0.999), description="Adam's (beta1, beta2), each in [0, 1)")
-    grad_clip: float | None = Field(None, gt=0.0, description="clip the global gradient norm to this (None: off)")
+    adam_betas: tuple[float, float] = Field(
+        (0.9, 0.999), description="Adam's (beta1, beta2), each in [0, 1)"
+    )
+    grad_clip: float | None = Field(
+        None, gt=0.0, description="clip the global gradient norm to this (None: off)"
+    )
     batch_size: int = Field(512, ge=1)
-    tokens: int = Field(10_000_000, ge=1, description="token budget: steps = ceil(tokens / batch_size)")
+    tokens: int = Field(
+        10_000_000, ge=1, description="token budget: steps = ceil(tokens / batch_size)"
+    )
     warmup_fraction: float = Field(0.01, ge=0.0, le=1.0, description="linear lr warm-up from 0")
-    decay_fraction: float = Field(0.2, ge=0.0, le=1.0, description="linear lr decay to 0 at the end")
-    seed: int = Field(0, ge=0, le=2**32 - 1, description="initialisation and shuffling (0 .. 2^32-1)")
+    decay_fraction: float = Field(
+        0.2, ge=0.0, le=1.0, description="linear lr decay to 0 at the end"
+    )
+    seed: int = Field(
+        0, ge=0, le=2**32 - 1, description="initialisation and shuffling (0 .. 2^32-1)"
+    )
     log_every: int = Field(50, ge=1, description="steps between metrics.jsonl lines")
-    checkpoint_every: int = Field(1000, ge=1, description="steps between checkpoints (one at the end too)")
+    checkpoint_every: int = Field(
+        1000, ge=1, description="steps between checkpoints (one at the end too)"
+    )
     device: Literal["auto", "cpu", "cuda"] = "auto"
     bf16: bool = Field(False, description="bf16 autocast (CUDA only; ignored on CPU)")
     compile: bool = Field(
-        False, description="torch.compile each step's loss and its backward (CUDA graphs on CUDA; CPU needs g++): "
-        "changes results only by float rounding, as the device does, so it is not part of the config hash")
-    normalize: bool = Field(True, description="scale activations to mean norm sqrt(d_model), as SAELens")
-    heldout_fraction: float = Field(DEFAULT_HELDOUT_FRACTION, ge=0.0, lt=1.0,
-                                    description="sequences kept out of training (split seed: its own, 0)")
+        False,
+        description="torch.compile each step's loss and its backward (CUDA graphs on CUDA; CPU "
+        "needs g++): "
+        "changes results only by float rounding, as the device does, so it is not part of the "
+        "config hash",
+    )
+    normalize: bool = Field(
+        True, description="scale activations to mean norm sqrt(d_model), as SAELens"
+    )
+    heldout_fraction: float = Field(
+        DEFAULT_HELDOUT_FRACTION,
+        ge=0.0,
+        lt=1.0,
+        description="sequences kept out of training (split seed: its own, 0)",
+    )
     dead_window_tokens: int = Field(
-        1_000_000, ge=1, description="a latent not fired in this many tokens is dead (AuxK and metrics)")
+        1_000_000,
+        ge=1,
+        description="a latent not fired in this many tokens is dead (AuxK and metrics)",
+    )
     mix_chunks: int = Field(16, ge=1, description="store chunks mixed per shuffle window")
     num_threads: int = Field(2, ge=1, description="loader decode threads")
     prefetch: int = Field(2, ge=1, description="shuffle windows decoded ahead")
-    # experiment tracking: where metrics go besides metrics.jsonl (never what is trained: not hashed)
-    log: Literal["none", "wandb"] = Field("none", description="wandb: also log the metrics to Weights & Biases")
+    # experiment tracking: where metrics go besides metrics.jsonl (never what is trained: not
+    # hashed)
+    log: Literal["none", "wandb"] = Field(
+        "none", description="wandb: also log the metrics to Weights & Biases"
+    )
     wandb_project: str | None = Field(None, description="W&B project; default compsae-<pipeline>")
     wandb_entity: str | None = Field(None, description="W&B entity (team); default your own")
 
@@ -286,25 +369,45 @@ class ImportedSAE(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     format: Literal["saelens"] = "saelens"
-    path: str = Field(..., min_length=1, description="the SAE's folder (SAELens: cfg.json + sae_weights.safetensors)")
-    hook: str | None = Field(None, description="store hook it reads, when its own hook name differs (other model wrapper)")
+    path: str = Field(
+        ...,
+        min_length=1,
+        description="the SAE's folder (SAELens: cfg.json + sae_weights.safetensors)",
+    )
+    hook: str | None = Field(
+        None,
+        description="store hook it reads, when its own hook name differs (other model wrapper)",
+    )
 
 
 class TrainStageConfig(TrainConfig):
     """`train:` of a pipeline: the hook, shared training settings and the models to train."""
 
-    hook: str = Field(..., min_length=1, description="store hook to train on, e.g. blocks.3.hook_resid_post")
+    hook: str = Field(
+        ..., min_length=1, description="store hook to train on, e.g. blocks.3.hook_resid_post"
+    )
     n_latents: int | None = Field(None, ge=1, description="when set, every model uses this width")
-    k: int | None = Field(None, ge=1, description="when set, every model uses this k (compare at equal k)")
+    k: int | None = Field(
+        None, ge=1, description="when set, every model uses this k (compare at equal k)"
+    )
     models: dict[str, ModelConfig] = Field(
-        default_factory=lambda: {"compsae": CompSAEConfig(), "topk": TopKConfig(), "relu": ReLUConfig()},
+        default_factory=lambda: {
+            "compsae": CompSAEConfig(),
+            "topk": TopKConfig(),
+            "relu": ReLUConfig(),
+        },
     )
     imported: dict[str, ImportedSAE] = Field(
-        default_factory=dict, description="SAEs trained elsewhere, imported beside the trained models (name -> source)")
+        default_factory=dict,
+        description="SAEs trained elsewhere, imported beside the trained models (name -> source)",
+    )
 
     seeds: list[int] | None = Field(
-        None, min_length=1,
-        description="train every model once per seed; names become <model>__s<seed> (ablation studies)")
+        None,
+        min_length=1,
+        description="train every model once per seed; names become <model>__s<seed> (ablation "
+        "studies)",
+    )
 
     @model_validator(mode="after")
     def _resolve_models(self) -> TrainStageConfig:
@@ -314,8 +417,11 @@ class TrainStageConfig(TrainConfig):
             if len(set(self.seeds)) != len(self.seeds):
                 raise ValueError(f"seeds are listed twice: {self.seeds}")
             self.models = {
-                f"{name}{SEED_SEPARATOR}{seed}": cfg.model_copy(update={"train": {**cfg.train, "seed": seed}})
-                for name, cfg in self.models.items() if SEED_SEPARATOR not in name
+                f"{name}{SEED_SEPARATOR}{seed}": cfg.model_copy(
+                    update={"train": {**cfg.train, "seed": seed}}
+                )
+                for name, cfg in self.models.items()
+                if SEED_SEPARATOR not in name
                 for seed in self.seeds
             } | {name: cfg for name, cfg in self.models.items() if SEED_SEPARATOR in name}
 
@@ -323,15 +429,19 @@ class TrainStageConfig(TrainConfig):
             raise ValueError("models: list at least one model to train (or an SAE under imported)")
         for name in self.imported:
             if name in self.models:
-                raise ValueError(f"imported.{name}: a trained model has the same name; rename one of them")
+                raise ValueError(
+                    f"imported.{name}: a trained model has the same name; rename one of them"
+                )
         for name in [*self.models, *self.imported]:
             # fullmatch: `$` would accept a name ending in a newline
             if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", name) or ".." in name:
                 raise ValueError(f"model name {name!r} must be letters, digits, '_', '-', '.'")
         for name, model in self.models.items():
             if model.type == "jumprelu":
-                raise ValueError(f"models.{name}: jumprelu SAEs are imported (compsae import --format saelens), "
-                                 "not trained; use topk, relu or compsae")
+                raise ValueError(
+                    f"models.{name}: jumprelu SAEs are imported (compsae import --format saelens), "
+                    "not trained; use topk, relu or compsae"
+                )
         for name in self.models:
             try:
                 self.model_for(name)

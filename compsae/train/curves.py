@@ -2,9 +2,10 @@
 trainer writes (one line per `log_every` steps), against tokens seen.
 
 Panels: FVU (the README's definition, per logged training batch: Σ‖x − x̂‖² / Σ‖x − μ‖² with μ the
-batch mean), L0, dead fraction (latents not fired in the last `dead_window_tokens` tokens), the total
-loss, its other terms (recon, auxk, l1, ...), and the composition path's share of the explained
-variance, `(FVU_off − FVU) / (1 − FVU)` with FVU_off the FVU with the path switched off (CompSAE only).
+batch mean), L0, dead fraction (latents not fired in the last `dead_window_tokens` tokens), the
+total loss, its other terms (recon, auxk, l1, ...), and the composition path's share of the
+explained variance, `(FVU_off − FVU) / (1 − FVU)` with FVU_off the FVU with the path switched off
+(CompSAE only).
 """
 
 from __future__ import annotations
@@ -21,8 +22,21 @@ from compsae.train.trainer import METRICS_FILE
 
 CURVES_FILE = TRAINING_CURVES
 # logged keys that are not loss terms
-_NOT_LOSS = {"step", "tokens", "mse", "fvu", "l0", "fvu_no_comp", "gate_mean", "k", "m", "dead_fraction", "lr",
-             "tokens_per_s", "loss"}
+_NOT_LOSS = {
+    "step",
+    "tokens",
+    "mse",
+    "fvu",
+    "l0",
+    "fvu_no_comp",
+    "gate_mean",
+    "k",
+    "m",
+    "dead_fraction",
+    "lr",
+    "tokens_per_s",
+    "loss",
+}
 
 
 def read_metrics_log(model_dir: str) -> pd.DataFrame:
@@ -42,15 +56,23 @@ def read_metrics_log(model_dir: str) -> pd.DataFrame:
             rows.append(rec)
     if not rows:
         return pd.DataFrame()
-    df = pd.DataFrame(rows).drop_duplicates("step", keep="last").sort_values("step", ignore_index=True)
+    df = (
+        pd.DataFrame(rows)
+        .drop_duplicates("step", keep="last")
+        .sort_values("step", ignore_index=True)
+    )
     if "fvu_no_comp" in df and "fvu" in df:
-        df["comp_share"] = (df["fvu_no_comp"] - df["fvu"]) / (1.0 - df["fvu"]).where(df["fvu"] < 1.0)
+        df["comp_share"] = (df["fvu_no_comp"] - df["fvu"]) / (1.0 - df["fvu"]).where(
+            df["fvu"] < 1.0
+        )
     return df
 
 
 def loss_terms(logs: dict[str, pd.DataFrame]) -> list[str]:
     """The loss terms (other than the total) logged by any model, sorted."""
-    return sorted({c for df in logs.values() for c in df.columns if c not in _NOT_LOSS and c != "comp_share"})
+    return sorted(
+        {c for df in logs.values() for c in df.columns if c not in _NOT_LOSS and c != "comp_share"}
+    )
 
 
 @plain_text
@@ -71,7 +93,9 @@ def plot_training_curves(logs: dict[str, pd.DataFrame], path: str) -> list[str]:
     panels += [(t, f"loss term: {t}", True) for t in loss_terms(logs)]
     if any("comp_share" in df for df in logs.values()):
         panels.append(("comp_share", "composition share of explained variance", False))
-    panels = [p for p in panels if any(p[0] in df and df[p[0]].notna().any() for df in logs.values())]
+    panels = [
+        p for p in panels if any(p[0] in df and df[p[0]].notna().any() for df in logs.values())
+    ]
     cols = 3
     rows = max(1, -(-len(panels) // cols))
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.0 * rows), squeeze=False)
@@ -80,7 +104,13 @@ def plot_training_curves(logs: dict[str, pd.DataFrame], path: str) -> list[str]:
         for i, (name, df) in enumerate(sorted(logs.items())):
             if key in df and df[key].notna().any():
                 ok = df[key].notna()
-                ax.plot(df["tokens"][ok], df[key][ok], label=name, color=colours[i % len(colours)], lw=1.2)
+                ax.plot(
+                    df["tokens"][ok],
+                    df[key][ok],
+                    label=name,
+                    color=colours[i % len(colours)],
+                    lw=1.2,
+                )
         if log_y and all((df[key].dropna() > 0).all() for df in logs.values() if key in df):
             ax.set_yscale("log")
             plain = matplotlib.ticker.FormatStrFormatter("%.3g")  # 0.6, not 6×10⁻¹
@@ -89,11 +119,13 @@ def plot_training_curves(logs: dict[str, pd.DataFrame], path: str) -> list[str]:
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("tokens seen", fontsize=8)
         ax.tick_params(labelsize=7)
-    for ax in list(axes.flat)[len(panels):]:
+    for ax in list(axes.flat)[len(panels) :]:
         ax.axis("off")
     if panels:
         handles, labels = axes.flat[0].get_legend_handles_labels()
-        fig.legend(handles, labels, loc="lower center", ncol=min(6, max(1, len(labels))), fontsize=8)
+        fig.legend(
+            handles, labels, loc="lower center", ncol=min(6, max(1, len(labels))), fontsize=8
+        )
     fig.tight_layout(rect=(0, 0.06 if panels else 0, 1, 1))
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -107,9 +139,16 @@ def final_values(logs: dict[str, pd.DataFrame]) -> list[dict[str, Any]]:
         if df.empty:
             continue
         last = df.iloc[-1]
-        out.append({"model": name, **{c: (None if pd.isna(last.get(c)) else last.get(c))
-                                      for c in ("step", "tokens", "fvu", "l0", "dead_fraction", "loss", "comp_share")
-                                      if c in df}})
+        out.append(
+            {
+                "model": name,
+                **{
+                    c: (None if pd.isna(last.get(c)) else last.get(c))
+                    for c in ("step", "tokens", "fvu", "l0", "dead_fraction", "loss", "comp_share")
+                    if c in df
+                },
+            }
+        )
     return out
 
 

@@ -21,7 +21,8 @@ class DeadLatentTracker:
     @torch.no_grad()
     def reset_fired(self, fired: torch.Tensor, rows: int) -> None:
         """Count `rows` more tokens and zero the latents that `fired: [n]` (bool) marks.  A masked
-        fill, not boolean indexing: that reads the mask's size on the host, a sync per step on a GPU."""
+        fill, not boolean indexing: that reads the mask's size on the host, a sync per step on a
+        GPU."""
         self.since_fired += rows
         self.since_fired.masked_fill_(fired, 0)
 

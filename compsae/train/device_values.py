@@ -26,7 +26,8 @@ class StepTerms:
 
 
 class FirstNonFinite:
-    """The first step whose loss was inf or NaN, and that loss, noted on the device without a read."""
+    """The first step whose loss was inf or NaN, and that loss, noted on the device without a
+    read."""
 
     def __init__(self, device: torch.device | str) -> None:
         self.step = torch.zeros((), dtype=torch.int64, device=device)  # 0: none yet

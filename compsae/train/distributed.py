@@ -1,9 +1,9 @@
 """Data-parallel training across processes (`torchrun`): who is who, and the few collectives the
 trainer needs.
 
-Every rank plans the same global batches (same loader, same seed) and reads only the r-th
-contiguous slice of each (`local_rows`; `BatchLoader(part=(rank, world))`), which rank r trains on;
-the global batch is gathered once, at step 0, for the decoder bias' initialisation.  Gradients are averaged by
+Every rank plans the same global batches (same loader, same seed) and reads only the r-th contiguous
+slice of each (`local_rows`; `BatchLoader(part=(rank, world))`), which rank r trains on; the global
+batch is gathered once, at step 0, for the decoder bias' initialisation.  Gradients are averaged by
 DistributedDataParallel; the trainer weights each rank's loss by its share of the batch, so the
 averaged gradient is exactly the gradient of the global batch mean (also when the last batch of an
 epoch does not split evenly).  Everything that decides what happens next (loss terms, the latents
@@ -85,8 +85,8 @@ class DistContext:
         return t
 
     def gather_rows(self, t: torch.Tensor) -> torch.Tensor:
-        """Every rank's rows `t: [n_rank, ...]` concatenated in rank order (the global batch when each
-        rank holds its `local_rows` share); `t` itself for one process."""
+        """Every rank's rows `t: [n_rank, ...]` concatenated in rank order (the global batch when
+        each rank holds its `local_rows` share); `t` itself for one process."""
         if not self.enabled:
             return t
         parts: list[Any] = [None] * self.world_size
@@ -118,7 +118,10 @@ def init_from_env(timeout_s: float = 1800.0) -> DistContext:
     if not dist.is_available():
         from compsae.errors import UserError
 
-        raise UserError("this torch build has no torch.distributed; run training as one process (without torchrun)")
+        raise UserError(
+            "this torch build has no torch.distributed; run training as one process (without "
+            "torchrun)"
+        )
     backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
     dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
     atexit.register(_shutdown)
@@ -152,5 +155,8 @@ def wrap_loss(model: nn.Module, ctx: DistContext, device: torch.device) -> nn.Mo
 
     # the models have no buffers, so DDP's buffer sync has nothing to do
     # the pairwise composer's parameters sit out the steps before its term joins the reconstruction
-    return DistributedDataParallel(adapter, device_ids=[device.index] if device.type == "cuda" else None,
-                                   find_unused_parameters=True)
+    return DistributedDataParallel(
+        adapter,
+        device_ids=[device.index] if device.type == "cuda" else None,
+        find_unused_parameters=True,
+    )

@@ -1,6 +1,6 @@
-"""Export a trained TopK or ReLU SAE (or an imported JumpReLU one) in SAELens' on-disk format: a folder with `cfg.json` and
-`sae_weights.safetensors` (`W_enc [d_in, d_sae]`, `b_enc [d_sae]`, `W_dec [d_sae, d_in]`,
-`b_dec [d_in]`), which `sae_lens.SAE.load_from_disk(folder)` loads.
+"""Export a trained TopK or ReLU SAE (or an imported JumpReLU one) in SAELens' on-disk format: a
+folder with `cfg.json` and `sae_weights.safetensors` (`W_enc [d_in, d_sae]`, `b_enc [d_sae]`, `W_dec
+[d_sae, d_in]`, `b_dec [d_in]`), which `sae_lens.SAE.load_from_disk(folder)` loads.
 
 SAELens' forward for these architectures is
     z = act((x − b_dec) W_enc + b_enc),  act = ReLU ("standard") or ReLU of the top k ("topk")
@@ -47,15 +47,21 @@ SAELENS_FORMAT_VERSION = "6.0.0"
 
 def _architecture(model: SparseAutoencoder, as_topk: bool, where: str) -> str:
     if isinstance(model, CompSAE) and model.cfg.composer != "none" and not as_topk:
-        raise UserError(f"{where} is a CompSAE: SAELens has no composition network; export its TopK dictionary "
-                        "alone with --as-topk (as_topk=True), knowing its reconstructions then lack the composition term")
+        raise UserError(
+            f"{where} is a CompSAE: SAELens has no composition network; export its TopK dictionary "
+            "alone with --as-topk (as_topk=True), knowing its reconstructions then lack the "
+            "composition term"
+        )
     if isinstance(model, TopKSAE):  # CompSAE is a TopKSAE plus the composition path
         return "topk"
     if isinstance(model, ReLUSAE):
         return "standard"
     if isinstance(model, JumpReLUSAE):
         return "jumprelu"
-    raise UserError(f"{where}: cannot export a {type(model).__name__} to SAELens (TopK, ReLU and JumpReLU SAEs only)")
+    raise UserError(
+        f"{where}: cannot export a {type(model).__name__} to SAELens (TopK, ReLU and JumpReLU SAEs "
+        "only)"
+    )
 
 
 def saelens_weights(model: SparseAutoencoder, scale: float) -> dict[str, torch.Tensor]:
@@ -70,7 +76,9 @@ def saelens_weights(model: SparseAutoencoder, scale: float) -> dict[str, torch.T
             "b_dec": model.b_dec.float() / scale,
         }
         if isinstance(model, JumpReLUSAE):
-            tensors["threshold"] = model.threshold.float().clone()  # pre-activations are unchanged by the fold
+            tensors["threshold"] = (
+                model.threshold.float().clone()
+            )  # pre-activations are unchanged by the fold
     return {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
 
 
@@ -88,13 +96,20 @@ def _harvest_manifest(model_dir: str) -> dict[str, Any]:
         from compsae.store import ActivationStore
         from compsae.train.records import TrainOutputs
 
-        return dict(ActivationStore.open(TrainOutputs.model_validate(record["outputs"]).store).manifest)
+        return dict(
+            ActivationStore.open(TrainOutputs.model_validate(record["outputs"]).store).manifest
+        )
     except Exception:  # noqa: BLE001 - best effort: metadata only, never the weights
         return {}
 
 
-def saelens_cfg(model: SparseAutoencoder, architecture: str, meta: dict[str, Any], manifest: dict[str, Any],
-                model_name: str | None = None) -> dict[str, Any]:
+def saelens_cfg(
+    model: SparseAutoencoder,
+    architecture: str,
+    meta: dict[str, Any],
+    manifest: dict[str, Any],
+    model_name: str | None = None,
+) -> dict[str, Any]:
     """cfg.json for SAELens (≥ 6 layout plus the flat fields of older versions)."""
     hook = str(meta.get("hook", ""))
     model_name = model_name or (manifest.get("model") or {}).get("name")
@@ -144,38 +159,57 @@ def saelens_cfg(model: SparseAutoencoder, architecture: str, meta: dict[str, Any
     return cfg
 
 
-def export_saelens(model_dir: str, out_dir: str, as_topk: bool = False, model_name: str | None = None
-                   ) -> dict[str, Any]:
+def export_saelens(
+    model_dir: str, out_dir: str, as_topk: bool = False, model_name: str | None = None
+) -> dict[str, Any]:
     """Write the model trained in `model_dir` (a checkpoint folder: `<train stage>/<model>/`) into
     `out_dir` as SAELens loads it: `cfg.json` + `sae_weights.safetensors`.
 
-    TopK, ReLU and JumpReLU SAEs export as SAELens' "topk", "standard" and "jumprelu" architectures; a CompSAE needs
-    `as_topk=True` (its TopK dictionary alone).  The input normalisation is folded into the weights
-    (see the module docstring).  `model_name` overrides the LM name found in the run's store
-    manifest.  Returns a summary: out_dir, files, architecture, d_in, d_sae, k, folded scale, step."""
+    TopK, ReLU and JumpReLU SAEs export as SAELens' "topk", "standard" and "jumprelu" architectures;
+    a CompSAE needs `as_topk=True` (its TopK dictionary alone).  The input normalisation is folded
+    into the weights (see the module docstring).  `model_name` overrides the LM name found in the
+    run's store manifest.  Returns a summary: out_dir, files, architecture, d_in, d_sae, k, folded
+    scale, step."""
     fs, path = fsspec.core.url_to_fs(out_dir.rstrip("/"))
     taken = [f for f in (CFG_FILE, WEIGHTS_FILE) if fs.exists(f"{path}/{f}")]
     if taken or (fs.exists(path) and not fs.isdir(path)):
-        raise UserError(f"{out_dir} already holds {taken[0] if taken else 'a file of that name'}; compsae does not "
-                        "overwrite an export: remove it or choose another --out")
+        raise UserError(
+            f"{out_dir} already holds {taken[0] if taken else 'a file of that name'}; compsae does "
+            "not "
+            "overwrite an export: remove it or choose another --out"
+        )
     model, meta = load_model(model_dir)
     architecture = _architecture(model, as_topk, model_dir)
     scale = float((meta.get("normalization") or {}).get("scale") or 1.0)
     tensors = saelens_weights(model, scale)
     cfg = saelens_cfg(model, architecture, meta, _harvest_manifest(model_dir), model_name)
     cfg["compsae"] = {  # provenance; SAELens ignores unknown fields
-        "checkpoint": model_dir, "type": meta.get("type"), "step": meta.get("step"),
+        "checkpoint": model_dir,
+        "type": meta.get("type"),
+        "step": meta.get("step"),
         "folded_normalization_scale": scale,
-        "part": "topk dictionary (composition network left out)" if isinstance(model, CompSAE)
-        and model.cfg.composer != "none" else "whole model",
+        "part": "topk dictionary (composition network left out)"
+        if isinstance(model, CompSAE) and model.cfg.composer != "none"
+        else "whole model",
     }
     try:
         fs.makedirs(path, exist_ok=True)
         durable.atomic_write(f"{path}/{WEIGHTS_FILE}", st_save(tensors), fs=fs)
-        durable.atomic_write(f"{path}/{CFG_FILE}", json.dumps(cfg, indent=2, sort_keys=True).encode(), fs=fs)
+        durable.atomic_write(
+            f"{path}/{CFG_FILE}", json.dumps(cfg, indent=2, sort_keys=True).encode(), fs=fs
+        )
     except (PermissionError, NotADirectoryError, FileExistsError, IsADirectoryError) as e:
-        raise UserError(f"cannot write the export into {out_dir} ({e.__class__.__name__}: {e.strerror or e}); "
-                        "choose another --out") from None
-    return {"out_dir": out_dir, "files": [CFG_FILE, WEIGHTS_FILE], "architecture": architecture,
-            "d_in": cfg["d_in"], "d_sae": cfg["d_sae"], "k": cfg.get("k"), "normalization_scale": scale,
-            "step": meta.get("step")}
+        raise UserError(
+            f"cannot write the export into {out_dir} ({e.__class__.__name__}: {e.strerror or e}); "
+            "choose another --out"
+        ) from None
+    return {
+        "out_dir": out_dir,
+        "files": [CFG_FILE, WEIGHTS_FILE],
+        "architecture": architecture,
+        "d_in": cfg["d_in"],
+        "d_sae": cfg["d_sae"],
+        "k": cfg.get("k"),
+        "normalization_scale": scale,
+        "step": meta.get("step"),
+    }

@@ -68,10 +68,12 @@ class TrainedModelRecord(BaseModel):
     step: int | None = None
     tokens_seen: int | None = None
     finished: bool | None = None
-    final: dict[str, Any] | None = None     # the last logged training metrics
-    heldout: dict[str, Any] | None = None   # FVU / MSE / L0 on held-out batches
+    final: dict[str, Any] | None = None  # the last logged training metrics
+    heldout: dict[str, Any] | None = None  # FVU / MSE / L0 on held-out batches
     imported: dict[str, Any] | None = None  # {format, source} of an SAE trained elsewhere
-    model_digest: str | None = None  # sha256 of model.safetensors: what `compsae verify` checks the file against
+    model_digest: str | None = (
+        None  # sha256 of model.safetensors: what `compsae verify` checks the file against
+    )
 
 
 class TrainOutputs(BaseModel):

@@ -2,7 +2,8 @@
 `<out_dir>/<name>/`, resuming where a previous run of the same config stopped.
 
 Launched by `torchrun --nproc-per-node N`, the same call trains data-parallel (see
-`distributed.py`): rank 0 holds the folder lock and writes, and every rank returns rank 0's outputs."""
+`distributed.py`): rank 0 holds the folder lock and writes, and every rank returns rank 0's
+outputs."""
 
 from __future__ import annotations
 
@@ -44,10 +45,18 @@ _NOT_IN_RESUME_HASH = {"log_every", "checkpoint_every"}
 HELDOUT_EVAL_BATCHES = 20
 
 
-def training_hash(model_cfg: ModelConfig, train_cfg: TrainConfig, hook: str, store_hash: str) -> str:
-    """What a checkpoint must match to be resumed: model, weight-relevant training settings, data."""
+def training_hash(
+    model_cfg: ModelConfig, train_cfg: TrainConfig, hook: str, store_hash: str
+) -> str:
+    """What a checkpoint must match to be resumed: model, weight-relevant training settings,
+    data."""
     train = {k: v for k, v in config_for_hash(train_cfg).items() if k not in _NOT_IN_RESUME_HASH}
-    payload = {"model": model_cfg.model_dump(mode="json"), "train": train, "hook": hook, "store": store_hash}
+    payload = {
+        "model": model_cfg.model_dump(mode="json"),
+        "train": train,
+        "hook": hook,
+        "store": store_hash,
+    }
     return durable.json_digest(payload)
 
 
@@ -55,10 +64,14 @@ def open_training_store(url: str, hook: str) -> ActivationStore:
     """Open a complete store that holds `hook`, or explain in one line why it cannot be used."""
     store = ActivationStore.open(url)
     if not store.complete:
-        raise UserError(f"the store at {url} is not complete (harvest interrupted?); rerun `compsae harvest`")
+        raise UserError(
+            f"the store at {url} is not complete (harvest interrupted?); rerun `compsae harvest`"
+        )
     if hook not in store.hooks:
-        raise UserError(f"the store at {url} holds {', '.join(store.hooks)}, not {hook!r}; "
-                        "set train.hook to a harvested hook or harvest that hook")
+        raise UserError(
+            f"the store at {url} holds {', '.join(store.hooks)}, not {hook!r}; "
+            "set train.hook to a harvested hook or harvest that hook"
+        )
     return store
 
 
@@ -72,7 +85,10 @@ def training_lock(out_dir: str, ctx: DistContext | None = None) -> Iterator[None
     with ExitStack() as held:
         error = None
         if ctx.is_main:
-            busy = f"another training is running in {out_dir}; wait for it to finish or use another runs folder"
+            busy = (
+                f"another training is running in {out_dir}; wait for it to finish or use "
+                "another runs folder"
+            )
             try:
                 held.enter_context(durable.exclusive_lock(out_dir, STAGE_LOCK, busy, remote=False))
             except UserError as e:
@@ -83,8 +99,14 @@ def training_lock(out_dir: str, ctx: DistContext | None = None) -> Iterator[None
         yield
 
 
-def run_train(cfg: TrainStageConfig, store_url: str, out_dir: str, force: bool = False,
-              progress: bool = True, workers: int | None = None) -> dict[str, Any]:
+def run_train(
+    cfg: TrainStageConfig,
+    store_url: str,
+    out_dir: str,
+    force: bool = False,
+    progress: bool = True,
+    workers: int | None = None,
+) -> dict[str, Any]:
     """Train every model of `cfg` on the store at `store_url` into `out_dir/<name>/`.
 
     Returns the stage outputs: per model its folder, final training metrics and held-out metrics,
@@ -103,13 +125,27 @@ def run_train(cfg: TrainStageConfig, store_url: str, out_dir: str, force: bool =
     digest = hashlib.sha256()
     with training_lock(out_dir, ctx):
         parallel = bool(workers and workers > 1 and not ctx.enabled and len(cfg.models) > 1)
-        records = (train_in_processes(cfg, store_url, store_hash, d_in, out_dir, force, workers or 1) if parallel
-                   else {})
+        records = (
+            train_in_processes(cfg, store_url, store_hash, d_in, out_dir, force, workers or 1)
+            if parallel
+            else {}
+        )
         for name in cfg.models:
             model_cfg, train_cfg = cfg.model_for(name), cfg.train_for(name)
             folder = join(out_dir, name)
-            record = records.get(name) or train_one(name, model_cfg, train_cfg, cfg.hook, store, store_hash, d_in,
-                                                    folder, force, progress, ctx)
+            record = records.get(name) or train_one(
+                name,
+                model_cfg,
+                train_cfg,
+                cfg.hook,
+                store,
+                store_hash,
+                d_in,
+                folder,
+                force,
+                progress,
+                ctx,
+            )
             models[name] = record
             if ctx.is_main:
                 fs, path = fsspec.core.url_to_fs(folder)
@@ -127,24 +163,55 @@ def run_train(cfg: TrainStageConfig, store_url: str, out_dir: str, force: bool =
             from compsae.train.curves import write_training_curves
 
             curves = write_training_curves(out_dir, {n: r.path for n, r in models.items()})
-    outputs = TrainOutputs(store=store_url, hook=cfg.hook, heldout_fraction=cfg.heldout_fraction,
-                           store_manifest_hash=store_hash, models=models, curves=curves,
-                           digest=digest.hexdigest()[:durable.DIGEST_DIGITS])
+    outputs = TrainOutputs(
+        store=store_url,
+        hook=cfg.hook,
+        heldout_fraction=cfg.heldout_fraction,
+        store_manifest_hash=store_hash,
+        models=models,
+        curves=curves,
+        digest=digest.hexdigest()[: durable.DIGEST_DIGITS],
+    )
     return ctx.broadcast(outputs.model_dump(mode="json"))
 
 
-def _train_worker(cfg_json: dict[str, Any], name: str, store_url: str, store_hash: str, d_in: int, folder: str,
-                  force: bool, threads: int) -> TrainedModelRecord:
+def _train_worker(
+    cfg_json: dict[str, Any],
+    name: str,
+    store_url: str,
+    store_hash: str,
+    d_in: int,
+    folder: str,
+    force: bool,
+    threads: int,
+) -> TrainedModelRecord:
     # a pool process may run several models: its thread count is the model's, for this model only
     with torch_threads(threads):
         cfg = TrainStageConfig.model_validate(cfg_json)
         store = open_training_store(store_url, cfg.hook)
-        return train_one(name, cfg.model_for(name), cfg.train_for(name), cfg.hook, store, store_hash, d_in,
-                         folder, force, progress=False)
+        return train_one(
+            name,
+            cfg.model_for(name),
+            cfg.train_for(name),
+            cfg.hook,
+            store,
+            store_hash,
+            d_in,
+            folder,
+            force,
+            progress=False,
+        )
 
 
-def train_in_processes(cfg: TrainStageConfig, store_url: str, store_hash: str, d_in: int, out_dir: str,
-                       force: bool, workers: int) -> dict[str, TrainedModelRecord]:
+def train_in_processes(
+    cfg: TrainStageConfig,
+    store_url: str,
+    store_hash: str,
+    d_in: int,
+    out_dir: str,
+    force: bool,
+    workers: int,
+) -> dict[str, TrainedModelRecord]:
     """Train every model of `cfg`, `workers` at a time, each in a fresh process; name -> record."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
@@ -156,28 +223,55 @@ def train_in_processes(cfg: TrainStageConfig, store_url: str, store_hash: str, d
     cfg_json.pop("seeds", None)  # models are already expanded per seed
     records: dict[str, TrainedModelRecord] = {}
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = {pool.submit(_train_worker, cfg_json, name, store_url, store_hash, d_in, join(out_dir, name),
-                               force, threads): name for name in cfg.models}
+        futures = {
+            pool.submit(
+                _train_worker,
+                cfg_json,
+                name,
+                store_url,
+                store_hash,
+                d_in,
+                join(out_dir, name),
+                force,
+                threads,
+            ): name
+            for name in cfg.models
+        }
         for fut in tqdm(futures, desc=f"train ({workers} at a time)", unit="model"):
             records[futures[fut]] = fut.result()
     return records
 
 
-def check_training_memory(name: str, model_cfg: ModelConfig, train_cfg: TrainConfig, d_in: int,
-                          device: torch.device | str) -> None:
+def check_training_memory(
+    name: str, model_cfg: ModelConfig, train_cfg: TrainConfig, d_in: int, device: torch.device | str
+) -> None:
     """Refuse, before allocating anything, a model whose training cannot fit in `device`'s memory:
     weights, gradients and Adam's two moments (4 copies of every parameter, float32) plus a batch's
     dense latents (a few `[batch, n_latents]` float32 tensors)."""
     with torch.device("meta"):  # shapes only, no memory
         n_params = sum(p.numel() for p in build_model(model_cfg, d_in).parameters())
     need = 4 * 4 * n_params + 4 * 4 * train_cfg.batch_size * model_cfg.n_latents
-    check_memory(need, f"training model {name!r} ({n_params:,} parameters, n_latents {model_cfg.n_latents:,})",
-                 "lower n_latents or batch_size", device=str(device))
+    check_memory(
+        need,
+        f"training model {name!r} ({n_params:,} parameters, n_latents {model_cfg.n_latents:,})",
+        "lower n_latents or batch_size",
+        device=str(device),
+    )
 
 
-def train_one(name: str, model_cfg: ModelConfig, train_cfg: TrainConfig, hook: str, store: ActivationStore,
-              store_hash: str, d_in: int, folder: str, force: bool = False, progress: bool = True,
-              ctx: DistContext | None = None) -> TrainedModelRecord:
+def train_one(
+    name: str,
+    model_cfg: ModelConfig,
+    train_cfg: TrainConfig,
+    hook: str,
+    store: ActivationStore,
+    store_hash: str,
+    d_in: int,
+    folder: str,
+    force: bool = False,
+    progress: bool = True,
+    ctx: DistContext | None = None,
+) -> TrainedModelRecord:
     """Train (or resume, or reuse) one model into `folder`; return its output record (complete on
     rank 0 of a data-parallel job; the other ranks skip the held-out evaluation)."""
     ctx = ctx or DistContext()
@@ -187,32 +281,61 @@ def train_one(name: str, model_cfg: ModelConfig, train_cfg: TrainConfig, hook: s
     if existing is not None and (force or existing.get("config_hash") != config_hash):
         if not force:
             raise UserError(
-                f"{folder} holds a checkpoint of another config ({existing.get('config_hash')} != {config_hash}); "
-                "pass --force to retrain it or use another runs folder")
+                f"{folder} holds a checkpoint of another config ({existing.get('config_hash')} != "
+                f"{config_hash}); "
+                "pass --force to retrain it or use another runs folder"
+            )
         if ctx.is_main:
             remove_checkpoint(folder)
         ctx.barrier()
         existing = None
 
     device = ctx.device(resolve_device(train_cfg.device))
-    # the split has its own seed, not the training seed: it is recorded with the checkpoint and every
-    # later stage evaluates on exactly these held-out sequences
+    # the split has its own seed, not the training seed: it is recorded with the checkpoint and
+    # every later stage evaluates on exactly these held-out sequences
     split = HeldOutSplit(fraction=train_cfg.heldout_fraction)
-    loader = BatchLoader(store, hook, batch_size=train_cfg.batch_size, split="train",
-                         heldout_fraction=split.fraction, split_seed=split.seed, seed=train_cfg.seed, device=device,
-                         normalize=train_cfg.normalize, mix_chunks=train_cfg.mix_chunks,
-                         num_threads=train_cfg.num_threads, prefetch=train_cfg.prefetch,
-                         part=(ctx.rank, ctx.world_size))  # each rank reads only its share of a batch
+    loader = BatchLoader(
+        store,
+        hook,
+        batch_size=train_cfg.batch_size,
+        split="train",
+        heldout_fraction=split.fraction,
+        split_seed=split.seed,
+        seed=train_cfg.seed,
+        device=device,
+        normalize=train_cfg.normalize,
+        mix_chunks=train_cfg.mix_chunks,
+        num_threads=train_cfg.num_threads,
+        prefetch=train_cfg.prefetch,
+        part=(ctx.rank, ctx.world_size),
+    )  # each rank reads only its share of a batch
     check_training_memory(name, model_cfg, train_cfg, d_in, device)
     torch.manual_seed(train_cfg.seed)
     model = build_model(model_cfg, d_in)
     # step, tokens_seen and finished are the trainer's to fill in at every checkpoint
-    meta = CheckpointMeta(type=model_cfg.type, model=model_cfg, d_in=d_in, hook=hook, split=split,
-                          normalization=Normalization(scale=loader.scale) if train_cfg.normalize else None,
-                          config_hash=config_hash, store_manifest_hash=store_hash, name=name,
-                          train=train_cfg.model_dump(mode="json")).model_dump(mode="json")
-    trainer = Trainer(model, model_cfg, train_cfg, folder, meta, scale=loader.scale, name=name, progress=progress,
-                      dist=ctx)
+    meta = CheckpointMeta(
+        type=model_cfg.type,
+        model=model_cfg,
+        d_in=d_in,
+        hook=hook,
+        split=split,
+        normalization=Normalization(scale=loader.scale) if train_cfg.normalize else None,
+        config_hash=config_hash,
+        store_manifest_hash=store_hash,
+        name=name,
+        train=train_cfg.model_dump(mode="json"),
+    ).model_dump(mode="json")
+    trainer = Trainer(
+        model,
+        model_cfg,
+        train_cfg,
+        folder,
+        meta,
+        scale=loader.scale,
+        name=name,
+        progress=progress,
+        dist=ctx,
+    )
     loader_state = trainer.resume()
     if loader_state is not None:
         loader.load_state_dict(loader_state)
@@ -220,11 +343,19 @@ def train_one(name: str, model_cfg: ModelConfig, train_cfg: TrainConfig, hook: s
     published = read_meta(folder)
     # reuse only a finished run whose published files are complete; a crash while publishing the
     # final checkpoint lands in fit(), which has no step left and just writes it again
-    reusable = ctx.broadcast(bool(existing is not None and existing.get("finished") and published is not None
-                                  and published.get("step") == existing.get("step")))
+    reusable = ctx.broadcast(
+        bool(
+            existing is not None
+            and existing.get("finished")
+            and published is not None
+            and published.get("step") == existing.get("step")
+        )
+    )
     tracker = None
     if not reusable and ctx.is_main:
-        tracker = trainer.tracker = _tracker(train_cfg, name, folder, hook, d_in, model_cfg, config_hash)
+        tracker = trainer.tracker = _tracker(
+            train_cfg, name, folder, hook, d_in, model_cfg, config_hash
+        )
     try:
         if not reusable:
             batches = iter(loader)
@@ -245,15 +376,29 @@ def train_one(name: str, model_cfg: ModelConfig, train_cfg: TrainConfig, hook: s
     finally:
         if tracker is not None:
             tracker.finish()
-    return record.model_copy(update={
-        "step": done.step, "tokens_seen": done.tokens_seen, "finished": done.finished, "final": last,
-        "heldout": heldout})
+    return record.model_copy(
+        update={
+            "step": done.step,
+            "tokens_seen": done.tokens_seen,
+            "finished": done.finished,
+            "final": last,
+            "heldout": heldout,
+        }
+    )
 
 
-def _tracker(cfg: TrainConfig, name: str, folder: str, hook: str, d_in: int, model_cfg: ModelConfig,
-             config_hash: str) -> Any:
+def _tracker(
+    cfg: TrainConfig,
+    name: str,
+    folder: str,
+    hook: str,
+    d_in: int,
+    model_cfg: ModelConfig,
+    config_hash: str,
+) -> Any:
     """The experiment tracker `cfg.log` asks for (None for "none"): project compsae-<pipeline> (from
-    the folder layout `<runs_root>/<pipeline>/train-<hash>/<model>`), grouped by the stage folder."""
+    the folder layout `<runs_root>/<pipeline>/train-<hash>/<model>`), grouped by the stage
+    folder."""
     if cfg.log == "none":
         return None
     from compsae.train.tracking import make_tracker
@@ -261,30 +406,65 @@ def _tracker(cfg: TrainConfig, name: str, folder: str, hook: str, d_in: int, mod
     stage_dir = folder.rstrip("/").rsplit("/", 1)[0]
     parts = stage_dir.rsplit("/", 2)
     pipeline = parts[-2] if len(parts) >= 2 else "runs"
-    config = {"model": model_cfg.model_dump(mode="json"), "train": cfg.model_dump(mode="json"), "hook": hook,
-              "d_in": d_in}
-    return make_tracker(cfg.log, cfg.wandb_project or f"compsae-{pipeline}", name, parts[-1], config,
-                        f"{name}-{config_hash}", stage_dir, cfg.wandb_entity)
+    config = {
+        "model": model_cfg.model_dump(mode="json"),
+        "train": cfg.model_dump(mode="json"),
+        "hook": hook,
+        "d_in": d_in,
+    }
+    return make_tracker(
+        cfg.log,
+        cfg.wandb_project or f"compsae-{pipeline}",
+        name,
+        parts[-1],
+        config,
+        f"{name}-{config_hash}",
+        stage_dir,
+        cfg.wandb_entity,
+    )
 
 
-def import_one(name: str, source: ImportedSAE, cfg: TrainStageConfig, store: ActivationStore, d_in: int,
-               folder: str) -> TrainedModelRecord:
+def import_one(
+    name: str,
+    source: ImportedSAE,
+    cfg: TrainStageConfig,
+    store: ActivationStore,
+    d_in: int,
+    folder: str,
+) -> TrainedModelRecord:
     """Import an SAE trained elsewhere into `folder` (beside the trained models); return its output
     record, with held-out metrics on the raw activations it takes."""
     from compsae.train.saelens_import import import_saelens
 
     split = HeldOutSplit(fraction=cfg.heldout_fraction)  # the trained models' split
-    summary = import_saelens(source.path, folder, name=name, hook=source.hook, expect_hook=cfg.hook,
-                             expect_d_in=d_in, split=split.model_dump(mode="json"))
+    summary = import_saelens(
+        source.path,
+        folder,
+        name=name,
+        hook=source.hook,
+        expect_hook=cfg.hook,
+        expect_d_in=d_in,
+        split=split.model_dump(mode="json"),
+    )
     sae = TrainedSAE.load(folder, "cpu", name)
     shared = TrainConfig.model_validate({f: getattr(cfg, f) for f in TrainConfig.model_fields})
-    return TrainedModelRecord(path=folder, type=summary["type"], imported={"format": source.format, "source": source.path},
-                              split=split, step=sae.meta.step, tokens_seen=None, finished=True, final={},
-                              heldout=heldout_metrics(sae, store, cfg.hook, shared))
+    return TrainedModelRecord(
+        path=folder,
+        type=summary["type"],
+        imported={"format": source.format, "source": source.path},
+        split=split,
+        step=sae.meta.step,
+        tokens_seen=None,
+        finished=True,
+        final={},
+        heldout=heldout_metrics(sae, store, cfg.hook, shared),
+    )
 
 
 @torch.no_grad()
-def heldout_metrics(sae: TrainedSAE, store: ActivationStore, hook: str, cfg: TrainConfig) -> dict[str, float] | None:
+def heldout_metrics(
+    sae: TrainedSAE, store: ActivationStore, hook: str, cfg: TrainConfig
+) -> dict[str, float] | None:
     """FVU, MSE (original units), L0 and, for CompSAE, FVU without the composition path and the mean
     gate, on up to `HELDOUT_EVAL_BATCHES` batches of the held-out rows of the split `sae` records;
     None when nothing is held out."""
@@ -294,9 +474,20 @@ def heldout_metrics(sae: TrainedSAE, store: ActivationStore, hook: str, cfg: Tra
     scale = sae.scale
     try:
         # store units in, the model's scale applied as in training
-        loader = BatchLoader(store, hook, batch_size=min(cfg.batch_size, 256), split="heldout",
-                             heldout_fraction=split.fraction, split_seed=split.seed, seed=cfg.seed, device=sae.device,
-                             normalize=False, shuffle=False, epochs=1, num_threads=cfg.num_threads)
+        loader = BatchLoader(
+            store,
+            hook,
+            batch_size=min(cfg.batch_size, 256),
+            split="heldout",
+            heldout_fraction=split.fraction,
+            split_seed=split.seed,
+            seed=cfg.seed,
+            device=sae.device,
+            normalize=False,
+            shuffle=False,
+            epochs=1,
+            num_threads=cfg.num_threads,
+        )
     except UserError:
         return None  # fewer held-out rows than one batch: nothing worth reporting
     full, linear = FVUAccumulator(), FVUAccumulator()
@@ -317,8 +508,12 @@ def heldout_metrics(sae: TrainedSAE, store: ActivationStore, hook: str, cfg: Tra
             n += x.shape[0]
     finally:
         batches.close()
-    result = {"fvu": full.fvu, "mse": full.sq_err / max(1, full.count * store.d_model(hook)), "l0": l0 / max(n, 1),
-              "tokens": n}
+    result = {
+        "fvu": full.fvu,
+        "mse": full.sq_err / max(1, full.count * store.d_model(hook)),
+        "l0": l0 / max(n, 1),
+        "tokens": n,
+    }
     if linear.count:
         result["fvu_no_comp"] = linear.fvu
         result["gate_mean"] = sums["gate_mean"] / n

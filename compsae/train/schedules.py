@@ -62,7 +62,8 @@ def pair_scale_at(step: int, total: int, cfg: ModelConfig) -> float:
 def pair_group_scale_at(step: int, total: int, cfg: ModelConfig) -> float:
     """Factor on the pair embeddings' group lasso: 0 → 1 linearly over `pair_group_warmup_fraction`
     of training counted from the step the pair term joins.  It must not act on a path that has not
-    grown yet: with all rows of E near zero no latent's pairs pay for its row, and it would stay 0."""
+    grown yet: with all rows of E near zero no latent's pairs pay for its row, and it would stay
+    0."""
     if not isinstance(cfg, CompSAEConfig):
         return 1.0
     start, warm = int(cfg.pair_start_fraction * total), int(cfg.pair_group_warmup_fraction * total)
@@ -70,5 +71,6 @@ def pair_group_scale_at(step: int, total: int, cfg: ModelConfig) -> float:
 
 
 def pair_on_at(step: int, total: int, cfg: ModelConfig) -> bool:
-    """Whether the pair term is part of the reconstruction at `step` (after `pair_start_fraction`)."""
+    """Whether the pair term is part of the reconstruction at `step` (after
+    `pair_start_fraction`)."""
     return step >= int(cfg.pair_start_fraction * total)

@@ -13,4 +13,6 @@ def run(cfg: TrainStageConfig, ctx: StageContext) -> TrainOutputs:
     """Train every model on the harvest's store into the stage folder (every rank under torchrun;
     `workers` N, a CLI option: N models at once in their own processes)."""
     store = ctx.outputs("harvest", HarvestOutputs).store
-    return TrainOutputs.model_validate(run_train(cfg, store, ctx.out_dir, force=ctx.force, workers=ctx.option("workers")))
+    return TrainOutputs.model_validate(
+        run_train(cfg, store, ctx.out_dir, force=ctx.force, workers=ctx.option("workers"))
+    )

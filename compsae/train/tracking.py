@@ -16,20 +16,42 @@ from compsae.errors import UserError
 class WandbTracker:
     """Logs every metrics record of one model's training to its W&B run."""
 
-    def __init__(self, project: str, name: str, group: str, config: dict[str, Any], run_id: str, folder: str,
-                 entity: str | None = None) -> None:
+    def __init__(
+        self,
+        project: str,
+        name: str,
+        group: str,
+        config: dict[str, Any],
+        run_id: str,
+        folder: str,
+        entity: str | None = None,
+    ) -> None:
         try:
             import wandb
         except ImportError:
-            raise UserError("train.log is wandb but wandb is not installed: pip install -e '.[wandb]' "
-                            "(or set train.log=none)") from None
-        self.run = wandb.init(project=project, entity=entity, name=name, group=group, config=config, id=run_id,
-                              resume="allow", dir=folder, reinit="finish_previous")
+            raise UserError(
+                "train.log is wandb but wandb is not installed: pip install -e '.[wandb]' "
+                "(or set train.log=none)"
+            ) from None
+        self.run = wandb.init(
+            project=project,
+            entity=entity,
+            name=name,
+            group=group,
+            config=config,
+            id=run_id,
+            resume="allow",
+            dir=folder,
+            reinit="finish_previous",
+        )
 
     def log(self, record: dict[str, Any]) -> None:
         """One metrics.jsonl record, under `train/<key>`, at its step (tokens seen logged too)."""
-        values = {f"train/{k}": v for k, v in record.items()
-                  if k != "step" and isinstance(v, numbers.Real) and not isinstance(v, bool)}
+        values = {
+            f"train/{k}": v
+            for k, v in record.items()
+            if k != "step" and isinstance(v, numbers.Real) and not isinstance(v, bool)
+        }
         self.run.log(values, step=int(record["step"]))
 
     def summary(self, heldout: dict[str, Any]) -> None:
@@ -42,8 +64,16 @@ class WandbTracker:
         self.run.finish()
 
 
-def make_tracker(kind: str, project: str, name: str, group: str, config: dict[str, Any], run_id: str, folder: str,
-                 entity: str | None = None) -> WandbTracker | None:
+def make_tracker(
+    kind: str,
+    project: str,
+    name: str,
+    group: str,
+    config: dict[str, Any],
+    run_id: str,
+    folder: str,
+    entity: str | None = None,
+) -> WandbTracker | None:
     """The tracker `train.log` asks for (None for "none")."""
     if kind == "none":
         return None

@@ -90,10 +90,14 @@ class TrainedSAE:
     meta: CheckpointMeta
 
     @classmethod
-    def load(cls, folder: str, device: str | torch.device = "cpu", name: str | None = None) -> TrainedSAE:
+    def load(
+        cls, folder: str, device: str | torch.device = "cpu", name: str | None = None
+    ) -> TrainedSAE:
         """The model saved in `folder` (eval mode, schedule at its end), named after the folder."""
         model, meta = load_model(folder, device)
-        return cls(name or folder.rstrip("/").rsplit("/", 1)[-1], folder, model, parse_meta(meta, folder))
+        return cls(
+            name or folder.rstrip("/").rsplit("/", 1)[-1], folder, model, parse_meta(meta, folder)
+        )
 
     @property
     def scale(self) -> float:
@@ -136,17 +140,33 @@ class TrainedSAE:
         """`x̂: [b, d]` of store-unit rows `x: [b, d]`; store units in and out."""
         return self.forward(x).x_hat / self.scale
 
-    def batches(self, store: ActivationStore | str, batch_size: int = 512, split: Split = "heldout",
-                shuffle: bool = True, epochs: int | None = 1, seed: int = 0) -> BatchLoader:
+    def batches(
+        self,
+        store: ActivationStore | str,
+        batch_size: int = 512,
+        split: Split = "heldout",
+        shuffle: bool = True,
+        epochs: int | None = 1,
+        seed: int = 0,
+    ) -> BatchLoader:
         """Batches `[batch_size, d]` of this model's hook from `store`, in store units (feed them
         to `encode` / `reconstruct` as they are), on the checkpoint's own held-out split: `split`
         "heldout" (the rows it never trained on), "train" or "all".  A model trained elsewhere
         records no split: every row is then served, whatever `split` says."""
         own = self.split
-        return BatchLoader(store, self.hook, batch_size=batch_size, split=split if own else "all",
-                           heldout_fraction=own.fraction if own else 0.0,
-                           split_seed=own.seed if own else 0, seed=seed, device=self.device,
-                           normalize=False, shuffle=shuffle, epochs=epochs)
+        return BatchLoader(
+            store,
+            self.hook,
+            batch_size=batch_size,
+            split=split if own else "all",
+            heldout_fraction=own.fraction if own else 0.0,
+            split_seed=own.seed if own else 0,
+            seed=seed,
+            device=self.device,
+            normalize=False,
+            shuffle=shuffle,
+            epochs=epochs,
+        )
 
     @torch.no_grad()
     def encode(self, x: np.ndarray | torch.Tensor) -> Codes:
@@ -190,12 +210,17 @@ class TrainedSAE:
         pa, pb = torch.triu_indices(k, k, offset=1, device=idx.device)  # pairs of positions a < b
         latents = torch.stack([idx[:, pa], idx[:, pb]], dim=-1)  # [b, P, 2]
         # chunks of rows keep the [rows, 3, P, d] intervention tensor small
-        delta = torch.cat([self._mixed(idx[lo:lo + _PAIR_ROWS], vals[lo:lo + _PAIR_ROWS], pa, pb)
-                           for lo in range(0, idx.shape[0], _PAIR_ROWS)])
+        delta = torch.cat(
+            [
+                self._mixed(idx[lo : lo + _PAIR_ROWS], vals[lo : lo + _PAIR_ROWS], pa, pb)
+                for lo in range(0, idx.shape[0], _PAIR_ROWS)
+            ]
+        )
         return PairEffects(latents, delta / self.scale)
 
-    def _mixed(self, idx: torch.Tensor, vals: torch.Tensor, pa: torch.Tensor, pb: torch.Tensor
-               ) -> torch.Tensor:
+    def _mixed(
+        self, idx: torch.Tensor, vals: torch.Tensor, pa: torch.Tensor, pb: torch.Tensor
+    ) -> torch.Tensor:
         """Model-unit mixed differences `[b, P, d]` of the pairs (pa, pb) of positions:
         x̂(z) − x̂(z∖i) − x̂(z∖j) + x̂(z∖ij), by four decodes per pair."""
         b, k = idx.shape
@@ -216,13 +241,17 @@ def model_folders(train_dir: str) -> list[tuple[str, str]]:
     if not fs.isdir(root):
         raise UserError(f"no train stage folder at {train_dir}; run `compsae train` first")
     prefix = train_dir.rstrip("/")
-    names = sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(root, detail=False) if fs.isdir(p))
+    names = sorted(
+        p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(root, detail=False) if fs.isdir(p)
+    )
     base = root.rstrip("/")
     for n in names:
         # weights without their metadata: leaving the model out silently would drop it from the
         # metrics, so say which folder is broken instead
         if fs.exists(f"{base}/{n}/{MODEL_FILE}") and not fs.exists(f"{base}/{n}/{CONFIG_FILE}"):
-            raise UserError(f"{prefix}/{n} has {MODEL_FILE} but no {CONFIG_FILE}; restore it or retrain")
+            raise UserError(
+                f"{prefix}/{n} has {MODEL_FILE} but no {CONFIG_FILE}; restore it or retrain"
+            )
     return [(n, f"{prefix}/{n}") for n in names if fs.exists(f"{base}/{n}/{CONFIG_FILE}")]
 
 

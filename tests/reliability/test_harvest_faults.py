@@ -34,16 +34,27 @@ ROUNDS = [("cli", 10), ("cli", 10), ("threads", 4)]
 TIME_LIMIT_S = 240  # guard against an endless loop on a very loaded machine, not a timing assertion
 HOOKS = ["blocks.0.hook_resid_post", "blocks.1.hook_mlp_out"]
 # 36,864 rows in 72 shards of 512; a batch (12 sequences, 384 rows) straddles shards.
-HARVEST: dict[str, Any] = {"model": "tiny-neox", "hooks": HOOKS, "data": {"source": "synthetic:mixed", "seed": 1},
-                           "context": 32, "n_tokens": 36_864, "batch_size": 12, "chunk_rows": 128,
-                           "shard_rows": 512, "device": "cpu"}
+HARVEST: dict[str, Any] = {
+    "model": "tiny-neox",
+    "hooks": HOOKS,
+    "data": {"source": "synthetic:mixed", "seed": 1},
+    "context": 32,
+    "n_tokens": 36_864,
+    "batch_size": 12,
+    "chunk_rows": 128,
+    "shard_rows": 512,
+    "device": "cpu",
+}
 
 
 def pipelines_file(folder: Path, **harvest: Any) -> Path:
     """A pipelines.yaml with one harvest-only pipeline `k` whose runs go under `folder/runs`."""
     path = folder / "pipelines.yaml"
     folder.mkdir(parents=True, exist_ok=True)
-    doc = {"runs_root": str(folder / "runs"), "pipelines": {"k": {"harvest": {**HARVEST, **harvest}}}}
+    doc = {
+        "runs_root": str(folder / "runs"),
+        "pipelines": {"k": {"harvest": {**HARVEST, **harvest}}},
+    }
     path.write_text(json.dumps(doc))  # JSON is YAML
     return path
 
@@ -64,7 +75,8 @@ def done_count(store: Path | None) -> int:
 
 
 def store_of(folder: Path, how: str) -> Path:
-    """The store of a kill round: `<folder>/store.zarr` (direct harvest) or in the CLI's stage folder."""
+    """The store of a kill round: `<folder>/store.zarr` (direct harvest) or in the CLI's stage
+    folder."""
     if how == "threads":
         return folder / "store.zarr"
     stage = harvest_folder(folder)
@@ -105,15 +117,16 @@ def assert_same_as_reference(url: str, ref_url: str) -> None:
     assert ma == mb
 
 
-# -- the fork driver --------------------------------------------------------------------------------
+# -- the fork driver
+# --------------------------------------------------------------------------------
 
 
 def _driver() -> None:
-    """Read `{"argv": [...], "log": path, "kill_after": seconds | null}` lines; run each as `compsae`
-    (or, for `["threads", out_dir]`, a harvest on two Dask thread workers) in a forked child, SIGKILL
-    it after `kill_after` seconds if it is still running, and report
-    `{"status"}`: its exit code, or -9 when killed.  The driver kills its own unreaped child, so
-    the pid cannot belong to another process by then."""
+    """Read `{"argv": [...], "log": path, "kill_after": seconds | null}` lines; run each as
+    `compsae` (or, for `["threads", out_dir]`, a harvest on two Dask thread workers) in a forked
+    child, SIGKILL it after `kill_after` seconds if it is still running, and report `{"status"}`:
+    its exit code, or -9 when killed.  The driver kills its own unreaped child, so the pid cannot
+    belong to another process by then."""
     import transformer_lens.model_bridge  # noqa: F401 - the imports a harvest needs, paid once
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM  # noqa: F401
 
@@ -132,11 +145,15 @@ def _driver() -> None:
             os.dup2(fd, 2)
             code = 99
             try:
-                if job["argv"][0] == "threads":  # ["threads", out_dir]: 2 thread workers, in this process
+                if (
+                    job["argv"][0] == "threads"
+                ):  # ["threads", out_dir]: 2 thread workers, in this process
                     from compsae.harvest.config import HarvestConfig
                     from compsae.harvest.run import run_harvest
 
-                    run_harvest(HarvestConfig(**HARVEST), job["argv"][1], workers=2, processes=False)
+                    run_harvest(
+                        HarvestConfig(**HARVEST), job["argv"][1], workers=2, processes=False
+                    )
                     code = 0
                 else:
                     code = cli.main(job["argv"])
@@ -165,8 +182,13 @@ class Driver:
     """The test's handle on the fork driver."""
 
     def __init__(self) -> None:
-        self.proc = subprocess.Popen([sys.executable, __file__, "--driver"], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
+        self.proc = subprocess.Popen(
+            [sys.executable, __file__, "--driver"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "TQDM_DISABLE": "1"},
+        )
         assert self._read() == {"ready": True}
 
     def _read(self) -> dict[str, Any]:
@@ -180,7 +202,9 @@ class Driver:
         """Run `compsae *argv` in a forked child, killed with SIGKILL after `kill_after` seconds if
         it is still running; returns its exit code, or -9 when it was killed."""
         assert self.proc.stdin is not None
-        self.proc.stdin.write(json.dumps({"argv": argv, "log": str(log), "kill_after": kill_after}) + "\n")
+        self.proc.stdin.write(
+            json.dumps({"argv": argv, "log": str(log), "kill_after": kill_after}) + "\n"
+        )
         self.proc.stdin.flush()
         return int(self._read()["status"])
 
@@ -199,7 +223,9 @@ def test_kill9_at_random_points_then_resume_equals_uninterrupted(tmp_path: Path)
     try:
         ref = tmp_path / "reference"
         t_ref = time.monotonic()
-        assert driver.run(["harvest", "-p", "k", "-c", str(pipelines_file(ref))], log) == 0, log.read_text()[-2000:]
+        assert driver.run(["harvest", "-p", "k", "-c", str(pipelines_file(ref))], log) == 0, (
+            log.read_text()[-2000:]
+        )
         # kill times span the uninterrupted run's length: a fixed range would miss the write
         # window as the write path gets faster or the machine slower
         t_ref = time.monotonic() - t_ref
@@ -214,14 +240,20 @@ def test_kill9_at_random_points_then_resume_equals_uninterrupted(tmp_path: Path)
             cli = ["harvest", "-p", "k", "-c", str(pipelines_file(folder))]
             argv = cli if how == "cli" else ["threads", str(folder)]
             for _ in range(round_kills):
-                assert time.monotonic() - t0 < TIME_LIMIT_S, f"only {kills} kills in {TIME_LIMIT_S} s"
+                assert time.monotonic() - t0 < TIME_LIMIT_S, (
+                    f"only {kills} kills in {TIME_LIMIT_S} s"
+                )
                 status = driver.run(argv, log, kill_after=rng.uniform(0.05, 1.1 * t_ref))
                 if status == 0:
                     break  # it finished first: this round is complete
-                assert status == -signal.SIGKILL, f"harvest failed (exit {status}): {log.read_text()[-2000:]}"
+                assert status == -signal.SIGKILL, (
+                    f"harvest failed (exit {status}): {log.read_text()[-2000:]}"
+                )
                 kills += 1
                 kills_mid_write += 0 < done_count(store_of(folder, how)) < n_shards
-            assert driver.run(argv, log) == 0, log.read_text()[-2000:]  # the rerun with nothing in the way
+            assert driver.run(argv, log) == 0, log.read_text()[
+                -2000:
+            ]  # the rerun with nothing in the way
             if how == "cli":
                 assert (store_of(folder, how).parent / "stage.json").exists()
             assert_same_as_reference(str(store_of(folder, how)), str(ref_stage / "store.zarr"))
@@ -229,9 +261,13 @@ def test_kill9_at_random_points_then_resume_equals_uninterrupted(tmp_path: Path)
                 plan.append(("cli", 20 - kills))
     finally:
         driver.close()
-    print(f"\nharvest kill -9: {kills} kills ({kills_mid_write} with the store part-written) in {len(plan)} rounds "
-          f"({', '.join(how for how, _ in plan)}); every resumed store equals the uninterrupted one and verifies "
-          f"({time.monotonic() - t0:.0f} s)")
+    print(
+        f"\nharvest kill -9: {kills} kills ({kills_mid_write} with the store part-written) in "
+        f"{len(plan)} rounds "
+        f"({', '.join(how for how, _ in plan)}); every resumed store equals the uninterrupted one "
+        "and verifies "
+        f"({time.monotonic() - t0:.0f} s)"
+    )
     assert kills >= 20 and kills_mid_write >= kills // 2
 
 
@@ -265,9 +301,12 @@ def error_lines(err: str) -> list[str]:
 
 
 @pytest.mark.reliability
-def test_disk_full_mid_shard_is_one_line_exit_2_and_resumes(tmp_path: Path, reference_store: str,
-                                                            monkeypatch: pytest.MonkeyPatch,
-                                                            capsys: pytest.CaptureFixture[str]) -> None:
+def test_disk_full_mid_shard_is_one_line_exit_2_and_resumes(
+    tmp_path: Path,
+    reference_store: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     from compsae import cli
     from compsae.store import writer
 
@@ -305,16 +344,19 @@ def _mount_tmpfs(where: Path, size: str) -> bool:
 
 
 @pytest.mark.reliability
-def test_disk_full_on_a_real_small_tmpfs(tmp_path: Path, reference_store: str,
-                                         capsys: pytest.CaptureFixture[str]) -> None:
-    """A 1 MiB tmpfs (the store needs ~3.4 MiB): the harvest checks the disk up front and refuses in one
-    line naming what it needs; grown, the rerun completes.  (A disk that fills mid-write is the
+def test_disk_full_on_a_real_small_tmpfs(
+    tmp_path: Path, reference_store: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A 1 MiB tmpfs (the store needs ~3.4 MiB): the harvest checks the disk up front and refuses in
+    one line naming what it needs; grown, the rerun completes.  (A disk that fills mid-write is the
     simulated test's: with the up-front check a real small disk no longer gets that far.)"""
     from compsae import cli
 
     disk = tmp_path / "small_disk"
     if not _mount_tmpfs(disk, "1m"):
-        pytest.skip("cannot mount a tmpfs here (needs root); the simulated disk-full test covers the logic")
+        pytest.skip(
+            "cannot mount a tmpfs here (needs root); the simulated disk-full test covers the logic"
+        )
     try:
         config = pipelines_file(tmp_path, store=str(disk / "store.zarr"))
         assert cli.main(["harvest", "-p", "k", "-c", str(config)]) == 2

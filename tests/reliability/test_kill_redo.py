@@ -22,17 +22,31 @@ from compsae.store import ActivationStore
 pytestmark = pytest.mark.reliability
 
 ROOT = Path(__file__).resolve().parents[2]
-SMALL = ["harvest.n_tokens=2048", "train.tokens=2048", "train.models.compsae.n_latents=64",
-         "train.models.topk.n_latents=64", "train.models.relu.n_latents=64", "analyze.baselines=[pca]",
-         "analyze.max_heldout_tokens=512", "analyze.baseline_fit_tokens=256", "analyze.pair_latents=16"]
+SMALL = [
+    "harvest.n_tokens=2048",
+    "train.tokens=2048",
+    "train.models.compsae.n_latents=64",
+    "train.models.topk.n_latents=64",
+    "train.models.relu.n_latents=64",
+    "analyze.baselines=[pca]",
+    "analyze.max_heldout_tokens=512",
+    "analyze.baseline_fit_tokens=256",
+    "analyze.pair_latents=16",
+]
 KILLS = {"harvest": 5, "analyze": 5}
 SEED = 14
 
 
 def _compsae(args: list[str], work: Path, kill_after: float | None = None) -> int:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "compsae.cli", *args], cwd=work, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "compsae.cli", *args],
+        cwd=work,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
     try:
         _, err = proc.communicate(timeout=kill_after if kill_after is not None else 900)
     except subprocess.TimeoutExpired:
@@ -60,13 +74,23 @@ def _record_is_true(folder: Path, stage: str) -> None:
     else:
         json.loads((folder / "metrics.json").read_text())
         for rel in record["outputs"].get("files", {}).values():
-            for name in rel.values() if isinstance(rel, dict) else [rel] if isinstance(rel, str) else rel:
+            for name in (
+                rel.values() if isinstance(rel, dict) else [rel] if isinstance(rel, str) else rel
+            ):
                 assert (folder / name).exists(), f"analyze record lists {name}, which is missing"
 
 
-def test_killed_forced_redos_never_leave_a_record_that_lies(tmp_path: Path,
-                                                            capsys: pytest.CaptureFixture[str]) -> None:
-    base = ["--pipeline", "tiny", "--config", str(ROOT / "pipelines.yaml"), "--set", f"runs_root={tmp_path / 'runs'}"]
+def test_killed_forced_redos_never_leave_a_record_that_lies(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    base = [
+        "--pipeline",
+        "tiny",
+        "--config",
+        str(ROOT / "pipelines.yaml"),
+        "--set",
+        f"runs_root={tmp_path / 'runs'}",
+    ]
     for s in SMALL:
         base += ["--set", s]
     rng = random.Random(SEED)
@@ -79,7 +103,12 @@ def test_killed_forced_redos_never_leave_a_record_that_lies(tmp_path: Path,
         span = time.monotonic() - t0
         kills[stage] = 0
         for _ in range(n):
-            if _compsae([stage, *base, "--force"], tmp_path, kill_after=rng.uniform(0.1, 1.1) * span) == -9:
+            if (
+                _compsae(
+                    [stage, *base, "--force"], tmp_path, kill_after=rng.uniform(0.1, 1.1) * span
+                )
+                == -9
+            ):
                 kills[stage] += 1
             _record_is_true(folder, stage)
         assert _compsae([stage, *base], tmp_path) == 0
@@ -87,5 +116,8 @@ def test_killed_forced_redos_never_leave_a_record_that_lies(tmp_path: Path,
         _record_is_true(folder, stage)
     assert _compsae(["verify", str(tmp_path / "runs" / "tiny")], tmp_path) == 0
     with capsys.disabled():
-        print(f"\nKILL_REDO kills={sum(kills.values())} (harvest {kills['harvest']}, analyze {kills['analyze']})")
+        print(
+            f"\nKILL_REDO kills={sum(kills.values())} (harvest {kills['harvest']}, analyze "
+            f"{kills['analyze']})"
+        )
     assert sum(kills.values()) >= 3

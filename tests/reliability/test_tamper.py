@@ -45,8 +45,13 @@ def _make_store(url: str, seed: int) -> None:
     for s in range(st_.n_shards):
         lo, hi = st_.shard_range(s)
         rows = np.arange(lo, hi)
-        st_.write_shard(s, {h: rng.normal(size=(hi - lo, d)) for h, d in HOOKS.items()}, rng.integers(0, 50, hi - lo),
-                        rows // 32, rows % 32)
+        st_.write_shard(
+            s,
+            {h: rng.normal(size=(hi - lo, d)) for h, d in HOOKS.items()},
+            rng.integers(0, 50, hi - lo),
+            rows // 32,
+            rows % 32,
+        )
     st_.finalize()
 
 
@@ -54,9 +59,19 @@ def _make_checkpoint(folder: str, seed: int) -> None:
     torch.manual_seed(seed)
     cfg = make_model_config(type="topk", n_latents=32, k=4)
     model = build_model(cfg, 16)
-    meta = {"model": cfg.model_dump(mode="json"), "d_in": 16, "hook": "h.a", "step": 7, "tokens_seen": 700,
-            "finished": True, "config_hash": "tamper", "normalization": {"scale": 1.5}}
-    save_checkpoint(folder, model, meta, train_tensors={"opt.step": torch.tensor(7.0)}, train_json={"epoch": 0})
+    meta = {
+        "model": cfg.model_dump(mode="json"),
+        "d_in": 16,
+        "hook": "h.a",
+        "step": 7,
+        "tokens_seen": 700,
+        "finished": True,
+        "config_hash": "tamper",
+        "normalization": {"scale": 1.5},
+    }
+    save_checkpoint(
+        folder, model, meta, train_tensors={"opt.step": torch.tensor(7.0)}, train_json={"epoch": 0}
+    )
 
 
 @pytest.fixture(scope="module")
@@ -65,14 +80,23 @@ def pristine(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     for name, seed in (("a", 0), ("b", 1)):
         _make_store(str(root / f"{name}.zarr"), seed)
         _make_checkpoint(str(root / f"ckpt_{name}"), seed)
-    store_files = sorted(str(p.relative_to(root / "a.zarr")) for p in (root / "a.zarr").rglob("*")
-                         if p.is_file() and p.name != ".compsae.lock")
+    store_files = sorted(
+        str(p.relative_to(root / "a.zarr"))
+        for p in (root / "a.zarr").rglob("*")
+        if p.is_file() and p.name != ".compsae.lock"
+    )
     ckpt_files = sorted(p.name for p in (root / "ckpt_a").iterdir() if p.is_file())
-    return {"root": root, "store_files": store_files, "ckpt_files": ckpt_files,
-            "store_result": store_result(str(root / "a.zarr")), "ckpt_result": checkpoint_result(str(root / "ckpt_a"))}
+    return {
+        "root": root,
+        "store_files": store_files,
+        "ckpt_files": ckpt_files,
+        "store_result": store_result(str(root / "a.zarr")),
+        "ckpt_result": checkpoint_result(str(root / "ckpt_a")),
+    }
 
 
-# -- what the stages read ----------------------------------------------------------------------------
+# -- what the stages read
+# ----------------------------------------------------------------------------
 
 
 def store_result(url: str) -> str:
@@ -83,7 +107,9 @@ def store_result(url: str) -> str:
         for c in range(store.n_chunks):
             h.update(np.ascontiguousarray(store.read_chunk_raw(hook, c)).tobytes())
         s = store.stats(hook)
-        h.update(json.dumps([s["count"], s["mean"].tolist(), s["var"].tolist(), s["mean_norm"]]).encode())
+        h.update(
+            json.dumps([s["count"], s["mean"].tolist(), s["var"].tolist(), s["mean_norm"]]).encode()
+        )
     for col in (store.tokens, store.seq_id, store.pos):
         h.update(np.ascontiguousarray(col).tobytes())
     store.close()
@@ -104,7 +130,8 @@ def checkpoint_result(folder: str) -> str:
     return h.hexdigest()
 
 
-# -- mutations -----------------------------------------------------------------------------------------
+# -- mutations
+# -----------------------------------------------------------------------------------------
 
 
 def _leaves(node: Any, path: tuple = ()) -> list[tuple]:
@@ -124,9 +151,18 @@ def _other_valid(value: Any, choice: int) -> Any:
     if isinstance(value, float):
         return [value * 2, value + 1.0, value / 2, -value][choice % 4]
     if isinstance(value, str):
-        swaps = {"float16": "bfloat16", "bfloat16": "float16", "float32": "float16", "int32": "int64",
-                 "int64": "int32", "little": "big", "zstd": "blosc", "uint8": "int8", "float64": "float32",
-                 FORMAT: LEGACY_FORMAT}  # a store's format edited back to 1, whose checks are fewer
+        swaps = {
+            "float16": "bfloat16",
+            "bfloat16": "float16",
+            "float32": "float16",
+            "int32": "int64",
+            "int64": "int32",
+            "little": "big",
+            "zstd": "blosc",
+            "uint8": "int8",
+            "float64": "float32",
+            FORMAT: LEGACY_FORMAT,
+        }  # a store's format edited back to 1, whose checks are fewer
         return swaps.get(value, value + "x")
     return 0 if value is None else None
 
@@ -134,7 +170,11 @@ def _other_valid(value: Any, choice: int) -> Any:
 def _siblings(target: Path, root: Path) -> list[Path]:
     """Files of the same kind beside `target`: the other chunk files of its array (store), the
     other files of the folder (checkpoint)."""
-    if target.name == "zarr.json" or target.name.endswith((".json", ".lock")) and target.parent != root:
+    if (
+        target.name == "zarr.json"
+        or target.name.endswith((".json", ".lock"))
+        and target.parent != root
+    ):
         return []
     array = target.parent
     while array != root and not (array / "zarr.json").exists():
@@ -210,8 +250,14 @@ def _count(family: str, outcome: str) -> None:
     COUNTS[family]["tried"] = COUNTS[family].get("tried", 0) + 1
 
 
-def _tampered_copy(pristine: dict[str, Any], tmp_path_factory: pytest.TempPathFactory, data: st.DataObject,
-                   files: str, name: str, sibling: str) -> tuple[Path, str, str] | None:
+def _tampered_copy(
+    pristine: dict[str, Any],
+    tmp_path_factory: pytest.TempPathFactory,
+    data: st.DataObject,
+    files: str,
+    name: str,
+    sibling: str,
+) -> tuple[Path, str, str] | None:
     """A fresh copy of the pristine `name` (store or checkpoint folder) with one drawn file mutated
     by one drawn kind (`sibling`: the same-shaped other one, for swaps); (copy, file, kind), or None
     when the mutation does not apply to that file."""
@@ -225,43 +271,70 @@ def _tampered_copy(pristine: dict[str, Any], tmp_path_factory: pytest.TempPathFa
     return work, rel, kind
 
 
-# -- the tests -----------------------------------------------------------------------------------------
+# -- the tests
+# -----------------------------------------------------------------------------------------
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
-                                                                  HealthCheck.too_slow])
+@settings(
+    max_examples=300,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 @given(data=st.data())
-def test_tampered_store_files(pristine: dict[str, Any], tmp_path_factory: pytest.TempPathFactory,
-                              data: st.DataObject) -> None:
+def test_tampered_store_files(
+    pristine: dict[str, Any], tmp_path_factory: pytest.TempPathFactory, data: st.DataObject
+) -> None:
     drawn = _tampered_copy(pristine, tmp_path_factory, data, "store_files", "a.zarr", "b.zarr")
     if drawn is None:
         return
     work, rel, kind = drawn
     hook = _hook_of(rel)
     names = [str(work)] + ([hook] if hook else [])
-    _count("store", _judge(f"{kind} {rel}", lambda: store_result(str(work)), pristine["store_result"], names))
+    _count(
+        "store",
+        _judge(f"{kind} {rel}", lambda: store_result(str(work)), pristine["store_result"], names),
+    )
 
 
-@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
-                                                                  HealthCheck.too_slow])
+@settings(
+    max_examples=120,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 @given(data=st.data())
-def test_tampered_checkpoint_files(pristine: dict[str, Any], tmp_path_factory: pytest.TempPathFactory,
-                                   data: st.DataObject) -> None:
+def test_tampered_checkpoint_files(
+    pristine: dict[str, Any], tmp_path_factory: pytest.TempPathFactory, data: st.DataObject
+) -> None:
     drawn = _tampered_copy(pristine, tmp_path_factory, data, "ckpt_files", "ckpt_a", "ckpt_b")
     if drawn is None:
         return
     work, rel, kind = drawn
-    _count("checkpoint", _judge(f"{kind} {rel}", lambda: checkpoint_result(str(work)), pristine["ckpt_result"],
-                                [str(work)]))
+    _count(
+        "checkpoint",
+        _judge(
+            f"{kind} {rel}",
+            lambda: checkpoint_result(str(work)),
+            pristine["ckpt_result"],
+            [str(work)],
+        ),
+    )
 
 
-@pytest.mark.parametrize("drop", [(), ("store_id",), ("store_id", "integrity"),
-                                  ("store_id", "integrity", "progress/side_crc"),
-                                  ("store_id", "integrity", "progress/side_crc", "progress/chunk_crc")])
-def test_format_edited_back_to_1(pristine: dict[str, Any], tmp_path_factory: pytest.TempPathFactory,
-                                 drop: tuple[str, ...]) -> None:
-    """The manifest's format edited from 2 to 1 (format 1 has fewer checks), alone or with format 2's
-    other traces removed from the manifest and the folder, and two shard files of a hook swapped
+@pytest.mark.parametrize(
+    "drop",
+    [
+        (),
+        ("store_id",),
+        ("store_id", "integrity"),
+        ("store_id", "integrity", "progress/side_crc"),
+        ("store_id", "integrity", "progress/side_crc", "progress/chunk_crc"),
+    ],
+)
+def test_format_edited_back_to_1(
+    pristine: dict[str, Any], tmp_path_factory: pytest.TempPathFactory, drop: tuple[str, ...]
+) -> None:
+    """The manifest's format edited from 2 to 1 (format 1 has fewer checks), alone or with format
+    2's other traces removed from the manifest and the folder, and two shard files of a hook swapped
     (format 1 reads them without noticing; format 2 refuses them).  With every trace gone the store
     is a valid format-1 store (nothing inside it can tell): then the data is left as it was and the
     results must be identical."""
@@ -282,7 +355,12 @@ def test_format_edited_back_to_1(pristine: dict[str, Any], tmp_path_factory: pyt
         else:
             shutil.rmtree(work / name)
     (work / "zarr.json").write_text(json.dumps(doc))
-    outcome = _judge(f"format 1 without {drop}", lambda: store_result(str(work)), pristine["store_result"], [str(work)])
+    outcome = _judge(
+        f"format 1 without {drop}",
+        lambda: store_result(str(work)),
+        pristine["store_result"],
+        [str(work)],
+    )
     assert outcome == ("identical" if every_trace else "caught")
     _count("store", outcome)
 
@@ -293,9 +371,11 @@ def test_tamper_counts(capsys: pytest.CaptureFixture[str]) -> None:
     tried = s.get("tried", 0) + c.get("tried", 0)
     caught = s.get("caught", 0) + c.get("caught", 0)
     with capsys.disabled():
-        print(f"\nTAMPER tried={tried} caught={caught} identical={tried - caught} "
-              f"(store {s.get('tried', 0)} tried / {s.get('caught', 0)} caught, "
-              f"checkpoint {c.get('tried', 0)} tried / {c.get('caught', 0)} caught)")
+        print(
+            f"\nTAMPER tried={tried} caught={caught} identical={tried - caught} "
+            f"(store {s.get('tried', 0)} tried / {s.get('caught', 0)} caught, "
+            f"checkpoint {c.get('tried', 0)} tried / {c.get('caught', 0)} caught)"
+        )
     if not tried:
         pytest.skip("counts come from the tamper tests of this module")
     assert caught > 0

@@ -35,14 +35,27 @@ SMALL = {"n_latents": 64, "k": 4, "d_f": 16, "d_c": 8, "n_heads": 4, "aux_k": 16
 KILLS = 20
 
 
-def _cfg(steps: int, checkpoint_every: int, models: tuple[str, ...] = ("comp", "topk"), **over: Any
-         ) -> TrainStageConfig:
+def _cfg(
+    steps: int, checkpoint_every: int, models: tuple[str, ...] = ("comp", "topk"), **over: Any
+) -> TrainStageConfig:
     types = {"comp": "compsae", "topk": "topk", "relu": "relu"}
-    return TrainStageConfig(**{
-        "hook": HOOK, "batch_size": 64, "tokens": 64 * steps, "log_every": 5, "checkpoint_every": checkpoint_every,
-        "device": "cpu", "lr": 1e-3, "heldout_fraction": 0.1, "mix_chunks": 4, "num_threads": 1,
-        "dead_window_tokens": 640,
-        "models": {name: model_cfg(types[name], **SMALL) for name in models}, **over})
+    return TrainStageConfig(
+        **{
+            "hook": HOOK,
+            "batch_size": 64,
+            "tokens": 64 * steps,
+            "log_every": 5,
+            "checkpoint_every": checkpoint_every,
+            "device": "cpu",
+            "lr": 1e-3,
+            "heldout_fraction": 0.1,
+            "mix_chunks": 4,
+            "num_threads": 1,
+            "dead_window_tokens": 640,
+            "models": {name: model_cfg(types[name], **SMALL) for name in models},
+            **over,
+        }
+    )
 
 
 def _weights_equal(a: Path, b: Path) -> None:
@@ -87,7 +100,9 @@ def _train(cfg: TrainStageConfig, store_url: str, out_dir: str) -> None:
         import traceback
 
         Path(out_dir).mkdir(parents=True, exist_ok=True)
-        Path(out_dir, "child-error.txt").write_text(traceback.format_exc())  # for the assertion message
+        Path(out_dir, "child-error.txt").write_text(
+            traceback.format_exc()
+        )  # for the assertion message
         raise
 
 
@@ -187,7 +202,9 @@ class _FullDisk:
 
 
 @pytest.mark.parametrize("victim", ["train_state.safetensors", "model.safetensors", "config.json"])
-def test_disk_full_during_a_checkpoint_keeps_the_last_one_and_resumes(tmp_path, monkeypatch, victim):
+def test_disk_full_during_a_checkpoint_keeps_the_last_one_and_resumes(
+    tmp_path, monkeypatch, victim
+):
     store, _ = make_store(str(tmp_path / "s.zarr"), n=1024)
     cfg = _cfg(30, checkpoint_every=10, models=("topk",))
     run_train(cfg, store.url, str(tmp_path / "ref"), progress=False)
@@ -209,7 +226,12 @@ def test_disk_full_during_a_checkpoint_keeps_the_last_one_and_resumes(tmp_path, 
     with pytest.raises(UserError) as err:
         run_train(cfg, store.url, str(tmp_path / "run"), progress=False)
     message = str(err.value)
-    assert "disk full" in message and "step 20" in message and "rerun" in message and "\n" not in message
+    assert (
+        "disk full" in message
+        and "step 20" in message
+        and "rerun" in message
+        and "\n" not in message
+    )
     assert not list(folder.glob("*.tmp")) and not list(folder.glob("*.partial"))
     model, meta = load_model(str(folder))  # the folder still holds a loadable model
     assert meta["step"] in (10, 20) and not meta["finished"] and model.k == SMALL["k"]
@@ -243,7 +265,9 @@ def test_second_training_into_the_same_folder_refuses(tmp_path):
     os.kill(first.pid, signal.SIGKILL)
     first.join()
     assert 0 < _progress(out, ("topk",))[0] < 150
-    result = run_train(cfg, store.url, str(out), progress=False)  # no stale lock: it resumes and finishes
+    result = run_train(
+        cfg, store.url, str(out), progress=False
+    )  # no stale lock: it resumes and finishes
     assert result["models"]["topk"]["finished"] and result["models"]["topk"]["step"] == 150
 
 

@@ -11,8 +11,12 @@ from compsae.train.models.jumprelu import JumpReLUSAE
 from compsae.train.models.relu import ReLUSAE
 from compsae.train.models.topk import TopKSAE
 
-MODEL_TYPES: dict[str, type[SparseAutoencoder]] = {"compsae": CompSAE, "topk": TopKSAE, "relu": ReLUSAE,
-                                                   "jumprelu": JumpReLUSAE}
+MODEL_TYPES: dict[str, type[SparseAutoencoder]] = {
+    "compsae": CompSAE,
+    "topk": TopKSAE,
+    "relu": ReLUSAE,
+    "jumprelu": JumpReLUSAE,
+}
 
 
 def build_model(cfg: ModelConfig, d_in: int) -> SparseAutoencoder:
@@ -20,8 +24,20 @@ def build_model(cfg: ModelConfig, d_in: int) -> SparseAutoencoder:
     if cfg.type not in MODEL_TYPES:
         raise UserError(f"unknown model type {cfg.type!r}; choose one of {', '.join(MODEL_TYPES)}")
     if cfg.k > cfg.n_latents:
-        raise UserError(f"k ({cfg.k}) is larger than n_latents ({cfg.n_latents}); lower k or widen the dictionary")
+        raise UserError(
+            f"k ({cfg.k}) is larger than n_latents ({cfg.n_latents}); lower k or widen the "
+            "dictionary"
+        )
     return MODEL_TYPES[cfg.type](cfg, d_in)
 
 
-__all__ = ["MODEL_TYPES", "CompSAE", "JumpReLUSAE", "ReLUSAE", "SAEOutput", "SparseAutoencoder", "TopKSAE", "build_model"]
+__all__ = [
+    "MODEL_TYPES",
+    "CompSAE",
+    "JumpReLUSAE",
+    "ReLUSAE",
+    "SAEOutput",
+    "SparseAutoencoder",
+    "TopKSAE",
+    "build_model",
+]

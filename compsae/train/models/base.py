@@ -14,11 +14,11 @@ from compsae.train.config import ModelConfig
 @dataclass
 class SAEOutput:
     """One forward pass.  `x_hat: [b, d]`, `z: [b, n]` (dense, zeros where inactive); the rest is
-    None where a model has no such thing:
-    `active_idx: [b, k]` the active latents (top-k models), `comp: [b, d]` the composition term
-    (gated; in `x_hat` unless the path was switched off, so x̂_on = x̂_off + comp), `gate: [b, d]`
-    the gate in [0, 1], `attn: [b, heads, k, k]` attention between a token's active latents and
-    `item_out: [b, k, d_f]` each active latent's output of the attention block (attention composer)."""
+    None where a model has no such thing: `active_idx: [b, k]` the active latents (top-k models),
+    `comp: [b, d]` the composition term (gated; in `x_hat` unless the path was switched off, so
+    x̂_on = x̂_off + comp), `gate: [b, d]` the gate in [0, 1], `attn: [b, heads, k, k]` attention
+    between a token's active latents and `item_out: [b, k, d_f]` each active latent's output of the
+    attention block (attention composer)."""
 
     x_hat: torch.Tensor
     z: torch.Tensor
@@ -87,7 +87,8 @@ class SparseAutoencoder(nn.Module):
         self.k = cfg.k  # current k; the trainer anneals it, checkpoints restore cfg.k
         self.l1_scale = 1.0  # warm-up factor of the L1 penalty (relu)
 
-    # -- initialisation and the decoder constraint --------------------------------------------------
+    # -- initialisation and the decoder constraint
+    # --------------------------------------------------
 
     @torch.no_grad()
     def init_b_dec(self, sample: torch.Tensor) -> None:
@@ -109,7 +110,9 @@ class SparseAutoencoder(nn.Module):
         if self.cfg.unit_norm_decoder:
             normalize_rows_(self.W_dec.data)
 
-    def set_schedule(self, k: int | None = None, m: int | None = None, l1_scale: float | None = None) -> None:
+    def set_schedule(
+        self, k: int | None = None, m: int | None = None, l1_scale: float | None = None
+    ) -> None:
         """Turn the schedule knobs (current k, curriculum m, L1 warm-up factor)."""
         if k is not None:
             self.k = min(int(k), self.cfg.n_latents)
@@ -125,7 +128,8 @@ class SparseAutoencoder(nn.Module):
         """Whether the model has a composition path (its outputs then carry `comp`)."""
         return False
 
-    # -- the interface ------------------------------------------------------------------------------
+    # -- the interface
+    # ------------------------------------------------------------------------------
 
     def pre_activations(self, x: torch.Tensor) -> torch.Tensor:
         """`x: [b, d]` -> `[b, n]` before the sparsifying nonlinearity."""
@@ -139,12 +143,15 @@ class SparseAutoencoder(nn.Module):
         """Dense latents `z: [b, n]` -> `x_hat: [b, d]` (the linear dictionary part)."""
         return z @ self.W_dec + self.b_dec
 
-    def compute_loss(self, x: torch.Tensor, dead_mask: torch.Tensor | None = None
-                     ) -> tuple[dict[str, torch.Tensor], SAEOutput]:
+    def compute_loss(
+        self, x: torch.Tensor, dead_mask: torch.Tensor | None = None
+    ) -> tuple[dict[str, torch.Tensor], SAEOutput]:
         """Named loss terms ("loss" is the total) and the forward output they came from."""
         raise NotImplementedError
 
-    def loss(self, x: torch.Tensor, dead_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    def loss(
+        self, x: torch.Tensor, dead_mask: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
         """Named loss terms of a batch `x: [b, d]`; "loss" is the total to minimise."""
         return self.compute_loss(x, dead_mask)[0]
 

@@ -1,5 +1,6 @@
 """JumpReLU SAE (Rajamanoharan et al. 2024): a ReLU SAE whose latent i fires only above its own
-threshold θ_i.  Here for SAEs imported from SAELens (Gemma Scope and others); compsae does not train it."""
+threshold θ_i.  Here for SAEs imported from SAELens (Gemma Scope and others); compsae does not train
+it."""
 
 from __future__ import annotations
 
@@ -25,9 +26,13 @@ class JumpReLUSAE(SparseAutoencoder):
         z = F.relu(pre) * (pre > self.threshold)
         return SAEOutput(x_hat=self.decode(z), z=z)
 
-    def compute_loss(self, x: torch.Tensor, dead_mask: torch.Tensor | None = None
-                     ) -> tuple[dict[str, torch.Tensor], SAEOutput]:
+    def compute_loss(
+        self, x: torch.Tensor, dead_mask: torch.Tensor | None = None
+    ) -> tuple[dict[str, torch.Tensor], SAEOutput]:
         # the step function needs a straight-through estimator and an L0 penalty; compsae only
         # evaluates JumpReLU SAEs trained elsewhere
-        raise UserError("JumpReLU SAEs are imported (`compsae import --format saelens`), not trained by compsae; "
-                        "train a topk, relu or compsae model instead")
+        raise UserError(
+            "JumpReLU SAEs are imported (`compsae import --format saelens`), not trained by "
+            "compsae; "
+            "train a topk, relu or compsae model instead"
+        )

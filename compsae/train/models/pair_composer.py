@@ -48,13 +48,20 @@ def pair_sum_loop(u: torch.Tensor) -> torch.Tensor:
 class PairComposer(nn.Module):
     """Low-rank pairwise composition over one token's active latents (see the module docstring)."""
 
-    def __init__(self, n_latents: int, d_in: int, rank: int, selection: str = "all", score_dim: int = 16,
-                 diagonal: bool = False) -> None:
+    def __init__(
+        self,
+        n_latents: int,
+        d_in: int,
+        rank: int,
+        selection: str = "all",
+        score_dim: int = 16,
+        diagonal: bool = False,
+    ) -> None:
         super().__init__()
         self.selection = selection
         self.diagonal = diagonal  # PolySAE's form: + ½ Σ_i u_i ⊙ u_i, so c = ½ (Σ_i u_i)²
-        # W_out starts at zero, so training begins exactly as a TopK SAE and the path grows only where
-        # pairs pay for it.  E's scale (codes are O(1) on normalised inputs) was chosen on the
+        # W_out starts at zero, so training begins exactly as a TopK SAE and the path grows only
+        # where pairs pay for it.  E's scale (codes are O(1) on normalised inputs) was chosen on the
         # bilinear ground truth: std 1 let the early path disturb the dictionary (MCC 0.70-0.82
         # against 0.95 for TopK); 0.1 and 0.3 gave MCC 0.96 and 0.95 with the path joining at 30 %.
         self.E = nn.Parameter(torch.randn(n_latents, rank) * 0.1)  # [n, r]
@@ -68,38 +75,47 @@ class PairComposer(nn.Module):
         return vals.unsqueeze(-1).to(self.E.dtype) * F.embedding(idx, self.E)
 
     def pair_weights(self, idx: torch.Tensor, m: int | None) -> torch.Tensor | None:
-        """`s_ij: [b, k, k]` (symmetric, zero diagonal) for "top_m" selection; None for "all" (s = 1)
-        or when m covers every partner."""
+        """`s_ij: [b, k, k]` (symmetric, zero diagonal) for "top_m" selection; None for "all" (s =
+        1) or when m covers every partner."""
         k = idx.shape[1]
         if self.selection != "top_m" or m is None or m >= k - 1:
             return None
         emb = F.embedding(idx, self.E)  # [b, k, r]
-        scores = (emb @ self.W_q) @ (emb @ self.W_k).transpose(1, 2) / math.sqrt(self.W_q.shape[1])  # [b, q, key]
-        scores = scores.masked_fill(torch.eye(k, dtype=torch.bool, device=idx.device), float("-inf"))
+        scores = (
+            (emb @ self.W_q) @ (emb @ self.W_k).transpose(1, 2) / math.sqrt(self.W_q.shape[1])
+        )  # [b, q, key]
+        scores = scores.masked_fill(
+            torch.eye(k, dtype=torch.bool, device=idx.device), float("-inf")
+        )
         top = torch.topk(scores, m, dim=-1)
-        w = torch.zeros_like(scores).scatter(-1, top.indices, top.values.softmax(-1) * m)  # [b, q, key]
+        w = torch.zeros_like(scores).scatter(
+            -1, top.indices, top.values.softmax(-1) * m
+        )  # [b, q, key]
         return (w + w.transpose(1, 2)) / 2
 
     def forward(self, idx: torch.Tensor, vals: torch.Tensor, m: int | None = None) -> torch.Tensor:
         """Composition term `[b, d]` of the active latents (`idx`, `vals`: `[b, k]`)."""
         u = self.items(idx, vals)  # [b, k, r]
         s = self.pair_weights(idx, m)
-        # with s: Σ_{i<j} s_ij u_i ⊙ u_j = ½ Σ_i u_i ⊙ (Σ_j s_ij u_j), s symmetric with zero diagonal
+        # with s: Σ_{i<j} s_ij u_i ⊙ u_j = ½ Σ_i u_i ⊙ (Σ_j s_ij u_j), s symmetric with zero
+        # diagonal
         c = pair_sum(u) if s is None else (u * (s @ u)).sum(1) / 2  # [b, r]
         if self.diagonal:
             c = c + u.square().sum(1) / 2
         return c @ self.W_out
 
     def penalties(self, idx: torch.Tensor, vals: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The two penalties of the active latents (`idx`, `vals`: `[b, k]`), from one gather of the items:
+        """The two penalties of the active latents (`idx`, `vals`: `[b, k]`), from one gather of the
+        items:
 
-        - the bound: batch mean of `Σ_l ‖W_out[l]‖ Σ_{i<j} |u_il u_jl|`, an upper bound on the summed
-          norms of the token's pair terms (all pairs, whatever the selection);
-        - the group lasso: batch mean of `Σ_i ‖u_i ⊙ w‖₂`, `w_l = ‖W_out[l]‖` held fixed, over the
-          latents' pair embeddings in output units.  It pulls a latent's whole row toward zero unless
-          its pairs pay for it (a latent that composes with nothing should have no pair term with any
-          partner).  Its pull grows with W_out as the reconstruction's does (both ∝ ‖W_out‖ near
-          zero), so it cannot switch off a path that is still growing; only E gets its gradient."""
+                - the bound: batch mean of `Σ_l ‖W_out[l]‖ Σ_{i<j} |u_il u_jl|`, an upper bound on
+                  the summed norms of the token's pair terms (all pairs, whatever the selection);
+                - the group lasso: batch mean of `Σ_i ‖u_i ⊙ w‖₂`, `w_l = ‖W_out[l]‖` held fixed,
+                  over the latents' pair embeddings in output units.  It pulls a latent's whole row
+                  toward zero unless its pairs pay for it (a latent that composes with nothing
+                  should have no pair term with any partner).  Its pull grows with W_out as the
+                  reconstruction's does (both ∝ ‖W_out‖ near zero), so it cannot switch off a path
+                  that is still growing; only E gets its gradient."""
         u = self.items(idx, vals)  # [b, k, r]
         w = self.W_out.norm(dim=-1)  # [r]
         bound = (pair_sum(u.abs()) @ w).mean()
@@ -107,5 +123,6 @@ class PairComposer(nn.Module):
         return bound, group
 
     def pair_term(self, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
-        """`R_ij = (E[i] ⊙ E[j]) W_out` for latent ids `i`, `j: [p]` -> `[p, d]` (unit codes, s = 1)."""
+        """`R_ij = (E[i] ⊙ E[j]) W_out` for latent ids `i`, `j: [p]` -> `[p, d]` (unit codes, s =
+        1)."""
         return (self.E[i] * self.E[j]) @ self.W_out

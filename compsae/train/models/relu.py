@@ -16,8 +16,9 @@ class ReLUSAE(SparseAutoencoder):
         z = F.relu(self.pre_activations(x))
         return SAEOutput(x_hat=self.decode(z), z=z)
 
-    def compute_loss(self, x: torch.Tensor, dead_mask: torch.Tensor | None = None
-                     ) -> tuple[dict[str, torch.Tensor], SAEOutput]:
+    def compute_loss(
+        self, x: torch.Tensor, dead_mask: torch.Tensor | None = None
+    ) -> tuple[dict[str, torch.Tensor], SAEOutput]:
         out = self.forward(x)
         recon = reconstruction_loss(x, out.x_hat)
         dec_norms = torch.linalg.vector_norm(self.W_dec, dim=-1)  # [n]
