@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from compsae.analysis.metrics import flat_rows, json_safe
-from compsae.figures import plain_text, pyplot
+from compsae.figures import log_axis, plain_text, pyplot
 from compsae.files import ANALYSIS_METRICS, ANALYSIS_METRICS_TABLE, ANALYSIS_REPORT
 
 FVU_DEFINITION = (
@@ -136,7 +136,7 @@ def plot_fvu_vs_l0(metrics: dict[str, Any], path: str) -> None:
         ax.scatter([a["l0"]], [a["fvu"]], label=name)
         if a.get("fvu_nocomp") is not None:
             ax.scatter([a["l0"]], [a["fvu_nocomp"]], marker="x", label=f"{name} (composition off)")
-    ax.set_xscale("log")
+    log_axis(ax, "x")
     ax.set_xlabel("L0")
     ax.set_ylabel("FVU (held-out)")
     ax.legend(fontsize=7)

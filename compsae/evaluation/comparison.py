@@ -33,7 +33,7 @@ from compsae.evaluation.pair_recovery import (
     thresholded_pairs,
     true_pairs,
 )
-from compsae.figures import plain_text, pyplot
+from compsae.figures import log_axis, plain_text, pyplot
 from compsae.store import ActivationStore
 from compsae.store.split import HeldOutSplit
 from compsae.variance import FVUAccumulator
@@ -288,7 +288,6 @@ def pair_score_figure(rows: list[dict], path: str) -> bool:
     if not scored:
         return False
     plt = pyplot()
-    from matplotlib.ticker import FuncFormatter, LogLocator
 
     fig, ax = plt.subplots(figsize=(max(4.8, 1.6 + 1.4 * len(scored)), 3.8))
     floor = 1e-5  # log axis: a score of 0 (unmatched or no effect) is drawn at the floor
@@ -312,11 +311,7 @@ def pair_score_figure(rows: list[dict], path: str) -> bool:
             ax.hlines(
                 max(t, floor), i - 0.35, i + 0.35, colors="k", linestyles="dashed", linewidth=1
             )
-    ax.set_yscale("log")
-    # plain tick labels: the default log labels are TeX, which compsae's figures do not parse
-    ax.yaxis.set_major_locator(LogLocator(base=10))
-    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-    ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
+    log_axis(ax, "y")
     ax.set_xticks(
         range(len(scored)),
         [f"{r['label']}\nAUC {r.get('pair_auc', float('nan')):.3f}" for r in scored],

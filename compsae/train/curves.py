@@ -16,7 +16,7 @@ from typing import Any
 import fsspec
 import pandas as pd
 
-from compsae.figures import plain_text, pyplot
+from compsae.figures import log_axis, plain_text, pyplot
 from compsae.files import TRAINING_CURVES
 from compsae.train.trainer import METRICS_FILE
 
@@ -79,8 +79,6 @@ def loss_terms(logs: dict[str, pd.DataFrame]) -> list[str]:
 def plot_training_curves(logs: dict[str, pd.DataFrame], path: str) -> list[str]:
     """One PNG at local `path` with a panel per quantity and a line per model (name -> its log);
     returns the panels drawn.  Models without a log are left out."""
-    import matplotlib.ticker
-
     plt = pyplot()
 
     logs = {n: df for n, df in logs.items() if not df.empty and "tokens" in df}
@@ -112,10 +110,7 @@ def plot_training_curves(logs: dict[str, pd.DataFrame], path: str) -> list[str]:
                     lw=1.2,
                 )
         if log_y and all((df[key].dropna() > 0).all() for df in logs.values() if key in df):
-            ax.set_yscale("log")
-            plain = matplotlib.ticker.FormatStrFormatter("%.3g")  # 0.6, not 6×10⁻¹
-            ax.yaxis.set_major_formatter(plain)
-            ax.yaxis.set_minor_formatter(plain)
+            log_axis(ax, "y")
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("tokens seen", fontsize=8)
         ax.tick_params(labelsize=7)
