@@ -156,7 +156,9 @@ def _pairs_of_model(
         return []  # an additive decoder: every mixed difference is 0
     count, norm, gain = np.zeros(m * m), np.zeros(m * m), np.zeros(m * m)
     seen, sq_dev = 0, 0.0
-    for x in sae.batches(store, batch_size=batch_size, shuffle=False):
+    # a store with fewer held-out rows than one batch is measured in one smaller batch
+    rows = sae.batches(store, batch_size=1, shuffle=False).n_rows
+    for x in sae.batches(store, batch_size=max(1, min(batch_size, rows)), shuffle=False):
         x = x[: max_rows - seen].to(sae.device)
         codes = sae.encode(x)
         eff = sae.pair_effects(x)  # store units, like x and the residual

@@ -249,6 +249,13 @@ def test_nmf_baseline_sign_split_and_top_k():
     assert ReconSums.from_batch(x, out.x_hat, np.zeros(300)).summary()["fvu"] < 1.0
 
 
+def test_nmf_baseline_with_more_components_than_the_sign_split_has_dimensions():
+    # a small hook: the default 128 atoms exceed 2d = 12; fewer atoms, not a traceback
+    x = np.random.default_rng(6).normal(size=(300, 6)).astype(np.float32)
+    nmf = NMFBaseline.fit(x, k=4, n_components=128)
+    assert nmf.n_latents == 12 and ((nmf(x).z > 0).sum(1) <= 4).all()
+
+
 def test_top_contexts_ties_go_to_the_lower_row_whatever_the_block_order():
     # every code equal: the k kept must be the k lowest store rows, however the rows are ordered
     rng = np.random.default_rng(2)

@@ -22,12 +22,25 @@ def test_readme_python_quickstart_runs(tmp_path, monkeypatch, capsys) -> None:
     cfg["runs_root"] = str(tmp_path / "runs")
     # small enough for the 256-token mini harvest
     cfg["pipelines"]["mini"]["train"].update(batch_size=64, tokens=64 * 4)
+    # the README's model name, with the mini run's sizes
+    cfg["pipelines"]["mini"]["train"]["models"]["compsae"] = {
+        "type": "compsae",
+        "composer": "pair",
+        "n_latents": 64,
+        "k": 4,
+    }
     (tmp_path / "pipelines.yaml").write_text(yaml.safe_dump(cfg))
     monkeypatch.chdir(tmp_path)
     for stage in ("harvest", "train"):
         assert cli.main([stage, "--pipeline", "mini", "--config", "pipelines.yaml"]) == 0
+    trained = sorted((tmp_path / "runs" / "mini").glob("train-*"))
     capsys.readouterr()
-    # the README is written for the demo pipeline; the same lines run on this one's folders
-    exec(compile(blocks[0].replace("runs/demo/", "runs/mini/"), "README.md", "exec"), {})
+    # the README is written for the demo pipeline; the same lines run on this one (16 held-out rows)
+    exec(compile(blocks[0].replace('"demo"', '"mini"').replace("batch_size=512", "batch_size=16"), "README.md", "exec"), {})
     out = capsys.readouterr().out
-    assert re.search(r"^topk: topk, 64 latents, FVU \d+\.\d{3} on chunk 0$", out, flags=re.M), out
+    assert sorted((tmp_path / "runs" / "mini").glob("train-*")) == trained  # reused, not retrained
+    m = re.search(r"^compsae: FVU (\d+\.\d{3}), mean pair term (\S+)$", out, flags=re.M)
+    assert m, out
+    assert 0.0 < float(m.group(1)) < 2.0 and float(m.group(2)) > 0.0, out
+    rows = re.findall(r"^latents (\d+) \+ (\d+): (\d+) tokens, variance share \S+$", out, flags=re.M)
+    assert rows and all(int(i) < int(j) < 64 and int(n) > 0 for i, j, n in rows), out

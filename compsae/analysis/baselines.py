@@ -77,7 +77,8 @@ class NMFBaseline:
     def fit(cls, x: np.ndarray, k: int, n_components: int, seed: int = 0) -> NMFBaseline:
         """Fit `n_components` non-negative atoms on training rows `x: [m, d]`."""
         nmf = MiniBatchNMF(
-            n_components=min(n_components, x.shape[0]),
+            # nndsvda needs at most min(rows, 2d) atoms: a small store or hook gets fewer
+            n_components=min(n_components, x.shape[0], 2 * x.shape[1]),
             init="nndsvda",
             batch_size=1024,
             max_iter=50,
