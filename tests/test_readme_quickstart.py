@@ -36,11 +36,13 @@ def test_readme_python_quickstart_runs(tmp_path, monkeypatch, capsys) -> None:
     trained = sorted((tmp_path / "runs" / "mini").glob("train-*"))
     capsys.readouterr()
     # the README is written for the demo pipeline; the same lines run on this one (16 held-out rows)
-    exec(compile(blocks[0].replace('"demo"', '"mini"').replace("batch_size=512", "batch_size=16"), "README.md", "exec"), {})
+    code = blocks[0].replace('"demo"', '"mini"').replace("batch_size=512", "batch_size=16")
+    exec(compile(code, "README.md", "exec"), {})
     out = capsys.readouterr().out
     assert sorted((tmp_path / "runs" / "mini").glob("train-*")) == trained  # reused, not retrained
     m = re.search(r"^compsae: FVU (\d+\.\d{3}), mean pair term (\S+)$", out, flags=re.M)
     assert m, out
     assert 0.0 < float(m.group(1)) < 2.0 and float(m.group(2)) > 0.0, out
-    rows = re.findall(r"^latents (\d+) \+ (\d+): (\d+) tokens, variance share \S+$", out, flags=re.M)
+    line = r"^latents (\d+) \+ (\d+): (\d+) tokens, variance share \S+$"
+    rows = re.findall(line, out, flags=re.M)
     assert rows and all(int(i) < int(j) < 64 and int(n) > 0 for i, j, n in rows), out
