@@ -286,6 +286,25 @@ def test_report_end_to_end_numbers_match_metrics_json(setup, tmp_path):
     assert lat.query("model == 'topk'")["fire_count"].sum() == pytest.approx(
         metrics["models"]["topk"]["all"]["l0"] * 800
     )
+    _every_key_is_documented(metrics)
+
+
+def _every_key_is_documented(metrics: dict) -> None:
+    """Every field analyze writes is named in docs/metrics.md's metrics.json section."""
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "metrics.md").read_text()
+    doc = doc[doc.index("## metrics.json") :]
+    keys = set(metrics)
+    for m in metrics["models"].values():
+        keys |= set(m) | set(m["all"]) | set(m["latents"]) | set(m.get("ce", {}))
+        pairs = m.get("pairs", {})
+        keys |= set(pairs) | {k for row in pairs.get("top_pairs", []) for k in row}
+        keys |= {k for row in m.get("pair_causal", []) for k in row}
+    for row in metrics["ablations"]:
+        keys |= set(row) - {"model", "k", "n_latents", "type"}
+    missing = sorted(k for k in keys if f"`{k}`" not in doc and f"`{k}_lo`" not in doc)
+    assert not missing, f"metrics.json fields missing from docs/metrics.md: {missing}"
 
 
 @pytest.mark.slow
