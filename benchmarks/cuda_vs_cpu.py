@@ -19,6 +19,7 @@ import torch
 
 from compsae.train.config import TrainConfig, make_model_config
 from compsae.train.models import build_model
+from compsae.train.records import CheckpointMeta
 from compsae.train.trainer import Trainer
 
 
@@ -52,7 +53,14 @@ def fvu_curve(model_cfg: Any, device: str, batches: list[torch.Tensor], seed: in
     model = build_model(model_cfg, batches[0].shape[1])
     model.init_b_dec(batches[0])
     with tempfile.TemporaryDirectory() as tmp:
-        trainer = Trainer(model, model_cfg, cfg, tmp, {"name": model_cfg.type}, progress=False)
+        trainer = Trainer(
+            model,
+            model_cfg,
+            cfg,
+            tmp,
+            CheckpointMeta.start(model_cfg, batches[0].shape[1]),
+            progress=False,
+        )
         trainer.fit(iter(batches))
         lines = [json.loads(x) for x in (Path(tmp) / "metrics.jsonl").read_text().splitlines()]
     return [float(x["fvu"]) for x in lines]

@@ -48,6 +48,7 @@ from compsae.train.compiled import compile_mode, loss_step
 from compsae.train.config import CompSAEConfig, TrainConfig, make_model_config
 from compsae.train.distributed import DistContext, wrap_loss
 from compsae.train.models import build_model
+from compsae.train.records import CheckpointMeta
 from compsae.train.trainer import Trainer, resolve_device
 
 HOOK = "blocks.3.hook_resid_post"
@@ -197,7 +198,12 @@ def trainer_vs_bare(name: str, cfg: Any, x: torch.Tensor, steps: int, repeats: i
         )
         torch.manual_seed(0)
         trainer = Trainer(
-            build_model(cfg, D), cfg, tcfg, tmp, {"config_hash": "bench", "d_in": D}, progress=False
+            build_model(cfg, D),
+            cfg,
+            tcfg,
+            tmp,
+            CheckpointMeta.start(cfg, D, config_hash="bench"),
+            progress=False,
         )
         trainer.model.init_b_dec(x)
         trainer.step = (

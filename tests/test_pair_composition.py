@@ -321,6 +321,7 @@ def test_training_on_tiny_bilinear_data_raises_the_pair_auc(tmp_path):
     from compsae.evaluation.comparison import pmi_matrix
     from compsae.evaluation.matching import hungarian_match
     from compsae.train.config import TrainConfig
+    from compsae.train.records import CheckpointMeta
     from compsae.train.trainer import Trainer
 
     cfg = GroundTruthConfig(
@@ -357,7 +358,12 @@ def test_training_on_tiny_bilinear_data_raises_the_pair_auc(tmp_path):
     torch.manual_seed(0)
     model = build_model(mcfg, 32)
     trainer = Trainer(
-        model, mcfg, tcfg, str(tmp_path / "m"), {"config_hash": "x", "d_in": 32}, progress=False
+        model,
+        mcfg,
+        tcfg,
+        str(tmp_path / "m"),
+        CheckpointMeta.start(mcfg, 32, config_hash="x"),
+        progress=False,
     )
     gen = torch.Generator().manual_seed(0)
     trainer.fit(train[torch.randint(0, len(train), (128,), generator=gen)] for _ in range(10**6))

@@ -16,6 +16,7 @@ from compsae.errors import UserError
 from compsae.train.checkpoint import load_model
 from compsae.train.config import TrainConfig, TrainStageConfig, make_model_config
 from compsae.train.models import build_model
+from compsae.train.records import CheckpointMeta
 from compsae.train.run import run_train
 from compsae.train.schedules import k_at, l1_scale_at, lr_at, m_at
 from compsae.train.trainer import Trainer
@@ -50,7 +51,12 @@ def test_training_lowers_fvu_on_known_directions(tmp_path, kind):
     model.init_b_dec(data[:512])
     start = _fvu(model, held)
     trainer = Trainer(
-        model, mcfg, tcfg, str(tmp_path / kind), {"config_hash": "x", "d_in": 16}, progress=False
+        model,
+        mcfg,
+        tcfg,
+        str(tmp_path / kind),
+        CheckpointMeta.start(mcfg, 16, config_hash="x"),
+        progress=False,
     )
     batches = (data[i % 60 * 128 : (i % 60 + 1) * 128] for i in range(10**6))
     last = trainer.fit(batches)
@@ -132,7 +138,7 @@ def _poisoned_run(tmp_path, n_batches: int, bad_batch: int, value: float, **trai
         mcfg,
         tcfg,
         str(tmp_path / "m"),
-        {"config_hash": "x", "d_in": 16},
+        CheckpointMeta.start(mcfg, 16, config_hash="x"),
         progress=False,
     )
 

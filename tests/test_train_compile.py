@@ -19,6 +19,7 @@ from compsae.train.compiled import CompiledLoss, compile_mode
 from compsae.train.config import TrainConfig, TrainStageConfig
 from compsae.train.models import build_model
 from compsae.train.models.topk import _auxk_loss_static, auxk_loss
+from compsae.train.records import CheckpointMeta
 from compsae.train.run import training_hash
 from compsae.train.trainer import Trainer
 
@@ -85,7 +86,7 @@ def test_compile_without_a_cpp_compiler_is_one_line(tmp_path, monkeypatch):
             mcfg,
             tcfg,
             str(tmp_path / "m"),
-            {"config_hash": "x", "d_in": 16},
+            CheckpointMeta.start(mcfg, 16, config_hash="x"),
             progress=False,
         )
     assert "\n" not in str(err.value)
@@ -100,7 +101,12 @@ def test_compiled_trainer_keeps_the_models_checkpoint_keys(tmp_path):
     names = set(model.state_dict())
     tcfg = TrainConfig(batch_size=32, tokens=64, device="cpu", compile=True)
     trainer = Trainer(
-        model, mcfg, tcfg, str(tmp_path / "m"), {"config_hash": "x", "d_in": 16}, progress=False
+        model,
+        mcfg,
+        tcfg,
+        str(tmp_path / "m"),
+        CheckpointMeta.start(mcfg, 16, config_hash="x"),
+        progress=False,
     )
     assert isinstance(
         trainer.loss_step, CompiledLoss
@@ -136,7 +142,12 @@ def _train(folder, compile: bool, kind: str, device: str = "cpu"):
     torch.manual_seed(0)
     model = build_model(mcfg, 16)
     trainer = Trainer(
-        model, mcfg, tcfg, str(folder), {"config_hash": "x", "d_in": 16}, progress=False
+        model,
+        mcfg,
+        tcfg,
+        str(folder),
+        CheckpointMeta.start(mcfg, 16, config_hash="x"),
+        progress=False,
     )
     batches = [data[i : i + 45] for i in range(0, 990, 45)] + [
         data[990:],

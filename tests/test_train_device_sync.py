@@ -11,6 +11,7 @@ from train_fixtures import model_cfg
 
 from compsae.train.config import TrainConfig
 from compsae.train.models import build_model
+from compsae.train.records import CheckpointMeta
 from compsae.train.trainer import Trainer
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -32,7 +33,7 @@ def test_training_steps_between_log_steps_do_not_sync(tmp_path, kind: str) -> No
         mcfg,
         tcfg,
         str(tmp_path / kind),
-        {"config_hash": "x", "d_in": 16},
+        CheckpointMeta.start(mcfg, 16, config_hash="x"),
         progress=False,
     )
     xs = [torch.randn(64, 16, device="cuda") for _ in range(40)]

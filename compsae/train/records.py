@@ -39,6 +39,12 @@ class CheckpointMeta(BaseModel):
     name: str = ""
     train: dict[str, Any] | None = None  # the TrainConfig it was trained with
 
+    @classmethod
+    def start(cls, model: ModelConfig, d_in: int, **fields: Any) -> CheckpointMeta:
+        """The metadata of a model about to be trained (step 0): its config, input width and any
+        other fixed field (`hook`, `config_hash`, `normalization`, ...)."""
+        return cls(type=model.type, model=model, d_in=d_in, **fields)
+
     @model_validator(mode="before")
     @classmethod
     def _legacy(cls, data: Any) -> Any:

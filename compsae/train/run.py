@@ -313,10 +313,9 @@ def train_one(
     torch.manual_seed(train_cfg.seed)
     model = build_model(model_cfg, d_in)
     # step, tokens_seen and finished are the trainer's to fill in at every checkpoint
-    meta = CheckpointMeta(
-        type=model_cfg.type,
-        model=model_cfg,
-        d_in=d_in,
+    meta = CheckpointMeta.start(
+        model_cfg,
+        d_in,
         hook=hook,
         split=split,
         normalization=Normalization(scale=loader.scale) if train_cfg.normalize else None,
@@ -324,7 +323,7 @@ def train_one(
         store_manifest_hash=store_hash,
         name=name,
         train=train_cfg.model_dump(mode="json"),
-    ).model_dump(mode="json")
+    )
     trainer = Trainer(
         model,
         model_cfg,

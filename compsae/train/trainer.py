@@ -38,6 +38,7 @@ from compsae.train.dead_latents import DeadLatentTracker
 from compsae.train.device_values import FirstNonFinite, StepTerms
 from compsae.train.distributed import DistContext, wrap_loss
 from compsae.train.models import SAEOutput, SparseAutoencoder
+from compsae.train.records import CheckpointMeta
 from compsae.train.schedules import (
     k_at,
     l1_scale_at,
@@ -165,9 +166,11 @@ class Trainer:
     """Trains one model into `out_dir` (checkpoint files + metrics.jsonl).
 
     `meta` holds the checkpoint's fixed fields (model config, hook, normalization, config_hash,
-    d_in, store_manifest_hash); `scale` is the loader's normalisation factor, undone in the metrics.
-    `dist` places this process in a data-parallel job (default: alone); `tracker` (rank 0) receives
-    every metrics record too (experiment tracking, `tracking.py`)."""
+    d_in, store_manifest_hash; `CheckpointMeta.start(model_cfg, d_in, ...)`); the trainer fills in
+    step, tokens_seen and finished at every checkpoint; `scale` is the loader's normalisation
+    factor, undone in the metrics. `dist` places this process in a data-parallel job (default:
+    alone); `tracker` (rank 0) receives every metrics record too (experiment tracking,
+    `tracking.py`)."""
 
     def __init__(
         self,
@@ -175,7 +178,7 @@ class Trainer:
         model_cfg: ModelConfig,
         cfg: TrainConfig,
         out_dir: str,
-        meta: dict[str, Any],
+        meta: CheckpointMeta,
         scale: float = 1.0,
         name: str = "",
         progress: bool = True,
@@ -236,11 +239,11 @@ class Trainer:
                 )
             self.metrics.truncate_after(0)
             return None
-        if saved.meta.get("config_hash") != self.meta.get("config_hash"):
+        if saved.meta.get("config_hash") != self.meta.config_hash:
             raise UserError(
                 f"{self.out_dir} holds a checkpoint of another config "
                 f"({saved.meta.get('config_hash')} != "
-                f"{self.meta.get('config_hash')}); pass --force to start over or choose another "
+                f"{self.meta.config_hash}); pass --force to start over or choose another "
                 "folder"
             )
         self.model.load_state_dict({k: v.to(self.device) for k, v in saved.weights.items()})
@@ -481,13 +484,14 @@ class Trainer:
             "tokens_seen": self.tokens_seen,
             "loader": self.loader_state() if self.loader_state else None,
         }
-        meta = {
-            **self.meta,
-            "step": self.step,
-            "tokens_seen": self.tokens_seen,
-            "finished": finished,
-            "type": self.model_cfg.type,
-            "model": self.model_cfg.model_dump(mode="json"),
-        }
+        meta = self.meta.model_copy(
+            update={
+                "step": self.step,
+                "tokens_seen": self.tokens_seen,
+                "finished": finished,
+                "type": self.model_cfg.type,
+                "model": self.model_cfg,
+            }
+        ).model_dump(mode="json")
         self.metrics.flush()
         save_checkpoint(self.out_dir, self.model, meta, tensors, state)

@@ -14,6 +14,7 @@ import torch
 from compsae.train.checkpoint import load_model, read_meta, read_resume_meta, remove_checkpoint
 from compsae.train.config import ModelConfig, TrainConfig
 from compsae.train.models import SparseAutoencoder, build_model
+from compsae.train.records import CheckpointMeta
 from compsae.train.trainer import Trainer
 
 
@@ -64,7 +65,7 @@ def fit_dictionary(
         model_cfg,
         train_cfg,
         folder,
-        {"config_hash": config_hash, "d_in": x.shape[1]},
+        CheckpointMeta.start(model_cfg, x.shape[1], config_hash=config_hash),
         progress=progress,
     )
     trainer.resume()
