@@ -8,6 +8,8 @@ but reuses the harvest.  `stage.json` is written last (atomically): its presence
 from __future__ import annotations
 
 import json
+import os
+import posixpath
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -106,7 +108,8 @@ def stage_dir(runs_root: str, pipeline: str, stage: str, digest: str) -> str:
 
 
 def read_record(folder: str) -> dict[str, Any] | None:
-    """The completion record of a stage folder, or None when the stage is not done there."""
+    """The completion record of a stage folder, or None when the stage is not done there; its
+    paths resolved from `folder` (see `resolve_record`)."""
     fs, path = fsspec.core.url_to_fs(folder)
     target = f"{path}/{RECORD}"
     if not fs.exists(target):
@@ -115,14 +118,98 @@ def read_record(folder: str) -> dict[str, Any] | None:
         record = json.loads(fs.cat_file(target))
     except (ValueError, OSError):
         return None
-    return relocated(record, folder) if isinstance(record, dict) else None
+    return resolve_record(record, folder) if isinstance(record, dict) else None
+
+
+# A record's paths under its runs root are written relative to its own folder and start with
+# "./" or "../", so that a reader can tell them from other strings (hooks, model types, digests).
+RELATIVE_PATHS = "record-folder"
+
+
+def _absolute(folder: str) -> str:
+    """`folder` in a form that does not depend on the working folder (local paths made absolute,
+    URLs as they are)."""
+    folder = folder.rstrip("/") or "/"
+    if "://" in folder:
+        return folder
+    return os.path.abspath(folder)
+
+
+def _normjoin(folder: str, rel: str) -> str:
+    """`rel` (relative to `folder`) joined onto it, `.` and `..` segments resolved."""
+    proto, sep, rest = folder.partition("://")
+    if not sep:
+        return posixpath.normpath(posixpath.join(folder, rel))
+    return f"{proto}://" + posixpath.normpath(posixpath.join(rest, rel)).lstrip("/")
+
+
+def _map_paths(record: dict[str, Any], fn: Any) -> dict[str, Any]:
+    """`record` with `fn` applied to every string of its inputs and outputs."""
+
+    def walk(v: Any) -> Any:
+        if isinstance(v, str):
+            return fn(v)
+        if isinstance(v, dict):
+            return {k: walk(x) for k, x in v.items()}
+        if isinstance(v, list):
+            return [walk(x) for x in v]
+        return v
+
+    return {
+        **record,
+        "inputs": walk(record.get("inputs") or {}),
+        "outputs": walk(record["outputs"]),
+    }
+
+
+def resolve_record(record: dict[str, Any], folder: str) -> dict[str, Any]:
+    """`record` read from `folder`, with its paths usable from this process whatever its working
+    folder: the one resolver of record paths (runner, stages, status, report and verify).
+
+    Records of this version hold paths relative to their own folder ("./probes.json",
+    "../harvest-…/store.zarr"); those are joined onto `folder`.  Older records hold paths as the
+    writing process saw them (relative to its working folder, or absolute): those under the runs
+    root they were written in are moved under the one `folder` lies in (a moved runs root, or a
+    record read from another working folder); other paths (a store placed elsewhere, s3) stay."""
+    if not isinstance(record.get("outputs"), dict):
+        return record
+    here = _absolute(folder)
+    if record.get("paths") == RELATIVE_PATHS:
+
+        def join_here(v: str) -> str:
+            return _normjoin(here, v) if v.startswith(("./", "../")) else v
+
+        return {**_map_paths(record, join_here), "folder": here}
+    return relocated(record, here)
+
+
+def relative_record(record: dict[str, Any], folder: str, runs_root: str) -> dict[str, Any]:
+    """`record` as it is written into `folder`: its paths under `runs_root` (in the form the
+    stages gave them, or absolute) made relative to `folder`, so that the record reads the same
+    from any working folder and after the runs root is moved (see `resolve_record`)."""
+    roots = {runs_root.rstrip("/") or "/", _absolute(runs_root)}
+    here = _absolute(folder)
+
+    def rel(v: str) -> str:
+        if not any(v == r or v.startswith(r.rstrip("/") + "/") for r in roots):
+            return v
+        out = posixpath.relpath(_absolute(v), here) if "://" not in v else _url_relpath(v, here)
+        return out if out.startswith("..") else f"./{out}"
+
+    return {**_map_paths(record, rel), "paths": RELATIVE_PATHS}
+
+
+def _url_relpath(url: str, folder: str) -> str:
+    """`url` relative to `folder`, both URLs of one file system."""
+    return posixpath.relpath("/" + url.partition("://")[2], "/" + folder.partition("://")[2])
 
 
 def relocated(record: dict[str, Any], folder: str) -> dict[str, Any]:
-    """`record` as seen from `folder`, where it now lies: a runs root moved or copied elsewhere (to
-    another disk, another machine) keeps its stages reusable.  Paths under the runs root the record
-    was written in are rewritten under the one it is read from; paths outside it (a store the user
-    placed elsewhere, s3) stay as they are."""
+    """`record` (written by an older version, paths as its writer saw them) as seen from `folder`,
+    where it now lies: a runs root moved or copied elsewhere (to another disk, another machine)
+    keeps its stages reusable.  Paths under the runs root the record was written in are rewritten
+    under the one it is read from; paths outside it (a store the user placed elsewhere, s3) stay as
+    they are."""
     written_in = record.get("folder")
     if not isinstance(written_in, str) or written_in.rstrip("/") == folder.rstrip("/"):
         return record

@@ -121,7 +121,7 @@ def _read_json(fs: Any, path: str) -> Any:
 
 def record_problems(folder: str) -> tuple[list[str], str | None]:
     """Problems of the stage record in `folder`, and the URL of the store it names (harvest)."""
-    from compsae.stages import RECORD, read_record, relocated
+    from compsae.stages import RECORD, read_record, resolve_record
 
     fs, path = fsspec.core.url_to_fs(folder)
     where = f"{folder}/{RECORD}"
@@ -139,7 +139,8 @@ def record_problems(folder: str) -> tuple[list[str], str | None]:
         return [
             f"{where} is not a stage record (no hash or outputs); rerun the stage with --force"
         ], None
-    record = relocated(record, folder)  # a runs root moved elsewhere is checked where it is now
+    # its paths as they lie now: whatever the working folder, and after a runs root was moved
+    record = resolve_record(record, folder)
     problems = []
     stage, digest, outputs = record.get("stage"), str(record["hash"]), record["outputs"]
     if _name(folder) != f"{stage}-{digest}":
@@ -155,8 +156,10 @@ def record_problems(folder: str) -> tuple[list[str], str | None]:
                 f"{where}: its {name} input {source} is gone or was redone since; rerun this stage"
             )
     for rel in _listed_files(outputs.get("files")):
-        if not fs.exists(f"{path}/{rel}"):
-            problems.append(f"{where}: output {rel} is missing; rerun the stage with --force")
+        if not _output_exists(fs, path, rel):
+            problems.append(
+                f"{where}: output {_shown(rel, path)} is missing; rerun the stage with --force"
+            )
     store = outputs.get("store") if stage == "harvest" else None
     if isinstance(store, str):
         problems += _store_matches(where, store, outputs.get("digest"))
@@ -165,10 +168,27 @@ def record_problems(folder: str) -> tuple[list[str], str | None]:
     return problems, store if isinstance(store, str) else None
 
 
+def _output_exists(fs: Any, folder: str, name: str) -> bool:
+    """Whether the output `name` of a record is there: a name relative to the stage folder, or a
+    path (as `resolve_record` gives it) checked where it lies."""
+    if name.startswith("/") or "://" in name:
+        other, target = fsspec.core.url_to_fs(name)
+        return bool(other.exists(target))
+    return bool(fs.exists(f"{folder}/{name}"))
+
+
+def _shown(name: str, folder: str) -> str:
+    """An output's name as a problem line gives it: relative to its stage folder when inside."""
+    _, target = fsspec.core.url_to_fs(name) if "://" in name else (None, name)
+    inside = folder.rstrip("/") + "/"
+    return target[len(inside) :] if target.startswith(inside) else name
+
+
 def _listed_files(files: Any) -> Iterator[str]:
-    """Relative file names in a record's "files" output (a dict or list of names, nested)."""
+    """File names in a record's "files" output (a dict or list of names, nested): relative to
+    the stage folder, or paths."""
     if isinstance(files, str):
-        if files and not files.startswith("/") and "://" not in files:
+        if files:
             yield files
     elif isinstance(files, dict):
         for v in files.values():

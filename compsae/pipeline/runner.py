@@ -15,6 +15,8 @@ from compsae.stages import (
     invalidate_record,
     make_record,
     read_record,
+    relative_record,
+    resolve_record,
     stage_dir,
     stage_hash,
     stage_lock,
@@ -116,8 +118,11 @@ def run_stage(
             invalidate_record(status.path)  # a redo killed half-way must not look done
         outputs = _call_stage(stage, cfg, status.path, inputs, force, options or {})
         record = make_record(stage, status.hash, cfg, inputs, outputs, folder=status.path)
+        # written relative to its folder, handed on as any reader would see it
+        written = relative_record(record, status.path, whole.runs_root)
         if main:
-            write_record(status.path, record)
+            write_record(status.path, written)
+        record = resolve_record(written, status.path)
     if main:
         from compsae.pipeline.report import write_pipeline_report
 
