@@ -282,7 +282,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 def _cmd_compare(args: argparse.Namespace) -> int:
     import fsspec
 
-    from compsae.evaluation.comparison import markdown_table
+    from compsae.evaluation.comparison.table import markdown_table
     from compsae.pipeline.config import load_pipeline
     from compsae.pipeline.runner import plan
 
@@ -361,7 +361,7 @@ def _cmd_fetch_assets(args: argparse.Namespace) -> int:
 
 
 def _cmd_humaneval(args: argparse.Namespace) -> int:
-    from compsae.evaluation import humaneval
+    from compsae.evaluation.human_study import kit as humaneval
 
     if args.human_command == "score":
         result = humaneval.score(args.ratings, args.key)

@@ -2,7 +2,7 @@
 CSV.
 
 The page carries no method name, no latent index and no detection answer; the CSV it produces has
-the columns that :func:`compsae.evaluation.humaneval.score` reads.
+the columns that :func:`compsae.evaluation.human_study.kit.score` reads.
 """
 
 from __future__ import annotations

@@ -29,9 +29,9 @@ from tqdm.auto import tqdm
 
 from compsae import durable
 from compsae.errors import UserError
-from compsae.evaluation.agreement import krippendorff_alpha
-from compsae.evaluation.card_html import RATING_COLUMNS, render_page
-from compsae.evaluation.feature_cards import (
+from compsae.evaluation.human_study.agreement import krippendorff_alpha
+from compsae.evaluation.human_study.card_html import RATING_COLUMNS, render_page
+from compsae.evaluation.human_study.cards import (
     Card,
     CardConfig,
     Corpus,
@@ -471,11 +471,11 @@ def feature_source_from_checkpoint(
     n_partners: int = 5,
 ) -> FeatureSource:
     """Encode the store rows ``rows`` with a checkpoint; CompSAE also gets partners (latents it
-    attends to most, from :class:`compsae.evaluation.comparison.CompositionAccumulator`)."""
+    attends to most, from :class:`compsae.evaluation.comparison.table.CompositionAccumulator`)."""
     import scipy.sparse as sp
     import torch
 
-    from compsae.evaluation.comparison import CompositionAccumulator, iter_batches
+    from compsae.evaluation.comparison.table import CompositionAccumulator, iter_batches
     from compsae.store import ActivationStore
     from compsae.train.trained import TrainedSAE
 
