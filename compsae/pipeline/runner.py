@@ -161,7 +161,7 @@ def run_pipeline(
 
 
 def _fmt(value: Any, digits: int) -> str:
-    """`value` to `digits` decimals, or '-' where the metric is absent (e.g. no composition path)."""
+    """`value` to `digits` decimals, or "-" where the metric is absent (no composition path)."""
     return "-" if value is None else f"{float(value):.{digits}f}"
 
 
