@@ -47,7 +47,10 @@ def _pipeline_args(p: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="KEY.PATH=VALUE",
-        help="override a config value, relative to the pipeline (repeatable), e.g. train.k=16",
+        # a per-model example: a stage-wide train.k sets k on every model (ReLU included, which
+        # ignores it) and so retrains them all
+        help="override a config value, relative to the pipeline (repeatable), e.g. "
+        "train.models.compsae.k=16 (one model's field)",
     )
 
 
