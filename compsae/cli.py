@@ -25,12 +25,16 @@ class PlainLines:
 
     def __init__(self, stream: Any) -> None:
         self.stream = stream
+        self.last = ""
 
     def write(self, text: str) -> int:
         """Write `text` with every `\r`-refresh turned into its own line."""
         for part in _ANSI.sub("", text).replace("\r", "\n").split("\n"):
-            if part.strip():
-                self.stream.write(part.rstrip() + "\n")
+            line = part.rstrip()
+            # tqdm redraws its final state when it closes: keep one copy
+            if line.strip() and line != self.last:
+                self.stream.write(line + "\n")
+                self.last = line
         return len(text)
 
     def flush(self) -> None:

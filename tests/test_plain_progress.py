@@ -17,4 +17,4 @@ def test_progress_bar_into_a_non_terminal_is_plain_lines():
     assert "\r" not in text and "\x1b" not in text
     lines = text.splitlines()
     assert len(lines) >= 2 and all(line.startswith("harvest:") for line in lines)
-    assert "5/5" in lines[-1]
+    assert "5/5" in lines[-1] and len(set(lines)) == len(lines)  # the closing redraw not twice
