@@ -40,6 +40,7 @@ from compsae.evaluation.human_study.cards import (
     stratified_sample,
 )
 from compsae.files import GROUND_TRUTH_JSON
+from compsae.lm.token_text import token_display
 
 KEY_FORMAT = "compsae-humaneval-key/1"
 
@@ -457,7 +458,8 @@ def _store_vocab(store_url: str, manifest: dict) -> list[str]:
         from compsae.lm.models import load_model
 
         tok = load_model(HarvestConfig(model=manifest["model"]["name"], device="cpu")).tokenizer
-        return [tok.decode([i]) for i in range(len(tok))]
+        show = token_display(tok)
+        return [show(i) for i in range(len(tok))]
     except Exception:  # noqa: BLE001 - a missing tokenizer only costs readable token text
         return []
 
