@@ -6,6 +6,7 @@ import argparse
 import errno
 import json
 import os
+import re
 import sys
 from collections.abc import Sequence
 from typing import Any, NoReturn
@@ -14,6 +15,38 @@ from compsae.errors import UserError
 from compsae.files import COMPARISON_JSON
 
 EXIT_USER = 2
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+class PlainLines:
+    """A text stream for progress bars when the output is not a terminal (a log file, CI): each
+    bar refresh, which tqdm starts with a carriage return to overwrite the line, becomes a line of
+    its own, with cursor moves dropped and blank lines skipped."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+        self.last = ""
+
+    def write(self, text: str) -> int:
+        """Write `text` with every `\r`-refresh turned into its own line."""
+        for part in _ANSI.sub("", text).replace("\r", "\n").split("\n"):
+            line = part.rstrip()
+            # tqdm redraws its final state when it closes: keep one copy
+            if line.strip() and line != self.last:
+                self.stream.write(line + "\n")
+                self.last = line
+        return len(text)
+
+    def flush(self) -> None:
+        """Flush the wrapped stream."""
+        self.stream.flush()
+
+    def isatty(self) -> bool:
+        """Never a terminal: that is why it is used."""
+        return False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.stream, name)
 
 
 def one_line(text: str) -> str:
@@ -47,7 +80,10 @@ def _pipeline_args(p: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="KEY.PATH=VALUE",
-        help="override a config value, relative to the pipeline (repeatable), e.g. train.k=16",
+        # a per-model example: a stage-wide train.k sets k on every model (ReLU included, which
+        # ignores it) and so retrains them all
+        help="override a config value, relative to the pipeline (repeatable), e.g. "
+        "train.models.compsae.k=16 (one model's field)",
     )
 
 
@@ -282,7 +318,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 def _cmd_compare(args: argparse.Namespace) -> int:
     import fsspec
 
-    from compsae.evaluation.comparison import markdown_table
+    from compsae.evaluation.comparison.table import markdown_table
     from compsae.pipeline.config import load_pipeline
     from compsae.pipeline.runner import plan
 
@@ -361,7 +397,7 @@ def _cmd_fetch_assets(args: argparse.Namespace) -> int:
 
 
 def _cmd_humaneval(args: argparse.Namespace) -> int:
-    from compsae.evaluation import humaneval
+    from compsae.evaluation.human_study import kit as humaneval
 
     if args.human_command == "score":
         result = humaneval.score(args.ratings, args.key)
@@ -462,6 +498,20 @@ def _exit_now(code: int) -> NoReturn:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: one-line errors with exit code 2 for anything the user can fix."""
     args = build_parser().parse_args(argv)
+    stderr = sys.stderr
+    if not stderr.isatty():
+        # progress bars go to stderr: a log gets one plain line per refresh, not one long line
+        # of carriage returns, and a refresh every 10 s at most
+        sys.stderr = PlainLines(stderr)
+        os.environ.setdefault("TQDM_MININTERVAL", "10")
+    try:
+        return _main(args, argv)
+    finally:
+        sys.stderr = stderr
+
+
+def _main(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
+    """Run the chosen command; user errors become one line and exit code 2."""
     try:
         code = COMMANDS[args.command](args)
         if argv is None and args.command == "harvest" and not (args.workers or args.scheduler):

@@ -73,7 +73,7 @@ STAGES: dict[str, StageSpec] = {
             (),
             {
                 "HarvestConfig": "compsae.harvest.stage:run",
-                "GroundTruthConfig": "compsae.evaluation.ground_truth_stage:run",
+                "GroundTruthConfig": "compsae.evaluation.ground_truth.stage:run",
             },
             section="source",
         ),
@@ -82,10 +82,12 @@ STAGES: dict[str, StageSpec] = {
         ),
         StageSpec("analyze", ("harvest", "train"), {"AnalyzeConfig": "compsae.analysis.stage:run"}),
         StageSpec(
-            "evaluate", ("harvest", "train"), {"EvaluateConfig": "compsae.evaluation.stage:run"}
+            "evaluate",
+            ("harvest", "train"),
+            {"EvaluateConfig": "compsae.evaluation.comparison.stage:run"},
         ),
         StageSpec(
-            "probe", ("harvest", "train"), {"ProbeConfig": "compsae.evaluation.probe_stage:run"}
+            "probe", ("harvest", "train"), {"ProbeConfig": "compsae.evaluation.probes.stage:run"}
         ),
     )
 }

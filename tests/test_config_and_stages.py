@@ -205,3 +205,31 @@ def test_a_forced_redo_that_dies_leaves_the_stage_not_done(tmp_path, monkeypatch
     capsys.readouterr()
     assert cli.main(["status", *base]) == 0
     assert "harvest  missing" in capsys.readouterr().out
+
+
+def test_run_ends_with_a_summary_from_analyze_metrics(tmp_path, monkeypatch, capsys):
+    import json
+
+    def fake_stage(stage, cfg, out_dir, inputs, force, options):
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        if stage == "analyze":
+            # the layout analyze writes: per model an `all` block and a BOS-free `rest` block
+            models = {
+                "compsae": {
+                    "all": {"fvu": 0.9, "l0": 9.0, "comp_share": 0.5},
+                    "rest": {"fvu": 0.1234, "l0": 7.5, "comp_share": 0.25},
+                },
+                "pca": {"all": {"fvu": 0.4321, "l0": 64.0}},
+            }
+            (Path(out_dir) / "metrics.json").write_text(json.dumps({"models": models}))
+        return {"store": f"{out_dir}/store.zarr", "digest": "d"} if stage == "harvest" else {}
+
+    monkeypatch.setattr(pipeline, "_call_stage", fake_stage)
+    p = _write(tmp_path, MINI)
+    assert cli.main(["run", "--pipeline", "mini", "--config", str(p)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    start = next(i for i, line in enumerate(out) if line.startswith("summary:"))
+    assert out[start].endswith(f"{tmp_path}/runs/mini/report.html")
+    rows = {line.split()[0]: line.split()[1:] for line in out[start + 2 :]}
+    assert rows["compsae"] == ["0.123", "7.5", "0.250", "rest"]  # BOS-free figures win
+    assert rows["pca"] == ["0.432", "64.0", "-", "all"]

@@ -6,15 +6,15 @@ import numpy as np
 import pytest
 import torch
 
-from compsae.evaluation.comparison import (
+from compsae.evaluation.comparison.table import (
     CompositionAccumulator,
     eval_rows,
     evaluate_model,
     markdown_table,
 )
 from compsae.evaluation.config import EvaluateConfig, GroundTruthConfig
-from compsae.evaluation.ground_truth import load_ground_truth, write_ground_truth_store
-from compsae.evaluation.pair_recovery import true_pairs
+from compsae.evaluation.ground_truth.design import load_ground_truth, write_ground_truth_store
+from compsae.evaluation.ground_truth.pair_recovery import true_pairs
 from compsae.store import ActivationStore, StoreLayout
 from compsae.store.split import HeldOutSplit
 from compsae.train.models.base import SAEOutput
@@ -175,7 +175,7 @@ def test_composition_accumulator_means_over_coactive_tokens():
 
 
 def test_pair_score_figure_draws_labelled_scores_and_skips_rows_without(tmp_path):
-    from compsae.evaluation.comparison import pair_score_figure
+    from compsae.evaluation.comparison.table import pair_score_figure
 
     rows = [
         {

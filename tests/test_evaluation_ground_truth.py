@@ -6,14 +6,14 @@ import numpy as np
 import pytest
 
 from compsae.evaluation.config import GroundTruthConfig
-from compsae.evaluation.ground_truth import (
+from compsae.evaluation.ground_truth.design import (
     generate,
     iter_rows,
     load_ground_truth,
     sample_dictionary,
     write_ground_truth_store,
 )
-from compsae.evaluation.matching import hungarian_match, mcc, mmcs
+from compsae.evaluation.ground_truth.matching import hungarian_match, mcc, mmcs
 from compsae.store import ActivationStore, StoreLayout
 
 SMALL = dict(

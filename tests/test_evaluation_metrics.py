@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from compsae.evaluation.pair_recovery import pair_recovery, select_pairs, true_pairs
+from compsae.evaluation.ground_truth.pair_recovery import pair_recovery, select_pairs, true_pairs
 from compsae.variance import FVUAccumulator, fvu
 
 

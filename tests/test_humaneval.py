@@ -10,8 +10,13 @@ import pytest
 import scipy.sparse as sp
 
 from compsae.errors import UserError
-from compsae.evaluation.feature_cards import CardConfig, Corpus, FeatureSource, stratified_sample
-from compsae.evaluation.humaneval import (
+from compsae.evaluation.human_study.cards import (
+    CardConfig,
+    Corpus,
+    FeatureSource,
+    stratified_sample,
+)
+from compsae.evaluation.human_study.kit import (
     bootstrap_ci,
     detection_f1,
     export,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from compsae.evaluation.agreement import coincidence_matrix, krippendorff_alpha
+from compsae.evaluation.human_study.agreement import coincidence_matrix, krippendorff_alpha
 
 nan = np.nan
 

@@ -14,8 +14,8 @@ from compsae.analysis.pair_effects import (
     typical_code_effects,
 )
 from compsae.evaluation.config import GroundTruthConfig
-from compsae.evaluation.ground_truth import generate
-from compsae.evaluation.pair_recovery import labelled_auc, thresholded_pairs
+from compsae.evaluation.ground_truth.design import generate
+from compsae.evaluation.ground_truth.pair_recovery import labelled_auc, thresholded_pairs
 from compsae.train.config import make_model_config
 from compsae.train.models import build_model
 from compsae.train.models.pair_composer import pair_sum, pair_sum_loop
@@ -318,8 +318,8 @@ def test_pair_term_joins_after_the_start_fraction():
 def test_training_on_tiny_bilinear_data_raises_the_pair_auc(tmp_path):
     """Seeded: a short training of the pairwise CompSAE separates interacting pairs from their
     co-firing-only twins by measured effects, which co-occurrence cannot do."""
-    from compsae.evaluation.comparison import pmi_matrix
-    from compsae.evaluation.matching import hungarian_match
+    from compsae.evaluation.comparison.table import pmi_matrix
+    from compsae.evaluation.ground_truth.matching import hungarian_match
     from compsae.train.config import TrainConfig
     from compsae.train.records import CheckpointMeta
     from compsae.train.trainer import Trainer

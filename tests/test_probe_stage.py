@@ -11,7 +11,7 @@ import torch
 
 from compsae.errors import UserError
 from compsae.evaluation.config import ProbeConfig
-from compsae.evaluation.probe_stage import (
+from compsae.evaluation.probes.stage import (
     fmt,
     lm_computes,
     load_trained,
@@ -19,7 +19,7 @@ from compsae.evaluation.probe_stage import (
     run_probe,
     sae_outputs,
 )
-from compsae.evaluation.probes import ANSWER_TASKS, TASKS
+from compsae.evaluation.probes.tasks import ANSWER_TASKS, TASKS
 from compsae.harvest.config import HarvestConfig
 from compsae.harvest.run import run_harvest
 from compsae.store.split import HeldOutSplit

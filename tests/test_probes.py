@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from compsae.evaluation.probes import (
+from compsae.evaluation.probes.tasks import (
     TASKS,
     continuation_logprob,
     decision_activations,

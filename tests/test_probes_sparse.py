@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from compsae.errors import UserError
-from compsae.evaluation.sparse_probing import conjunction_test, probe_sweep, split_indices
+from compsae.evaluation.probes.sparse import conjunction_test, probe_sweep, split_indices
 
 
 def _planted(n: int = 2000, m: int = 50, seed: int = 0):

@@ -174,7 +174,7 @@ def test_analyze_probe_and_humaneval_use_the_rows_training_held_out(
     _run("probe", whole, name)
     _assert_same_split(spy, held, "probe")
 
-    from compsae.evaluation.humaneval import export_from_checkpoints
+    from compsae.evaluation.human_study.kit import export_from_checkpoints
 
     checkpoints = {m: rec["path"] for m, rec in train.record["outputs"]["models"].items()}
     export_from_checkpoints(

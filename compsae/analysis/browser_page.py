@@ -49,7 +49,7 @@ const el=(tag,attrs,...kids)=>{const e=document.createElement(tag);for(const[k,v
   if(k==='class')e.className=v;else if(k==='text')e.textContent=v;else if(k.startsWith('on'))e.addEventListener(k.slice(2),v);else e.setAttribute(k,v);}
   for(const k of kids){if(k!=null)e.append(k);}return e;};
 const fmt=v=>v==null?'–':(Number.isInteger(v)?String(v):Number(v).toPrecision(3));
-const tokText=id=>(D.vocab[id]??('<'+id+'>')).replace(/\n/g,'⏎');
+const tokText=id=>(D.vocab[id]??('<'+id+'>')).replace(/\n/g,'↵');
 const tokLabel=id=>{const t=tokText(id);return t.trim()===''?t.replace(/ /g,'␣'):t;};  // a lone space stays visible
 const topTok=l=>(D.top_tokens[l]||[]).map(([t,c])=>tokLabel(t)).join(' · ');
 const partnersOf=l=>(D.partners[l]||[]);

@@ -45,6 +45,7 @@ from compsae.analysis.report import write_report
 from compsae.analysis.seeds import ablations_by_variant
 from compsae.errors import UserError
 from compsae.files import CONFIG_FILE, LATENTS_TABLE, TOP_CONTEXTS_TABLE
+from compsae.lm.token_text import token_display
 from compsae.store import ActivationStore
 from compsae.store.sample import spread_rows
 from compsae.store.split import HeldOutSplit, shared_split
@@ -76,10 +77,11 @@ def token_decoder(manifest: dict[str, Any]) -> Callable[[int], str]:
     except Exception:  # noqa: BLE001 - token text is a convenience; ids are the fallback
         tok = None
     cache: dict[int, str] = {}
+    show = token_display(tok) if tok is not None else None
 
     def decode(i: int) -> str:
         if i not in cache:
-            cache[i] = tok.decode([i]) if tok is not None else f"<{i}>"
+            cache[i] = show(i) if show is not None else f"<{i}>"
         return cache[i]
 
     return decode

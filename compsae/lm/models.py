@@ -452,7 +452,7 @@ def load_model(
         if resid is None:
             hf_model = _load_weights(name)
     else:
-        wrapper = _load_hub(cfg, device).to(device).eval()
+        wrapper = _load_hub(cfg, device).to(device, print_details=False).eval()
         tokenizer = wrapper.tokenizer
         ready(tokenizer)
         info.update(
@@ -492,7 +492,9 @@ def load_model(
         )
 
         def wrap(loaded: LoadedModel = loaded, name: str = name) -> Any:
-            return _bridge(name, loaded.transformers_model(), loaded.tokenizer).to(device).eval()
+            bridge = _bridge(name, loaded.transformers_model(), loaded.tokenizer)
+            # print_details=False: transformer_lens prints "Moving model to device" otherwise
+            return bridge.to(device, print_details=False).eval()
 
         loaded.wrap = wrap
     info.update(

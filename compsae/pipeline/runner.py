@@ -13,6 +13,7 @@ from compsae.stages import (
     StageStatus,
     done_folders,
     invalidate_record,
+    join,
     make_record,
     read_record,
     relative_record,
@@ -151,9 +152,65 @@ def run_pipeline(
     options: dict[str, Any] | None = None,
     say: Any = print,
 ) -> list[StageStatus]:
-    """Run every stage of the pipeline in order; `force` redoes them all."""
+    """Run every stage of the pipeline in order; `force` redoes them all; end with a summary."""
     done = []
     for stage in STAGE_ORDER:
         if stage_config(pipe, stage) is not None:
             done.append(run_stage(stage, whole, pipe, name, force=force, options=options, say=say))
+    from compsae.train.distributed import is_rank0
+
+    if is_rank0():
+        for line in run_summary(whole, name, done):
+            say(line)
     return done
+
+
+def _fmt(value: Any, digits: int) -> str:
+    """`value` to `digits` decimals, or "-" where the metric is absent (no composition path)."""
+    return "-" if value is None else f"{float(value):.{digits}f}"
+
+
+def run_summary(whole: PipelinesFile, name: str, statuses: list[StageStatus]) -> list[str]:
+    """The lines `compsae run` ends with: the pipeline report's path and, per model, the headline
+    held-out FVU, L0 and composition share from the analyze stage's metrics.json.  The headline is
+    the BOS-free block (`rest`) where analyze wrote one: the sequence-start token's huge norm would
+    otherwise dominate the FVU."""
+    import json
+
+    import fsspec
+
+    from compsae.files import ANALYSIS_METRICS, PIPELINE_REPORT
+
+    lines = [f"summary: pipeline report {join(whole.runs_root, name, PIPELINE_REPORT)}"]
+    analyze = next((s for s in statuses if s.stage == "analyze" and s.state == "done"), None)
+    if analyze is None or analyze.path is None:
+        return lines
+    url = join(analyze.path, ANALYSIS_METRICS)
+    fs, path = fsspec.core.url_to_fs(url)
+    if not fs.exists(path):
+        return lines
+    with fs.open(path, "r") as f:
+        models = json.load(f).get("models") or {}
+    rows = []
+    for model, blocks in models.items():
+        block = blocks.get("rest") or blocks.get("all") or {}
+        which = "rest" if blocks.get("rest") else "all"
+        rows.append(
+            (
+                model,
+                _fmt(block.get("fvu"), 3),
+                _fmt(block.get("l0"), 1),
+                _fmt(block.get("comp_share"), 3),
+                which,
+            )
+        )
+    if not rows:
+        return lines
+    width = max(len(r[0]) for r in rows)
+    lines.append(
+        f"  {'model':<{width}}  {'held-out FVU':>12}  {'L0':>6}  {'comp. share':>11}  "
+        "tokens (rest = BOS-free)"
+    )
+    for model, fvu, l0, share, which in rows:
+        lines.append(f"  {model:<{width}}  {fvu:>12}  {l0:>6}  {share:>11}  {which}")
+    return lines

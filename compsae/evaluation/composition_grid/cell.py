@@ -37,7 +37,7 @@ from compsae.evaluation.composition_grid.statistics import (
     null_pvalues,
     residual_pair_tests,
 )
-from compsae.evaluation.matching import hungarian_match
+from compsae.evaluation.ground_truth.matching import hungarian_match
 from compsae.train.config import TrainConfig, make_model_config
 
 IDENTIFIABLE_AUC = 0.97  # a cell counts as identifiable when the oracle reaches this

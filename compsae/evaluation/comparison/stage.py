@@ -8,7 +8,7 @@ import json
 import fsspec
 
 from compsae.errors import UserError
-from compsae.evaluation.comparison import comparison_table, markdown_table, pair_score_figure
+from compsae.evaluation.comparison.table import comparison_table, markdown_table, pair_score_figure
 from compsae.evaluation.config import EvalRun, EvaluateConfig
 from compsae.evaluation.records import EvaluateOutputs
 from compsae.files import COMPARISON_JSON, COMPARISON_MD, PAIR_SCORES_PNG

@@ -1,6 +1,6 @@
 """k-sparse linear probes over any feature matrix (SAE latents, PCA/NMF components, raw channels).
 
-Procedure (Gurnee et al. 2023 style, as fixed in issue 5): on the training split pick the k
+Procedure (Gurnee et al. 2023 style): on the training split pick the k
 features with the largest |mean(class 1) − mean(class 0)|, fit a logistic regression on just those,
 report held-out accuracy and F1.  Feature selection only ever sees training rows, so a shuffled
 label gives chance accuracy.  The conjunction test asks whether the composition output carries

@@ -26,7 +26,7 @@ from scipy.stats import binomtest
 
 from compsae.errors import UserError
 from compsae.evaluation.config import ProbeConfig
-from compsae.evaluation.probes import (
+from compsae.evaluation.probes.tasks import (
     ANSWER_TASKS,
     TASKS,
     FeatureFn,

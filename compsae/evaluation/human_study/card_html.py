@@ -2,7 +2,7 @@
 CSV.
 
 The page carries no method name, no latent index and no detection answer; the CSV it produces has
-the columns that :func:`compsae.evaluation.humaneval.score` reads.
+the columns that :func:`compsae.evaluation.human_study.kit.score` reads.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 import html
 
 from compsae.analysis.context_style import CONTEXT_CSS, SHADE_RGB
+from compsae.lm.token_text import display_text
 
 RATING_COLUMNS = ("rater", "card_id", "interpretable", "confidence", "detection", "description")
 
@@ -47,7 +48,7 @@ function download(){
 
 def _token_span(text: str, act: float, scale: float, is_centre: bool) -> str:
     alpha = 0.0 if scale <= 0 else min(1.0, max(0.0, act / scale))
-    shown = html.escape(text.replace("\n", "⏎"))
+    shown = html.escape(display_text(text))
     cls = "tok centre" if is_centre else "tok"
     style = f' style="background:rgba({SHADE_RGB},{alpha:.2f})"' if alpha > 0 else ""
     title = f' title="{act:.3g}"' if act else ""

@@ -29,9 +29,9 @@ from tqdm.auto import tqdm
 
 from compsae import durable
 from compsae.errors import UserError
-from compsae.evaluation.agreement import krippendorff_alpha
-from compsae.evaluation.card_html import RATING_COLUMNS, render_page
-from compsae.evaluation.feature_cards import (
+from compsae.evaluation.human_study.agreement import krippendorff_alpha
+from compsae.evaluation.human_study.card_html import RATING_COLUMNS, render_page
+from compsae.evaluation.human_study.cards import (
     Card,
     CardConfig,
     Corpus,
@@ -40,6 +40,7 @@ from compsae.evaluation.feature_cards import (
     stratified_sample,
 )
 from compsae.files import GROUND_TRUTH_JSON
+from compsae.lm.token_text import token_display
 
 KEY_FORMAT = "compsae-humaneval-key/1"
 
@@ -457,7 +458,8 @@ def _store_vocab(store_url: str, manifest: dict) -> list[str]:
         from compsae.lm.models import load_model
 
         tok = load_model(HarvestConfig(model=manifest["model"]["name"], device="cpu")).tokenizer
-        return [tok.decode([i]) for i in range(len(tok))]
+        show = token_display(tok)
+        return [show(i) for i in range(len(tok))]
     except Exception:  # noqa: BLE001 - a missing tokenizer only costs readable token text
         return []
 
@@ -471,11 +473,11 @@ def feature_source_from_checkpoint(
     n_partners: int = 5,
 ) -> FeatureSource:
     """Encode the store rows ``rows`` with a checkpoint; CompSAE also gets partners (latents it
-    attends to most, from :class:`compsae.evaluation.comparison.CompositionAccumulator`)."""
+    attends to most, from :class:`compsae.evaluation.comparison.table.CompositionAccumulator`)."""
     import scipy.sparse as sp
     import torch
 
-    from compsae.evaluation.comparison import CompositionAccumulator, iter_batches
+    from compsae.evaluation.comparison.table import CompositionAccumulator, iter_batches
     from compsae.store import ActivationStore
     from compsae.train.trained import TrainedSAE
 

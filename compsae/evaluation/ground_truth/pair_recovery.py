@@ -5,7 +5,7 @@ Mapping rule (one definition, used everywhere):
 1. True pairs: every interaction of order r contributes its r(r-1)/2 constituent pairs
    (a triple {i, j, l} gives {i,j}, {i,l}, {j,l}); pairs are unordered.
 2. Learned latents stand for true features through the Hungarian matching of decoder directions
-   (:func:`compsae.evaluation.matching.hungarian_match`), keeping only matches with
+   (:func:`compsae.evaluation.ground_truth.matching.hungarian_match`), keeping only matches with
    ``|cos| >= min_cos`` — a latent that matches nothing well stands for nothing.
 3. The composition matrix ``S [n_latents, n_latents]`` is symmetrised as ``max(|S_ij|, |S_ji|)``
    and its off-diagonal upper triangle is ranked.  Selection is either the top ``|true pairs|``

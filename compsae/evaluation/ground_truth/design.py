@@ -391,10 +391,10 @@ def write_ground_truth_store(
             "name": "synthetic-ground-truth",
             "revision": None,
             "source": "synthetic",
-            "processing": {"generator": "compsae.evaluation.ground_truth"},
+            "processing": {"generator": "compsae.evaluation.ground_truth.design"},
         },
         "data": {
-            "source": "compsae.evaluation.ground_truth",
+            "source": "compsae.evaluation.ground_truth.design",
             "split": "synthetic",
             "seed": cfg.seed,
             "n_docs": -(-cfg.n_rows // cfg.context),

@@ -23,9 +23,9 @@ from tqdm.auto import tqdm
 
 from compsae.analysis.pair_effects import PairEffectSums, typical_code_effects
 from compsae.evaluation.config import EvaluateConfig
-from compsae.evaluation.ground_truth import GroundTruth, load_ground_truth
-from compsae.evaluation.matching import hungarian_match, mmcs
-from compsae.evaluation.pair_recovery import (
+from compsae.evaluation.ground_truth.design import GroundTruth, load_ground_truth
+from compsae.evaluation.ground_truth.matching import hungarian_match, mmcs
+from compsae.evaluation.ground_truth.pair_recovery import (
     conjunction_latent_score,
     labelled_auc,
     labelled_scores,

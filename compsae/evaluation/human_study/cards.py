@@ -9,8 +9,8 @@ Input format (the clean boundary between "compute activations" and "show them to
   ``acts [n_rows, n_latents]`` (zeros = inactive), plus, for CompSAE, composition partners per
   latent.
 
-:func:`compsae.evaluation.humaneval.feature_source_from_checkpoint` fills a FeatureSource from a
-store and a checkpoint; tests build both by hand.
+:func:`compsae.evaluation.human_study.kit.feature_source_from_checkpoint` fills a FeatureSource from
+a store and a checkpoint; tests build both by hand.
 """
 
 from __future__ import annotations

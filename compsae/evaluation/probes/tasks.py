@@ -26,7 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from compsae.errors import UserError
-from compsae.evaluation.sparse_probing import conjunction_test, probe_sweep
+from compsae.evaluation.probes.sparse import conjunction_test, probe_sweep
 from compsae.harvest.synthetic_text import SyntheticExample, generate
 
 FAMILIES = ("arithmetic", "boolean", "grammar")

@@ -1,0 +1,1 @@
+"""The `evaluate` stage: every checkpoint scored against its ground truth, one table."""

@@ -1,0 +1,1 @@
+"""The human-study kit: blinded feature cards out, ratings in, agreement."""

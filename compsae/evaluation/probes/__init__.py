@@ -1,0 +1,1 @@
+"""Task probes (arithmetic, boolean, grammar) and k-sparse probing: the `probe` stage."""
