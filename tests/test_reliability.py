@@ -110,3 +110,32 @@ def test_a_field_the_chosen_composer_ignores_is_reported() -> None:
     assert make_model_config(
         type="compsae", composer="attention", pair_rank=8
     ).ignored_fields() == ["pair_rank"]
+
+
+def test_verify_gives_one_verdict_from_any_folder_and_after_a_move(tmp_path, monkeypatch) -> None:
+    import copy
+    import shutil
+
+    import yaml
+    from mini_pipeline import MINI
+
+    from compsae import cli
+
+    cfg = copy.deepcopy(MINI)
+    cfg["runs_root"] = "runs"  # relative: records written while the cwd is the project
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(cfg))
+    monkeypatch.chdir(tmp_path)
+    sets = ["--set", "train.batch_size=64", "--set", "train.tokens=256"]
+    for stage in ("harvest", "train"):
+        assert cli.main([stage, "--pipeline", "mini", "--config", "p.yaml", *sets]) == 0
+    assert verify.verify_path("runs/mini")[0] == []
+    assert verify.verify_path(str(tmp_path / "runs" / "mini"))[0] == []
+    monkeypatch.chdir(tmp_path / "runs" / "mini")
+    assert verify.verify_path(".")[0] == []
+    monkeypatch.chdir(tmp_path)
+    shutil.move(str(tmp_path / "runs"), str(tmp_path / "moved"))
+    assert verify.verify_path("moved/mini")[0] == []
+    weights = next((tmp_path / "moved" / "mini").glob("train-*")) / "topk" / "model.safetensors"
+    weights.unlink()
+    problems = verify.verify_path("moved/mini")[0]
+    assert problems and all("model.safetensors" in p for p in problems), problems
