@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from compsae.stages import resolve_record
 from compsae.store import ActivationStore
 
 pytestmark = pytest.mark.reliability
@@ -67,7 +68,8 @@ def _record_is_true(folder: Path, stage: str) -> None:
     record_file = folder / "stage.json"
     if not record_file.exists():
         return  # not done: fine, the rerun redoes it
-    record = json.loads(record_file.read_text())
+    # Read strictly (a torn record must fail here), then resolve its folder-relative paths.
+    record = resolve_record(json.loads(record_file.read_text()), str(folder))
     if stage == "harvest":
         store = ActivationStore.open(record["outputs"]["store"])
         assert store.complete and store.verify() == [], "a harvest record over an incomplete store"
