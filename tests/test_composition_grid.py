@@ -9,14 +9,13 @@ import os
 import numpy as np
 import pytest
 
+from compsae.analysis.pair_calls import benjamini_hochberg, null_pvalues
 from compsae.evaluation.composition_grid import grid as grid_mod
 from compsae.evaluation.composition_grid.cell import IDENTIFIABLE_AUC, CellSpec
 from compsae.evaluation.composition_grid.design import PairGraphDesign, generate, sample_graph
 from compsae.evaluation.composition_grid.statistics import (
     auc,
-    benjamini_hochberg,
     best_per_latent_auc,
-    null_pvalues,
     residual_pair_tests,
 )
 

@@ -22,12 +22,14 @@ from compsae.threads import torch_threads
 @dataclass
 class BlockSpec:
     """What to compute per block.  `tracked[name]`: latent ids whose pair statistics are kept
-    (CompSAE-like models only); `contexts_for`: models whose top contexts are kept."""
+    (CompSAE-like models only); `contexts_for`: models whose top contexts are kept; `pair_null`:
+    also the null sums of the label-free pair calls."""
 
     top_k_contexts: int = 20
     skip: frozenset[str] = frozenset()
     tracked: dict[str, np.ndarray] = field(default_factory=dict)
     contexts_for: frozenset[str] = frozenset()
+    pair_null: bool = True  # also measure pair effects on additive null rows (label-free calls)
 
     def rows_map(self, name: str, n_latents: int) -> np.ndarray | None:
         """`[n_latents]` latent -> tracked row (−1 untracked), or None when not tracked."""
@@ -45,11 +47,16 @@ def model_partial(
     """Partials of one model on held-out rows `x: [b, d]` at positions `pos: [b]`, store rows `rows:
     [b]`."""
     rows_map = spec.rows_map(rec_fn.name, rec_fn.n_latents)
-    effects = None
+    effects = null = None
     if rows_map is not None and "pairs" not in spec.skip and hasattr(rec_fn, "reconstruct"):
         # composition measured by intervention (mixed differences), for every composition model,
         # from the same forward as the reconstruction
-        rec, effects = rec_fn.reconstruct(x, rows_map, len(spec.tracked[rec_fn.name]))
+        # the null's permutation is seeded by the block's first store row: the same for every
+        # scheduler and worker count
+        seed = int(rows[0]) if spec.pair_null and len(rows) else None
+        rec, effects, null = rec_fn.reconstruct(
+            x, rows_map, len(spec.tracked[rec_fn.name]), null_seed=seed
+        )
     else:
         rec = rec_fn(x)
     l0 = (rec.z != 0).sum(1)
@@ -77,6 +84,8 @@ def model_partial(
             )
     if effects is not None:
         part["effects"] = effects
+    if null is not None:
+        part["null_effects"] = null
     if rec.gate is not None and "gate" not in spec.skip:
         part["gate"] = GateSums.from_block(rec.gate)
     return part

@@ -50,6 +50,16 @@ class AnalyzeConfig(BaseModel):
     pair_latents: int = Field(
         512, ge=2, description="most frequent latents the pair statistics cover"
     )
+    pair_fdr: float | None = Field(
+        0.05,
+        gt=0.0,
+        lt=1.0,
+        description="false-discovery rate of the label-free pair calls (null: no calls, and no "
+        "null pass)",
+    )
+    pair_min_support: int = Field(
+        5, ge=2, description="co-firing held-out tokens a pair needs to be tested and called"
+    )
     partner_threshold: float = Field(
         0.05,
         gt=0.0,

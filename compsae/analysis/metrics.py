@@ -14,6 +14,7 @@ from compsae.analysis.composition import (
     rank_correlation,
 )
 from compsae.analysis.cooccurrence import jaccard, npmi, pmi
+from compsae.analysis.pair_calls import call_pairs
 from compsae.analysis.pair_effects import PairEffectSums
 from compsae.analysis.reconstruction import LatentSums
 
@@ -50,10 +51,13 @@ def model_metrics(
     dense_thresholds: list[float],
     partner_threshold: float,
     tracked: np.ndarray | None,
+    pair_fdr: float | None = None,
+    pair_min_support: int = 5,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """(metrics, arrays) of one model.  metrics: JSON-able numbers (reconstruction on all / BOS /
-    non-BOS tokens, latent health, heads, gate, pair summaries); arrays: what the figures and the
-    per-latent table need (composition matrix, partner counts, ...)."""
+    non-BOS tokens, latent health, heads, gate, pair summaries and, with `pair_fdr`, the
+    label-free pair calls); arrays: what the figures and the per-latent table need (composition
+    matrix, partner counts, ...)."""
     both = part["bos"].merge(part["rest"])
     m: dict[str, Any] = {
         "all": both.summary(),
@@ -73,6 +77,9 @@ def model_metrics(
     if tracked is not None and (pairs is not None or effects is not None):
         m["pairs"], pair_arrays = pair_metrics(pairs, effects, lat, tracked, partner_threshold)
         arrays.update(pair_arrays)
+        null = part.get("null_effects")
+        if effects is not None and null is not None and pair_fdr is not None:
+            add_pair_calls(m["pairs"], arrays, effects, null, tracked, pair_fdr, pair_min_support)
     return m, arrays
 
 
@@ -158,6 +165,47 @@ def pair_metrics(
         comp=comp, cooccurrence=co, npmi=npmi_m, pmi=pmi_m, jaccard=jaccard(single, co), partners=ps
     )
     return summary, arrays
+
+
+def add_pair_calls(
+    summary: dict[str, Any],
+    arrays: dict[str, Any],
+    effects: PairEffectSums,
+    null: PairEffectSums,
+    tracked: np.ndarray,
+    fdr: float,
+    min_support: int,
+) -> None:
+    """The label-free calls over the tracked pairs (`pair_calls`): `summary["calls"]` (the rule and
+    how many it calls), `p_value` / `called` on every top pair, `summary["called_pairs"]` (the
+    called pairs by reconstruction gain) and `arrays["pair_called"]` (`[m, m]` bool)."""
+    iu = np.triu_indices(len(tracked), k=1)
+    eligible = effects.count[iu] >= min_support
+    null_ok = null.count[iu] >= min_support
+    calls = call_pairs(effects.evidence_t()[iu], null.evidence_t()[iu][null_ok], eligible, fdr)
+    summary["calls"] = {**calls.summary(), "min_support": min_support}
+    lookup = {
+        (int(tracked[a]), int(tracked[b])): (float(p), bool(c))
+        for a, b, p, c in zip(iu[0], iu[1], calls.pvalue, calls.called, strict=True)
+        if c or p < 1.0
+    }
+    for row in summary.get("top_pairs", []):
+        row["p_value"], row["called"] = lookup.get((row["i"], row["j"]), (1.0, False))
+    gain = effects.gain_share()[iu]
+    order = [o for o in np.argsort(-gain) if calls.called[o]][:TOP_PAIRS]
+    summary["called_pairs"] = [
+        {
+            "i": int(tracked[iu[0][o]]),
+            "j": int(tracked[iu[1][o]]),
+            "tokens": int(effects.count[iu[0][o], iu[1][o]]),
+            "gain_share": float(gain[o]),
+            "p_value": float(calls.pvalue[o]),
+        }
+        for o in order
+    ]
+    called = np.zeros((len(tracked), len(tracked)), dtype=bool)
+    called[iu] = calls.called
+    arrays["pair_called"] = called | called.T
 
 
 def _nanmean(a: np.ndarray) -> float:

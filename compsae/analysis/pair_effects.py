@@ -22,6 +22,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from compsae.analysis.pair_calls import t_statistic
+
 # Token rows per chunk of the explicit intervention: [rows, pairs, d] tensors stay small.
 INTERVENTION_ROWS = 64
 
@@ -131,19 +133,23 @@ def typical_code_effects(
 @dataclass
 class PairEffectSums:
     """Sums over tokens for latent pairs (i < j), both firing: `count`, `norm` (Σ‖Δ‖), `gain`
-    (Σ reconstruction gain of keeping the pair's term), each `[n, n]` upper-triangular float64, and
-    the totals that put them in units of the data (`n_tokens`, `sq_dev`: Σ‖x − μ_batch‖²)."""
+    (Σ reconstruction gain of keeping the pair's term), `evidence` / `evidence_sq` (Σg, Σg² of
+    `g = ⟨r + Δ, Δ/‖Δ‖⟩`, the label-free test's per-token value, see `pair_calls`), each `[n, n]`
+    upper-triangular float64, and the totals that put them in units of the data (`n_tokens`,
+    `sq_dev`: Σ‖x − μ_batch‖²)."""
 
     count: np.ndarray
     norm: np.ndarray
     gain: np.ndarray
+    evidence: np.ndarray
+    evidence_sq: np.ndarray
     n_tokens: int = 0
     sq_dev: float = 0.0
 
     @classmethod
     def empty(cls, n_latents: int) -> PairEffectSums:
         z = np.zeros((n_latents, n_latents))
-        return cls(z.copy(), z.copy(), z.copy())
+        return cls(z.copy(), z.copy(), z.copy(), z.copy(), z.copy())
 
     @torch.no_grad()
     def update(
@@ -177,6 +183,12 @@ class PairEffectSums:
             self.gain += np.bincount(
                 flat, weights=gain[keep].double().cpu().numpy(), minlength=m * m
             ).reshape(m, m)
+            # g = ⟨r + Δ, Δ/‖Δ‖⟩ = (gain + ‖Δ‖²) / 2‖Δ‖, from the two numbers already measured
+            nk, gk = norm[keep].double(), gain[keep].double()
+            g = torch.where(nk > 0, (gk + nk.square()) / (2 * nk.clamp_min(1e-30)), 0.0)
+            g = g.cpu().numpy()
+            self.evidence += np.bincount(flat, weights=g, minlength=m * m).reshape(m, m)
+            self.evidence_sq += np.bincount(flat, weights=g * g, minlength=m * m).reshape(m, m)
         self.n_tokens += x.shape[0]
         self.sq_dev += float((x - x.mean(0)).double().square().sum())
 
@@ -185,9 +197,16 @@ class PairEffectSums:
             self.count + other.count,
             self.norm + other.norm,
             self.gain + other.gain,
+            self.evidence + other.evidence,
+            self.evidence_sq + other.evidence_sq,
             self.n_tokens + other.n_tokens,
             self.sq_dev + other.sq_dev,
         )
+
+    def evidence_t(self) -> np.ndarray:
+        """`[n, n]` upper-triangular: the one-sided t statistic of `g` per pair (0 below two
+        co-firing tokens), the label-free test's statistic (`pair_calls`)."""
+        return np.triu(t_statistic(self.evidence, self.evidence_sq, self.count), 1)
 
     def mean_effect(self, min_support: int = 1) -> np.ndarray:
         """`[n, n]` symmetric: mean ‖Δ_ij‖ over the tokens where both fire, relative to the RMS row

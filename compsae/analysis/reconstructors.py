@@ -110,17 +110,25 @@ class SAEReconstructor:
 
     @torch.no_grad()
     def reconstruct(
-        self, x: np.ndarray, rows: np.ndarray | None = None, m: int = 0
-    ) -> tuple[Reconstruction, Any]:
+        self,
+        x: np.ndarray,
+        rows: np.ndarray | None = None,
+        m: int = 0,
+        null_seed: int | None = None,
+    ) -> tuple[Reconstruction, Any, Any]:
         """The reconstruction of `x: [b, d]` and, when `rows` is given (`[n_latents]` latent -> row
         of the `m` tracked latents, −1 untracked) and the model has a composition path, its
         `PairEffectSums` over those latents (else None).  One forward per `batch_rows` rows serves
-        both: the effects are measured on the same codes and x̂ the reconstruction reports."""
+        both: the effects are measured on the same codes and x̂ the reconstruction reports.
+        With `null_seed`, also the same sums on rows made additive in this dictionary (its linear
+        reconstruction plus its residuals permuted across the batch's tokens, see `pair_calls`):
+        the null of the label-free pair calls; else the third value is None."""
         from compsae.analysis.pair_effects import PairEffectSums
 
         model = self.model
         composes = getattr(model, "has_composition", False) and hasattr(model, "decode_active")
         acc = PairEffectSums.empty(m) if rows is not None and composes else None
+        null = PairEffectSums.empty(m) if acc is not None and null_seed is not None else None
         parts = []
         for i in range(0, max(len(x), 1), self.batch_rows):
             xt = (
@@ -132,8 +140,15 @@ class SAEReconstructor:
             if acc is not None and len(xt):
                 idx = out.active_idx
                 acc.update(model, xt, out.x_hat, idx, out.z.gather(1, idx), rows)
+            if null is not None and len(xt) > 1 and out.comp is not None:
+                gen = torch.Generator().manual_seed(null_seed * 1_000_003 + i)
+                perm = torch.randperm(len(xt), generator=gen)
+                x0 = (out.x_hat - out.comp) + (xt - out.x_hat)[perm]
+                out0 = model(x0)
+                idx0 = out0.active_idx
+                null.update(model, x0, out0.x_hat, idx0, out0.z.gather(1, idx0), rows)
         if len(parts) == 1:
-            return parts[0], acc
+            return parts[0], acc, null
         cat = {
             f: (
                 None
@@ -142,7 +157,7 @@ class SAEReconstructor:
             )
             for f in Reconstruction.__dataclass_fields__
         }
-        return Reconstruction(**cat), acc
+        return Reconstruction(**cat), acc, null
 
     def _numpy(self, out: Any) -> Reconstruction:
         """A model's output on scaled rows, back in store units as numpy."""

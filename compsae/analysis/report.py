@@ -435,7 +435,16 @@ def render_html(metrics: dict[str, Any], figures: list[tuple[str, str]]) -> str:
     comp_rows = [
         {
             "model": n,
-            **{k: v for k, v in m["pairs"].items() if k != "top_pairs"},
+            **{
+                k: v
+                for k, v in m["pairs"].items()
+                if k not in ("top_pairs", "called_pairs", "calls")
+            },
+            **{
+                f"calls_{k}": v
+                for k, v in m["pairs"].get("calls", {}).items()
+                if k in ("fdr", "candidates", "called", "calls_per_1000")
+            },
             **{k: v for k, v in m.get("gate", {}).items() if not isinstance(v, dict)},
             "head_agreement": m.get("heads", {}).get("head_agreement"),
         }
@@ -451,6 +460,14 @@ def render_html(metrics: dict[str, Any], figures: list[tuple[str, str]]) -> str:
             )
         )
     for n, m in metrics["models"].items():
+        calls = m.get("pairs", {}).get("calls")
+        if calls:
+            parts.append(
+                f"<p>{html.escape(n)}: label-free calls: {calls['called']} of "
+                f"{calls['candidates']} candidate pairs at FDR {calls['fdr']:g} "
+                f"({calls['calls_per_1000']:.1f} per 1,000; null from "
+                f"{calls['null_pairs']} pairs on rows made additive in the same dictionary)</p>"
+            )
         top = m.get("pairs", {}).get("top_pairs")
         if top:
             rows = [
@@ -459,6 +476,7 @@ def render_html(metrics: dict[str, Any], figures: list[tuple[str, str]]) -> str:
                     "tokens": p["tokens"],
                     "mean_effect": p["mean_effect"],
                     "gain_share": p["gain_share"],
+                    **({"p_value": p["p_value"], "called": p["called"]} if "p_value" in p else {}),
                     "where both fire": " | ".join(
                         f"{e['context']}[{e['token']}]" for e in p.get("examples", [])
                     ),

@@ -331,6 +331,7 @@ def compute_partials(
         skip=frozenset(cfg.skip),
         tracked=ap.tracked,
         contexts_for=ap.sae_names,
+        pair_null=cfg.pair_fdr is not None,
     )
     graph = build_graph(
         acts_array(ap.store, ap.hook), ap.store.column_view("pos"), ap.blocks, ap.recons, spec
@@ -348,7 +349,12 @@ def analysis_metrics(
     arrays: dict[str, dict[str, Any]] = {}
     for r in ap.recons:
         m, arr = model_metrics(
-            partials[r.name], cfg.dense_thresholds, cfg.partner_threshold, ap.tracked.get(r.name)
+            partials[r.name],
+            cfg.dense_thresholds,
+            cfg.partner_threshold,
+            ap.tracked.get(r.name),
+            pair_fdr=cfg.pair_fdr,
+            pair_min_support=cfg.pair_min_support,
         )
         m["kind"] = r.kind
         models[r.name], arrays[r.name] = m, arr

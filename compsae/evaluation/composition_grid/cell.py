@@ -18,6 +18,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from scipy import stats
 
+from compsae.analysis.pair_calls import additive_null_rows, benjamini_hochberg, null_pvalues
 from compsae.evaluation.composition_grid.design import (
     PairGraph,
     PairGraphDesign,
@@ -27,14 +28,11 @@ from compsae.evaluation.composition_grid.design import (
 from compsae.evaluation.composition_grid.fit import encode_all, fit_dictionary, normalise_scale
 from compsae.evaluation.composition_grid.statistics import (
     PairTests,
-    additive_null_rows,
     auc,
     auc_interval,
-    benjamini_hochberg,
     best_per_latent_auc,
     f1,
     label_tuned_f1,
-    null_pvalues,
     residual_pair_tests,
 )
 from compsae.evaluation.ground_truth.matching import hungarian_match

@@ -8,7 +8,8 @@ in-context effect ``‖u_p‖ · rms(z_i z_j)`` and ``T_p = ‖u_p‖² G_pp / �
 term") its test statistic.  A learned encoder leaves systematic residual on co-firing rows even of
 additive data, so for trained dictionaries the p-values come from a null of the same statistic on
 rows made additive in that dictionary (`additive_null_rows`); calls are the pairs
-Benjamini–Hochberg keeps at false-discovery rate q.
+Benjamini–Hochberg keeps at false-discovery rate q (`compsae.analysis.pair_calls`, the rule
+`analyze` uses on real activations).
 """
 
 from __future__ import annotations
@@ -76,39 +77,6 @@ def residual_pair_tests(
         support=support,
         statistic=np.where(ok, t, 0.0),
     )
-
-
-def null_pvalues(statistic: np.ndarray, null: np.ndarray) -> np.ndarray:
-    """p-values of `statistic` under a scaled χ² fitted to a null sample by its first two moments
-    (`c·χ²_ν`, c = var / 2·mean, ν = 2·mean² / var): smooth tails from a few hundred null pairs."""
-    null = np.asarray(null, dtype=np.float64)
-    null = null[np.isfinite(null) & (null > 0)]
-    if len(null) < 10:
-        return np.ones_like(statistic, dtype=np.float64)
-    mean, var = float(null.mean()), max(float(null.var()), 1e-30)
-    c, nu = var / (2 * mean), 2 * mean**2 / var
-    return stats.chi2.sf(np.asarray(statistic, dtype=np.float64) / c, nu)
-
-
-def additive_null_rows(x_hat_linear: np.ndarray, resid: np.ndarray, seed: int = 0) -> np.ndarray:
-    """Rows that are additive in a dictionary by construction: its linear reconstruction plus the
-    residuals permuted across tokens (which breaks any tie between a residual and a pair of
-    codes)."""
-    perm = np.random.default_rng(seed).permutation(len(resid))
-    return (x_hat_linear + resid[perm]).astype(np.float32)
-
-
-def benjamini_hochberg(pvalue: np.ndarray, q: float = 0.05) -> np.ndarray:
-    """[p] bool: the discoveries of the Benjamini–Hochberg step-up rule at FDR `q`."""
-    p = np.asarray(pvalue, dtype=np.float64)
-    if p.size == 0:
-        return np.zeros(0, dtype=bool)
-    order = np.argsort(p)
-    passed = p[order] <= q * np.arange(1, p.size + 1) / p.size
-    keep = np.zeros(p.size, dtype=bool)
-    if passed.any():
-        keep[order[: np.nonzero(passed)[0].max() + 1]] = True
-    return keep
 
 
 def auc(score: np.ndarray, labels: np.ndarray) -> float:
