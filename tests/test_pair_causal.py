@@ -126,13 +126,13 @@ def test_run_pair_causal_gives_top_matched_and_random_rows_per_n():
     lm = torch.nn.Linear(D, 7).double()
     tokens = torch.randint(0, 7, (2, 10))
 
-    def ce_fn(tok, replace):
-        act = x if replace is None else replace(x)
+    def ce_fn(tok, replace):  # the own ablations pass a subset of the sequences
+        act = x[: len(tok)] if replace is None else replace(x[: len(tok)])
         logits = lm(act)
         ce = torch.nn.functional.cross_entropy(
             logits[:, :-1].flatten(0, 1), tok[:, 1:].flatten(), reduction="none"
         )
-        return ce.view(2, -1), logits
+        return ce.view(len(tok), -1), logits
 
     def encode(a):
         _, i, v = model.active(a)
@@ -169,3 +169,73 @@ def test_plot_pair_causal_writes_a_figure(tmp_path):
     ]
     plot_pair_causal(recs, str(tmp_path / "f.png"))
     assert (tmp_path / "f.png").stat().st_size > 1000
+
+
+def _toy_lm(x: torch.Tensor, vocab: int = 7):
+    """A toy "LM" whose logits at a position depend on the (replaced) activations at it and
+    before it, so a sequence's CE does not depend on the other sequences of the batch."""
+    torch.manual_seed(1)
+    lm = torch.nn.Linear(x.shape[-1], vocab).double()
+
+    def ce_fn(tok, replace):
+        act = x[: len(tok)] if replace is None else replace(x[: len(tok)])
+        logits = lm(act.cumsum(1))
+        ce = torch.nn.functional.cross_entropy(
+            logits[:, :-1].flatten(0, 1), tok[:, 1:].flatten(), reduction="none"
+        )
+        return ce.view(len(tok), -1), logits
+
+    return ce_fn
+
+
+def test_one_pairs_own_ablation_equals_the_joint_ablation_of_that_pair_alone():
+    from compsae.analysis.pair_causal import own_ablation, run_pair_causal
+    from compsae.analysis.pair_effects import PairEffectSums
+
+    model = _pair_model()
+    x = torch.randn(4, 10, D, dtype=torch.float64) * 3
+    flat = x.flatten(0, 1)
+    _, idx, vals = model.active(flat)
+    sums = PairEffectSums.empty(48)
+    sums.update(model, flat, model.decode_active(idx, vals), idx, vals)
+    tokens = torch.randint(0, 7, (4, 10))
+    ce_fn = _toy_lm(x)
+    # a full-batch ce_fn sees every sequence: the own ablation must splice only the pair's ones
+    recs = run_pair_causal(
+        model,
+        ce_fn,
+        tokens,
+        lambda a: model.active(a)[1:],
+        sums.mean_effect(),
+        sums.count,
+        ns=(1, 4),
+    )
+    top1 = next(r for r in recs if r.kind == "top" and r.n_pairs == 1)
+    assert top1.pairs_own == 1
+    assert abs(top1.pair_delta_ce - top1.delta_ce) < 1e-9
+    assert top1.pair_delta_ce_lo == top1.pair_delta_ce == top1.pair_delta_ce_hi
+    top4 = next(r for r in recs if r.kind == "top" and r.n_pairs == 4)
+    own = [
+        own_ablation(model, ce_fn, tokens, idx, vals, model.decode_active(idx, vals), p, 48, 1.0)
+        for p in top_pairs(sums.mean_effect(), sums.count, 4)
+    ]
+    assert top4.pairs_own == 4
+    assert abs(top4.pair_delta_ce - float(np.mean(own))) < 1e-9
+    assert top4.pair_delta_ce_lo <= top4.pair_delta_ce <= top4.pair_delta_ce_hi
+    assert len({round(o, 12) for o in own}) > 1  # the pairs differ: the interval is not a point
+    # a pair that never fires has no own effect
+    never = np.argwhere(np.triu(sums.count == 0, 1))[0]
+    base = model.decode_active(idx, vals)
+    assert np.isnan(own_ablation(model, ce_fn, tokens, idx, vals, base, never, 48, 1.0))
+    # own_max = 0 switches it off
+    off = run_pair_causal(
+        model,
+        ce_fn,
+        tokens,
+        lambda a: model.active(a)[1:],
+        sums.mean_effect(),
+        sums.count,
+        ns=(1,),
+        own_max=0,
+    )
+    assert all(r.pairs_own == 0 and np.isnan(r.pair_delta_ce) for r in off)

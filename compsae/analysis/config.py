@@ -94,6 +94,12 @@ class AnalyzeConfig(BaseModel):
     pair_causal: bool = Field(
         False, description="splice x̂ without the top pairs' terms (and controls) into the LM"
     )
+    pair_causal_own_max: int = Field(
+        100,
+        ge=0,
+        description="causal test: sets of at most this many pairs also get one ablation per pair "
+        "and a bootstrap over pairs (0: off; each pair costs two LM forwards on its sequences)",
+    )
     batch_rows: int = Field(
         1024, ge=1, description="rows per model call inside a block (bounds memory)"
     )

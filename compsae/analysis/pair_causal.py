@@ -5,11 +5,14 @@ For a set S of latent pairs, the ablated reconstruction of a token is
 x̂ and x̂_S into the LM gives per-token ΔCE = CE(x̂_S) − CE(x̂) and ΔKL = KL(p_x̂ ‖ p_x̂_S).
 Controls of matched size: (a) co-firing pairs whose effect norms are drawn to match the tested
 pairs' (nearest-norm sampling without replacement), (b) random directions with the same norm as
-each removed Δ.  Intervals are percentile bootstraps (95 %) over tokens or over pairs.
+each removed Δ.  Intervals are percentile bootstraps (95 %): over tokens for the joint ablation
+of a set, and over pairs for each pair's own ablation (`own_ablations`: one pair's term removed at a
+time, on the sequences where it fires), which says whether a set's effect rests on a few pairs.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -130,7 +133,10 @@ def per_token_delta(
 @dataclass
 class PairCausalRecord:
     """One row of the causal test: `kind` in {top, matched, random_dir}, `n_pairs` tested, mean
-    ΔCE / ΔKL per affected token with 95 % bootstrap intervals, and the tokens affected."""
+    ΔCE / ΔKL per affected token of the joint ablation with 95 % bootstrap intervals over tokens,
+    the tokens affected and, where the set was small enough for one ablation per pair
+    (`pairs_own` > 0), the mean over pairs of each pair's own ΔCE per affected token with a 95 %
+    bootstrap interval over pairs."""
 
     kind: str
     n_pairs: int
@@ -141,6 +147,59 @@ class PairCausalRecord:
     delta_kl: float
     delta_kl_lo: float
     delta_kl_hi: float
+    pairs_own: int = 0
+    pair_delta_ce: float = math.nan
+    pair_delta_ce_lo: float = math.nan
+    pair_delta_ce_hi: float = math.nan
+
+
+@torch.no_grad()
+def own_ablation(
+    model: Any,
+    ce_fn: Callable,
+    tokens: torch.Tensor,
+    idx: torch.Tensor,
+    vals: torch.Tensor,
+    base_x: torch.Tensor,
+    pair: np.ndarray,
+    n_latents: int,
+    scale: float,
+    gen: torch.Generator | None = None,
+) -> float:
+    """Mean ΔCE per affected predicted token of removing one `pair`'s term alone (`gen`: a random
+    direction of the same norm instead), spliced only into the sequences where the pair fires.
+    `idx`, `vals`: `[b·ctx, k]` active latents of `tokens: [b, ctx]`; `base_x`: their x̂ in model
+    units.  NaN where the pair never fires before the last position."""
+    b, ctx = tokens.shape
+    sel = selection_matrix(np.asarray(pair).reshape(1, 2), n_latents)
+    fires = pair_mask(idx, vals, sel).any(1)  # [b·ctx]
+    hit = fires.view(b, ctx)[:, :-1]
+    seqs = hit.any(1).nonzero().flatten()
+    if len(seqs) == 0:
+        return math.nan
+    rows = fires.nonzero().flatten()
+    terms = removed_terms(model, idx[rows], vals[rows], sel)  # [r, d]
+    if gen is not None:
+        terms = random_directions_like(terms, gen)
+    ablated = base_x.clone()
+    ablated[rows] -= terms
+    d = base_x.shape[-1]
+    sub = seqs.tolist()
+
+    def splice(x: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+        part = (x / scale).view(b, ctx, d)[sub]
+        return lambda act: part.view(act.shape).to(act)
+
+    dce, _ = per_token_delta(ce_fn, tokens[sub], splice(base_x), splice(ablated))
+    return float(dce[hit[sub]].mean())
+
+
+def _own_summary(rec: PairCausalRecord, own: list[float], rng: np.random.Generator) -> None:
+    """Fill the over-pairs fields of `rec` from the pairs' own ΔCE (NaN: never fired)."""
+    v = np.asarray([o for o in own if math.isfinite(o)], dtype=np.float64)
+    if v.size:
+        rec.pairs_own = int(v.size)
+        rec.pair_delta_ce, rec.pair_delta_ce_lo, rec.pair_delta_ce_hi = bootstrap_ci(v, rng)
 
 
 def _summary(
@@ -168,13 +227,15 @@ def run_pair_causal(
     ns: tuple[int, ...] = (10, 100, 1000),
     seed: int = 0,
     scale: float = 1.0,
+    own_max: int = 100,
 ) -> list[PairCausalRecord]:
     """The causal test on held-out `tokens: [b, ctx]`: for each N in `ns` (clipped to the co-firing
     pairs that exist), the top-N pairs by `effect` (in-context mean ‖Δ‖), the matched-norm control
     and the random-direction control.  `encode` maps hook activations `[m, d]` to the model's
     active `(idx, vals)` of `act · scale` (the model's input units); x̂ and the removed terms are
     divided by `scale` again before the splice.  Averages are over the
-    predicted tokens whose activation had at least one removed term."""
+    predicted tokens whose activation had at least one removed term.  Sets of at most `own_max`
+    pairs also get one ablation per pair (`own_ablation`) and the bootstrap over pairs."""
     rng = np.random.default_rng(seed)
     gen = torch.Generator().manual_seed(seed)
     n_lat = effect.shape[0]
@@ -195,6 +256,32 @@ def run_pair_causal(
 
     n_avail = int((np.triu(count, 1) > 0).sum())
     out: list[PairCausalRecord] = []
+    own_cache: dict[tuple[str, int, int], float] = {}
+
+    def own(kind: str, pairs: np.ndarray) -> list[float]:
+        vals_out = []
+        for a, b in pairs:
+            key = (kind, int(a), int(b))
+            if key not in own_cache:
+                pair_gen = None
+                if kind == "random_dir":  # one seeded direction per pair, whatever the order
+                    pair_seed = seed * 1_000_003 + int(a) * n_lat + int(b)
+                    pair_gen = torch.Generator().manual_seed(pair_seed)
+                own_cache[key] = own_ablation(
+                    model,
+                    ce_fn,
+                    tokens,
+                    idx,
+                    vals,
+                    base_x,
+                    np.array([a, b]),
+                    n_lat,
+                    scale,
+                    pair_gen,
+                )
+            vals_out.append(own_cache[key])
+        return vals_out
+
     for n in sorted({min(n, n_avail) for n in ns if n > 0}):
         top = top_pairs(effect, count, n)
         ctl = matched_pairs(effect, count, top, rng)
@@ -204,10 +291,14 @@ def run_pair_causal(
             hit = pair_mask(idx, vals, sel).any(1).view(shape[:2])[:, :-1]
             dce, dkl = per_token_delta(ce_fn, tokens, splice(base_x), splice(base_x - terms))
             out.append(_summary(kind, len(pairs), dce, dkl, hit, rng))
+            if 0 < len(pairs) <= own_max:
+                _own_summary(out[-1], own(kind, pairs), rng)
             if kind == "top":
                 rand = random_directions_like(terms, gen)
                 dce, dkl = per_token_delta(ce_fn, tokens, splice(base_x), splice(base_x - rand))
                 out.append(_summary("random_dir", len(pairs), dce, dkl, hit, rng))
+                if 0 < len(pairs) <= own_max:
+                    _own_summary(out[-1], own("random_dir", pairs), rng)
     return out
 
 

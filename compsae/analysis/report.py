@@ -498,6 +498,19 @@ def render_html(metrics: dict[str, Any], figures: list[tuple[str, str]]) -> str:
                     ),
                 )
             )
+    for n, m in metrics["models"].items():
+        if m.get("pair_causal"):
+            parts.append(
+                table(
+                    m["pair_causal"],
+                    list(m["pair_causal"][0]),
+                    f"{n}: causal pair test (ΔCE / ΔKL per affected token when the pairs' terms "
+                    "are removed from the splice; matched: co-firing pairs of matched effect "
+                    "norm; random_dir: random directions of the same norm; _lo / _hi: 95 % "
+                    "bootstrap over tokens; pair_delta_ce: mean of each pair's own ablation, "
+                    "bootstrap over pairs)",
+                )
+            )
     ce_rows = [{"model": n, **m["ce"]} for n, m in metrics["models"].items() if m.get("ce")]
     if ce_rows:
         parts.append(

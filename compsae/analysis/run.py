@@ -373,7 +373,13 @@ def analysis_metrics(
             if cfg.pair_causal:
                 for r in ap.recons:
                     causal = _pair_causal(
-                        r, partials[r.name], ap.tracked.get(r.name), fn, tok, cfg.seed
+                        r,
+                        partials[r.name],
+                        ap.tracked.get(r.name),
+                        fn,
+                        tok,
+                        cfg.seed,
+                        cfg.pair_causal_own_max,
                     )
                     if causal is not None:
                         models[r.name]["pair_causal"] = causal
@@ -464,6 +470,7 @@ def _pair_causal(
     fn: CEFn,
     tok: torch.Tensor,
     seed: int,
+    own_max: int = 100,
 ) -> list[dict[str, Any]] | None:
     """The causal pair test (`pair_causal`) for a model with measured pair effects, as rows."""
     from dataclasses import asdict
@@ -484,7 +491,9 @@ def _pair_causal(
         _, idx, vals = model.active(x)
         return idx, vals
 
-    recs = run_pair_causal(model, fn, tok, encode, eff, np.triu(cnt, 1), seed=seed, scale=rec.scale)
+    recs = run_pair_causal(
+        model, fn, tok, encode, eff, np.triu(cnt, 1), seed=seed, scale=rec.scale, own_max=own_max
+    )
     return [asdict(r) for r in recs]
 
 
