@@ -38,3 +38,29 @@ def test_relabelled_copy_is_matched_and_fully_stable():
     assert abs(s.spearman_effect_pmi) < 0.2  # independent draws
     same = pair_stability(dec, dec_b, eff, to_b(eff), eff, to_b(eff), count, count, n=50)
     assert np.isclose(same.spearman_effect_pmi, 1.0)
+
+
+def test_seed_stability_over_tracked_subsets_of_a_relabelled_copy():
+    from compsae.analysis.pair_stability import SeedPairs, seed_stability
+
+    rng = np.random.default_rng(3)
+    n, m = 60, 20
+    dec = rng.normal(size=(n, 8))
+    perm = rng.permutation(n)
+    dec_b = np.empty_like(dec)
+    dec_b[perm] = dec
+    tracked = rng.choice(n, m, replace=False)
+    eff, pmi = _sym(rng, m), _sym(rng, m)
+    count = np.ones((m, m))
+    a = SeedPairs(dec, tracked, eff, pmi, count)
+    # seed B tracks the same latents under its own labels, in another order
+    order = rng.permutation(m)
+    b = SeedPairs(
+        dec_b, perm[tracked][order], eff[np.ix_(order, order)], pmi[np.ix_(order, order)], count
+    )
+    s = seed_stability({0: a, 1: b}, n=30)
+    assert s is not None and s.effect_overlap == 1.0 and s.pmi_overlap == 1.0
+    other = SeedPairs(dec_b, perm[tracked][order], _sym(rng, m), pmi[np.ix_(order, order)], count)
+    s2 = seed_stability({0: a, 1: other}, n=30)
+    assert s2 is not None and s2.effect_overlap < 0.5 and s2.pmi_overlap == 1.0
+    assert seed_stability({0: a}) is None

@@ -29,6 +29,10 @@ def test_real_design(name, d_model):
     assert len(hooks) == 3 and cfg.train.hook == hooks[1]
     models = cfg.train.models
     comp, topk, wide = (dict(models[m]) for m in ("compsae", "topk", "topk_params"))
+    # a second seed of the same CompSAE, for the seed stability of its pairs
+    seed1 = dict(models["compsae__s1"])
+    assert dict(seed1.pop("train")) == {"seed": 1}
+    assert seed1 == {k: v for k, v in comp.items() if k != "train"}
     assert (comp["n_latents"], comp["k"]) == (topk["n_latents"], topk["k"]) and wide["k"] == comp[
         "k"
     ]
@@ -74,3 +78,7 @@ def test_real_tiny_runs_end_to_end(tmp_path):
     top = [r for r in causal if r["kind"] == "top"]
     assert top[0]["n_pairs"] >= 1 and top[0]["n_tokens"] > 0
     assert (analyze / "figures" / "pair_causal_compsae.png").is_file()
+    (stab,) = metrics["pair_stability"]
+    assert stab["variant"] == "compsae" and stab["models"] == ["compsae", "compsae__s1"]
+    assert 0.0 <= stab["effect_overlap"] <= 1.0 and 0.0 <= stab["pmi_overlap"] <= 1.0
+    assert -1.0 <= stab["median_cos"] <= 1.0

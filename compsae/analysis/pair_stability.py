@@ -83,3 +83,45 @@ def pair_stability(
         else float("nan")
     )
     return PairStability(n, e, p, float(np.median(cos)), rho)
+
+
+@dataclass
+class SeedPairs:
+    """What one trained seed contributes: its decoder `[n_latents, d]`, the tracked latent ids
+    `[m]` and, over them, the mean pair effect, PMI and co-firing counts (`[m, m]`)."""
+
+    decoder: np.ndarray
+    tracked: np.ndarray
+    effect: np.ndarray
+    pmi: np.ndarray
+    count: np.ndarray
+
+
+def _full(sub: np.ndarray, tracked: np.ndarray, n: int, fill: float) -> np.ndarray:
+    """`[n, n]` with the `[m, m]` matrix `sub` on the tracked rows and columns, `fill` elsewhere."""
+    out = np.full((n, n), fill, dtype=np.float64)
+    out[np.ix_(tracked, tracked)] = np.nan_to_num(sub, nan=fill)
+    return out
+
+
+def seed_stability(seeds: dict[int, SeedPairs], n: int = 100) -> PairStability | None:
+    """Stability of the first two seeds (by seed number) of one variant, or None with fewer than
+    two or unequal dictionaries.  Pairs are compared over the full dictionaries (a tracked latent
+    of one seed may match an untracked one of the other: that pair then counts as not shared)."""
+    if len(seeds) < 2:
+        return None
+    a, b = (seeds[s] for s in sorted(seeds)[:2])
+    if a.decoder.shape != b.decoder.shape:
+        return None
+    n_lat = a.decoder.shape[0]
+
+    def full(x: SeedPairs) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        count = np.triu(np.nan_to_num(x.count), 1)
+        return (
+            _full(x.effect, x.tracked, n_lat, 0.0),
+            _full(x.pmi, x.tracked, n_lat, np.nan),
+            _full(count, x.tracked, n_lat, 0.0),
+        )
+
+    (ea, pa, ca), (eb, pb, cb) = full(a), full(b)
+    return pair_stability(a.decoder, b.decoder, ea, eb, pa, pb, ca, cb, n)

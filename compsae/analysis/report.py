@@ -511,6 +511,17 @@ def render_html(metrics: dict[str, Any], figures: list[tuple[str, str]]) -> str:
                     "bootstrap over pairs)",
                 )
             )
+    if metrics.get("pair_stability"):
+        rows = [{**r, "models": " vs ".join(r["models"])} for r in metrics["pair_stability"]]
+        parts.append(
+            table(
+                rows,
+                list(rows[0]),
+                "Seed stability of the pairs (latents matched by decoder cosine; effect_overlap: "
+                "share of the top-n pairs by effect shared by the two seeds; pmi_overlap: the same "
+                "for the top-n pairs by co-occurrence)",
+            )
+        )
     ce_rows = [{"model": n, **m["ce"]} for n, m in metrics["models"].items() if m.get("ce")]
     if ce_rows:
         parts.append(

@@ -49,6 +49,7 @@ from compsae.lm.token_text import token_display
 from compsae.store import ActivationStore
 from compsae.store.sample import spread_rows
 from compsae.store.split import HeldOutSplit, shared_split
+from compsae.train.config import split_seed_name
 from compsae.train.records import CheckpointMeta
 from compsae.train.trained import model_folders
 
@@ -402,6 +403,7 @@ def analysis_metrics(
                 "tokens_seen": ap.metas[r.name].tokens_seen,
             }
         )
+    stability = _pair_stability(ap, arrays)
     metrics = {
         "hook": ap.hook,
         "store": ap.store.url,
@@ -415,7 +417,42 @@ def analysis_metrics(
         "ce_note": ce_note,
         "notes": ap.notes,
     }
+    if stability:
+        metrics["pair_stability"] = stability
     return metrics, arrays
+
+
+def _pair_stability(ap: AnalysisPlan, arrays: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """Seed stability of the pair effects (`pair_stability.seed_stability`) for every variant
+    trained with two or more seeds whose pair effects were measured, as rows.  A variant is the
+    model name without its `__s<seed>` suffix (`train.seeds`, or a model named so by hand with its
+    own `train.seed`); the seed is the one the checkpoint was trained with."""
+    from dataclasses import asdict
+
+    from compsae.analysis.pair_stability import SeedPairs, seed_stability
+
+    by_variant: dict[str, dict[int, tuple[str, SeedPairs]]] = {}
+    for r in ap.recons:
+        arr = arrays.get(r.name, {})
+        variant, suffix = split_seed_name(r.name)
+        if "pair_effect" not in arr or not isinstance(r, SAEReconstructor):
+            continue
+        meta = ap.metas.get(r.name)
+        trained = (meta.train or {}) if meta is not None else {}
+        seed = int(trained.get("seed", suffix if suffix is not None else 0))
+        co = np.asarray(arr["cooccurrence"], dtype=np.float64).copy()
+        np.fill_diagonal(co, 0)
+        dec = r.model.W_dec.detach().float().cpu().numpy()
+        seeds = by_variant.setdefault(variant, {})
+        pairs = SeedPairs(dec, arr["tracked"], arr["pair_effect"], arr["pmi"], co)
+        seeds.setdefault(seed, (r.name, pairs))
+    rows = []
+    for variant, named in sorted(by_variant.items()):
+        st = seed_stability({s: p for s, (_, p) in named.items()})
+        if st is not None:
+            first = sorted(named)[:2]
+            rows.append({"variant": variant, "models": [named[s][0] for s in first], **asdict(st)})
+    return rows
 
 
 def run_analyze(
