@@ -480,6 +480,7 @@ def render_html(metrics: dict[str, Any], figures: list[tuple[str, str]]) -> str:
                     "where both fire": " | ".join(
                         f"{e['context']}[{e['token']}]" for e in p.get("examples", [])
                     ),
+                    **_profile_columns(p),
                 }
                 for p in top
             ]
@@ -542,6 +543,26 @@ def render_html(metrics: dict[str, Any], figures: list[tuple[str, str]]) -> str:
         )
     parts.append("</body></html>")
     return "\n".join(parts)
+
+
+def _profile_columns(pair: dict[str, Any]) -> dict[str, str]:
+    """The top-pairs table's profile columns (`pair_profile`): the tokens where both latents fire
+    against one alone, and the tokens the pair's mean term promotes and demotes."""
+    if "tokens_both" not in pair:
+        return {}
+
+    def tokens(rows: list) -> str:
+        return ", ".join(f"{t} ({c})" for t, c in rows)
+
+    cols = {
+        "tokens (both)": tokens(pair["tokens_both"]),
+        "only i (rows: tokens)": f"{pair['n_only_i']}: {tokens(pair['tokens_only_i'])}",
+        "only j (rows: tokens)": f"{pair['n_only_j']}: {tokens(pair['tokens_only_j'])}",
+    }
+    if "promoted" in pair:
+        cols["promotes"] = ", ".join(t for t, _ in pair["promoted"])
+        cols["demotes"] = ", ".join(t for t, _ in pair["demoted"])
+    return cols
 
 
 def write_report(

@@ -233,6 +233,30 @@ def pair_examples(
             )
 
 
+def _profile_pairs(
+    rec: SAEReconstructor,
+    ap: AnalysisPlan,
+    pairs: list[dict[str, Any]],
+    decode: Callable[[int], str],
+    max_rows: int = 8192,
+) -> None:
+    """`pair_profile.pair_profiles` of the top pairs on the first `max_rows` evaluated rows, with
+    the LM's unembedding where the hook is in the residual stream and the LM loads."""
+    from compsae.analysis.browser import load_unembedding
+    from compsae.analysis.pair_profile import pair_profiles
+
+    rows = np.flatnonzero(ap.blocks.keep)[:max_rows]
+    if rows.size == 0 or not pairs or not hasattr(rec.model, "active"):
+        return
+    lo, hi = int(rows.min()), int(rows.max()) + 1
+    x = ap.store.read_rows(ap.hook, lo, hi)[rows - lo]
+    token_ids = np.asarray(ap.store.column_view("tokens")[lo:hi])[rows - lo]
+    w_u, _ = load_unembedding(ap.store.manifest, ap.hook)
+    if w_u is not None and w_u.shape[0] != x.shape[1]:
+        w_u = None  # not the space this hook writes (a store of other activations)
+    pair_profiles(rec.model, rec.scale, x, token_ids, pairs, decode, w_u)
+
+
 def heldout_sequences(store: ActivationStore, keep: np.ndarray, n: int) -> np.ndarray:
     """`[≤n, ctx]` token ids of whole held-out sequences (rows of a sequence are contiguous)."""
     ctx = int(store.manifest.get("context", 0))
@@ -483,6 +507,7 @@ def run_analyze(
         top = metrics["models"][r.name].get("pairs", {}).get("top_pairs")
         if top and isinstance(r, SAEReconstructor):
             pair_examples(r, ap.store, ap.hook, ap.blocks, top[:TOP_PAIR_EXAMPLES], decode)
+            _profile_pairs(r, ap, top[:TOP_PAIR_EXAMPLES], decode)
     examples = []
     for r in ap.recons:
         if r.kind == "compsae" and len(examples) == 0 and cfg.plots:
