@@ -89,7 +89,8 @@ def test_stage_runs_end_to_end(probed):
     assert (root / "probe" / "probes.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert out["headline"] == report["headline"]
     assert report["hook"] == HOOK and report["lm"] == "tiny-neox"
-    assert report["methods"] == [*sorted(MODELS), "pca", "nmf", "raw"]
+    # the pairwise CompSAE is probed twice: its codes, and its codes plus its pair terms
+    assert report["methods"] == [*sorted(MODELS), "compsae+pairs", "pca", "nmf", "raw"]
     assert set(report["behaviour"]) == {"arithmetic", "boolean", "grammar"}
     for b in report["behaviour"].values():
         assert b["n"] == 80 and 0.0 <= b["accuracy"] <= 1.0

@@ -154,6 +154,12 @@ class ProbeConfig(BaseModel):
         8192, ge=16, description="training-split store rows PCA / NMF are fitted on"
     )
     test_fraction: float = Field(0.3, gt=0.0, lt=1.0)
+    pair_features: int = Field(
+        256,
+        ge=0,
+        description="pairwise CompSAEs are also probed as '<model>+pairs': their codes plus the "
+        "pair-term norms z_i z_j ‖R_ij‖ of this many strongest co-firing pairs (0: off)",
+    )
     # answer tasks (result, truth value): "auto" probes them only for families the LM solves
     # significantly above chance (one-sided binomial test at `lm_alpha`)
     answer_probes: Literal["auto", "always", "never"] = "auto"

@@ -26,6 +26,7 @@ from scipy.stats import binomtest
 
 from compsae.errors import UserError
 from compsae.evaluation.config import ProbeConfig
+from compsae.evaluation.probes.pair_features import pair_feature_map
 from compsae.evaluation.probes.tasks import (
     ANSWER_TASKS,
     TASKS,
@@ -312,6 +313,10 @@ def _feature_maps(
     maps: dict[str, FeatureFn] = {}
     for s in saes:
         maps[s.name if s.name not in BASELINES else f"{s.name}-sae"] = sae_feature(s, "z")
+    for s in saes:
+        with_pairs = pair_feature_map(s, x_fit, cfg.pair_features)
+        if with_pairs is not None:
+            maps[f"{s.name}+pairs"] = with_pairs
     maps["pca"] = pca_features(x_fit, n_pca, cfg.seed)
     maps["nmf"] = nmf_features(x_fit, n_nmf, cfg.seed)
     maps["raw"] = lambda x: x
