@@ -31,6 +31,13 @@ def test_real_design(name, d_model):
     comp, topk, wide = (dict(models[m]) for m in ("compsae", "topk", "topk_params"))
     # a second seed of the same CompSAE, for the seed stability of its pairs
     seed1 = dict(models["compsae__s1"])
+    # the PolySAE-form baseline: the quadratic term with its diagonal, at CompSAE's n, k and rank
+    poly = dict(models["polysae"])
+    assert poly["pair_diagonal"] and (poly["n_latents"], poly["k"], poly["pair_rank"]) == (
+        comp["n_latents"],
+        comp["k"],
+        comp["pair_rank"],
+    )
     assert dict(seed1.pop("train")) == {"seed": 1}
     assert seed1 == {k: v for k, v in comp.items() if k != "train"}
     assert (comp["n_latents"], comp["k"]) == (topk["n_latents"], topk["k"]) and wide["k"] == comp[
@@ -72,7 +79,7 @@ def test_real_tiny_runs_end_to_end(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     analyze = next((tmp_path / "runs" / "real_tiny").glob("analyze-*"))
     metrics = json.loads((analyze / "metrics.json").read_text())
-    assert set(metrics["models"]) >= {"compsae", "topk", "topk_params"}
+    assert set(metrics["models"]) >= {"compsae", "compsae__s1", "topk", "topk_params", "polysae"}
     causal = metrics["models"]["compsae"]["pair_causal"]
     assert {r["kind"] for r in causal} == {"top", "matched", "random_dir"}
     top = [r for r in causal if r["kind"] == "top"]
