@@ -217,8 +217,8 @@ def run_stage(
 ) -> StageRecord[Any]:
     """Run (or reuse) one stage of `pipeline` from `config`, as `compsae <stage> --pipeline ...`
     does, and return its typed record (`.outputs` is the stage's outputs model, e.g.
-    `TrainOutputs`). `overrides` are `--set` strings (`train.k=16`); `runs_root` replaces the file's
-    runs root."""
+    `TrainOutputs`). `overrides` are `--set` strings (`train.models.compsae.k=16`); `runs_root`
+    replaces the file's runs root."""
     from compsae.pipeline.config import load_pipeline
     from compsae.pipeline.runner import run_stage as run_one
     from compsae.stages import StageRecord

@@ -194,7 +194,9 @@ def safe_yaml(text: str, where: str) -> Any:
 def parse_override(text: str) -> tuple[list[str], Any]:
     """`a.b.c=value` -> (["a", "b", "c"], value parsed as a YAML scalar or flow list/map)."""
     if "=" not in text:
-        raise UserError(f"--set {text!r} needs the form key.path=value, e.g. --set train.k=16")
+        raise UserError(
+            f"--set {text!r} needs the form key.path=value, e.g. --set train.models.compsae.k=16"
+        )
     key, _, raw = text.partition("=")
     parts = key.strip().split(".")
     if not all(p and re.fullmatch(r"[A-Za-z0-9_\-]+", p) for p in parts):
@@ -255,7 +257,7 @@ def load_pipeline(
     """Load `config_path`, apply `overrides` to pipeline `pipeline`, validate, return both levels.
 
     An override path starting with `runs_root` or `pipelines` is taken from the file's top level;
-    any other path is relative to the chosen pipeline (`train.k=16`)."""
+    any other path is relative to the chosen pipeline (`train.models.compsae.k=16`)."""
     doc = read_yaml(config_path)
     pipes = doc.get("pipelines")
     if not isinstance(pipes, dict) or not pipes:
