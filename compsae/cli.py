@@ -244,6 +244,13 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["cpu", "auto", "cuda"],
         help="where the cells' dictionaries train (a GPU runs a bigger grid faster)",
     )
+    grid.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="cells computed at once in worker processes, the cores shared between them (small "
+        "cells use cores poorly one at a time; memory grows with it)",
+    )
     verify = sub.add_parser(
         "verify", help="check a store, a checkpoint or a whole run folder: one line per problem"
     )
@@ -462,7 +469,7 @@ def _cmd_grid(args: argparse.Namespace) -> int:
         raise UserError(f"--composer {'.'.join(map(str, first['loc']))}: {first['msg']}") from None
     folder = os.path.join(args.runs, f"grid-{args.name}")
     summary = write_grid_report(
-        args.name, folder, args.split, composer=composer, device=args.device
+        args.name, folder, args.split, composer=composer, device=args.device, jobs=args.jobs
     )
     print(f"grid {args.name}: {summary['line']}\nreport: {summary['report']}")
     return 0

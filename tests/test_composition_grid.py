@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from compsae.analysis.pair_calls import benjamini_hochberg, null_pvalues
+from compsae.errors import UserError
 from compsae.evaluation.composition_grid import grid as grid_mod
 from compsae.evaluation.composition_grid.cell import IDENTIFIABLE_AUC, CellSpec
 from compsae.evaluation.composition_grid.design import PairGraphDesign, generate, sample_graph
@@ -164,3 +165,25 @@ def test_an_unchanged_grid_reuses_every_cell_and_a_killed_one_resumes(
         stored["result"]["scores"]["oracle"]["auc_ci"][0]
         <= stored["result"]["scores"]["oracle"]["auc"]
     )
+
+
+def test_cells_computed_in_parallel_match_the_sequential_grid_and_are_reused(
+    tmp_path, monkeypatch
+) -> None:
+    monkeypatch.setattr(grid_mod, "grid_cells", _tiny_cells)
+    par = list(grid_mod.run_grid("tiny", str(tmp_path / "par"), progress=False, jobs=2))
+    assert [(r["name"], r["reused"]) for r in par] == [("base", False), ("k=4", False)]
+    again = list(grid_mod.run_grid("tiny", str(tmp_path / "par"), progress=False, jobs=2))
+    assert all(r["reused"] for r in again)
+    assert all(
+        r["reused"] for r in grid_mod.run_grid("tiny", str(tmp_path / "par"), progress=False)
+    )
+    seq = list(grid_mod.run_grid("tiny", str(tmp_path / "seq"), progress=False))
+    for p, s in zip(par, seq, strict=True):
+        assert p["key"] == s["key"] and p["result"]["n_pairs"] == s["result"]["n_pairs"]
+        # the oracle fits the true codes: no training, the same numbers whatever the threads
+        assert p["result"]["scores"]["oracle"]["auc"] == pytest.approx(
+            s["result"]["scores"]["oracle"]["auc"], abs=1e-9
+        )
+    with pytest.raises(UserError):
+        list(grid_mod.run_grid("tiny", str(tmp_path / "bad"), progress=False, jobs=0))

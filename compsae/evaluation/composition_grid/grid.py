@@ -10,8 +10,10 @@ reused, a killed grid resumes at the cell it was in (its trainings resume from t
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +23,7 @@ from compsae import durable
 from compsae.errors import UserError
 from compsae.evaluation.composition_grid.cell import CellSpec, run_cell
 from compsae.evaluation.composition_grid.design import PairGraphDesign
+from compsae.threads import torch_threads
 
 GRID_FORMAT = "compsae-composition-grid/1"
 VALIDATION_SEED, TEST_SEED = 1, 2
@@ -104,14 +107,22 @@ def _record_path(folder: str, cell: Cell) -> str:
     return os.path.join(folder, f"{cell.split}-{safe}{variant}{where}")
 
 
+def _reused(folder: str, cell: Cell) -> dict[str, Any] | None:
+    """The cell's stored record when its key still matches, else None."""
+    path = os.path.join(_record_path(folder, cell), "cell.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        record = json.load(f)
+    return record if record.get("key") == cell.key else None
+
+
 def cell_result(folder: str, cell: Cell, progress: bool = False) -> tuple[dict[str, Any], bool]:
     """The cell's record, computed or reused; returns (record, reused)."""
     path = os.path.join(_record_path(folder, cell), "cell.json")
-    if os.path.exists(path):
-        with open(path) as f:
-            record = json.load(f)
-        if record.get("key") == cell.key:
-            return record, True
+    stored = _reused(folder, cell)
+    if stored is not None:
+        return stored, True
     result = run_cell(cell.spec, _record_path(folder, cell), progress)
     record = {
         "format": GRID_FORMAT,
@@ -125,6 +136,28 @@ def cell_result(folder: str, cell: Cell, progress: bool = False) -> tuple[dict[s
     return record, False
 
 
+def _cell_in_worker(folder: str, cell: Cell, threads: int) -> dict[str, Any]:
+    """`cell_result` in a worker process, with `threads` torch threads for its trainings."""
+    with torch_threads(threads):
+        return cell_result(folder, cell)[0]
+
+
+def _parallel(folder: str, cells: list[Cell], jobs: int) -> Iterator[tuple[Cell, dict[str, Any]]]:
+    """Compute `cells` in `jobs` fresh worker processes (spawned: no torch state is inherited),
+    the cores shared between them; yields (cell, record) as each finishes.  Every cell writes its
+    own record, so a killed grid keeps what finished."""
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {pool.submit(_cell_in_worker, folder, c, threads): c for c in cells}
+        try:
+            for done in as_completed(futures):
+                yield futures[done], done.result()
+        except BaseException:
+            for f in futures:
+                f.cancel()
+            raise
+
+
 def run_grid(
     name: str,
     folder: str,
@@ -132,18 +165,56 @@ def run_grid(
     progress: bool = True,
     composer: dict[str, Any] | None = None,
     device: str = "cpu",
+    jobs: int = 1,
 ) -> Iterator[dict[str, Any]]:
     """Run (or reuse) every cell of grid `name` in `split` under `folder`, yielding the records
-    (`device`: where the dictionaries train; a cell trained elsewhere is a cell of its own)."""
+    (`device`: where the dictionaries train; a cell trained elsewhere is a cell of its own).
+    `jobs` > 1 computes that many cells at once in worker processes (each with its share of the
+    cores; memory grows with it), yielding the reused cells first and then the others in the
+    grid's order once all are done."""
     cells = [c for c in grid_cells(name, composer) if split in ("all", c.split)]
     if device != "cpu":
         cells = [Cell(c.name, c.split, c.spec.model_copy(update={"device": device})) for c in cells]
     if not cells:
         raise UserError(f"grid {name!r} has no {split} cells: use validation, test or all")
+    if jobs < 1:
+        raise UserError(f"--jobs {jobs}: use 1 or more cells at once")
     os.makedirs(folder, exist_ok=True)
+    if jobs > 1:
+        yield from _run_parallel(name, folder, cells, jobs, progress)
+        return
     bar = tqdm(cells, desc=f"grid {name}", unit="cell", disable=not progress, dynamic_ncols=True)
     for cell in bar:
         bar.set_postfix_str(f"{cell.split} {cell.name}")
         record, reused = cell_result(folder, cell)
         record["reused"] = reused
         yield record
+
+
+def _run_parallel(
+    name: str, folder: str, cells: list[Cell], jobs: int, progress: bool
+) -> Iterator[dict[str, Any]]:
+    records: dict[int, dict[str, Any]] = {}
+    todo = []
+    for i, cell in enumerate(cells):
+        record = _reused(folder, cell)
+        if record is None:
+            todo.append(cell)
+        else:
+            records[i] = {**record, "reused": True}
+    bar = tqdm(
+        total=len(cells),
+        initial=len(records),
+        desc=f"grid {name} ({jobs} at once)",
+        unit="cell",
+        disable=not progress,
+        dynamic_ncols=True,
+    )
+    index = {id(c): i for i, c in enumerate(cells)}
+    for cell, record in _parallel(folder, todo, jobs):
+        records[index[id(cell)]] = {**record, "reused": False}
+        bar.set_postfix_str(f"{cell.split} {cell.name}")
+        bar.update(1)
+    bar.close()
+    for i in sorted(records):
+        yield records[i]

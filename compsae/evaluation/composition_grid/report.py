@@ -17,9 +17,11 @@ def write_grid_report(
     progress: bool = True,
     composer: dict[str, Any] | None = None,
     device: str = "cpu",
+    jobs: int = 1,
 ) -> dict[str, Any]:
-    """Run (or reuse) the cells, write the report files into `folder`; return the headline."""
-    records = list(run_grid(name, folder, split, progress, composer, device))
+    """Run (or reuse) the cells (`jobs` at once), write the report files into `folder`; return the
+    headline."""
+    records = list(run_grid(name, folder, split, progress, composer, device, jobs))
     reused = sum(r.pop("reused") for r in records)
     summary = {
         split_name: worst_identifiable(records, split_name)
