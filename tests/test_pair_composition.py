@@ -59,7 +59,7 @@ def test_mixed_difference_equals_the_pair_term():
     torch.testing.assert_close(comp, terms.sum(1), rtol=1e-9, atol=1e-9)
 
 
-@pytest.mark.parametrize("selection", ["all", "top_m"])
+@pytest.mark.parametrize("selection", ["all", "gated", "top_m"])
 def test_term_is_zero_with_one_active_latent(selection):
     model = _pair_model(selection)
     idx = torch.arange(6).repeat(4, 1)
@@ -395,3 +395,42 @@ def test_the_polysae_form_is_half_the_square_of_the_summed_embeddings() -> None:
     vals = torch.rand(5, 6)
     u = comp.items(idx, vals)
     torch.testing.assert_close(comp(idx, vals), (u.sum(1).square() / 2) @ comp.W_out)
+
+
+def test_gated_selection_is_all_with_open_gates_and_drops_a_closed_pair():
+    gated, plain = _pair_model("gated"), _pair_model("all")
+    with torch.no_grad():
+        gated.load_state_dict({**plain.state_dict(), "pair.G": torch.full((48, 48), 60.0)})
+    x = torch.randn(20, D, dtype=torch.float64) * 3
+    _, idx, vals = gated.active(x)
+    torch.testing.assert_close(gated(x).comp, plain(x).comp, rtol=1e-9, atol=1e-9)
+    # close one co-active pair's gate: its mixed difference vanishes, the others are unchanged
+    i, j = int(idx[0, 0]), int(idx[0, 1])
+    with torch.no_grad():
+        gated.pair.G[i, j] = gated.pair.G[j, i] = -60.0
+    delta_g, delta_p = mixed_differences(gated, idx, vals), mixed_differences(plain, idx, vals)
+    pa, pb = pair_positions(idx.shape[1])
+    closed = ((idx[:, pa] == i) & (idx[:, pb] == j)) | ((idx[:, pa] == j) & (idx[:, pb] == i))
+    assert closed.any() and delta_p[closed].norm() > 1e-2
+    assert delta_g[closed].abs().max() < 1e-9
+    torch.testing.assert_close(delta_g[~closed], delta_p[~closed], rtol=1e-9, atol=1e-9)
+    # pair_term carries the gate: the profile and probe features see the closed pair as off
+    assert gated.pair.pair_term(torch.tensor([i]), torch.tensor([j])).abs().max() < 1e-9
+
+
+def test_gate_penalty_pulls_the_co_active_gates_down():
+    model = _pair_model("gated", pair_gate_l1=0.1)
+    x = torch.randn(16, D, dtype=torch.float64) * 3
+    terms = model.loss(x, torch.ones(48, dtype=torch.bool))
+    assert terms["pair_gate_l1"] > 0
+    assert torch.isclose(
+        terms["loss"],
+        terms["recon"] + model.cfg.aux_coef * terms["auxk"] + 0.1 * terms["pair_gate_l1"],
+    )
+    model.zero_grad()
+    model.pair.gate_penalty(model.active(x)[1]).backward()
+    g = model.pair.G.grad
+    _, idx, _ = model.active(x)
+    active = torch.zeros(48, dtype=torch.bool)
+    active[idx.flatten()] = True
+    assert (g[active][:, active].sum() > 0) and g[~active].abs().max() == 0

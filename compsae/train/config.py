@@ -124,11 +124,16 @@ class CompSAEConfig(TopKConfig):
         "½ (zE ⊙ zE) W_out with one shared embedding (pair effects are unchanged: a square has no "
         "mixed difference)",
     )
-    pair_selection: Literal["all", "top_m"] = Field(
+    pair_selection: Literal["all", "gated", "top_m"] = Field(
         "all",
-        description="all: every pair of active latents (s_ij = 1); top_m: each latent's top-m "
-        "partners "
-        "by a learned score (the curriculum moves m)",
+        description="all: every pair of active latents (s_ij = 1); gated: one learned gate per "
+        "pair of latents, s_ij = σ(G_ij) (n² parameters); top_m: each latent's top-m partners by a "
+        "learned score (the curriculum moves m)",
+    )
+    pair_gate_l1: float = Field(
+        0.0,
+        ge=0.0,
+        description="gated selection: L1 on the gates of the co-active pairs (Σ s_ij per token)",
     )
     # Both pair penalties default to off: chosen on the composition grid's validation cells, where
     # they suppressed real pairs (docs/composition_grid.md); calls come from the label-free test.
@@ -195,7 +200,8 @@ class CompSAEConfig(TopKConfig):
         """The fields set explicitly (a config entry or `--set`) that the chosen composer does not
         read, sorted: setting them has no effect, which a user should be told."""
         network = {"d_f", "d_c", "n_heads", "ffn_mult"}  # the pooled network (attention / mlp) only
-        pair = {"pair_rank", "pair_diagonal", "pair_selection"}  # the explicit pair term only
+        # the explicit pair term only
+        pair = {"pair_rank", "pair_diagonal", "pair_selection", "pair_gate_l1"}
         unused = {"pair": network, "none": network | pair}.get(self.composer, pair)
         return sorted(self.model_fields_set & unused)
 

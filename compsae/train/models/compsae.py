@@ -162,6 +162,11 @@ class CompSAE(TopKSAE):
             return
         bound_coef = self.cfg.pair_l1 * self.pair_scale
         group_coef = self.cfg.pair_group_l1 * self.group_scale
+        gate_coef = self.cfg.pair_gate_l1 * self.pair_scale
+        if gate_coef > 0 and self.cfg.pair_selection == "gated":
+            gate = self.pair.gate_penalty(idx)
+            terms["pair_gate_l1"] = gate
+            terms["loss"] = terms["loss"] + gate_coef * gate
         if bound_coef <= 0 and group_coef <= 0:
             return
         bound, group = self.pair.penalties(idx, vals)
