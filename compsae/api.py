@@ -22,8 +22,8 @@ _STAGE_OUTPUTS = {
     "harvest": "compsae.harvest.records:HarvestOutputs",
     "train": "compsae.train.records:TrainOutputs",
     "analyze": "compsae.analysis.records:AnalyzeOutputs",
-    "evaluate": "compsae.evaluation.records:EvaluateOutputs",
-    "probe": "compsae.evaluation.records:ProbeOutputs",
+    "evaluate": "compsae.evaluation.comparison.records:EvaluateOutputs",
+    "probe": "compsae.evaluation.probes.records:ProbeOutputs",
 }
 # the pair sums are [n_latents, n_latents] float64 arrays (three of them): keep them in memory
 # bounds

@@ -6,13 +6,14 @@ import numpy as np
 import pytest
 import torch
 
+from compsae.evaluation.comparison.config import EvaluateConfig
 from compsae.evaluation.comparison.table import (
     CompositionAccumulator,
     eval_rows,
     evaluate_model,
     markdown_table,
 )
-from compsae.evaluation.config import EvaluateConfig, GroundTruthConfig
+from compsae.evaluation.ground_truth.config import GroundTruthConfig
 from compsae.evaluation.ground_truth.design import load_ground_truth, write_ground_truth_store
 from compsae.evaluation.ground_truth.pair_recovery import true_pairs
 from compsae.store import ActivationStore, StoreLayout

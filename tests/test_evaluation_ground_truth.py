@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from compsae.evaluation.config import GroundTruthConfig
+from compsae.evaluation.ground_truth.config import GroundTruthConfig
 from compsae.evaluation.ground_truth.design import (
     generate,
     iter_rows,

@@ -13,7 +13,7 @@ from compsae.analysis.pair_effects import (
     pair_terms,
     typical_code_effects,
 )
-from compsae.evaluation.config import GroundTruthConfig
+from compsae.evaluation.ground_truth.config import GroundTruthConfig
 from compsae.evaluation.ground_truth.design import generate
 from compsae.evaluation.ground_truth.pair_recovery import labelled_auc, thresholded_pairs
 from compsae.train.config import make_model_config

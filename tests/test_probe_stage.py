@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from compsae.errors import UserError
-from compsae.evaluation.config import ProbeConfig
+from compsae.evaluation.probes.config import ProbeConfig
 from compsae.evaluation.probes.stage import (
     fmt,
     lm_computes,

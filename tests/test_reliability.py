@@ -12,7 +12,7 @@ from pydantic import ValidationError
 
 import compsae.pipeline.config as config
 from compsae import verify
-from compsae.evaluation.config import GroundTruthConfig
+from compsae.evaluation.ground_truth.config import GroundTruthConfig
 
 
 def test_a_pipeline_name_ending_in_a_newline_is_refused():

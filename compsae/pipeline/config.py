@@ -17,7 +17,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from compsae.analysis.config import AnalyzeConfig
 from compsae.durable import check_url
 from compsae.errors import UserError
-from compsae.evaluation.config import EvaluateConfig, GroundTruthConfig, ProbeConfig
+from compsae.evaluation.comparison.config import EvaluateConfig
+from compsae.evaluation.ground_truth.config import GroundTruthConfig
+from compsae.evaluation.probes.config import ProbeConfig
 from compsae.harvest.config import HarvestConfig
 from compsae.train.config import MODEL_CONFIGS, TrainStageConfig
 

@@ -8,9 +8,9 @@ import json
 import fsspec
 
 from compsae.errors import UserError
+from compsae.evaluation.comparison.config import EvalRun, EvaluateConfig
+from compsae.evaluation.comparison.records import EvaluateOutputs
 from compsae.evaluation.comparison.table import comparison_table, markdown_table, pair_score_figure
-from compsae.evaluation.config import EvalRun, EvaluateConfig
-from compsae.evaluation.records import EvaluateOutputs
 from compsae.files import COMPARISON_JSON, COMPARISON_MD, PAIR_SCORES_PNG
 from compsae.registry import StageContext
 from compsae.train.records import TrainOutputs

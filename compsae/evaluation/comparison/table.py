@@ -22,7 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from compsae.analysis.pair_effects import PairEffectSums, typical_code_effects
-from compsae.evaluation.config import EvaluateConfig
+from compsae.evaluation.comparison.config import EvaluateConfig
 from compsae.evaluation.ground_truth.design import GroundTruth, load_ground_truth
 from compsae.evaluation.ground_truth.matching import hungarian_match, mmcs
 from compsae.evaluation.ground_truth.pair_recovery import (

@@ -32,7 +32,7 @@ from safetensors.numpy import save as st_save
 
 from compsae import durable
 from compsae.errors import UserError
-from compsae.evaluation.config import GroundTruthConfig
+from compsae.evaluation.ground_truth.config import GroundTruthConfig
 from compsae.files import GROUND_TRUTH_JSON, GROUND_TRUTH_TENSORS
 from compsae.store import ActivationStore, StoreLayout
 

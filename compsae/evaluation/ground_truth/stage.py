@@ -3,7 +3,7 @@ write synthetic activations with known features into `<stage folder>/store.zarr`
 
 from __future__ import annotations
 
-from compsae.evaluation.config import GroundTruthConfig
+from compsae.evaluation.ground_truth.config import GroundTruthConfig
 from compsae.evaluation.ground_truth.design import write_ground_truth_store
 from compsae.files import STORE_DIR
 from compsae.harvest.records import HarvestOutputs

@@ -25,8 +25,9 @@ import torch
 from scipy.stats import binomtest
 
 from compsae.errors import UserError
-from compsae.evaluation.config import ProbeConfig
+from compsae.evaluation.probes.config import ProbeConfig
 from compsae.evaluation.probes.pair_features import pair_feature_map
+from compsae.evaluation.probes.records import ProbeOutputs
 from compsae.evaluation.probes.tasks import (
     ANSWER_TASKS,
     TASKS,
@@ -40,7 +41,6 @@ from compsae.evaluation.probes.tasks import (
     run_conjunctions,
     run_probes,
 )
-from compsae.evaluation.records import ProbeOutputs
 from compsae.figures import plain_text, pyplot
 from compsae.files import PROBES_JSON, PROBES_MD, PROBES_PNG
 from compsae.harvest.records import HarvestOutputs

@@ -1,4 +1,4 @@
-"""What the evaluate and probe stages record in `stage.json` under `outputs`."""
+"""What the evaluate stage records in `stage.json` under `outputs`."""
 
 from __future__ import annotations
 
@@ -12,10 +12,3 @@ class EvaluateOutputs(BaseModel):
 
     rows: list[dict[str, Any]] = Field(default_factory=list)
     outputs: list[str] = Field(default_factory=list)
-
-
-class ProbeOutputs(BaseModel):
-    """The files written (probes.json / .md / .png) and the headline numbers."""
-
-    files: list[str] = Field(default_factory=list)
-    headline: dict[str, Any] = Field(default_factory=dict)
