@@ -226,7 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
         "name",
         nargs="?",
         default="default",
-        help="default (>= 24 cells) or quick (a few small cells)",
+        help="default (>= 24 cells), large (the same axes wider, for a GPU) or quick (a few "
+        "small cells)",
     )
     grid.add_argument("--runs", default="runs", help="runs root; the grid goes to RUNS/grid-NAME")
     grid.add_argument("--split", default="all", choices=["all", "validation", "test"])

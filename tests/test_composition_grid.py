@@ -56,6 +56,23 @@ def test_no_per_feature_score_reads_the_labels(design: PairGraphDesign) -> None:
     assert abs(best_per_latent_auc(per_latent, g.edges, g.labels) - 0.5) <= 0.05
 
 
+def test_the_large_grid_reaches_the_wide_end_of_every_axis() -> None:
+    cells = grid_mod.grid_cells("large")
+    specs = [c.spec for c in cells]
+    assert len(cells) >= 24 and {c.split for c in cells} == {"validation", "test"}
+    assert max(s.design.d_model for s in specs) == 512
+    assert max(s.design.n_features for s in specs) == 4096
+    assert {s.k for s in specs} >= {8, 16, 32} and max(s.n_latents for s in specs) >= 4096
+    # the validation and test seeds never share a cell's data
+    assert all(s.design.seed in (1, 2) for s in specs)
+    # every cell's labels stay unreadable per feature (a smaller draw of the base design)
+    g = sample_graph(specs[0].design)
+    _, a, _ = generate(specs[0].design, g, 0, 4)
+    fire = a > 0
+    per_latent = {"rate": fire.mean(0), "magnitude": a.sum(0) / np.maximum(fire.sum(0), 1)}
+    assert abs(best_per_latent_auc(per_latent, g.edges, g.labels) - 0.5) <= 0.05
+
+
 def test_the_shipped_design_is_what_a_per_feature_score_can_read() -> None:
     """The check has teeth: labels that follow one feature's membership are read off at once."""
     design = PairGraphDesign(d_model=32, n_features=256, pair_fraction=0.5, degree=1)

@@ -42,6 +42,22 @@ AXES: dict[str, list[Any]] = {
     "design.magnitude_law": ["constant"],
 }
 
+# The GPU grid: wider spaces, more features and pairs, larger k, eight times the training tokens
+# (`compsae grid large --device cuda`); the same axes around a base cell four times wider.
+LARGE_BASE = dict(d_model=256, n_features=1024, mean_active=6.0)
+LARGE_AXES: dict[str, list[Any]] = {
+    "design.d_model": [128, 512],
+    "design.n_features": [2048, 4096],
+    "dict_ratio": [0.5, 2.0],
+    "k": [8, 32],
+    "design.degree": [1, 8],
+    "design.pair_fraction": [0.5],
+    "design.strength": [0.0, 0.005, 0.1],
+    "design.rank": [2, 32],
+    "design.cofire_prob": [0.001, 0.005],
+    "design.magnitude_law": ["constant"],
+}
+
 
 @dataclass(frozen=True)
 class Cell:
@@ -72,8 +88,9 @@ def _with(base: CellSpec, axis: str, value: Any, seed: int) -> CellSpec:
 
 
 def grid_cells(name: str, composer: dict[str, Any] | None = None) -> list[Cell]:
-    """The cells of grid `name` ("default": base + every axis value, both splits; "quick": three
-    small cells at few tokens, for tests and a first look); `composer` fields override the shipped
+    """The cells of grid `name` ("default": base + every axis value, both splits; "large": the
+    same around a wider base, for a GPU; "quick": three small cells at few tokens, for tests and a
+    first look); `composer` fields override the shipped
     composer's in every cell (a changed field makes new cells, so both stay on disk)."""
     if name == "quick":
         base = CellSpec(
@@ -83,13 +100,22 @@ def grid_cells(name: str, composer: dict[str, Any] | None = None) -> list[Cell]:
             heldout_blocks=4,
         )
         points = [("base", "", None), ("strength=0", "design.strength", 0.0), ("k=4", "k", 4)]
-    elif name == "default":
+    elif name in ("default", "large"):
+        axes = AXES if name == "default" else LARGE_AXES
         base = CellSpec()
+        if name == "large":
+            base = CellSpec(
+                design=PairGraphDesign(**LARGE_BASE),
+                k=16,
+                tokens=8 * base.tokens,
+                train_blocks=64,
+                heldout_blocks=32,
+            )
         points = [("base", "", None)] + [
-            (f"{axis.split('.')[-1]}={v}", axis, v) for axis, values in AXES.items() for v in values
+            (f"{axis.split('.')[-1]}={v}", axis, v) for axis, values in axes.items() for v in values
         ]
     else:
-        raise UserError(f"unknown grid {name!r}: use default or quick")
+        raise UserError(f"unknown grid {name!r}: use default, large (for a GPU) or quick")
     if composer:
         base = base.model_copy(update={"composer": dict(composer)})
     cells = []
