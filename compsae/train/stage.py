@@ -14,5 +14,13 @@ def run(cfg: TrainStageConfig, ctx: StageContext) -> TrainOutputs:
     `workers` N, a CLI option: N models at once in their own processes)."""
     store = ctx.outputs("harvest", HarvestOutputs).store
     return TrainOutputs.model_validate(
-        run_train(cfg, store, ctx.out_dir, force=ctx.force, workers=ctx.option("workers"))
+        run_train(
+            cfg,
+            store,
+            ctx.out_dir,
+            force=ctx.force,
+            workers=ctx.option("workers"),
+            earlier=ctx.earlier,
+            say=ctx.say,
+        )
     )
