@@ -20,13 +20,16 @@ T = TypeVar("T", bound=BaseModel)
 @dataclass(frozen=True)
 class StageContext:
     """What a stage run gets besides its config: its folder, the records of the stages it reads
-    (each with its folder as "path"), `force`, and the speed-only CLI options (workers,
-    scheduler)."""
+    (each with its folder as "path"), `force`, the speed-only CLI options (workers, scheduler),
+    the done folders of earlier runs of the stage under other configs (newest first: the train
+    stage takes unchanged models from them) and where its one-line messages go."""
 
     out_dir: str
     inputs: dict[str, dict[str, Any]]
     force: bool = False
     options: dict[str, Any] = field(default_factory=dict)
+    earlier: tuple[str, ...] = ()
+    say: Callable[[str], Any] = print
 
     def outputs(self, stage: str, record: type[T]) -> T:
         """The outputs of input `stage`, read through its record model."""

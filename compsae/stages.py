@@ -70,18 +70,48 @@ NON_SEMANTIC = {
 }
 
 
+def semantic_part(data: Any) -> Any:
+    """JSON config data without the fields that cannot change a stage's outputs (at any depth)."""
+    if isinstance(data, dict):
+        return {k: semantic_part(v) for k, v in data.items() if k not in NON_SEMANTIC}
+    if isinstance(data, list):
+        return [semantic_part(v) for v in data]
+    return data
+
+
 def config_for_hash(cfg: BaseModel) -> dict[str, Any]:
     """The stage config as plain JSON data, without fields that cannot change its outputs."""
-    data = cfg.model_dump(mode="json")
+    return semantic_part(cfg.model_dump(mode="json"))
 
-    def strip(node: Any) -> Any:
-        if isinstance(node, dict):
-            return {k: strip(v) for k, v in node.items() if k not in NON_SEMANTIC}
-        if isinstance(node, list):
-            return [strip(v) for v in node]
-        return node
 
-    return strip(data)
+_UNSET = object()
+
+
+def config_changes(old: Any, new: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """Where two JSON configs differ, as (dotted field path, old value, new value), in key order;
+    a field one of them lacks has the value `UNSET` there.  Lists are compared whole."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out: list[tuple[str, Any, Any]] = []
+        for key in sorted(set(old) | set(new), key=str):
+            path = f"{prefix}.{key}" if prefix else str(key)
+            out += config_changes(old.get(key, _UNSET), new.get(key, _UNSET), path)
+        return out
+    return [] if old == new else [(prefix, old, new)]
+
+
+def _shown(value: Any, limit: int = 40) -> str:
+    """A config value as a message shows it: JSON, cut to `limit` characters."""
+    text = "unset" if value is _UNSET else json.dumps(value, sort_keys=True)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def describe_changes(changes: list[tuple[str, Any, Any]]) -> str:
+    """`k changed (4 -> 8)` for the first change, `and N more` for the others; "" when none."""
+    if not changes:
+        return ""
+    path, old, new = changes[0]
+    more = f" and {len(changes) - 1} more" if len(changes) > 1 else ""
+    return f"{path} changed ({_shown(old)} -> {_shown(new)}){more}"
 
 
 def stage_hash(stage: str, cfg: BaseModel, inputs: dict[str, dict[str, Any]]) -> str:

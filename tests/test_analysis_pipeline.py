@@ -247,6 +247,9 @@ def test_report_end_to_end_numbers_match_metrics_json(setup, tmp_path):
         )
         assert m["ce"]["ce_clean"] is not None
     assert metrics["models"]["pca"]["all"]["l0"] == pytest.approx(4.0)
+    fit = metrics["models"]["nmf"]["fit"]  # the NMF fit's convergence, recorded
+    assert isinstance(fit["converged"], bool) and 1 <= fit["n_iter"] <= fit["max_iter"] == 50
+    assert "fit" not in metrics["models"]["pca"]
     assert metrics["models"]["pca_topk"]["all"]["l0"] <= 4.0
     assert (
         "fvu_nocomp" in metrics["models"]["compsae"]["all"]

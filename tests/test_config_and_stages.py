@@ -92,7 +92,7 @@ def test_pipeline_names_cannot_escape_the_run_root(tmp_path, capsys):
 def test_stage_reuse_and_status(tmp_path, monkeypatch, capsys):
     calls: list[str] = []
 
-    def fake_stage(stage, cfg, out_dir, inputs, force, options):
+    def fake_stage(stage, cfg, out_dir, inputs, force, options, **_):
         calls.append(stage)
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         return {"store": f"{out_dir}/store.zarr", "digest": "d"} if stage == "harvest" else {}
@@ -141,7 +141,7 @@ def test_device_does_not_change_the_hash(tmp_path):
 def test_probe_stage_reuses_train_and_reruns_when_train_changes(tmp_path, monkeypatch, capsys):
     calls: list[str] = []
 
-    def fake_stage(stage, cfg, out_dir, inputs, force, options):
+    def fake_stage(stage, cfg, out_dir, inputs, force, options, **_):
         calls.append(stage)
         if stage == "probe":  # it reads the harvest's store and the train folder
             assert (
@@ -190,7 +190,7 @@ def test_a_forced_redo_that_dies_leaves_the_stage_not_done(tmp_path, monkeypatch
     must leave `status` saying missing, never done over half-written outputs."""
     seen: dict[str, bool] = {}
 
-    def fake_stage(stage, cfg, out_dir, inputs, force, options):
+    def fake_stage(stage, cfg, out_dir, inputs, force, options, **_):
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         seen[stage] = (Path(out_dir) / "stage.json").exists()
         if force and stage == "harvest":
@@ -210,7 +210,7 @@ def test_a_forced_redo_that_dies_leaves_the_stage_not_done(tmp_path, monkeypatch
 def test_run_ends_with_a_summary_from_analyze_metrics(tmp_path, monkeypatch, capsys):
     import json
 
-    def fake_stage(stage, cfg, out_dir, inputs, force, options):
+    def fake_stage(stage, cfg, out_dir, inputs, force, options, **_):
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         if stage == "analyze":
             # the layout analyze writes: per model an `all` block and a BOS-free `rest` block

@@ -9,10 +9,41 @@ Each is a `Reconstructor` (see `reconstructors.py`): small, picklable numpy/scik
 
 from __future__ import annotations
 
+import warnings
+from typing import Any
+
 import numpy as np
 from sklearn.decomposition import PCA, MiniBatchNMF
+from sklearn.exceptions import ConvergenceWarning
 
 from compsae.analysis.reconstructors import Reconstruction
+
+
+def quiet_fit(estimator: Any, x: np.ndarray) -> dict[str, Any]:
+    """`estimator.fit(x)` with scikit-learn's ConvergenceWarning kept in (a rerun would print it
+    again every time); returns what it would have said, for the record: `{"converged", "n_iter",
+    "max_iter"}`.  Any other warning of the fit is passed on."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ConvergenceWarning)
+        estimator.fit(x)
+    for w in caught:
+        if not issubclass(w.category, ConvergenceWarning):
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return {
+        "converged": not any(issubclass(w.category, ConvergenceWarning) for w in caught),
+        "n_iter": int(getattr(estimator, "n_iter_", 0)),
+        "max_iter": int(estimator.max_iter),
+    }
+
+
+def not_converged_line(name: str, fit: dict[str, Any] | None) -> str | None:
+    """The one line a baseline whose fit stopped before converging gets, or None."""
+    if fit is None or fit["converged"]:
+        return None
+    return (
+        f"{name}: the fit stopped at max_iter {fit['max_iter']} before converging "
+        f"(n_iter {fit['n_iter']}; recorded as converged: false); it is scored as it stands"
+    )
 
 
 def keep_top_k(codes: np.ndarray, k: int) -> np.ndarray:
@@ -67,25 +98,31 @@ def sign_split(x: np.ndarray) -> np.ndarray:
 class NMFBaseline:
     """Top-k NMF codes of the sign-split input; x̂ = (W_k H)[:, :d] − (W_k H)[:, d:]."""
 
-    def __init__(self, name: str, nmf: MiniBatchNMF, top_k: int) -> None:
+    def __init__(
+        self, name: str, nmf: MiniBatchNMF, top_k: int, fit: dict[str, Any] | None = None
+    ) -> None:
         self.name, self.kind = name, "nmf"
         self.nmf = nmf
         self.top_k = top_k
         self.n_latents = int(nmf.components_.shape[0])
+        self.fit_info = fit  # {"converged", "n_iter", "max_iter"} of the fit, see `quiet_fit`
 
     @classmethod
-    def fit(cls, x: np.ndarray, k: int, n_components: int, seed: int = 0) -> NMFBaseline:
-        """Fit `n_components` non-negative atoms on training rows `x: [m, d]`."""
+    def fit(
+        cls, x: np.ndarray, k: int, n_components: int, seed: int = 0, max_iter: int = 50
+    ) -> NMFBaseline:
+        """Fit `n_components` non-negative atoms on training rows `x: [m, d]` (at most `max_iter`
+        passes over them; whether it converged is in `fit_info`)."""
         nmf = MiniBatchNMF(
             # nndsvda needs at most min(rows, 2d) atoms: a small store or hook gets fewer
             n_components=min(n_components, x.shape[0], 2 * x.shape[1]),
             init="nndsvda",
             batch_size=1024,
-            max_iter=50,
+            max_iter=max_iter,
             random_state=seed,
         )
-        nmf.fit(sign_split(np.asarray(x, np.float32)))
-        return cls("nmf", nmf, k)
+        fit = quiet_fit(nmf, sign_split(np.asarray(x, np.float32)))
+        return cls("nmf", nmf, k, fit)
 
     def __call__(self, x: np.ndarray) -> Reconstruction:
         x = np.asarray(x, np.float32)

@@ -22,8 +22,9 @@ import numpy as np
 import pandas as pd
 import torch
 from fsspec.implementations.local import LocalFileSystem
+from tqdm.auto import tqdm
 
-from compsae.analysis.baselines import fit_baselines
+from compsae.analysis.baselines import fit_baselines, not_converged_line
 from compsae.analysis.block_stats import BlockSpec
 from compsae.analysis.ce import CEFn, ce_metrics
 from compsae.analysis.composition import active_ids
@@ -338,7 +339,13 @@ def plan_analysis(cfg: AnalyzeConfig, store_url: str, train_dir: str) -> Analysi
     sae_names = frozenset(r.name for r in recons)
     if "baselines" not in cfg.skip and cfg.baselines:
         x_fit = fit_rows(store, hook, ~heldout, cfg.baseline_fit_tokens)
-        recons += fit_baselines(list(cfg.baselines), x_fit, k, cfg.nmf_components, cfg.seed)
+        baselines = fit_baselines(list(cfg.baselines), x_fit, k, cfg.nmf_components, cfg.seed)
+        for b in baselines:
+            line = not_converged_line(b.name, getattr(b, "fit_info", None))
+            if line is not None:
+                tqdm.write(f"analyze: {line}")
+                notes.append(line)
+        recons += baselines
     tracked = (
         choose_tracked(store, hook, store.column_view("pos"), blocks, recons, cfg.pair_latents)
         if "pairs" not in cfg.skip
@@ -382,6 +389,8 @@ def analysis_metrics(
             pair_min_support=cfg.pair_min_support,
         )
         m["kind"] = r.kind
+        if getattr(r, "fit_info", None) is not None:
+            m["fit"] = r.fit_info  # converged or not, after how many iterations (NMF)
         models[r.name], arrays[r.name] = m, arr
 
     ce_note = "off in the config"

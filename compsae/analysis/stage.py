@@ -6,12 +6,14 @@ from compsae.analysis.config import AnalyzeConfig
 from compsae.analysis.records import AnalyzeOutputs
 from compsae.analysis.run import run_analyze
 from compsae.harvest.records import HarvestOutputs
+from compsae.lm.processing import check_harvest_processing
 from compsae.registry import StageContext
 
 
 def run(cfg: AnalyzeConfig, ctx: StageContext) -> AnalyzeOutputs:
     """Analyse every model of the train stage on the harvest's store.  workers / scheduler (CLI
     options) override the config's: they change speed, not numbers."""
+    check_harvest_processing(ctx.inputs["harvest"])
     speed = {k: ctx.option(k) for k in ("workers", "scheduler") if ctx.option(k) is not None}
     return AnalyzeOutputs.model_validate(
         run_analyze(

@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     from compsae.harvest.config import HarvestConfig
 from compsae.lm.capture import ResidCapture, decoder_layers
 from compsae.lm.neox import NeoxResidual, NeoxShape, seeded_weights
+from compsae.lm.processing import processing_flags
 from compsae.lm.text_tokenizer import TextTokenizer
 
 OFFLINE_MODELS = ("tiny-neox", "smollm2-135m")
@@ -327,10 +328,7 @@ def tl_processing(weight_processing: bool, wrapper: Any = None) -> dict[str, Any
         tl_version = version("transformer-lens")
     except PackageNotFoundError:  # offline models never import it
         tl_version = None
-    flags = dict.fromkeys(
-        ("fold_ln", "center_writing_weights", "center_unembed", "fold_value_biases"),
-        bool(weight_processing),
-    )
+    flags = processing_flags(weight_processing)
     mcfg = getattr(wrapper, "cfg", None)
     return {
         "transformer_lens": tl_version,
@@ -490,9 +488,15 @@ def load_model(
         info["wrapper"] = (
             "TransformerBridge"  # the hook names' convention (the bridge is built lazily)
         )
+        # the weights as the checkpoint has them: compsae's forward and transformers' read them
+        # unprocessed, and the bridge is booted without weight processing
+        info["tl_processing"] = processing_flags(False)
 
         def wrap(loaded: LoadedModel = loaded, name: str = name) -> Any:
             bridge = _bridge(name, loaded.transformers_model(), loaded.tokenizer)
+            if getattr(bridge, "_weights_processed", False):
+                # a transformer_lens that processes on boot: the manifest says what was done
+                loaded.info["tl_processing"] = processing_flags(True)
             # print_details=False: transformer_lens prints "Moving model to device" otherwise
             return bridge.to(device, print_details=False).eval()
 

@@ -8,6 +8,8 @@ one line that names the key path, what was wrong and what is allowed.
 from __future__ import annotations
 
 import re
+import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +23,7 @@ from compsae.evaluation.comparison.config import EvaluateConfig
 from compsae.evaluation.ground_truth.config import GroundTruthConfig
 from compsae.evaluation.probes.config import ProbeConfig
 from compsae.harvest.config import HarvestConfig
-from compsae.train.config import MODEL_CONFIGS, TrainStageConfig
+from compsae.train.config import MODEL_CONFIGS, TrainStageConfig, split_seed_name
 
 NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}"
 DEFAULT_CONFIG = "pipelines.yaml"
@@ -253,13 +255,31 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return doc
 
 
+def ignored_override(pipe: PipelineConfig, path: list[str], shown: str) -> str | None:
+    """The warning for `--set shown` (path relative to the pipeline) when it sets a model setting
+    the model does not read (`train.models.compsae.n_heads` with the pair composer); None when it
+    has an effect, or is not a model setting."""
+    if pipe.train is None or len(path) != 4 or path[:2] != ["train", "models"]:
+        return None
+    name, field = path[2], path[3]
+    # with train.seeds a model trains once per seed, as <name>__s<seed>
+    models = [m for n, m in pipe.train.models.items() if n == name or split_seed_name(n)[0] == name]
+    why = models[0].ignored_because(field) if models else None
+    return f"warning: --set {shown} has no effect {why}; the run goes on" if why else None
+
+
 def load_pipeline(
-    pipeline: str, config_path: str | Path = DEFAULT_CONFIG, overrides: list[str] | None = None
+    pipeline: str,
+    config_path: str | Path = DEFAULT_CONFIG,
+    overrides: list[str] | None = None,
+    warn: Callable[[str], Any] | None = None,
 ) -> tuple[PipelinesFile, PipelineConfig]:
     """Load `config_path`, apply `overrides` to pipeline `pipeline`, validate, return both levels.
 
     An override path starting with `runs_root` or `pipelines` is taken from the file's top level;
-    any other path is relative to the chosen pipeline (`train.models.compsae.k=16`)."""
+    any other path is relative to the chosen pipeline (`train.models.compsae.k=16`).  An override
+    of a setting the model ignores (another composer's) gives one line to `warn` (default:
+    stderr)."""
     doc = read_yaml(config_path)
     pipes = doc.get("pipelines")
     if not isinstance(pipes, dict) or not pipes:
@@ -272,13 +292,25 @@ def load_pipeline(
             f"no pipeline {pipeline!r} in {config_path}; choose one of: "
             f"{', '.join(map(str, pipes))}"
         )
+    applied: list[tuple[list[str], str]] = []
     for text in overrides or []:
         path, value = parse_override(text)
         if path[0] not in ("runs_root", "pipelines"):
             path = ["pipelines", pipeline, *path]
         _apply(doc, path, value, text)
+        applied.append((path, text))
     try:
         whole = PipelinesFile.model_validate(doc)
     except ValidationError as e:
         raise UserError(format_validation_error(e)) from None
-    return whole, whole.pipelines[pipeline]
+    pipe = whole.pipelines[pipeline]
+    for path, text in applied:
+        if path[:2] == ["pipelines", pipeline]:
+            line = ignored_override(pipe, path[2:], text)
+            if line is not None:
+                (warn or _to_stderr)(line)
+    return whole, pipe
+
+
+def _to_stderr(line: str) -> None:
+    print(line, file=sys.stderr)

@@ -11,6 +11,9 @@ from compsae.pipeline.config import PipelineConfig, PipelinesFile
 from compsae.registry import STAGE_INPUTS, STAGE_ORDER, STAGES, StageContext
 from compsae.stages import (
     StageStatus,
+    config_changes,
+    config_for_hash,
+    describe_changes,
     done_folders,
     invalidate_record,
     join,
@@ -18,6 +21,7 @@ from compsae.stages import (
     read_record,
     relative_record,
     resolve_record,
+    semantic_part,
     stage_dir,
     stage_hash,
     stage_lock,
@@ -102,6 +106,7 @@ def run_stage(
         if s in by_stage
     }
     assert status.path is not None and status.hash is not None
+    earlier = earlier_folders(whole, name, stage, status.path)
     from compsae.train.distributed import is_rank0, launched_world_size
 
     spec = STAGES[stage]
@@ -113,11 +118,16 @@ def run_stage(
     )  # under torchrun every rank runs the stage; rank 0 alone locks, records and talks
     if main:
         say(f"{stage}: running into {status.path}")
+        why = rerun_reason(stage, pipe, cfg, inputs, earlier, force and status.state == "done")
+        if why:
+            say(f"{stage}: rerun because {why}")
     # a distributed stage takes its folder's lock itself, so that every rank gets the verdict
     with stage_lock(status.path, stage) if main and not spec.distributed else nullcontext():
         if main:
             invalidate_record(status.path)  # a redo killed half-way must not look done
-        outputs = _call_stage(stage, cfg, status.path, inputs, force, options or {})
+        outputs = _call_stage(
+            stage, cfg, status.path, inputs, force, options or {}, earlier=earlier, say=say
+        )
         record = make_record(stage, status.hash, cfg, inputs, outputs, folder=status.path)
         # written relative to its folder, handed on as any reader would see it
         written = relative_record(record, status.path, whole.runs_root)
@@ -132,6 +142,50 @@ def run_stage(
     return StageStatus(stage, "done", status.path, status.hash, record)
 
 
+def earlier_folders(whole: PipelinesFile, name: str, stage: str, folder: str) -> tuple[str, ...]:
+    """The done folders of `stage` in pipeline `name` other than `folder`, newest first, each as
+    `stage_dir` names it (under the runs root as configured)."""
+    here = folder.rstrip("/").rsplit("/", 1)[-1]
+    names = [f.rstrip("/").rsplit("/", 1)[-1] for f in done_folders(whole.runs_root, name, stage)]
+    return tuple(join(whole.runs_root, name, n) for n in names if n != here)
+
+
+def _section(stage: str, pipe: PipelineConfig) -> str:
+    """The key of `stage`'s config in a pipeline (what `--set` paths start with)."""
+    return "ground_truth" if stage == "harvest" and pipe.harvest is None else stage
+
+
+def rerun_reason(
+    stage: str,
+    pipe: PipelineConfig,
+    cfg: Any,
+    inputs: dict[str, dict[str, Any]],
+    earlier: tuple[str, ...],
+    forced: bool = False,
+) -> str:
+    """Why `stage` runs into a new folder, in a few words: the config field that changed since its
+    newest done run (`train.models.topk.k changed (4 -> 8)`), or the upstream stage that changed;
+    "" for a stage that never ran."""
+    if forced:
+        return "--force asks to redo it"
+    last = read_record(earlier[0]) if earlier else None
+    if last is None:
+        return ""
+    reasons = []
+    changed = describe_changes(
+        config_changes(
+            semantic_part(last.get("config") or {}), config_for_hash(cfg), _section(stage, pipe)
+        )
+    )
+    if changed:
+        reasons.append(changed)
+    before = last.get("inputs") or {}
+    for s, rec in sorted(inputs.items()):
+        if (before.get(s) or {}).get("hash") != rec.get("hash"):
+            reasons.append(f"upstream stage {s} changed (now {rec.get('path')})")
+    return "; ".join(reasons) or f"its inputs changed since {earlier[0]}"
+
+
 def _call_stage(
     stage: str,
     cfg: Any,
@@ -139,9 +193,12 @@ def _call_stage(
     inputs: dict[str, dict[str, Any]],
     force: bool,
     options: dict[str, Any],
+    earlier: tuple[str, ...] = (),
+    say: Any = print,
 ) -> Any:
     """Run `stage` through its registered runner; returns its outputs record."""
-    return STAGES[stage].runner(cfg)(cfg, StageContext(out_dir, inputs, force, options))
+    ctx = StageContext(out_dir, inputs, force, options, earlier=earlier, say=say)
+    return STAGES[stage].runner(cfg)(cfg, ctx)
 
 
 def run_pipeline(

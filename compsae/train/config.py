@@ -55,6 +55,11 @@ class _DictionaryConfig(BaseModel):
         """k at step 0 (only top-k models anneal it)."""
         return self.k
 
+    def ignored_because(self, field: str) -> str | None:
+        """Why setting `field` has no effect on this model, or None when it reads it (every
+        kind reads all of its own settings but CompSAE, whose composer picks its settings)."""
+        return None
+
     @property
     def has_curriculum(self) -> bool:
         """Whether training moves a partner count m (CompSAE only)."""
@@ -89,6 +94,42 @@ class TopKConfig(_DictionaryConfig):
         if not self.graduated_sparsity:
             return self.k
         return min(self.k_start or 4 * self.k, self.n_latents)
+
+
+# The composition settings each composer reads, in one place: any other composition setting has
+# no effect with it (`CompSAEConfig.ignored_fields`, and the warning on a `--set` of one).
+_CURRICULUM = frozenset({"curriculum", "curriculum_m", "curriculum_at"})
+COMPOSER_SETTINGS: dict[str, frozenset[str]] = {
+    # the explicit pair term (pair_composer.py) and its penalties, warm-ups and fit
+    "pair": frozenset(
+        {
+            "pair_rank",
+            "pair_diagonal",
+            "pair_selection",
+            "pair_gate_l1",
+            "pair_l1",
+            "pair_l1_warmup_fraction",
+            "pair_group_l1",
+            "pair_group_warmup_fraction",
+            "pair_fit",
+            "pair_start_fraction",
+            *_CURRICULUM,
+        }
+    ),
+    # the pooled network (composer.py): items attend to each other; the curriculum caps partners
+    "attention": frozenset({"d_f", "d_c", "n_heads", "ffn_mult", "gate", *_CURRICULUM}),
+    # the pooled network without attention: no heads, no partners to cap
+    "mlp": frozenset({"d_f", "d_c", "ffn_mult", "gate"}),
+    # no composition path: exactly a TopK SAE
+    "none": frozenset(),
+}
+# Of the pair composer's settings, those only one selection reads (the others read none of them).
+PAIR_SELECTION_SETTINGS: dict[str, frozenset[str]] = {
+    "all": frozenset(),
+    "gated": frozenset({"pair_gate_l1"}),
+    "top_m": _CURRICULUM,
+}
+COMPOSITION_SETTINGS = frozenset().union(*COMPOSER_SETTINGS.values())
 
 
 class CompSAEConfig(TopKConfig):
@@ -196,14 +237,35 @@ class CompSAEConfig(TopKConfig):
             raise ValueError("curriculum_m values must be >= 1")
         return self
 
+    def read_settings(self) -> frozenset[str]:
+        """The composition settings this config's composer (and pair selection) reads."""
+        read = COMPOSER_SETTINGS[self.composer]
+        if self.composer == "pair":
+            others = frozenset().union(*PAIR_SELECTION_SETTINGS.values())
+            read = (read - others) | PAIR_SELECTION_SETTINGS[self.pair_selection]
+        return read
+
     def ignored_fields(self) -> list[str]:
         """The fields set explicitly (a config entry or `--set`) that the chosen composer does not
         read, sorted: setting them has no effect, which a user should be told."""
-        network = {"d_f", "d_c", "n_heads", "ffn_mult"}  # the pooled network (attention / mlp) only
-        # the explicit pair term only
-        pair = {"pair_rank", "pair_diagonal", "pair_selection", "pair_gate_l1"}
-        unused = {"pair": network, "none": network | pair}.get(self.composer, pair)
-        return sorted(self.model_fields_set & unused)
+        return sorted(self.model_fields_set & (COMPOSITION_SETTINGS - self.read_settings()))
+
+    def ignored_because(self, field: str) -> str | None:
+        """Why setting `field` has no effect on this model (`with the pair composer (n_heads is
+        read by the attention composer only)`), or None when the model reads it."""
+        if field not in COMPOSITION_SETTINGS or field in self.read_settings():
+            return None
+        if self.composer == "pair" and field in COMPOSER_SETTINGS["pair"]:
+            readers = [s for s, read in PAIR_SELECTION_SETTINGS.items() if field in read]
+            return (
+                f"with pair_selection {self.pair_selection} ({field} is read by pair_selection "
+                f"{' / '.join(readers)} only)"
+            )
+        readers = [c for c, read in COMPOSER_SETTINGS.items() if field in read]
+        return (
+            f"with the {self.composer} composer ({field} is read by the "
+            f"{' / '.join(readers)} composer{'s' if len(readers) > 1 else ''} only)"
+        )
 
     @property
     def has_curriculum(self) -> bool:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from typing import Any
 
@@ -21,7 +21,7 @@ from compsae import durable
 from compsae.errors import UserError
 from compsae.files import STAGE_LOCK
 from compsae.resources import check_memory
-from compsae.stages import config_for_hash, join
+from compsae.stages import join
 from compsae.store import ActivationStore, manifest_digest
 from compsae.store.loader import BatchLoader
 from compsae.store.split import HeldOutSplit
@@ -36,28 +36,12 @@ from compsae.train.config import ImportedSAE, ModelConfig, TrainConfig, TrainSta
 from compsae.train.distributed import DistContext, init_from_env
 from compsae.train.models import build_model
 from compsae.train.records import CheckpointMeta, Normalization, TrainedModelRecord, TrainOutputs
+from compsae.train.reuse import ModelPlan, copy_model_folder, plan_model, training_hash
 from compsae.train.trained import TrainedSAE
 from compsae.train.trainer import Trainer, batch_metrics, resolve_device
 from compsae.variance import FVUAccumulator
 
-# Settings that change how often things are written, never the weights: a resume may change them.
-_NOT_IN_RESUME_HASH = {"log_every", "checkpoint_every"}
 HELDOUT_EVAL_BATCHES = 20
-
-
-def training_hash(
-    model_cfg: ModelConfig, train_cfg: TrainConfig, hook: str, store_hash: str
-) -> str:
-    """What a checkpoint must match to be resumed: model, weight-relevant training settings,
-    data."""
-    train = {k: v for k, v in config_for_hash(train_cfg).items() if k not in _NOT_IN_RESUME_HASH}
-    payload = {
-        "model": model_cfg.model_dump(mode="json"),
-        "train": train,
-        "hook": hook,
-        "store": store_hash,
-    }
-    return durable.json_digest(payload)
 
 
 def open_training_store(url: str, hook: str) -> ActivationStore:
@@ -106,6 +90,8 @@ def run_train(
     force: bool = False,
     progress: bool = True,
     workers: int | None = None,
+    earlier: tuple[str, ...] = (),
+    say: Callable[[str], Any] = print,
 ) -> dict[str, Any]:
     """Train every model of `cfg` on the store at `store_url` into `out_dir/<name>/`.
 
@@ -115,7 +101,10 @@ def run_train(
     A second training into the same `out_dir` at the same time is refused.  Under `torchrun` every
     rank calls this with the same arguments and gets the same outputs; only rank 0 writes.
     `workers` > 1 trains that many models at once, each in its own process (an ablation grid on a
-    many-core machine); each model's result is that of training it alone."""
+    many-core machine); each model's result is that of training it alone.  `earlier`: done
+    folders of earlier runs of the stage, newest first; a model that finished there with the same
+    training hash is taken from there instead of trained again (`reuse.py`).  One line per model
+    goes to `say`: reused or training, and why."""
     ctx = init_from_env()
     store = open_training_store(store_url, cfg.hook)
     d_in = store.d_model(cfg.hook)
@@ -124,12 +113,26 @@ def run_train(
     curves: str | None = None
     digest = hashlib.sha256()
     with training_lock(out_dir, ctx):
-        parallel = bool(workers and workers > 1 and not ctx.enabled and len(cfg.models) > 1)
-        records = (
-            train_in_processes(cfg, store_url, store_hash, d_in, out_dir, force, workers or 1)
-            if parallel
-            else {}
-        )
+        # rank 0 reads the folders and decides; every rank follows the same plan
+        plans = plan_models(cfg, store_hash, out_dir, earlier, force) if ctx.is_main else []
+        carried: dict[str, Any] = {}
+        for plan in plans:
+            say(plan.line)
+            if plan.source is not None:
+                copy_model_folder(plan.source, join(out_dir, plan.name))
+                if plan.record is not None:
+                    carried[plan.name] = {**plan.record, "path": join(out_dir, plan.name)}
+        records = {
+            name: TrainedModelRecord.model_validate(rec)
+            for name, rec in ctx.broadcast(carried).items()
+        }
+        ctx.barrier()  # the copies are in place before any rank looks at a model folder
+        to_train = [name for name in cfg.models if name not in records]
+        parallel = bool(workers and workers > 1 and not ctx.enabled and len(to_train) > 1)
+        if parallel:
+            records |= train_in_processes(
+                cfg, store_url, store_hash, d_in, out_dir, force, workers or 1, to_train
+            )
         for name in cfg.models:
             model_cfg, train_cfg = cfg.model_for(name), cfg.train_for(name)
             folder = join(out_dir, name)
@@ -175,6 +178,29 @@ def run_train(
     return ctx.broadcast(outputs.model_dump(mode="json"))
 
 
+def plan_models(
+    cfg: TrainStageConfig,
+    store_hash: str,
+    out_dir: str,
+    earlier: tuple[str, ...],
+    force: bool,
+) -> list[ModelPlan]:
+    """For every trained model of `cfg`, in order: taken from an earlier run of the stage, reused
+    from its own folder, or trained (and why)."""
+    plans = []
+    for name in cfg.models:
+        model_cfg, train_cfg = cfg.model_for(name), cfg.train_for(name)
+        config_hash = training_hash(model_cfg, train_cfg, cfg.hook, store_hash)
+        meta = {
+            "model": model_cfg.model_dump(mode="json"),
+            "train": train_cfg.model_dump(mode="json"),
+            "hook": cfg.hook,
+            "store_manifest_hash": store_hash,
+        }
+        plans.append(plan_model(name, join(out_dir, name), config_hash, meta, earlier, force))
+    return plans
+
+
 def _train_worker(
     cfg_json: dict[str, Any],
     name: str,
@@ -211,8 +237,10 @@ def train_in_processes(
     out_dir: str,
     force: bool,
     workers: int,
+    names: list[str] | None = None,
 ) -> dict[str, TrainedModelRecord]:
-    """Train every model of `cfg`, `workers` at a time, each in a fresh process; name -> record."""
+    """Train the models `names` of `cfg` (default: all), `workers` at a time, each in a fresh
+    process; name -> record."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
@@ -235,7 +263,7 @@ def train_in_processes(
                 force,
                 threads,
             ): name
-            for name in cfg.models
+            for name in (cfg.models if names is None else names)
         }
         for fut in tqdm(futures, desc=f"train ({workers} at a time)", unit="model"):
             records[futures[fut]] = fut.result()

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from scipy.stats import binomtest
 
+from compsae.analysis.baselines import not_converged_line
 from compsae.errors import UserError
 from compsae.evaluation.probes.config import ProbeConfig
 from compsae.evaluation.probes.pair_features import pair_feature_map
@@ -301,7 +302,11 @@ def figure(report: dict, path: str) -> None:
 
 
 def _feature_maps(
-    saes: list[TrainedSAE], x_fit: np.ndarray, cfg: ProbeConfig, notes: list[str]
+    saes: list[TrainedSAE],
+    x_fit: np.ndarray,
+    cfg: ProbeConfig,
+    notes: list[str],
+    fits: dict[str, dict[str, Any]],
 ) -> dict[str, FeatureFn]:
     n, d = x_fit.shape
     n_pca = min(cfg.pca_components, n, d)
@@ -318,7 +323,11 @@ def _feature_maps(
         if with_pairs is not None:
             maps[f"{s.name}+pairs"] = with_pairs
     maps["pca"] = pca_features(x_fit, n_pca, cfg.seed)
-    maps["nmf"] = nmf_features(x_fit, n_nmf, cfg.seed)
+    fits["nmf"] = {}
+    maps["nmf"] = nmf_features(x_fit, n_nmf, cfg.seed, fit=fits["nmf"])
+    line = not_converged_line("nmf", fits["nmf"])
+    if line is not None:
+        notes.append(line)
     maps["raw"] = lambda x: x
     return maps
 
@@ -449,7 +458,11 @@ def run_probe(
     say("fitting PCA / NMF on store rows")
     splits = [s.split for s in saes if s.split is not None]
     x_fit = fit_sample(store, hook, splits, cfg.fit_rows, harvest_cfg.prepend_bos)
-    maps = _feature_maps(saes, x_fit, cfg, notes)
+    fits: dict[str, dict[str, Any]] = {}
+    maps = _feature_maps(saes, x_fit, cfg, notes, fits)
+    line = not_converged_line("nmf", fits.get("nmf"))
+    if line is not None:
+        say(line)
     ks = tuple(cfg.ks)
     rows = run_probes(
         acts, items, maps, ks=ks, seed=cfg.seed, test_fraction=cfg.test_fraction, tasks=tasks
@@ -488,6 +501,7 @@ def run_probe(
             for s in saes
         },
         "methods": list(maps),
+        "baselines": fits,  # per fitted baseline: converged or not, after how many iterations
         "fit_rows": int(len(x_fit)),
         "notes": notes,
         "behaviour": behaviour,

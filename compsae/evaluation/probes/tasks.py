@@ -321,15 +321,31 @@ def pca_features(fit_rows: np.ndarray, n_components: int, seed: int = 0) -> Feat
     return pca.transform
 
 
-def nmf_features(fit_rows: np.ndarray, n_components: int, seed: int = 0) -> FeatureFn:
+def nmf_features(
+    fit_rows: np.ndarray,
+    n_components: int,
+    seed: int = 0,
+    fit: dict[str, Any] | None = None,
+    max_iter: int = 300,
+) -> FeatureFn:
     """NMF on ``[relu(x), relu(-x)]`` (residual activations are signed; NMF needs non-negative
-    input)."""
+    input).  scikit-learn's ConvergenceWarning is kept in, for the fit and every transform (each
+    runs its own iterations); ``fit`` receives whether the fit converged (see `quiet_fit`)."""
+    import warnings
+
     from sklearn.decomposition import NMF
+    from sklearn.exceptions import ConvergenceWarning
 
-    def split(x: np.ndarray) -> np.ndarray:
-        return np.concatenate([np.maximum(x, 0), np.maximum(-x, 0)], axis=1)
+    from compsae.analysis.baselines import quiet_fit, sign_split
 
-    nmf = NMF(n_components=n_components, init="nndsvda", max_iter=300, random_state=seed).fit(
-        split(fit_rows)
-    )
-    return lambda x: nmf.transform(split(x))
+    nmf = NMF(n_components=n_components, init="nndsvda", max_iter=max_iter, random_state=seed)
+    info = quiet_fit(nmf, sign_split(fit_rows))
+    if fit is not None:
+        fit.update(info)
+
+    def features(x: np.ndarray) -> np.ndarray:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            return nmf.transform(sign_split(x))
+
+    return features
