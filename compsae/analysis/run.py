@@ -414,6 +414,7 @@ def analysis_metrics(
                         tok,
                         cfg.seed,
                         cfg.pair_causal_own_max,
+                        cfg.progress,
                     )
                     if causal is not None:
                         models[r.name]["pair_causal"] = causal
@@ -542,6 +543,7 @@ def _pair_causal(
     tok: torch.Tensor,
     seed: int,
     own_max: int = 100,
+    progress: bool = False,
 ) -> list[dict[str, Any]] | None:
     """The causal pair test (`pair_causal`) for a model with measured pair effects, as rows."""
     from dataclasses import asdict
@@ -563,7 +565,16 @@ def _pair_causal(
         return idx, vals
 
     recs = run_pair_causal(
-        model, fn, tok, encode, eff, np.triu(cnt, 1), seed=seed, scale=rec.scale, own_max=own_max
+        model,
+        fn,
+        tok,
+        encode,
+        eff,
+        np.triu(cnt, 1),
+        seed=seed,
+        scale=rec.scale,
+        own_max=own_max,
+        progress=progress,
     )
     return [asdict(r) for r in recs]
 
