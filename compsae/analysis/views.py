@@ -1,0 +1,113 @@
+"""What a model's composition numbers are, per kind of model: the labels the report and the feature
+browser put on them, which composition views a kind has, and the short phrase a cell shows where a
+view does not apply.
+
+The kinds differ in what they compose with: the pairwise composer adds one explicit term per pair
+of active latents, so its composition matrix is the pair effect ‖Δ_ij‖ (the mixed difference of the
+reconstruction, its pair term exactly with every pair on); the attention and MLP composers pool
+the active latents through a network, so their pair effect is measured by intervention, and only
+the attention composer has attention weights (heads, an attention heatmap, token examples) and,
+like the MLP composer, a gate.  TopK / ReLU / JumpReLU dictionaries, a CompSAE with composer "none"
+and the baselines have no composition path at all.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+# pair_metrics' "matrix" field -> the matrix's key in the analysis arrays
+PAIR_EFFECT_SOURCE = "pair effects (mixed differences)"
+ATTENTION_SOURCE = "attention weights"
+ATTENTION_LABEL = "attention weight i→j (heads averaged)"
+
+
+@dataclass(frozen=True)
+class CompositionView:
+    """The composition views of one model.  `kind`: the model kind ("compsae", "topk", "pca", ...);
+    `composer`: a CompSAE's composer ("pair", "attention", "mlp", "none"; None for other kinds);
+    `matrix`: what its composition matrix holds ("pair_effect", "attention", None: no pair
+    statistics); `gate`: whether the composer has a learned gate."""
+
+    kind: str
+    composer: str | None = None
+    matrix: str | None = None
+    gate: bool = False
+
+    @property
+    def name(self) -> str:
+        """The kind in words: "pair composer", "topk", ..."""
+        if self.kind == "compsae" and self.composer is not None:
+            return f"{self.composer} composer" if self.composer != "none" else "composer none"
+        return self.kind
+
+    @property
+    def composes(self) -> bool:
+        """Whether the model has a composition path."""
+        return self.kind == "compsae" and self.composer not in (None, "none")
+
+    @property
+    def attends(self) -> bool:
+        """Whether the composer has attention weights (heads, heatmap, token examples)."""
+        return self.composes and self.composer == "attention"
+
+    @property
+    def has_gate(self) -> bool:
+        """Whether gate values mean something: a pooled composer with its learned gate on."""
+        return self.composes and self.composer != "pair" and self.gate
+
+    @property
+    def matrix_label(self) -> str:
+        """What the composition matrix's numbers are, for this kind."""
+        if self.matrix == "attention":
+            return ATTENTION_LABEL
+        if self.matrix == "pair_effect":
+            if self.composer == "pair":
+                return "pair effect ‖Δ_ij‖ (the pair's own term)"
+            return "pair effect ‖Δ_ij‖ (by intervention)"
+        return self.why("pairs")
+
+    @property
+    def partner_label(self) -> str:
+        """The mass a partner's share is counted in."""
+        if self.matrix == "attention":
+            return "share of attention mass"
+        return "share of pair-effect mass"
+
+    def why(self, view: str) -> str:
+        """One short phrase: why `view` ("pairs", "heads", "attention", "gate") is blank for this
+        model ("" where it applies)."""
+        if view == "pairs":
+            if not self.composes:
+                return f"no pair path in {self.name}"
+            return "" if self.matrix else "pair statistics not computed"
+        if view in ("heads", "attention"):
+            if not self.composes:
+                return f"no composition path in {self.name}"
+            return "" if self.attends else f"no attention in {self.name}"
+        if view == "gate":
+            if not self.composes:
+                return f"no composition path in {self.name}"
+            if self.composer == "pair":
+                return f"no gate in {self.name}"
+            return "" if self.gate else "gate off (g = 1)"
+        raise ValueError(f"unknown view {view!r}")
+
+
+def matrix_kind(source: str | None) -> str | None:
+    """pair_metrics' "matrix" field -> `CompositionView.matrix`."""
+    return {PAIR_EFFECT_SOURCE: "pair_effect", ATTENTION_SOURCE: "attention"}.get(str(source))
+
+
+def view_of(model: dict[str, Any]) -> CompositionView:
+    """The view of one model's metrics.json entry (its "kind", "composer", "gate_on" and the
+    "matrix" of its "pairs")."""
+    return CompositionView(
+        kind=str(model.get("kind", "")),
+        composer=model.get("composer"),
+        matrix=matrix_kind((model.get("pairs") or {}).get("matrix")),
+        gate=bool(model.get("gate_on", False)),
+    )
+
+
+__all__ = ["CompositionView", "matrix_kind", "view_of"]
