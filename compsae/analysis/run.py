@@ -134,12 +134,16 @@ def choose_tracked(
 
 
 def context_ids(
-    rows: np.ndarray, tokens: np.ndarray, seq: np.ndarray, before: int, after: int
+    store: ActivationStore, rows: np.ndarray, before: int, after: int
 ) -> tuple[list[list[int]], list[list[int]]]:
     """For each store row of `rows`, the token ids of up to `before` rows before it and itself
     (left context, the row's token last), and of up to `after` rows after it, all in its
     sequence."""
-    n = len(seq)
+    tokens, seq = store.column_view("tokens"), store.column_view("seq_id")
+    n = store.n_rows
+    rows = np.asarray(rows, dtype=np.int64)
+    if rows.size == 0:
+        return [], []
     left = rows[:, None] + np.arange(-before, 1)[None, :]  # [m, before+1]
     right = rows[:, None] + np.arange(1, after + 1)[None, :]  # [m, after]
     same_l = (left >= 0) & (seq[np.clip(left, 0, n - 1)] == seq[rows][:, None])
@@ -163,7 +167,7 @@ def top_context_table(
     lat, rank = np.nonzero(top.rows >= 0)
     rows = top.rows[lat, rank]
     tokens, seq, pos = (store.column_view(c) for c in ("tokens", "seq_id", "pos"))
-    ctx_ids, after_ids = context_ids(rows, np.asarray(tokens), np.asarray(seq), window, after)
+    ctx_ids, after_ids = context_ids(store, rows, window, after)
     df = pd.DataFrame(
         {
             "model": name,
@@ -255,10 +259,10 @@ def pair_examples(
         return
     lo, hi = int(rows.min()), int(rows.max()) + 1
     z = rec(store.read_rows(hook, lo, hi)[rows - lo]).z  # [rows, n]
-    tokens, seq = store.column_view("tokens"), store.column_view("seq_id")
+    tokens = store.column_view("tokens")
     for pair in pairs:
         both = rows[np.flatnonzero((z[:, pair["i"]] > 0) & (z[:, pair["j"]] > 0))[:per_pair]]
-        left, right = context_ids(both, np.asarray(tokens), np.asarray(seq), 12, after)
+        left, right = context_ids(store, both, 12, after)
         pair["examples"] = [
             {
                 "token": decode(int(tokens[r])),
@@ -500,7 +504,9 @@ def analysis_metrics(
         "ce_note": ce_note,
         "notes": ap.notes,
         "include_sequence_start": cfg.include_sequence_start,
-        "sequence_start_rows": int((ap.store.column_view("pos")[ap.blocks.keep] == 0).sum()),
+        "sequence_start_rows": int(
+            (ap.store.column_view("pos")[np.flatnonzero(ap.blocks.keep)] == 0).sum()
+        ),
     }
     if stability:
         metrics["pair_stability"] = stability
