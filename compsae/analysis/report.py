@@ -56,6 +56,15 @@ LABELS = {
     "attn_gini_mean": "attention Gini (mean)",
     "head_agreement": "head agreement (cos)",
     "fvu_nocomp_mean": "FVU, composition off (mean)",
+    "spearman_comp_vs_pmi": "Spearman(composition, PMI)",
+    "partner_gini_mean": "partner Gini (mean)",
+    "pair_gain_total": "pair terms' share of variance",
+    "spearman_attention_vs_effect": "Spearman(attention, pair effect)",
+    "spearman_attention_vs_pmi": "Spearman(attention, PMI)",
+    "calls_fdr": "calls: FDR",
+    "calls_candidates": "calls: candidate pairs",
+    "calls_called": "pairs called",
+    "calls_calls_per_1000": "calls per 1,000 candidates",
     "composer": "composer",
     "matrix": "composition matrix (what its numbers are)",
 }
@@ -603,7 +612,9 @@ def composition_rows(metrics: dict[str, Any]) -> tuple[list[dict[str, Any]], lis
             for k, v in pairs.get("calls", {}).items()
             if k in ("fdr", "candidates", "called", "calls_per_1000")
         )
-        row.update((k, v) for k, v in m.get("gate", {}).items() if not isinstance(v, dict))
+        # a gate switched off is fixed to 1: its "statistics" would only look like a finding
+        gate = m.get("gate", {}) if view.has_gate else {}
+        row.update((k, v) for k, v in gate.items() if not isinstance(v, dict))
         if m.get("heads"):
             row["head_agreement"] = m["heads"].get("head_agreement")
         rows.append((view, row))

@@ -106,7 +106,7 @@ def view_of(model: dict[str, Any]) -> CompositionView:
         kind=str(model.get("kind", "")),
         composer=model.get("composer"),
         matrix=matrix_kind((model.get("pairs") or {}).get("matrix")),
-        gate=bool(model.get("gate_on", False)),
+        gate=bool(model.get("gate_on", "gate" in model)),
     )
 
 
