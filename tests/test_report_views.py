@@ -8,6 +8,7 @@ import json
 import re
 import shutil
 import subprocess
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -16,6 +17,7 @@ import torch
 from pair_fixtures import D, N, composer
 
 from compsae.analysis.block_stats import BlockSpec, model_partial
+from compsae.analysis.browser_page import render_browser
 from compsae.analysis.config import AnalyzeConfig
 from compsae.analysis.reconstruction import TopContexts
 from compsae.analysis.reconstructors import SAEReconstructor
@@ -129,7 +131,7 @@ def test_pairwise_and_topk_models_get_their_own_labels_and_no_attention_views(de
     assert "composer" not in metrics["models"]["topk"]
     html = (out / "report.html").read_text()
     row = re.search(r"<tr><td>pair</td><td>pair composer</td>(.*?)</tr>", html).group(1)
-    assert "pair effect ‖Δ_ij‖ (the pair&#x27;s own term)" in row
+    assert "<td>pair effect ‖Δ_ij‖</td>" in row
     topk = re.search(r"<tr><td>topk</td><td>topk</td><td colspan='\d+'>(.*?)</td></tr>", html)
     assert topk is not None and "no pair path in topk" in topk.group(1)
     figures = sorted(p.name for p in (out / "figures").iterdir())
@@ -174,7 +176,7 @@ def test_cells_a_composer_lacks_say_why():
     assert set(by) == {"att", "pair", "mlp", "none", "tk"}
     assert {"head_agreement", "gate_mean", "spearman_attention_vs_effect"} <= set(cols)
     assert by["att"]["matrix"] == "pair effect ‖Δ_ij‖ (by intervention)"
-    assert by["pair"]["matrix"] == "pair effect ‖Δ_ij‖ (the pair's own term)"
+    assert by["pair"]["matrix"] == "pair effect ‖Δ_ij‖"
 
     def why(model: str, col: str) -> str:
         cell = by[model][col]
@@ -235,13 +237,35 @@ def test_partner_panel_lists_the_partners_counted(default_run):
     )
 
 
-@pytest.mark.skipif(shutil.which("node") is None, reason="no node to check the page's script")
-def test_browser_script_parses(default_run, tmp_path):
-    from compsae.analysis.browser_page import _JS
-
-    (tmp_path / "page.js").write_text(_JS)
-    res = subprocess.run(["node", "--check", str(tmp_path / "page.js")], capture_output=True)
+def run_page(page, hash_: str) -> dict:
+    """What the page's script draws for `hash_`, run by node on a minimal DOM stand-in."""
+    script = Path(__file__).with_name("browser_dom.js")
+    res = subprocess.run(
+        ["node", str(script), str(page), hash_], capture_output=True, text=True, timeout=60
+    )
     assert res.returncode == 0, res.stderr
+    return json.loads(res.stdout)
+
+
+@pytest.mark.skipif(shutil.which("node") is None, reason="no node to run the page's script")
+def test_page_script_draws_partner_links_and_centred_contexts(default_run):
+    out, _ = default_run
+    data = page_data(out / "browser" / "pair.html")
+    latent = max(data["partners"], key=lambda k: (data["partner_counts"][k], -int(k)))
+    drawn = run_page(out / "browser" / "pair.html", f"#latent={latent}")
+    assert drawn["ready"] == "1" and drawn["errors"] == []
+    assert drawn["links"] == [f"#latent={j}" for j, _, _ in data["partners"][latent]]
+    assert drawn["ctx"] == drawn["centres"] > 0  # every context outlines its activating token
+    want = f"{len(data['partners'][latent])} of {data['partner_counts'][latent]} partners"
+    assert want in drawn["text"]
+    pills = [f"×{c['n']}" for c in data["contexts"][latent] if c["n"] > 1]
+    assert drawn["pills"][: len(pills)] == pills
+    topk = run_page(out / "browser" / "topk.html", "#latent=1")
+    assert topk["errors"] == [] and "no pair path in topk" in topk["text"]
+    # the check can fail: data the script cannot read is reported
+    broken = out / "broken.html"
+    broken.write_text(render_browser(data | {"partners": None}))
+    assert run_page(broken, f"#latent={latent}")["errors"]
 
 
 # -- sequence start -------------------------------------------------------------------------------

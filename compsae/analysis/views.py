@@ -62,8 +62,8 @@ class CompositionView:
         if self.matrix == "attention":
             return ATTENTION_LABEL
         if self.matrix == "pair_effect":
-            if self.composer == "pair":
-                return "pair effect ‖Δ_ij‖ (the pair's own term)"
+            if self.composer == "pair":  # its mixed difference is its pair term
+                return "pair effect ‖Δ_ij‖"
             return "pair effect ‖Δ_ij‖ (by intervention)"
         return self.why("pairs")
 
