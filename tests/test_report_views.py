@@ -22,7 +22,7 @@ from compsae.analysis.config import AnalyzeConfig
 from compsae.analysis.reconstruction import TopContexts
 from compsae.analysis.reconstructors import SAEReconstructor
 from compsae.analysis.report import NotApplicable, composition_rows
-from compsae.analysis.run import run_analyze, top_context_table
+from compsae.analysis.run import TOP_CONTEXT_COLUMNS, run_analyze, top_context_table
 from compsae.analysis.views import CompositionView, view_of
 from compsae.store import ActivationStore, StoreLayout
 from compsae.store.split import HeldOutSplit
@@ -353,6 +353,10 @@ def test_identical_windows_are_one_context_with_repeats(trained):
     top.rows[1, :2] = [9, 25]
     top.values[1, :2] = [1.0, 0.5]
     df = top_context_table("m", top, store, 3, str, after=2)
+    assert list(df.columns) == TOP_CONTEXT_COLUMNS
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "metrics.md").read_text()
+    doc = doc[doc.index("## top_contexts.parquet") :]
+    assert all(f"`{c}`" in doc for c in TOP_CONTEXT_COLUMNS)  # every column documented
     zero = df[df["latent"] == 0]
     assert zero["row"].tolist() == [5, 9, 15] and zero["rank"].tolist() == [0, 1, 2]
     assert zero["repeats"].tolist() == [3, 1, 1] and zero["activation"].iloc[0] == 5.0

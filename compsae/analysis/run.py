@@ -56,6 +56,22 @@ from compsae.train.trained import model_folders
 
 PILOT_BLOCKS = 8
 TOP_PAIR_EXAMPLES = 10  # composing pairs shown with example tokens
+TOP_CONTEXT_COLUMNS = [  # top_contexts.parquet, documented in docs/metrics.md
+    "model",
+    "latent",
+    "rank",
+    "activation",
+    "row",
+    "seq_id",
+    "pos",
+    "token_id",
+    "token_text",
+    "context_ids",
+    "context_text",
+    "after_ids",
+    "after_text",
+    "repeats",
+]
 ABLATION_FIELDS = ("type", "n_latents", "k", "composer", "gate", "curriculum", "graduated_sparsity")
 
 
@@ -194,7 +210,7 @@ def top_context_table(
     df["token_text"] = [decode(int(t)) for t in df["token_id"]]
     df["context_text"] = ["".join(decode(i) for i in c) for c in df["context_ids"]]
     df["after_text"] = ["".join(decode(i) for i in c) for c in df["after_ids"]]
-    return df
+    return df[TOP_CONTEXT_COLUMNS]
 
 
 def attention_examples(
