@@ -77,13 +77,15 @@ def model_partial(
     }
     if "latents" not in spec.skip:
         part["latents"] = LatentSums.from_codes(rec.z)
+    # one copy of the dense codes for every view below (none when every row is shown)
+    z_shown = rec.z if spec.include_sequence_start else rec.z[shown]
     if rec_fn.name in spec.contexts_for and "contexts" not in spec.skip and spec.top_k_contexts > 0:
-        part["top"] = TopContexts.from_codes(rec.z[shown], rows[shown], spec.top_k_contexts)
+        part["top"] = TopContexts.from_codes(z_shown, rows[shown], spec.top_k_contexts)
     if rows_map is not None and "pairs" not in spec.skip:
         # firing counts over the same rows as the pair counts (NPMI / PMI need both)
-        part["pair_latents"] = LatentSums.from_codes(rec.z[shown])
+        part["pair_latents"] = LatentSums.from_codes(z_shown)
     if rec.attn is not None and rec.active_idx is not None:
-        active = active_ids(rec.active_idx[shown], rec.z[shown])
+        active = active_ids(rec.active_idx[shown], z_shown)
         if "heads" not in spec.skip:
             part["heads"] = HeadSums.from_block(active, rec.attn[shown])
         if rows_map is not None and "pairs" not in spec.skip:
