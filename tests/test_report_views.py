@@ -185,7 +185,7 @@ def test_cells_a_composer_lacks_say_why():
 
     assert why("pair", "head_agreement") == "no attention in pair composer"
     assert why("pair", "spearman_attention_vs_effect") == "no attention in pair composer"
-    assert why("pair", "gate_mean") == "no gate in pair composer"
+    assert why("pair", "gate_mean") == "no residual gate in pair composer"
     assert why("mlp", "head_agreement") == "no attention in mlp composer"
     assert why("mlp", "gate_mean") == "gate off (g = 1)"  # its gate values are all 1
     assert by["att"]["gate_mean"] == 0.4 and by["att"]["head_agreement"] == 0.9

@@ -89,7 +89,7 @@ class CompositionView:
             if not self.composes:
                 return f"no composition path in {self.name}"
             if self.composer == "pair":
-                return f"no gate in {self.name}"
+                return f"no residual gate in {self.name}"
             return "" if self.gate else "gate off (g = 1)"
         raise ValueError(f"unknown view {view!r}")
 
