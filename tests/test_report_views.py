@@ -194,6 +194,17 @@ def test_cells_a_composer_lacks_say_why():
 
 
 def test_views_per_kind():
+    gated = view_of(
+        {"kind": "compsae", "composer": "pair", "pair_selection": "gated", "pair_fit": "residual"}
+    )
+    assert gated.label == "pair composer, gated pairs, residual fit"
+    assert gated.why("gate") == "no residual gate in pair composer"  # the short name in phrases
+    assert view_of({"kind": "compsae", "composer": "pair", "pair_selection": "all"}).label == (
+        "pair composer"
+    )
+    assert view_of({"kind": "compsae", "composer": "mlp", "gate_on": False}).label == (
+        "mlp composer, gate off"
+    )
     att = view_of({"kind": "compsae", "composer": "attention", "pairs": {"matrix": "x"}})
     assert (
         att.attends

@@ -71,7 +71,15 @@ def model_view(rec: Any, arrays: dict[str, Any]) -> CompositionView:
     matrix = (
         "pair_effect" if "pair_effect" in arrays else ("attention" if "comp" in arrays else None)
     )
-    return CompositionView(rec.kind, composer, matrix, bool(getattr(cfg, "gate", False)))
+    pair = composer == "pair"
+    return CompositionView(
+        rec.kind,
+        composer,
+        matrix,
+        bool(getattr(cfg, "gate", False)),
+        getattr(cfg, "pair_selection", None) if pair else None,
+        getattr(cfg, "pair_fit", None) if pair else None,
+    )
 
 
 def write_browsers(

@@ -322,7 +322,7 @@ def browser_data(
         },
         "partner_counts": partner_counts,
         "partner_matrix": matrix,
-        "composer": view.name,
+        "composer": view.label,
         "matrix_label": view.matrix_label if matrix is not None else "",
         "partner_label": view.partner_label,
         "no_partners_why": view.why("pairs") or "its pair statistics were skipped",

@@ -284,7 +284,7 @@ def make_figures(
         if "comp" in arr:
             add(
                 f"composition_{name}.png",
-                f"{name} ({view.name}): composition matrix, {view.matrix_label}, clustered",
+                f"{name} ({view.label}): composition matrix, {view.matrix_label}, clustered",
                 plot_heatmap,
                 arr["comp"],
                 arr["tracked"],
@@ -294,7 +294,7 @@ def make_figures(
             if view.attends and "comp_attention" in arr:  # attention weights exist only here
                 add(
                     f"attention_{name}.png",
-                    f"{name} ({view.name}): {ATTENTION_LABEL}, clustered",
+                    f"{name} ({view.label}): {ATTENTION_LABEL}, clustered",
                     plot_heatmap,
                     arr["comp_attention"],
                     arr["tracked"],
@@ -303,7 +303,7 @@ def make_figures(
                 )
             add(
                 f"partners_{name}.png",
-                f"{name} ({view.name}): distinct partners per latent ({view.partner_label})",
+                f"{name} ({view.label}): distinct partners per latent ({view.partner_label})",
                 plot_partners,
                 arr["partners"],
                 name,
@@ -514,7 +514,7 @@ def render_html(metrics: dict[str, Any], figures: list[tuple[str, str]]) -> str:
                     rows,
                     list(rows[0]),
                     (
-                        f"{n} ({view_of(m).name}): the composing pairs that explain most "
+                        f"{n} ({view_of(m).label}): the composing pairs that explain most "
                         "variance, measured by intervention (mean_effect: mean "
                         "‖x̂(z) − x̂(z∖i) − x̂(z∖j) + x̂(z∖ij)‖ over the tokens where both fire, "
                         "relative to the RMS "
@@ -599,10 +599,10 @@ def composition_rows(metrics: dict[str, Any]) -> tuple[list[dict[str, Any]], lis
         view = view_of(m)
         if "pairs" not in m:
             if n in trained:
-                blank.append({"model": n, "composer": view.name, "_why": view.why("pairs")})
+                blank.append({"model": n, "composer": view.label, "_why": view.why("pairs")})
             continue
         pairs = m["pairs"]
-        row: dict[str, Any] = {"model": n, "composer": view.name, "matrix": view.matrix_label}
+        row: dict[str, Any] = {"model": n, "composer": view.label, "matrix": view.matrix_label}
         row.update(
             (k, v) for k, v in pairs.items() if k not in ("top_pairs", "called_pairs", "calls")
         )

@@ -461,6 +461,9 @@ def analysis_metrics(
         if meta is not None and meta.model.type == "compsae":
             m["composer"] = meta.model.composer  # what the composition numbers are (views)
             m["gate_on"] = bool(meta.model.gate)
+            if meta.model.composer == "pair":
+                m["pair_selection"] = meta.model.pair_selection
+                m["pair_fit"] = meta.model.pair_fit
         models[r.name], arrays[r.name] = m, arr
 
     ce_note = "off in the config"

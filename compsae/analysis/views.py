@@ -27,12 +27,15 @@ class CompositionView:
     """The composition views of one model.  `kind`: the model kind ("compsae", "topk", "pca", ...);
     `composer`: a CompSAE's composer ("pair", "attention", "mlp", "none"; None for other kinds);
     `matrix`: what its composition matrix holds ("pair_effect", "attention", None: no pair
-    statistics); `gate`: whether the composer has a learned gate."""
+    statistics); `gate`: whether the composer has a learned gate; `pair_selection` / `pair_fit`:
+    the pair composer's settings (None for the others)."""
 
     kind: str
     composer: str | None = None
     matrix: str | None = None
     gate: bool = False
+    pair_selection: str | None = None
+    pair_fit: str | None = None
 
     @property
     def name(self) -> str:
@@ -40,6 +43,19 @@ class CompositionView:
         if self.kind == "compsae" and self.composer is not None:
             return f"{self.composer} composer" if self.composer != "none" else "composer none"
         return self.kind
+
+    @property
+    def label(self) -> str:
+        """The kind with the settings that change what its numbers mean: "pair composer, gated
+        pairs, residual fit" (the default "all" selection and "joint" fit are not named)."""
+        extra = []
+        if self.composer == "pair" and self.pair_selection not in (None, "all"):
+            extra.append(f"{self.pair_selection.replace('_', '-')} pairs")
+        if self.composer == "pair" and self.pair_fit not in (None, "joint"):
+            extra.append(f"{self.pair_fit} fit")
+        if self.composes and self.composer != "pair" and not self.gate:
+            extra.append("gate off")
+        return ", ".join([self.name, *extra])
 
     @property
     def composes(self) -> bool:
@@ -100,13 +116,15 @@ def matrix_kind(source: str | None) -> str | None:
 
 
 def view_of(model: dict[str, Any]) -> CompositionView:
-    """The view of one model's metrics.json entry (its "kind", "composer", "gate_on" and the
-    "matrix" of its "pairs")."""
+    """The view of one model's metrics.json entry (its "kind", "composer", "gate_on",
+    "pair_selection", "pair_fit" and the "matrix" of its "pairs")."""
     return CompositionView(
         kind=str(model.get("kind", "")),
         composer=model.get("composer"),
         matrix=matrix_kind((model.get("pairs") or {}).get("matrix")),
         gate=bool(model.get("gate_on", "gate" in model)),
+        pair_selection=model.get("pair_selection"),
+        pair_fit=model.get("pair_fit"),
     )
 
 
