@@ -21,7 +21,7 @@ from compsae.analysis.browser_page import render_browser
 from compsae.analysis.config import AnalyzeConfig
 from compsae.analysis.reconstruction import TopContexts
 from compsae.analysis.reconstructors import SAEReconstructor
-from compsae.analysis.report import NotApplicable, composition_rows
+from compsae.analysis.report import NotApplicable, composition_rows, composition_section
 from compsae.analysis.run import TOP_CONTEXT_COLUMNS, run_analyze, top_context_table
 from compsae.analysis.views import CompositionView, view_of
 from compsae.store import ActivationStore, StoreLayout
@@ -191,6 +191,11 @@ def test_cells_a_composer_lacks_say_why():
     assert by["att"]["gate_mean"] == 0.4 and by["att"]["head_agreement"] == 0.9
     assert by["tk"]["_why"] == "no pair path in topk"
     assert by["none"]["_why"] == "no pair path in composer none"
+    # no model with pair statistics: one line, not a table of blanks
+    only = {"models": {"tk": {"kind": "topk"}}, "ablations": [{"model": "tk"}]}
+    assert composition_section(only) == [
+        "<p class='note'>No composition statistics (tk: no pair path in topk).</p>"
+    ]
 
 
 def test_views_per_kind():

@@ -603,10 +603,8 @@ def composition_rows(metrics: dict[str, Any]) -> tuple[list[dict[str, Any]], lis
             continue
         pairs = m["pairs"]
         row: dict[str, Any] = {"model": n, "composer": view.label, "matrix": view.matrix_label}
-        row.update(
-            (k, v) for k, v in pairs.items() if k not in ("top_pairs", "called_pairs", "calls")
-        )
-        row["matrix"] = view.matrix_label
+        skip = ("matrix", "top_pairs", "called_pairs", "calls")  # matrix: labelled above
+        row.update((k, v) for k, v in pairs.items() if k not in skip)
         row.update(
             (f"calls_{k}", v)
             for k, v in pairs.get("calls", {}).items()
@@ -635,10 +633,14 @@ def composition_rows(metrics: dict[str, Any]) -> tuple[list[dict[str, Any]], lis
 
 
 def composition_section(metrics: dict[str, Any]) -> list[str]:
-    """The composition table, as HTML parts (none when no model has a row)."""
+    """The composition table, as HTML parts: none when no model has a row, one line when no model
+    has pair statistics (no table of blanks)."""
     rows, columns = composition_rows(metrics)
     if not rows:
         return []
+    if all("_why" in r for r in rows):
+        why = "; ".join(f"{r['model']}: {r['_why']}" for r in rows)
+        return [f"<p class='note'>No composition statistics ({html.escape(why)}).</p>"]
     caption = (
         "Composition and co-occurrence, per composer (matrix: what the row's numbers are; "
         "n_tokens: tokens behind each row)"
