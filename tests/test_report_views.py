@@ -338,6 +338,25 @@ def test_block_statistics_leave_sequence_starts_out_unless_asked(include):
     assert (pos[top_rows] == 0).all() if include else (pos[top_rows] > 0).all()
 
 
+@pytest.mark.parametrize("include", [False, True])
+def test_attention_statistics_leave_sequence_starts_out_unless_asked(include):
+    torch.manual_seed(0)
+    cfg = make_model_config(
+        type="compsae", n_latents=N, k=2, d_f=8, d_c=4, n_heads=2, composer="attention"
+    )
+    rec = SAEReconstructor("att", "compsae", N, model=build_model(cfg, D).eval())
+    x = np.abs(np.random.default_rng(2).normal(size=(48, D))).astype(np.float32)
+    pos = np.arange(48) % SEQ
+    spec = BlockSpec(tracked={"att": np.arange(N)}, pair_null=False, include_sequence_start=include)
+    part = model_partial(rec, x, pos, np.arange(48), spec)
+    shown = 48 if include else int((pos > 0).sum())
+    assert part["gate"].count == shown * D and part["pairs"].n_tokens == shown
+    out = rec(x)
+    firing = np.take_along_axis(out.z, out.active_idx, 1) > 0  # [48, k] active queries
+    mask = np.ones(48, bool) if include else pos > 0
+    assert part["heads"].n_queries == int(firing[mask].sum()) and part["effects"].n_tokens == shown
+
+
 # -- contexts: tokens after, repeats --------------------------------------------------------------
 
 
