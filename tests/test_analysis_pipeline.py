@@ -272,6 +272,10 @@ def test_report_end_to_end_numbers_match_metrics_json(setup, tmp_path):
         assert (out / src).is_file()
     assert (out / "figures" / "composition_compsae.png").is_file()
     assert (out / "figures" / "attention_example_0.png").is_file()
+    # the attention heatmap only for the attention composer; the MLP composer's row says why
+    assert (out / "figures" / "attention_compsae.png").is_file()
+    assert not (out / "figures" / "attention_compsae_mlp.png").exists()
+    assert "no attention in mlp composer" in html and "no pair path in topk" in html
     tops = pd.read_parquet(out / "top_contexts.parquet")
     assert set(tops["model"]) == {"compsae", "compsae_mlp", "topk", "relu"}
     first = (

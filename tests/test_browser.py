@@ -114,9 +114,11 @@ def test_browser_data_matches_the_analysis_tables(analysed):
         ctxs = data["contexts"][str(latent)]
         assert 1 <= len(ctxs) <= 3
         best = tops[(tops["model"] == "comp") & (tops["latent"] == latent) & (tops["rank"] == 0)]
-        # the centre (last) token of the first context carries the latent's top activation
-        assert ctxs[0]["a"][-1] == pytest.approx(float(best["activation"].iloc[0]), rel=2e-2)
-        assert ctxs[0]["t"][-1] == int(best["token_id"].iloc[0])
+        # the centre token of the first context carries the latent's top activation
+        c = ctxs[0]["c"]
+        assert ctxs[0]["a"][c] == pytest.approx(float(best["activation"].iloc[0]), rel=2e-2)
+        assert ctxs[0]["t"][c] == int(best["token_id"].iloc[0])
+        assert ctxs[0]["n"] == int(best["repeats"].iloc[0]) >= 1
         assert (
             sum(data["hist"].get(str(latent), [])) > 0
             or mine.set_index("latent").loc[latent, "fire_count"] < 5

@@ -23,13 +23,15 @@ from compsae.threads import torch_threads
 class BlockSpec:
     """What to compute per block.  `tracked[name]`: latent ids whose pair statistics are kept
     (CompSAE-like models only); `contexts_for`: models whose top contexts are kept; `pair_null`:
-    also the null sums of the label-free pair calls."""
+    also the null sums of the label-free pair calls; `include_sequence_start`: count position-0
+    rows in the top contexts and the composition statistics (pairs, pair effects, heads, gate)."""
 
     top_k_contexts: int = 20
     skip: frozenset[str] = frozenset()
     tracked: dict[str, np.ndarray] = field(default_factory=dict)
     contexts_for: frozenset[str] = frozenset()
     pair_null: bool = True  # also measure pair effects on additive null rows (label-free calls)
+    include_sequence_start: bool = False
 
     def rows_map(self, name: str, n_latents: int) -> np.ndarray | None:
         """`[n_latents]` latent -> tracked row (−1 untracked), or None when not tracked."""
@@ -48,6 +50,10 @@ def model_partial(
     [b]`."""
     rows_map = spec.rows_map(rec_fn.name, rec_fn.n_latents)
     effects = null = None
+    bos = pos == 0
+    # the rows behind the top contexts and the composition statistics: a sequence's first token
+    # (BOS) fires latents of its own and would crowd them out unless asked for
+    shown = np.ones(len(pos), dtype=bool) if spec.include_sequence_start else ~bos
     if rows_map is not None and "pairs" not in spec.skip and hasattr(rec_fn, "reconstruct"):
         # composition measured by intervention (mixed differences), for every composition model,
         # from the same forward as the reconstruction
@@ -55,12 +61,11 @@ def model_partial(
         # scheduler and worker count
         seed = int(rows[0]) if spec.pair_null and len(rows) else None
         rec, effects, null = rec_fn.reconstruct(
-            x, rows_map, len(spec.tracked[rec_fn.name]), null_seed=seed
+            x, rows_map, len(spec.tracked[rec_fn.name]), null_seed=seed, effect_rows=shown
         )
     else:
         rec = rec_fn(x)
     l0 = (rec.z != 0).sum(1)
-    bos = pos == 0
     off = rec.x_hat_off
     part: dict[str, Any] = {
         "bos": ReconSums.from_batch(
@@ -72,22 +77,27 @@ def model_partial(
     }
     if "latents" not in spec.skip:
         part["latents"] = LatentSums.from_codes(rec.z)
+    # one copy of the dense codes for every view below (none when every row is shown)
+    z_shown = rec.z if spec.include_sequence_start else rec.z[shown]
     if rec_fn.name in spec.contexts_for and "contexts" not in spec.skip and spec.top_k_contexts > 0:
-        part["top"] = TopContexts.from_codes(rec.z, rows, spec.top_k_contexts)
+        part["top"] = TopContexts.from_codes(z_shown, rows[shown], spec.top_k_contexts)
+    if rows_map is not None and "pairs" not in spec.skip:
+        # firing counts over the same rows as the pair counts (NPMI / PMI need both)
+        part["pair_latents"] = LatentSums.from_codes(z_shown)
     if rec.attn is not None and rec.active_idx is not None:
-        active = active_ids(rec.active_idx, rec.z)
+        active = active_ids(rec.active_idx[shown], z_shown)
         if "heads" not in spec.skip:
-            part["heads"] = HeadSums.from_block(active, rec.attn)
+            part["heads"] = HeadSums.from_block(active, rec.attn[shown])
         if rows_map is not None and "pairs" not in spec.skip:
             part["pairs"] = PairSums.from_block(
-                active, rec.attn, rows_map, len(spec.tracked[rec_fn.name])
+                active, rec.attn[shown], rows_map, len(spec.tracked[rec_fn.name])
             )
     if effects is not None:
         part["effects"] = effects
     if null is not None:
         part["null_effects"] = null
     if rec.gate is not None and "gate" not in spec.skip:
-        part["gate"] = GateSums.from_block(rec.gate)
+        part["gate"] = GateSums.from_block(rec.gate[shown])
     return part
 
 

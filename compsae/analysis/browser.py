@@ -12,6 +12,7 @@ import pandas as pd
 
 from compsae.analysis.browser_data import browser_data
 from compsae.analysis.browser_page import render_browser
+from compsae.analysis.views import CompositionView
 from compsae.files import BROWSER_DIR
 from compsae.store import ActivationStore
 
@@ -62,6 +63,25 @@ def sample_heldout(keep: np.ndarray, n: int) -> np.ndarray:
     return rows[np.unique(np.linspace(0, len(rows) - 1, n).astype(np.int64))]
 
 
+def model_view(rec: Any, arrays: dict[str, Any]) -> CompositionView:
+    """What one SAE's composition numbers are: its kind, its composer (a CompSAE's config) and the
+    pair matrix analysis wrote for it."""
+    cfg = getattr(rec.model, "cfg", None)
+    composer = getattr(cfg, "composer", None) if rec.kind == "compsae" else None
+    matrix = (
+        "pair_effect" if "pair_effect" in arrays else ("attention" if "comp" in arrays else None)
+    )
+    pair = composer == "pair"
+    return CompositionView(
+        rec.kind,
+        composer,
+        matrix,
+        bool(getattr(cfg, "gate", False)),
+        getattr(cfg, "pair_selection", None) if pair else None,
+        getattr(cfg, "pair_fit", None) if pair else None,
+    )
+
+
 def write_browsers(
     work: str,
     saes: list[Any],
@@ -75,12 +95,15 @@ def write_browsers(
     per_latent: int,
     window: int,
     hist_rows: int,
+    after: int = 0,
+    partners_shown: int = 10,
 ) -> dict[str, str]:
     """One page per SAE reconstructor in `saes` into `<work>/browser/`; returns name -> relative
     path.
 
         `latents` / `tops`: latents.parquet / top_contexts.parquet of every model; `keep`: the
-        evaluated held-out rows (the histograms sample them)."""
+        evaluated held-out rows (the histograms sample them); `after`: tokens shown after each
+        context's centre; `partners_shown`: composition partners listed per latent."""
     os.makedirs(os.path.join(work, BROWSER_DIR), exist_ok=True)
     w_u, why = load_unembedding(store.manifest, hook)
     sample = sample_heldout(keep, hist_rows)
@@ -112,6 +135,9 @@ def write_browsers(
             window=window,
             n_tokens=int(keep.sum()),
             notes=notes,
+            after=after,
+            partners_shown=partners_shown,
+            view=model_view(rec, arrays.get(rec.name, {})),
         )
         rel = f"{BROWSER_DIR}/{rec.name}.html"
         with open(os.path.join(work, rel), "w", encoding="utf-8") as f:

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from compsae.analysis.views import CompositionView
 from compsae.store import ActivationStore
 
 HIST_BINS = 20
@@ -49,19 +50,21 @@ def read_rows(store: ActivationStore, hook: str, rows: np.ndarray) -> np.ndarray
 
 
 def context_windows(
-    tops: pd.DataFrame, store: ActivationStore, per_latent: int, window: int
+    tops: pd.DataFrame, store: ActivationStore, per_latent: int, window: int, after: int = 0
 ) -> tuple[pd.DataFrame, np.ndarray]:
-    """The first `per_latent` top contexts of each latent, each as its store rows (`rows`: the
-    centre row and up to `window` rows before it in the same sequence); and all rows needed,
-    sorted."""
+    """The first `per_latent` top contexts of each latent, each as its store rows (`rows`: up to
+    `window` rows before the centre row, the centre row and up to `after` rows after it, all in
+    the same sequence; `centre`: the centre's index in `rows`); and all rows needed, sorted."""
     sel = tops[tops["rank"] < per_latent].sort_values(["latent", "rank"]).reset_index(drop=True)
     seq = store.column_view("seq_id")
-    ctx_rows = []
+    ctx_rows, centres = [], []
     for r in sel["row"].to_numpy():
-        lo = max(int(r) - window, 0)
-        cand = np.arange(lo, int(r) + 1)
-        ctx_rows.append(cand[seq[cand] == seq[r]])
-    sel = sel.assign(rows=ctx_rows)
+        lo, hi = max(int(r) - window, 0), min(int(r) + after, len(seq) - 1)
+        cand = np.arange(lo, hi + 1)
+        cand = cand[seq[cand] == seq[r]]
+        ctx_rows.append(cand)
+        centres.append(int(np.searchsorted(cand, int(r))))
+    sel = sel.assign(rows=ctx_rows, centre=centres)
     needed = np.unique(np.concatenate(ctx_rows)) if ctx_rows else np.zeros(0, dtype=np.int64)
     return sel, needed
 
@@ -108,9 +111,14 @@ def activation_histograms(
 def partner_table(
     arrays: dict[str, Any], limit: int = PARTNERS
 ) -> tuple[str | None, dict[int, list[tuple[int, float]]]]:
-    """(the matrix used, latent -> its strongest partners `(partner, score)`), from the first
-    per-pair matrix in `PARTNER_MATRICES` that analysis wrote for this model; ({} when it has none:
-    a model without composition)."""
+    """(the matrix used, latent -> its strongest partners `(partner, score)`): analysis' partner
+    lists (`metrics.partner_lists`: the partners counted in `n_partners`, by pair effect) where it
+    wrote them, else the first per-pair matrix in `PARTNER_MATRICES`; ({} when it has none: a
+    model without composition)."""
+    lists = arrays.get("partner_lists")
+    if lists is not None:
+        key = next((k for k in PARTNER_MATRICES if k in arrays), "comp")
+        return key, {int(lat): [(j, s) for j, s, _ in ps[:limit]] for lat, ps in lists.items()}
     tracked = arrays.get("tracked")
     for key in PARTNER_MATRICES:
         mat = arrays.get(key)
@@ -169,14 +177,20 @@ def browser_data(
     window: int = 12,
     n_tokens: int = 0,
     notes: list[str] | None = None,
+    after: int = 0,
+    partners_shown: int = PARTNERS,
+    view: CompositionView | None = None,
 ) -> dict[str, Any]:
     """Everything one model's browser page shows (the module docstring), JSON-able.
 
     `encode(x [m, d]) -> z [m, n]` in the store's units; `latents`, `tops`: this model's rows of
     latents.parquet / top_contexts.parquet; `arrays`: its analysis arrays (partners); `sample_rows`:
     held-out rows for the histograms; `w_dec` / `w_u`: decoder rows and the LM's unembedding for the
-    logit effects (skipped when either is None); `n_tokens`: held-out tokens behind the table."""
+    logit effects (skipped when either is None); `n_tokens`: held-out tokens behind the table;
+    `after`: tokens shown after each context's centre; `partners_shown`: partners listed per
+    latent; `view`: what the model's composition numbers are (labels, why there are none)."""
     notes = list(notes or [])
+    view = view or CompositionView(kind)
     lat = latents.sort_values("latent").reset_index(drop=True)
     n = int(lat["latent"].max()) + 1 if len(lat) else 0
     columns = [
@@ -203,12 +217,20 @@ def browser_data(
         for row in lat[columns].itertuples(index=False)
     ]
 
-    matrix, partners = partner_table(arrays)
+    matrix, partners = partner_table(arrays, partners_shown)
+    lists = arrays.get("partner_lists")
+    partner_counts = (
+        {int(lat): len(ps) for lat, ps in lists.items()}
+        if lists is not None
+        else {lat: len(ps) for lat, ps in partners.items()}
+    )
+    shares = {
+        int(lat): {int(j): float(sh) for j, _, sh in ps[:partners_shown]}
+        for lat, ps in (lists or {}).items()
+    }
     if matrix is None:
-        notes.append(
-            "no composition partners: the model has no composition path, or its pair statistics "
-            "were skipped"
-        )
+        why = view.why("pairs") or "its pair statistics were skipped"
+        notes.append(f"no composition partners: {why}")
 
     vocab: dict[int, str] = {}
 
@@ -219,11 +241,15 @@ def browser_data(
 
     top_tokens: dict[int, list[list[Any]]] = {}
     for latent, group in tops.groupby("latent"):
-        counts = Counter(int(t) for t in group["token_id"])
+        counts: Counter[int] = Counter()
+        reps = group["repeats"] if "repeats" in group else pd.Series(1, index=group.index)
+        for t, n_rep in zip(group["token_id"], reps, strict=True):
+            counts[int(t)] += int(n_rep)
         top_tokens[int(latent)] = [[tok(t), c] for t, c in counts.most_common(TOP_TOKENS)]
 
     contexts: dict[int, list[dict[str, Any]]] = {}
-    sel, _ = context_windows(tops, store, per_latent, window)
+    sel, _ = context_windows(tops, store, per_latent, window, after)
+    repeats = sel["repeats"] if "repeats" in sel else pd.Series(1, index=sel.index)
     tokens = store.column_view("tokens")
     # a group of contexts at a time: the rows read stay small whatever the dictionary size
     for lo in range(0, len(sel), CONTEXT_GROUP):
@@ -235,7 +261,15 @@ def browser_data(
         centre = np.searchsorted(needed, part["row"].to_numpy()).astype(np.int64)
         vals, active = encode_pairs(encode, x, pair_rows, pair_lat, centre)
         at = 0
-        for i, (latent, rows) in enumerate(zip(part["latent"], part["rows"], strict=True)):
+        for i, (latent, rows, c, n_rep) in enumerate(
+            zip(
+                part["latent"],
+                part["rows"],
+                part["centre"],
+                repeats.iloc[lo : lo + CONTEXT_GROUP],
+                strict=True,
+            )
+        ):
             acts = vals[at : at + len(rows)]
             at += len(rows)
             mine = {p for p, _ in partners.get(int(latent), [])}
@@ -243,6 +277,8 @@ def browser_data(
                 {
                     "t": [tok(int(tokens[r])) for r in rows],
                     "a": [_sig(a) for a in acts],
+                    "c": int(c),  # the activating token: window before it, `after` after it
+                    "n": int(n_rep),  # top contexts with this same token window
                     "p": sorted(int(j) for j in active[i] if int(j) in mine),
                 }
             )
@@ -280,8 +316,16 @@ def browser_data(
         "contexts": contexts,
         "hist": hist,
         "logits": logits,
-        "partners": {k: [[j, _sig(s)] for j, s in v] for k, v in partners.items()},
+        "partners": {
+            k: [[j, _sig(s), _sig(shares.get(k, {}).get(j, float("nan")))] for j, s in v]
+            for k, v in partners.items()
+        },
+        "partner_counts": partner_counts,
         "partner_matrix": matrix,
+        "composer": view.label,
+        "matrix_label": view.matrix_label if matrix is not None else "",
+        "partner_label": view.partner_label,
+        "no_partners_why": view.why("pairs") or "its pair statistics were skipped",
         "vocab": vocab,
         "notes": notes,
     }

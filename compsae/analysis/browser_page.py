@@ -5,7 +5,8 @@ type="application/json">` element, rendered by the small script below.
 The page: a searchable, sortable table of latents (frequency, mean / max activation, top tokens,
 partners); clicking a latent (or opening `#latent=N`) shows its top contexts shaded by activation
 (the same shading as the human-evaluation cards), its activation histogram, its logit effect and
-its composition partners with the contexts where each pair fires together.  The script records
+its composition partners (linked to their own `#latent=N` views) with the contexts where each pair
+fires together.  The script records
 any error it meets in `body[data-errors]` and sets `body[data-ready]` when it has rendered, which
 the headless-browser test reads.
 """
@@ -81,9 +82,10 @@ function drawTable(){
   document.getElementById('count').textContent=`${Math.min(limit,rs.length)} of ${rs.length} latents shown`;
   document.getElementById('more').style.display=rs.length>limit?'':'none';}
 function context(ctx,scale){
-  const line=el('div',{class:'ctx'});
+  const line=el('div',{class:'ctx'});const c=ctx.c??ctx.t.length-1;
+  if((ctx.n||1)>1)line.append(el('span',{class:'pill',title:'top contexts with this same token window',text:'×'+ctx.n}),' ');
   ctx.t.forEach((t,i)=>{const a=ctx.a[i];const alpha=scale>0?Math.max(0,Math.min(1,a/scale)):0;
-    const s=el('span',{class:'tok'+(i===ctx.t.length-1?' centre':''),text:tokText(t)});
+    const s=el('span',{class:'tok'+(i===c?' centre':''),text:tokText(t)});
     if(alpha>0)s.style.background=`rgba(SHADE_RGB,${alpha.toFixed(2)})`;if(a)s.title=fmt(a);line.append(s);});
   return line;}
 function histogram(counts){
@@ -95,7 +97,7 @@ function histogram(counts){
     r.setAttribute('fill','rgb(SHADE_RGB)');const tt=document.createElementNS(ns,'title');tt.textContent=c+' tokens';r.append(tt);svg.append(r);});
   const lab=document.createElementNS(ns,'text');lab.setAttribute('x',0);lab.setAttribute('y',h+12);lab.setAttribute('font-size','10');
   lab.textContent='0 → max activation (log count)';svg.append(lab);return svg;}
-function latLink(l){return el('a',{class:'lat',text:'#'+l,onclick:()=>show(l)});}
+function latLink(l){return el('a',{class:'lat',href:'#latent='+l,text:'#'+l});}  // its own page: #latent=N
 function show(l){
   current=l;location.hash='latent='+l;drawTable();
   const r=D.table.find(r=>r[col.latent]===l);const det=document.getElementById('detail');det.replaceChildren();
@@ -115,23 +117,34 @@ function show(l){
   if(lg){const side=(title,xs)=>el('div',{},el('h2',{text:title}),...xs.map(([t,v])=>el('div',{},el('span',{class:'pill',text:tokLabel(t)}),' '+fmt(v))));
     cols.append(side('promotes (logit per unit activation)',lg.up),side('suppresses',lg.down));}
   det.append(cols);
-  const ps=partnersOf(l);
+  const ps=partnersOf(l);const total=(D.partner_counts||{})[l]??ps.length;
   det.append(el('h2',{text:'composition partners'}));
-  if(!ps.length)det.append(el('p',{class:'muted',text:D.partner_matrix?'none above zero among the tracked latents':'this model has no composition statistics'}));
-  for(const[j,s]of ps){
+  if(!D.partner_matrix)det.append(el('p',{class:'muted',text:D.no_partners_why}));
+  else if(!ps.length)det.append(el('p',{class:'muted',text:`none: no latent holds a ${D.partner_label} at the partner threshold`}));
+  else det.append(el('p',{class:'muted',id:'partners-head',text:`${ps.length} of ${total} partners (${D.partner_label} ≥ threshold), strongest first by ${D.matrix_label}`}));
+  const plist=el('div',{id:'partners'});det.append(plist);
+  for(const[j,s,sh]of ps){
     const both=ctxs.filter(c=>c.p.includes(j));
-    det.append(el('div',{},latLink(j),` score ${fmt(s)} (${D.partner_matrix}); fires with it in ${both.length} of these ${ctxs.length} contexts`,
+    plist.append(el('div',{class:'partner'},latLink(j),` ${D.matrix_label} ${fmt(s)}`+(sh?`, ${fmt(sh*100)} % of its ${D.partner_label.replace('share of ','')}`:'')+`; fires with it in ${both.length} of these ${ctxs.length} contexts`,
       el('span',{class:'muted',text:'  its top tokens: '+topTok(j)})));
-    for(const c of both)det.append(context(c,scale));}
+    for(const c of both)plist.append(context(c,scale));}
 }
 document.getElementById('q').addEventListener('input',e=>{query=e.target.value;limit=300;drawTable();});
 document.getElementById('more').addEventListener('click',()=>{limit+=1000;drawTable();});
+window.addEventListener('hashchange',()=>{const h=/latent=(\d+)/.exec(location.hash);if(h&&Number(h[1])!==current)show(Number(h[1]));});
 const m=/latent=(\d+)/.exec(location.hash);
 const first=m?Number(m[1]):(rows()[0]||[])[col.latent];
 drawTable();if(first!=null)show(first);
 document.body.dataset.ready='1';
 })();
 """.replace("SHADE_RGB", SHADE_RGB)
+
+
+def _kind(data: dict[str, Any]) -> str:
+    """The model kind, with its composer where it has one: "compsae (pair composer)"."""
+    composer = data.get("composer")
+    kind = str(data["kind"])
+    return f"{kind} ({composer})" if composer and composer != kind else kind
 
 
 def render_browser(data: dict[str, Any]) -> str:
@@ -144,7 +157,7 @@ def render_browser(data: dict[str, Any]) -> str:
     return (
         f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
         f"<style>{_CSS}</style></head><body>"
-        f"<h1>{html.escape(title)}</h1><p class='muted'>{html.escape(str(data['kind']))} on "
+        f"<h1>{html.escape(title)}</h1><p class='muted'>{html.escape(_kind(data))} on "
         f"<code>{html.escape(str(data['hook']))}</code>, {data['n_latents']} latents; frequencies and activations "
         f"on {data['n_tokens']} held-out tokens (activations in the store's units).</p>{notes}"
         "<div id='wrap'><div id='left'><input id='q' placeholder='search: latent number or token text'> "

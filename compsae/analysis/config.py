@@ -47,6 +47,15 @@ class AnalyzeConfig(BaseModel):
     context_window: int = Field(
         12, ge=0, description="tokens of left context kept with each top context"
     )
+    context_after: int = Field(
+        4, ge=0, description="tokens after the activating one kept with each top context"
+    )
+    include_sequence_start: bool = Field(
+        False,
+        description="count sequence-start rows (position 0, BOS) in the top contexts, pair "
+        "examples and composition statistics (off: they are left out; reconstruction numbers "
+        "always cover them)",
+    )
     pair_latents: int = Field(
         512, ge=2, description="most frequent latents the pair statistics cover"
     )
@@ -82,6 +91,9 @@ class AnalyzeConfig(BaseModel):
     )
     browser_contexts: int = Field(
         5, ge=1, description="top contexts per latent shown (shaded) in the browser"
+    )
+    browser_partners: int = Field(
+        10, ge=1, description="composition partners listed on each latent's browser page"
     )
     browser_hist_rows: int = Field(
         8192, ge=1, description="held-out rows the browser's activation histograms use"

@@ -17,6 +17,7 @@ from compsae.analysis.cooccurrence import jaccard, npmi, pmi
 from compsae.analysis.pair_calls import call_pairs
 from compsae.analysis.pair_effects import PairEffectSums
 from compsae.analysis.reconstruction import LatentSums
+from compsae.analysis.views import ATTENTION_SOURCE, PAIR_EFFECT_SOURCE
 
 if (
     TYPE_CHECKING
@@ -75,7 +76,9 @@ def model_metrics(
         m["gate"] = part["gate"].summary()
     pairs, effects = part.get("pairs"), part.get("effects")
     if tracked is not None and (pairs is not None or effects is not None):
-        m["pairs"], pair_arrays = pair_metrics(pairs, effects, lat, tracked, partner_threshold)
+        # single-latent counts over the rows the pair counts cover (sequence starts may be out)
+        pair_lat = part.get("pair_latents", lat)
+        m["pairs"], pair_arrays = pair_metrics(pairs, effects, pair_lat, tracked, partner_threshold)
         arrays.update(pair_arrays)
         null = part.get("null_effects")
         if effects is not None and null is not None and pair_fdr is not None:
@@ -107,7 +110,10 @@ def pair_metrics(
         )
         gain = effects.gain_share()
         arrays.update(pair_effect=comp, pair_gain=gain)
-        source = "pair effects (mixed differences)"
+        source = PAIR_EFFECT_SOURCE
+        lists = partner_lists(
+            effects.norm + effects.norm.T, np.nan_to_num(comp), tracked, tracked, partner_threshold
+        )
     else:
         assert pairs is not None
         co, single, n_tokens = (
@@ -118,7 +124,9 @@ def pair_metrics(
         comp = composition_matrix(pairs, tracked)
         ps = partner_stats(pairs.attn_to, tracked, partner_threshold)
         gain = None
-        source = "attention weights"
+        source = ATTENTION_SOURCE
+        ids = np.arange(pairs.attn_to.shape[1])
+        lists = partner_lists(pairs.attn_to, None, tracked, ids, partner_threshold)
     co_nan = np.where(co > 0, co, np.nan)
     npmi_m = np.where(co > 0, npmi(single, co, n_tokens), np.nan)
     pmi_m = np.where(co > 0, pmi(single, co, n_tokens), np.nan)
@@ -162,9 +170,40 @@ def pair_metrics(
         summary["spearman_attention_vs_effect"] = rank_correlation(comp_attention, comp)
         summary["spearman_attention_vs_pmi"] = rank_correlation(comp_attention, pmi_m)
     arrays.update(
-        comp=comp, cooccurrence=co, npmi=npmi_m, pmi=pmi_m, jaccard=jaccard(single, co), partners=ps
+        comp=comp,
+        cooccurrence=co,
+        npmi=npmi_m,
+        pmi=pmi_m,
+        jaccard=jaccard(single, co),
+        partners=ps,
+        partner_lists=lists,
     )
     return summary, arrays
+
+
+def partner_lists(
+    mass: np.ndarray,
+    score: np.ndarray | None,
+    row_ids: np.ndarray,
+    col_ids: np.ndarray,
+    threshold: float,
+) -> dict[int, list[tuple[int, float, float]]]:
+    """Each row latent's partners, the latents counted in its `n_partners` (`partner_stats`: share
+    of its mass `mass: [m, c]` ≥ `threshold`), as `(partner, score, share)` strongest first by
+    `score: [m, c]` (the mean pair effect; None: by share), ties to the lower latent.  Latents
+    without partners are left out.  `row_ids` / `col_ids`: the latent of each row / column."""
+    total = mass.sum(1, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        share = np.where(total > 0, mass / np.where(total > 0, total, 1.0), 0.0)
+    key = share if score is None else score
+    out: dict[int, list[tuple[int, float, float]]] = {}
+    for r, lat in enumerate(row_ids):
+        cols = np.flatnonzero(share[r] >= threshold)
+        if cols.size == 0:
+            continue
+        cols = cols[np.lexsort((col_ids[cols], -key[r, cols]))]
+        out[int(lat)] = [(int(col_ids[c]), float(key[r, c]), float(share[r, c])) for c in cols]
+    return out
 
 
 def add_pair_calls(

@@ -115,6 +115,7 @@ class SAEReconstructor:
         rows: np.ndarray | None = None,
         m: int = 0,
         null_seed: int | None = None,
+        effect_rows: np.ndarray | None = None,
     ) -> tuple[Reconstruction, Any, Any]:
         """The reconstruction of `x: [b, d]` and, when `rows` is given (`[n_latents]` latent -> row
         of the `m` tracked latents, −1 untracked) and the model has a composition path, its
@@ -122,7 +123,8 @@ class SAEReconstructor:
         both: the effects are measured on the same codes and x̂ the reconstruction reports.
         With `null_seed`, also the same sums on rows made additive in this dictionary (its linear
         reconstruction plus its residuals permuted across the batch's tokens, see `pair_calls`):
-        the null of the label-free pair calls; else the third value is None."""
+        the null of the label-free pair calls; else the third value is None.  `effect_rows: [b]`
+        bool: the rows both sums cover (default all; the reconstruction always covers all)."""
         from compsae.analysis.pair_effects import PairEffectSums
 
         model = self.model
@@ -137,13 +139,19 @@ class SAEReconstructor:
             )
             out = model(xt)
             parts.append(self._numpy(out))
-            if acc is not None and len(xt):
-                idx = out.active_idx
-                acc.update(model, xt, out.x_hat, idx, out.z.gather(1, idx), rows)
-            if null is not None and len(xt) > 1 and out.comp is not None:
+            sel = (
+                slice(None)
+                if effect_rows is None
+                else torch.as_tensor(np.asarray(effect_rows[i : i + self.batch_rows], dtype=bool))
+            )
+            xs, x_hat = xt[sel], out.x_hat[sel]
+            if acc is not None and len(xs):
+                idx = out.active_idx[sel]
+                acc.update(model, xs, x_hat, idx, out.z[sel].gather(1, idx), rows)
+            if null is not None and len(xs) > 1 and out.comp is not None:
                 gen = torch.Generator().manual_seed(null_seed * 1_000_003 + i)
-                perm = torch.randperm(len(xt), generator=gen)
-                x0 = (out.x_hat - out.comp) + (xt - out.x_hat)[perm]
+                perm = torch.randperm(len(xs), generator=gen)
+                x0 = (x_hat - out.comp[sel]) + (xs - x_hat)[perm]
                 out0 = model(x0)
                 idx0 = out0.active_idx
                 null.update(model, x0, out0.x_hat, idx0, out0.z.gather(1, idx0), rows)

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from compsae.analysis.metrics import flat_rows, json_safe
+from compsae.analysis.views import ATTENTION_LABEL, view_of
 from compsae.figures import log_axis, plain_text, pyplot
 from compsae.files import ANALYSIS_METRICS, ANALYSIS_METRICS_TABLE, ANALYSIS_REPORT
 
@@ -55,11 +56,30 @@ LABELS = {
     "attn_gini_mean": "attention Gini (mean)",
     "head_agreement": "head agreement (cos)",
     "fvu_nocomp_mean": "FVU, composition off (mean)",
+    "spearman_comp_vs_pmi": "Spearman(composition, PMI)",
+    "partner_gini_mean": "partner Gini (mean)",
+    "pair_gain_total": "pair terms' share of variance",
+    "spearman_attention_vs_effect": "Spearman(attention, pair effect)",
+    "spearman_attention_vs_pmi": "Spearman(attention, PMI)",
+    "calls_fdr": "calls: FDR",
+    "calls_candidates": "calls: candidate pairs",
+    "calls_called": "pairs called",
+    "calls_calls_per_1000": "calls per 1,000 candidates",
+    "composer": "composer",
+    "matrix": "composition matrix (what its numbers are)",
 }
+
+# composition-table fields that only some composers have, and the view that explains a blank
+ATTENTION_FIELDS = ("head_agreement", "spearman_attention_vs_effect", "spearman_attention_vs_pmi")
+GATE_FIELDS = ("gate_mean", "gate_std")
 
 
 class NotApplicable:
-    """A table cell for a field the row's model kind does not have (shown empty)."""
+    """A table cell for a field the row's model kind does not have: empty, or the short phrase
+    `why` (e.g. "no attention in pair composer")."""
+
+    def __init__(self, why: str = "") -> None:
+        self.why = why
 
 
 NA = NotApplicable()
@@ -69,7 +89,7 @@ def fmt(v: Any) -> str:
     """How every number appears in the reports (3 significant digits; whole numbers in full;
     '–' for missing, '' for a field that does not apply)."""
     if isinstance(v, NotApplicable):
-        return ""
+        return f"<span class='why'>{html.escape(v.why)}</span>" if v.why else ""
     if v is None or (isinstance(v, float) and not np.isfinite(v)):
         return "–"
     if isinstance(v, (int, np.integer)) and not isinstance(v, bool):
@@ -87,13 +107,24 @@ def label(column: str) -> str:
     return LABELS.get(column, column)
 
 
+def _cells(row: dict[str, Any], columns: list[str]) -> str:
+    """One row's cells; a row with "_why" has its leading columns, then one cell over the rest
+    that says why they are blank."""
+    if "_why" not in row:
+        return "".join(f"<td>{fmt(row.get(c))}</td>" for c in columns)
+    lead = 0
+    while lead < len(columns) and columns[lead] in row:
+        lead += 1
+    cells = "".join(f"<td>{fmt(row[c])}</td>" for c in columns[:lead])
+    rest = len(columns) - lead
+    return cells + (f"<td colspan='{rest}'>{fmt(NotApplicable(row['_why']))}</td>" if rest else "")
+
+
 def table(rows: list[dict[str, Any]], columns: list[str], caption: str) -> str:
     """An HTML table (scrolls sideways when wider than the page); each row's first column names
     it."""
     head = "".join(f"<th>{html.escape(label(c))}</th>" for c in columns)
-    body = "".join(
-        "<tr>" + "".join(f"<td>{fmt(r.get(c))}</td>" for c in columns) + "</tr>" for r in rows
-    )
+    body = "".join(f"<tr>{_cells(r, columns)}</tr>" for r in rows)
     return (
         "<div "
         f"class='scroll'><table><caption>{html.escape(caption)}</caption><tr>{head}</tr>{body}</table></div>"
@@ -159,8 +190,15 @@ def cluster_order(mat: np.ndarray) -> np.ndarray:
 
 @plain_text
 def plot_heatmap(
-    comp: np.ndarray, tracked: np.ndarray, name: str, path: str, limit: int = 128
+    comp: np.ndarray,
+    tracked: np.ndarray,
+    name: str,
+    what: str,
+    path: str,
+    limit: int = 128,
 ) -> None:
+    """The composition matrix `comp` of the first `limit` tracked latents, clustered; `what`: what
+    its numbers are (`CompositionView.matrix_label`)."""
     plt = _plt()
     sub = comp[:limit, :limit]
     order = cluster_order(sub)
@@ -168,22 +206,24 @@ def plot_heatmap(
     im = ax.imshow(
         np.nan_to_num(sub[np.ix_(order, order)]), cmap="viridis", interpolation="nearest"
     )
-    ax.set_title(f"{name}: mean attention i→j (top {len(sub)} latents, clustered)", fontsize=8)
-    ax.set_xlabel("key latent j")
-    ax.set_ylabel("query latent i")
-    fig.colorbar(im, ax=ax, shrink=0.8)
+    ax.set_title(f"{name}: {what} (top {len(sub)} latents, clustered)", fontsize=8)
+    ax.set_xlabel("latent j")
+    ax.set_ylabel("latent i")
+    fig.colorbar(im, ax=ax, shrink=0.8, label=what)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
 @plain_text
-def plot_partners(partners: dict[str, np.ndarray], name: str, path: str) -> None:
+def plot_partners(partners: dict[str, np.ndarray], name: str, share: str, path: str) -> None:
+    """Histogram of the distinct partners per latent; `share`: the mass a partner's share is
+    counted in (`CompositionView.partner_label`)."""
     plt = _plt()
     counts = partners["n_partners"]
     fig, ax = plt.subplots(figsize=(5, 3.2))
     ax.hist(counts, bins=np.arange(counts.max(initial=0) + 2) - 0.5)
-    ax.set_xlabel("distinct partners (attention share ≥ threshold)")
+    ax.set_xlabel(f"distinct partners ({share} ≥ threshold)")
     ax.set_ylabel("latents")
     ax.set_title(name)
     fig.tight_layout()
@@ -240,26 +280,34 @@ def make_figures(
     add("density_hist.png", "Latent firing density (held-out tokens)", plot_density, metrics)
     add("fvu_vs_l0.png", "FVU against L0, every method", plot_fvu_vs_l0, metrics)
     for name, arr in arrays.items():
+        view = view_of(metrics["models"][name])
         if "comp" in arr:
-            source = (
-                "mean pair effect (intervention)"
-                if "pair_effect" in arr
-                else "mean attention weight"
-            )
             add(
                 f"composition_{name}.png",
-                f"{name}: composition matrix ({source}), clustered",
+                f"{name} ({view.label}): composition matrix, {view.matrix_label}, clustered",
                 plot_heatmap,
                 arr["comp"],
                 arr["tracked"],
                 name,
+                view.matrix_label,
             )
+            if view.attends and "comp_attention" in arr:  # attention weights exist only here
+                add(
+                    f"attention_{name}.png",
+                    f"{name} ({view.label}): {ATTENTION_LABEL}, clustered",
+                    plot_heatmap,
+                    arr["comp_attention"],
+                    arr["tracked"],
+                    name,
+                    ATTENTION_LABEL,
+                )
             add(
                 f"partners_{name}.png",
-                f"{name}: distinct partners per latent",
+                f"{name} ({view.label}): distinct partners per latent ({view.partner_label})",
                 plot_partners,
                 arr["partners"],
                 name,
+                view.partner_label,
             )
         heads = metrics["models"][name].get("heads")
         if heads:
@@ -299,7 +347,7 @@ CSS = (
     "auto;color:#222}table{border-collapse:collapse;"
     "margin:1em 0;font-size:13px}td,th{border:1px solid #bbb;padding:3px 7px;text-align:right}"
     "caption{font-weight:bold;text-align:left}figure{display:inline-block;margin:.5em}img{max-width:100%}"
-    ".scroll{overflow-x:auto;max-width:100%}"
+    ".scroll{overflow-x:auto;max-width:100%}.why{color:#777;font-style:italic}"
     # tables rendered from the stages' markdown have no wrapper: they scroll themselves
     "body>table{display:block;overflow-x:auto;max-width:100%}"
 )
@@ -366,6 +414,8 @@ def render_html(metrics: dict[str, Any], figures: list[tuple[str, str]]) -> str:
         f"(held-out fraction {fmt(metrics['heldout_fraction'])}, seed {metrics['heldout_seed']}); "
         f"baselines at L0 = {metrics['baseline_k']}.</p>"
     )
+    if sequence_start_note(metrics):
+        parts.append(f"<p class='note'>{html.escape(sequence_start_note(metrics))}</p>")
     if metrics.get("browsers"):
         links = ", ".join(
             f"<a href='{html.escape(rel)}'>{html.escape(name)}</a>"
@@ -432,33 +482,7 @@ def render_html(metrics: dict[str, Any], figures: list[tuple[str, str]]) -> str:
                 f"{metrics['n_tokens']} held-out tokens",
             )
         )
-    comp_rows = [
-        {
-            "model": n,
-            **{
-                k: v
-                for k, v in m["pairs"].items()
-                if k not in ("top_pairs", "called_pairs", "calls")
-            },
-            **{
-                f"calls_{k}": v
-                for k, v in m["pairs"].get("calls", {}).items()
-                if k in ("fdr", "candidates", "called", "calls_per_1000")
-            },
-            **{k: v for k, v in m.get("gate", {}).items() if not isinstance(v, dict)},
-            "head_agreement": m.get("heads", {}).get("head_agreement"),
-        }
-        for n, m in metrics["models"].items()
-        if "pairs" in m
-    ]
-    if comp_rows:
-        parts.append(
-            table(
-                comp_rows,
-                list(comp_rows[0]),
-                "Composition and co-occurrence (n_tokens: tokens behind each row)",
-            )
-        )
+    parts.extend(composition_section(metrics))
     for n, m in metrics["models"].items():
         calls = m.get("pairs", {}).get("calls")
         if calls:
@@ -478,7 +502,8 @@ def render_html(metrics: dict[str, Any], figures: list[tuple[str, str]]) -> str:
                     "gain_share": p["gain_share"],
                     **({"p_value": p["p_value"], "called": p["called"]} if "p_value" in p else {}),
                     "where both fire": " | ".join(
-                        f"{e['context']}[{e['token']}]" for e in p.get("examples", [])
+                        f"{e['context']}[{e['token']}]{e.get('after', '')}"
+                        for e in p.get("examples", [])
                     ),
                     **_profile_columns(p),
                 }
@@ -489,8 +514,8 @@ def render_html(metrics: dict[str, Any], figures: list[tuple[str, str]]) -> str:
                     rows,
                     list(rows[0]),
                     (
-                        f"{n}: the composing pairs that explain most variance, measured by "
-                        "intervention (mean_effect: mean "
+                        f"{n} ({view_of(m).label}): the composing pairs that explain most "
+                        "variance, measured by intervention (mean_effect: mean "
                         "‖x̂(z) − x̂(z∖i) − x̂(z∖j) + x̂(z∖ij)‖ over the tokens where both fire, "
                         "relative to the RMS "
                         "activation deviation; gain_share: reconstruction gain of keeping the "
@@ -543,6 +568,84 @@ def render_html(metrics: dict[str, Any], figures: list[tuple[str, str]]) -> str:
         )
     parts.append("</body></html>")
     return "\n".join(parts)
+
+
+def sequence_start_note(metrics: dict[str, Any]) -> str:
+    """What the report says about sequence-start rows (position 0, BOS) ("" for an older
+    metrics.json that does not record it)."""
+    if "include_sequence_start" not in metrics:
+        return ""
+    n = metrics.get("sequence_start_rows", 0)
+    if metrics["include_sequence_start"]:
+        return (
+            f"Sequence-start rows (position 0, BOS; {n} of the evaluated tokens) are included in "
+            "the top contexts, pair examples and composition statistics "
+            "(analyze.include_sequence_start: true)."
+        )
+    return (
+        f"Sequence-start rows (position 0, BOS; {n} of the evaluated tokens) are left out of the "
+        "top contexts, pair examples and composition statistics (analyze.include_sequence_start: "
+        "false); the reconstruction tables cover them."
+    )
+
+
+def composition_rows(metrics: dict[str, Any]) -> tuple[list[dict[str, Any]], list[str]]:
+    """The composition table: one row per model with pair statistics, labelled by what its numbers
+    are for its composer, fields its composer lacks saying why; then one row per trained model
+    without them, saying why in one phrase.  Returns (rows, columns)."""
+    trained = {a["model"] for a in metrics.get("ablations", [])}
+    rows, blank = [], []
+    for n, m in metrics["models"].items():
+        view = view_of(m)
+        if "pairs" not in m:
+            if n in trained:
+                blank.append({"model": n, "composer": view.label, "_why": view.why("pairs")})
+            continue
+        pairs = m["pairs"]
+        row: dict[str, Any] = {"model": n, "composer": view.label, "matrix": view.matrix_label}
+        skip = ("matrix", "top_pairs", "called_pairs", "calls")  # matrix: labelled above
+        row.update((k, v) for k, v in pairs.items() if k not in skip)
+        row.update(
+            (f"calls_{k}", v)
+            for k, v in pairs.get("calls", {}).items()
+            if k in ("fdr", "candidates", "called", "calls_per_1000")
+        )
+        # a gate switched off is fixed to 1: its "statistics" would only look like a finding
+        gate = m.get("gate", {}) if view.has_gate else {}
+        row.update((k, v) for k, v in gate.items() if not isinstance(v, dict))
+        if m.get("heads"):
+            row["head_agreement"] = m["heads"].get("head_agreement")
+        rows.append((view, row))
+    columns: list[str] = []
+    for _, row in rows:
+        columns += [c for c in row if c not in columns]
+    out = []
+    for view, row in rows:
+        for c in columns:
+            if c not in row and c in ATTENTION_FIELDS and view.why("attention"):
+                row[c] = NotApplicable(view.why("attention"))
+            elif c not in row and c in GATE_FIELDS and view.why("gate"):
+                row[c] = NotApplicable(view.why("gate"))
+        out.append(row)
+    if not columns and blank:
+        columns = ["model", "composer", "matrix"]
+    return out + blank, columns
+
+
+def composition_section(metrics: dict[str, Any]) -> list[str]:
+    """The composition table, as HTML parts: none when no model has a row, one line when no model
+    has pair statistics (no table of blanks)."""
+    rows, columns = composition_rows(metrics)
+    if not rows:
+        return []
+    if all("_why" in r for r in rows):
+        why = "; ".join(f"{r['model']}: {r['_why']}" for r in rows)
+        return [f"<p class='note'>No composition statistics ({html.escape(why)}).</p>"]
+    caption = (
+        "Composition and co-occurrence, per composer (matrix: what the row's numbers are; "
+        "n_tokens: tokens behind each row)"
+    )
+    return [table(rows, columns, caption)]
 
 
 def _profile_columns(pair: dict[str, Any]) -> dict[str, str]:

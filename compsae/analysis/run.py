@@ -56,6 +56,22 @@ from compsae.train.trained import model_folders
 
 PILOT_BLOCKS = 8
 TOP_PAIR_EXAMPLES = 10  # composing pairs shown with example tokens
+TOP_CONTEXT_COLUMNS = [  # top_contexts.parquet, documented in docs/metrics.md
+    "model",
+    "latent",
+    "rank",
+    "activation",
+    "row",
+    "seq_id",
+    "pos",
+    "token_id",
+    "token_text",
+    "context_ids",
+    "context_text",
+    "after_ids",
+    "after_text",
+    "repeats",
+]
 ABLATION_FIELDS = ("type", "n_latents", "k", "composer", "gate", "curriculum", "graduated_sparsity")
 
 
@@ -133,18 +149,42 @@ def choose_tracked(
     return tracked
 
 
+def context_ids(
+    store: ActivationStore, rows: np.ndarray, before: int, after: int
+) -> tuple[list[list[int]], list[list[int]]]:
+    """For each store row of `rows`, the token ids of up to `before` rows before it and itself
+    (left context, the row's token last), and of up to `after` rows after it, all in its
+    sequence."""
+    tokens, seq = store.column_view("tokens"), store.column_view("seq_id")
+    n = store.n_rows
+    rows = np.asarray(rows, dtype=np.int64)
+    if rows.size == 0:
+        return [], []
+    left = rows[:, None] + np.arange(-before, 1)[None, :]  # [m, before+1]
+    right = rows[:, None] + np.arange(1, after + 1)[None, :]  # [m, after]
+    same_l = (left >= 0) & (seq[np.clip(left, 0, n - 1)] == seq[rows][:, None])
+    same_r = (right < n) & (seq[np.clip(right, 0, n - 1)] == seq[rows][:, None])
+    ids_l = np.where(same_l, tokens[np.clip(left, 0, n - 1)], -1)
+    ids_r = np.where(same_r, tokens[np.clip(right, 0, n - 1)], -1)
+    return [r[r >= 0].tolist() for r in ids_l], [r[r >= 0].tolist() for r in ids_r]
+
+
 def top_context_table(
-    name: str, top: TopContexts, store: ActivationStore, window: int, decode: Callable[[int], str]
+    name: str,
+    top: TopContexts,
+    store: ActivationStore,
+    window: int,
+    decode: Callable[[int], str],
+    after: int = 0,
 ) -> pd.DataFrame:
-    """One row per (latent, rank): activation, store row, the token and its left context."""
+    """One row per (latent, rank) of distinct contexts: activation, store row, the token, its left
+    context (`window` tokens and the token) and the `after` tokens after it.  Top contexts with the
+    same token window are one row, the first (highest) kept; `repeats` counts them."""
     lat, rank = np.nonzero(top.rows >= 0)
     rows = top.rows[lat, rank]
     tokens, seq, pos = (store.column_view(c) for c in ("tokens", "seq_id", "pos"))
-    cand = rows[:, None] + np.arange(-window, 1)[None, :]  # [m, window+1]
-    valid = (cand >= 0) & (seq[np.maximum(cand, 0)] == seq[rows][:, None])
-    ids = np.where(valid, tokens[np.maximum(cand, 0)], -1)
-    ctx_ids = [r[r >= 0].tolist() for r in ids]
-    return pd.DataFrame(
+    ctx_ids, after_ids = context_ids(store, rows, window, after)
+    df = pd.DataFrame(
         {
             "model": name,
             "latent": lat,
@@ -154,11 +194,23 @@ def top_context_table(
             "seq_id": seq[rows],
             "pos": pos[rows],
             "token_id": tokens[rows],
-            "token_text": [decode(int(t)) for t in tokens[rows]],
             "context_ids": ctx_ids,
-            "context_text": ["".join(decode(i) for i in c) for c in ctx_ids],
+            "after_ids": after_ids,
         }
     )
+    # the same text repeated (boilerplate, a repeated prompt) would fill a latent's list
+    window_key = pd.Series(
+        [f"{c}|{a}" for c, a in zip(ctx_ids, after_ids, strict=True)], index=df.index
+    )
+    group = [df["latent"], window_key]
+    df["repeats"] = df.groupby(group)["rank"].transform("size").astype(np.int64)
+    df = df[~pd.DataFrame({"l": df["latent"], "w": window_key}).duplicated()]
+    df = df.reset_index(drop=True)
+    df["rank"] = df.groupby("latent").cumcount().astype(np.int64)
+    df["token_text"] = [decode(int(t)) for t in df["token_id"]]
+    df["context_text"] = ["".join(decode(i) for i in c) for c in df["context_ids"]]
+    df["after_text"] = ["".join(decode(i) for i in c) for c in df["after_ids"]]
+    return df[TOP_CONTEXT_COLUMNS]
 
 
 def attention_examples(
@@ -212,26 +264,37 @@ def pair_examples(
     decode: Callable[[int], str],
     per_pair: int = 3,
     max_rows: int = 4096,
+    include_sequence_start: bool = False,
+    after: int = 0,
 ) -> None:
     """Add to each of `pairs` (dicts with latents "i", "j") up to `per_pair` held-out tokens where
-    both fire, as {"token", "context"}, from the first `max_rows` evaluated rows."""
-    rows = np.flatnonzero(plan.keep)[:max_rows]
+    both fire, as {"token", "context", "after"}, from the first `max_rows` evaluated rows (position
+    0 left out unless `include_sequence_start`)."""
+    rows = _shown_rows(store, plan.keep, include_sequence_start)[:max_rows]
     if rows.size == 0 or not pairs:
         return
     lo, hi = int(rows.min()), int(rows.max()) + 1
     z = rec(store.read_rows(hook, lo, hi)[rows - lo]).z  # [rows, n]
-    tokens, seq = store.column_view("tokens"), store.column_view("seq_id")
+    tokens = store.column_view("tokens")
     for pair in pairs:
-        both = np.flatnonzero((z[:, pair["i"]] > 0) & (z[:, pair["j"]] > 0))[:per_pair]
-        pair["examples"] = []
-        for r in rows[both]:
-            start = max(int(r) - 12, 0)
-            ctx = [
-                int(t) for t, q in zip(tokens[start:r], seq[start:r], strict=True) if q == seq[r]
-            ]
-            pair["examples"].append(
-                {"token": decode(int(tokens[r])), "context": "".join(decode(t) for t in ctx)}
-            )
+        both = rows[np.flatnonzero((z[:, pair["i"]] > 0) & (z[:, pair["j"]] > 0))[:per_pair]]
+        left, right = context_ids(store, both, 12, after)
+        pair["examples"] = [
+            {
+                "token": decode(int(tokens[r])),
+                "context": "".join(decode(t) for t in ctx[:-1]),
+                "after": "".join(decode(t) for t in aft),
+            }
+            for r, ctx, aft in zip(both, left, right, strict=True)
+        ]
+
+
+def _shown_rows(
+    store: ActivationStore, keep: np.ndarray, include_sequence_start: bool
+) -> np.ndarray:
+    """The evaluated rows (`keep`) whose examples are shown: position 0 left out unless asked."""
+    rows = np.flatnonzero(keep)
+    return rows if include_sequence_start else rows[store.column_view("pos")[rows] > 0]
 
 
 def _profile_pairs(
@@ -240,13 +303,15 @@ def _profile_pairs(
     pairs: list[dict[str, Any]],
     decode: Callable[[int], str],
     max_rows: int = 8192,
+    include_sequence_start: bool = False,
 ) -> None:
     """`pair_profile.pair_profiles` of the top pairs on the first `max_rows` evaluated rows, with
-    the LM's unembedding where the hook is in the residual stream and the LM loads."""
+    the LM's unembedding where the hook is in the residual stream and the LM loads (position 0
+    left out unless `include_sequence_start`)."""
     from compsae.analysis.browser import load_unembedding
     from compsae.analysis.pair_profile import pair_profiles
 
-    rows = np.flatnonzero(ap.blocks.keep)[:max_rows]
+    rows = _shown_rows(ap.store, ap.blocks.keep, include_sequence_start)[:max_rows]
     if rows.size == 0 or not pairs or not hasattr(rec.model, "active"):
         return
     lo, hi = int(rows.min()), int(rows.max()) + 1
@@ -364,6 +429,7 @@ def compute_partials(
         tracked=ap.tracked,
         contexts_for=ap.sae_names,
         pair_null=cfg.pair_fdr is not None,
+        include_sequence_start=cfg.include_sequence_start,
     )
     graph = build_graph(
         acts_array(ap.store, ap.hook), ap.store.column_view("pos"), ap.blocks, ap.recons, spec
@@ -391,6 +457,13 @@ def analysis_metrics(
         m["kind"] = r.kind
         if getattr(r, "fit_info", None) is not None:
             m["fit"] = r.fit_info  # converged or not, after how many iterations (NMF)
+        meta = ap.metas.get(r.name)
+        if meta is not None and meta.model.type == "compsae":
+            m["composer"] = meta.model.composer  # what the composition numbers are (views)
+            m["gate_on"] = bool(meta.model.gate)
+            if meta.model.composer == "pair":
+                m["pair_selection"] = meta.model.pair_selection
+                m["pair_fit"] = meta.model.pair_fit
         models[r.name], arrays[r.name] = m, arr
 
     ce_note = "off in the config"
@@ -450,6 +523,10 @@ def analysis_metrics(
         "ablations_by_variant": ablations_by_variant(ablations),
         "ce_note": ce_note,
         "notes": ap.notes,
+        "include_sequence_start": cfg.include_sequence_start,
+        "sequence_start_rows": int(
+            (ap.store.column_view("pos")[np.flatnonzero(ap.blocks.keep)] == 0).sum()
+        ),
     }
     if stability:
         metrics["pair_stability"] = stability
@@ -516,11 +593,22 @@ def run_analyze(
     for r in ap.recons:
         top = metrics["models"][r.name].get("pairs", {}).get("top_pairs")
         if top and isinstance(r, SAEReconstructor):
-            pair_examples(r, ap.store, ap.hook, ap.blocks, top[:TOP_PAIR_EXAMPLES], decode)
-            _profile_pairs(r, ap, top[:TOP_PAIR_EXAMPLES], decode)
+            pair_examples(
+                r,
+                ap.store,
+                ap.hook,
+                ap.blocks,
+                top[:TOP_PAIR_EXAMPLES],
+                decode,
+                include_sequence_start=cfg.include_sequence_start,
+                after=cfg.context_after,
+            )
+            _profile_pairs(r, ap, top[:TOP_PAIR_EXAMPLES], decode, cfg.include_sequence_start)
     examples = []
     for r in ap.recons:
-        if r.kind == "compsae" and len(examples) == 0 and cfg.plots:
+        # the attention examples exist only where the composer attends
+        composer = metrics["models"][r.name].get("composer")
+        if composer == "attention" and len(examples) == 0 and cfg.plots:
             examples = attention_examples(
                 r,
                 ap.store,
@@ -625,7 +713,7 @@ def _write_outputs(
         lat.to_parquet(os.path.join(work, LATENTS_TABLE), index=False)
         files["latents"] = LATENTS_TABLE
         tops = [
-            top_context_table(n, p["top"], store, cfg.context_window, decode)
+            top_context_table(n, p["top"], store, cfg.context_window, decode, cfg.context_after)
             for n, p in partials.items()
             if p.get("top") is not None
         ]
@@ -649,6 +737,8 @@ def _write_outputs(
                 cfg.browser_contexts,
                 cfg.context_window,
                 cfg.browser_hist_rows,
+                after=cfg.context_after,
+                partners_shown=cfg.browser_partners,
             )
         files.update(write_report(work, metrics, arrays, examples, plots=cfg.plots))
         if cfg.plots:
