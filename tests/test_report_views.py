@@ -17,6 +17,7 @@ import torch
 from pair_fixtures import D, N, composer
 
 from compsae.analysis.block_stats import BlockSpec, model_partial
+from compsae.analysis.browser_data import pair_pages
 from compsae.analysis.browser_page import render_browser
 from compsae.analysis.config import AnalyzeConfig
 from compsae.analysis.reconstruction import TopContexts
@@ -270,7 +271,8 @@ def test_page_script_draws_partner_links_and_centred_contexts(default_run):
     latent = max(data["partners"], key=lambda k: (data["partner_counts"][k], -int(k)))
     drawn = run_page(out / "browser" / "pair.html", f"#latent={latent}")
     assert drawn["ready"] == "1" and drawn["errors"] == []
-    assert drawn["links"] == [f"#latent={j}" for j, _, _ in data["partners"][latent]]
+    lat_links = [h for h in drawn["links"] if h.startswith("#latent=")]
+    assert lat_links == [f"#latent={j}" for j, _, _ in data["partners"][latent]]
     assert drawn["ctx"] == drawn["centres"] > 0  # every context outlines its activating token
     want = f"{len(data['partners'][latent])} of {data['partner_counts'][latent]} partners"
     assert want in drawn["text"]
@@ -282,6 +284,50 @@ def test_page_script_draws_partner_links_and_centred_contexts(default_run):
     broken = out / "broken.html"
     broken.write_text(render_browser(data | {"partners": None}))
     assert run_page(broken, f"#latent={latent}")["errors"]
+
+
+@pytest.mark.skipif(shutil.which("node") is None, reason="no node to run the page's script")
+def test_each_profiled_pair_has_a_page_linked_from_both_latents(default_run, tmp_path):
+    out, metrics = default_run
+    data = page_data(out / "browser" / "pair.html")
+    # the page lists exactly the profiled top pairs analysis wrote
+    top = metrics["models"]["pair"]["pairs"].get("top_pairs", [])
+    assert data["pairs"] == pair_pages(top[:10])
+    lat = next(iter(data["partners"]))  # a latent and its strongest partner
+    i, j = int(lat), int(data["partners"][lat][0][0])
+    profiled = {
+        "i": min(i, j),
+        "j": max(i, j),
+        "tokens": 7,
+        "mean_effect": 0.25,
+        "p_value": float("nan"),  # JSON has no NaN: the page gets null
+        "called": True,
+        "n_only_i": 3,
+        "n_only_j": 4,
+        "tokens_both": [["t5", 2]],
+        "tokens_only_i": [["t1", 3]],
+        "tokens_only_j": [],
+        "promoted": [["t9", 0.5]],
+        "demoted": [["t2", -0.5]],
+        "examples": [{"token": "t5", "context": "t3t4", "after": "t6"}],
+    }
+    pages = pair_pages([profiled])
+    assert pages[0]["p_value"] is None and pages[0]["tokens_both"] == [["t5", 2]]
+    page = tmp_path / "pairs.html"
+    page.write_text(render_browser(data | {"pairs": pages}))
+    a, b = profiled["i"], profiled["j"]
+    drawn = run_page(page, f"#pair={a}-{b}")
+    assert drawn["ready"] == "1" and drawn["errors"] == []
+    assert f"#latent={a}" in drawn["links"] and f"#latent={b}" in drawn["links"]
+    assert f"only #{a} (3 tokens)" in drawn["text"] and "t9" in drawn["text"]
+    assert drawn["centres"] == 1  # the example's token, outlined
+    # both latents' views link to it
+    for lat in (a, b):
+        seen = run_page(page, f"#latent={lat}")
+        assert seen["errors"] == [] and f"#pair={a}-{b}" in seen["links"]
+    # a pair without a profile says so instead of drawing an empty page
+    missing = run_page(page, "#pair=0-0")
+    assert missing["errors"] == [] and "only the top pairs analysis profiled" in missing["text"]
 
 
 # -- sequence start -------------------------------------------------------------------------------

@@ -97,13 +97,15 @@ def write_browsers(
     hist_rows: int,
     after: int = 0,
     partners_shown: int = 10,
+    pairs: dict[str, list[dict[str, Any]]] | None = None,
 ) -> dict[str, str]:
     """One page per SAE reconstructor in `saes` into `<work>/browser/`; returns name -> relative
     path.
 
         `latents` / `tops`: latents.parquet / top_contexts.parquet of every model; `keep`: the
         evaluated held-out rows (the histograms sample them); `after`: tokens shown after each
-        context's centre; `partners_shown`: composition partners listed per latent."""
+        context's centre; `partners_shown`: composition partners listed per latent; `pairs`: model
+        -> its profiled top pairs (`metrics.models.<m>.pairs.top_pairs`), one pair page each."""
     os.makedirs(os.path.join(work, BROWSER_DIR), exist_ok=True)
     w_u, why = load_unembedding(store.manifest, hook)
     sample = sample_heldout(keep, hist_rows)
@@ -138,6 +140,7 @@ def write_browsers(
             after=after,
             partners_shown=partners_shown,
             view=model_view(rec, arrays.get(rec.name, {})),
+            pairs=(pairs or {}).get(rec.name),
         )
         rel = f"{BROWSER_DIR}/{rec.name}.html"
         with open(os.path.join(work, rel), "w", encoding="utf-8") as f:

@@ -180,6 +180,7 @@ def browser_data(
     after: int = 0,
     partners_shown: int = PARTNERS,
     view: CompositionView | None = None,
+    pairs: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Everything one model's browser page shows (the module docstring), JSON-able.
 
@@ -188,7 +189,8 @@ def browser_data(
     held-out rows for the histograms; `w_dec` / `w_u`: decoder rows and the LM's unembedding for the
     logit effects (skipped when either is None); `n_tokens`: held-out tokens behind the table;
     `after`: tokens shown after each context's centre; `partners_shown`: partners listed per
-    latent; `view`: what the model's composition numbers are (labels, why there are none)."""
+    latent; `view`: what the model's composition numbers are (labels, why there are none); `pairs`:
+    its profiled top pairs (analysis' `top_pairs` rows), one pair page each (`pair_pages`)."""
     notes = list(notes or [])
     view = view or CompositionView(kind)
     lat = latents.sort_values("latent").reset_index(drop=True)
@@ -327,5 +329,46 @@ def browser_data(
         "partner_label": view.partner_label,
         "no_partners_why": view.why("pairs") or "its pair statistics were skipped",
         "vocab": vocab,
+        "pairs": pair_pages(pairs or []),
         "notes": notes,
     }
+
+
+PAIR_PAGE_FIELDS = (
+    "i",
+    "j",
+    "tokens",
+    "mean_effect",
+    "p_value",
+    "called",
+    "n_only_i",
+    "n_only_j",
+    "tokens_both",
+    "tokens_only_i",
+    "tokens_only_j",
+    "promoted",
+    "demoted",
+    "examples",
+)
+
+
+def _json_safe(v: Any) -> Any:
+    """`v` with NaN / inf as None, numpy scalars as Python numbers (the page's JSON is strict)."""
+    if isinstance(v, dict):
+        return {k: _json_safe(x) for k, x in v.items()}
+    if isinstance(v, list | tuple):
+        return [_json_safe(x) for x in v]
+    if isinstance(v, np.generic):
+        v = v.item()
+    if isinstance(v, float):
+        return _sig(v) if np.isfinite(v) else None
+    return v
+
+
+def pair_pages(pairs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One entry per profiled pair (`#pair=i-j` in the page): what both latents' pages link to."""
+    return [
+        _json_safe({k: p[k] for k in PAIR_PAGE_FIELDS if k in p})
+        for p in pairs
+        if "i" in p and "j" in p
+    ]

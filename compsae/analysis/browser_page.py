@@ -6,7 +6,9 @@ The page: a searchable, sortable table of latents (frequency, mean / max activat
 partners); clicking a latent (or opening `#latent=N`) shows its top contexts shaded by activation
 (the same shading as the human-evaluation cards), its activation histogram, its logit effect and
 its composition partners (linked to their own `#latent=N` views) with the contexts where each pair
-fires together.  The script records
+fires together; each top pair analysis profiled has its own view (`#pair=i-j`: the tokens where
+both fire and where only one does, the logits its term moves, examples), linked from both latents.
+The script records
 any error it meets in `body[data-errors]` and sets `body[data-ready]` when it has rendered, which
 the headless-browser test reads.
 """
@@ -98,6 +100,32 @@ function histogram(counts){
   const lab=document.createElementNS(ns,'text');lab.setAttribute('x',0);lab.setAttribute('y',h+12);lab.setAttribute('font-size','10');
   lab.textContent='0 → max activation (log count)';svg.append(lab);return svg;}
 function latLink(l){return el('a',{class:'lat',href:'#latent='+l,text:'#'+l});}  // its own page: #latent=N
+const PAIRS=D.pairs||[];
+const pairKey=(i,j)=>Math.min(i,j)+'-'+Math.max(i,j);
+const pairOf=Object.fromEntries(PAIRS.map(p=>[pairKey(p.i,p.j),p]));
+function pairLink(p){return el('a',{class:'lat pairlink',href:'#pair='+pairKey(p.i,p.j),text:`pair #${p.i} × #${p.j}`});}
+function tokenPills(xs){return (xs||[]).length?xs.map(([t,c])=>el('span',{class:'pill',text:`${t.trim()===''?t.replace(/ /g,'␣'):t} ×${c}`})):[el('span',{class:'muted',text:'none'})];}
+function valuePills(xs){return (xs||[]).map(([t,v])=>el('div',{},el('span',{class:'pill',text:t}),' '+fmt(v)));}
+function showPair(i,j){
+  current='pair='+pairKey(i,j);location.hash=current;
+  const det=document.getElementById('detail');det.replaceChildren();const p=pairOf[pairKey(i,j)];
+  if(!p){det.append(el('p',{class:'note',text:`no page for pair ${i} × ${j}: only the top pairs analysis profiled have one`}));return;}
+  det.append(el('h2',{id:'pair-head'},'pair ',latLink(p.i),' × ',latLink(p.j)));
+  const call=p.called==null?'':(p.called?'; called composing by the label-free rule':'; not called by the label-free rule');
+  det.append(el('p',{text:`both fire on ${fmt(p.tokens)} held-out tokens; mean ${D.matrix_label||'pair effect'} ${fmt(p.mean_effect)}`+(p.p_value==null?'':`, p = ${fmt(p.p_value)}`)+call}));
+  const cols=el('div',{class:'cols'});
+  cols.append(el('div',{},el('h2',{text:'tokens where both fire'}),...tokenPills(p.tokens_both)));
+  cols.append(el('div',{},el('h2',{text:`only #${p.i} (${fmt(p.n_only_i)} tokens)`}),...tokenPills(p.tokens_only_i)));
+  cols.append(el('div',{},el('h2',{text:`only #${p.j} (${fmt(p.n_only_j)} tokens)`}),...tokenPills(p.tokens_only_j)));
+  det.append(cols);
+  if(p.promoted){const lg=el('div',{class:'cols'});
+    lg.append(el('div',{},el('h2',{text:'its term promotes (logit change)'}),...valuePills(p.promoted)));
+    lg.append(el('div',{},el('h2',{text:'demotes'}),...valuePills(p.demoted)));det.append(lg);}
+  else det.append(el('p',{class:'muted',text:'logit effects left out (no unembedding for this hook)'}));
+  const ex=p.examples||[];det.append(el('h2',{text:'where both fire'}));
+  if(!ex.length)det.append(el('p',{class:'muted',text:'no example among the shown rows'}));
+  for(const e of ex)det.append(el('div',{class:'ctx pairex'},el('span',{class:'muted',text:e.context}),el('span',{class:'tok centre',text:e.token}),el('span',{class:'muted',text:e.after||''})));
+}
 function show(l){
   current=l;location.hash='latent='+l;drawTable();
   const r=D.table.find(r=>r[col.latent]===l);const det=document.getElementById('detail');det.replaceChildren();
@@ -127,14 +155,20 @@ function show(l){
     const both=ctxs.filter(c=>c.p.includes(j));
     plist.append(el('div',{class:'partner'},latLink(j),` ${D.matrix_label} ${fmt(s)}`+(sh?`, ${fmt(sh*100)} % of its ${D.partner_label.replace('share of ','')}`:'')+`; fires with it in ${both.length} of these ${ctxs.length} contexts`,
       el('span',{class:'muted',text:'  its top tokens: '+topTok(j)})));
+    const pp=pairOf[pairKey(l,j)];if(pp)plist.append(el('div',{class:'muted'},'  its page: ',pairLink(pp)));
     for(const c of both)plist.append(context(c,scale));}
+  const mine=PAIRS.filter(p=>p.i===l||p.j===l);
+  if(mine.length){det.append(el('h2',{text:'pair pages (top pairs analysis profiled)'}));
+    const pl=el('div',{id:'pair-pages'});for(const p of mine)pl.append(el('div',{},pairLink(p),` ${fmt(p.tokens)} tokens both fire`));det.append(pl);}
 }
 document.getElementById('q').addEventListener('input',e=>{query=e.target.value;limit=300;drawTable();});
 document.getElementById('more').addEventListener('click',()=>{limit+=1000;drawTable();});
-window.addEventListener('hashchange',()=>{const h=/latent=(\d+)/.exec(location.hash);if(h&&Number(h[1])!==current)show(Number(h[1]));});
-const m=/latent=(\d+)/.exec(location.hash);
-const first=m?Number(m[1]):(rows()[0]||[])[col.latent];
-drawTable();if(first!=null)show(first);
+function route(){const h=/latent=(\d+)/.exec(location.hash),q=/pair=(\d+)-(\d+)/.exec(location.hash);
+  if(q){if('pair='+pairKey(Number(q[1]),Number(q[2]))!==current)showPair(Number(q[1]),Number(q[2]));return true;}
+  if(h){if(Number(h[1])!==current)show(Number(h[1]));return true;}return false;}
+window.addEventListener('hashchange',route);
+drawTable();
+if(!route()){const first=(rows()[0]||[])[col.latent];if(first!=null)show(first);}
 document.body.dataset.ready='1';
 })();
 """.replace("SHADE_RGB", SHADE_RGB)

@@ -739,6 +739,10 @@ def _write_outputs(
                 cfg.browser_hist_rows,
                 after=cfg.context_after,
                 partners_shown=cfg.browser_partners,
+                pairs={
+                    name: m.get("pairs", {}).get("top_pairs", [])[:TOP_PAIR_EXAMPLES]
+                    for name, m in metrics["models"].items()
+                },
             )
         files.update(write_report(work, metrics, arrays, examples, plots=cfg.plots))
         if cfg.plots:
