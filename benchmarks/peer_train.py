@@ -14,7 +14,7 @@ mean, no activation normalisation, no k anneal, AuxK at 1/32 over the top 256 de
 one dead window in tokens.  What each trainer does its own way stays so: its loss scaling
 (sparsify: fraction of variance; the others: squared error per row), SAELens' gradient clipping to
 norm 1 (not optional there) and its decoder norm folded into the codes rather than a unit-norm
-constraint, each one's dead-latent bookkeeping.
+constraint, sparsify's bf16 autocast on CUDA, each one's dead-latent bookkeeping.
 
 The same rows for all three: a synthetic store (sparse sums of a random 8,192-direction dictionary,
 Zipf-like frequencies, plus noise and an offset; mean norm sqrt(512); float16) written once with
@@ -536,7 +536,8 @@ def main() -> None:
             print(
                 f"rows ready in {time.perf_counter() - t0:.1f} s: {info['train']:,} training, "
                 f"{info['heldout']:,} held out; {args.tokens:,} tokens per training, batch "
-                f"{BATCH}, k {K}, lr {LR:g}, device {args.device}, {os.cpu_count()} cpus",
+                f"{BATCH}, k {K}, lr {LR:g}, device {args.device}, {os.cpu_count()} cpus, load "
+                f"{os.getloadavg()[0]:.1f}",
                 flush=True,
             )
             for n in sizes:
@@ -554,7 +555,7 @@ def main() -> None:
                                 f"({res['tokens'] / res['wall_s']:7,.0f} tokens/s)  training "
                                 f"{res['loop_s']:7.1f} s "
                                 f"({res['tokens'] / res['loop_s']:7,.0f} tokens/s)  "
-                                f"held-out FVU {res['fvu']:.4f}",
+                                f"held-out FVU {res['fvu']:.4f}  load {os.getloadavg()[0]:.1f}",
                                 flush=True,
                             )
                         else:
