@@ -201,6 +201,9 @@ def compsae_child(args: argparse.Namespace) -> dict:
 
     work = Path(args.work)
     steps, warm, window = schedule(args.tokens)
+    warmup, decay = warm / steps, 1 - warm / steps  # the decay takes every step after the warm-up
+    if warmup + decay > 1:  # float rounding: the config refuses a sum over 1
+        decay = math.nextafter(decay, 0)
     cfg = TrainStageConfig(
         hook=HOOK,
         models={
@@ -217,8 +220,8 @@ def compsae_child(args: argparse.Namespace) -> dict:
         lr=LR,
         batch_size=BATCH,
         tokens=args.tokens,
-        warmup_fraction=warm / steps,
-        decay_fraction=1 - warm / steps,
+        warmup_fraction=warmup,
+        decay_fraction=decay,
         normalize=False,
         heldout_fraction=HELDOUT_FRACTION,
         dead_window_tokens=window,
