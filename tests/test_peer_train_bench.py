@@ -69,6 +69,21 @@ def test_synthetic_rows_are_scaled_and_structured() -> None:
     assert (peer_train.synthetic_rows(64) == peer_train.synthetic_rows(64)).all()
 
 
+def test_shared_init_is_compsaes_first_draw() -> None:
+    import torch
+
+    from compsae.train.config import make_model_config
+    from compsae.train.models import build_model
+
+    w = peer_train.shared_init(64)
+    assert w.shape == (64, peer_train.D)
+    assert torch.allclose(w.norm(dim=1), torch.ones(64), atol=1e-5)
+    torch.manual_seed(0)  # what run_train does before it builds a model of training seed 0
+    model = build_model(make_model_config(type="topk", n_latents=64, k=32, aux_k=0), peer_train.D)
+    assert torch.equal(w, model.W_dec.detach())
+    assert torch.equal(model.W_enc.detach(), w.T)  # the encoder starts as the transpose
+
+
 def test_a_skipped_tool_reports_nan_and_why(capsys: pytest.CaptureFixture[str]) -> None:
     ok = {"ok": True, "tokens": 1000, "wall_s": 10.0, "loop_s": 5.0, "fvu": 0.25}
     runs = {64: {"compsae": [ok, {**ok, "wall_s": 5.0}], "saelens": [ok], "sparsify": []}}
