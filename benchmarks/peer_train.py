@@ -14,7 +14,8 @@ mean, no activation normalisation, no k anneal, AuxK at 1/32 over the top 256 de
 one dead window in tokens.  What each trainer does its own way stays so: its loss scaling
 (sparsify: fraction of variance; the others: squared error per row), SAELens' gradient clipping to
 norm 1 (not optional there) and its decoder norm folded into the codes rather than a unit-norm
-constraint, sparsify's bf16 autocast on CUDA, each one's dead-latent bookkeeping.
+constraint, sparsify's bf16 autocast and TF32 matmuls on CUDA, each one's dead-latent
+bookkeeping.
 
 The same rows for all three: a synthetic store (sparse sums of a random 8,192-direction dictionary,
 Zipf-like frequencies, plus noise and an offset; mean norm sqrt(512); float16) written once with
