@@ -20,8 +20,8 @@ T = TypeVar("T", bound=BaseModel)
 @dataclass(frozen=True)
 class StageContext:
     """What a stage run gets besides its config: its folder, the records of the stages it reads
-    (each with its folder as "path"), `force`, and the speed-only CLI options (workers,
-    scheduler)."""
+    (each with its folder as "path"), `force`, and the CLI options that are not config (workers,
+    scheduler: speed only; trust_unverified: load checkpoints without a content digest)."""
 
     out_dir: str
     inputs: dict[str, dict[str, Any]]
