@@ -305,3 +305,80 @@ def test_config_json_alone_vouches_for_weights_under_a_bare_header(tmp_path: Pat
     with pytest.raises(UserError, match="different steps"):  # no digest, no step: not ours
         load_model(str(folder), trust_unverified=True)
 
+
+# -- --force deletes only what compsae wrote ------------------------------------------------------
+
+
+def test_harvest_force_refuses_a_store_holding_a_users_file_and_deletes_nothing(
+    mini_run: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from cli_checks import one_line_error
+
+    from compsae import cli
+    from compsae.store import ActivationStore
+
+    _copy_of(mini_run, tmp_path, monkeypatch)
+    store = next(Path("runs/mini").glob("harvest-*")) / "store.zarr"
+    before = sorted(str(p) for p in store.rglob("*"))
+    notes = store / "notes.txt"
+    notes.write_text("mine")
+    # inside an array's chunk folder, where only zarr's chunk keys are compsae's
+    hidden = next(store.glob("acts/*/c")) / "keep.csv"
+    hidden.write_text("mine too")
+    argv = ["harvest", "--pipeline", "mini", "--config", "p.yaml", "--force"]
+    line = one_line_error(capsys, argv, "holds 2 files compsae did not write", "move them out")
+    assert f"(the first: acts/{hidden.parent.parent.name}/c/keep.csv)" in line, line
+    assert notes.read_text() == "mine" and hidden.read_text() == "mine too"
+    assert sorted(str(p) for p in store.rglob("*")) == sorted([*before, str(notes), str(hidden)])
+    assert ActivationStore.open(str(store)).complete  # nothing of the store deleted either
+
+    hidden.unlink()
+    one_line_error(capsys, argv, "holds a file compsae did not write (notes.txt)", "move it out")
+    notes.unlink()
+    (hidden.parent / "0" / "0.0123abcd.partial").write_bytes(b"")  # a killed shard write's
+    assert cli.main(argv) == 0  # only compsae's files: redone
+    assert not (hidden.parent / "0" / "0.0123abcd.partial").exists()
+    assert ActivationStore.open(str(store)).complete
+
+
+def test_a_ground_truth_store_reruns_with_force_and_keeps_a_users_file(tmp_path: Path) -> None:
+    from compsae.errors import ForeignFilesError
+    from compsae.evaluation.ground_truth.design import (
+        load_ground_truth,
+        write_ground_truth_store,
+    )
+
+    cfg = GroundTruthConfig(d_model=16, n_features=32, n_rows=2000, n_interactions={2: 4})
+    url = str(tmp_path / "gt.zarr")
+    write_ground_truth_store(cfg, url)
+    # its own ground truth (and a killed write's temporary chunk) are compsae's: replaced
+    leftover = next((tmp_path / "gt.zarr").glob("acts/*/c/0")) / "0.0123abcd.partial"
+    leftover.write_bytes(b"")
+    write_ground_truth_store(cfg, url, overwrite=True)
+    assert not leftover.exists() and load_ground_truth(url).config["n_rows"] == 2000
+    mine = tmp_path / "gt.zarr" / "ground_truth.json.bak"
+    mine.write_text("mine")
+    with pytest.raises(ForeignFilesError, match=r"\(ground_truth.json.bak\)"):
+        write_ground_truth_store(cfg, url, overwrite=True)
+    assert mine.read_text() == "mine"
+
+
+def test_train_force_keeps_a_users_file_named_like_a_temporary_file(tmp_path: Path) -> None:
+    from compsae.errors import ForeignFilesError
+    from compsae.train.checkpoint import remove_checkpoint
+
+    folder = tmp_path / "topk"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    (folder / "model.safetensors.0123abcd.partial").write_bytes(b"")  # a killed write's
+    mine = folder / "draft.partial"
+    mine.write_text("mine")
+    with pytest.raises(ForeignFilesError, match=r"a file compsae did not write \(draft.partial\)"):
+        remove_checkpoint(str(folder))
+    assert mine.exists() and (folder / "config.json").exists()
+    mine.unlink()
+    remove_checkpoint(str(folder))
+    assert not folder.exists()

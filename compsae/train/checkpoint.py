@@ -31,7 +31,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from compsae import durable
-from compsae.errors import UserError
+from compsae.errors import ForeignFilesError, UserError
 from compsae.files import CONFIG_FILE, MODEL_FILE, STATE_FILE, TRAIN_METRICS
 from compsae.train.config import legacy_model_config
 from compsae.train.models import SparseAutoencoder, build_model
@@ -383,14 +383,13 @@ def remove_checkpoint(folder: str) -> None:
     path = path.rstrip("/")
     files = [f.rstrip("/")[len(path) + 1 :] for f in fs.find(path)]
     foreign = sorted(
-        f for f in files if f not in _MODEL_FOLDER_FILES and not f.endswith(".partial")
+        f
+        for f in files
+        # a `*.partial` file is compsae's only as the leftover of a killed write of its own files
+        if f not in _MODEL_FOLDER_FILES and durable.partial_target(f) not in _MODEL_FOLDER_FILES
     )
     if foreign:
-        shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
-        raise UserError(
-            f"{folder} holds files compsae did not write ({shown}); --force never deletes "
-            "them: move them out of the model folder and rerun"
-        )
+        raise ForeignFilesError(folder, foreign, "model folder")
     fs.rm(path, recursive=True)
 
 
