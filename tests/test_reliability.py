@@ -266,6 +266,31 @@ def test_a_checkpoint_with_no_digest_anywhere_loads_only_when_trusted(
     assert list(Path("runs/mini").glob("analyze-*/stage.json"))
 
 
+def test_a_worker_reloading_a_trusted_checkpoint_does_not_warn_again(
+    mini_run: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import compsae.analysis.reconstructors as reconstructors
+    import compsae.train.checkpoint as checkpoint
+    from compsae.analysis.reconstructors import SAEReconstructor
+
+    topk = _copy_of(mini_run, tmp_path, monkeypatch)
+    _rewrite_model(topk, "stripped", config="drop")
+    monkeypatch.setattr(checkpoint, "_warned_unverified", set())
+    monkeypatch.setattr(reconstructors, "_MODEL_CACHE", {})
+    rec = SAEReconstructor.from_checkpoint("topk", str(topk), trust_unverified=True)
+    assert capsys.readouterr().err.count("warning: ") == 1
+    # what a worker process gets: the state without the model, a fresh cache, no warning yet
+    shipped = SAEReconstructor.__new__(SAEReconstructor)
+    shipped.__dict__.update(rec.__getstate__())
+    monkeypatch.setattr(checkpoint, "_warned_unverified", set())
+    monkeypatch.setattr(reconstructors, "_MODEL_CACHE", {})
+    assert shipped.model is not None and shipped.trust_unverified
+    assert "warning" not in capsys.readouterr().err
+
+
 def test_config_json_alone_vouches_for_weights_under_a_bare_header(tmp_path: Path) -> None:
     """A header without compsae's metadata: the weights must match the digest config.json
     names; they load when they do, whatever the header."""

@@ -44,12 +44,16 @@ class Reconstructor(Protocol):
     def __call__(self, x: np.ndarray) -> Reconstruction: ...
 
 
-def load_checkpoint(model_dir: str, trust_unverified: bool = False) -> TrainedSAE:
+def load_checkpoint(
+    model_dir: str, trust_unverified: bool = False, warn: bool = True
+) -> TrainedSAE:
     """A checkpoint folder, loaded once per process (one without any content digest only with
-    `trust_unverified`)."""
+    `trust_unverified`, and then with a warning unless not `warn`)."""
     with _CACHE_LOCK:
         if model_dir not in _MODEL_CACHE:
-            _MODEL_CACHE[model_dir] = TrainedSAE.load(model_dir, trust_unverified=trust_unverified)
+            _MODEL_CACHE[model_dir] = TrainedSAE.load(
+                model_dir, trust_unverified=trust_unverified, warn=warn
+            )
         return _MODEL_CACHE[model_dir]
 
 
@@ -110,7 +114,8 @@ class SAEReconstructor:
     def model(self) -> torch.nn.Module:
         if self._model is None:
             assert self.model_dir is not None
-            self._model = load_checkpoint(self.model_dir, self.trust_unverified).model
+            # in a worker process: the user was warned when the analysis loaded it first
+            self._model = load_checkpoint(self.model_dir, self.trust_unverified, warn=False).model
         return self._model
 
     def __call__(self, x: np.ndarray) -> Reconstruction:

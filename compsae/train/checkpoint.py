@@ -11,6 +11,10 @@ self-contained, so a crash *between* two files is harmless too:
 - `config.json` (the same config, for people and for finding checkpoint folders) is written last.
 A kill at any instant leaves a folder that loads (the previous or the new model) and resumes.
 
+Both headers and config.json carry content digests (sha256 of config and tensors): a load checks
+the weights against them, and a checkpoint with no digest anywhere (from elsewhere, or an older
+compsae) loads only when the caller trusts it (`--trust-unverified`, `trust_unverified=True`).
+
 The config: `{"model": ModelConfig, "normalization": {"scale"} | null, "hook",
 "store_manifest_hash", "split": {"fraction", "seed"}, "step", "tokens_seen", "finished",
 "config_hash", "d_in", "type", ...}`."""
@@ -172,10 +176,10 @@ def _same_checkpoint(folder: str, step: Any, digest: Any, key: str, file: str) -
 _warned_unverified: set[str] = set()  # folders already warned about in this process
 
 
-def _unverified(folder: str, trust_unverified: bool) -> None:
+def _unverified(folder: str, trust_unverified: bool, warn: bool) -> None:
     """Refuse a model file that no digest vouches for (neither its header nor config.json names
     one: a checkpoint from elsewhere, or written before digests), unless the user trusts it; then
-    warn once per folder and process."""
+    warn (`warn`) once per folder and process."""
     where = f"{folder}/{MODEL_FILE}"
     if not trust_unverified:
         raise UserError(
@@ -183,7 +187,7 @@ def _unverified(folder: str, trust_unverified: bool) -> None:
             "or an older compsae), so its weights cannot be checked; pass --trust-unverified "
             "(Python: trust_unverified=True) to load it anyway, or re-import or retrain it"
         )
-    if where not in _warned_unverified:
+    if warn and where not in _warned_unverified:
         _warned_unverified.add(where)
         print(
             f"warning: {where} has no content digest; loaded unverified (--trust-unverified)",
@@ -290,25 +294,30 @@ def parse_meta(meta: dict[str, Any], where: str = "the checkpoint") -> Checkpoin
 
 
 def load_model(
-    folder: str, device: str | torch.device = "cpu", trust_unverified: bool = False
+    folder: str,
+    device: str | torch.device = "cpu",
+    trust_unverified: bool = False,
+    *,
+    warn: bool = True,
 ) -> tuple[SparseAutoencoder, dict[str, Any]]:
     """The model saved in `folder` (in eval mode, schedule at its final k and m) and its config
     (the one stored with the weights; config.json for checkpoints written before that existed).
 
     The weights must match a content digest (the header's, else config.json's); a checkpoint
-    with no digest anywhere is refused unless `trust_unverified` (then loaded with a warning)."""
+    with no digest anywhere is refused unless `trust_unverified` (then loaded with a warning on
+    stderr; `warn=False` for a reload the user was warned about already, in a worker process)."""
     fs, path = fsspec.core.url_to_fs(folder)
     data = _read(fs, f"{path}/{MODEL_FILE}")
     if data is None:
         hint = "train first" if read_meta(folder) is None else "delete the folder and retrain"
         raise UserError(f"no {MODEL_FILE} in {folder}; {hint}")
     weights = _load_tensors(data, f"{folder}/{MODEL_FILE}")
-    meta = _verified_meta(folder, data, weights, trust_unverified)
+    meta = _verified_meta(folder, data, weights, trust_unverified, warn)
     return _build(weights, meta, folder).to(device).eval(), meta
 
 
 def _verified_meta(
-    folder: str, data: bytes, weights: dict[str, torch.Tensor], trust_unverified: bool
+    folder: str, data: bytes, weights: dict[str, torch.Tensor], trust_unverified: bool, warn: bool
 ) -> dict[str, Any]:
     """The config of the model file `data` once its weights are checked against the digests of
     its header and of config.json (see `load_model`); one line when they do not match."""
@@ -318,7 +327,7 @@ def _verified_meta(
         meta, digest = _check_digest(weights, embedded, where)
         _same_checkpoint(folder, meta.get("step"), digest, DIGEST_KEY, MODEL_FILE)
         if digest is None:  # neither the header nor config.json names one
-            _unverified(folder, trust_unverified)
+            _unverified(folder, trust_unverified, warn)
         return meta
     published = read_meta(folder)
     if published is None:
@@ -337,7 +346,7 @@ def _verified_meta(
             f"{folder}: {MODEL_FILE} and {CONFIG_FILE} are from different steps (interrupted "
             "write); rerun training to resume, or delete the folder"
         )
-    _unverified(folder, trust_unverified)
+    _unverified(folder, trust_unverified, warn)
     return published
 
 

@@ -96,10 +96,13 @@ class TrainedSAE:
         device: str | torch.device = "cpu",
         name: str | None = None,
         trust_unverified: bool = False,
+        *,
+        warn: bool = True,
     ) -> TrainedSAE:
         """The model saved in `folder` (eval mode, schedule at its end), named after the folder.
-        A checkpoint without any content digest is refused unless `trust_unverified`."""
-        model, meta = load_model(folder, device, trust_unverified=trust_unverified)
+        A checkpoint without any content digest is refused unless `trust_unverified` (then a
+        warning, unless not `warn`)."""
+        model, meta = load_model(folder, device, trust_unverified=trust_unverified, warn=warn)
         return cls(
             name or folder.rstrip("/").rsplit("/", 1)[-1], folder, model, parse_meta(meta, folder)
         )
