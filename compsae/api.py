@@ -38,21 +38,26 @@ def open_store(url: str) -> ActivationStore:
     return ActivationStore.open(url, "r")
 
 
-def load_sae(folder: str, device: str = "cpu") -> TrainedSAE:
+def load_sae(folder: str, device: str = "cpu", trust_unverified: bool = False) -> TrainedSAE:
     """Load one trained model folder (`runs/<pipeline>/train-<hash>/<model>`) in eval mode.
 
-    Its `reconstruct(x)` takes and returns store units.
+    Its `reconstruct(x)` takes and returns store units.  The weights are checked against the
+    checkpoint's content digest; a checkpoint with none (from elsewhere, or an older compsae) is
+    refused unless `trust_unverified=True`, which loads it with a warning.
     """
     from compsae.train.trained import TrainedSAE
 
-    return TrainedSAE.load(folder, device)
+    return TrainedSAE.load(folder, device, trust_unverified=trust_unverified)
 
 
-def load_saes(train_dir: str, device: str = "cpu") -> list[TrainedSAE]:
-    """Load every model of a train stage folder (`runs/<pipeline>/train-<hash>`)."""
+def load_saes(
+    train_dir: str, device: str = "cpu", trust_unverified: bool = False
+) -> list[TrainedSAE]:
+    """Load every model of a train stage folder (`runs/<pipeline>/train-<hash>`); see `load_sae`
+    for `trust_unverified`."""
     from compsae.train.trained import load_trained
 
-    return load_trained(train_dir, device)
+    return load_trained(train_dir, device, trust_unverified=trust_unverified)
 
 
 @dataclass(frozen=True)

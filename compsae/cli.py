@@ -104,6 +104,19 @@ def _stage_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+# the commands that load trained checkpoints: they take --trust-unverified
+_LOADING_STAGES = frozenset({"analyze", "evaluate", "probe", "run"})
+
+
+def _trust_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--trust-unverified",
+        action="store_true",
+        help="load checkpoints that carry no content digest (from elsewhere or an older "
+        "compsae) instead of refusing them; one warning line each",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every compsae command."""
     parser = _Parser(
@@ -123,7 +136,10 @@ def build_parser() -> argparse.ArgumentParser:
         ),
         ("run", "every stage of the pipeline, reusing what is up to date"),
     ):
-        _stage_args(sub.add_parser(name, help=text, description=text))
+        stage = sub.add_parser(name, help=text, description=text)
+        _stage_args(stage)
+        if name in _LOADING_STAGES:
+            _trust_arg(stage)
     status = sub.add_parser("status", help="each stage: done, stale or missing, with its folder")
     _pipeline_args(status)
     human = sub.add_parser(
@@ -157,6 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     hexp.add_argument("--store", help="store path or URL (default: the pipeline's harvest)")
     hexp.add_argument("--out", help="output folder (default: <runs_root>/<pipeline>/humaneval)")
+    _trust_arg(hexp)
     hscore = hsub.add_parser(
         "score", help="interpretable rate and detection F1 per method, with bootstrap CIs"
     )
@@ -201,6 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="export a CompSAE's TopK dictionary alone (SAELens has no composition network)",
     )
+    _trust_arg(export)
     export.add_argument(
         "--model-name", help="the LM's name in SAELens' cfg (default: from the store's manifest)"
     )
@@ -264,6 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also recompute every store's statistics from its data (reads all of it)",
     )
+    _trust_arg(verify)
     return parser
 
 
@@ -287,7 +306,11 @@ def _cmd_stage(args: argparse.Namespace) -> int:
     from compsae.pipeline.runner import run_pipeline, run_stage
 
     whole, pipe, name = _load(args)
-    options = {"workers": args.workers, "scheduler": args.scheduler}
+    options = {
+        "workers": args.workers,
+        "scheduler": args.scheduler,
+        "trust_unverified": getattr(args, "trust_unverified", False),
+    }
     if args.command == "run":
         run_pipeline(whole, pipe, name, force=args.force, options=options)
     else:
@@ -309,7 +332,9 @@ def _cmd_status(args: argparse.Namespace) -> int:
 def _cmd_verify(args: argparse.Namespace) -> int:
     from compsae.verify import verify_path
 
-    problems, counts = verify_path(args.path, deep=args.deep)
+    problems, counts = verify_path(
+        args.path, deep=args.deep, trust_unverified=args.trust_unverified
+    )
     checked = ", ".join(f"{n} {what}" for what, n in counts.items())
     if problems:
         for p in problems:
@@ -376,7 +401,13 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from compsae.train.export import export_saelens
 
     out = args.out or f"{args.run.rstrip('/')}/saelens"
-    result = export_saelens(args.run, out, as_topk=args.as_topk, model_name=args.model_name)
+    result = export_saelens(
+        args.run,
+        out,
+        as_topk=args.as_topk,
+        model_name=args.model_name,
+        trust_unverified=args.trust_unverified,
+    )
     print(f"SAELens {result['architecture']} SAE written to {out}: {', '.join(result['files'])}")
     return 0
 
@@ -440,7 +471,14 @@ def _cmd_humaneval(args: argparse.Namespace) -> int:
         store = store or out_rec.store
         out = out or join(whole.runs_root, name, "humaneval")
     summary = humaneval.export_from_checkpoints(
-        checkpoints, store, out, n=args.n, n_rows=args.rows, n_raters=args.raters, seed=args.seed
+        checkpoints,
+        store,
+        out,
+        n=args.n,
+        n_rows=args.rows,
+        n_raters=args.raters,
+        seed=args.seed,
+        trust_unverified=args.trust_unverified,
     )
     print(f"{summary['n_cards']} cards for {len(checkpoints)} method(s) in {summary['out_dir']}")
     print(f"rater pages: {', '.join(summary['pages'])}")

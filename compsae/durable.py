@@ -19,6 +19,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import uuid
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -91,6 +92,16 @@ def fsync_dir(folder: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+_PARTIAL = re.compile(r"(.+)\.[0-9a-f]{8}\.partial")  # `atomic_write`'s temporary name
+
+
+def partial_target(name: str) -> str | None:
+    """The file a temporary file of `atomic_write` named `name` was to become, or None when `name`
+    is not one (a folder's own files then include the leftovers of a killed write)."""
+    match = _PARTIAL.fullmatch(name)
+    return match.group(1) if match else None
 
 
 def atomic_write(url: str, data: Buffers, fs: Any = None, sync: bool = True) -> None:

@@ -20,9 +20,10 @@ T = TypeVar("T", bound=BaseModel)
 @dataclass(frozen=True)
 class StageContext:
     """What a stage run gets besides its config: its folder, the records of the stages it reads
-    (each with its folder as "path"), `force`, the speed-only CLI options (workers, scheduler),
-    the done folders of earlier runs of the stage under other configs (newest first: the train
-    stage takes unchanged models from them) and where its one-line messages go."""
+    (each with its folder as "path"), `force`, the CLI options that are not config (workers,
+    scheduler: speed only; trust_unverified: load checkpoints without a content digest), the done
+    folders of earlier runs of the stage under other configs (newest first: the train stage takes
+    unchanged models from them) and where its one-line messages go."""
 
     out_dir: str
     inputs: dict[str, dict[str, Any]]

@@ -5,7 +5,8 @@ A run folder is walked for
 - stage records (`stage.json`): valid, in the folder of their own hash, their inputs still the
   records they were made from, their outputs present and (stores, model weights) the very bytes
   the record was written for,
-- checkpoints (`model.safetensors` + `config.json`): loadable, finite, both files of one step.
+- checkpoints (`model.safetensors` + `config.json`): loadable, finite, both files of one step,
+  the weights those a content digest names (none at all is a problem unless trusted).
 """
 
 from __future__ import annotations
@@ -41,9 +42,12 @@ def _folders(fs: Any, path: str, depth: int = 0) -> Iterator[tuple[str, set[str]
             yield from _folders(fs, e["name"].rstrip("/"), depth + 1)
 
 
-def verify_path(url: str, deep: bool = False) -> tuple[list[str], dict[str, int]]:
+def verify_path(
+    url: str, deep: bool = False, trust_unverified: bool = False
+) -> tuple[list[str], dict[str, int]]:
     """Problems found under `url` (a store, a checkpoint folder or any folder holding them) and
-    counts of what was checked: {"stores", "checkpoints", "records"}."""
+    counts of what was checked: {"stores", "checkpoints", "records"}.  A checkpoint without any
+    content digest is a problem unless `trust_unverified` (then a warning)."""
     fs, path = fsspec.core.url_to_fs(url)
     # `or "/"`: stripping the file-system root's slash would leave "" (the working folder)
     path = path.rstrip("/") or "/"
@@ -63,7 +67,7 @@ def verify_path(url: str, deep: bool = False) -> tuple[list[str], dict[str, int]
             problems += store_problems(where, deep)
         if "model.safetensors" in names or {"config.json", "train_state.safetensors"} <= names:
             counts["checkpoints"] += 1
-            problems += checkpoint_problems(where)
+            problems += checkpoint_problems(where, trust_unverified)
         if "stage.json" in names:
             counts["records"] += 1
             more, store = record_problems(where)
@@ -98,12 +102,13 @@ def store_problems(url: str, deep: bool = False) -> list[str]:
         store.close()
 
 
-def checkpoint_problems(folder: str) -> list[str]:
-    """Problems of the checkpoint in `folder`."""
+def checkpoint_problems(folder: str, trust_unverified: bool = False) -> list[str]:
+    """Problems of the checkpoint in `folder`: whatever `load_model` refuses (weights that do not
+    match a digest, no digest at all unless `trust_unverified`), and files of different steps."""
     from compsae.train.checkpoint import load_model, read_meta
 
     try:
-        _, meta = load_model(folder)
+        _, meta = load_model(folder, trust_unverified=trust_unverified)
         published = read_meta(folder)
     except UserError as e:
         return [str(e)]

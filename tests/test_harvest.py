@@ -154,7 +154,7 @@ def test_force_never_deletes_a_file_compsae_did_not_write(tmp_path: Path) -> Non
     first = run_harvest(small_cfg(n_tokens=512), str(tmp_path))
     mine = Path(first["store"]) / "acts" / "notes.txt"  # a user's file put in the store afterwards
     mine.write_text("my notes")
-    with pytest.raises(UserError, match=r"did not write \(acts/notes.txt\).*move them out"):
+    with pytest.raises(UserError, match=r"did not write \(acts/notes.txt\).*move it out"):
         run_harvest(small_cfg(n_tokens=512), str(tmp_path), force=True)
     assert mine.read_text() == "my notes"
     assert ActivationStore.open(first["store"]).complete  # nothing of the store deleted either

@@ -198,7 +198,7 @@ def test_force_never_deletes_a_file_compsae_did_not_write(tmp_path):
     mine = tmp_path / "t" / "comp" / "notes.txt"
     mine.write_text("my notes")
     before = (tmp_path / "t" / "comp" / "model.safetensors").read_bytes()
-    with pytest.raises(UserError, match=r"did not write \(notes.txt\).*move them out"):
+    with pytest.raises(UserError, match=r"did not write \(notes.txt\).*move it out"):
         run_train(_stage(tokens=64 * 2, lr=1e-2), store.url, out, force=True, progress=False)
     assert mine.read_text() == "my notes"
     assert (tmp_path / "t" / "comp" / "model.safetensors").read_bytes() == before

@@ -44,11 +44,16 @@ class Reconstructor(Protocol):
     def __call__(self, x: np.ndarray) -> Reconstruction: ...
 
 
-def load_checkpoint(model_dir: str) -> TrainedSAE:
-    """A checkpoint folder, loaded once per process."""
+def load_checkpoint(
+    model_dir: str, trust_unverified: bool = False, warn: bool = True
+) -> TrainedSAE:
+    """A checkpoint folder, loaded once per process (one without any content digest only with
+    `trust_unverified`, and then with a warning unless not `warn`)."""
     with _CACHE_LOCK:
         if model_dir not in _MODEL_CACHE:
-            _MODEL_CACHE[model_dir] = TrainedSAE.load(model_dir)
+            _MODEL_CACHE[model_dir] = TrainedSAE.load(
+                model_dir, trust_unverified=trust_unverified, warn=warn
+            )
         return _MODEL_CACHE[model_dir]
 
 
@@ -68,6 +73,7 @@ class SAEReconstructor:
         model: torch.nn.Module | None = None,
         batch_rows: int = 1024,
         meta: CheckpointMeta | None = None,
+        trust_unverified: bool = False,
     ) -> None:
         if model_dir is None and model is None:
             raise ValueError("SAEReconstructor needs a model or a checkpoint folder")
@@ -76,12 +82,17 @@ class SAEReconstructor:
         self.model_dir = model_dir
         self.batch_rows = batch_rows
         self.meta = meta  # None for a model given directly
+        # travels with the reconstructor: a worker process reloads the checkpoint as trusted
+        self.trust_unverified = trust_unverified
         self._model = model
 
     @classmethod
-    def from_checkpoint(cls, name: str, model_dir: str, batch_rows: int = 1024) -> SAEReconstructor:
-        """Load `model_dir` (a train-stage model folder) and describe it."""
-        sae = load_checkpoint(model_dir)
+    def from_checkpoint(
+        cls, name: str, model_dir: str, batch_rows: int = 1024, trust_unverified: bool = False
+    ) -> SAEReconstructor:
+        """Load `model_dir` (a train-stage model folder) and describe it; one without any content
+        digest only with `trust_unverified`."""
+        sae = load_checkpoint(model_dir, trust_unverified)
         return cls(
             name,
             sae.kind,
@@ -90,6 +101,7 @@ class SAEReconstructor:
             model_dir=model_dir,
             batch_rows=batch_rows,
             meta=sae.meta,
+            trust_unverified=trust_unverified,
         )
 
     def __getstate__(self) -> dict[str, Any]:
@@ -102,7 +114,8 @@ class SAEReconstructor:
     def model(self) -> torch.nn.Module:
         if self._model is None:
             assert self.model_dir is not None
-            self._model = load_checkpoint(self.model_dir).model
+            # in a worker process: the user was warned when the analysis loaded it first
+            self._model = load_checkpoint(self.model_dir, self.trust_unverified, warn=False).model
         return self._model
 
     def __call__(self, x: np.ndarray) -> Reconstruction:

@@ -367,10 +367,12 @@ class AnalysisPlan:
     notes: list[str]
 
 
-def plan_analysis(cfg: AnalyzeConfig, store_url: str, train_dir: str) -> AnalysisPlan:
+def plan_analysis(
+    cfg: AnalyzeConfig, store_url: str, train_dir: str, trust_unverified: bool = False
+) -> AnalysisPlan:
     """Open the store and the checkpoints, keep the models of one hook and one held-out split (the
     split recorded in the checkpoints), plan the held-out blocks, fit the baselines on training
-    rows and choose the tracked latents."""
+    rows and choose the tracked latents.  `trust_unverified`: see `run_analyze`."""
     store = open_store(store_url)
     found = model_folders(train_dir)
     if not found:
@@ -379,7 +381,7 @@ def plan_analysis(cfg: AnalyzeConfig, store_url: str, train_dir: str) -> Analysi
             f"{CONFIG_FILE})"
         )
     recons: list[Reconstructor] = [
-        SAEReconstructor.from_checkpoint(n, d, cfg.batch_rows) for n, d in found
+        SAEReconstructor.from_checkpoint(n, d, cfg.batch_rows, trust_unverified) for n, d in found
     ]
     metas: dict[str, CheckpointMeta] = {r.name: r.meta for r in recons}  # type: ignore[attr-defined]
     hook = cfg.hook or metas[recons[0].name].hook or store.hooks[0]
@@ -576,14 +578,16 @@ def run_analyze(
     processes: bool = True,
     ce_fn: CEFn | None = None,
     decode: Callable[[int], str] | None = None,
+    trust_unverified: bool = False,
 ) -> dict[str, Any]:
     """Analyse every model under `train_dir` (one folder each) and the baselines on the store's
     held-out rows; write report.html, metrics.json/.parquet, latents.parquet, top_contexts.parquet
-    and figures/ into `out_dir`.  `workers` / `scheduler` override the config's (CLI flags).
+    and figures/ into `out_dir`.  `workers` / `scheduler` override the config's (CLI flags);
+    `trust_unverified` loads checkpoints without any content digest (with a warning).
     Returns the stage outputs (file names and headline numbers)."""
     workers = cfg.workers if workers is None else workers
     scheduler = cfg.scheduler if scheduler is None else scheduler
-    ap = plan_analysis(cfg, store_url, train_dir)
+    ap = plan_analysis(cfg, store_url, train_dir, trust_unverified)
     partials = compute_partials(ap, cfg, workers, scheduler, processes)
     metrics, arrays = analysis_metrics(ap, cfg, partials, ce_fn)
     metrics["store"] = store_url

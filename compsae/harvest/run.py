@@ -42,6 +42,7 @@ from compsae.resources import check_disk, check_memory
 from compsae.store import (
     ActivationStore,
     manifest_digest,
+    refuse_foreign_files,
     refuse_foreign_folder,
     store_exists,
     writer_lock,
@@ -115,6 +116,8 @@ def run_harvest(
     """
     url = store_url(cfg, out_dir)
     refuse_foreign_folder(url)  # before the lock file goes in, and whatever the flags
+    if force and store_exists(url):
+        refuse_foreign_files(url)  # before the model loads: the store replaced would lose them
     digest = config_hash(cfg)
     existing = None
     if not force and store_exists(url):

@@ -8,11 +8,13 @@ from compsae.store.activation_store import (
     writer_lock,
 )
 from compsae.store.layout import StoreLayout
+from compsae.store.writer import refuse_foreign_files
 
 __all__ = [
     "ActivationStore",
     "StoreLayout",
     "manifest_digest",
+    "refuse_foreign_files",
     "refuse_foreign_folder",
     "store_exists",
     "writer_lock",

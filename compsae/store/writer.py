@@ -4,7 +4,7 @@ side arrays, and last the shard's completion mark)."""
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import crc32c
 import fsspec
@@ -13,7 +13,8 @@ import zarr
 from zarr.codecs import Crc32cCodec, ZstdCodec
 
 from compsae import durable
-from compsae.errors import UserError
+from compsae.errors import ForeignFilesError
+from compsae.files import GROUND_TRUTH_JSON, GROUND_TRUTH_TENSORS
 from compsae.store.crc import crc32c_concat
 from compsae.store.format import (
     LOCK_NAME,
@@ -100,43 +101,72 @@ def lay_out(
     )
 
 
+# files compsae writes at a store's root besides zarr's: the writer lock, and the ground truth a
+# synthetic store carries
+_ROOT_FILES = frozenset({LOCK_NAME, GROUND_TRUTH_JSON, GROUND_TRUTH_TENSORS})
+
+
+def _array_ndim(fs: Any, path: str) -> int | None:
+    """The number of dimensions of the zarr v3 array whose zarr.json is at `path`, or None when
+    it is not an array's (a group's, or unreadable)."""
+    try:
+        node = json.loads(fs.cat_file(path))
+    except (ValueError, OSError):
+        return None
+    if not isinstance(node, dict) or node.get("node_type") != "array":
+        return None
+    shape = node.get("shape")
+    return len(shape) if isinstance(shape, list) else None
+
+
+def _is_chunk(rel: str, arrays: dict[str, int]) -> bool:
+    """Whether `rel` is a chunk file of one of `arrays` (folder -> number of dimensions): zarr's
+    default key `<array>/c/<i>/<j>...`, one integer per dimension."""
+    for folder, ndim in arrays.items():
+        prefix = f"{folder}/c/" if folder else "c/"
+        if rel.startswith(prefix):
+            parts = rel[len(prefix) :].split("/")
+            if len(parts) == ndim and all(p.isdigit() for p in parts):
+                return True
+    return False
+
+
 def foreign_files(url: str) -> list[str]:
-    """The files under the store folder at `url` that compsae did not write: anything but the
-    lock, zarr's `zarr.json` nodes and the chunk files under an array's `c/` folder."""
+    """The files under the store folder at `url` that compsae did not write, relative to it and
+    sorted: anything but zarr's node files (`zarr.json`: read or not, a store killed while being
+    laid out may hold a half-written one), the chunk files of the arrays they describe
+    (`<array>/c/<i>/<j>`, one integer per dimension), the lock, a synthetic store's ground truth,
+    and the temporary files of a killed write of one of those."""
     fs, path = fsspec.core.url_to_fs(url)
     path = path.rstrip("/")
-    files = [f.rstrip("/") for f in fs.find(path)]
-    # an array's folder is one whose zarr.json says so; its chunks live in <array>/c/...
-    arrays = set()
-    for f in files:
-        if f.endswith("/zarr.json"):
-            try:
-                node = json.loads(fs.cat_file(f))
-            except (ValueError, OSError):
-                continue
-            if isinstance(node, dict) and node.get("node_type") == "array":
-                arrays.add(f[: -len("/zarr.json")])
-    foreign = []
-    for f in files:
-        name = f.rsplit("/", 1)[-1]
-        if name in ("zarr.json", LOCK_NAME):
-            continue
-        if any(f.startswith(f"{a}/c/") for a in arrays):
-            continue
-        foreign.append(f[len(path) + 1 :])
-    return sorted(foreign)
+    files = [f.rstrip("/")[len(path) + 1 :] for f in fs.find(path)]
+    nodes = {rel for rel in files if rel.rsplit("/", 1)[-1] == "zarr.json"}
+    arrays: dict[str, int] = {}
+    for rel in nodes:
+        ndim = _array_ndim(fs, f"{path}/{rel}")
+        if ndim is not None:
+            arrays[rel[: -len("zarr.json")].rstrip("/")] = ndim
+
+    def own(rel: str) -> bool:
+        return rel in nodes or rel in _ROOT_FILES or _is_chunk(rel, arrays)
+
+    return sorted(
+        rel for rel in files if not own(rel) and not own(durable.partial_target(rel) or "")
+    )
+
+
+def refuse_foreign_files(url: str) -> None:
+    """Refuse (one line naming the first and the count) a store folder holding files compsae did
+    not write: `--force` checks before it replaces the store, so it never deletes them."""
+    foreign = foreign_files(url)
+    if foreign:
+        raise ForeignFilesError(url, foreign, "store folder")
 
 
 def wipe(url: str) -> None:
     """Remove a store's contents but not its lock file (a writer may hold it right now).
     Refused, with nothing deleted, when the folder holds a file compsae did not write."""
-    foreign = foreign_files(url)
-    if foreign:
-        shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
-        raise UserError(
-            f"{url} holds files compsae did not write ({shown}); --force never deletes them: "
-            "move them out of the store folder and rerun"
-        )
+    refuse_foreign_files(url)
     fs, path = fsspec.core.url_to_fs(url)
     for entry in fs.ls(path, detail=False):
         if entry.rstrip("/").rsplit("/", 1)[-1] != LOCK_NAME:

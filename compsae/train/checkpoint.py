@@ -11,6 +11,10 @@ self-contained, so a crash *between* two files is harmless too:
 - `config.json` (the same config, for people and for finding checkpoint folders) is written last.
 A kill at any instant leaves a folder that loads (the previous or the new model) and resumes.
 
+Both headers and config.json carry content digests (sha256 of config and tensors): a load checks
+the weights against them, and a checkpoint with no digest anywhere (from elsewhere, or an older
+compsae) loads only when the caller trusts it (`--trust-unverified`, `trust_unverified=True`).
+
 The config: `{"model": ModelConfig, "normalization": {"scale"} | null, "hook",
 "store_manifest_hash", "split": {"fraction", "seed"}, "step", "tokens_seen", "finished",
 "config_hash", "d_in", "type", ...}`."""
@@ -19,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,7 +35,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from compsae import durable
-from compsae.errors import UserError
+from compsae.errors import ForeignFilesError, UserError
 from compsae.files import CONFIG_FILE, MODEL_FILE, STATE_FILE, TRAIN_METRICS
 from compsae.train.config import legacy_model_config
 from compsae.train.models import SparseAutoencoder, build_model
@@ -147,26 +152,54 @@ def _check_digest(
 
 
 def _same_checkpoint(folder: str, step: Any, digest: Any, key: str, file: str) -> None:
-    """Refuse `file` when config.json was written at the same step with another digest for it: the
-    file was replaced by another checkpoint's.  A different step is a write interrupted between the
+    """Refuse `file` when config.json names a digest for it that the file does not carry: another
+    digest at the same step (the file was replaced by another checkpoint's), or none at all (the
+    digest was stripped).  Another digest at a different step is a write interrupted between the
     two files (the module docstring): the file is then newer than config.json, and fine."""
     published = read_meta(folder)
     if not isinstance(published, dict) or published.get(key) is None:
         return
-    if digest is None and published.get("step") == step:
-        # config.json names a digest the file no longer carries: stripping it must not turn the
-        # content check off
+    if digest is None:
+        # compsae never writes a file without its digest beside a config.json that names one, at
+        # any step: stripping it must not turn the content check off
         raise UserError(
             f"{folder}/{file} has no content digest though {CONFIG_FILE} names one (edited?); "
             "restore it or retrain"
         )
-    if digest is None:
-        return
     if published.get("step") == step and published.get(key) != digest:
         raise UserError(
             f"{folder}/{file} is not the file {CONFIG_FILE} was written with (replaced by another "
             "checkpoint's?); restore it or retrain"
         )
+
+
+_warned_unverified: set[str] = set()  # folders already warned about in this process
+
+
+def _unverified(folder: str, trust_unverified: bool, warn: bool) -> None:
+    """Refuse a model file that no digest vouches for (neither its header nor config.json names
+    one: a checkpoint from elsewhere, or written before digests), unless the user trusts it; then
+    warn (`warn`) once per folder and process."""
+    where = f"{folder}/{MODEL_FILE}"
+    if not trust_unverified:
+        raise UserError(
+            f"{where} has no content digest, in its header or in {CONFIG_FILE} (from elsewhere, "
+            "or an older compsae), so its weights cannot be checked; pass --trust-unverified "
+            "(Python: trust_unverified=True) to load it anyway, or re-import or retrain it"
+        )
+    if warn and where not in _warned_unverified:
+        _warned_unverified.add(where)
+        print(
+            f"warning: {where} has no content digest; loaded unverified (--trust-unverified)",
+            file=sys.stderr,
+        )
+
+
+def _published_digest_matches(weights: dict[str, torch.Tensor], published: dict[str, Any]) -> bool:
+    """Whether the model digest config.json names is that of `weights` with config.json's own
+    metadata (what `save_checkpoint` hashed: config.json less the digests it adds)."""
+    meta = {k: v for k, v in published.items() if k not in (DIGEST_KEY, STATE_DIGEST_KEY)}
+    return bool(published[DIGEST_KEY] == content_digest(weights, meta))
 
 
 def _cpu(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -261,30 +294,60 @@ def parse_meta(meta: dict[str, Any], where: str = "the checkpoint") -> Checkpoin
 
 
 def load_model(
-    folder: str, device: str | torch.device = "cpu"
+    folder: str,
+    device: str | torch.device = "cpu",
+    trust_unverified: bool = False,
+    *,
+    warn: bool = True,
 ) -> tuple[SparseAutoencoder, dict[str, Any]]:
     """The model saved in `folder` (in eval mode, schedule at its final k and m) and its config
-    (the one stored with the weights; config.json for checkpoints written before that existed)."""
+    (the one stored with the weights; config.json for checkpoints written before that existed).
+
+    The weights must match a content digest (the header's, else config.json's); a checkpoint
+    with no digest anywhere is refused unless `trust_unverified` (then loaded with a warning on
+    stderr; `warn=False` for a reload the user was warned about already, in a worker process)."""
     fs, path = fsspec.core.url_to_fs(folder)
     data = _read(fs, f"{path}/{MODEL_FILE}")
     if data is None:
         hint = "train first" if read_meta(folder) is None else "delete the folder and retrain"
         raise UserError(f"no {MODEL_FILE} in {folder}; {hint}")
     weights = _load_tensors(data, f"{folder}/{MODEL_FILE}")
+    meta = _verified_meta(folder, data, weights, trust_unverified, warn)
+    return _build(weights, meta, folder).to(device).eval(), meta
+
+
+def _verified_meta(
+    folder: str, data: bytes, weights: dict[str, torch.Tensor], trust_unverified: bool, warn: bool
+) -> dict[str, Any]:
+    """The config of the model file `data` once its weights are checked against the digests of
+    its header and of config.json (see `load_model`); one line when they do not match."""
+    where = f"{folder}/{MODEL_FILE}"
     embedded = _metadata(data).get("meta")
     if embedded is not None:
-        meta, digest = _check_digest(weights, embedded, f"{folder}/{MODEL_FILE}")
+        meta, digest = _check_digest(weights, embedded, where)
         _same_checkpoint(folder, meta.get("step"), digest, DIGEST_KEY, MODEL_FILE)
-    else:
-        meta = read_meta(folder)
-        if meta is None:
-            raise UserError(f"no checkpoint in {folder} (missing {CONFIG_FILE}); train first")
-        if _metadata_step(data) != meta.get("step"):
+        if digest is None:  # neither the header nor config.json names one
+            _unverified(folder, trust_unverified, warn)
+        return meta
+    published = read_meta(folder)
+    if published is None:
+        raise UserError(f"no checkpoint in {folder} (missing {CONFIG_FILE}); train first")
+    if published.get(DIGEST_KEY) is not None:
+        # a header without compsae's metadata beside a config.json naming a digest: the weights
+        # must be the ones config.json was written with, whatever the header says
+        if not _published_digest_matches(weights, published):
             raise UserError(
-                f"{folder}: {MODEL_FILE} and {CONFIG_FILE} are from different steps (interrupted "
-                "write); rerun training to resume, or delete the folder"
+                f"{where}: its content does not match the digest {CONFIG_FILE} names (corrupt or "
+                "edited bytes); restore it or retrain"
             )
-    return _build(weights, meta, folder).to(device).eval(), meta
+        return published
+    if _metadata_step(data) != published.get("step"):
+        raise UserError(
+            f"{folder}: {MODEL_FILE} and {CONFIG_FILE} are from different steps (interrupted "
+            "write); rerun training to resume, or delete the folder"
+        )
+    _unverified(folder, trust_unverified, warn)
+    return published
 
 
 def _build(weights: dict[str, torch.Tensor], meta: dict[str, Any], where: str) -> SparseAutoencoder:
@@ -329,14 +392,13 @@ def remove_checkpoint(folder: str) -> None:
     path = path.rstrip("/")
     files = [f.rstrip("/")[len(path) + 1 :] for f in fs.find(path)]
     foreign = sorted(
-        f for f in files if f not in _MODEL_FOLDER_FILES and not f.endswith(".partial")
+        f
+        for f in files
+        # a `*.partial` file is compsae's only as the leftover of a killed write of its own files
+        if f not in _MODEL_FOLDER_FILES and durable.partial_target(f) not in _MODEL_FOLDER_FILES
     )
     if foreign:
-        shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
-        raise UserError(
-            f"{folder} holds files compsae did not write ({shown}); --force never deletes "
-            "them: move them out of the model folder and rerun"
-        )
+        raise ForeignFilesError(folder, foreign, "model folder")
     fs.rm(path, recursive=True)
 
 

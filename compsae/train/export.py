@@ -160,7 +160,11 @@ def saelens_cfg(
 
 
 def export_saelens(
-    model_dir: str, out_dir: str, as_topk: bool = False, model_name: str | None = None
+    model_dir: str,
+    out_dir: str,
+    as_topk: bool = False,
+    model_name: str | None = None,
+    trust_unverified: bool = False,
 ) -> dict[str, Any]:
     """Write the model trained in `model_dir` (a checkpoint folder: `<train stage>/<model>/`) into
     `out_dir` as SAELens loads it: `cfg.json` + `sae_weights.safetensors`.
@@ -168,7 +172,8 @@ def export_saelens(
     TopK, ReLU and JumpReLU SAEs export as SAELens' "topk", "standard" and "jumprelu" architectures;
     a CompSAE needs `as_topk=True` (its TopK dictionary alone).  The input normalisation is folded
     into the weights (see the module docstring).  `model_name` overrides the LM name found in the
-    run's store manifest.  Returns a summary: out_dir, files, architecture, d_in, d_sae, k, folded
+    run's store manifest.  A checkpoint without any content digest is refused unless
+    `trust_unverified`.  Returns a summary: out_dir, files, architecture, d_in, d_sae, k, folded
     scale, step."""
     fs, path = fsspec.core.url_to_fs(out_dir.rstrip("/"))
     taken = [f for f in (CFG_FILE, WEIGHTS_FILE) if fs.exists(f"{path}/{f}")]
@@ -178,7 +183,7 @@ def export_saelens(
             "not "
             "overwrite an export: remove it or choose another --out"
         )
-    model, meta = load_model(model_dir)
+    model, meta = load_model(model_dir, trust_unverified=trust_unverified)
     architecture = _architecture(model, as_topk, model_dir)
     scale = float((meta.get("normalization") or {}).get("scale") or 1.0)
     tensors = saelens_weights(model, scale)

@@ -91,10 +91,18 @@ class TrainedSAE:
 
     @classmethod
     def load(
-        cls, folder: str, device: str | torch.device = "cpu", name: str | None = None
+        cls,
+        folder: str,
+        device: str | torch.device = "cpu",
+        name: str | None = None,
+        trust_unverified: bool = False,
+        *,
+        warn: bool = True,
     ) -> TrainedSAE:
-        """The model saved in `folder` (eval mode, schedule at its end), named after the folder."""
-        model, meta = load_model(folder, device)
+        """The model saved in `folder` (eval mode, schedule at its end), named after the folder.
+        A checkpoint without any content digest is refused unless `trust_unverified` (then a
+        warning, unless not `warn`)."""
+        model, meta = load_model(folder, device, trust_unverified=trust_unverified, warn=warn)
         return cls(
             name or folder.rstrip("/").rsplit("/", 1)[-1], folder, model, parse_meta(meta, folder)
         )
@@ -255,6 +263,11 @@ def model_folders(train_dir: str) -> list[tuple[str, str]]:
     return [(n, f"{prefix}/{n}") for n in names if fs.exists(f"{base}/{n}/{CONFIG_FILE}")]
 
 
-def load_trained(train_dir: str, device: str | torch.device = "cpu") -> list[TrainedSAE]:
+def load_trained(
+    train_dir: str, device: str | torch.device = "cpu", trust_unverified: bool = False
+) -> list[TrainedSAE]:
     """Every model of a train-stage output, sorted by name."""
-    return [TrainedSAE.load(folder, device, name) for name, folder in model_folders(train_dir)]
+    return [
+        TrainedSAE.load(folder, device, name, trust_unverified=trust_unverified)
+        for name, folder in model_folders(train_dir)
+    ]

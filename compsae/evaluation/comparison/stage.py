@@ -25,13 +25,17 @@ def run(cfg: EvaluateConfig, ctx: StageContext) -> EvaluateOutputs:
         for name, rec in train.models.items()
     ]
     return EvaluateOutputs.model_validate(
-        run_evaluate(cfg.model_copy(update={"runs": runs}), ctx.out_dir)
+        run_evaluate(
+            cfg.model_copy(update={"runs": runs}),
+            ctx.out_dir,
+            trust_unverified=bool(ctx.option("trust_unverified")),
+        )
     )
 
 
-def run_evaluate(cfg: EvaluateConfig, out_dir: str) -> dict:
+def run_evaluate(cfg: EvaluateConfig, out_dir: str, trust_unverified: bool = False) -> dict:
     """Evaluate every ``cfg.runs`` entry and write ``comparison.json`` + ``comparison.md`` in
-    ``out_dir``.
+    ``out_dir`` (checkpoints without any content digest only with ``trust_unverified``).
 
         Returns ``{"rows": [...], "outputs": [paths]}``.
     """
@@ -39,7 +43,7 @@ def run_evaluate(cfg: EvaluateConfig, out_dir: str) -> dict:
         raise UserError(
             "evaluate.runs is empty: list {label, checkpoint, store} entries to compare"
         )
-    rows = comparison_table([r.model_dump() for r in cfg.runs], cfg)
+    rows = comparison_table([r.model_dump() for r in cfg.runs], cfg, trust_unverified)
     fs, root = fsspec.core.url_to_fs(out_dir)
     fs.makedirs(root, exist_ok=True)
     with fs.open(f"{root}/{COMPARISON_JSON}", "w") as f:

@@ -326,14 +326,16 @@ def pair_score_figure(rows: list[dict], path: str) -> bool:
     return True
 
 
-def comparison_table(runs: list[dict[str, str]], cfg: EvaluateConfig) -> list[dict]:
-    """One row per run ``{"label", "checkpoint", "store"}``: load, evaluate, tag with the data
-    kind."""
+def comparison_table(
+    runs: list[dict[str, str]], cfg: EvaluateConfig, trust_unverified: bool = False
+) -> list[dict]:
+    """One row per run ``{"label", "checkpoint", "store"}``: load (a checkpoint without any
+    content digest only with ``trust_unverified``), evaluate, tag with the data kind."""
     from compsae.train.trained import TrainedSAE
 
     rows = []
     for run in runs:
-        sae = TrainedSAE.load(run["checkpoint"], cfg.device)
+        sae = TrainedSAE.load(run["checkpoint"], cfg.device, trust_unverified=trust_unverified)
         store = ActivationStore.open(run["store"])
         gt = load_ground_truth(run["store"])
         res = evaluate_model(

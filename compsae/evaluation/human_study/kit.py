@@ -471,9 +471,11 @@ def feature_source_from_checkpoint(
     batch_size: int = 1024,
     device: str = "cpu",
     n_partners: int = 5,
+    trust_unverified: bool = False,
 ) -> FeatureSource:
     """Encode the store rows ``rows`` with a checkpoint; CompSAE also gets partners (latents it
-    attends to most, from :class:`compsae.evaluation.comparison.table.CompositionAccumulator`)."""
+    attends to most, from :class:`compsae.evaluation.comparison.table.CompositionAccumulator`).
+    A checkpoint without any content digest is refused unless ``trust_unverified``."""
     import scipy.sparse as sp
     import torch
 
@@ -481,7 +483,7 @@ def feature_source_from_checkpoint(
     from compsae.store import ActivationStore
     from compsae.train.trained import TrainedSAE
 
-    sae = TrainedSAE.load(checkpoint, device)
+    sae = TrainedSAE.load(checkpoint, device, trust_unverified=trust_unverified)
     store = ActivationStore.open(store_url)
     hook = sae.hook or store.hooks[0]
     acc = CompositionAccumulator(sae.n_latents) if sae.has_composition else None
@@ -517,14 +519,18 @@ def export_from_checkpoints(
     n_raters: int = 3,
     seed: int = 0,
     device: str = "cpu",
+    trust_unverified: bool = False,
 ) -> dict:
     """``compsae humaneval export``: method name -> checkpoint folder, all encoded on the same
-    ``n_rows`` held-out store rows (of the split the checkpoints were trained with)."""
+    ``n_rows`` held-out store rows (of the split the checkpoints were trained with); see
+    :func:`feature_source_from_checkpoint` for ``trust_unverified``."""
     refuse_existing_kit(out_dir)  # before the minutes of encoding, not after
     rows = heldout_rows(checkpoints, store_url, n_rows)
     corpus = corpus_from_store(store_url, rows)
     methods = {
-        m: feature_source_from_checkpoint(store_url, c, rows, device=device)
+        m: feature_source_from_checkpoint(
+            store_url, c, rows, device=device, trust_unverified=trust_unverified
+        )
         for m, c in checkpoints.items()
     }
     return export(methods, corpus, out_dir, n=n, n_raters=n_raters, seed=seed)

@@ -375,6 +375,7 @@ def run(cfg: ProbeConfig, ctx: StageContext) -> ProbeOutputs:
             ctx.folder("train"),
             ctx.out_dir,
             progress=print,
+            trust_unverified=bool(ctx.option("trust_unverified")),
         )
     )
 
@@ -385,9 +386,11 @@ def run_probe(
     train_dir: str,
     out_dir: str,
     progress: Callable[[str], None] | None = None,
+    trust_unverified: bool = False,
 ) -> dict:
     """Run the task probes for the LM of ``store_url`` and the models in ``train_dir``; write
-    ``probes.json``, ``probes.md`` and ``probes.png`` into ``out_dir``.
+    ``probes.json``, ``probes.md`` and ``probes.png`` into ``out_dir``.  Checkpoints without any
+    content digest load only with ``trust_unverified``.
 
     Returns ``{"files": [paths], "headline": {...}}``.
     """
@@ -398,7 +401,7 @@ def run_probe(
     store = ActivationStore.open(store_url)
     device = resolve_device(cfg.device)
     notes: list[str] = []
-    saes = load_trained(train_dir, device)
+    saes = load_trained(train_dir, device, trust_unverified=trust_unverified)
     if saes:
         hook = saes[0].hook or store.hooks[0]
         other = [s.name for s in saes if s.hook not in ("", hook)]
