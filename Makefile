@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 PIP_EXTRA ?=
 
-.PHONY: venv test test-fast test-slow demo bench lint clean-runs
+.PHONY: venv test test-fast test-slow test-loaded demo bench lint clean-runs
 
 $(VENV)/.installed: pyproject.toml
 	bash scripts/setup_env.sh "$(VENV)" "$(TORCH_SPEC)" "$(PIP_EXTRA)"
@@ -20,6 +20,12 @@ test: $(VENV)/.installed
 	$(VENV)/bin/lint-imports
 	$(VENV)/bin/pytest -q
 	$(VENV)/bin/pytest -q -m reliability
+
+# the fast suite while busy-loop workers burn every core (a CI machine shared with other jobs);
+# WORKERS=N burns N cores instead.  Not part of `make test`: it takes longer on purpose.
+WORKERS ?=
+test-loaded: $(VENV)/.installed
+	$(PY) scripts/under_load.py $(if $(WORKERS),--workers $(WORKERS)) -- $(VENV)/bin/pytest -q
 
 test-slow: $(VENV)/.installed
 	$(VENV)/bin/pytest -q -m slow

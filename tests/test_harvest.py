@@ -9,11 +9,13 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from fake_clock import FakeClock
 
 from compsae.errors import UserError
 from compsae.harvest import shards as harvest_shards
 from compsae.harvest.config import HarvestConfig
 from compsae.harvest.run import run_harvest
+from compsae.harvest.verdicts import tokenizer_verdict, writers_busy_share, writers_verdict
 from compsae.lm.byte_tokenizer import byte_tokenizer
 from compsae.lm.models import load_model
 from compsae.store import ActivationStore
@@ -271,21 +273,45 @@ def test_writer_threads_auto(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_a_harvest_held_up_by_its_shard_writers_says_so(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """A slow disk (each shard takes 0.3 s to store) keeps the writer busy nearly all the time."""
-    import time
+    """On the harvest's clock, storing a shard takes 0.3 s and nothing else takes any time: the one
+    writer is busy all of the 1.5 s the 5 shards take.  When the forward passes take the time
+    instead, the writers are not blamed.  (The clock is the test's, so the machine's load cannot
+    change the verdicts.)"""
+    real_write, real_forward = ActivationStore.write_shard, harvest_shards._forward
+    clock = FakeClock()
 
-    real_write = ActivationStore.write_shard
+    def costs(write_s: float, forward_s: float) -> None:
+        def write(self: ActivationStore, *args: Any, **kwargs: Any) -> None:
+            clock.advance(write_s)
+            real_write(self, *args, **kwargs)
 
-    def slow_write(self: ActivationStore, *args: Any, **kwargs: Any) -> None:
-        time.sleep(0.3)
-        real_write(self, *args, **kwargs)
+        def forward(*args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
+            clock.advance(forward_s)
+            return real_forward(*args, **kwargs)
 
-    monkeypatch.setattr(ActivationStore, "write_shard", slow_write)
-    run_harvest(small_cfg(), str(tmp_path))
+        monkeypatch.setattr(ActivationStore, "write_shard", write)
+        monkeypatch.setattr(harvest_shards, "_forward", forward)
+
+    costs(write_s=0.3, forward_s=0.0)
+    run_harvest(small_cfg(), str(tmp_path / "slow_disk"), clock=clock)
     out = capsys.readouterr().out
-    assert "the shard writers were busy" in out and "limits this harvest" in out
-    monkeypatch.setattr(ActivationStore, "write_shard", real_write)
-    run_harvest(small_cfg(), str(tmp_path / "fast"))
     assert (
-        "the shard writers were busy" not in capsys.readouterr().out
-    )  # under a second: no verdict
+        "the shard writers were busy 100% of the time: the disk or harvest.writer_threads (1) "
+        "limits this harvest"
+    ) in out
+    costs(write_s=0.01, forward_s=0.3)  # 18 forward passes: 5.4 s, the writers 0.05 s of it
+    run_harvest(small_cfg(), str(tmp_path / "slow_model"), clock=clock)
+    assert "the shard writers were busy" not in capsys.readouterr().out
+
+
+def test_what_limits_a_harvest_is_said_only_for_a_large_share_of_a_long_enough_run() -> None:
+    assert writers_busy_share(busy_s=3.0, threads=2, total_s=2.0) == 0.75
+    assert writers_busy_share(busy_s=0.0, threads=1, total_s=0.0) == 0.0  # an empty loop
+    assert writers_verdict(0.8, total_s=10.0, threads=1) is None  # busy, but not nearly always
+    assert writers_verdict(0.81, total_s=1.0, threads=1) is None  # too short to tell
+    said = writers_verdict(0.81, total_s=1.01, threads=3)
+    assert said is not None and "busy 81%" in said and "writer_threads (3)" in said
+    assert tokenizer_verdict(waited_s=1.0, total_s=10.0) is None  # a tenth: not the limit
+    assert tokenizer_verdict(waited_s=0.9, total_s=1.0) is None  # too short to tell
+    said = tokenizer_verdict(waited_s=1.04, total_s=10.0)
+    assert said is not None and "1.0 s of it waiting for the tokenizer" in said

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from fake_clock import FakeClock
 
 from compsae.errors import UserError
 from compsae.harvest import token_feed
@@ -105,6 +106,7 @@ def _all_tokens_first(m: pytest.MonkeyPatch) -> None:
         tokenizer: Any,
         window: int | None = None,
         progress: bool = False,
+        clock: Any = None,
     ) -> TokenFeed:
         return TokenFeed.of(start(cfg, tokenizer).result(cfg.data.source, cfg.n_tokens))
 
@@ -237,24 +239,43 @@ def test_an_error_while_tokenizing_stops_the_harvest_in_one_line_and_keeps_what_
 def test_a_harvest_held_up_by_the_tokenizer_says_so(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    """After the first 8, each sequence costs the tokenizer 0.02 s of the harvest's clock, spent
+    while the harvest waits for it (the tokenizer starts on one only once a reader is blocked on
+    it): 64 of them, 1.28 s of waiting, all of the harvest's time.  Nothing here depends on how fast
+    the machine is: the clock is the test's and the tokenizer goes in step with the reader."""
+    clock = FakeClock()
+    feeds: list[TokenFeed] = []
+
     def slow_tokens(m: pytest.MonkeyPatch) -> None:
-        real = token_feed.token_sequences
+        real, start = token_feed.token_sequences, TokenFeed.start
+
+        def recorded(cls: type, *args: Any, **kwargs: Any) -> TokenFeed:
+            feeds.append(start(*args, **kwargs))
+            return feeds[-1]
 
         def slow(*args: Any, **kwargs: Any) -> Iterator[np.ndarray]:
             for i, seq in enumerate(real(*args, **kwargs)):
                 if i >= 8:
-                    time.sleep(
-                        0.02
-                    )  # 64 sequences after the first 8: ~1.3 s, far slower than tiny-neox
+                    # sequence i is wanted and not there yet: the reader is blocked until it is
+                    waited = 0
+                    while feeds[-1].wanted <= i:
+                        waited += 1
+                        assert waited < 10**6, f"no reader ever waited for sequence {i}"
+                        time.sleep(0.0001)
+                    clock.advance(0.02)
                 yield seq
 
+        m.setattr(TokenFeed, "start", classmethod(recorded))
         m.setattr(token_feed, "token_sequences", slow)
 
-    _harvest(_cfg(), tmp_path / "run", slow_tokens)
+    with pytest.MonkeyPatch.context() as m:
+        slow_tokens(m)
+        run_harvest(_cfg(), str(tmp_path / "run"), clock=clock)
     assert (
-        "waiting for the tokenizer: tokenizing (one thread) limits this harvest"
-        in capsys.readouterr().out
-    )
+        "harvest: 1.3 s of it waiting for the tokenizer: tokenizing (one thread) limits this "
+        "harvest"
+    ) in capsys.readouterr().out
+    assert feeds[-1].waited_s == pytest.approx(64 * 0.02)
 
 
 def test_a_ring_of_a_few_sequences_gives_them_all_in_order() -> None:

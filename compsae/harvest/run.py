@@ -37,6 +37,7 @@ from compsae.harvest.data import describe, packing_rule
 from compsae.harvest.records import HarvestOutputs
 from compsae.harvest.shards import WriterWaits, harvest_shards, measure_rounding, missing_runs
 from compsae.harvest.token_feed import TokenFeed, window_seqs
+from compsae.harvest.verdicts import Clock, tokenizer_verdict
 from compsae.lm.models import LoadedModel, check_hooks, load_model, stop_layer
 from compsae.resources import check_disk, check_memory
 from compsae.store import (
@@ -80,14 +81,17 @@ def tokenize_all(cfg: HarvestConfig, tokenizer: Any) -> np.ndarray:
     return TokenFeed.start(cfg, tokenizer, progress=True).result(cfg.data.source, cfg.n_tokens)
 
 
-def load_with_feed(cfg: HarvestConfig, window: int) -> tuple[LoadedModel, TokenFeed]:
+def load_with_feed(
+    cfg: HarvestConfig, window: int, clock: Clock = time.perf_counter
+) -> tuple[LoadedModel, TokenFeed]:
     """Load the model, the data being tokenized meanwhile by a `TokenFeed` of `window` sequences
     (the fast tokenizer and safetensors both release the GIL) that goes on beside the forward
-    passes."""
+    passes; `clock` times the feed's waits."""
     feeds: list[TokenFeed] = []
     try:
         loaded = load_model(
-            cfg, on_tokenizer=lambda tok: feeds.append(TokenFeed.start(cfg, tok, window))
+            cfg,
+            on_tokenizer=lambda tok: feeds.append(TokenFeed.start(cfg, tok, window, clock=clock)),
         )
     except BaseException:
         for feed in feeds:
@@ -104,6 +108,7 @@ def run_harvest(
     workers: int | None = None,
     scheduler: str | None = None,
     processes: bool = True,
+    clock: Clock = time.perf_counter,
 ) -> dict[str, Any]:
     """Harvest `cfg.hooks` of `cfg.model` over `cfg.data` into a store; resume a partial one.
 
@@ -113,6 +118,8 @@ def run_harvest(
     `workers` (a LocalCluster of that many single-threaded workers, `processes=False` for threads)
     or `scheduler` (an existing Dask cluster, tcp://host:port) harvest shard ranges in parallel into
     the same store; the result is byte-identical to the single-process harvest (None / 0: no Dask).
+    `clock` times the harvest and its verdicts (`compsae.harvest.verdicts`; a parallel harvest's
+    tasks time their own writers with `time.perf_counter`).
     """
     url = store_url(cfg, out_dir)
     refuse_foreign_folder(url)  # before the lock file goes in, and whatever the flags
@@ -143,7 +150,7 @@ def run_harvest(
         f"tokenizing {held * cfg.context:,} tokens at a time",
         "lower harvest.n_tokens or harvest in several stores",
     )
-    loaded, feed = load_with_feed(cfg, window)
+    loaded, feed = load_with_feed(cfg, window, clock)
     try:
         return _harvest_with_feed(
             cfg,
@@ -157,6 +164,7 @@ def run_harvest(
             workers,
             scheduler,
             processes,
+            clock,
         )
     finally:
         feed.cancel()  # an error before the last batch: stop tokenizing
@@ -174,6 +182,7 @@ def _harvest_with_feed(
     workers: int | None,
     scheduler: str | None,
     processes: bool,
+    clock: Clock = time.perf_counter,
 ) -> dict[str, Any]:
     """`run_harvest` once the model is loaded and its data is being tokenized into `feed`."""
     widths = check_hooks(loaded, cfg.hooks, cfg.context)
@@ -231,7 +240,7 @@ def _harvest_with_feed(
             url, widths, n_seqs * cfg.context, cfg.layout(), manifest, force=force
         )
         done_before = sum(hi - lo for lo, hi in map(store.shard_range, store.done_shards()))
-        t0, waited_before = time.perf_counter(), feed.waited_s
+        t0, waited_before = clock(), feed.waited_s
         if parallel:
             from compsae.harvest.parallel import harvest_parallel
 
@@ -248,8 +257,8 @@ def _harvest_with_feed(
                 on_shard_written=on_shard_written,
             )
         else:
-            _harvest_into(store, cfg, loaded, feed, widths, stop, on_shard_written)
-        seconds = time.perf_counter() - t0
+            _harvest_into(store, cfg, loaded, feed, widths, stop, on_shard_written, clock)
+        seconds = clock() - t0
         todo = (
             store.n_rows - done_before
         )  # rows harvested now (the store shrinks when the data ran out)
@@ -260,13 +269,9 @@ def _harvest_with_feed(
         "forward "
         "passes, writes, finalize and any wait for tokens; loading not included)"
     )
-    waited = feed.waited_s - waited_before
-    if waited > 0.1 * seconds and seconds > 1.0:
-        tqdm.write(
-            f"harvest: {waited:.1f} s of it waiting for the tokenizer: tokenizing (one thread) "
-            "limits "
-            "this harvest"
-        )
+    verdict = tokenizer_verdict(feed.waited_s - waited_before, seconds)
+    if verdict is not None:
+        tqdm.write(verdict)
     return outputs_of(store)
 
 
@@ -278,9 +283,11 @@ def _harvest_into(
     widths: dict[str, int],
     stop: int | None,
     on_shard_written: Callable[[int], None] | None,
+    clock: Clock = time.perf_counter,
 ) -> list[WriterWaits]:
     """Single-process harvest of every missing shard of `store`, then finalize; the tokens may
-    still be arriving (`feed`).  Returns each run of shards' waits for the writers."""
+    still be arriving (`feed`).  Returns each run of shards' waits for the writers (`clock`'s
+    seconds)."""
     feed = feed if isinstance(feed, TokenFeed) else TokenFeed.of(feed)
     with record_function("harvest.rounding"):
         rounding, sample = measure_rounding(
@@ -302,6 +309,7 @@ def _harvest_into(
                     range(shards.start, min(shards.stop, store.n_shards)),
                     on_shard_written=on_shard_written,
                     batch0=sample,
+                    clock=clock,
                 )
             )
     if feed.ready < feed.n_seqs:

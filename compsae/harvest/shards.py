@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from compsae.errors import UserError
 from compsae.harvest.config import HarvestConfig
 from compsae.harvest.token_feed import TokenFeed
+from compsae.harvest.verdicts import Clock, writers_busy_share, writers_verdict
 from compsae.lm.models import LoadedModel
 from compsae.store import ActivationStore
 from compsae.store.activation_store import check_peak
@@ -165,7 +166,7 @@ class ShardWriter:
     can take shards side by side: every shard is its own files and completion mark, so the order
     they finish in does not matter (a resumed harvest writes whatever is missing).  The first error
     (e.g. float16 overflow, disk full) stops the writers; `put` and `close` raise it in the
-    harvesting thread."""
+    harvesting thread.  `clock` times the writes (`busy_s`)."""
 
     def __init__(
         self,
@@ -174,8 +175,10 @@ class ShardWriter:
         on_written: Callable[[int], None] | None = None,
         threads: int = 1,
         depth: int = _QUEUE_SHARDS,
+        clock: Clock = time.perf_counter,
     ) -> None:
         self.store = store
+        self.clock = clock
         self.context = context
         self.on_written = on_written
         self.queue: queue.Queue[tuple[int, HostShard, np.ndarray] | None] = queue.Queue(
@@ -198,7 +201,7 @@ class ShardWriter:
                 if self.error is not None:
                     continue  # drain, so the harvesting thread never blocks on a dead writer
                 host.wait()
-                t0 = time.perf_counter()
+                t0 = self.clock()
                 host.check()
                 start, stop = self.store.shard_range(shard)
                 rows = np.arange(start, stop, dtype=np.int64)
@@ -212,7 +215,7 @@ class ShardWriter:
                     checked=True,
                 )
                 with self._lock:
-                    self.busy_s += time.perf_counter() - t0
+                    self.busy_s += self.clock() - t0
                     if self.on_written is not None:
                         self.on_written(shard)
             except OSError as e:
@@ -420,6 +423,7 @@ def harvest_shards(
     on_shard_written: Callable[[int], None] | None = None,
     batch0: dict[str, torch.Tensor] | None = None,
     progress: bool = True,
+    clock: Clock = time.perf_counter,
 ) -> WriterWaits:
     """Run the model over the batches holding `shards` (consecutive) and write those shards.
 
@@ -430,7 +434,7 @@ def harvest_shards(
     holding it is written partial.  A batch is computed whole even when a shard boundary cuts it,
     so every row gets the value an uninterrupted single-process harvest gives it.  `batch0`: batch
     0's activations when already computed.  Does not finalize the store.  Returns how long the loop
-    waited for the writers."""
+    waited for the writers, as `clock` measures it (`compsae.harvest.verdicts`)."""
     feed = tokens if isinstance(tokens, TokenFeed) else TokenFeed.of(tokens)
     hooks, context, bs = list(cfg.hooks), cfg.context, cfg.batch_size
     hook_widths = {h: widths[h] for h in hooks}
@@ -442,7 +446,9 @@ def harvest_shards(
     # the phases are named for torch.profiler (benchmarks/harvest.py --profile charges the GPU's
     # idle time to them); a name costs microseconds when no profiler runs
     with record_function("harvest.setup"):
-        writer = ShardWriter(store, context, on_shard_written, threads=threads, depth=depth)
+        writer = ShardWriter(
+            store, context, on_shard_written, threads=threads, depth=depth, clock=clock
+        )
         # a GPU's shards reach the host through pinned buffers on a side stream; a CPU's are on it
         # already (a slot per writer thread, per queued shard, and one being filled)
         staging = (
@@ -456,7 +462,7 @@ def harvest_shards(
     buffer: ShardBuffer | None = None
     buffer_shard = -1
     blocked = 0.0  # seconds the harvesting thread spent blocked handing shards over
-    t_start = time.perf_counter()
+    t_start = clock()
 
     def hand_over(shard: int, filled: ShardBuffer) -> float:
         """Queue a filled shard with its token ids; returns the seconds `put` blocked."""
@@ -466,10 +472,10 @@ def harvest_shards(
                 filled.finish(staging),
                 feed.token_rows(lo_row - row0, hi_row - row0),
             )
-        t0 = time.perf_counter()
+        t0 = clock()
         with record_function("harvest.put"):
             writer.put(shard, host, tokens_of_shard)
-        return time.perf_counter() - t0
+        return clock() - t0
 
     bar = tqdm(
         total=store.n_rows,
@@ -530,18 +536,13 @@ def harvest_shards(
                     buffer = None
     finally:
         bar.close()
-        t0 = time.perf_counter()
+        t0 = clock()
         with record_function("harvest.last_writes"):
             writer.close()  # even on error: shards already queued are written, nothing is lost
-        tail = time.perf_counter() - t0
-    total = time.perf_counter() - t_start
-    timing = WriterWaits(
-        blocked, tail, total, writer.busy_s / (threads * total) if total > 0 else 0.0
-    )
-    if progress and timing.writer_busy > 0.8 and total > 1.0:
-        tqdm.write(
-            f"harvest: the shard writers were busy {timing.writer_busy:.0%} of the time: the disk "
-            "or "
-            f"harvest.writer_threads ({threads}) limits this harvest"
-        )
+        tail = clock() - t0
+    total = clock() - t_start
+    timing = WriterWaits(blocked, tail, total, writers_busy_share(writer.busy_s, threads, total))
+    verdict = writers_verdict(timing.writer_busy, total, threads)
+    if progress and verdict is not None:
+        tqdm.write(verdict)
     return timing

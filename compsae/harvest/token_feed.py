@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from compsae.errors import UserError
 from compsae.harvest.config import HarvestConfig
 from compsae.harvest.data import token_sequences
+from compsae.harvest.verdicts import Clock
 from compsae.lm.models import special_ids
 
 WINDOW_TOKENS = 1 << 24  # a single-process harvest holds at most this many token ids ahead (64 MB)
@@ -35,7 +36,14 @@ class TokenFeed:
     `seqs(a, b)` reads tokenized ones, `release(a)` gives back those before `a`.  An error in the
     tokenizing thread is raised by `wait_for` once a reader needs a sequence it did not reach."""
 
-    def __init__(self, slots: np.ndarray, n_seqs: int, ready: int, done: bool) -> None:
+    def __init__(
+        self,
+        slots: np.ndarray,
+        n_seqs: int,
+        ready: int,
+        done: bool,
+        clock: Clock = time.perf_counter,
+    ) -> None:
         self._slots = slots  # [window, context]: sequence i lives at i % window
         self.n_seqs = n_seqs  # asked; fewer are tokenized when the data runs out
         self.ready = ready
@@ -43,6 +51,10 @@ class TokenFeed:
         self.released = 0
         self.error: BaseException | None = None
         self.waited_s = 0.0  # seconds readers spent waiting for sequences not yet tokenized
+        self.clock = clock  # what `waited_s` is measured with
+        # how many sequences a reader blocked in `wait_for` needs (0: none is blocked); a test's
+        # tokenizer can wait for a blocked reader, so what it measures is not left to scheduling
+        self.wanted = 0
         self._cond = threading.Condition()
         self._cancel = threading.Event()
         self._thread: threading.Thread | None = None
@@ -54,12 +66,19 @@ class TokenFeed:
 
     @classmethod
     def start(
-        cls, cfg: HarvestConfig, tokenizer: Any, window: int | None = None, progress: bool = False
+        cls,
+        cfg: HarvestConfig,
+        tokenizer: Any,
+        window: int | None = None,
+        progress: bool = False,
+        clock: Clock = time.perf_counter,
     ) -> TokenFeed:
         """Start tokenizing `cfg.data` in a background thread, holding at most `window` sequences
-        (None: all of them)."""
+        (None: all of them); `clock` measures how long readers wait (`waited_s`)."""
         size = cfg.n_seqs if window is None else max(1, min(window, cfg.n_seqs))
-        feed = cls(np.empty((size, cfg.context), dtype=np.int32), cfg.n_seqs, 0, done=False)
+        feed = cls(
+            np.empty((size, cfg.context), dtype=np.int32), cfg.n_seqs, 0, done=False, clock=clock
+        )
         feed._thread = threading.Thread(
             target=feed._fill, args=(cfg, tokenizer, progress), daemon=True, name="compsae-tokenize"
         )
@@ -118,9 +137,11 @@ class TokenFeed:
                         f"sequence {n - 1} is beyond the feed's window (released {self.released}, "
                         f"window {self.window}); release the sequences before it first"
                     )
-                t0 = time.perf_counter()
+                t0 = self.clock()
+                self.wanted = n
                 self._cond.wait_for(lambda: self.ready >= n or self.done)
-                self.waited_s += time.perf_counter() - t0
+                self.wanted = 0
+                self.waited_s += self.clock() - t0
         if self.ready < n and self.error is not None:
             raise self.error
         return min(n, self.ready)

@@ -1,5 +1,9 @@
 """Harvest fault suite: kill -9 at random points, disk full (simulated and a real tmpfs).
 
+Each kill lands once the store holds a drawn number of finished shards (the driver watches the
+store), not after a drawn number of seconds: on a loaded machine a time-based kill missed the write
+window and the test's count of part-written stores fell short.
+
 Every faulty run is followed by a plain rerun, and the final store must equal an uninterrupted
 harvest array for array, byte for byte, and pass `verify()`.
 
@@ -31,7 +35,10 @@ KILL_SEED = 6
 # (how the harvest runs, kills in that round): the CLI twice, then a parallel harvest on two
 # thread workers (a LocalCluster of processes would pay 10+ s of imports per worker and run).
 ROUNDS = [("cli", 10), ("cli", 10), ("threads", 4)]
-TIME_LIMIT_S = 240  # guard against an endless loop on a very loaded machine, not a timing assertion
+TIME_LIMIT_S = 600  # guard against an endless loop on a very loaded machine, not a timing assertion
+# a kill comes once this many more shards are done than when the run started (0: at once, while the
+# harvest starts up); 10 kills a round, 72 shards: a round's kills stay inside one harvest
+MORE_SHARDS = range(0, 6)
 HOOKS = ["blocks.0.hook_resid_post", "blocks.1.hook_mlp_out"]
 # 36,864 rows in 72 shards of 512; a batch (12 sequences, 384 rows) straddles shards.
 HARVEST: dict[str, Any] = {
@@ -122,11 +129,12 @@ def assert_same_as_reference(url: str, ref_url: str) -> None:
 
 
 def _driver() -> None:
-    """Read `{"argv": [...], "log": path, "kill_after": seconds | null}` lines; run each as
-    `compsae` (or, for `["threads", out_dir]`, a harvest on two Dask thread workers) in a forked
-    child, SIGKILL it after `kill_after` seconds if it is still running, and report `{"status"}`:
-    its exit code, or -9 when killed.  The driver kills its own unreaped child, so the pid cannot
-    belong to another process by then."""
+    """Read `{"argv": [...], "log": path, "kill_at": {"folder", "how", "done"} | null}` lines; run
+    each as `compsae` (or, for `["threads", out_dir]`, a harvest on two Dask thread workers) in a
+    forked child, SIGKILL it once the round's store (`store_of(folder, how)`) has `done` shards
+    marked done if it is still running, and report `{"status"}`: its exit code, or -9 when killed.
+    The driver kills its own unreaped child, so the pid cannot belong to another process by
+    then."""
     import transformer_lens.model_bridge  # noqa: F401 - the imports a harvest needs, paid once
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM  # noqa: F401
 
@@ -165,16 +173,17 @@ def _driver() -> None:
                 sys.stdout.flush()
                 sys.stderr.flush()
                 os._exit(code)
-        deadline = time.monotonic() + job["kill_after"] if job["kill_after"] is not None else None
+        kill_at = job["kill_at"]
         while True:
-            ended, status = os.waitpid(pid, os.WNOHANG if deadline is not None else 0)
+            ended, status = os.waitpid(pid, os.WNOHANG if kill_at is not None else 0)
             if ended:
                 break
-            if deadline is not None and time.monotonic() >= deadline:
+            store = store_of(Path(kill_at["folder"]), kill_at["how"])
+            if done_count(store) >= kill_at["done"]:
                 os.kill(pid, signal.SIGKILL)
                 _, status = os.waitpid(pid, 0)
                 break
-            time.sleep(0.005)
+            time.sleep(0.01)  # how often the store is looked at, not how long the child runs
         print(json.dumps({"status": os.waitstatus_to_exitcode(status)}), flush=True)
 
 
@@ -198,13 +207,15 @@ class Driver:
             raise RuntimeError("the fork driver died")
         return json.loads(line)
 
-    def run(self, argv: list[str], log: Path, kill_after: float | None = None) -> int:
-        """Run `compsae *argv` in a forked child, killed with SIGKILL after `kill_after` seconds if
-        it is still running; returns its exit code, or -9 when it was killed."""
+    def run(self, argv: list[str], log: Path, kill_at: tuple[Path, str, int] | None = None) -> int:
+        """Run `compsae *argv` in a forked child, killed with SIGKILL once the store of `kill_at`
+        (folder, how: see `store_of`) has that many shards done, if it is still running; returns
+        its exit code, or -9 when it was killed."""
         assert self.proc.stdin is not None
-        self.proc.stdin.write(
-            json.dumps({"argv": argv, "log": str(log), "kill_after": kill_after}) + "\n"
-        )
+        at = None
+        if kill_at is not None:
+            at = {"folder": str(kill_at[0]), "how": kill_at[1], "done": kill_at[2]}
+        self.proc.stdin.write(json.dumps({"argv": argv, "log": str(log), "kill_at": at}) + "\n")
         self.proc.stdin.flush()
         return int(self._read()["status"])
 
@@ -222,13 +233,9 @@ def test_kill9_at_random_points_then_resume_equals_uninterrupted(tmp_path: Path)
     t0 = time.monotonic()
     try:
         ref = tmp_path / "reference"
-        t_ref = time.monotonic()
         assert driver.run(["harvest", "-p", "k", "-c", str(pipelines_file(ref))], log) == 0, (
             log.read_text()[-2000:]
         )
-        # kill times span the uninterrupted run's length: a fixed range would miss the write
-        # window as the write path gets faster or the machine slower
-        t_ref = time.monotonic() - t_ref
         ref_stage = harvest_folder(ref)
         assert ref_stage is not None
         n_shards = json.loads((ref_stage / "stage.json").read_text())["outputs"]["n_rows"] // 512
@@ -243,7 +250,10 @@ def test_kill9_at_random_points_then_resume_equals_uninterrupted(tmp_path: Path)
                 assert time.monotonic() - t0 < TIME_LIMIT_S, (
                     f"only {kills} kills in {TIME_LIMIT_S} s"
                 )
-                status = driver.run(argv, log, kill_after=rng.uniform(0.05, 1.1 * t_ref))
+                # counted in shards, so the kill lands inside the harvest however loaded the
+                # machine; the shards in flight when it lands are what the resume must redo
+                target = done_count(store_of(folder, how)) + rng.choice(MORE_SHARDS)
+                status = driver.run(argv, log, kill_at=(folder, how, target))
                 if status == 0:
                     break  # it finished first: this round is complete
                 assert status == -signal.SIGKILL, (

@@ -1,8 +1,10 @@
 """Kill suite for `--force` redos and for analyze: SIGKILL a forced harvest and a forced analyze at
-random points of their run.  Whenever a stage's record (`stage.json`) exists afterwards, what it
-records must be complete and valid (a store that is complete and verifies; analysis files that are
-all there and parse) — never a record left over from before the redo.  A plain rerun then finishes.
-Prints `KILL_REDO kills=<n> (harvest <n>, analyze <n>)`."""
+random points of their run: after a drawn number of the files a redo writes in its stage folder
+(counted, not timed, so the kills land inside the run on a loaded machine too).  Whenever a stage's
+record (`stage.json`) exists afterwards, what it records must be complete and valid (a store that
+is complete and verifies; analysis files that are all there and parse) — never a record left over
+from before the redo.  A plain rerun then finishes.  Prints `KILL_REDO kills=<n> (harvest <n>,
+analyze <n>)`."""
 
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 
@@ -36,25 +39,63 @@ SMALL = [
 ]
 KILLS = {"harvest": 5, "analyze": 5}
 SEED = 14
+GUARD_S = 900  # against a hang on a very loaded machine; no verdict here depends on speed
 
 
-def _compsae(args: list[str], work: Path, kill_after: float | None = None) -> int:
+def _files(folder: Path) -> dict[str, tuple[int, int]]:
+    """{path: (mtime_ns, size)} of every file under `folder` (files vanishing meanwhile skipped)."""
+    out = {}
+    for root, _, names in os.walk(folder):
+        for name in names:
+            try:
+                st = os.stat(os.path.join(root, name))
+            except OSError:
+                continue  # renamed or removed while we looked
+            out[os.path.join(root, name)] = (st.st_mtime_ns, st.st_size)
+    return out
+
+
+def _written_since(folder: Path, before: dict[str, tuple[int, int]]) -> int:
+    """Files under `folder` that are new or changed since the snapshot `before`."""
+    return sum(before.get(path) != stamp for path, stamp in _files(folder).items())
+
+
+class KillAt(NamedTuple):
+    """Kill the run once `writes` files under `folder` are new or changed since `before`."""
+
+    folder: Path
+    before: dict[str, tuple[int, int]]
+    writes: int
+
+
+def _compsae(args: list[str], work: Path, kill_at: KillAt | None = None) -> int:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "compsae.cli", *args],
-        cwd=work,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        start_new_session=True,
-    )
-    try:
-        _, err = proc.communicate(timeout=kill_after if kill_after is not None else 900)
-    except subprocess.TimeoutExpired:
-        proc.send_signal(signal.SIGKILL)
-        proc.communicate()
+    err_file = work / "child-stderr.txt"
+    with open(err_file, "wb") as err_out:  # a file, not a pipe: nothing to drain while we watch
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "compsae.cli", *args],
+            cwd=work,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=err_out,
+            start_new_session=True,
+        )
+    deadline = time.monotonic() + GUARD_S
+    killed = False
+    while proc.poll() is None:
+        if kill_at is not None and _written_since(kill_at.folder, kill_at.before) >= kill_at.writes:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            killed = True
+            break
+        if time.monotonic() > deadline:
+            proc.send_signal(signal.SIGKILL)
+            raise AssertionError(f"compsae {args[0]} still running after {GUARD_S} s")
+        time.sleep(0.005)  # how often the folder is looked at, not how long the run goes on
+    err = err_file.read_text(errors="replace")
+    if killed:
         return -9
-    assert b"Traceback" not in err, err.decode()[-2000:]
+    assert "Traceback" not in err, err[-2000:]
     return proc.returncode
 
 
@@ -100,17 +141,15 @@ def test_killed_forced_redos_never_leave_a_record_that_lies(
     kills = {}
     for stage, n in KILLS.items():
         folder = _stage(tmp_path, stage)
-        t0 = time.monotonic()
-        assert _compsae([stage, *base, "--force"], tmp_path) == 0  # how long a redo takes here
-        span = time.monotonic() - t0
+        before = _files(folder)
+        assert _compsae([stage, *base, "--force"], tmp_path) == 0
+        writes = _written_since(folder, before)  # the files a redo writes (or rewrites)
+        assert writes > 1, writes
         kills[stage] = 0
         for _ in range(n):
-            if (
-                _compsae(
-                    [stage, *base, "--force"], tmp_path, kill_after=rng.uniform(0.1, 1.1) * span
-                )
-                == -9
-            ):
+            # 0: at once; writes - 1: before its last file
+            kill_at = KillAt(folder, _files(folder), rng.randrange(writes))
+            if _compsae([stage, *base, "--force"], tmp_path, kill_at) == -9:
                 kills[stage] += 1
             _record_is_true(folder, stage)
         assert _compsae([stage, *base], tmp_path) == 0
