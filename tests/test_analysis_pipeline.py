@@ -290,6 +290,14 @@ def test_report_end_to_end_numbers_match_metrics_json(setup, tmp_path):
     )
     lat = pd.read_parquet(out / "latents.parquet")
     assert lat.query("model == 'compsae'")["n_partners"].notna().sum() == 16
+    # the browser has one pair page per profiled top pair, the same rows metrics.json holds
+    from compsae.analysis.browser_data import pair_pages
+    from compsae.analysis.run import TOP_PAIR_EXAMPLES
+
+    page = (out / "browser" / "compsae.html").read_text()
+    blob = re.search(r"<script type='application/json' id='data'>(.*?)</script>", page, re.S)
+    top = metrics["models"]["compsae"]["pairs"].get("top_pairs", [])[:TOP_PAIR_EXAMPLES]
+    assert top and json.loads(blob.group(1).replace("<\\/", "</"))["pairs"] == pair_pages(top)
     assert lat.query("model == 'topk'")["fire_count"].sum() == pytest.approx(
         metrics["models"]["topk"]["all"]["l0"] * 800
     )

@@ -288,11 +288,9 @@ def test_page_script_draws_partner_links_and_centred_contexts(default_run):
 
 @pytest.mark.skipif(shutil.which("node") is None, reason="no node to run the page's script")
 def test_each_profiled_pair_has_a_page_linked_from_both_latents(default_run, tmp_path):
-    out, metrics = default_run
+    out, _ = default_run
     data = page_data(out / "browser" / "pair.html")
-    # the page lists exactly the profiled top pairs analysis wrote
-    top = metrics["models"]["pair"]["pairs"].get("top_pairs", [])
-    assert data["pairs"] == pair_pages(top[:10])
+    # (the pages analysis writes from its top pairs: tests/test_analysis_pipeline.py)
     lat = next(iter(data["partners"]))  # a latent and its strongest partner
     i, j = int(lat), int(data["partners"][lat][0][0])
     profiled = {
